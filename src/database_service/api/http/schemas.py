@@ -1,0 +1,83 @@
+"""Request and response bodies of the REST API (they also make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QueryRequest(_Body):
+    sql: StrictStr = Field(description="One SQL statement; parameters as $1, $2, ...")
+    params: list[Any] = Field(default_factory=list, description="JSON values, typed by PostgreSQL")
+    tenant_id: StrictStr | None = Field(default=None, description="Or the X-Tenant-Id header")
+    user_id: StrictStr | None = Field(default=None, description="Or the X-User-Id header")
+
+
+class ColumnOut(BaseModel):
+    name: str
+    type: str
+
+
+class QueryResponse(BaseModel):
+    columns: list[ColumnOut]
+    rows: list[list[Any]]
+    row_count: int
+    command: str
+    statement_class: str
+    duration_ms: float
+
+
+class TenantCreateRequest(_Body):
+    tenant_id: StrictStr
+    connection_limit: int | None = Field(default=None, ge=1, le=10_000)
+    statement_timeout_ms: int | None = Field(default=None, ge=100, le=86_400_000)
+
+
+class MigrationRequest(_Body):
+    tenant_ids: list[StrictStr] | None = Field(
+        default=None, description="Only these tenants (default: all)"
+    )
+
+
+class ServiceCreateRequest(_Body):
+    service: StrictStr
+    tenants: list[StrictStr] = Field(min_length=1, description="Tenant ids, or ['*']")
+    scopes: list[StrictStr] = Field(min_length=1)
+    with_secret: bool = True
+
+
+class TokenRequest(_Body):
+    service: StrictStr
+    secret: StrictStr
+    ttl_seconds: int | None = Field(default=None, ge=60, le=31 * 86_400)
+
+
+class AdminTokenRequest(_Body):
+    service: StrictStr
+    tenants: list[StrictStr] | None = None
+    scopes: list[StrictStr] | None = None
+    ttl_seconds: int | None = Field(default=None, ge=60, le=366 * 86_400)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: str = "Bearer"
+    expires_in: int
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    sqlstate: str | None = None
+    position: int | None = None
+    detail: str | None = None
+    hint: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,211 @@
+"""Composition root: builds every component from Settings, starts them in order, stops them in
+reverse. Nothing else in the package constructs long-lived objects.
+
+``async with Application(settings) as app:`` gives a running service core (PostgreSQL reachable,
+control plane migrated, pools and audit writer running); front ends are attached by ``serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from database_service.auth import Authenticator, ServiceDirectory, TokenCodec
+from database_service.config import Settings
+from database_service.observability import (
+    AuditLog,
+    HealthReporter,
+    Metrics,
+    NatsProbe,
+    PostgresProbe,
+    RequestWindow,
+)
+from database_service.observability.health import DependencyProbe
+from database_service.postgres import TenantPools, create_owner_pool
+from database_service.query import QueryExecutor
+from database_service.sqlguard import SqlGuard
+from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
+from database_service.tenancy import (
+    MigrationReport,
+    Migrator,
+    SecretBox,
+    TenantLimits,
+    TenantManager,
+    TenantRegistry,
+)
+from database_service.tenancy.secrets import derive_key
+
+__all__ = ["Application", "Endpoints"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    postgres_dsn: str
+    nats_url: str | None
+
+
+class _PoolCollector:
+    """Pool gauges read at scrape time, so they are never stale."""
+
+    def __init__(self, pools: TenantPools) -> None:
+        self._pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        size = GaugeMetricFamily(
+            "dbsvc_pool_connections", "Open connections per tenant pool.", labels=["tenant"]
+        )
+        in_use = GaugeMetricFamily(
+            "dbsvc_pool_connections_in_use",
+            "Connections in use per tenant pool.",
+            labels=["tenant"],
+        )
+        for tenant, stats in self._pools.stats().items():
+            size.add_metric([tenant], stats.size)
+            in_use.add_metric([tenant], stats.in_use)
+        total = GaugeMetricFamily(
+            "dbsvc_pool_connections_open_total", "Open tenant connections across all pools."
+        )
+        total.add_metric([], self._pools.open_connections)
+        cap = GaugeMetricFamily("dbsvc_pool_connections_max", "The global connection cap.")
+        cap.add_metric([], self._pools.global_max)
+        yield from (size, in_use, total, cap)
+
+
+class Application:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        migrator: Migrator | None = None,
+        embedded_postgres_stops: bool = True,
+        start_nats: bool = True,
+        migrate_tenants_on_start: bool = True,
+    ) -> None:
+        self.settings = settings.resolve_secrets()
+        self._migrator_override = migrator
+        self._embedded_postgres_stops = embedded_postgres_stops
+        self._start_nats = start_nats
+        self._migrate_tenants = migrate_tenants_on_start
+        self._stack = contextlib.AsyncExitStack()
+        self.startup_report: MigrationReport | None = None
+
+    async def __aenter__(self) -> Application:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def _start(self) -> None:
+        s = self.settings
+        stack = self._stack
+        assert s.master_key is not None and s.bootstrap_admin_token is not None
+        master_key = s.master_key.get_secret_value()
+
+        if s.postgres_url is None:
+            pg = await stack.enter_async_context(
+                EmbeddedPostgres(s.data_dir / "pg", stop_on_exit=self._embedded_postgres_stops)
+            )
+            dsn = pg.dsn
+        else:
+            dsn = s.postgres_url.get_secret_value()
+        self.owner_pool = await create_owner_pool(dsn, max_size=s.admin_pool_size)
+        stack.push_async_callback(self.owner_pool.close)
+
+        self.migrator = self._migrator_override or Migrator(
+            control_schema=s.control_schema,
+            shared_schema=s.shared_schema,
+            group_role=s.tenant_group_role,
+            role_prefix=s.tenant_role_prefix,
+        )
+        async with self.owner_pool.acquire() as conn:
+            self.startup_report = await self.migrator.migrate(
+                conn, tenant_ids=None if self._migrate_tenants else []
+            )
+        for failed in self.startup_report.failed:
+            log.error("tenant %s: migration failed at start: %s", failed.tenant_id, failed.error)
+
+        self.metrics = Metrics()
+        self.window = RequestWindow()
+        self.secret_box = SecretBox(master_key)
+        self.registry = TenantRegistry(self.owner_pool, control_schema=s.control_schema)
+        self.tenants = TenantManager(
+            self.owner_pool,
+            self.registry,
+            self.migrator,
+            self.secret_box,
+            control_schema=s.control_schema,
+            shared_schema=s.shared_schema,
+            group_role=s.tenant_group_role,
+            role_prefix=s.tenant_role_prefix,
+            default_limits=TenantLimits(s.tenant_connection_limit, s.tenant_statement_timeout_ms),
+        )
+        self.services = ServiceDirectory(self.owner_pool, control_schema=s.control_schema)
+        self.tokens = TokenCodec(derive_key(master_key, "service-tokens"), issuer=s.token_issuer)
+        self.authenticator = Authenticator(
+            self.tokens,
+            self.services,
+            bootstrap_admin_token=s.bootstrap_admin_token.get_secret_value(),
+        )
+        self.audit = await stack.enter_async_context(
+            AuditLog(self.owner_pool, control_schema=s.control_schema, metrics=self.metrics)
+        )
+        self.pools = await stack.enter_async_context(
+            TenantPools(
+                dsn,
+                max_per_tenant=s.pool_max_per_tenant,
+                global_max=s.pool_global_max,
+                idle_seconds=s.pool_idle_seconds,
+                acquire_timeout=s.pool_acquire_timeout_seconds,
+                on_event=lambda tenant, event: self.metrics.pool_events.labels(event).inc(),
+            )
+        )
+        self.tenants.on_change(self.pools.close_tenant)
+        self.metrics.register(_PoolCollector(self.pools))
+        self.guard = SqlGuard(max_sql_bytes=s.max_sql_bytes)
+        self.executor = QueryExecutor(
+            pools=self.pools,
+            registry=self.registry,
+            secret_box=self.secret_box,
+            guard=self.guard,
+            audit=self.audit,
+            metrics=self.metrics,
+            shared_schema=s.shared_schema,
+            max_params=s.max_params,
+            max_result_rows=s.max_result_rows,
+        )
+
+        probes: list[DependencyProbe] = [
+            PostgresProbe(self.owner_pool, embedded=s.postgres_url is None)
+        ]
+        nats_url = s.nats_url
+        if nats_url is None and s.nats_embedded and self._start_nats:
+            nats = await stack.enter_async_context(
+                EmbeddedNats(s.data_dir / "nats", port=s.nats_port)
+            )
+            nats_url = nats.url
+        if nats_url is not None:
+            probes.append(
+                await stack.enter_async_context(NatsProbe(nats_url, embedded=s.nats_url is None))
+            )
+        self.endpoints = Endpoints(postgres_dsn=dsn, nats_url=nats_url)
+        self.health = HealthReporter(
+            owner_pool=self.owner_pool,
+            pools=self.pools,
+            window=self.window,
+            probes=probes,
+            shared_schema=s.shared_schema,
+            group_role=s.tenant_group_role,
+            data_dir=s.data_dir,
+            count_active_tenants=self.registry.count_active,
+        )

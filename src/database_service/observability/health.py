@@ -1,0 +1,228 @@
+"""The health document (seed: "Standardized Health Check"), built from live readings.
+
+Every figure is measured: dependencies are probed, request figures come from the rolling window,
+and ``tenant_isolation_status`` is a real check of the database (RLS forced on every shared table,
+no tenant role able to bypass it). Stores that no issue has added yet are reported as
+``not_configured``, never as healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg
+import nats
+import psutil
+
+from database_service import __version__
+from database_service.observability.window import RequestWindow
+from database_service.postgres import TenantPools
+
+__all__ = ["DependencyProbe", "HealthReporter", "NatsProbe", "PostgresProbe"]
+
+NOT_CONFIGURED = {"status": "not_configured"}
+
+
+class DependencyProbe(Protocol):
+    name: str
+
+    async def check(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class PostgresProbe:
+    pool: asyncpg.Pool
+    name: str = "postgresql"
+    embedded: bool = False
+
+    async def check(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            version = await asyncio.wait_for(self.pool.fetchval("SHOW server_version"), 3)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            return {"status": "unhealthy", "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "status": "healthy",
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "server_version": version,
+            "embedded": self.embedded,
+        }
+
+
+@dataclass
+class NatsProbe:
+    """Keeps one client connection and reports round-trip time to the server."""
+
+    url: str
+    name: str = "nats"
+    embedded: bool = False
+    _client: Any = field(default=None, init=False)
+
+    async def __aenter__(self) -> NatsProbe:
+        with contextlib.suppress(Exception):  # reported as unhealthy by check()
+            self._client = await nats.connect(
+                self.url, connect_timeout=2, max_reconnect_attempts=-1, allow_reconnect=True
+            )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+
+    async def check(self) -> dict[str, Any]:
+        if self._client is None or not self._client.is_connected:
+            return {"status": "unhealthy", "url": self.url, "error": "not connected"}
+        started = time.perf_counter()
+        try:
+            await self._client.flush(timeout=2)
+        except Exception as exc:
+            return {"status": "unhealthy", "url": self.url, "error": str(exc)}
+        return {
+            "status": "healthy",
+            "url": self.url,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "embedded": self.embedded,
+        }
+
+
+class HealthReporter:
+    def __init__(
+        self,
+        *,
+        owner_pool: asyncpg.Pool,
+        pools: TenantPools,
+        window: RequestWindow,
+        probes: list[DependencyProbe],
+        shared_schema: str,
+        group_role: str,
+        data_dir: Path,
+        count_active_tenants: Callable[[], Awaitable[int]],
+    ) -> None:
+        self._owner = owner_pool
+        self._pools = pools
+        self._window = window
+        self._probes = probes
+        self._shared = shared_schema
+        self._group = group_role
+        self._data_dir = data_dir
+        self._count_active = count_active_tenants
+        self._started = time.monotonic()
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # the first reading primes the counter
+
+    async def isolation_status(self) -> dict[str, Any]:
+        """RLS enabled and forced on every shared table; no tenant role can bypass it."""
+        problems: list[str] = []
+        tables = await self._owner.fetch(
+            "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition",
+            self._shared,
+        )
+        for t in tables:
+            if not (t["relrowsecurity"] and t["relforcerowsecurity"]):
+                problems.append(f"RLS not forced on {self._shared}.{t['relname']}")
+        risky = await self._owner.fetch(
+            "SELECT r.rolname FROM pg_roles r JOIN pg_auth_members m ON m.member = r.oid"
+            " JOIN pg_roles g ON g.oid = m.roleid WHERE g.rolname = $1"
+            " AND (r.rolsuper OR r.rolbypassrls OR r.rolcreaterole OR r.rolcreatedb)",
+            self._group,
+        )
+        problems.extend(f"tenant role {r['rolname']} can bypass isolation" for r in risky)
+        return {
+            "status": "healthy" if not problems else "unhealthy",
+            "shared_tables_checked": len(tables),
+            "problems": problems,
+        }
+
+    async def _postgres_details(self) -> dict[str, Any]:
+        row = await self._owner.fetchrow(
+            "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database())"
+            " AS active_connections,"
+            " (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%') AS tenant_schemas"
+        )
+        assert row is not None
+        pools = self._pools.stats()
+        return {
+            "active_connections": row["active_connections"],
+            "tenant_schemas": row["tenant_schemas"],
+            "tenant_pools": len(pools),
+            "pool_connections_open": self._pools.open_connections,
+            "pool_connections_in_use": sum(p.in_use for p in pools.values()),
+            "pool_global_max": self._pools.global_max,
+        }
+
+    def _system(self) -> dict[str, Any]:
+        disk = psutil.disk_usage(str(self._data_dir if self._data_dir.exists() else Path.cwd()))
+        return {
+            "cpu_usage_percent": self._process.cpu_percent(None),
+            "memory_usage_mb": round(self._process.memory_info().rss / 1_048_576, 1),
+            "disk_usage_percent": disk.percent,
+        }
+
+    async def document(self) -> dict[str, Any]:
+        checks = await asyncio.gather(*(p.check() for p in self._probes))
+        dependencies: dict[str, Any] = {
+            "postgresql": NOT_CONFIGURED,
+            "nats": NOT_CONFIGURED,
+            "kafka": NOT_CONFIGURED,
+            "clickhouse": NOT_CONFIGURED,
+            "dragonflydb": NOT_CONFIGURED,
+            "weaviate": NOT_CONFIGURED,
+            "arangodb": NOT_CONFIGURED,
+        }
+        for probe, result in zip(self._probes, checks, strict=True):
+            dependencies[probe.name] = result
+        postgres_ok = dependencies["postgresql"].get("status") == "healthy"
+        isolation: dict[str, Any] = {"status": "unknown"}
+        active_tenants: int | None = None
+        details: dict[str, Any] = {}
+        if postgres_ok:
+            try:
+                isolation = await self.isolation_status()
+                active_tenants = await self._count_active()
+                details = await self._postgres_details()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                postgres_ok = False
+                dependencies["postgresql"] = {"status": "unhealthy", "error": str(exc)}
+        others_ok = all(
+            d.get("status") in {"healthy", "not_configured"} for d in dependencies.values()
+        )
+        if not postgres_ok or isolation.get("status") == "unhealthy":
+            status = "unhealthy"
+        elif not others_ok:
+            status = "degraded"
+        else:
+            status = "healthy"
+        perf = self._window.summary()
+        return {
+            "service_name": "database-service",
+            "status": status,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "performance_metrics": {
+                "response_time_ms": perf.response_time_ms,
+                "p50_ms": perf.p50_ms,
+                "p99_ms": perf.p99_ms,
+                "throughput_rps": perf.throughput_rps,
+                "error_rate_percent": perf.error_rate_percent,
+                "requests_last_60s": perf.requests,
+            },
+            "system_resources": self._system(),
+            "dependencies": dependencies,
+            "tenant_context": {
+                "active_tenants": active_tenants,
+                "tenant_isolation_status": isolation.get("status"),
+                "isolation_problems": isolation.get("problems", []),
+            },
+            "database_details": {"postgresql": details},
+        }

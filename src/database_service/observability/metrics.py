@@ -1,0 +1,57 @@
+"""Prometheus metrics, in a registry owned by the application (no module-level globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "dbsvc_requests",
+            "Requests handled, by front end, operation and outcome code ('ok' on success).",
+            ["front_end", "operation", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "dbsvc_request_duration_seconds",
+            "Request latency, by front end and operation.",
+            ["front_end", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "dbsvc_errors", "Errors returned to callers, by stable code.", ["code"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.statements = Counter(
+            "dbsvc_statements", "Statements executed for tenants, by class.", ["kind"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.denials = Counter(
+            "dbsvc_denials", "Requests refused before reaching PostgreSQL, by code.", ["code"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.pool_events = Counter(
+            "dbsvc_pool_events", "Tenant pool lifecycle events.", ["event"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.audit_dropped = Counter(
+            "dbsvc_audit_write_failures", "Audit batches that could not be written.",
+            registry=self.registry,
+        )  # fmt: skip
+
+    def register(self, collector: Collector) -> None:
+        """Add a collector that reads live state (pool sizes, tenants) at scrape time."""
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,288 @@
+"""Connection pools: the owner's pool, and one small pool per active tenant logged in as its role.
+
+``TenantPools`` owns connection lifecycle and nothing else. A tenant's pool is created on first
+use and closed after ``idle_seconds`` without use; a global budget caps open connections across
+all pools, and when it is exhausted the least recently used idle pools are closed to make room.
+Everything runs on one event loop, so the bookkeeping needs no locks: an entry whose ``in_use``
+is zero can be removed and closed without racing an acquirer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from database_service.errors import ResourceExhausted
+
+__all__ = [
+    "Connection",
+    "PoolStats",
+    "TenantConnection",
+    "TenantLogin",
+    "TenantPools",
+    "create_owner_pool",
+    "init_connection",
+]
+
+log = logging.getLogger(__name__)
+
+# What the rest of the service calls a connection: a direct one or one lent by a pool.
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+class TenantConnection(asyncpg.Connection):
+    """Resets session state on release without pg_advisory_unlock_all, which tenants may not run."""
+
+    def get_reset_query(self) -> str:
+        return "CLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """json/jsonb as Python values in both directions."""
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_owner_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        init=init_connection,
+        server_settings={"application_name": "dbsvc-owner"},
+    )
+    assert pool is not None
+    return pool
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    size: int
+    idle: int
+    in_use: int
+    max_size: int
+
+
+@dataclass(slots=True)
+class _Entry:
+    pool: asyncpg.Pool
+    max_size: int
+    in_use: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class _Budget:
+    """Counts open connections across all tenant pools."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self._freed = asyncio.Condition()
+
+    def try_take(self) -> bool:
+        if self.open < self.limit:
+            self.open += 1
+            return True
+        return False
+
+    async def wait(self, timeout: float) -> None:
+        async with self._freed:
+            await asyncio.wait_for(self._freed.wait_for(lambda: self.open < self.limit), timeout)
+            self.open += 1
+
+    def give_back(self) -> None:
+        self.open -= 1
+
+        async def notify() -> None:
+            async with self._freed:
+                self._freed.notify_all()
+
+        with contextlib.suppress(RuntimeError):  # no running loop at interpreter shutdown
+            asyncio.get_running_loop().create_task(notify())
+
+
+@dataclass(frozen=True, slots=True)
+class TenantLogin:
+    """What a pool needs to log in as a tenant."""
+
+    tenant_id: str
+    role: str
+    password: str
+
+
+class TenantPools:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        max_per_tenant: int,
+        global_max: int,
+        idle_seconds: float,
+        acquire_timeout: float,
+        on_event: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self._max_per_tenant = max_per_tenant
+        self._idle_seconds = idle_seconds
+        self._acquire_timeout = acquire_timeout
+        self._budget = _Budget(global_max)
+        self._entries: dict[str, _Entry] = {}
+        self._creating: dict[str, asyncio.Task[_Entry]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._on_event = on_event or (lambda tenant, event: None)
+
+    async def __aenter__(self) -> TenantPools:
+        self._reaper = asyncio.create_task(self._reap_forever(), name="tenant-pool-reaper")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for tenant_id in list(self._entries):
+            await self.close_tenant(tenant_id)
+
+    @property
+    def open_connections(self) -> int:
+        return self._budget.open
+
+    @property
+    def global_max(self) -> int:
+        return self._budget.limit
+
+    def stats(self) -> dict[str, PoolStats]:
+        result = {}
+        for tenant_id, entry in self._entries.items():
+            size = entry.pool.get_size()
+            idle = entry.pool.get_idle_size()
+            result[tenant_id] = PoolStats(size, idle, entry.in_use, entry.max_size)
+        return result
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, login: TenantLogin) -> AsyncIterator[Connection]:
+        entry = await self._entry(login)
+        entry.in_use += 1
+        entry.last_used = time.monotonic()
+        try:
+            try:
+                conn = await entry.pool.acquire(timeout=self._acquire_timeout)
+            except TimeoutError:
+                raise ResourceExhausted(
+                    f"tenant {login.tenant_id!r}: no connection free within "
+                    f"{self._acquire_timeout:g}s (pool of {entry.max_size}); retry later"
+                ) from None
+            try:
+                yield conn
+            finally:
+                await entry.pool.release(conn)
+        finally:
+            entry.in_use -= 1
+            entry.last_used = time.monotonic()
+
+    async def _entry(self, login: TenantLogin) -> _Entry:
+        entry = self._entries.get(login.tenant_id)
+        if entry is not None:
+            return entry
+        # One creator per tenant; concurrent first requests await the same task.
+        task = self._creating.get(login.tenant_id)
+        if task is None:
+            task = asyncio.create_task(self._create(login))
+            self._creating[login.tenant_id] = task
+            task.add_done_callback(lambda _: self._creating.pop(login.tenant_id, None))
+        return await asyncio.shield(task)
+
+    async def _create(self, login: TenantLogin) -> _Entry:
+        async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+            await self._take_budget(login.tenant_id)
+            try:
+                conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+            except (Exception, asyncio.CancelledError):
+                self._budget.give_back()
+                raise
+            released = False
+
+            def on_close(_: object) -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    self._budget.give_back()
+
+            conn.add_termination_listener(on_close)
+            return conn
+
+        pool = await asyncpg.create_pool(
+            self._dsn,
+            user=login.role,
+            password=login.password,
+            min_size=0,
+            max_size=self._max_per_tenant,
+            max_inactive_connection_lifetime=self._idle_seconds,
+            connect=connect,
+            init=init_connection,
+            connection_class=TenantConnection,
+            server_settings={"application_name": f"dbsvc-tenant-{login.tenant_id}"},
+        )
+        assert pool is not None
+        entry = _Entry(pool, self._max_per_tenant)
+        self._entries[login.tenant_id] = entry
+        self._on_event(login.tenant_id, "pool_opened")
+        log.info("tenant %s: pool opened (max %d)", login.tenant_id, self._max_per_tenant)
+        return entry
+
+    async def _take_budget(self, tenant_id: str) -> None:
+        if self._budget.try_take():
+            return
+        await self._evict_idle(exclude=tenant_id)
+        if self._budget.try_take():
+            return
+        try:
+            await self._budget.wait(self._acquire_timeout)
+        except TimeoutError:
+            raise ResourceExhausted(
+                f"tenant {tenant_id!r}: the service's {self._budget.limit} PostgreSQL "
+                "connections are all in use; retry later"
+            ) from None
+
+    async def _evict_idle(self, exclude: str) -> None:
+        idle = sorted(
+            (e.last_used, t)
+            for t, e in self._entries.items()
+            if e.in_use == 0 and t != exclude and e.pool.get_size() > 0
+        )
+        for _, tenant_id in idle:
+            await self.close_tenant(tenant_id)
+            if self._budget.open < self._budget.limit:
+                return
+
+    async def close_tenant(self, tenant_id: str) -> None:
+        """Close a tenant's pool (suspend, delete, idle). In-flight work finishes first."""
+        entry = self._entries.pop(tenant_id, None)
+        if entry is None:
+            return
+        try:
+            await asyncio.wait_for(entry.pool.close(), timeout=10)
+        except TimeoutError:
+            entry.pool.terminate()
+        self._on_event(tenant_id, "pool_closed")
+        log.info("tenant %s: pool closed", tenant_id)
+
+    async def _reap_forever(self) -> None:
+        interval = max(0.5, self._idle_seconds / 2)
+        while True:
+            await asyncio.sleep(interval)
+            deadline = time.monotonic() - self._idle_seconds
+            for tenant_id, entry in list(self._entries.items()):
+                if entry.in_use == 0 and entry.last_used < deadline:
+                    await self.close_tenant(tenant_id)

@@ -1,0 +1,53 @@
+"""The one place where asyncpg's exceptions and private API meet the rest of the service."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import asyncpg
+from asyncpg.prepared_stmt import PreparedStatement
+
+from database_service.errors import (
+    DatabaseServiceError,
+    InvalidParameters,
+    QueryError,
+    Unavailable,
+)
+from database_service.postgres import Connection
+
+__all__ = ["postgres_errors", "prepare_cached"]
+
+
+@contextlib.contextmanager
+def postgres_errors(tenant_id: str) -> Iterator[None]:
+    """Translate driver errors into the service's error tree (``raise Ours(...) from exc``)."""
+    try:
+        yield
+    except DatabaseServiceError:
+        raise
+    except asyncpg.PostgresError as exc:
+        position = getattr(exc, "position", None)
+        raise QueryError(
+            exc.args[0] if exc.args else str(exc),
+            sqlstate=exc.sqlstate,
+            position=int(position) if position else None,
+            detail=getattr(exc, "detail", None),
+            hint=getattr(exc, "hint", None),
+        ) from exc
+    except asyncpg.DataError as exc:  # client-side: a parameter did not encode
+        raise InvalidParameters(str(exc)) from exc
+    except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise Unavailable(
+            f"tenant {tenant_id!r}: PostgreSQL connection failed ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+async def prepare_cached(conn: Connection, sql: str) -> PreparedStatement:
+    """A prepared statement from the connection's statement cache.
+
+    ``Connection.prepare`` always sends a new Parse; the cached path (what ``fetch`` uses) saves
+    a round trip on repeated statements and still exposes parameter and column types.
+    """
+    stmt: PreparedStatement = await conn._prepare(sql, use_cache=True)  # type: ignore[union-attr]
+    return stmt

@@ -1,0 +1,181 @@
+"""Typed values across the JSON boundary: parameters in (coerced by the statement's parameter
+types) and result values out (encoded so nothing exact is lost: numeric as string, timestamps in
+ISO 8601, bytea as base64)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import asyncpg
+
+from database_service.errors import InvalidParameters
+
+__all__ = ["coerce_params", "encode_value"]
+
+_INTS = {"int2", "int4", "int8", "oid"}
+_FLOATS = {"float4", "float8"}
+_TEXTS = {"text", "varchar", "bpchar", "name", "char", "citext", "xml"}
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        return int(value.strip())
+    raise TypeError("expected an integer")
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a number")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        return float(value)
+    raise TypeError("expected a number")
+
+
+def _numeric(value: Any) -> Decimal:
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a number")
+    if isinstance(value, int | str):
+        try:
+            return Decimal(value)
+        except InvalidOperation:
+            raise ValueError("not a decimal number") from None
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    raise TypeError("expected a decimal number (send a string to keep it exact)")
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in {"true", "false", "t", "f"}:
+        return value.lower() in {"true", "t"}
+    raise TypeError("expected true or false")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise TypeError("expected a string")
+
+
+def _timestamptz(value: Any) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(_text(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _timestamp(value: Any) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(_text(value))
+    return parsed.astimezone(dt.UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
+
+
+def _interval(value: Any) -> dt.timedelta:
+    return dt.timedelta(seconds=_float(value))
+
+
+def _bytea(value: Any) -> bytes:
+    return base64.b64decode(_text(value), validate=True)
+
+
+def _json(value: Any) -> Any:
+    return value
+
+
+_COERCE: dict[str, Callable[[Any], Any]] = {
+    **dict.fromkeys(_INTS, _int),
+    **dict.fromkeys(_FLOATS, _float),
+    **dict.fromkeys(_TEXTS, _text),
+    "numeric": _numeric,
+    "bool": _bool,
+    "timestamptz": _timestamptz,
+    "timestamp": _timestamp,
+    "date": lambda v: dt.date.fromisoformat(_text(v)),
+    "time": lambda v: dt.time.fromisoformat(_text(v)),
+    "interval": _interval,
+    "uuid": lambda v: uuid.UUID(_text(v)),
+    "json": _json,
+    "jsonb": _json,
+    "bytea": _bytea,
+    "inet": lambda v: ipaddress.ip_interface(_text(v)),
+    "cidr": lambda v: ipaddress.ip_network(_text(v)),
+}
+
+
+def _coercer(type_name: str, kind: str) -> Callable[[Any], Any]:
+    if kind == "array" and type_name.startswith("_"):
+        element = _COERCE.get(type_name[1:], _json)
+
+        def array(value: Any) -> list[Any]:
+            if not isinstance(value, list):
+                raise TypeError("expected an array")
+            return [None if v is None else element(v) for v in value]
+
+        return array
+    return _COERCE.get(type_name, _json)
+
+
+def coerce_params(values: Sequence[Any], types: Sequence[asyncpg.types.Type]) -> list[Any]:
+    """JSON-shaped parameters → the Python values asyncpg encodes for each parameter type."""
+    if len(values) != len(types):
+        raise InvalidParameters(
+            f"the statement takes {len(types)} parameter(s), {len(values)} given"
+        )
+    out: list[Any] = []
+    for index, (value, pg_type) in enumerate(zip(values, types, strict=True), start=1):
+        if value is None:
+            out.append(None)
+            continue
+        try:
+            out.append(_coercer(pg_type.name, pg_type.kind)(value))
+        except (TypeError, ValueError) as exc:
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise InvalidParameters(
+                f"parameter ${index} ({pg_type.name}): {exc}; got {type(value).__name__} {shown}"
+            ) from None
+    return out
+
+
+def encode_value(value: Any) -> Any:
+    """A result value as JSON: exact where PostgreSQL is exact."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, list | tuple):
+        return [encode_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): encode_value(v) for k, v in value.items()}
+    if isinstance(value, asyncpg.Record):
+        return {k: encode_value(v) for k, v in value.items()}
+    if isinstance(value, asyncpg.Range):
+        return {
+            "lower": encode_value(value.lower),
+            "upper": encode_value(value.upper),
+            "lower_inc": value.lower_inc,
+            "upper_inc": value.upper_inc,
+            "empty": value.isempty,
+        }
+    return str(value)  # uuid, inet, bit strings, geometric types: their text form

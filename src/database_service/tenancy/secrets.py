@@ -1,0 +1,60 @@
+"""Tenant role secrets: generated, stored encrypted, and turned into SCRAM verifiers.
+
+The master key never encrypts anything directly: HKDF derives one key per purpose. The role's
+password reaches PostgreSQL only as a SCRAM-SHA-256 verifier computed here, so the plaintext never
+appears in a statement the server could log.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = ["SecretBox", "derive_key", "new_role_password", "scram_sha256_verifier"]
+
+
+def derive_key(master_key: str, purpose: str, length: int = 32) -> bytes:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=purpose.encode())
+    return hkdf.derive(master_key.encode())
+
+
+class SecretBox:
+    """Authenticated encryption of small secrets with a key derived from the master key."""
+
+    def __init__(self, master_key: str, purpose: str = "tenant-role-secrets") -> None:
+        self._fernet = Fernet(base64.urlsafe_b64encode(derive_key(master_key, purpose)))
+
+    def seal(self, plaintext: str) -> str:
+        return self._fernet.encrypt(plaintext.encode()).decode()
+
+    def open(self, token: str) -> str:
+        try:
+            return self._fernet.decrypt(token.encode()).decode()
+        except InvalidToken:
+            raise ValueError(
+                "cannot decrypt a tenant secret: the master key differs from the one that sealed it"
+            ) from None
+
+
+def new_role_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def scram_sha256_verifier(password: str, *, iterations: int = 4096) -> str:
+    """The verifier PostgreSQL stores for SCRAM-SHA-256 (RFC 5802/7677), as rolpassword."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"

@@ -1,0 +1,81 @@
+"""Per-tenant pools under a global cap, against real PostgreSQL logins."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from database_service.app import Application
+from database_service.errors import ResourceExhausted
+from database_service.postgres import TenantLogin, TenantPools
+from tests.fix_service import TenantFactory
+
+
+async def logins(core: Application, new_tenant: TenantFactory, n: int) -> list[TenantLogin]:
+    tenants = [await new_tenant("pool") for _ in range(n)]
+    return [
+        TenantLogin(t.tenant_id, t.role_name, core.secret_box.open(t.role_secret)) for t in tenants
+    ]
+
+
+async def test_each_tenant_connects_as_its_own_role(core: Application, new_tenant: TenantFactory) -> None:
+    a, b = await logins(core, new_tenant, 2)
+    async with TenantPools(
+        core.endpoints.postgres_dsn, max_per_tenant=2, global_max=4, idle_seconds=30, acquire_timeout=2
+    ) as pools:
+        for login in (a, b):
+            async with pools.acquire(login) as conn:
+                assert await conn.fetchval("SELECT session_user") == login.role
+        assert set(pools.stats()) == {a.tenant_id, b.tenant_id}
+
+
+async def test_global_cap_evicts_idle_pools_to_make_room(core: Application, new_tenant: TenantFactory) -> None:
+    a, b, c = await logins(core, new_tenant, 3)
+    async with TenantPools(
+        core.endpoints.postgres_dsn, max_per_tenant=1, global_max=2, idle_seconds=30, acquire_timeout=2
+    ) as pools:
+        for login in (a, b, c):
+            async with pools.acquire(login) as conn:
+                await conn.fetchval("SELECT 1")
+        assert pools.open_connections <= 2
+        assert c.tenant_id in pools.stats()
+
+
+async def test_global_cap_refuses_when_every_connection_is_busy(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    a, b = await logins(core, new_tenant, 2)
+    async with TenantPools(
+        core.endpoints.postgres_dsn, max_per_tenant=1, global_max=1, idle_seconds=30, acquire_timeout=0.5
+    ) as pools:
+        async with pools.acquire(a) as conn:
+            await conn.fetchval("SELECT 1")
+            with pytest.raises(ResourceExhausted, match="connections are all in use"):
+                async with pools.acquire(b):
+                    pass
+
+
+async def test_idle_pools_are_closed(core: Application, new_tenant: TenantFactory) -> None:
+    (a,) = await logins(core, new_tenant, 1)
+    async with TenantPools(
+        core.endpoints.postgres_dsn, max_per_tenant=1, global_max=2, idle_seconds=0.3, acquire_timeout=2
+    ) as pools:
+        async with pools.acquire(a) as conn:
+            await conn.fetchval("SELECT 1")
+        for _ in range(40):
+            if not pools.stats():
+                break
+            await asyncio.sleep(0.1)
+        assert pools.stats() == {} and pools.open_connections == 0
+
+
+async def test_suspending_a_tenant_closes_its_pool(core: Application, new_tenant: TenantFactory) -> None:
+    tenant = await new_tenant("pool_susp")
+    login = TenantLogin(tenant.tenant_id, tenant.role_name, core.secret_box.open(tenant.role_secret))
+    async with core.pools.acquire(login) as conn:
+        await conn.fetchval("SELECT 1")
+    assert tenant.tenant_id in core.pools.stats()
+    await core.tenants.suspend(tenant.tenant_id)
+    assert tenant.tenant_id not in core.pools.stats()
+    await core.tenants.resume(tenant.tenant_id)

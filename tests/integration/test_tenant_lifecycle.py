@@ -1,0 +1,190 @@
+"""Tenant lifecycle against real PostgreSQL: what create, suspend, resume and delete build and
+remove, and that bad input changes nothing."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+
+from database_service.app import Application
+from database_service.errors import ConfirmationRequired, TenantExists, TenantNotFound
+from database_service.tenancy import TenantLimits
+from tests.fix_pg import PgCluster
+from tests.fix_service import TenantFactory
+
+BUSINESS_TABLES = {
+    "users", "mt5_accounts", "trading_history", "trading_signals", "positions", "notification_logs",
+}  # fmt: skip
+
+
+async def test_create_builds_schema_tables_and_a_locked_down_role(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("life", TenantLimits(connection_limit=7, statement_timeout_ms=1234))
+    pool = core.owner_pool
+    tables = {
+        r["tablename"]
+        for r in await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", tenant.schema_name)
+    }
+    assert tables == BUSINESS_TABLES
+    role = await pool.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", tenant.role_name)
+    assert role is not None
+    assert role["rolcanlogin"]
+    assert not any(role[k] for k in ("rolsuper", "rolbypassrls", "rolcreaterole", "rolcreatedb", "rolreplication"))
+    assert role["rolconnlimit"] == 7
+    config = await pool.fetchval(
+        "SELECT setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole"
+        " WHERE r.rolname = $1",
+        tenant.role_name,
+    )
+    assert "statement_timeout=1234" in config
+    versions = await pool.fetch(
+        f"SELECT version FROM {core.settings.control_schema}.tenant_migrations WHERE tenant_id = $1",
+        tenant.tenant_id,
+    )
+    assert [r["version"] for r in versions] == [m.version for m in core.migrator.tenant_migrations]
+
+
+async def test_role_secret_is_sealed_and_really_checked_by_postgres(
+    core: Application, new_tenant: TenantFactory, pg_cluster: PgCluster
+) -> None:
+    tenant = await new_tenant("sec")
+    password = core.secret_box.open(tenant.role_secret)
+    assert password not in tenant.role_secret
+    conn = await asyncpg.connect(pg_cluster.dsn, user=tenant.role_name, password=password)
+    try:
+        assert await conn.fetchval("SELECT session_user") == tenant.role_name
+    finally:
+        await conn.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(pg_cluster.dsn, user=tenant.role_name, password="wrong")
+
+
+async def test_creating_a_tenant_twice_is_a_conflict_and_changes_nothing(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("dup")
+    before = await core.owner_pool.fetchval("SELECT count(*) FROM pg_roles")
+    with pytest.raises(TenantExists):
+        await core.tenants.create(tenant.tenant_id)
+    assert await core.owner_pool.fetchval("SELECT count(*) FROM pg_roles") == before
+    assert (await core.registry.get(tenant.tenant_id)).role_secret == tenant.role_secret
+
+
+async def test_create_over_http_returns_201_then_409(
+    http: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    body = {"tenant_id": "http_made", "connection_limit": 4}
+    first = await http.post("/api/v1/admin/schema/create", json=body, headers=admin_headers)
+    assert first.status_code == 201, first.text
+    assert first.json()["schema"] == "tenant_http_made"
+    assert "role_secret" not in first.json()
+    second = await http.post("/api/v1/admin/schema/create", json=body, headers=admin_headers)
+    assert second.status_code == 409
+    assert second.json()["error"]["code"] == "tenant_exists"
+
+
+@pytest.mark.parametrize(
+    "tenant_id",
+    ["", "A", "1abc", "abc-def", "x" * 42, "abc; DROP ROLE postgres", "t'; --", 'a"b', "ab c", "tenänt"],
+)
+async def test_invalid_tenant_ids_get_a_clear_error_and_nothing_is_created(
+    http: httpx.AsyncClient, admin_headers: dict[str, str], core: Application, tenant_id: str
+) -> None:
+    before = await core.owner_pool.fetchval("SELECT count(*) FROM pg_namespace")
+    response = await http.post(
+        "/api/v1/admin/schema/create", json={"tenant_id": tenant_id}, headers=admin_headers
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_tenant_id"
+    assert await core.owner_pool.fetchval("SELECT count(*) FROM pg_namespace") == before
+
+
+async def test_wrong_types_in_the_create_body_are_rejected(
+    http: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    response = await http.post(
+        "/api/v1/admin/schema/create",
+        json={"tenant_id": 123, "connection_limit": "many"},
+        headers=admin_headers,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+async def test_suspended_tenant_cannot_log_in_and_resume_restores_it(
+    core: Application, new_tenant: TenantFactory, pg_cluster: PgCluster
+) -> None:
+    tenant = await new_tenant("susp")
+    password = core.secret_box.open(tenant.role_secret)
+    await core.tenants.suspend(tenant.tenant_id)
+    assert (await core.registry.get(tenant.tenant_id)).status == "suspended"
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await asyncpg.connect(pg_cluster.dsn, user=tenant.role_name, password=password)
+    await core.tenants.resume(tenant.tenant_id)
+    conn = await asyncpg.connect(pg_cluster.dsn, user=tenant.role_name, password=password)
+    await conn.close()
+
+
+async def test_delete_requires_confirmation(core: Application, new_tenant: TenantFactory) -> None:
+    tenant = await new_tenant("keep")
+    with pytest.raises(ConfirmationRequired):
+        await core.tenants.delete(tenant.tenant_id, confirm=False)
+    assert await core.registry.find(tenant.tenant_id) is not None
+
+
+async def test_delete_drops_role_schema_and_shared_rows(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("gone")
+    other = await new_tenant("stay")
+    pool = core.owner_pool
+    shared = core.settings.shared_schema
+    for t in (tenant, other):
+        await pool.execute(
+            f"INSERT INTO {shared}.market_data (company_id, symbol) VALUES ($1, 'EURUSD')", t.tenant_id
+        )
+    await core.tenants.delete(tenant.tenant_id, confirm=True)
+    assert await pool.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", tenant.role_name) is None
+    assert await pool.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", tenant.schema_name) is None
+    counts = {
+        r["company_id"]: r["n"]
+        for r in await pool.fetch(
+            f"SELECT company_id, count(*) AS n FROM {shared}.market_data"
+            " WHERE company_id = ANY($1) GROUP BY company_id",
+            [tenant.tenant_id, other.tenant_id],
+        )
+    }
+    assert counts == {other.tenant_id: 1}
+    with pytest.raises(TenantNotFound):
+        await core.registry.get(tenant.tenant_id)
+
+
+async def test_delete_over_http_without_confirm_is_refused(
+    http: httpx.AsyncClient, admin_headers: dict[str, str], new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("http_del")
+    refused = await http.delete(f"/api/v1/admin/tenants/{tenant.tenant_id}", headers=admin_headers)
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "confirmation_required"
+    done = await http.delete(
+        f"/api/v1/admin/tenants/{tenant.tenant_id}?confirm=true", headers=admin_headers
+    )
+    assert done.status_code == 200
+
+
+async def test_unknown_tenant_is_not_found(http: httpx.AsyncClient, admin_headers: dict[str, str]) -> None:
+    response = await http.post("/api/v1/admin/tenants/nobody_here/suspend", headers=admin_headers)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "tenant_not_found"
+
+
+async def test_tenant_list_shows_limits_but_never_secrets(
+    http: httpx.AsyncClient, admin_headers: dict[str, str], new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("listed")
+    response = await http.get("/api/v1/admin/tenants", headers=admin_headers)
+    listed = {t["tenant_id"]: t for t in response.json()["tenants"]}
+    assert listed[tenant.tenant_id]["status"] == "active"
+    assert tenant.role_secret not in response.text
