@@ -31,7 +31,11 @@ class Served:
         }
         env.pop("DBSVC_POSTGRES_URL", None)
         self.process = subprocess.Popen(
-            [str(BIN), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [str(BIN), "serve"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.base = f"http://127.0.0.1:{self.port}"
 
@@ -94,7 +98,9 @@ def test_serve_is_healthy_stops_cleanly_and_keeps_its_data(served: Served, tmp_p
     assert dependencies["postgresql"]["embedded"] is True
     assert dependencies["nats"]["status"] == "healthy"
     created = httpx.post(
-        f"{served.base}/api/v1/admin/schema/create", json={"tenant_id": "acme"}, headers=served.admin()
+        f"{served.base}/api/v1/admin/schema/create",
+        json={"tenant_id": "acme"},
+        headers=served.admin(),
     )
     assert created.status_code == 201, created.text
 
@@ -118,6 +124,8 @@ def test_serve_is_healthy_stops_cleanly_and_keeps_its_data(served: Served, tmp_p
 
 def test_a_wrong_setting_stops_start_up_with_its_name(tmp_path: Path) -> None:
     env = {**os.environ, "DBSVC_DATA_DIR": str(tmp_path), "DBSVC_POOL_GLOBAL_MAX": "zero"}
-    result = subprocess.run([str(BIN), "serve"], env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(BIN), "serve"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert "DBSVC_POOL_GLOBAL_MAX" in result.stderr

@@ -11,7 +11,9 @@ from tests.fix_service import TenantFactory, TokenFactory
 QUERY = "/api/v1/query"
 
 
-async def denied_events(http: httpx.AsyncClient, admin: dict[str, str], tenant_id: str | None) -> list[dict]:
+async def denied_events(
+    http: httpx.AsyncClient, admin: dict[str, str], tenant_id: str | None
+) -> list[dict]:
     params = {"tenant_id": tenant_id} if tenant_id else {}
     events = (await http.get("/api/v1/admin/audit", params=params, headers=admin)).json()["events"]
     return [e for e in events if e["outcome"] == "denied"]
@@ -36,7 +38,9 @@ async def test_forged_token_is_401(http: httpx.AsyncClient, core: Application) -
     header, payload, signature = token.split(".")
     forged = f"{header}.{payload}.{signature[::-1]}"
     response = await http.post(
-        QUERY, json={"sql": "SELECT 1", "tenant_id": "abc"}, headers={"Authorization": f"Bearer {forged}"}
+        QUERY,
+        json={"sql": "SELECT 1", "tenant_id": "abc"},
+        headers={"Authorization": f"Bearer {forged}"},
     )
     assert response.status_code == 401
 
@@ -45,8 +49,12 @@ async def test_expired_token_is_401(
     http: httpx.AsyncClient, core: Application, new_tenant: TenantFactory
 ) -> None:
     tenant = await new_tenant("exp")
-    await core.services.register("svc-expired", tenants=[tenant.tenant_id], scopes=[Scope.READ], with_secret=False)
-    token = core.tokens.issue("svc-expired", tenants=[tenant.tenant_id], scopes=[Scope.READ], ttl_seconds=-60)
+    await core.services.register(
+        "svc-expired", tenants=[tenant.tenant_id], scopes=[Scope.READ], with_secret=False
+    )
+    token = core.tokens.issue(
+        "svc-expired", tenants=[tenant.tenant_id], scopes=[Scope.READ], ttl_seconds=-60
+    )
     response = await http.post(
         QUERY,
         json={"sql": "SELECT 1", "tenant_id": tenant.tenant_id},
@@ -64,7 +72,9 @@ async def test_token_for_another_tenant_is_403_and_audited(
 ) -> None:
     mine, theirs = await new_tenant("mine"), await new_tenant("theirs")
     headers = await service_headers([mine.tenant_id])
-    response = await http.post(QUERY, json={"sql": "SELECT 1", "tenant_id": theirs.tenant_id}, headers=headers)
+    response = await http.post(
+        QUERY, json={"sql": "SELECT 1", "tenant_id": theirs.tenant_id}, headers=headers
+    )
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "permission_denied"
     events = await denied_events(http, admin_headers, theirs.tenant_id)
@@ -78,7 +88,10 @@ async def test_read_scope_cannot_write(
     headers = await service_headers([tenant.tenant_id], (Scope.READ,))
     response = await http.post(
         QUERY,
-        json={"sql": "INSERT INTO users VALUES ('u1', 'u1@x', 'free')", "tenant_id": tenant.tenant_id},
+        json={
+            "sql": "INSERT INTO users VALUES ('u1', 'u1@x', 'free')",
+            "tenant_id": tenant.tenant_id,
+        },
         headers=headers,
     )
     assert response.status_code == 403
@@ -93,7 +106,10 @@ async def test_read_scope_runs_in_a_read_only_transaction(
     headers = await service_headers([tenant.tenant_id], (Scope.READ,))
     response = await http.post(
         QUERY,
-        json={"sql": "SELECT nextval('trading_history_trade_id_seq')", "tenant_id": tenant.tenant_id},
+        json={
+            "sql": "SELECT nextval('trading_history_trade_id_seq')",
+            "tenant_id": tenant.tenant_id,
+        },
         headers=headers,
     )
     assert response.status_code == 409
@@ -116,8 +132,12 @@ async def test_disabled_service_is_refused_even_with_a_valid_token(
     http: httpx.AsyncClient, core: Application, new_tenant: TenantFactory
 ) -> None:
     tenant = await new_tenant("dis")
-    await core.services.register("svc-disabled", tenants=[tenant.tenant_id], scopes=[Scope.READ], with_secret=False)
-    token = core.tokens.issue("svc-disabled", tenants=[tenant.tenant_id], scopes=[Scope.READ], ttl_seconds=60)
+    await core.services.register(
+        "svc-disabled", tenants=[tenant.tenant_id], scopes=[Scope.READ], with_secret=False
+    )
+    token = core.tokens.issue(
+        "svc-disabled", tenants=[tenant.tenant_id], scopes=[Scope.READ], ttl_seconds=60
+    )
     headers = {"Authorization": f"Bearer {token}"}
     body = {"sql": "SELECT 1", "tenant_id": tenant.tenant_id}
     assert (await http.post(QUERY, json=body, headers=headers)).status_code == 200
@@ -131,7 +151,9 @@ async def test_token_scopes_are_narrowed_to_the_identity(
 ) -> None:
     # A token claiming more than its service holds gets only what the service holds.
     tenant = await new_tenant("narrow")
-    await core.services.register("svc-narrow", tenants=[tenant.tenant_id], scopes=[Scope.READ], with_secret=False)
+    await core.services.register(
+        "svc-narrow", tenants=[tenant.tenant_id], scopes=[Scope.READ], with_secret=False
+    )
     token = core.tokens.issue("svc-narrow", tenants=["*"], scopes=list(Scope), ttl_seconds=60)
     response = await http.post(
         QUERY,
@@ -152,9 +174,13 @@ async def test_client_credentials_exchange_issues_a_working_token(
     )
     assert created.status_code == 201, created.text
     secret = created.json()["secret"]
-    wrong = await http.post("/api/v1/auth/token", json={"service": "trading-engine-cc", "secret": "nope"})
+    wrong = await http.post(
+        "/api/v1/auth/token", json={"service": "trading-engine-cc", "secret": "nope"}
+    )
     assert wrong.status_code == 401
-    issued = await http.post("/api/v1/auth/token", json={"service": "trading-engine-cc", "secret": secret})
+    issued = await http.post(
+        "/api/v1/auth/token", json={"service": "trading-engine-cc", "secret": secret}
+    )
     assert issued.status_code == 200
     token = issued.json()["access_token"]
     response = await http.post(
@@ -184,6 +210,10 @@ async def test_admin_routes_need_the_admin_scope(
 async def test_unauthenticated_attempts_are_audited(
     http: httpx.AsyncClient, admin_headers: dict[str, str]
 ) -> None:
-    await http.post(QUERY, json={"sql": "SELECT 1", "tenant_id": "abc"}, headers={"Authorization": "Bearer junk"})
+    await http.post(
+        QUERY,
+        json={"sql": "SELECT 1", "tenant_id": "abc"},
+        headers={"Authorization": "Bearer junk"},
+    )
     events = (await http.get("/api/v1/admin/audit", headers=admin_headers)).json()["events"]
     assert any(e["code"] == "unauthenticated" and e["outcome"] == "denied" for e in events)

@@ -23,8 +23,16 @@ async def test_health_document_has_the_seed_shape_with_real_values(
     assert doc["service_name"] == "database-service"
     assert doc["status"] == "healthy"
     assert doc["uptime_seconds"] > 0
-    assert set(doc["performance_metrics"]) >= {"response_time_ms", "throughput_rps", "error_rate_percent"}
-    assert set(doc["system_resources"]) == {"cpu_usage_percent", "memory_usage_mb", "disk_usage_percent"}
+    assert set(doc["performance_metrics"]) >= {
+        "response_time_ms",
+        "throughput_rps",
+        "error_rate_percent",
+    }
+    assert set(doc["system_resources"]) == {
+        "cpu_usage_percent",
+        "memory_usage_mb",
+        "disk_usage_percent",
+    }
     assert doc["system_resources"]["memory_usage_mb"] > 10
     pg = doc["dependencies"]["postgresql"]
     assert pg["status"] == "healthy" and pg["latency_ms"] > 0 and pg["server_version"]
@@ -46,7 +54,9 @@ async def test_isolation_status_is_a_real_check(http: httpx.AsyncClient, core: A
     try:
         doc = (await http.get("/api/v1/health")).json()
         assert doc["status"] == "unhealthy"
-        assert doc["tenant_context"]["isolation_problems"] == [f"RLS not forced on {shared}.market_data"]
+        assert doc["tenant_context"]["isolation_problems"] == [
+            f"RLS not forced on {shared}.market_data"
+        ]
     finally:
         await core.owner_pool.execute(f"ALTER TABLE {shared}.market_data FORCE ROW LEVEL SECURITY")
     assert (await http.get("/api/v1/health")).json()["status"] == "healthy"

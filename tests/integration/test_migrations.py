@@ -38,7 +38,7 @@ async def has_column(core: Application, schema: str, table: str, column: str) ->
 async def test_failure_in_one_tenant_leaves_the_others_migrated_and_is_reported(
     core: Application, new_tenant: TenantFactory
 ) -> None:
-    a, b, c = (await new_tenant(p) for p in ("mig_a", "mig_b", "mig_c"))
+    a, b, c = [await new_tenant(p) for p in ("mig_a", "mig_b", "mig_c")]
     # Tenant b already has the column the migration adds, so the migration fails there only.
     await core.owner_pool.execute(f"ALTER TABLE {b.schema_name}.users ADD COLUMN nickname text")
     migration = Migration(900, "add_nickname", "ALTER TABLE users ADD COLUMN nickname text;"
@@ -67,7 +67,9 @@ async def test_failure_in_one_tenant_leaves_the_others_migrated_and_is_reported(
     assert {r["tenant_id"] for r in versions} == {a.tenant_id, c.tenant_id}
 
 
-async def test_a_second_run_has_nothing_left_to_do(core: Application, new_tenant: TenantFactory) -> None:
+async def test_a_second_run_has_nothing_left_to_do(
+    core: Application, new_tenant: TenantFactory
+) -> None:
     tenant = await new_tenant("mig_again")
     migration = Migration(901, "add_note", "ALTER TABLE positions ADD COLUMN note text")
     migrator = migrator_with(core, migration)
@@ -82,7 +84,9 @@ async def test_concurrent_migrators_are_serialised_by_the_advisory_lock(
     core: Application, new_tenant: TenantFactory
 ) -> None:
     tenant = await new_tenant("mig_race")
-    slow = Migration(902, "slow", "SELECT pg_sleep(0.3); ALTER TABLE positions ADD COLUMN race text")
+    slow = Migration(
+        902, "slow", "SELECT pg_sleep(0.3); ALTER TABLE positions ADD COLUMN race text"
+    )
     migrator = migrator_with(core, slow)
 
     async def run() -> list[int]:

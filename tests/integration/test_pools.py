@@ -19,10 +19,16 @@ async def logins(core: Application, new_tenant: TenantFactory, n: int) -> list[T
     ]
 
 
-async def test_each_tenant_connects_as_its_own_role(core: Application, new_tenant: TenantFactory) -> None:
+async def test_each_tenant_connects_as_its_own_role(
+    core: Application, new_tenant: TenantFactory
+) -> None:
     a, b = await logins(core, new_tenant, 2)
     async with TenantPools(
-        core.endpoints.postgres_dsn, max_per_tenant=2, global_max=4, idle_seconds=30, acquire_timeout=2
+        core.endpoints.postgres_dsn,
+        max_per_tenant=2,
+        global_max=4,
+        idle_seconds=30,
+        acquire_timeout=2,
     ) as pools:
         for login in (a, b):
             async with pools.acquire(login) as conn:
@@ -30,10 +36,16 @@ async def test_each_tenant_connects_as_its_own_role(core: Application, new_tenan
         assert set(pools.stats()) == {a.tenant_id, b.tenant_id}
 
 
-async def test_global_cap_evicts_idle_pools_to_make_room(core: Application, new_tenant: TenantFactory) -> None:
+async def test_global_cap_evicts_idle_pools_to_make_room(
+    core: Application, new_tenant: TenantFactory
+) -> None:
     a, b, c = await logins(core, new_tenant, 3)
     async with TenantPools(
-        core.endpoints.postgres_dsn, max_per_tenant=1, global_max=2, idle_seconds=30, acquire_timeout=2
+        core.endpoints.postgres_dsn,
+        max_per_tenant=1,
+        global_max=2,
+        idle_seconds=30,
+        acquire_timeout=2,
     ) as pools:
         for login in (a, b, c):
             async with pools.acquire(login) as conn:
@@ -47,7 +59,11 @@ async def test_global_cap_refuses_when_every_connection_is_busy(
 ) -> None:
     a, b = await logins(core, new_tenant, 2)
     async with TenantPools(
-        core.endpoints.postgres_dsn, max_per_tenant=1, global_max=1, idle_seconds=30, acquire_timeout=0.5
+        core.endpoints.postgres_dsn,
+        max_per_tenant=1,
+        global_max=1,
+        idle_seconds=30,
+        acquire_timeout=0.5,
     ) as pools:
         async with pools.acquire(a) as conn:
             await conn.fetchval("SELECT 1")
@@ -59,7 +75,11 @@ async def test_global_cap_refuses_when_every_connection_is_busy(
 async def test_idle_pools_are_closed(core: Application, new_tenant: TenantFactory) -> None:
     (a,) = await logins(core, new_tenant, 1)
     async with TenantPools(
-        core.endpoints.postgres_dsn, max_per_tenant=1, global_max=2, idle_seconds=0.3, acquire_timeout=2
+        core.endpoints.postgres_dsn,
+        max_per_tenant=1,
+        global_max=2,
+        idle_seconds=0.3,
+        acquire_timeout=2,
     ) as pools:
         async with pools.acquire(a) as conn:
             await conn.fetchval("SELECT 1")
@@ -70,9 +90,13 @@ async def test_idle_pools_are_closed(core: Application, new_tenant: TenantFactor
         assert pools.stats() == {} and pools.open_connections == 0
 
 
-async def test_suspending_a_tenant_closes_its_pool(core: Application, new_tenant: TenantFactory) -> None:
+async def test_suspending_a_tenant_closes_its_pool(
+    core: Application, new_tenant: TenantFactory
+) -> None:
     tenant = await new_tenant("pool_susp")
-    login = TenantLogin(tenant.tenant_id, tenant.role_name, core.secret_box.open(tenant.role_secret))
+    login = TenantLogin(
+        tenant.tenant_id, tenant.role_name, core.secret_box.open(tenant.role_secret)
+    )
     async with core.pools.acquire(login) as conn:
         await conn.fetchval("SELECT 1")
     assert tenant.tenant_id in core.pools.stats()

@@ -27,13 +27,20 @@ async def headers(tenant: TenantRecord, service_headers: TokenFactory) -> dict[s
 
 
 async def run(
-    http: httpx.AsyncClient, headers: dict[str, str], tenant: TenantRecord, sql: str, *params: Any, **extra: Any
+    http: httpx.AsyncClient,
+    headers: dict[str, str],
+    tenant: TenantRecord,
+    sql: str,
+    *params: Any,
+    **extra: Any,
 ) -> httpx.Response:
     body = {"sql": sql, "params": list(params), "tenant_id": tenant.tenant_id, **extra}
     return await http.post(QUERY, json=body, headers=headers)
 
 
-async def count_users(http: httpx.AsyncClient, headers: dict[str, str], tenant: TenantRecord) -> int:
+async def count_users(
+    http: httpx.AsyncClient, headers: dict[str, str], tenant: TenantRecord
+) -> int:
     response = await run(http, headers, tenant, "SELECT count(*) FROM users")
     return int(response.json()["rows"][0][0])
 
@@ -51,9 +58,11 @@ async def test_results_carry_column_types_and_exact_values(
     body = response.json()
     assert [(c["name"], c["type"]) for c in body["columns"]] == [
         ("price", "numeric"), ("at", "timestamptz"), ("doc", "jsonb"), ("raw", "bytea"),
-        ("ids", "_int4"), ("nothing", "text"), ("flag", "bool"),
+        ("ids", "int4[]"), ("nothing", "text"), ("flag", "bool"),
     ]  # fmt: skip
-    assert body["rows"] == [["1.10", "2024-01-02T03:04:05+00:00", {"a": [1, 2]}, "AAE=", [1, 2], None, True]]
+    assert body["rows"] == [
+        ["1.10", "2024-01-02T03:04:05+00:00", {"a": [1, 2]}, "AAE=", [1, 2], None, True]
+    ]
     assert body["statement_class"] == "read"
 
 
@@ -126,7 +135,11 @@ async def test_unique_violation_is_409_and_keeps_the_first_row(
     ],
 )
 async def test_malformed_parameters_get_a_clear_error_and_nothing_is_written(
-    http: httpx.AsyncClient, headers: dict[str, str], tenant: TenantRecord, params: list[Any], fragment: str
+    http: httpx.AsyncClient,
+    headers: dict[str, str],
+    tenant: TenantRecord,
+    params: list[Any],
+    fragment: str,
 ) -> None:
     sql = "INSERT INTO users (user_id, email, subscription_tier) VALUES ($1, $2, $3)"
     response = await run(http, headers, tenant, sql, *params)
@@ -179,21 +192,30 @@ async def test_oversized_body_is_413(
 async def test_malformed_json_and_wrong_types_are_400(
     http: httpx.AsyncClient, headers: dict[str, str], tenant: TenantRecord
 ) -> None:
-    broken = await http.post(QUERY, content=b"{not json", headers={**headers, "Content-Type": "application/json"})
+    broken = await http.post(
+        QUERY, content=b"{not json", headers={**headers, "Content-Type": "application/json"}
+    )
     assert broken.status_code == 400
     wrong = await http.post(QUERY, json={"sql": 42, "tenant_id": tenant.tenant_id}, headers=headers)
     assert wrong.status_code == 400
     assert wrong.json()["error"]["code"] == "invalid_request"
-    extra = await http.post(QUERY, json={"sql": "SELECT 1", "tenant_id": tenant.tenant_id, "role": "x"}, headers=headers)
+    extra = await http.post(
+        QUERY, json={"sql": "SELECT 1", "tenant_id": tenant.tenant_id, "role": "x"}, headers=headers
+    )
     assert extra.status_code == 400
 
 
 async def test_unknown_and_suspended_tenants_are_refused(
-    http: httpx.AsyncClient, core: Application, new_tenant: TenantFactory, service_headers: TokenFactory
+    http: httpx.AsyncClient,
+    core: Application,
+    new_tenant: TenantFactory,
+    service_headers: TokenFactory,
 ) -> None:
     tenant = await new_tenant("paused")
     headers = await service_headers(["*"])
-    unknown = await http.post(QUERY, json={"sql": "SELECT 1", "tenant_id": "nobody_at_all"}, headers=headers)
+    unknown = await http.post(
+        QUERY, json={"sql": "SELECT 1", "tenant_id": "nobody_at_all"}, headers=headers
+    )
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "tenant_not_found"
     await core.tenants.suspend(tenant.tenant_id)
     paused = await run(http, headers, tenant, "SELECT 1")
@@ -221,7 +243,11 @@ async def test_user_id_limits_shared_rows_to_that_user(
     alice = await run(http, headers, tenant, sql, user_id="alice")
     assert alice.json()["rows"] == [["-"], ["alice"]]
     forged = await run(
-        http, headers, tenant, "INSERT INTO market_data (user_id, symbol) VALUES ('bob', 'X')", user_id="alice"
+        http,
+        headers,
+        tenant,
+        "INSERT INTO market_data (user_id, symbol) VALUES ('bob', 'X')",
+        user_id="alice",
     )
     assert forged.status_code == 403 and forged.json()["error"]["sqlstate"] == "42501"
 
@@ -229,7 +255,9 @@ async def test_user_id_limits_shared_rows_to_that_user(
 async def test_result_larger_than_the_cap_is_refused(
     http: httpx.AsyncClient, headers: dict[str, str], tenant: TenantRecord, core: Application
 ) -> None:
-    response = await run(http, headers, tenant, "SELECT generate_series(1, $1)", core.settings.max_result_rows + 1)
+    response = await run(
+        http, headers, tenant, "SELECT generate_series(1, $1)", core.settings.max_result_rows + 1
+    )
     assert response.status_code == 429
     assert response.json()["error"]["code"] == "resource_exhausted"
 

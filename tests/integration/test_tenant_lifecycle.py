@@ -25,13 +25,18 @@ async def test_create_builds_schema_tables_and_a_locked_down_role(
     pool = core.owner_pool
     tables = {
         r["tablename"]
-        for r in await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", tenant.schema_name)
+        for r in await pool.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1", tenant.schema_name
+        )
     }
     assert tables == BUSINESS_TABLES
     role = await pool.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", tenant.role_name)
     assert role is not None
     assert role["rolcanlogin"]
-    assert not any(role[k] for k in ("rolsuper", "rolbypassrls", "rolcreaterole", "rolcreatedb", "rolreplication"))
+    assert not any(
+        role[k]
+        for k in ("rolsuper", "rolbypassrls", "rolcreaterole", "rolcreatedb", "rolreplication")
+    )
     assert role["rolconnlimit"] == 7
     config = await pool.fetchval(
         "SELECT setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole"
@@ -87,7 +92,18 @@ async def test_create_over_http_returns_201_then_409(
 
 @pytest.mark.parametrize(
     "tenant_id",
-    ["", "A", "1abc", "abc-def", "x" * 42, "abc; DROP ROLE postgres", "t'; --", 'a"b', "ab c", "tenänt"],
+    [
+        "",
+        "A",
+        "1abc",
+        "abc-def",
+        "x" * 42,
+        "abc; DROP ROLE postgres",
+        "t'; --",
+        'a"b',
+        "ab c",
+        "tenänt",
+    ],
 )
 async def test_invalid_tenant_ids_get_a_clear_error_and_nothing_is_created(
     http: httpx.AsyncClient, admin_headers: dict[str, str], core: Application, tenant_id: str
@@ -143,11 +159,17 @@ async def test_delete_drops_role_schema_and_shared_rows(
     shared = core.settings.shared_schema
     for t in (tenant, other):
         await pool.execute(
-            f"INSERT INTO {shared}.market_data (company_id, symbol) VALUES ($1, 'EURUSD')", t.tenant_id
+            f"INSERT INTO {shared}.market_data (company_id, symbol) VALUES ($1, 'EURUSD')",
+            t.tenant_id,
         )
     await core.tenants.delete(tenant.tenant_id, confirm=True)
-    assert await pool.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", tenant.role_name) is None
-    assert await pool.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", tenant.schema_name) is None
+    assert (
+        await pool.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", tenant.role_name) is None
+    )
+    assert (
+        await pool.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", tenant.schema_name)
+        is None
+    )
     counts = {
         r["company_id"]: r["n"]
         for r in await pool.fetch(
@@ -174,7 +196,9 @@ async def test_delete_over_http_without_confirm_is_refused(
     assert done.status_code == 200
 
 
-async def test_unknown_tenant_is_not_found(http: httpx.AsyncClient, admin_headers: dict[str, str]) -> None:
+async def test_unknown_tenant_is_not_found(
+    http: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
     response = await http.post("/api/v1/admin/tenants/nobody_here/suspend", headers=admin_headers)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "tenant_not_found"

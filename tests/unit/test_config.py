@@ -39,7 +39,7 @@ def test_unsafe_schema_name_is_refused() -> None:
 
 def test_config_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "dbsvc.toml"
-    config.write_text('http_port = 7070\npool_max_per_tenant = 3\n')
+    config.write_text("http_port = 7070\npool_max_per_tenant = 3\n")
     monkeypatch.setenv("DBSVC_CONFIG_FILE", str(config))
     settings = Settings.load()
     assert (settings.http_port, settings.pool_max_per_tenant) == (7070, 3)

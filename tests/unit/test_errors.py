@@ -31,7 +31,12 @@ def test_sqlstate_maps_to_a_stable_code(sqlstate: str | None, code: str, status:
 
 def test_error_body_carries_sqlstate_and_position() -> None:
     body = QueryError("syntax", sqlstate="42601", position=8).to_dict()
-    assert body == {"code": "sql_syntax_error", "message": "syntax", "sqlstate": "42601", "position": 8}
+    assert body == {
+        "code": "sql_syntax_error",
+        "message": "syntax",
+        "sqlstate": "42601",
+        "position": 8,
+    }
 
 
 def test_service_errors_have_http_and_grpc_statuses() -> None:

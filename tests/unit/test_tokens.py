@@ -34,7 +34,9 @@ def test_token_signed_with_another_key_is_unauthenticated() -> None:
 
 
 def test_unsigned_token_is_unauthenticated() -> None:
-    token = jwt.encode({"sub": "x", "iss": "database-service", "exp": 2**40, "iat": 0}, None, "none")
+    token = jwt.encode(
+        {"sub": "x", "iss": "database-service", "exp": 2**40, "iat": 0}, None, "none"
+    )
     with pytest.raises(Unauthenticated):
         codec().verify(token)
 

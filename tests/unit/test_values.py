@@ -22,7 +22,7 @@ def t(name: str, kind: str = "scalar") -> Any:
 def test_json_params_become_the_types_postgres_expects() -> None:
     values = coerce_params(
         ["42", "12.50", "2024-01-02T03:04:05Z", {"a": 1}, "true", [1, "2"]],
-        [t("int8"), t("numeric"), t("timestamptz"), t("jsonb"), t("bool"), t("_int4", "array")],
+        [t("int8"), t("numeric"), t("timestamptz"), t("jsonb"), t("bool"), t("int4[]", "array")],
     )
     assert values[0] == 42
     assert values[1] == Decimal("12.50")

@@ -96,9 +96,9 @@ class _Budget:
             return True
         return False
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self) -> None:
         async with self._freed:
-            await asyncio.wait_for(self._freed.wait_for(lambda: self.open < self.limit), timeout)
+            await self._freed.wait_for(lambda: self.open < self.limit)
             self.open += 1
 
     def give_back(self) -> None:
@@ -177,8 +177,16 @@ class TenantPools:
         entry.last_used = time.monotonic()
         try:
             try:
-                conn = await entry.pool.acquire(timeout=self._acquire_timeout)
+                # One deadline for the whole acquisition: the pool's wait for a free connection
+                # and, inside it, the wait for room under the global cap.
+                async with asyncio.timeout(self._acquire_timeout):
+                    conn = await entry.pool.acquire()
             except TimeoutError:
+                if self._budget.open >= self._budget.limit:
+                    raise ResourceExhausted(
+                        f"tenant {login.tenant_id!r}: the service's {self._budget.limit} "
+                        "PostgreSQL connections are all in use; retry later"
+                    ) from None
                 raise ResourceExhausted(
                     f"tenant {login.tenant_id!r}: no connection free within "
                     f"{self._acquire_timeout:g}s (pool of {entry.max_size}); retry later"
@@ -245,15 +253,8 @@ class TenantPools:
         if self._budget.try_take():
             return
         await self._evict_idle(exclude=tenant_id)
-        if self._budget.try_take():
-            return
-        try:
-            await self._budget.wait(self._acquire_timeout)
-        except TimeoutError:
-            raise ResourceExhausted(
-                f"tenant {tenant_id!r}: the service's {self._budget.limit} PostgreSQL "
-                "connections are all in use; retry later"
-            ) from None
+        if not self._budget.try_take():
+            await self._budget.wait()  # bounded by the caller's acquisition deadline
 
     async def _evict_idle(self, exclude: str) -> None:
         idle = sorted(

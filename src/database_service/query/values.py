@@ -116,8 +116,9 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
 
 
 def _coercer(type_name: str, kind: str) -> Callable[[Any], Any]:
-    if kind == "array" and type_name.startswith("_"):
-        element = _COERCE.get(type_name[1:], _json)
+    if kind == "array":
+        # asyncpg names array types "int4[]"; the catalog's own name is "_int4".
+        element = _COERCE.get(type_name.removesuffix("[]").removeprefix("_"), _json)
 
         def array(value: Any) -> list[Any]:
             if not isinstance(value, list):
