@@ -20,7 +20,6 @@ from typing import Any
 import uvicorn
 import uvloop
 
-from database_service.api.http.app import create_http_app
 from database_service.app import Application
 from database_service.auth import ALL_TENANTS, parse_scopes
 from database_service.config import ConfigError, Settings
@@ -47,6 +46,9 @@ class _Server(uvicorn.Server):
 
 
 async def _serve(settings: Settings) -> int:
+    # Imported here: FastAPI costs ~1 s of start-up that the admin commands do not need.
+    from database_service.api.http.app import create_http_app  # noqa: PLC0415
+
     async with Application(settings) as core:
         http = create_http_app(core)
         config = uvicorn.Config(

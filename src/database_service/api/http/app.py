@@ -6,7 +6,6 @@ No ``from __future__ import annotations`` here: FastAPI must see the ``Annotated
 aliases defined inside ``create_http_app`` as objects, not as strings to resolve globally.
 """
 
-
 import logging
 from typing import Annotated, Any
 

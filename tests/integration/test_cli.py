@@ -1,0 +1,93 @@
+"""The operator CLI as a process, against the session's PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from database_service.app import Application
+from database_service.config import Settings
+from tests.fix_service import ADMIN_TOKEN, MASTER_KEY
+
+BIN = Path(sys.executable).parent / "database-service"
+
+
+@pytest.fixture
+def cli(settings: Settings, core: Application):  # type: ignore[no-untyped-def]
+    assert settings.postgres_url is not None
+    env = {
+        **os.environ,
+        "DBSVC_POSTGRES_URL": settings.postgres_url.get_secret_value(),
+        "DBSVC_DATA_DIR": str(settings.data_dir),
+        "DBSVC_TENANT_ROLE_PREFIX": settings.tenant_role_prefix,
+        "DBSVC_TENANT_GROUP_ROLE": settings.tenant_group_role,
+        "DBSVC_MASTER_KEY": MASTER_KEY,
+        "DBSVC_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
+        "DBSVC_NATS_EMBEDDED": "false",
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN), *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    return run
+
+
+def test_tenant_lifecycle_from_the_command_line(cli, core: Application) -> None:  # type: ignore[no-untyped-def]
+    created = cli("tenant", "create", "cli_co", "--connection-limit", "3")
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["connection_limit"] == 3
+    again = cli("tenant", "create", "cli_co")
+    assert again.returncode == 1 and "tenant_exists" in again.stderr
+    listed = json.loads(cli("tenant", "list").stdout)
+    assert "cli_co" in [t["tenant_id"] for t in listed]
+    assert json.loads(cli("tenant", "suspend", "cli_co").stdout)["status"] == "suspended"
+    assert json.loads(cli("tenant", "resume", "cli_co").stdout)["status"] == "active"
+    refused = cli("tenant", "delete", "cli_co")
+    assert refused.returncode == 1 and "confirmation_required" in refused.stderr
+    assert cli("tenant", "delete", "cli_co", "--confirm").returncode == 0
+    bad = cli("tenant", "create", "Bad-Id")
+    assert bad.returncode == 1 and "invalid_tenant_id" in bad.stderr
+
+
+def test_migrate_prints_progress_per_tenant(cli) -> None:  # type: ignore[no-untyped-def]
+    assert cli("tenant", "create", "cli_mig").returncode == 0
+    result = cli("migrate", "--tenant", "cli_mig")
+    assert result.returncode == 0, result.stderr
+    assert "[1/1] tenant cli_mig: ok" in result.stdout
+    assert "tenants: 1 ok, 0 failed" in result.stdout
+
+
+def test_token_issue_gives_a_token_the_service_accepts(cli, core: Application) -> None:  # type: ignore[no-untyped-def]
+    assert cli("tenant", "create", "cli_tok").returncode == 0
+    missing = cli("token", "issue", "--service", "cli-svc")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    issued = cli(
+        "token",
+        "issue",
+        "--service",
+        "cli-svc",
+        "--register",
+        "--tenants",
+        "cli_tok",
+        "--scopes",
+        "read",
+    )
+    assert issued.returncode == 0, issued.stderr
+    principal = core.tokens.verify(issued.stdout.strip())
+    assert principal.service == "cli-svc" and principal.tenants == {"cli_tok"}
+
+
+def test_service_create_prints_its_secret_once(cli) -> None:  # type: ignore[no-untyped-def]
+    created = cli("service", "create", "cli-risk", "--tenants", "*", "--scopes", "read,write")
+    assert created.returncode == 0, created.stderr
+    body = json.loads(created.stdout)
+    assert body["secret"] and body["scopes"] == ["read", "write"]
+    listed = cli("service", "list")
+    assert body["secret"] not in listed.stdout
