@@ -2,7 +2,8 @@
 
 Events are queued and written in batches with COPY by one background task, so auditing adds no
 round trip to a request. The queue is bounded: when PostgreSQL cannot keep up, ``record`` waits
-(backpressure) rather than dropping events. ``__aexit__`` flushes what is queued.
+(backpressure). A batch that PostgreSQL refuses or cannot receive (it is down) is logged and
+counted in ``dbsvc_audit_write_failures_total``, not retried. ``__aexit__`` flushes the queue.
 """
 
 from __future__ import annotations

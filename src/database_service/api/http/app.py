@@ -171,19 +171,21 @@ def create_http_app(core: Application) -> FastAPI:
         await require(principal, Scope.ADMIN, "tenant.get", tenant_id)
         return (await core.registry.get(tenant_id)).public_dict()
 
+    async def change_status(principal: Principal, tenant_id: str, action: str) -> dict[str, Any]:
+        await require(principal, Scope.ADMIN, f"tenant.{action}", tenant_id)
+        change = core.tenants.suspend if action == "suspend" else core.tenants.resume
+        record = await change(validate_tenant_id(tenant_id))
+        await audit_ok(principal, f"tenant.{action}", tenant_id)
+        return record.public_dict()
+
     @api.post("/api/v1/admin/tenants/{tenant_id}/suspend", tags=["admin"])
     async def suspend_tenant(tenant_id: str, principal: Authenticated) -> dict[str, Any]:
-        await require(principal, Scope.ADMIN, "tenant.suspend", tenant_id)
-        record = await core.tenants.suspend(validate_tenant_id(tenant_id))
-        await audit_ok(principal, "tenant.suspend", tenant_id)
-        return record.public_dict()
+        """Refuse the tenant's logins, end its sessions and close its pool; data is kept."""
+        return await change_status(principal, tenant_id, "suspend")
 
     @api.post("/api/v1/admin/tenants/{tenant_id}/resume", tags=["admin"])
     async def resume_tenant(tenant_id: str, principal: Authenticated) -> dict[str, Any]:
-        await require(principal, Scope.ADMIN, "tenant.resume", tenant_id)
-        record = await core.tenants.resume(validate_tenant_id(tenant_id))
-        await audit_ok(principal, "tenant.resume", tenant_id)
-        return record.public_dict()
+        return await change_status(principal, tenant_id, "resume")
 
     @api.delete("/api/v1/admin/tenants/{tenant_id}", tags=["admin"])
     async def delete_tenant(
