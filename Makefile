@@ -8,18 +8,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test install lint typecheck pytest services services-stop bench clean
+.PHONY: run test install lint typecheck proto services services-stop bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 # The lock file is the single source of versions; --frozen refuses to drift from it.
-$(BIN)/database-service: $(UV) pyproject.toml uv.lock
+$(BIN)/database-service: $(UV) pyproject.toml uv.lock client/pyproject.toml
 	$(UV) sync --frozen --no-dev --quiet
 	@touch $@
 
-$(VENV)/.dev-installed: $(UV) pyproject.toml uv.lock
+$(VENV)/.dev-installed: $(UV) pyproject.toml uv.lock client/pyproject.toml
 	$(UV) sync --frozen --quiet
 	@touch $@ $(BIN)/database-service
 
@@ -29,8 +29,8 @@ run: $(BIN)/database-service
 	$(BIN)/database-service serve
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/ruff check src client/src tests bench scripts
+	$(BIN)/ruff format --check src client/src tests bench scripts
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
@@ -40,11 +40,22 @@ typecheck: $(VENV)/.dev-installed
 test: $(VENV)/.dev-installed
 	@bash scripts/test.sh
 
-services: $(VENV)/.dev-installed
-	@bash scripts/backends.sh start
+# Regenerates the protocol modules in client/ from proto/ (a test fails when they are stale).
+proto: $(VENV)/.dev-installed
+	$(BIN)/python scripts/proto.py
+
+# Baseline vs. our path in one run, medians and ratios (see bench/*.py).
+bench: $(VENV)/.dev-installed
+	$(BIN)/python bench/query_core.py
+	$(BIN)/python bench/grpc_query.py
+
+# The back ends the tests use besides the embedded ones (today: Debian's PostgreSQL 15), for
+# running pytest by hand: DBSVC_TEST_POSTGRES_URL="$$(bash scripts/pg15.sh url)" .venv/bin/pytest
+services:
+	@bash scripts/pg15.sh start
 
 services-stop:
-	@bash scripts/backends.sh stop
+	@bash scripts/pg15.sh stop
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .test-backends

@@ -10,8 +10,8 @@ cleanup() { bash scripts/pg15.sh stop || true; }
 trap cleanup EXIT
 
 echo "== ruff"
-"$BIN/ruff" check src tests bench scripts
-"$BIN/ruff" format --check src tests bench scripts
+"$BIN/ruff" check src client/src tests bench scripts
+"$BIN/ruff" format --check src client/src tests bench scripts
 echo "== mypy"
 "$BIN/mypy"
 

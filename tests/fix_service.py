@@ -11,11 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
+from database_service.api.grpc import GrpcServer
 from database_service.api.http.app import create_http_app
 from database_service.app import Application
 from database_service.auth import Scope
 from database_service.config import Settings
 from database_service.tenancy import TenantLimits, TenantRecord
+from database_service_client import MultiDatabaseClient
 from tests.fix_pg import PgCluster
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 24
@@ -35,6 +37,8 @@ def make_settings(cluster: PgCluster, data_dir: Path, **overrides: Any) -> Setti
         "max_sql_bytes": 64 * 1024,
         "max_request_bytes": 256 * 1024,
         "max_result_rows": 5000,
+        "grpc_port": 0,
+        "grpc_shutdown_grace_seconds": 1.0,
     }
     values.update(overrides)
     return Settings.load(**values)
@@ -61,6 +65,43 @@ async def http(core: Application) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(scope="session")
 def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(scope="session")
+async def grpc_target(core: Application) -> AsyncIterator[str]:
+    async with GrpcServer(core) as server:
+        yield f"127.0.0.1:{server.port}"
+
+
+ClientFactory = Callable[..., Awaitable[MultiDatabaseClient]]
+
+
+@pytest.fixture
+async def client_for(core: Application, grpc_target: str) -> AsyncIterator[ClientFactory]:
+    """A MultiDatabaseClient for a tenant, with a token for a new service holding ``scopes``."""
+    clients: list[MultiDatabaseClient] = []
+
+    async def make(
+        tenant: TenantRecord | str,
+        scopes: tuple[Scope, ...] = (Scope.READ, Scope.WRITE),
+        *,
+        user_id: str | None = None,
+        token_tenants: list[str] | None = None,
+        **options: Any,
+    ) -> MultiDatabaseClient:
+        tenant_id = tenant if isinstance(tenant, str) else tenant.tenant_id
+        name = f"grpc-{secrets.token_hex(4)}"
+        allowed = token_tenants or [tenant_id]
+        await core.services.register(name, tenants=allowed, scopes=scopes, with_secret=False)
+        token = core.tokens.issue(name, tenants=allowed, scopes=scopes, ttl_seconds=600)
+        context = {"company_id": tenant_id, **({"user_id": user_id} if user_id else {})}
+        client = MultiDatabaseClient(grpc_target, context, token, **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
 
 
 TenantFactory = Callable[..., Awaitable[TenantRecord]]

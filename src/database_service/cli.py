@@ -46,10 +46,11 @@ class _Server(uvicorn.Server):
 
 
 async def _serve(settings: Settings) -> int:
-    # Imported here: FastAPI costs ~1 s of start-up that the admin commands do not need.
+    # Imported here: the front ends cost ~1 s of start-up that the admin commands do not need.
+    from database_service.api.grpc import GrpcServer  # noqa: PLC0415
     from database_service.api.http.app import create_http_app  # noqa: PLC0415
 
-    async with Application(settings) as core:
+    async with Application(settings) as core, GrpcServer(core) as grpc_server:
         http = create_http_app(core)
         config = uvicorn.Config(
             http,
@@ -76,6 +77,8 @@ async def _serve(settings: Settings) -> int:
         lines = [
             "Database Service is running.",
             f"  REST       {base}/api/v1/  (OpenAPI {base}/openapi.json, docs {base}/docs)",
+            f"  gRPC       {settings.grpc_host}:{grpc_server.port}"
+            "  (database_service.v1.DatabaseService, health, reflection)",
             f"  health     {base}/api/v1/health",
             f"  metrics    {base}/metrics",
             f"  PostgreSQL {core.endpoints.postgres_dsn.split('@')[-1]}"

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
 
+    # gRPC front end.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    grpc_max_message_bytes: int = Field(default=16 * 1_048_576, ge=65_536)
+    grpc_max_concurrent_streams: int = Field(default=256, ge=1)
+    grpc_keepalive_seconds: int = Field(default=30, ge=1)
+    grpc_shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    grpc_chunk_bytes: int = Field(default=256 * 1024, ge=1024)
+
     # NATS. Without a URL and with nats_embedded, a private nats-server (JetStream) is started.
     nats_url: str | None = None
     nats_embedded: bool = True

@@ -28,6 +28,7 @@ class Served:
             "DBSVC_DATA_DIR": str(data_dir),
             "DBSVC_HTTP_PORT": str(self.port),
             "DBSVC_NATS_PORT": str(free_port()),
+            "DBSVC_GRPC_PORT": str(free_port()),
         }
         env.pop("DBSVC_POSTGRES_URL", None)
         self.process = subprocess.Popen(
@@ -107,6 +108,7 @@ def test_serve_is_healthy_stops_cleanly_and_keeps_its_data(served: Served, tmp_p
     code, output = served.stop(signal.SIGINT)
     assert code == 0, output
     assert "Database Service is running." in output and "Database Service stopped." in output
+    assert "gRPC       127.0.0.1:" in output
     assert not postmaster_running(served.data_dir)
 
     again = Served(served.data_dir)

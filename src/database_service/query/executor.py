@@ -11,29 +11,51 @@ READ ONLY, so PostgreSQL itself refuses writes hidden in functions.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
+import secrets
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import asyncpg
 
 from database_service.auth import Principal, Scope
-from database_service.errors import DatabaseServiceError, InvalidParameters, ResourceExhausted
+from database_service.errors import (
+    DatabaseServiceError,
+    InvalidParameters,
+    NotFound,
+    PermissionDenied,
+    QueryError,
+    ResourceExhausted,
+    SqlRejected,
+)
 from database_service.observability.audit import AuditEvent, AuditLog
 from database_service.observability.metrics import Metrics
 from database_service.postgres import Connection, TenantLogin, TenantPools
 from database_service.query.boundary import postgres_errors, prepare_cached
-from database_service.query.values import coerce_params
+from database_service.query.values import PgType, coerce_params, coerce_row
 from database_service.sqlguard import Classification, SqlGuard, StatementKind
-from database_service.tenancy import SecretBox, TenantRecord, TenantRegistry
+from database_service.tenancy import SecretBox, TenantRecord, TenantRegistry, quote_ident
 
-__all__ = ["Column", "QueryExecutor", "QueryResult", "TenantContext"]
+__all__ = [
+    "Column",
+    "Header",
+    "QueryExecutor",
+    "QueryResult",
+    "Summary",
+    "TenantContext",
+    "TransactionResult",
+]
 
 log = logging.getLogger(__name__)
 
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+Isolation = Literal["read_committed", "repeatable_read", "serializable"]
+_KIND_ORDER = [StatementKind.READ, StatementKind.WRITE, StatementKind.DDL]
 _USER_ID = re.compile(r"^[A-Za-z0-9_.@:+-]{1,50}$")
 _REQUIRED_SCOPE = {
     StatementKind.READ: Scope.READ,
@@ -62,6 +84,44 @@ class QueryResult:
     row_count: int
     kind: StatementKind
     duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    columns: list[Column]
+    kind: StatementKind
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    row_count: int
+    command: str
+    duration_ms: float
+    kind: StatementKind
+
+
+@dataclass(slots=True)
+class TransactionResult:
+    results: list[QueryResult]
+    duration_ms: float
+
+
+@dataclass(slots=True)
+class _Outcome:
+    kind: StatementKind | None = None
+    command: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    schema: str
+    name: str
+    types: dict[str, PgType] = field(repr=False)
+    rls: bool
+
+    @property
+    def qualified(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
 
 
 def _row_count(status: str, fetched: int) -> int:
@@ -127,6 +187,84 @@ class QueryExecutor:
         principal.require(_REQUIRED_SCOPE[verdict.kind], ctx.tenant_id)
         return tenant, verdict
 
+    @contextlib.asynccontextmanager
+    async def _audited(
+        self, principal: Principal, ctx: TenantContext, action: str
+    ) -> AsyncIterator[_Outcome]:
+        """Audit and count one operation, however it ends (ok, denied, error or cancelled)."""
+        outcome = _Outcome()
+        try:
+            yield outcome
+        except DatabaseServiceError as exc:
+            state = "error" if outcome.kind is not None else "denied"
+            if state == "denied":
+                self._metrics.denials.labels(exc.error_code).inc()
+            await self._record(principal, ctx, action, outcome, state, exc.error_code, exc.message)
+            log.info(
+                "tenant %s: %s by %s %s: %s", ctx.tenant_id, action, principal.service, state,
+                exc.error_code,
+            )  # fmt: skip
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            await asyncio.shield(
+                self._record(principal, ctx, action, outcome, "cancelled", "cancelled", "")
+            )
+            raise
+        if outcome.kind is not None:
+            self._metrics.statements.labels(outcome.kind.value).inc()
+        await self._record(principal, ctx, action, outcome, "ok", outcome.command, "")
+
+    async def _record(
+        self,
+        principal: Principal,
+        ctx: TenantContext,
+        action: str,
+        outcome: _Outcome,
+        state: str,
+        code: str | None,
+        detail: str,
+    ) -> None:
+        await self._audit.record(
+            AuditEvent(
+                service=principal.service,
+                tenant_id=ctx.tenant_id,
+                action=action,
+                statement_class=outcome.kind.value if outcome.kind else None,
+                outcome=state,
+                code=code,
+                detail=detail[:500] or None,
+            )
+        )
+
+    def _check_params(self, params: Sequence[Any]) -> None:
+        if len(params) > self._max_params:
+            raise InvalidParameters(
+                f"{len(params)} parameters exceed the limit of {self._max_params}"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _session(
+        self,
+        tenant: TenantRecord,
+        ctx: TenantContext,
+        *,
+        readonly: bool,
+        transaction: bool,
+        isolation: Isolation = "read_committed",
+    ) -> AsyncIterator[Connection]:
+        """A tenant connection, in a transaction when asked (always with a user id)."""
+        with postgres_errors(ctx.tenant_id):
+            async with self._pools.acquire(self._login(tenant)) as conn:
+                if not (transaction or readonly or ctx.user_id is not None):
+                    yield conn
+                    return
+                async with conn.transaction(readonly=readonly, isolation=isolation):
+                    if ctx.user_id is not None:
+                        await conn.execute(
+                            "SELECT set_config('dbsvc.user_id', $1, true)", ctx.user_id
+                        )
+                    yield conn
+
     async def execute(
         self,
         principal: Principal,
@@ -136,74 +274,261 @@ class QueryExecutor:
         *,
         action: str = "query",
     ) -> QueryResult:
+        """One statement, whole result (bounded by ``max_result_rows``)."""
         started = time.perf_counter()
-        verdict: Classification | None = None
-        try:
-            if len(params) > self._max_params:
-                raise InvalidParameters(
-                    f"{len(params)} parameters exceed the limit of {self._max_params}"
-                )
+        async with self._audited(principal, ctx, action) as outcome:
+            self._check_params(params)
             tenant, verdict = await self.authorize(principal, ctx, sql)
-            result = await self._run(tenant, ctx, verdict, sql, params, principal)
-        except DatabaseServiceError as exc:
-            outcome = "error" if verdict is not None else "denied"
-            if outcome == "denied":
-                self._metrics.denials.labels(exc.error_code).inc()
-            await self._audit.record(
-                AuditEvent(
-                    service=principal.service,
-                    tenant_id=ctx.tenant_id,
-                    action=action,
-                    statement_class=verdict.kind.value if verdict else None,
-                    outcome=outcome,
-                    code=exc.error_code,
-                    detail=exc.message[:500],
-                )
-            )
-            log.info(
-                "tenant %s: %s by %s %s: %s",
-                ctx.tenant_id,
-                action,
-                principal.service,
-                outcome,
-                exc.error_code,
-            )
-            raise
-        result.duration_ms = (time.perf_counter() - started) * 1000
-        self._metrics.statements.labels(verdict.kind.value).inc()
-        await self._audit.record(
-            AuditEvent(
-                service=principal.service,
-                tenant_id=ctx.tenant_id,
-                action=action,
-                statement_class=verdict.kind.value,
-                outcome="ok",
-                code=result.command,
-            )
-        )
-        return result
+            outcome.kind = verdict.kind
+            readonly = not principal.has_scope(Scope.WRITE)
+            async with self._session(tenant, ctx, readonly=readonly, transaction=False) as conn:
+                result = await self._statement(conn, verdict, sql, params)
+            result.duration_ms = (time.perf_counter() - started) * 1000
+            outcome.command = result.command
+            return result
 
-    async def _run(
+    async def stream(
         self,
-        tenant: TenantRecord,
-        ctx: TenantContext,
-        verdict: Classification,
-        sql: str,
-        params: Sequence[Any],
         principal: Principal,
-    ) -> QueryResult:
-        readonly = not principal.has_scope(Scope.WRITE)
-        in_transaction = ctx.user_id is not None or readonly
-        with postgres_errors(ctx.tenant_id):
-            async with self._pools.acquire(self._login(tenant)) as conn:
-                if in_transaction:
-                    async with conn.transaction(readonly=readonly):
-                        if ctx.user_id is not None:
-                            await conn.execute(
-                                "SELECT set_config('dbsvc.user_id', $1, true)", ctx.user_id
-                            )
-                        return await self._statement(conn, verdict, sql, params)
-                return await self._statement(conn, verdict, sql, params)
+        ctx: TenantContext,
+        sql: str,
+        params: Sequence[Any] = (),
+        *,
+        batch_rows: int = 500,
+        read_only: bool = False,
+        action: str = "query.stream",
+    ) -> AsyncIterator[Header | list[asyncpg.Record] | Summary]:
+        """One statement, streamed: a Header, batches of rows, a Summary.
+
+        Reads go through a server-side cursor, so neither side holds the whole result; the
+        connection is held until the consumer finishes or stops (cancellation releases it and
+        cancels the statement in PostgreSQL)."""
+        started = time.perf_counter()
+        async with self._audited(principal, ctx, action) as outcome:
+            self._check_params(params)
+            tenant, verdict = await self.authorize(principal, ctx, sql)
+            outcome.kind = verdict.kind
+            if read_only and verdict.kind is not StatementKind.READ:
+                raise SqlRejected("this operation runs read-only statements only", sqlstate="25006")
+            readonly = read_only or not principal.has_scope(Scope.WRITE)
+            async with self._session(tenant, ctx, readonly=readonly, transaction=True) as conn:
+                stmt = await prepare_cached(conn, sql)
+                args = coerce_params(params, stmt.get_parameters())
+                columns = [Column(a.name, a.type.name) for a in stmt.get_attributes()]
+                yield Header(columns, verdict.kind)
+                if verdict.kind is StatementKind.READ and columns:
+                    count = 0
+                    batch: list[asyncpg.Record] = []
+                    async for record in stmt.cursor(*args, prefetch=batch_rows):
+                        batch.append(record)
+                        if len(batch) >= batch_rows:
+                            count += len(batch)
+                            yield batch
+                            batch = []
+                    if batch:
+                        count += len(batch)
+                        yield batch
+                    command = f"SELECT {count}"
+                    row_count = count
+                else:
+                    rows = await stmt.fetch(*args)
+                    for i in range(0, len(rows), batch_rows):
+                        yield rows[i : i + batch_rows]
+                    command = stmt.get_statusmsg() or ""
+                    row_count = _row_count(command, len(rows))
+            outcome.command = command
+            yield Summary(row_count, command, (time.perf_counter() - started) * 1000, verdict.kind)
+
+    async def transaction(
+        self,
+        principal: Principal,
+        ctx: TenantContext,
+        statements: Sequence[tuple[str, Sequence[Any]]],
+        *,
+        isolation: Isolation = "read_committed",
+        read_only: bool = False,
+    ) -> TransactionResult:
+        """Several statements, all or nothing; every one is checked before BEGIN."""
+        started = time.perf_counter()
+        async with self._audited(principal, ctx, "transaction") as outcome:
+            if not statements:
+                raise InvalidParameters("a transaction needs at least one statement")
+            verdicts = []
+            tenant = None
+            for index, (sql, params) in enumerate(statements, start=1):
+                self._check_params(params)
+                try:
+                    tenant, verdict = await self.authorize(principal, ctx, sql)
+                except DatabaseServiceError as exc:
+                    exc.message = f"statement {index}: {exc.message}"
+                    raise
+                verdicts.append(verdict)
+            assert tenant is not None
+            outcome.kind = max((v.kind for v in verdicts), key=_KIND_ORDER.index)
+            readonly = read_only or not principal.has_scope(Scope.WRITE)
+            results: list[QueryResult] = []
+            async with self._session(
+                tenant, ctx, readonly=readonly, transaction=True, isolation=isolation
+            ) as conn:
+                for index, ((sql, params), verdict) in enumerate(
+                    zip(statements, verdicts, strict=True), start=1
+                ):
+                    try:
+                        with postgres_errors(ctx.tenant_id):
+                            results.append(await self._statement(conn, verdict, sql, params))
+                    except DatabaseServiceError as exc:
+                        exc.message = f"statement {index}: {exc.message}"
+                        raise
+            outcome.command = f"{len(results)} statements"
+            return TransactionResult(results, (time.perf_counter() - started) * 1000)
+
+    async def bulk_insert(
+        self,
+        principal: Principal,
+        ctx: TenantContext,
+        table: str,
+        columns: Sequence[str],
+        batches: AsyncIterator[Sequence[Sequence[Any]]],
+    ) -> int:
+        """Rows into a table by binary COPY, in one transaction: a bad row writes nothing.
+
+        A table under row-level security (the shared tables) cannot be the target of COPY, so
+        rows go by COPY into a staging table in the tenant's schema, then INSERT … SELECT, which
+        RLS checks row by row."""
+        async with self._audited(principal, ctx, "bulk_insert") as outcome:
+            tenant = await self._bulk_tenant(principal, ctx)
+            outcome.kind = StatementKind.WRITE
+            async with self._session(tenant, ctx, readonly=False, transaction=True) as conn:
+                target = await self._target(conn, tenant, table, columns)
+                records = self._records(target, columns, batches)
+                if not target.rls:
+                    status = await _copy(conn, target.schema, target.name, columns, records)
+                else:
+                    stage = await self._stage(conn, tenant, target, columns, records)
+                    cols = ", ".join(quote_ident(c) for c in columns)
+                    status = await conn.execute(
+                        f"INSERT INTO {target.qualified} ({cols}) SELECT {cols} FROM {stage}"
+                    )
+                    await conn.execute(f"DROP TABLE {stage}")
+            written = _row_count(status, 0)
+            outcome.command = f"BULK INSERT {written}"
+            return written
+
+    async def bulk_update(
+        self,
+        principal: Principal,
+        ctx: TenantContext,
+        table: str,
+        key_columns: Sequence[str],
+        columns: Sequence[str],
+        batches: AsyncIterator[Sequence[Sequence[Any]]],
+    ) -> int:
+        """Keyed updates: COPY into a staging table, then one UPDATE … FROM, all or nothing.
+
+        Each row holds the key values, then the new values. The staging table is an unlogged
+        table in the tenant's own schema, created and dropped inside the transaction (tenants
+        have no TEMP privilege, so no temporary object can outlive a request)."""
+        async with self._audited(principal, ctx, "bulk_update") as outcome:
+            tenant = await self._bulk_tenant(principal, ctx)
+            outcome.kind = StatementKind.WRITE
+            if not key_columns or not columns:
+                raise InvalidParameters("bulk update needs key columns and columns to set")
+            if set(key_columns) & set(columns):
+                raise InvalidParameters("a column cannot be both a key and a column to set")
+            all_columns = [*key_columns, *columns]
+            async with self._session(tenant, ctx, readonly=False, transaction=True) as conn:
+                target = await self._target(conn, tenant, table, all_columns)
+                records = self._records(target, all_columns, batches)
+                stage = await self._stage(conn, tenant, target, all_columns, records)
+                sets = ", ".join(f"{quote_ident(c)} = s.{quote_ident(c)}" for c in columns)
+                keys = " AND ".join(f"t.{quote_ident(c)} = s.{quote_ident(c)}" for c in key_columns)
+                status = await conn.execute(
+                    f"UPDATE {target.qualified} AS t SET {sets} FROM {stage} AS s WHERE {keys}"
+                )
+                await conn.execute(f"DROP TABLE {stage}")
+            updated = _row_count(status, 0)
+            outcome.command = f"BULK UPDATE {updated}"
+            return updated
+
+    async def _bulk_tenant(self, principal: Principal, ctx: TenantContext) -> TenantRecord:
+        principal.require(Scope.WRITE, ctx.tenant_id)
+        if ctx.user_id is not None and not _USER_ID.fullmatch(ctx.user_id):
+            raise InvalidParameters(
+                "user_id must be 1-50 characters of letters, digits and _ . @ : + -"
+            )
+        return await self._registry.get_active(ctx.tenant_id)
+
+    async def _target(
+        self, conn: Connection, tenant: TenantRecord, table: str, columns: Sequence[str]
+    ) -> _Target:
+        """Resolve a bulk target the tenant may write: its own schema or the shared one."""
+        parts = table.split(".")
+        if not 1 <= len(parts) <= 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
+            raise InvalidParameters(
+                "table must be 'name' or 'schema.name' in lower-case identifiers,"
+                f" not {table!r:.80}"
+            )
+        allowed = {tenant.schema_name, *self._shared}
+        if len(parts) == 2 and parts[0] not in allowed:
+            raise PermissionDenied(f"tables of schema {parts[0]} are not yours to write")
+        for column in columns:
+            if not _IDENTIFIER.fullmatch(column):
+                raise InvalidParameters(f"invalid column name {column!r:.80}")
+        if len(set(columns)) != len(columns) or not columns:
+            raise InvalidParameters("columns must be given once each")
+        with postgres_errors(tenant.tenant_id):
+            rel = await conn.fetchrow(
+                "SELECT n.nspname, c.relname, c.oid, c.relrowsecurity FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
+                ".".join(quote_ident(p) for p in parts),
+            )
+        if rel is None or rel["nspname"] not in allowed:
+            raise NotFound(f"table {table!r} does not exist")
+        types = {
+            r["attname"]: PgType(r["typname"], "array" if r["typcategory"] == "A" else "scalar")
+            for r in await conn.fetch(
+                "SELECT a.attname, t.typname, t.typcategory FROM pg_attribute a"
+                " JOIN pg_type t ON t.oid = a.atttypid"
+                " WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+                rel["oid"],
+            )
+        }
+        unknown = [c for c in columns if c not in types]
+        if unknown:
+            raise InvalidParameters(f"table {table!r} has no column {', '.join(unknown)}")
+        return _Target(rel["nspname"], rel["relname"], types, rel["relrowsecurity"])
+
+    async def _records(
+        self,
+        target: _Target,
+        columns: Sequence[str],
+        batches: AsyncIterator[Sequence[Sequence[Any]]],
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        types = [target.types[c] for c in columns]
+        number = 0
+        async for batch in batches:
+            for row in batch:
+                number += 1
+                yield coerce_row(row, types, columns, number)
+
+    async def _stage(
+        self,
+        conn: Connection,
+        tenant: TenantRecord,
+        target: _Target,
+        columns: Sequence[str],
+        records: AsyncIterator[tuple[Any, ...]],
+    ) -> str:
+        name = f"_dbsvc_stage_{secrets.token_hex(6)}"
+        cols = ", ".join(quote_ident(c) for c in columns)
+        with postgres_errors(tenant.tenant_id):
+            await conn.execute(
+                f"CREATE UNLOGGED TABLE {quote_ident(tenant.schema_name)}.{quote_ident(name)}"
+                f" AS SELECT {cols} FROM {target.qualified} WITH NO DATA"
+            )
+        await _copy(conn, tenant.schema_name, name, columns, records)
+        return f"{quote_ident(tenant.schema_name)}.{quote_ident(name)}"
 
     async def _statement(
         self,
@@ -215,8 +540,7 @@ class QueryExecutor:
         stmt = await prepare_cached(conn, sql)
         args = coerce_params(params, stmt.get_parameters())
         columns = [Column(a.name, a.type.name) for a in stmt.get_attributes()]
-        # The JSON front end returns whole results; the row cap bounds what one request may
-        # ask for (streaming without a cap is the gRPC front end's job).
+        # Whole results are bounded by the row cap; streaming without a cap is stream()'s job.
         rows = await stmt.fetch(*args)
         if len(rows) > self._max_rows:
             raise ResourceExhausted(
@@ -232,3 +556,27 @@ class QueryExecutor:
             kind=verdict.kind,
             duration_ms=0.0,
         )
+
+
+_COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
+
+
+async def _copy(
+    conn: Connection,
+    schema: str,
+    table: str,
+    columns: Sequence[str],
+    records: AsyncIterator[tuple[Any, ...]],
+) -> str:
+    """Binary COPY of records; a failing row is named in the error (PostgreSQL says 'line N')."""
+    try:
+        with postgres_errors(schema):
+            return await conn.copy_records_to_table(
+                table, schema_name=schema, columns=list(columns), records=records
+            )
+    except QueryError as exc:
+        context = getattr(exc.__cause__, "context", None) or ""
+        match = _COPY_LINE.search(context)
+        if match:
+            exc.message = f"row {match.group(1)}: {exc.message}"
+        raise

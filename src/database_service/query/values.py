@@ -11,13 +11,13 @@ import math
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
 from database_service.errors import InvalidParameters
 
-__all__ = ["coerce_params", "encode_value"]
+__all__ = ["PgType", "coerce_params", "coerce_row", "encode_value"]
 
 _INTS = {"int2", "int4", "int8", "oid"}
 _FLOATS = {"float4", "float8"}
@@ -47,6 +47,8 @@ def _float(value: Any) -> float:
 
 
 def _numeric(value: Any) -> Decimal:
+    if isinstance(value, Decimal):
+        return value
     if isinstance(value, bool):
         raise TypeError("a boolean is not a number")
     if isinstance(value, int | str):
@@ -73,21 +75,41 @@ def _text(value: Any) -> str:
     raise TypeError("expected a string")
 
 
+def _datetime(value: Any) -> dt.datetime:
+    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(_text(value))
+
+
 def _timestamptz(value: Any) -> dt.datetime:
-    parsed = dt.datetime.fromisoformat(_text(value))
+    parsed = _datetime(value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _timestamp(value: Any) -> dt.datetime:
-    parsed = dt.datetime.fromisoformat(_text(value))
+    parsed = _datetime(value)
     return parsed.astimezone(dt.UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
 
 
 def _interval(value: Any) -> dt.timedelta:
-    return dt.timedelta(seconds=_float(value))
+    return value if isinstance(value, dt.timedelta) else dt.timedelta(seconds=_float(value))
+
+
+def _date(value: Any) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    return value if isinstance(value, dt.date) else dt.date.fromisoformat(_text(value))
+
+
+def _time(value: Any) -> dt.time:
+    return value if isinstance(value, dt.time) else dt.time.fromisoformat(_text(value))
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(_text(value))
 
 
 def _bytea(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
     return base64.b64decode(_text(value), validate=True)
 
 
@@ -103,10 +125,10 @@ _COERCE: dict[str, Callable[[Any], Any]] = {
     "bool": _bool,
     "timestamptz": _timestamptz,
     "timestamp": _timestamp,
-    "date": lambda v: dt.date.fromisoformat(_text(v)),
-    "time": lambda v: dt.time.fromisoformat(_text(v)),
+    "date": _date,
+    "time": _time,
     "interval": _interval,
-    "uuid": lambda v: uuid.UUID(_text(v)),
+    "uuid": _uuid,
     "json": _json,
     "jsonb": _json,
     "bytea": _bytea,
@@ -127,6 +149,33 @@ def _coercer(type_name: str, kind: str) -> Callable[[Any], Any]:
 
         return array
     return _COERCE.get(type_name, _json)
+
+
+class PgType(NamedTuple):
+    """The two facts about a column type that coercion needs (asyncpg's Type has the same)."""
+
+    name: str
+    kind: str  # "scalar" or "array"
+
+
+def coerce_row(
+    values: Sequence[Any], types: Sequence[PgType], names: Sequence[str], row_number: int
+) -> tuple[Any, ...]:
+    """One row of a bulk load, coerced to its columns' types; errors name the row and column."""
+    if len(values) != len(types):
+        raise InvalidParameters(f"row {row_number}: {len(values)} values for {len(types)} columns")
+    out: list[Any] = []
+    for value, pg_type, name in zip(values, types, names, strict=True):
+        if value is None:
+            out.append(None)
+            continue
+        try:
+            out.append(_coercer(pg_type.name, pg_type.kind)(value))
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameters(
+                f"row {row_number}, column {name} ({pg_type.name}): {exc}; got {value!r:.60}"
+            ) from None
+    return tuple(out)
 
 
 def coerce_params(values: Sequence[Any], types: Sequence[asyncpg.types.Type]) -> list[Any]:

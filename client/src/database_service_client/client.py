@@ -1,0 +1,427 @@
+"""``MultiDatabaseClient``: what backend services import to talk to the Database Service.
+
+One gRPC channel per client, reused by every call. Calls that cannot change data (health,
+metrics, time series, analytics, partition listing, and queries the caller marks
+``idempotent=True``) are retried with exponential backoff on UNAVAILABLE, and a stream only
+before its first message; nothing else is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from database_service_client._proto import database_service_pb2 as pb
+from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
+from database_service_client.errors import NotConfigured, from_rpc_error
+from database_service_client.values import from_row, to_row, to_value
+
+__all__ = ["Column", "MultiDatabaseClient", "QueryResult", "QueryStream", "StatementResult"]
+
+T = TypeVar("T")
+_ISOLATION = {
+    "read_committed": pb.ISOLATION_LEVEL_READ_COMMITTED,
+    "repeatable_read": pb.ISOLATION_LEVEL_REPEATABLE_READ,
+    "serializable": pb.ISOLATION_LEVEL_SERIALIZABLE,
+}
+# Stores of the seed this client knows; a deployment reports which it has configured.
+_OTHER_STORES = ("dragonflydb", "clickhouse", "weaviate", "arangodb")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+
+
+@dataclass(slots=True)
+class QueryResult:
+    columns: list[Column]
+    rows: list[tuple[Any, ...]]
+    row_count: int
+    command: str
+    duration_ms: float
+
+    def dicts(self) -> list[dict[str, Any]]:
+        names = [c.name for c in self.columns]
+        return [dict(zip(names, row, strict=True)) for row in self.rows]
+
+
+@dataclass(slots=True)
+class StatementResult:
+    columns: list[Column]
+    rows: list[tuple[Any, ...]]
+    row_count: int
+    command: str
+
+
+@dataclass
+class QueryStream:
+    """``async for row in stream``; ``columns`` once the header arrived, ``summary`` at the end.
+
+    Leaving the loop early cancels the call, which cancels the statement on the server."""
+
+    _start: Callable[[], Any]
+    _retries: int
+    _backoff: float
+    columns: list[Column] = field(default_factory=list)
+    summary: pb.ResultSummary | None = None
+
+    def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
+        return self._rows()
+
+    async def _rows(self) -> AsyncIterator[tuple[Any, ...]]:
+        attempt = 0
+        while True:
+            call = self._start()
+            received = False
+            try:
+                async for message in call:
+                    received = True
+                    kind = message.WhichOneof("payload")
+                    if kind == "header":
+                        self.columns = [Column(c.name, c.type) for c in message.header.columns]
+                    elif kind == "rows":
+                        for row in message.rows.rows:
+                            yield from_row(row)
+                    else:
+                        self.summary = message.summary
+                return
+            except grpc.aio.AioRpcError as exc:
+                retry = (
+                    exc.code() is grpc.StatusCode.UNAVAILABLE
+                    and not received
+                    and attempt < self._retries
+                )
+                if not retry:
+                    raise from_rpc_error(exc) from None
+                attempt += 1
+                await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
+            finally:
+                call.cancel()
+
+    async def fetch_all(self) -> QueryResult:
+        rows = [row async for row in self]
+        summary = self.summary
+        return QueryResult(
+            columns=self.columns,
+            rows=rows,
+            row_count=summary.row_count if summary else len(rows),
+            command=summary.command if summary else "",
+            duration_ms=summary.duration_ms if summary else 0.0,
+        )
+
+
+class MultiDatabaseClient:
+    """Talks to one Database Service for one tenant (and optionally one user).
+
+    ``tenant_context`` is a tenant id, or a mapping with ``company_id`` (or ``tenant_id``) and
+    optionally ``user_id`` — the seed's shape."""
+
+    def __init__(
+        self,
+        host: str,
+        tenant_context: Mapping[str, str] | str,
+        token: str,
+        *,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = 16 * 1_048_576,
+    ) -> None:
+        if isinstance(tenant_context, str):
+            tenant_context = {"company_id": tenant_context}
+        tenant = tenant_context.get("company_id") or tenant_context.get("tenant_id")
+        if not tenant:
+            raise ValueError("tenant_context needs a company_id (or tenant_id)")
+        self.host = host
+        self.tenant_id = tenant
+        self.user_id = tenant_context.get("user_id")
+        self.timeout = timeout
+        self._token = token
+        self._retries = retries
+        self._backoff = backoff
+        self._credentials = credentials
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: DatabaseServiceStub | None = None
+
+    async def __aenter__(self) -> MultiDatabaseClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    @property
+    def stub(self) -> DatabaseServiceStub:
+        if self._stub is None:
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(
+                    self.host, self._credentials, options=self._options
+                )
+            else:
+                self._channel = grpc.aio.insecure_channel(self.host, options=self._options)
+            self._stub = DatabaseServiceStub(self._channel)
+        return self._stub
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        metadata = [("authorization", f"Bearer {self._token}"), ("x-tenant-id", self.tenant_id)]
+        if self.user_id:
+            metadata.append(("x-user-id", self.user_id))
+        return tuple(metadata)
+
+    async def _unary(
+        self, call: Callable[..., Any], request: Any, *, retry: bool, timeout: float | None
+    ) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await call(
+                    request, metadata=self._metadata(), timeout=timeout or self.timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                if not (
+                    retry and exc.code() is grpc.StatusCode.UNAVAILABLE and attempt < self._retries
+                ):
+                    raise from_rpc_error(exc) from None
+                attempt += 1
+                await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
+
+    def _stream(
+        self, call: Callable[..., Any], request: Any, *, retry: bool, timeout: float | None
+    ) -> QueryStream:
+        return QueryStream(
+            lambda: call(request, metadata=self._metadata(), timeout=timeout or self.timeout),
+            self._retries if retry else 0,
+            self._backoff,
+        )
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def execute_query(
+        self,
+        sql: str,
+        params: Sequence[Any] = (),
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        max_chunk_bytes: int = 0,
+    ) -> QueryStream:
+        """Stream the rows of one statement: ``async for row in client.execute_query(...)``."""
+        request = pb.QueryRequest(
+            sql=sql, params=[to_value(p) for p in params], max_chunk_bytes=max_chunk_bytes
+        )
+        return self._stream(self.stub.ExecuteQuery, request, retry=idempotent, timeout=timeout)
+
+    async def fetch_all(
+        self,
+        sql: str,
+        params: Sequence[Any] = (),
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> QueryResult:
+        return await self.execute_query(
+            sql, params, timeout=timeout, idempotent=idempotent
+        ).fetch_all()
+
+    def analytics_query(
+        self, sql: str, params: Sequence[Any] = (), *, timeout: float | None = None
+    ) -> QueryStream:
+        """A read-only query for analytics; streamed, retried on UNAVAILABLE."""
+        request = pb.AnalyticsQueryRequest(sql=sql, params=[to_value(p) for p in params])
+        return self._stream(self.stub.ExecuteAnalyticsQuery, request, retry=True, timeout=timeout)
+
+    async def time_series(
+        self,
+        symbol: str,
+        start: dt.datetime,
+        end: dt.datetime,
+        *,
+        table: str = "trading_ticks",
+        limit: int = 0,
+        timeout: float | None = None,
+    ) -> QueryResult:
+        request = pb.TimeSeriesRequest(table=table, symbol=symbol, limit=limit)
+        request.start.FromDatetime(start if start.tzinfo else start.replace(tzinfo=dt.UTC))
+        request.end.FromDatetime(end if end.tzinfo else end.replace(tzinfo=dt.UTC))
+        stream = self._stream(self.stub.GetTimeSeriesData, request, retry=True, timeout=timeout)
+        return await stream.fetch_all()
+
+    async def transaction(
+        self,
+        statements: Sequence[str | tuple[str, Sequence[Any]]],
+        *,
+        isolation: str = "read_committed",
+        read_only: bool = False,
+        timeout: float | None = None,
+    ) -> list[StatementResult]:
+        """Several statements atomically; on any error nothing is kept and the error is raised."""
+        if isolation not in _ISOLATION:
+            raise ValueError(f"isolation must be one of {', '.join(_ISOLATION)}")
+        request = pb.TransactionRequest(isolation=_ISOLATION[isolation], read_only=read_only)
+        for statement in statements:
+            sql, params = (statement, ()) if isinstance(statement, str) else statement
+            request.statements.append(pb.Statement(sql=sql, params=[to_value(p) for p in params]))
+        response = await self._unary(
+            self.stub.ExecuteTransaction, request, retry=False, timeout=timeout
+        )
+        return [
+            StatementResult(
+                columns=[Column(c.name, c.type) for c in r.columns],
+                rows=[from_row(row) for row in r.rows],
+                row_count=r.row_count,
+                command=r.command,
+            )
+            for r in response.results
+        ]
+
+    # --- bulk --------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _batches(
+        rows: Iterable[Sequence[Any]] | AsyncIterable[Sequence[Any]], batch_size: int
+    ) -> AsyncIterator[list[Sequence[Any]]]:
+        batch: list[Sequence[Any]] = []
+        if isinstance(rows, AsyncIterable):
+            async for row in rows:
+                batch.append(row)
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+        else:
+            for row in rows:
+                batch.append(row)
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    async def bulk_insert(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Iterable[Sequence[Any]] | AsyncIterable[Sequence[Any]],
+        *,
+        batch_size: int = 1000,
+        timeout: float | None = None,
+    ) -> int:
+        """Stream rows into ``table``; all or nothing. Returns the rows written."""
+
+        async def requests() -> AsyncIterator[pb.BulkInsertRequest]:
+            yield pb.BulkInsertRequest(table=table, columns=list(columns))
+            async for batch in self._batches(rows, batch_size):
+                yield pb.BulkInsertRequest(rows=[to_row(r) for r in batch])
+
+        response = await self._unary(self.stub.BulkInsert, requests(), retry=False, timeout=timeout)
+        return int(response.rows_written)
+
+    async def bulk_update(
+        self,
+        table: str,
+        key_columns: Sequence[str],
+        columns: Sequence[str],
+        rows: Iterable[Sequence[Any]] | AsyncIterable[Sequence[Any]],
+        *,
+        batch_size: int = 1000,
+        timeout: float | None = None,
+    ) -> int:
+        """Each row: key values, then new values. All or nothing. Returns the rows updated."""
+
+        async def requests() -> AsyncIterator[pb.BulkUpdateRequest]:
+            yield pb.BulkUpdateRequest(
+                table=table, key_columns=list(key_columns), columns=list(columns)
+            )
+            async for batch in self._batches(rows, batch_size):
+                yield pb.BulkUpdateRequest(rows=[to_row(r) for r in batch])
+
+        response = await self._unary(self.stub.BulkUpdate, requests(), retry=False, timeout=timeout)
+        return int(response.rows_updated)
+
+    # --- schema and health -------------------------------------------------------------------
+
+    async def create_tenant_schema(
+        self, tenant_id: str, *, connection_limit: int = 0, statement_timeout_ms: int = 0
+    ) -> dict[str, Any]:
+        request = pb.SchemaRequest(
+            tenant_id=tenant_id,
+            connection_limit=connection_limit,
+            statement_timeout_ms=statement_timeout_ms,
+        )
+        r = await self._unary(self.stub.CreateTenantSchema, request, retry=False, timeout=None)
+        return {
+            "tenant_id": r.tenant_id,
+            "schema": r.schema,
+            "role": r.role,
+            "status": r.status,
+            "created_at": r.created_at.ToDatetime(tzinfo=dt.UTC),
+        }
+
+    async def partitions(self, table: str = "") -> list[dict[str, Any]]:
+        response = await self._unary(
+            self.stub.ManagePartitions, pb.PartitionRequest(table=table), retry=True, timeout=None
+        )
+        return [
+            {"parent": p.parent, "name": p.name, "bound": p.bound,
+             "rows_estimate": p.rows_estimate, "bytes": p.bytes}
+            for p in response.partitions
+        ]  # fmt: skip
+
+    async def health(self) -> dict[str, Any]:
+        response = await self._unary(
+            self.stub.HealthCheck, pb.HealthRequest(), retry=True, timeout=None
+        )
+        document: dict[str, Any] = json.loads(response.document_json)
+        return document
+
+    async def metrics(self) -> dict[str, Any]:
+        response = await self._unary(
+            self.stub.GetPerformanceMetrics, pb.MetricsRequest(), retry=True, timeout=None
+        )
+        document: dict[str, Any] = json.loads(response.document_json)
+        return document
+
+    # --- the seed's shape ----------------------------------------------------------------------
+
+    async def execute_multi_db_operation(
+        self, operations: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """The seed's ``{"postgresql": {...}, "dragonflydb": {...}, ...}`` call.
+
+        ``postgresql`` takes ``{"query": sql, "params": [...]}`` or ``{"statements": [...]}``
+        (run as one transaction). Stores this deployment has not configured raise NotConfigured
+        before anything runs, so a multi-store operation is never half done."""
+        unknown = [name for name in operations if name != "postgresql"]
+        for name in unknown:
+            reason = "not configured in this deployment" if name in _OTHER_STORES else "unknown"
+            raise NotConfigured(f"store {name!r} is {reason}", code="not_configured")
+        results: dict[str, Any] = {}
+        postgres = operations.get("postgresql")
+        if postgres is not None:
+            if "statements" in postgres:
+                results["postgresql"] = await self.transaction(postgres["statements"])
+            elif "query" in postgres:
+                results["postgresql"] = await self.fetch_all(
+                    postgres["query"], postgres.get("params", ())
+                )
+            else:
+                raise ValueError("the postgresql operation needs 'query' or 'statements'")
+        return results

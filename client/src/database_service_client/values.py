@@ -1,0 +1,96 @@
+"""Typed values on the wire: ``Value`` messages to and from Python, as pure functions.
+
+Python → Value: None, bool, int, float, str, bytes, Decimal (exact, as decimal_value), datetime
+(timestamp; naive means UTC), date/time/timedelta/UUID (their text form), dict (json_value), list
+or tuple (array_value). Value → Python is the inverse, with json_value parsed and timestamps as
+aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from operator import attrgetter
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from database_service_client._proto.database_service_pb2 import Array, Row, Value
+
+__all__ = ["from_row", "from_value", "timestamp_to_datetime", "to_row", "to_value"]
+
+
+def _timestamp(value: dt.datetime) -> Timestamp:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    stamp = Timestamp()
+    stamp.FromDatetime(value.astimezone(dt.UTC))
+    return stamp
+
+
+def to_value(value: Any) -> Value:
+    if value is None:
+        return Value(null_value=True)
+    if isinstance(value, bool):
+        return Value(bool_value=value)
+    if isinstance(value, int):
+        return Value(int_value=value)
+    if isinstance(value, float):
+        return Value(double_value=value)
+    if isinstance(value, str):
+        return Value(string_value=value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return Value(bytes_value=bytes(value))
+    if isinstance(value, Decimal):
+        return Value(decimal_value=str(value))
+    if isinstance(value, dt.datetime):
+        return Value(timestamp_value=_timestamp(value))
+    if isinstance(value, dt.date | dt.time):
+        return Value(string_value=value.isoformat())
+    if isinstance(value, dt.timedelta):
+        return Value(double_value=value.total_seconds())
+    if isinstance(value, uuid.UUID):
+        return Value(string_value=str(value))
+    if isinstance(value, dict):
+        return Value(json_value=json.dumps(value, default=str))
+    if isinstance(value, list | tuple):
+        return Value(array_value=Array(values=[to_value(v) for v in value]))
+    return Value(string_value=str(value))
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def timestamp_to_datetime(stamp: Timestamp) -> dt.datetime:
+    # ~10x faster than Timestamp.ToDatetime, which validates and rounds on every call.
+    return _EPOCH + dt.timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+
+
+_DECODERS: dict[str, Callable[[Value], Any]] = {
+    "null_value": lambda v: None,
+    "bool_value": attrgetter("bool_value"),
+    "int_value": attrgetter("int_value"),
+    "double_value": attrgetter("double_value"),
+    "string_value": attrgetter("string_value"),
+    "bytes_value": attrgetter("bytes_value"),
+    "timestamp_value": lambda v: timestamp_to_datetime(v.timestamp_value),
+    "decimal_value": lambda v: Decimal(v.decimal_value),
+    "json_value": lambda v: json.loads(v.json_value),
+    "array_value": lambda v: [from_value(x) for x in v.array_value.values],
+}
+
+
+def from_value(value: Value) -> Any:
+    kind = value.WhichOneof("kind")
+    return None if kind is None else _DECODERS[kind](value)
+
+
+def to_row(values: Iterable[Any]) -> Row:
+    return Row(values=[to_value(v) for v in values])
+
+
+def from_row(row: Row) -> tuple[Any, ...]:
+    return tuple(map(from_value, row.values))

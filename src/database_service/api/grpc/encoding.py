@@ -1,0 +1,102 @@
+"""Result rows to protobuf, chunked by size, with one encoder per column chosen once.
+
+Encoders write straight into the row's repeated field (``values.add(...)``) instead of building
+Value objects to copy in; ints, text and timestamps, most of what comes back, take a direct path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator, Sequence
+from decimal import Decimal
+from typing import Any
+
+from database_service.query import Column as ResultColumn
+from database_service_client._proto.database_service_pb2 import Column, RowChunk, Value
+from database_service_client.values import to_value
+
+__all__ = ["Encoder", "chunk_rows", "columns_message", "encoders_for"]
+
+Add = Callable[..., Value]
+Encoder = Callable[[Add, Any], object]
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NAIVE_EPOCH = dt.datetime(1970, 1, 1)
+
+
+def _field(name: str) -> Encoder:
+    def encode(add: Add, value: Any) -> object:
+        return add(null_value=True) if value is None else add(**{name: value})
+
+    return encode
+
+
+def _timestamp(add: Add, value: Any) -> object:
+    if value is None:
+        return add(null_value=True)
+    if not isinstance(value, dt.datetime):  # infinity comes back as a date-less sentinel
+        return add(string_value=str(value))
+    delta = value - (_EPOCH if value.tzinfo else _NAIVE_EPOCH)
+    stamp = add().timestamp_value
+    stamp.seconds = delta.days * 86_400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1000
+    return stamp
+
+
+def _decimal(add: Add, value: Any) -> object:
+    if value is None:
+        return add(null_value=True)
+    return add(decimal_value=str(value)) if isinstance(value, Decimal) else add(double_value=value)
+
+
+def _json(add: Add, value: Any) -> object:
+    return add(null_value=True) if value is None else add(json_value=json.dumps(value))
+
+
+def _generic(add: Add, value: Any) -> object:
+    target = add()
+    target.CopyFrom(to_value(value))
+    return target
+
+
+_BY_TYPE: dict[str, Encoder] = {
+    **dict.fromkeys(("int2", "int4", "int8", "oid"), _field("int_value")),
+    **dict.fromkeys(("text", "varchar", "bpchar", "name", "char"), _field("string_value")),
+    **dict.fromkeys(("float4", "float8"), _field("double_value")),
+    "bool": _field("bool_value"),
+    "bytea": _field("bytes_value"),
+    "numeric": _decimal,
+    "timestamptz": _timestamp,
+    "timestamp": _timestamp,
+    "json": _json,
+    "jsonb": _json,
+}
+
+
+def encoders_for(columns: Sequence[ResultColumn]) -> list[Encoder]:
+    # json/jsonb arrive as dicts and lists, which the generic path would take for arrays.
+    return [_BY_TYPE.get(c.type_name, _generic) for c in columns]
+
+
+def columns_message(columns: Sequence[ResultColumn]) -> list[Column]:
+    return [Column(name=c.name, type=c.type_name) for c in columns]
+
+
+def chunk_rows(
+    records: Sequence[Sequence[Any]], encoders: Sequence[Encoder], max_bytes: int
+) -> Iterator[RowChunk]:
+    """RowChunks of about max_bytes (a single larger row makes its own chunk)."""
+    chunk = RowChunk()
+    size = 0
+    for record in records:
+        row = chunk.rows.add()
+        add = row.values.add
+        for encode, value in zip(encoders, record, strict=True):
+            encode(add, value)
+        size += row.ByteSize()
+        if size >= max_bytes:
+            yield chunk
+            chunk = RowChunk()
+            size = 0
+    if size:
+        yield chunk

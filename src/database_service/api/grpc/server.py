@@ -1,0 +1,71 @@
+"""The gRPC server: DatabaseService, the standard health service and reflection, with message
+size limits, a cap on concurrent streams, keepalive and a graceful drain on shutdown."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from database_service.api.grpc.servicer import Servicer
+from database_service.app import Application
+from database_service_client._proto import database_service_pb2
+from database_service_client._proto.database_service_pb2_grpc import (
+    add_DatabaseServiceServicer_to_server,
+)
+
+__all__ = ["GrpcServer"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = database_service_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name
+
+
+class GrpcServer:
+    """``async with GrpcServer(core) as server: server.port``; exit drains in-flight calls."""
+
+    def __init__(self, core: Application) -> None:
+        self.core = core
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+
+    async def __aenter__(self) -> GrpcServer:
+        s = self.core.settings
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
+                ("grpc.max_send_message_length", s.grpc_max_message_bytes),
+                ("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams),
+                ("grpc.keepalive_time_ms", s.grpc_keepalive_seconds * 1000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ]
+        )
+        add_DatabaseServiceServicer_to_server(
+            Servicer(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        if not self.port:
+            raise OSError(f"gRPC cannot listen on {s.grpc_host}:{s.grpc_port}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        log.info("gRPC listening on %s:%d", s.grpc_host, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is None:
+            return
+        # Tell health checkers first, then stop taking calls and let in-flight ones finish.
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.core.settings.grpc_shutdown_grace_seconds)
+        log.info("gRPC stopped")
