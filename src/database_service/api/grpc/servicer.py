@@ -138,24 +138,30 @@ class Servicer(DatabaseServiceServicer):
         message: Callable[..., T],
         max_chunk_bytes: int,
     ) -> AsyncIterator[T]:
+        """Messages of about ``max_chunk_bytes``: the header rides with the first rows and the
+        summary with the last, so a small result is a single message (one write, not three)."""
         limit = max_chunk_bytes or self.default_chunk_bytes
         encoders: list[Encoder] = []
+        header: pb.ResultHeader | None = None
+        pending: pb.RowChunk | None = None
         async for event in events:
             if isinstance(event, Header):
                 encoders = encoders_for(event.columns)
-                yield message(header=pb.ResultHeader(columns=columns_message(event.columns)))
+                header = pb.ResultHeader(columns=columns_message(event.columns))
             elif isinstance(event, Summary):
-                yield message(
-                    summary=pb.ResultSummary(
-                        row_count=event.row_count,
-                        command=event.command,
-                        duration_ms=event.duration_ms,
-                        statement_class=event.kind.value,
-                    )
+                summary = pb.ResultSummary(
+                    row_count=event.row_count,
+                    command=event.command,
+                    duration_ms=event.duration_ms,
+                    statement_class=event.kind.value,
                 )
+                yield message(header=header, rows=pending, summary=summary)
             else:
                 for chunk in chunk_rows(event, encoders, limit):
-                    yield message(rows=chunk)
+                    if pending is not None:
+                        yield message(header=header, rows=pending)
+                        header = None
+                    pending = chunk
 
     @_rpc
     async def ExecuteQuery(
