@@ -7,7 +7,9 @@ control plane migrated, pools and audit writer running); front ends are attached
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from database_service.tenancy import (
     TenantRegistry,
 )
 from database_service.tenancy.secrets import derive_key
+from database_service.timeseries import PartitionManager, SeriesSpec
 
 __all__ = ["Application", "Endpoints"]
 
@@ -48,6 +51,12 @@ log = logging.getLogger(__name__)
 class Endpoints:
     postgres_dsn: str
     nats_url: str | None
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class _PoolCollector:
@@ -75,6 +84,21 @@ class _PoolCollector:
         cap = GaugeMetricFamily("dbsvc_pool_connections_max", "The global connection cap.")
         cap.add_metric([], self._pools.global_max)
         yield from (size, in_use, total, cap)
+
+
+class _PartitionCollector:
+    def __init__(self, manager: PartitionManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "dbsvc_partitions",
+            "Partitions per time-series table (last maintenance).",
+            labels=["table"],
+        )
+        for table, count in self._manager.partitions.items():
+            gauge.add_metric([table], count)
+        yield gauge
 
 
 class Application:
@@ -199,6 +223,35 @@ class Application:
                 await stack.enter_async_context(NatsProbe(nats_url, embedded=s.nats_url is None))
             )
         self.endpoints = Endpoints(postgres_dsn=dsn, nats_url=nats_url)
+        retention = dt.timedelta(days=s.ts_retention_days)
+        ahead = dt.timedelta(hours=s.ts_create_ahead_hours)
+        self.partitions = PartitionManager(
+            self.owner_pool,
+            schema=s.shared_schema,
+            specs=[
+                SeriesSpec(
+                    "trading_ticks",
+                    dt.timedelta(seconds=s.ts_ticks_interval_seconds),
+                    s.ts_ticks_company_partitions,
+                    retention,
+                    ahead,
+                ),
+                SeriesSpec(
+                    "ai_predictions",
+                    dt.timedelta(seconds=s.ts_predictions_interval_seconds),
+                    0,
+                    retention,
+                    ahead,
+                ),
+            ],
+            metrics=self.metrics,
+        )
+        await self.partitions.maintain()  # partitions for now exist before the first request
+        maintenance = asyncio.create_task(
+            self.partitions.run_forever(s.ts_maintenance_interval_seconds), name="partitions"
+        )
+        stack.push_async_callback(_cancel, maintenance)
+        self.metrics.register(_PartitionCollector(self.partitions))
         self.health = HealthReporter(
             owner_pool=self.owner_pool,
             pools=self.pools,

@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     tenant_connection_limit: int = Field(default=10, ge=1, le=10_000)
     tenant_statement_timeout_ms: int = Field(default=30_000, ge=100, le=86_400_000)
 
+    # Time series (seed: ticks in 1-hour chunks with 4 company partitions, predictions in 6 hours).
+    ts_ticks_interval_seconds: int = Field(default=3600, ge=60)
+    ts_ticks_company_partitions: int = Field(default=4, ge=0, le=64)
+    ts_predictions_interval_seconds: int = Field(default=21600, ge=60)
+    ts_retention_days: float = Field(default=30.0, gt=0)
+    ts_create_ahead_hours: float = Field(default=24.0, gt=0)
+    ts_maintenance_interval_seconds: float = Field(default=300.0, gt=0)
+
     # Request limits.
     max_sql_bytes: int = Field(default=1_048_576, ge=64)
     max_params: int = Field(default=10_000, ge=0, le=32_767)

@@ -49,6 +49,19 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
 
+        self.maintenance_runs = Counter(
+            "dbsvc_partition_maintenance_runs",
+            "Partition maintenance rounds, ran or skipped (another instance held the lock).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.maintenance_seconds = Histogram(
+            "dbsvc_partition_maintenance_duration_seconds",
+            "Duration of partition maintenance rounds.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+            registry=self.registry,
+        )
+
     def register(self, collector: Collector) -> None:
         """Add a collector that reads live state (pool sizes, tenants) at scrape time."""
         self.registry.register(collector)

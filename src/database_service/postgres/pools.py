@@ -60,7 +60,8 @@ async def create_owner_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
         min_size=1,
         max_size=max_size,
         init=init_connection,
-        server_settings={"application_name": "dbsvc-owner"},
+        # UTC: partition bounds and audit times are read back as text.
+        server_settings={"application_name": "dbsvc-owner", "timezone": "UTC"},
     )
     assert pool is not None
     return pool

@@ -1,0 +1,181 @@
+-- Time series (issue: time-series engine). trading_ticks and ai_predictions become partitioned
+-- by time range; the partitions themselves are created ahead and dropped past retention by the
+-- service's maintenance task (timeseries/partitions.py). A DEFAULT partition catches records with
+-- no partition yet (late, or far in the future), so an insert never fails for its timestamp.
+-- 1-minute candles of ticks are kept in candles_1m by a statement trigger that recomputes every
+-- bucket a statement touched from the raw ticks, so late ticks correct their buckets.
+
+ALTER TABLE {{shared}}.trading_ticks RENAME TO trading_ticks_unpartitioned;
+ALTER TABLE {{shared}}.ai_predictions RENAME TO ai_predictions_unpartitioned;
+ALTER INDEX {{shared}}.trading_ticks_company_symbol_time RENAME TO trading_ticks_unpartitioned_idx;
+ALTER INDEX {{shared}}.ai_predictions_company_symbol_time RENAME TO ai_predictions_unpartitioned_idx;
+
+CREATE TABLE {{shared}}.trading_ticks (
+    time       timestamptz NOT NULL,
+    company_id varchar(50) NOT NULL DEFAULT {{control}}.session_company(),
+    user_id    varchar(50) NOT NULL,
+    symbol     varchar(20) NOT NULL,
+    bid        numeric(10, 5),
+    ask        numeric(10, 5),
+    volume     integer,
+    spread     numeric(6, 2)
+) PARTITION BY RANGE (time);
+CREATE INDEX trading_ticks_company_symbol_time ON {{shared}}.trading_ticks (company_id, symbol, time);
+CREATE TABLE {{shared}}.trading_ticks_default PARTITION OF {{shared}}.trading_ticks DEFAULT;
+
+CREATE TABLE {{shared}}.ai_predictions (
+    time            timestamptz NOT NULL,
+    company_id      varchar(50) NOT NULL DEFAULT {{control}}.session_company(),
+    user_id         varchar(50) NOT NULL,
+    symbol          varchar(20) NOT NULL,
+    prediction_type varchar(50) NOT NULL,
+    confidence      numeric(3, 2) NOT NULL CHECK (confidence BETWEEN 0 AND 1),
+    model_version   varchar(20),
+    features        jsonb,
+    result          jsonb
+) PARTITION BY RANGE (time);
+CREATE INDEX ai_predictions_company_symbol_time ON {{shared}}.ai_predictions (company_id, symbol, time);
+CREATE TABLE {{shared}}.ai_predictions_default PARTITION OF {{shared}}.ai_predictions DEFAULT;
+
+INSERT INTO {{shared}}.trading_ticks SELECT * FROM {{shared}}.trading_ticks_unpartitioned;
+INSERT INTO {{shared}}.ai_predictions SELECT * FROM {{shared}}.ai_predictions_unpartitioned;
+DROP TABLE {{shared}}.trading_ticks_unpartitioned;
+DROP TABLE {{shared}}.ai_predictions_unpartitioned;
+
+CREATE TABLE {{shared}}.candles_1m (
+    company_id  varchar(50) NOT NULL,
+    symbol      varchar(20) NOT NULL,
+    bucket      timestamptz NOT NULL,
+    open        numeric NOT NULL,
+    high        numeric NOT NULL,
+    low         numeric NOT NULL,
+    close       numeric NOT NULL,
+    volume      bigint NOT NULL,
+    ticks       integer NOT NULL,
+    price_volume numeric NOT NULL,           -- sum(price * volume), for VWAP over any interval
+    spread_sum  numeric NOT NULL,
+    spread_min  numeric,
+    spread_max  numeric,
+    spread_n    integer NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (company_id, symbol, bucket)
+);
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON {{shared}}.trading_ticks, {{shared}}.ai_predictions TO {{group}};
+GRANT SELECT ON {{shared}}.candles_1m TO {{group}};
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['trading_ticks', 'ai_predictions', 'candles_1m']
+    LOOP
+        EXECUTE format('ALTER TABLE {{shared}}.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE {{shared}}.%I FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format(
+            'CREATE POLICY company_isolation ON {{shared}}.%I AS PERMISSIVE FOR ALL TO {{group}} '
+            'USING (company_id = (SELECT {{control}}.session_company())) '
+            'WITH CHECK (company_id = (SELECT {{control}}.session_company()))', t);
+        EXECUTE format(
+            'CREATE POLICY service_owner ON {{shared}}.%I AS PERMISSIVE FOR ALL TO CURRENT_USER '
+            'USING (true) WITH CHECK (true)', t);
+    END LOOP;
+    FOREACH t IN ARRAY ARRAY['trading_ticks', 'ai_predictions']
+    LOOP
+        EXECUTE format(
+            'CREATE POLICY user_isolation ON {{shared}}.%I AS RESTRICTIVE FOR ALL TO {{group}} '
+            'USING (user_id IS NULL OR user_id = coalesce('
+            'nullif((SELECT current_setting(''dbsvc.user_id'', true)), ''''), user_id)) '
+            'WITH CHECK (user_id IS NULL OR user_id = coalesce('
+            'nullif((SELECT current_setting(''dbsvc.user_id'', true)), ''''), user_id))', t);
+    END LOOP;
+END
+$$;
+
+-- The price of a tick is its mid, (bid + ask) / 2, or whichever side is present.
+CREATE FUNCTION {{shared}}.tick_price(bid numeric, ask numeric) RETURNS numeric
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN coalesce((bid + ask) / 2, bid, ask);
+
+-- Recompute the 1-minute candles of the given (company, symbol, minute) keys from the raw ticks:
+-- delete them, then insert what the ticks say now (a minute left without ticks disappears).
+CREATE FUNCTION {{shared}}.recompute_candles_1m(companies text[], symbols text[], buckets timestamptz[])
+    RETURNS void LANGUAGE sql
+    SET search_path = pg_catalog
+BEGIN ATOMIC
+    DELETE FROM {{shared}}.candles_1m c
+    USING unnest(companies, symbols, buckets) AS k(company_id, symbol, bucket)
+    WHERE c.company_id = k.company_id AND c.symbol = k.symbol AND c.bucket = k.bucket;
+    INSERT INTO {{shared}}.candles_1m (company_id, symbol, bucket, open, high, low, close,
+        volume, ticks, price_volume, spread_sum, spread_min, spread_max, spread_n)
+    SELECT t.company_id, t.symbol, k.bucket,
+           (array_agg({{shared}}.tick_price(t.bid, t.ask) ORDER BY t.time))[1],
+           max({{shared}}.tick_price(t.bid, t.ask)), min({{shared}}.tick_price(t.bid, t.ask)),
+           (array_agg({{shared}}.tick_price(t.bid, t.ask) ORDER BY t.time DESC))[1],
+           coalesce(sum(t.volume), 0), count(*),
+           coalesce(sum({{shared}}.tick_price(t.bid, t.ask) * t.volume), 0),
+           coalesce(sum(t.ask - t.bid), 0), min(t.ask - t.bid), max(t.ask - t.bid),
+           count(t.ask - t.bid)
+    FROM unnest(companies, symbols, buckets) AS k(company_id, symbol, bucket)
+    JOIN {{shared}}.trading_ticks t
+      ON t.company_id = k.company_id AND t.symbol = k.symbol
+     AND t.time >= k.bucket AND t.time < k.bucket + interval '1 minute'
+    WHERE {{shared}}.tick_price(t.bid, t.ask) IS NOT NULL
+    GROUP BY t.company_id, t.symbol, k.bucket;
+END;
+REVOKE ALL ON FUNCTION {{shared}}.recompute_candles_1m(text[], text[], timestamptz[]) FROM PUBLIC;
+
+-- Statement triggers (one call per INSERT/COPY/UPDATE/DELETE, not per row). SECURITY DEFINER:
+-- tenants cannot write candles_1m themselves; the keys come only from the rows they wrote.
+CREATE FUNCTION {{shared}}.candles_1m_after_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
+AS $$
+BEGIN
+    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol), array_agg(bucket))
+    FROM (SELECT DISTINCT company_id::text, symbol::text,
+                 date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
+          FROM new_ticks) k;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION {{shared}}.candles_1m_after_delete() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
+AS $$
+BEGIN
+    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol), array_agg(bucket))
+    FROM (SELECT DISTINCT company_id::text, symbol::text,
+                 date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
+          FROM old_ticks) k;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION {{shared}}.candles_1m_after_update() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
+AS $$
+BEGIN
+    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol), array_agg(bucket))
+    FROM (SELECT company_id::text, symbol::text,
+                 date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
+          FROM old_ticks
+          UNION
+          SELECT company_id::text, symbol::text,
+                 date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00')
+          FROM new_ticks) k;
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION {{shared}}.candles_1m_after_insert() FROM PUBLIC;
+REVOKE ALL ON FUNCTION {{shared}}.candles_1m_after_delete() FROM PUBLIC;
+REVOKE ALL ON FUNCTION {{shared}}.candles_1m_after_update() FROM PUBLIC;
+
+CREATE TRIGGER candles_1m_insert AFTER INSERT ON {{shared}}.trading_ticks
+    REFERENCING NEW TABLE AS new_ticks FOR EACH STATEMENT
+    EXECUTE FUNCTION {{shared}}.candles_1m_after_insert();
+CREATE TRIGGER candles_1m_delete AFTER DELETE ON {{shared}}.trading_ticks
+    REFERENCING OLD TABLE AS old_ticks FOR EACH STATEMENT
+    EXECUTE FUNCTION {{shared}}.candles_1m_after_delete();
+CREATE TRIGGER candles_1m_update AFTER UPDATE ON {{shared}}.trading_ticks
+    REFERENCING OLD TABLE AS old_ticks NEW TABLE AS new_ticks FOR EACH STATEMENT
+    EXECUTE FUNCTION {{shared}}.candles_1m_after_update();
