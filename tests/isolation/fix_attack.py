@@ -23,7 +23,13 @@ from database_service.tenancy import TenantRecord
 from tests.fix_pg import PgCluster
 
 SECRET = "VICTIM-SECRET-7f3a"
-SHARED_TABLES = ("market_data", "trading_ticks", "ai_predictions", "tenant_configurations")
+SHARED_TABLES = (
+    "market_data",
+    "trading_ticks",
+    "ai_predictions",
+    "tenant_configurations",
+    "candles_1m",
+)
 
 
 @dataclass

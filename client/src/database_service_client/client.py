@@ -116,6 +116,10 @@ class QueryStream:
         )
 
 
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
 class MultiDatabaseClient:
     """Talks to one Database Service for one tenant (and optionally one user).
 
@@ -258,8 +262,45 @@ class MultiDatabaseClient:
         timeout: float | None = None,
     ) -> QueryResult:
         request = pb.TimeSeriesRequest(table=table, symbol=symbol, limit=limit)
-        request.start.FromDatetime(start if start.tzinfo else start.replace(tzinfo=dt.UTC))
-        request.end.FromDatetime(end if end.tzinfo else end.replace(tzinfo=dt.UTC))
+        request.start.FromDatetime(_aware(start))
+        request.end.FromDatetime(_aware(end))
+        stream = self._stream(self.stub.GetTimeSeriesData, request, retry=True, timeout=timeout)
+        return await stream.fetch_all()
+
+    async def candles(
+        self,
+        symbol: str,
+        start: dt.datetime,
+        end: dt.datetime,
+        interval: dt.timedelta = dt.timedelta(minutes=1),
+        *,
+        timezone: str = "UTC",
+        origin: dt.datetime | None = None,
+        gap_fill: bool = False,
+        source: str = "auto",
+        timeout: float | None = None,
+    ) -> QueryResult:
+        """OHLCV candles with VWAP and spread statistics: bucket, open, high, low, close, volume,
+        ticks, vwap, spread_avg, spread_min, spread_max."""
+        request = pb.TimeSeriesRequest(
+            kind=pb.TIME_SERIES_KIND_CANDLES,
+            symbol=symbol,
+            interval_seconds=int(interval.total_seconds()),
+            timezone=timezone,
+            gap_fill=gap_fill,
+            source=source,
+        )
+        request.start.FromDatetime(_aware(start))
+        request.end.FromDatetime(_aware(end))
+        if origin is not None:
+            request.origin.FromDatetime(_aware(origin))
+        stream = self._stream(self.stub.GetTimeSeriesData, request, retry=True, timeout=timeout)
+        return await stream.fetch_all()
+
+    async def last_ticks(self, since: dt.datetime, *, timeout: float | None = None) -> QueryResult:
+        """The latest tick of every symbol since ``since``."""
+        request = pb.TimeSeriesRequest(kind=pb.TIME_SERIES_KIND_LAST_TICK)
+        request.start.FromDatetime(_aware(since))
         stream = self._stream(self.stub.GetTimeSeriesData, request, retry=True, timeout=timeout)
         return await stream.fetch_all()
 
@@ -373,9 +414,24 @@ class MultiDatabaseClient:
             "created_at": r.created_at.ToDatetime(tzinfo=dt.UTC),
         }
 
-    async def partitions(self, table: str = "") -> list[dict[str, Any]]:
+    async def partitions(
+        self,
+        table: str = "",
+        *,
+        action: str = "list",
+        partition: str = "",
+        start: dt.datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """List partitions; ``action`` maintain/detach/attach needs admin over every tenant."""
+        request = pb.PartitionRequest(
+            table=table,
+            action=getattr(pb, f"PARTITION_ACTION_{action.upper()}"),
+            partition=partition,
+        )
+        if start is not None:
+            request.start.FromDatetime(_aware(start))
         response = await self._unary(
-            self.stub.ManagePartitions, pb.PartitionRequest(table=table), retry=True, timeout=None
+            self.stub.ManagePartitions, request, retry=action == "list", timeout=None
         )
         return [
             {"parent": p.parent, "name": p.name, "bound": p.bound,

@@ -77,14 +77,18 @@ class AuditLog:
         await self._queue.put(event)
 
     async def flush(self) -> None:
-        """Write everything queued so far (tests and shutdown)."""
+        """Write everything recorded so far, including a batch the writer is holding."""
         await self._flush_all()
+        await self._queue.join()
 
     async def _run(self) -> None:
         while True:
             first = await self._queue.get()
-            await asyncio.sleep(self._interval)  # let a batch gather
-            await self._write([first, *self._drain()])
+            try:
+                await asyncio.sleep(self._interval)  # let a batch gather
+            finally:
+                # Also when cancelled at shutdown: the events taken from the queue are written.
+                await self._write([first, *self._drain()])
 
     def _drain(self) -> list[AuditEvent]:
         batch: list[AuditEvent] = []
@@ -99,6 +103,13 @@ class AuditLog:
     async def _write(self, batch: list[AuditEvent]) -> None:
         if not batch:
             return
+        try:
+            await self._copy(batch)
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _copy(self, batch: list[AuditEvent]) -> None:
         try:
             await self._pool.copy_records_to_table(
                 "audit_log",

@@ -48,6 +48,50 @@ ISOLATION_LEVEL_REPEATABLE_READ: IsolationLevel.ValueType  # 2
 ISOLATION_LEVEL_SERIALIZABLE: IsolationLevel.ValueType  # 3
 Global___IsolationLevel: _TypeAlias = IsolationLevel  # noqa: Y015
 
+class _TimeSeriesKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TimeSeriesKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TimeSeriesKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TIME_SERIES_KIND_RAW: _TimeSeriesKind.ValueType  # 0
+    """the ticks (or predictions) themselves"""
+    TIME_SERIES_KIND_CANDLES: _TimeSeriesKind.ValueType  # 1
+    """OHLCV, VWAP and spread statistics per bucket"""
+    TIME_SERIES_KIND_LAST_TICK: _TimeSeriesKind.ValueType  # 2
+    """the latest tick of every symbol since start"""
+
+class TimeSeriesKind(_TimeSeriesKind, metaclass=_TimeSeriesKindEnumTypeWrapper): ...
+
+TIME_SERIES_KIND_RAW: TimeSeriesKind.ValueType  # 0
+"""the ticks (or predictions) themselves"""
+TIME_SERIES_KIND_CANDLES: TimeSeriesKind.ValueType  # 1
+"""OHLCV, VWAP and spread statistics per bucket"""
+TIME_SERIES_KIND_LAST_TICK: TimeSeriesKind.ValueType  # 2
+"""the latest tick of every symbol since start"""
+Global___TimeSeriesKind: _TypeAlias = TimeSeriesKind  # noqa: Y015
+
+class _PartitionAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PartitionActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PartitionAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARTITION_ACTION_LIST: _PartitionAction.ValueType  # 0
+    PARTITION_ACTION_MAINTAIN: _PartitionAction.ValueType  # 1
+    """create ahead and apply retention now"""
+    PARTITION_ACTION_DETACH: _PartitionAction.ValueType  # 2
+    PARTITION_ACTION_ATTACH: _PartitionAction.ValueType  # 3
+
+class PartitionAction(_PartitionAction, metaclass=_PartitionActionEnumTypeWrapper): ...
+
+PARTITION_ACTION_LIST: PartitionAction.ValueType  # 0
+PARTITION_ACTION_MAINTAIN: PartitionAction.ValueType  # 1
+"""create ahead and apply retention now"""
+PARTITION_ACTION_DETACH: PartitionAction.ValueType  # 2
+PARTITION_ACTION_ATTACH: PartitionAction.ValueType  # 3
+Global___PartitionAction: _TypeAlias = PartitionAction  # noqa: Y015
+
 @_typing.final
 class Value(_message.Message):
     """A typed value: parameters in, result values out."""
@@ -578,12 +622,27 @@ class TimeSeriesRequest(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    GAP_FILL_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     table: _builtins.str
-    """trading_ticks (default) or ai_predictions"""
+    """raw: trading_ticks (default) or ai_predictions"""
     symbol: _builtins.str
     limit: _builtins.int
-    """0: no limit"""
+    """raw: 0 means no limit"""
     max_chunk_bytes: _builtins.int
+    kind: Global___TimeSeriesKind.ValueType
+    interval_seconds: _builtins.int
+    """candles: 1 to 86400"""
+    timezone: _builtins.str
+    """candles: IANA name, default UTC"""
+    gap_fill: _builtins.bool
+    """candles: every bucket, previous close carried"""
+    source: _builtins.str
+    """candles: auto (default), rollup or raw"""
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
         """inclusive"""
@@ -591,6 +650,10 @@ class TimeSeriesRequest(_message.Message):
     @_builtins.property
     def end(self) -> _timestamp_pb2.Timestamp:
         """exclusive"""
+
+    @_builtins.property
+    def origin(self) -> _timestamp_pb2.Timestamp:
+        """candles: bucket origin, default 2000-01-01Z"""
 
     def __init__(
         self,
@@ -601,10 +664,16 @@ class TimeSeriesRequest(_message.Message):
         end: _timestamp_pb2.Timestamp | None = ...,
         limit: _builtins.int = ...,
         max_chunk_bytes: _builtins.int = ...,
+        kind: Global___TimeSeriesKind.ValueType = ...,
+        interval_seconds: _builtins.int = ...,
+        timezone: _builtins.str = ...,
+        origin: _timestamp_pb2.Timestamp | None = ...,
+        gap_fill: _builtins.bool = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "origin", b"origin", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "limit", b"limit", "max_chunk_bytes", b"max_chunk_bytes", "start", b"start", "symbol", b"symbol", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "gap_fill", b"gap_fill", "interval_seconds", b"interval_seconds", "kind", b"kind", "limit", b"limit", "max_chunk_bytes", b"max_chunk_bytes", "origin", b"origin", "source", b"source", "start", b"start", "symbol", b"symbol", "table", b"table", "timezone", b"timezone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -701,19 +770,36 @@ Global___SchemaResponse: _TypeAlias = SchemaResponse  # noqa: Y015
 
 @_typing.final
 class PartitionRequest(_message.Message):
+    """Listing shows the tenant's own partitioned tables and the shared time-series tables; the other
+    actions change shared tables and need the admin scope over every tenant.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TABLE_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
     table: _builtins.str
-    """empty: every partitioned table of the tenant"""
+    """empty: every partitioned table"""
+    action: Global___PartitionAction.ValueType
+    partition: _builtins.str
+    """detach / attach: the partition's name"""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """attach: the start of its range"""
+
     def __init__(
         self,
         *,
         table: _builtins.str = ...,
+        action: Global___PartitionAction.ValueType = ...,
+        partition: _builtins.str = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "partition", b"partition", "start", b"start", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -757,16 +843,20 @@ class PartitionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PARTITIONS_FIELD_NUMBER: _builtins.int
+    REPORT_JSON_FIELD_NUMBER: _builtins.int
+    report_json: _builtins.str
+    """maintain: created, dropped, moved rows"""
     @_builtins.property
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Partition]: ...
     def __init__(
         self,
         *,
         partitions: _abc.Iterable[Global___Partition] | None = ...,
+        report_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partitions", b"partitions", "report_json", b"report_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,12 +22,23 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from database_service.api.grpc.encoding import Encoder, chunk_rows, columns_message, encoders_for
 from database_service.api.grpc.status import abort_with
 from database_service.app import Application
-from database_service.auth import Principal, Scope
-from database_service.errors import DatabaseServiceError, InvalidParameters, InvalidRequest
+from database_service.auth import ALL_TENANTS, Principal, Scope
+from database_service.errors import (
+    DatabaseServiceError,
+    InvalidParameters,
+    InvalidRequest,
+    PermissionDenied,
+)
 from database_service.observability import AuditEvent
 from database_service.query import Header, Summary, TenantContext
 from database_service.query.executor import Isolation
 from database_service.tenancy import TenantLimits, quote_ident, validate_tenant_id
+from database_service.timeseries.candles import (
+    DEFAULT_ORIGIN,
+    CandleQuery,
+    candle_sql,
+    last_tick_sql,
+)
 from database_service_client._proto import database_service_pb2 as pb
 from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceServicer
 from database_service_client.values import from_row, from_value
@@ -191,29 +202,49 @@ class Servicer(DatabaseServiceServicer):
         self, request: pb.TimeSeriesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TimeSeriesData]:
         principal, ctx = await self._caller(context)
-        table = request.table or "trading_ticks"
-        if table not in _TIME_SERIES:
-            raise InvalidParameters(f"table must be one of {', '.join(_TIME_SERIES)}")
-        if not request.symbol or not request.HasField("start") or not request.HasField("end"):
-            raise InvalidParameters("symbol, start and end are required")
-        shared = quote_ident(self.core.settings.shared_schema)
-        sql = (
-            f"SELECT {_TIME_SERIES[table]} FROM {shared}.{table}"
-            " WHERE symbol = $1 AND time >= $2 AND time < $3 ORDER BY time"
-        )
-        params: list[Any] = [
-            request.symbol,
-            request.start.ToDatetime(tzinfo=dt.UTC),
-            request.end.ToDatetime(tzinfo=dt.UTC),
-        ]
-        if request.limit:
-            sql += " LIMIT $4"
-            params.append(request.limit)
+        sql, params = self._time_series_sql(request)
         events = self.core.executor.stream(
             principal, ctx, sql, params, read_only=True, action="timeseries"
         )
         async for message in self._results(events, pb.TimeSeriesData, request.max_chunk_bytes):
             yield message
+
+    def _time_series_sql(self, request: pb.TimeSeriesRequest) -> tuple[str, list[Any]]:
+        shared = self.core.settings.shared_schema
+        start = request.start.ToDatetime(tzinfo=dt.UTC) if request.HasField("start") else None
+        end = request.end.ToDatetime(tzinfo=dt.UTC) if request.HasField("end") else None
+        if request.kind == pb.TIME_SERIES_KIND_LAST_TICK:
+            return last_tick_sql(shared, start or dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+        if not request.symbol or start is None or end is None:
+            raise InvalidParameters("symbol, start and end are required")
+        if request.kind == pb.TIME_SERIES_KIND_CANDLES:
+            query = CandleQuery(
+                symbol=request.symbol,
+                start=start,
+                end=end,
+                interval=dt.timedelta(seconds=request.interval_seconds or 60),
+                timezone=request.timezone or "UTC",
+                origin=(
+                    request.origin.ToDatetime(tzinfo=dt.UTC)
+                    if request.HasField("origin")
+                    else DEFAULT_ORIGIN
+                ),
+                gap_fill=request.gap_fill,
+                source=request.source or "auto",
+            )
+            return candle_sql(shared, query)
+        table = request.table or "trading_ticks"
+        if table not in _TIME_SERIES:
+            raise InvalidParameters(f"table must be one of {', '.join(_TIME_SERIES)}")
+        sql = (
+            f"SELECT {_TIME_SERIES[table]} FROM {quote_ident(shared)}.{table}"
+            " WHERE symbol = $1 AND time >= $2 AND time < $3 ORDER BY time"
+        )
+        params: list[Any] = [request.symbol, start, end]
+        if request.limit:
+            sql += " LIMIT $4"
+            params.append(request.limit)
+        return sql, params
 
     @_rpc
     async def ExecuteTransaction(
@@ -336,33 +367,52 @@ class Servicer(DatabaseServiceServicer):
     async def ManagePartitions(
         self, request: pb.PartitionRequest, context: grpc.aio.ServicerContext
     ) -> pb.PartitionResponse:
-        """Lists the partitions of the tenant's partitioned tables and the shared ones."""
+        """Lists the tenant's partitioned tables and the shared time-series tables; maintain,
+        detach and attach change shared tables, so they need admin over every tenant."""
         principal, ctx = await self._caller(context)
-        principal.require(Scope.READ, ctx.tenant_id)
+        manager = self.core.partitions
+        report = ""
+        if request.action == pb.PARTITION_ACTION_LIST:
+            principal.require(Scope.READ, ctx.tenant_id)
+        else:
+            principal.require(Scope.ADMIN, ctx.tenant_id)
+            if ALL_TENANTS not in principal.tenants:
+                raise PermissionDenied("changing shared partitions needs admin over every tenant")
+            if request.action == pb.PARTITION_ACTION_MAINTAIN:
+                done = await manager.maintain()
+                report = json.dumps(done.to_dict() if done else {"skipped": True})
+            elif request.action == pb.PARTITION_ACTION_DETACH:
+                await manager.detach(request.table, request.partition)
+            elif request.action == pb.PARTITION_ACTION_ATTACH:
+                if not request.HasField("start"):
+                    raise InvalidParameters("attach needs the start of the partition's range")
+                await manager.attach(
+                    request.table, request.partition, request.start.ToDatetime(tzinfo=dt.UTC)
+                )
+            await self.core.audit.record(
+                AuditEvent(
+                    service=principal.service,
+                    tenant_id=ctx.tenant_id,
+                    action=f"partitions.{pb.PartitionAction.Name(request.action).lower()}",
+                    detail=f"{request.table} {request.partition}".strip() or None,
+                )
+            )
         tenant = await self.core.registry.get_active(ctx.tenant_id)
-        rows = await self.core.owner_pool.fetch(
-            "SELECT pn.nspname || '.' || p.relname AS parent, c.relname AS name,"
-            " pg_get_expr(c.relpartbound, c.oid) AS bound, c.reltuples::bigint AS rows_estimate,"
-            " pg_total_relation_size(c.oid) AS bytes"
-            " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-            " JOIN pg_class p ON p.oid = i.inhparent"
-            " JOIN pg_namespace pn ON pn.oid = p.relnamespace"
-            " WHERE p.relkind = 'p' AND pn.nspname = ANY($1) AND ($2 = '' OR p.relname = $2)"
-            " ORDER BY parent, name",
-            [tenant.schema_name, self.core.settings.shared_schema],
-            request.table,
+        infos = await manager.list(
+            request.table or None, schemas=[tenant.schema_name, self.core.settings.shared_schema]
         )
         return pb.PartitionResponse(
             partitions=[
                 pb.Partition(
-                    parent=r["parent"],
-                    name=r["name"],
-                    bound=r["bound"] or "",
-                    rows_estimate=max(0, r["rows_estimate"]),
-                    bytes=r["bytes"],
+                    parent=p.parent,
+                    name=p.name,
+                    bound=p.bound,
+                    rows_estimate=p.rows_estimate,
+                    bytes=p.bytes,
                 )
-                for r in rows
-            ]
+                for p in infos
+            ],
+            report_json=report,
         )
 
     # --- health ----------------------------------------------------------------------------

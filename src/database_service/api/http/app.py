@@ -6,12 +6,15 @@ No ``from __future__ import annotations`` here: FastAPI must see the ``Annotated
 aliases defined inside ``create_http_app`` as objects, not as strings to resolve globally.
 """
 
+import datetime as dt
+import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from database_service import __version__
 from database_service.api.http.middleware import BodyLimit, RequestMetrics
@@ -37,8 +40,15 @@ from database_service.errors import (
     http_status_of,
 )
 from database_service.observability import AuditEvent
-from database_service.query import TenantContext, encode_value
-from database_service.tenancy import TenantLimits, validate_tenant_id
+from database_service.query import Header as ResultHeader
+from database_service.query import Summary, TenantContext, encode_value
+from database_service.tenancy import TenantLimits, quote_ident, validate_tenant_id
+from database_service.timeseries.candles import (
+    DEFAULT_ORIGIN,
+    CandleQuery,
+    candle_sql,
+    last_tick_sql,
+)
 
 __all__ = ["create_http_app"]
 
@@ -47,6 +57,10 @@ log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 429, 503)
 }
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def create_http_app(core: Application) -> FastAPI:
@@ -141,6 +155,127 @@ def create_http_app(core: Application) -> FastAPI:
                 "duration_ms": round(result.duration_ms, 3),
             }
         )
+
+    # --- time series ---------------------------------------------------------------------
+
+    async def ndjson(
+        principal: Principal, tenant_id: str | None, sql: str, params: list[Any]
+    ) -> StreamingResponse:
+        """Rows as JSON lines, streamed from the cursor. The first event is awaited before the
+        response starts, so authorization and SQL errors still get their status codes."""
+        if tenant_id is None:
+            raise InvalidRequest("the X-Tenant-Id header is required")
+        ctx = TenantContext(validate_tenant_id(tenant_id))
+        events = core.executor.stream(
+            principal, ctx, sql, params, read_only=True, action="timeseries"
+        )
+        header = await anext(events)
+        assert isinstance(header, ResultHeader)
+        names = [c.name for c in header.columns]
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for event in events:
+                if isinstance(event, Summary | ResultHeader):
+                    continue
+                for row in event:
+                    item = {n: encode_value(v) for n, v in zip(names, row, strict=True)}
+                    yield json.dumps(item).encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @api.get("/api/v1/timeseries/ticks", tags=["timeseries"])
+    async def ticks(
+        principal: Authenticated,
+        symbol: str,
+        start: dt.datetime,
+        end: dt.datetime,
+        limit: int = Query(default=0, ge=0),
+        x_tenant_id: Annotated[str | None, Header()] = None,
+    ) -> StreamingResponse:
+        """Raw ticks of a symbol in [start, end), as NDJSON."""
+        sql = (
+            "SELECT time, user_id, symbol, bid, ask, volume, spread FROM"
+            f" {quote_ident(settings.shared_schema)}.trading_ticks"
+            " WHERE symbol = $1 AND time >= $2 AND time < $3 ORDER BY time"
+        )
+        params: list[Any] = [symbol, _aware(start), _aware(end)]
+        if limit:
+            sql += " LIMIT $4"
+            params.append(limit)
+        return await ndjson(principal, x_tenant_id, sql, params)
+
+    @api.get("/api/v1/timeseries/candles", tags=["timeseries"])
+    async def candles(
+        principal: Authenticated,
+        symbol: str,
+        start: dt.datetime,
+        end: dt.datetime,
+        interval: int = Query(default=60, description="seconds, 1 to 86400"),
+        timezone: str = "UTC",
+        origin: dt.datetime = DEFAULT_ORIGIN,
+        gap_fill: bool = False,
+        source: str = "auto",
+        x_tenant_id: Annotated[str | None, Header()] = None,
+    ) -> StreamingResponse:
+        """OHLCV candles with VWAP and spread statistics, as NDJSON (see timeseries/candles.py)."""
+        query = CandleQuery(
+            symbol, _aware(start), _aware(end), dt.timedelta(seconds=interval), timezone,
+            _aware(origin), gap_fill, source,
+        )  # fmt: skip
+        sql, params = candle_sql(settings.shared_schema, query)
+        return await ndjson(principal, x_tenant_id, sql, params)
+
+    @api.get("/api/v1/timeseries/last", tags=["timeseries"])
+    async def last_tick(
+        principal: Authenticated,
+        since: dt.datetime,
+        x_tenant_id: Annotated[str | None, Header()] = None,
+    ) -> StreamingResponse:
+        """The latest tick of every symbol since ``since``, as NDJSON."""
+        sql, params = last_tick_sql(settings.shared_schema, _aware(since))
+        return await ndjson(principal, x_tenant_id, sql, params)
+
+    @api.get("/api/v1/admin/partitions", tags=["admin"])
+    async def list_partitions(principal: Authenticated, table: str | None = None) -> dict[str, Any]:
+        await require(principal, Scope.ADMIN, "partitions.list")
+        infos = await core.partitions.list(table)
+        return {
+            "partitions": [p.to_dict() for p in infos],
+            "last_maintenance": core.partitions.last_run.isoformat()
+            if core.partitions.last_run
+            else None,
+        }
+
+    async def require_service_admin(principal: Principal, action: str) -> None:
+        await require(principal, Scope.ADMIN, action)
+        if ALL_TENANTS not in principal.tenants:
+            exc = PermissionDenied("changing shared partitions needs admin over every tenant")
+            await _audit_denial(principal, None, action, exc)
+            raise exc
+
+    @api.post("/api/v1/admin/partitions/maintain", tags=["admin"])
+    async def maintain_partitions(principal: Authenticated) -> dict[str, Any]:
+        """Create partitions ahead and apply retention now (skipped if another instance is)."""
+        await require_service_admin(principal, "partitions.maintain")
+        report = await core.partitions.maintain()
+        await audit_ok(principal, "partitions.maintain")
+        return report.to_dict() if report else {"skipped": True}
+
+    @api.post("/api/v1/admin/partitions/{table}/{name}/detach", tags=["admin"])
+    async def detach_partition(table: str, name: str, principal: Authenticated) -> dict[str, Any]:
+        await require_service_admin(principal, "partitions.detach")
+        await core.partitions.detach(table, name)
+        await audit_ok(principal, "partitions.detach")
+        return {"table": table, "partition": name, "attached": False}
+
+    @api.post("/api/v1/admin/partitions/{table}/{name}/attach", tags=["admin"])
+    async def attach_partition(
+        table: str, name: str, start: dt.datetime, principal: Authenticated
+    ) -> dict[str, Any]:
+        await require_service_admin(principal, "partitions.attach")
+        await core.partitions.attach(table, name, _aware(start))
+        await audit_ok(principal, "partitions.attach")
+        return {"table": table, "partition": name, "attached": True}
 
     # --- tenants -------------------------------------------------------------------------
 

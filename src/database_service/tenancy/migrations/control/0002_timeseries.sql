@@ -95,7 +95,7 @@ $$;
 -- The price of a tick is its mid, (bid + ask) / 2, or whichever side is present.
 CREATE FUNCTION {{shared}}.tick_price(bid numeric, ask numeric) RETURNS numeric
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN coalesce((bid + ask) / 2, bid, ask);
+    RETURN trim_scale(coalesce((bid + ask) / 2, bid, ask));
 
 -- Recompute the 1-minute candles of the given (company, symbol, minute) keys from the raw ticks:
 -- delete them, then insert what the ticks say now (a minute left without ticks disappears).

@@ -1,0 +1,163 @@
+"""Time-series queries as SQL with bind parameters, run as the tenant through the query core.
+
+Candles (OHLCV) of a symbol over [start, end) at any interval from 1 second to 1 day:
+
+* buckets are ``date_bin(interval, time AT TIME ZONE tz, origin AT TIME ZONE tz)`` taken back to
+  ``tz`` — the time zone and the origin are explicit parameters (defaults: UTC, 2000-01-01), so
+  daily candles can close at a market's local midnight;
+* the price of a tick is its mid, ``(bid + ask) / 2`` (or the side present); open and close are the
+  first and last price by time, volume the sum, VWAP ``sum(price * volume) / sum(volume)``, and the
+  spread statistics are over ``ask - bid``;
+* when the interval is a whole number of minutes and start, end and origin fall on minute
+  boundaries, candles are aggregated from the 1-minute rollup (``candles_1m``) instead of the raw
+  ticks — the same numbers, from 60x fewer rows and more;
+* with ``gap_fill``, every bucket of the range appears: an empty one repeats the previous close as
+  open, high, low and close with volume 0 (buckets before the first tick stay empty: null prices).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from database_service.errors import InvalidParameters
+from database_service.tenancy.ids import quote_ident
+
+__all__ = ["CandleQuery", "candle_sql", "last_tick_sql", "uses_rollup"]
+
+DEFAULT_ORIGIN = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+MIN_INTERVAL = dt.timedelta(seconds=1)
+MAX_INTERVAL = dt.timedelta(days=1)
+MINUTE = dt.timedelta(minutes=1)
+
+
+@dataclass(frozen=True, slots=True)
+class CandleQuery:
+    symbol: str
+    start: dt.datetime
+    end: dt.datetime
+    interval: dt.timedelta
+    timezone: str = "UTC"
+    origin: dt.datetime = DEFAULT_ORIGIN
+    gap_fill: bool = False
+    source: str = "auto"  # auto | rollup | raw
+
+    def validate(self) -> CandleQuery:
+        if not self.symbol:
+            raise InvalidParameters("symbol is required")
+        if not MIN_INTERVAL <= self.interval <= MAX_INTERVAL:
+            raise InvalidParameters("interval must be between 1 second and 1 day")
+        if self.interval.microseconds:
+            raise InvalidParameters("interval must be a whole number of seconds")
+        if self.start.tzinfo is None or self.end.tzinfo is None or self.origin.tzinfo is None:
+            raise InvalidParameters("start, end and origin need a time zone offset")
+        if self.end <= self.start:
+            raise InvalidParameters("end must be after start")
+        if (self.end - self.start) / self.interval > 100_000:
+            raise InvalidParameters("at most 100,000 buckets per request; widen the interval")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise InvalidParameters(f"unknown time zone {self.timezone!r}") from None
+        if self.source not in {"auto", "rollup", "raw"}:
+            raise InvalidParameters("source must be auto, rollup or raw")
+        if self.source == "rollup" and not _rollup_aligned(self):
+            raise InvalidParameters(
+                "the 1-minute rollup needs an interval of whole minutes and minute-aligned"
+                " start, end and origin"
+            )
+        return self
+
+
+def _on_minute(moment: dt.datetime) -> bool:
+    return moment.second == 0 and moment.microsecond == 0
+
+
+def _rollup_aligned(q: CandleQuery) -> bool:
+    return (
+        q.interval % MINUTE == dt.timedelta(0)
+        and _on_minute(q.start)
+        and _on_minute(q.end)
+        and _on_minute(q.origin)
+    )
+
+
+def uses_rollup(q: CandleQuery) -> bool:
+    return q.source == "rollup" or (q.source == "auto" and _rollup_aligned(q))
+
+
+_COLUMNS = "bucket, open, high, low, close, volume, ticks, vwap, spread_avg, spread_min, spread_max"
+
+
+def candle_sql(shared: str, q: CandleQuery) -> tuple[str, list[Any]]:
+    """The candles query and its parameters ($1 symbol, $2 start, $3 end, $4 interval, $5 tz,
+    $6 origin)."""
+    q.validate()
+    schema = quote_ident(shared)
+    bucket = (
+        "date_bin($4::interval, {col} AT TIME ZONE $5, $6::timestamptz AT TIME ZONE $5)"
+        " AT TIME ZONE $5"
+    )
+    if uses_rollup(q):
+        inner = f"""
+            SELECT {bucket.format(col="bucket")} AS bucket,
+                   (array_agg(open ORDER BY bucket))[1] AS open, max(high) AS high,
+                   min(low) AS low, (array_agg(close ORDER BY bucket DESC))[1] AS close,
+                   sum(volume)::bigint AS volume, sum(ticks)::bigint AS ticks,
+                   sum(price_volume) / nullif(sum(volume), 0) AS vwap,
+                   sum(spread_sum) / nullif(sum(spread_n), 0) AS spread_avg,
+                   min(spread_min) AS spread_min, max(spread_max) AS spread_max
+            FROM {schema}.candles_1m
+            WHERE symbol = $1 AND bucket >= $2 AND bucket < $3
+            GROUP BY 1"""
+    else:
+        inner = f"""
+            SELECT {bucket.format(col="t.time")} AS bucket,
+                   (array_agg(p.price ORDER BY t.time))[1] AS open, max(p.price) AS high,
+                   min(p.price) AS low, (array_agg(p.price ORDER BY t.time DESC))[1] AS close,
+                   coalesce(sum(t.volume), 0)::bigint AS volume, count(*)::bigint AS ticks,
+                   sum(p.price * t.volume) / nullif(sum(t.volume), 0) AS vwap,
+                   avg(t.ask - t.bid) AS spread_avg, min(t.ask - t.bid) AS spread_min,
+                   max(t.ask - t.bid) AS spread_max
+            FROM {schema}.trading_ticks t
+            CROSS JOIN LATERAL (SELECT {schema}.tick_price(t.bid, t.ask) AS price) p
+            WHERE t.symbol = $1 AND t.time >= $2 AND t.time < $3 AND p.price IS NOT NULL
+            GROUP BY 1"""
+    params: list[Any] = [q.symbol, q.start, q.end, q.interval, q.timezone, q.origin]
+    if not q.gap_fill:
+        return f"SELECT {_COLUMNS} FROM ({inner}) c ORDER BY bucket", params
+    # Every bucket of the range; an empty one carries the previous close forward.
+    series = (
+        "SELECT generate_series("
+        f"{bucket.format(col='$2::timestamptz')} AT TIME ZONE $5,"
+        " ($3::timestamptz - interval '1 microsecond') AT TIME ZONE $5, $4::interval)"
+        " AT TIME ZONE $5 AS bucket"
+    )
+    sql = f"""
+        WITH c AS ({inner}),
+        s AS ({series}),
+        j AS (SELECT s.bucket, c.open, c.high, c.low, c.close, c.volume, c.ticks, c.vwap,
+                     c.spread_avg, c.spread_min, c.spread_max,
+                     count(c.close) OVER (ORDER BY s.bucket) AS run
+              FROM s LEFT JOIN c ON c.bucket = s.bucket),
+        f AS (SELECT *, first_value(close) OVER (PARTITION BY run ORDER BY bucket) AS carried
+              FROM j)
+        SELECT bucket,
+               coalesce(open, carried) AS open, coalesce(high, carried) AS high,
+               coalesce(low, carried) AS low, coalesce(close, carried) AS close,
+               coalesce(volume, 0)::bigint AS volume, coalesce(ticks, 0)::bigint AS ticks,
+               vwap, spread_avg, spread_min, spread_max
+        FROM f ORDER BY bucket"""
+    return sql, params
+
+
+def last_tick_sql(shared: str, since: dt.datetime) -> tuple[str, list[Any]]:
+    """The latest tick of every symbol since ``since`` (bounded, so partitions are pruned)."""
+    schema = quote_ident(shared)
+    sql = (
+        "SELECT DISTINCT ON (symbol) symbol, time, bid, ask, volume, spread"
+        f" FROM {schema}.trading_ticks WHERE time >= $1 ORDER BY symbol, time DESC"
+    )
+    return sql, [since]

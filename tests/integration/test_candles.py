@@ -1,0 +1,266 @@
+"""Candles through the service equal a naive GROUP BY over the raw ticks, for random data with
+late arrivals and many random intervals, time zones and origins; gap filling; last tick; VWAP."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from database_service.app import Application
+from database_service.auth import Scope
+from database_service.tenancy import TenantRecord
+from database_service_client import InvalidArgument, MultiDatabaseClient
+from tests.fix_service import ClientFactory, TenantFactory
+
+BASE = dt.datetime(2024, 3, 30, 20, 0, tzinfo=dt.UTC)  # spans the London DST change on 31 March
+COLUMNS = ["time", "company_id", "user_id", "symbol", "bid", "ask", "volume"]
+
+NAIVE = """
+SELECT date_bin($4::interval, time AT TIME ZONE $5, $6::timestamptz AT TIME ZONE $5) AT TIME ZONE $5 AS bucket,
+       (array_agg(price ORDER BY time))[1], max(price), min(price),
+       (array_agg(price ORDER BY time DESC))[1], coalesce(sum(volume), 0), count(*),
+       sum(price * volume) / nullif(sum(volume), 0), avg(ask - bid), min(ask - bid), max(ask - bid)
+FROM (SELECT *, trim_scale(coalesce((bid + ask) / 2, bid, ask)) AS price FROM {shared}.trading_ticks
+      WHERE company_id = $7 AND symbol = $1 AND time >= $2 AND time < $3) t
+WHERE price IS NOT NULL
+GROUP BY 1 ORDER BY 1
+"""
+
+
+def random_ticks(
+    rng: random.Random, company: str, n: int, span: dt.timedelta
+) -> list[tuple[Any, ...]]:
+    seconds = rng.sample(range(int(span.total_seconds()) * 1000), n)  # unique milliseconds
+    ticks = []
+    for ms in seconds:
+        bid = Decimal(rng.randint(10_000, 12_000)) / 10_000
+        ask = bid + Decimal(rng.randint(1, 30)) / 100_000
+        if rng.random() < 0.05:
+            ask = None  # a one-sided tick: its price is the bid
+        ticks.append(
+            (
+                BASE + dt.timedelta(milliseconds=ms),
+                company,
+                "u1",
+                rng.choice(["EURUSD", "GBPUSD"]),
+                bid,
+                ask,
+                rng.randint(0, 50),
+            )
+        )
+    return ticks
+
+
+async def load(core: Application, ticks: list[tuple[Any, ...]]) -> None:
+    async with core.owner_pool.acquire() as conn:
+        await conn.copy_records_to_table(
+            "trading_ticks", schema_name=core.settings.shared_schema, columns=COLUMNS, records=ticks
+        )
+
+
+@pytest.fixture(scope="module")
+async def loaded(core: Application) -> TenantRecord:
+    tenant = await core.tenants.create("candles_prop")
+    rng = random.Random(20241124)
+    span = dt.timedelta(hours=8)
+    ticks = random_ticks(rng, tenant.tenant_id, 6000, span)
+    first, late = ticks[:4500], ticks[4500:]
+    for i in range(0, len(first), 1500):  # several statements, so the trigger sees several batches
+        await load(core, first[i : i + 1500])
+    await load(core, late)  # late arrivals: minutes already rolled up are recomputed
+    return tenant
+
+
+@pytest.fixture
+async def client(loaded: TenantRecord, client_for: ClientFactory) -> MultiDatabaseClient:
+    return await client_for(loaded, (Scope.READ,))
+
+
+async def naive(core: Application, tenant: TenantRecord, args: list[Any]) -> list[tuple[Any, ...]]:
+    rows = await core.owner_pool.fetch(
+        NAIVE.format(shared=core.settings.shared_schema), *args, tenant.tenant_id
+    )
+    return [tuple(r) for r in rows]
+
+
+def random_query(rng: random.Random) -> dict[str, Any]:
+    interval = dt.timedelta(seconds=rng.choice([1, 5, 7, 60, 90, 300, 900, 3600, 5400, 86400]))
+    aligned = rng.random() < 0.6
+    start = (
+        BASE
+        + dt.timedelta(minutes=rng.randint(0, 300))
+        + (dt.timedelta() if aligned else dt.timedelta(seconds=rng.randint(1, 59)))
+    )
+    end = start + dt.timedelta(minutes=rng.randint(1, 240))
+    if not aligned and rng.random() < 0.5:
+        end += dt.timedelta(seconds=rng.randint(1, 59))
+    origin = (
+        dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+        + dt.timedelta(minutes=rng.randint(0, 59))
+        + (dt.timedelta() if rng.random() < 0.7 else dt.timedelta(seconds=13))
+    )
+    return {
+        "symbol": rng.choice(["EURUSD", "GBPUSD"]),
+        "start": start,
+        "end": end,
+        "interval": interval,
+        "timezone": rng.choice(["UTC", "Europe/London", "Asia/Kolkata", "America/New_York"]),
+        "origin": origin,
+    }
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_candles_equal_a_naive_group_by(
+    client: MultiDatabaseClient, core: Application, loaded: TenantRecord, seed: int
+) -> None:
+    q = random_query(random.Random(seed))
+    result = await client.candles(**q)
+    expected = await naive(
+        core, loaded, [q["symbol"], q["start"], q["end"], q["interval"], q["timezone"], q["origin"]]
+    )
+    assert result.rows == expected, q
+    assert [c.name for c in result.columns][:6] == [
+        "bucket",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+    ]
+
+
+async def test_rollup_and_raw_agree_for_minute_intervals(client: MultiDatabaseClient) -> None:
+    for interval in (1, 5, 60, 240):
+        args = ("EURUSD", BASE, BASE + dt.timedelta(hours=6), dt.timedelta(minutes=interval))
+        rollup = await client.candles(*args, source="rollup")
+        raw = await client.candles(*args, source="raw")
+        assert rollup.rows == raw.rows and rollup.rows
+
+
+async def test_late_ticks_correct_their_rolled_up_minutes(
+    core: Application, client_for: ClientFactory, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("late_candle")
+    client = await client_for(tenant, (Scope.READ,))
+    minute = dt.timedelta(minutes=1)
+    at = BASE.replace(hour=10)
+    await load(
+        core,
+        [
+            (
+                at + dt.timedelta(seconds=30),
+                tenant.tenant_id,
+                "u",
+                "X",
+                Decimal("1.0"),
+                Decimal("1.0"),
+                1,
+            )
+        ],
+    )
+    before = await client.candles("X", at, at + minute, minute, source="rollup")
+    assert before.rows[0][1:5] == (Decimal("1.0"),) * 4
+    # An earlier tick arrives later: it is the minute's open now, and the new low.
+    await load(
+        core,
+        [
+            (
+                at + dt.timedelta(seconds=5),
+                tenant.tenant_id,
+                "u",
+                "X",
+                Decimal("0.5"),
+                Decimal("0.5"),
+                3,
+            )
+        ],
+    )
+    after = await client.candles("X", at, at + minute, minute, source="rollup")
+    assert after.rows[0][1:7] == (
+        Decimal("0.5"),
+        Decimal("1.0"),
+        Decimal("0.5"),
+        Decimal("1.0"),
+        4,
+        2,
+    )
+
+
+async def test_gap_filling_carries_the_previous_close(
+    core: Application, client_for: ClientFactory, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("gaps")
+    client = await client_for(tenant, (Scope.READ,))
+    minute = dt.timedelta(minutes=1)
+    at = BASE.replace(hour=12)
+    await load(core, [
+        (at + dt.timedelta(minutes=1, seconds=10), tenant.tenant_id, "u", "G", Decimal("2.0"), None, 5),
+        (at + dt.timedelta(minutes=1, seconds=20), tenant.tenant_id, "u", "G", Decimal("2.5"), None, 5),
+        (at + dt.timedelta(minutes=4, seconds=1), tenant.tenant_id, "u", "G", Decimal("3.0"), None, 1),
+    ])  # fmt: skip
+    filled = await client.candles("G", at, at + 5 * minute, minute, gap_fill=True)
+    rows = [(r[0] - at, r[1], r[4], r[5]) for r in filled.rows]
+    assert rows == [
+        (dt.timedelta(0), None, None, 0),  # before the first tick: nothing to carry
+        (minute, Decimal("2.0"), Decimal("2.5"), 10),
+        (2 * minute, Decimal("2.5"), Decimal("2.5"), 0),  # carried
+        (3 * minute, Decimal("2.5"), Decimal("2.5"), 0),
+        (4 * minute, Decimal("3.0"), Decimal("3.0"), 1),
+    ]
+    plain = await client.candles("G", at, at + 5 * minute, minute)
+    assert len(plain.rows) == 2
+
+
+async def test_vwap_and_spread_statistics(
+    core: Application, client_for: ClientFactory, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("vwap")
+    client = await client_for(tenant, (Scope.READ,))
+    at = BASE.replace(hour=14)
+    await load(core, [
+        (at + dt.timedelta(seconds=1), tenant.tenant_id, "u", "V", Decimal("1.0"), Decimal("1.2"), 1),
+        (at + dt.timedelta(seconds=2), tenant.tenant_id, "u", "V", Decimal("2.0"), Decimal("2.4"), 3),
+    ])  # fmt: skip
+    (row,) = (await client.candles("V", at, at + dt.timedelta(hours=1), dt.timedelta(hours=1))).rows
+    prices = (Decimal("1.1"), Decimal("2.2"))
+    assert row[7] == (prices[0] * 1 + prices[1] * 3) / 4  # vwap
+    assert (row[8], row[9], row[10]) == (Decimal("0.3"), Decimal("0.2"), Decimal("0.4"))
+
+
+async def test_last_tick_per_symbol(
+    core: Application, client_for: ClientFactory, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("last")
+    client = await client_for(tenant, (Scope.READ,))
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    await load(core, [
+        (now - dt.timedelta(seconds=30), tenant.tenant_id, "u", "A", Decimal("1"), None, 1),
+        (now - dt.timedelta(seconds=10), tenant.tenant_id, "u", "A", Decimal("2"), None, 1),
+        (now - dt.timedelta(seconds=20), tenant.tenant_id, "u", "B", Decimal("3"), None, 1),
+    ])  # fmt: skip
+    last = await client.last_ticks(now - dt.timedelta(minutes=5))
+    assert [(r[0], r[2]) for r in last.rows] == [("A", Decimal("2")), ("B", Decimal("3"))]
+
+
+@pytest.mark.parametrize(
+    ("interval", "span", "extra"),
+    [
+        (dt.timedelta(seconds=1), dt.timedelta(days=2), {}),  # 172,800 buckets: over the limit
+        (dt.timedelta(days=2), dt.timedelta(days=3), {}),  # longer than a day
+        (dt.timedelta(minutes=1), dt.timedelta(hours=1), {"timezone": "Mars/Olympus"}),
+        (
+            dt.timedelta(minutes=1),
+            dt.timedelta(hours=1),
+            {"source": "rollup", "origin": dt.datetime(2000, 1, 1, 0, 0, 7, tzinfo=dt.UTC)},
+        ),
+    ],
+)
+async def test_bad_candle_requests_are_refused(
+    client: MultiDatabaseClient, interval: dt.timedelta, span: dt.timedelta, extra: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidArgument):
+        await client.candles("EURUSD", BASE, BASE + span, interval, **extra)
