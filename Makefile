@@ -48,6 +48,7 @@ proto: $(VENV)/.dev-installed
 bench: $(VENV)/.dev-installed
 	$(BIN)/python bench/query_core.py
 	$(BIN)/python bench/grpc_query.py
+	$(BIN)/python bench/candles.py
 
 # The back ends the tests use besides the embedded ones (today: Debian's PostgreSQL 15), for
 # running pytest by hand: DBSVC_TEST_POSTGRES_URL="$$(bash scripts/pg15.sh url)" .venv/bin/pytest

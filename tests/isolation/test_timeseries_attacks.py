@@ -75,7 +75,7 @@ async def test_recompute_function_is_not_callable_by_tenants(
 ) -> None:
     with pytest.raises(Exception) as info:
         await as_a.fetch_all(
-            f"SELECT {tenants.shared}.recompute_candles_1m(ARRAY[$1], ARRAY['EURUSD'], ARRAY[now()])",
+            f"SELECT {tenants.shared}.recompute_candles_1m(ARRAY[$1], ARRAY['EURUSD'], ARRAY[now()], now(), now())",
             [tenants.b.tenant_id],
         )
     assert getattr(info.value, "sqlstate", None) == "42501"

@@ -100,7 +100,18 @@ def candle_sql(shared: str, q: CandleQuery) -> tuple[str, list[Any]]:
         "date_bin($4::interval, {col} AT TIME ZONE $5, $6::timestamptz AT TIME ZONE $5)"
         " AT TIME ZONE $5"
     )
-    if uses_rollup(q):
+    if uses_rollup(q) and q.interval == MINUTE:
+        # The rollup's own buckets: no re-aggregation (any time zone's offset is whole minutes).
+        inner = f"""
+            SELECT bucket, open, high, low, close, volume, ticks::bigint AS ticks,
+                   price_volume / nullif(volume, 0) AS vwap,
+                   spread_sum / nullif(spread_n, 0) AS spread_avg, spread_min, spread_max
+            FROM {schema}.candles_1m
+            WHERE symbol = $1 AND bucket >= $2 AND bucket < $3
+              -- unused here, but every parameter must have a type
+              AND $4::interval IS NOT NULL AND $5::text IS NOT NULL
+              AND $6::timestamptz IS NOT NULL"""
+    elif uses_rollup(q):
         inner = f"""
             SELECT {bucket.format(col="bucket")} AS bucket,
                    (array_agg(open ORDER BY bucket))[1] AS open, max(high) AS high,

@@ -99,13 +99,16 @@ CREATE FUNCTION {{shared}}.tick_price(bid numeric, ask numeric) RETURNS numeric
 
 -- Recompute the 1-minute candles of the given (company, symbol, minute) keys from the raw ticks:
 -- delete them, then insert what the ticks say now (a minute left without ticks disappears).
-CREATE FUNCTION {{shared}}.recompute_candles_1m(companies text[], symbols text[], buckets timestamptz[])
+-- lo/hi bound the minutes, so only the partitions of that time range are scanned.
+CREATE FUNCTION {{shared}}.recompute_candles_1m(
+        companies text[], symbols text[], buckets timestamptz[], lo timestamptz, hi timestamptz)
     RETURNS void LANGUAGE sql
     SET search_path = pg_catalog
 BEGIN ATOMIC
     DELETE FROM {{shared}}.candles_1m c
     USING unnest(companies, symbols, buckets) AS k(company_id, symbol, bucket)
-    WHERE c.company_id = k.company_id AND c.symbol = k.symbol AND c.bucket = k.bucket;
+    WHERE c.company_id = k.company_id AND c.symbol = k.symbol AND c.bucket = k.bucket
+      AND c.bucket >= lo AND c.bucket < hi;
     INSERT INTO {{shared}}.candles_1m (company_id, symbol, bucket, open, high, low, close,
         volume, ticks, price_volume, spread_sum, spread_min, spread_max, spread_n)
     SELECT t.company_id, t.symbol, k.bucket,
@@ -120,10 +123,10 @@ BEGIN ATOMIC
     JOIN {{shared}}.trading_ticks t
       ON t.company_id = k.company_id AND t.symbol = k.symbol
      AND t.time >= k.bucket AND t.time < k.bucket + interval '1 minute'
-    WHERE {{shared}}.tick_price(t.bid, t.ask) IS NOT NULL
+    WHERE t.time >= lo AND t.time < hi AND {{shared}}.tick_price(t.bid, t.ask) IS NOT NULL
     GROUP BY t.company_id, t.symbol, k.bucket;
 END;
-REVOKE ALL ON FUNCTION {{shared}}.recompute_candles_1m(text[], text[], timestamptz[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {{shared}}.recompute_candles_1m(text[], text[], timestamptz[], timestamptz, timestamptz) FROM PUBLIC;
 
 -- Statement triggers (one call per INSERT/COPY/UPDATE/DELETE, not per row). SECURITY DEFINER:
 -- tenants cannot write candles_1m themselves; the keys come only from the rows they wrote.
@@ -131,7 +134,8 @@ CREATE FUNCTION {{shared}}.candles_1m_after_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
 AS $$
 BEGIN
-    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol), array_agg(bucket))
+    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol),
+        array_agg(bucket), min(bucket), max(bucket) + interval '1 minute')
     FROM (SELECT DISTINCT company_id::text, symbol::text,
                  date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
           FROM new_ticks) k;
@@ -143,7 +147,8 @@ CREATE FUNCTION {{shared}}.candles_1m_after_delete() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
 AS $$
 BEGIN
-    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol), array_agg(bucket))
+    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol),
+        array_agg(bucket), min(bucket), max(bucket) + interval '1 minute')
     FROM (SELECT DISTINCT company_id::text, symbol::text,
                  date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
           FROM old_ticks) k;
@@ -155,7 +160,8 @@ CREATE FUNCTION {{shared}}.candles_1m_after_update() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
 AS $$
 BEGIN
-    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol), array_agg(bucket))
+    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol),
+        array_agg(bucket), min(bucket), max(bucket) + interval '1 minute')
     FROM (SELECT company_id::text, symbol::text,
                  date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
           FROM old_ticks
