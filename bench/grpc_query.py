@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import secrets
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import uvloop
+from harness import running_service  # bench/ is on sys.path when run as a script
 
-from database_service.supervisor import EmbeddedPostgres, free_port
 from database_service_client import MultiDatabaseClient
 
 POOL = 8
@@ -42,7 +35,6 @@ async def run_load(
     call: Callable[[int], Awaitable[Any]], concurrency: int, seconds: float
 ) -> tuple[float, list[float]]:
     latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
 
     async def worker(w: int) -> None:
         i = w
@@ -55,6 +47,7 @@ async def run_load(
     for i in range(50):  # warm up statement caches and pools
         await call(i)
     started = time.perf_counter()
+    deadline = started + seconds
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return len(latencies) / (time.perf_counter() - started), latencies
 
@@ -68,64 +61,12 @@ def line(name: str, rps: float, lat: list[float], base: float | None) -> float:
 
 
 async def main(seconds: float, bulk_rows: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        async with EmbeddedPostgres(Path(tmp) / "pg") as pg:
-            admin_token = secrets.token_urlsafe(32)
-            http_port, grpc_port = free_port(), free_port()
-            env = {
-                **os.environ,
-                "DBSVC_POSTGRES_URL": pg.dsn,
-                "DBSVC_DATA_DIR": str(Path(tmp) / "data"),
-                "DBSVC_HTTP_PORT": str(http_port),
-                "DBSVC_GRPC_PORT": str(grpc_port),
-                "DBSVC_NATS_EMBEDDED": "false",
-                "DBSVC_BOOTSTRAP_ADMIN_TOKEN": admin_token,
-                "DBSVC_POOL_MAX_PER_TENANT": str(POOL),
-                "DBSVC_LOG_LEVEL": "WARNING",
-            }
-            service = subprocess.Popen(  # noqa: ASYNC220 - returns at once; readiness is polled
-                [str(Path(sys.executable).parent / "database-service"), "serve"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-            )
-            try:
-                await bench(pg.dsn, http_port, grpc_port, admin_token, seconds, bulk_rows)
-            finally:
-                service.terminate()
-                service.wait(30)
+    async with running_service(DBSVC_POOL_MAX_PER_TENANT=str(POOL)) as service:
+        token = await service.tenant_token("bench", ["read", "write"])
+        await bench(service.dsn, service.grpc, token, seconds, bulk_rows)
 
 
-async def bench(
-    dsn: str, http_port: int, grpc_port: int, admin_token: str, seconds: float, bulk_rows: int
-) -> None:
-    admin = {"Authorization": f"Bearer {admin_token}"}
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http:
-        for _ in range(300):
-            try:
-                if (await http.get("/api/v1/health")).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-        created = await http.post(
-            "/api/v1/admin/schema/create", json={"tenant_id": "bench"}, headers=admin
-        )
-        created.raise_for_status()
-        await http.post(
-            "/api/v1/admin/services",
-            json={
-                "service": "bench",
-                "tenants": ["bench"],
-                "scopes": ["read", "write"],
-                "with_secret": False,
-            },
-            headers=admin,
-        )
-        issued = await http.post(
-            "/api/v1/admin/tokens", json={"service": "bench", "ttl_seconds": 3600}, headers=admin
-        )
-        token = issued.json()["access_token"]
-
+async def bench(dsn: str, grpc_target: str, token: str, seconds: float, bulk_rows: int) -> None:
     owner = await asyncpg.connect(dsn)
     await owner.execute(
         "INSERT INTO tenant_bench.users (user_id, email, subscription_tier)"
@@ -139,7 +80,7 @@ async def bench(
         dsn, min_size=POOL, max_size=POOL, server_settings={"search_path": "tenant_bench"}
     )
     assert direct is not None
-    client = MultiDatabaseClient(f"127.0.0.1:{grpc_port}", "bench", token)
+    client = MultiDatabaseClient(grpc_target, "bench", token)
 
     def key(i: int) -> str:
         return f"u{i % 100000 + 1:06d}"
