@@ -110,12 +110,14 @@ class Application:
         embedded_postgres_stops: bool = True,
         start_nats: bool = True,
         migrate_tenants_on_start: bool = True,
+        maintain_partitions: bool = True,
     ) -> None:
         self.settings = settings.resolve_secrets()
         self._migrator_override = migrator
         self._embedded_postgres_stops = embedded_postgres_stops
         self._start_nats = start_nats
         self._migrate_tenants = migrate_tenants_on_start
+        self._maintain_partitions = maintain_partitions
         self._stack = contextlib.AsyncExitStack()
         self.startup_report: MigrationReport | None = None
 
@@ -246,11 +248,12 @@ class Application:
             ],
             metrics=self.metrics,
         )
-        await self.partitions.maintain()  # partitions for now exist before the first request
-        maintenance = asyncio.create_task(
-            self.partitions.run_forever(s.ts_maintenance_interval_seconds), name="partitions"
-        )
-        stack.push_async_callback(_cancel, maintenance)
+        if self._maintain_partitions:
+            await self.partitions.maintain()  # partitions for now exist before the first request
+            maintenance = asyncio.create_task(
+                self.partitions.run_forever(s.ts_maintenance_interval_seconds), name="partitions"
+            )
+            stack.push_async_callback(_cancel, maintenance)
         self.metrics.register(_PartitionCollector(self.partitions))
         self.health = HealthReporter(
             owner_pool=self.owner_pool,

@@ -94,8 +94,13 @@ async def _serve(settings: Settings) -> int:
 
 
 async def _with_core(settings: Settings, work: Callable[[Application], Awaitable[int]]) -> int:
+    # Admin commands: no NATS, no tenant migrations and no partition maintenance at start.
     async with Application(
-        settings, embedded_postgres_stops=False, start_nats=False, migrate_tenants_on_start=False
+        settings,
+        embedded_postgres_stops=False,
+        start_nats=False,
+        migrate_tenants_on_start=False,
+        maintain_partitions=False,
     ) as core:
         return await work(core)
 

@@ -264,3 +264,38 @@ async def test_bad_candle_requests_are_refused(
 ) -> None:
     with pytest.raises(InvalidArgument):
         await client.candles("EURUSD", BASE, BASE + span, interval, **extra)
+
+
+async def test_deleting_and_updating_ticks_correct_their_minutes(
+    core: Application, client_for: ClientFactory, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("edit_candle")
+    client = await client_for(tenant, (Scope.READ,))
+    shared = core.settings.shared_schema
+    minute = dt.timedelta(minutes=1)
+    at = BASE.replace(hour=16)
+    await load(core, [
+        (at + dt.timedelta(seconds=10), tenant.tenant_id, "u", "E", Decimal("1.0"), None, 1),
+        (at + dt.timedelta(seconds=20), tenant.tenant_id, "u", "E", Decimal("2.0"), None, 1),
+        (at + dt.timedelta(minutes=1, seconds=5), tenant.tenant_id, "u", "E", Decimal("3.0"), None, 1),
+    ])  # fmt: skip
+    await core.owner_pool.execute(
+        f"DELETE FROM {shared}.trading_ticks WHERE company_id = $1 AND bid = 2.0", tenant.tenant_id
+    )
+    after_delete = await client.candles("E", at, at + 2 * minute, minute, source="rollup")
+    assert [(r[1], r[4], r[6]) for r in after_delete.rows] == [
+        (Decimal("1.0"), Decimal("1.0"), 1),
+        (Decimal("3.0"), Decimal("3.0"), 1),
+    ]
+    # Moving a tick to another minute updates both minutes; emptying a minute removes its candle.
+    await core.owner_pool.execute(
+        f"UPDATE {shared}.trading_ticks SET time = time + interval '1 minute'"
+        " WHERE company_id = $1 AND bid = 1.0",
+        tenant.tenant_id,
+    )
+    after_update = await client.candles("E", at, at + 2 * minute, minute, source="rollup")
+    assert [(r[0] - at, r[1], r[4], r[6]) for r in after_update.rows] == [
+        (minute, Decimal("3.0"), Decimal("1.0"), 2),
+    ]
+    raw = await client.candles("E", at, at + 2 * minute, minute, source="raw")
+    assert raw.rows == after_update.rows

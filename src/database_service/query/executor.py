@@ -17,7 +17,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -297,7 +297,7 @@ class QueryExecutor:
         batch_rows: int = 500,
         read_only: bool = False,
         action: str = "query.stream",
-    ) -> AsyncIterator[Header | list[asyncpg.Record] | Summary]:
+    ) -> AsyncGenerator[Header | list[asyncpg.Record] | Summary, None]:
         """One statement, streamed: a Header, batches of rows, a Summary.
 
         Reads go through a server-side cursor, so neither side holds the whole result; the
@@ -402,7 +402,9 @@ class QueryExecutor:
                 target = await self._target(conn, tenant, table, columns)
                 records = self._records(target, columns, batches)
                 if not target.rls:
-                    status = await _copy(conn, target.schema, target.name, columns, records)
+                    status = await _copy(
+                        conn, tenant.tenant_id, target.schema, target.name, columns, records
+                    )
                 else:
                     stage = await self._stage(conn, tenant, target, columns, records)
                     cols = ", ".join(quote_ident(c) for c in columns)
@@ -527,7 +529,7 @@ class QueryExecutor:
                 f"CREATE UNLOGGED TABLE {quote_ident(tenant.schema_name)}.{quote_ident(name)}"
                 f" AS SELECT {cols} FROM {target.qualified} WITH NO DATA"
             )
-        await _copy(conn, tenant.schema_name, name, columns, records)
+        await _copy(conn, tenant.tenant_id, tenant.schema_name, name, columns, records)
         return f"{quote_ident(tenant.schema_name)}.{quote_ident(name)}"
 
     async def _statement(
@@ -563,6 +565,7 @@ _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
 
 async def _copy(
     conn: Connection,
+    tenant_id: str,
     schema: str,
     table: str,
     columns: Sequence[str],
@@ -570,7 +573,7 @@ async def _copy(
 ) -> str:
     """Binary COPY of records; a failing row is named in the error (PostgreSQL says 'line N')."""
     try:
-        with postgres_errors(schema):
+        with postgres_errors(tenant_id):
             return await conn.copy_records_to_table(
                 table, schema_name=schema, columns=list(columns), records=records
             )

@@ -174,12 +174,16 @@ def create_http_app(core: Application) -> FastAPI:
         names = [c.name for c in header.columns]
 
         async def lines() -> AsyncIterator[bytes]:
-            async for event in events:
-                if isinstance(event, Summary | ResultHeader):
-                    continue
-                for row in event:
-                    item = {n: encode_value(v) for n, v in zip(names, row, strict=True)}
-                    yield json.dumps(item).encode() + b"\n"
+            try:
+                async for event in events:
+                    if isinstance(event, Summary | ResultHeader):
+                        continue
+                    for row in event:
+                        item = {n: encode_value(v) for n, v in zip(names, row, strict=True)}
+                        yield json.dumps(item).encode() + b"\n"
+            finally:
+                # A client that goes away mid-stream: release the cursor and its connection now.
+                await events.aclose()
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 

@@ -130,58 +130,55 @@ REVOKE ALL ON FUNCTION {{shared}}.recompute_candles_1m(text[], text[], timestamp
 
 -- Statement triggers (one call per INSERT/COPY/UPDATE/DELETE, not per row). SECURITY DEFINER:
 -- tenants cannot write candles_1m themselves; the keys come only from the rows they wrote.
-CREATE FUNCTION {{shared}}.candles_1m_after_insert() RETURNS trigger
+-- One function for all three: PL/pgSQL plans a statement when it first runs it, so each trigger
+-- only ever touches the transition tables it declares.
+CREATE FUNCTION {{shared}}.candles_1m_after_write() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
 AS $$
+DECLARE
+    companies text[];
+    symbols text[];
+    buckets timestamptz[];
 BEGIN
-    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol),
-        array_agg(bucket), min(bucket), max(bucket) + interval '1 minute')
-    FROM (SELECT DISTINCT company_id::text, symbol::text,
-                 date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
-          FROM new_ticks) k;
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(company_id), array_agg(symbol), array_agg(bucket)
+        INTO companies, symbols, buckets
+        FROM (SELECT DISTINCT company_id::text, symbol::text,
+                     date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
+              FROM new_ticks) k;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT array_agg(company_id), array_agg(symbol), array_agg(bucket)
+        INTO companies, symbols, buckets
+        FROM (SELECT DISTINCT company_id::text, symbol::text,
+                     date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
+              FROM old_ticks) k;
+    ELSE
+        SELECT array_agg(company_id), array_agg(symbol), array_agg(bucket)
+        INTO companies, symbols, buckets
+        FROM (SELECT company_id::text, symbol::text,
+                     date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
+              FROM old_ticks
+              UNION
+              SELECT company_id::text, symbol::text,
+                     date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00')
+              FROM new_ticks) k;
+    END IF;
+    IF buckets IS NOT NULL THEN
+        PERFORM {{shared}}.recompute_candles_1m(companies, symbols, buckets,
+            (SELECT min(b) FROM unnest(buckets) b),
+            (SELECT max(b) FROM unnest(buckets) b) + interval '1 minute');
+    END IF;
     RETURN NULL;
 END
 $$;
-
-CREATE FUNCTION {{shared}}.candles_1m_after_delete() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
-AS $$
-BEGIN
-    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol),
-        array_agg(bucket), min(bucket), max(bucket) + interval '1 minute')
-    FROM (SELECT DISTINCT company_id::text, symbol::text,
-                 date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
-          FROM old_ticks) k;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION {{shared}}.candles_1m_after_update() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
-AS $$
-BEGIN
-    PERFORM {{shared}}.recompute_candles_1m(array_agg(company_id), array_agg(symbol),
-        array_agg(bucket), min(bucket), max(bucket) + interval '1 minute')
-    FROM (SELECT company_id::text, symbol::text,
-                 date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
-          FROM old_ticks
-          UNION
-          SELECT company_id::text, symbol::text,
-                 date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00')
-          FROM new_ticks) k;
-    RETURN NULL;
-END
-$$;
-REVOKE ALL ON FUNCTION {{shared}}.candles_1m_after_insert() FROM PUBLIC;
-REVOKE ALL ON FUNCTION {{shared}}.candles_1m_after_delete() FROM PUBLIC;
-REVOKE ALL ON FUNCTION {{shared}}.candles_1m_after_update() FROM PUBLIC;
+REVOKE ALL ON FUNCTION {{shared}}.candles_1m_after_write() FROM PUBLIC;
 
 CREATE TRIGGER candles_1m_insert AFTER INSERT ON {{shared}}.trading_ticks
     REFERENCING NEW TABLE AS new_ticks FOR EACH STATEMENT
-    EXECUTE FUNCTION {{shared}}.candles_1m_after_insert();
+    EXECUTE FUNCTION {{shared}}.candles_1m_after_write();
 CREATE TRIGGER candles_1m_delete AFTER DELETE ON {{shared}}.trading_ticks
     REFERENCING OLD TABLE AS old_ticks FOR EACH STATEMENT
-    EXECUTE FUNCTION {{shared}}.candles_1m_after_delete();
+    EXECUTE FUNCTION {{shared}}.candles_1m_after_write();
 CREATE TRIGGER candles_1m_update AFTER UPDATE ON {{shared}}.trading_ticks
     REFERENCING OLD TABLE AS old_ticks NEW TABLE AS new_ticks FOR EACH STATEMENT
-    EXECUTE FUNCTION {{shared}}.candles_1m_after_update();
+    EXECUTE FUNCTION {{shared}}.candles_1m_after_write();
