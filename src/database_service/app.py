@@ -18,6 +18,17 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from database_service.auth import Authenticator, ServiceDirectory, TokenCodec
 from database_service.config import Settings
+from database_service.ingest import (
+    DeadLetterStore,
+    IngestionProbe,
+    IngestPipeline,
+    IngestWriter,
+    JetStreamIngest,
+    JetStreamSettings,
+    KafkaIngest,
+    KafkaProbe,
+    KafkaSettings,
+)
 from database_service.observability import (
     AuditLog,
     HealthReporter,
@@ -39,7 +50,7 @@ from database_service.tenancy import (
     TenantManager,
     TenantRegistry,
 )
-from database_service.tenancy.secrets import derive_key
+from database_service.tenancy.secrets import TenantLogins, derive_key
 from database_service.timeseries import PartitionManager, SeriesSpec
 
 __all__ = ["Application", "Endpoints"]
@@ -111,6 +122,7 @@ class Application:
         start_nats: bool = True,
         migrate_tenants_on_start: bool = True,
         maintain_partitions: bool = True,
+        consume: bool | None = None,
     ) -> None:
         self.settings = settings.resolve_secrets()
         self._migrator_override = migrator
@@ -118,6 +130,8 @@ class Application:
         self._start_nats = start_nats
         self._migrate_tenants = migrate_tenants_on_start
         self._maintain_partitions = maintain_partitions
+        # Ingestion consumers run where the transports do (not in admin commands).
+        self._consume = start_nats if consume is None else consume
         self._stack = contextlib.AsyncExitStack()
         self.startup_report: MigrationReport | None = None
 
@@ -225,6 +239,17 @@ class Application:
                 await stack.enter_async_context(NatsProbe(nats_url, embedded=s.nats_url is None))
             )
         self.endpoints = Endpoints(postgres_dsn=dsn, nats_url=nats_url)
+        self.dead_letters = DeadLetterStore(self.owner_pool, control_schema=s.control_schema)
+        self.ingest = IngestPipeline(
+            writer=IngestWriter(self.pools, shared_schema=s.shared_schema),
+            dead_letters=self.dead_letters,
+            authenticator=self.authenticator,
+            registry=self.registry,
+            logins=TenantLogins(self.secret_box),
+            metrics=self.metrics,
+            require_token=s.ingest_require_token,
+        )
+        await self._start_consumers(nats_url, probes)
         retention = dt.timedelta(days=s.ts_retention_days)
         ahead = dt.timedelta(hours=s.ts_create_ahead_hours)
         self.partitions = PartitionManager(
@@ -265,3 +290,45 @@ class Application:
             data_dir=s.data_dir,
             count_active_tenants=self.registry.count_active,
         )
+
+    async def _start_consumers(self, nats_url: str | None, probes: list[DependencyProbe]) -> None:
+        s = self.settings
+        if not (self._consume and s.ingest_enabled):
+            return
+        transports = []
+        if nats_url is not None:
+            await self._stack.enter_async_context(
+                JetStreamIngest(
+                    JetStreamSettings(
+                        url=nats_url,
+                        stream=s.ingest_nats_stream,
+                        subjects=s.ingest_nats_subjects,
+                        durable=s.ingest_nats_durable,
+                        dead_letter_subject=s.ingest_nats_dead_letter_subject,
+                        max_age_seconds=s.ingest_max_age_seconds,
+                        ack_wait_seconds=s.ingest_ack_wait_seconds,
+                        batch_messages=s.ingest_batch_messages,
+                        max_ack_pending=s.ingest_max_ack_pending,
+                    ),
+                    self.ingest,
+                )
+            )
+            transports.append("nats")
+        if s.kafka_bootstrap is not None:
+            await self._stack.enter_async_context(
+                KafkaIngest(
+                    KafkaSettings(
+                        bootstrap=s.kafka_bootstrap,
+                        topics=s.ingest_kafka_topics,
+                        group=s.ingest_kafka_group,
+                        dead_letter_topic=s.ingest_kafka_dead_letter_topic,
+                        partitions=s.ingest_kafka_partitions,
+                        max_records=s.ingest_batch_messages,
+                    ),
+                    self.ingest,
+                )
+            )
+            transports.append("kafka")
+            probes.append(KafkaProbe(self.ingest, s.kafka_bootstrap))
+        if transports:
+            probes.append(IngestionProbe(self.ingest, self.dead_letters, transports))

@@ -98,6 +98,25 @@ class Settings(BaseSettings):
     nats_embedded: bool = True
     nats_port: int = Field(default=4222, ge=0, le=65535)
 
+    # Ingestion (NATS JetStream and Kafka carry the same IngestBatch messages).
+    ingest_enabled: bool = True
+    # Every message must carry `Authorization: Bearer <token>` with the ingest scope for the
+    # tenants of its records; without it, anyone who can publish could write any tenant.
+    ingest_require_token: bool = True
+    ingest_nats_stream: str = "DATABASE_INGEST"
+    ingest_nats_subjects: list[str] = ["database.trading-data", "database.real-time-analytics"]
+    ingest_nats_durable: str = "database-service-ingest"
+    ingest_nats_dead_letter_subject: str = "database.dead-letter"
+    ingest_max_age_seconds: float = Field(default=7 * 86_400.0, gt=0)
+    ingest_ack_wait_seconds: float = Field(default=30.0, ge=1)
+    ingest_batch_messages: int = Field(default=64, ge=1, le=10_000)
+    ingest_max_ack_pending: int = Field(default=1024, ge=1)
+    kafka_bootstrap: str | None = None
+    ingest_kafka_topics: list[str] = ["database-trading-data", "database-analytics-data"]
+    ingest_kafka_group: str = "database-service-ingest"
+    ingest_kafka_dead_letter_topic: str = "database-dead-letter"
+    ingest_kafka_partitions: int = Field(default=4, ge=1, le=1000)
+
     # Secrets. Generated under data_dir when not set.
     master_key: SecretStr | None = None
     bootstrap_admin_token: SecretStr | None = None

@@ -62,6 +62,39 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.ingest_messages = Counter(
+            "dbsvc_ingest_messages", "Transport messages processed, by transport.",
+            ["transport"], registry=self.registry,
+        )  # fmt: skip
+        self.ingest_records = Counter(
+            "dbsvc_ingest_records",
+            "Ingested records by transport and outcome (stored, duplicate, dead_letter).",
+            ["transport", "outcome"],
+            registry=self.registry,
+        )
+        self.ingest_dead_letters = Counter(
+            "dbsvc_ingest_dead_letters", "Dead letters written, by transport and code.",
+            ["transport", "code"], registry=self.registry,
+        )  # fmt: skip
+        self.ingest_errors = Counter(
+            "dbsvc_ingest_errors",
+            "Transient ingestion failures (retried), by transport and code.",
+            ["transport", "code"],
+            registry=self.registry,
+        )
+        self.ingest_batch_records = Histogram(
+            "dbsvc_ingest_batch_records", "Records per processed batch, by transport.",
+            ["transport"], buckets=(1, 10, 100, 1_000, 10_000, 100_000),
+            registry=self.registry,
+        )  # fmt: skip
+        self.ingest_batch_seconds = Histogram(
+            "dbsvc_ingest_batch_duration_seconds",
+            "Time from pull to commit of a batch, by transport.",
+            ["transport"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
     def register(self, collector: Collector) -> None:
         """Add a collector that reads live state (pool sizes, tenants) at scrape time."""
         self.registry.register(collector)

@@ -40,6 +40,7 @@ from database_service.query.boundary import postgres_errors, prepare_cached
 from database_service.query.values import PgType, coerce_params, coerce_row
 from database_service.sqlguard import Classification, SqlGuard, StatementKind
 from database_service.tenancy import SecretBox, TenantRecord, TenantRegistry, quote_ident
+from database_service.tenancy.secrets import TenantLogins
 
 __all__ = [
     "Column",
@@ -152,23 +153,16 @@ class QueryExecutor:
     ) -> None:
         self._pools = pools
         self._registry = registry
-        self._box = secret_box
         self._guard = guard
         self._audit = audit
         self._metrics = metrics
         self._shared = (shared_schema,)
         self._max_params = max_params
         self._max_rows = max_result_rows
-        self._logins: dict[str, tuple[str, TenantLogin]] = {}
+        self._logins = TenantLogins(secret_box)
 
     def _login(self, tenant: TenantRecord) -> TenantLogin:
-        # Decrypting on every request would cost ~50 µs; cache by the sealed secret's value.
-        cached = self._logins.get(tenant.tenant_id)
-        if cached is not None and cached[0] == tenant.role_secret:
-            return cached[1]
-        login = TenantLogin(tenant.tenant_id, tenant.role_name, self._box.open(tenant.role_secret))
-        self._logins[tenant.tenant_id] = (tenant.role_secret, login)
-        return login
+        return self._logins.login(tenant)
 
     async def authorize(
         self, principal: Principal, ctx: TenantContext, sql: str

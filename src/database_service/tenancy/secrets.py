@@ -11,12 +11,24 @@ import base64
 import hashlib
 import hmac
 import secrets
+from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-__all__ = ["SecretBox", "derive_key", "new_role_password", "scram_sha256_verifier"]
+from database_service.postgres import TenantLogin
+
+if TYPE_CHECKING:
+    from database_service.tenancy.registry import TenantRecord
+
+__all__ = [
+    "SecretBox",
+    "TenantLogins",
+    "derive_key",
+    "new_role_password",
+    "scram_sha256_verifier",
+]
 
 
 def derive_key(master_key: str, purpose: str, length: int = 32) -> bytes:
@@ -58,3 +70,22 @@ def scram_sha256_verifier(password: str, *, iterations: int = 4096) -> str:
         return base64.b64encode(raw).decode()
 
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+class TenantLogins:
+    """A tenant's pool login, with its secret opened once per sealed value.
+
+    Opening the sealed secret costs ~50 µs; the cache is keyed by the sealed value, so a
+    rotated secret is picked up on the next lookup."""
+
+    def __init__(self, box: SecretBox) -> None:
+        self._box = box
+        self._cache: dict[str, tuple[str, TenantLogin]] = {}
+
+    def login(self, tenant: TenantRecord) -> TenantLogin:
+        cached = self._cache.get(tenant.tenant_id)
+        if cached is not None and cached[0] == tenant.role_secret:
+            return cached[1]
+        login = TenantLogin(tenant.tenant_id, tenant.role_name, self._box.open(tenant.role_secret))
+        self._cache[tenant.tenant_id] = (tenant.role_secret, login)
+        return login

@@ -1,0 +1,190 @@
+"""The Kafka consumer: one member of a consumer group, offsets committed after PostgreSQL.
+
+The group spreads the topics' partitions across service instances. Offsets are committed by
+hand, only after the pipeline has committed the batch's records (or their dead letters); auto
+commit is off. On a rebalance, revocation waits for the batch in hand to finish and commit, so
+a partition changes hands at a committed offset; if a commit still fails (the member was
+evicted), the new owner reads the batch again and the unique event ids make that harmless.
+
+aiokafka rather than confluent-kafka: it is asyncio-native (confluent's consumer blocks and
+would need a thread per poll) and ``bench/kafka_clients.py`` measures both on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import CommitFailedError, TopicAlreadyExistsError
+
+from database_service.ingest.deadletters import NewDeadLetter
+from database_service.ingest.pipeline import Inbound, IngestPipeline
+
+__all__ = ["KafkaIngest", "KafkaSettings"]
+
+log = logging.getLogger(__name__)
+
+TRANSPORT = "kafka"
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    bootstrap: str
+    topics: Sequence[str]
+    group: str
+    dead_letter_topic: str
+    partitions: int
+    max_records: int
+
+
+class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self._lock = lock
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        async with self._lock:  # the batch in hand commits before its partitions move
+            pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info(
+            "kafka ingest: assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
+        )
+
+
+class KafkaIngest:
+    def __init__(self, settings: KafkaSettings, pipeline: IngestPipeline) -> None:
+        self._s = settings
+        self._pipeline = pipeline
+        self._stats = pipeline.stats(TRANSPORT)
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._producer: Any = None
+
+    async def __aenter__(self) -> KafkaIngest:
+        self._task = asyncio.create_task(self._run(), name="ingest-kafka")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stopping = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=10)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while not self._stopping:
+            consumer = producer = None
+            try:
+                await self._ensure_topics()
+                producer = AIOKafkaProducer(bootstrap_servers=self._s.bootstrap, acks="all")
+                await producer.start()
+                self._producer = producer
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=self._s.bootstrap,
+                    group_id=self._s.group,
+                    client_id="database-service-ingest",
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    max_poll_records=self._s.max_records,
+                    session_timeout_ms=10_000,
+                    heartbeat_interval_ms=2_000,
+                )
+                consumer.subscribe(list(self._s.topics), listener=_WaitForBatch(self._lock))
+                await consumer.start()
+                self._stats.state = "running"
+                delay = 0.2
+                await self._consume(consumer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._stats.state = "disconnected"
+                self._stats.errors += 1
+                self._stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("kafka ingest: %s; retrying in %.1fs", self._stats.last_error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                for client in (consumer, producer):
+                    if client is not None:
+                        with contextlib.suppress(Exception):
+                            await client.stop()
+
+    async def _ensure_topics(self) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._s.bootstrap)
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            wanted = [*self._s.topics, self._s.dead_letter_topic]
+            missing = [t for t in wanted if t not in existing]
+            if missing:
+                with contextlib.suppress(TopicAlreadyExistsError):  # another instance won
+                    await admin.create_topics([NewTopic(t, self._s.partitions, 1) for t in missing])
+        finally:
+            await admin.close()
+
+    async def _consume(self, consumer: Any) -> None:
+        lag_checked = 0.0
+        while not self._stopping:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=self._s.max_records)
+            if time.monotonic() - lag_checked > 2.0:
+                self._stats.lag = await _lag(consumer)
+                lag_checked = time.monotonic()
+            if not batches:
+                continue
+            async with self._lock:
+                inbound = [
+                    Inbound(r.value or b"", f"{r.topic}/{r.partition}@{r.offset}", _auth(r.headers))
+                    for records in batches.values()
+                    for r in records
+                ]
+                # A poison message is dead-lettered whole; committing past it is Kafka's 'term'.
+                await self._pipeline.process(TRANSPORT, inbound, announce=self._announce)
+                offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
+                try:
+                    await consumer.commit(offsets)
+                except CommitFailedError as exc:
+                    log.warning("kafka ingest: commit after rebalance failed (%s); the new owner "
+                                "re-reads the batch and finds it stored", exc)  # fmt: skip
+
+    async def _announce(self, letters: Sequence[NewDeadLetter]) -> None:
+        for letter in letters:
+            await self._producer.send(
+                self._s.dead_letter_topic,
+                letter.payload,
+                key=(letter.tenant_id or "").encode(),
+                headers=[
+                    ("dbsvc-code", letter.code.encode()),
+                    ("dbsvc-reason", letter.reason[:1000].encode()),
+                    ("dbsvc-source", letter.source[:200].encode()),
+                ],
+            )
+        await self._producer.flush()
+
+
+def _auth(headers: Sequence[tuple[str, bytes]] | None) -> str | None:
+    for key, value in headers or ():
+        if key.lower() == "authorization":
+            return value.decode(errors="replace")
+    return None
+
+
+async def _lag(consumer: Any) -> int:
+    """Records behind the partitions' high watermarks (as of the last fetch)."""
+    total = 0
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is not None:
+            total += max(0, high - await consumer.position(tp))
+    return total

@@ -1,0 +1,366 @@
+"""What both transports share: decode, authenticate, validate tenants, store, dead-letter.
+
+A consumer hands ``process`` the messages it pulled and acknowledges them only after it returns:
+by then every record is committed (stored, or found already stored) or committed as a dead
+letter. While PostgreSQL is down or slow, ``process`` retries with backoff instead of returning,
+so the consumer pulls nothing more: memory holds one batch at most, and ingestion resumes by
+itself when PostgreSQL comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from database_service.auth import Authenticator, Principal, Scope
+from database_service.errors import DatabaseServiceError, TenantNotFound, TenantSuspended
+from database_service.ingest.deadletters import DeadLetterStore, NewDeadLetter
+from database_service.ingest.records import (
+    BadPayload,
+    Decoded,
+    Rejected,
+    TenantWork,
+    decode,
+    single_record_batch,
+)
+from database_service.ingest.writer import IngestWriter, is_transient
+from database_service.observability import Metrics
+from database_service.query.boundary import postgres_errors
+from database_service.tenancy import TenantRegistry
+from database_service.tenancy.secrets import TenantLogins
+
+DeadLetterSink = Callable[[Sequence[NewDeadLetter]], Awaitable[None]]
+
+__all__ = [
+    "DeadLetterSink",
+    "Inbound",
+    "IngestPipeline",
+    "ReplayReport",
+    "TransportStats",
+    "Verdict",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One transport message: its bytes, where it came from, and its Authorization header."""
+
+    payload: bytes
+    source: str
+    authorization: str | None = None
+
+
+class Verdict(enum.Enum):
+    ACK = "ack"  # every record is stored or dead-lettered
+    TERM = "term"  # the message itself is poison (dead-lettered whole): never redeliver
+
+
+@dataclass(slots=True)
+class TransportStats:
+    """Live figures per transport, for the health document."""
+
+    messages: int = 0
+    records: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_batch_at: float | None = None
+    lag: int | None = None
+    state: str = "starting"
+    _rate_mark: tuple[float, int] = (0.0, 0)
+    rate: float = 0.0
+
+    def document(self) -> dict[str, Any]:
+        now = time.monotonic()
+        mark_at, mark_records = self._rate_mark
+        if now - mark_at >= 1.0:
+            if mark_at:
+                self.rate = (self.records - mark_records) / (now - mark_at)
+            self._rate_mark = (now, self.records)
+        return {
+            "state": self.state,
+            "messages": self.messages,
+            "records": self.records,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "dead_letters": self.dead_letters,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "lag": self.lag,
+            "records_per_second": round(self.rate, 1),
+            "seconds_since_last_batch": (
+                round(now - self.last_batch_at, 1) if self.last_batch_at else None
+            ),
+        }
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    replayed: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    still_failing: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "replayed": self.replayed,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "still_failing": self.still_failing,
+            "failures": self.failures,
+        }
+
+
+@dataclass(slots=True)
+class _Outcome:
+    stored: int = 0
+    duplicates: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+class IngestPipeline:
+    def __init__(
+        self,
+        *,
+        writer: IngestWriter,
+        dead_letters: DeadLetterStore,
+        authenticator: Authenticator,
+        registry: TenantRegistry,
+        logins: TenantLogins,
+        metrics: Metrics,
+        require_token: bool,
+        max_retry_delay: float = 5.0,
+    ) -> None:
+        self._writer = writer
+        self._dead = dead_letters
+        self._auth = authenticator
+        self._registry = registry
+        self._logins = logins
+        self._metrics = metrics
+        self._require_token = require_token
+        self._max_delay = max_retry_delay
+        self.transports: dict[str, TransportStats] = {}
+
+    def stats(self, transport: str) -> TransportStats:
+        stats = self.transports.get(transport)
+        if stats is None:
+            stats = self.transports[transport] = TransportStats()
+        return stats
+
+    async def process(
+        self,
+        transport: str,
+        messages: Sequence[Inbound],
+        *,
+        announce: DeadLetterSink | None = None,
+    ) -> list[Verdict]:
+        """Store what the messages hold; returns one verdict per message, in order.
+
+        ``announce`` publishes the dead letters on the transport's dead-letter subject or topic
+        once they are committed to the table; it is best effort (the table is the record)."""
+        started = time.perf_counter()
+        stats = self.stats(transport)
+        decoded = Decoded()
+        dead: list[NewDeadLetter] = []
+        verdicts: list[Verdict] = []
+        principals: dict[str | None, Principal | DatabaseServiceError] = {}
+        sources = sorted({m.source for m in messages})
+        for message in messages:
+            verdict, part = await self._open(message, principals, dead, transport)
+            verdicts.append(verdict)
+            if part is not None:
+                decoded.merge(part)
+        dead.extend(self._letter(transport, ",".join(sources), r) for r in decoded.rejected)
+        outcome = await self._store(transport, decoded)
+        dead.extend(self._letter(transport, ",".join(sources), r) for r in outcome.rejected)
+        await self._retry(transport, "dead letters", lambda: self._dead.add(dead))
+        if dead and announce is not None:
+            try:
+                await announce(dead)
+            except Exception as exc:  # best effort: the table is the record
+                log.warning("%s: could not announce %d dead letters: %s", transport, len(dead), exc)
+
+        stats.messages += len(messages)
+        stats.records += decoded.records
+        stats.stored += outcome.stored
+        stats.duplicates += outcome.duplicates
+        stats.dead_letters += len(dead)
+        stats.last_batch_at = time.monotonic()
+        m = self._metrics
+        m.ingest_messages.labels(transport).inc(len(messages))
+        m.ingest_records.labels(transport, "stored").inc(outcome.stored)
+        m.ingest_records.labels(transport, "duplicate").inc(outcome.duplicates)
+        m.ingest_records.labels(transport, "dead_letter").inc(len(dead))
+        for letter in dead:
+            m.ingest_dead_letters.labels(transport, letter.code).inc()
+        m.ingest_batch_records.labels(transport).observe(decoded.records)
+        m.ingest_batch_seconds.labels(transport).observe(time.perf_counter() - started)
+        if dead:
+            log.warning(
+                "%s: %d records dead-lettered (%s)",
+                transport, len(dead), ", ".join(sorted({d.code for d in dead})),
+            )  # fmt: skip
+        return verdicts
+
+    async def _open(
+        self,
+        message: Inbound,
+        principals: dict[str | None, Principal | DatabaseServiceError],
+        dead: list[NewDeadLetter],
+        transport: str,
+    ) -> tuple[Verdict, Decoded | None]:
+        """Authenticate and decode one message; whole-message failures become dead letters."""
+        principal: Principal | None = None
+        if self._require_token:
+            known = principals.get(message.authorization)
+            if known is None:
+
+                async def authenticate() -> None:
+                    try:
+                        found: Principal | DatabaseServiceError = await self._auth.authenticate(
+                            message.authorization
+                        )
+                    except DatabaseServiceError as exc:
+                        if is_transient(exc):  # the service directory lives in PostgreSQL
+                            raise
+                        found = exc
+                    principals[message.authorization] = found
+
+                await self._retry(transport, "authentication", authenticate)
+                known = principals[message.authorization]
+            if isinstance(known, DatabaseServiceError):
+                dead.append(
+                    NewDeadLetter(
+                        transport, message.source, known.error_code, known.message,
+                        message.payload,
+                    )
+                )  # fmt: skip
+                return Verdict.TERM, None
+            principal = known
+        try:
+            part = decode(message.payload)
+        except BadPayload as exc:
+            dead.append(
+                NewDeadLetter(transport, message.source, "bad_protobuf", str(exc), message.payload)
+            )
+            return Verdict.TERM, None
+        if principal is not None:
+            for tenant_id in list(part.work):
+                try:
+                    principal.require(Scope.INGEST, tenant_id)
+                except DatabaseServiceError as exc:
+                    part.rejected.extend(_reject_all(part.work.pop(tenant_id), exc))
+        return Verdict.ACK, part
+
+    async def _store(self, transport: str, decoded: Decoded) -> _Outcome:
+        outcome = _Outcome()
+
+        async def one(work: TenantWork) -> None:
+            async def attempt() -> None:
+                try:
+                    with postgres_errors(work.tenant_id):
+                        tenant = await self._registry.get_active(work.tenant_id)
+                except (TenantNotFound, TenantSuspended) as exc:
+                    outcome.rejected.extend(_reject_all(work, exc))
+                    return
+                result = await self._writer.store(
+                    self._logins.login(tenant), tenant.schema_name, work
+                )
+                outcome.stored += sum(result.stored.values())
+                outcome.duplicates += sum(result.duplicates.values())
+                for event_id, error in result.rejected:
+                    outcome.rejected.append(_rejected(work, event_id, error))
+
+            await self._retry(transport, f"tenant {work.tenant_id}", attempt)
+
+        await asyncio.gather(*(one(w) for w in decoded.work.values()))
+        return outcome
+
+    async def _retry(self, transport: str, what: str, attempt: Any) -> None:
+        """Run ``attempt`` until it passes or fails for good; transient failures wait and retry.
+
+        This is the backpressure: the consumer awaits us and pulls nothing meanwhile."""
+        delay = 0.05
+        stats = self.stats(transport)
+        while True:
+            try:
+                with postgres_errors("-"):
+                    await attempt()
+            except DatabaseServiceError as exc:
+                if not is_transient(exc):
+                    raise
+                stats.errors += 1
+                stats.last_error = f"{exc.error_code}: {exc.message}"[:300]
+                stats.state = "waiting_for_postgresql"
+                self._metrics.ingest_errors.labels(transport, exc.error_code).inc()
+                log.warning("%s: %s: %s; retrying in %.2fs", transport, what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_delay)
+                continue
+            stats.state = "running"
+            return
+
+    @staticmethod
+    def _letter(transport: str, source: str, r: Rejected) -> NewDeadLetter:
+        return NewDeadLetter(
+            transport, source, r.code, r.reason, r.payload, tenant_id=r.tenant_id,
+            event_id=r.event_id,
+        )  # fmt: skip
+
+    async def replay(
+        self, ids: Sequence[int] | None, *, tenant_id: str | None = None, limit: int = 10_000
+    ) -> ReplayReport:
+        """Feed pending dead letters through the store again (an operator's call: no token).
+
+        A letter whose records are now stored (or were already) is marked replayed; one that
+        still fails keeps its place with the new reason in ``replay_result``."""
+        report = ReplayReport()
+        for letter in await self._dead.list(
+            tenant_id=tenant_id, pending_only=True, limit=limit, ids=ids
+        ):
+            report.replayed += 1
+            try:
+                decoded = decode(letter.payload)
+            except BadPayload as exc:
+                result, done = f"bad_protobuf: {exc}", False
+            else:
+                outcome = await self._store("replay", decoded)
+                report.stored += outcome.stored
+                report.duplicates += outcome.duplicates
+                problems = [*decoded.rejected, *outcome.rejected]
+                done = not problems
+                result = (
+                    f"stored {outcome.stored}, duplicates {outcome.duplicates}"
+                    if done
+                    else "; ".join(f"{r.code}: {r.reason}" for r in problems)[:2000]
+                )
+            if not done:
+                report.still_failing += 1
+                report.failures.append({"id": letter.id, "reason": result})
+            await self._dead.mark_replayed(letter.id, result, done=done)
+        return report
+
+
+def _reject_all(work: TenantWork, exc: DatabaseServiceError) -> list[Rejected]:
+    return [_rejected(work, event_id, exc) for event_id in work.sources]
+
+
+def _rejected(work: TenantWork, event_id: str, exc: DatabaseServiceError) -> Rejected:
+    reason = exc.message if exc.sqlstate is None else f"{exc.message} (SQLSTATE {exc.sqlstate})"
+    return Rejected(
+        exc.error_code,
+        reason,
+        single_record_batch(work.sources[event_id]),
+        tenant_id=work.tenant_id,
+        event_id=event_id,
+    )

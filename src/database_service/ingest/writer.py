@@ -1,0 +1,191 @@
+"""Idempotent writes of one tenant's records, logged in as the tenant's own role.
+
+Ticks and predictions go by binary COPY into the tenant's unlogged staging tables and are merged
+into the shared tables in the same transaction with ``ON CONFLICT DO NOTHING`` against the unique
+event-id indexes (control migration 0003), so a record seen twice is stored once. Signals and
+generic rows go to the tenant's own tables, guarded by the ``_ingest_events`` primary key.
+Because the session is the tenant's role, row-level security decides whose rows these are:
+a record can only ever become a row of its own tenant.
+
+Errors are sorted in two: transient ones (PostgreSQL down, out of connections, a deadlock) are
+raised for the caller to retry the whole batch later; permanent ones (a value PostgreSQL refuses)
+are narrowed down by halving the failing unit until the bad records stand alone, and those are
+returned as rejected while every other record is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from database_service.errors import (
+    DatabaseServiceError,
+    InvalidParameters,
+    QueryError,
+    ResourceExhausted,
+    Unavailable,
+)
+from database_service.ingest.records import PREDICTION_COLUMNS, TICK_COLUMNS, TenantWork
+from database_service.postgres import Connection, TenantLogin, TenantPools
+from database_service.query.boundary import postgres_errors
+from database_service.tenancy import quote_ident
+
+__all__ = ["IngestWriter", "StoreResult", "is_transient"]
+
+log = logging.getLogger(__name__)
+
+# SQLSTATE classes worth retrying: connection (08), resources (53), operator intervention (57),
+# transaction rollback (40: serialization, deadlock), object in use (55), system error (58),
+# authorization (28: a role mid-suspension; the tenant check sorts it out on the next round).
+_TRANSIENT_CLASSES = frozenset({"08", "28", "40", "53", "55", "57", "58"})
+# Errors about the statement, not a row: every record of the unit would fail the same way.
+_STATEMENT_ERRORS = frozenset({"42P01", "42703", "3F000", "42883", "42804"})
+
+
+def is_transient(exc: DatabaseServiceError) -> bool:
+    if isinstance(exc, Unavailable | ResourceExhausted):
+        return True
+    return (
+        isinstance(exc, QueryError)
+        and exc.sqlstate is not None
+        and exc.sqlstate[:2] in _TRANSIENT_CLASSES
+    )
+
+
+@dataclass(slots=True)
+class StoreResult:
+    stored: dict[str, int] = field(default_factory=dict)  # kind -> rows written
+    duplicates: dict[str, int] = field(default_factory=dict)  # kind -> already there
+    rejected: list[tuple[str, DatabaseServiceError]] = field(default_factory=list)  # event id
+
+    def add(self, kind: str, offered: int, written: int) -> None:
+        self.stored[kind] = self.stored.get(kind, 0) + written
+        self.duplicates[kind] = self.duplicates.get(kind, 0) + offered - written
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    kind: str  # ticks, predictions, rows
+    table: str | None  # for rows
+    keys: Sequence[str]  # event ids
+    values: Sequence[Any]  # tuples (ticks, predictions) or row dicts
+
+
+def _inserted(status: str) -> int:
+    return int(status.rsplit(" ", 1)[-1]) if status.startswith("INSERT") else 0
+
+
+class IngestWriter:
+    def __init__(self, pools: TenantPools, *, shared_schema: str) -> None:
+        self._pools = pools
+        self._shared = quote_ident(shared_schema)
+
+    async def store(self, login: TenantLogin, schema: str, work: TenantWork) -> StoreResult:
+        """Store a tenant's records. Raises only transient errors (retry the whole call)."""
+        units = [
+            _Unit("ticks", None, list(work.ticks), list(work.ticks.values())),
+            _Unit("predictions", None, list(work.predictions), list(work.predictions.values())),
+            *(
+                _Unit("rows", table, list(rows), list(rows.values()))
+                for table, rows in sorted(work.rows.items())
+            ),
+        ]
+        units = [u for u in units if u.keys]
+        result = StoreResult()
+        try:
+            # The common case: everything in one transaction.
+            written = await self._transaction(login, schema, units)
+        except DatabaseServiceError as exc:
+            if is_transient(exc):
+                raise
+            log.info("tenant %s: batch refused (%s); isolating bad records", login.tenant_id, exc)
+        else:
+            for unit, count in zip(units, written, strict=True):
+                result.add(unit.kind, len(unit.keys), count)
+            return result
+        for unit in units:
+            await self._isolate(login, schema, unit, result)
+        return result
+
+    async def _isolate(
+        self, login: TenantLogin, schema: str, unit: _Unit, result: StoreResult
+    ) -> None:
+        try:
+            (written,) = await self._transaction(login, schema, [unit])
+        except DatabaseServiceError as exc:
+            if is_transient(exc):
+                raise
+            if len(unit.keys) == 1 or (exc.sqlstate in _STATEMENT_ERRORS):
+                result.rejected.extend((key, exc) for key in unit.keys)
+                return
+            half = len(unit.keys) // 2
+            for keys, values in (
+                (unit.keys[:half], unit.values[:half]),
+                (unit.keys[half:], unit.values[half:]),
+            ):
+                await self._isolate(
+                    login, schema, _Unit(unit.kind, unit.table, keys, values), result
+                )
+            return
+        result.add(unit.kind, len(unit.keys), written)
+
+    async def _transaction(
+        self, login: TenantLogin, schema: str, units: Sequence[_Unit]
+    ) -> list[int]:
+        try:
+            with postgres_errors(login.tenant_id):
+                async with self._pools.acquire(login) as conn, conn.transaction():
+                    return [await self._unit(conn, schema, unit) for unit in units]
+        except (ValueError, TypeError, OverflowError) as exc:  # a value asyncpg cannot encode
+            raise InvalidParameters(f"a record has a value of the wrong type: {exc}") from exc
+
+    async def _unit(self, conn: Connection, schema: str, unit: _Unit) -> int:
+        q_schema = quote_ident(schema)
+        if unit.kind == "ticks":
+            await conn.copy_records_to_table(
+                "_ingest_ticks", schema_name=schema, columns=TICK_COLUMNS, records=unit.values
+            )
+            status = await conn.execute(
+                f"WITH b AS (DELETE FROM {q_schema}._ingest_ticks RETURNING *)"
+                f" INSERT INTO {self._shared}.trading_ticks"
+                " (event_id, time, user_id, symbol, bid, ask, volume, spread)"
+                " SELECT event_id, timestamptz 'epoch' + time_us * interval '1 microsecond',"
+                " user_id, symbol, bid, ask, volume, spread FROM b ON CONFLICT DO NOTHING"
+            )
+            return _inserted(status)
+        if unit.kind == "predictions":
+            await conn.copy_records_to_table(
+                "_ingest_predictions",
+                schema_name=schema,
+                columns=PREDICTION_COLUMNS,
+                records=unit.values,
+            )
+            status = await conn.execute(
+                f"WITH b AS (DELETE FROM {q_schema}._ingest_predictions RETURNING *)"
+                f" INSERT INTO {self._shared}.ai_predictions (event_id, time, user_id, symbol,"
+                " prediction_type, confidence, model_version, features, result)"
+                " SELECT event_id, timestamptz 'epoch' + time_us * interval '1 microsecond',"
+                " user_id, symbol, prediction_type, confidence, model_version, features::jsonb,"
+                " result::jsonb"
+                " FROM b ON CONFLICT DO NOTHING"
+            )
+            return _inserted(status)
+        assert unit.table is not None
+        # Columns named in any row of the batch; the ones no row names keep their defaults.
+        columns = sorted({column for row in unit.values for column in row})
+        target = f"{q_schema}.{quote_ident(unit.table)}"
+        names = ", ".join(quote_ident(c) for c in columns)
+        picked = ", ".join(f"r.{quote_ident(c)}" for c in columns)
+        status = await conn.execute(
+            f"WITH fresh AS (INSERT INTO {q_schema}._ingest_events (event_id)"
+            " SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING RETURNING event_id)"
+            f" INSERT INTO {target} ({names}) SELECT {picked}"
+            " FROM unnest($1::uuid[], $2::jsonb[]) AS d(event_id, doc)"
+            " JOIN fresh USING (event_id),"
+            f" LATERAL jsonb_populate_record(NULL::{target}, d.doc) AS r",
+            list(unit.keys),
+            list(unit.values),
+        )
+        return _inserted(status)
