@@ -26,18 +26,31 @@ The tree::
      ├── Unavailable                 unavailable                503  UNAVAILABLE
      └── QueryError                  (by SQLSTATE, see below)   PostgreSQL refused the statement
 
-``QueryError.from_postgres`` maps a driver error to a code by SQLSTATE class, the way psycopg's
-``errors`` module does: ``23505`` → ``unique_violation``, class ``23`` → ``integrity_violation``,
-``42501`` → ``insufficient_privilege``, ``57014`` → ``query_canceled`` and so on; anything
-unmapped is ``database_error``. The driver boundary (``query.boundary``) is the only place that
-calls it.
+``QueryError`` maps a SQLSTATE to a code by class, the way psycopg's ``errors`` module does:
+``23505`` → ``unique_violation``, class ``23`` → ``integrity_violation``, ``42501`` →
+``insufficient_privilege``, ``57014`` → ``query_canceled`` and so on; anything unmapped is
+``database_error``. The driver boundary (``query.boundary``) is the only place that builds one
+from a driver error.
+
+A driver error that means PostgreSQL cannot be reached or dropped the session (a socket error,
+the driver's connection errors, a server starting or shutting down) is not about the statement:
+it is ``Unavailable``, whichever pool the call went through. ``postgres_unreachable`` is the one
+test for it, used by ``query.boundary.postgres_errors`` for tenant connections,
+``postgres_unavailable`` around owner-pool calls on the request path, and the front ends' last
+resort handlers (``escaped_driver_error``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import traceback
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import asyncpg
+
 __all__ = [
+    "UNREACHABLE_ERRORS",
     "ConfirmationRequired",
     "Conflict",
     "DatabaseServiceError",
@@ -57,6 +70,10 @@ __all__ = [
     "TenantSuspended",
     "Unauthenticated",
     "Unavailable",
+    "escaped_driver_error",
+    "postgres_unavailable",
+    "postgres_unreachable",
+    "unavailable",
 ]
 
 
@@ -182,6 +199,67 @@ class Unavailable(DatabaseServiceError):
     code = "unavailable"
     http_status = 503
     grpc_status = "UNAVAILABLE"
+
+
+# Driver errors that say PostgreSQL cannot be reached or ended the session, not that it refused a
+# statement: socket errors and timeouts, asyncpg's connection-state errors ("connection is
+# closed"), SQLSTATE class 08, and a server starting up, shutting down or crashed (57P01-57P03).
+UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
+# InterfaceErrors about a value or the client's setup rather than the connection (asyncpg's
+# client-side DataError and ClientConfigurationError are also ValueErrors).
+_NOT_UNREACHABLE: tuple[type[Exception], ...] = (
+    ValueError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+    asyncpg.exceptions.UnsupportedServerFeatureError,
+)
+
+
+def postgres_unreachable(exc: BaseException) -> bool:
+    """Whether a driver error means PostgreSQL is unreachable or dropped the connection."""
+    return isinstance(exc, UNREACHABLE_ERRORS) and not isinstance(exc, _NOT_UNREACHABLE)
+
+
+def unavailable(what: str, exc: BaseException) -> Unavailable:
+    """The Unavailable for an unreachable-PostgreSQL error; raise it ``from exc``."""
+    return Unavailable(
+        f"{what}: PostgreSQL connection failed ({type(exc).__name__}: {exc})",
+        sqlstate=getattr(exc, "sqlstate", None),
+    )
+
+
+@contextlib.contextmanager
+def postgres_unavailable(what: str) -> Iterator[None]:
+    """Around owner-pool calls: unreachable PostgreSQL becomes Unavailable (503); any other error
+    passes unchanged, for the caller to handle (a unique violation) or to surface as a bug."""
+    try:
+        yield
+    except Exception as exc:
+        if not postgres_unreachable(exc):
+            raise
+        raise unavailable(what, exc) from exc
+
+
+def escaped_driver_error(exc: BaseException) -> bool:
+    """For the front ends' last resort: an unreachable-PostgreSQL error no boundary translated.
+
+    A bare OSError or timeout counts only when it was raised inside asyncpg, so that a disk or
+    network error elsewhere still surfaces as the internal error it is."""
+    if not postgres_unreachable(exc):
+        return False
+    if not isinstance(exc, OSError):
+        return True  # one of asyncpg's own classes
+    return any(
+        str(frame.f_globals.get("__name__", "")).startswith("asyncpg.")
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
 
 
 # SQLSTATE → (code, http status, gRPC status). Exact states first, then two-character classes.

@@ -7,9 +7,10 @@ import asyncio
 import pytest
 
 from database_service.app import Application
+from database_service.auth import Scope
 from database_service.errors import ResourceExhausted
 from database_service.postgres import TenantLogin, TenantPools
-from tests.fix_service import TenantFactory
+from tests.fix_service import ClientFactory, TenantFactory
 
 
 async def logins(core: Application, new_tenant: TenantFactory, n: int) -> list[TenantLogin]:
@@ -103,3 +104,21 @@ async def test_suspending_a_tenant_closes_its_pool(
     await core.tenants.suspend(tenant.tenant_id)
     assert tenant.tenant_id not in core.pools.stats()
     await core.tenants.resume(tenant.tenant_id)
+
+
+async def test_requests_recover_when_postgres_terminates_pooled_connections(
+    core: Application, new_tenant: TenantFactory, client_for: ClientFactory
+) -> None:
+    # A failover or an operator's pg_terminate_backend kills idle pooled connections; the next
+    # request must get a fresh one, not an error.
+    tenant = await new_tenant("pool_kill")
+    client = await client_for(tenant, (Scope.READ,))
+    for _ in range(3):
+        assert (await client.fetch_all("SELECT 1")).rows == [(1,)]
+    killed = await core.owner_pool.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
+        tenant.role_name,
+    )
+    assert killed >= 1
+    for _ in range(3):
+        assert (await client.fetch_all("SELECT 1")).rows == [(1,)]

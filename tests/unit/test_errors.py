@@ -1,12 +1,20 @@
+import asyncpg
 import pytest
+from asyncpg.exceptions._base import DataError as ClientDataError
 
 from database_service.errors import (
+    InvalidParameters,
     PayloadTooLarge,
     QueryError,
     TenantNotFound,
+    Unavailable,
+    escaped_driver_error,
     grpc_status_of,
     http_status_of,
+    postgres_unavailable,
+    postgres_unreachable,
 )
+from database_service.query.boundary import postgres_errors
 
 
 @pytest.mark.parametrize(
@@ -43,3 +51,67 @@ def test_service_errors_have_http_and_grpc_statuses() -> None:
     assert http_status_of(TenantNotFound("x")) == 404
     assert grpc_status_of(TenantNotFound("x")) == "NOT_FOUND"
     assert http_status_of(PayloadTooLarge("x")) == 413
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        FileNotFoundError(2, "No such file or directory"),  # the Unix socket is gone
+        ConnectionRefusedError(111, "Connection refused"),
+        TimeoutError(),
+        asyncpg.InterfaceError("connection is closed"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+    ],
+    ids=type,
+)
+def test_connection_failures_are_unavailable_at_every_boundary(exc: Exception) -> None:
+    assert postgres_unreachable(exc)
+    for boundary in (postgres_errors("t1"), postgres_unavailable("tenant registry")):
+        with pytest.raises(Unavailable) as caught, boundary:
+            raise exc
+        assert caught.value.__cause__ is exc
+        assert http_status_of(caught.value) == 503
+        assert grpc_status_of(caught.value) == "UNAVAILABLE"
+        assert caught.value.to_dict()["code"] == "unavailable"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.UniqueViolationError("duplicate key"),
+        asyncpg.QueryCanceledError("canceling statement due to statement timeout"),  # 57014
+        asyncpg.DataError("invalid input for query argument $1"),  # SQLSTATE 22000
+        ClientDataError("invalid input for query argument $1"),  # asyncpg's client side
+        ValueError("not a driver error"),
+    ],
+    ids=type,
+)
+def test_statement_errors_are_not_unavailable(exc: Exception) -> None:
+    assert not postgres_unreachable(exc)
+    with pytest.raises(type(exc)), postgres_unavailable("tenant registry"):
+        raise exc  # the owner-pool boundary leaves them to the caller
+
+
+def test_the_tenant_boundary_keeps_sqlstate_and_client_errors_apart() -> None:
+    with pytest.raises(QueryError) as caught, postgres_errors("t1"):
+        raise asyncpg.UniqueViolationError("duplicate key")
+    assert caught.value.error_code == "unique_violation"
+    with pytest.raises(InvalidParameters), postgres_errors("t1"):
+        raise ClientDataError("invalid input for query argument $1")
+    with pytest.raises(Unavailable) as dropped, postgres_errors("t1"):
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed")
+    assert dropped.value.sqlstate == "08003"
+
+
+async def test_last_resort_takes_socket_errors_only_from_the_driver() -> None:
+    with pytest.raises(OSError) as from_driver:
+        await asyncpg.connect("postgresql://postgres@/postgres?host=/nonexistent-dbsvc-socket-dir")
+    assert escaped_driver_error(from_driver.value)
+    try:
+        raise FileNotFoundError(2, "No such file or directory", "/data/report.csv")
+    except OSError as elsewhere:
+        assert not escaped_driver_error(elsewhere)
+    assert escaped_driver_error(asyncpg.InterfaceError("connection is closed"))
+    assert not escaped_driver_error(asyncpg.UniqueViolationError("duplicate key"))

@@ -25,7 +25,13 @@ from database_service.auth.tokens import (
     new_client_secret,
     verify_secret,
 )
-from database_service.errors import Conflict, InvalidRequest, NotFound, Unauthenticated
+from database_service.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    Unauthenticated,
+    postgres_unavailable,
+)
 from database_service.tenancy.ids import quote_ident, validate_tenant_id
 
 __all__ = ["Authenticator", "ServiceDirectory", "ServiceIdentity"]
@@ -62,6 +68,9 @@ def validate_service_name(name: object) -> str:
 
 
 class ServiceDirectory:
+    """Service identities in the control plane, read and written through the owner's pool; an
+    unreachable PostgreSQL is ``Unavailable`` (503), never a failed authentication."""
+
     def __init__(self, pool: asyncpg.Pool, *, control_schema: str) -> None:
         self._pool = pool
         self._table = f"{quote_ident(control_schema)}.services"
@@ -102,41 +111,46 @@ class ServiceDirectory:
             else ""
         )
         try:
-            row = await self._pool.fetchrow(
-                f"INSERT INTO {self._table} (service_name, secret_hash, tenants, scopes)"
-                f" VALUES ($1, $2, $3, $4){conflict} RETURNING *",
-                name,
-                hashed,
-                tenant_list,
-                sorted(s.value for s in set(scopes)),
-            )
+            with postgres_unavailable("service directory"):
+                row = await self._pool.fetchrow(
+                    f"INSERT INTO {self._table} (service_name, secret_hash, tenants, scopes)"
+                    f" VALUES ($1, $2, $3, $4){conflict} RETURNING *",
+                    name,
+                    hashed,
+                    tenant_list,
+                    sorted(s.value for s in set(scopes)),
+                )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"service {name!r} already exists") from None
         assert row is not None
         return self._identity(row), secret
 
     async def find(self, name: str) -> ServiceIdentity | None:
-        row = await self._pool.fetchrow(
-            f"SELECT * FROM {self._table} WHERE service_name = $1", name
-        )
+        with postgres_unavailable("service directory"):
+            row = await self._pool.fetchrow(
+                f"SELECT * FROM {self._table} WHERE service_name = $1", name
+            )
         return None if row is None else self._identity(row)
 
     async def list(self) -> list[ServiceIdentity]:
-        rows = await self._pool.fetch(f"SELECT * FROM {self._table} ORDER BY service_name")
+        with postgres_unavailable("service directory"):
+            rows = await self._pool.fetch(f"SELECT * FROM {self._table} ORDER BY service_name")
         return [self._identity(r) for r in rows]
 
     async def set_active(self, name: str, active: bool) -> None:
         status = "active" if active else "disabled"
-        result = await self._pool.execute(
-            f"UPDATE {self._table} SET status = $2 WHERE service_name = $1", name, status
-        )
+        with postgres_unavailable("service directory"):
+            result = await self._pool.execute(
+                f"UPDATE {self._table} SET status = $2 WHERE service_name = $1", name, status
+            )
         if result.endswith(" 0"):
             raise NotFound(f"service {name!r} does not exist")
 
     async def check_secret(self, name: str, secret: str) -> ServiceIdentity:
-        row = await self._pool.fetchrow(
-            f"SELECT * FROM {self._table} WHERE service_name = $1", name
-        )
+        with postgres_unavailable("service directory"):
+            row = await self._pool.fetchrow(
+                f"SELECT * FROM {self._table} WHERE service_name = $1", name
+            )
         # Same message for every failure, so the endpoint does not tell which services exist.
         if (
             row is None

@@ -2,8 +2,12 @@
 
 Events are queued and written in batches with COPY by one background task, so auditing adds no
 round trip to a request. The queue is bounded: when PostgreSQL cannot keep up, ``record`` waits
-(backpressure). A batch that PostgreSQL refuses or cannot receive (it is down) is logged and
-counted in ``dbsvc_audit_write_failures_total``, not retried. ``__aexit__`` flushes the queue.
+(backpressure). A batch that PostgreSQL refuses or cannot receive (it is down) is dropped and
+counted in ``dbsvc_audit_write_failures_total``, not retried. While PostgreSQL is unreachable the
+writer tries it again at most every ``retry_interval`` seconds and drops the batches in between,
+so the queue keeps draining (requests never wait on a dead database), and the log gets one line
+when the outage starts and one when writes work again, not one per batch. ``__aexit__`` flushes
+the queue.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
 
+from database_service.errors import postgres_unreachable
 from database_service.observability.metrics import Metrics
 
 __all__ = ["AuditEvent", "AuditLog"]
@@ -48,6 +54,7 @@ class AuditLog:
         max_queue: int = 10_000,
         batch_size: int = 1000,
         flush_interval: float = 0.2,
+        retry_interval: float = 1.0,
     ) -> None:
         self._pool = pool
         self._schema = control_schema
@@ -55,8 +62,13 @@ class AuditLog:
         self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(max_queue)
         self._batch_size = batch_size
         self._interval = flush_interval
+        self._retry_interval = retry_interval
         self._task: asyncio.Task[None] | None = None
         self.written = 0
+        # The current run of failed writes: when it began, when to try again, what it dropped.
+        self._failing_since: float | None = None
+        self._retry_at = 0.0
+        self._dropped = 0
 
     async def __aenter__(self) -> AuditLog:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -110,6 +122,10 @@ class AuditLog:
                 self._queue.task_done()
 
     async def _copy(self, batch: list[AuditEvent]) -> None:
+        now = time.monotonic()
+        if self._failing_since is not None and now < self._retry_at:
+            self._drop(batch)
+            return
         try:
             await self._pool.copy_records_to_table(
                 "audit_log",
@@ -117,7 +133,33 @@ class AuditLog:
                 columns=_COLUMNS,
                 records=[astuple(e) for e in batch],
             )
-            self.written += len(batch)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._metrics.audit_dropped.inc()
-            log.error("audit: could not write %d events: %s", len(batch), exc)
+        except Exception as exc:  # the writer must outlive any failure: record() relies on it
+            if not postgres_unreachable(exc):
+                # PostgreSQL is there and refused this batch: a bug to look at, not an outage.
+                self._drop(batch)
+                log.error("audit: PostgreSQL refused %d events", len(batch), exc_info=exc)
+                return
+            if self._failing_since is None:
+                self._failing_since = now
+                log.error(
+                    "audit: PostgreSQL unreachable, dropping events until it is back (%s: %s)",
+                    type(exc).__name__,
+                    exc,
+                )
+            self._retry_at = time.monotonic() + self._retry_interval
+            self._drop(batch)
+            return
+        self.written += len(batch)
+        if self._failing_since is not None:
+            log.warning(
+                "audit: writing again after %.1fs; %d events were dropped meanwhile",
+                now - self._failing_since,
+                self._dropped,
+            )
+            self._failing_since = None
+            self._dropped = 0
+
+    def _drop(self, batch: list[AuditEvent]) -> None:
+        self._metrics.audit_dropped.inc()
+        if self._failing_since is not None:
+            self._dropped += len(batch)

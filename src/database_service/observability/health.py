@@ -22,6 +22,7 @@ import nats
 import psutil
 
 from database_service import __version__
+from database_service.errors import Unavailable, postgres_unavailable
 from database_service.observability.window import RequestWindow
 from database_service.postgres import TenantPools
 
@@ -46,7 +47,7 @@ class PostgresProbe:
         started = time.perf_counter()
         try:
             version = await asyncio.wait_for(self.pool.fetchval("SHOW server_version"), 3)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except Exception as exc:  # whatever stops the probe, the health document must still answer
             return {"status": "unhealthy", "error": f"{type(exc).__name__}: {exc}"}
         return {
             "status": "healthy",
@@ -187,10 +188,12 @@ class HealthReporter:
         details: dict[str, Any] = {}
         if postgres_ok:
             try:
-                isolation = await self.isolation_status()
-                active_tenants = await self._count_active()
-                details = await self._postgres_details()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                with postgres_unavailable("health"):
+                    isolation = await self.isolation_status()
+                    active_tenants = await self._count_active()
+                    details = await self._postgres_details()
+            except (Unavailable, asyncpg.PostgresError) as exc:
+                # PostgreSQL went away between the probe and these reads, or refused one.
                 postgres_ok = False
                 dependencies["postgresql"] = {"status": "unhealthy", "error": str(exc)}
         others_ok = all(

@@ -6,13 +6,15 @@ import contextlib
 from collections.abc import Iterator
 
 import asyncpg
+from asyncpg.exceptions._base import DataError as ClientDataError
 from asyncpg.prepared_stmt import PreparedStatement
 
 from database_service.errors import (
     DatabaseServiceError,
     InvalidParameters,
     QueryError,
-    Unavailable,
+    postgres_unreachable,
+    unavailable,
 )
 from database_service.postgres import Connection
 
@@ -26,21 +28,24 @@ def postgres_errors(tenant_id: str) -> Iterator[None]:
         yield
     except DatabaseServiceError:
         raise
-    except asyncpg.PostgresError as exc:
-        position = getattr(exc, "position", None)
-        raise QueryError(
-            exc.args[0] if exc.args else str(exc),
-            sqlstate=exc.sqlstate,
-            position=int(position) if position else None,
-            detail=getattr(exc, "detail", None),
-            hint=getattr(exc, "hint", None),
-        ) from exc
-    except asyncpg.DataError as exc:  # client-side: a parameter did not encode
-        raise InvalidParameters(str(exc)) from exc
-    except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
-        raise Unavailable(
-            f"tenant {tenant_id!r}: PostgreSQL connection failed ({type(exc).__name__}: {exc})"
-        ) from exc
+    except Exception as exc:
+        # Unreachable first: a dropped connection is also a PostgresError (class 08, 57P01).
+        if postgres_unreachable(exc):
+            raise unavailable(f"tenant {tenant_id!r}", exc) from exc
+        if isinstance(exc, asyncpg.PostgresError):
+            position = getattr(exc, "position", None)
+            raise QueryError(
+                exc.args[0] if exc.args else str(exc),
+                sqlstate=exc.sqlstate,
+                position=int(position) if position else None,
+                detail=getattr(exc, "detail", None),
+                hint=getattr(exc, "hint", None),
+            ) from exc
+        if isinstance(exc, ClientDataError):
+            # Client side: a parameter did not encode (``asyncpg.DataError`` is another class,
+            # SQLSTATE 22, handled above).
+            raise InvalidParameters(str(exc)) from exc
+        raise
 
 
 async def prepare_cached(conn: Connection, sql: str) -> PreparedStatement:

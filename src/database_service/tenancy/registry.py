@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from database_service.errors import TenantNotFound, TenantSuspended
+from database_service.errors import TenantNotFound, TenantSuspended, postgres_unavailable
 from database_service.tenancy.ids import quote_ident, validate_tenant_id
 
 __all__ = ["TenantLimits", "TenantRecord", "TenantRegistry"]
@@ -54,7 +54,10 @@ class TenantRecord:
 
 
 class TenantRegistry:
-    """Reads tenant records through the service owner's pool."""
+    """Reads tenant records through the service owner's pool.
+
+    Every request passes through here before it reaches a tenant pool, so PostgreSQL being down
+    surfaces here first: as ``Unavailable``, like the same failure on a tenant connection."""
 
     def __init__(self, pool: asyncpg.Pool, *, control_schema: str, cache_ttl: float = 2.0) -> None:
         self._pool = pool
@@ -74,9 +77,10 @@ class TenantRegistry:
         )
 
     async def find(self, tenant_id: str) -> TenantRecord | None:
-        row = await self._pool.fetchrow(
-            f"SELECT * FROM {self._table} WHERE tenant_id = $1", tenant_id
-        )
+        with postgres_unavailable("tenant registry"):
+            row = await self._pool.fetchrow(
+                f"SELECT * FROM {self._table} WHERE tenant_id = $1", tenant_id
+            )
         return None if row is None else self._record(row)
 
     async def get(self, tenant_id: str) -> TenantRecord:
@@ -105,11 +109,13 @@ class TenantRegistry:
         self._cache.pop(tenant_id, None)
 
     async def list(self) -> list[TenantRecord]:
-        rows = await self._pool.fetch(f"SELECT * FROM {self._table} ORDER BY tenant_id")
+        with postgres_unavailable("tenant registry"):
+            rows = await self._pool.fetch(f"SELECT * FROM {self._table} ORDER BY tenant_id")
         return [self._record(r) for r in rows]
 
     async def count_active(self) -> int:
-        value = await self._pool.fetchval(
-            f"SELECT count(*) FROM {self._table} WHERE status = 'active'"
-        )
+        with postgres_unavailable("tenant registry"):
+            value = await self._pool.fetchval(
+                f"SELECT count(*) FROM {self._table} WHERE status = 'active'"
+            )
         return int(value)

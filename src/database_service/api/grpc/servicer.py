@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import inspect
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
@@ -28,6 +29,9 @@ from database_service.errors import (
     InvalidParameters,
     InvalidRequest,
     PermissionDenied,
+    Unauthenticated,
+    escaped_driver_error,
+    unavailable,
 )
 from database_service.observability import AuditEvent
 from database_service.query import Header, Summary, TenantContext
@@ -44,6 +48,8 @@ from database_service_client._proto.database_service_pb2_grpc import DatabaseSer
 from database_service_client.values import from_row, from_value
 
 __all__ = ["Servicer"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _ISOLATION: dict[int, Isolation] = {
@@ -63,6 +69,17 @@ def _rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Count, time and translate errors for one RPC, unary or streaming."""
     name = handler.__name__
 
+    def service_error(exc: Exception) -> DatabaseServiceError | None:
+        """The error to send, or None to let gRPC report it as UNKNOWN (a bug)."""
+        if isinstance(exc, DatabaseServiceError):
+            return exc
+        if escaped_driver_error(exc):
+            # Last resort: PostgreSQL unreachable on a path without its own translation is
+            # still UNAVAILABLE, which clients retry, not UNKNOWN.
+            log.warning("%s: PostgreSQL error reached the last resort", name, exc_info=exc)
+            return unavailable(name, exc)
+        return None
+
     def record(servicer: Servicer, started: float, code: str) -> None:
         metrics = servicer.core.metrics
         elapsed = time.perf_counter() - started
@@ -80,9 +97,12 @@ def _rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 async for message in handler(self, request, context):
                     yield message
-            except DatabaseServiceError as exc:
-                record(self, started, exc.error_code)
-                await abort_with(context, exc)
+            except Exception as exc:
+                error = service_error(exc)
+                if error is None:
+                    raise
+                record(self, started, error.error_code)
+                await abort_with(context, error)
             record(self, started, "ok")
 
         return stream
@@ -92,9 +112,12 @@ def _rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         started = time.perf_counter()
         try:
             result = await handler(self, request, context)
-        except DatabaseServiceError as exc:
-            record(self, started, exc.error_code)
-            await abort_with(context, exc)
+        except Exception as exc:
+            error = service_error(exc)
+            if error is None:
+                raise
+            record(self, started, error.error_code)
+            await abort_with(context, error)
         record(self, started, "ok")
         return result
 
@@ -124,7 +147,7 @@ class Servicer(DatabaseServiceServicer):
             return await self.core.authenticator.authenticate(
                 authorization if isinstance(authorization, str) else None
             )
-        except DatabaseServiceError as exc:
+        except Unauthenticated as exc:  # not Unavailable: PostgreSQL being down denies no one
             await self.core.audit.record(
                 AuditEvent(action="grpc", outcome="denied", code=exc.error_code, detail=exc.message)
             )

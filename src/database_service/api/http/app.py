@@ -32,12 +32,15 @@ from database_service.api.http.schemas import (
 from database_service.app import Application
 from database_service.auth import ALL_TENANTS, Principal, Scope, parse_scopes
 from database_service.errors import (
+    UNREACHABLE_ERRORS,
     DatabaseServiceError,
     InvalidRequest,
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    escaped_driver_error,
     http_status_of,
+    unavailable,
 )
 from database_service.observability import AuditEvent
 from database_service.query import Header as ResultHeader
@@ -87,6 +90,17 @@ def create_http_app(core: Application) -> FastAPI:
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         return await service_error(request, InvalidRequest(f"invalid request: {problems}"))
+
+    async def driver_error(request: Request, exc: Exception) -> JSONResponse:
+        """Last resort: PostgreSQL unreachable on a path without its own translation is still a
+        503 the caller can retry, not a 500. Anything else re-raised here stays a 500."""
+        if not escaped_driver_error(exc):
+            raise exc
+        log.warning("%s: PostgreSQL error reached the last resort", request.url.path, exc_info=exc)
+        return await service_error(request, unavailable(request.url.path, exc))
+
+    for kind in UNREACHABLE_ERRORS:
+        api.add_exception_handler(kind, driver_error)
 
     async def authenticated(
         request: Request, authorization: Annotated[str | None, Header()] = None
