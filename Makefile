@@ -49,14 +49,19 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python bench/query_core.py
 	$(BIN)/python bench/grpc_query.py
 	$(BIN)/python bench/candles.py
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/kafka_clients.py
 
-# The back ends the tests use besides the embedded ones (today: Debian's PostgreSQL 15), for
-# running pytest by hand: DBSVC_TEST_POSTGRES_URL="$$(bash scripts/pg15.sh url)" .venv/bin/pytest
+# The back ends the tests use besides the embedded ones (Debian's PostgreSQL 15, Kafka), for
+# running pytest by hand: DBSVC_TEST_POSTGRES_URL="$$(bash scripts/pg15.sh url)" \
+#   DBSVC_TEST_KAFKA_BOOTSTRAP="$$(bash scripts/kafka.sh url)" .venv/bin/pytest
 services:
 	@bash scripts/pg15.sh start
+	@bash scripts/kafka.sh start
 
 services-stop:
 	@bash scripts/pg15.sh stop
+	@bash scripts/kafka.sh stop
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .test-backends

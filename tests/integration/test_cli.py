@@ -91,3 +91,30 @@ def test_service_create_prints_its_secret_once(cli) -> None:  # type: ignore[no-
     assert body["secret"] and body["scopes"] == ["read", "write"]
     listed = cli("service", "list")
     assert body["secret"] not in listed.stdout
+
+
+async def test_dead_letters_are_listed_and_replayed_from_the_command_line(  # type: ignore[no-untyped-def]
+    cli, core: Application
+) -> None:
+    from database_service.ingest import Inbound
+    from database_service_client import tick
+    from database_service_client._proto import ingest_pb2
+
+    tenant_id = "cli_late"
+    record = tick(tenant_id, "EURUSD", 1_795_000_000_000_000, bid=1.0, ask=1.0002)
+    batch = ingest_pb2.IngestBatch(ticks=[record]).SerializeToString()
+    await core.ingest.process("nats", [Inbound(batch, "cli", f"Bearer {ADMIN_TOKEN}")])
+    listed = cli("dead-letters", "list", "--tenant", tenant_id)
+    assert listed.returncode == 0, listed.stderr
+    (letter,) = json.loads(listed.stdout)
+    assert letter["code"] == "tenant_not_found" and letter["event_id"] == record.event_id
+    assert "payload" not in letter and letter["payload_bytes"] > 0
+    still = json.loads(cli("dead-letters", "replay", str(letter["id"])).stdout)
+    assert still["still_failing"] == 1
+    assert cli("tenant", "create", tenant_id).returncode == 0
+    replayed = cli("dead-letters", "replay", "--tenant", tenant_id, "--all-pending")
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["stored"] == 1
+    assert json.loads(cli("dead-letters", "list", "--tenant", tenant_id).stdout) == []
+    everything = json.loads(cli("dead-letters", "list", "--tenant", tenant_id, "--all").stdout)
+    assert everything[0]["replayed_at"] is not None

@@ -20,7 +20,9 @@ from tests.fix_service import TenantFactory, TokenFactory
 NOW_US = int(dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC).timestamp() * 1_000_000)
 
 
-def ticks(tenant_id: str, n: int, *, start: int = 0, symbol: str = "EURUSD") -> list[ingest_pb2.Tick]:
+def ticks(
+    tenant_id: str, n: int, *, start: int = 0, symbol: str = "EURUSD"
+) -> list[ingest_pb2.Tick]:
     return [
         ingest_pb2.Tick(
             event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant_id}/{symbol}/{i}")),
@@ -103,7 +105,9 @@ async def test_event_ids_are_unique_by_constraint_not_by_memory(
             uuid.UUID(int=1),
             tenant.tenant_id,
         )
-        with pytest.raises(asyncpg.UniqueViolationError, match=r"\(event_id, company_id, \"time\"\)"):
+        with pytest.raises(
+            asyncpg.UniqueViolationError, match=r"\(event_id, company_id, \"time\"\)"
+        ):
             await conn.execute(
                 f"INSERT INTO {shared}.trading_ticks (event_id, time, company_id, user_id, symbol)"
                 " SELECT event_id, time, company_id, user_id, symbol FROM"
@@ -152,7 +156,9 @@ async def test_a_token_for_one_tenant_cannot_ingest_for_another(
     assert await count_ticks(core, b.tenant_id) == 0
     assert await letters(core, b.tenant_id) == ["permission_denied"] * 5
     # No token, a forged one, a read-only one: the whole message is refused.
-    read_only = await core.services.register("ro-ingest", tenants=[b.tenant_id], scopes=[Scope.READ], with_secret=False)
+    read_only = await core.services.register(
+        "ro-ingest", tenants=[b.tenant_id], scopes=[Scope.READ], with_secret=False
+    )
     del read_only
     ro = core.tokens.issue("ro-ingest", tenants=[b.tenant_id], scopes=[Scope.READ], ttl_seconds=60)
     verdicts = await core.ingest.process(

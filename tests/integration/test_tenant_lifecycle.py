@@ -16,6 +16,8 @@ from tests.fix_service import TenantFactory
 BUSINESS_TABLES = {
     "users", "mt5_accounts", "trading_history", "trading_signals", "positions", "notification_logs",
 }  # fmt: skip
+# Ingestion's staging tables and event-id registry (tenant migration 0002).
+INGEST_TABLES = {"_ingest_ticks", "_ingest_predictions", "_ingest_events"}
 
 
 async def test_create_builds_schema_tables_and_a_locked_down_role(
@@ -29,7 +31,7 @@ async def test_create_builds_schema_tables_and_a_locked_down_role(
             "SELECT tablename FROM pg_tables WHERE schemaname = $1", tenant.schema_name
         )
     }
-    assert tables == BUSINESS_TABLES
+    assert tables == BUSINESS_TABLES | INGEST_TABLES
     role = await pool.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", tenant.role_name)
     assert role is not None
     assert role["rolcanlogin"]

@@ -1,4 +1,5 @@
-"""Python client for the Database Service: ``MultiDatabaseClient``."""
+"""Python client for the Database Service: ``MultiDatabaseClient``; ``MarketDataPublisher`` to
+publish market data for ingestion (the ``publish`` extra)."""
 
 from database_service_client.client import (
     Column,
@@ -23,6 +24,14 @@ from database_service_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from database_service_client.publish import (
+    MarketDataPublisher,
+    PublishError,
+    PublishReport,
+    event_id_for,
+    prediction,
+    tick,
+)
 
 __all__ = [
     "Aborted",
@@ -34,14 +43,20 @@ __all__ = [
     "FailedPrecondition",
     "InternalError",
     "InvalidArgument",
+    "MarketDataPublisher",
     "MultiDatabaseClient",
     "NotConfigured",
     "NotFound",
     "PermissionDenied",
+    "PublishError",
+    "PublishReport",
     "QueryResult",
     "QueryStream",
     "ResourceExhausted",
     "StatementResult",
     "Unauthenticated",
     "Unavailable",
+    "event_id_for",
+    "prediction",
+    "tick",
 ]

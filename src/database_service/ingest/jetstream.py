@@ -24,8 +24,9 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
+from database_service.ingest.consumer import Consumer
 from database_service.ingest.deadletters import NewDeadLetter
-from database_service.ingest.pipeline import Inbound, IngestPipeline, Verdict
+from database_service.ingest.pipeline import Inbound, IngestPipeline, Overlap, Prepared, Verdict
 
 __all__ = ["JetStreamIngest", "JetStreamSettings"]
 
@@ -47,50 +48,21 @@ class JetStreamSettings:
     max_ack_pending: int
 
 
-class JetStreamIngest:
+class JetStreamIngest(Consumer):
+    transport = TRANSPORT
+
     def __init__(self, settings: JetStreamSettings, pipeline: IngestPipeline) -> None:
+        super().__init__(pipeline)
         self._s = settings
-        self._pipeline = pipeline
-        self._stats = pipeline.stats(TRANSPORT)
         self._nc: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
-    async def __aenter__(self) -> JetStreamIngest:
-        self._task = asyncio.create_task(self._run(), name="ingest-nats")
-        return self
+    async def _session(self) -> None:
+        await self._consume(await self._subscribe())
 
-    async def __aexit__(self, *exc: object) -> None:
-        # Let the batch in hand commit and be acknowledged; whatever is cut short is
-        # redelivered later and deduplicated.
-        self._stopping = True
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=5)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+    async def _close(self) -> None:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
-
-    async def _run(self) -> None:
-        delay = 0.2
-        while not self._stopping:
-            try:
-                sub = await self._subscribe()
-                delay = 0.2
-                await self._consume(sub)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._stats.state = "disconnected"
-                self._stats.errors += 1
-                self._stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("nats ingest: %s; retrying in %.1fs", self._stats.last_error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def _subscribe(self) -> Any:
         s = self._s
@@ -143,23 +115,39 @@ class JetStreamIngest:
         return sub
 
     async def _consume(self, sub: Any) -> None:
-        lag_checked = 0.0
-        while not self._stopping:
-            if time.monotonic() - lag_checked > 2.0:
-                info = await sub.consumer_info()
-                self._stats.lag = info.num_pending + info.num_ack_pending
-                lag_checked = time.monotonic()
-            try:
-                msgs = await sub.fetch(self._s.batch_messages, timeout=1.0)
-            except NatsTimeout:
-                continue
-            inbound = [
-                Inbound(m.data, m.subject, (m.headers or {}).get("Authorization")) for m in msgs
-            ]
-            async with self._keep_alive(msgs):
-                verdicts = await self._pipeline.process(TRANSPORT, inbound, announce=self._announce)
-            for msg, verdict in zip(msgs, verdicts, strict=True):
-                await (msg.ack() if verdict is Verdict.ACK else msg.term())
+        overlap = Overlap()
+        try:
+            lag_checked = 0.0
+            while not self._stopping:
+                if not self._nc.is_connected:  # the client reconnects by itself; say so meanwhile
+                    self._stats.state = "disconnected"
+                    await asyncio.sleep(0.2)
+                    continue
+                if self._stats.state == "disconnected":
+                    self._stats.state = "running"
+                if time.monotonic() - lag_checked > 2.0:
+                    lag_checked = time.monotonic()
+                    with contextlib.suppress(NatsTimeout, TimeoutError):  # lag can wait
+                        info = await sub.consumer_info()
+                        self._stats.lag = info.num_pending + info.num_ack_pending
+                try:
+                    msgs = await sub.fetch(self._s.batch_messages, timeout=1.0)
+                except (NatsTimeout, TimeoutError):  # nothing arrived (nats-py raises either)
+                    continue
+                inbound = [
+                    Inbound(m.data, m.subject, (m.headers or {}).get("Authorization")) for m in msgs
+                ]
+                prepared = await self._pipeline.prepare(TRANSPORT, inbound)
+                await overlap.submit(self._finish(msgs, prepared))
+            await overlap.drain()
+        finally:
+            await overlap.cancel()  # unacknowledged: JetStream redelivers, the ids dedupe
+
+    async def _finish(self, msgs: Sequence[Any], prepared: Prepared) -> None:
+        async with self._keep_alive(msgs):
+            verdicts = await self._pipeline.store(prepared, announce=self._announce)
+        for msg, verdict in zip(msgs, verdicts, strict=True):
+            await (msg.ack() if verdict is Verdict.ACK else msg.term())
 
     @contextlib.asynccontextmanager
     async def _keep_alive(self, msgs: Sequence[Any]) -> AsyncIterator[None]:

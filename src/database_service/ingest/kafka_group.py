@@ -24,8 +24,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, TopicAlreadyExistsError
 
+from database_service.ingest.consumer import Consumer
 from database_service.ingest.deadletters import NewDeadLetter
-from database_service.ingest.pipeline import Inbound, IngestPipeline
+from database_service.ingest.pipeline import (
+    Inbound,
+    IngestPipeline,
+    Overlap,
+    Prepared,
+    TransportStats,
+)
 
 __all__ = ["KafkaIngest", "KafkaSettings"]
 
@@ -45,81 +52,57 @@ class KafkaSettings:
 
 
 class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, lock: asyncio.Lock) -> None:
+    def __init__(self, lock: asyncio.Lock, stats: TransportStats) -> None:
         self._lock = lock
+        self._stats = stats
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         async with self._lock:  # the batch in hand commits before its partitions move
-            pass
+            self._stats.partitions = []
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info(
-            "kafka ingest: assigned %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
-        )
+        self._stats.partitions = sorted(f"{tp.topic}/{tp.partition}" for tp in assigned)
+        log.info("kafka ingest: assigned %s", ", ".join(self._stats.partitions) or "nothing")
 
 
-class KafkaIngest:
+class KafkaIngest(Consumer):
+    transport = TRANSPORT
+    stop_grace_seconds = 10.0
+
     def __init__(self, settings: KafkaSettings, pipeline: IngestPipeline) -> None:
+        super().__init__(pipeline)
         self._s = settings
-        self._pipeline = pipeline
-        self._stats = pipeline.stats(TRANSPORT)
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._producer: Any = None
 
-    async def __aenter__(self) -> KafkaIngest:
-        self._task = asyncio.create_task(self._run(), name="ingest-kafka")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stopping = True
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=10)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-
-    async def _run(self) -> None:
-        delay = 0.2
-        while not self._stopping:
-            consumer = producer = None
-            try:
-                await self._ensure_topics()
-                producer = AIOKafkaProducer(bootstrap_servers=self._s.bootstrap, acks="all")
-                await producer.start()
-                self._producer = producer
-                consumer = AIOKafkaConsumer(
-                    bootstrap_servers=self._s.bootstrap,
-                    group_id=self._s.group,
-                    client_id="database-service-ingest",
-                    enable_auto_commit=False,
-                    auto_offset_reset="earliest",
-                    max_poll_records=self._s.max_records,
-                    session_timeout_ms=10_000,
-                    heartbeat_interval_ms=2_000,
-                )
-                consumer.subscribe(list(self._s.topics), listener=_WaitForBatch(self._lock))
-                await consumer.start()
-                self._stats.state = "running"
-                delay = 0.2
-                await self._consume(consumer)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._stats.state = "disconnected"
-                self._stats.errors += 1
-                self._stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("kafka ingest: %s; retrying in %.1fs", self._stats.last_error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                for client in (consumer, producer):
-                    if client is not None:
-                        with contextlib.suppress(Exception):
-                            await client.stop()
+    async def _session(self) -> None:
+        consumer = producer = None
+        try:
+            await self._ensure_topics()
+            producer = AIOKafkaProducer(bootstrap_servers=self._s.bootstrap, acks="all")
+            await producer.start()
+            self._producer = producer
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self._s.bootstrap,
+                group_id=self._s.group,
+                client_id="database-service-ingest",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_records=self._s.max_records,
+                session_timeout_ms=10_000,
+                heartbeat_interval_ms=2_000,
+            )
+            consumer.subscribe(
+                list(self._s.topics), listener=_WaitForBatch(self._lock, self._stats)
+            )
+            await consumer.start()
+            self._stats.state = "running"
+            await self._consume(consumer)
+        finally:
+            for client in (consumer, producer):
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.stop()
 
     async def _ensure_topics(self) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=self._s.bootstrap)
@@ -135,28 +118,37 @@ class KafkaIngest:
             await admin.close()
 
     async def _consume(self, consumer: Any) -> None:
-        lag_checked = 0.0
-        while not self._stopping:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=self._s.max_records)
-            if time.monotonic() - lag_checked > 2.0:
-                self._stats.lag = await _lag(consumer)
-                lag_checked = time.monotonic()
-            if not batches:
-                continue
-            async with self._lock:
+        overlap = Overlap()
+        try:
+            lag_checked = 0.0
+            while not self._stopping:
+                batches = await consumer.getmany(timeout_ms=1000, max_records=self._s.max_records)
+                if time.monotonic() - lag_checked > 2.0:
+                    self._stats.lag = await _lag(consumer)
+                    lag_checked = time.monotonic()
+                if not batches:
+                    continue
                 inbound = [
                     Inbound(r.value or b"", f"{r.topic}/{r.partition}@{r.offset}", _auth(r.headers))
                     for records in batches.values()
                     for r in records
                 ]
-                # A poison message is dead-lettered whole; committing past it is Kafka's 'term'.
-                await self._pipeline.process(TRANSPORT, inbound, announce=self._announce)
+                prepared = await self._pipeline.prepare(TRANSPORT, inbound)
                 offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
-                try:
-                    await consumer.commit(offsets)
-                except CommitFailedError as exc:
-                    log.warning("kafka ingest: commit after rebalance failed (%s); the new owner "
-                                "re-reads the batch and finds it stored", exc)  # fmt: skip
+                await overlap.submit(self._finish(consumer, prepared, offsets))
+            await overlap.drain()
+        finally:
+            await overlap.cancel()  # uncommitted: the group re-reads it, the ids dedupe
+
+    async def _finish(self, consumer: Any, prepared: Prepared, offsets: dict[Any, int]) -> None:
+        async with self._lock:
+            # A poison message is dead-lettered whole; committing past it is Kafka's 'term'.
+            await self._pipeline.store(prepared, announce=self._announce)
+            try:
+                await consumer.commit(offsets)
+            except CommitFailedError as exc:
+                log.warning("kafka ingest: commit after rebalance failed (%s); the new owner "
+                            "re-reads the batch and finds it stored", exc)  # fmt: skip
 
     async def _announce(self, letters: Sequence[NewDeadLetter]) -> None:
         for letter in letters:

@@ -10,10 +10,11 @@ itself when PostgreSQL comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,8 @@ __all__ = [
     "DeadLetterSink",
     "Inbound",
     "IngestPipeline",
+    "Overlap",
+    "Prepared",
     "ReplayReport",
     "TransportStats",
     "Verdict",
@@ -76,6 +79,7 @@ class TransportStats:
     last_batch_at: float | None = None
     lag: int | None = None
     state: str = "starting"
+    partitions: list[str] = field(default_factory=list)  # Kafka: this member's assignment
     _rate_mark: tuple[float, int] = (0.0, 0)
     rate: float = 0.0
 
@@ -96,6 +100,7 @@ class TransportStats:
             "errors": self.errors,
             "last_error": self.last_error,
             "lag": self.lag,
+            **({"partitions": self.partitions} if self.partitions else {}),
             "records_per_second": round(self.rate, 1),
             "seconds_since_last_batch": (
                 round(now - self.last_batch_at, 1) if self.last_batch_at else None
@@ -121,6 +126,67 @@ class ReplayReport:
         }
 
 
+class RecentEvents:
+    """Event ids this instance saw committed lately, to skip the other transport's copy.
+
+    Only an optimisation in front of the unique indexes (which are the guarantee): bounded by
+    two generations of ``capacity / 2`` ids; the older generation is dropped when the newer
+    fills."""
+
+    def __init__(self, capacity: int) -> None:
+        self._half = max(1, capacity // 2)
+        self._new: set[str] = set()
+        self._old: set[str] = set()
+
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self._new or event_id in self._old
+
+    def update(self, event_ids: Iterable[str]) -> None:
+        self._new.update(event_ids)
+        if len(self._new) >= self._half:
+            self._old, self._new = self._new, set()
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A batch authenticated and decoded, waiting to be stored."""
+
+    transport: str
+    messages: int
+    started: float
+    decoded: Decoded = field(default_factory=Decoded)
+    dead: list[NewDeadLetter] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    source: str = ""
+
+
+class Overlap:
+    """At most one batch being stored while the consumer fetches and decodes the next.
+
+    ``submit`` waits for the previous batch to finish (acknowledged, offsets committed) before
+    it starts the next one, so acknowledgements keep their order and memory holds two batches
+    at most; what overlaps is the CPU work of one with the database round trips of the other."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, work: Awaitable[None]) -> None:
+        await self.drain()
+        self._task = asyncio.ensure_future(work)
+
+    async def drain(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            await task
+
+    async def cancel(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 @dataclass(slots=True)
 class _Outcome:
     stored: int = 0
@@ -140,6 +206,7 @@ class IngestPipeline:
         metrics: Metrics,
         require_token: bool,
         max_retry_delay: float = 5.0,
+        recent_events: int = 262_144,
     ) -> None:
         self._writer = writer
         self._dead = dead_letters
@@ -150,6 +217,8 @@ class IngestPipeline:
         self._require_token = require_token
         self._max_delay = max_retry_delay
         self.transports: dict[str, TransportStats] = {}
+        self._tenant_locks: dict[str, asyncio.Lock] = {}
+        self._recent = RecentEvents(recent_events)
 
     def stats(self, transport: str) -> TransportStats:
         stats = self.transports.get(transport)
@@ -168,21 +237,30 @@ class IngestPipeline:
 
         ``announce`` publishes the dead letters on the transport's dead-letter subject or topic
         once they are committed to the table; it is best effort (the table is the record)."""
-        started = time.perf_counter()
-        stats = self.stats(transport)
-        decoded = Decoded()
-        dead: list[NewDeadLetter] = []
-        verdicts: list[Verdict] = []
+        return await self.store(await self.prepare(transport, messages), announce=announce)
+
+    async def prepare(self, transport: str, messages: Sequence[Inbound]) -> Prepared:
+        """The CPU half: authenticate and decode. A consumer runs it for the next batch while
+        the previous one is being written (see ``Overlap``)."""
+        prepared = Prepared(transport, len(messages), time.perf_counter())
         principals: dict[str | None, Principal | DatabaseServiceError] = {}
-        sources = sorted({m.source for m in messages})
         for message in messages:
-            verdict, part = await self._open(message, principals, dead, transport)
-            verdicts.append(verdict)
+            verdict, part = await self._open(message, principals, prepared.dead, transport)
+            prepared.verdicts.append(verdict)
             if part is not None:
-                decoded.merge(part)
-        dead.extend(self._letter(transport, ",".join(sources), r) for r in decoded.rejected)
+                prepared.decoded.merge(part)
+        source = ",".join(sorted({m.source for m in messages}))[:500]
+        prepared.source = source
+        prepared.dead.extend(self._letter(transport, source, r) for r in prepared.decoded.rejected)
+        return prepared
+
+    async def store(
+        self, prepared: Prepared, *, announce: DeadLetterSink | None = None
+    ) -> list[Verdict]:
+        """The I/O half: write the records and the dead letters, retrying until committed."""
+        transport, decoded, dead = prepared.transport, prepared.decoded, prepared.dead
         outcome = await self._store(transport, decoded)
-        dead.extend(self._letter(transport, ",".join(sources), r) for r in outcome.rejected)
+        dead.extend(self._letter(transport, prepared.source, r) for r in outcome.rejected)
         await self._retry(transport, "dead letters", lambda: self._dead.add(dead))
         if dead and announce is not None:
             try:
@@ -190,27 +268,28 @@ class IngestPipeline:
             except Exception as exc:  # best effort: the table is the record
                 log.warning("%s: could not announce %d dead letters: %s", transport, len(dead), exc)
 
-        stats.messages += len(messages)
+        stats = self.stats(transport)
+        stats.messages += prepared.messages
         stats.records += decoded.records
         stats.stored += outcome.stored
         stats.duplicates += outcome.duplicates
         stats.dead_letters += len(dead)
         stats.last_batch_at = time.monotonic()
         m = self._metrics
-        m.ingest_messages.labels(transport).inc(len(messages))
+        m.ingest_messages.labels(transport).inc(prepared.messages)
         m.ingest_records.labels(transport, "stored").inc(outcome.stored)
         m.ingest_records.labels(transport, "duplicate").inc(outcome.duplicates)
         m.ingest_records.labels(transport, "dead_letter").inc(len(dead))
         for letter in dead:
             m.ingest_dead_letters.labels(transport, letter.code).inc()
         m.ingest_batch_records.labels(transport).observe(decoded.records)
-        m.ingest_batch_seconds.labels(transport).observe(time.perf_counter() - started)
+        m.ingest_batch_seconds.labels(transport).observe(time.perf_counter() - prepared.started)
         if dead:
             log.warning(
                 "%s: %d records dead-lettered (%s)",
                 transport, len(dead), ", ".join(sorted({d.code for d in dead})),
             )  # fmt: skip
-        return verdicts
+        return prepared.verdicts
 
     async def _open(
         self,
@@ -266,6 +345,16 @@ class IngestPipeline:
         outcome = _Outcome()
 
         async def one(work: TenantWork) -> None:
+            # One writer per tenant in this instance: the other transport's copy of a batch
+            # waits, then finds its records committed and skips the database (no lock waits or
+            # deadlocks between two transactions inserting the same keys).
+            async with self._tenant_locks.setdefault(work.tenant_id, asyncio.Lock()):
+                known = work.discard(self._recent.__contains__)
+                outcome.duplicates += known
+                if work.size:
+                    await self._retry(transport, f"tenant {work.tenant_id}", attempt_for(work))
+
+        def attempt_for(work: TenantWork) -> Callable[[], Awaitable[None]]:
             async def attempt() -> None:
                 try:
                     with postgres_errors(work.tenant_id):
@@ -278,10 +367,13 @@ class IngestPipeline:
                 )
                 outcome.stored += sum(result.stored.values())
                 outcome.duplicates += sum(result.duplicates.values())
+                failed = {event_id for event_id, _ in result.rejected}
                 for event_id, error in result.rejected:
                     outcome.rejected.append(_rejected(work, event_id, error))
+                # Committed now (stored, or found stored): remember for the other transport.
+                self._recent.update(e for e in work.event_ids() if e not in failed)
 
-            await self._retry(transport, f"tenant {work.tenant_id}", attempt)
+            return attempt
 
         await asyncio.gather(*(one(w) for w in decoded.work.values()))
         return outcome

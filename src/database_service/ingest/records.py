@@ -9,9 +9,10 @@ writer hands them straight to binary COPY.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,8 @@ PREDICTION_COLUMNS = (
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 _TENANT = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
-_TABLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TABLE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")  # no leading _: the service's own tables
+_COLUMN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 class BadPayload(Exception):
@@ -73,6 +75,21 @@ class TenantWork:
     @property
     def size(self) -> int:
         return len(self.ticks) + len(self.predictions) + sum(len(r) for r in self.rows.values())
+
+    def event_ids(self) -> list[str]:
+        return [*self.ticks, *self.predictions, *(k for rows in self.rows.values() for k in rows)]
+
+    def discard(self, known: Callable[[str], bool]) -> int:
+        """Drop the records whose event id is ``known`` (already committed); how many went."""
+        before = self.size
+        self.ticks = {k: v for k, v in self.ticks.items() if not known(k)}
+        self.predictions = {k: v for k, v in self.predictions.items() if not known(k)}
+        self.rows = {
+            table: kept
+            for table, rows in self.rows.items()
+            if (kept := {k: v for k, v in rows.items() if not known(k)})
+        }
+        return before - self.size
 
     def merge(self, other: TenantWork) -> None:
         self.ticks.update(other.ticks)
@@ -128,9 +145,14 @@ def _json(text: str, what: str) -> Any:
         raise ValueError(f"{what} is not JSON: {exc}") from None
 
 
+@functools.lru_cache(maxsize=4096)
+def _tenant_ok(tenant_id: str) -> bool:
+    return _TENANT.match(tenant_id) is not None  # a batch names few tenants: check each once
+
+
 def _common(record: Any) -> str | None:
     """The reason a record cannot be attributed to a tenant and an event, or None."""
-    if not _TENANT.match(record.tenant_id):
+    if not _tenant_ok(record.tenant_id):
         return f"tenant_id {record.tenant_id[:60]!r} is not a tenant id"
     if not _UUID.match(record.event_id):
         return f"event_id {record.event_id[:60]!r} is not a UUID"
@@ -146,7 +168,7 @@ def decode(payload: bytes) -> Decoded:
         raise BadPayload(f"not a database_service.v1.IngestBatch: {exc}") from None
     out = Decoded()
     out.records = len(batch.ticks) + len(batch.predictions) + len(batch.signals) + len(batch.rows)
-    if out.records == 0 and payload:
+    if out.records == 0:
         raise BadPayload("the message holds no records (is it an IngestBatch?)")
     _ticks(batch.ticks, out)
     _predictions(batch.predictions, out)
@@ -244,7 +266,7 @@ def _rows(rows: Iterable[ingest_pb2.TenantRow], out: Decoded) -> None:
                 problem = str(exc)
         if problem is None and (not isinstance(row, dict) or not row):
             problem = "row_json must be a non-empty JSON object of column -> value"
-        if problem is None and not all(isinstance(k, str) and _TABLE.match(k) for k in row):
+        if problem is None and not all(isinstance(k, str) and _COLUMN.match(k) for k in row):
             problem = "row_json has a key that is not a column name"
         if problem is not None:
             _reject(out, r, "invalid_record", problem)

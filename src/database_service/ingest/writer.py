@@ -152,7 +152,10 @@ class IngestWriter:
                 f" INSERT INTO {self._shared}.trading_ticks"
                 " (event_id, time, user_id, symbol, bid, ask, volume, spread)"
                 " SELECT event_id, timestamptz 'epoch' + time_us * interval '1 microsecond',"
-                " user_id, symbol, bid, ask, volume, spread FROM b ON CONFLICT DO NOTHING"
+                " user_id, symbol, bid, ask, volume, spread FROM b"
+                # One key order for every writer: concurrent merges of overlapping batches
+                # (another instance, the other transport) wait on each other, never deadlock.
+                " ORDER BY event_id ON CONFLICT DO NOTHING"
             )
             return _inserted(status)
         if unit.kind == "predictions":
@@ -169,7 +172,7 @@ class IngestWriter:
                 " SELECT event_id, timestamptz 'epoch' + time_us * interval '1 microsecond',"
                 " user_id, symbol, prediction_type, confidence, model_version, features::jsonb,"
                 " result::jsonb"
-                " FROM b ON CONFLICT DO NOTHING"
+                " FROM b ORDER BY event_id ON CONFLICT DO NOTHING"
             )
             return _inserted(status)
         assert unit.table is not None

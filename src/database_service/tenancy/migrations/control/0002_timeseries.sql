@@ -2,8 +2,10 @@
 -- by time range; the partitions themselves are created ahead and dropped past retention by the
 -- service's maintenance task (timeseries/partitions.py). A DEFAULT partition catches records with
 -- no partition yet (late, or far in the future), so an insert never fails for its timestamp.
--- 1-minute candles of ticks are kept in candles_1m by a statement trigger that recomputes every
--- bucket a statement touched from the raw ticks, so late ticks correct their buckets.
+-- 1-minute candles of ticks are kept in candles_1m by statement triggers: inserted ticks are
+-- merged into their buckets incrementally (first/last tick times decide open and close, so a late
+-- tick lands where it belongs); deletes and updates recompute the touched buckets from the raw
+-- ticks.
 
 ALTER TABLE {{shared}}.trading_ticks RENAME TO trading_ticks_unpartitioned;
 ALTER TABLE {{shared}}.ai_predictions RENAME TO ai_predictions_unpartitioned;
@@ -57,6 +59,8 @@ CREATE TABLE {{shared}}.candles_1m (
     spread_min  numeric,
     spread_max  numeric,
     spread_n    integer NOT NULL,
+    open_time   timestamptz NOT NULL,          -- the first and last tick's time: an inserted tick
+    close_time  timestamptz NOT NULL,          -- earlier/later than these becomes open/close
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (company_id, symbol, bucket)
 );
@@ -110,7 +114,8 @@ BEGIN ATOMIC
     WHERE c.company_id = k.company_id AND c.symbol = k.symbol AND c.bucket = k.bucket
       AND c.bucket >= lo AND c.bucket < hi;
     INSERT INTO {{shared}}.candles_1m (company_id, symbol, bucket, open, high, low, close,
-        volume, ticks, price_volume, spread_sum, spread_min, spread_max, spread_n)
+        volume, ticks, price_volume, spread_sum, spread_min, spread_max, spread_n, open_time,
+        close_time)
     SELECT t.company_id, t.symbol, k.bucket,
            (array_agg({{shared}}.tick_price(t.bid, t.ask) ORDER BY t.time))[1],
            max({{shared}}.tick_price(t.bid, t.ask)), min({{shared}}.tick_price(t.bid, t.ask)),
@@ -118,7 +123,7 @@ BEGIN ATOMIC
            coalesce(sum(t.volume), 0), count(*),
            coalesce(sum({{shared}}.tick_price(t.bid, t.ask) * t.volume), 0),
            coalesce(sum(t.ask - t.bid), 0), min(t.ask - t.bid), max(t.ask - t.bid),
-           count(t.ask - t.bid)
+           count(t.ask - t.bid), min(t.time), max(t.time)
     FROM unnest(companies, symbols, buckets) AS k(company_id, symbol, bucket)
     JOIN {{shared}}.trading_ticks t
       ON t.company_id = k.company_id AND t.symbol = k.symbol
@@ -132,6 +137,10 @@ REVOKE ALL ON FUNCTION {{shared}}.recompute_candles_1m(text[], text[], timestamp
 -- tenants cannot write candles_1m themselves; the keys come only from the rows they wrote.
 -- One function for all three: PL/pgSQL plans a statement when it first runs it, so each trigger
 -- only ever touches the transition tables it declares.
+-- Inserts are merged: the statement's ticks are aggregated per bucket and folded into the stored
+-- candle (sums add up, extremes widen, open/close move only for an earlier/later tick), so the
+-- cost follows the statement's size, not the bucket's (a full recompute per batch made ingestion
+-- of many small batches quadratic in the ticks per minute). Deletes and updates recompute.
 CREATE FUNCTION {{shared}}.candles_1m_after_write() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
 AS $$
@@ -141,11 +150,39 @@ DECLARE
     buckets timestamptz[];
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(company_id), array_agg(symbol), array_agg(bucket)
-        INTO companies, symbols, buckets
-        FROM (SELECT DISTINCT company_id::text, symbol::text,
+        INSERT INTO {{shared}}.candles_1m AS c (company_id, symbol, bucket, open, high, low,
+            close, volume, ticks, price_volume, spread_sum, spread_min, spread_max, spread_n,
+            open_time, close_time)
+        SELECT company_id, symbol, bucket,
+               (array_agg(price ORDER BY time))[1], max(price), min(price),
+               (array_agg(price ORDER BY time DESC))[1],
+               coalesce(sum(volume), 0), count(*), coalesce(sum(price * volume), 0),
+               coalesce(sum(ask - bid), 0), min(ask - bid), max(ask - bid), count(ask - bid),
+               min(time), max(time)
+        FROM (SELECT company_id::text AS company_id, symbol::text AS symbol, time, bid, ask,
+                     volume, {{shared}}.tick_price(bid, ask) AS price,
                      date_bin('1 minute', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket
-              FROM new_ticks) k;
+              FROM new_ticks) n
+        WHERE price IS NOT NULL
+        GROUP BY company_id, symbol, bucket
+        ORDER BY company_id, symbol, bucket    -- one lock order for concurrent writers
+        ON CONFLICT (company_id, symbol, bucket) DO UPDATE SET
+            open = CASE WHEN excluded.open_time < c.open_time THEN excluded.open ELSE c.open END,
+            close = CASE WHEN excluded.close_time >= c.close_time
+                         THEN excluded.close ELSE c.close END,
+            open_time = least(c.open_time, excluded.open_time),
+            close_time = greatest(c.close_time, excluded.close_time),
+            high = greatest(c.high, excluded.high),
+            low = least(c.low, excluded.low),
+            volume = c.volume + excluded.volume,
+            ticks = c.ticks + excluded.ticks,
+            price_volume = c.price_volume + excluded.price_volume,
+            spread_sum = c.spread_sum + excluded.spread_sum,
+            spread_min = least(c.spread_min, excluded.spread_min),
+            spread_max = greatest(c.spread_max, excluded.spread_max),
+            spread_n = c.spread_n + excluded.spread_n,
+            updated_at = now();
+        RETURN NULL;
     ELSIF TG_OP = 'DELETE' THEN
         SELECT array_agg(company_id), array_agg(symbol), array_agg(bucket)
         INTO companies, symbols, buckets

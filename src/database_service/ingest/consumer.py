@@ -1,0 +1,71 @@
+"""What the two transport consumers share: a background task that runs a session (connect,
+then consume) until it fails, reports the failure, backs off and starts over, and a stop that
+lets the batch in hand finish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from database_service.ingest.pipeline import IngestPipeline
+
+__all__ = ["Consumer"]
+
+log = logging.getLogger(__name__)
+
+
+class Consumer:
+    transport: str = ""
+    # How long a stop waits for the batch in hand to commit and be acknowledged; whatever is
+    # cut short is redelivered later and deduplicated.
+    stop_grace_seconds: float = 5.0
+
+    def __init__(self, pipeline: IngestPipeline) -> None:
+        self._pipeline = pipeline
+        self._stats = pipeline.stats(self.transport)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def __aenter__(self) -> Consumer:
+        self._task = asyncio.create_task(self._run(), name=f"ingest-{self.transport}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stopping = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.stop_grace_seconds)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        await self._close()
+
+    async def _session(self) -> None:
+        """Connect and consume until stopped; raise on any failure (the loop starts over)."""
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        """Release what outlives sessions (a client that reconnects by itself)."""
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while not self._stopping:
+            started = asyncio.get_running_loop().time()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: report, wait, start over
+                self._stats.state = "disconnected"
+                self._stats.errors += 1
+                self._stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                if asyncio.get_running_loop().time() - started > 30:
+                    delay = 0.2  # it had been working: start over quickly
+                log.warning(
+                    "%s ingest: %s; retrying in %.1fs", self.transport, self._stats.last_error,
+                    delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

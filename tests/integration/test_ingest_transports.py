@@ -1,0 +1,187 @@
+"""Ingestion over real transports: a nats-server of the test's own and the Kafka broker of
+scripts/kafka.sh, consumed by service instances on the session's PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import nats
+from aiokafka import AIOKafkaConsumer
+
+from database_service_client import event_id_for, tick
+from database_service_client._proto import ingest_pb2
+from tests.fix_ingest import IngestEnv
+from tests.fix_service import TenantFactory
+
+START = dt.datetime(2026, 11, 25, 9, tzinfo=dt.UTC)
+
+
+def make_ticks(tenant_id: str, n: int, *, seed: str = "s", start: int = 0) -> list[ingest_pb2.Tick]:
+    return [
+        tick(
+            tenant_id,
+            f"SYM{i % 5}",
+            START + dt.timedelta(milliseconds=i),
+            bid=1.1 + (i % 100) * 1e-5,
+            ask=1.1003 + (i % 100) * 1e-5,
+            volume=i % 9 + 1,
+            user_id="u1",
+            event_id=event_id_for(seed, tenant_id, i),
+        )
+        for i in range(start, start + n)
+    ]
+
+
+async def test_ticks_published_on_both_transports_are_stored_exactly_once(
+    ingest_env: IngestEnv, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("both")
+    token = await ingest_env.token([tenant.tenant_id])
+    service = await ingest_env.instance()
+    ticks = make_ticks(tenant.tenant_id, 10_000)
+    async with ingest_env.publisher(token) as publisher:
+        report = await publisher.publish_ticks(ticks, batch_size=500)
+    assert report.ok, report.to_dict()
+    assert await ingest_env.wait_ticks(tenant.tenant_id, 10_000) == 10_000
+    stats = {t: service.ingest.stats(t) for t in ("nats", "kafka")}
+    # Each transport delivered every record; together they stored each once.
+    assert stats["nats"].records == stats["kafka"].records == 10_000
+    assert stats["nats"].stored + stats["kafka"].stored == 10_000
+    assert stats["nats"].duplicates + stats["kafka"].duplicates == 10_000
+    # Publishing the same events again (a producer retry) changes nothing.
+    async with ingest_env.publisher(token) as publisher:
+        await publisher.publish_ticks(ticks[:2_000], batch_size=500)
+    assert await ingest_env.wait_ticks(tenant.tenant_id, 10_001, timeout=3) == 10_000
+    health = await service.health.document()
+    assert health["dependencies"]["ingestion"]["status"] == "healthy"
+    assert health["dependencies"]["kafka"]["status"] == "healthy"
+
+
+async def test_poison_messages_are_dead_lettered_without_blocking_the_stream(
+    ingest_env: IngestEnv, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("poison")
+    token = await ingest_env.token([tenant.tenant_id])
+    await ingest_env.instance()
+    nc = await nats.connect(ingest_env.nats.url)
+    try:
+        js = nc.jetstream()
+        garbage = b"\x0a\xff\xff\xff garbage"
+        await js.publish(
+            "database.trading-data", garbage, headers={"Authorization": f"Bearer {token}"}
+        )
+        await js.publish("database.trading-data", b"\x01\x02", headers={})  # no token either
+        unknown = ingest_pb2.IngestBatch(ticks=make_ticks("no_such_tenant", 3)).SerializeToString()
+        await js.publish(
+            "database.trading-data", unknown, headers={"Authorization": f"Bearer {token}"}
+        )
+        async with ingest_env.publisher(token, kafka=False) as publisher:
+            await publisher.publish_ticks(make_ticks(tenant.tenant_id, 300), batch_size=100)
+        assert await ingest_env.wait_ticks(tenant.tenant_id, 300) == 300
+        codes = sorted(d.code for d in await ingest_env.core.dead_letters.list(limit=10_000)
+                       if d.payload in (garbage, b"\x01\x02") or d.tenant_id == "no_such_tenant")  # fmt: skip
+        assert codes == ["bad_protobuf", "permission_denied", "permission_denied",
+                         "permission_denied", "unauthenticated"], codes  # fmt: skip
+        # The dead letters were announced on the dead-letter subject as well.
+        dead = await js.stream_info("DATABASE_INGEST_DEAD_LETTERS")
+        assert dead.state.messages == 5
+        # Poison was terminated, not left to be redelivered: nothing is pending.
+        info = await js.consumer_info("DATABASE_INGEST", "database-service-ingest")
+        assert info.num_pending == 0 and info.num_ack_pending == 0
+    finally:
+        await nc.close()
+
+
+async def test_two_instances_share_one_stream_without_double_writing(
+    ingest_env: IngestEnv, new_tenant: TenantFactory
+) -> None:
+    # Kafka keys by tenant (one tenant's records stay in order), so several tenants spread the
+    # records over the partitions the two members split between them.
+    tenants = [(await new_tenant("pair")).tenant_id for _ in range(6)]
+    token = await ingest_env.token(tenants)
+    first = await ingest_env.instance(ingest_batch_messages=2)
+    second = await ingest_env.instance(ingest_batch_messages=2)
+    members = (first.ingest.stats("kafka"), second.ingest.stats("kafka"))
+    for _ in range(150):  # the group settles: every partition owned by exactly one member
+        owned = [p for m in members for p in m.partitions]
+        if len(owned) == 8 and len(set(owned)) == 8 and all(m.partitions for m in members):
+            break
+        await asyncio.sleep(0.1)
+    assert all(m.partitions for m in members), [m.partitions for m in members]
+    records = [t for tenant_id in tenants for t in make_ticks(tenant_id, 1_000)]
+    async with ingest_env.publisher(token) as publisher:
+        await publisher.publish_ticks(records, batch_size=100)
+    for tenant_id in tenants:
+        assert await ingest_env.wait_ticks(tenant_id, 1_000) == 1_000
+    for transport in ("nats", "kafka"):
+        a, b = first.ingest.stats(transport), second.ingest.stats(transport)
+        assert a.records + b.records == 6_000, transport  # each message went to one member
+    nats_a, nats_b = first.ingest.stats("nats"), second.ingest.stats("nats")
+    assert nats_a.records > 0 and nats_b.records > 0, (nats_a.records, nats_b.records)
+    stored = sum(app.ingest.stats(t).stored for app in (first, second) for t in ("nats", "kafka"))
+    assert stored == 6_000
+
+
+async def test_nats_stopped_kafka_carries_on_and_nats_catches_up_when_back(
+    ingest_env: IngestEnv, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("natsdown")
+    token = await ingest_env.token([tenant.tenant_id])
+    service = await ingest_env.instance()
+    async with ingest_env.publisher(token) as publisher:
+        await publisher.publish_ticks(make_ticks(tenant.tenant_id, 1_000), batch_size=250)
+        assert await ingest_env.wait_ticks(tenant.tenant_id, 1_000) == 1_000
+        await ingest_env.nats.stop()
+        report = await publisher.publish_ticks(
+            make_ticks(tenant.tenant_id, 2_000, start=1_000), batch_size=250
+        )
+        assert report.transports["kafka"].records == 2_000
+        assert report.transports["nats"].errors
+        assert await ingest_env.wait_ticks(tenant.tenant_id, 3_000) == 3_000
+        health = await service.health.document()
+        assert health["dependencies"]["nats"]["status"] == "unhealthy"
+        assert health["dependencies"]["ingestion"]["status"] == "degraded"
+    await ingest_env.nats.start()
+    # NATS back: the consumer reconnects by itself and takes new records.
+    async with ingest_env.publisher(token, kafka=False) as publisher:
+        await publisher.publish_ticks(
+            make_ticks(tenant.tenant_id, 500, start=3_000), batch_size=250
+        )
+    assert await ingest_env.wait_ticks(tenant.tenant_id, 3_500) == 3_500
+    for _ in range(50):
+        if service.ingest.stats("nats").state == "running":
+            break
+        await asyncio.sleep(0.2)
+    assert service.ingest.stats("nats").state == "running"
+
+
+async def test_kafka_dead_letters_are_announced_on_the_dead_letter_topic(
+    ingest_env: IngestEnv, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("kdl")
+    token = await ingest_env.token([tenant.tenant_id])
+    await ingest_env.instance(nats=False)
+    bad = make_ticks(tenant.tenant_id, 2)
+    bad[1].user_id = "x" * 200  # varchar(50)
+    async with ingest_env.publisher(token, nats=False) as publisher:
+        await publisher.publish_ticks(bad, batch_size=10)
+    assert await ingest_env.wait_ticks(tenant.tenant_id, 1) == 1
+    consumer = AIOKafkaConsumer(
+        f"{ingest_env.prefix}database-dead-letter",
+        bootstrap_servers=ingest_env.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"{ingest_env.prefix}reader",
+    )
+    await consumer.start()
+    try:
+        records = await consumer.getmany(timeout_ms=10_000)
+    finally:
+        await consumer.stop()
+    letters = [r for rs in records.values() for r in rs]
+    assert len(letters) == 1
+    headers = dict(letters[0].headers)
+    assert headers["dbsvc-code"] == b"data_exception"
+    assert b"SQLSTATE 22001" in headers["dbsvc-reason"]
+    replayable = ingest_pb2.IngestBatch.FromString(letters[0].value)
+    assert replayable.ticks[0].event_id == bad[1].event_id
