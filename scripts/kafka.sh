@@ -9,11 +9,11 @@
 # drops it and stops the broker once no live lease is left, but only if a lease started it.
 # Environment: KAFKA_PORT (19092), KAFKA_CONTROLLER_PORT (KAFKA_PORT+1), KAFKA_VERSION (4.1.2),
 # KAFKA_JARS_DIR, KAFKA_HEAP_OPTS (-Xms256m -Xmx512m), KAFKA_JVM_OPTS (more JVM options),
-# KAFKA_START_TIMEOUT (seconds, 90).
+# KAFKA_START_TIMEOUT (seconds, 90), KAFKA_STATE_DIR (.test-backends/kafka).
 # Moving KAFKA_VERSION down needs a fresh state: rm -rf .test-backends/kafka
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$PWD/.test-backends/kafka"
+ROOT="${KAFKA_STATE_DIR:-$PWD/.test-backends/kafka}" # a second broker needs its own (and its own port)
 DATA="$ROOT/data" # topic partitions
 META="$ROOT/meta" # the KRaft metadata log; apart from DATA so the JVM locks it before anything
 PIDFILE="$ROOT/kafka.pid"

@@ -48,3 +48,47 @@ def kafka_bootstrap() -> Iterator[str]:
 def kafka_topic_prefix() -> str:
     """A prefix unique to this test for its topics and consumer groups: ``t<hex>-``."""
     return f"t{secrets.token_hex(4)}-"
+
+
+class PrivateKafka:
+    """A broker of one test's own (state dir and ports of its own), which it may stop and start:
+    the shared broker must stay up for everyone else."""
+
+    def __init__(self, state_dir: Path) -> None:
+        from database_service.supervisor import free_port
+
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "KAFKA_STATE_DIR": str(state_dir),
+            "KAFKA_PORT": str(self.port),
+            "KAFKA_CONTROLLER_PORT": str(free_port()),
+        }
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self, command: str) -> None:
+        done = subprocess.run(
+            ["bash", str(SCRIPT), command], cwd=ROOT, env=self.env, capture_output=True,
+            text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            pytest.fail(f"kafka.sh {command} (private broker) failed:\n{done.stderr}")
+
+    def start(self) -> None:
+        self._run("start")
+
+    def stop(self) -> None:
+        self._run("stop")
+
+
+@pytest.fixture
+def private_kafka(tmp_path: Path) -> Iterator[PrivateKafka]:
+    broker = PrivateKafka(tmp_path / "kafka")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -315,20 +315,19 @@ class Application:
             )
             transports.append("nats")
         if s.kafka_bootstrap is not None:
-            await self._stack.enter_async_context(
-                KafkaIngest(
-                    KafkaSettings(
-                        bootstrap=s.kafka_bootstrap,
-                        topics=s.ingest_kafka_topics,
-                        group=s.ingest_kafka_group,
-                        dead_letter_topic=s.ingest_kafka_dead_letter_topic,
-                        partitions=s.ingest_kafka_partitions,
-                        max_records=s.ingest_batch_messages,
-                    ),
-                    self.ingest,
-                )
+            kafka = KafkaIngest(
+                KafkaSettings(
+                    bootstrap=s.kafka_bootstrap,
+                    topics=s.ingest_kafka_topics,
+                    group=s.ingest_kafka_group,
+                    dead_letter_topic=s.ingest_kafka_dead_letter_topic,
+                    partitions=s.ingest_kafka_partitions,
+                    max_records=s.ingest_batch_messages,
+                ),
+                self.ingest,
             )
+            await self._stack.enter_async_context(kafka)
             transports.append("kafka")
-            probes.append(KafkaProbe(self.ingest, s.kafka_bootstrap))
+            probes.append(KafkaProbe(kafka, s.kafka_bootstrap))
         if transports:
             probes.append(IngestionProbe(self.ingest, self.dead_letters, transports))

@@ -4,6 +4,7 @@ scripts/kafka.sh, consumed by service instances on the session's PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 
 import nats
@@ -12,6 +13,7 @@ from aiokafka import AIOKafkaConsumer
 from database_service_client import event_id_for, tick
 from database_service_client._proto import ingest_pb2
 from tests.fix_ingest import IngestEnv
+from tests.fix_kafka import PrivateKafka
 from tests.fix_service import TenantFactory
 
 START = dt.datetime(2026, 11, 25, 9, tzinfo=dt.UTC)
@@ -154,6 +156,35 @@ async def test_nats_stopped_kafka_carries_on_and_nats_catches_up_when_back(
             break
         await asyncio.sleep(0.2)
     assert service.ingest.stats("nats").state == "running"
+
+
+async def test_kafka_stopped_nats_carries_on_and_kafka_catches_up_when_back(
+    ingest_env: IngestEnv, new_tenant: TenantFactory, private_kafka: PrivateKafka
+) -> None:
+    env = dataclasses.replace(ingest_env, kafka_bootstrap=private_kafka.bootstrap)
+    tenant = await new_tenant("kafkadown")
+    token = await env.token([tenant.tenant_id])
+    service = await env.instance()
+    async with env.publisher(token) as publisher:
+        await publisher.publish_ticks(make_ticks(tenant.tenant_id, 1_000), batch_size=250)
+    assert await env.wait_ticks(tenant.tenant_id, 1_000) == 1_000
+    await asyncio.to_thread(private_kafka.stop)
+    health = await service.health.document()
+    assert health["dependencies"]["kafka"]["status"] == "unhealthy"
+    async with env.publisher(token, kafka=False) as publisher:
+        await publisher.publish_ticks(
+            make_ticks(tenant.tenant_id, 2_000, start=1_000), batch_size=250
+        )
+    assert await env.wait_ticks(tenant.tenant_id, 3_000) == 3_000  # NATS alone
+    await asyncio.to_thread(private_kafka.start)
+    # Kafka back: the consumer resumes by itself; what only Kafka carries gets stored.
+    async with env.publisher(token, nats=False) as publisher:
+        report = await publisher.publish_ticks(
+            make_ticks(tenant.tenant_id, 500, start=3_000), batch_size=250
+        )
+    assert report.ok, report.to_dict()
+    assert await env.wait_ticks(tenant.tenant_id, 3_500, timeout=90) == 3_500
+    assert (await service.health.document())["dependencies"]["kafka"]["status"] == "healthy"
 
 
 async def test_kafka_dead_letters_are_announced_on_the_dead_letter_topic(

@@ -5,7 +5,6 @@ lets the batch in hand finish."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from database_service.ingest.pipeline import IngestPipeline
@@ -33,14 +32,20 @@ class Consumer:
 
     async def __aexit__(self, *exc: object) -> None:
         self._stopping = True
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), self.stop_grace_seconds)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+        task = self._task
+        if task is not None:
+            # asyncio.wait neither raises the task's outcome nor hides our own cancellation.
+            done, _ = await asyncio.wait({task}, timeout=self.stop_grace_seconds)
+            if not done:
+                task.cancel()
+                await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("%s ingest stopped on %r", self.transport, task.exception())
         await self._close()
+
+    @property
+    def state(self) -> str:
+        return self._stats.state
 
     async def _session(self) -> None:
         """Connect and consume until stopped; raise on any failure (the loop starts over)."""

@@ -104,6 +104,17 @@ class KafkaIngest(Consumer):
                     with contextlib.suppress(Exception):
                         await client.stop()
 
+    async def reachable(self, timeout: float = 2.0) -> str | None:
+        """None when a broker answers a metadata request now, else why not (for health: the
+        consumer itself only notices a lost broker through its own retries)."""
+        if self._producer is None:
+            return self._stats.last_error or "not connected yet"
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout)
+        except Exception as exc:  # any failure is the answer
+            return f"{type(exc).__name__}: {exc}"[:300]
+        return None
+
     async def _ensure_topics(self) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=self._s.bootstrap)
         await admin.start()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from database_service.errors import DatabaseServiceError
 from database_service.ingest.deadletters import DeadLetterStore
+from database_service.ingest.kafka_group import KafkaIngest
 from database_service.ingest.pipeline import IngestPipeline
 from database_service.query.boundary import postgres_errors
 
@@ -16,19 +18,24 @@ __all__ = ["IngestionProbe", "KafkaProbe"]
 
 @dataclass
 class KafkaProbe:
-    """Kafka as the ingestion consumer sees it (it holds the only connections we keep)."""
+    """Kafka as the ingestion consumer sees it, and a metadata round trip through its client."""
 
-    pipeline: IngestPipeline
+    consumer: KafkaIngest
     bootstrap: str
     name: str = "kafka"
 
     async def check(self) -> dict[str, Any]:
-        stats = self.pipeline.stats("kafka")
-        status = "healthy" if stats.state in {"running", "waiting_for_postgresql"} else "unhealthy"
-        result: dict[str, Any] = {"status": status, "bootstrap": self.bootstrap}
-        if status != "healthy":
-            result["error"] = stats.last_error or stats.state
-        return result
+        started = time.perf_counter()
+        problem = await self.consumer.reachable()
+        if problem is None and self.consumer.state not in {"running", "waiting_for_postgresql"}:
+            problem = self.consumer.state
+        if problem is not None:
+            return {"status": "unhealthy", "bootstrap": self.bootstrap, "error": problem}
+        return {
+            "status": "healthy",
+            "bootstrap": self.bootstrap,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
 
 
 @dataclass
