@@ -241,7 +241,11 @@ class Application:
         self.endpoints = Endpoints(postgres_dsn=dsn, nats_url=nats_url)
         self.dead_letters = DeadLetterStore(self.owner_pool, control_schema=s.control_schema)
         self.ingest = IngestPipeline(
-            writer=IngestWriter(self.pools, shared_schema=s.shared_schema),
+            writer=IngestWriter(
+                self.pools,
+                shared_schema=s.shared_schema,
+                parallel=min(s.ingest_write_parallelism, s.pool_max_per_tenant),
+            ),
             dead_letters=self.dead_letters,
             authenticator=self.authenticator,
             registry=self.registry,

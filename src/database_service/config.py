@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     ingest_ack_wait_seconds: float = Field(default=30.0, ge=1)
     ingest_batch_messages: int = Field(default=64, ge=1, le=10_000)
     ingest_max_ack_pending: int = Field(default=1024, ge=1)
+    # Concurrent transactions (tenant connections) a large batch of one tenant is cut into.
+    ingest_write_parallelism: int = Field(default=2, ge=1, le=64)
     kafka_bootstrap: str | None = None
     ingest_kafka_topics: list[str] = ["database-trading-data", "database-analytics-data"]
     ingest_kafka_group: str = "database-service-ingest"

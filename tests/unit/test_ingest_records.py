@@ -124,3 +124,18 @@ def test_single_record_batches_round_trip_every_kind() -> None:
             sum(len(f) for f in (decoded.ticks, decoded.predictions, decoded.signals, decoded.rows))
             == 1
         )
+
+
+def test_large_batches_are_cut_into_parts_that_keep_every_record_once() -> None:
+    from database_service.ingest.writer import _split, _Unit
+
+    ticks = _Unit("ticks", None, [f"t{i}" for i in range(7001)], list(range(7001)))
+    rows = _Unit("rows", "users", [f"r{i}" for i in range(3000)], list(range(3000)))
+    parts = _split([ticks, rows], parallel=2, min_part=1000)
+    assert len(parts) == 2
+    assert [sum(len(u.keys) for u in p) for p in parts] == [5001, 5000]
+    keys = [k for p in parts for u in p for k in u.keys]
+    assert sorted(keys) == sorted([*ticks.keys, *rows.keys])
+    assert all(u.values == [int(k[1:]) for k in u.keys] for p in parts for u in p)
+    assert _split([ticks], parallel=2, min_part=5000) == [[ticks]]  # too small to cut
+    assert _split([rows], parallel=1, min_part=1) == [[rows]]

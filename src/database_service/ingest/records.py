@@ -39,7 +39,6 @@ PREDICTION_COLUMNS = (
 )  # fmt: skip
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 _TENANT = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
 _TABLE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")  # no leading _: the service's own tables
 _COLUMN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -80,7 +79,14 @@ class TenantWork:
         return [*self.ticks, *self.predictions, *(k for rows in self.rows.values() for k in rows)]
 
     def discard(self, known: Callable[[str], bool]) -> int:
-        """Drop the records whose event id is ``known`` (already committed); how many went."""
+        """Drop the records whose event id is ``known`` (already committed); how many went.
+
+        Copies arrive as whole messages, so a batch whose first and last ids of each kind are
+        unknown is passed as it is, without a lookup per record (the database still dedupes)."""
+        kinds: list[dict[str, Any]] = [self.ticks, self.predictions, *self.rows.values()]
+        samples = [key for d in kinds if d for key in (next(iter(d)), next(reversed(d)))]
+        if not any(known(key) for key in samples):
+            return 0
         before = self.size
         self.ticks = {k: v for k, v in self.ticks.items() if not known(k)}
         self.predictions = {k: v for k, v in self.predictions.items() if not known(k)}
@@ -151,11 +157,15 @@ def _tenant_ok(tenant_id: str) -> bool:
 
 
 def _common(record: Any) -> str | None:
-    """The reason a record cannot be attributed to a tenant and an event, or None."""
+    """The reason a record cannot be attributed to a tenant and an event, or None.
+
+    Event ids must be UUIDs in their canonical 36-character text; only the length is checked
+    here (a regex per record cost a quarter of the decoding time): a 36-character non-UUID is
+    refused by the driver when the batch is written, and isolated there."""
     if not _tenant_ok(record.tenant_id):
         return f"tenant_id {record.tenant_id[:60]!r} is not a tenant id"
-    if not _UUID.match(record.event_id):
-        return f"event_id {record.event_id[:60]!r} is not a UUID"
+    if len(record.event_id) != 36:
+        return f"event_id {record.event_id[:60]!r} is not a UUID in canonical text form"
     return None
 
 
@@ -190,25 +200,33 @@ def _reject(out: Decoded, record: Any, code: str, reason: str) -> None:
 
 
 def _ticks(ticks: Iterable[ingest_pb2.Tick], out: Decoded) -> None:
-    # The hot path: one tuple per tick, no per-field validation beyond what attributes the
-    # record; types and ranges are PostgreSQL's to check (a failing row is isolated by the writer).
+    # The hot path (profiled): each field is read once (a string field is a new object per
+    # read), the tenant's work is looked up only when the tenant changes, and nothing is
+    # checked beyond what attributes the record; types and ranges are PostgreSQL's to check (a
+    # failing row is isolated by the writer).
+    current: str | None = None
+    work = TenantWork("")
     for t in ticks:
-        problem = _common(t) or (None if t.symbol else "symbol is empty")
-        if problem is not None:
-            _reject(out, t, "invalid_record", problem)
-            continue
-        work = out.tenant(t.tenant_id)
-        work.ticks[t.event_id] = (
-            t.event_id,
+        event_id, tenant_id, symbol = t.event_id, t.tenant_id, t.symbol
+        if tenant_id != current or len(event_id) != 36 or not symbol:
+            problem = _common(t) or (None if symbol else "symbol is empty")
+            if problem is not None:
+                _reject(out, t, "invalid_record", problem)
+                continue
+            current, work = tenant_id, out.tenant(tenant_id)
+        # An unset optional reads as 0: ask HasField (a lookup by name) only then.
+        bid, ask, volume, spread = t.bid, t.ask, t.volume, t.spread
+        work.ticks[event_id] = (
+            event_id,
             t.time_unix_us,
             t.user_id,
-            t.symbol,
-            t.bid if t.HasField("bid") else None,
-            t.ask if t.HasField("ask") else None,
-            t.volume if t.HasField("volume") else None,
-            t.spread if t.HasField("spread") else None,
+            symbol,
+            bid if bid or t.HasField("bid") else None,
+            ask if ask or t.HasField("ask") else None,
+            volume if volume or t.HasField("volume") else None,
+            spread if spread or t.HasField("spread") else None,
         )
-        work.sources[t.event_id] = t
+        work.sources[event_id] = t
 
 
 def _predictions(predictions: Iterable[ingest_pb2.Prediction], out: Decoded) -> None:

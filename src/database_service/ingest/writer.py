@@ -15,6 +15,7 @@ returned as rejected while every other record is stored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,13 @@ class StoreResult:
     duplicates: dict[str, int] = field(default_factory=dict)  # kind -> already there
     rejected: list[tuple[str, DatabaseServiceError]] = field(default_factory=list)  # event id
 
+    def merge(self, other: StoreResult) -> None:
+        for kind, n in other.stored.items():
+            self.stored[kind] = self.stored.get(kind, 0) + n
+        for kind, n in other.duplicates.items():
+            self.duplicates[kind] = self.duplicates.get(kind, 0) + n
+        self.rejected.extend(other.rejected)
+
     def add(self, kind: str, offered: int, written: int) -> None:
         self.stored[kind] = self.stored.get(kind, 0) + written
         self.duplicates[kind] = self.duplicates.get(kind, 0) + offered - written
@@ -73,17 +81,50 @@ class _Unit:
     values: Sequence[Any]  # tuples (ticks, predictions) or row dicts
 
 
+def _split(units: list[_Unit], parallel: int, min_part: int) -> list[list[_Unit]]:
+    """Cut the units into at most ``parallel`` parts of at least ``min_part`` records each."""
+    total = sum(len(u.keys) for u in units)
+    count = max(1, min(parallel, total // max(1, min_part)))
+    if count == 1:
+        return [units]
+    size = -(-total // count)  # ceil
+    parts: list[list[_Unit]] = [[] for _ in range(count)]
+    index = filled = 0
+    for unit in units:
+        start = 0
+        while start < len(unit.keys):
+            take = min(len(unit.keys) - start, size - filled)
+            end = start + take
+            parts[index].append(
+                _Unit(unit.kind, unit.table, unit.keys[start:end], unit.values[start:end])
+            )
+            start, filled = end, filled + take
+            if filled == size and index < count - 1:
+                index, filled = index + 1, 0
+    return [p for p in parts if p]
+
+
 def _inserted(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1]) if status.startswith("INSERT") else 0
 
 
 class IngestWriter:
-    def __init__(self, pools: TenantPools, *, shared_schema: str) -> None:
+    def __init__(
+        self, pools: TenantPools, *, shared_schema: str, parallel: int = 2, min_part: int = 5000
+    ) -> None:
         self._pools = pools
         self._shared = quote_ident(shared_schema)
+        self._parallel = parallel
+        self._min_part = min_part
 
     async def store(self, login: TenantLogin, schema: str, work: TenantWork) -> StoreResult:
-        """Store a tenant's records. Raises only transient errors (retry the whole call)."""
+        """Store a tenant's records. Raises only transient errors (retry the whole call).
+
+        A large batch is cut into ``parallel`` parts written as concurrent transactions on the
+        tenant's pool: one PostgreSQL backend is the bottleneck of a single transaction (the
+        service mostly waits), and the parts touch different keys (only candles on the boundary
+        minute wait for each other). Each part is all or nothing; the batch need not be, since
+        a retry finds the committed parts stored."""
         units = [
             _Unit("ticks", None, list(work.ticks), list(work.ticks.values())),
             _Unit("predictions", None, list(work.predictions), list(work.predictions.values())),
@@ -93,9 +134,17 @@ class IngestWriter:
             ),
         ]
         units = [u for u in units if u.keys]
+        parts = _split(units, self._parallel, self._min_part)
+        results = await asyncio.gather(*(self._part(login, schema, p) for p in parts))
+        result = results[0]
+        for other in results[1:]:
+            result.merge(other)
+        return result
+
+    async def _part(self, login: TenantLogin, schema: str, units: list[_Unit]) -> StoreResult:
         result = StoreResult()
         try:
-            # The common case: everything in one transaction.
+            # The common case: the whole part in one transaction.
             written = await self._transaction(login, schema, units)
         except DatabaseServiceError as exc:
             if is_transient(exc):
