@@ -110,6 +110,13 @@ class _PartitionCollector:
         for table, count in self._manager.partitions.items():
             gauge.add_metric([table], count)
         yield gauge
+        lag = GaugeMetricFamily(
+            "dbsvc_rollup_lag_seconds",
+            "How far 1-minute candles trail the newest tick (last maintenance; 0 when in step).",
+        )
+        if self._manager.rollup_lag_seconds is not None:
+            lag.add_metric([], self._manager.rollup_lag_seconds)
+        yield lag
 
 
 class Application:

@@ -106,7 +106,7 @@ async def test_event_ids_are_unique_by_constraint_not_by_memory(
             tenant.tenant_id,
         )
         with pytest.raises(
-            asyncpg.UniqueViolationError, match=r"\(event_id, company_id, \"time\"\)"
+            asyncpg.UniqueViolationError, match=r"\(company_id, \"time\", event_id\)"
         ):
             await conn.execute(
                 f"INSERT INTO {shared}.trading_ticks (event_id, time, company_id, user_id, symbol)"

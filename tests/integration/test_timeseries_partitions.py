@@ -188,3 +188,33 @@ async def test_time_range_queries_prune_partitions(
         name.startswith(partition_name("trading_ticks", now)) for name in scanned
     ), plan
     assert total > 10
+
+
+async def test_rollup_lag_is_zero_while_candles_keep_up_and_grows_when_they_do_not(
+    core: Application, scratch: tuple[PartitionManager, str]
+) -> None:
+    # A moment no other test writes near (the DEFAULT partition takes it).
+    at = dt.datetime(2031, 1, 1, 12, tzinfo=dt.UTC)
+    shared = core.settings.shared_schema
+    tenant = await core.tenants.create(f"lag_{secrets.token_hex(3)}")
+    insert = (
+        f"INSERT INTO {shared}.trading_ticks (time, company_id, user_id, symbol, bid, ask)"
+        " VALUES ($1, $2, 'u', 'LAG', 1.0, 1.1)"
+    )
+    try:
+        await core.owner_pool.execute(insert, at - dt.timedelta(minutes=5), tenant.tenant_id)
+        await core.owner_pool.execute(insert, at - dt.timedelta(seconds=1), tenant.tenant_id)
+        assert await core.partitions.rollup_lag(at) == 0
+        # The newest minute's candle goes missing: the candles now trail by ~4 minutes.
+        await core.owner_pool.execute(
+            f"DELETE FROM {shared}.candles_1m WHERE company_id = $1 AND bucket > $2",
+            tenant.tenant_id,
+            at - dt.timedelta(minutes=2),
+        )
+        assert 230 < await core.partitions.rollup_lag(at) < 241
+        await core.partitions.maintain()
+        assert "dbsvc_rollup_lag_seconds" in core.metrics.render().decode()
+    finally:
+        await core.owner_pool.execute(
+            f"DELETE FROM {shared}.trading_ticks WHERE company_id = $1", tenant.tenant_id
+        )

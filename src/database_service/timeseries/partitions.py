@@ -88,6 +88,7 @@ class PartitionManager:
         self._metrics = metrics
         self.last_run: dt.datetime | None = None
         self.partitions: dict[str, int] = {}  # per table, as of the last round (for metrics)
+        self.rollup_lag_seconds: float | None = None
 
     async def maintain(self, now: dt.datetime | None = None) -> MaintenanceReport | None:
         """One maintenance round; None when another instance holds the maintenance lock."""
@@ -107,6 +108,7 @@ class PartitionManager:
         report.duration_ms = (time.perf_counter() - started) * 1000
         self.last_run = now
         self.partitions = await self.count()
+        self.rollup_lag_seconds = await self.rollup_lag(now)
         self._metrics.maintenance_runs.labels("ran").inc()
         self._metrics.maintenance_seconds.observe(report.duration_ms / 1000)
         if report.created or report.dropped:
@@ -238,6 +240,22 @@ class PartitionManager:
         except KeyError:
             known = ", ".join(self.specs)
             raise NotFound(f"{table!r} is not a time-series table ({known})") from None
+
+    async def rollup_lag(self, now: dt.datetime) -> float:
+        """How far the 1-minute candles trail the newest tick of the last hour, in seconds.
+
+        The triggers roll up inside the writing transaction, so this is 0 unless they were
+        disabled or failed; a growing value means candles are missing."""
+        lag = await self._pool.fetchval(
+            "SELECT greatest(0, extract(epoch FROM"
+            f" (SELECT max(time) FROM {self._qualified('trading_ticks')}"
+            "  WHERE time >= $1::timestamptz - interval '1 hour' AND time <= $1::timestamptz)"
+            f" - (SELECT max(bucket) + interval '1 minute' FROM {self._qualified('candles_1m')}"
+            "  WHERE bucket >= $1::timestamptz - interval '61 minutes'"
+            "    AND bucket <= $1::timestamptz)))",
+            now,
+        )
+        return float(lag or 0)
 
     async def count(self) -> dict[str, int]:
         return {t: len(await self.list(t)) for t in self.specs}
