@@ -197,7 +197,8 @@ class IngestWriter:
                 "_ingest_ticks", schema_name=schema, columns=TICK_COLUMNS, records=unit.values
             )
             status = await conn.execute(
-                f"WITH b AS (DELETE FROM {q_schema}._ingest_ticks RETURNING *)"
+                f"WITH b AS (DELETE FROM {q_schema}._ingest_ticks WHERE batch = txid_current()"
+                " RETURNING *)"
                 f" INSERT INTO {self._shared}.trading_ticks"
                 " (event_id, time, user_id, symbol, bid, ask, volume, spread)"
                 " SELECT event_id, timestamptz 'epoch' + time_us * interval '1 microsecond',"
@@ -215,7 +216,8 @@ class IngestWriter:
                 records=unit.values,
             )
             status = await conn.execute(
-                f"WITH b AS (DELETE FROM {q_schema}._ingest_predictions RETURNING *)"
+                f"WITH b AS (DELETE FROM {q_schema}._ingest_predictions"
+                " WHERE batch = txid_current() RETURNING *)"
                 f" INSERT INTO {self._shared}.ai_predictions (event_id, time, user_id, symbol,"
                 " prediction_type, confidence, model_version, features, result)"
                 " SELECT event_id, timestamptz 'epoch' + time_us * interval '1 microsecond',"
