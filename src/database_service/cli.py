@@ -91,7 +91,14 @@ async def _serve(settings: Settings) -> int:
             f"  PostgreSQL {core.endpoints.postgres_dsn.split('@')[-1]}"
             f"{' (embedded)' if settings.embedded_postgres else ''}",
             f"  NATS       {core.endpoints.nats_url or 'not configured'}",
+            f"  Kafka      {settings.kafka_bootstrap or 'not configured'}",
         ]
+        if settings.ingest_enabled and (core.endpoints.nats_url or settings.kafka_bootstrap):
+            lines.append(
+                f"  ingest     NATS {', '.join(settings.ingest_nats_subjects)}"
+                + (f"; Kafka {', '.join(settings.ingest_kafka_topics)}"
+                   if settings.kafka_bootstrap else "")
+            )  # fmt: skip
         if settings.bootstrap_admin_token is None and admin_token_file.exists():
             lines.append(f"  admin token in {admin_token_file}")
         print("\n".join(lines), flush=True)
