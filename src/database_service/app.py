@@ -185,6 +185,7 @@ class Application:
         self.metrics = Metrics()
         self.window = RequestWindow()
         self.secret_box = SecretBox(master_key)
+        self.logins = TenantLogins(self.secret_box)  # one opened-secret cache for all paths
         self.registry = TenantRegistry(self.owner_pool, control_schema=s.control_schema)
         self.tenants = TenantManager(
             self.owner_pool,
@@ -223,7 +224,7 @@ class Application:
         self.executor = QueryExecutor(
             pools=self.pools,
             registry=self.registry,
-            secret_box=self.secret_box,
+            logins=self.logins,
             guard=self.guard,
             audit=self.audit,
             metrics=self.metrics,
@@ -256,7 +257,7 @@ class Application:
             dead_letters=self.dead_letters,
             authenticator=self.authenticator,
             registry=self.registry,
-            logins=TenantLogins(self.secret_box),
+            logins=self.logins,
             metrics=self.metrics,
             require_token=s.ingest_require_token,
         )

@@ -13,13 +13,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import random
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvicorn
 import uvloop
@@ -30,9 +28,6 @@ from database_service.config import ConfigError, Settings
 from database_service.errors import DatabaseServiceError
 from database_service.tenancy import TenantLimits
 from database_service.tenancy.migrations import MigrationProgress
-
-if TYPE_CHECKING:
-    from database_service_client._proto.ingest_pb2 import Tick
 
 __all__ = ["main"]
 
@@ -322,94 +317,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_core(settings, handlers[args.command])
 
 
-# --- ingest-load -------------------------------------------------------------------------------
-
-_SYMBOLS = (
-    ("EURUSD", 1.0850), ("GBPUSD", 1.2650), ("USDJPY", 151.20), ("AUDUSD", 0.6550),
-    ("USDCHF", 0.8850), ("USDCAD", 1.3550), ("NZDUSD", 0.6050), ("EURGBP", 0.8580),
-    ("EURJPY", 164.10), ("XAUUSD", 2350.0),
-)  # fmt: skip
-
-
-class _RandomWalk:
-    """Bid/ask per symbol, a random walk of the mid with a symbol's own spread; deterministic for
-    a seed (not for security: S311)."""
-
-    def __init__(self, seed: int, symbols: int) -> None:
-        self._rng = random.Random(seed)  # noqa: S311
-        names = [name for name, _ in _SYMBOLS][:symbols]
-        names += [f"SYM{i:03d}" for i in range(len(names), symbols)]
-        mids = [price for _, price in _SYMBOLS][:symbols]
-        mids += [round(self._rng.uniform(10, 500), 2) for _ in range(len(mids), symbols)]
-        self.symbols = names
-        self._mid = mids
-        # A pip: 0.01 for prices quoted to 2-3 decimals (JPY, gold, ...), else 0.0001.
-        self._pip = [0.01 if mid > 20 else 0.0001 for mid in mids]
-        self._half_spread = [p * self._rng.uniform(0.4, 1.5) for p in self._pip]
-
-    def next(self, i: int) -> tuple[str, float, float, float, int]:
-        """(symbol, bid, ask, spread in pips, volume) of symbol ``i``'s next tick."""
-        random_ = self._rng.random
-        mid = self._mid[i] = self._mid[i] * math.exp(self._rng.gauss(0.0, 0.00005))
-        half = self._half_spread[i] * (0.8 + 0.4 * random_())
-        bid, ask = round(mid - half, 5), round(mid + half, 5)
-        volume = int(random_() * 100) + 1  # randint is 6x slower
-        return self.symbols[i], bid, ask, round((ask - bid) / self._pip[i], 2), volume
-
-
-class _ProgressBar:
-    """``[#####.....]  40% 40000/100000 ticks 35000/s`` on stderr, redrawn at most 10 times/s."""
-
-    def __init__(self, total: int, *, width: int = 30) -> None:
-        self.total = total
-        self.width = width
-        self.started = time.monotonic()
-        self._drawn = 0.0
-
-    def update(self, done: int, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._drawn < 0.1:
-            return
-        self._drawn = now
-        filled = self.width * done // self.total
-        rate = done / max(now - self.started, 1e-9)
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {100 * done // self.total:3d}% "
-            f"{done}/{self.total} ticks {rate:,.0f}/s "
-        )
-        sys.stderr.flush()
-
-    def finish(self, done: int) -> None:
-        self.update(done, force=True)
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def _load_ticks(
-    walk: _RandomWalk, *, tenant: str, seed: int, first: int, count: int, start_us: int
-) -> list[Tick]:
-    from database_service_client import event_id_for, tick  # noqa: PLC0415
-
-    out = []
-    symbols = len(walk.symbols)
-    for i in range(first, first + count):
-        symbol, bid, ask, spread, volume = walk.next(i % symbols)
-        out.append(
-            tick(
-                tenant, symbol, start_us + i * 1000, bid=bid, ask=ask, volume=volume,
-                spread=spread, user_id="load", event_id=event_id_for(seed, tenant, i),
-            )
-        )  # fmt: skip
-    return out
-
-
 async def _ingest_load(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here: only this command publishes (nats-py and aiokafka are the client's extra).
-    from database_service_client import (  # noqa: PLC0415
-        MarketDataPublisher,
-        PublishError,
-        PublishReport,
-    )
+    from database_service.ingest.loadgen import publish_load  # noqa: PLC0415
+    from database_service_client import MarketDataPublisher  # noqa: PLC0415
 
     kafka_bootstrap = args.kafka_bootstrap or settings.kafka_bootstrap
     transport = args.transport or ("both" if kafka_bootstrap else "nats")
@@ -433,12 +344,6 @@ async def _ingest_load(args: argparse.Namespace, settings: Settings) -> int:
     # The service's configured subject and topic for trading data (the first of each list).
     subjects = settings.ingest_nats_subjects or ["database.trading-data"]
     topics = settings.ingest_kafka_topics or ["database-trading-data"]
-
-    walk = _RandomWalk(seed, args.symbols)
-    start_us = time.time_ns() // 1_000_000 * 1000  # now, to the millisecond; then 1 tick/ms
-    total = PublishReport()
-    bar = _ProgressBar(args.ticks)
-    failure: str | None = None
     async with MarketDataPublisher(
         token,
         nats_url=nats_url,
@@ -447,49 +352,12 @@ async def _ingest_load(args: argparse.Namespace, settings: Settings) -> int:
         nats_subjects={"trading": subjects[0]},
         kafka_topics={"trading": topics[0]},
     ) as publisher:
-        started = time.monotonic()
-        bar.started = started
-        sent = 0
-        while sent < args.ticks:
-            count = min(args.batch, args.ticks - sent)
-            ticks = _load_ticks(
-                walk, tenant=args.tenant, seed=seed, first=sent, count=count, start_us=start_us
-            )
-            try:
-                total.add(await publisher.publish_ticks(ticks, batch_size=args.batch))
-            except PublishError as exc:
-                total.add(exc.report)
-                failure = str(exc)
-                break
-            sent += count
-            bar.update(sent)
-            if args.rate > 0:  # hold the average at --rate
-                ahead = started + sent / args.rate - time.monotonic()
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-        seconds = time.monotonic() - started
-    bar.finish(sent)
-    summary: dict[str, Any] = {
-        "tenant": args.tenant,
-        "seed": seed,
-        "ticks": total.records,
-        "batches": total.batches,
-        "seconds": round(seconds, 3),
-        "ticks_per_second": round(total.records / seconds) if seconds > 0 else None,
-        "transports": {
-            name: {
-                "acked_batches": t.batches,
-                "acked_ticks": t.records,
-                "failed_batches": t.failed_batches,
-                "errors": t.errors,
-            }
-            for name, t in total.transports.items()
-        },
-    }
-    if failure is not None:
-        summary["failed"] = failure
+        summary, ok = await publish_load(
+            publisher, tenant=args.tenant, ticks=args.ticks, batch=args.batch,
+            symbols=args.symbols, seed=seed, rate=args.rate,
+        )  # fmt: skip
     _print(summary)
-    return 0 if total.ok and failure is None else 1
+    return 0 if ok else 1
 
 
 def _split(value: str) -> list[str]:

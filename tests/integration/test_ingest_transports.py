@@ -6,6 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nats
 from aiokafka import AIOKafkaConsumer
@@ -216,3 +221,33 @@ async def test_kafka_dead_letters_are_announced_on_the_dead_letter_topic(
     assert b"SQLSTATE 22001" in headers["dbsvc-reason"]
     replayable = ingest_pb2.IngestBatch.FromString(letters[0].value)
     assert replayable.ticks[0].event_id == bad[1].event_id
+
+
+async def test_ingest_load_publishes_to_both_transports_and_a_rerun_stores_nothing_twice(
+    ingest_env: IngestEnv, new_tenant: TenantFactory, tmp_path: Path
+) -> None:
+    tenant = await new_tenant("load")
+    token = await ingest_env.token([tenant.tenant_id])
+    await ingest_env.instance()
+    env = {
+        **os.environ,
+        "DBSVC_DATA_DIR": str(tmp_path / "cli"),
+        "DBSVC_NATS_URL": ingest_env.nats.url,
+        "DBSVC_KAFKA_BOOTSTRAP": ingest_env.kafka_bootstrap,
+        "DBSVC_INGEST_KAFKA_TOPICS": json.dumps(list(ingest_env.topics.values())),
+    }
+    command = [
+        str(Path(sys.executable).parent / "database-service"), "ingest-load",
+        "--tenant", tenant.tenant_id, "--ticks", "3000", "--batch", "500", "--seed", "7",
+        "--token", token,
+    ]  # fmt: skip
+    for _ in range(2):
+        done = await asyncio.to_thread(
+            subprocess.run, command, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        assert summary["transports"]["nats"]["acked_ticks"] == 3000
+        assert summary["transports"]["kafka"]["acked_ticks"] == 3000
+        assert "100% 3000/3000 ticks" in done.stderr  # the progress bar's last line
+        assert await ingest_env.wait_ticks(tenant.tenant_id, 3000) == 3000

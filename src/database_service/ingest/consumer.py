@@ -1,15 +1,17 @@
 """What the two transport consumers share: a background task that runs a session (connect,
-then consume) until it fails, reports the failure, backs off and starts over, and a stop that
-lets the batch in hand finish."""
+then consume) until it fails, reports the failure, backs off and starts over, a stop that lets
+the batch in hand finish, and ``Overlap`` (decode the next batch while one is written)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable
 
 from database_service.ingest.pipeline import IngestPipeline
 
-__all__ = ["Consumer"]
+__all__ = ["Consumer", "Overlap"]
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +76,30 @@ class Consumer:
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+class Overlap:
+    """At most one batch being stored while the consumer fetches and decodes the next.
+
+    ``submit`` waits for the previous batch to finish (acknowledged, offsets committed) before
+    it starts the next one, so acknowledgements keep their order and memory holds two batches
+    at most; what overlaps is the CPU work of one with the database round trips of the other."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, work: Awaitable[None]) -> None:
+        await self.drain()
+        self._task = asyncio.ensure_future(work)
+
+    async def drain(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            await task
+
+    async def cancel(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -24,9 +24,9 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
-from database_service.ingest.consumer import Consumer
+from database_service.ingest.consumer import Consumer, Overlap
 from database_service.ingest.deadletters import NewDeadLetter
-from database_service.ingest.pipeline import Inbound, IngestPipeline, Overlap, Prepared, Verdict
+from database_service.ingest.pipeline import Inbound, IngestPipeline, Prepared, Verdict
 
 __all__ = ["JetStreamIngest", "JetStreamSettings"]
 

@@ -24,12 +24,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, TopicAlreadyExistsError
 
-from database_service.ingest.consumer import Consumer
+from database_service.ingest.consumer import Consumer, Overlap
 from database_service.ingest.deadletters import NewDeadLetter
 from database_service.ingest.pipeline import (
     Inbound,
     IngestPipeline,
-    Overlap,
     Prepared,
     TransportStats,
 )
@@ -99,9 +98,11 @@ class KafkaIngest(Consumer):
             self._stats.state = "running"
             await self._consume(consumer)
         finally:
+            # Both are stopped even if a stop is cancelled (shutdown cancels the session); the
+            # exception that ended the session still propagates after this block.
             for client in (consumer, producer):
                 if client is not None:
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
                         await client.stop()
 
     async def reachable(self, timeout: float = 2.0) -> str | None:

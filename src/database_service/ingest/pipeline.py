@@ -10,7 +10,7 @@ itself when PostgreSQL comes back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -41,7 +41,6 @@ __all__ = [
     "DeadLetterSink",
     "Inbound",
     "IngestPipeline",
-    "Overlap",
     "Prepared",
     "ReplayReport",
     "TransportStats",
@@ -117,13 +116,7 @@ class ReplayReport:
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "replayed": self.replayed,
-            "stored": self.stored,
-            "duplicates": self.duplicates,
-            "still_failing": self.still_failing,
-            "failures": self.failures,
-        }
+        return dataclasses.asdict(self)
 
 
 class RecentEvents:
@@ -158,33 +151,6 @@ class Prepared:
     dead: list[NewDeadLetter] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     source: str = ""
-
-
-class Overlap:
-    """At most one batch being stored while the consumer fetches and decodes the next.
-
-    ``submit`` waits for the previous batch to finish (acknowledged, offsets committed) before
-    it starts the next one, so acknowledgements keep their order and memory holds two batches
-    at most; what overlaps is the CPU work of one with the database round trips of the other."""
-
-    def __init__(self) -> None:
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, work: Awaitable[None]) -> None:
-        await self.drain()
-        self._task = asyncio.ensure_future(work)
-
-    async def drain(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            await task
-
-    async def cancel(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 @dataclass(slots=True)
@@ -241,7 +207,7 @@ class IngestPipeline:
 
     async def prepare(self, transport: str, messages: Sequence[Inbound]) -> Prepared:
         """The CPU half: authenticate and decode. A consumer runs it for the next batch while
-        the previous one is being written (see ``Overlap``)."""
+        the previous one is being written (see ``consumer.Overlap``)."""
         prepared = Prepared(transport, len(messages), time.perf_counter())
         principals: dict[str | None, Principal | DatabaseServiceError] = {}
         for message in messages:
@@ -365,13 +331,16 @@ class IngestPipeline:
                 result = await self._writer.store(
                     self._logins.login(tenant), tenant.schema_name, work
                 )
-                outcome.stored += sum(result.stored.values())
-                outcome.duplicates += sum(result.duplicates.values())
-                failed = {event_id for event_id, _ in result.rejected}
+                outcome.stored += result.stored
+                outcome.duplicates += result.duplicates
                 for event_id, error in result.rejected:
                     outcome.rejected.append(_rejected(work, event_id, error))
                 # Committed now (stored, or found stored): remember for the other transport.
-                self._recent.update(e for e in work.event_ids() if e not in failed)
+                ids = work.event_ids()
+                if result.rejected:
+                    failed = {event_id for event_id, _ in result.rejected}
+                    ids = [e for e in ids if e not in failed]
+                self._recent.update(ids)
 
             return attempt
 

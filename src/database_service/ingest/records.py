@@ -95,6 +95,8 @@ class TenantWork:
             for table, rows in self.rows.items()
             if (kept := {k: v for k, v in rows.items() if not known(k)})
         }
+        # Sources follow, so a later rejection of the rest never names a stored record.
+        self.sources = {k: v for k, v in self.sources.items() if not known(k)}
         return before - self.size
 
     def merge(self, other: TenantWork) -> None:

@@ -57,20 +57,18 @@ def is_transient(exc: DatabaseServiceError) -> bool:
 
 @dataclass(slots=True)
 class StoreResult:
-    stored: dict[str, int] = field(default_factory=dict)  # kind -> rows written
-    duplicates: dict[str, int] = field(default_factory=dict)  # kind -> already there
+    stored: int = 0  # rows written
+    duplicates: int = 0  # offered, but already there
     rejected: list[tuple[str, DatabaseServiceError]] = field(default_factory=list)  # event id
 
     def merge(self, other: StoreResult) -> None:
-        for kind, n in other.stored.items():
-            self.stored[kind] = self.stored.get(kind, 0) + n
-        for kind, n in other.duplicates.items():
-            self.duplicates[kind] = self.duplicates.get(kind, 0) + n
+        self.stored += other.stored
+        self.duplicates += other.duplicates
         self.rejected.extend(other.rejected)
 
-    def add(self, kind: str, offered: int, written: int) -> None:
-        self.stored[kind] = self.stored.get(kind, 0) + written
-        self.duplicates[kind] = self.duplicates.get(kind, 0) + offered - written
+    def add(self, offered: int, written: int) -> None:
+        self.stored += written
+        self.duplicates += offered - written
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +150,7 @@ class IngestWriter:
             log.info("tenant %s: batch refused (%s); isolating bad records", login.tenant_id, exc)
         else:
             for unit, count in zip(units, written, strict=True):
-                result.add(unit.kind, len(unit.keys), count)
+                result.add(len(unit.keys), count)
             return result
         for unit in units:
             await self._isolate(login, schema, unit, result)
@@ -178,7 +176,7 @@ class IngestWriter:
                     login, schema, _Unit(unit.kind, unit.table, keys, values), result
                 )
             return
-        result.add(unit.kind, len(unit.keys), written)
+        result.add(len(unit.keys), written)
 
     async def _transaction(
         self, login: TenantLogin, schema: str, units: Sequence[_Unit]

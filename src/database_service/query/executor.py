@@ -40,7 +40,7 @@ from database_service.postgres import Connection, TenantLogin, TenantPools
 from database_service.query.boundary import postgres_errors, prepare_cached
 from database_service.query.values import PgType, coerce_params, coerce_row
 from database_service.sqlguard import Classification, SqlGuard, StatementKind
-from database_service.tenancy import SecretBox, TenantRecord, TenantRegistry, quote_ident
+from database_service.tenancy import TenantRecord, TenantRegistry, quote_ident
 from database_service.tenancy.secrets import TenantLogins
 
 __all__ = [
@@ -144,7 +144,7 @@ class QueryExecutor:
         *,
         pools: TenantPools,
         registry: TenantRegistry,
-        secret_box: SecretBox,
+        logins: TenantLogins,
         guard: SqlGuard,
         audit: AuditLog,
         metrics: Metrics,
@@ -160,7 +160,7 @@ class QueryExecutor:
         self._shared = (shared_schema,)
         self._max_params = max_params
         self._max_rows = max_result_rows
-        self._logins = TenantLogins(secret_box)
+        self._logins = logins
 
     def _login(self, tenant: TenantRecord) -> TenantLogin:
         return self._logins.login(tenant)
