@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fix_kafka",
     "tests.fix_ingest",
     "tests.isolation.fix_attack",
+    "tests.isolation.fix_frontends",
 ]
