@@ -39,6 +39,7 @@ from database_service.observability import (
 )
 from database_service.observability.health import DependencyProbe
 from database_service.postgres import TenantPools, create_owner_pool
+from database_service.postgres.deadlines import Deadlines
 from database_service.query import QueryExecutor
 from database_service.sqlguard import SqlGuard
 from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
@@ -49,6 +50,7 @@ from database_service.tenancy import (
     TenantLimits,
     TenantManager,
     TenantRegistry,
+    quote_ident,
 )
 from database_service.tenancy.secrets import TenantLogins, derive_key
 from database_service.timeseries import PartitionManager, SeriesSpec
@@ -220,7 +222,32 @@ class Application:
         )
         self.tenants.on_change(self.pools.close_tenant)
         self.metrics.register(_PoolCollector(self.pools))
-        self.guard = SqlGuard(max_sql_bytes=s.max_sql_bytes)
+        await self.tenants.upgrade()
+        user_context_key = derive_key(master_key, "user-context")
+        await self.owner_pool.execute(
+            f"INSERT INTO {quote_ident(s.control_schema)}.user_context_key (key) VALUES ($1)"
+            " ON CONFLICT (singleton) DO UPDATE SET key = EXCLUDED.key",
+            user_context_key,
+        )
+        self.guard = SqlGuard(
+            max_sql_bytes=s.max_sql_bytes,
+            max_sql_tokens=s.max_sql_tokens,
+            catalog_functions=[
+                r["proname"]
+                for r in await self.owner_pool.fetch(
+                    "SELECT DISTINCT proname FROM pg_proc"
+                    " WHERE pronamespace = 'pg_catalog'::regnamespace"
+                )
+            ],
+        )
+        stack.callback(self.guard.close)
+        await self.guard.start_worker()
+        self.deadlines = Deadlines(
+            self.owner_pool,
+            grace_seconds=s.session_kill_grace_seconds,
+            on_expired=lambda why: self.metrics.session_limits.labels(why).inc(),
+        )
+        stack.push_async_callback(self.deadlines.aclose)
         self.executor = QueryExecutor(
             pools=self.pools,
             registry=self.registry,
@@ -228,9 +255,13 @@ class Application:
             guard=self.guard,
             audit=self.audit,
             metrics=self.metrics,
+            deadlines=self.deadlines,
             shared_schema=s.shared_schema,
+            control_schema=s.control_schema,
+            user_context_key=user_context_key,
             max_params=s.max_params,
             max_result_rows=s.max_result_rows,
+            transaction_timeout_ms=s.tenant_transaction_timeout_ms,
         )
 
         probes: list[DependencyProbe] = [
@@ -284,6 +315,7 @@ class Application:
                 ),
             ],
             metrics=self.metrics,
+            lock_timeout_ms=s.ts_maintenance_lock_timeout_ms,
         )
         if self._maintain_partitions:
             await self.partitions.maintain()  # partitions for now exist before the first request

@@ -178,7 +178,14 @@ def _parser() -> argparse.ArgumentParser:
     dlist.add_argument("--tenant")
     dlist.add_argument("--all", action="store_true", help="include the replayed ones")
     dlist.add_argument("--limit", type=_positive, default=50)
-    replay = dead_sub.add_parser("replay", help="feed pending dead letters through the store")
+    replay = dead_sub.add_parser(
+        "replay",
+        help="feed pending dead letters through the store",
+        description="Feed pending dead letters through the store again. Authorization is "
+        "checked again first: a letter refused for authorization is never replayed, and any "
+        "other only while the service that published it still exists, is active and holds "
+        "ingest for its tenants. Refused letters stay pending; 'refusals' says why.",
+    )
     replay.add_argument("ids", nargs="*", type=int, metavar="ID")
     replay.add_argument("--tenant", help="only this tenant's dead letters")
     replay.add_argument(
@@ -305,6 +312,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         report = await core.ingest.replay(args.ids or None, tenant_id=args.tenant)
         _print(report.to_dict())
+        if report.refused:
+            print(
+                f"{report.refused} dead letter(s) refused (authorization, then or now): left "
+                "pending, not stored; see 'refusals' for why and what to do",
+                file=sys.stderr,
+            )
         return 0
 
     handlers = {

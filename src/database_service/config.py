@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     # Defaults for a new tenant's limits (each tenant may override at creation).
     tenant_connection_limit: int = Field(default=10, ge=1, le=10_000)
     tenant_statement_timeout_ms: int = Field(default=30_000, ge=100, le=86_400_000)
+    # Limits the service enforces from outside the session (a session can change its own
+    # settings): a transaction or stream, whatever it is doing, and the grace after a cancel
+    # before a backend that is still busy is terminated.
+    tenant_transaction_timeout_ms: int = Field(default=300_000, ge=1_000, le=86_400_000)
+    session_kill_grace_seconds: float = Field(default=2.0, gt=0, le=60)
 
     # Time series (seed: ticks in 1-hour chunks with 4 company partitions, predictions in 6 hours).
     ts_ticks_interval_seconds: int = Field(default=3600, ge=60)
@@ -73,9 +78,12 @@ class Settings(BaseSettings):
     ts_retention_days: float = Field(default=30.0, gt=0)
     ts_create_ahead_hours: float = Field(default=24.0, gt=0)
     ts_maintenance_interval_seconds: float = Field(default=300.0, gt=0)
+    ts_maintenance_lock_timeout_ms: int = Field(default=100, ge=10, le=60_000)
 
     # Request limits.
     max_sql_bytes: int = Field(default=1_048_576, ge=64)
+    # Checked before parsing: parsing cost follows the token count, not the bytes.
+    max_sql_tokens: int = Field(default=20_000, ge=100)
     max_params: int = Field(default=10_000, ge=0, le=32_767)
     max_request_bytes: int = Field(default=16 * 1_048_576, ge=1024)
     max_result_rows: int = Field(default=100_000, ge=1)

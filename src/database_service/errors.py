@@ -11,6 +11,7 @@ The tree::
      │    ├── InvalidTenantId        invalid_tenant_id
      │    ├── InvalidParameters      invalid_parameters
      │    ├── PayloadTooLarge        payload_too_large          413
+ │    ├── InvalidText            invalid_text               (not valid Unicode, or a NUL)
      │    └── SqlRejected            sql_rejected               (the SQL guard said no)
      │         └── SqlSyntaxError    sql_syntax_error           SQLSTATE 42601, position
      ├── Unauthenticated             unauthenticated            401  UNAUTHENTICATED
@@ -28,7 +29,9 @@ The tree::
 
 ``QueryError`` maps a SQLSTATE to a code by class, the way psycopg's ``errors`` module does:
 ``23505`` → ``unique_violation``, class ``23`` → ``integrity_violation``, ``42501`` →
-``insufficient_privilege``, ``57014`` → ``query_canceled`` and so on; anything unmapped is
+``insufficient_privilege``, ``57014`` → ``query_canceled`` and so on. Every class PostgreSQL
+defines has a mapping (a statement's fault is 4xx, a server that cannot serve now is 503, only
+class ``XX`` is 500); a class PostgreSQL does not define (a tenant's own RAISE) is a 400
 ``database_error``. The driver boundary (``query.boundary``) is the only place that builds one
 from a driver error.
 
@@ -58,6 +61,7 @@ __all__ = [
     "InvalidParameters",
     "InvalidRequest",
     "InvalidTenantId",
+    "InvalidText",
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
@@ -126,6 +130,12 @@ class InvalidTenantId(InvalidRequest):
 
 class InvalidParameters(InvalidRequest):
     code = "invalid_parameters"
+
+
+class InvalidText(InvalidRequest):
+    """SQL or a parameter that is not valid Unicode text (a lone surrogate, a NUL)."""
+
+    code = "invalid_text"
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -262,37 +272,81 @@ def escaped_driver_error(exc: BaseException) -> bool:
     )
 
 
-# SQLSTATE → (code, http status, gRPC status). Exact states first, then two-character classes.
+# SQLSTATE → (code, http status, gRPC status). Exact states first, then every class PostgreSQL
+# defines (errcodes.txt), so no SQLSTATE becomes a 500 by accident: what a caller's statement
+# caused is a 4xx, what the server cannot do right now is 503 (retry), and only PostgreSQL's
+# own internal errors (class XX) are 500. A class PostgreSQL does not define (a tenant's
+# function may RAISE any five characters) is the caller's doing: 400.
 _SQLSTATE_EXACT: dict[str, tuple[str, int, str]] = {
     "23505": ("unique_violation", 409, "ALREADY_EXISTS"),
     "23503": ("foreign_key_violation", 409, "FAILED_PRECONDITION"),
     "23502": ("not_null_violation", 400, "INVALID_ARGUMENT"),
     "23514": ("check_violation", 400, "INVALID_ARGUMENT"),
+    "25006": ("read_only_transaction", 403, "PERMISSION_DENIED"),
     "42501": ("insufficient_privilege", 403, "PERMISSION_DENIED"),
     "42601": ("sql_syntax_error", 400, "INVALID_ARGUMENT"),
     "42P01": ("undefined_table", 404, "NOT_FOUND"),
     "42703": ("undefined_column", 400, "INVALID_ARGUMENT"),
     "42883": ("undefined_function", 400, "INVALID_ARGUMENT"),
-    "3F000": ("undefined_schema", 404, "NOT_FOUND"),
     "42804": ("datatype_mismatch", 400, "INVALID_ARGUMENT"),
+    "55P03": ("lock_not_available", 409, "ABORTED"),
+    "55006": ("object_in_use", 409, "ABORTED"),
     "57014": ("query_canceled", 408, "DEADLINE_EXCEEDED"),
     "40001": ("serialization_failure", 409, "ABORTED"),
     "40P01": ("deadlock_detected", 409, "ABORTED"),
     "53300": ("too_many_connections", 503, "UNAVAILABLE"),
+    "53400": ("configuration_limit_exceeded", 400, "INVALID_ARGUMENT"),
     "28P01": ("invalid_password", 503, "UNAVAILABLE"),
     "28000": ("invalid_authorization", 503, "UNAVAILABLE"),
+    "P0001": ("raise_exception", 400, "INVALID_ARGUMENT"),
+    "P0004": ("assert_failure", 400, "INVALID_ARGUMENT"),
 }
 _SQLSTATE_CLASS: dict[str, tuple[str, int, str]] = {
+    "01": ("warning", 400, "INVALID_ARGUMENT"),
+    "02": ("no_data", 404, "NOT_FOUND"),
+    "03": ("sql_statement_not_yet_complete", 400, "INVALID_ARGUMENT"),
+    "08": ("connection_exception", 503, "UNAVAILABLE"),
+    "09": ("triggered_action_exception", 400, "INVALID_ARGUMENT"),
+    "0A": ("feature_not_supported", 400, "INVALID_ARGUMENT"),
+    "0B": ("invalid_transaction_initiation", 400, "INVALID_ARGUMENT"),
+    "0F": ("locator_exception", 400, "INVALID_ARGUMENT"),
+    "0L": ("invalid_grantor", 403, "PERMISSION_DENIED"),
+    "0P": ("invalid_role_specification", 400, "INVALID_ARGUMENT"),
+    "0Z": ("diagnostics_exception", 400, "INVALID_ARGUMENT"),
+    "10": ("xquery_error", 400, "INVALID_ARGUMENT"),
+    "20": ("case_not_found", 400, "INVALID_ARGUMENT"),
+    "21": ("cardinality_violation", 400, "INVALID_ARGUMENT"),
     "22": ("data_exception", 400, "INVALID_ARGUMENT"),
     "23": ("integrity_violation", 409, "FAILED_PRECONDITION"),
+    "24": ("invalid_cursor_state", 409, "FAILED_PRECONDITION"),
     "25": ("invalid_transaction_state", 409, "FAILED_PRECONDITION"),
+    "26": ("invalid_sql_statement_name", 400, "INVALID_ARGUMENT"),
+    "27": ("triggered_data_change_violation", 409, "FAILED_PRECONDITION"),
+    "28": ("invalid_authorization", 503, "UNAVAILABLE"),
+    "2B": ("dependent_privilege_descriptors_still_exist", 409, "FAILED_PRECONDITION"),
+    "2D": ("invalid_transaction_termination", 400, "INVALID_ARGUMENT"),
+    "2F": ("sql_routine_exception", 400, "INVALID_ARGUMENT"),
+    "34": ("invalid_cursor_name", 400, "INVALID_ARGUMENT"),
+    "38": ("external_routine_exception", 400, "INVALID_ARGUMENT"),
+    "39": ("external_routine_invocation_exception", 400, "INVALID_ARGUMENT"),
+    "3B": ("savepoint_exception", 400, "INVALID_ARGUMENT"),
+    "3D": ("invalid_catalog_name", 404, "NOT_FOUND"),
+    "3F": ("undefined_schema", 404, "NOT_FOUND"),
+    "40": ("transaction_rollback", 409, "ABORTED"),
     "42": ("sql_error", 400, "INVALID_ARGUMENT"),
+    "44": ("with_check_option_violation", 400, "INVALID_ARGUMENT"),
     "53": ("insufficient_resources", 503, "UNAVAILABLE"),
     "54": ("program_limit_exceeded", 400, "INVALID_ARGUMENT"),
-    "08": ("connection_exception", 503, "UNAVAILABLE"),
+    "55": ("object_not_in_prerequisite_state", 409, "FAILED_PRECONDITION"),
     "57": ("operator_intervention", 503, "UNAVAILABLE"),
+    "58": ("system_error", 503, "UNAVAILABLE"),
+    "72": ("snapshot_too_old", 409, "ABORTED"),
+    "F0": ("config_file_error", 503, "UNAVAILABLE"),
+    "HV": ("fdw_error", 400, "INVALID_ARGUMENT"),
     "P0": ("plpgsql_error", 400, "INVALID_ARGUMENT"),
+    "XX": ("internal_error", 500, "INTERNAL"),
 }
+_SQLSTATE_UNKNOWN_CLASS = ("database_error", 400, "INVALID_ARGUMENT")
 
 
 class QueryError(DatabaseServiceError):
@@ -331,7 +385,7 @@ def _map_sqlstate(sqlstate: str | None) -> tuple[str, int, str]:
         return ("database_error", 500, "INTERNAL")
     if sqlstate in _SQLSTATE_EXACT:
         return _SQLSTATE_EXACT[sqlstate]
-    return _SQLSTATE_CLASS.get(sqlstate[:2], ("database_error", 500, "INTERNAL"))
+    return _SQLSTATE_CLASS.get(sqlstate[:2], _SQLSTATE_UNKNOWN_CLASS)
 
 
 def http_status_of(error: DatabaseServiceError) -> int:

@@ -112,7 +112,7 @@ async def test_read_scope_runs_in_a_read_only_transaction(
         },
         headers=headers,
     )
-    assert response.status_code == 409
+    assert response.status_code == 403  # read_only_transaction (errors.py)
     assert response.json()["error"]["sqlstate"] == "25006"
 
 

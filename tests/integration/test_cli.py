@@ -108,9 +108,10 @@ async def test_dead_letters_are_listed_and_replayed_from_the_command_line(  # ty
     assert listed.returncode == 0, listed.stderr
     (letter,) = json.loads(listed.stdout)
     assert letter["code"] == "tenant_not_found" and letter["event_id"] == record.event_id
+    assert letter["service"] == "bootstrap-admin"  # the admin token: every tenant, every scope
     assert "payload" not in letter and letter["payload_bytes"] > 0
     still = json.loads(cli("dead-letters", "replay", str(letter["id"])).stdout)
-    assert still["still_failing"] == 1
+    assert still["still_failing"] == 1 and still["refused"] == 0
     assert cli("tenant", "create", tenant_id).returncode == 0
     replayed = cli("dead-letters", "replay", "--tenant", tenant_id, "--all-pending")
     assert replayed.returncode == 0, replayed.stderr
@@ -118,3 +119,41 @@ async def test_dead_letters_are_listed_and_replayed_from_the_command_line(  # ty
     assert json.loads(cli("dead-letters", "list", "--tenant", tenant_id).stdout) == []
     everything = json.loads(cli("dead-letters", "list", "--tenant", tenant_id, "--all").stdout)
     assert everything[0]["replayed_at"] is not None
+
+
+async def test_dead_letters_refused_for_authorization_stay_pending(  # type: ignore[no-untyped-def]
+    cli, core: Application
+) -> None:
+    from database_service.auth import Scope
+    from database_service.ingest import Inbound
+    from database_service_client import tick
+    from database_service_client._proto import ingest_pb2
+
+    assert cli("tenant", "create", "cli_victim").returncode == 0
+    await core.services.register(
+        "cli-feed", tenants=["cli_feeder"], scopes=[Scope.INGEST], with_secret=False
+    )
+    token = core.tokens.issue(
+        "cli-feed", tenants=["cli_feeder"], scopes=[Scope.INGEST], ttl_seconds=60
+    )
+    record = tick("cli_victim", "EURUSD", 1_795_000_000_000_000, bid=1.0, ask=1.0002)
+    batch = ingest_pb2.IngestBatch(ticks=[record]).SerializeToString()
+    await core.ingest.process("nats", [Inbound(batch, "cli", f"Bearer {token}")])
+    (letter,) = json.loads(cli("dead-letters", "list", "--tenant", "cli_victim").stdout)
+    assert (letter["code"], letter["service"]) == ("permission_denied", "cli-feed")
+
+    replayed = cli("dead-letters", "replay", "--tenant", "cli_victim", "--all-pending")
+    assert replayed.returncode == 0, replayed.stderr
+    report = json.loads(replayed.stdout)
+    assert (report["refused"], report["replayed"], report["stored"]) == (1, 0, 0)
+    (refusal,) = report["refusals"]
+    assert refusal["id"] == letter["id"]
+    assert "publish again with a token that holds ingest for cli_victim" in refusal["reason"]
+    assert "1 dead letter(s) refused" in replayed.stderr
+    (kept,) = json.loads(cli("dead-letters", "list", "--tenant", "cli_victim").stdout)
+    assert kept["replayed_at"] is None and kept["replay_result"] == refusal["reason"]
+    stored = await core.owner_pool.fetchval(
+        f"SELECT count(*) FROM {core.settings.shared_schema}.trading_ticks WHERE company_id = $1",
+        "cli_victim",
+    )
+    assert stored == 0

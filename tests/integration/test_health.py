@@ -14,10 +14,13 @@ from tests.fix_service import TenantFactory
 
 
 async def test_health_document_has_the_seed_shape_with_real_values(
-    http: httpx.AsyncClient, new_tenant: TenantFactory, core: Application
+    http: httpx.AsyncClient,
+    new_tenant: TenantFactory,
+    core: Application,
+    admin_headers: dict[str, str],
 ) -> None:
     await new_tenant("health")
-    response = await http.get("/api/v1/health")
+    response = await http.get("/api/v1/health", headers=admin_headers)
     assert response.status_code == 200
     doc = response.json()
     assert doc["service_name"] == "database-service"
@@ -45,27 +48,53 @@ async def test_health_document_has_the_seed_shape_with_real_values(
         "isolation_problems": [],
     }
     details = doc["database_details"]["postgresql"]
-    assert details["tenant_schemas"] >= 1 and details["active_connections"] >= 1
+    assert details["tenant_schemas"] == active and details["active_connections"] >= 1
 
 
-async def test_isolation_status_is_a_real_check(http: httpx.AsyncClient, core: Application) -> None:
+async def test_health_without_credentials_is_status_only(
+    http: httpx.AsyncClient, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("health_anon")
+    response = await http.get("/api/v1/health")
+    assert response.status_code == 200
+    doc = response.json()
+    assert set(doc) == {"service_name", "status", "version", "timestamp", "dependencies"}
+    assert doc["status"] == "healthy"
+    assert doc["dependencies"]["postgresql"] == {"status": "healthy", "embedded": False}
+    assert doc["dependencies"]["kafka"] == {"status": "not_configured"}
+    assert tenant.tenant_id not in response.text and tenant.schema_name not in response.text
+
+
+async def test_health_with_a_bad_token_is_refused(http: httpx.AsyncClient) -> None:
+    response = await http.get("/api/v1/health", headers={"Authorization": "Bearer junk"})
+    assert response.status_code == 401
+
+
+async def test_isolation_status_is_a_real_check(
+    http: httpx.AsyncClient, core: Application, admin_headers: dict[str, str]
+) -> None:
     shared = core.settings.shared_schema
     await core.owner_pool.execute(f"ALTER TABLE {shared}.market_data NO FORCE ROW LEVEL SECURITY")
     try:
-        doc = (await http.get("/api/v1/health")).json()
+        doc = (await http.get("/api/v1/health", headers=admin_headers)).json()
         assert doc["status"] == "unhealthy"
         assert doc["tenant_context"]["isolation_problems"] == [
             f"RLS not forced on {shared}.market_data"
         ]
+        anonymous = await http.get("/api/v1/health")  # what a load balancer sees
+        assert anonymous.status_code == 503 and anonymous.json()["status"] == "unhealthy"
+        assert "market_data" not in anonymous.text
     finally:
         await core.owner_pool.execute(f"ALTER TABLE {shared}.market_data FORCE ROW LEVEL SECURITY")
     assert (await http.get("/api/v1/health")).json()["status"] == "healthy"
 
 
-async def test_request_figures_come_from_real_requests(http: httpx.AsyncClient) -> None:
+async def test_request_figures_come_from_real_requests(
+    http: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
     for _ in range(5):
         await http.get("/openapi.json")
-    perf = (await http.get("/api/v1/metrics/performance")).json()
+    perf = (await http.get("/api/v1/metrics/performance", headers=admin_headers)).json()
     assert perf["requests"] >= 5 and perf["throughput_rps"] > 0 and perf["response_time_ms"] > 0
 
 
@@ -79,9 +108,12 @@ async def test_nats_is_probed_when_configured() -> None:
         assert (await down.check())["status"] == "unhealthy"
 
 
-async def test_metrics_are_prometheus_text(http: httpx.AsyncClient) -> None:
+async def test_metrics_are_prometheus_text(
+    http: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
     await http.get("/api/v1/health")
-    response = await http.get("/metrics")
+    assert (await http.get("/metrics")).status_code == 401
+    response = await http.get("/metrics", headers=admin_headers)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text

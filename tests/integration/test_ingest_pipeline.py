@@ -1,7 +1,8 @@
 """The ingestion pipeline on real PostgreSQL, without a transport: what any consumer relies on.
 
 Stored once however often a record arrives, poison records isolated into dead letters without
-blocking the rest, and dead letters replayable."""
+blocking the rest, dead letters naming their publisher, and replayable while it may publish them.
+(tests/isolation/test_ingest_attacks.py replays what one tenant tried against another.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from database_service.app import Application
 from database_service.auth import Scope
-from database_service.ingest import Inbound, Verdict
+from database_service.ingest import Inbound, IngestPipeline, IngestWriter, Verdict
 from database_service_client._proto import ingest_pb2
 from tests.fix_service import TenantFactory, TokenFactory
 
@@ -182,8 +183,9 @@ async def test_dead_letters_replay_once_the_cause_is_fixed(
     await core.ingest.process("kafka", [Inbound(batch(*records), "k/0@1", auth)])
     pending = await core.dead_letters.list(tenant_id=tenant_id)
     assert [d.code for d in pending] == ["tenant_not_found"] * 20
+    assert {d.service for d in pending} == {core.tokens.verify(auth.split()[1]).service}
     still = await core.ingest.replay([d.id for d in pending[:5]])
-    assert (still.replayed, still.still_failing, still.stored) == (5, 5, 0)
+    assert (still.replayed, still.still_failing, still.stored, still.refused) == (5, 5, 0, 0)
     await core.tenants.create(tenant_id)
     report = await core.ingest.replay(None, tenant_id=tenant_id)
     assert (report.replayed, report.stored, report.still_failing) == (20, 20, 0)
@@ -238,3 +240,101 @@ async def test_predictions_signals_and_rows_are_stored_once(
     assert sorted(await letters(core, t)) == [
         "foreign_key_violation", "undefined_table", "undefined_table",
     ]  # fmt: skip
+
+
+async def test_dead_letters_name_the_service_that_published_each_record(
+    core: Application, new_tenant: TenantFactory, ingest_token: object
+) -> None:
+    tenant = await new_tenant("ingw")
+    t, missing = tenant.tenant_id, f"gone_{uuid.uuid4().hex[:8]}"
+    first = await ingest_token([t, missing])  # type: ignore[operator]
+    second = await ingest_token([t])  # type: ignore[operator]
+    name = {auth: core.tokens.verify(auth.split()[1]).service for auth in (first, second)}
+    # One batch, two publishers of the same tenant: each refused record names its own.
+    overflow_1, overflow_2, too_long, bad_id, other = ticks(t, 5, start=2000)
+    overflow_1.volume = overflow_2.volume = 2**40
+    too_long.user_id = "u" * 80
+    bad_id.event_id = f"not-a-uuid-{uuid.uuid4().hex[:8]}"
+    (nobody,) = ticks(missing, 1)
+    (foreign,) = ticks(f"other_{uuid.uuid4().hex[:8]}", 1)
+    messages = [
+        Inbound(batch(overflow_1, *ticks(t, 3)), "s", first),
+        Inbound(batch(overflow_2, too_long, bad_id), "s", second),
+        Inbound(batch(nobody, other), "s", first),
+        Inbound(batch(foreign), "s", second),  # a tenant the token does not cover
+        Inbound(b"\xff\xff\x00garbage", "s", second),
+        Inbound(batch(*ticks(t, 1, start=3000)), "s", None),
+    ]
+    assert await core.ingest.process("nats", messages) == [Verdict.ACK] * 4 + [Verdict.TERM] * 2
+    assert await count_ticks(core, t) == 4
+    by_event = {d.event_id: d for d in await core.dead_letters.list(limit=10_000)}
+    expected = {
+        overflow_1.event_id: name[first],
+        overflow_2.event_id: name[second],
+        too_long.event_id: name[second],
+        nobody.event_id: name[first],
+        foreign.event_id: name[second],
+    }
+    assert {e: by_event[e].service for e in expected} == expected
+    assert by_event[foreign.event_id].code == "permission_denied"
+    assert by_event[nobody.event_id].code == "tenant_not_found"
+    # Decoding refused it (not a UUID): its letter names its publisher too.
+    assert (by_event[bad_id.event_id].code, by_event[bad_id.event_id].service) == (
+        "invalid_record", name[second],
+    )  # fmt: skip
+    whole = {
+        d.code: d.service
+        for d in await core.dead_letters.list(limit=10_000)
+        if d.payload in (messages[4].payload, messages[5].payload)
+    }
+    assert whole == {"bad_protobuf": name[second], "unauthenticated": None}
+
+
+def tokenless(core: Application) -> IngestPipeline:
+    """A pipeline like ``core.ingest`` that requires no token (``DBSVC_INGEST_REQUIRE_TOKEN=0``)."""
+    return IngestPipeline(
+        writer=IngestWriter(core.pools, shared_schema=core.settings.shared_schema, parallel=2),
+        dead_letters=core.dead_letters,
+        authenticator=core.authenticator,
+        registry=core.registry,
+        logins=core.logins,
+        metrics=core.metrics,
+        require_token=False,
+    )
+
+
+async def test_letters_without_a_publisher_replay_only_where_no_token_is_required(
+    core: Application,
+) -> None:
+    tenant_id = f"open_{uuid.uuid4().hex[:8]}"
+    open_pipeline = tokenless(core)
+    records = ticks(tenant_id, 4)
+    await open_pipeline.process("nats", [Inbound(batch(*records[:3]), "s", None)])
+    unauthenticated = batch(records[3])
+    await core.ingest.process("nats", [Inbound(unauthenticated, "s", None)])
+    letters = await core.dead_letters.list(tenant_id=tenant_id)
+    assert [(d.code, d.service) for d in letters] == [("tenant_not_found", None)] * 3
+    (refused,) = [
+        d for d in await core.dead_letters.list(limit=10_000) if d.payload == unauthenticated
+    ]
+    assert (refused.code, refused.service) == ("unauthenticated", None)
+    await core.tenants.create(tenant_id)
+    ids = [*(d.id for d in letters), refused.id]
+
+    # Where tokens are required, nobody vouches for them now.
+    report = await core.ingest.replay(ids)
+    assert (report.refused, report.replayed, report.stored) == (4, 0, 0)
+    reasons = {r["id"]: r["reason"] for r in report.refusals}
+    assert reasons[letters[0].id] == (
+        f"refused: publisher unknown: publish again with a token that holds ingest for {tenant_id}"
+    )
+    assert await count_ticks(core, tenant_id) == 0
+
+    # Without tokens they replay, except the one refused for want of a token.
+    report = await open_pipeline.replay(ids)
+    assert (report.refused, report.replayed, report.stored) == (1, 3, 3)
+    assert report.refusals[0]["id"] == refused.id
+    assert report.refusals[0]["reason"].startswith("refused: unauthenticated")
+    assert await count_ticks(core, tenant_id) == 3
+    (pending,) = await core.dead_letters.list(ids=ids)
+    assert pending.id == refused.id and pending.replayed_at is None

@@ -1,22 +1,31 @@
 """Partitioned time-series tables on real PostgreSQL: created ahead, late and far-future records
 never fail, retention drops only expired partitions, one instance maintains at a time, queries
-prune partitions."""
+prune partitions; maintenance asks for its locks with a short lock_timeout, retries, and leaves a
+busy table whole for the next round."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+import asyncpg
+import httpx
 import pytest
 
 from database_service.app import Application
 from database_service.auth import Scope
+from database_service.errors import FailedPrecondition
 from database_service.query import TenantContext
 from database_service.tenancy import TenantRecord
-from database_service.timeseries import PartitionManager, SeriesSpec
-from database_service.timeseries.layout import floor_time, partition_name
-from database_service.timeseries.partitions import MAINTENANCE_LOCK_KEY
+from database_service.timeseries import MaintenanceReport, PartitionManager, SeriesSpec
+from database_service.timeseries.layout import floor_time, partition_ddl, partition_name
+from database_service.timeseries.partitions import MAINTENANCE_LOCK_KEY, TableBusy
+from tests.fix_pg import PgCluster
 from tests.fix_service import TenantFactory
 
 HOUR = dt.timedelta(hours=1)
@@ -174,7 +183,7 @@ async def test_time_range_queries_prune_partitions(
     result = await core.executor.execute(
         principal,
         TenantContext(tenant.tenant_id),
-        "EXPLAIN SELECT * FROM trading_ticks WHERE time >= $1 AND time < $2",
+        "EXPLAIN (COSTS OFF) SELECT * FROM trading_ticks WHERE time >= $1 AND time < $2",
         [now.isoformat(), (now + HOUR).isoformat()],
     )
     plan = "\n".join(row[0] for row in result.rows)
@@ -218,3 +227,333 @@ async def test_rollup_lag_is_zero_while_candles_keep_up_and_grows_when_they_do_n
         await core.owner_pool.execute(
             f"DELETE FROM {shared}.trading_ticks WHERE company_id = $1", tenant.tenant_id
         )
+
+
+async def test_moving_ticks_out_of_default_leaves_their_candles_as_they_were(
+    core: Application,
+) -> None:
+    """Moved rows go straight into the new partition: the parent's candle trigger does not see
+    them a second time (re-inserting them through the parent used to double their volume)."""
+    shared = core.settings.shared_schema
+    spec = core.partitions.specs["trading_ticks"]
+    at = dt.datetime(2990, 6, 1, 10, 30, tzinfo=dt.UTC)
+    start = floor_time(at, HOUR)
+    name = partition_name("trading_ticks", start)
+    company = f"mv_{secrets.token_hex(3)}"
+    await core.owner_pool.execute(
+        f"INSERT INTO {shared}.trading_ticks (time, company_id, user_id, symbol, bid, ask, volume)"
+        " VALUES ($1, $2, 'u', 'MOVE', 1.0, 1.2, 5)",
+        at,
+        company,
+    )
+    candle = f"SELECT volume, ticks FROM {shared}.candles_1m WHERE company_id = $1"
+    try:
+        assert await _candle(core, candle, company) == (5, 1)
+        async with core.owner_pool.acquire() as conn:
+            assert await core.partitions.create_range(conn, spec, start, start + HOUR) == 1
+        where = await core.owner_pool.fetchval(
+            f"SELECT tableoid::regclass::text FROM {shared}.trading_ticks WHERE company_id = $1",
+            company,
+        )
+        assert name in where
+        assert await _candle(core, candle, company) == (5, 1)
+    finally:
+        await core.owner_pool.execute(
+            f"DELETE FROM {shared}.trading_ticks WHERE company_id = $1", company
+        )
+        if name in {p.name for p in await core.partitions.list("trading_ticks")}:
+            await core.owner_pool.execute(
+                f"ALTER TABLE {shared}.trading_ticks DETACH PARTITION {shared}.{name};"
+                f" DROP TABLE {shared}.{name}"
+            )
+
+
+async def _candle(core: Application, sql: str, company: str) -> tuple[Any, ...]:
+    row = await core.owner_pool.fetchrow(sql, company)
+    assert row is not None
+    return tuple(row)
+
+
+# --- locks: maintenance never makes tenants wait ----------------------------------------------
+
+
+def _variant(core: Application, manager: PartitionManager, **locking: Any) -> PartitionManager:
+    """The same tables, maintained with other lock settings."""
+    return PartitionManager(
+        core.owner_pool,
+        schema=manager.schema,
+        specs=list(manager.specs.values()),
+        metrics=core.metrics,
+        **locking,
+    )
+
+
+@pytest.fixture
+async def blocker(pg_cluster: PgCluster) -> AsyncIterator[asyncpg.Connection]:
+    """Another session, standing for a tenant with a long transaction."""
+    conn = await asyncpg.connect(pg_cluster.dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _hold(conn: asyncpg.Connection, sql: str) -> None:
+    """Open a transaction that has run ``sql`` and keeps its locks."""
+    await conn.execute("BEGIN")
+    await conn.fetch(sql)
+
+
+async def _release_after(conn: asyncpg.Connection, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    await conn.execute("ROLLBACK")
+
+
+async def _relations(core: Application, table: str) -> set[str]:
+    schema, name = table.split(".")
+    rows = await core.owner_pool.fetch(
+        "SELECT relname FROM pg_class WHERE relnamespace = $1::regnamespace"
+        " AND starts_with(relname, $2) AND relkind IN ('r', 'p')",
+        schema,
+        name,
+    )
+    return {r["relname"] for r in rows}
+
+
+def _lock_timeouts(core: Application, table: str, action: str) -> float:
+    value = core.metrics.registry.get_sample_value(
+        "dbsvc_partition_maintenance_lock_timeouts_total", {"table": table, "action": action}
+    )
+    return value or 0.0
+
+
+async def test_locks_taken_on_the_parent_and_the_default_partition(
+    core: Application, scratch: tuple[PartitionManager, str]
+) -> None:
+    """What PostgreSQL locks in each way of adding and removing a range (the module docstring's
+    table): CREATE … PARTITION OF and DETACH lock the parent exclusively, a standalone table
+    only reads it, ATTACH takes SHARE UPDATE EXCLUSIVE on the parent (readers and writers go on)
+    but ACCESS EXCLUSIVE on DEFAULT, which it scans."""
+    manager, table = scratch
+    spec = manager.specs[table.split(".")[1]]
+    default = f"{table}_default"
+    start = dt.datetime(2991, 1, 1, tzinfo=dt.UTC)
+    name = partition_name(spec.table, start)
+    standalone = manager._standalone_ddl(spec, start)
+    attach = (
+        f"ALTER TABLE {table} ATTACH PARTITION {manager.schema}.{name}"
+        f" FOR VALUES FROM ('{start.isoformat()}') TO ('{(start + HOUR).isoformat()}')"
+    )
+    report = await manager.maintain()
+    assert report is not None and report.created
+    existing = f"{manager.schema}.{report.created[0]}"
+
+    async def locks(statements: list[str]) -> tuple[set[str], set[str]]:
+        async with core.owner_pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                for statement in statements:
+                    await conn.execute(statement)
+                rows = await core.owner_pool.fetch(
+                    "SELECT l.relation::regclass::text AS rel, l.mode FROM pg_locks l"
+                    " WHERE l.pid = $1 AND l.relation = ANY($2::text[]::regclass[])",
+                    conn.get_server_pid(),
+                    [table, default],
+                )
+            finally:
+                await transaction.rollback()
+        on = {table: set[str](), default: set[str]()}
+        for row in rows:
+            on[row["rel"]].add(row["mode"])
+        return on[table], on[default]
+
+    exclusive = {"AccessExclusiveLock"}
+    assert await locks(partition_ddl(manager.schema, spec, start, start + HOUR)) == (
+        exclusive,
+        exclusive,
+    )
+    assert await locks(standalone) == ({"AccessShareLock"}, set())
+    assert await locks([*standalone, attach]) == (
+        {"AccessShareLock", "ShareUpdateExclusiveLock"},
+        exclusive,
+    )
+    parent, on_default = await locks([f"ALTER TABLE {table} DETACH PARTITION {existing}"])
+    assert "AccessExclusiveLock" in parent and on_default == exclusive
+
+
+async def test_attach_waits_only_for_readers_of_the_default_partition(
+    core: Application, scratch: tuple[PartitionManager, str], blocker: asyncpg.Connection
+) -> None:
+    """A reader pruned to one range does not hold up ATTACH; a reader of the whole table holds
+    DEFAULT too, so ATTACH gives up after lock_timeout and leaves nothing behind."""
+    manager, table = scratch
+    spec = manager.specs[table.split(".")[1]]
+    quick = _variant(core, manager, lock_timeout_ms=30, lock_retries=0)
+    now = floor_time(dt.datetime.now(dt.UTC), HOUR)
+    assert await quick.maintain(now) is not None
+    far = dt.datetime(2992, 1, 1, tzinfo=dt.UTC)
+    pruned = f"SELECT count(*) FROM {table} WHERE time >= '{now.isoformat()}'" + (
+        f" AND time < '{(now + HOUR).isoformat()}'"
+    )
+    await _hold(blocker, pruned)
+    async with core.owner_pool.acquire() as conn:
+        assert await quick.create_range(conn, spec, far, far + HOUR) == 0
+    await blocker.execute("ROLLBACK")
+    relations = await _relations(core, table)
+    await _hold(blocker, f"SELECT count(*) FROM {table}")
+    async with core.owner_pool.acquire() as conn:
+        with pytest.raises(TableBusy):
+            await quick.create_range(conn, spec, far + HOUR, far + 2 * HOUR)
+    await blocker.execute("ROLLBACK")
+    assert await _relations(core, table) == relations  # no standalone table left over
+
+
+async def test_a_busy_table_is_retried_until_its_lock_comes_free(
+    core: Application, scratch: tuple[PartitionManager, str], blocker: asyncpg.Connection
+) -> None:
+    manager, table = scratch
+    patient = _variant(core, manager, lock_timeout_ms=30, lock_retries=8, lock_backoff_seconds=0.05)
+    await _hold(blocker, f"SELECT count(*) FROM {table}")
+    release = asyncio.create_task(_release_after(blocker, 0.4))
+    started = time.perf_counter()
+    report = await patient.maintain()
+    elapsed = time.perf_counter() - started
+    await release
+    assert report is not None and report.created and not report.busy, report
+    assert elapsed >= 0.4  # it could only succeed once the blocker had gone
+    assert {p.name for p in await manager.list()} >= set(report.created)
+
+
+async def test_a_table_still_busy_is_reported_and_left_whole_for_the_next_round(
+    core: Application, scratch: tuple[PartitionManager, str], blocker: asyncpg.Connection
+) -> None:
+    manager, table = scratch
+    name = table.split(".")[1]
+    hasty = _variant(core, manager, lock_timeout_ms=20, lock_retries=2, lock_backoff_seconds=0.01)
+    now = dt.datetime.now(dt.UTC)
+    await core.owner_pool.execute(f"INSERT INTO {table} VALUES ($1, 'acme', 7)", now)
+    relations = await _relations(core, table)
+    timeouts = _lock_timeouts(core, name, "create")
+    await _hold(blocker, f"SELECT count(*) FROM {table}")
+    try:
+        busy = await hasty.maintain(now)
+    finally:
+        await blocker.execute("ROLLBACK")
+    assert busy is not None and not busy.created and busy.moved_from_default == 0
+    first = partition_name(name, floor_time(now - dt.timedelta(hours=2), HOUR))
+    assert busy.busy[0] == first and partition_name(name, floor_time(now, HOUR)) in busy.busy
+    assert busy.to_dict()["busy"] == busy.busy
+    assert _lock_timeouts(core, name, "create") == timeouts + 1  # once, not per range
+    # Nothing half done: no standalone table left, the waiting row still in DEFAULT, once.
+    assert await _relations(core, table) == relations
+    rows = await core.owner_pool.fetch(f"SELECT tableoid::regclass::text AS part FROM {table}")
+    assert [r["part"] for r in rows] == [f"{table}_default"]
+
+    again = await hasty.maintain(now)
+    assert isinstance(again, MaintenanceReport)
+    assert again.created == busy.busy and not again.busy and again.moved_from_default == 1
+    part = await core.owner_pool.fetchval(f"SELECT tableoid::regclass::text FROM {table}")
+    assert partition_name(name, floor_time(now, HOUR)) in part
+
+
+async def test_run_forever_survives_any_exception(
+    core: Application, scratch: tuple[PartitionManager, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, _ = scratch
+    real = manager.maintain
+    calls = 0
+    fourth_round = asyncio.Event()
+
+    async def flaky(now: dt.datetime | None = None) -> MaintenanceReport | None:
+        nonlocal calls
+        calls += 1
+        if calls >= 4:
+            fourth_round.set()
+        if calls == 1:
+            raise RuntimeError("boom: not a database error")
+        if calls == 2:
+            raise KeyError("unexpected")
+        return await real(now)
+
+    manager.maintain = flaky  # type: ignore[method-assign]
+    failed = core.metrics.registry.get_sample_value(
+        "dbsvc_partition_maintenance_runs_total", {"outcome": "failed"}
+    )
+    caplog.set_level(logging.ERROR, logger="database_service.timeseries.partitions")
+    task = asyncio.create_task(manager.run_forever(0.01))
+    await asyncio.wait_for(fourth_round.wait(), timeout=30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert manager.last_run is not None  # the rounds after the failures ran
+    after = core.metrics.registry.get_sample_value(
+        "dbsvc_partition_maintenance_runs_total", {"outcome": "failed"}
+    )
+    assert (after or 0) - (failed or 0) == 2
+    logged = [r for r in caplog.records if "maintenance failed" in r.getMessage()]
+    assert len(logged) == 2 and all(r.exc_info for r in logged)
+    assert "boom" in caplog.text and "Traceback" in caplog.text
+
+
+async def test_detach_and_attach_of_a_busy_table_fail_with_nothing_changed(
+    core: Application, scratch: tuple[PartitionManager, str], blocker: asyncpg.Connection
+) -> None:
+    manager, table = scratch
+    name = table.split(".")[1]
+    hasty = _variant(core, manager, lock_timeout_ms=20, lock_retries=1, lock_backoff_seconds=0.01)
+    report = await hasty.maintain()
+    assert report is not None and report.created
+    partition = report.created[0]
+    start = _start_of(partition)
+
+    async def attached() -> bool:
+        return partition in {p.name for p in await manager.list(name)}
+
+    timeouts = _lock_timeouts(core, name, "detach")
+    await _hold(blocker, f"SELECT count(*) FROM {table}")
+    try:
+        with pytest.raises(FailedPrecondition, match=r"shared table .* is busy.*; retry") as info:
+            await hasty.detach(name, partition)
+    finally:
+        await blocker.execute("ROLLBACK")
+    assert info.value.sqlstate == "55P03" and info.value.code == "failed_precondition"
+    assert await attached()
+    assert _lock_timeouts(core, name, "detach") == timeouts + 1
+    await hasty.detach(name, partition)
+    assert not await attached()
+
+    await _hold(blocker, f"SELECT count(*) FROM {table}")
+    try:
+        with pytest.raises(FailedPrecondition, match="is busy"):
+            await hasty.attach(name, partition, start)
+    finally:
+        await blocker.execute("ROLLBACK")
+    assert not await attached()
+    await hasty.attach(name, partition, start)
+    assert await attached()
+
+
+async def test_busy_detach_through_rest_is_a_409_to_retry(
+    core: Application,
+    http: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    blocker: asyncpg.Connection,
+) -> None:
+    shared = core.settings.shared_schema
+    interval = core.partitions.specs["ai_predictions"].interval
+    start = floor_time(dt.datetime.now(dt.UTC), interval)
+    partition = partition_name("ai_predictions", start)
+    await _hold(blocker, f"SELECT count(*) FROM {shared}.ai_predictions")
+    try:
+        response = await http.post(
+            f"/api/v1/admin/partitions/ai_predictions/{partition}/detach", headers=admin_headers
+        )
+    finally:
+        await blocker.execute("ROLLBACK")
+        if partition not in {p.name for p in await core.partitions.list("ai_predictions")}:
+            await core.partitions.attach("ai_predictions", partition, start)  # put it back
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["code"] == "failed_precondition" and error["sqlstate"] == "55P03"
+    assert "is busy" in error["message"] and "retry" in error["message"]

@@ -40,7 +40,9 @@ class Outcome:
 
     @property
     def server_error(self) -> bool:
-        return self.status in _SERVER_ERRORS or self.status.startswith("5") and self.status != "503"
+        return self.status in _SERVER_ERRORS or (
+            self.status.startswith("5") and self.status != "503"
+        )
 
     @property
     def refused(self) -> bool:
@@ -167,7 +169,11 @@ async def front_end(
     """Tenant A (read, write and admin over itself only) through each front end in turn."""
     token = await service_token(core, [tenants.a.tenant_id], (Scope.READ, Scope.WRITE, Scope.ADMIN))
     door = FrontEnd(
-        request.param, http=http, grpc_target=grpc_target, tenant_id=tenants.a.tenant_id, token=token
+        request.param,
+        http=http,
+        grpc_target=grpc_target,
+        tenant_id=tenants.a.tenant_id,
+        token=token,
     )
     yield door
     await door.close()

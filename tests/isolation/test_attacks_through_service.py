@@ -7,6 +7,7 @@ never appears in a response (``Tenants.attack``).
 
 from __future__ import annotations
 
+import asyncpg
 import httpx
 import pytest
 
@@ -56,7 +57,7 @@ GUARD_REFUSES = {
     "pg_ls_dir": "SELECT pg_ls_dir('.')",
     "lo_import": "SELECT lo_import('/etc/passwd')",
     "create extension dblink": "CREATE EXTENSION dblink",
-    "dblink": "SELECT * FROM dblink('dbname=postgres', 'SELECT 1') AS t(x int)",
+    "dblink": "SELECT * FROM public.dblink('dbname=postgres', 'SELECT 1') AS t(x int)",
     "query_to_xml": "SELECT query_to_xml('SELECT * FROM {b}.users', true, true, '')",
     "pg_class": "SELECT relname FROM pg_class",
     "pg_namespace": "SELECT nspname FROM pg_catalog.pg_namespace",
@@ -199,56 +200,60 @@ async def test_forged_user_id_in_shared_insert_is_refused(
     assert response.status_code == 403 and response.json()["error"]["sqlstate"] == "42501"
 
 
-async def test_tenant_function_with_dynamic_sql_is_stopped_by_postgres(
-    http: httpx.AsyncClient, tenants: Tenants
+FUNCTIONS_THE_GUARD_NEVER_SAW = {
+    # name: (body of a PL/pgSQL function returning SETOF text, SQLSTATEs PostgreSQL may answer)
+    "peek": (
+        "RETURN QUERY EXECUTE 'SELECT email::text FROM {b}.users';",
+        {"42501", "3F000"},
+    ),
+    "hop_role": ("EXECUTE 'SET ROLE {b_role}'; RETURN NEXT current_user;", {"42501"}),
+    "hop_session": (
+        "EXECUTE 'SET SESSION AUTHORIZATION {b_role}'; RETURN NEXT current_user;",
+        {"42501"},
+    ),
+    "hop_reset": (
+        "EXECUTE 'RESET ROLE'; EXECUTE 'SET ROLE {b_role}'; RETURN NEXT current_user;",
+        {"42501"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FUNCTIONS_THE_GUARD_NEVER_SAW)
+async def test_functions_the_guard_never_saw_are_stopped_by_postgres(
+    http: httpx.AsyncClient, tenants: Tenants, attacker_conn: asyncpg.Connection, name: str
 ) -> None:
-    # The guard cannot see into function bodies; the tenant's role has no access to B's schema.
-    created = await tenants.attack(
-        http,
-        "CREATE FUNCTION peek() RETURNS SETOF text LANGUAGE plpgsql AS $$"
-        f" BEGIN RETURN QUERY EXECUTE 'SELECT email::text FROM {tenants.b.schema_name}.users'; END $$",
+    # The guard refuses dynamic SQL in function bodies; a function created another way (before
+    # that rule, or by A's own login directly) still meets PostgreSQL: A's role reaches nothing
+    # of B's.
+    body, states = FUNCTIONS_THE_GUARD_NEVER_SAW[name]
+    body = body.format(b=tenants.b.schema_name, b_role=tenants.b.role_name)
+    create = (
+        f"CREATE FUNCTION {name}() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN {body} END $$"
     )
-    assert created.status_code == 200, created.text
-    called = await tenants.attack(http, "SELECT * FROM peek()")
-    assert called.status_code == 403
-    assert called.json()["error"]["sqlstate"] == "42501"
+    refused = await tenants.attack(http, create)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "sql_rejected"
+    await attacker_conn.execute(create.replace(f"FUNCTION {name}(", f"OR REPLACE FUNCTION {name}("))
+    called = await tenants.attack(http, f"SELECT * FROM {name}()")
+    assert called.status_code in {403, 404}, called.text
+    assert called.json()["error"]["sqlstate"] in states
 
 
-@pytest.mark.parametrize(
-    "statement",
-    ["SET ROLE {b_role}", "SET SESSION AUTHORIZATION {b_role}", "RESET ROLE; SET ROLE {b_role}"],
-)
-async def test_role_change_hidden_in_a_function_is_stopped_by_postgres(
-    http: httpx.AsyncClient, tenants: Tenants, statement: str
+async def test_user_id_changed_inside_a_function_is_refused_by_postgres(
+    http: httpx.AsyncClient, tenants: Tenants, attacker_conn: asyncpg.Connection
 ) -> None:
-    name = f"hop_{abs(hash(statement)) % 10_000}"
-    body = " ".join(
-        f"EXECUTE '{s.strip()}';" for s in statement.format(b_role=tenants.b.role_name).split(";")
-    )
-    created = await tenants.attack(
-        http,
-        f"CREATE FUNCTION {name}() RETURNS text LANGUAGE plpgsql AS $$ BEGIN {body}"
-        " RETURN current_user; END $$",
-    )
-    assert created.status_code == 200, created.text
-    called = await tenants.attack(http, f"SELECT {name}()")
-    assert called.status_code in {403, 400}
-    assert called.json()["error"]["sqlstate"] in {"42501", "0A000"}
-
-
-async def test_user_id_changed_inside_a_function_never_reaches_another_company(
-    http: httpx.AsyncClient, tenants: Tenants
-) -> None:
-    created = await tenants.attack(
-        http,
-        "CREATE FUNCTION widen() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN"
+    # Created behind the guard's back; PostgreSQL does not trust a user id it did not sign.
+    await attacker_conn.execute(
+        "CREATE OR REPLACE FUNCTION widen() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN"
         " PERFORM set_config('dbsvc.user_id', 'b-user', true);"
-        " RETURN QUERY SELECT company_id::text FROM market_data; END $$",
+        " RETURN QUERY SELECT coalesce(user_id, '-') || '@' || company_id FROM market_data; END $$"
     )
-    assert created.status_code == 200, created.text
-    response = await tenants.attack(http, "SELECT DISTINCT * FROM widen()", user_id="a-user")
-    assert response.status_code == 200
-    assert {row[0] for row in response.json()["rows"]} <= {tenants.a.tenant_id}
+    response = await tenants.attack(http, "SELECT * FROM widen()", user_id="a-user")
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["sqlstate"] == "42501"
+    # Without a user id the function's setting is irrelevant: company-wide, A's rows only.
+    plain = await tenants.attack(http, "SELECT * FROM widen()")
+    assert plain.status_code == 200
+    assert all(row[0].endswith("@" + tenants.a.tenant_id) for row in plain.json()["rows"])
 
 
 async def test_token_for_a_cannot_name_tenant_b(http: httpx.AsyncClient, tenants: Tenants) -> None:

@@ -27,7 +27,13 @@ from database_service.query.boundary import postgres_errors
         ("42P01", "undefined_table", 404),
         ("57014", "query_canceled", 408),
         ("22P02", "data_exception", 400),
-        ("XX000", "database_error", 500),
+        ("XX000", "internal_error", 500),
+        ("21000", "cardinality_violation", 400),
+        ("0A000", "feature_not_supported", 400),
+        ("55P03", "lock_not_available", 409),
+        ("25006", "read_only_transaction", 403),
+        ("P0001", "raise_exception", 400),
+        ("U0001", "database_error", 400),  # a tenant's own RAISE with a code of its own
         (None, "database_error", 500),
     ],
 )
@@ -35,6 +41,33 @@ def test_sqlstate_maps_to_a_stable_code(sqlstate: str | None, code: str, status:
     error = QueryError("boom", sqlstate=sqlstate)
     assert error.error_code == code
     assert http_status_of(error) == status
+
+
+def _postgres_sqlstates() -> list[str]:
+    """Every SQLSTATE PostgreSQL defines (asyncpg mirrors errcodes.txt, one class per state)."""
+    from asyncpg import exceptions
+
+    return sorted(
+        {
+            cls.sqlstate
+            for cls in vars(exceptions).values()
+            if isinstance(cls, type) and getattr(cls, "sqlstate", None)
+        }
+    )
+
+
+def test_every_postgres_sqlstate_class_has_a_mapping() -> None:
+    states = _postgres_sqlstates()
+    assert len(states) > 200 and len({s[:2] for s in states}) > 40
+    for state in states:
+        error = QueryError("x", sqlstate=state)
+        # Only PostgreSQL's own internal errors are a 500; nothing a caller sends is.
+        if state.startswith("XX"):
+            assert http_status_of(error) == 500, state
+        else:
+            assert http_status_of(error) < 500 or http_status_of(error) == 503, state
+            assert error.error_code != "database_error", state
+        assert grpc_status_of(error) not in {"UNKNOWN"}, state
 
 
 def test_error_body_carries_sqlstate_and_position() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from database_service.errors import PayloadTooLarge, SqlRejected, SqlSyntaxError
-from database_service.sqlguard import SqlGuard, StatementKind
+from database_service.errors import InvalidText, PayloadTooLarge, SqlRejected, SqlSyntaxError
+from database_service.sqlguard import Classification, SqlGuard, StatementKind
 
 OWN = "tenant_a"
 
@@ -24,13 +24,22 @@ def classify(sql: str, guard: SqlGuard | None = None) -> StatementKind:
         "VALUES (1), (2)",
         "TABLE users",
         "SHOW search_path",
-        "EXPLAIN SELECT * FROM users",
-        "EXPLAIN DELETE FROM users",
+        "EXPLAIN (COSTS OFF) SELECT * FROM users",
+        "EXPLAIN (COSTS false, VERBOSE) DELETE FROM users",
+        "EXPLAIN (COSTS OFF, ANALYZE false) SELECT 1",
         "SELECT pg_sleep(0.1)",
         "SELECT pg_typeof(1), pg_column_size('x')",
         "SELECT current_setting('dbsvc.user_id', true)",
         "SELECT $$;$$, E'a;b', 'it''s; fine'",
-        "SELECT typname FROM pg_catalog.pg_type",
+        "SELECT name FROM pg_catalog.pg_timezone_names",
+        "SELECT nextval('own_seq'), currval('tenant_a.own_seq'), setval('\"own_seq\"', 1)",
+        "SELECT to_tsvector('english', email), to_tsvector(email) FROM users",
+        "SELECT 'users'::regclass, 'tenant_a.users'::regclass, 'shared.market_data'::regclass",
+        "SELECT upper($1), now() AT TIME ZONE 'UTC', extract(year FROM now()), trim(' x ')",
+        "SELECT count(*) FILTER (WHERE x > 1), percentile_cont(0.5) WITHIN GROUP (ORDER BY x) FROM t",
+        "SELECT row_number() OVER (), jsonb_build_object('a', 1), gen_random_uuid()",
+        "SELECT my_own_function(1), tenant_a.other(2), shared.tick_price(1, 2)",
+        "SELECT tableoid FROM shared.market_data",
         "SELECT table_name FROM information_schema.tables",
         "SELECT 1::pg_catalog.int4",
         "WITH x AS (SELECT 1) SELECT * FROM x",
@@ -52,7 +61,6 @@ def test_reads_are_read(sql: str) -> None:
         "SELECT * FROM users FOR SHARE",
         "WITH x AS (DELETE FROM users RETURNING *) SELECT * FROM x",
         "SELECT * FROM (SELECT 1) s WHERE EXISTS (WITH d AS (DELETE FROM users RETURNING 1) SELECT 1 FROM d)",
-        "EXPLAIN ANALYZE DELETE FROM users",
         "INSERT INTO shared.market_data (symbol) VALUES ('EURUSD') RETURNING id",
     ],
 )
@@ -164,7 +172,7 @@ def test_ddl_in_own_schema_is_ddl(sql: str) -> None:
         ("SELECT lo_import('/etc/passwd')", "lo_import"),
         ("SELECT pg_advisory_lock(1)", "pg_advisory_lock"),
         ("SELECT pg_try_advisory_xact_lock(1)", "pg_try_advisory_xact_lock"),
-        ("SELECT dblink('host=x', 'select 1')", "dblink"),
+        ("SELECT public.dblink('host=x', 'select 1')", "schema public"),
         ("SELECT query_to_xml('select * from tenant_b.users', true, true, '')", "query_to_xml"),
         ("SELECT pg_get_functiondef(1)", "pg_get_functiondef"),
         ("SELECT pg_terminate_backend(1)", "pg_terminate_backend"),
@@ -177,7 +185,141 @@ def test_ddl_in_own_schema_is_ddl(sql: str) -> None:
         ("SELECT * FROM pg_stat_activity", "pg_stat_activity"),
         ("SELECT * FROM pg_views", "pg_views"),
         ("SELECT * FROM pg_stats", "pg_stats"),
-        ("EXPLAIN CREATE TABLE x AS SELECT 1", "EXPLAIN of DDL"),
+        ("EXPLAIN (COSTS OFF) CREATE TABLE x AS SELECT 1", "EXPLAIN of DDL"),
+        # plans and statistics of shared tables
+        ("EXPLAIN SELECT * FROM shared.market_data", "COSTS OFF"),
+        ("EXPLAIN (COSTS ON) SELECT 1", "COSTS OFF"),
+        ("EXPLAIN (ANALYZE, COSTS OFF) SELECT * FROM market_data", "ANALYZE"),
+        ("EXPLAIN ANALYZE DELETE FROM users", "ANALYZE"),
+        ("EXPLAIN (BUFFERS, COSTS OFF) SELECT 1", "BUFFERS"),
+        ("SELECT pg_relation_size('shared.market_data')", "pg_relation_size"),
+        ("SELECT pg_total_relation_size('market_data')", "pg_total_relation_size"),
+        ("SELECT reltuples FROM pg_class", "pg_class"),
+        ("SELECT * FROM pg_stat_user_tables", "pg_stat_user_tables"),
+        ("SELECT typname FROM pg_catalog.pg_type", "pg_type"),
+        ("SELECT enumlabel FROM pg_enum", "pg_enum"),
+        # SQL given as text
+        ("SELECT * FROM ts_stat('SELECT 1')", "ts_stat"),
+        ("SELECT ts_rewrite('a'::tsquery, 'SELECT 1')", "ts_rewrite"),
+        ("SELECT query_to_xmlschema('SELECT 1', true, true, '')", "query_to_xmlschema"),
+        ("SELECT cursor_to_xml('c', 1, true, true, '')", "cursor_to_xml"),
+        ("SELECT table_to_xml('users', true, true, '')", "table_to_xml"),
+        ("SELECT schema_to_xml('tenant_b', true, true, '')", "schema_to_xml"),
+        ("SELECT database_to_xml(true, true, '')", "database_to_xml"),
+        # names, OIDs and existence of other tenants' objects
+        ("SELECT 2200::oid::regnamespace", "regnamespace"),
+        ("SELECT oid::regclass FROM generate_series(16384, 17000) oid", "regclass"),
+        ("SELECT 'tenant_b.users'::regclass", "regclass"),
+        ('SELECT \'"tenant_b"."users"\'::regclass', "regclass"),
+        ("SELECT '16384'::regclass", "regclass"),
+        ("SELECT 'tenant_b'::regnamespace", "regnamespace"),
+        ("SELECT CAST($1 AS regclass)", "regclass"),
+        ("SELECT '{users}'::regclass[]", "regclass"),
+        ("SELECT 'f(tenant_b.t)'::regprocedure", "regprocedure"),
+        ("SELECT 'x'::pg_catalog.regrole", "regrole"),
+        ("SELECT to_regclass('tenant_b.users')", "to_regclass"),
+        ("SELECT to_regnamespace('tenant_b')", "to_regnamespace"),
+        ("SELECT has_table_privilege('tenant_b.users', 'select')", "has_table_privilege"),
+        ("SELECT has_schema_privilege('tenant_b', 'usage')", "has_schema_privilege"),
+        ("SELECT pg_has_role('tenant_b', 'member')", "pg_has_role"),
+        ("SELECT format_type(16400, NULL)", "format_type"),
+        ("SELECT obj_description(16400)", "obj_description"),
+        ("SELECT row_security_active('tenant_b.users')", "row_security_active"),
+        ("SELECT pg_input_is_valid('1', 'tenant_b.t')", "pg_input_is_valid"),
+        ("SELECT nextval('tenant_b.seq')", "nextval"),
+        ("SELECT nextval($1)", "nextval"),
+        ("SELECT nextval(name) FROM t", "nextval"),
+        ("SELECT to_tsvector($1, 'text')", "to_tsvector"),
+        ("SELECT to_tsvector('tenant_b.cfg', 'text')", "to_tsvector"),
+        ("SELECT setval(seq => 'tenant_b.s', value => 1)", "setval"),
+        ("CREATE TABLE t (r regclass)", "regclass"),
+        ("CREATE DOMAIN d AS regclass", "regclass"),
+        # where and when other tenants write
+        ("SELECT ctid, * FROM shared.market_data", "ctid"),
+        ("SELECT m.xmin FROM market_data m", "xmin"),
+        ("SELECT age('3'::xid)", "xid"),
+        ("SELECT txid_current()", "txid_current"),
+        ("SELECT pg_current_xact_id()", "pg_current_xact_id"),
+        ("SELECT * FROM pg_current_snapshot()", "pg_current_snapshot"),
+        ("SELECT setseed(0.5)", "setseed"),
+        # session settings and functions the guard does not see
+        ("SELECT information_schema._pg_truetypid(null, null)", "function _pg_truetypid"),
+        ("SELECT pg_someday_new_function()", "pg_someday_new_function"),
+        ("CREATE TABLE kid () INHERITS (shared.market_data)", "own schema"),
+        ("ALTER TABLE users INHERIT shared.market_data", "inheritance"),
+        (
+            "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS"
+            " 'SELECT set_config(''dbsvc.user_id'', ''b'', true)'",
+            "set_config",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql AS"
+            " 'SELECT 1; SELECT reltuples::bigint FROM pg_class'",
+            "pg_class",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
+            " $$ BEGIN EXECUTE format('SELECT %s', 1); END $$",
+            "computed at run time",
+        ),
+        (
+            "CREATE FUNCTION f(q text) RETURNS SETOF record LANGUAGE plpgsql AS"
+            " $$ BEGIN RETURN QUERY EXECUTE q; END $$",
+            "computed at run time",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
+            " $$ DECLARE r record; BEGIN FOR r IN EXECUTE 'SELECT * FROM pg_stats' LOOP END LOOP;"
+            " END $$",
+            "pg_stats",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
+            " $$ BEGIN PERFORM set_config('statement_timeout', '0', true); END $$",
+            "set_config",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
+            " $$ BEGIN SET LOCAL statement_timeout = 0; END $$",
+            "SET/RESET",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
+            " $$ BEGIN LOCK TABLE shared.market_data; END $$",
+            "LOCK",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
+            " $$ DECLARE r regclass; BEGIN END $$",
+            "regclass",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS"
+            " $$ DECLARE n int := (SELECT count(*) FROM pg_class); BEGIN RETURN n; END $$",
+            "pg_class",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS"
+            " $$ DECLARE n int; BEGIN n := pg_backend_pid(); RETURN n; END $$",
+            "pg_backend_pid",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
+            " $$ BEGIN IF txid_current() > 0 THEN RAISE NOTICE 'x'; END IF; END $$",
+            "txid_current",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE NOTICE '%', (SELECT string_agg(nspname, ',') FROM pg_namespace);"
+            " END $$",
+            "pg_namespace",
+        ),
+        (
+            "CREATE TRIGGER t BEFORE INSERT ON users FOR EACH ROW"
+            " EXECUTE FUNCTION tsvector_update_trigger(x, 'pg_catalog.english', y)",
+            "trigger",
+        ),
+        ("ALTER FUNCTION f() SECURITY DEFINER", "ALTER FUNCTION"),
     ],
 )
 def test_refused_statements_say_why(sql: str, reason: str) -> None:
@@ -212,32 +354,74 @@ def test_multibyte_sql_is_measured_in_bytes() -> None:
 
 
 def test_many_parameters_parse() -> None:
-    sql = "SELECT " + ", ".join(f"${i}" for i in range(1, 10_001))
+    sql = "SELECT " + ", ".join(f"${i}" for i in range(1, 5_001))
     assert classify(sql, SqlGuard(max_sql_bytes=10**6)) is StatementKind.READ
 
 
-def test_verdicts_are_cached_and_rejections_raised_afresh() -> None:
+def test_statement_with_too_many_tokens_is_refused_before_parsing() -> None:
+    # 120,000 constants in 240 KB kept the event loop busy for seconds when it was parsed.
+    sql = "SELECT " + ",".join(str(i % 10) for i in range(120_000))
+    with pytest.raises(PayloadTooLarge, match="tokens"):
+        SqlGuard(max_sql_bytes=10**6, max_sql_tokens=20_000).classify(sql, own_schema=OWN)
+
+
+@pytest.mark.parametrize(
+    "sql", ["SELECT '\ud800'", "SELECT 1 -- \udfff", "SELECT 'a\x00b'", "SELECT \x00"]
+)
+def test_text_that_is_not_unicode_is_invalid_text(sql: str) -> None:
+    with pytest.raises(InvalidText) as info:
+        classify(sql)
+    assert info.value.sqlstate == "22021"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE FUNCTION f(a int) RETURNS int LANGUAGE plpgsql AS $$ DECLARE n int := a + 1;"
+        " BEGIN n := n * 2; SELECT count(*) INTO n FROM users; IF n > 1 THEN RETURN n; END IF;"
+        " EXECUTE 'UPDATE users SET email = lower(email)'; RETURN 0; END $$",
+        "CREATE FUNCTION f() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN RETURN QUERY"
+        " SELECT email::text FROM users; END $$",
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " NEW.updated_at := now(); RETURN NEW; END $$",
+        "CREATE FUNCTION f(x int) RETURNS int LANGUAGE sql AS 'SELECT x + 1'",
+        "CREATE FUNCTION f(x int) RETURNS int LANGUAGE sql RETURN x + 1",
+        "CREATE TRIGGER t BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION touch()",
+        "CREATE TRIGGER t BEFORE UPDATE ON users FOR EACH ROW"
+        " EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+    ],
+)
+def test_functions_with_static_sql_of_their_own_are_ddl(sql: str) -> None:
+    assert classify(sql) is StatementKind.DDL
+
+
+def test_a_large_statement_is_classified_in_a_worker_process() -> None:
+    import asyncio
+    import os
+
     guard = SqlGuard()
-    first = guard.classify("SELECT 1", own_schema=OWN)
-    assert guard.classify("SELECT 1", own_schema=OWN) is first
-    errors = []
-    for _ in range(2):
-        with pytest.raises(SqlRejected) as info:
-            guard.classify("SET ROLE x", own_schema=OWN)
-        errors.append(info.value)
-    assert errors[0] is not errors[1]
-    assert guard.cached == 2
+    big = "SELECT " + ", ".join(["1"] * 2000)
+    refused = "SELECT " + ", ".join(["1"] * 2000) + " FROM pg_class"
+    too_many = "SELECT " + ",".join(["1"] * 30_000)
 
+    async def run() -> tuple[object, ...]:
+        small = await guard.classify_async("SELECT 1", own_schema=OWN)
+        assert guard._executor is None  # small statements never leave the caller
+        verdict = await guard.classify_async(big, own_schema=OWN)
+        assert guard._executor is not None
+        pid = guard._executor.submit(os.getpid).result()
+        with pytest.raises(SqlRejected, match="pg_class") as info:
+            await guard.classify_async(refused, own_schema=OWN)
+        with pytest.raises(PayloadTooLarge, match="tokens"):
+            await guard.classify_async(too_many, own_schema=OWN)
+        return small, verdict, pid, info.value
 
-def test_cache_is_per_schema() -> None:
-    guard = SqlGuard()
-    assert guard.classify("SELECT * FROM tenant_a.users", own_schema="tenant_a").readonly
-    with pytest.raises(SqlRejected):
-        guard.classify("SELECT * FROM tenant_a.users", own_schema="tenant_b")
-
-
-def test_cache_is_bounded() -> None:
-    guard = SqlGuard(cache_size=10)
-    for i in range(50):
-        guard.classify(f"SELECT {i}", own_schema=OWN)
-    assert guard.cached == 10
+    try:
+        small, verdict, pid, error = asyncio.run(run())
+    finally:
+        guard.close()
+    assert pid != os.getpid()
+    assert verdict == Classification(StatementKind.READ, "SELECT")
+    assert isinstance(error, SqlRejected) and error.sqlstate == "42501"
+    # Verdicts from the worker are cached like any other.
+    assert guard.classify(big, own_schema=OWN) == verdict

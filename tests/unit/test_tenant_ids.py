@@ -21,9 +21,13 @@ def test_invalid_tenant_ids_are_rejected(tenant_id: object) -> None:
         validate_tenant_id(tenant_id)
 
 
-def test_names_derive_schema_and_role_from_the_id() -> None:
-    names = TenantNames.of("abc", "tenant_")
-    assert (names.schema, names.role) == ("tenant_abc", "tenant_abc")
+def test_names_are_opaque_and_never_carry_the_tenant_id() -> None:
+    first, second = TenantNames.new("acme_bank", "dbsvc_"), TenantNames.new("acme_bank", "dbsvc_")
+    for names in (first, second):
+        assert "acme" not in names.schema and "acme" not in names.role
+        assert names.role.startswith("dbsvc_") and names.user_role == names.role + "_u"
+        assert len(names.role) <= 63 and len(names.user_role) <= 63
+    assert first.schema != second.schema and first.role != second.role
 
 
 def test_quote_ident_doubles_quotes() -> None:

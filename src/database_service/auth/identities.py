@@ -49,6 +49,10 @@ class ServiceIdentity:
     active: bool
     has_secret: bool
 
+    def principal(self) -> Principal:
+        """What a token of this service can at most be (to test a token's claims against)."""
+        return Principal(service=self.name, tenants=self.tenants, scopes=self.scopes)
+
     def public_dict(self) -> dict[str, object]:
         return {
             "service": self.name,

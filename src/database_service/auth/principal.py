@@ -1,8 +1,15 @@
-"""Who is calling: a service, the tenants it may act for, and what it may do."""
+"""Who is calling: a service, the tenants it may act for, and what it may do.
+
+A principal whose tenants contain ``*`` is the *platform*: its scopes hold over every tenant and
+over what no single tenant owns (the shared partitions, every service, the whole audit log,
+service-wide figures). Any other principal's scopes, ``admin`` included, cover its own tenants
+only; ``covers`` is the one test for "within the caller's" (granting a service, minting a token).
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,6 +25,7 @@ class Scope(enum.StrEnum):
     WRITE = "write"
     INGEST = "ingest"
     ADMIN = "admin"
+    METRICS = "metrics"  # service-wide figures (Prometheus, dashboards); platform principals only
 
 
 def parse_scopes(values: object) -> frozenset[Scope]:
@@ -41,10 +49,40 @@ class Principal:
     expires_at: datetime | None = None
 
     def can_act_for(self, tenant_id: str) -> bool:
-        return ALL_TENANTS in self.tenants or tenant_id in self.tenants
+        return self.is_platform or tenant_id in self.tenants
 
     def has_scope(self, scope: Scope) -> bool:
         return scope in self.scopes
+
+    @property
+    def is_platform(self) -> bool:
+        """Acts for every tenant (``*``), such as the bootstrap administrator."""
+        return ALL_TENANTS in self.tenants
+
+    def is_platform_with(self, *scopes: Scope) -> bool:
+        """A platform principal holding at least one of ``scopes``."""
+        return self.is_platform and any(s in self.scopes for s in scopes)
+
+    def covers(self, tenants: Iterable[str] = (), scopes: Iterable[Scope] = ()) -> bool:
+        """Whether ``tenants`` and ``scopes`` are all within this principal's own.
+
+        ``*`` among ``tenants`` is covered only by a platform principal: a tenant-scoped caller
+        can never grant or mint "every tenant", however many tenants it holds."""
+        if not set(scopes) <= self.scopes:
+            return False
+        if self.is_platform:
+            return True
+        wanted = set(tenants)
+        return ALL_TENANTS not in wanted and wanted <= self.tenants
+
+    def require_platform(self, *scopes: Scope) -> None:
+        """Raise PermissionDenied unless this is a platform principal holding one of ``scopes``."""
+        if not self.is_platform_with(*scopes):
+            wanted = " or ".join(repr(s.value) for s in scopes)
+            raise PermissionDenied(
+                f"service {self.service!r}: this operation spans tenants and needs the {wanted}"
+                " scope over every tenant ('*')"
+            )
 
     def require(self, scope: Scope, tenant_id: str | None = None) -> None:
         """Raise PermissionDenied unless this principal holds ``scope`` (for ``tenant_id``)."""

@@ -6,6 +6,7 @@ that carried the record is acknowledged, so a dead letter is never lost either.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,7 @@ class NewDeadLetter:
     payload: bytes
     tenant_id: str | None = None
     event_id: str | None = None
+    service: str | None = None  # who published it (a valid token's service), None without one
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class DeadLetter:
     payload: bytes
     replayed_at: datetime | None
     replay_result: str | None
+    service: str | None = None  # the publishing service; None when there was no valid token
 
     def public_dict(self) -> dict[str, Any]:
         """What the CLI and REST show: everything but the payload's bytes."""
@@ -52,6 +55,7 @@ class DeadLetter:
             "source": self.source,
             "tenant_id": self.tenant_id,
             "event_id": self.event_id,
+            "service": self.service,
             "code": self.code,
             "reason": self.reason,
             "payload_bytes": len(self.payload),
@@ -60,7 +64,11 @@ class DeadLetter:
         }
 
 
-_COLUMNS = ["transport", "source", "tenant_id", "event_id", "code", "reason", "payload"]
+_COLUMNS = [
+    "transport", "source", "tenant_id", "event_id", "code", "reason", "payload", "service",
+]  # fmt: skip
+# What ``list`` reads: named, so a column another migration adds does not break ``DeadLetter``.
+_READ = ", ".join(f'"{f.name}"' for f in dataclasses.fields(DeadLetter))
 
 
 class DeadLetterStore:
@@ -79,7 +87,7 @@ class DeadLetterStore:
                 columns=_COLUMNS,
                 records=[
                     (d.transport, d.source, d.tenant_id, d.event_id, d.code, d.reason[:2000],
-                     d.payload)
+                     d.payload, d.service)
                     for d in letters
                 ],
             )  # fmt: skip
@@ -93,7 +101,7 @@ class DeadLetterStore:
         ids: Sequence[int] | None = None,
     ) -> list[DeadLetter]:
         rows = await self._pool.fetch(
-            f"SELECT * FROM {self._table}"
+            f"SELECT {_READ} FROM {self._table}"
             " WHERE ($1::text IS NULL OR tenant_id = $1)"
             " AND (NOT $2 OR replayed_at IS NULL)"
             " AND ($3::bigint[] IS NULL OR id = ANY($3))"

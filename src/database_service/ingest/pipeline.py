@@ -5,6 +5,9 @@ by then every record is committed (stored, or found already stored) or committed
 letter. While PostgreSQL is down or slow, ``process`` retries with backoff instead of returning,
 so the consumer pulls nothing more: memory holds one batch at most, and ingestion resumes by
 itself when PostgreSQL comes back.
+
+A dead letter records the service whose token published it; ``replay`` (an operator's call, with
+no producer token) re-checks that service's authority before storing anything again.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from database_service.auth import Authenticator, Principal, Scope
+from database_service.auth import ALL_TENANTS, Authenticator, Principal, Scope, ServiceIdentity
+from database_service.auth.tokens import everything
 from database_service.errors import DatabaseServiceError, TenantNotFound, TenantSuspended
-from database_service.ingest.deadletters import DeadLetterStore, NewDeadLetter
+from database_service.ingest.deadletters import DeadLetter, DeadLetterStore, NewDeadLetter
 from database_service.ingest.records import (
     BadPayload,
     Decoded,
@@ -38,16 +42,26 @@ from database_service.tenancy.secrets import TenantLogins
 DeadLetterSink = Callable[[Sequence[NewDeadLetter]], Awaitable[None]]
 
 __all__ = [
+    "NOT_ALLOWED",
     "DeadLetterSink",
     "Inbound",
     "IngestPipeline",
     "Prepared",
+    "Publishers",
     "ReplayReport",
     "TransportStats",
     "Verdict",
 ]
 
 log = logging.getLogger(__name__)
+
+# Dead-letter codes that say the publisher was not allowed to do what the letter holds: no valid
+# token, a tenant or scope its token did not cover, a privilege PostgreSQL refused the tenant's
+# role. ``replay`` never feeds such a letter through again, whoever holds what now.
+NOT_ALLOWED = frozenset({"unauthenticated", "permission_denied", "insufficient_privilege"})
+# The service name of the bootstrap admin token's principal: no directory entry stands behind it
+# (it holds every scope for every tenant while the service is configured with it).
+_BOOTSTRAP_ADMIN = everything().service
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +123,13 @@ class TransportStats:
 
 @dataclass(slots=True)
 class ReplayReport:
-    replayed: int = 0
+    replayed: int = 0  # letters fed through the store again
     stored: int = 0
     duplicates: int = 0
     still_failing: int = 0
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    refused: int = 0  # letters not fed through: authorization failed, then or now
+    failures: list[dict[str, Any]] = field(default_factory=list)  # {id, reason}: still failing
+    refusals: list[dict[str, Any]] = field(default_factory=list)  # {id, reason}: refused
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +157,42 @@ class RecentEvents:
 
 
 @dataclass(slots=True)
+class Publishers:
+    """Which service published each record of a batch (its messages may carry different tokens),
+    so that a record the store rejects is dead-lettered with its publisher.
+
+    Kept per tenant; per event id only for a tenant whose records came from several services."""
+
+    by_tenant: dict[str, str | None] = field(default_factory=dict)
+    by_event: dict[str, dict[str, str | None]] = field(default_factory=dict)
+
+    def add(self, service: str | None, part: Decoded, batch: Decoded) -> None:
+        """Note ``part`` (one message's records) before it is merged into ``batch``."""
+        for tenant_id, work in part.work.items():
+            if tenant_id not in self.by_tenant:
+                self.by_tenant[tenant_id] = service
+                continue
+            events = self.by_event.get(tenant_id)
+            if events is None:
+                known = self.by_tenant[tenant_id]
+                if known == service:
+                    continue
+                before = batch.work.get(tenant_id)
+                events = self.by_event[tenant_id] = dict.fromkeys(
+                    before.sources if before is not None else (), known
+                )
+            events.update(dict.fromkeys(work.sources, service))  # a later copy wins, as in merge
+
+    def of(self, tenant_id: str | None, event_id: str | None) -> str | None:
+        if tenant_id is None:
+            return None
+        events = self.by_event.get(tenant_id)
+        if events is not None:
+            return events.get(event_id) if event_id is not None else None
+        return self.by_tenant.get(tenant_id)
+
+
+@dataclass(slots=True)
 class Prepared:
     """A batch authenticated and decoded, waiting to be stored."""
 
@@ -151,6 +203,7 @@ class Prepared:
     dead: list[NewDeadLetter] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     source: str = ""
+    publishers: Publishers = field(default_factory=Publishers)
 
 
 @dataclass(slots=True)
@@ -209,15 +262,21 @@ class IngestPipeline:
         """The CPU half: authenticate and decode. A consumer runs it for the next batch while
         the previous one is being written (see ``consumer.Overlap``)."""
         prepared = Prepared(transport, len(messages), time.perf_counter())
-        principals: dict[str | None, Principal | DatabaseServiceError] = {}
-        for message in messages:
-            verdict, part = await self._open(message, principals, prepared.dead, transport)
-            prepared.verdicts.append(verdict)
-            if part is not None:
-                prepared.decoded.merge(part)
         source = ",".join(sorted({m.source for m in messages}))[:500]
         prepared.source = source
-        prepared.dead.extend(self._letter(transport, source, r) for r in prepared.decoded.rejected)
+        principals: dict[str | None, Principal | DatabaseServiceError] = {}
+        for message in messages:
+            verdict, part, principal = await self._open(
+                message, principals, prepared.dead, transport
+            )
+            prepared.verdicts.append(verdict)
+            if part is not None:
+                service = principal.service if principal is not None else None
+                prepared.dead.extend(
+                    self._letter(transport, source, r, service) for r in part.rejected
+                )
+                prepared.publishers.add(service, part, prepared.decoded)
+                prepared.decoded.merge(part)
         return prepared
 
     async def store(
@@ -226,7 +285,11 @@ class IngestPipeline:
         """The I/O half: write the records and the dead letters, retrying until committed."""
         transport, decoded, dead = prepared.transport, prepared.decoded, prepared.dead
         outcome = await self._store(transport, decoded)
-        dead.extend(self._letter(transport, prepared.source, r) for r in outcome.rejected)
+        publishers = prepared.publishers
+        dead.extend(
+            self._letter(transport, prepared.source, r, publishers.of(r.tenant_id, r.event_id))
+            for r in outcome.rejected
+        )
         await self._retry(transport, "dead letters", lambda: self._dead.add(dead))
         if dead and announce is not None:
             try:
@@ -263,8 +326,11 @@ class IngestPipeline:
         principals: dict[str | None, Principal | DatabaseServiceError],
         dead: list[NewDeadLetter],
         transport: str,
-    ) -> tuple[Verdict, Decoded | None]:
-        """Authenticate and decode one message; whole-message failures become dead letters."""
+    ) -> tuple[Verdict, Decoded | None, Principal | None]:
+        """Authenticate and decode one message; whole-message failures become dead letters.
+
+        Records for a tenant the principal may not ingest for are moved to the part's rejected
+        list; the principal is returned so that every letter names its publisher."""
         principal: Principal | None = None
         if self._require_token:
             known = principals.get(message.authorization)
@@ -284,28 +350,32 @@ class IngestPipeline:
                 await self._retry(transport, "authentication", authenticate)
                 known = principals[message.authorization]
             if isinstance(known, DatabaseServiceError):
+                # No valid token: no publisher to record.
                 dead.append(
                     NewDeadLetter(
                         transport, message.source, known.error_code, known.message,
                         message.payload,
                     )
                 )  # fmt: skip
-                return Verdict.TERM, None
+                return Verdict.TERM, None, None
             principal = known
         try:
             part = decode(message.payload)
         except BadPayload as exc:
             dead.append(
-                NewDeadLetter(transport, message.source, "bad_protobuf", str(exc), message.payload)
-            )
-            return Verdict.TERM, None
+                NewDeadLetter(
+                    transport, message.source, "bad_protobuf", str(exc), message.payload,
+                    service=principal.service if principal is not None else None,
+                )
+            )  # fmt: skip
+            return Verdict.TERM, None, principal
         if principal is not None:
             for tenant_id in list(part.work):
                 try:
                     principal.require(Scope.INGEST, tenant_id)
                 except DatabaseServiceError as exc:
                     part.rejected.extend(_reject_all(part.work.pop(tenant_id), exc))
-        return Verdict.ACK, part
+        return Verdict.ACK, part, principal
 
     async def _store(self, transport: str, decoded: Decoded) -> _Outcome:
         outcome = _Outcome()
@@ -372,10 +442,10 @@ class IngestPipeline:
             return
 
     @staticmethod
-    def _letter(transport: str, source: str, r: Rejected) -> NewDeadLetter:
+    def _letter(transport: str, source: str, r: Rejected, service: str | None) -> NewDeadLetter:
         return NewDeadLetter(
             transport, source, r.code, r.reason, r.payload, tenant_id=r.tenant_id,
-            event_id=r.event_id,
+            event_id=r.event_id, service=service,
         )  # fmt: skip
 
     async def replay(
@@ -383,17 +453,37 @@ class IngestPipeline:
     ) -> ReplayReport:
         """Feed pending dead letters through the store again (an operator's call: no token).
 
+        Authorization is checked again first, since no producer token comes with a replay: a
+        letter refused for authorization (``NOT_ALLOWED``) is never fed through as it is, and
+        any other only while the service that published it still exists, is active and holds
+        the ``ingest`` scope for every tenant its records name; a letter with no recorded
+        publisher only where the pipeline requires no token. A refused letter stores nothing and
+        stays pending, with why and what to do in ``replay_result``.
+
         A letter whose records are now stored (or were already) is marked replayed; one that
         still fails keeps its place with the new reason in ``replay_result``."""
         report = ReplayReport()
+        identities: dict[str, ServiceIdentity | None] = {}  # one directory lookup per service
         for letter in await self._dead.list(
             tenant_id=tenant_id, pending_only=True, limit=limit, ids=ids
         ):
-            report.replayed += 1
+            decoded: Decoded | None = None
+            unreadable = ""
             try:
                 decoded = decode(letter.payload)
             except BadPayload as exc:
-                result, done = f"bad_protobuf: {exc}", False
+                unreadable = f"bad_protobuf: {exc}"
+            refusal = await self._refusal(letter, decoded, identities)
+            if refusal is not None:
+                refusal = refusal[:2000]
+                report.refused += 1
+                report.refusals.append({"id": letter.id, "reason": refusal})
+                log.warning("replay: dead letter %d refused: %s", letter.id, refusal)
+                await self._dead.mark_replayed(letter.id, refusal, done=False)
+                continue
+            report.replayed += 1
+            if decoded is None:
+                result, done = unreadable, False
             else:
                 outcome = await self._store("replay", decoded)
                 report.stored += outcome.stored
@@ -410,6 +500,58 @@ class IngestPipeline:
                 report.failures.append({"id": letter.id, "reason": result})
             await self._dead.mark_replayed(letter.id, result, done=done)
         return report
+
+    async def _refusal(
+        self,
+        letter: DeadLetter,
+        decoded: Decoded | None,
+        identities: dict[str, ServiceIdentity | None],
+    ) -> str | None:
+        """Why ``letter`` may not be fed through the store again, or None if it may."""
+        tenants = sorted(decoded.work) if decoded is not None else []  # what would be stored
+        named = set(tenants)
+        if decoded is not None:
+            named.update(r.tenant_id for r in decoded.rejected if r.tenant_id)
+        if not named and letter.tenant_id:
+            named.add(letter.tenant_id)
+        remedy = f"publish again with a token that holds ingest for {_tenants(sorted(named))}"
+        if letter.code in NOT_ALLOWED:
+            return (
+                f"refused: {letter.code} when published, and a record refused for "
+                f"authorization is never replayed as it is; {remedy}"
+            )
+        if not tenants:
+            return None  # nothing in it can be stored: it fails again, needing no authority
+        if letter.service is None:
+            return None if not self._require_token else f"refused: publisher unknown: {remedy}"
+        problem = await self._publisher_problem(letter.service, tenants, identities)
+        return None if problem is None else f"refused: {problem}; {remedy}"
+
+    async def _publisher_problem(
+        self, service: str, tenants: Sequence[str], identities: dict[str, ServiceIdentity | None]
+    ) -> str | None:
+        """What keeps ``service`` from ingesting for ``tenants`` now, or None."""
+        if service not in identities:
+            identities[service] = await self._auth.directory.find(service)
+        identity = identities[service]
+        if identity is None:
+            if service == _BOOTSTRAP_ADMIN:
+                return None  # the bootstrap admin token: every scope for every tenant
+            return f"publisher service {service!r} no longer exists"
+        if not identity.active:
+            return f"publisher service {service!r} is disabled"
+        if Scope.INGEST not in identity.scopes:
+            return f"publisher service {service!r} no longer holds the ingest scope"
+        if ALL_TENANTS in identity.tenants:
+            return None
+        missing = [t for t in tenants if t not in identity.tenants]
+        if missing:
+            return f"publisher service {service!r} may no longer act for {_tenants(missing)}"
+        return None
+
+
+def _tenants(tenant_ids: Sequence[str]) -> str:
+    return ", ".join(tenant_ids) if tenant_ids else "the tenants its records name"
 
 
 def _reject_all(work: TenantWork, exc: DatabaseServiceError) -> list[Rejected]:

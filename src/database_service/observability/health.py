@@ -23,10 +23,17 @@ import psutil
 
 from database_service import __version__
 from database_service.errors import Unavailable, postgres_unavailable
+from database_service.observability.audit import AuditLog
 from database_service.observability.window import RequestWindow
 from database_service.postgres import TenantPools
 
-__all__ = ["DependencyProbe", "HealthReporter", "NatsProbe", "PostgresProbe"]
+__all__ = [
+    "DependencyProbe",
+    "HealthReporter",
+    "NatsProbe",
+    "PostgresProbe",
+    "performance_document",
+]
 
 NOT_CONFIGURED = {"status": "not_configured"}
 
@@ -144,17 +151,15 @@ class HealthReporter:
             "problems": problems,
         }
 
-    async def _postgres_details(self) -> dict[str, Any]:
-        row = await self._owner.fetchrow(
-            "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database())"
-            " AS active_connections,"
-            " (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%') AS tenant_schemas"
+    async def _postgres_details(self, active_tenants: int | None) -> dict[str, Any]:
+        active = await self._owner.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         )
-        assert row is not None
         pools = self._pools.stats()
         return {
-            "active_connections": row["active_connections"],
-            "tenant_schemas": row["tenant_schemas"],
+            "active_connections": active,
+            # From the control plane, not by schema name: names are opaque and may change.
+            "tenant_schemas": active_tenants,
             "tenant_pools": len(pools),
             "pool_connections_open": self._pools.open_connections,
             "pool_connections_in_use": sum(p.in_use for p in pools.values()),
@@ -169,7 +174,10 @@ class HealthReporter:
             "disk_usage_percent": disk.percent,
         }
 
-    async def document(self) -> dict[str, Any]:
+    async def document(self, *, detailed: bool = True) -> dict[str, Any]:
+        """The health document. ``detailed=False`` is what anyone may see: the service, its
+        status and version and each dependency's status, with no tenant, role or schema name
+        and no count of tenants, pools or connections (platform callers get the rest)."""
         checks = await asyncio.gather(*(p.check() for p in self._probes))
         dependencies: dict[str, Any] = {
             "postgresql": NOT_CONFIGURED,
@@ -190,8 +198,9 @@ class HealthReporter:
             try:
                 with postgres_unavailable("health"):
                     isolation = await self.isolation_status()
-                    active_tenants = await self._count_active()
-                    details = await self._postgres_details()
+                    if detailed:
+                        active_tenants = await self._count_active()
+                        details = await self._postgres_details(active_tenants)
             except (Unavailable, asyncpg.PostgresError) as exc:
                 # PostgreSQL went away between the probe and these reads, or refused one.
                 postgres_ok = False
@@ -205,12 +214,17 @@ class HealthReporter:
             status = "degraded"
         else:
             status = "healthy"
-        perf = self._window.summary()
-        return {
+        head = {
             "service_name": "database-service",
             "status": status,
             "timestamp": datetime.now(UTC).isoformat(),
             "version": __version__,
+        }
+        if not detailed:
+            return {**head, "dependencies": {k: _public(v) for k, v in dependencies.items()}}
+        perf = self._window.summary()
+        return {
+            **head,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "performance_metrics": {
                 "response_time_ms": perf.response_time_ms,
@@ -229,3 +243,50 @@ class HealthReporter:
             },
             "database_details": {"postgresql": details},
         }
+
+
+def _public(dependency: dict[str, Any]) -> dict[str, Any]:
+    """A dependency's status (and whether it is embedded) without addresses, errors or counts."""
+    public = {"status": dependency.get("status", "unknown")}
+    if isinstance(dependency.get("embedded"), bool):
+        public["embedded"] = dependency["embedded"]
+    return public
+
+
+def performance_document(
+    window: RequestWindow,
+    pools: TenantPools,
+    *,
+    tenant_id: str | None = None,
+    audit: AuditLog | None = None,
+) -> dict[str, Any]:
+    """Request figures of the last minute and the tenant pools, for ``GET
+    /api/v1/metrics/performance`` and gRPC ``GetPerformanceMetrics``.
+
+    Without ``tenant_id``: the service's figures and every pool (platform callers only). With it:
+    that tenant's requests and its own pool, and nothing that names or counts other tenants."""
+    s = window.summary(tenant_id)
+    document: dict[str, Any] = {
+        "window_seconds": window.seconds,
+        "requests": s.requests,
+        "throughput_rps": s.throughput_rps,
+        "response_time_ms": s.response_time_ms,
+        "p50_ms": s.p50_ms,
+        "p99_ms": s.p99_ms,
+        "error_rate_percent": s.error_rate_percent,
+    }
+    stats = pools.stats()
+    if tenant_id is not None:
+        stats = {tenant_id: stats[tenant_id]} if tenant_id in stats else {}
+        document["tenant_id"] = tenant_id
+    document["pools"] = {
+        tenant: {"size": p.size, "idle": p.idle, "in_use": p.in_use, "max": p.max_size}
+        for tenant, p in stats.items()
+    }
+    document["pool_connections_open"] = (
+        pools.open_connections if tenant_id is None else sum(p.size for p in stats.values())
+    )
+    if tenant_id is None and audit is not None:
+        document["audit_events_written"] = audit.written
+        document["audit_queue_depth"] = audit.queued
+    return document

@@ -36,10 +36,22 @@ class Metrics:
             "dbsvc_statements", "Statements executed for tenants, by class.", ["kind"],
             registry=self.registry,
         )  # fmt: skip
+        self.unhandled = Counter(
+            "dbsvc_unhandled_errors",
+            "Unexpected exceptions answered as 'internal' (bugs), by front end and operation.",
+            ["front_end", "operation"],
+            registry=self.registry,
+        )
         self.denials = Counter(
             "dbsvc_denials", "Requests refused before reaching PostgreSQL, by code.", ["code"],
             registry=self.registry,
         )  # fmt: skip
+        self.session_limits = Counter(
+            "dbsvc_session_limits_exceeded",
+            "Tenant sessions the service canceled at their time limit (statement, transaction).",
+            ["limit"],
+            registry=self.registry,
+        )
         self.pool_events = Counter(
             "dbsvc_pool_events", "Tenant pool lifecycle events.", ["event"],
             registry=self.registry,
@@ -59,6 +71,13 @@ class Metrics:
             "dbsvc_partition_maintenance_duration_seconds",
             "Duration of partition maintenance rounds.",
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+            registry=self.registry,
+        )
+        self.maintenance_lock_timeouts = Counter(
+            "dbsvc_partition_maintenance_lock_timeouts",
+            "Partition changes given up because a shared table stayed locked through every"
+            " lock_timeout retry (left for the next round, or refused), by table and action.",
+            ["table", "action"],
             registry=self.registry,
         )
 

@@ -1,12 +1,33 @@
-"""A rolling window of recent requests for the health document's performance figures."""
+"""Request figures over the last minute, service-wide and per tenant, in fixed memory.
+
+Each series (the service's, and one per tenant seen in the window) is a ring of one-second
+buckets; a bucket holds the count, the errors, the sum, minimum and maximum of the durations and a
+small fixed latency histogram. Recording is O(1) and keeps nothing per request; a summary merges
+at most ``seconds`` buckets (O(buckets * histogram bins)) instead of sorting samples. Percentiles
+are read from the histogram: the upper bound of the bin holding the rank, clamped to the smallest
+and largest duration seen, so a window of equal durations reports them exactly.
+
+A tenant's series disappears once it has been idle for a whole window, and at most
+``max_tenants`` tenants are tracked at once (the service-wide series counts every request).
+"""
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
-from collections import deque
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["RequestWindow", "WindowSummary"]
+
+# Upper bounds of the latency bins, in seconds; one more bin holds everything slower.
+_BOUNDS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.04,
+    0.06, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_BINS = len(_BOUNDS) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,35 +40,135 @@ class WindowSummary:
     error_rate_percent: float
 
 
-class RequestWindow:
-    def __init__(self, seconds: float = 60.0, max_samples: int = 200_000) -> None:
-        self._seconds = seconds
-        self._samples: deque[tuple[float, float, bool]] = deque(maxlen=max_samples)
-        self._started = time.monotonic()
+_EMPTY = WindowSummary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
-    def record(self, duration_s: float, ok: bool) -> None:
-        self._samples.append((time.monotonic(), duration_s, ok))
 
-    def summary(self) -> WindowSummary:
-        now = time.monotonic()
-        horizon = now - self._seconds
-        while self._samples and self._samples[0][0] < horizon:
-            self._samples.popleft()
-        samples = list(self._samples)
-        if not samples:
-            return WindowSummary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        span = min(self._seconds, max(now - self._started, 1e-3))
-        durations = sorted(d for _, d, _ in samples)
-        errors = sum(1 for _, _, ok in samples if not ok)
+class _Series:
+    """A ring of one-second buckets; slot ``s % slots`` holds second ``s`` when
+    ``stamps[slot] == s``, anything else is stale and reset on the next write."""
 
-        def pct(q: float) -> float:
-            return durations[min(len(durations) - 1, int(q * len(durations)))] * 1000
+    __slots__ = ("counts", "errors", "hist", "last", "maxima", "minima", "stamps", "sums")
+
+    def __init__(self, slots: int) -> None:
+        self.stamps = [-1] * slots
+        self.counts = [0] * slots
+        self.errors = [0] * slots
+        self.sums = [0.0] * slots
+        self.minima = [math.inf] * slots
+        self.maxima = [0.0] * slots
+        self.hist = array("I", bytes(4 * slots * _BINS))
+        self.last = -1  # the last second written
+
+    def record(self, second: int, duration: float, ok: bool) -> None:
+        slots = len(self.stamps)
+        slot = second % slots
+        if self.stamps[slot] != second:
+            self.stamps[slot] = second
+            self.counts[slot] = self.errors[slot] = 0
+            self.sums[slot] = self.maxima[slot] = 0.0
+            self.minima[slot] = math.inf
+            base = slot * _BINS
+            for i in range(base, base + _BINS):
+                self.hist[i] = 0
+        self.counts[slot] += 1
+        if not ok:
+            self.errors[slot] += 1
+        self.sums[slot] += duration
+        self.minima[slot] = min(self.minima[slot], duration)
+        self.maxima[slot] = max(self.maxima[slot], duration)
+        self.hist[slot * _BINS + bisect.bisect_left(_BOUNDS, duration)] += 1
+        self.last = second
+
+    def summary(self, second: int, span: float) -> WindowSummary:
+        slots = len(self.stamps)
+        oldest = second - slots
+        count = errors = 0
+        total, low, high = 0.0, math.inf, 0.0
+        merged = [0] * _BINS
+        for slot, stamp in enumerate(self.stamps):
+            if not oldest < stamp <= second or not self.counts[slot]:
+                continue
+            count += self.counts[slot]
+            errors += self.errors[slot]
+            total += self.sums[slot]
+            low = min(low, self.minima[slot])
+            high = max(high, self.maxima[slot])
+            base = slot * _BINS
+            for i in range(_BINS):
+                merged[i] += self.hist[base + i]
+        if not count:
+            return _EMPTY
+
+        def percentile(q: float) -> float:
+            rank = min(count, int(q * count) + 1)  # 1-based rank of the sample at quantile q
+            seen = 0
+            for i, n in enumerate(merged):
+                seen += n
+                if seen >= rank:
+                    upper = _BOUNDS[i] if i < len(_BOUNDS) else high
+                    return max(low, min(upper, high)) * 1000
+            return high * 1000  # not reached: the bins add up to count
 
         return WindowSummary(
-            requests=len(samples),
-            throughput_rps=round(len(samples) / span, 3),
-            response_time_ms=round(sum(durations) / len(durations) * 1000, 3),
-            p50_ms=round(pct(0.5), 3),
-            p99_ms=round(pct(0.99), 3),
-            error_rate_percent=round(100 * errors / len(samples), 3),
+            requests=count,
+            throughput_rps=round(count / span, 3),
+            response_time_ms=round(total / count * 1000, 3),
+            p50_ms=round(percentile(0.5), 3),
+            p99_ms=round(percentile(0.99), 3),
+            error_rate_percent=round(100 * errors / count, 3),
         )
+
+
+class RequestWindow:
+    def __init__(
+        self,
+        seconds: int = 60,
+        *,
+        max_tenants: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if seconds < 1:
+            raise ValueError("the window needs at least one second")
+        self.seconds = int(seconds)
+        self._max_tenants = max_tenants
+        self._clock = clock
+        self._started = clock()
+        self._all = _Series(self.seconds)
+        self._tenants: dict[str, _Series] = {}
+        self._pruned = -1
+
+    def record(self, duration_s: float, ok: bool, tenant_id: str | None = None) -> None:
+        """One request that took ``duration_s`` (``ok``: not a server-side error), for the
+        service and, when known, for the tenant it acted for."""
+        second = int(self._clock())
+        self._all.record(second, duration_s, ok)
+        if second != self._pruned:
+            self._prune(second)
+        if tenant_id is None:
+            return
+        series = self._tenants.get(tenant_id)
+        if series is None:
+            if len(self._tenants) >= self._max_tenants:
+                return
+            series = self._tenants[tenant_id] = _Series(self.seconds)
+        series.record(second, duration_s, ok)
+
+    def _prune(self, second: int) -> None:
+        """Drop tenants idle for a whole window (at most once a second)."""
+        self._pruned = second
+        horizon = second - self.seconds
+        for tenant_id in [t for t, s in self._tenants.items() if s.last <= horizon]:
+            del self._tenants[tenant_id]
+
+    def summary(self, tenant_id: str | None = None) -> WindowSummary:
+        """The service's figures, or with ``tenant_id`` that tenant's only."""
+        now = self._clock()
+        series = self._all if tenant_id is None else self._tenants.get(tenant_id)
+        if series is None:
+            return _EMPTY
+        span = min(float(self.seconds), max(now - self._started, 1e-3))
+        return series.summary(int(now), span)
+
+    @property
+    def tenants_tracked(self) -> int:
+        return len(self._tenants)

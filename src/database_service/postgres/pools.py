@@ -1,10 +1,11 @@
-"""Connection pools: the owner's pool, and one small pool per active tenant logged in as its role.
+"""Connection pools: the owner's pool, and small pools per active tenant logged in as its roles.
 
-``TenantPools`` owns connection lifecycle and nothing else. A tenant's pool is created on first
+``TenantPools`` owns connection lifecycle and nothing else. A pool per login role (a tenant has
+a company-wide login and, when requests carry user ids, a user-scoped one) is created on first
 use and closed after ``idle_seconds`` without use; a global budget caps open connections across
 all pools, and when it is exhausted the least recently used idle pools are closed to make room.
-Everything runs on one event loop, so the bookkeeping needs no locks: an entry whose ``in_use``
-is zero can be removed and closed without racing an acquirer.
+Everything runs on one event loop, so the bookkeeping needs no locks; an entry is closed only
+while its ``in_use`` is zero, checked again after every await.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class PoolStats:
 
 @dataclass(slots=True)
 class _Entry:
+    tenant_id: str
     pool: asyncpg.Pool
     max_size: int
     in_use: int = 0
@@ -115,11 +117,12 @@ class _Budget:
 
 @dataclass(frozen=True, slots=True)
 class TenantLogin:
-    """What a pool needs to log in as a tenant."""
+    """What a pool needs to log in as a tenant (one of its login roles)."""
 
     tenant_id: str
     role: str
-    password: str
+    password: str = field(repr=False)
+    user_scoped: bool = False
 
 
 class TenantPools:
@@ -152,8 +155,8 @@ class TenantPools:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        for tenant_id in list(self._entries):
-            await self.close_tenant(tenant_id)
+        for role in list(self._entries):
+            await self._close(role)
 
     @property
     def open_connections(self) -> int:
@@ -164,11 +167,16 @@ class TenantPools:
         return self._budget.limit
 
     def stats(self) -> dict[str, PoolStats]:
-        result = {}
-        for tenant_id, entry in self._entries.items():
-            size = entry.pool.get_size()
-            idle = entry.pool.get_idle_size()
-            result[tenant_id] = PoolStats(size, idle, entry.in_use, entry.max_size)
+        """Per tenant, its pools added up."""
+        result: dict[str, PoolStats] = {}
+        for entry in self._entries.values():
+            seen = result.get(entry.tenant_id, PoolStats(0, 0, 0, 0))
+            result[entry.tenant_id] = PoolStats(
+                seen.size + entry.pool.get_size(),
+                seen.idle + entry.pool.get_idle_size(),
+                seen.in_use + entry.in_use,
+                seen.max_size + entry.max_size,
+            )
         return result
 
     @contextlib.asynccontextmanager
@@ -201,15 +209,15 @@ class TenantPools:
             entry.last_used = time.monotonic()
 
     async def _entry(self, login: TenantLogin) -> _Entry:
-        entry = self._entries.get(login.tenant_id)
+        entry = self._entries.get(login.role)
         if entry is not None:
             return entry
-        # One creator per tenant; concurrent first requests await the same task.
-        task = self._creating.get(login.tenant_id)
+        # One creator per login; concurrent first requests await the same task.
+        task = self._creating.get(login.role)
         if task is None:
             task = asyncio.create_task(self._create(login))
-            self._creating[login.tenant_id] = task
-            task.add_done_callback(lambda _: self._creating.pop(login.tenant_id, None))
+            self._creating[login.role] = task
+            task.add_done_callback(lambda _: self._creating.pop(login.role, None))
         return await asyncio.shield(task)
 
     async def _create(self, login: TenantLogin) -> _Entry:
@@ -241,11 +249,12 @@ class TenantPools:
             connect=connect,
             init=init_connection,
             connection_class=TenantConnection,
-            server_settings={"application_name": f"dbsvc-tenant-{login.tenant_id}"},
+            # No tenant id here: every role can read application_name in pg_stat_activity.
+            server_settings={"application_name": "dbsvc-tenant"},
         )
         assert pool is not None
-        entry = _Entry(pool, self._max_per_tenant)
-        self._entries[login.tenant_id] = entry
+        entry = _Entry(login.tenant_id, pool, self._max_per_tenant)
+        self._entries[login.role] = entry
         self._on_event(login.tenant_id, "pool_opened")
         log.info("tenant %s: pool opened (max %d)", login.tenant_id, self._max_per_tenant)
         return entry
@@ -259,32 +268,38 @@ class TenantPools:
 
     async def _evict_idle(self, exclude: str) -> None:
         idle = sorted(
-            (e.last_used, t)
-            for t, e in self._entries.items()
-            if e.in_use == 0 and t != exclude and e.pool.get_size() > 0
+            (e.last_used, role)
+            for role, e in self._entries.items()
+            if e.in_use == 0 and e.tenant_id != exclude and e.pool.get_size() > 0
         )
-        for _, tenant_id in idle:
-            await self.close_tenant(tenant_id)
+        for _, role in idle:
+            await self._close(role, only_idle=True)
             if self._budget.open < self._budget.limit:
                 return
 
     async def close_tenant(self, tenant_id: str) -> None:
-        """Close a tenant's pool (suspend, delete, idle). In-flight work finishes first."""
-        entry = self._entries.pop(tenant_id, None)
-        if entry is None:
+        """Close a tenant's pools (suspend, delete). In-flight work finishes first."""
+        for role in [r for r, e in self._entries.items() if e.tenant_id == tenant_id]:
+            await self._close(role)
+
+    async def _close(self, role: str, *, only_idle: bool = False) -> None:
+        entry = self._entries.get(role)
+        # Re-checked here, after whatever the caller awaited: a request may have started.
+        if entry is None or (only_idle and entry.in_use):
             return
+        del self._entries[role]
         try:
             await asyncio.wait_for(entry.pool.close(), timeout=10)
-        except TimeoutError:
+        except Exception:  # a server that already ended the sessions: nothing left to close
             entry.pool.terminate()
-        self._on_event(tenant_id, "pool_closed")
-        log.info("tenant %s: pool closed", tenant_id)
+        self._on_event(entry.tenant_id, "pool_closed")
+        log.info("tenant %s: pool closed", entry.tenant_id)
 
     async def _reap_forever(self) -> None:
         interval = max(0.5, self._idle_seconds / 2)
         while True:
             await asyncio.sleep(interval)
             deadline = time.monotonic() - self._idle_seconds
-            for tenant_id, entry in list(self._entries.items()):
+            for role, entry in list(self._entries.items()):
                 if entry.in_use == 0 and entry.last_used < deadline:
-                    await self.close_tenant(tenant_id)
+                    await self._close(role, only_idle=True)

@@ -3,10 +3,15 @@
 For a request (principal, tenant, optional user, SQL, parameters) the executor checks, in order:
 the principal may act for the tenant; the tenant exists and is active; the SQL guard accepts the
 statement; the principal's scopes allow its class (read → ``read``, write → ``write``, DDL →
-``admin``). Then it runs the statement on a connection logged in as the tenant's own role. A user
-id, or a principal without the ``write`` scope, puts the statement in a transaction: the user id is
-set with ``set_config(..., true)`` (transaction-local), and without ``write`` the transaction is
-READ ONLY, so PostgreSQL itself refuses writes hidden in functions.
+``admin``). Then it runs the statement on a connection logged in as the tenant's own role.
+
+A user id puts the statement on the tenant's user-scoped login, in a transaction whose first
+statement is ``control.enter_user(user, key)``: PostgreSQL then shows that session the user's
+rows (and the company's rows without a user) and nothing else, and a user id the tenant's SQL
+sets for itself is refused rather than trusted (control migration 0004). A principal without the
+``write`` scope runs in a READ ONLY transaction, so PostgreSQL itself refuses writes hidden in
+functions. Every session runs under the tenant's time limits, enforced from outside the session
+(``postgres.deadlines``). Every request is audited, whatever ends it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from database_service.errors import (
 from database_service.observability.audit import AuditEvent, AuditLog
 from database_service.observability.metrics import Metrics
 from database_service.postgres import Connection, TenantLogin, TenantPools
+from database_service.postgres.deadlines import Deadlines, SessionWatch
 from database_service.query.boundary import postgres_errors, prepare_cached
 from database_service.query.values import PgType, coerce_params, coerce_row
 from database_service.sqlguard import Classification, SqlGuard, StatementKind
@@ -115,6 +121,14 @@ class _Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class _Session:
+    """A tenant connection and the watch that keeps its time limits."""
+
+    conn: Connection
+    watch: SessionWatch
+
+
+@dataclass(frozen=True, slots=True)
 class _Target:
     schema: str
     name: str
@@ -148,22 +162,30 @@ class QueryExecutor:
         guard: SqlGuard,
         audit: AuditLog,
         metrics: Metrics,
+        deadlines: Deadlines,
         shared_schema: str,
+        control_schema: str,
+        user_context_key: bytes,
         max_params: int,
         max_result_rows: int,
+        transaction_timeout_ms: int,
     ) -> None:
         self._pools = pools
         self._registry = registry
         self._guard = guard
         self._audit = audit
         self._metrics = metrics
+        self._deadlines = deadlines
         self._shared = (shared_schema,)
+        self._enter_user = f"SELECT {quote_ident(control_schema)}.enter_user($1, $2)"
+        self._user_key = user_context_key
         self._max_params = max_params
         self._max_rows = max_result_rows
+        self._transaction_seconds = transaction_timeout_ms / 1000
         self._logins = logins
 
-    def _login(self, tenant: TenantRecord) -> TenantLogin:
-        return self._logins.login(tenant)
+    def _login(self, tenant: TenantRecord, ctx: TenantContext) -> TenantLogin:
+        return self._logins.login(tenant, user_scoped=ctx.user_id is not None)
 
     async def authorize(
         self, principal: Principal, ctx: TenantContext, sql: str
@@ -176,10 +198,13 @@ class QueryExecutor:
                 "user_id must be 1-50 characters of letters, digits and _ . @ : + -"
             )
         tenant = await self._registry.get_active(ctx.tenant_id)
-        verdict = self._guard.classify(
+        verdict = await self._guard.classify_async(
             sql, own_schema=tenant.schema_name, shared_schemas=self._shared
         )
         principal.require(_REQUIRED_SCOPE[verdict.kind], ctx.tenant_id)
+        if verdict.kind is StatementKind.DDL and ctx.user_id is not None:
+            # Objects belong to the company, not to one user's login.
+            raise SqlRejected("DDL runs without a user id: send it without one", sqlstate="42501")
         return tenant, verdict
 
     @contextlib.asynccontextmanager
@@ -204,6 +229,15 @@ class QueryExecutor:
             await asyncio.shield(
                 self._record(principal, ctx, action, outcome, "cancelled", "cancelled", "")
             )
+            raise
+        except Exception as exc:
+            # Not one of ours: a bug, or a driver error no boundary translated. Still audited
+            # and counted; the front end reports it as an internal error.
+            self._metrics.errors.labels("internal").inc()
+            await self._record(
+                principal, ctx, action, outcome, "error", "internal", type(exc).__name__
+            )
+            log.exception("tenant %s: %s by %s failed", ctx.tenant_id, action, principal.service)
             raise
         if outcome.kind is not None:
             self._metrics.statements.labels(outcome.kind.value).inc()
@@ -246,33 +280,56 @@ class QueryExecutor:
         readonly: bool,
         transaction: bool,
         isolation: Isolation = "read_committed",
-    ) -> AsyncIterator[Connection]:
-        """A tenant connection, in a transaction when asked (always with a user id).
+    ) -> AsyncIterator[_Session]:
+        """A tenant connection under the tenant's time limits, in a transaction when asked
+        (always with a user id, whose context is the transaction's first statement).
 
         A pooled connection that PostgreSQL ended while it sat idle (a failover, an operator's
         pg_terminate_backend) is only found dead when used. When that first use is BEGIN, which
         has no effect, the session is retried once on another connection instead of failing."""
+        login = self._login(tenant, ctx)
+        statement_seconds = tenant.limits.statement_timeout_ms / 1000
+        total_seconds = max(statement_seconds, self._transaction_seconds)
         with postgres_errors(ctx.tenant_id):
             for retry in (True, False):
-                async with contextlib.AsyncExitStack() as stack:
-                    conn = await stack.enter_async_context(self._pools.acquire(self._login(tenant)))
-                    if transaction or readonly or ctx.user_id is not None:
-                        begin = conn.transaction(readonly=readonly, isolation=isolation)
+                async with self._pools.acquire(login) as conn:
+                    watch = self._deadlines.watch(
+                        conn,
+                        login.role,
+                        statement_seconds=statement_seconds,
+                        total_seconds=total_seconds,
+                    )
+                    try:
+                        begin = transaction or readonly or login.user_scoped
+                        tx = conn.transaction(readonly=readonly, isolation=isolation)
+                        if begin:
+                            try:
+                                async with watch.statement():
+                                    await tx.start()
+                            except Exception as exc:
+                                if not (retry and _dead_connection(exc)):
+                                    raise
+                                # Released as closed rather than reset over a dead socket.
+                                with contextlib.suppress(asyncpg.InterfaceError):
+                                    conn.terminate()
+                                continue
                         try:
-                            await stack.enter_async_context(begin)
-                        except Exception as exc:
-                            if not (retry and _dead_connection(exc)):
-                                raise
-                            # Released as closed rather than reset over a dead socket (asyncpg
-                            # may have handed it back already when it saw the socket close).
-                            with contextlib.suppress(asyncpg.InterfaceError):
-                                conn.terminate()
-                            continue
-                        if ctx.user_id is not None:
-                            await conn.execute(
-                                "SELECT set_config('dbsvc.user_id', $1, true)", ctx.user_id
-                            )
-                    yield conn
+                            if login.user_scoped:
+                                async with watch.statement():
+                                    await conn.execute(
+                                        self._enter_user, ctx.user_id, self._user_key
+                                    )
+                            yield _Session(conn, watch)
+                        except BaseException:
+                            if begin and watch.expired is None and not conn.is_closed():
+                                with contextlib.suppress(Exception):
+                                    await tx.rollback()
+                            raise
+                        if begin:
+                            async with watch.statement():
+                                await tx.commit()
+                    finally:
+                        watch.close()
                     return
 
     async def execute(
@@ -291,8 +348,8 @@ class QueryExecutor:
             tenant, verdict = await self.authorize(principal, ctx, sql)
             outcome.kind = verdict.kind
             readonly = not principal.has_scope(Scope.WRITE)
-            async with self._session(tenant, ctx, readonly=readonly, transaction=False) as conn:
-                result = await self._statement(conn, verdict, sql, params)
+            async with self._session(tenant, ctx, readonly=readonly, transaction=False) as session:
+                result = await self._statement(session, verdict, sql, params)
             result.duration_ms = (time.perf_counter() - started) * 1000
             outcome.command = result.command
             return result
@@ -321,27 +378,32 @@ class QueryExecutor:
             if read_only and verdict.kind is not StatementKind.READ:
                 raise SqlRejected("this operation runs read-only statements only", sqlstate="25006")
             readonly = read_only or not principal.has_scope(Scope.WRITE)
-            async with self._session(tenant, ctx, readonly=readonly, transaction=True) as conn:
-                stmt = await prepare_cached(conn, sql)
+            async with self._session(tenant, ctx, readonly=readonly, transaction=True) as session:
+                watch = session.watch
+                async with watch.statement():
+                    stmt = await prepare_cached(session.conn, sql)
                 args = coerce_params(params, stmt.get_parameters())
                 columns = [Column(a.name, a.type.name) for a in stmt.get_attributes()]
                 yield Header(columns, verdict.kind)
                 if verdict.kind is StatementKind.READ and columns:
+                    # Each fetch is a round trip under the statement limit; the reader's time
+                    # between fetches counts against the session's limit only.
                     count = 0
-                    batch: list[asyncpg.Record] = []
-                    async for record in stmt.cursor(*args, prefetch=batch_rows):
-                        batch.append(record)
-                        if len(batch) >= batch_rows:
+                    async with watch.statement():
+                        cursor = await stmt.cursor(*args)
+                    while True:
+                        async with watch.statement():
+                            batch = await cursor.fetch(batch_rows)
+                        if batch:
                             count += len(batch)
                             yield batch
-                            batch = []
-                    if batch:
-                        count += len(batch)
-                        yield batch
+                        if len(batch) < batch_rows:
+                            break
                     command = f"SELECT {count}"
                     row_count = count
                 else:
-                    rows = await stmt.fetch(*args)
+                    async with watch.statement():
+                        rows = await stmt.fetch(*args)
                     for i in range(0, len(rows), batch_rows):
                         yield rows[i : i + batch_rows]
                     command = stmt.get_statusmsg() or ""
@@ -379,13 +441,13 @@ class QueryExecutor:
             results: list[QueryResult] = []
             async with self._session(
                 tenant, ctx, readonly=readonly, transaction=True, isolation=isolation
-            ) as conn:
+            ) as session:
                 for index, ((sql, params), verdict) in enumerate(
                     zip(statements, verdicts, strict=True), start=1
                 ):
                     try:
                         with postgres_errors(ctx.tenant_id):
-                            results.append(await self._statement(conn, verdict, sql, params))
+                            results.append(await self._statement(session, verdict, sql, params))
                     except DatabaseServiceError as exc:
                         exc.message = f"statement {index}: {exc.message}"
                         raise
@@ -408,9 +470,12 @@ class QueryExecutor:
         async with self._audited(principal, ctx, "bulk_insert") as outcome:
             tenant = await self._bulk_tenant(principal, ctx)
             outcome.kind = StatementKind.WRITE
-            async with self._session(tenant, ctx, readonly=False, transaction=True) as conn:
-                target = await self._target(conn, tenant, table, columns)
+            async with self._session(tenant, ctx, readonly=False, transaction=True) as session:
+                conn, watch = session.conn, session.watch
+                async with watch.statement():
+                    target = await self._target(conn, tenant, table, columns)
                 records = self._records(target, columns, batches)
+                # COPY runs as long as the caller streams rows: bounded by the session's limit.
                 if not target.rls:
                     status = await _copy(
                         conn, tenant.tenant_id, target.schema, target.name, columns, records
@@ -418,10 +483,11 @@ class QueryExecutor:
                 else:
                     stage = await self._stage(conn, tenant, target, columns, records)
                     cols = ", ".join(quote_ident(c) for c in columns)
-                    status = await conn.execute(
-                        f"INSERT INTO {target.qualified} ({cols}) SELECT {cols} FROM {stage}"
-                    )
-                    await conn.execute(f"DROP TABLE {stage}")
+                    async with watch.statement():
+                        status = await conn.execute(
+                            f"INSERT INTO {target.qualified} ({cols}) SELECT {cols} FROM {stage}"
+                        )
+                        await conn.execute(f"DROP TABLE {stage}")
             written = _row_count(status, 0)
             outcome.command = f"BULK INSERT {written}"
             return written
@@ -448,16 +514,19 @@ class QueryExecutor:
             if set(key_columns) & set(columns):
                 raise InvalidParameters("a column cannot be both a key and a column to set")
             all_columns = [*key_columns, *columns]
-            async with self._session(tenant, ctx, readonly=False, transaction=True) as conn:
-                target = await self._target(conn, tenant, table, all_columns)
+            async with self._session(tenant, ctx, readonly=False, transaction=True) as session:
+                conn, watch = session.conn, session.watch
+                async with watch.statement():
+                    target = await self._target(conn, tenant, table, all_columns)
                 records = self._records(target, all_columns, batches)
                 stage = await self._stage(conn, tenant, target, all_columns, records)
                 sets = ", ".join(f"{quote_ident(c)} = s.{quote_ident(c)}" for c in columns)
                 keys = " AND ".join(f"t.{quote_ident(c)} = s.{quote_ident(c)}" for c in key_columns)
-                status = await conn.execute(
-                    f"UPDATE {target.qualified} AS t SET {sets} FROM {stage} AS s WHERE {keys}"
-                )
-                await conn.execute(f"DROP TABLE {stage}")
+                async with watch.statement():
+                    status = await conn.execute(
+                        f"UPDATE {target.qualified} AS t SET {sets} FROM {stage} AS s WHERE {keys}"
+                    )
+                    await conn.execute(f"DROP TABLE {stage}")
             updated = _row_count(status, 0)
             outcome.command = f"BULK UPDATE {updated}"
             return updated
@@ -544,16 +613,17 @@ class QueryExecutor:
 
     async def _statement(
         self,
-        conn: Connection,
+        session: _Session,
         verdict: Classification,
         sql: str,
         params: Sequence[Any],
     ) -> QueryResult:
-        stmt = await prepare_cached(conn, sql)
-        args = coerce_params(params, stmt.get_parameters())
+        async with session.watch.statement():
+            stmt = await prepare_cached(session.conn, sql)
+            args = coerce_params(params, stmt.get_parameters())
+            # Whole results are bounded by the row cap; streaming without a cap is stream()'s.
+            rows = await stmt.fetch(*args)
         columns = [Column(a.name, a.type.name) for a in stmt.get_attributes()]
-        # Whole results are bounded by the row cap; streaming without a cap is stream()'s job.
-        rows = await stmt.fetch(*args)
         if len(rows) > self._max_rows:
             raise ResourceExhausted(
                 f"the result has more than {self._max_rows} rows; add a LIMIT or use the "

@@ -1,21 +1,26 @@
-"""Tenant ids and the PostgreSQL names derived from them.
+"""Tenant ids, and the PostgreSQL names of a tenant's schema and roles.
 
-Ids are validated once, here, against ``^[a-z][a-z0-9_]{1,40}$``; every identifier the service
-interpolates into SQL is derived from a validated id or from validated settings, and is still
-quoted with ``quote_ident`` where it is written into a statement.
+Ids are validated once, here, against ``^[a-z][a-z0-9_]{1,40}$``. The schema and role names are
+**opaque**: random, chosen when the tenant is created and kept in the control plane, so that the
+catalog — which PostgreSQL shows to every role — names no customer. Every identifier the service
+interpolates into SQL comes from a validated id, the control plane or validated settings, and is
+still quoted with ``quote_ident`` where it is written into a statement.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
 from database_service.errors import InvalidTenantId
 
-__all__ = ["TenantNames", "quote_ident", "validate_tenant_id"]
+__all__ = ["TenantNames", "quote_ident", "quote_literal", "validate_tenant_id"]
 
 _TENANT_ID = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
-SCHEMA_PREFIX = "tenant_"
+SCHEMA_PREFIX = "t_"
+LEGACY_SCHEMA_PREFIX = "tenant_"  # before names were opaque: tenant_<id>, <role prefix><id>
+USER_ROLE_SUFFIX = "_u"
 
 
 def validate_tenant_id(tenant_id: object) -> str:
@@ -33,15 +38,25 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def quote_literal(value: str) -> str:
+    """Quote a string constant the way PostgreSQL's quote_literal does (standard strings)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 @dataclass(frozen=True, slots=True)
 class TenantNames:
-    """The schema and role of one tenant."""
+    """The schema and the two login roles of one tenant: ``role`` for company-wide requests,
+    ``user_role`` for requests on behalf of one user (see control migration 0004)."""
 
     tenant_id: str
     schema: str
     role: str
+    user_role: str
 
     @classmethod
-    def of(cls, tenant_id: str, role_prefix: str) -> TenantNames:
+    def new(cls, tenant_id: str, role_prefix: str) -> TenantNames:
+        """Fresh opaque names for a new tenant (64 random bits: no customer id, no guessing)."""
         tenant_id = validate_tenant_id(tenant_id)
-        return cls(tenant_id, SCHEMA_PREFIX + tenant_id, role_prefix + tenant_id)
+        token = secrets.token_hex(8)
+        role = role_prefix + token
+        return cls(tenant_id, SCHEMA_PREFIX + token, role, role + USER_ROLE_SUFFIX)

@@ -1,13 +1,20 @@
 """Tenant lifecycle: create, suspend, resume, delete. Each is one transaction: all or nothing.
 
-A tenant ``abc`` is a row in the control plane, a schema ``tenant_abc`` built by the tenant
-migrations, and a login role (``<prefix>abc``) that can reach only that schema and, through RLS,
-its own rows of the shared tables. The role's password is random, stored sealed, and sent to
-PostgreSQL only as a SCRAM verifier.
+A tenant ``abc`` is a row in the control plane, a schema built by the tenant migrations, and two
+login roles that can reach only that schema and, through RLS, their company's rows of the shared
+tables: one for company-wide requests, and one (a member of the first) for requests on behalf of
+a user, whose user-level rows it sees only through a user id the service signs per transaction
+(control migration 0004). Schema and role names are opaque (``t_<random>``,
+``<prefix><random>``): the catalog, which PostgreSQL shows every role, names no customer. The
+roles' password is random, stored sealed, and sent to PostgreSQL only as SCRAM verifiers.
+
+``upgrade`` brings tenants created before that to the same shape (opaque names, the user role),
+idempotently, at start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -19,8 +26,14 @@ from database_service.errors import (
     InvalidRequest,
     TenantExists,
 )
-from database_service.tenancy.ids import TenantNames, quote_ident
-from database_service.tenancy.migrations import Migrator
+from database_service.postgres import Connection
+from database_service.tenancy.ids import (
+    LEGACY_SCHEMA_PREFIX,
+    USER_ROLE_SUFFIX,
+    TenantNames,
+    quote_ident,
+)
+from database_service.tenancy.migrations import MIGRATION_LOCK_KEY, Migrator
 from database_service.tenancy.registry import TenantLimits, TenantRecord, TenantRegistry
 from database_service.tenancy.secrets import SecretBox, new_role_password, scram_sha256_verifier
 
@@ -33,6 +46,14 @@ TenantListener = Callable[[str], Awaitable[None]]
 
 def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+# Objects a tenant creates are its own: PostgreSQL's defaults would let every role execute its
+# functions and use its types (and list them in information_schema).
+_PRIVATE_BY_DEFAULT = (
+    "REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC",
+    "REVOKE USAGE ON TYPES FROM PUBLIC",
+)
 
 
 class TenantManager:
@@ -69,50 +90,34 @@ class TenantManager:
         for listener in self._listeners:
             await listener(tenant_id)
 
-    def names(self, tenant_id: str) -> TenantNames:
-        return TenantNames.of(tenant_id, self._role_prefix)
-
     async def create(self, tenant_id: str, limits: TenantLimits | None = None) -> TenantRecord:
-        names = self.names(tenant_id)
+        names = TenantNames.new(tenant_id, self._role_prefix)
         limits = limits or self.default_limits
         if limits.connection_limit < 1 or limits.statement_timeout_ms < 100:
             raise InvalidRequest("connection_limit must be ≥ 1 and statement_timeout_ms ≥ 100")
         password = new_role_password()
         role, schema = quote_ident(names.role), quote_ident(names.schema)
         async with self._pool.acquire() as conn:
-            server_version = conn.get_server_version().major
             try:
                 async with conn.transaction():
+                    if await conn.fetchval(
+                        f"SELECT 1 FROM {self._control}.tenants WHERE tenant_id = $1", tenant_id
+                    ):
+                        raise TenantExists(f"tenant {tenant_id!r} already exists")
                     await conn.execute(
                         f"INSERT INTO {self._control}.tenants (tenant_id, role_name, schema_name,"
-                        " role_secret, connection_limit, statement_timeout_ms)"
-                        " VALUES ($1, $2, $3, $4, $5, $6)",
+                        " user_role_name, role_secret, connection_limit, statement_timeout_ms)"
+                        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
                         names.tenant_id,
                         names.role,
                         names.schema,
+                        names.user_role,
                         self._box.seal(password),
                         limits.connection_limit,
                         limits.statement_timeout_ms,
                     )
-                    await conn.execute(
-                        f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT"
-                        " NOREPLICATION NOBYPASSRLS"
-                        f" CONNECTION LIMIT {int(limits.connection_limit)}"
-                        f" PASSWORD {_literal(scram_sha256_verifier(password))}"
-                    )
-                    # From PostgreSQL 16 the membership can carry privileges without letting the
-                    # tenant SET ROLE to the group (harmless anyway: policies key on session_user).
-                    set_false = " WITH INHERIT TRUE, SET FALSE" if server_version >= 16 else ""
-                    await conn.execute(f"GRANT {self._group} TO {role}{set_false}")
-                    timeout = int(limits.statement_timeout_ms)
-                    await conn.execute(f"ALTER ROLE {role} SET statement_timeout = {timeout}")
-                    await conn.execute(
-                        f"ALTER ROLE {role} SET idle_in_transaction_session_timeout = {timeout * 2}"
-                    )
-                    await conn.execute(
-                        f"ALTER ROLE {role} SET search_path = {schema}, "
-                        f"{quote_ident(self._shared_schema)}"
-                    )
+                    await self._create_role(conn, names.role, password, limits, names.schema)
+                    await self._create_user_role(conn, names, password, limits)
                     await conn.execute(f"CREATE SCHEMA {schema}")
                     await conn.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
                     await conn.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}")
@@ -129,22 +134,69 @@ class TenantManager:
                         await self._migrator.apply_tenant_migration(conn, names, migration)
             except asyncpg.UniqueViolationError:
                 raise TenantExists(f"tenant {tenant_id!r} already exists") from None
-            except asyncpg.DuplicateObjectError:
+            except (asyncpg.DuplicateObjectError, asyncpg.DuplicateSchemaError):
+                # 64 random bits: a collision is a cluster shared with something else.
                 raise Conflict(
-                    f"role {names.role!r} already exists in the PostgreSQL cluster but is not a "
-                    "tenant of this service; choose another id or DBSVC_TENANT_ROLE_PREFIX"
-                ) from None
-            except asyncpg.DuplicateSchemaError:
-                raise Conflict(
-                    f"schema {names.schema!r} already exists but is not a tenant of this service"
+                    f"the names drawn for tenant {tenant_id!r} exist in the PostgreSQL cluster"
+                    " already; retry"
                 ) from None
         log.info("tenant %s: created (role %s, schema %s)", tenant_id, names.role, names.schema)
         self._registry.invalidate(tenant_id)
         return await self._registry.get(tenant_id)
 
+    async def _create_role(
+        self, conn: Connection, role: str, password: str, limits: TenantLimits, schema: str
+    ) -> None:
+        """A tenant login role: no privilege of its own beyond the group's and its schema's."""
+        q_role = quote_ident(role)
+        await conn.execute(
+            f"CREATE ROLE {q_role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE INHERIT"
+            " NOREPLICATION NOBYPASSRLS"
+            f" CONNECTION LIMIT {int(limits.connection_limit)}"
+            f" PASSWORD {_literal(scram_sha256_verifier(password))}"
+        )
+        # From PostgreSQL 16 the membership can carry privileges without letting the tenant SET
+        # ROLE to the group (harmless anyway: policies key on session_user).
+        set_false = " WITH INHERIT TRUE, SET FALSE" if conn.get_server_version().major >= 16 else ""
+        await conn.execute(f"GRANT {self._group} TO {q_role}{set_false}")
+        await self._role_settings(conn, role, limits, schema)
+        for revoke in _PRIVATE_BY_DEFAULT:
+            # Needs a superuser (or membership in the role); without one, objects the tenant
+            # creates keep PostgreSQL's defaults, which no other tenant can use anyway (no
+            # USAGE on the schema), but information_schema would list them.
+            with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+                async with conn.transaction():
+                    await conn.execute(f"ALTER DEFAULT PRIVILEGES FOR ROLE {q_role} {revoke}")
+
+    async def _role_settings(
+        self, conn: Connection, role: str, limits: TenantLimits, schema: str
+    ) -> None:
+        # Defence in depth only: a session can change its own settings. The service enforces
+        # the tenant's time limits from outside the session (postgres.deadlines).
+        q_role = quote_ident(role)
+        timeout = int(limits.statement_timeout_ms)
+        await conn.execute(f"ALTER ROLE {q_role} SET statement_timeout = {timeout}")
+        await conn.execute(
+            f"ALTER ROLE {q_role} SET idle_in_transaction_session_timeout = {timeout * 2}"
+        )
+        await conn.execute(
+            f"ALTER ROLE {q_role} SET search_path = {quote_ident(schema)}, "
+            f"{quote_ident(self._shared_schema)}"
+        )
+
+    async def _create_user_role(
+        self, conn: Connection, names: TenantNames, password: str, limits: TenantLimits
+    ) -> None:
+        """The user-scoped login: a member of the company role (its privileges, its objects),
+        told apart by ``session_user`` in control.session_user_scope()."""
+        await self._create_role(conn, names.user_role, password, limits, names.schema)
+        set_false = " WITH INHERIT TRUE, SET FALSE" if conn.get_server_version().major >= 16 else ""
+        await conn.execute(
+            f"GRANT {quote_ident(names.role)} TO {quote_ident(names.user_role)}{set_false}"
+        )
+
     async def _set_status(self, tenant_id: str, status: str) -> TenantRecord:
         record = await self._registry.get(tenant_id)
-        role = quote_ident(record.role_name)
         login = "LOGIN" if status == "active" else "NOLOGIN"
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(
@@ -153,10 +205,11 @@ class TenantManager:
                 tenant_id,
                 status,
             )
-            await conn.execute(f"ALTER ROLE {role} {login}")
+            for role in record.roles:
+                await conn.execute(f"ALTER ROLE {quote_ident(role)} {login}")
+        await self._changed(tenant_id)  # our pools close before their sessions are ended
         if status != "active":
-            await self._terminate_sessions(record.role_name)
-        await self._changed(tenant_id)
+            await self._terminate_sessions(record.roles)
         log.info("tenant %s: %s", tenant_id, status)
         return await self._registry.get(tenant_id)
 
@@ -166,11 +219,11 @@ class TenantManager:
     async def resume(self, tenant_id: str) -> TenantRecord:
         return await self._set_status(tenant_id, "active")
 
-    async def _terminate_sessions(self, role_name: str) -> None:
+    async def _terminate_sessions(self, roles: tuple[str, ...]) -> None:
         await self._pool.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE usename = $1 AND datname = current_database()",
-            role_name,
+            " WHERE usename = ANY($1::text[]) AND datname = current_database()",
+            list(roles),
         )
 
     async def delete(self, tenant_id: str, *, confirm: bool) -> None:
@@ -181,11 +234,12 @@ class TenantManager:
                 f"deleting tenant {tenant_id!r} drops its schema, role and shared-table rows; "
                 "repeat with confirm=true"
             )
-        role, schema = quote_ident(record.role_name), quote_ident(record.schema_name)
+        schema = quote_ident(record.schema_name)
         await self._changed(tenant_id)  # close our pool first so no session holds the role
         async with self._pool.acquire() as conn:
-            await conn.execute(f"ALTER ROLE {role} NOLOGIN")
-            await self._terminate_sessions(record.role_name)
+            for role in record.roles:
+                await conn.execute(f"ALTER ROLE {quote_ident(role)} NOLOGIN")
+            await self._terminate_sessions(record.roles)
             async with conn.transaction():
                 # Every shared table with a company_id column, so tables added later are covered.
                 tables = await conn.fetch(
@@ -202,10 +256,73 @@ class TenantManager:
                         tenant_id,
                     )
                 await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-                await conn.execute(f"DROP OWNED BY {role}")
+                roles = ", ".join(quote_ident(r) for r in record.roles)
+                await conn.execute(f"DROP OWNED BY {roles}")
                 await conn.execute(
                     f"DELETE FROM {self._control}.tenants WHERE tenant_id = $1", tenant_id
                 )
-                await conn.execute(f"DROP ROLE {role}")
+                for role in reversed(record.roles):  # the user role is a member of the other
+                    await conn.execute(f"DROP ROLE {quote_ident(role)}")
         self._registry.invalidate(tenant_id)
         log.info("tenant %s: deleted", tenant_id)
+
+    async def upgrade(self) -> list[str]:
+        """Give tenants created before opaque names and user-scoped logins both; idempotent.
+
+        Runs at start under the migration lock, before any tenant pool exists here. Another
+        instance still running the old version keeps working: its next registry read (within
+        its cache TTL) finds the new names."""
+        upgraded: list[str] = []
+        async with self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            try:
+                rows = await conn.fetch(
+                    f"SELECT tenant_id, schema_name, role_name, user_role_name, role_secret,"
+                    f" connection_limit, statement_timeout_ms FROM {self._control}.tenants"
+                    " WHERE user_role_name IS NULL OR schema_name = $1 || tenant_id"
+                    " ORDER BY tenant_id",
+                    LEGACY_SCHEMA_PREFIX,
+                )
+                for row in rows:
+                    async with conn.transaction():
+                        await self._upgrade_one(conn, row)
+                    upgraded.append(row["tenant_id"])
+                    self._registry.invalidate(row["tenant_id"])
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        if upgraded:
+            log.info("tenants upgraded to opaque names and user-scoped logins: %d", len(upgraded))
+        return upgraded
+
+    async def _upgrade_one(self, conn: Connection, row: asyncpg.Record) -> None:
+        tenant_id = row["tenant_id"]
+        fresh = TenantNames.new(tenant_id, self._role_prefix)
+        limits = TenantLimits(row["connection_limit"], row["statement_timeout_ms"])
+        schema, role = row["schema_name"], row["role_name"]
+        if schema == LEGACY_SCHEMA_PREFIX + tenant_id:
+            await conn.execute(
+                f"ALTER SCHEMA {quote_ident(schema)} RENAME TO {quote_ident(fresh.schema)}"
+            )
+            await conn.execute(
+                f"ALTER ROLE {quote_ident(role)} RENAME TO {quote_ident(fresh.role)}"
+            )
+            schema, role = fresh.schema, fresh.role
+            await self._role_settings(conn, role, limits, schema)
+        user_role = row["user_role_name"]
+        if user_role is None:
+            user_role = role + USER_ROLE_SUFFIX
+            names = TenantNames(tenant_id, schema, role, user_role)
+            await self._create_user_role(conn, names, self._box.open(row["role_secret"]), limits)
+        await conn.execute(
+            f"UPDATE {self._control}.tenants SET schema_name = $2, role_name = $3,"
+            " user_role_name = $4, updated_at = now() WHERE tenant_id = $1",
+            tenant_id,
+            schema,
+            role,
+            user_role,
+        )
+        with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+            async with conn.transaction():
+                await conn.execute(
+                    f"REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA {quote_ident(schema)} FROM PUBLIC"
+                )

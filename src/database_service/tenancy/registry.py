@@ -35,10 +35,16 @@ class TenantRecord:
     role_secret: str
     limits: TenantLimits
     created_at: datetime
+    user_role_name: str | None = None  # the user-scoped login (control migration 0004)
 
     @property
     def active(self) -> bool:
         return self.status == "active"
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The tenant's login roles, the company-wide one first."""
+        return (self.role_name, *([self.user_role_name] if self.user_role_name else []))
 
     def public_dict(self) -> dict[str, Any]:
         """What an admin may see (never the secret)."""
@@ -74,6 +80,7 @@ class TenantRegistry:
             role_secret=row["role_secret"],
             limits=TenantLimits(row["connection_limit"], row["statement_timeout_ms"]),
             created_at=row["created_at"],
+            user_role_name=row["user_role_name"],
         )
 
     async def find(self, tenant_id: str) -> TenantRecord | None:

@@ -73,19 +73,26 @@ def scram_sha256_verifier(password: str, *, iterations: int = 4096) -> str:
 
 
 class TenantLogins:
-    """A tenant's pool login, with its secret opened once per sealed value.
+    """A tenant's pool logins, with its secret opened once per sealed value.
 
     Opening the sealed secret costs ~50 µs; the cache is keyed by the sealed value, so a
-    rotated secret is picked up on the next lookup."""
+    rotated secret is picked up on the next lookup. ``user_scoped`` picks the login whose
+    sessions see user-level rows only through a user id the service signs (migration 0004)."""
 
     def __init__(self, box: SecretBox) -> None:
         self._box = box
-        self._cache: dict[str, tuple[str, TenantLogin]] = {}
+        self._cache: dict[tuple[str, bool], tuple[str, str, TenantLogin]] = {}
 
-    def login(self, tenant: TenantRecord) -> TenantLogin:
-        cached = self._cache.get(tenant.tenant_id)
-        if cached is not None and cached[0] == tenant.role_secret:
-            return cached[1]
-        login = TenantLogin(tenant.tenant_id, tenant.role_name, self._box.open(tenant.role_secret))
-        self._cache[tenant.tenant_id] = (tenant.role_secret, login)
+    def login(self, tenant: TenantRecord, *, user_scoped: bool = False) -> TenantLogin:
+        role = tenant.user_role_name if user_scoped else tenant.role_name
+        if role is None:
+            raise ValueError(f"tenant {tenant.tenant_id!r} has no user-scoped login yet")
+        key = (tenant.tenant_id, user_scoped)
+        cached = self._cache.get(key)
+        if cached is not None and cached[:2] == (tenant.role_secret, role):
+            return cached[2]
+        login = TenantLogin(
+            tenant.tenant_id, role, self._box.open(tenant.role_secret), user_scoped=user_scoped
+        )
+        self._cache[key] = (tenant.role_secret, role, login)
         return login

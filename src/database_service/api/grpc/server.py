@@ -1,26 +1,53 @@
 """The gRPC server: DatabaseService, the standard health service and reflection, with message
-size limits, a cap on concurrent streams, keepalive and a graceful drain on shutdown."""
+size limits, a cap on concurrent streams, keepalive and a graceful drain on shutdown.
+
+DatabaseService is registered from its descriptor with *tolerant* request deserializers: bytes
+that do not decode become ``Undecodable``, which the servicer answers INVALID_ARGUMENT (a raising
+deserializer would end the call INTERNAL before any of our code runs)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from database_service.api.grpc.servicer import Servicer
+from database_service.api.grpc.servicer import Servicer, tolerant
 from database_service.app import Application
 from database_service_client._proto import database_service_pb2
-from database_service_client._proto.database_service_pb2_grpc import (
-    add_DatabaseServiceServicer_to_server,
-)
 
-__all__ = ["GrpcServer"]
+__all__ = ["GrpcServer", "add_servicer"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = database_service_pb2.DESCRIPTOR.services_by_name["DatabaseService"].full_name
+_SERVICE = database_service_pb2.DESCRIPTOR.services_by_name["DatabaseService"]
+SERVICE_NAME = _SERVICE.full_name
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_servicer(servicer: Servicer, server: grpc.aio.Server) -> None:
+    """Like the generated ``add_DatabaseServiceServicer_to_server``, every method of the service
+    descriptor, but each request deserializer returns ``Undecodable`` instead of raising."""
+    handlers: dict[str, Any] = {}
+    for method in _SERVICE.methods:
+        request = getattr(database_service_pb2, method.input_type.name)
+        response = getattr(database_service_pb2, method.output_type.name)
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant(request.FromString, method.input_type.full_name),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class GrpcServer:
@@ -45,9 +72,7 @@ class GrpcServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ]
         )
-        add_DatabaseServiceServicer_to_server(
-            Servicer(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server
-        )
+        add_servicer(Servicer(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -1,16 +1,18 @@
-"""ASGI middleware: request size limit, and request metrics for every route."""
+"""ASGI middleware: request size limit, request metrics for every route, and the last resort for
+exceptions no handler answered."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from database_service.observability import Metrics, RequestWindow
 
-__all__ = ["BodyLimit", "RequestMetrics"]
+__all__ = ["BodyLimit", "InternalErrors", "RequestMetrics"]
 
 
 async def _send_error(send: Send, status: int, code: str, message: str) -> None:
@@ -74,6 +76,40 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class InternalErrors:
+    """The last resort, inside the metrics middleware: an exception no handler answered becomes
+    the documented ``500 {"error": {"code": "internal", ...}}`` (its text stays in the log), after
+    ``on_error`` has logged, counted and audited it. Starlette's own last resort would answer
+    plain text and re-raise into the server."""
+
+    def __init__(
+        self, app: ASGIApp, on_error: Callable[[Scope, Exception], Awaitable[None]]
+    ) -> None:
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            scope.setdefault("state", {})["error_code"] = "internal"
+            await self.on_error(scope, exc)
+            if started:  # too late for an error response: let the server close the stream
+                raise
+            await _send_error(send, 500, "internal", "internal error: the service logged it")
+
+
 class RequestMetrics:
     def __init__(self, app: ASGIApp, metrics: Metrics, window: RequestWindow) -> None:
         self.app = app
@@ -105,4 +141,7 @@ class RequestMetrics:
             self.metrics.requests.labels("http", operation, code).inc()
             self.metrics.request_seconds.labels("http", operation).observe(elapsed)
             if operation not in {"/metrics", "/api/v1/health"}:
-                self.window.record(elapsed, status < 500)  # 4xx are the caller's errors
+                # 4xx are the caller's errors. The tenant is set by the route once it has
+                # checked that the caller may act for it, so nobody adds to another's figures.
+                tenant = scope.get("state", {}).get("tenant_id")
+                self.window.record(elapsed, status < 500, tenant)

@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 
 from database_service.postgres.pools import Connection
-from database_service.tenancy.ids import TenantNames, quote_ident
+from database_service.tenancy.ids import TenantNames, quote_ident, quote_literal
 
 __all__ = [
     "Migration",
@@ -39,6 +39,41 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK_KEY = 0x646273766D6967
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+# What PostgreSQL grants every role by default and a tenant must not have, taken away at the
+# database level (only a superuser may change the catalog's privileges; without one, the SQL
+# guard is the only layer for these, and health says so). Idempotent; runs at every start.
+# - Advisory locks are shared by the whole database: a tenant holding the service's lock keys
+#   could stall migrations and maintenance.
+# - Functions that plan and run SQL given as text.
+# - Sizes of any relation, and statistics and activity views: figures about every tenant.
+# set_config stays (drivers call it: asyncpg turns JIT off for type introspection; the guard
+# refuses it in tenant SQL, and no limit relies on a session setting), and so does txid_current
+# (ingestion's staging tables key batches on it, as the tenant).
+_HARDENING = """
+DO $$
+DECLARE f regprocedure; v text;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = 'pg_catalog'::regnamespace AND (
+                   p.proname ~ '^pg_(try_)?advisory'
+                OR p.proname IN ('ts_stat', 'pg_relation_size',
+                                 'pg_total_relation_size', 'pg_table_size', 'pg_indexes_size',
+                                 'pg_database_size', 'pg_tablespace_size', 'pg_current_snapshot',
+                                 'txid_current_snapshot')
+                OR p.proname ~ '_to_xml'
+                OR (p.proname = 'ts_rewrite' AND p.pronargs = 2)) LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+    FOR v IN SELECT c.relname FROM pg_class c
+             WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind = 'v'
+               AND (c.relname ~ '^pg_stat(io)?_' OR c.relname IN ('pg_locks',
+                    'pg_prepared_xacts', 'pg_stats_ext', 'pg_stats_ext_exprs')) LOOP
+        EXECUTE format('REVOKE SELECT ON pg_catalog.%I FROM PUBLIC', v);
+    END LOOP;
+END $$
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +201,21 @@ class Migrator:
         if tenant is not None:
             names["schema"] = quote_ident(tenant.schema)
             names["role"] = quote_ident(tenant.role)
+            names["tenant"] = quote_literal(tenant.tenant_id)
         return names
+
+    async def tenant_names(self, conn: Connection, tenant_id: str) -> TenantNames:
+        """A tenant's names as the control plane records them (they are not derivable)."""
+        row = await conn.fetchrow(
+            f"SELECT tenant_id, schema_name, role_name, user_role_name"
+            f" FROM {quote_ident(self.control_schema)}.tenants WHERE tenant_id = $1",
+            tenant_id,
+        )
+        if row is None:
+            raise KeyError(tenant_id)
+        return TenantNames(
+            row["tenant_id"], row["schema_name"], row["role_name"], row["user_role_name"] or ""
+        )
 
     async def migrate(
         self,
@@ -245,28 +294,15 @@ class Migrator:
         )
         await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         if is_superuser:
-            # Advisory locks are shared by the whole database: a tenant holding the service's
-            # lock keys could stall migrations and maintenance. Only superusers may revoke these.
-            await conn.execute(
-                """
-                DO $$
-                DECLARE f regprocedure;
-                BEGIN
-                    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-                             WHERE p.proname ~ '^pg_(try_)?advisory' LOOP
-                        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
-                    END LOOP;
-                END $$
-                """
-            )
+            await conn.execute(_HARDENING)
 
     async def _migrate_one_tenant(self, conn: Connection, tenant_id: str) -> TenantMigrationResult:
         started = time.perf_counter()
         result = TenantMigrationResult(tenant_id)
-        names = TenantNames.of(tenant_id, self.role_prefix)
         control = quote_ident(self.control_schema)
         try:
             async with conn.transaction():
+                names = await self.tenant_names(conn, tenant_id)
                 applied = {
                     r["version"]
                     for r in await conn.fetch(

@@ -1,0 +1,178 @@
+"""Time limits on tenant sessions, enforced from outside the session.
+
+A tenant's SQL can change its own session's settings (``statement_timeout``, ``lock_timeout``,
+``idle_in_transaction_session_timeout``) in a function body, and PL/pgSQL can even trap the
+``query_canceled`` a timeout raises. So the limits that protect everyone else are kept by the
+service, not by the session:
+
+- each statement (each round trip: a query, a cursor fetch, a COPY) runs under the tenant's
+  statement limit; when it passes, the awaiting task is cancelled, which makes asyncpg send
+  PostgreSQL a cancel request for that backend (over a separate connection, keyed by the
+  backend's secret);
+- the whole session (a transaction, a stream whose reader is slow) runs under the transaction
+  limit, checked by a timer whatever the session is doing;
+- a session whose limit passed is never returned to its pool: its connection is closed, and
+  when its backend is still busy ``grace`` seconds later (a cancel it trapped, a loop that never
+  reads the socket), the owner role terminates it (``pg_terminate_backend``, checked against the
+  backend's pid and role so that nothing else is hit).
+
+An expired session raises ``QueryError`` with SQLSTATE 57014 (query_canceled), which front ends
+report as a deadline exceeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+
+from database_service.errors import QueryError
+
+__all__ = ["Deadlines", "SessionWatch"]
+
+log = logging.getLogger(__name__)
+
+
+class SessionWatch:
+    """The limits of one tenant session on one connection."""
+
+    def __init__(
+        self,
+        owner: Deadlines,
+        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+        role: str,
+        *,
+        statement_seconds: float,
+        total_seconds: float,
+    ) -> None:
+        self._owner = owner
+        self._conn = conn
+        self._role = role
+        self._pid = conn.get_server_pid()
+        self.statement_seconds = statement_seconds
+        self.total_seconds = total_seconds
+        self.expired: str | None = None  # why: "statement" or "transaction"
+        self._closed = False
+        loop = asyncio.get_running_loop()
+        self._total = loop.call_later(total_seconds, self._expire, "transaction")
+
+    @contextlib.asynccontextmanager
+    async def statement(self) -> AsyncIterator[None]:
+        """One round trip under the statement limit (and the session's, if that expired)."""
+        self.check()
+        try:
+            async with asyncio.timeout(self.statement_seconds):
+                yield
+        except TimeoutError:
+            self._expire("statement")
+            raise self.error() from None
+        except asyncpg.QueryCanceledError as exc:
+            if self.expired is None:
+                raise  # canceled by someone else (PostgreSQL's own statement_timeout, a user)
+            raise self.error() from exc
+        except (asyncpg.InterfaceError, OSError) as exc:
+            # The backend was terminated after the session's limit passed.
+            if self.expired is None:
+                raise
+            raise self.error() from exc
+
+    def check(self) -> None:
+        if self.expired is not None:
+            raise self.error()
+
+    def error(self) -> QueryError:
+        if self.expired == "statement":
+            limit, what = self.statement_seconds, "statement"
+        else:
+            limit, what = self.total_seconds, "transaction"
+        return QueryError(
+            f"the {what} exceeded the tenant's limit of {limit * 1000:.0f} ms and was canceled",
+            sqlstate="57014",
+        )
+
+    def _expire(self, why: str) -> None:
+        if self.expired is not None or self._closed:
+            return
+        self.expired = why
+        self._owner.expired(self._pid, self._role, why)
+
+    def close(self) -> None:
+        """End of the session: a connection whose limit passed is closed, never reused."""
+        self._closed = True
+        self._total.cancel()
+        if self.expired is not None:
+            with contextlib.suppress(Exception):
+                self._conn.terminate()
+
+
+class Deadlines:
+    """Starts watches and ends what outlives its limit, through the owner's pool."""
+
+    def __init__(
+        self,
+        owner_pool: asyncpg.Pool,
+        *,
+        grace_seconds: float = 2.0,
+        on_expired: Callable[[str], None] | None = None,
+    ) -> None:
+        self._pool = owner_pool
+        self._grace = grace_seconds
+        self._on_expired = on_expired or (lambda why: None)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.terminated = 0
+
+    def watch(
+        self,
+        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+        role: str,
+        *,
+        statement_seconds: float,
+        total_seconds: float,
+    ) -> SessionWatch:
+        return SessionWatch(
+            self, conn, role, statement_seconds=statement_seconds, total_seconds=total_seconds
+        )
+
+    def expired(self, pid: int, role: str, why: str) -> None:
+        self._on_expired(why)
+        task = asyncio.get_running_loop().create_task(self._end(pid, role, time.time()))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _end(self, pid: int, role: str, since: float) -> None:
+        """Cancel now (for a backend the awaiting task does not own any more, e.g. a stream
+        whose reader stalls); terminate after the grace period if it is still busy."""
+        try:
+            await self._signal("pg_cancel_backend", pid, role, since)
+            await asyncio.sleep(self._grace)
+            if await self._signal("pg_terminate_backend", pid, role, since):
+                self.terminated += 1
+                log.warning("backend %d of a tenant ended: it outlived its time limit", pid)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # PostgreSQL down: nothing left to stop
+            log.warning("could not stop backend %d past its time limit: %s", pid, exc)
+
+    async def _signal(self, function: str, pid: int, role: str, since: float) -> bool:
+        # Only that backend, only while it still runs (or holds a transaction) for that role and
+        # since before the limit passed: a pid reused by another session is left alone.
+        return bool(
+            await self._pool.fetchval(
+                f"SELECT {function}(pid) FROM pg_stat_activity WHERE pid = $1 AND usename = $2"
+                " AND state <> 'idle' AND backend_start <= to_timestamp($3)",
+                pid,
+                role,
+                since,
+            )
+        )
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
