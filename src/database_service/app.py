@@ -283,6 +283,7 @@ class Application:
             writer=IngestWriter(
                 self.pools,
                 shared_schema=s.shared_schema,
+                deadlines=self.deadlines,
                 parallel=min(s.ingest_write_parallelism, s.pool_max_per_tenant),
             ),
             dead_letters=self.dead_letters,

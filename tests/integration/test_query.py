@@ -263,9 +263,12 @@ async def test_result_larger_than_the_cap_is_refused(
 
 
 async def test_pool_per_tenant_is_reported_in_metrics(
-    http: httpx.AsyncClient, headers: dict[str, str], tenant: TenantRecord
+    http: httpx.AsyncClient,
+    headers: dict[str, str],
+    tenant: TenantRecord,
+    admin_headers: dict[str, str],
 ) -> None:
     await run(http, headers, tenant, "SELECT 1")
-    metrics = (await http.get("/metrics")).text
+    metrics = (await http.get("/metrics", headers=admin_headers)).text
     assert f'dbsvc_pool_connections{{tenant="{tenant.tenant_id}"}}' in metrics
     assert 'dbsvc_requests_total{code="ok",front_end="http",operation="/api/v1/query"}' in metrics

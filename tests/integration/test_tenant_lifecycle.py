@@ -85,7 +85,8 @@ async def test_create_over_http_returns_201_then_409(
     body = {"tenant_id": "http_made", "connection_limit": 4}
     first = await http.post("/api/v1/admin/schema/create", json=body, headers=admin_headers)
     assert first.status_code == 201, first.text
-    assert first.json()["schema"] == "tenant_http_made"
+    assert first.json()["schema"].startswith("t_")  # opaque: no customer id in the catalog
+    assert "http_made" not in first.json()["schema"] + first.json()["role"]
     assert "role_secret" not in first.json()
     second = await http.post("/api/v1/admin/schema/create", json=body, headers=admin_headers)
     assert second.status_code == 409
@@ -214,3 +215,42 @@ async def test_tenant_list_shows_limits_but_never_secrets(
     listed = {t["tenant_id"]: t for t in response.json()["tenants"]}
     assert listed[tenant.tenant_id]["status"] == "active"
     assert tenant.role_secret not in response.text
+
+
+async def test_a_tenant_from_before_opaque_names_is_upgraded_at_start(
+    core: Application, new_tenant: TenantFactory, pg_cluster: PgCluster
+) -> None:
+    # Put a tenant back into the old shape: schema tenant_<id>, role <prefix><id>, no user role.
+    tenant = await new_tenant("legacy")
+    control = core.settings.control_schema
+    legacy_schema = f"tenant_{tenant.tenant_id}"
+    legacy_role = f"{core.settings.tenant_role_prefix}{tenant.tenant_id}"
+    await core.pools.close_tenant(tenant.tenant_id)
+    async with core.owner_pool.acquire() as conn, conn.transaction():
+        await conn.execute(f'DROP OWNED BY "{tenant.user_role_name}"')
+        await conn.execute(f'DROP ROLE "{tenant.user_role_name}"')
+        await conn.execute(f'ALTER SCHEMA "{tenant.schema_name}" RENAME TO "{legacy_schema}"')
+        await conn.execute(f'ALTER ROLE "{tenant.role_name}" RENAME TO "{legacy_role}"')
+        await conn.execute(
+            f"UPDATE {control}.tenants SET schema_name = $2, role_name = $3,"
+            " user_role_name = NULL WHERE tenant_id = $1",
+            tenant.tenant_id,
+            legacy_schema,
+            legacy_role,
+        )
+        await conn.execute(f"INSERT INTO {legacy_schema}.users VALUES ('kept', 'kept@x', 'pro')")
+    core.registry.invalidate(tenant.tenant_id)
+
+    assert tenant.tenant_id in await core.tenants.upgrade()
+    assert await core.tenants.upgrade() == []  # idempotent
+
+    upgraded = await core.registry.get(tenant.tenant_id)
+    assert upgraded.schema_name.startswith("t_") and tenant.tenant_id not in upgraded.schema_name
+    assert tenant.tenant_id not in upgraded.role_name and upgraded.user_role_name
+    password = core.secret_box.open(upgraded.role_secret)
+    for role in upgraded.roles:
+        conn = await asyncpg.connect(pg_cluster.dsn, user=role, password=password)
+        try:
+            assert await conn.fetchval("SELECT email FROM users") == "kept@x"
+        finally:
+            await conn.close()

@@ -157,7 +157,7 @@ SQLSTATES = {
 async def test_sqlstates_a_statement_causes_are_the_callers_errors(
     front_end: FrontEnd, state: str
 ) -> None:
-    sql, code, status = SQLSTATES[state]
+    sql, code, _status = SQLSTATES[state]
     outcome = await front_end.run(sql)
     assert not outcome.ok and not outcome.server_error, outcome
     if outcome.sqlstate == state:

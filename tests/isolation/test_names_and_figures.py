@@ -31,7 +31,7 @@ ROSTER = {
     "existence by to_regnamespace": "SELECT to_regnamespace('{b}')",
     "existence by to_regrole": "SELECT to_regrole('{b_role}')",
     "existence by a cast": "SELECT '{b}.users'::regclass",
-    "existence by a quoted cast": "SELECT '\"{b}\".\"users\"'::regclass",
+    "existence by a quoted cast": 'SELECT \'"{b}"."users"\'::regclass',
     "existence by nextval": "SELECT nextval('{b}._market_data_id_seq')",
     "existence by currval": "SELECT currval('\"{b}\"._market_data_id_seq')",
     "existence by a parameter": "SELECT nextval($1)",

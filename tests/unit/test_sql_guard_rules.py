@@ -417,7 +417,7 @@ def test_a_large_statement_is_classified_in_a_worker_process() -> None:
         return small, verdict, pid, info.value
 
     try:
-        small, verdict, pid, error = asyncio.run(run())
+        _small, verdict, pid, error = asyncio.run(run())
     finally:
         guard.close()
     assert pid != os.getpid()

@@ -399,7 +399,10 @@ class IngestPipeline:
                     outcome.rejected.extend(_reject_all(work, exc))
                     return
                 result = await self._writer.store(
-                    self._logins.login(tenant), tenant.schema_name, work
+                    self._logins.login(tenant),
+                    tenant.schema_name,
+                    work,
+                    limit_seconds=tenant.limits.statement_timeout_ms / 1000,
                 )
                 outcome.stored += result.stored
                 outcome.duplicates += result.duplicates

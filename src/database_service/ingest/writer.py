@@ -16,6 +16,7 @@ returned as rejected while every other record is stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from database_service.errors import (
 )
 from database_service.ingest.records import PREDICTION_COLUMNS, TICK_COLUMNS, TenantWork
 from database_service.postgres import Connection, TenantLogin, TenantPools
+from database_service.postgres.deadlines import Deadlines
 from database_service.query.boundary import postgres_errors
 from database_service.tenancy import quote_ident
 
@@ -41,8 +43,13 @@ log = logging.getLogger(__name__)
 # transaction rollback (40: serialization, deadlock), object in use (55), system error (58),
 # authorization (28: a role mid-suspension; the tenant check sorts it out on the next round).
 _TRANSIENT_CLASSES = frozenset({"08", "28", "40", "53", "55", "57", "58"})
-# Errors about the statement, not a row: every record of the unit would fail the same way.
-_STATEMENT_ERRORS = frozenset({"42P01", "42703", "3F000", "42883", "42804"})
+# ...but not a statement canceled at the tenant's time limit (57014): the same unit would run
+# as long again (a tenant's trigger on its own table can loop), and retrying it without end
+# would stop ingestion for every tenant.
+_NOT_TRANSIENT = frozenset({"57014"})
+# Errors about the statement, not a row: every record of the unit would fail the same way (and
+# halving a unit that runs into the time limit would only run into it again and again).
+_STATEMENT_ERRORS = frozenset({"42P01", "42703", "3F000", "42883", "42804", "57014"})
 
 
 def is_transient(exc: DatabaseServiceError) -> bool:
@@ -51,6 +58,7 @@ def is_transient(exc: DatabaseServiceError) -> bool:
     return (
         isinstance(exc, QueryError)
         and exc.sqlstate is not None
+        and exc.sqlstate not in _NOT_TRANSIENT
         and exc.sqlstate[:2] in _TRANSIENT_CLASSES
     )
 
@@ -107,15 +115,27 @@ def _inserted(status: str) -> int:
 
 
 class IngestWriter:
+    """Writes as the tenant, under the tenant's time limit enforced from outside the session
+    (``deadlines``): a tenant's trigger on its own table cannot hold ingestion up for others."""
+
     def __init__(
-        self, pools: TenantPools, *, shared_schema: str, parallel: int = 2, min_part: int = 5000
+        self,
+        pools: TenantPools,
+        *,
+        shared_schema: str,
+        deadlines: Deadlines | None = None,
+        parallel: int = 2,
+        min_part: int = 5000,
     ) -> None:
         self._pools = pools
         self._shared = quote_ident(shared_schema)
+        self._deadlines = deadlines
         self._parallel = parallel
         self._min_part = min_part
 
-    async def store(self, login: TenantLogin, schema: str, work: TenantWork) -> StoreResult:
+    async def store(
+        self, login: TenantLogin, schema: str, work: TenantWork, *, limit_seconds: float = 30.0
+    ) -> StoreResult:
         """Store a tenant's records. Raises only transient errors (retry the whole call).
 
         A large batch is cut into ``parallel`` parts written as concurrent transactions on the
@@ -133,34 +153,43 @@ class IngestWriter:
         ]
         units = [u for u in units if u.keys]
         parts = _split(units, self._parallel, self._min_part)
-        results = await asyncio.gather(*(self._part(login, schema, p) for p in parts))
+        results = await asyncio.gather(
+            *(self._part(login, schema, p, limit_seconds) for p in parts)
+        )
         result = results[0]
         for other in results[1:]:
             result.merge(other)
         return result
 
-    async def _part(self, login: TenantLogin, schema: str, units: list[_Unit]) -> StoreResult:
+    async def _part(
+        self, login: TenantLogin, schema: str, units: list[_Unit], limit: float
+    ) -> StoreResult:
         result = StoreResult()
         try:
             # The common case: the whole part in one transaction.
-            written = await self._transaction(login, schema, units)
+            written = await self._transaction(login, schema, units, limit)
         except DatabaseServiceError as exc:
             if is_transient(exc):
                 raise
+            if len(units) == 1 and exc.sqlstate in _STATEMENT_ERRORS:
+                # The unit would fail the same way again: no second try (at the time limit,
+                # that would be a second wait).
+                result.rejected.extend((key, exc) for key in units[0].keys)
+                return result
             log.info("tenant %s: batch refused (%s); isolating bad records", login.tenant_id, exc)
         else:
             for unit, count in zip(units, written, strict=True):
                 result.add(len(unit.keys), count)
             return result
         for unit in units:
-            await self._isolate(login, schema, unit, result)
+            await self._isolate(login, schema, unit, result, limit)
         return result
 
     async def _isolate(
-        self, login: TenantLogin, schema: str, unit: _Unit, result: StoreResult
+        self, login: TenantLogin, schema: str, unit: _Unit, result: StoreResult, limit: float
     ) -> None:
         try:
-            (written,) = await self._transaction(login, schema, [unit])
+            (written,) = await self._transaction(login, schema, [unit], limit)
         except DatabaseServiceError as exc:
             if is_transient(exc):
                 raise
@@ -173,18 +202,39 @@ class IngestWriter:
                 (unit.keys[half:], unit.values[half:]),
             ):
                 await self._isolate(
-                    login, schema, _Unit(unit.kind, unit.table, keys, values), result
+                    login, schema, _Unit(unit.kind, unit.table, keys, values), result, limit
                 )
             return
         result.add(len(unit.keys), written)
 
     async def _transaction(
-        self, login: TenantLogin, schema: str, units: Sequence[_Unit]
+        self, login: TenantLogin, schema: str, units: Sequence[_Unit], limit: float
     ) -> list[int]:
         try:
             with postgres_errors(login.tenant_id):
-                async with self._pools.acquire(login) as conn, conn.transaction():
-                    return [await self._unit(conn, schema, unit) for unit in units]
+                async with self._pools.acquire(login) as conn:
+                    if self._deadlines is None:
+                        async with conn.transaction():
+                            return [await self._unit(conn, schema, unit) for unit in units]
+                    # The whole transaction under the tenant's limit; past it the connection is
+                    # closed (not rolled back over a statement that may still run).
+                    watch = self._deadlines.watch(
+                        conn, login.role, statement_seconds=limit, total_seconds=limit
+                    )
+                    tx = conn.transaction()
+                    try:
+                        async with watch.statement():
+                            await tx.start()
+                            written = [await self._unit(conn, schema, unit) for unit in units]
+                            await tx.commit()
+                        return written
+                    except BaseException:
+                        if watch.expired is None and not conn.is_closed():
+                            with contextlib.suppress(Exception):
+                                await tx.rollback()
+                        raise
+                    finally:
+                        watch.close()
         except (ValueError, TypeError, OverflowError) as exc:  # a value asyncpg cannot encode
             raise InvalidParameters(f"a record has a value of the wrong type: {exc}") from exc
 

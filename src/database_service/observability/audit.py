@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from database_service.errors import postgres_unreachable
+from database_service.errors import DatabaseServiceError, postgres_unreachable
 from database_service.observability.metrics import Metrics
 
 __all__ = ["AuditEvent", "AuditLog"]
@@ -84,6 +84,26 @@ class AuditLog:
     @property
     def queued(self) -> int:
         return self._queue.qsize()
+
+    async def denied(
+        self,
+        service: str | None,
+        tenant_id: str | None,
+        action: str,
+        exc: DatabaseServiceError,
+    ) -> None:
+        """Count and record a refusal (every front end's denials go through here)."""
+        self._metrics.denials.labels(exc.error_code).inc()
+        await self.record(
+            AuditEvent(
+                service=service,
+                tenant_id=tenant_id,
+                action=action,
+                outcome="denied",
+                code=exc.error_code,
+                detail=exc.message[:500],
+            )
+        )
 
     async def record(self, event: AuditEvent) -> None:
         await self._queue.put(event)

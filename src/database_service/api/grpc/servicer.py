@@ -239,17 +239,8 @@ class Servicer(DatabaseServiceServicer):
         exc: DatabaseServiceError,
     ) -> None:
         """Count and audit a refusal (the caller raises it)."""
-        self.core.metrics.denials.labels(exc.error_code).inc()
-        await self.core.audit.record(
-            AuditEvent(
-                service=principal.service if principal else None,
-                tenant_id=tenant_id,
-                action=action,
-                outcome="denied",
-                code=exc.error_code,
-                detail=exc.message[:500],
-            )
-        )
+        service = principal.service if principal else None
+        await self.core.audit.denied(service, tenant_id, action, exc)
 
     async def _require(
         self, principal: Principal, scope: Scope, action: str, tenant_id: str | None = None

@@ -169,17 +169,7 @@ def create_http_app(core: Application) -> FastAPI:
     async def _audit_denial(
         principal: Principal | None, tenant_id: str | None, action: str, exc: DatabaseServiceError
     ) -> None:
-        core.metrics.denials.labels(exc.error_code).inc()
-        await core.audit.record(
-            AuditEvent(
-                service=principal.service if principal else None,
-                tenant_id=tenant_id,
-                action=action,
-                outcome="denied",
-                code=exc.error_code,
-                detail=exc.message[:500],
-            )
-        )
+        await core.audit.denied(principal.service if principal else None, tenant_id, action, exc)
 
     async def require(
         principal: Principal, scope: Scope, action: str, tenant_id: str | None = None
