@@ -16,6 +16,15 @@ from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from database_service.application import (
+    Access,
+    DeadLetterAdmin,
+    Observability,
+    PartitionAdmin,
+    ServiceAdmin,
+    TenantAdmin,
+    TimeSeries,
+)
 from database_service.auth import Authenticator, ServiceDirectory, TokenCodec
 from database_service.config import Settings
 from database_service.ingest import (
@@ -241,7 +250,6 @@ class Application:
             ],
         )
         stack.callback(self.guard.close)
-        await self.guard.start_worker()
         self.deadlines = Deadlines(
             self.owner_pool,
             grace_seconds=s.session_kill_grace_seconds,
@@ -335,6 +343,38 @@ class Application:
             data_dir=s.data_dir,
             count_active_tenants=self.registry.count_active,
         )
+        self._use_cases()
+
+    def _use_cases(self) -> None:
+        """The application layer front ends call (each use case authorizes and audits itself);
+        front ends reach nothing else of the core but the query executor and the settings."""
+        s = self.settings
+        self.access = Access(self.audit)
+        self.tenant_admin = TenantAdmin(
+            self.access, self.tenants, self.registry, self.migrator, self.owner_pool
+        )
+        self.service_admin = ServiceAdmin(
+            self.access,
+            self.services,
+            self.tokens,
+            self.authenticator,
+            default_ttl_seconds=s.token_default_ttl_seconds,
+        )
+        self.partition_admin = PartitionAdmin(
+            self.access, self.partitions, self.registry, shared_schema=s.shared_schema
+        )
+        self.timeseries = TimeSeries(self.executor, shared_schema=s.shared_schema)
+        self.observability = Observability(
+            self.access,
+            health=self.health,
+            window=self.window,
+            pools=self.pools,
+            metrics=self.metrics,
+            audit=self.audit,
+            owner_pool=self.owner_pool,
+            control_schema=s.control_schema,
+        )
+        self.dead_letter_admin = DeadLetterAdmin(self.access, self.dead_letters, self.ingest)
 
     async def _start_consumers(self, nats_url: str | None, probes: list[DependencyProbe]) -> None:
         s = self.settings

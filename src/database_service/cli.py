@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
 import random
@@ -23,10 +24,10 @@ import uvicorn
 import uvloop
 
 from database_service.app import Application
-from database_service.auth import ALL_TENANTS, parse_scopes
+from database_service.auth import ALL_TENANTS
+from database_service.auth.tokens import everything
 from database_service.config import ConfigError, Settings
-from database_service.errors import DatabaseServiceError
-from database_service.tenancy import TenantLimits
+from database_service.errors import DatabaseServiceError, NotFound
 from database_service.tenancy.migrations import MigrationProgress
 
 __all__ = ["main"]
@@ -53,6 +54,9 @@ async def _serve(settings: Settings) -> int:
     from database_service.api.http.app import create_http_app  # noqa: PLC0415
 
     async with Application(settings) as core, GrpcServer(core) as grpc_server:
+        # The guard's worker (large statements are parsed there) starts now, not on the first
+        # large statement; admin commands never need it.
+        await core.guard.start_worker()
         http = create_http_app(core)
         config = uvicorn.Config(
             http,
@@ -237,66 +241,79 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         print("dead-letters replay: give IDs or --all-pending, not both", file=sys.stderr)
         return 2
 
+    # The operator at this machine holds the data directory and the master key: a platform
+    # administrator, named in the audit trail like any other caller.
+    operator = everything(service=f"cli:{getpass.getuser()}")
+
     async def tenant(core: Application) -> int:
+        admin = core.tenant_admin
         if args.action == "create":
-            d = core.tenants.default_limits
-            limits = TenantLimits(
-                args.connection_limit or d.connection_limit,
-                args.statement_timeout_ms or d.statement_timeout_ms,
+            record = await admin.create(
+                operator,
+                args.tenant_id,
+                connection_limit=args.connection_limit,
+                statement_timeout_ms=args.statement_timeout_ms,
             )
-            _print((await core.tenants.create(args.tenant_id, limits)).public_dict())
+            _print(record.public_dict())
         elif args.action == "list":
-            _print([r.public_dict() for r in await core.registry.list()])
+            _print([r.public_dict() for r in await admin.list(operator)])
         elif args.action == "suspend":
-            _print((await core.tenants.suspend(args.tenant_id)).public_dict())
+            _print((await admin.suspend(operator, args.tenant_id)).public_dict())
         elif args.action == "resume":
-            _print((await core.tenants.resume(args.tenant_id)).public_dict())
+            _print((await admin.resume(operator, args.tenant_id)).public_dict())
         elif args.action == "delete":
-            await core.tenants.delete(args.tenant_id, confirm=args.confirm)
+            await admin.delete(operator, args.tenant_id, confirm=args.confirm)
             _print({"tenant_id": args.tenant_id, "deleted": True})
         return 0
 
     async def service(core: Application) -> int:
+        admin = core.service_admin
         if args.action == "create":
-            identity, secret = await core.services.register(
-                args.name, tenants=_split(args.tenants), scopes=parse_scopes(args.scopes)
+            identity, secret = await admin.create(
+                operator, args.name, tenants=_split(args.tenants), scopes=args.scopes
             )
             _print({**identity.public_dict(), "secret": secret})
         elif args.action == "list":
-            _print([s.public_dict() for s in await core.services.list()])
+            _print([s.public_dict() for s in await admin.list(operator)])
         else:
-            await core.services.set_active(args.name, args.action == "enable")
+            await admin.set_active(operator, args.name, args.action == "enable")
             _print({"service": args.name, "status": f"{args.action}d"})
         return 0
 
     async def token(core: Application) -> int:
-        identity = await core.services.find(args.service)
-        if identity is None:
-            if not args.register:
-                print(
-                    f"service {args.service!r} does not exist; create it with 'service create' "
-                    "or pass --register with --tenants and --scopes",
-                    file=sys.stderr,
-                )
-                return 2
+        if args.register and not any(
+            s.name == args.service for s in await core.service_admin.list(operator)
+        ):
             if not args.tenants or not args.scopes:
                 print("--register needs --tenants and --scopes", file=sys.stderr)
                 return 2
-            identity, _ = await core.services.register(
+            await core.service_admin.create(
+                operator,
                 args.service,
                 tenants=_split(args.tenants),
-                scopes=parse_scopes(args.scopes),
+                scopes=args.scopes,
                 with_secret=False,
             )
-        tenants = _split(args.tenants) if args.tenants else sorted(identity.tenants)
-        scopes = parse_scopes(args.scopes) if args.scopes else identity.scopes
-        ttl = args.ttl or settings.token_default_ttl_seconds
-        print(core.tokens.issue(identity.name, tenants=tenants, scopes=scopes, ttl_seconds=ttl))
+        try:
+            issued = await core.service_admin.issue_token(
+                operator,
+                args.service,
+                tenants=_split(args.tenants) if args.tenants else None,
+                scopes=args.scopes,
+                ttl_seconds=args.ttl,
+            )
+        except NotFound:
+            print(
+                f"service {args.service!r} does not exist; create it with 'service create' "
+                "or pass --register with --tenants and --scopes",
+                file=sys.stderr,
+            )
+            return 2
+        print(issued.token)
         return 0
 
     async def migrate(core: Application) -> int:
-        async with core.owner_pool.acquire() as conn:
-            report = await core.migrator.migrate(conn, tenant_ids=args.tenants, progress=_progress)
+        report = await core.tenant_admin.migrate(operator, args.tenants, progress=_progress)
         print(
             f"control plane: {len(report.control_applied)} applied; tenants: "
             f"{len(report.tenants) - len(report.failed)} ok, {len(report.failed)} failed"
@@ -304,13 +321,14 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 1 if report.failed else 0
 
     async def dead_letters(core: Application) -> int:
+        admin = core.dead_letter_admin
         if args.action == "list":
-            letters = await core.dead_letters.list(
-                tenant_id=args.tenant, pending_only=not args.all, limit=args.limit
+            letters = await admin.list(
+                operator, tenant_id=args.tenant, pending_only=not args.all, limit=args.limit
             )
             _print([letter.public_dict() for letter in letters])
             return 0
-        report = await core.ingest.replay(args.ids or None, tenant_id=args.tenant)
+        report = await admin.replay(operator, args.ids or None, tenant_id=args.tenant)
         _print(report.to_dict())
         if report.refused:
             print(

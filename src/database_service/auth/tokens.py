@@ -106,8 +106,6 @@ def verify_secret(secret: str, stored: str) -> bool:
     return hmac.compare_digest(candidate, bytes.fromhex(digest))
 
 
-def everything() -> Principal:
-    """The bootstrap administrator: every tenant, every scope."""
-    return Principal(
-        service="bootstrap-admin", tenants=frozenset({ALL_TENANTS}), scopes=frozenset(Scope)
-    )
+def everything(service: str = "bootstrap-admin") -> Principal:
+    """The bootstrap administrator (or the operator at the CLI): every tenant, every scope."""
+    return Principal(service=service, tenants=frozenset({ALL_TENANTS}), scopes=frozenset(Scope))

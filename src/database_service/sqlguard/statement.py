@@ -35,8 +35,10 @@ import asyncio
 import enum
 import json
 import multiprocessing
+import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -831,6 +833,16 @@ def _start_worker(max_bytes: int, max_tokens: int, catalog: frozenset[str]) -> N
     _worker_guard = SqlGuard(
         max_sql_bytes=max_bytes, max_sql_tokens=max_tokens, catalog_functions=catalog
     )
+    # A service killed outright (SIGKILL, OOM) cannot shut its worker down: the worker leaves
+    # by itself when its parent is gone.
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=orphaned, name="sqlguard-parent", daemon=True).start()
 
 
 def _classify_in_worker(

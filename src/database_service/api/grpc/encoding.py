@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from database_service.query import Column as ResultColumn
-from database_service_client._proto.database_service_pb2 import Column, RowChunk, Value
+from database_service.query import Header, Summary
+from database_service_client._proto.database_service_pb2 import (
+    Column,
+    ResultHeader,
+    ResultSummary,
+    RowChunk,
+    Value,
+)
 from database_service_client.values import to_value
 
-__all__ = ["Encoder", "chunk_rows", "columns_message", "encoders_for"]
+__all__ = ["Encoder", "chunk_rows", "columns_message", "encoders_for", "result_messages"]
+
+T = TypeVar("T")
 
 Add = Callable[..., Value]
 Encoder = Callable[[Add, Any], object]
@@ -100,3 +109,37 @@ def chunk_rows(
             size = 0
     if size:
         yield chunk
+
+
+def result_messages(
+    events: AsyncIterator[Header | Sequence[Any] | Summary],
+    message: Callable[..., T],
+    max_chunk_bytes: int,
+) -> AsyncIterator[T]:
+    """Streamed result events as messages of about ``max_chunk_bytes``: the header rides with
+    the first rows and the summary with the last, so a small result is a single message."""
+
+    async def messages() -> AsyncIterator[T]:
+        encoders: list[Encoder] = []
+        header: ResultHeader | None = None
+        pending: RowChunk | None = None
+        async for event in events:
+            if isinstance(event, Header):
+                encoders = encoders_for(event.columns)
+                header = ResultHeader(columns=columns_message(event.columns))
+            elif isinstance(event, Summary):
+                summary = ResultSummary(
+                    row_count=event.row_count,
+                    command=event.command,
+                    duration_ms=event.duration_ms,
+                    statement_class=event.kind.value,
+                )
+                yield message(header=header, rows=pending, summary=summary)
+            else:
+                for chunk in chunk_rows(event, encoders, max_chunk_bytes):
+                    if pending is not None:
+                        yield message(header=header, rows=pending)
+                        header = None
+                    pending = chunk
+
+    return messages()

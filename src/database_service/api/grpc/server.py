@@ -14,7 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from database_service.api.grpc.servicer import Servicer, tolerant
+from database_service.api.grpc.calls import tolerant
+from database_service.api.grpc.database_service import DatabaseService
 from database_service.app import Application
 from database_service_client._proto import database_service_pb2
 
@@ -33,7 +34,7 @@ _HANDLER_KINDS = {
 }
 
 
-def add_servicer(servicer: Servicer, server: grpc.aio.Server) -> None:
+def add_servicer(servicer: DatabaseService, server: grpc.aio.Server) -> None:
     """Like the generated ``add_DatabaseServiceServicer_to_server``, every method of the service
     descriptor, but each request deserializer returns ``Undecodable`` instead of raising."""
     handlers: dict[str, Any] = {}
@@ -72,7 +73,7 @@ class GrpcServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ]
         )
-        add_servicer(Servicer(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
+        add_servicer(DatabaseService(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

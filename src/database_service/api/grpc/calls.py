@@ -1,0 +1,251 @@
+"""What every RPC shares: who is calling, for which tenant, and how the call ends.
+
+``rpc`` wraps each RPC: a request whose bytes did not decode (``Undecodable``, from the
+deserializers ``server.py`` installs) is ``INVALID_ARGUMENT`` / ``invalid_request``; a service
+error leaves with its status; PostgreSQL unreachable on a path without its own translation is
+``UNAVAILABLE``; anything else is a bug, logged with its traceback, counted, audited and answered
+``INTERNAL`` / ``internal`` without its text. Every call is counted and timed, and counted in the
+tenant's figures once the caller may act for that tenant.
+
+Metadata: ``authorization: Bearer <token>``, ``x-tenant-id``, optional ``x-user-id``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from database_service.api.grpc.status import abort_with
+from database_service.auth import Principal
+from database_service.errors import (
+    DatabaseServiceError,
+    InvalidRequest,
+    Unauthenticated,
+    Unavailable,
+    escaped_driver_error,
+    unavailable,
+)
+from database_service.observability import AuditEvent
+from database_service.query import TenantContext
+from database_service.tenancy import validate_tenant_id
+
+if TYPE_CHECKING:
+    from database_service.app import Application
+
+__all__ = ["Caller", "Undecodable", "rpc", "tolerant"]
+
+log = logging.getLogger(__name__)
+
+_SERVER_ERRORS = {"internal", "database_error", "unavailable", "connection_exception"}
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a request deserializer returns for bytes that are not the request message (invalid
+    UTF-8 in a string field, a truncated varint, ...): ``rpc`` answers it INVALID_ARGUMENT.
+    Raising in the deserializer instead would end the call as INTERNAL, unaudited."""
+
+    message_type: str
+    reason: str
+
+
+def tolerant(parse: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
+    """A request deserializer that returns ``Undecodable`` instead of raising."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except (DecodeError, UnicodeDecodeError) as exc:
+            return Undecodable(message_type, str(exc))
+
+    return deserialize
+
+
+@dataclass(slots=True)
+class _Call:
+    """What is known about the current call, for the audit row and the tenant's figures."""
+
+    action: str = "grpc"
+    service: str | None = None
+    tenant_id: str | None = None  # set once the caller may act for it
+
+
+_CALL: ContextVar[_Call] = ContextVar("dbsvc_grpc_call")
+
+
+def _call() -> _Call:
+    call = _CALL.get(None)
+    if call is None:  # called outside rpc
+        call = _Call()
+        _CALL.set(call)
+    return call
+
+
+class Caller:
+    """Reads the caller from a call's metadata through the core's authenticator."""
+
+    def __init__(self, core: Application) -> None:
+        self.core = core
+
+    async def principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        authorization = _metadata(context).get("authorization")
+        call = _call()
+        try:
+            principal = await self.core.authenticator.authenticate(
+                authorization if isinstance(authorization, str) else None
+            )
+        except Unauthenticated as exc:  # not Unavailable: PostgreSQL being down denies no one
+            await self.core.access.denied(None, None, call.action, exc)
+            raise
+        call.service = principal.service
+        return principal
+
+    async def optional_principal(self, context: grpc.aio.ServicerContext) -> Principal | None:
+        """The caller when it sent credentials (bad ones are refused), else None."""
+        if _metadata(context).get("authorization") is None:
+            return None
+        try:
+            return await self.principal(context)
+        except Unavailable:
+            return None  # PostgreSQL is down: answer what anyone may see
+
+    @staticmethod
+    def tenant_header(context: grpc.aio.ServicerContext) -> str | None:
+        tenant_id = _metadata(context).get("x-tenant-id")
+        return tenant_id if isinstance(tenant_id, str) and tenant_id else None
+
+    @staticmethod
+    def acting_for(principal: Principal, tenant_id: str) -> None:
+        """Count this call in the tenant's figures, once the caller may act for it."""
+        if principal.can_act_for(tenant_id):
+            _call().tenant_id = tenant_id
+
+    async def tenant(self, context: grpc.aio.ServicerContext) -> tuple[Principal, TenantContext]:
+        """The caller and the tenant (and user) it names."""
+        principal = await self.principal(context)
+        tenant_id = self.tenant_header(context)
+        if tenant_id is None:
+            raise InvalidRequest("the x-tenant-id metadata is required")
+        user_id = _metadata(context).get("x-user-id")
+        ctx = TenantContext(
+            validate_tenant_id(tenant_id), user_id if isinstance(user_id, str) else None
+        )
+        self.acting_for(principal, ctx.tenant_id)
+        return principal, ctx
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, Any]:
+    return dict(context.invocation_metadata() or ())
+
+
+class _Servicer:
+    """What ``rpc`` needs of the servicer it wraps."""
+
+    core: Application
+
+
+def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Count, time and translate errors for one RPC, unary or streaming."""
+    name = handler.__name__
+    action = f"grpc.{name}"
+
+    def record(servicer: _Servicer, started: float, code: str, call: _Call) -> None:
+        metrics = servicer.core.metrics
+        elapsed = time.perf_counter() - started
+        metrics.requests.labels("grpc", name, code).inc()
+        metrics.request_seconds.labels("grpc", name).observe(elapsed)
+        if code != "ok":
+            metrics.errors.labels(code).inc()
+        servicer.core.window.record(elapsed, code not in _SERVER_ERRORS, call.tenant_id)
+
+    async def undecodable(servicer: _Servicer, request: Undecodable) -> InvalidRequest:
+        exc = InvalidRequest(
+            f"invalid request: not a valid {request.message_type} message ({request.reason})"
+        )
+        await servicer.core.access.denied(None, None, action, exc)
+        return exc
+
+    async def checked(servicer: _Servicer, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """A client stream, with an undecodable message turned into InvalidRequest."""
+        async for message in requests:
+            if isinstance(message, Undecodable):
+                raise await undecodable(servicer, message)
+            yield message
+
+    async def fail(
+        servicer: _Servicer, context: Any, started: float, call: _Call, exc: Exception
+    ) -> NoReturn:
+        if isinstance(exc, DatabaseServiceError):
+            error = exc
+        elif escaped_driver_error(exc):
+            # Last resort: PostgreSQL unreachable on a path without its own translation is
+            # still UNAVAILABLE, which clients retry, not UNKNOWN.
+            log.warning("%s: PostgreSQL error reached the last resort", name, exc_info=exc)
+            error = unavailable(name, exc)
+        else:
+            log.error("%s: unexpected error", name, exc_info=exc)
+            servicer.core.metrics.unhandled.labels("grpc", name).inc()
+            await servicer.core.audit.record(
+                AuditEvent(
+                    service=call.service,
+                    tenant_id=call.tenant_id,
+                    action=action,
+                    outcome="error",
+                    code="internal",
+                    detail=type(exc).__name__,
+                )
+            )
+            error = DatabaseServiceError("internal error: the service logged it")
+        record(servicer, started, error.error_code, call)
+        await abort_with(context, error)
+
+    async def begin(servicer: _Servicer, call: _Call, request: Any) -> Any:
+        _CALL.set(call)  # each RPC runs in its own task, so in its own context
+        if isinstance(request, Undecodable):
+            raise await undecodable(servicer, request)
+        if hasattr(request, "__aiter__"):  # client streaming: check each message as it comes
+            return checked(servicer, request)
+        return request
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream(self: _Servicer, request: Any, context: Any) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            call = _Call(action=action)
+            try:
+                request = await begin(self, call, request)
+                async for message in handler(self, request, context):
+                    yield message
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(self, context, started, call, exc)
+            record(self, started, "ok", call)
+
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(self: _Servicer, request: Any, context: Any) -> Any:
+        started = time.perf_counter()
+        call = _Call(action=action)
+        try:
+            request = await begin(self, call, request)
+            result = await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await fail(self, context, started, call, exc)
+        record(self, started, "ok", call)
+        return result
+
+    return unary

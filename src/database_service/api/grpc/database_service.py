@@ -1,0 +1,312 @@
+"""The gRPC DatabaseService (seed: "Method 2: gRPC"): a thin adapter over the application layer.
+
+Each RPC reads its caller (``calls.Caller``), turns the request into a call of the query core or
+a use case — which authorize and audit themselves — and the result into messages. Deadlines and
+client cancellation cancel the handler, which cancels the running statement in PostgreSQL and
+returns its connection to the pool.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from database_service.api.grpc.calls import Caller, rpc
+from database_service.api.grpc.encoding import columns_message, encoders_for, result_messages
+from database_service.app import Application
+from database_service.errors import InvalidParameters
+from database_service.query.executor import Isolation
+from database_service.tenancy import validate_tenant_id
+from database_service.timeseries.candles import DEFAULT_ORIGIN, CandleQuery
+from database_service_client._proto import database_service_pb2 as pb
+from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceServicer
+from database_service_client.values import from_row, from_value
+
+__all__ = ["DatabaseService"]
+
+T = TypeVar("T")
+_ISOLATION: dict[int, Isolation] = {
+    pb.ISOLATION_LEVEL_UNSPECIFIED: "read_committed",
+    pb.ISOLATION_LEVEL_READ_COMMITTED: "read_committed",
+    pb.ISOLATION_LEVEL_REPEATABLE_READ: "repeatable_read",
+    pb.ISOLATION_LEVEL_SERIALIZABLE: "serializable",
+}
+
+
+def _timestamp(value: dt.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _time(request: Any, field: str) -> dt.datetime | None:
+    if not request.HasField(field):
+        return None
+    moment: dt.datetime = getattr(request, field).ToDatetime(tzinfo=dt.UTC)
+    return moment
+
+
+class DatabaseService(DatabaseServiceServicer):
+    def __init__(self, core: Application, *, default_chunk_bytes: int) -> None:
+        self.core = core
+        self.caller = Caller(core)
+        self.default_chunk_bytes = default_chunk_bytes
+
+    def _chunk(self, requested: int) -> int:
+        return requested or self.default_chunk_bytes
+
+    # --- queries ---------------------------------------------------------------------------
+
+    @rpc
+    async def ExecuteQuery(
+        self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.QueryResult]:
+        principal, ctx = await self.caller.tenant(context)
+        params = [from_value(v) for v in request.params]
+        events = self.core.executor.stream(principal, ctx, request.sql, params)
+        async for message in result_messages(
+            events, pb.QueryResult, self._chunk(request.max_chunk_bytes)
+        ):
+            yield message
+
+    @rpc
+    async def ExecuteAnalyticsQuery(
+        self, request: pb.AnalyticsQueryRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AnalyticsResult]:
+        # Routed to PostgreSQL through the same core until the analytics store lands.
+        principal, ctx = await self.caller.tenant(context)
+        params = [from_value(v) for v in request.params]
+        events = self.core.executor.stream(
+            principal, ctx, request.sql, params, read_only=True, action="analytics"
+        )
+        async for message in result_messages(
+            events, pb.AnalyticsResult, self._chunk(request.max_chunk_bytes)
+        ):
+            yield message
+
+    @rpc
+    async def GetTimeSeriesData(
+        self, request: pb.TimeSeriesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TimeSeriesData]:
+        principal, ctx = await self.caller.tenant(context)
+        series = self.core.timeseries
+        start, end = _time(request, "start"), _time(request, "end")
+        if request.kind == pb.TIME_SERIES_KIND_LAST_TICK:
+            events = series.last(principal, ctx, start)
+        elif request.kind == pb.TIME_SERIES_KIND_CANDLES:
+            if not request.symbol or start is None or end is None:
+                raise InvalidParameters("symbol, start and end are required")
+            query = CandleQuery(
+                symbol=request.symbol,
+                start=start,
+                end=end,
+                interval=dt.timedelta(seconds=request.interval_seconds or 60),
+                timezone=request.timezone or "UTC",
+                origin=_time(request, "origin") or DEFAULT_ORIGIN,
+                gap_fill=request.gap_fill,
+                source=request.source or "auto",
+            )
+            events = series.candles(principal, ctx, query)
+        else:
+            events = series.raw(
+                principal,
+                ctx,
+                request.symbol,
+                start,
+                end,
+                table=request.table or "trading_ticks",
+                limit=request.limit,
+            )
+        async for message in result_messages(
+            events, pb.TimeSeriesData, self._chunk(request.max_chunk_bytes)
+        ):
+            yield message
+
+    @rpc
+    async def ExecuteTransaction(
+        self, request: pb.TransactionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TransactionResponse:
+        principal, ctx = await self.caller.tenant(context)
+        statements = [(s.sql, [from_value(v) for v in s.params]) for s in request.statements]
+        result = await self.core.executor.transaction(
+            principal,
+            ctx,
+            statements,
+            isolation=_ISOLATION.get(request.isolation, "read_committed"),
+            read_only=request.read_only,
+        )
+        response = pb.TransactionResponse(duration_ms=result.duration_ms)
+        for item in result.results:
+            encoders = encoders_for(item.columns)
+            out = response.results.add(
+                columns=columns_message(item.columns),
+                row_count=item.row_count,
+                command=item.command,
+            )
+            for record in item.rows:
+                add = out.rows.add().values.add
+                for encode, value in zip(encoders, record, strict=True):
+                    encode(add, value)
+        return response
+
+    # --- bulk ------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _first(requests: AsyncIterator[T], what: str) -> T:
+        async for first in requests:
+            return first
+        raise InvalidParameters(f"{what}: the stream was empty")
+
+    @staticmethod
+    async def _rows(
+        first: Any, requests: AsyncIterator[Any]
+    ) -> AsyncIterator[list[tuple[Any, ...]]]:
+        yield [from_row(r) for r in first.rows]
+        async for message in requests:
+            yield [from_row(r) for r in message.rows]
+
+    @rpc
+    async def BulkInsert(
+        self,
+        request_iterator: AsyncIterator[pb.BulkInsertRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.BulkInsertResponse:
+        principal, ctx = await self.caller.tenant(context)
+        started = time.perf_counter()
+        first = await self._first(request_iterator, "BulkInsert")
+        if not first.table or not first.columns:
+            raise InvalidParameters("the first BulkInsert message must name table and columns")
+        written = await self.core.executor.bulk_insert(
+            principal, ctx, first.table, list(first.columns), self._rows(first, request_iterator)
+        )
+        return pb.BulkInsertResponse(
+            rows_written=written, duration_ms=(time.perf_counter() - started) * 1000
+        )
+
+    @rpc
+    async def BulkUpdate(
+        self,
+        request_iterator: AsyncIterator[pb.BulkUpdateRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.BulkUpdateResponse:
+        principal, ctx = await self.caller.tenant(context)
+        started = time.perf_counter()
+        first = await self._first(request_iterator, "BulkUpdate")
+        if not first.table or not first.key_columns or not first.columns:
+            raise InvalidParameters(
+                "the first BulkUpdate message must name table, key_columns and columns"
+            )
+        sent = 0
+
+        async def counted() -> AsyncIterator[list[tuple[Any, ...]]]:
+            nonlocal sent
+            async for rows in self._rows(first, request_iterator):
+                sent += len(rows)
+                yield rows
+
+        updated = await self.core.executor.bulk_update(
+            principal, ctx, first.table, list(first.key_columns), list(first.columns), counted()
+        )
+        return pb.BulkUpdateResponse(
+            rows_updated=updated, rows_sent=sent, duration_ms=(time.perf_counter() - started) * 1000
+        )
+
+    # --- schema ----------------------------------------------------------------------------
+
+    @rpc
+    async def CreateTenantSchema(
+        self, request: pb.SchemaRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SchemaResponse:
+        principal = await self.caller.principal(context)
+        tenant_id = validate_tenant_id(request.tenant_id)
+        self.caller.acting_for(principal, tenant_id)
+        record = await self.core.tenant_admin.create(
+            principal,
+            tenant_id,
+            connection_limit=request.connection_limit or None,
+            statement_timeout_ms=request.statement_timeout_ms or None,
+        )
+        return pb.SchemaResponse(
+            tenant_id=record.tenant_id,
+            schema=record.schema_name,
+            role=record.role_name,
+            status=record.status,
+            created_at=_timestamp(record.created_at),
+        )
+
+    @rpc
+    async def ManagePartitions(
+        self, request: pb.PartitionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PartitionResponse:
+        """Lists the tenant's partitioned tables and the shared time-series tables (``read`` for
+        the tenant; the shared ones without figures unless the caller is a platform principal);
+        maintain, detach and attach change the shared tables: the platform administrator's."""
+        principal, ctx = await self.caller.tenant(context)
+        admin = self.core.partition_admin
+        report = ""
+        if request.action == pb.PARTITION_ACTION_MAINTAIN:
+            done = await admin.maintain(principal, tenant_id=ctx.tenant_id)
+            report = json.dumps(done.to_dict() if done else {"skipped": True})
+        elif request.action == pb.PARTITION_ACTION_DETACH:
+            await admin.detach(principal, request.table, request.partition, tenant_id=ctx.tenant_id)
+        elif request.action == pb.PARTITION_ACTION_ATTACH:
+            start = _time(request, "start")
+            if start is None:
+                raise InvalidParameters("attach needs the start of the partition's range")
+            await admin.attach(
+                principal, request.table, request.partition, start, tenant_id=ctx.tenant_id
+            )
+        infos = await admin.list(principal, request.table or None, tenant_id=ctx.tenant_id)
+        return pb.PartitionResponse(
+            partitions=[
+                pb.Partition(
+                    parent=p.parent,
+                    name=p.name,
+                    bound=p.bound,
+                    rows_estimate=p.rows_estimate,
+                    bytes=p.bytes,
+                )
+                for p in infos
+            ],
+            report_json=report,
+        )
+
+    # --- health ----------------------------------------------------------------------------
+
+    @rpc
+    async def HealthCheck(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        """The small document for anyone; the full one for a platform principal holding
+        metrics or admin (as ``GET /api/v1/health``)."""
+        principal = await self.caller.optional_principal(context)
+        document = await self.core.observability.health(principal)
+        return pb.HealthResponse(status=document["status"], document_json=json.dumps(document))
+
+    @rpc
+    async def GetPerformanceMetrics(
+        self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PerformanceMetrics:
+        """A platform principal holding metrics or admin sees the service's figures; anyone else
+        the figures of the tenant named by x-tenant-id (required, one it may act for) only."""
+        principal = await self.caller.principal(context)
+        tenant_id = self.caller.tenant_header(context)
+        document = await self.core.observability.performance(principal, tenant_id)
+        if "tenant_id" in document:
+            self.caller.acting_for(principal, document["tenant_id"])
+        return pb.PerformanceMetrics(
+            requests=document["requests"],
+            throughput_rps=document["throughput_rps"],
+            response_time_ms=document["response_time_ms"],
+            p50_ms=document["p50_ms"],
+            p99_ms=document["p99_ms"],
+            error_rate_percent=document["error_rate_percent"],
+            pool_connections_open=document["pool_connections_open"],
+            document_json=json.dumps(document),
+        )

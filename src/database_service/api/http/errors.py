@@ -1,0 +1,110 @@
+"""The REST boundary for errors: the service's error tree, FastAPI's and Starlette's own errors,
+and anything unexpected, all in the documented shape ``{"error": {"code", "message", ...}}``."""
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope as AsgiScope
+
+from database_service.app import Application
+from database_service.errors import (
+    UNREACHABLE_ERRORS,
+    DatabaseServiceError,
+    InvalidRequest,
+    Unauthenticated,
+    escaped_driver_error,
+    http_status_of,
+    unavailable,
+)
+from database_service.observability import AuditEvent
+
+__all__ = ["install_error_handlers", "internal_error_handler"]
+
+log = logging.getLogger(__name__)
+
+# Errors Starlette and FastAPI raise themselves (no route, wrong method, a body that does not
+# parse), in the service's words.
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    422: "invalid_request",
+}
+
+
+def install_error_handlers(api: FastAPI, core: Application) -> None:
+    @api.exception_handler(DatabaseServiceError)
+    async def service_error(request: Request, exc: DatabaseServiceError) -> JSONResponse:
+        request.state.error_code = exc.error_code
+        core.metrics.errors.labels(exc.error_code).inc()
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+        return JSONResponse(
+            {"error": exc.to_dict()}, status_code=http_status_of(exc), headers=headers
+        )
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        return await service_error(request, InvalidRequest(f"invalid request: {problems}"))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """No route, wrong method, a body that is not JSON in UTF-8: the documented shape."""
+        status = exc.status_code
+        code = _HTTP_CODES.get(status, "internal" if status >= 500 else "invalid_request")
+        where = f"{request.method} {request.url.path}"
+        message = {
+            404: f"no such route: {where}",
+            405: f"method not allowed: {where}",
+            400: "invalid request: the body is not valid JSON in UTF-8",
+        }.get(status, str(exc.detail))
+        request.state.error_code = code
+        core.metrics.errors.labels(code).inc()
+        return JSONResponse(
+            {"error": {"code": code, "message": message}}, status_code=status, headers=exc.headers
+        )
+
+    async def driver_error(request: Request, exc: Exception) -> JSONResponse:
+        """Last resort: PostgreSQL unreachable on a path without its own translation is still a
+        503 the caller can retry, not a 500. Anything else re-raised here stays a 500."""
+        if not escaped_driver_error(exc):
+            raise exc
+        log.warning("%s: PostgreSQL error reached the last resort", request.url.path, exc_info=exc)
+        return await service_error(request, unavailable(request.url.path, exc))
+
+    for kind in UNREACHABLE_ERRORS:
+        api.add_exception_handler(kind, driver_error)
+
+
+def internal_error_handler(core: Application) -> Any:
+    async def internal_error(scope: AsgiScope, exc: Exception) -> None:
+        """An exception nothing answered (a bug): log it with its traceback, count and audit
+        it; ``InternalErrors`` then answers ``500 internal`` without its text."""
+        route: Any = scope.get("route")
+        operation = getattr(route, "path", None) or "unmatched"
+        state = scope.get("state", {})
+        method = scope.get("method", "?")
+        log.error("%s %s: unexpected error", method, scope.get("path"), exc_info=exc)
+        core.metrics.errors.labels("internal").inc()
+        core.metrics.unhandled.labels("http", operation).inc()
+        await core.audit.record(
+            AuditEvent(
+                service=state.get("service"),
+                tenant_id=state.get("tenant_id"),
+                action=f"{method} {operation}",
+                outcome="error",
+                code="internal",
+                detail=type(exc).__name__,
+            )
+        )
+
+    return internal_error

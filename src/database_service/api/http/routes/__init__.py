@@ -1,0 +1,21 @@
+"""REST routes, one module per concern; each calls the application layer only."""
+
+from database_service.api.http.routes import (
+    observability,
+    partitions,
+    queries,
+    services,
+    tenants,
+    timeseries,
+)
+
+ROUTERS = (
+    queries.router,
+    timeseries.router,
+    tenants.router,
+    services.router,
+    partitions.router,
+    observability.router,
+)
+
+__all__ = ["ROUTERS"]

@@ -1,0 +1,93 @@
+"""What the service tells about itself: health, figures, Prometheus metrics, the audit trail.
+
+Anyone may ask whether the service is up (the small health document); the full document, the
+service-wide figures, ``/metrics`` and every tenant's audit events need a platform principal
+(tenants ``*``) holding ``metrics`` or ``admin``; a tenant's token sees its own figures and, with
+``admin`` over it, its own audit events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from database_service.application.access import Access
+from database_service.auth import Principal, Scope
+from database_service.errors import InvalidRequest
+from database_service.observability import AuditLog, HealthReporter, Metrics, RequestWindow
+from database_service.observability.health import performance_document
+from database_service.postgres import TenantPools
+from database_service.query import encode_value
+from database_service.tenancy import quote_ident, validate_tenant_id
+
+__all__ = ["Observability"]
+
+
+def sees_everything(principal: Principal | None) -> bool:
+    return principal is not None and principal.is_platform_with(Scope.METRICS, Scope.ADMIN)
+
+
+class Observability:
+    def __init__(
+        self,
+        access: Access,
+        *,
+        health: HealthReporter,
+        window: RequestWindow,
+        pools: TenantPools,
+        metrics: Metrics,
+        audit: AuditLog,
+        owner_pool: asyncpg.Pool,
+        control_schema: str,
+    ) -> None:
+        self._access = access
+        self._health = health
+        self._window = window
+        self._pools = pools
+        self._metrics = metrics
+        self._audit = audit
+        self._pool = owner_pool
+        self._audit_table = f"{quote_ident(control_schema)}.audit_log"
+
+    async def health(self, principal: Principal | None) -> dict[str, Any]:
+        """The small document for anyone, the full one for a platform principal."""
+        return await self._health.document(detailed=sees_everything(principal))
+
+    async def performance(self, principal: Principal, tenant_id: str | None) -> dict[str, Any]:
+        """The service's figures for a platform principal; otherwise those of ``tenant_id``
+        (required, one the caller may act for) and nothing of other tenants."""
+        if sees_everything(principal):
+            return performance_document(self._window, self._pools, audit=self._audit)
+        if tenant_id is None:
+            raise InvalidRequest(
+                "a tenant is required (the X-Tenant-Id header, x-tenant-id metadata): figures"
+                " are per tenant"
+            )
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require_tenant(principal, tenant_id, "metrics.performance")
+        return performance_document(self._window, self._pools, tenant_id=tenant_id)
+
+    async def prometheus(self, principal: Principal) -> bytes:
+        """Prometheus text: every tenant's pools are labelled, so for the platform only."""
+        await self._access.require_platform(principal, "metrics", Scope.METRICS, Scope.ADMIN)
+        return self._metrics.render()
+
+    async def audit_events(
+        self, principal: Principal, tenant_id: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """The most recent audit events: of one tenant (admin over it), or of every tenant and
+        of the service itself (the platform administrator)."""
+        if tenant_id is None:
+            await self._access.require_platform(principal, "audit.read")
+        else:
+            tenant_id = validate_tenant_id(tenant_id)
+            await self._access.require(principal, Scope.ADMIN, "audit.read", tenant_id)
+        await self._audit.flush()
+        rows = await self._pool.fetch(
+            f"SELECT * FROM {self._audit_table}"
+            " WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY id DESC LIMIT $2",
+            tenant_id,
+            limit,
+        )
+        return [{k: encode_value(v) for k, v in r.items()} for r in rows]

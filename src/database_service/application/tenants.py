@@ -1,0 +1,123 @@
+"""Tenant administration: create, list, read, suspend, resume, delete, migrate.
+
+An administrator of some tenants administers those tenants only (``admin`` for each); what spans
+every tenant — migrating all of them — needs the platform administrator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+from database_service.application.access import Access
+from database_service.auth import Principal, Scope
+from database_service.tenancy import (
+    MigrationReport,
+    Migrator,
+    TenantLimits,
+    TenantManager,
+    TenantRecord,
+    TenantRegistry,
+    validate_tenant_id,
+)
+from database_service.tenancy.migrations import ProgressCallback
+
+__all__ = ["TenantAdmin"]
+
+
+class TenantAdmin:
+    def __init__(
+        self,
+        access: Access,
+        manager: TenantManager,
+        registry: TenantRegistry,
+        migrator: Migrator,
+        owner_pool: asyncpg.Pool,
+    ) -> None:
+        self._access = access
+        self._manager = manager
+        self._registry = registry
+        self._migrator = migrator
+        self._pool = owner_pool
+
+    async def create(
+        self,
+        principal: Principal,
+        tenant_id: str,
+        *,
+        connection_limit: int | None = None,
+        statement_timeout_ms: int | None = None,
+    ) -> TenantRecord:
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require(principal, Scope.ADMIN, "tenant.create", tenant_id)
+        defaults = self._manager.default_limits
+        limits = TenantLimits(
+            connection_limit or defaults.connection_limit,
+            statement_timeout_ms or defaults.statement_timeout_ms,
+        )
+        record = await self._manager.create(tenant_id, limits)
+        await self._access.done(principal, "tenant.create", tenant_id)
+        return record
+
+    async def list(self, principal: Principal) -> list[TenantRecord]:
+        """The tenants the caller administers (every one for the platform administrator)."""
+        await self._access.require(principal, Scope.ADMIN, "tenant.list")
+        return [r for r in await self._registry.list() if principal.can_act_for(r.tenant_id)]
+
+    async def get(self, principal: Principal, tenant_id: str) -> TenantRecord:
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require(principal, Scope.ADMIN, "tenant.get", tenant_id)
+        return await self._registry.get(tenant_id)
+
+    async def suspend(self, principal: Principal, tenant_id: str) -> TenantRecord:
+        """Refuse the tenant's logins, end its sessions and close its pools; data is kept."""
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require(principal, Scope.ADMIN, "tenant.suspend", tenant_id)
+        record = await self._manager.suspend(tenant_id)
+        await self._access.done(principal, "tenant.suspend", tenant_id)
+        return record
+
+    async def resume(self, principal: Principal, tenant_id: str) -> TenantRecord:
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require(principal, Scope.ADMIN, "tenant.resume", tenant_id)
+        record = await self._manager.resume(tenant_id)
+        await self._access.done(principal, "tenant.resume", tenant_id)
+        return record
+
+    async def delete(self, principal: Principal, tenant_id: str, *, confirm: bool) -> None:
+        """Drop the tenant's schema, roles and shared-table rows (``confirm`` required)."""
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require(principal, Scope.ADMIN, "tenant.delete", tenant_id)
+        await self._manager.delete(tenant_id, confirm=confirm)
+        await self._access.done(principal, "tenant.delete", tenant_id)
+
+    async def migrate(
+        self,
+        principal: Principal,
+        tenant_ids: Sequence[str] | None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> MigrationReport:
+        """Pending migrations of the control plane and every (or the named) tenant. Every tenant
+        (``None``, or an empty list: the control plane only) needs the platform administrator;
+        named tenants need admin over each, and the report names only them."""
+        named: Sequence[str] | None = tuple(dict.fromkeys(tenant_ids)) if tenant_ids else None
+        if named is None:
+            await self._access.require_platform(principal, "migrate")
+        else:
+            for tenant_id in named:
+                await self._access.require(
+                    principal, Scope.ADMIN, "migrate", validate_tenant_id(tenant_id)
+                )
+            for tenant_id in named:
+                await self._registry.get(tenant_id)  # an unknown tenant is a clear 404
+        async with self._pool.acquire() as conn:
+            report = await self._migrator.migrate(
+                conn, tenant_ids=named if named is not None else tenant_ids, progress=progress
+            )
+        for result in report.tenants:
+            self._registry.invalidate(result.tenant_id)
+        for audited in named if named is not None else (None,):
+            await self._access.done(principal, "migrate", audited)
+        return report

@@ -1,0 +1,83 @@
+"""Time-series reads: raw ticks and predictions, candles, the last tick of every symbol.
+
+The SQL is built here once, for every front end, and runs read-only as the tenant through the
+query core (which authorizes, audits and streams it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import asyncpg
+
+from database_service.auth import Principal
+from database_service.errors import InvalidParameters
+from database_service.query import Header, QueryExecutor, Summary, TenantContext
+from database_service.tenancy import quote_ident
+from database_service.timeseries.candles import CandleQuery, candle_sql, last_tick_sql
+
+__all__ = ["SERIES_COLUMNS", "TimeSeries"]
+
+# What a raw read returns, per table.
+SERIES_COLUMNS = {
+    "trading_ticks": "time, user_id, symbol, bid, ask, volume, spread",
+    "ai_predictions": "time, user_id, symbol, prediction_type, confidence, model_version,"
+    " features, result",
+}
+
+Events = AsyncGenerator[Header | list[asyncpg.Record] | Summary, None]
+
+
+class TimeSeries:
+    def __init__(self, executor: QueryExecutor, *, shared_schema: str) -> None:
+        self._executor = executor
+        self._shared = shared_schema
+
+    def _stream(
+        self, principal: Principal, ctx: TenantContext, sql: str, params: list[Any]
+    ) -> Events:
+        return self._executor.stream(
+            principal, ctx, sql, params, read_only=True, action="timeseries"
+        )
+
+    def raw(
+        self,
+        principal: Principal,
+        ctx: TenantContext,
+        symbol: str,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        *,
+        table: str = "trading_ticks",
+        limit: int = 0,
+    ) -> Events:
+        """Rows of a symbol in [start, end), oldest first."""
+        if not symbol or start is None or end is None:
+            raise InvalidParameters("symbol, start and end are required")
+        if table not in SERIES_COLUMNS:
+            raise InvalidParameters(f"table must be one of {', '.join(SERIES_COLUMNS)}")
+        if limit < 0:
+            raise InvalidParameters("limit must be 0 (no limit) or more")
+        sql = (
+            f"SELECT {SERIES_COLUMNS[table]} FROM {quote_ident(self._shared)}.{table}"
+            " WHERE symbol = $1 AND time >= $2 AND time < $3 ORDER BY time"
+        )
+        params: list[Any] = [symbol, start, end]
+        if limit:
+            sql += " LIMIT $4"
+            params.append(limit)
+        return self._stream(principal, ctx, sql, params)
+
+    def candles(self, principal: Principal, ctx: TenantContext, query: CandleQuery) -> Events:
+        sql, params = candle_sql(self._shared, query)
+        return self._stream(principal, ctx, sql, params)
+
+    def last(
+        self, principal: Principal, ctx: TenantContext, since: dt.datetime | None = None
+    ) -> Events:
+        """The latest tick of every symbol since ``since`` (default: a day ago)."""
+        since = since or dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+        sql, params = last_tick_sql(self._shared, since)
+        return self._stream(principal, ctx, sql, params)
