@@ -29,8 +29,8 @@ run: $(BIN)/database-service
 	$(BIN)/database-service serve
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src client/src tests bench scripts
-	$(BIN)/ruff format --check src client/src tests bench scripts
+	$(BIN)/ruff check src client/src tests bench scripts examples
+	$(BIN)/ruff format --check src client/src tests bench scripts examples
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy

@@ -193,7 +193,8 @@ format_storage() {
   # A Kafka cluster id is 16 random bytes in URL-safe base64 without padding.
   cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
   say "formatting $ROOT (cluster id $cluster_id)"
-  java_cmd kafka.tools.StorageTool format -t "$cluster_id" -c "$ROOT/server.properties"
+  # --cluster-id=…: an id may start with '-', which the tool would take for an option.
+  java_cmd kafka.tools.StorageTool format "--cluster-id=$cluster_id" -c "$ROOT/server.properties"
   "${JAVA_CMD[@]}" >> "$ROOT/logs/format.log" 2>&1 9>&- \
     || { cat "$ROOT/logs/format.log" >&2; die "storage format failed"; }
 }

@@ -15,8 +15,8 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== ruff"
-"$BIN/ruff" check src client/src tests bench scripts
-"$BIN/ruff" format --check src client/src tests bench scripts
+"$BIN/ruff" check src client/src tests bench scripts examples
+"$BIN/ruff" format --check src client/src tests bench scripts examples
 echo "== mypy"
 "$BIN/mypy"
 

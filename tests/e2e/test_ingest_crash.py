@@ -73,7 +73,7 @@ async def test_a_killed_instance_loses_nothing_and_duplicates_nothing(
     start = 1_795_000_000_000_000
     ticks = [
         tick(tenant.tenant_id, f"S{i % 3}", start + i * 1000, bid=1.0, ask=1.0002, volume=1,
-             event_id=event_id_for("crash", tenant.tenant_id, i))
+             event_id=event_id_for(tenant.tenant_id, "crash", i))
         for i in range(N)
     ]  # fmt: skip
     first = serve(ingest_env, tmp_path / "one")

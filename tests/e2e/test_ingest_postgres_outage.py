@@ -71,10 +71,10 @@ async def test_ingestion_survives_postgres_stopping_for_ten_seconds(
                 )  # fmt: skip
                 async with publisher:
 
-                    async def feed() -> None:
+                    async def feed() -> None:  # ~14 s: records keep arriving during the outage
                         for at in range(0, N, 250):
                             await publisher.publish_ticks(ticks[at : at + 250], batch_size=250)
-                            await asyncio.sleep(0.05)
+                            await asyncio.sleep(0.35)
 
                     feeding = asyncio.create_task(feed())
                     while await count(core, "outage") < 1_000:  # noqa: ASYNC110 - polling rows

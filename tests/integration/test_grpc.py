@@ -179,6 +179,10 @@ async def test_bulk_insert_with_one_bad_row_writes_nothing(client: Client) -> No
         await client.bulk_insert("users", USERS, rows)
     assert "row 500" in duplicate.value.message
     assert await count(client) == 0
+    # What the client knows of stores it learns from the service, not from a list of its own.
+    with pytest.raises(NotConfigured, match="unknown to this service"):
+        await client.execute_multi_db_operation({"mongodb": {"find": {}}})
+    assert (await client.stores())["clickhouse"] == "not_configured"
 
 
 async def test_bulk_insert_into_a_shared_table_goes_through_rls(
@@ -398,14 +402,62 @@ async def test_idempotent_calls_are_retried_on_unavailable(tenant: TenantRecord)
 async def test_shutdown_drains_in_flight_calls(core: Application, tenant: TenantRecord) -> None:
     from database_service.api.grpc import GrpcServer
 
-    admin_token = core.settings.bootstrap_admin_token
-    assert admin_token is not None
+    # A service's token: the bootstrap admin token is refused for tenant data.
+    name = f"drain-{tenant.tenant_id}"
+    await core.services.register(
+        name, tenants=[tenant.tenant_id], scopes=[Scope.READ], with_secret=False
+    )
+    token = core.tokens.issue(name, tenants=[tenant.tenant_id], scopes=[Scope.READ], ttl_seconds=60)
     server = GrpcServer(core)
     await server.__aenter__()
-    async with Client(
-        f"127.0.0.1:{server.port}", tenant.tenant_id, admin_token.get_secret_value()
-    ) as c:
+    async with Client(f"127.0.0.1:{server.port}", tenant.tenant_id, token) as c:
         slow = asyncio.create_task(c.fetch_all("SELECT pg_sleep(0.5), 7"))
         await asyncio.sleep(0.2)
         await server.__aexit__(None, None, None)  # grace is 1 s in tests
         assert (await slow).rows[0][1] == 7
+
+
+async def test_the_seeds_dict_params_bind_by_name_and_store_the_values(client: Client) -> None:
+    # The seed's own example passes the signal as a dict: it once bound the dict's *keys*.
+    signal = {"signal_id": "sig-42", "symbol": "EURUSD", "action": "buy"}
+    await client.execute_multi_db_operation(
+        {
+            "postgresql": {
+                "query": "INSERT INTO trading_signals (signal_id, symbol, action)"
+                " VALUES (:signal_id, :symbol, :action)",
+                "params": signal,
+                "company_id": client.tenant_id,
+            }
+        }
+    )
+    stored = await client.fetch_all(
+        "SELECT signal_id, symbol, action FROM trading_signals WHERE signal_id = :id",
+        {"id": "sig-42"},
+    )
+    assert stored.rows == [("sig-42", "EURUSD", "buy")]
+    with pytest.raises(ValueError, match="names no :name"):
+        await client.execute_multi_db_operation(
+            {
+                "postgresql": {
+                    "query": "INSERT INTO trading_signals VALUES ($1, $2)",
+                    "params": signal,
+                }
+            }
+        )
+
+
+async def test_an_operation_for_another_company_is_refused_before_anything_runs(
+    client: Client,
+) -> None:
+    with pytest.raises(PermissionDenied, match="names company"):
+        await client.execute_multi_db_operation(
+            {
+                "postgresql": {
+                    "query": "INSERT INTO users VALUES ('never2', 'n2@x', 'pro')",
+                    "company_id": "someone_else",
+                }
+            }
+        )
+    assert (await client.fetch_all("SELECT count(*) FROM users WHERE user_id = 'never2'")).rows == [
+        (0,)
+    ]

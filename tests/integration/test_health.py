@@ -49,6 +49,53 @@ async def test_health_document_has_the_seed_shape_with_real_values(
     }
     details = doc["database_details"]["postgresql"]
     assert details["tenant_schemas"] == active and details["active_connections"] >= 1
+    for store in ("clickhouse", "dragonflydb", "weaviate", "arangodb"):
+        assert doc["database_details"][store] == {"status": "not_configured"}
+    assert doc["multi_db_performance"] == {
+        "stores_configured": ["postgresql"],
+        "cross_database_queries": {"possible": False, "stores": ["postgresql"]},
+        "transaction_consistency": "single_store",
+    }
+
+
+async def test_the_seeds_health_path_serves_the_same_document(
+    http: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    seed = await http.get("/health", headers=admin_headers)
+    ours = await http.get("/api/v1/health", headers=admin_headers)
+    assert seed.status_code == ours.status_code == 200
+    assert set(seed.json()) == set(ours.json()) and "multi_db_performance" in seed.json()
+    anonymous = await http.get("/health")
+    assert set(anonymous.json()) == {
+        "service_name",
+        "status",
+        "version",
+        "timestamp",
+        "dependencies",
+    }
+
+
+async def test_health_is_computed_at_most_once_a_second_however_often_asked(
+    http: httpx.AsyncClient, core: Application
+) -> None:
+    import asyncio
+
+    computed = 0
+    original = core.health._document
+
+    async def counting(detailed: bool) -> dict[str, object]:
+        nonlocal computed
+        computed += 1
+        return await original(detailed)
+
+    core.health.invalidate()
+    core.health._document = counting  # type: ignore[method-assign]
+    try:
+        responses = await asyncio.gather(*(http.get("/api/v1/health") for _ in range(50)))
+    finally:
+        core.health._document = original  # type: ignore[method-assign]
+    assert all(r.status_code == 200 for r in responses)
+    assert computed == 1
 
 
 async def test_health_without_credentials_is_status_only(
@@ -75,6 +122,7 @@ async def test_isolation_status_is_a_real_check(
 ) -> None:
     shared = core.settings.shared_schema
     await core.owner_pool.execute(f"ALTER TABLE {shared}.market_data NO FORCE ROW LEVEL SECURITY")
+    core.health.invalidate()  # documents are cached for a second
     try:
         doc = (await http.get("/api/v1/health", headers=admin_headers)).json()
         assert doc["status"] == "unhealthy"
@@ -86,6 +134,7 @@ async def test_isolation_status_is_a_real_check(
         assert "market_data" not in anonymous.text
     finally:
         await core.owner_pool.execute(f"ALTER TABLE {shared}.market_data FORCE ROW LEVEL SECURITY")
+        core.health.invalidate()
     assert (await http.get("/api/v1/health")).json()["status"] == "healthy"
 
 

@@ -1,22 +1,40 @@
 """The ingestion pipeline on real PostgreSQL, without a transport: what any consumer relies on.
 
-Stored once however often a record arrives, poison records isolated into dead letters without
-blocking the rest, dead letters naming their publisher, and replayable while it may publish them.
-(tests/isolation/test_ingest_attacks.py replays what one tenant tried against another.)"""
+Stored once however often a record arrives (per tenant: another tenant's records with the same
+ids are its own), poison records isolated into dead letters without blocking the rest, dead
+letters stored and announced once, naming their publisher, and replayable while it may publish
+them; a tenant whose records keep failing is dead-lettered after a few tries instead of stalling
+every tenant. (tests/isolation/test_ingest_attacks.py replays what one tenant tried against
+another.)"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import pytest
 
 from database_service.app import Application
 from database_service.auth import Scope
-from database_service.ingest import Inbound, IngestPipeline, IngestWriter, Verdict
+from database_service.ingest import (
+    Inbound,
+    IngestPipeline,
+    IngestWriter,
+    NewDeadLetter,
+    StoreResult,
+    Verdict,
+)
+from database_service.ingest.records import TenantWork
+from database_service.postgres import TenantLogin
+from database_service.tenancy import quote_ident
+from database_service.tenancy.secrets import SecretBox, TenantLogins
 from database_service_client._proto import ingest_pb2
-from tests.fix_service import TenantFactory, TokenFactory
+from tests.fix_service import ClientFactory, TenantFactory, TokenFactory
 
 NOW_US = int(dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC).timestamp() * 1_000_000)
 
@@ -236,10 +254,9 @@ async def test_predictions_signals_and_rows_are_stored_once(
     )
     assert str(p["confidence"]) == "0.75" and p["features"] == {"rsi": 31}
     # The first pass met the signal before its user existed (a foreign key, a row-level error:
-    # dead-lettered alone); the second pass stored it. The unknown table fails both passes.
-    assert sorted(await letters(core, t)) == [
-        "foreign_key_violation", "undefined_table", "undefined_table",
-    ]  # fmt: skip
+    # dead-lettered alone); the second pass stored it. The unknown table fails both passes: the
+    # same letter, stored once.
+    assert sorted(await letters(core, t)) == ["foreign_key_violation", "undefined_table"]
 
 
 async def test_dead_letters_name_the_service_that_published_each_record(
@@ -290,17 +307,19 @@ async def test_dead_letters_name_the_service_that_published_each_record(
     assert whole == {"bad_protobuf": name[second], "unauthenticated": None}
 
 
-def tokenless(core: Application) -> IngestPipeline:
-    """A pipeline like ``core.ingest`` that requires no token (``DBSVC_INGEST_REQUIRE_TOKEN=0``)."""
-    return IngestPipeline(
-        writer=IngestWriter(core.pools, shared_schema=core.settings.shared_schema, parallel=2),
-        dead_letters=core.dead_letters,
-        authenticator=core.authenticator,
-        registry=core.registry,
-        logins=core.logins,
-        metrics=core.metrics,
-        require_token=False,
-    )
+def tokenless(core: Application, **changes: Any) -> IngestPipeline:
+    """A pipeline like ``core.ingest`` that requires no token (``DBSVC_INGEST_REQUIRE_TOKEN=0``);
+    ``changes`` replace its parts."""
+    parts: dict[str, Any] = {
+        "writer": IngestWriter(core.pools, shared_schema=core.settings.shared_schema, parallel=2),
+        "dead_letters": core.dead_letters,
+        "authenticator": core.authenticator,
+        "registry": core.registry,
+        "logins": core.logins,
+        "metrics": core.metrics,
+        "require_token": False,
+    }
+    return IngestPipeline(**{**parts, **changes})
 
 
 async def test_letters_without_a_publisher_replay_only_where_no_token_is_required(
@@ -338,3 +357,232 @@ async def test_letters_without_a_publisher_replay_only_where_no_token_is_require
     assert await count_ticks(core, tenant_id) == 3
     (pending,) = await core.dead_letters.list(ids=ids)
     assert pending.id == refused.id and pending.replayed_at is None
+
+
+# Review: tenants with the same event ids, failures that do not pass, dead letters once, user ids.
+
+
+def feed(tenant_id: str, n: int, *, start: int = 0) -> list[ingest_pb2.Tick]:
+    """Ticks of a market-data feed that several tenants receive: ids from the feed's own key
+    (the pattern of ``event_id_for`` before it took the tenant), the same for every tenant."""
+    records = ticks(tenant_id, n, start=start)
+    for record in records:
+        i = (record.time_unix_us - NOW_US) // 1000
+        record.event_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"feed-1/EURUSD/{i}"))
+    return records
+
+
+async def test_two_tenants_fed_the_same_market_data_both_store_it(
+    core: Application, new_tenant: TenantFactory, ingest_token: object
+) -> None:
+    a, b = (await new_tenant("feeda")).tenant_id, (await new_tenant("feedb")).tenant_id
+    auth = await ingest_token([a, b])  # type: ignore[operator]
+    # Separate batches and both transports, as two tenants' feeds arrive.
+    assert await core.ingest.process("nats", [Inbound(batch(*feed(a, 50)), "s", auth)])
+    await core.ingest.process("kafka", [Inbound(batch(*feed(b, 50)), "k", auth)])
+    await core.ingest.process("nats", [Inbound(batch(*feed(b, 50)), "s", auth)])  # a copy
+    assert (await count_ticks(core, a), await count_ticks(core, b)) == (50, 50)
+    # A's producer cannot hide B's records by publishing B's predictable ids first either.
+    await core.ingest.process("nats", [Inbound(batch(*feed(a, 10, start=50)), "s", auth)])
+    await core.ingest.process("kafka", [Inbound(batch(*feed(b, 10, start=50)), "k", auth)])
+    assert (await count_ticks(core, a), await count_ticks(core, b)) == (60, 60)
+    # The memory of recent records is keyed like the unique index: the same id at another time
+    # is another row of the same tenant, and PostgreSQL decides.
+    (moved,) = feed(a, 1)
+    moved.time_unix_us += 3_600_000_000
+    await core.ingest.process("nats", [Inbound(batch(moved), "s", auth)])
+    assert await count_ticks(core, a) == 61
+
+    # Signals and rows: the same event id in two tenants' own tables.
+    shared_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "crm/user/1"))
+    for tenant_id in (a, b):
+        row = ingest_pb2.TenantRow(
+            event_id=shared_id, tenant_id=tenant_id, table="users",
+            row_json=f'{{"user_id": "same-{tenant_id}", "email": "x@x", "subscription_tier": "pro"}}',
+        )  # fmt: skip
+        message = ingest_pb2.IngestBatch(rows=[row]).SerializeToString()
+        await core.ingest.process("nats", [Inbound(message, "s", auth)])
+    for tenant_id in (a, b):
+        schema = (await core.registry.get_active(tenant_id)).schema_name
+        assert await core.owner_pool.fetchval(
+            f"SELECT count(*) FROM {quote_ident(schema)}.users WHERE user_id = $1",
+            f"same-{tenant_id}",
+        ) == 1  # fmt: skip
+    assert await letters(core, a) == [] and await letters(core, b) == []
+
+
+async def test_a_tenant_whose_login_is_refused_is_dead_lettered_without_stalling_the_others(
+    core: Application, new_tenant: TenantFactory, ingest_token: object
+) -> None:
+    broken, fine = await new_tenant("pwbad"), await new_tenant("pwok")
+    auth = await ingest_token([broken.tenant_id, fine.tenant_id])  # type: ignore[operator]
+    # The role's password no longer matches the sealed secret (28P01 at every login).
+    await core.owner_pool.execute(
+        f"ALTER ROLE {quote_ident(broken.role_name)} PASSWORD 'not-the-sealed-one'"
+    )
+    await core.pools.close_tenant(broken.tenant_id)
+    first = [
+        Inbound(batch(*ticks(broken.tenant_id, 5), *ticks(fine.tenant_id, 5)), "s", auth),
+        Inbound(batch(*ticks(fine.tenant_id, 5, start=5)), "s", auth),
+    ]
+    async with asyncio.timeout(30):  # retried without end, it never returned
+        assert await core.ingest.process("nats", first) == [Verdict.ACK, Verdict.ACK]
+    assert await count_ticks(core, fine.tenant_id) == 10
+    dead = await core.dead_letters.list(tenant_id=broken.tenant_id, limit=100)
+    assert [d.code for d in dead] == ["retries_exhausted"] * 5
+    assert "invalid_password" in dead[0].reason and "SQLSTATE 28P01" in dead[0].reason
+    # Later batches: the failing tenant gets one try, not another full round.
+    started = time.monotonic()
+    later = [Inbound(batch(*ticks(broken.tenant_id, 3, start=5), *ticks(fine.tenant_id, 5, start=10)), "s", auth)]  # fmt: skip
+    assert await core.ingest.process("kafka", later) == [Verdict.ACK]
+    assert time.monotonic() - started < 1.0
+    assert await count_ticks(core, fine.tenant_id) == 15
+    # Fixed, the letters replay.
+    password = core.secret_box.open(broken.role_secret)
+    await core.owner_pool.execute(
+        f"ALTER ROLE {quote_ident(broken.role_name)} PASSWORD '{password}'"
+    )
+    report = await core.ingest.replay(None, tenant_id=broken.tenant_id)
+    assert (report.replayed, report.stored, report.still_failing) == (8, 8, 0)
+    assert await count_ticks(core, broken.tenant_id) == 8
+
+
+async def test_a_master_key_that_opens_no_tenant_secret_dead_letters_instead_of_looping(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("mkey")
+    wrong_key = tokenless(core, logins=TenantLogins(SecretBox("another-master-key-" + "z" * 32)))
+    records = ticks(tenant.tenant_id, 4)
+    async with asyncio.timeout(30):
+        verdicts = await wrong_key.process("nats", [Inbound(batch(*records), "s", None)])
+    assert verdicts == [Verdict.ACK]
+    dead = await core.dead_letters.list(tenant_id=tenant.tenant_id, limit=100)
+    assert [d.code for d in dead] == ["tenant_secret_unreadable"] * 4
+    assert "master key" in dead[0].reason
+    assert await count_ticks(core, tenant.tenant_id) == 0
+    report = await tokenless(core).replay([d.id for d in dead])  # the right key: stored
+    assert (report.stored, report.still_failing) == (4, 0)
+
+
+class FailingFor(IngestWriter):
+    """A writer that fails for one tenant with an error nobody foresaw."""
+
+    def __init__(self, core: Application, tenant_id: str) -> None:
+        super().__init__(core.pools, shared_schema=core.settings.shared_schema)
+        self.tenant_id = tenant_id
+        self.calls = 0
+
+    async def store(
+        self, login: TenantLogin, schema: str, work: TenantWork, *, limit_seconds: float = 30.0
+    ) -> StoreResult:
+        if login.tenant_id == self.tenant_id:
+            self.calls += 1
+            raise RuntimeError("a bug in the writer")
+        return await super().store(login, schema, work, limit_seconds=limit_seconds)
+
+
+async def test_an_unforeseen_error_is_retried_a_few_times_then_dead_lettered(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    bad, good = (await new_tenant("bug")).tenant_id, (await new_tenant("nobug")).tenant_id
+    writer = FailingFor(core, bad)
+    pipeline = tokenless(core, writer=writer)
+    message = batch(*ticks(bad, 2), *ticks(good, 2))
+    async with asyncio.timeout(30):
+        assert await pipeline.process("nats", [Inbound(message, "s", None)]) == [Verdict.ACK]
+    assert writer.calls > 1
+    assert await count_ticks(core, good) == 2
+    dead = await core.dead_letters.list(tenant_id=bad, limit=100)
+    assert [d.code for d in dead] == ["retries_exhausted"] * 2
+    assert dead[0].reason.startswith(f"gave up after {writer.calls} tries")
+    assert "RuntimeError: a bug in the writer" in dead[0].reason
+
+
+async def test_a_poison_record_is_one_dead_letter_announced_once(
+    core: Application, new_tenant: TenantFactory, ingest_token: object
+) -> None:
+    tenant = await new_tenant("dl1")
+    auth = await ingest_token([tenant.tenant_id])  # type: ignore[operator]
+    (poison,) = ticks(tenant.tenant_id, 1)
+    poison.user_id = "u" * 80  # varchar(50)
+    message = batch(poison, *ticks(tenant.tenant_id, 2, start=1))
+    announced: dict[str, list[NewDeadLetter]] = {"nats": [], "kafka": []}
+
+    def sink(transport: str) -> Any:
+        async def announce(letters: Sequence[NewDeadLetter]) -> None:
+            announced[transport].extend(letters)
+
+        return announce
+
+    # Both transports carry it, and each delivers it twice (a redelivery).
+    for transport in ("nats", "kafka", "nats", "kafka"):
+        await core.ingest.process(
+            transport, [Inbound(message, transport, auth)], announce=sink(transport)
+        )
+    dead = await core.dead_letters.list(tenant_id=tenant.tenant_id, limit=100)
+    assert [(d.code, d.event_id, d.transport) for d in dead] == [
+        ("data_exception", poison.event_id, "nats")
+    ]
+    assert [d.event_id for d in announced["nats"]] == [poison.event_id]
+    assert announced["kafka"] == []
+    # A whole message refused (no token) is one letter too.
+    garbage = b"\x0a\xff\xff not a batch " + uuid.uuid4().bytes
+    for transport in ("nats", "kafka"):
+        await core.ingest.process(transport, [Inbound(garbage, transport, None)])
+    assert len([d for d in await core.dead_letters.list(limit=10_000) if d.payload == garbage]) == 1
+
+
+async def test_a_record_naming_a_nul_is_dead_lettered_not_looping(
+    core: Application, new_tenant: TenantFactory, ingest_token: object
+) -> None:
+    tenant = await new_tenant("nul")
+    auth = await ingest_token([tenant.tenant_id])  # type: ignore[operator]
+    bad = ingest_pb2.Tick(event_id="\x00" * 5, tenant_id=tenant.tenant_id, symbol="X")
+    message = batch(bad, *ticks(tenant.tenant_id, 2))
+    async with asyncio.timeout(30):
+        assert await core.ingest.process("nats", [Inbound(message, "s", auth)]) == [Verdict.ACK]
+    assert await count_ticks(core, tenant.tenant_id) == 2
+    (letter,) = await core.dead_letters.list(tenant_id=tenant.tenant_id, limit=10)
+    assert (letter.code, letter.event_id) == ("invalid_record", "\ufffd" * 5)
+
+
+async def test_market_data_without_a_user_id_is_the_companys_and_seen_with_a_user_id(
+    core: Application, new_tenant: TenantFactory, ingest_token: object, client_for: ClientFactory
+) -> None:
+    tenant = await new_tenant("nouser")
+    t = tenant.tenant_id
+    auth = await ingest_token([t])  # type: ignore[operator]
+    own, other, everyone = ticks(t, 3)  # the company's tick is the last one
+    everyone.user_id = ""  # absent: protobuf's default
+    own.user_id, other.user_id = "u9", "u8"
+    prediction = ingest_pb2.Prediction(
+        event_id=str(uuid.uuid4()), tenant_id=t, symbol="EURUSD", time_unix_us=NOW_US,
+        prediction_type="buy", confidence=0.5,
+    )  # fmt: skip
+    message = ingest_pb2.IngestBatch(ticks=[everyone, own, other], predictions=[prediction])
+    await core.ingest.process("nats", [Inbound(message.SerializeToString(), "s", auth)])
+
+    # A caller with user id u9 sees the company's tick and its own, not u8's.
+    db = await client_for(tenant, (Scope.READ,), user_id="u9")
+    start = dt.datetime.fromtimestamp(NOW_US / 1e6, dt.UTC)
+    end = start + dt.timedelta(minutes=1)
+    series = await db.time_series("EURUSD", start, end)
+    assert len(series.rows) == 2, series.rows
+    candles = await db.candles("EURUSD", start, end, dt.timedelta(seconds=1), source="raw")
+    assert sum(row[6] for row in candles.rows) == 2, candles.rows  # ticks per bucket
+    (last,) = (await db.last_ticks(start)).rows
+    assert last[1] == start + dt.timedelta(milliseconds=2)  # the company's tick
+    predictions = await db.fetch_all("SELECT count(*) FROM ai_predictions")
+    assert predictions.rows == [(1,)]
+
+    # Stored as NULL, the company's.
+    shared = core.settings.shared_schema
+    stored = await core.owner_pool.fetch(
+        f"SELECT event_id::text, user_id FROM {shared}.trading_ticks WHERE company_id = $1", t
+    )
+    assert {r["event_id"]: r["user_id"] for r in stored} == {
+        everyone.event_id: None, own.event_id: "u9", other.event_id: "u8",
+    }  # fmt: skip
+    assert await core.owner_pool.fetchval(
+        f"SELECT user_id FROM {shared}.ai_predictions WHERE company_id = $1", t
+    ) is None  # fmt: skip

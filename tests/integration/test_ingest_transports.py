@@ -13,8 +13,11 @@ import sys
 from pathlib import Path
 
 import nats
+import pytest
 from aiokafka import AIOKafkaConsumer
+from nats.errors import TimeoutError as NatsTimeout
 
+from database_service.ingest.pipeline import Inbound, Prepared
 from database_service_client import event_id_for, tick
 from database_service_client._proto import ingest_pb2
 from tests.fix_ingest import IngestEnv
@@ -34,7 +37,7 @@ def make_ticks(tenant_id: str, n: int, *, seed: str = "s", start: int = 0) -> li
             ask=1.1003 + (i % 100) * 1e-5,
             volume=i % 9 + 1,
             user_id="u1",
-            event_id=event_id_for(seed, tenant_id, i),
+            event_id=event_id_for(tenant_id, seed, i),
         )
         for i in range(start, start + n)
     ]
@@ -251,3 +254,79 @@ async def test_ingest_load_publishes_to_both_transports_and_a_rerun_stores_nothi
         assert summary["transports"]["kafka"]["acked_ticks"] == 3000
         assert "100% 3000/3000 ticks" in done.stderr  # the progress bar's last line
         assert await ingest_env.wait_ticks(tenant.tenant_id, 3000) == 3000
+
+
+async def test_a_fetched_batch_stays_in_progress_while_it_is_prepared(
+    ingest_env: IngestEnv, new_tenant: TenantFactory
+) -> None:
+    # Preparing a batch can wait as long as storing one: authentication waits for PostgreSQL
+    # while it is down. JetStream must not hand the batch to another instance meanwhile.
+    tenant = await new_tenant("held")
+    token = await ingest_env.token([tenant.tenant_id])
+    ack_wait = 2.0
+    service = await ingest_env.instance(kafka=False, ingest_ack_wait_seconds=ack_wait)
+    prepare = service.ingest.prepare
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def stalled(transport: str, messages: list[Inbound]) -> Prepared:
+        held.set()
+        await release.wait()
+        return await prepare(transport, messages)
+
+    service.ingest.prepare = stalled  # type: ignore[method-assign]
+    async with ingest_env.publisher(token, kafka=False) as publisher:
+        await publisher.publish_ticks(make_ticks(tenant.tenant_id, 10), batch_size=10)
+    async with asyncio.timeout(30):
+        await held.wait()
+    # Another member of the durable consumer asks for messages for three ack waits: none.
+    nc = await nats.connect(ingest_env.nats.url)
+    try:
+        other = await nc.jetstream().pull_subscribe_bind(
+            durable="database-service-ingest", stream="DATABASE_INGEST"
+        )
+        with pytest.raises((NatsTimeout, TimeoutError)):
+            await other.fetch(1, timeout=3 * ack_wait)
+    finally:
+        release.set()
+        await nc.close()
+    assert await ingest_env.wait_ticks(tenant.tenant_id, 10) == 10
+    assert service.ingest.stats("nats").messages == 1
+
+
+async def test_a_poison_record_on_both_transports_is_one_dead_letter_announced_once(
+    ingest_env: IngestEnv, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("dlonce")
+    token = await ingest_env.token([tenant.tenant_id])
+    service = await ingest_env.instance()
+    records = make_ticks(tenant.tenant_id, 3, seed="dl")
+    records[1].user_id = "x" * 200  # varchar(50)
+    async with ingest_env.publisher(token) as publisher:
+        report = await publisher.publish_ticks(records, batch_size=10)
+    assert report.ok, report.to_dict()
+    assert await ingest_env.wait_ticks(tenant.tenant_id, 2) == 2
+    for _ in range(100):  # both transports delivered it
+        if all(service.ingest.stats(t).records == 3 for t in ("nats", "kafka")):
+            break
+        await asyncio.sleep(0.1)
+    assert [service.ingest.stats(t).records for t in ("nats", "kafka")] == [3, 3]
+    letters = await ingest_env.core.dead_letters.list(tenant_id=tenant.tenant_id, limit=100)
+    assert [(d.code, d.event_id) for d in letters] == [("data_exception", records[1].event_id)]
+    # Announced by whichever transport stored it, not by both.
+    nc = await nats.connect(ingest_env.nats.url)
+    try:
+        on_nats = (await nc.jetstream().stream_info("DATABASE_INGEST_DEAD_LETTERS")).state.messages
+    finally:
+        await nc.close()
+    consumer = AIOKafkaConsumer(
+        f"{ingest_env.prefix}database-dead-letter",
+        bootstrap_servers=ingest_env.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"{ingest_env.prefix}reader",
+    )
+    await consumer.start()
+    try:
+        on_kafka = sum(len(r) for r in (await consumer.getmany(timeout_ms=5_000)).values())
+    finally:
+        await consumer.stop()
+    assert (on_nats, on_kafka) in {(1, 0), (0, 1)}

@@ -85,7 +85,7 @@ def ticks(n: int, tenant: str = "abc") -> list[ingest_pb2.Tick]:
             ask=1.0802 + i * 1e-5,
             volume=i,
             user_id="load",
-            event_id=event_id_for("test", tenant, i),
+            event_id=event_id_for(tenant, "test", i),
         )
         for i in range(n)
     ]
@@ -173,7 +173,7 @@ async def test_one_transport_down(nats_server: NatsServer, kafka_topic_prefix: s
         await nats_server.stop()
         started = time.monotonic()
         with pytest.raises(PublishError, match="every transport") as raised:
-            await publisher.publish_ticks(ticks(5, "b"))
+            await publisher.publish_ticks(ticks(5, "bb"))
         assert time.monotonic() - started < 3
         assert set(raised.value.errors) == {"nats", "kafka"}
         assert raised.value.report.transports["nats"].failed_batches == 1
@@ -183,7 +183,7 @@ async def test_one_transport_down(nats_server: NatsServer, kafka_topic_prefix: s
         deadline = time.monotonic() + 20
         while True:
             try:
-                report = await publisher.publish_ticks(ticks(5, "b"))
+                report = await publisher.publish_ticks(ticks(5, "bb"))
                 break
             except PublishError:
                 if time.monotonic() > deadline:

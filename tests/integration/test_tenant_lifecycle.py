@@ -3,15 +3,24 @@ remove, and that bad input changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import httpx
 import pytest
 
 from database_service.app import Application
-from database_service.errors import ConfirmationRequired, TenantExists, TenantNotFound
-from database_service.tenancy import TenantLimits
+from database_service.auth import Principal, Scope
+from database_service.errors import (
+    ConfirmationRequired,
+    FailedPrecondition,
+    TenantExists,
+    TenantNotFound,
+)
+from database_service.query import TenantContext
+from database_service.tenancy import TenantLimits, TenantRecord
 from tests.fix_pg import PgCluster
-from tests.fix_service import TenantFactory
+from tests.fix_service import TenantFactory, TokenFactory
 
 BUSINESS_TABLES = {
     "users", "mt5_accounts", "trading_history", "trading_signals", "positions", "notification_logs",
@@ -254,3 +263,109 @@ async def test_a_tenant_from_before_opaque_names_is_upgraded_at_start(
             assert await conn.fetchval("SELECT email FROM users") == "kept@x"
         finally:
             await conn.close()
+
+
+# --- a delete is all or nothing, and can be repeated --------------------------------------------
+
+
+async def still_works(core: Application, tenant: TenantRecord, pg_cluster: PgCluster) -> None:
+    """The tenant is active, logs in, and its data (own schema and shared rows) is there."""
+    record = await core.registry.get(tenant.tenant_id)
+    assert record.status == "active"
+    password = core.secret_box.open(record.role_secret)
+    for role in record.roles:
+        conn = await asyncpg.connect(pg_cluster.dsn, user=role, password=password)
+        try:
+            assert await conn.fetchval("SELECT email FROM users") == "kept@x"
+        finally:
+            await conn.close()
+    principal = Principal("svc-del", frozenset({tenant.tenant_id}), frozenset({Scope.READ}))
+    result = await core.executor.execute(
+        principal, TenantContext(tenant.tenant_id), "SELECT count(*) FROM market_data"
+    )
+    assert result.rows == [(1,)]
+
+
+async def seeded(core: Application, new_tenant: TenantFactory, prefix: str) -> TenantRecord:
+    tenant = await new_tenant(prefix)
+    await core.owner_pool.execute(
+        f"INSERT INTO {tenant.schema_name}.users VALUES ('kept', 'kept@x', 'pro')"
+    )
+    await core.owner_pool.execute(
+        f"INSERT INTO {core.settings.shared_schema}.market_data (company_id, symbol)"
+        " VALUES ($1, 'EURUSD')",
+        tenant.tenant_id,
+    )
+    return tenant
+
+
+async def test_a_delete_that_fails_changes_nothing_and_can_be_repeated(
+    core: Application, new_tenant: TenantFactory, pg_cluster: PgCluster
+) -> None:
+    # The tenant's role owns a database (something DROP OWNED does not drop): DROP ROLE fails.
+    tenant = await seeded(core, new_tenant, "undead")
+    database = f"{tenant.role_name}_db"
+    admin = await asyncpg.connect(pg_cluster.admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}" OWNER "{tenant.role_name}"')
+        with pytest.raises(Exception) as info:
+            await core.tenants.delete(tenant.tenant_id, confirm=True)
+        await still_works(core, tenant, pg_cluster)
+        assert isinstance(info.value, FailedPrecondition), info.value
+        assert "nothing was dropped" in info.value.message
+        await admin.execute(f'DROP DATABASE "{database}"')
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}"')
+        await admin.close()
+    await core.tenants.delete(tenant.tenant_id, confirm=True)  # repeated: done
+    assert await core.registry.find(tenant.tenant_id) is None
+    assert not await core.owner_pool.fetchval(
+        "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1)", list(tenant.roles)
+    )
+
+
+async def test_a_delete_held_up_by_a_lock_gives_up_and_changes_nothing(
+    core: Application,
+    new_tenant: TenantFactory,
+    pg_cluster: PgCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tenant = await seeded(core, new_tenant, "locked")
+    monkeypatch.setattr(core.tenants, "_delete_lock_timeout_ms", 300, raising=False)
+    holder = await asyncpg.connect(pg_cluster.dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute(f'LOCK TABLE "{tenant.schema_name}".users IN ACCESS SHARE MODE')
+            with pytest.raises(Exception) as info:
+                # Not forever behind the lock: it gives up on its own, well within this bound.
+                await asyncio.wait_for(core.tenants.delete(tenant.tenant_id, confirm=True), 20)
+    finally:
+        await holder.close()
+    await still_works(core, tenant, pg_cluster)
+    assert isinstance(info.value, FailedPrecondition), info.value
+
+
+async def test_a_delete_interrupted_after_it_began_is_finished_by_repeating_it(
+    core: Application, http: httpx.AsyncClient, new_tenant: TenantFactory,
+    service_headers: TokenFactory,
+) -> None:  # fmt: skip
+    # What a crash between the two steps leaves: 'deleting', logins refused, nothing dropped.
+    tenant = await seeded(core, new_tenant, "halfway")
+    async with core.owner_pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            f"UPDATE {core.settings.control_schema}.tenants SET status = 'deleting'"
+            " WHERE tenant_id = $1",
+            tenant.tenant_id,
+        )
+        for role in tenant.roles:
+            await conn.execute(f'ALTER ROLE "{role}" NOLOGIN')
+    core.registry.invalidate(tenant.tenant_id)
+    headers = await service_headers([tenant.tenant_id])
+    body = {"sql": "SELECT 1", "tenant_id": tenant.tenant_id}
+    response = await http.post("/api/v1/query", json=body, headers=headers)
+    assert response.status_code == 409, response.text  # refused like a suspended tenant, no 503
+    await core.tenants.delete(tenant.tenant_id, confirm=True)
+    assert await core.registry.find(tenant.tenant_id) is None
+    assert not await core.owner_pool.fetchval(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = $1", tenant.schema_name
+    )

@@ -126,3 +126,46 @@ async def test_admin_partition_endpoints(
     assert {"partitions.detach", "partitions.attach", "partitions.maintain"} <= {
         e["action"] for e in events
     }
+
+
+async def test_candle_intervals_are_read_as_people_write_them(
+    http: httpx.AsyncClient,
+    core: Application,
+    new_tenant: TenantFactory,
+    service_headers: TokenFactory,
+) -> None:
+    tenant = await new_tenant("rest_iv")
+    headers = await service_headers(
+        [tenant.tenant_id], (Scope.READ,), **{"X-Tenant-Id": tenant.tenant_id}
+    )
+    await core.owner_pool.execute(
+        f"INSERT INTO {core.settings.shared_schema}.trading_ticks"
+        " (time, company_id, user_id, symbol, bid, ask, volume)"
+        " SELECT $1::timestamptz + g * interval '20 seconds', $2, 'u', 'IVL', 1.1, 1.3, 1"
+        " FROM generate_series(0, 20) g",
+        AT,
+        tenant.tenant_id,
+    )
+    params = {
+        "symbol": "IVL",
+        "start": AT.isoformat(),
+        "end": (AT + dt.timedelta(hours=1)).isoformat(),
+    }
+
+    async def volumes(interval: str) -> list[int]:
+        response = await http.get(
+            "/api/v1/timeseries/candles", params={**params, "interval": interval}, headers=headers
+        )
+        assert response.status_code == 200, (interval, response.text)
+        return [c["volume"] for c in lines(response)]
+
+    minute = await volumes("60")
+    assert minute == [3] * 7
+    for written in ("1m", "PT1M", "60s"):
+        assert await volumes(written) == minute
+    for written in ("1h", "PT1H", "3600"):
+        assert await volumes(written) == [21]
+    bad = await http.get(
+        "/api/v1/timeseries/candles", params={**params, "interval": "a minute"}, headers=headers
+    )
+    assert bad.status_code == 400 and "not understood" in bad.json()["error"]["message"]

@@ -318,7 +318,7 @@ async def a_client(core: Application, grpc_target: str, tenants: Tenants) -> Asy
 
 
 async def test_tenant_partition_listing_hides_the_shared_figures(
-    a_client: MultiDatabaseClient, grpc_target: str, tenants: Tenants
+    a_client: MultiDatabaseClient, core: Application, grpc_target: str, tenants: Tenants
 ) -> None:
     await a_client.fetch_all(
         "CREATE TABLE IF NOT EXISTS a_parts (at date NOT NULL, v int) PARTITION BY RANGE (at)"
@@ -335,6 +335,8 @@ async def test_tenant_partition_listing_hides_the_shared_figures(
     assert all(p["rows_estimate"] == 0 and p["bytes"] == 0 for p in shared), shared[:3]
     assert own and own[0]["bytes"] > 0  # its own tables keep their figures
 
-    async with MultiDatabaseClient(grpc_target, tenants.a.tenant_id, ADMIN_TOKEN) as platform:
+    # A platform token with read (the bootstrap admin token holds no data scope).
+    platform_token = await service_token(core, ["*"], [Scope.READ])
+    async with MultiDatabaseClient(grpc_target, tenants.a.tenant_id, platform_token) as platform:
         everything = await platform.partitions()
     assert any(p["bytes"] > 0 for p in everything if p["parent"].startswith(f"{tenants.shared}."))

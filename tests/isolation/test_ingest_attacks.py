@@ -16,7 +16,7 @@ import pytest
 from database_service.app import Application
 from database_service.auth import Scope
 from database_service.ingest import DeadLetter, Inbound, NewDeadLetter, Verdict
-from database_service_client import event_id_for, prediction, tick
+from database_service_client import prediction, tick
 from database_service_client._proto import ingest_pb2
 from tests.isolation.fix_attack import Tenants
 
@@ -102,7 +102,7 @@ async def test_as_event_ids_cannot_block_bs_records(
 ) -> None:
     # A stores a tick under an event id that B will use later: the uniqueness is per company,
     # so B's record is still stored (by the owner here: B has no producer in this module).
-    shared_id = event_id_for("collision", T0)
+    shared_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"collision/{T0}"))
     a_tick = tick(tenants.a.tenant_id, "EURUSD", T0, bid=1.0, ask=1.0, event_id=shared_id)
     await send(core, a_token, ingest_pb2.IngestBatch(ticks=[a_tick]))
     stored = await core.owner_pool.fetch(
@@ -128,6 +128,44 @@ async def test_as_event_ids_cannot_block_bs_records(
             assert both == 2
         finally:
             await transaction.rollback()
+
+
+async def test_as_producer_cannot_hide_another_tenants_records_behind_their_ids(
+    core: Application, tenants: Tenants, a_token: str
+) -> None:
+    # The other tenant's ids are predictable (a feed's sequence, or event_id_for's scheme of
+    # earlier versions without the tenant). A's producer publishes them first, as A's own; the
+    # service remembers recent records to skip the other transport's copy, and that memory must
+    # not take them for the other tenant's. (C, not B: C's records are stored here.)
+    c = await core.tenants.create(f"c_{uuid.uuid4().hex[:8]}")
+    c_name = f"c-feed-{uuid.uuid4().hex[:8]}"
+    await core.services.register(
+        c_name, tenants=[c.tenant_id], scopes=[Scope.INGEST], with_secret=False
+    )
+    c_token = "Bearer " + core.tokens.issue(
+        c_name, tenants=[c.tenant_id], scopes=[Scope.INGEST], ttl_seconds=600
+    )
+    ids = [str(uuid.uuid5(uuid.NAMESPACE_URL, f"feed-1/EURUSD/{i}")) for i in range(20)]
+    planted = [
+        tick(tenants.a.tenant_id, "EURUSD", T0 + 20 + i, bid=1.0, ask=1.0, event_id=e)
+        for i, e in enumerate(ids)
+    ]
+    assert await send(core, a_token, ingest_pb2.IngestBatch(ticks=planted)) is Verdict.ACK
+    real = [
+        tick(c.tenant_id, "EURUSD", T0 + 20 + i, bid=2.0, ask=2.0, event_id=e)
+        for i, e in enumerate(ids)
+    ]
+    (verdict,) = await core.ingest.process(
+        "kafka", [Inbound(ingest_pb2.IngestBatch(ticks=real).SerializeToString(), "k", c_token)]
+    )
+    assert verdict is Verdict.ACK
+    stored = await core.owner_pool.fetchval(
+        f"SELECT count(*) FROM {tenants.shared}.trading_ticks"
+        " WHERE company_id = $1 AND event_id = ANY($2)",
+        c.tenant_id,
+        [uuid.UUID(e) for e in ids],
+    )
+    assert stored == 20
 
 
 async def test_a_cannot_read_or_write_bs_staging_tables(

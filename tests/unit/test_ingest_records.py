@@ -9,12 +9,15 @@ import pytest
 from database_service.ingest.records import (
     TICK_COLUMNS,
     BadPayload,
+    TenantWork,
     decode,
     single_record_batch,
 )
 from database_service_client._proto import ingest_pb2
 
 EID = "6f1c2f5e-8d1b-4c4e-9a55-2b1f0e7c1a01"
+EID2 = "6f1c2f5e-8d1b-4c4e-9a55-2b1f0e7c1a02"
+EID3 = "6f1c2f5e-8d1b-4c4e-9a55-2b1f0e7c1a03"
 
 
 def batch(**fields: object) -> bytes:
@@ -139,3 +142,54 @@ def test_large_batches_are_cut_into_parts_that_keep_every_record_once() -> None:
     assert all(u.values == [int(k[1:]) for k in u.keys] for p in parts for u in p)
     assert _split([ticks], parallel=2, min_part=5000) == [[ticks]]  # too small to cut
     assert _split([rows], parallel=1, min_part=1) == [[rows]]
+
+
+def test_recent_records_are_known_by_tenant_time_and_event_id_like_the_unique_indexes() -> None:
+    from database_service.ingest.pipeline import RecentEvents
+
+    def work(tenant_id: str, time_us: int = 5) -> TenantWork:
+        return decode(
+            batch(
+                ticks=[ingest_pb2.Tick(event_id=EID, tenant_id=tenant_id, symbol="X",
+                                       time_unix_us=time_us)],
+                predictions=[ingest_pb2.Prediction(event_id=EID2, tenant_id=tenant_id, symbol="X",
+                                                   prediction_type="buy", time_unix_us=time_us)],
+                rows=[ingest_pb2.TenantRow(event_id=EID3, tenant_id=tenant_id, table="users",
+                                           row_json='{"user_id": "u"}')],
+            )
+        ).work[tenant_id]  # fmt: skip
+
+    recent = RecentEvents(1000)
+    recent.remember(work("abc"))
+    # Another tenant's records with the same ids are its own: nothing is skipped.
+    other = work("xyz")
+    assert other.discard(recent.seen("xyz")) == 0 and other.size == 3
+    # The same tenant at another time: another row of the shared tables (the row is the same).
+    later = work("abc", time_us=6)
+    assert later.discard(recent.seen("abc")) == 1
+    assert (list(later.ticks), list(later.predictions), later.rows) == ([EID], [EID2], {})
+    assert set(later.sources) == {EID, EID2}
+    again = work("abc")
+    assert again.discard(recent.seen("abc")) == 3 and again.size == 0 and not again.sources
+
+
+def test_recent_records_forget_the_older_generation() -> None:
+    from database_service.ingest.pipeline import RecentEvents
+
+    def work(event_id: str) -> TenantWork:
+        tick = ingest_pb2.Tick(event_id=event_id, tenant_id="abc", symbol="X")
+        return decode(batch(ticks=[tick])).work["abc"]
+
+    recent = RecentEvents(4)
+    recent.remember(work(EID))  # 1 of 2: the new generation
+    assert work(EID).discard(recent.seen("abc")) == 1
+    for i in range(4):  # two generations more
+        recent.remember(work(str(uuid.UUID(int=i))))
+    assert work(EID).discard(recent.seen("abc")) == 0
+    assert work(str(uuid.UUID(int=3))).discard(recent.seen("abc")) == 1
+
+
+def test_time_is_the_second_column_of_ticks_and_predictions() -> None:
+    from database_service.ingest.records import _TIME, PREDICTION_COLUMNS
+
+    assert TICK_COLUMNS[_TIME] == PREDICTION_COLUMNS[_TIME] == "time_us"

@@ -73,3 +73,20 @@ def test_can_act_for_own_tenants_or_every_tenant() -> None:
     assert principal({"a"}, set()).can_act_for("a")
     assert not principal({"a"}, set()).can_act_for("b")
     assert principal({ALL_TENANTS}, set()).can_act_for("b")
+
+
+def test_grants_are_covered_but_never_held() -> None:
+    # The bootstrap administrator's shape: admin over every tenant, data scopes grantable only.
+    granting = Principal(
+        service="boot",
+        tenants=frozenset({ALL_TENANTS}),
+        scopes=frozenset({ADMIN}),
+        grants=frozenset({READ, INGEST}),
+    )
+    assert granting.covers({"a"}, {READ, INGEST, ADMIN})
+    assert not granting.covers({"a"}, {WRITE})
+    assert not granting.has_scope(READ)
+    with pytest.raises(PermissionDenied, match="bootstrapping only"):
+        granting.require(INGEST, "a")
+    with pytest.raises(PermissionDenied, match="lacks the 'write' scope"):
+        granting.require(WRITE, "a")

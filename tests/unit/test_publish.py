@@ -79,16 +79,41 @@ def test_prediction_fields() -> None:
         prediction("abc", "EURUSD", T0, prediction_type="buy", confidence=1.5)
 
 
-def test_event_id_for_is_stable_uuid5() -> None:
-    a = event_id_for(7, "abc", 12345)
-    assert a == event_id_for(7, "abc", 12345) == event_id_for("7", "abc", "12345")
-    assert a == str(uuid.uuid5(EVENT_ID_NAMESPACE, "7/abc/12345"))
-    assert a == "99db5d4b-a272-52dc-8aa4-cc91a118300f"  # fixed forever: ids already stored
+def test_event_id_for_is_stable_uuid5_of_the_tenant_and_key() -> None:
+    a = event_id_for("abc", 7, 12345)
+    assert a == event_id_for("abc", 7, 12345) == event_id_for("abc", "7", "12345")
+    assert a == str(uuid.uuid5(EVENT_ID_NAMESPACE, "abc/7/12345"))
+    assert a == "9af81c30-4f36-58e1-bc1a-f251c18d23dd"  # fixed forever: ids already stored
     assert uuid.UUID(a).version == 5
-    assert event_id_for(7, "abc", 12346) != a
-    assert event_id_for("é", "") == str(uuid.uuid5(EVENT_ID_NAMESPACE, "é/"))
+    assert event_id_for("abc", 7, 12346) != a
+    assert event_id_for("abc", "é", "") == str(uuid.uuid5(EVENT_ID_NAMESPACE, "abc/é/"))
     u = uuid.UUID(new_event_id())
     assert (u.version, u.variant) == (4, uuid.RFC_4122)
+
+
+def test_two_tenants_never_get_the_same_event_id() -> None:
+    # The same feed for two tenants: different ids, so neither's records can hide the other's.
+    assert event_id_for("abc", "feed-1", "EURUSD", 1) != event_id_for("xyz", "feed-1", "EURUSD", 1)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        ("feed-1", "EURUSD", 42),  # the call of earlier versions: no tenant
+        (7, "abc", 12345),
+        ("ABC", 1),
+        ("abc/x", 1),  # a tenant id has no "/", so it cannot run into the key's parts
+        ("",),
+    ],
+)
+def test_event_id_for_without_a_tenant_is_refused(call: tuple[object, ...]) -> None:
+    with pytest.raises(ValueError, match=r"is not a tenant id\. The record's tenant comes first"):
+        event_id_for(*call)  # type: ignore[arg-type]
+
+
+def test_event_id_for_needs_a_key() -> None:
+    with pytest.raises(ValueError, match="needs a key"):
+        event_id_for("abc")
 
 
 def ticks(n: int, tenant: str = "abc") -> list[ingest_pb2.Tick]:
@@ -109,16 +134,17 @@ def test_batches_of_batch_size() -> None:
 
 
 def test_batches_hold_one_tenant_in_order() -> None:
-    a, b = ticks(5, "a"), ticks(3, "b")
+    a, b = ticks(5, "aa"), ticks(3, "bb")
     mixed = [a[0], b[0], a[1], a[2], b[1], a[3], b[2], a[4]]
     batches = [batch for _, batch in iter_batches(mixed, batch_size=2)]
     assert [[t.tenant_id for t in x.ticks] for x in batches] == [
-        ["a", "a"], ["b", "b"], ["a", "a"], ["b"], ["a"],
+        ["aa", "aa"], ["bb", "bb"], ["aa", "aa"], ["bb"], ["aa"],
     ]  # fmt: skip
     by_tenant = {
-        tenant: [t for x in batches for t in x.ticks if t.tenant_id == tenant] for tenant in "ab"
+        tenant: [t for x in batches for t in x.ticks if t.tenant_id == tenant]
+        for tenant in ("aa", "bb")
     }
-    assert by_tenant == {"a": a, "b": b}
+    assert by_tenant == {"aa": a, "bb": b}
 
 
 def test_many_tenants_do_not_buffer_without_bound() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 
+import pytest
+
 from database_service.timeseries import SeriesSpec, partition_ddl, timescale_sql
 from database_service.timeseries.layout import aligned_ranges, floor_time, partition_name
 
@@ -67,3 +69,26 @@ def test_timescale_path_matches_the_seed() -> None:
         "SELECT create_hypertable('\"shared\".\"ai_predictions\"', 'time',"
         " chunk_time_interval => INTERVAL '21600 seconds', if_not_exists => true)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("60", 60), ("1m", 60), ("PT1M", 60), ("1h", 3600), ("PT1H", 3600), ("1d", 86400),
+        ("P1D", 86400), ("15m", 900), ("30s", 30), ("1h30m", 5400), ("PT1H30M", 5400),
+        ("4H", 14400), (" 5m ", 300), ("1w", 604800),
+    ],
+)  # fmt: skip
+def test_candle_intervals_are_read_as_people_write_them(text: str, seconds: int) -> None:
+    from database_service.timeseries.candles import parse_interval
+
+    assert parse_interval(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "P", "PT", "1x", "abc", "-5", "1.5m", "m"])
+def test_an_interval_not_understood_is_a_clear_error(text: str) -> None:
+    from database_service.errors import InvalidParameters
+    from database_service.timeseries.candles import parse_interval
+
+    with pytest.raises(InvalidParameters, match="not understood"):
+        parse_interval(text)

@@ -4,6 +4,7 @@ publish market data for ingestion (the ``publish`` extra)."""
 from database_service_client.client import (
     Column,
     MultiDatabaseClient,
+    PulledStream,
     QueryResult,
     QueryStream,
     StatementResult,
@@ -24,6 +25,7 @@ from database_service_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from database_service_client.params import bind
 from database_service_client.publish import (
     MarketDataPublisher,
     PublishError,
@@ -50,12 +52,14 @@ __all__ = [
     "PermissionDenied",
     "PublishError",
     "PublishReport",
+    "PulledStream",
     "QueryResult",
     "QueryStream",
     "ResourceExhausted",
     "StatementResult",
     "Unauthenticated",
     "Unavailable",
+    "bind",
     "event_id_for",
     "prediction",
     "tick",

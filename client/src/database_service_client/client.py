@@ -19,19 +19,23 @@ import grpc
 
 from database_service_client._proto import database_service_pb2 as pb
 from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
-from database_service_client.errors import NotConfigured, from_rpc_error
+from database_service_client.errors import NotConfigured, PermissionDenied, from_rpc_error
+from database_service_client.params import bind
 from database_service_client.values import from_row, to_row, to_value
 
 __all__ = ["Column", "MultiDatabaseClient", "QueryResult", "QueryStream", "StatementResult"]
 
 T = TypeVar("T")
+# Parameters of a statement: by position ($1, $2, ...) or by name (:name).
+Params = Sequence[Any] | Mapping[str, Any]
 _ISOLATION = {
     "read_committed": pb.ISOLATION_LEVEL_READ_COMMITTED,
     "repeatable_read": pb.ISOLATION_LEVEL_REPEATABLE_READ,
     "serializable": pb.ISOLATION_LEVEL_SERIALIZABLE,
 }
 # Stores of the seed this client knows; a deployment reports which it has configured.
-_OTHER_STORES = ("dragonflydb", "clickhouse", "weaviate", "arangodb")
+# Stores whose operations this client runs itself; for any other, it asks the service.
+_RUNS_HERE = ("postgresql",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,78 @@ class QueryStream:
         )
 
 
+class PulledStream:
+    """``async for row in stream`` over ``StreamQuery``: the server sends result messages only as
+    this side asks for them (``window`` ahead of what has been read), so a slow reader holds
+    the server back instead of filling memory on either side. Leaving the loop early, or
+    ``cancel()``, tells the server to stop the statement."""
+
+    def __init__(self, start: Callable[[AsyncIterator[Any]], Any], first: Any, window: int):
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self._start = start
+        self._first = first
+        self._window = window
+        self._outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._call: Any = None
+        self.columns: list[Column] = []
+        self.summary: pb.ResultSummary | None = None
+        self.messages = 0  # result messages received
+
+    async def _requests(self) -> AsyncIterator[Any]:
+        yield pb.StreamQueryRequest(start=self._first)
+        yield pb.StreamQueryRequest(pull=self._window)
+        while True:
+            request = await self._outbox.get()
+            if request is None:
+                return
+            yield request
+            if request.HasField("cancel"):
+                return
+
+    def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
+        return self._rows()
+
+    async def _rows(self) -> AsyncIterator[tuple[Any, ...]]:
+        self._call = self._start(self._requests())
+        try:
+            async for message in self._call:
+                self.messages += 1
+                if message.HasField("header"):
+                    self.columns = [Column(c.name, c.type) for c in message.header.columns]
+                for row in message.rows.rows:
+                    yield from_row(row)
+                if message.HasField("summary"):
+                    self.summary = message.summary
+                    return
+                self._outbox.put_nowait(pb.StreamQueryRequest(pull=1))
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            if self.summary is None:
+                await self.cancel()
+            else:
+                self._outbox.put_nowait(None)
+
+    async def cancel(self) -> None:
+        """Stop the statement on the server (and the call)."""
+        self._outbox.put_nowait(pb.StreamQueryRequest(cancel=True))
+        if self._call is not None:
+            await asyncio.sleep(0)  # let the cancel go out before the call is torn down
+            self._call.cancel()
+
+    async def fetch_all(self) -> QueryResult:
+        rows = [row async for row in self]
+        summary = self.summary
+        return QueryResult(
+            columns=self.columns,
+            rows=rows,
+            row_count=summary.row_count if summary else len(rows),
+            command=summary.command if summary else "",
+            duration_ms=summary.duration_ms if summary else 0.0,
+        )
+
+
 def _aware(moment: dt.datetime) -> dt.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
@@ -158,6 +234,7 @@ class MultiDatabaseClient:
         ]
         self._channel: grpc.aio.Channel | None = None
         self._stub: DatabaseServiceStub | None = None
+        self._stores: dict[str, str] | None = None
 
     async def __aenter__(self) -> MultiDatabaseClient:
         return self
@@ -220,22 +297,49 @@ class MultiDatabaseClient:
     def execute_query(
         self,
         sql: str,
-        params: Sequence[Any] = (),
+        params: Params = (),
         *,
         timeout: float | None = None,
         idempotent: bool = False,
         max_chunk_bytes: int = 0,
     ) -> QueryStream:
-        """Stream the rows of one statement: ``async for row in client.execute_query(...)``."""
+        """Stream the rows of one statement: ``async for row in client.execute_query(...)``.
+
+        ``params`` is a sequence (``$1``, ``$2``, ...) or a mapping (``:name`` placeholders)."""
+        sql, values = bind(sql, params)
         request = pb.QueryRequest(
-            sql=sql, params=[to_value(p) for p in params], max_chunk_bytes=max_chunk_bytes
+            sql=sql, params=[to_value(p) for p in values], max_chunk_bytes=max_chunk_bytes
         )
         return self._stream(self.stub.ExecuteQuery, request, retry=idempotent, timeout=timeout)
+
+    def stream_query(
+        self,
+        sql: str,
+        params: Params = (),
+        *,
+        window: int = 4,
+        max_chunk_bytes: int = 0,
+        timeout: float | None = None,
+    ) -> PulledStream:
+        """Stream a large result with flow control (``StreamQuery``): at most ``window``
+        messages of about ``max_chunk_bytes`` are in flight, the server's cursor waits for a
+        slow reader, and breaking out of ``async for`` cancels the statement."""
+        sql, values = bind(sql, params)
+        first = pb.QueryRequest(
+            sql=sql, params=[to_value(p) for p in values], max_chunk_bytes=max_chunk_bytes
+        )
+        return PulledStream(
+            lambda requests: self.stub.StreamQuery(
+                requests, metadata=self._metadata(), timeout=timeout or self.timeout
+            ),
+            first,
+            window,
+        )
 
     async def fetch_all(
         self,
         sql: str,
-        params: Sequence[Any] = (),
+        params: Params = (),
         *,
         timeout: float | None = None,
         idempotent: bool = False,
@@ -245,10 +349,11 @@ class MultiDatabaseClient:
         ).fetch_all()
 
     def analytics_query(
-        self, sql: str, params: Sequence[Any] = (), *, timeout: float | None = None
+        self, sql: str, params: Params = (), *, timeout: float | None = None
     ) -> QueryStream:
         """A read-only query for analytics; streamed, retried on UNAVAILABLE."""
-        request = pb.AnalyticsQueryRequest(sql=sql, params=[to_value(p) for p in params])
+        sql, values = bind(sql, params)
+        request = pb.AnalyticsQueryRequest(sql=sql, params=[to_value(p) for p in values])
         return self._stream(self.stub.ExecuteAnalyticsQuery, request, retry=True, timeout=timeout)
 
     async def time_series(
@@ -306,7 +411,7 @@ class MultiDatabaseClient:
 
     async def transaction(
         self,
-        statements: Sequence[str | tuple[str, Sequence[Any]]],
+        statements: Sequence[str | tuple[str, Params]],
         *,
         isolation: str = "read_committed",
         read_only: bool = False,
@@ -318,7 +423,8 @@ class MultiDatabaseClient:
         request = pb.TransactionRequest(isolation=_ISOLATION[isolation], read_only=read_only)
         for statement in statements:
             sql, params = (statement, ()) if isinstance(statement, str) else statement
-            request.statements.append(pb.Statement(sql=sql, params=[to_value(p) for p in params]))
+            sql, values = bind(sql, params)
+            request.statements.append(pb.Statement(sql=sql, params=[to_value(p) for p in values]))
         response = await self._unary(
             self.stub.ExecuteTransaction, request, retry=False, timeout=timeout
         )
@@ -455,18 +561,47 @@ class MultiDatabaseClient:
 
     # --- the seed's shape ----------------------------------------------------------------------
 
+    async def stores(self) -> dict[str, str]:
+        """The stores the service knows and each one's status (``not_configured`` for those
+        this deployment does not have), from its health document; asked once per client."""
+        if self._stores is None:
+            document = await self.health()
+            self._stores = {
+                name: str(dependency.get("status", "unknown"))
+                for name, dependency in document.get("dependencies", {}).items()
+            }
+        return self._stores
+
     async def execute_multi_db_operation(
         self, operations: Mapping[str, Mapping[str, Any]]
     ) -> dict[str, Any]:
         """The seed's ``{"postgresql": {...}, "dragonflydb": {...}, ...}`` call.
 
-        ``postgresql`` takes ``{"query": sql, "params": [...]}`` or ``{"statements": [...]}``
-        (run as one transaction). Stores this deployment has not configured raise NotConfigured
-        before anything runs, so a multi-store operation is never half done."""
-        unknown = [name for name in operations if name != "postgresql"]
-        for name in unknown:
-            reason = "not configured in this deployment" if name in _OTHER_STORES else "unknown"
-            raise NotConfigured(f"store {name!r} is {reason}", code="not_configured")
+        ``postgresql`` takes ``{"query": sql, "params": [...] or {...}}`` or
+        ``{"statements": [...]}`` (run as one transaction); a mapping of params binds to
+        ``:name`` placeholders (the seed passes the signal's dict). Stores this deployment has
+        not configured raise NotConfigured, and an operation naming another ``company_id`` than
+        this client's tenant raises PermissionDenied, before anything runs, so a multi-store
+        operation is never half done."""
+        for name, operation in operations.items():
+            company = operation.get("company_id", operation.get("tenant_id"))
+            if company is not None and company != self.tenant_id:
+                raise PermissionDenied(
+                    f"the {name} operation names company {company!r}, but this client acts for"
+                    f" {self.tenant_id!r}",
+                    code="permission_denied",
+                )
+        others = [name for name in operations if name not in _RUNS_HERE]
+        if others:
+            known = await self.stores()
+            for name in others:
+                if name not in known:
+                    reason = "unknown to this service"
+                elif known[name] == "not_configured":
+                    reason = "not configured in this deployment"
+                else:
+                    reason = "configured, but this client cannot run operations on it yet"
+                raise NotConfigured(f"store {name!r} is {reason}", code="not_configured")
         results: dict[str, Any] = {}
         postgres = operations.get("postgresql")
         if postgres is not None:

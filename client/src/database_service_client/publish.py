@@ -12,8 +12,8 @@ NATS JetStream and Kafka at the same time::
 
 Every record carries a stable event id; the service stores each event once per tenant however
 often and on however many transports it arrives, so publishing twice (or on both transports) is
-safe. Use :func:`event_id_for` for ids derived from your own keys, so a re-run re-publishes the
-same events instead of new ones.
+safe. Use :func:`event_id_for` for ids derived from the tenant and your own keys, so a re-run
+re-publishes the same events instead of new ones.
 
 A batch holds the records of one tenant and is keyed by that tenant on Kafka, so one tenant's
 records keep their order in one partition. A transport that fails does not stop the other: the
@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -86,6 +88,8 @@ DEFAULT_KAFKA_TOPICS: Mapping[Kind, str] = {
 # uuid5(NAMESPACE_URL, "urn:database-service:ingest:event-id"); fixed forever: ids derive from it.
 EVENT_ID_NAMESPACE = uuid.UUID("eaeb40c3-87d9-514e-b26f-53e44cb76a24")
 _NAMESPACE_BYTES = EVENT_ID_NAMESPACE.bytes
+# What the service accepts as a tenant id (no "/": the tenant cannot run into the key's parts).
+_TENANT_ID = re.compile(r"[a-z][a-z0-9_]{1,40}")
 # Below the 1 MiB both NATS (max_payload) and Kafka (max.message.bytes) accept by default.
 DEFAULT_MAX_BATCH_BYTES = 900_000
 MAX_ERRORS_KEPT = 20
@@ -105,15 +109,37 @@ _WIRE_OVERHEAD = 6  # field tag + length varint of one record inside the batch
 # --- records -----------------------------------------------------------------------------------
 
 
-def event_id_for(*parts: object) -> str:
-    """A stable event id from your own key, e.g. ``event_id_for("mt5", account, deal)``: the
-    same parts give the same id, so re-publishing them stores nothing twice.
+def event_id_for(tenant_id: str, *key: object) -> str:
+    """A stable event id for a record of ``tenant_id``, from your own key: e.g.
+    ``event_id_for("abc", "feed-1", "EURUSD", seq)``. The same tenant and key give the same id,
+    so re-publishing them stores nothing twice; two tenants never get the same id, whatever
+    their keys (the tenant id leads the name, and a tenant id has no ``/``, which joins the
+    parts), so two tenants fed the same market data keep their events apart.
 
-    ``str(uuid5(EVENT_ID_NAMESPACE, "/".join(parts)))``, computed without ``uuid.UUID``, which
-    is twice as slow (a load generator makes hundreds of thousands)."""
-    name = "/".join([str(p) for p in parts])
+    ``str(uuid5(EVENT_ID_NAMESPACE, "/".join([tenant_id, *key])))``, computed without
+    ``uuid.UUID``, which is twice as slow (a load generator makes hundreds of thousands): an id
+    from an earlier version's ``event_id_for(tenant_id, *key)`` is the same id.
+
+    Raises ``ValueError`` when ``tenant_id`` is not a tenant id or no key follows it: the call
+    of earlier versions without the tenant, ``event_id_for("feed-1", "EURUSD", seq)``, gave every
+    tenant the same ids; pass the record's tenant first."""
+    if not (isinstance(tenant_id, str) and _is_tenant_id(tenant_id)):
+        raise ValueError(
+            f"event_id_for(tenant_id, *key): {tenant_id!r} is not a tenant id. The record's tenant"
+            " comes first, so that two tenants' ids never collide: e.g."
+            " event_id_for('abc', 'feed-1', 'EURUSD', 42) (ids without the tenant are no longer"
+            " made)"
+        )
+    if not key:
+        raise ValueError("event_id_for(tenant_id, *key) needs a key after the tenant id")
+    name = "/".join([tenant_id, *[str(p) for p in key]])
     digest = hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()
     return _uuid_text(digest, 0x50)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_tenant_id(value: str) -> bool:
+    return _TENANT_ID.fullmatch(value) is not None
 
 
 def new_event_id() -> str:

@@ -10,11 +10,10 @@ import datetime as dt
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import asyncpg
-
 from database_service.auth import Principal
 from database_service.errors import InvalidParameters
-from database_service.query import Header, QueryExecutor, Summary, TenantContext
+from database_service.query import QueryExecutor, TenantContext
+from database_service.results import Event
 from database_service.tenancy import quote_ident
 from database_service.timeseries.candles import CandleQuery, candle_sql, last_tick_sql
 
@@ -27,7 +26,7 @@ SERIES_COLUMNS = {
     " features, result",
 }
 
-Events = AsyncGenerator[Header | list[asyncpg.Record] | Summary, None]
+Events = AsyncGenerator[Event, None]
 
 
 class TimeSeries:

@@ -1,29 +1,45 @@
 """Service identities in the control plane, and the authenticator every front end calls.
 
-A token is only as good as the identity behind it: the authenticator checks the signature and
-expiry, then that the service still exists and is active, and narrows the token's tenants and
-scopes to what the identity holds now (so disabling or narrowing a service takes effect within
-``cache_ttl`` seconds, without a token revocation list).
+A token is only as good as the identity behind it: the authenticator checks the signature,
+issuer, audience and expiry, that the token was not revoked (by its ``jti``), then that the
+service still exists and is active, and narrows the token's tenants and scopes to what the
+identity holds now. Identities and the revocation list are cached for ``cache_ttl`` seconds, so
+disabling or narrowing a service, or revoking one token, takes effect on every instance within
+that bound.
+
+The bootstrap admin token (``DBSVC_BOOTSTRAP_ADMIN_TOKEN``, else generated once into
+``<data dir>/admin.token``) is meant for bootstrapping: it creates tenants and services and
+mints their tokens, and is refused for tenant data and ingestion (``tokens.bootstrap_admin``).
+To rotate it, put a new value (at least 24 characters) in the variable or the file and restart
+every instance: the old value stops working as each one restarts.
+
+Client secrets are checked with scrypt on a worker thread (``hash_threads``), never on the event
+loop that serves every front end, and at the same cost whether the service exists or not.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hmac
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
 
 import asyncpg
 
 from database_service.auth.principal import ALL_TENANTS, Principal, Scope
 from database_service.auth.tokens import (
     TokenCodec,
-    everything,
+    bootstrap_admin,
     hash_secret,
     new_client_secret,
-    verify_secret,
+    verify_secret_or_dummy,
+    warm_dummy_hash,
 )
 from database_service.errors import (
     Conflict,
@@ -37,6 +53,8 @@ from database_service.tenancy.ids import quote_ident, validate_tenant_id
 __all__ = ["Authenticator", "ServiceDirectory", "ServiceIdentity"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_.-]{1,62}$")
 
@@ -75,9 +93,22 @@ class ServiceDirectory:
     """Service identities in the control plane, read and written through the owner's pool; an
     unreachable PostgreSQL is ``Unavailable`` (503), never a failed authentication."""
 
-    def __init__(self, pool: asyncpg.Pool, *, control_schema: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, control_schema: str, hash_threads: int = 1) -> None:
         self._pool = pool
         self._table = f"{quote_ident(control_schema)}.services"
+        self._revoked = f"{quote_ident(control_schema)}.revoked_tokens"
+        self._deployment = f"{quote_ident(control_schema)}.deployment"
+        # scrypt releases the GIL: hashing on these threads leaves the event loop free.
+        self._hasher = concurrent.futures.ThreadPoolExecutor(
+            hash_threads, thread_name_prefix="dbsvc-scrypt"
+        )
+        self._hasher.submit(warm_dummy_hash)  # the first unknown name costs no more than others
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=False, cancel_futures=True)
+
+    async def _on_hasher(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._hasher, fn, *args)
 
     @staticmethod
     def _identity(row: asyncpg.Record) -> ServiceIdentity:
@@ -107,7 +138,7 @@ class ServiceDirectory:
         if not tenant_list:
             raise InvalidRequest("a service needs at least one tenant (or '*')")
         secret = new_client_secret() if with_secret else None
-        hashed = hash_secret(secret) if secret else None
+        hashed = await self._on_hasher(hash_secret, secret) if secret else None
         conflict = (
             " ON CONFLICT (service_name) DO UPDATE SET secret_hash = EXCLUDED.secret_hash,"
             " tenants = EXCLUDED.tenants, scopes = EXCLUDED.scopes, status = 'active'"
@@ -151,19 +182,57 @@ class ServiceDirectory:
             raise NotFound(f"service {name!r} does not exist")
 
     async def check_secret(self, name: str, secret: str) -> ServiceIdentity:
+        """The active service ``name`` if ``secret`` is its secret. One scrypt on a hashing
+        thread whatever the outcome (against a dummy hash when the service is unknown or has no
+        secret), and the same error for every failure: neither the answer nor the time it takes
+        tells which services exist."""
         with postgres_unavailable("service directory"):
             row = await self._pool.fetchrow(
                 f"SELECT * FROM {self._table} WHERE service_name = $1", name
             )
-        # Same message for every failure, so the endpoint does not tell which services exist.
-        if (
-            row is None
-            or row["secret_hash"] is None
-            or row["status"] != "active"
-            or not verify_secret(secret, row["secret_hash"])
-        ):
+        stored = None if row is None else row["secret_hash"]
+        matches = await self._on_hasher(verify_secret_or_dummy, secret, stored)
+        if row is None or stored is None or row["status"] != "active" or not matches:
             raise Unauthenticated("unknown service or wrong secret")
         return self._identity(row)
+
+    async def revoke(
+        self, service: str, token_id: str, *, expires_at: datetime | None, revoked_by: str
+    ) -> bool:
+        """Record a revoked token (``expires_at``: when it expires anyway, None when unknown);
+        False when it was revoked already. Revocations of long-expired tokens are purged."""
+        with postgres_unavailable("service directory"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    f"DELETE FROM {self._revoked} WHERE expires_at < now() - interval '1 day'"
+                )
+                status = await conn.execute(
+                    f"INSERT INTO {self._revoked} (service_name, jti, expires_at, revoked_by)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    service,
+                    token_id,
+                    expires_at,
+                    revoked_by,
+                )
+        return status.endswith(" 1")
+
+    async def revoked(self) -> frozenset[tuple[str, str]]:
+        """(service, jti) of every revoked token that may still verify (expiry plus leeway)."""
+        with postgres_unavailable("service directory"):
+            rows = await self._pool.fetch(
+                f"SELECT service_name, jti FROM {self._revoked}"
+                " WHERE expires_at IS NULL OR expires_at > now() - interval '1 minute'"
+            )
+        return frozenset((r["service_name"], r["jti"]) for r in rows)
+
+    async def deployment_id(self) -> str:
+        """This deployment's id: drawn once when its control plane was created (control
+        migration 0007), the same for every instance sharing it."""
+        with postgres_unavailable("service directory"):
+            value = await self._pool.fetchval(f"SELECT id::text FROM {self._deployment}")
+        if value is None:
+            raise RuntimeError(f"{self._deployment} is empty: control migration 0007 not applied")
+        return str(value)
 
 
 class Authenticator:
@@ -182,12 +251,17 @@ class Authenticator:
         self._admin_token = bootstrap_admin_token.encode()
         self._ttl = cache_ttl
         self._cache: dict[str, tuple[float, ServiceIdentity | None]] = {}
+        self._revoked: frozenset[tuple[str, str]] = frozenset()
+        self._revoked_until = 0.0
+        self._revoked_lock = asyncio.Lock()
 
     async def authenticate(self, authorization: str | None) -> Principal:
         token = _bearer(authorization)
         if hmac.compare_digest(token.encode(), self._admin_token):
-            return everything()
+            return bootstrap_admin()
         claimed = self.codec.verify(token)
+        if claimed.token_id is None or await self.is_revoked(claimed.service, claimed.token_id):
+            raise Unauthenticated("token has been revoked")
         identity = await self._identity(claimed.service)
         if identity is None or not identity.active:
             raise Unauthenticated(f"service {claimed.service!r} is unknown or disabled")
@@ -216,6 +290,22 @@ class Authenticator:
 
     def forget(self, name: str) -> None:
         self._cache.pop(name, None)
+
+    async def is_revoked(self, service: str, token_id: str) -> bool:
+        """Whether the token was revoked, as of at most ``cache_ttl`` seconds ago (one read of
+        the whole list per period, shared by every request; an unreachable PostgreSQL is
+        ``Unavailable``, never "not revoked")."""
+        if self._revoked_until <= time.monotonic():
+            async with self._revoked_lock:
+                if self._revoked_until <= time.monotonic():
+                    revoked = await self.directory.revoked()
+                    self._revoked = revoked
+                    self._revoked_until = time.monotonic() + self._ttl
+        return (service, token_id) in self._revoked
+
+    def revoked_here(self, service: str, token_id: str) -> None:
+        """A revocation made by this instance takes effect here at once."""
+        self._revoked = self._revoked | {(service, token_id)}
 
 
 def _bearer(authorization: str | None) -> str:

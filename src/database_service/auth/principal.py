@@ -4,6 +4,10 @@ A principal whose tenants contain ``*`` is the *platform*: its scopes hold over 
 over what no single tenant owns (the shared partitions, every service, the whole audit log,
 service-wide figures). Any other principal's scopes, ``admin`` included, cover its own tenants
 only; ``covers`` is the one test for "within the caller's" (granting a service, minting a token).
+
+A principal may also *grant* scopes it does not hold (``grants``): the bootstrap administrator
+creates tenants and services and mints their tokens, but holds no data scope itself (``read``,
+``write``, ``ingest``), so the root credential never reads, writes or ingests a tenant's data.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class Principal:
     scopes: frozenset[Scope]
     token_id: str | None = None
     expires_at: datetime | None = None
+    # Scopes it may hand out (to a service it creates, in a token it mints) without holding
+    # them: the bootstrap administrator's data scopes.
+    grants: frozenset[Scope] = frozenset()
 
     def can_act_for(self, tenant_id: str) -> bool:
         return self.is_platform or tenant_id in self.tenants
@@ -64,11 +71,12 @@ class Principal:
         return self.is_platform and any(s in self.scopes for s in scopes)
 
     def covers(self, tenants: Iterable[str] = (), scopes: Iterable[Scope] = ()) -> bool:
-        """Whether ``tenants`` and ``scopes`` are all within this principal's own.
+        """Whether ``tenants`` and ``scopes`` are all within this principal's own (scopes: held
+        or grantable).
 
         ``*`` among ``tenants`` is covered only by a platform principal: a tenant-scoped caller
         can never grant or mint "every tenant", however many tenants it holds."""
-        if not set(scopes) <= self.scopes:
+        if not set(scopes) <= self.scopes | self.grants:
             return False
         if self.is_platform:
             return True
@@ -88,6 +96,12 @@ class Principal:
         """Raise PermissionDenied unless this principal holds ``scope`` (for ``tenant_id``)."""
         if tenant_id is not None and not self.can_act_for(tenant_id):
             raise PermissionDenied(f"service {self.service!r} may not act for tenant {tenant_id!r}")
+        if scope not in self.scopes and scope in self.grants:
+            raise PermissionDenied(
+                f"service {self.service!r} is for bootstrapping only (tenants, services, tokens):"
+                f" it may grant the {scope.value!r} scope but not use it; issue a token for a"
+                " service that holds it"
+            )
         if scope not in self.scopes:
             raise PermissionDenied(
                 f"service {self.service!r} lacks the {scope.value!r} scope for this operation"

@@ -5,9 +5,10 @@
 ``jetstream`` and ``kafka_group`` are the two consumers, ``deadletters`` the table behind them.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from database_service.ingest.deadletters import DeadLetter, DeadLetterStore, NewDeadLetter
-from database_service.ingest.jetstream import JetStreamIngest, JetStreamSettings
-from database_service.ingest.kafka_group import KafkaIngest, KafkaSettings
 from database_service.ingest.pipeline import (
     Inbound,
     IngestPipeline,
@@ -15,9 +16,32 @@ from database_service.ingest.pipeline import (
     TransportStats,
     Verdict,
 )
-from database_service.ingest.probe import IngestionProbe, KafkaProbe
 from database_service.ingest.records import BadPayload, Decoded, Rejected, decode
 from database_service.ingest.writer import IngestWriter, StoreResult
+
+if TYPE_CHECKING:
+    from database_service.ingest.jetstream import JetStreamIngest, JetStreamSettings
+    from database_service.ingest.kafka_group import KafkaIngest, KafkaSettings
+    from database_service.ingest.probe import IngestionProbe, KafkaProbe
+
+# The transports import nats-py and aiokafka (about a second): only a process that consumes, or
+# probes them, pays for that (an admin command does not).
+_TRANSPORTS = {
+    "JetStreamIngest": "jetstream",
+    "JetStreamSettings": "jetstream",
+    "KafkaIngest": "kafka_group",
+    "KafkaSettings": "kafka_group",
+    "IngestionProbe": "probe",
+    "KafkaProbe": "probe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _TRANSPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "BadPayload",

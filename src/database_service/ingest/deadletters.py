@@ -2,11 +2,18 @@
 
 Written through the owner's pool (the control plane is not the tenants'), before the message
 that carried the record is acknowledged, so a dead letter is never lost either.
+
+A letter is stored once: its idempotency key (``idempotency_key``: a digest of the code, tenant,
+event id, publisher and payload; control migration 0006) is unique, and ``add`` inserts with
+``ON CONFLICT DO NOTHING``. A poison record arrives on both transports by design, and again on
+every redelivery; ``add`` returns only the letters it stored now, which are the ones to announce.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +23,10 @@ import asyncpg
 
 from database_service.tenancy import quote_ident
 
-__all__ = ["DeadLetter", "DeadLetterStore", "NewDeadLetter"]
+__all__ = ["DeadLetter", "DeadLetterStore", "NewDeadLetter", "idempotency_key"]
+
+# Longest reason kept (the rest is cut).
+MAX_REASON = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +74,40 @@ class DeadLetter:
         }
 
 
-_COLUMNS = [
-    "transport", "source", "tenant_id", "event_id", "code", "reason", "payload", "service",
-]  # fmt: skip
+def idempotency_key(letter: NewDeadLetter) -> bytes:
+    """What makes two letters the same letter: code, tenant, event id, publisher and payload
+    (not the transport, source or reason: the other transport's copy, a redelivery and a second
+    failure of the same record are the same letter).
+
+    sha256 over ``dbsvc-dead-letter\\0``, then each text field as ``<octets>:<UTF-8>`` (``-`` for
+    NULL), then the payload. Control migration 0006 computes the same in SQL for the letters
+    stored before it; change neither without the other."""
+    digest = hashlib.sha256(b"dbsvc-dead-letter\0")
+    for value in (letter.code, letter.tenant_id, letter.event_id, letter.service):
+        if value is None:
+            digest.update(b"-")
+        else:
+            raw = value.encode()
+            digest.update(b"%d:%b" % (len(raw), raw))
+    digest.update(letter.payload)
+    return digest.digest()
+
+
+def _storable(letter: NewDeadLetter) -> NewDeadLetter:
+    """The letter as PostgreSQL can store it: text has no NUL (a record's tenant or event id
+    may hold one, and one letter PostgreSQL refuses would hold up the whole batch's
+    acknowledgement), the reason is cut to ``MAX_REASON``."""
+    changes: dict[str, Any] = {}
+    for name in ("transport", "source", "code", "reason", "tenant_id", "event_id", "service"):
+        value = getattr(letter, name)
+        if value is not None and "\0" in value:
+            changes[name] = value.replace("\0", "\ufffd")
+    if len(changes.get("reason", letter.reason)) > MAX_REASON:
+        changes["reason"] = changes.get("reason", letter.reason)[:MAX_REASON]
+    return dataclasses.replace(letter, **changes) if changes else letter
+
+
+_COLUMNS = ("transport", "source", "tenant_id", "event_id", "code", "reason", "payload", "service")
 # What ``list`` reads: named, so a column another migration adds does not break ``DeadLetter``.
 _READ = ", ".join(f'"{f.name}"' for f in dataclasses.fields(DeadLetter))
 
@@ -77,20 +118,37 @@ class DeadLetterStore:
         self._schema = control_schema
         self._table = f"{quote_ident(control_schema)}.dead_letters"
 
-    async def add(self, letters: Sequence[NewDeadLetter]) -> None:
+    async def add(self, letters: Sequence[NewDeadLetter]) -> list[NewDeadLetter]:
+        """Store the letters not stored before; returns those (as stored), in order."""
         if not letters:
-            return
-        async with self._pool.acquire() as conn:
-            await conn.copy_records_to_table(
-                "dead_letters",
-                schema_name=self._schema,
-                columns=_COLUMNS,
-                records=[
-                    (d.transport, d.source, d.tenant_id, d.event_id, d.code, d.reason[:2000],
-                     d.payload, d.service)
-                    for d in letters
-                ],
-            )  # fmt: skip
+            return []
+        unique: dict[bytes, NewDeadLetter] = {}
+        for storable in map(_storable, letters):
+            unique.setdefault(idempotency_key(storable), storable)
+        keys = list(unique)
+        fresh = {
+            row[0]
+            for row in await self._pool.fetch(
+                f"INSERT INTO {self._table} (transport, source, tenant_id, event_id, code, reason,"
+                " payload, service, idempotency_key)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+                " $6::text[], $7::bytea[], $8::text[], $9::bytea[])"
+                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key",
+                *([getattr(d, name) for d in unique.values()] for name in _COLUMNS),
+                keys,
+            )
+        }
+        return [unique[key] for key in keys if key in fresh]
+
+    async def reachable(self, timeout: float = 2.0) -> bool:
+        """Whether PostgreSQL answers the owner's pool now (``SELECT 1``): the pipeline waits
+        without end only while it does not."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._pool.fetchval("SELECT 1")
+        except Exception:  # any failure is the answer
+            return False
+        return True
 
     async def list(
         self,

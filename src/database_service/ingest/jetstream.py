@@ -3,9 +3,12 @@
 The stream and the durable consumer are created if missing (subjects, retention and max age from
 settings). The loop pulls at most ``batch_messages`` messages, hands them to the pipeline, and
 acknowledges only after the pipeline returns (committed); a message that is poison as a whole is
-``term``-ed, so JetStream never redelivers it. While the pipeline waits for PostgreSQL, the held
-messages are marked in progress so JetStream does not hand them to another instance meanwhile,
-and nothing more is pulled. Losing NATS only pauses this loop; the client reconnects by itself.
+``term``-ed, so JetStream never redelivers it. From the moment a batch is fetched until it is
+acknowledged (decoding and authenticating it, which waits for PostgreSQL when it is down;
+waiting for the batch before it; storing it), its messages are marked in progress every third of
+the ack wait, so JetStream does not hand them to another instance meanwhile; while the pipeline
+waits for PostgreSQL nothing more is pulled. Losing NATS only pauses this loop; the client
+reconnects by itself.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +58,7 @@ class JetStreamIngest(Consumer):
         super().__init__(pipeline)
         self._s = settings
         self._nc: Any = None
+        self._beats: set[asyncio.Task[None]] = set()  # held batches' in-progress tasks
 
     async def _session(self) -> None:
         await self._consume(await self._subscribe())
@@ -134,24 +138,36 @@ class JetStreamIngest(Consumer):
                     msgs = await sub.fetch(self._s.batch_messages, timeout=1.0)
                 except (NatsTimeout, TimeoutError):  # nothing arrived (nats-py raises either)
                     continue
+                beat = self._keep_alive(msgs)  # held from now on: in progress until acknowledged
                 inbound = [
                     Inbound(m.data, m.subject, (m.headers or {}).get("Authorization")) for m in msgs
                 ]
                 prepared = await self._pipeline.prepare(TRANSPORT, inbound)
-                await overlap.submit(self._finish(msgs, prepared))
+                finish = self._finish(msgs, prepared, beat)
+                try:
+                    await overlap.submit(finish)
+                except BaseException:  # the batch before failed: this one never starts
+                    finish.close()
+                    raise
             await overlap.drain()
         finally:
             await overlap.cancel()  # unacknowledged: JetStream redelivers, the ids dedupe
+            for beat in list(self._beats):  # batches that never finished
+                beat.cancel()
 
-    async def _finish(self, msgs: Sequence[Any], prepared: Prepared) -> None:
-        async with self._keep_alive(msgs):
+    async def _finish(
+        self, msgs: Sequence[Any], prepared: Prepared, beat: asyncio.Task[None]
+    ) -> None:
+        try:
             verdicts = await self._pipeline.store(prepared, announce=self._announce)
+        finally:
+            beat.cancel()
         for msg, verdict in zip(msgs, verdicts, strict=True):
             await (msg.ack() if verdict is Verdict.ACK else msg.term())
 
-    @contextlib.asynccontextmanager
-    async def _keep_alive(self, msgs: Sequence[Any]) -> AsyncIterator[None]:
-        """Tell JetStream the held messages are still being worked on (ack wait resets)."""
+    def _keep_alive(self, msgs: Sequence[Any]) -> asyncio.Task[None]:
+        """Tell JetStream every third of the ack wait that the messages are still being worked
+        on (their ack wait starts again), until the task is cancelled."""
 
         async def beat() -> None:
             while True:
@@ -160,13 +176,10 @@ class JetStreamIngest(Consumer):
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
 
-        task = asyncio.create_task(beat())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        task = asyncio.create_task(beat(), name="nats-ingest-in-progress")
+        self._beats.add(task)
+        task.add_done_callback(self._beats.discard)
+        return task
 
     async def _announce(self, letters: Sequence[NewDeadLetter]) -> None:
         for letter in letters:

@@ -1,8 +1,9 @@
 """The load generator behind ``database-service ingest-load``: random-walk ticks of one tenant,
 published the way producers publish (``MarketDataPublisher``), with a progress bar on stderr.
 
-Event ids are ``event_id_for(seed, tenant, i)``, so a rerun with the same seed publishes the
-same events again (and the service stores nothing twice)."""
+Event ids are ``event_id_for(tenant, seed, i)`` and tick ``i`` is timed ``i`` milliseconds after
+00:00 UTC of the day, so a rerun with the same seed on the same day publishes the same events
+again (same ids and times: the service's unique key), and the service stores nothing twice."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def generate_ticks(
         out.append(
             tick(
                 tenant, symbol, start_us + i * 1000, bid=bid, ask=ask, volume=volume,
-                spread=spread, user_id="load", event_id=event_id_for(seed, tenant, i),
+                spread=spread, user_id="load", event_id=event_id_for(tenant, seed, i),
             )
         )  # fmt: skip
     return out
@@ -113,7 +114,8 @@ async def publish_load(
     from database_service_client import PublishError, PublishReport  # noqa: PLC0415
 
     walk = RandomWalk(seed, symbols)
-    start_us = time.time_ns() // 1_000_000 * 1000  # now, to the millisecond; then 1 tick/ms
+    day_us = 86_400_000_000
+    start_us = time.time_ns() // 1000 // day_us * day_us  # 00:00 UTC today; then 1 tick/ms
     total = PublishReport()
     bar = ProgressBar(ticks)
     failure: str | None = None

@@ -2,9 +2,13 @@
 
 A consumer hands ``process`` the messages it pulled and acknowledges them only after it returns:
 by then every record is committed (stored, or found already stored) or committed as a dead
-letter. While PostgreSQL is down or slow, ``process`` retries with backoff instead of returning,
+letter. While PostgreSQL is unreachable, ``process`` retries with backoff instead of returning,
 so the consumer pulls nothing more: memory holds one batch at most, and ingestion resumes by
-itself when PostgreSQL comes back.
+itself when PostgreSQL comes back. Any other failure of a tenant's records that may pass (a
+deadlock, the tenant's login refused, an error nobody foresaw) is retried a few times, then the
+records are dead-lettered (``retries_exhausted``) and the batch goes on: one tenant's trouble
+never holds the consumer, and so every other tenant, for longer than that. A tenant that ran out
+of retries gets one try per batch for a while (``failing_tenant_seconds``), not the full round.
 
 A dead letter records the service whose token published it; ``replay`` (an operator's call, with
 no producer token) re-checks that service's authority before storing anything again.
@@ -16,6 +20,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import operator
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +28,20 @@ from typing import Any
 
 from database_service.auth import ALL_TENANTS, Authenticator, Principal, Scope, ServiceIdentity
 from database_service.auth.tokens import everything
-from database_service.errors import DatabaseServiceError, TenantNotFound, TenantSuspended
+from database_service.errors import (
+    DatabaseServiceError,
+    FailedPrecondition,
+    QueryError,
+    TenantNotFound,
+    TenantSuspended,
+    Unavailable,
+)
 from database_service.ingest.deadletters import DeadLetter, DeadLetterStore, NewDeadLetter
 from database_service.ingest.records import (
     BadPayload,
     Decoded,
     Rejected,
+    Seen,
     TenantWork,
     decode,
     single_record_batch,
@@ -48,7 +61,10 @@ __all__ = [
     "IngestPipeline",
     "Prepared",
     "Publishers",
+    "RecentEvents",
     "ReplayReport",
+    "RetriesExhausted",
+    "TenantSecretUnreadable",
     "TransportStats",
     "Verdict",
 ]
@@ -62,6 +78,43 @@ NOT_ALLOWED = frozenset({"unauthenticated", "permission_denied", "insufficient_p
 # The service name of the bootstrap admin token's principal: no directory entry stands behind it
 # (it holds every scope for every tenant while the service is configured with it).
 _BOOTSTRAP_ADMIN = everything().service
+
+
+class RetriesExhausted(DatabaseServiceError):
+    """Work that kept failing on an error that may pass (not PostgreSQL being unreachable):
+    dead-lettered with this code, to replay once the cause (in the message) is gone."""
+
+    code = "retries_exhausted"
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
+class TenantSecretUnreadable(FailedPrecondition):
+    """The tenant's sealed role secret does not open with this service's master key (the key
+    differs from the one that sealed it): no write as the tenant can pass until that is fixed."""
+
+    code = "tenant_secret_unreadable"
+
+
+# How a failure is retried: without end while PostgreSQL is unreachable, a few times when it
+# may pass, not at all when it will not.
+_OUTAGE, _RETRY, _PERMANENT = "outage", "retry", "permanent"
+
+
+def _failure(exc: Exception) -> str:
+    if isinstance(exc, Unavailable) or (
+        isinstance(exc, QueryError) and (exc.sqlstate or "")[:2] == "08"
+    ):
+        return _OUTAGE
+    if isinstance(exc, DatabaseServiceError):
+        return _RETRY if is_transient(exc) else _PERMANENT
+    return _RETRY  # nobody foresaw it: a few tries, then a dead letter, never a stalled consumer
+
+
+def _service_error(exc: Exception) -> DatabaseServiceError:
+    if isinstance(exc, DatabaseServiceError):
+        return exc
+    return DatabaseServiceError(f"{type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,24 +189,54 @@ class ReplayReport:
 
 
 class RecentEvents:
-    """Event ids this instance saw committed lately, to skip the other transport's copy.
+    """Records this instance saw committed lately, to skip the other transport's copy.
 
-    Only an optimisation in front of the unique indexes (which are the guarantee): bounded by
-    two generations of ``capacity / 2`` ids; the older generation is dropped when the newer
-    fills."""
+    Only an optimisation in front of the unique indexes (which are the guarantee), so keyed as
+    they are, never more loosely: ticks and predictions by tenant, time and event id (the shared
+    tables' unique ``(company_id, time, event_id)``), signals and rows by tenant and event id (the
+    tenant's ``_ingest_events``). An event id alone would let one tenant's records hide another's
+    with the same id (two tenants fed the same market data, or a producer that copies another
+    tenant's predictable ids). Bounded by two generations of ``capacity / 2`` records; the older
+    generation is dropped when the newer fills."""
 
     def __init__(self, capacity: int) -> None:
         self._half = max(1, capacity // 2)
-        self._new: set[str] = set()
-        self._old: set[str] = set()
+        # (tenant, kind) -> event id -> time_us (None for rows)
+        self._new: dict[tuple[str, str], dict[str, int | None]] = {}
+        self._old: dict[tuple[str, str], dict[str, int | None]] = {}
+        self._size = 0
 
-    def __contains__(self, event_id: object) -> bool:
-        return event_id in self._new or event_id in self._old
+    def seen(self, tenant_id: str) -> Seen:
+        """``seen(kind)`` for ``TenantWork.discard``, for one tenant."""
+        generations = (self._new, self._old)
 
-    def update(self, event_ids: Iterable[str]) -> None:
-        self._new.update(event_ids)
-        if len(self._new) >= self._half:
-            self._old, self._new = self._new, set()
+        def of(kind: str) -> list[dict[str, int | None]]:
+            key = (tenant_id, kind)
+            return [g[key] for g in generations if key in g]
+
+        return of
+
+    def remember(self, work: TenantWork, failed: frozenset[str] = frozenset()) -> None:
+        """Note ``work``'s records as committed, but those whose event id is in ``failed``."""
+        kinds: list[tuple[str, Iterable[tuple[str, int | None]]]] = [
+            (kind, zip(records, map(_time_of, records.values()), strict=True))
+            for kind, records in (("ticks", work.ticks), ("predictions", work.predictions))
+            if records
+        ]
+        kinds += [("rows", dict.fromkeys(rows).items()) for rows in work.rows.values()]
+        for kind, entries in kinds:
+            seen = self._new.setdefault((work.tenant_id, kind), {})
+            before = len(seen)
+            seen.update(entries)
+            if failed:  # rare: refused records stay unknown
+                for event_id in failed:
+                    seen.pop(event_id, None)
+            self._size += len(seen) - before
+        if self._size >= self._half:
+            self._old, self._new, self._size = self._new, {}, 0
+
+
+_time_of = operator.itemgetter(1)  # time_us in tick and prediction tuples (records.py)
 
 
 @dataclass(slots=True)
@@ -226,7 +309,14 @@ class IngestPipeline:
         require_token: bool,
         max_retry_delay: float = 5.0,
         recent_events: int = 262_144,
+        max_attempts: int = 5,
+        first_retry_delay: float = 0.1,
+        failing_tenant_seconds: float = 60.0,
     ) -> None:
+        """``max_attempts`` tries (backoff from ``first_retry_delay`` doubling up to
+        ``max_retry_delay``) for a tenant's records on an error that may pass, then they are
+        dead-lettered; then for ``failing_tenant_seconds`` the tenant's records get one try each
+        batch until one passes. While PostgreSQL is unreachable, tries do not count."""
         self._writer = writer
         self._dead = dead_letters
         self._auth = authenticator
@@ -235,9 +325,13 @@ class IngestPipeline:
         self._metrics = metrics
         self._require_token = require_token
         self._max_delay = max_retry_delay
+        self._first_delay = first_retry_delay
+        self._max_attempts = max(1, max_attempts)
+        self._failing_seconds = failing_tenant_seconds
         self.transports: dict[str, TransportStats] = {}
         self._tenant_locks: dict[str, asyncio.Lock] = {}
         self._recent = RecentEvents(recent_events)
+        self._failing: dict[str, float] = {}  # tenant -> when its retries last ran out
 
     def stats(self, transport: str) -> TransportStats:
         stats = self.transports.get(transport)
@@ -290,12 +384,23 @@ class IngestPipeline:
             self._letter(transport, prepared.source, r, publishers.of(r.tenant_id, r.event_id))
             for r in outcome.rejected
         )
-        await self._retry(transport, "dead letters", lambda: self._dead.add(dead))
-        if dead and announce is not None:
+        fresh: list[NewDeadLetter] = []
+
+        async def add() -> None:
+            fresh[:] = await self._dead.add(dead)
+
+        if dead:
+            error = await self._retry(transport, "dead letters", add, self._max_attempts)
+            if error is not None:
+                # Nothing is acknowledged: the messages come again (and dedupe) once it passes.
+                raise error
+        if fresh and announce is not None:  # the copies stored before were announced before
             try:
-                await announce(dead)
+                await announce(fresh)
             except Exception as exc:  # best effort: the table is the record
-                log.warning("%s: could not announce %d dead letters: %s", transport, len(dead), exc)
+                log.warning(
+                    "%s: could not announce %d dead letters: %s", transport, len(fresh), exc
+                )
 
         stats = self.stats(transport)
         stats.messages += prepared.messages
@@ -342,12 +447,16 @@ class IngestPipeline:
                             message.authorization
                         )
                     except DatabaseServiceError as exc:
-                        if is_transient(exc):  # the service directory lives in PostgreSQL
+                        if _failure(exc) != _PERMANENT:  # the directory lives in PostgreSQL
                             raise
                         found = exc
                     principals[message.authorization] = found
 
-                await self._retry(transport, "authentication", authenticate)
+                error = await self._retry(
+                    transport, "authentication", authenticate, self._max_attempts
+                )
+                if error is not None:  # the message is dead-lettered whole, with why
+                    principals[message.authorization] = error
                 known = principals[message.authorization]
             if isinstance(known, DatabaseServiceError):
                 # No valid token: no publisher to record.
@@ -384,11 +493,28 @@ class IngestPipeline:
             # One writer per tenant in this instance: the other transport's copy of a batch
             # waits, then finds its records committed and skips the database (no lock waits or
             # deadlocks between two transactions inserting the same keys).
-            async with self._tenant_locks.setdefault(work.tenant_id, asyncio.Lock()):
-                known = work.discard(self._recent.__contains__)
-                outcome.duplicates += known
-                if work.size:
-                    await self._retry(transport, f"tenant {work.tenant_id}", attempt_for(work))
+            tenant_id = work.tenant_id
+            async with self._tenant_locks.setdefault(tenant_id, asyncio.Lock()):
+                outcome.duplicates += work.discard(self._recent.seen(tenant_id))
+                if not work.size:
+                    return
+                failing = self._failing.get(tenant_id)
+                attempts = self._max_attempts
+                if failing is not None and time.monotonic() - failing < self._failing_seconds:
+                    attempts = 1  # it ran out of retries lately: no full round for every batch
+                error = await self._retry(
+                    transport, f"tenant {tenant_id}", attempt_for(work), attempts
+                )
+                if error is None:
+                    self._failing.pop(tenant_id, None)
+                    return
+                if isinstance(error, RetriesExhausted):
+                    self._failing[tenant_id] = time.monotonic()
+                log.warning(
+                    "%s: tenant %s: %d records dead-lettered: %s: %s",
+                    transport, tenant_id, work.size, error.error_code, error.message,
+                )  # fmt: skip
+                outcome.rejected.extend(_reject_all(work, error))
 
         def attempt_for(work: TenantWork) -> Callable[[], Awaitable[None]]:
             async def attempt() -> None:
@@ -398,51 +524,77 @@ class IngestPipeline:
                 except (TenantNotFound, TenantSuspended) as exc:
                     outcome.rejected.extend(_reject_all(work, exc))
                     return
-                result = await self._writer.store(
-                    self._logins.login(tenant),
-                    tenant.schema_name,
-                    work,
-                    limit_seconds=tenant.limits.statement_timeout_ms / 1000,
-                )
+                try:
+                    login = self._logins.login(tenant)
+                except ValueError as exc:  # SecretBox: sealed with another master key
+                    raise TenantSecretUnreadable(
+                        f"tenant {work.tenant_id!r}: {exc}; fix DBSVC_MASTER_KEY, then replay"
+                    ) from exc
+                try:
+                    result = await self._writer.store(
+                        login,
+                        tenant.schema_name,
+                        work,
+                        limit_seconds=tenant.limits.statement_timeout_ms / 1000,
+                    )
+                except DatabaseServiceError as exc:
+                    if (exc.sqlstate or "")[:2] == "28":  # login refused: suspended meanwhile?
+                        self._registry.invalidate(work.tenant_id)  # the next try looks again
+                    raise
                 outcome.stored += result.stored
                 outcome.duplicates += result.duplicates
                 for event_id, error in result.rejected:
                     outcome.rejected.append(_rejected(work, event_id, error))
                 # Committed now (stored, or found stored): remember for the other transport.
-                ids = work.event_ids()
-                if result.rejected:
-                    failed = {event_id for event_id, _ in result.rejected}
-                    ids = [e for e in ids if e not in failed]
-                self._recent.update(ids)
+                self._recent.remember(work, frozenset(e for e, _ in result.rejected))
 
             return attempt
 
         await asyncio.gather(*(one(w) for w in decoded.work.values()))
         return outcome
 
-    async def _retry(self, transport: str, what: str, attempt: Any) -> None:
-        """Run ``attempt`` until it passes or fails for good; transient failures wait and retry.
-
-        This is the backpressure: the consumer awaits us and pulls nothing meanwhile."""
-        delay = 0.05
+    async def _retry(
+        self,
+        transport: str,
+        what: str,
+        attempt: Callable[[], Awaitable[None]],
+        attempts: int,
+    ) -> DatabaseServiceError | None:
+        """Run ``attempt`` until it passes (None) or fails for good (the error to dead-letter
+        with): a permanent error at once, one that may pass after ``attempts`` tries
+        (``RetriesExhausted``). While PostgreSQL is unreachable (the owner's pool cannot reach it
+        either), tries do not count: that is the backpressure, the consumer awaits us and pulls
+        nothing meanwhile."""
+        delay = self._first_delay
+        tries = 0
+        started = time.monotonic()
         stats = self.stats(transport)
         while True:
             try:
                 with postgres_errors("-"):
                     await attempt()
-            except DatabaseServiceError as exc:
-                if not is_transient(exc):
-                    raise
+            except Exception as exc:  # sorted below; nothing may stall the consumer
+                failure = _failure(exc)
+                error = _service_error(exc)
+                if failure == _PERMANENT:
+                    return error
                 stats.errors += 1
-                stats.last_error = f"{exc.error_code}: {exc.message}"[:300]
-                stats.state = "waiting_for_postgresql"
-                self._metrics.ingest_errors.labels(transport, exc.error_code).inc()
-                log.warning("%s: %s: %s; retrying in %.2fs", transport, what, exc, delay)
+                stats.last_error = f"{what}: {error.error_code}: {error.message}"[:300]
+                self._metrics.ingest_errors.labels(transport, error.error_code).inc()
+                if failure == _OUTAGE and not await self._dead.reachable():
+                    stats.state = "waiting_for_postgresql"
+                else:
+                    tries += 1
+                    if tries >= attempts:
+                        if stats.state == "waiting_for_postgresql":
+                            stats.state = "running"
+                        return _exhausted(error, tries, time.monotonic() - started)
+                log.warning("%s: %s: %s; retrying in %.2fs", transport, what, error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_delay)
                 continue
             stats.state = "running"
-            return
+            return None
 
     @staticmethod
     def _letter(transport: str, source: str, r: Rejected, service: str | None) -> NewDeadLetter:
@@ -551,6 +703,14 @@ class IngestPipeline:
         if missing:
             return f"publisher service {service!r} may no longer act for {_tenants(missing)}"
         return None
+
+
+def _exhausted(error: DatabaseServiceError, tries: int, seconds: float) -> RetriesExhausted:
+    return RetriesExhausted(
+        f"gave up after {tries} {'try' if tries == 1 else 'tries'} in {seconds:.1f} s:"
+        f" {error.error_code}: {error.message}",
+        sqlstate=error.sqlstate,
+    )
 
 
 def _tenants(tenant_ids: Sequence[str]) -> str:

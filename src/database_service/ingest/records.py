@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ __all__ = [
     "BadPayload",
     "Decoded",
     "Rejected",
+    "Seen",
     "TenantWork",
     "decode",
     "single_record_batch",
@@ -37,6 +38,12 @@ PREDICTION_COLUMNS = (
     "event_id", "time_us", "user_id", "symbol", "prediction_type", "confidence",
     "model_version", "features", "result",
 )  # fmt: skip
+_TIME = 1  # time_us, in both
+
+# seen(kind): for one tenant, mappings event id -> time_us (None for rows) of records committed
+# lately, of a kind: ticks, predictions or rows (signals and generic rows). ``TenantWork.discard``
+Seen = Callable[[str], Sequence[Mapping[str, int | None]]]
+_ABSENT = object()
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _TENANT = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
@@ -78,25 +85,43 @@ class TenantWork:
     def event_ids(self) -> list[str]:
         return [*self.ticks, *self.predictions, *(k for rows in self.rows.values() for k in rows)]
 
-    def discard(self, known: Callable[[str], bool]) -> int:
-        """Drop the records whose event id is ``known`` (already committed); how many went.
+    def discard(self, seen: Seen) -> int:
+        """Drop the records ``seen`` holds as committed already; how many went.
 
-        Copies arrive as whole messages, so a batch whose first and last ids of each kind are
-        unknown is passed as it is, without a lookup per record (the database still dedupes)."""
-        kinds: list[dict[str, Any]] = [self.ticks, self.predictions, *self.rows.values()]
-        samples = [key for d in kinds if d for key in (next(iter(d)), next(reversed(d)))]
-        if not any(known(key) for key in samples):
+        A tick or prediction is that record if its time is the one seen with its event id, a
+        signal or row if its event id was seen: the keys the database's uniqueness holds to
+        (besides the tenant, which ``seen`` is for). Copies arrive as whole messages, so a batch
+        whose first and last records of each kind are unseen is passed as it is, without a
+        lookup per record (the database still dedupes)."""
+        kinds: list[tuple[dict[str, Any], Sequence[Mapping[str, int | None]], bool]] = [
+            (self.ticks, seen("ticks"), True),
+            (self.predictions, seen("predictions"), True),
+        ]
+        rows_seen = seen("rows")
+        kinds += [(rows, rows_seen, False) for rows in self.rows.values()]
+        if not any(
+            _known(memory, key, records[key][_TIME] if timed else None)
+            for records, memory, timed in kinds
+            if records and memory
+            for key in (next(iter(records)), next(reversed(records)))
+        ):
             return 0
         before = self.size
-        self.ticks = {k: v for k, v in self.ticks.items() if not known(k)}
-        self.predictions = {k: v for k, v in self.predictions.items() if not known(k)}
-        self.rows = {
-            table: kept
-            for table, rows in self.rows.items()
-            if (kept := {k: v for k, v in rows.items() if not known(k)})
-        }
+        for memory in seen("ticks"):
+            self.ticks = {k: v for k, v in self.ticks.items() if memory.get(k, _ABSENT) != v[_TIME]}
+        for memory in seen("predictions"):
+            self.predictions = {
+                k: v for k, v in self.predictions.items() if memory.get(k, _ABSENT) != v[_TIME]
+            }
+        for memory in rows_seen:
+            self.rows = {
+                table: kept
+                for table, rows in self.rows.items()
+                if (kept := {k: v for k, v in rows.items() if k not in memory})
+            }
         # Sources follow, so a later rejection of the rest never names a stored record.
-        self.sources = {k: v for k, v in self.sources.items() if not known(k)}
+        left = set(self.event_ids())
+        self.sources = {k: v for k, v in self.sources.items() if k in left}
         return before - self.size
 
     def merge(self, other: TenantWork) -> None:
@@ -124,6 +149,10 @@ class Decoded:
             self.tenant(tenant_id).merge(work)
         self.rejected.extend(other.rejected)
         self.records += other.records
+
+
+def _known(memory: Sequence[Mapping[str, int | None]], key: str, time_us: int | None) -> bool:
+    return any(seen.get(key, _ABSENT) == time_us for seen in memory)
 
 
 def single_record_batch(record: Message) -> bytes:

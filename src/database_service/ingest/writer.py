@@ -7,10 +7,14 @@ generic rows go to the tenant's own tables, guarded by the ``_ingest_events`` pr
 Because the session is the tenant's role, row-level security decides whose rows these are:
 a record can only ever become a row of its own tenant.
 
-Errors are sorted in two: transient ones (PostgreSQL down, out of connections, a deadlock) are
-raised for the caller to retry the whole batch later; permanent ones (a value PostgreSQL refuses)
-are narrowed down by halving the failing unit until the bad records stand alone, and those are
-returned as rejected while every other record is stored.
+Errors are sorted in two: those about the session rather than the records (PostgreSQL down,
+out of connections, a deadlock, the role's login refused) are raised for the caller to retry the
+whole batch (the pipeline bounds those retries per tenant); those about records (a value
+PostgreSQL refuses) are narrowed down by halving the failing unit until the bad records stand
+alone, and those are returned as rejected while every other record is stored.
+
+A record without a user id (protobuf's default, '') is stored with user_id NULL: the company's,
+which the user-level row policy shows to every user of the company.
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ __all__ = ["IngestWriter", "StoreResult", "is_transient"]
 
 log = logging.getLogger(__name__)
 
-# SQLSTATE classes worth retrying: connection (08), resources (53), operator intervention (57),
-# transaction rollback (40: serialization, deadlock), object in use (55), system error (58),
-# authorization (28: a role mid-suspension; the tenant check sorts it out on the next round).
+# SQLSTATE classes about the session, not the records, worth another try of the whole batch:
+# connection (08), resources (53), operator intervention (57), transaction rollback (40:
+# serialization, deadlock), object in use (55), system error (58), authorization (28: a role
+# mid-suspension; the tenant check sorts it out on the next round). Only PostgreSQL being
+# unreachable is retried without end; the rest a few times (``IngestPipeline``), since a wrong
+# password or a database being dropped does not pass.
 _TRANSIENT_CLASSES = frozenset({"08", "28", "40", "53", "55", "57", "58"})
 # ...but not a statement canceled at the tenant's time limit (57014): the same unit would run
-# as long again (a tenant's trigger on its own table can loop), and retrying it without end
-# would stop ingestion for every tenant.
+# as long again (a tenant's trigger on its own table can loop); it is rejected at once.
 _NOT_TRANSIENT = frozenset({"57014"})
 # Errors about the statement, not a row: every record of the unit would fail the same way (and
 # halving a unit that runs into the time limit would only run into it again and again).
@@ -53,6 +59,8 @@ _STATEMENT_ERRORS = frozenset({"42P01", "42703", "3F000", "42883", "42804", "570
 
 
 def is_transient(exc: DatabaseServiceError) -> bool:
+    """Whether ``exc`` is about the session rather than the records: the whole batch may pass
+    on another try, and halving it would not find a bad record."""
     if isinstance(exc, Unavailable | ResourceExhausted):
         return True
     return (
@@ -250,7 +258,7 @@ class IngestWriter:
                 f" INSERT INTO {self._shared}.trading_ticks"
                 " (event_id, time, user_id, symbol, bid, ask, volume, spread)"
                 " SELECT event_id, timestamptz 'epoch' + time_us * interval '1 microsecond',"
-                " user_id, symbol, bid, ask, volume, spread FROM b"
+                " nullif(user_id, ''), symbol, bid, ask, volume, spread FROM b"
                 # One key order for every writer: concurrent merges of overlapping batches
                 # (another instance, the other transport) wait on each other, never deadlock.
                 " ORDER BY event_id ON CONFLICT DO NOTHING"
@@ -269,8 +277,8 @@ class IngestWriter:
                 f" INSERT INTO {self._shared}.ai_predictions (event_id, time, user_id, symbol,"
                 " prediction_type, confidence, model_version, features, result)"
                 " SELECT event_id, timestamptz 'epoch' + time_us * interval '1 microsecond',"
-                " user_id, symbol, prediction_type, confidence, model_version, features::jsonb,"
-                " result::jsonb"
+                " nullif(user_id, ''), symbol, prediction_type, confidence, model_version,"
+                " features::jsonb, result::jsonb"
                 " FROM b ORDER BY event_id ON CONFLICT DO NOTHING"
             )
             return _inserted(status)

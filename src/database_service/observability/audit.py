@@ -8,6 +8,10 @@ writer tries it again at most every ``retry_interval`` seconds and drops the bat
 so the queue keeps draining (requests never wait on a dead database), and the log gets one line
 when the outage starts and one when writes work again, not one per batch. ``__aexit__`` flushes
 the queue.
+
+Details are redacted when an event is made (``redact``): error messages echo what the caller
+sent (``got str '…'``, PostgreSQL's ``invalid input syntax for type integer: "…"``), and the
+audit log keeps who did what, not the values they sent.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
@@ -24,9 +29,76 @@ import asyncpg
 from database_service.errors import DatabaseServiceError, postgres_unreachable
 from database_service.observability.metrics import Metrics
 
-__all__ = ["AuditEvent", "AuditLog"]
+__all__ = ["AuditEvent", "AuditLog", "redact"]
 
 log = logging.getLogger(__name__)
+
+REDACTED = "…"
+# A quoted name right after one of these words is an identifier (kept when it looks like one);
+# anything else quoted is a value (dropped).
+_NAMED_BY = frozenset(
+    {
+        "relation", "column", "constraint", "table", "schema", "function", "type", "index",
+        "sequence", "view", "trigger", "policy", "role", "database", "operator", "extension",
+        "tenant", "service", "scope",
+    }
+)  # fmt: skip
+_IDENTIFIER = re.compile(r"[A-Za-z_][\w.$-]{0,62}")
+_SCOPES = frozenset({"read", "write", "ingest", "admin", "metrics"})
+# Values echoed without quotes: ours ("...; got int 12345", "; got [1, 2]") and asyncpg's
+# ("invalid input for query argument $1: 12345 (reason)").
+_GOT = re.compile(r"(; got )(?:([a-zA-Z_]\w*) (?=\S))?.*$", re.DOTALL)
+_ARGUMENT = re.compile(r"(query argument \$\d+: )(?:[^'\"(\s][^(]*?)(?=\s*\(|$)")
+
+
+def redact(detail: str, keep: tuple[str | None, ...] = ()) -> str:
+    """``detail`` without the values it quotes or echoes. Kept: quoted identifiers named as such
+    (``relation "users"``, ``tenant 'abc'``), scope names, and the ``keep`` strings (the event's
+    own service and tenant)."""
+    kept = {k for k in keep if k}
+    out: list[str] = []
+    i, n = 0, len(detail)
+    while i < n:
+        quote = detail[i]
+        if quote not in "'\"" or (i > 0 and detail[i - 1].isalnum()):  # not an apostrophe
+            out.append(quote)
+            i += 1
+            continue
+        end = _closing(detail, i)
+        content = detail[i + 1 : end]
+        words = detail[max(0, i - 40) : i].split()
+        before = words[-1].lower() if words else ""
+        named = before in _NAMED_BY and _IDENTIFIER.fullmatch(content) is not None
+        if named or content in kept or content in _SCOPES:
+            out.append(detail[i : end + 1])
+        else:
+            out.append(f"{quote}{REDACTED}{quote}")
+        i = end + 1
+    text = "".join(out)
+    text = _ARGUMENT.sub(lambda m: m.group(1) + REDACTED, text)
+    return _GOT.sub(_got, text)
+
+
+def _got(match: re.Match[str]) -> str:
+    kind = f"{match.group(2)} " if match.group(2) else ""
+    return f"{match.group(1)}{kind}{REDACTED}"
+
+
+def _closing(text: str, start: int) -> int:
+    """The quote closing the one at ``start``: the next same quote not escaped and not followed
+    by a letter or digit (so ``"a"b"`` closes at its last quote); the end if none."""
+    quote = text[start]
+    i = start + 1
+    last = len(text) - 1
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == quote and (i == last or not text[i + 1].isalnum()):
+            return i
+        i += 1
+    return last
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +111,11 @@ class AuditEvent:
     outcome: str = "ok"  # ok | denied | error
     code: str | None = None
     detail: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.detail:
+            detail = redact(self.detail, (self.service, self.tenant_id))
+            object.__setattr__(self, "detail", detail)
 
 
 _COLUMNS = ["at", "service", "tenant_id", "action", "statement_class", "outcome", "code", "detail"]

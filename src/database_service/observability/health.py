@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
-import nats
 import psutil
 
-from database_service import __version__
+from database_service import __version__, stores
 from database_service.errors import Unavailable, postgres_unavailable
 from database_service.observability.audit import AuditLog
 from database_service.observability.window import RequestWindow
@@ -46,22 +45,40 @@ class DependencyProbe(Protocol):
 
 @dataclass
 class PostgresProbe:
+    """A round trip to PostgreSQL; for the embedded server, also why it is down and what is being
+    done about it (``supervisor``: the ``EmbeddedPostgres`` that restarts it)."""
+
     pool: asyncpg.Pool
     name: str = "postgresql"
     embedded: bool = False
+    supervisor: Any = None  # has .problem (str | None) and .restarts (int)
 
     async def check(self) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             version = await asyncio.wait_for(self.pool.fetchval("SHOW server_version"), 3)
         except Exception as exc:  # whatever stops the probe, the health document must still answer
-            return {"status": "unhealthy", "error": f"{type(exc).__name__}: {exc}"}
-        return {
+            down: dict[str, Any] = {
+                "status": "unhealthy",
+                "embedded": self.embedded,
+                "error": f"{type(exc).__name__}: {exc}",
+            }
+            reason = getattr(self.supervisor, "problem", None)
+            down["reason"] = reason or (
+                "the embedded PostgreSQL does not answer; it is restarted when it stops"
+                if self.embedded
+                else "PostgreSQL (DBSVC_POSTGRES_URL) does not answer: check the server"
+            )
+            return down
+        healthy: dict[str, Any] = {
             "status": "healthy",
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
             "server_version": version,
             "embedded": self.embedded,
         }
+        if self.supervisor is not None:
+            healthy["restarts"] = self.supervisor.restarts
+        return healthy
 
 
 @dataclass
@@ -74,6 +91,8 @@ class NatsProbe:
     _client: Any = field(default=None, init=False)
 
     async def __aenter__(self) -> NatsProbe:
+        import nats  # noqa: PLC0415 - only a process that probes NATS loads nats-py
+
         with contextlib.suppress(Exception):  # reported as unhealthy by check()
             self._client = await nats.connect(
                 self.url, connect_timeout=2, max_reconnect_attempts=-1, allow_reconnect=True
@@ -113,8 +132,15 @@ class HealthReporter:
         group_role: str,
         data_dir: Path,
         count_active_tenants: Callable[[], Awaitable[int]],
+        cache_seconds: float = 1.0,
     ) -> None:
         self._owner = owner_pool
+        # Health may be asked for without credentials, as often as anyone likes: the document
+        # is computed at most once per ``cache_seconds`` (per level of detail), and concurrent
+        # askers share that one computation.
+        self._cache_seconds = cache_seconds
+        self._cached: dict[bool, tuple[float, dict[str, Any]]] = {}
+        self._computing: dict[bool, asyncio.Lock] = {True: asyncio.Lock(), False: asyncio.Lock()}
         self._pools = pools
         self._window = window
         self._probes = probes
@@ -177,17 +203,28 @@ class HealthReporter:
     async def document(self, *, detailed: bool = True) -> dict[str, Any]:
         """The health document. ``detailed=False`` is what anyone may see: the service, its
         status and version and each dependency's status, with no tenant, role or schema name
-        and no count of tenants, pools or connections (platform callers get the rest)."""
+        and no count of tenants, pools or connections (platform callers get the rest).
+        Computed at most once per ``cache_seconds`` while the service is not unhealthy."""
+        cached = self._cached.get(detailed)
+        if cached is not None and time.monotonic() - cached[0] < self._cache_seconds:
+            return cached[1]
+        async with self._computing[detailed]:
+            cached = self._cached.get(detailed)
+            if cached is not None and time.monotonic() - cached[0] < self._cache_seconds:
+                return cached[1]
+            document = await self._document(detailed)
+            # An unhealthy answer is not kept: recovery shows at once (a failing probe is cheap).
+            if document["status"] != "unhealthy":
+                self._cached[detailed] = (time.monotonic(), document)
+            return document
+
+    def invalidate(self) -> None:
+        """Forget the cached documents (the next one is computed afresh)."""
+        self._cached.clear()
+
+    async def _document(self, detailed: bool) -> dict[str, Any]:
         checks = await asyncio.gather(*(p.check() for p in self._probes))
-        dependencies: dict[str, Any] = {
-            "postgresql": NOT_CONFIGURED,
-            "nats": NOT_CONFIGURED,
-            "kafka": NOT_CONFIGURED,
-            "clickhouse": NOT_CONFIGURED,
-            "dragonflydb": NOT_CONFIGURED,
-            "weaviate": NOT_CONFIGURED,
-            "arangodb": NOT_CONFIGURED,
-        }
+        dependencies: dict[str, Any] = dict.fromkeys(stores.KNOWN, NOT_CONFIGURED)
         for probe, result in zip(self._probes, checks, strict=True):
             dependencies[probe.name] = result
         postgres_ok = dependencies["postgresql"].get("status") == "healthy"
@@ -241,15 +278,44 @@ class HealthReporter:
                 "tenant_isolation_status": isolation.get("status"),
                 "isolation_problems": isolation.get("problems", []),
             },
-            "database_details": {"postgresql": details},
+            "database_details": {
+                "postgresql": details,
+                **{store: _details(dependencies[store]) for store in stores.DATA_STORES[1:]},
+            },
+            "multi_db_performance": _multi_db(dependencies),
         }
 
 
+def _details(dependency: dict[str, Any]) -> dict[str, Any]:
+    """A store's details: what its probe reported beyond its status (``not_configured`` until
+    a store is added)."""
+    return {k: v for k, v in dependency.items() if k not in {"embedded"}}
+
+
+def _multi_db(dependencies: dict[str, Any]) -> dict[str, Any]:
+    """What crosses stores: which stores an operation can span, and how consistent that is."""
+    configured = [
+        name for name in stores.DATA_STORES if dependencies[name].get("status") != "not_configured"
+    ]
+    return {
+        "stores_configured": configured,
+        "cross_database_queries": {
+            "possible": len(configured) > 1,
+            "stores": configured,
+        },
+        # One store: every operation commits or rolls back in PostgreSQL alone.
+        "transaction_consistency": "single_store" if len(configured) <= 1 else "per_store",
+    }
+
+
 def _public(dependency: dict[str, Any]) -> dict[str, Any]:
-    """A dependency's status (and whether it is embedded) without addresses, errors or counts."""
+    """A dependency's status (whether it is embedded, and why it is down) without addresses,
+    errors or counts."""
     public = {"status": dependency.get("status", "unknown")}
     if isinstance(dependency.get("embedded"), bool):
         public["embedded"] = dependency["embedded"]
+    if isinstance(dependency.get("reason"), str):
+        public["reason"] = dependency["reason"]
     return public
 
 

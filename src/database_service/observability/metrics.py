@@ -33,7 +33,8 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
         self.statements = Counter(
-            "dbsvc_statements", "Statements executed for tenants, by class.", ["kind"],
+            "dbsvc_statements", "Statements executed for tenants, by store and class.",
+            ["store", "kind"],
             registry=self.registry,
         )  # fmt: skip
         self.unhandled = Counter(

@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import asyncpg
 
@@ -44,8 +44,18 @@ from database_service.observability.metrics import Metrics
 from database_service.postgres import Connection, TenantLogin, TenantPools
 from database_service.postgres.deadlines import Deadlines, SessionWatch
 from database_service.query.boundary import postgres_errors, prepare_cached
-from database_service.query.values import PgType, coerce_params, coerce_row
-from database_service.sqlguard import Classification, SqlGuard, StatementKind
+from database_service.query.values import PgType, coerce_params, coerce_row, postgres_column
+from database_service.results import (
+    Column,
+    Event,
+    Header,
+    QueryResult,
+    Rows,
+    StatementKind,
+    Summary,
+    TransactionResult,
+)
+from database_service.sqlguard import Classification, SqlGuard
 from database_service.tenancy import TenantRecord, TenantRegistry, quote_ident
 from database_service.tenancy.secrets import TenantLogins
 
@@ -63,6 +73,7 @@ log = logging.getLogger(__name__)
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
+STORE = "postgresql"  # the store this core runs statements on (results carry it too)
 _KIND_ORDER = [StatementKind.READ, StatementKind.WRITE, StatementKind.DDL]
 _USER_ID = re.compile(r"^[A-Za-z0-9_.@:+-]{1,50}$")
 _REQUIRED_SCOPE = {
@@ -76,42 +87,6 @@ _REQUIRED_SCOPE = {
 class TenantContext:
     tenant_id: str
     user_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    name: str
-    type_name: str
-
-
-@dataclass(slots=True)
-class QueryResult:
-    columns: list[Column]
-    rows: list[asyncpg.Record]
-    command: str
-    row_count: int
-    kind: StatementKind
-    duration_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    columns: list[Column]
-    kind: StatementKind
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    row_count: int
-    command: str
-    duration_ms: float
-    kind: StatementKind
-
-
-@dataclass(slots=True)
-class TransactionResult:
-    results: list[QueryResult]
-    duration_ms: float
 
 
 @dataclass(slots=True)
@@ -240,7 +215,7 @@ class QueryExecutor:
             log.exception("tenant %s: %s by %s failed", ctx.tenant_id, action, principal.service)
             raise
         if outcome.kind is not None:
-            self._metrics.statements.labels(outcome.kind.value).inc()
+            self._metrics.statements.labels(STORE, outcome.kind.value).inc()
         await self._record(principal, ctx, action, outcome, "ok", outcome.command, "")
 
     async def _record(
@@ -364,7 +339,7 @@ class QueryExecutor:
         batch_rows: int = 500,
         read_only: bool = False,
         action: str = "query.stream",
-    ) -> AsyncGenerator[Header | list[asyncpg.Record] | Summary, None]:
+    ) -> AsyncGenerator[Event, None]:
         """One statement, streamed: a Header, batches of rows, a Summary.
 
         Reads go through a server-side cursor, so neither side holds the whole result; the
@@ -383,7 +358,7 @@ class QueryExecutor:
                 async with watch.statement():
                     stmt = await prepare_cached(session.conn, sql)
                 args = coerce_params(params, stmt.get_parameters())
-                columns = [Column(a.name, a.type.name) for a in stmt.get_attributes()]
+                columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
                 yield Header(columns, verdict.kind)
                 if verdict.kind is StatementKind.READ and columns:
                     # Each fetch is a round trip under the statement limit; the reader's time
@@ -396,7 +371,7 @@ class QueryExecutor:
                             batch = await cursor.fetch(batch_rows)
                         if batch:
                             count += len(batch)
-                            yield batch
+                            yield cast(Rows, batch)
                         if len(batch) < batch_rows:
                             break
                     command = f"SELECT {count}"
@@ -405,7 +380,7 @@ class QueryExecutor:
                     async with watch.statement():
                         rows = await stmt.fetch(*args)
                     for i in range(0, len(rows), batch_rows):
-                        yield rows[i : i + batch_rows]
+                        yield cast(Rows, rows[i : i + batch_rows])
                     command = stmt.get_statusmsg() or ""
                     row_count = _row_count(command, len(rows))
             outcome.command = command
@@ -623,7 +598,7 @@ class QueryExecutor:
             args = coerce_params(params, stmt.get_parameters())
             # Whole results are bounded by the row cap; streaming without a cap is stream()'s.
             rows = await stmt.fetch(*args)
-        columns = [Column(a.name, a.type.name) for a in stmt.get_attributes()]
+        columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
         if len(rows) > self._max_rows:
             raise ResourceExhausted(
                 f"the result has more than {self._max_rows} rows; add a LIMIT or use the "
@@ -632,7 +607,7 @@ class QueryExecutor:
         status = stmt.get_statusmsg() or ""
         return QueryResult(
             columns=columns,
-            rows=rows,
+            rows=cast(Rows, rows),  # asyncpg's Records are sequences
             command=status,
             row_count=_row_count(status, len(rows)),
             kind=verdict.kind,

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from database_service.errors import InvalidParameters
+from database_service.results import Column, ValueKind
 
 __all__ = ["PgType", "coerce_params", "coerce_row", "encode_value"]
 
@@ -198,6 +199,26 @@ def coerce_params(values: Sequence[Any], types: Sequence[asyncpg.types.Type]) ->
                 f"parameter ${index} ({pg_type.name}): {exc}; got {type(value).__name__} {shown}"
             ) from None
     return out
+
+
+_KIND_OF = {
+    **dict.fromkeys(("int2", "int4", "int8", "oid"), ValueKind.INTEGER),
+    **dict.fromkeys(("float4", "float8"), ValueKind.FLOAT),
+    "numeric": ValueKind.DECIMAL,
+    **dict.fromkeys(("text", "varchar", "bpchar", "name", "char"), ValueKind.TEXT),
+    "bool": ValueKind.BOOLEAN,
+    "bytea": ValueKind.BYTES,
+    **dict.fromkeys(("timestamptz", "timestamp"), ValueKind.TIMESTAMP),
+    **dict.fromkeys(("json", "jsonb"), ValueKind.JSON),
+}
+
+
+def postgres_column(name: str, pg_type: Any) -> Column:
+    """A result column of PostgreSQL's, store-neutral: its type name as PostgreSQL says it, and
+    how its values travel (asyncpg decodes json/jsonb to dicts and lists: JSON, not arrays)."""
+    type_name = pg_type.name
+    kind = _KIND_OF.get(type_name, ValueKind.OTHER) if pg_type.kind == "scalar" else ValueKind.OTHER
+    return Column(name, type_name, kind)
 
 
 def encode_value(value: Any) -> Any:

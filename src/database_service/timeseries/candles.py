@@ -18,6 +18,7 @@ Candles (OHLCV) of a symbol over [start, end) at any interval from 1 second to 1
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,12 +26,47 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from database_service.errors import InvalidParameters
 from database_service.tenancy.ids import quote_ident
 
-__all__ = ["CandleQuery", "candle_sql", "last_tick_sql", "uses_rollup"]
+__all__ = ["CandleQuery", "candle_sql", "last_tick_sql", "parse_interval", "uses_rollup"]
 
 DEFAULT_ORIGIN = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 MIN_INTERVAL = dt.timedelta(seconds=1)
 MAX_INTERVAL = dt.timedelta(days=1)
 MINUTE = dt.timedelta(minutes=1)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_COMPACT = re.compile(r"(?:(\d+)\s*([smhdw]))", re.IGNORECASE)
+_ISO = re.compile(
+    r"P(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+)S)?)?",
+    re.IGNORECASE,
+)
+
+
+def parse_interval(text: str | int) -> dt.timedelta:
+    """A candle interval as people write it: seconds (``60``), units (``30s``, ``1m``, ``15m``,
+    ``1h``, ``4h``, ``1d``, ``1h30m``) or ISO 8601 (``PT1M``, ``PT1H``, ``P1D``)."""
+    if isinstance(text, int):
+        return dt.timedelta(seconds=text)
+    value = text.strip()
+    if value.isdigit():
+        return dt.timedelta(seconds=int(value))
+    iso = _ISO.fullmatch(value)
+    if iso and value.upper() not in {"P", "PT"}:
+        parts = {k: int(v) for k, v in iso.groupdict().items() if v}
+        return dt.timedelta(
+            weeks=parts.get("w", 0),
+            days=parts.get("d", 0),
+            hours=parts.get("h", 0),
+            minutes=parts.get("m", 0),
+            seconds=parts.get("s", 0),
+        )
+    if value and _COMPACT.sub("", value).strip() == "":
+        seconds = sum(int(n) * _UNITS[u.lower()] for n, u in _COMPACT.findall(value))
+        return dt.timedelta(seconds=seconds)
+    raise InvalidParameters(
+        f"interval {text!r} is not understood: use seconds (60), units (30s, 1m, 1h, 1d) or"
+        " ISO 8601 (PT1M, PT1H, P1D)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

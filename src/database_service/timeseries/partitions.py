@@ -63,8 +63,9 @@ from typing import TypeVar
 
 import asyncpg
 
-from database_service.errors import FailedPrecondition, NotFound
+from database_service.errors import FailedPrecondition, NotFound, postgres_unreachable
 from database_service.observability.metrics import Metrics
+from database_service.observability.notices import Notices
 from database_service.postgres import Connection
 from database_service.tenancy.ids import quote_ident
 from database_service.timeseries.layout import (
@@ -150,6 +151,7 @@ class PartitionManager:
         self.schema = schema
         self.specs = {s.table: s for s in specs}
         self._metrics = metrics
+        self._notices = Notices(log)
         self.lock_timeout_ms = int(lock_timeout_ms)
         self.lock_retries = max(0, int(lock_retries))
         self.lock_backoff_seconds = lock_backoff_seconds
@@ -193,9 +195,17 @@ class PartitionManager:
         while True:
             try:
                 await self.maintain()
-            except Exception:
+            except Exception as exc:
                 self._metrics.maintenance_runs.labels("failed").inc()
-                log.exception("partition maintenance failed; next round in %.0f s", every)
+                if postgres_unreachable(exc):  # one line per outage, not a traceback a round
+                    self._notices.once(
+                        "unreachable",
+                        "partition maintenance: PostgreSQL is unreachable (%s); it resumes when"
+                        " PostgreSQL is back",
+                        exc,
+                    )
+                else:
+                    log.exception("partition maintenance failed; next round in %.0f s", every)
             await asyncio.sleep(every)
 
     def _qualified(self, name: str) -> str:

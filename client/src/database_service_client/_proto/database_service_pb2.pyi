@@ -285,6 +285,38 @@ class ResultSummary(_message.Message):
 Global___ResultSummary: _TypeAlias = ResultSummary  # noqa: Y015
 
 @_typing.final
+class StreamQueryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    PULL_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    pull: _builtins.int
+    """send up to this many more result messages"""
+    cancel: _builtins.bool
+    """stop now: the statement is canceled"""
+    @_builtins.property
+    def start(self) -> Global___QueryRequest:
+        """the first message, and only the first"""
+
+    def __init__(
+        self,
+        *,
+        start: Global___QueryRequest | None = ...,
+        pull: _builtins.int = ...,
+        cancel: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "pull", b"pull", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "pull", b"pull", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start", "pull", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___StreamQueryRequest: _TypeAlias = StreamQueryRequest  # noqa: Y015
+
+@_typing.final
 class QueryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -40,6 +40,11 @@ class DatabaseServiceStub:
                 request_serializer=database__service_dot_v1_dot_database__service__pb2.QueryRequest.SerializeToString,
                 response_deserializer=database__service_dot_v1_dot_database__service__pb2.QueryResult.FromString,
                 _registered_method=True)
+        self.StreamQuery = channel.stream_stream(
+                '/database_service.v1.DatabaseService/StreamQuery',
+                request_serializer=database__service_dot_v1_dot_database__service__pb2.StreamQueryRequest.SerializeToString,
+                response_deserializer=database__service_dot_v1_dot_database__service__pb2.QueryResult.FromString,
+                _registered_method=True)
         self.ExecuteTransaction = channel.unary_unary(
                 '/database_service.v1.DatabaseService/ExecuteTransaction',
                 request_serializer=database__service_dot_v1_dot_database__service__pb2.TransactionRequest.SerializeToString,
@@ -92,6 +97,15 @@ class DatabaseServiceServicer:
 
     def ExecuteQuery(self, request, context):
         """Query operations
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamQuery(self, request_iterator, context):
+        """Bidirectional streaming for large result sets: the client sends the query first, then asks
+        for chunks as it is ready for them (flow control: the server sends no more than it was
+        asked for, and holds its cursor meanwhile) and may cancel mid-result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,6 +175,11 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
             'ExecuteQuery': grpc.unary_stream_rpc_method_handler(
                     servicer.ExecuteQuery,
                     request_deserializer=database__service_dot_v1_dot_database__service__pb2.QueryRequest.FromString,
+                    response_serializer=database__service_dot_v1_dot_database__service__pb2.QueryResult.SerializeToString,
+            ),
+            'StreamQuery': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamQuery,
+                    request_deserializer=database__service_dot_v1_dot_database__service__pb2.StreamQueryRequest.FromString,
                     response_serializer=database__service_dot_v1_dot_database__service__pb2.QueryResult.SerializeToString,
             ),
             'ExecuteTransaction': grpc.unary_unary_rpc_method_handler(
@@ -235,6 +254,33 @@ class DatabaseService:
             target,
             '/database_service.v1.DatabaseService/ExecuteQuery',
             database__service_dot_v1_dot_database__service__pb2.QueryRequest.SerializeToString,
+            database__service_dot_v1_dot_database__service__pb2.QueryResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamQuery(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/database_service.v1.DatabaseService/StreamQuery',
+            database__service_dot_v1_dot_database__service__pb2.StreamQueryRequest.SerializeToString,
             database__service_dot_v1_dot_database__service__pb2.QueryResult.FromString,
             options,
             channel_credentials,

@@ -40,6 +40,11 @@ class DatabaseServiceStub:
     def __new__(cls, channel: _aio.Channel) -> DatabaseServiceAsyncStub: ...
     ExecuteQuery: _grpc.UnaryStreamMultiCallable[_database_service_pb2.QueryRequest, _database_service_pb2.QueryResult]
     """Query operations"""
+    StreamQuery: _grpc.StreamStreamMultiCallable[_database_service_pb2.StreamQueryRequest, _database_service_pb2.QueryResult]
+    """Bidirectional streaming for large result sets: the client sends the query first, then asks
+    for chunks as it is ready for them (flow control: the server sends no more than it was
+    asked for, and holds its cursor meanwhile) and may cancel mid-result.
+    """
     ExecuteTransaction: _grpc.UnaryUnaryMultiCallable[_database_service_pb2.TransactionRequest, _database_service_pb2.TransactionResponse]
     BulkInsert: _grpc.StreamUnaryMultiCallable[_database_service_pb2.BulkInsertRequest, _database_service_pb2.BulkInsertResponse]
     """Bulk operations"""
@@ -59,6 +64,11 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ExecuteQuery: _aio.UnaryStreamMultiCallable[_database_service_pb2.QueryRequest, _database_service_pb2.QueryResult]  # type: ignore[assignment]
     """Query operations"""
+    StreamQuery: _aio.StreamStreamMultiCallable[_database_service_pb2.StreamQueryRequest, _database_service_pb2.QueryResult]  # type: ignore[assignment]
+    """Bidirectional streaming for large result sets: the client sends the query first, then asks
+    for chunks as it is ready for them (flow control: the server sends no more than it was
+    asked for, and holds its cursor meanwhile) and may cancel mid-result.
+    """
     ExecuteTransaction: _aio.UnaryUnaryMultiCallable[_database_service_pb2.TransactionRequest, _database_service_pb2.TransactionResponse]  # type: ignore[assignment]
     BulkInsert: _aio.StreamUnaryMultiCallable[_database_service_pb2.BulkInsertRequest, _database_service_pb2.BulkInsertResponse]  # type: ignore[assignment]
     """Bulk operations"""
@@ -81,6 +91,17 @@ class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_database_service_pb2.QueryResult], _abc.AsyncIterator[_database_service_pb2.QueryResult]]:
         """Query operations"""
+
+    @_abc_1.abstractmethod
+    def StreamQuery(
+        self,
+        request_iterator: _MaybeAsyncIterator[_database_service_pb2.StreamQueryRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_database_service_pb2.QueryResult], _abc.AsyncIterator[_database_service_pb2.QueryResult]]:
+        """Bidirectional streaming for large result sets: the client sends the query first, then asks
+        for chunks as it is ready for them (flow control: the server sends no more than it was
+        asked for, and holds its cursor meanwhile) and may cancel mid-result.
+        """
 
     @_abc_1.abstractmethod
     def ExecuteTransaction(

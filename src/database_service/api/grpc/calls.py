@@ -35,6 +35,7 @@ from database_service.errors import (
     unavailable,
 )
 from database_service.observability import AuditEvent
+from database_service.observability.notices import Notices
 from database_service.query import TenantContext
 from database_service.tenancy import validate_tenant_id
 
@@ -151,6 +152,7 @@ class _Servicer:
     """What ``rpc`` needs of the servicer it wraps."""
 
     core: Application
+    notices: Notices
 
 
 def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -189,7 +191,13 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         elif escaped_driver_error(exc):
             # Last resort: PostgreSQL unreachable on a path without its own translation is
             # still UNAVAILABLE, which clients retry, not UNKNOWN.
-            log.warning("%s: PostgreSQL error reached the last resort", name, exc_info=exc)
+            servicer.notices.once(
+                "postgres-unreachable",
+                "PostgreSQL is unreachable (%s: %s); calls answer UNAVAILABLE until it is back:"
+                " see the health document's dependencies.postgresql",
+                type(exc).__name__,
+                exc,
+            )
             error = unavailable(name, exc)
         else:
             log.error("%s: unexpected error", name, exc_info=exc)

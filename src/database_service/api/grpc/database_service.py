@@ -8,8 +8,11 @@ returns its connection to the pool.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -21,6 +24,7 @@ from database_service.api.grpc.calls import Caller, rpc
 from database_service.api.grpc.encoding import columns_message, encoders_for, result_messages
 from database_service.app import Application
 from database_service.errors import InvalidParameters
+from database_service.observability.notices import Notices
 from database_service.query.executor import Isolation
 from database_service.tenancy import validate_tenant_id
 from database_service.timeseries.candles import DEFAULT_ORIGIN, CandleQuery
@@ -29,6 +33,8 @@ from database_service_client._proto.database_service_pb2_grpc import DatabaseSer
 from database_service_client.values import from_row, from_value
 
 __all__ = ["DatabaseService"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _ISOLATION: dict[int, Isolation] = {
@@ -52,10 +58,51 @@ def _time(request: Any, field: str) -> dt.datetime | None:
     return moment
 
 
+class _Flow:
+    """The client's credit for StreamQuery: how many more messages it asked for, and whether
+    it canceled or stopped asking."""
+
+    def __init__(self) -> None:
+        self.credit = 0
+        self.canceled = False
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    async def read(self, requests: AsyncIterator[pb.StreamQueryRequest]) -> None:
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "cancel":
+                    self.canceled = True
+                    break
+                if kind != "pull":
+                    self.canceled = True
+                    raise InvalidParameters("after 'start', StreamQuery takes 'pull' or 'cancel'")
+                self.credit += request.pull
+                self._changed.set()
+        finally:
+            self.closed = True
+            self._changed.set()
+
+    async def wait_for_credit(self) -> bool:
+        """True when a message may be sent; False when the client canceled, or stopped
+        sending with no credit left."""
+        while not self.canceled and self.credit <= 0:
+            if self.closed:
+                return False
+            self._changed.clear()
+            await self._changed.wait()
+        return not self.canceled
+
+    def spent(self) -> None:
+        self.credit -= 1
+
+
 class DatabaseService(DatabaseServiceServicer):
     def __init__(self, core: Application, *, default_chunk_bytes: int) -> None:
         self.core = core
         self.caller = Caller(core)
+        self.notices = Notices(log)
         self.default_chunk_bytes = default_chunk_bytes
 
     def _chunk(self, requested: int) -> int:
@@ -74,6 +121,40 @@ class DatabaseService(DatabaseServiceServicer):
             events, pb.QueryResult, self._chunk(request.max_chunk_bytes)
         ):
             yield message
+
+    @rpc
+    async def StreamQuery(
+        self,
+        request_iterator: AsyncIterator[pb.StreamQueryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.QueryResult]:
+        """ExecuteQuery with flow control: result messages go out only as the client asks for
+        them (``pull``), the cursor waits meanwhile (bounded by the tenant's transaction limit),
+        and ``cancel`` — or the client going away — stops the statement at once."""
+        principal, ctx = await self.caller.tenant(context)
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("kind") != "start":
+            raise InvalidParameters("the first StreamQuery message must be 'start', the query")
+        start = first.start
+        params = [from_value(v) for v in start.params]
+        events = self.core.executor.stream(principal, ctx, start.sql, params)
+        messages = result_messages(events, pb.QueryResult, self._chunk(start.max_chunk_bytes))
+        flow = _Flow()
+        reader = asyncio.create_task(flow.read(requests))
+        try:
+            while await flow.wait_for_credit():
+                message = await anext(messages, None)
+                if message is None:
+                    return
+                yield message
+                flow.spent()
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, InvalidParameters):
+                await reader
+            await messages.aclose()
+            await events.aclose()  # releases the cursor and its connection now
 
     @rpc
     async def ExecuteAnalyticsQuery(

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from database_service.query import Column as ResultColumn
-from database_service.query import Header, Summary
+from database_service.results import Column as ResultColumn
+from database_service.results import Event, Header, Summary, ValueKind
 from database_service_client._proto.database_service_pb2 import (
     Column,
     ResultHeader,
@@ -68,23 +68,22 @@ def _generic(add: Add, value: Any) -> object:
     return target
 
 
-_BY_TYPE: dict[str, Encoder] = {
-    **dict.fromkeys(("int2", "int4", "int8", "oid"), _field("int_value")),
-    **dict.fromkeys(("text", "varchar", "bpchar", "name", "char"), _field("string_value")),
-    **dict.fromkeys(("float4", "float8"), _field("double_value")),
-    "bool": _field("bool_value"),
-    "bytea": _field("bytes_value"),
-    "numeric": _decimal,
-    "timestamptz": _timestamp,
-    "timestamp": _timestamp,
-    "json": _json,
-    "jsonb": _json,
+# By how a column's values travel (results.ValueKind), whatever store they come from.
+_BY_KIND: dict[ValueKind, Encoder] = {
+    ValueKind.INTEGER: _field("int_value"),
+    ValueKind.TEXT: _field("string_value"),
+    ValueKind.FLOAT: _field("double_value"),
+    ValueKind.BOOLEAN: _field("bool_value"),
+    ValueKind.BYTES: _field("bytes_value"),
+    ValueKind.DECIMAL: _decimal,
+    ValueKind.TIMESTAMP: _timestamp,
+    # dicts and lists, which the generic path would take for arrays
+    ValueKind.JSON: _json,
 }
 
 
 def encoders_for(columns: Sequence[ResultColumn]) -> list[Encoder]:
-    # json/jsonb arrive as dicts and lists, which the generic path would take for arrays.
-    return [_BY_TYPE.get(c.type_name, _generic) for c in columns]
+    return [_BY_KIND.get(c.kind, _generic) for c in columns]
 
 
 def columns_message(columns: Sequence[ResultColumn]) -> list[Column]:
@@ -112,14 +111,14 @@ def chunk_rows(
 
 
 def result_messages(
-    events: AsyncIterator[Header | Sequence[Any] | Summary],
+    events: AsyncIterator[Event],
     message: Callable[..., T],
     max_chunk_bytes: int,
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """Streamed result events as messages of about ``max_chunk_bytes``: the header rides with
     the first rows and the summary with the last, so a small result is a single message."""
 
-    async def messages() -> AsyncIterator[T]:
+    async def messages() -> AsyncGenerator[T, None]:
         encoders: list[Encoder] = []
         header: ResultHeader | None = None
         pending: RowChunk | None = None

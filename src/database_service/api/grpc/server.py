@@ -7,6 +7,7 @@ deserializer would end the call INTERNAL before any of our code runs)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -17,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from database_service.api.grpc.calls import tolerant
 from database_service.api.grpc.database_service import DatabaseService
 from database_service.app import Application
+from database_service.supervisor import PortInUse
+from database_service.supervisor.shield import run_to_completion
 from database_service_client._proto import database_service_pb2
 
 __all__ = ["GrpcServer", "add_servicer"]
@@ -71,6 +74,9 @@ class GrpcServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                # grpc sets SO_REUSEPORT by default: a second process (another instance, any
+                # program) could then listen on our port too and silently take half the calls.
+                ("grpc.so_reuseport", 0),
             ]
         )
         add_servicer(DatabaseService(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
@@ -78,20 +84,34 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        try:
+            self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        except RuntimeError:  # grpc >= 1.60 raises where older versions returned 0
+            self.port = 0
         if not self.port:
-            raise OSError(f"gRPC cannot listen on {s.grpc_host}:{s.grpc_port}")
-        await server.start()
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._server = server
+            raise PortInUse(
+                "gRPC",
+                s.grpc_host,
+                s.grpc_port,
+                "DBSVC_GRPC_PORT",
+                OSError(errno.EADDRINUSE, "address in use"),
+            )
+        self._server = server  # from here on, exit stops it (also when start-up is cancelled)
+        try:
+            await server.start()
+            for name in ("", SERVICE_NAME):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            await self.__aexit__()
+            raise
         log.info("gRPC listening on %s:%d", s.grpc_host, self.port)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._server is None:
+        server, self._server = self._server, None
+        if server is None:
             return
         # Tell health checkers first, then stop taking calls and let in-flight ones finish.
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(self.core.settings.grpc_shutdown_grace_seconds)
+        await run_to_completion(server.stop(self.core.settings.grpc_shutdown_grace_seconds))
         log.info("gRPC stopped")

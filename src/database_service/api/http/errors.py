@@ -21,6 +21,7 @@ from database_service.errors import (
     unavailable,
 )
 from database_service.observability import AuditEvent
+from database_service.observability.notices import Notices
 
 __all__ = ["install_error_handlers", "internal_error_handler"]
 
@@ -73,12 +74,21 @@ def install_error_handlers(api: FastAPI, core: Application) -> None:
             {"error": {"code": code, "message": message}}, status_code=status, headers=exc.headers
         )
 
+    notices = Notices(log)
+
     async def driver_error(request: Request, exc: Exception) -> JSONResponse:
         """Last resort: PostgreSQL unreachable on a path without its own translation is still a
-        503 the caller can retry, not a 500. Anything else re-raised here stays a 500."""
+        503 the caller can retry, not a 500 (logged once per outage, not per request).
+        Anything else re-raised here stays a 500."""
         if not escaped_driver_error(exc):
             raise exc
-        log.warning("%s: PostgreSQL error reached the last resort", request.url.path, exc_info=exc)
+        notices.once(
+            "postgres-unreachable",
+            "PostgreSQL is unreachable (%s: %s); requests answer 503 until it is back: see the"
+            " health document's dependencies.postgresql",
+            type(exc).__name__,
+            exc,
+        )
         return await service_error(request, unavailable(request.url.path, exc))
 
     for kind in UNREACHABLE_ERRORS:

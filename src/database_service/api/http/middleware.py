@@ -140,7 +140,7 @@ class RequestMetrics:
             )
             self.metrics.requests.labels("http", operation, code).inc()
             self.metrics.request_seconds.labels("http", operation).observe(elapsed)
-            if operation not in {"/metrics", "/api/v1/health"}:
+            if operation not in {"/metrics", "/api/v1/health", "/health"}:
                 # 4xx are the caller's errors. The tenant is set by the route once it has
                 # checked that the caller may act for it, so nobody adds to another's figures.
                 tenant = scope.get("state", {}).get("tenant_id")

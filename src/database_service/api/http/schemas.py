@@ -52,22 +52,43 @@ class ServiceCreateRequest(_Body):
 
 
 class TokenRequest(_Body):
-    service: StrictStr
-    secret: StrictStr
-    ttl_seconds: int | None = Field(default=None, ge=60, le=31 * 86_400)
+    service: StrictStr = Field(max_length=200)
+    secret: StrictStr = Field(max_length=1000)
+    ttl_seconds: int | None = Field(
+        default=None, ge=60, description="At most DBSVC_TOKEN_MAX_TTL_SECONDS"
+    )
 
 
 class AdminTokenRequest(_Body):
     service: StrictStr
     tenants: list[StrictStr] | None = None
     scopes: list[StrictStr] | None = None
-    ttl_seconds: int | None = Field(default=None, ge=60, le=366 * 86_400)
+    ttl_seconds: int | None = Field(
+        default=None, ge=60, description="At most DBSVC_TOKEN_MAX_TTL_SECONDS"
+    )
 
 
 class TokenResponse(BaseModel):
     access_token: str
     token_type: str = "Bearer"
     expires_in: int
+    token_id: str | None = Field(default=None, description="The token's jti, to revoke it by")
+
+
+class TokenRevokeRequest(_Body):
+    """The token itself, or its service and id (``jti``)."""
+
+    token: StrictStr | None = Field(default=None, max_length=8192)
+    service: StrictStr | None = Field(default=None, max_length=200)
+    token_id: StrictStr | None = Field(default=None, max_length=200)
+
+
+class TokenRevokeResponse(BaseModel):
+    service: str
+    token_id: str
+    expires_at: str | None
+    revoked: bool
+    already_revoked: bool
 
 
 class ErrorBody(BaseModel):

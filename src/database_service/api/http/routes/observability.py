@@ -11,6 +11,7 @@ router = APIRouter()
 
 
 @router.get("/api/v1/health", tags=["health"])
+@router.get("/health", tags=["health"])  # the seed's path
 async def health(core: Core, principal: OptionalPrincipal) -> JSONResponse:
     """Status, version and each dependency's status for anyone; the full document (figures,
     tenant counts, isolation details) for a platform principal holding metrics or admin.

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from database_service.api.http.deps import Authenticated, Core, aware, tenant_context
 from database_service.query import Header as ResultHeader
 from database_service.query import Summary, encode_value
-from database_service.timeseries.candles import DEFAULT_ORIGIN, CandleQuery
+from database_service.timeseries.candles import DEFAULT_ORIGIN, CandleQuery, parse_interval
 
 router = APIRouter(tags=["timeseries"])
 
@@ -65,7 +65,11 @@ async def candles(
     symbol: str,
     start: dt.datetime,
     end: dt.datetime,
-    interval: int = Query(default=60, description="seconds, 1 to 86400"),
+    interval: str = Query(
+        default="60",
+        description="1 s to 1 day: seconds (60), units (30s, 1m, 15m, 1h, 1d) or ISO 8601"
+        " (PT1M, PT1H, P1D)",
+    ),
     timezone: str = "UTC",
     origin: dt.datetime = DEFAULT_ORIGIN,
     gap_fill: bool = False,
@@ -75,7 +79,7 @@ async def candles(
     """OHLCV candles with VWAP and spread statistics, as NDJSON (see timeseries/candles.py)."""
     ctx = tenant_context(request, principal, None, header=x_tenant_id)
     query = CandleQuery(
-        symbol, aware(start), aware(end), dt.timedelta(seconds=interval), timezone,
+        symbol, aware(start), aware(end), parse_interval(interval), timezone,
         aware(origin), gap_fill, source,
     )  # fmt: skip
     return await ndjson(core.timeseries.candles(principal, ctx, query))

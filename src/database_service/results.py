@@ -1,0 +1,91 @@
+"""Results as every store gives them and every front end sends them: store-neutral.
+
+A store adapter (PostgreSQL today; ClickHouse, a vector or a graph store next) turns its own
+results into these: columns with the store's own type name (shown to callers as it is) and a
+``ValueKind`` that says how a front end encodes the values; rows as plain sequences of Python
+values; a summary. Front ends pick encoders by ``ValueKind``, never by a store's type names.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Column",
+    "Event",
+    "Header",
+    "QueryResult",
+    "StatementKind",
+    "Summary",
+    "TransactionResult",
+    "ValueKind",
+]
+
+Rows = Sequence[Sequence[Any]]
+
+
+class StatementKind(enum.StrEnum):
+    """What a statement does, whatever the store: the scope it needs follows from it."""
+
+    READ = "read"
+    WRITE = "write"
+    DDL = "ddl"
+
+
+class ValueKind(enum.StrEnum):
+    """How the values of a column travel."""
+
+    INTEGER = "integer"
+    FLOAT = "float"
+    DECIMAL = "decimal"  # exact: Decimal, sent as text
+    TEXT = "text"
+    BOOLEAN = "boolean"
+    BYTES = "bytes"
+    TIMESTAMP = "timestamp"
+    JSON = "json"  # dicts and lists, sent as JSON
+    OTHER = "other"  # anything else: dates, uuids, arrays, ranges... by the value's own type
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type_name: str  # the store's own name for the type, e.g. "numeric", "Decimal(18, 4)"
+    kind: ValueKind = ValueKind.OTHER
+
+
+@dataclass(slots=True)
+class QueryResult:
+    columns: list[Column]
+    rows: Rows
+    command: str
+    row_count: int
+    kind: StatementKind
+    duration_ms: float
+    store: str = "postgresql"
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    columns: list[Column]
+    kind: StatementKind
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    row_count: int
+    command: str
+    duration_ms: float
+    kind: StatementKind
+
+
+@dataclass(slots=True)
+class TransactionResult:
+    results: list[QueryResult]
+    duration_ms: float
+
+
+# What a streamed statement yields: a header, batches of rows, a summary.
+Event = Header | Rows | Summary
