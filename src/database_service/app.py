@@ -29,6 +29,7 @@ from database_service.auth import Authenticator, ExchangeLimits, ServiceDirector
 from database_service.auth.tokens import deployment_audience
 from database_service.config import Settings
 from database_service.ingest import DeadLetterStore, IngestPipeline, IngestWriter
+from database_service.loops import BackgroundLoops
 from database_service.observability import (
     AuditLog,
     HealthReporter,
@@ -176,8 +177,17 @@ class Application:
             dsn = pg.dsn
         else:
             dsn = s.postgres_url.get_secret_value()
+        # The owner's connections, in three pools that cannot starve each other: the request
+        # path's (tenant and service lookups, health, time limits), the audit writer's, and the
+        # long holders' (migrations, tenant lifecycle, partition maintenance).
         self.owner_pool = await create_owner_pool(dsn, max_size=s.admin_pool_size)
         stack.push_async_callback(self.owner_pool.close)
+        self.audit_pool = await create_owner_pool(dsn, max_size=s.audit_pool_size, purpose="audit")
+        stack.push_async_callback(self.audit_pool.close)
+        self.maintenance_pool = await create_owner_pool(
+            dsn, max_size=s.maintenance_pool_size, purpose="maintenance"
+        )
+        stack.push_async_callback(self.maintenance_pool.close)
 
         self.migrator = self._migrator_override or Migrator(
             control_schema=s.control_schema,
@@ -193,12 +203,13 @@ class Application:
             log.error("tenant %s: migration failed at start: %s", failed.tenant_id, failed.error)
 
         self.metrics = Metrics()
+        self.loops = BackgroundLoops(self.metrics.loop_restarts)
         self.window = RequestWindow()
         self.secret_box = SecretBox(master_key)
         self.logins = TenantLogins(self.secret_box)  # one opened-secret cache for all paths
         self.registry = TenantRegistry(self.owner_pool, control_schema=s.control_schema)
         self.tenants = TenantManager(
-            self.owner_pool,
+            self.maintenance_pool,
             self.registry,
             self.migrator,
             self.secret_box,
@@ -224,7 +235,12 @@ class Application:
             bootstrap_admin_token=s.bootstrap_admin_token.get_secret_value(),
         )
         self.audit = await stack.enter_async_context(
-            AuditLog(self.owner_pool, control_schema=s.control_schema, metrics=self.metrics)
+            AuditLog(
+                self.audit_pool,
+                control_schema=s.control_schema,
+                metrics=self.metrics,
+                start_loop=self.loops.start,
+            )
         )
         self.pools = await stack.enter_async_context(
             TenantPools(
@@ -234,6 +250,7 @@ class Application:
                 idle_seconds=s.pool_idle_seconds,
                 acquire_timeout=s.pool_acquire_timeout_seconds,
                 on_event=lambda tenant, event: self.metrics.pool_events.labels(event).inc(),
+                start_loop=self.loops.start,
             )
         )
         self.tenants.on_change(self.pools.close_tenant)
@@ -316,7 +333,7 @@ class Application:
         retention = dt.timedelta(days=s.ts_retention_days)
         ahead = dt.timedelta(hours=s.ts_create_ahead_hours)
         self.partitions = PartitionManager(
-            self.owner_pool,
+            self.maintenance_pool,
             schema=s.shared_schema,
             specs=[
                 SeriesSpec(
@@ -339,8 +356,9 @@ class Application:
         )
         if self._maintain_partitions:
             await self.partitions.maintain()  # partitions for now exist before the first request
-            maintenance = asyncio.create_task(
-                self.partitions.run_forever(s.ts_maintenance_interval_seconds), name="partitions"
+            every = s.ts_maintenance_interval_seconds
+            maintenance = self.loops.start(
+                "partition-maintenance", lambda: self.partitions.run_forever(every)
             )
             stack.push_async_callback(_cancel, maintenance)
         self.metrics.register(_PartitionCollector(self.partitions))
@@ -354,6 +372,7 @@ class Application:
             data_dir=s.data_dir,
             count_active_tenants=self.registry.count_active,
             cache_seconds=s.health_cache_seconds,
+            loops=self.loops,
         )
         self._use_cases()
 
@@ -363,7 +382,7 @@ class Application:
         s = self.settings
         self.access = Access(self.audit)
         self.tenant_admin = TenantAdmin(
-            self.access, self.tenants, self.registry, self.migrator, self.owner_pool
+            self.access, self.tenants, self.registry, self.migrator, self.maintenance_pool
         )
         self.service_admin = ServiceAdmin(
             self.access,

@@ -92,7 +92,12 @@ class _Signals:
 async def _serve(settings: Settings) -> int:
     signals = _Signals()
     # Before anything starts: one instance per data directory, and every port free.
-    from database_service.supervisor import InstanceLock, bind_tcp, check_port_free  # noqa: PLC0415
+    from database_service.supervisor import (  # noqa: PLC0415
+        InstanceLock,
+        bind_tcp,
+        check_port_free,
+        stop_orphaned_nats,
+    )
 
     nats_embedded = settings.nats_url is None and settings.nats_embedded
     lock = InstanceLock(settings.data_dir)
@@ -110,6 +115,8 @@ async def _serve(settings: Settings) -> int:
                 settings.grpc_host, settings.grpc_port, what="gRPC", setting="DBSVC_GRPC_PORT"
             )
             if nats_embedded:
+                # Ours to stop, under the lock: what a serve killed outright left running.
+                stop_orphaned_nats(settings.data_dir / "nats")
                 check_port_free(
                     "127.0.0.1",
                     settings.nats_port,

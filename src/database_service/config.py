@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     tenant_role_prefix: str = "tenant_"
     tenant_group_role: str = "dbsvc_tenant"
     admin_pool_size: int = Field(default=4, ge=1, le=100)
+    # The owner's other pools: the audit writer's, and the one migrations, tenant lifecycle and
+    # partition maintenance hold connections of (so they never starve the request path).
+    audit_pool_size: int = Field(default=2, ge=1, le=100)
+    maintenance_pool_size: int = Field(default=2, ge=1, le=100)
 
     # Per-tenant pools and the global cap across them.
     pool_max_per_tenant: int = Field(default=5, ge=1, le=1000)

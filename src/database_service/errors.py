@@ -25,6 +25,7 @@ The tree::
      │    └── ConfirmationRequired   confirmation_required
      ├── ResourceExhausted           resource_exhausted         429  RESOURCE_EXHAUSTED
      ├── Unavailable                 unavailable                503  UNAVAILABLE
+     │    └── StatementOutdated      statement_outdated         (a table changed under it; retry)
      └── QueryError                  (by SQLSTATE, see below)   PostgreSQL refused the statement
 
 ``QueryError`` maps a SQLSTATE to a code by class, the way psycopg's ``errors`` module does:
@@ -69,6 +70,7 @@ __all__ = [
     "ResourceExhausted",
     "SqlRejected",
     "SqlSyntaxError",
+    "StatementOutdated",
     "TenantExists",
     "TenantNotFound",
     "TenantSuspended",
@@ -209,6 +211,15 @@ class Unavailable(DatabaseServiceError):
     code = "unavailable"
     http_status = 503
     grpc_status = "UNAVAILABLE"
+
+
+class StatementOutdated(Unavailable):
+    """PostgreSQL refused a prepared statement whose tables changed (a column added or retyped)
+    since it was prepared ("cached plan must not change result type"), at Bind: nothing ran,
+    and retrying is safe. The query core retries once on fresh statements; a caller sees this
+    only when the tables changed again meanwhile."""
+
+    code = "statement_outdated"
 
 
 # Driver errors that say PostgreSQL cannot be reached or ended the session, not that it refused a

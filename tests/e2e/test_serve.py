@@ -326,3 +326,36 @@ def test_serve_restarts_an_embedded_postgres_that_died(served: Served) -> None:
     assert output.count("embedded PostgreSQL is back") == 1, output
     assert "Traceback" not in output, output
     assert not postmaster_running(served.data_dir)
+
+
+def test_a_serve_killed_outright_does_not_keep_the_next_one_from_starting(
+    served: Served,
+) -> None:
+    """SIGKILL (the OOM killer, ``kill -9``) gives serve no chance to stop its children. The next
+    serve on the same data directory and ports starts anyway, with the same tenants, and a clean
+    stop then leaves nothing running."""
+    served.wait_healthy(timeout=30)
+    created = httpx.post(
+        f"{served.base}/api/v1/admin/schema/create",
+        json={"tenant_id": "survivor"},
+        headers=served.admin(),
+    )
+    assert created.status_code == 201, created.text
+    served.kill()
+    assert children_left(served.data_dir), "expected the killed serve's children to outlive it"
+
+    # The same ports, exactly as a second `make run` would use them.
+    again = Served(served.data_dir, env={k: served.env[k] for k in _PORTS})
+    try:
+        again.wait_healthy(timeout=60)
+        tenants = httpx.get(f"{again.base}/api/v1/admin/tenants", headers=again.admin()).json()
+        assert "survivor" in [t["tenant_id"] for t in tenants["tenants"]]
+        code, output = again.stop()
+        assert code == 0, output
+        assert "left running" in output, output
+    finally:
+        again.kill()
+    assert children_left(served.data_dir) == []
+
+
+_PORTS = ("DBSVC_HTTP_PORT", "DBSVC_GRPC_PORT", "DBSVC_NATS_PORT")

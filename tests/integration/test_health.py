@@ -180,3 +180,56 @@ async def test_openapi_lists_the_api(http: httpx.AsyncClient) -> None:
         "/api/v1/health", "/api/v1/metrics/performance", "/api/v1/auth/token",
     ):  # fmt: skip
         assert path in paths
+
+
+async def test_a_background_loop_that_dies_is_restarted_and_shown_in_health(
+    http: httpx.AsyncClient, core: Application, admin_headers: dict[str, str]
+) -> None:
+    import asyncio
+
+    # The pool reaper, made to fail once (as a bug would): it comes back, and health says so.
+    failures = 1
+    original = core.pools._reap_forever
+
+    async def failing_once() -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RuntimeError("reaper bug")
+        await original()
+
+    core.pools._reap_forever = failing_once  # type: ignore[method-assign]
+    try:
+        core.pools._reaper.cancel()  # type: ignore[union-attr]
+        await asyncio.gather(core.pools._reaper, return_exceptions=True)  # type: ignore[arg-type]
+        core.pools._reaper = core.loops.start("tenant-pool-reaper", core.pools._reap_forever)
+        for _ in range(100):
+            state = core.loops.document()["tenant-pool-reaper"]
+            if state["restarts"] == 1 and state["state"] == "running":
+                break
+            await asyncio.sleep(0.02)
+        core.health.invalidate()
+        doc = (await http.get("/api/v1/health", headers=admin_headers)).json()
+        reaper = doc["background_loops"]["tenant-pool-reaper"]
+        assert reaper["restarts"] == 1 and reaper["last_error"] == "RuntimeError: reaper bug"
+        assert reaper["state"] == "running"
+        assert "audit-writer" in doc["background_loops"]
+    finally:
+        core.pools._reap_forever = original  # type: ignore[method-assign]
+
+
+async def test_the_owners_connections_are_split_so_long_holders_cannot_starve_requests(
+    core: Application,
+) -> None:
+    names = {
+        r["application_name"]
+        for r in await core.owner_pool.fetch(
+            "SELECT DISTINCT application_name FROM pg_stat_activity"
+            " WHERE application_name LIKE 'dbsvc-owner%'"
+        )
+    }
+    assert {"dbsvc-owner", "dbsvc-owner-audit", "dbsvc-owner-maintenance"} <= names
+    # A migration holding every maintenance connection leaves lookups and audit free.
+    async with core.maintenance_pool.acquire(), core.maintenance_pool.acquire():
+        assert await core.owner_pool.fetchval("SELECT 1") == 1
+        assert await core.audit_pool.fetchval("SELECT 1") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -20,17 +21,28 @@ async def logins(core: Application, new_tenant: TenantFactory, n: int) -> list[T
     ]
 
 
+def pools_for(
+    core: Application,
+    *,
+    max_per_tenant: int,
+    global_max: int,
+    idle_seconds: float = 30,
+    acquire_timeout: float = 2,
+) -> TenantPools:
+    return TenantPools(
+        core.endpoints.postgres_dsn,
+        max_per_tenant=max_per_tenant,
+        global_max=global_max,
+        idle_seconds=idle_seconds,
+        acquire_timeout=acquire_timeout,
+    )
+
+
 async def test_each_tenant_connects_as_its_own_role(
     core: Application, new_tenant: TenantFactory
 ) -> None:
     a, b = await logins(core, new_tenant, 2)
-    async with TenantPools(
-        core.endpoints.postgres_dsn,
-        max_per_tenant=2,
-        global_max=4,
-        idle_seconds=30,
-        acquire_timeout=2,
-    ) as pools:
+    async with pools_for(core, max_per_tenant=2, global_max=4) as pools:
         for login in (a, b):
             async with pools.acquire(login) as conn:
                 assert await conn.fetchval("SELECT session_user") == login.role
@@ -41,13 +53,7 @@ async def test_global_cap_evicts_idle_pools_to_make_room(
     core: Application, new_tenant: TenantFactory
 ) -> None:
     a, b, c = await logins(core, new_tenant, 3)
-    async with TenantPools(
-        core.endpoints.postgres_dsn,
-        max_per_tenant=1,
-        global_max=2,
-        idle_seconds=30,
-        acquire_timeout=2,
-    ) as pools:
+    async with pools_for(core, max_per_tenant=1, global_max=2) as pools:
         for login in (a, b, c):
             async with pools.acquire(login) as conn:
                 await conn.fetchval("SELECT 1")
@@ -59,13 +65,7 @@ async def test_global_cap_refuses_when_every_connection_is_busy(
     core: Application, new_tenant: TenantFactory
 ) -> None:
     a, b = await logins(core, new_tenant, 2)
-    async with TenantPools(
-        core.endpoints.postgres_dsn,
-        max_per_tenant=1,
-        global_max=1,
-        idle_seconds=30,
-        acquire_timeout=0.5,
-    ) as pools:
+    async with pools_for(core, max_per_tenant=1, global_max=1, acquire_timeout=0.5) as pools:
         async with pools.acquire(a) as conn:
             await conn.fetchval("SELECT 1")
             with pytest.raises(ResourceExhausted, match="connections are all in use"):
@@ -75,13 +75,7 @@ async def test_global_cap_refuses_when_every_connection_is_busy(
 
 async def test_idle_pools_are_closed(core: Application, new_tenant: TenantFactory) -> None:
     (a,) = await logins(core, new_tenant, 1)
-    async with TenantPools(
-        core.endpoints.postgres_dsn,
-        max_per_tenant=1,
-        global_max=2,
-        idle_seconds=0.3,
-        acquire_timeout=2,
-    ) as pools:
+    async with pools_for(core, max_per_tenant=1, global_max=2, idle_seconds=0.3) as pools:
         async with pools.acquire(a) as conn:
             await conn.fetchval("SELECT 1")
         for _ in range(40):
@@ -122,3 +116,52 @@ async def test_requests_recover_when_postgres_terminates_pooled_connections(
     assert killed >= 1
     for _ in range(3):
         assert (await client.fetch_all("SELECT 1")).rows == [(1,)]
+
+
+async def test_eviction_never_closes_a_pool_that_became_busy_while_another_closed(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    """Eviction walks a list of idle pools and awaits each close; a pool further down that list
+    may get a request meanwhile, and must then be left alone (its in_use is checked again)."""
+    a, b, c = await logins(core, new_tenant, 3)
+    async with pools_for(core, max_per_tenant=1, global_max=2, acquire_timeout=1.5) as pools:
+        for login in (b, c):  # both idle, B the least recently used: closed first
+            async with pools.acquire(login) as conn:
+                await conn.fetchval("SELECT 1")
+        entry_b = pools._entries[b.role]
+        closing = asyncio.Event()
+
+        class SlowToClose:
+            """B's pool, whose close takes half a second (asyncpg's Pool has slots)."""
+
+            def __init__(self, pool: Any) -> None:
+                self._pool = pool
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._pool, name)
+
+            async def close(self) -> None:
+                closing.set()
+                await asyncio.sleep(0.5)
+                await self._pool.close()
+
+        entry_b.pool = SlowToClose(entry_b.pool)  # type: ignore[assignment]
+        # Room never appears, so eviction goes on down its list after B.
+        pools._budget.limit = 0
+
+        async def c_works() -> int:
+            await closing.wait()
+            async with pools.acquire(c) as conn:
+                return int(await conn.fetchval("SELECT 1 FROM pg_sleep(1)"))
+
+        async def a_wants_room() -> None:
+            with pytest.raises(ResourceExhausted):
+                async with pools.acquire(a):
+                    pass
+
+        busy, _ = await asyncio.gather(c_works(), a_wants_room())
+        assert busy == 1
+        assert b.role not in pools._entries
+        assert c.role in pools._entries, "C's pool was closed while a request was using it"
+        async with pools.acquire(c) as conn:
+            assert await conn.fetchval("SELECT session_user") == c.role

@@ -3,13 +3,16 @@ SQLSTATE and position, bad input rejected with nothing written, user-level RLS, 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
 
 from database_service.app import Application
-from database_service.auth import Scope
+from database_service.auth import Principal, Scope
+from database_service.query import TenantContext
+from database_service.results import Header
 from database_service.tenancy import TenantLimits, TenantRecord
 from tests.fix_service import TenantFactory, TokenFactory
 
@@ -119,7 +122,7 @@ async def test_unique_violation_is_409_and_keeps_the_first_row(
     sql = "INSERT INTO users (user_id, email, subscription_tier) VALUES ($1, $2, 'free')"
     assert (await run(http, headers, tenant, sql, "dup", "dup@x")).status_code == 200
     response = await run(http, headers, tenant, sql, "dup", "other@x")
-    assert response.status_code == 409
+    assert response.status_code == 409, response.text
     assert response.json()["error"]["code"] == "unique_violation"
     assert response.json()["error"]["sqlstate"] == "23505"
     assert await count_users(http, headers, tenant) == 1
@@ -272,3 +275,67 @@ async def test_pool_per_tenant_is_reported_in_metrics(
     metrics = (await http.get("/metrics", headers=admin_headers)).text
     assert f'dbsvc_pool_connections{{tenant="{tenant.tenant_id}"}}' in metrics
     assert 'dbsvc_requests_total{code="ok",front_end="http",operation="/api/v1/query"}' in metrics
+
+
+async def test_a_statement_still_works_after_the_tenant_changes_its_table(
+    http: httpx.AsyncClient, service_headers: TokenFactory, tenant: TenantRecord
+) -> None:
+    """Statements are prepared once per connection and reused; a table the tenant alters
+    (a column added, dropped, retyped) must not leave the old statement failing on every
+    connection that prepared it."""
+    headers = await service_headers([tenant.tenant_id], (Scope.READ, Scope.WRITE, Scope.ADMIN))
+    for sql in ("CREATE TABLE quotes (id int PRIMARY KEY, px numeric)",
+                "INSERT INTO quotes VALUES (1, 1.5)"):  # fmt: skip
+        assert (await run(http, headers, tenant, sql)).status_code == 200
+    for _ in range(8):  # on every pooled connection
+        assert (await run(http, headers, tenant, "SELECT * FROM quotes")).status_code == 200
+    altered = await run(http, headers, tenant, "ALTER TABLE quotes ADD COLUMN venue text")
+    assert altered.status_code == 200, altered.text
+    for _ in range(8):
+        response = await run(http, headers, tenant, "SELECT * FROM quotes")
+        assert response.status_code == 200, response.text
+        assert [c["name"] for c in response.json()["columns"]] == ["id", "px", "venue"]
+    retyped = await run(http, headers, tenant, "ALTER TABLE quotes ALTER COLUMN px TYPE text")
+    assert retyped.status_code == 200, retyped.text
+    for _ in range(8):
+        response = await run(http, headers, tenant, "SELECT px FROM quotes WHERE id = $1", 1)
+        assert response.status_code == 200, response.text
+        assert response.json()["rows"] == [["1.5"]]
+
+
+async def test_kept_statements_are_retried_on_every_path_after_a_table_changes(
+    core: Application, tenant: TenantRecord
+) -> None:
+    """The same, through each of the query core's paths (whole result, stream, transaction),
+    with the statement kept on several pooled connections at once and the table changed by
+    another session (a migration, another instance)."""
+    principal = Principal(
+        "svc-q", frozenset({tenant.tenant_id}), frozenset({Scope.READ, Scope.WRITE})
+    )
+    ctx = TenantContext(tenant.tenant_id)
+    table = f"{tenant.schema_name}.moving"
+    await core.owner_pool.execute(f"CREATE TABLE {table} (id int, px numeric)")
+    await core.owner_pool.execute(f"GRANT SELECT ON {table} TO {tenant.role_name}")
+    await core.owner_pool.execute(f"INSERT INTO {table} VALUES (1, 1.5)")
+    sql = "SELECT id, px FROM moving"
+
+    async def whole() -> tuple[list[str], list[tuple[object, ...]]]:
+        result = await core.executor.execute(principal, ctx, sql)
+        return [c.type_name for c in result.columns], [tuple(r) for r in result.rows]
+
+    async def streamed() -> tuple[list[str], list[tuple[object, ...]]]:
+        events = [e async for e in core.executor.stream(principal, ctx, sql)]
+        header = next(e for e in events if isinstance(e, Header))
+        rows = [tuple(r) for e in events if isinstance(e, list) for r in e]
+        return [c.type_name for c in header.columns], rows
+
+    async def in_transaction() -> tuple[list[str], list[tuple[object, ...]]]:
+        done = await core.executor.transaction(principal, ctx, [(sql, [])])
+        result = done.results[0]
+        return [c.type_name for c in result.columns], [tuple(r) for r in result.rows]
+
+    paths = (whole, streamed, in_transaction)
+    await asyncio.gather(*(path() for path in paths for _ in range(3)))  # kept on each connection
+    await core.owner_pool.execute(f"ALTER TABLE {table} ALTER COLUMN px TYPE text")
+    for outcome in await asyncio.gather(*(path() for path in paths for _ in range(3))):
+        assert outcome == (["int4", "text"], [(1, "1.5")])

@@ -6,6 +6,7 @@ from database_service.errors import (
     InvalidParameters,
     PayloadTooLarge,
     QueryError,
+    StatementOutdated,
     TenantNotFound,
     Unavailable,
     escaped_driver_error,
@@ -148,3 +149,17 @@ async def test_last_resort_takes_socket_errors_only_from_the_driver() -> None:
         assert not escaped_driver_error(elsewhere)
     assert escaped_driver_error(asyncpg.InterfaceError("connection is closed"))
     assert not escaped_driver_error(asyncpg.UniqueViolationError("duplicate key"))
+
+
+def test_a_statement_outdated_by_a_table_change_is_retryable_not_a_caller_error() -> None:
+    """Refused at Bind ("cached plan must not change result type"): nothing ran, a 503 to retry
+    rather than a 400 blaming the caller; a composite type changed while a result was decoded:
+    the statement ran, so it is not called outdated."""
+    with pytest.raises(StatementOutdated) as caught, postgres_errors("t1"):
+        raise asyncpg.InvalidCachedStatementError("cached plan must not change result type")
+    assert caught.value.to_dict()["code"] == "statement_outdated"
+    assert http_status_of(caught.value) == 503
+    assert caught.value.sqlstate == "0A000"
+    with pytest.raises(Unavailable) as decoded, postgres_errors("t1"):
+        raise asyncpg.OutdatedSchemaCacheError("type changed")
+    assert not isinstance(decoded.value, StatementOutdated)

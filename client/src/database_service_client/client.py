@@ -11,7 +11,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -65,8 +73,41 @@ class StatementResult:
     command: str
 
 
+class _ResultReader:
+    """What both result streams share: rows as they arrive, ``columns`` once the header came,
+    ``summary`` at the end, and the whole result at once."""
+
+    columns: list[Column]
+    summary: pb.ResultSummary | None
+
+    def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
+        return self._rows()
+
+    def _rows(self) -> AsyncIterator[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _read(self, message: Any) -> Iterator[tuple[Any, ...]]:
+        if message.HasField("header"):
+            self.columns = [Column(c.name, c.type) for c in message.header.columns]
+        for row in message.rows.rows:
+            yield from_row(row)
+        if message.HasField("summary"):
+            self.summary = message.summary
+
+    async def fetch_all(self) -> QueryResult:
+        rows = [row async for row in self]
+        summary = self.summary
+        return QueryResult(
+            columns=self.columns,
+            rows=rows,
+            row_count=summary.row_count if summary else len(rows),
+            command=summary.command if summary else "",
+            duration_ms=summary.duration_ms if summary else 0.0,
+        )
+
+
 @dataclass
-class QueryStream:
+class QueryStream(_ResultReader):
     """``async for row in stream``; ``columns`` once the header arrived, ``summary`` at the end.
 
     Leaving the loop early cancels the call, which cancels the statement on the server."""
@@ -77,9 +118,6 @@ class QueryStream:
     columns: list[Column] = field(default_factory=list)
     summary: pb.ResultSummary | None = None
 
-    def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
-        return self._rows()
-
     async def _rows(self) -> AsyncIterator[tuple[Any, ...]]:
         attempt = 0
         while True:
@@ -88,12 +126,8 @@ class QueryStream:
             try:
                 async for message in call:
                     received = True
-                    if message.HasField("header"):
-                        self.columns = [Column(c.name, c.type) for c in message.header.columns]
-                    for row in message.rows.rows:
-                        yield from_row(row)
-                    if message.HasField("summary"):
-                        self.summary = message.summary
+                    for row in self._read(message):
+                        yield row
                 return
             except grpc.aio.AioRpcError as exc:
                 retry = (
@@ -108,19 +142,8 @@ class QueryStream:
             finally:
                 call.cancel()
 
-    async def fetch_all(self) -> QueryResult:
-        rows = [row async for row in self]
-        summary = self.summary
-        return QueryResult(
-            columns=self.columns,
-            rows=rows,
-            row_count=summary.row_count if summary else len(rows),
-            command=summary.command if summary else "",
-            duration_ms=summary.duration_ms if summary else 0.0,
-        )
 
-
-class PulledStream:
+class PulledStream(_ResultReader):
     """``async for row in stream`` over ``StreamQuery``: the server sends result messages only as
     this side asks for them (``window`` ahead of what has been read), so a slow reader holds
     the server back instead of filling memory on either side. Leaving the loop early, or
@@ -149,20 +172,14 @@ class PulledStream:
             if request.HasField("cancel"):
                 return
 
-    def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
-        return self._rows()
-
     async def _rows(self) -> AsyncIterator[tuple[Any, ...]]:
         self._call = self._start(self._requests())
         try:
             async for message in self._call:
                 self.messages += 1
-                if message.HasField("header"):
-                    self.columns = [Column(c.name, c.type) for c in message.header.columns]
-                for row in message.rows.rows:
-                    yield from_row(row)
-                if message.HasField("summary"):
-                    self.summary = message.summary
+                for row in self._read(message):
+                    yield row
+                if self.summary is not None:
                     return
                 self._outbox.put_nowait(pb.StreamQueryRequest(pull=1))
         except grpc.aio.AioRpcError as exc:
@@ -179,17 +196,6 @@ class PulledStream:
         if self._call is not None:
             await asyncio.sleep(0)  # let the cancel go out before the call is torn down
             self._call.cancel()
-
-    async def fetch_all(self) -> QueryResult:
-        rows = [row async for row in self]
-        summary = self.summary
-        return QueryResult(
-            columns=self.columns,
-            rows=rows,
-            row_count=summary.row_count if summary else len(rows),
-            command=summary.command if summary else "",
-            duration_ms=summary.duration_ms if summary else 0.0,
-        )
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:

@@ -31,13 +31,20 @@ def _timestamp(value: dt.datetime) -> Timestamp:
     return stamp
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def to_value(value: Any) -> Value:
     if value is None:
         return Value(null_value=True)
     if isinstance(value, bool):
         return Value(bool_value=value)
     if isinstance(value, int):
-        return Value(int_value=value)
+        # Beyond int64 (ClickHouse's UInt64, Int128, PostgreSQL numerics read as int): exact,
+        # as a decimal.
+        if _INT64_MIN <= value <= _INT64_MAX:
+            return Value(int_value=value)
+        return Value(decimal_value=str(value))
     if isinstance(value, float):
         return Value(double_value=value)
     if isinstance(value, str):

@@ -5,8 +5,7 @@
 ``jetstream`` and ``kafka_group`` are the two consumers, ``deadletters`` the table behind them.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from database_service.ingest.deadletters import DeadLetter, DeadLetterStore, NewDeadLetter
 from database_service.ingest.pipeline import (
@@ -18,6 +17,7 @@ from database_service.ingest.pipeline import (
 )
 from database_service.ingest.records import BadPayload, Decoded, Rejected, decode
 from database_service.ingest.writer import IngestWriter, StoreResult
+from database_service.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from database_service.ingest.jetstream import JetStreamIngest, JetStreamSettings
@@ -36,11 +36,7 @@ _TRANSPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _TRANSPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _TRANSPORTS)
 
 
 __all__ = [

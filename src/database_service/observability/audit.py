@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from database_service.errors import DatabaseServiceError, postgres_unreachable
+from database_service.loops import LoopStarter, plain_start
 from database_service.observability.metrics import Metrics
 
 __all__ = ["AuditEvent", "AuditLog", "redact"]
@@ -132,6 +133,7 @@ class AuditLog:
         batch_size: int = 1000,
         flush_interval: float = 0.2,
         retry_interval: float = 1.0,
+        start_loop: LoopStarter | None = None,
     ) -> None:
         self._pool = pool
         self._schema = control_schema
@@ -141,6 +143,7 @@ class AuditLog:
         self._interval = flush_interval
         self._retry_interval = retry_interval
         self._task: asyncio.Task[None] | None = None
+        self._start_loop = start_loop or plain_start
         self.written = 0
         # The current run of failed writes: when it began, when to try again, what it dropped.
         self._failing_since: float | None = None
@@ -148,7 +151,7 @@ class AuditLog:
         self._dropped = 0
 
     async def __aenter__(self) -> AuditLog:
-        self._task = asyncio.create_task(self._run(), name="audit-writer")
+        self._task = self._start_loop("audit-writer", self._run)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -22,6 +22,7 @@ import psutil
 
 from database_service import __version__, stores
 from database_service.errors import Unavailable, postgres_unavailable
+from database_service.loops import BackgroundLoops
 from database_service.observability.audit import AuditLog
 from database_service.observability.window import RequestWindow
 from database_service.postgres import TenantPools
@@ -133,7 +134,9 @@ class HealthReporter:
         data_dir: Path,
         count_active_tenants: Callable[[], Awaitable[int]],
         cache_seconds: float = 1.0,
+        loops: BackgroundLoops | None = None,
     ) -> None:
+        self._loops = loops
         self._owner = owner_pool
         # Health may be asked for without credentials, as often as anyone likes: the document
         # is computed at most once per ``cache_seconds`` (per level of detail), and concurrent
@@ -245,9 +248,10 @@ class HealthReporter:
         others_ok = all(
             d.get("status") in {"healthy", "not_configured"} for d in dependencies.values()
         )
+        restarting = self._loops.restarting if self._loops is not None else []
         if not postgres_ok or isolation.get("status") == "unhealthy":
             status = "unhealthy"
-        elif not others_ok:
+        elif not others_ok or restarting:
             status = "degraded"
         else:
             status = "healthy"
@@ -283,6 +287,7 @@ class HealthReporter:
                 **{store: _details(dependencies[store]) for store in stores.DATA_STORES[1:]},
             },
             "multi_db_performance": _multi_db(dependencies),
+            "background_loops": self._loops.document() if self._loops is not None else {},
         }
 
 

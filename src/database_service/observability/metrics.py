@@ -47,6 +47,12 @@ class Metrics:
             "dbsvc_denials", "Requests refused before reaching PostgreSQL, by code.", ["code"],
             registry=self.registry,
         )  # fmt: skip
+        self.loop_restarts = Counter(
+            "dbsvc_background_loop_restarts",
+            "Background loops restarted after failing, by loop.",
+            ["loop"],
+            registry=self.registry,
+        )
         self.session_limits = Counter(
             "dbsvc_session_limits_exceeded",
             "Tenant sessions the service canceled at their time limit (statement, transaction).",

@@ -3,6 +3,7 @@
 from database_service.postgres.pools import (
     Connection,
     PoolStats,
+    TenantConnection,
     TenantLogin,
     TenantPools,
     create_owner_pool,
@@ -12,6 +13,7 @@ from database_service.postgres.pools import (
 __all__ = [
     "Connection",
     "PoolStats",
+    "TenantConnection",
     "TenantLogin",
     "TenantPools",
     "create_owner_pool",

@@ -23,6 +23,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from database_service.errors import ResourceExhausted
+from database_service.loops import LoopStarter, plain_start
 
 __all__ = [
     "Connection",
@@ -41,10 +42,23 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 
 
 class TenantConnection(asyncpg.Connection):
-    """Resets session state on release without pg_advisory_unlock_all, which tenants may not run."""
+    """A tenant's connection. Resets session state on release without pg_advisory_unlock_all,
+    which tenants may not run, and keeps its statement cache in step with its tenant's schema
+    generation (see ``query.boundary.prepare_cached``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.schema_generation = 0
 
     def get_reset_query(self) -> str:
         return "CLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+
+    def follow_schema(self, generation: int) -> None:
+        """Drop the statements kept from before ``generation`` (this connection's only: the
+        others of the pool may be in the middle of using theirs)."""
+        if generation != self.schema_generation:
+            self._drop_local_statement_cache()  # type: ignore[attr-defined]
+            self.schema_generation = generation
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -55,14 +69,18 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_owner_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
+async def create_owner_pool(dsn: str, *, max_size: int, purpose: str = "") -> asyncpg.Pool:
+    """A pool of the service's owner role; ``purpose`` names it in pg_stat_activity."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=1,
         max_size=max_size,
         init=init_connection,
         # UTC: partition bounds and audit times are read back as text.
-        server_settings={"application_name": "dbsvc-owner", "timezone": "UTC"},
+        server_settings={
+            "application_name": f"dbsvc-owner{'-' + purpose if purpose else ''}",
+            "timezone": "UTC",
+        },
     )
     assert pool is not None
     return pool
@@ -135,8 +153,10 @@ class TenantPools:
         idle_seconds: float,
         acquire_timeout: float,
         on_event: Callable[[str, str], None] | None = None,
+        start_loop: LoopStarter | None = None,
     ) -> None:
         self._dsn = dsn
+        self._start_loop = start_loop or plain_start
         self._max_per_tenant = max_per_tenant
         self._idle_seconds = idle_seconds
         self._acquire_timeout = acquire_timeout
@@ -147,7 +167,7 @@ class TenantPools:
         self._on_event = on_event or (lambda tenant, event: None)
 
     async def __aenter__(self) -> TenantPools:
-        self._reaper = asyncio.create_task(self._reap_forever(), name="tenant-pool-reaper")
+        self._reaper = self._start_loop("tenant-pool-reaper", self._reap_forever)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

