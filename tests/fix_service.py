@@ -3,6 +3,7 @@ service tokens to test with."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,6 +23,23 @@ from tests.fix_pg import PgCluster
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 24
 MASTER_KEY = "test-master-key-" + "k" * 32
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``database-service`` command beside the test's service: the same
+    PostgreSQL, names and secrets."""
+    assert settings.postgres_url is not None
+    return {
+        **os.environ,
+        "DBSVC_POSTGRES_URL": settings.postgres_url.get_secret_value(),
+        "DBSVC_DATA_DIR": str(settings.data_dir),
+        "DBSVC_TENANT_ROLE_PREFIX": settings.tenant_role_prefix,
+        "DBSVC_TENANT_GROUP_ROLE": settings.tenant_group_role,
+        "DBSVC_MASTER_KEY": MASTER_KEY,
+        "DBSVC_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
+        "DBSVC_NATS_EMBEDDED": "false",
+        **extra,
+    }
 
 
 def make_settings(cluster: PgCluster, data_dir: Path, **overrides: Any) -> Settings:

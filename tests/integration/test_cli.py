@@ -12,24 +12,14 @@ import pytest
 
 from database_service.app import Application
 from database_service.config import Settings
-from tests.fix_service import ADMIN_TOKEN, MASTER_KEY
+from tests.fix_service import cli_env
 
 BIN = Path(sys.executable).parent / "database-service"
 
 
 @pytest.fixture
 def cli(settings: Settings, core: Application):  # type: ignore[no-untyped-def]
-    assert settings.postgres_url is not None
-    env = {
-        **os.environ,
-        "DBSVC_POSTGRES_URL": settings.postgres_url.get_secret_value(),
-        "DBSVC_DATA_DIR": str(settings.data_dir),
-        "DBSVC_TENANT_ROLE_PREFIX": settings.tenant_role_prefix,
-        "DBSVC_TENANT_GROUP_ROLE": settings.tenant_group_role,
-        "DBSVC_MASTER_KEY": MASTER_KEY,
-        "DBSVC_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
-        "DBSVC_NATS_EMBEDDED": "false",
-    }
+    env = cli_env(settings)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -22,24 +21,9 @@ from database_service.config import Settings
 from database_service.errors import Unauthenticated
 from tests.fix_nats import NatsServer
 from tests.fix_pg import PgCluster
-from tests.fix_service import ADMIN_TOKEN, MASTER_KEY, TenantFactory, make_settings
+from tests.fix_service import TenantFactory, cli_env, make_settings
 
 BIN = Path(sys.executable).parent / "database-service"
-
-
-def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
-    assert settings.postgres_url is not None
-    return {
-        **os.environ,
-        "DBSVC_POSTGRES_URL": settings.postgres_url.get_secret_value(),
-        "DBSVC_DATA_DIR": str(settings.data_dir),
-        "DBSVC_TENANT_ROLE_PREFIX": settings.tenant_role_prefix,
-        "DBSVC_TENANT_GROUP_ROLE": settings.tenant_group_role,
-        "DBSVC_MASTER_KEY": MASTER_KEY,
-        "DBSVC_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
-        "DBSVC_NATS_EMBEDDED": "false",
-        **extra,
-    }
 
 
 async def cli(
