@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from database_service.app import Application
 from database_service.auth import Scope
+from database_service.postgres import PoolStats
 from database_service.tenancy import TenantRecord
 from database_service_client import (
     AlreadyExists,
@@ -411,8 +412,14 @@ async def test_shutdown_drains_in_flight_calls(core: Application, tenant: Tenant
     server = GrpcServer(core)
     await server.__aenter__()
     async with Client(f"127.0.0.1:{server.port}", tenant.tenant_id, token) as c:
+        await c.fetch_all("SELECT 1")  # connected
         slow = asyncio.create_task(c.fetch_all("SELECT pg_sleep(0.5), 7"))
-        await asyncio.sleep(0.2)
+        # In flight: the call holds a tenant connection (not merely sent, which under load may
+        # still be on its way when the server stops).
+        idle = PoolStats(0, 0, 0, 0)
+        async with asyncio.timeout(10):
+            while core.pools.stats().get(tenant.tenant_id, idle).in_use == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         await server.__aexit__(None, None, None)  # grace is 1 s in tests
         assert (await slow).rows[0][1] == 7
 
