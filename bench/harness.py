@@ -1,10 +1,12 @@
 """The service as its own process for benchmarks: a private PostgreSQL, `database-service serve`
-on free ports, and an admin token; stopped on exit."""
+on free ports, and an admin token; stopped on exit. ``emit`` prints a bench's figures as its
+last line: one JSON object, ``{"bench": "<name>", ...}``, for scripts and CI to read."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import subprocess
@@ -13,6 +15,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -28,19 +31,31 @@ class Service:
 
     async def tenant_token(self, tenant: str, scopes: list[str]) -> str:
         """Create a tenant and a service identity for it; return a token."""
+        return (await self.tenant(tenant, scopes))[1]
+
+    async def tenant(self, tenant: str, scopes: list[str]) -> tuple[str, str]:
+        """Create a tenant and a service identity for it; return its schema (an opaque name)
+        and a token."""
         admin = {"Authorization": f"Bearer {self.admin_token}"}
         async with httpx.AsyncClient(base_url=self.http, timeout=60) as http:
             created = await http.post(
                 "/api/v1/admin/schema/create", json={"tenant_id": tenant}, headers=admin
             )
             created.raise_for_status()
+            schema: str = created.json()["schema"]
             name = f"bench-{tenant}".replace("_", "-")
             body = {"service": name, "tenants": [tenant], "scopes": scopes, "with_secret": False}
             (await http.post("/api/v1/admin/services", json=body, headers=admin)).raise_for_status()
             issued = await http.post("/api/v1/admin/tokens", json={"service": name}, headers=admin)
             issued.raise_for_status()
             token: str = issued.json()["access_token"]
-            return token
+            return schema, token
+
+
+def emit(bench: str, **figures: Any) -> None:
+    """The bench's last line: its figures as one JSON object (floats rounded to 4 digits)."""
+    rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+    print(json.dumps({"bench": bench, **rounded}), flush=True)
 
 
 @contextlib.asynccontextmanager

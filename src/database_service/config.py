@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     max_params: int = Field(default=10_000, ge=0, le=32_767)
     max_request_bytes: int = Field(default=16 * 1_048_576, ge=1024)
     max_result_rows: int = Field(default=100_000, ge=1)
+    # Whole (non-streamed) results are bounded by size too: rows of 10 KB hit this long before
+    # max_result_rows. Streams (gRPC) are not bounded; they hold one chunk at a time.
+    max_result_bytes: int = Field(default=32 * 1_048_576, ge=1024)
+
+    # Serving processes sharing the gRPC and HTTP ports (SO_REUSEPORT) under one supervisor;
+    # 0 means one per core. Connection caps are divided between them.
+    workers: int = Field(default=0, ge=0, le=64)
 
     # The health document is computed at most this often (anyone may ask for it, as often).
     health_cache_seconds: float = Field(default=1.0, ge=0, le=60)
