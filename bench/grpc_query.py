@@ -1,39 +1,62 @@
-"""Direct asyncpg vs. MultiDatabaseClient → gRPC → service → PostgreSQL, in one run.
+"""Direct asyncpg vs. MultiDatabaseClient → gRPC → service → PostgreSQL vs. a bare gRPC echo,
+in one run.
 
 The service runs as its own process (``database-service serve``) on a private PostgreSQL that
 this script starts; the baseline talks to the same PostgreSQL with a pool of the same size as the
-tenant's pool in the service. For each workload and concurrency, prints throughput, p50, p99 and
-the ratio to the baseline. Then bulk insert: rows/s through BulkInsert vs. asyncpg's
-``copy_records_to_table``, same rows.
+tenant's pool in the service. The echo (``bench/echo_server.py``) is the floor of the stack: a
+trivial DatabaseService in its own process, same channel options, answering with the service's
+own response bytes for the same request, driven by the same client the same way. For each
+workload and concurrency: throughput, p50, p99 and the ratios to direct asyncpg and to the echo.
+Then a 1,000,000-row stream (``execute_query``) against an asyncpg cursor, with the service's
+memory before and after, and BulkInsert against ``copy_records_to_table``.
 
-    .venv/bin/python bench/grpc_query.py [--seconds 5] [--rows 200000]
+The last line is one JSON object of the figures (``{"bench": "grpc_query", ...}``).
+
+    .venv/bin/python bench/grpc_query.py [--seconds 5] [--rows 200000] [--stream-rows 1000000]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import uvloop
-from harness import running_service  # bench/ is on sys.path when run as a script
+from harness import emit, rss_bytes, running_service  # bench/ is on sys.path as a script
 
+from database_service.supervisor import free_port
 from database_service_client import MultiDatabaseClient
+from database_service_client._proto import database_service_pb2 as pb
 
 POOL = 8
 PK = "SELECT user_id, email, subscription_tier FROM users WHERE user_id = $1"
 RANGE = (
     "SELECT user_id, email, subscription_tier, created_at FROM users ORDER BY user_id LIMIT 1000"
 )
+STREAM = "SELECT g, md5(g::text) AS h FROM generate_series(1, $1::int) AS g"
+
+
+@dataclass
+class Figures:
+    rps: float
+    p50: float
+    p99: float
 
 
 async def run_load(
     call: Callable[[int], Awaitable[Any]], concurrency: int, seconds: float
-) -> tuple[float, list[float]]:
+) -> Figures:
     latencies: list[float] = []
 
     async def worker(w: int) -> None:
@@ -44,94 +67,196 @@ async def run_load(
             latencies.append((time.perf_counter() - started) * 1000)
             i += concurrency
 
-    for i in range(50):  # warm up statement caches and pools
+    for i in range(100):  # warm up statement caches, pools and channels
         await call(i)
     started = time.perf_counter()
     deadline = started + seconds
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return len(latencies) / (time.perf_counter() - started), latencies
+    rps = len(latencies) / (time.perf_counter() - started)
+    ordered = sorted(latencies)
+    return Figures(rps, statistics.median(ordered), ordered[max(0, int(len(ordered) * 0.99) - 1)])
 
 
-def line(name: str, rps: float, lat: list[float], base: float | None) -> float:
-    p50 = statistics.median(lat)
-    p99 = sorted(lat)[max(0, int(len(lat) * 0.99) - 1)]
-    ratio = "" if base is None else f"  {rps / base:5.2f}x of baseline throughput"
-    print(f"  {name:<28} {rps:9.0f} req/s   p50 {p50:7.3f} ms   p99 {p99:7.3f} ms{ratio}")
-    return rps
+def line(name: str, f: Figures, direct: Figures | None = None, echo: Figures | None = None) -> None:
+    ratios = ""
+    if direct is not None:
+        ratios += f"  {f.rps / direct.rps:5.2f}x direct"
+    if echo is not None:
+        ratios += f"  {f.rps / echo.rps:5.2f}x echo"
+    print(f"  {name:<30} {f.rps:8.0f} req/s  p50 {f.p50:7.3f} ms  p99 {f.p99:7.3f} ms{ratios}")
 
 
-async def main(seconds: float, bulk_rows: int) -> None:
+@contextlib.asynccontextmanager
+async def echo_server(small: bytes, large: bytes) -> AsyncIterator[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        await asyncio.to_thread(Path(tmp, "small").write_bytes, small)
+        await asyncio.to_thread(Path(tmp, "large").write_bytes, large)
+        port = free_port()
+        script = Path(__file__).with_name("echo_server.py")
+        process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; readiness is read below
+            [sys.executable, str(script), str(port), f"{tmp}/small", f"{tmp}/large"],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert process.stdout is not None
+            await asyncio.to_thread(process.stdout.readline)
+            yield f"127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+async def recorded(target: str, token: str, sql: str, params: list[Any]) -> bytes:
+    """The service's response bytes for one ``Query`` call (what the echo answers)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            "/database_service.v1.DatabaseService/Query",
+            request_serializer=pb.QueryRequest.SerializeToString,
+        )
+        request = pb.QueryRequest(sql=sql, row_encoding=pb.ROW_ENCODING_PACKED)
+        for value in params:
+            request.params.add(string_value=value)
+        metadata = (("authorization", f"Bearer {token}"), ("x-tenant-id", "bench"))
+        response: bytes = await call(request, metadata=metadata)
+        return response
+
+
+async def main(seconds: float, bulk_rows: int, stream_rows: int) -> None:
     async with running_service(DBSVC_POOL_MAX_PER_TENANT=str(POOL)) as service:
-        token = await service.tenant_token("bench", ["read", "write"])
-        await bench(service.dsn, service.grpc, token, seconds, bulk_rows)
+        schema, token = await service.tenant("bench", ["read", "write"])
+        figures = await bench(service.dsn, service.grpc, service.pid, schema, token, seconds)
+        figures |= await bench_stream(service.dsn, service.grpc, service.pid, token, stream_rows)
+        figures |= await bench_bulk(service.dsn, service.grpc, schema, token, bulk_rows)
+    emit("grpc_query", **figures)
 
 
-async def bench(dsn: str, grpc_target: str, token: str, seconds: float, bulk_rows: int) -> None:
+async def bench(
+    dsn: str, target: str, pid: int, schema: str, token: str, seconds: float
+) -> dict[str, float]:
     owner = await asyncpg.connect(dsn)
     await owner.execute(
-        "INSERT INTO tenant_bench.users (user_id, email, subscription_tier)"
+        f"INSERT INTO {schema}.users (user_id, email, subscription_tier)"
         " SELECT 'u' || lpad(g::text, 6, '0'), 'u' || g || '@example.com', 'pro'"
         " FROM generate_series(1, 100000) g"
     )
-    await owner.execute("ANALYZE tenant_bench.users")
+    await owner.execute(f"ANALYZE {schema}.users")
+    version = await owner.fetchval("SHOW server_version")
     await owner.close()
     # The baseline: the same database, a pool of the same size, the tenant's schema.
     direct = await asyncpg.create_pool(
-        dsn, min_size=POOL, max_size=POOL, server_settings={"search_path": "tenant_bench"}
+        dsn, min_size=POOL, max_size=POOL, server_settings={"search_path": schema}
     )
     assert direct is not None
-    client = MultiDatabaseClient(grpc_target, "bench", token)
+    client = MultiDatabaseClient(target, "bench", token)
+    small = await recorded(target, token, PK, ["u000001"])
+    large = await recorded(target, token, RANGE, [])
 
     def key(i: int) -> str:
         return f"u{i % 100000 + 1:06d}"
 
-    async def direct_pk(i: int) -> Any:
-        return await direct.fetch(PK, key(i))
-
-    async def client_pk(i: int) -> Any:
-        return await client.fetch_all(PK, [key(i)])
-
-    async def direct_range(i: int) -> Any:
-        return await direct.fetch(RANGE)
-
-    async def client_range(i: int) -> Any:
-        return await client.fetch_all(RANGE)
-
-    version = await direct.fetchval("SHOW server_version")
+    out: dict[str, float] = {}
     print(f"{seconds:g} s per measurement, pools of {POOL}, PostgreSQL {version}")
-    for title, base_call, our_call in (
-        ("PK lookup", direct_pk, client_pk),
-        ("1,000-row read", direct_range, client_range),
-    ):
-        for concurrency in (1, 32):
-            print(f"{title}, concurrency {concurrency}")
-            rps, lat = await run_load(base_call, concurrency, seconds)
-            base = line("direct asyncpg", rps, lat, None)
-            rps, lat = await run_load(our_call, concurrency, seconds)
-            line("MultiDatabaseClient → service", rps, lat, base)
+    async with echo_server(small, large) as echo_target:
+        echo = MultiDatabaseClient(echo_target, "bench", token)
+        for name, sql, args in (("pk", PK, True), ("range", RANGE, False)):
+            for concurrency in (1, 32):
 
-    rows = [(f"b{i:07d}", f"b{i}@example.com", "free") for i in range(bulk_rows)]
-    columns = ["user_id", "email", "subscription_tier"]
-    async with direct.acquire() as conn:
-        started = time.perf_counter()
-        await conn.copy_records_to_table(
-            "users", schema_name="tenant_bench", columns=columns, records=rows
-        )
-        base_rate = bulk_rows / (time.perf_counter() - started)
-        await conn.execute("DELETE FROM tenant_bench.users WHERE user_id LIKE 'b%'")
-    started = time.perf_counter()
-    written = await client.bulk_insert("users", columns, rows, batch_size=5000)
-    rate = written / (time.perf_counter() - started)
-    print(f"Bulk insert of {bulk_rows} rows")
-    print(f"  direct copy_records_to_table   {base_rate:9.0f} rows/s")
-    print(f"  BulkInsert (client → service)  {rate:9.0f} rows/s   {rate / base_rate:5.2f}x")
+                async def by_asyncpg(i: int, sql: str = sql, args: bool = args) -> Any:
+                    return await direct.fetch(sql, *([key(i)] if args else []))
+
+                def by(c: MultiDatabaseClient, sql: str = sql, args: bool = args) -> Any:
+                    async def call(i: int) -> Any:
+                        return await c.fetch_all(sql, [key(i)] if args else [])
+
+                    return call
+
+                print(f"{'PK lookup' if name == 'pk' else '1,000-row read'}, c={concurrency}")
+                base = await run_load(by_asyncpg, concurrency, seconds)
+                line("direct asyncpg", base)
+                floor = await run_load(by(echo), concurrency, seconds)
+                line("bare gRPC echo (same client)", floor, base)
+                ours = await run_load(by(client), concurrency, seconds)
+                line("MultiDatabaseClient → service", ours, base, floor)
+                prefix = f"{name}_c{concurrency}"
+                out |= {
+                    f"{prefix}_p50_ms": ours.p50,
+                    f"{prefix}_p99_ms": ours.p99,
+                    f"{prefix}_rps": ours.rps,
+                    f"{prefix}_vs_echo": ours.rps / floor.rps,
+                    f"{prefix}_vs_direct": ours.rps / base.rps,
+                    f"echo_{prefix}_p50_ms": floor.p50,
+                    f"direct_{prefix}_p50_ms": base.p50,
+                }
+                if name == "pk":  # the issue's names for the PK figures
+                    out[f"echo_c{concurrency}_p50_ms"] = floor.p50
+                    out[f"direct_c{concurrency}_p50_ms"] = base.p50
+        await echo.close()
+    print(f"  service RSS {rss_bytes(pid) / 1e6:.0f} MB")
     await client.close()
     await direct.close()
+    return out
+
+
+async def bench_stream(dsn: str, target: str, pid: int, token: str, rows: int) -> dict[str, float]:
+    direct = await asyncpg.connect(dsn)
+    started = time.perf_counter()
+    count = 0
+    async with direct.transaction():
+        async for _ in direct.cursor(STREAM, rows, prefetch=5000):
+            count += 1
+    base = count / (time.perf_counter() - started)
+    await direct.close()
+    client = MultiDatabaseClient(target, "bench", token, timeout=600)
+    before = rss_bytes(pid)
+    peak = before
+    started = time.perf_counter()
+    count = 0
+    async for _ in client.execute_query(STREAM, [rows]):
+        count += 1
+        if count % 100_000 == 0:
+            peak = max(peak, rss_bytes(pid))
+    ours = count / (time.perf_counter() - started)
+    await client.close()
+    print(f"Stream of {rows} rows")
+    print(f"  asyncpg cursor (prefetch 5000)  {base:9.0f} rows/s")
+    print(
+        f"  execute_query (client→service)  {ours:9.0f} rows/s   {ours / base:5.2f}x"
+        f"   service RSS {before / 1e6:.0f} MB before, {peak / 1e6:.0f} MB peak"
+    )
+    return {
+        "stream_rows_per_s": ours,
+        "stream_vs_cursor": ours / base,
+        "stream_rss_growth_mb": (peak - before) / 1e6,
+    }
+
+
+async def bench_bulk(
+    dsn: str, target: str, schema: str, token: str, bulk_rows: int
+) -> dict[str, float]:
+    rows = [(f"b{i:07d}", f"b{i}@example.com", "free") for i in range(bulk_rows)]
+    columns = ["user_id", "email", "subscription_tier"]
+    conn = await asyncpg.connect(dsn)
+    started = time.perf_counter()
+    await conn.copy_records_to_table("users", schema_name=schema, columns=columns, records=rows)
+    base = bulk_rows / (time.perf_counter() - started)
+    await conn.execute(f"DELETE FROM {schema}.users WHERE user_id LIKE 'b%'")
+    await conn.execute(f"VACUUM {schema}.users")
+    await conn.close()
+    client = MultiDatabaseClient(target, "bench", token, timeout=600)
+    started = time.perf_counter()
+    written = await client.bulk_insert("users", columns, rows, batch_size=5000)
+    ours = written / (time.perf_counter() - started)
+    await client.close()
+    print(f"Bulk insert of {bulk_rows} rows")
+    print(f"  direct copy_records_to_table   {base:9.0f} rows/s")
+    print(f"  BulkInsert (client → service)  {ours:9.0f} rows/s   {ours / base:5.2f}x")
+    return {"bulk_rows_per_s": ours, "bulk_vs_copy": ours / base}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--stream-rows", type=int, default=1_000_000)
     args = parser.parse_args()
-    uvloop.run(main(args.seconds, args.rows))
+    uvloop.run(main(args.seconds, args.rows, args.stream_rows))

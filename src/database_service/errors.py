@@ -11,7 +11,7 @@ The tree::
      │    ├── InvalidTenantId        invalid_tenant_id
      │    ├── InvalidParameters      invalid_parameters
      │    ├── PayloadTooLarge        payload_too_large          413
- │    ├── InvalidText            invalid_text               (not valid Unicode, or a NUL)
+     │    ├── InvalidText            invalid_text               (not valid Unicode, or a NUL)
      │    └── SqlRejected            sql_rejected               (the SQL guard said no)
      │         └── SqlSyntaxError    sql_syntax_error           SQLSTATE 42601, position
      ├── Unauthenticated             unauthenticated            401  UNAUTHENTICATED
@@ -24,6 +24,7 @@ The tree::
      │    ├── TenantSuspended        tenant_suspended
      │    └── ConfirmationRequired   confirmation_required
      ├── ResourceExhausted           resource_exhausted         429  RESOURCE_EXHAUSTED
+     │    └── ResultTooLarge         result_too_large           422  (rows or bytes; stream it)
      ├── Unavailable                 unavailable                503  UNAVAILABLE
      │    └── StatementOutdated      statement_outdated         (a table changed under it; retry)
      └── QueryError                  (by SQLSTATE, see below)   PostgreSQL refused the statement
@@ -68,6 +69,7 @@ __all__ = [
     "PermissionDenied",
     "QueryError",
     "ResourceExhausted",
+    "ResultTooLarge",
     "SqlRejected",
     "SqlSyntaxError",
     "StatementOutdated",
@@ -205,6 +207,14 @@ class ResourceExhausted(DatabaseServiceError):
     code = "resource_exhausted"
     http_status = 429
     grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class ResultTooLarge(ResourceExhausted):
+    """A whole result past the service's limits (rows or bytes): nothing changed (a read, or a
+    write rolled back), so the caller may stream it instead or ask for less."""
+
+    code = "result_too_large"
+    http_status = 422
 
 
 class Unavailable(DatabaseServiceError):

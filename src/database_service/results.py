@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Summary",
     "TransactionResult",
     "ValueKind",
+    "approximate_bytes",
 ]
 
 Rows = Sequence[Sequence[Any]]
@@ -89,3 +91,21 @@ class TransactionResult:
 
 # What a streamed statement yields: a header, batches of rows, a summary.
 Event = Header | Rows | Summary
+
+
+_FIXED_BYTES = 8  # a number, a boolean, a timestamp: about what it costs on any wire
+_LENGTH_KINDS = frozenset({ValueKind.TEXT, ValueKind.BYTES})
+
+
+def approximate_bytes(rows: Rows, columns: Sequence[Column]) -> int:
+    """About how many bytes ``rows`` take on a wire: exact for text and bytes (the values that
+    can be large), eight per fixed-size value, the text form's length for anything else.
+    Column by column, so the common kinds cost a C-level ``map`` and no Python per value."""
+    total = _FIXED_BYTES * len(columns) * len(rows)
+    for index, column in enumerate(columns):
+        values = filter(None, map(itemgetter(index), rows))
+        if column.kind in _LENGTH_KINDS:
+            total += sum(map(len, values))
+        elif column.kind in (ValueKind.JSON, ValueKind.OTHER, ValueKind.DECIMAL):
+            total += sum(len(str(v)) for v in values)
+    return total

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import math
 from decimal import Decimal
 
 import grpc
@@ -26,6 +28,8 @@ from database_service_client import (
     Unavailable,
 )
 from database_service_client import MultiDatabaseClient as Client
+from database_service_client._proto import database_service_pb2 as pb
+from database_service_client.values import from_row
 from tests.fix_service import ClientFactory, TenantFactory
 
 ALL = (Scope.READ, Scope.WRITE, Scope.ADMIN)
@@ -82,11 +86,31 @@ async def test_rows_are_chunked_by_bytes(client: Client) -> None:
     stream = client.execute_query(
         "SELECT repeat('x', 1000) FROM generate_series(1, 500)", max_chunk_bytes=16_384
     )
-    call = stream._start()  # the raw stream, to count the messages
-    chunks = [m async for m in call if m.rows.rows]
+    call = stream._start()  # the raw stream, to count the messages (packed rows)
+    chunks = [m async for m in call if m.rows.packed]
     assert len(chunks) >= 30
-    assert all(m.rows.ByteSize() <= 16_384 + 1100 for m in chunks)
-    assert sum(len(m.rows.rows) for m in chunks) == 500
+    assert all(len(m.rows.packed) <= 16_384 + 1100 for m in chunks)
+    assert sum(len(json.loads(m.rows.packed)) for m in chunks) == 500
+
+
+async def test_rows_as_value_messages_for_a_caller_that_does_not_ask_for_packed_rows(
+    client: Client,
+) -> None:
+    request = pb.QueryRequest(
+        sql="SELECT g, g * 1.5::numeric AS price, 'x' || g AS t FROM generate_series(1, 3) g"
+    )
+    messages = [m async for m in client.stub.ExecuteQuery(request, metadata=client._metadata())]
+    rows = [from_row(r) for m in messages for r in m.rows.rows]
+    assert rows == [(g, Decimal(g) * Decimal("1.5"), f"x{g}") for g in (1, 2, 3)]
+    assert not any(m.rows.packed for m in messages)
+
+
+async def test_a_chunk_with_a_non_finite_float_goes_as_values_and_keeps_it(client: Client) -> None:
+    result = await client.fetch_all(
+        "SELECT x FROM unnest(ARRAY['NaN', 'Infinity', '-Infinity', '1.5']::float8[]) AS x"
+    )
+    values = [row[0] for row in result.rows]
+    assert math.isnan(values[0]) and values[1:] == [math.inf, -math.inf, 1.5]
 
 
 async def test_write_through_execute_query_reports_rows_affected(client: Client) -> None:

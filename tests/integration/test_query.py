@@ -261,8 +261,8 @@ async def test_result_larger_than_the_cap_is_refused(
     response = await run(
         http, headers, tenant, "SELECT generate_series(1, $1)", core.settings.max_result_rows + 1
     )
-    assert response.status_code == 429
-    assert response.json()["error"]["code"] == "resource_exhausted"
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "result_too_large"
 
 
 async def test_pool_per_tenant_is_reported_in_metrics(

@@ -421,7 +421,31 @@ def test_a_large_statement_is_classified_in_a_worker_process() -> None:
     finally:
         guard.close()
     assert pid != os.getpid()
-    assert verdict == Classification(StatementKind.READ, "SELECT")
+    assert verdict == Classification(StatementKind.READ, "SELECT", repeatable=True)
     assert isinstance(error, SqlRejected) and error.sqlstate == "42501"
     # Verdicts from the worker are cached like any other.
     assert guard.classify(big, own_schema=OWN) == verdict
+
+
+@pytest.mark.parametrize(
+    ("sql", "repeatable"),
+    [
+        ("SELECT * FROM users WHERE user_id = $1", True),
+        ("SELECT lower(email), now(), random() FROM users", True),
+        ("EXPLAIN (COSTS OFF) SELECT * FROM users", True),
+        ("SELECT nextval('my_seq')", False),
+        ("SELECT setval('my_seq', 5)", False),
+        ("SELECT my_function(1)", False),
+        (f"SELECT {OWN}.my_function(1)", False),
+        ("SELECT * FROM users WHERE user_id = (SELECT my_function(1))", False),
+    ],
+)
+def test_a_read_is_repeatable_only_when_no_function_it_calls_may_write(
+    sql: str, repeatable: bool
+) -> None:
+    """The query core may run a repeatable read twice (its first rows outside a transaction,
+    then by cursor when the result is larger): never one calling a sequence function or a
+    function of the tenant's, which may write."""
+    verdict = SqlGuard().classify(sql, own_schema=OWN)
+    assert verdict.kind is StatementKind.READ
+    assert verdict.repeatable is repeatable

@@ -27,9 +27,14 @@ import grpc
 
 from database_service_client._proto import database_service_pb2 as pb
 from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
-from database_service_client.errors import NotConfigured, PermissionDenied, from_rpc_error
+from database_service_client.errors import (
+    DatabaseServiceError,
+    NotConfigured,
+    PermissionDenied,
+    from_rpc_error,
+)
 from database_service_client.params import bind
-from database_service_client.values import from_row, to_row, to_value
+from database_service_client.values import from_row, to_row, to_value, unpack_rows
 
 __all__ = ["Column", "MultiDatabaseClient", "QueryResult", "QueryStream", "StatementResult"]
 
@@ -79,6 +84,7 @@ class _ResultReader:
 
     columns: list[Column]
     summary: pb.ResultSummary | None
+    _kinds: list[str] = []  # replaced when a header comes, never changed in place
 
     def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
         return self._rows()
@@ -89,8 +95,8 @@ class _ResultReader:
     def _read(self, message: Any) -> Iterator[tuple[Any, ...]]:
         if message.HasField("header"):
             self.columns = [Column(c.name, c.type) for c in message.header.columns]
-        for row in message.rows.rows:
-            yield from_row(row)
+            self._kinds = [c.kind for c in message.header.columns]
+        yield from _rows_of(message.rows, self._kinds)
         if message.HasField("summary"):
             self.summary = message.summary
 
@@ -200,6 +206,17 @@ class PulledStream(_ResultReader):
 
 def _aware(moment: dt.datetime) -> dt.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _rows_of(chunk: pb.RowChunk, kinds: list[str]) -> list[tuple[Any, ...]]:
+    """A chunk's rows, packed (one JSON decode) or as Value messages."""
+    if chunk.packed:
+        return unpack_rows(chunk.packed, kinds)
+    return [from_row(row) for row in chunk.rows]
+
+
+# A result past the service's limits, or a service older than the unary Query call.
+_STREAM_INSTEAD = frozenset({"result_too_large", "unimplemented"})
 
 
 class MultiDatabaseClient:
@@ -314,7 +331,10 @@ class MultiDatabaseClient:
         ``params`` is a sequence (``$1``, ``$2``, ...) or a mapping (``:name`` placeholders)."""
         sql, values = bind(sql, params)
         request = pb.QueryRequest(
-            sql=sql, params=[to_value(p) for p in values], max_chunk_bytes=max_chunk_bytes
+            sql=sql,
+            params=[to_value(p) for p in values],
+            max_chunk_bytes=max_chunk_bytes,
+            row_encoding=pb.ROW_ENCODING_PACKED,
         )
         return self._stream(self.stub.ExecuteQuery, request, retry=idempotent, timeout=timeout)
 
@@ -332,7 +352,10 @@ class MultiDatabaseClient:
         slow reader, and breaking out of ``async for`` cancels the statement."""
         sql, values = bind(sql, params)
         first = pb.QueryRequest(
-            sql=sql, params=[to_value(p) for p in values], max_chunk_bytes=max_chunk_bytes
+            sql=sql,
+            params=[to_value(p) for p in values],
+            max_chunk_bytes=max_chunk_bytes,
+            row_encoding=pb.ROW_ENCODING_PACKED,
         )
         return PulledStream(
             lambda requests: self.stub.StreamQuery(
@@ -350,9 +373,31 @@ class MultiDatabaseClient:
         timeout: float | None = None,
         idempotent: bool = False,
     ) -> QueryResult:
-        return await self.execute_query(
-            sql, params, timeout=timeout, idempotent=idempotent
-        ).fetch_all()
+        """The whole result of one statement, in one call (``Query``) when it is within the
+        service's result limits; a larger one is streamed instead (``ExecuteQuery``): the
+        service refused it having changed nothing."""
+        sql, values = bind(sql, params)
+        request = pb.QueryRequest(
+            sql=sql, params=[to_value(p) for p in values], row_encoding=pb.ROW_ENCODING_PACKED
+        )
+        try:
+            message = await self._unary(self.stub.Query, request, retry=idempotent, timeout=timeout)
+        except DatabaseServiceError as exc:
+            if exc.code not in _STREAM_INSTEAD:
+                raise
+            stream = self._stream(
+                self.stub.ExecuteQuery, request, retry=idempotent, timeout=timeout
+            )
+            return await stream.fetch_all()
+        summary = message.summary
+        columns = message.header.columns
+        return QueryResult(
+            columns=[Column(c.name, c.type) for c in columns],
+            rows=_rows_of(message.rows, [c.kind for c in columns]),
+            row_count=summary.row_count,
+            command=summary.command,
+            duration_ms=summary.duration_ms,
+        )
 
     def analytics_query(
         self, sql: str, params: Params = (), *, timeout: float | None = None

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import hmac
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -245,12 +247,15 @@ class Authenticator:
         *,
         bootstrap_admin_token: str,
         cache_ttl: float = 5.0,
+        verified_tokens: int = 10_000,
     ) -> None:
         self.codec = codec
         self.directory = directory
         self._admin_token = bootstrap_admin_token.encode()
         self._ttl = cache_ttl
         self._cache: dict[str, tuple[float, ServiceIdentity | None]] = {}
+        self._verified_tokens: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        self._verified_max = verified_tokens
         self._revoked: frozenset[tuple[str, str]] = frozenset()
         self._revoked_until = 0.0
         self._revoked_lock = asyncio.Lock()
@@ -259,7 +264,7 @@ class Authenticator:
         token = _bearer(authorization)
         if hmac.compare_digest(token.encode(), self._admin_token):
             return bootstrap_admin()
-        claimed = self.codec.verify(token)
+        claimed = self._verified(token)
         if claimed.token_id is None or await self.is_revoked(claimed.service, claimed.token_id):
             raise Unauthenticated("token has been revoked")
         identity = await self._identity(claimed.service)
@@ -278,6 +283,25 @@ class Authenticator:
             token_id=claimed.token_id,
             expires_at=claimed.expires_at,
         )
+
+    def _verified(self, token: str) -> Principal:
+        """The token's claims, its signature checked once: kept by the token's digest until
+        the token expires (a bounded LRU). Only the signature check is saved: revocation and
+        the service being disabled are checked on every call (each within ``cache_ttl``)."""
+        digest = hashlib.sha256(token.encode()).digest()
+        kept = self._verified_tokens.get(digest)
+        if kept is not None:
+            claimed, until = kept
+            if until > time.time():
+                self._verified_tokens.move_to_end(digest)
+                return claimed
+            del self._verified_tokens[digest]
+        claimed = self.codec.verify(token)  # raises Unauthenticated
+        if claimed.expires_at is not None:
+            self._verified_tokens[digest] = (claimed, claimed.expires_at.timestamp())
+            if len(self._verified_tokens) > self._verified_max:
+                self._verified_tokens.popitem(last=False)
+        return claimed
 
     async def _identity(self, name: str) -> ServiceIdentity | None:
         now = time.monotonic()

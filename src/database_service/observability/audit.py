@@ -21,7 +21,7 @@ import contextlib
 import logging
 import re
 import time
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
@@ -112,6 +112,13 @@ class AuditEvent:
     outcome: str = "ok"  # ok | denied | error
     code: str | None = None
     detail: str | None = None
+
+    def record(self) -> tuple[object, ...]:
+        """The row, in _COLUMNS order (``dataclasses.astuple`` deep-copies every value)."""
+        return (
+            self.at, self.service, self.tenant_id, self.action, self.statement_class,
+            self.outcome, self.code, self.detail,
+        )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.detail:
@@ -231,7 +238,7 @@ class AuditLog:
                 "audit_log",
                 schema_name=self._schema,
                 columns=_COLUMNS,
-                records=[astuple(e) for e in batch],
+                records=[e.record() for e in batch],
             )
         except Exception as exc:  # the writer must outlive any failure: record() relies on it
             if not postgres_unreachable(exc):

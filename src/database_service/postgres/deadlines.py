@@ -26,7 +26,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from types import TracebackType
 
 import asyncpg
 
@@ -60,25 +61,11 @@ class SessionWatch:
         loop = asyncio.get_running_loop()
         self._total = loop.call_later(total_seconds, self._expire, "transaction")
 
-    @contextlib.asynccontextmanager
-    async def statement(self) -> AsyncIterator[None]:
-        """One round trip under the statement limit (and the session's, if that expired)."""
-        self.check()
-        try:
-            async with asyncio.timeout(self.statement_seconds):
-                yield
-        except TimeoutError:
-            self._expire("statement")
-            raise self.error() from None
-        except asyncpg.QueryCanceledError as exc:
-            if self.expired is None:
-                raise  # canceled by someone else (PostgreSQL's own statement_timeout, a user)
-            raise self.error() from exc
-        except (asyncpg.InterfaceError, OSError) as exc:
-            # The backend was terminated after the session's limit passed.
-            if self.expired is None:
-                raise
-            raise self.error() from exc
+    def statement(self) -> _StatementLimit:
+        """One round trip under the statement limit (and the session's, if that expired).
+        A class rather than a generator-based context manager: it runs several times per
+        request."""
+        return _StatementLimit(self)
 
     def check(self) -> None:
         if self.expired is not None:
@@ -107,6 +94,37 @@ class SessionWatch:
         if self.expired is not None:
             with contextlib.suppress(Exception):
                 self._conn.terminate()
+
+
+class _StatementLimit:
+    __slots__ = ("_timeout", "_watch")
+
+    def __init__(self, watch: SessionWatch) -> None:
+        self._watch = watch
+        self._timeout = asyncio.timeout(watch.statement_seconds)
+
+    async def __aenter__(self) -> None:
+        self._watch.check()
+        await self._timeout.__aenter__()
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        watch = self._watch
+        try:
+            await self._timeout.__aexit__(kind, exc, tb)  # CancelledError → TimeoutError
+        except TimeoutError:
+            watch._expire("statement")
+            raise watch.error() from None
+        if exc is None or watch.expired is None:
+            return False  # canceled by someone else (PostgreSQL's statement_timeout, a user)
+        if isinstance(exc, asyncpg.QueryCanceledError | asyncpg.InterfaceError | OSError):
+            # Canceled, or its backend terminated, after the session's limit passed.
+            raise watch.error() from exc
+        return False
 
 
 class Deadlines:

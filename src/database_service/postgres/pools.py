@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -164,6 +164,7 @@ class TenantPools:
         self._entries: dict[str, _Entry] = {}
         self._creating: dict[str, asyncio.Task[_Entry]] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
         self._on_event = on_event or (lambda tenant, event: None)
 
     async def __aenter__(self) -> TenantPools:
@@ -175,8 +176,13 @@ class TenantPools:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        await self.drain()
         for role in list(self._entries):
             await self._close(role)
+
+    @property
+    def max_per_tenant(self) -> int:
+        return self._max_per_tenant
 
     @property
     def open_connections(self) -> int:
@@ -201,9 +207,13 @@ class TenantPools:
 
     @contextlib.asynccontextmanager
     async def acquire(self, login: TenantLogin) -> AsyncIterator[Connection]:
+        """A connection of the login's pool. Its release (asyncpg resets the session: a round
+        trip) runs after the caller is done, not before its answer goes out; the connection
+        counts as in use, and returns to the pool, when the reset is over."""
         entry = await self._entry(login)
         entry.in_use += 1
         entry.last_used = time.monotonic()
+        acquired = False
         try:
             try:
                 # One deadline for the whole acquisition: the pool's wait for a free connection
@@ -220,13 +230,34 @@ class TenantPools:
                     f"tenant {login.tenant_id!r}: no connection free within "
                     f"{self._acquire_timeout:g}s (pool of {entry.max_size}); retry later"
                 ) from None
+            acquired = True
             try:
                 yield conn
             finally:
-                await entry.pool.release(conn)
+                task = asyncio.get_running_loop().create_task(self._release(entry, conn))
+                self._releasing.add(task)
+                task.add_done_callback(self._releasing.discard)
         finally:
-            entry.in_use -= 1
-            entry.last_used = time.monotonic()
+            if not acquired:
+                self._done_with(entry)
+
+    async def _release(self, entry: _Entry, conn: Connection) -> None:
+        try:
+            await entry.pool.release(cast(PoolConnectionProxy, conn))
+        except Exception as exc:  # asyncpg terminates a connection it could not reset
+            log.debug("tenant %s: connection not reset on release: %s", entry.tenant_id, exc)
+        finally:
+            self._done_with(entry)
+
+    @staticmethod
+    def _done_with(entry: _Entry) -> None:
+        entry.in_use -= 1
+        entry.last_used = time.monotonic()
+
+    async def drain(self) -> None:
+        """Wait for the releases under way (tests, shutdown)."""
+        while self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
 
     async def _entry(self, login: TenantLogin) -> _Entry:
         entry = self._entries.get(login.role)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import cast
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import asyncpg
 from asyncpg.exceptions._base import DataError as ClientDataError
@@ -21,7 +21,7 @@ from database_service.errors import (
 )
 from database_service.postgres import Connection, TenantConnection
 
-__all__ = ["postgres_errors", "prepare_cached"]
+__all__ = ["fetch_first", "postgres_errors", "prepare_cached"]
 
 
 @contextlib.contextmanager
@@ -86,3 +86,27 @@ async def prepare_cached(conn: Connection, sql: str, schema_generation: int) -> 
     cast(TenantConnection, conn).follow_schema(schema_generation)
     stmt: PreparedStatement = await conn._prepare(sql, use_cache=True)  # type: ignore[union-attr]
     return stmt
+
+
+async def fetch_first(
+    stmt: PreparedStatement, args: Sequence[Any], limit: int
+) -> tuple[list[asyncpg.Record], str, bool]:
+    """At most ``limit`` rows of a prepared statement in one round trip (Bind, Execute with a
+    row limit, Sync), its command tag, and whether that was all of them.
+
+    asyncpg's private protocol call, the one its ``Cursor`` makes: the public API reads a
+    result whole (``fetch``) or through a cursor, which needs a transaction (BEGIN and COMMIT
+    are two more round trips). Outside a transaction the portal ends with the Sync, so a result
+    that was not complete must be read again; the query core does that only for statements that
+    a second run does not change (``Classification.repeatable``)."""
+    protocol = stmt._connection._protocol  # type: ignore[attr-defined]
+    rows, status, completed = await protocol.bind_execute(
+        stmt._state,  # type: ignore[attr-defined]
+        args,
+        "",
+        limit,
+        True,
+        None,
+    )
+    tag = status.decode() if isinstance(status, bytes | bytearray) else str(status or "")
+    return rows, tag, bool(completed)

@@ -28,6 +28,7 @@ from typing import Any, Literal, cast
 
 import asyncpg
 from asyncpg.prepared_stmt import PreparedStatement
+from asyncpg.transaction import Transaction
 
 from database_service.auth import Principal, Scope
 from database_service.errors import (
@@ -36,16 +37,17 @@ from database_service.errors import (
     NotFound,
     PermissionDenied,
     QueryError,
-    ResourceExhausted,
+    ResultTooLarge,
     SqlRejected,
     StatementOutdated,
+    Unavailable,
     postgres_unreachable,
 )
 from database_service.observability.audit import AuditEvent, AuditLog
 from database_service.observability.metrics import Metrics
 from database_service.postgres import Connection, TenantLogin, TenantPools
 from database_service.postgres.deadlines import Deadlines, SessionWatch
-from database_service.query.boundary import postgres_errors, prepare_cached
+from database_service.query.boundary import fetch_first, postgres_errors, prepare_cached
 from database_service.query.values import PgType, coerce_params, coerce_row, postgres_column
 from database_service.results import (
     Column,
@@ -56,6 +58,7 @@ from database_service.results import (
     StatementKind,
     Summary,
     TransactionResult,
+    approximate_bytes,
 )
 from database_service.sqlguard import Classification, SqlGuard
 from database_service.tenancy import TenantRecord, TenantRegistry, quote_ident
@@ -97,13 +100,35 @@ class _Outcome:
     command: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
 class _Session:
-    """A tenant connection and the watch that keeps its time limits."""
+    """A tenant connection, the watch that keeps its time limits, and its transaction: begun at
+    once when the session needs one (read-only callers, a user id, several statements), else
+    only if a statement turns out to need one (``begin``)."""
 
-    conn: Connection
-    watch: SessionWatch
-    tenant_id: str
+    __slots__ = ("_tx", "began", "conn", "tenant_id", "watch")
+
+    def __init__(
+        self, conn: Connection, watch: SessionWatch, tenant_id: str, tx: Transaction
+    ) -> None:
+        self.conn = conn
+        self.watch = watch
+        self.tenant_id = tenant_id
+        self._tx = tx
+        self.began = False
+
+    async def begin(self) -> None:
+        if not self.began:
+            async with self.watch.statement():
+                await self._tx.start()
+            self.began = True
+
+    async def commit(self) -> None:
+        if self.began:
+            async with self.watch.statement():
+                await self._tx.commit()
+
+    async def rollback(self) -> None:
+        await self._tx.rollback()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +141,16 @@ class _Target:
     @property
     def qualified(self) -> str:
         return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+
+
+class _DeadConnection(Unavailable):
+    """A repeatable read's first round trip found its pooled connection dead (nothing ran): the
+    query core retries it once on another connection, as a dead connection found at BEGIN."""
+
+
+# A read outside a transaction gets its rows in one round trip when they are this many or fewer.
+_FIRST_ROWS = 2048
+_RETRIED = (StatementOutdated, _DeadConnection)
 
 
 def _outdated(exc: BaseException) -> bool:
@@ -152,6 +187,7 @@ class QueryExecutor:
         max_params: int,
         max_result_rows: int,
         transaction_timeout_ms: int,
+        max_result_bytes: int = 32 * 1_048_576,
     ) -> None:
         self._pools = pools
         self._registry = registry
@@ -164,6 +200,7 @@ class QueryExecutor:
         self._user_key = user_context_key
         self._max_params = max_params
         self._max_rows = max_result_rows
+        self._max_bytes = max_result_bytes
         self._transaction_seconds = transaction_timeout_ms / 1000
         self._logins = logins
         # Per tenant, moved on whenever its tables may have changed shape: after DDL it ran
@@ -275,16 +312,21 @@ class QueryExecutor:
         isolation: Isolation = "read_committed",
     ) -> AsyncIterator[_Session]:
         """A tenant connection under the tenant's time limits, in a transaction when asked
-        (always with a user id, whose context is the transaction's first statement).
+        (always for a read-only caller, and with a user id, whose context is the transaction's
+        first statement); otherwise a statement begins one only if it needs it.
 
         A pooled connection that PostgreSQL ended while it sat idle (a failover, an operator's
         pg_terminate_backend) is only found dead when used. When that first use is BEGIN, which
-        has no effect, the session is retried once on another connection instead of failing."""
+        has no effect, the session is retried once on another connection instead of failing
+        (the query core retries a repeatable read's first round trip the same way)."""
         login = self._login(tenant, ctx)
         statement_seconds = tenant.limits.statement_timeout_ms / 1000
         total_seconds = max(statement_seconds, self._transaction_seconds)
+        # A failover ends every pooled connection: each attempt meets (and drops) one of them.
+        attempts = self._pools.max_per_tenant + 1
         with postgres_errors(ctx.tenant_id):
-            for retry in (True, False):
+            for attempt in range(attempts):
+                retry = attempt < attempts - 1
                 async with self._pools.acquire(login) as conn:
                     watch = self._deadlines.watch(
                         conn,
@@ -293,12 +335,15 @@ class QueryExecutor:
                         total_seconds=total_seconds,
                     )
                     try:
-                        begin = transaction or readonly or login.user_scoped
-                        tx = conn.transaction(readonly=readonly, isolation=isolation)
-                        if begin:
+                        session = _Session(
+                            conn,
+                            watch,
+                            ctx.tenant_id,
+                            conn.transaction(readonly=readonly, isolation=isolation),
+                        )
+                        if transaction or readonly or login.user_scoped:
                             try:
-                                async with watch.statement():
-                                    await tx.start()
+                                await session.begin()
                             except Exception as exc:
                                 if not (retry and _dead_connection(exc)):
                                     raise
@@ -312,22 +357,43 @@ class QueryExecutor:
                                     await conn.execute(
                                         self._enter_user, ctx.user_id, self._user_key
                                     )
-                            yield _Session(conn, watch, ctx.tenant_id)
+                            yield session
                         except BaseException as exc:
-                            if begin and watch.expired is None and not conn.is_closed():
+                            if session.began and watch.expired is None and not conn.is_closed():
                                 with contextlib.suppress(Exception):
-                                    await tx.rollback()
+                                    await session.rollback()
                             if _outdated(exc):
                                 # Every connection of the tenant drops its kept statements
                                 # when next used: the retry, wherever it runs, prepares afresh.
                                 self._schema_changed(ctx.tenant_id)
                             raise
-                        if begin:
-                            async with watch.statement():
-                                await tx.commit()
+                        await session.commit()
                     finally:
                         watch.close()
                     return
+
+    def _attempts(self) -> list[bool]:
+        """Whether each attempt is the last: a statement refused as outdated, or a read that
+        met a dead pooled connection, is tried again (as many times as the pool has
+        connections a failover may have ended)."""
+        return [False] * self._pools.max_per_tenant + [True]
+
+    async def _first_rows(
+        self, session: _Session, stmt: PreparedStatement, args: Sequence[Any]
+    ) -> tuple[Rows, str] | None:
+        """A repeatable read outside a transaction, in one round trip: its rows and command tag
+        when they fit in the first ``_FIRST_ROWS``, else None (to be read again by cursor)."""
+        try:
+            async with session.watch.statement():
+                rows, status, complete = await fetch_first(stmt, args, _FIRST_ROWS)
+        except Exception as exc:
+            if not _dead_connection(exc):
+                raise
+            # A pooled connection PostgreSQL ended while it sat idle: nothing ran.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                session.conn.terminate()
+            raise _DeadConnection(str(exc)) from exc
+        return (cast(Rows, rows), status) if complete else None
 
     async def execute(
         self,
@@ -345,14 +411,14 @@ class QueryExecutor:
             tenant, verdict = await self.authorize(principal, ctx, sql)
             outcome.kind = verdict.kind
             readonly = not principal.has_scope(Scope.WRITE)
-            for last in (False, True):
+            for last in self._attempts():
                 try:
                     async with self._session(
                         tenant, ctx, readonly=readonly, transaction=False
                     ) as session:
                         result = await self._statement(session, verdict, sql, params)
                     break
-                except StatementOutdated:
+                except _RETRIED:
                     if last:
                         raise
             result.duration_ms = (time.perf_counter() - started) * 1000
@@ -383,20 +449,34 @@ class QueryExecutor:
             if read_only and verdict.kind is not StatementKind.READ:
                 raise SqlRejected("this operation runs read-only statements only", sqlstate="25006")
             readonly = read_only or not principal.has_scope(Scope.WRITE)
-            for last in (False, True):
+            for last in self._attempts():
                 # The header goes out once the statement is bound: a kept statement whose
                 # tables changed is refused at Bind, and retried while nothing has been sent.
                 sent = False
                 try:
                     async with self._session(
-                        tenant, ctx, readonly=readonly, transaction=True
+                        tenant, ctx, readonly=readonly, transaction=False
                     ) as session:
                         watch = session.watch
                         async with watch.statement():
                             stmt = await self._prepare(session, sql)
                         args = coerce_params(params, stmt.get_parameters())
                         columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
-                        if verdict.kind is StatementKind.READ and columns:
+                        reading = verdict.kind is StatementKind.READ and bool(columns)
+                        first = None
+                        if reading and verdict.repeatable and not session.began:
+                            # One round trip when the result is small; a larger one is read
+                            # again, whole, by cursor (in a transaction, as cursors need).
+                            first = await self._first_rows(session, stmt, args)
+                        if first is not None:
+                            rows, command = first
+                            sent = True
+                            yield Header(columns, verdict.kind)
+                            for i in range(0, len(rows), batch_rows):
+                                yield rows[i : i + batch_rows]
+                            row_count = len(rows)
+                        elif reading:
+                            await session.begin()
                             # Each fetch is a round trip under the statement limit; the
                             # reader's time between fetches counts against the session's
                             # limit only.
@@ -417,17 +497,17 @@ class QueryExecutor:
                             row_count = count
                         else:
                             async with watch.statement():
-                                rows = await stmt.fetch(*args)
+                                rows = cast(Rows, await stmt.fetch(*args))
                             if verdict.kind is StatementKind.DDL:
                                 self._schema_changed(tenant.tenant_id)
                             sent = True
                             yield Header(columns, verdict.kind)
                             for i in range(0, len(rows), batch_rows):
-                                yield cast(Rows, rows[i : i + batch_rows])
+                                yield rows[i : i + batch_rows]
                             command = stmt.get_statusmsg() or ""
                             row_count = _row_count(command, len(rows))
                     break
-                except StatementOutdated:
+                except _RETRIED:
                     if sent or last:
                         raise
             outcome.command = command
@@ -648,28 +728,80 @@ class QueryExecutor:
         sql: str,
         params: Sequence[Any],
     ) -> QueryResult:
-        async with session.watch.statement():
+        """One statement, whole result, bounded by ``max_result_rows`` and ``max_result_bytes``.
+
+        A repeatable read outside a transaction takes one round trip when its result is small.
+        A larger read is read by cursor, chunk by chunk, so a result past a limit is refused
+        having held about the limit, not the result. A write that returns rows runs in a
+        transaction, so one refused for its size changes nothing."""
+        watch = session.watch
+        async with watch.statement():
             stmt = await self._prepare(session, sql)
-            args = coerce_params(params, stmt.get_parameters())
-            # Whole results are bounded by the row cap; streaming without a cap is stream()'s.
-            rows = await stmt.fetch(*args)
+        args = coerce_params(params, stmt.get_parameters())
+        columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
+        reading = verdict.kind is StatementKind.READ and bool(columns)
+        first = None
+        if reading and verdict.repeatable and not session.began:
+            first = await self._first_rows(session, stmt, args)
+        rows: Rows
+        if first is not None:
+            rows, status = first
+            self._check_size(len(rows), approximate_bytes(rows, columns))
+        elif reading:
+            await session.begin()
+            rows = await self._read_bounded(session, stmt, args, columns)
+            status = f"SELECT {len(rows)}"
+        else:
+            if columns:
+                await session.begin()
+            async with watch.statement():
+                rows = cast(Rows, await stmt.fetch(*args))
+            status = stmt.get_statusmsg() or ""
+            if columns:
+                self._check_size(len(rows), approximate_bytes(rows, columns))
         if verdict.kind is StatementKind.DDL:
             self._schema_changed(session.tenant_id)
-        columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
-        if len(rows) > self._max_rows:
-            raise ResourceExhausted(
-                f"the result has more than {self._max_rows} rows; add a LIMIT or use the "
-                "streaming gRPC API"
-            )
-        status = stmt.get_statusmsg() or ""
         return QueryResult(
             columns=columns,
-            rows=cast(Rows, rows),  # asyncpg's Records are sequences
+            rows=rows,  # asyncpg's Records are sequences
             command=status,
             row_count=_row_count(status, len(rows)),
             kind=verdict.kind,
             duration_ms=0.0,
         )
+
+    async def _read_bounded(
+        self,
+        session: _Session,
+        stmt: PreparedStatement,
+        args: Sequence[Any],
+        columns: Sequence[Column],
+    ) -> Rows:
+        watch = session.watch
+        async with watch.statement():
+            cursor = await stmt.cursor(*args)
+        rows: list[Any] = []
+        size = 0
+        while True:
+            async with watch.statement():
+                batch = await cursor.fetch(_FIRST_ROWS)
+            rows.extend(batch)
+            size += approximate_bytes(cast(Rows, batch), columns)
+            self._check_size(len(rows), size)
+            if len(batch) < _FIRST_ROWS:
+                return rows
+
+    def _check_size(self, rows: int, size: int) -> None:
+        if rows > self._max_rows:
+            raise ResultTooLarge(
+                f"the result has more than {self._max_rows} rows; add a LIMIT or use the "
+                "streaming gRPC API"
+            )
+        if size > self._max_bytes:
+            raise ResultTooLarge(
+                f"the result is larger than {self._max_bytes} bytes; add a LIMIT, select fewer"
+                " columns or use the streaming gRPC API"
+            )
 
 
 def _dead_connection(exc: BaseException) -> bool:

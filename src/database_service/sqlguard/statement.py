@@ -68,12 +68,18 @@ __all__ = ["Classification", "SqlGuard", "StatementKind", "packaged_catalog_func
 class Classification:
     kind: StatementKind
     tag: str
+    # Running it twice changes nothing (a read calling no function that writes: no sequence
+    # function, no function of the tenant's). The query core may then read the first rows
+    # outside a transaction and, when the result turns out larger, read it again by cursor.
+    repeatable: bool = False
 
     @property
     def readonly(self) -> bool:
         return self.kind is StatementKind.READ
 
 
+# Allowed catalog functions that change something a second run would change again.
+_WRITING_FUNCTIONS = frozenset({"nextval", "setval"})
 _WRITES = {
     "InsertStmt": "INSERT",
     "UpdateStmt": "UPDATE",
@@ -303,6 +309,7 @@ class _Walk(Visitor):
         self.writes = False
         self.locking = False
         self.into = False
+        self.side_effects = False  # calls a function that may write (see Classification)
         # The first rule broken; raised after the statement-level checks, whose reasons are
         # the more useful ones ("DDL may only change your own schema" before "schema x").
         self.problem: SqlRejected | None = None
@@ -337,6 +344,8 @@ class _Walk(Visitor):
         catalog = schema == "pg_catalog" or (
             schema is None and (function in self.scope.catalog or function.startswith("pg_"))
         )
+        if not catalog or function in _WRITING_FUNCTIONS:
+            self.side_effects = True
         if schema == "information_schema" or (catalog and function not in ALLOWED_FUNCTIONS):
             self.fail(
                 f"function {function} is not allowed: PostgreSQL's functions that run SQL given as"
@@ -488,7 +497,7 @@ class SqlGuard:
                     raise
         result: Classification | SqlRejected
         if verdict[0] == "ok":
-            result = Classification(StatementKind(verdict[1]), verdict[2])
+            result = Classification(StatementKind(verdict[1]), verdict[2], verdict[3])
         else:
             error = _VERDICT_ERRORS[verdict[1]](
                 verdict[2], sqlstate=verdict[3], position=verdict[4]
@@ -641,15 +650,16 @@ class SqlGuard:
             inner = self._statement(stmt.query, walk, scope, sql)
             if inner.kind is StatementKind.DDL:
                 raise _refuse("EXPLAIN of DDL is not allowed")
-            return Classification(StatementKind.READ, "EXPLAIN")
+            return Classification(StatementKind.READ, "EXPLAIN", repeatable=True)  # runs nothing
         if name == "SelectStmt":
             if walk.into:
                 self._ddl_targets([stmt.intoClause.rel], scope)
                 return Classification(StatementKind.DDL, "SELECT INTO")
-            kind = StatementKind.WRITE if walk.writes or walk.locking else StatementKind.READ
-            return Classification(kind, "SELECT")
+            if walk.writes or walk.locking:
+                return Classification(StatementKind.WRITE, "SELECT")
+            return Classification(StatementKind.READ, "SELECT", repeatable=not walk.side_effects)
         if name == "VariableShowStmt":
-            return Classification(StatementKind.READ, "SHOW")
+            return Classification(StatementKind.READ, "SHOW", repeatable=True)
         if name in _WRITES:
             return Classification(StatementKind.WRITE, _WRITES[name])
         if name in _DDL:
@@ -848,4 +858,4 @@ def _classify_in_worker(
         verdict = _worker_guard.classify(sql, own_schema=own_schema, shared_schemas=shared_schemas)
     except (SqlRejected, PayloadTooLarge, InvalidText) as exc:
         return ("error", type(exc).__name__, exc.message, exc.sqlstate, exc.position)
-    return ("ok", verdict.kind.value, verdict.tag)
+    return ("ok", verdict.kind.value, verdict.tag, verdict.repeatable)

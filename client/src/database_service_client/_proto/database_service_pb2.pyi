@@ -27,6 +27,25 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RowEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RowEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RowEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROW_ENCODING_UNSPECIFIED: _RowEncoding.ValueType  # 0
+    """rows as Row / Value messages"""
+    ROW_ENCODING_PACKED: _RowEncoding.ValueType  # 1
+    """RowChunk.packed"""
+
+class RowEncoding(_RowEncoding, metaclass=_RowEncodingEnumTypeWrapper): ...
+
+ROW_ENCODING_UNSPECIFIED: RowEncoding.ValueType  # 0
+"""rows as Row / Value messages"""
+ROW_ENCODING_PACKED: RowEncoding.ValueType  # 1
+"""RowChunk.packed"""
+Global___RowEncoding: _TypeAlias = RowEncoding  # noqa: Y015
+
 class _IsolationLevel:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -194,18 +213,24 @@ class Column(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: _builtins.str
     """PostgreSQL type name, e.g. "numeric", "int4[]" """
+    kind: _builtins.str
+    """How its values travel: integer, float, decimal, text, boolean, bytes, timestamp, json, other.
+    A reader of packed rows converts by it (see RowChunk.packed).
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         type: _builtins.str = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,6 +261,15 @@ class RowChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROWS_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
+    packed: _builtins.bytes
+    """Instead of rows, when the request asked for ROW_ENCODING_PACKED: the rows as one UTF-8 JSON
+    array of arrays, decoded in one call rather than a Value message per value. By the
+    column's kind: integer, float (non-finite as the strings "NaN", "Infinity", "-Infinity"),
+    text, boolean and json values as JSON; decimal as a string (exact); bytes as base64;
+    timestamp as ISO 8601 (UTC when it has no offset); other as its text form (dates, UUIDs,
+    intervals as seconds) or a JSON array for arrays.
+    """
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Row]:
         """bounded by max_chunk_bytes"""
@@ -244,10 +278,11 @@ class RowChunk(_message.Message):
         self,
         *,
         rows: _abc.Iterable[Global___Row] | None = ...,
+        packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["packed", b"packed", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,9 +358,11 @@ class QueryRequest(_message.Message):
     SQL_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    ROW_ENCODING_FIELD_NUMBER: _builtins.int
     sql: _builtins.str
     max_chunk_bytes: _builtins.int
     """0: the server's default"""
+    row_encoding: Global___RowEncoding.ValueType
     @_builtins.property
     def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]: ...
     def __init__(
@@ -334,10 +371,11 @@ class QueryRequest(_message.Message):
         sql: _builtins.str = ...,
         params: _abc.Iterable[Global___Value] | None = ...,
         max_chunk_bytes: _builtins.int = ...,
+        row_encoding: Global___RowEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "params", b"params", "sql", b"sql"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "params", b"params", "row_encoding", b"row_encoding", "sql", b"sql"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

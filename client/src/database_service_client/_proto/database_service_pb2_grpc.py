@@ -40,6 +40,11 @@ class DatabaseServiceStub:
                 request_serializer=database__service_dot_v1_dot_database__service__pb2.QueryRequest.SerializeToString,
                 response_deserializer=database__service_dot_v1_dot_database__service__pb2.QueryResult.FromString,
                 _registered_method=True)
+        self.Query = channel.unary_unary(
+                '/database_service.v1.DatabaseService/Query',
+                request_serializer=database__service_dot_v1_dot_database__service__pb2.QueryRequest.SerializeToString,
+                response_deserializer=database__service_dot_v1_dot_database__service__pb2.QueryResult.FromString,
+                _registered_method=True)
         self.StreamQuery = channel.stream_stream(
                 '/database_service.v1.DatabaseService/StreamQuery',
                 request_serializer=database__service_dot_v1_dot_database__service__pb2.StreamQueryRequest.SerializeToString,
@@ -97,6 +102,15 @@ class DatabaseServiceServicer:
 
     def ExecuteQuery(self, request, context):
         """Query operations
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Query(self, request, context):
+        """The same statement, its whole result in one message: a small result's fast path (one
+        call, no stream). Bounded by the service's result limits (rows, bytes): past them it answers
+        RESOURCE_EXHAUSTED with code result_too_large, having changed nothing; stream it instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,6 +191,11 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
                     request_deserializer=database__service_dot_v1_dot_database__service__pb2.QueryRequest.FromString,
                     response_serializer=database__service_dot_v1_dot_database__service__pb2.QueryResult.SerializeToString,
             ),
+            'Query': grpc.unary_unary_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=database__service_dot_v1_dot_database__service__pb2.QueryRequest.FromString,
+                    response_serializer=database__service_dot_v1_dot_database__service__pb2.QueryResult.SerializeToString,
+            ),
             'StreamQuery': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamQuery,
                     request_deserializer=database__service_dot_v1_dot_database__service__pb2.StreamQueryRequest.FromString,
@@ -253,6 +272,33 @@ class DatabaseService:
             request,
             target,
             '/database_service.v1.DatabaseService/ExecuteQuery',
+            database__service_dot_v1_dot_database__service__pb2.QueryRequest.SerializeToString,
+            database__service_dot_v1_dot_database__service__pb2.QueryResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/database_service.v1.DatabaseService/Query',
             database__service_dot_v1_dot_database__service__pb2.QueryRequest.SerializeToString,
             database__service_dot_v1_dot_database__service__pb2.QueryResult.FromString,
             options,

@@ -40,6 +40,11 @@ class DatabaseServiceStub:
     def __new__(cls, channel: _aio.Channel) -> DatabaseServiceAsyncStub: ...
     ExecuteQuery: _grpc.UnaryStreamMultiCallable[_database_service_pb2.QueryRequest, _database_service_pb2.QueryResult]
     """Query operations"""
+    Query: _grpc.UnaryUnaryMultiCallable[_database_service_pb2.QueryRequest, _database_service_pb2.QueryResult]
+    """The same statement, its whole result in one message: a small result's fast path (one
+    call, no stream). Bounded by the service's result limits (rows, bytes): past them it answers
+    RESOURCE_EXHAUSTED with code result_too_large, having changed nothing; stream it instead.
+    """
     StreamQuery: _grpc.StreamStreamMultiCallable[_database_service_pb2.StreamQueryRequest, _database_service_pb2.QueryResult]
     """Bidirectional streaming for large result sets: the client sends the query first, then asks
     for chunks as it is ready for them (flow control: the server sends no more than it was
@@ -64,6 +69,11 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ExecuteQuery: _aio.UnaryStreamMultiCallable[_database_service_pb2.QueryRequest, _database_service_pb2.QueryResult]  # type: ignore[assignment]
     """Query operations"""
+    Query: _aio.UnaryUnaryMultiCallable[_database_service_pb2.QueryRequest, _database_service_pb2.QueryResult]  # type: ignore[assignment]
+    """The same statement, its whole result in one message: a small result's fast path (one
+    call, no stream). Bounded by the service's result limits (rows, bytes): past them it answers
+    RESOURCE_EXHAUSTED with code result_too_large, having changed nothing; stream it instead.
+    """
     StreamQuery: _aio.StreamStreamMultiCallable[_database_service_pb2.StreamQueryRequest, _database_service_pb2.QueryResult]  # type: ignore[assignment]
     """Bidirectional streaming for large result sets: the client sends the query first, then asks
     for chunks as it is ready for them (flow control: the server sends no more than it was
@@ -91,6 +101,17 @@ class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_database_service_pb2.QueryResult], _abc.AsyncIterator[_database_service_pb2.QueryResult]]:
         """Query operations"""
+
+    @_abc_1.abstractmethod
+    def Query(
+        self,
+        request: _database_service_pb2.QueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_database_service_pb2.QueryResult, _abc.Awaitable[_database_service_pb2.QueryResult]]:
+        """The same statement, its whole result in one message: a small result's fast path (one
+        call, no stream). Bounded by the service's result limits (rows, bytes): past them it answers
+        RESOURCE_EXHAUSTED with code result_too_large, having changed nothing; stream it instead.
+        """
 
     @_abc_1.abstractmethod
     def StreamQuery(

@@ -16,6 +16,7 @@ import functools
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class _Call:
     action: str = "grpc"
     service: str | None = None
     tenant_id: str | None = None  # set once the caller may act for it
+    metadata: dict[str, Any] | None = None
 
 
 _CALL: ContextVar[_Call] = ContextVar("dbsvc_grpc_call")
@@ -145,7 +147,11 @@ class Caller:
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, Any]:
-    return dict(context.invocation_metadata() or ())
+    """The call's metadata as a dict, made once per call."""
+    call = _call()
+    if call.metadata is None:
+        call.metadata = dict(context.invocation_metadata() or ())
+    return call.metadata
 
 
 class _Servicer:
@@ -160,12 +166,25 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     name = handler.__name__
     action = f"grpc.{name}"
 
+    # The metric children of the ok path, bound once per Metrics (``labels()`` costs a lookup).
+    bound: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
     def record(servicer: _Servicer, started: float, code: str, call: _Call) -> None:
         metrics = servicer.core.metrics
         elapsed = time.perf_counter() - started
-        metrics.requests.labels("grpc", name, code).inc()
-        metrics.request_seconds.labels("grpc", name).observe(elapsed)
-        if code != "ok":
+        if code == "ok":
+            children = bound.get(metrics)
+            if children is None:
+                children = (
+                    metrics.requests.labels("grpc", name, "ok"),
+                    metrics.request_seconds.labels("grpc", name),
+                )
+                bound[metrics] = children
+            children[0].inc()
+            children[1].observe(elapsed)
+        else:
+            metrics.requests.labels("grpc", name, code).inc()
+            metrics.request_seconds.labels("grpc", name).observe(elapsed)
             metrics.errors.labels(code).inc()
         servicer.core.window.record(elapsed, code not in _SERVER_ERRORS, call.tenant_id)
 

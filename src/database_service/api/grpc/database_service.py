@@ -21,7 +21,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from database_service.api.grpc.calls import Caller, rpc
-from database_service.api.grpc.encoding import columns_message, encoders_for, result_messages
+from database_service.api.grpc.encoding import (
+    add_rows,
+    columns_message,
+    encoders_for,
+    result_message,
+    result_messages,
+)
 from database_service.app import Application
 from database_service.errors import InvalidParameters
 from database_service.observability.notices import Notices
@@ -118,9 +124,25 @@ class DatabaseService(DatabaseServiceServicer):
         params = [from_value(v) for v in request.params]
         events = self.core.executor.stream(principal, ctx, request.sql, params)
         async for message in result_messages(
-            events, pb.QueryResult, self._chunk(request.max_chunk_bytes)
+            events,
+            pb.QueryResult,
+            self._chunk(request.max_chunk_bytes),
+            packed=request.row_encoding == pb.ROW_ENCODING_PACKED,
         ):
             yield message
+
+    @rpc
+    async def Query(
+        self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.QueryResult:
+        """ExecuteQuery's result in one message: the fast path for small results (bounded by
+        the result limits: past them, ``result_too_large`` and nothing changed)."""
+        principal, ctx = await self.caller.tenant(context)
+        params = [from_value(v) for v in request.params]
+        result = await self.core.executor.execute(principal, ctx, request.sql, params)
+        return result_message(
+            result, pb.QueryResult, packed=request.row_encoding == pb.ROW_ENCODING_PACKED
+        )
 
     @rpc
     async def StreamQuery(
@@ -139,7 +161,12 @@ class DatabaseService(DatabaseServiceServicer):
         start = first.start
         params = [from_value(v) for v in start.params]
         events = self.core.executor.stream(principal, ctx, start.sql, params)
-        messages = result_messages(events, pb.QueryResult, self._chunk(start.max_chunk_bytes))
+        messages = result_messages(
+            events,
+            pb.QueryResult,
+            self._chunk(start.max_chunk_bytes),
+            packed=start.row_encoding == pb.ROW_ENCODING_PACKED,
+        )
         flow = _Flow()
         reader = asyncio.create_task(flow.read(requests))
         try:
@@ -224,16 +251,12 @@ class DatabaseService(DatabaseServiceServicer):
         )
         response = pb.TransactionResponse(duration_ms=result.duration_ms)
         for item in result.results:
-            encoders = encoders_for(item.columns)
             out = response.results.add(
                 columns=columns_message(item.columns),
                 row_count=item.row_count,
                 command=item.command,
             )
-            for record in item.rows:
-                add = out.rows.add().values.add
-                for encode, value in zip(encoders, record, strict=True):
-                    encode(add, value)
+            add_rows(out, item.rows, encoders_for(item.columns))
         return response
 
     # --- bulk ------------------------------------------------------------------------------

@@ -1,19 +1,29 @@
 """Result rows to protobuf, chunked by size, with one encoder per column chosen once.
 
-Encoders write straight into the row's repeated field (``values.add(...)``) instead of building
-Value objects to copy in; ints, text and timestamps, most of what comes back, take a direct path.
+Two encodings. Values: a ``Value`` message per value; encoders write straight into the row's
+repeated field (``values.add(...)``) instead of building Value objects to copy in. Packed (when
+the request asks for ``ROW_ENCODING_PACKED``): a chunk's rows as one JSON array of arrays made by
+orjson in C, which a reader decodes in one call too: a Value per value costs about a microsecond
+on each side in Python, which made the client's decoding alone slower than the query. A chunk
+that cannot be packed faithfully (a non-finite float, an integer past 64 bits) goes as Values.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
+import math
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any, TypeVar
 
+import orjson
+
 from database_service.results import Column as ResultColumn
-from database_service.results import Event, Header, Summary, ValueKind
+from database_service.results import Event, Header, QueryResult, Summary, ValueKind
 from database_service_client._proto.database_service_pb2 import (
     Column,
     ResultHeader,
@@ -23,7 +33,17 @@ from database_service_client._proto.database_service_pb2 import (
 )
 from database_service_client.values import to_value
 
-__all__ = ["Encoder", "chunk_rows", "columns_message", "encoders_for", "result_messages"]
+__all__ = [
+    "Encoder",
+    "add_rows",
+    "chunk_rows",
+    "columns_message",
+    "encoders_for",
+    "pack_rows",
+    "packed_chunks",
+    "result_message",
+    "result_messages",
+]
 
 T = TypeVar("T")
 
@@ -95,7 +115,90 @@ def encoders_for(columns: Sequence[ResultColumn]) -> list[Encoder]:
 
 
 def columns_message(columns: Sequence[ResultColumn]) -> list[Column]:
-    return [Column(name=c.name, type=c.type_name) for c in columns]
+    return [Column(name=c.name, type=c.type_name, kind=c.kind.value) for c in columns]
+
+
+def _packed_value(value: Any) -> Any:
+    """orjson's ``default``: what it does not encode itself (a decimal, bytes...)."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return str(value)
+
+
+_PACK_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_SERIALIZE_UUID
+
+
+def pack_rows(records: Sequence[Sequence[Any]], columns: Sequence[ResultColumn]) -> bytes | None:
+    """The records as one JSON array of arrays, or None when they cannot go packed."""
+    for index, column in enumerate(columns):
+        # Decimals travel as strings (NaN included); floats as JSON numbers, which have no NaN
+        # or infinity. A sum that is not finite means one of those (or an overflow: then
+        # Values, which is still right). Zeros and NULLs are skipped; all of it in C.
+        if column.kind is ValueKind.FLOAT and not math.isfinite(
+            sum(filter(None, map(itemgetter(index), records)))
+        ):
+            return None
+    try:
+        # Rows as tuples (an asyncpg Record is not one), in C.
+        rows = list(map(tuple, records))
+        return orjson.dumps(rows, default=_packed_value, option=_PACK_OPTIONS)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits
+        return None
+
+
+def packed_chunks(
+    records: Sequence[Sequence[Any]],
+    columns: Sequence[ResultColumn],
+    encoders: Sequence[Encoder],
+    max_bytes: int,
+) -> Iterator[RowChunk]:
+    """RowChunks of about max_bytes, packed where they can be."""
+    if not records:
+        return
+    packed = pack_rows(records, columns)
+    if packed is None:
+        yield from chunk_rows(records, encoders, max_bytes)
+    elif len(packed) <= max_bytes or len(records) == 1:
+        yield RowChunk(packed=packed)
+    else:
+        half = len(records) // 2
+        yield from packed_chunks(records[:half], columns, encoders, max_bytes)
+        yield from packed_chunks(records[half:], columns, encoders, max_bytes)
+
+
+def add_rows(target: Any, records: Sequence[Sequence[Any]], encoders: Sequence[Encoder]) -> None:
+    """Every record into ``target``: a RowChunk, or any message with ``repeated Row rows``."""
+    add_row = target.rows.add
+    for record in records:
+        add = add_row().values.add
+        for encode, value in zip(encoders, record, strict=True):
+            encode(add, value)
+
+
+def result_message(result: QueryResult, message: Callable[..., T], *, packed: bool = False) -> T:
+    """A whole result as one message: header, rows and summary."""
+    data = pack_rows(result.rows, result.columns) if packed and result.rows else None
+    if data is not None:
+        chunk = RowChunk(packed=data)
+    else:
+        chunk = RowChunk()
+        add_rows(chunk, result.rows, encoders_for(result.columns))
+    return message(
+        header=ResultHeader(columns=columns_message(result.columns)),
+        rows=chunk,
+        summary=ResultSummary(
+            row_count=result.row_count,
+            command=result.command,
+            duration_ms=result.duration_ms,
+            statement_class=result.kind.value,
+        ),
+    )
 
 
 def chunk_rows(
@@ -122,18 +225,22 @@ def result_messages(
     events: AsyncIterator[Event],
     message: Callable[..., T],
     max_chunk_bytes: int,
+    *,
+    packed: bool = False,
 ) -> AsyncGenerator[T, None]:
     """Streamed result events as messages of about ``max_chunk_bytes``: the header rides with
     the first rows and the summary with the last, so a small result is a single message."""
 
     async def messages() -> AsyncGenerator[T, None]:
         encoders: list[Encoder] = []
+        columns: list[ResultColumn] = []
         header: ResultHeader | None = None
         pending: RowChunk | None = None
         async for event in events:
             if isinstance(event, Header):
-                encoders = encoders_for(event.columns)
-                header = ResultHeader(columns=columns_message(event.columns))
+                columns = event.columns
+                encoders = encoders_for(columns)
+                header = ResultHeader(columns=columns_message(columns))
             elif isinstance(event, Summary):
                 summary = ResultSummary(
                     row_count=event.row_count,
@@ -143,7 +250,12 @@ def result_messages(
                 )
                 yield message(header=header, rows=pending, summary=summary)
             else:
-                for chunk in chunk_rows(event, encoders, max_chunk_bytes):
+                chunks = (
+                    packed_chunks(event, columns, encoders, max_chunk_bytes)
+                    if packed
+                    else chunk_rows(event, encoders, max_chunk_bytes)
+                )
+                for chunk in chunks:
                     if pending is not None:
                         yield message(header=header, rows=pending)
                         header = None
