@@ -1,6 +1,7 @@
 """Every front end that runs tenant SQL, behind one interface, so an attack is written once and
-run through each: REST ``POST /api/v1/query``, gRPC ``ExecuteQuery`` and gRPC
-``ExecuteTransaction`` (the PostgreSQL wire port joins here when it exists).
+run through each: REST ``POST /api/v1/query``, gRPC ``Query`` (unary, what the client's
+``fetch_all`` calls), gRPC ``ExecuteQuery`` (streamed) and gRPC ``ExecuteTransaction`` (the
+PostgreSQL wire port joins here when it exists).
 
 ``front_end`` is parametrised over all of them; ``FrontEnd.run`` sends one statement as tenant A
 (optionally with a user id, or as another tenant's token) and returns an ``Outcome`` with the
@@ -23,7 +24,7 @@ from database_service.auth import Scope
 from database_service_client import DatabaseServiceError, MultiDatabaseClient
 from tests.isolation.fix_attack import SECRET, Tenants
 
-FRONT_ENDS = ("rest", "grpc_query", "grpc_transaction")
+FRONT_ENDS = ("rest", "grpc_query", "grpc_stream", "grpc_transaction")
 # What a caller sent wrong, in either transport's words; anything else failing is the server's.
 _SERVER_ERRORS = {"INTERNAL", "UNKNOWN", "DATA_LOSS"}
 
@@ -134,6 +135,8 @@ class FrontEnd:
         try:
             if self.name == "grpc_query":
                 rows = [list(r) for r in (await client.fetch_all(sql, list(params))).rows]
+            elif self.name == "grpc_stream":
+                rows = [list(r) async for r in client.execute_query(sql, list(params))]
             else:
                 results = await client.transaction([(sql, list(params))])
                 rows = [list(r) for r in results[-1].rows]

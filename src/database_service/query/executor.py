@@ -381,8 +381,8 @@ class QueryExecutor:
     async def _first_rows(
         self, session: _Session, stmt: PreparedStatement, args: Sequence[Any]
     ) -> tuple[Rows, str] | None:
-        """A repeatable read outside a transaction, in one round trip: its rows and command tag
-        when they fit in the first ``_FIRST_ROWS``, else None (to be read again by cursor)."""
+        """A repeatable read in one round trip: its rows and command tag when they fit in the
+        first ``_FIRST_ROWS``, else None (to be read again, whole, by cursor)."""
         try:
             async with session.watch.statement():
                 rows, status, complete = await fetch_first(stmt, args, _FIRST_ROWS)
@@ -464,7 +464,7 @@ class QueryExecutor:
                         columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
                         reading = verdict.kind is StatementKind.READ and bool(columns)
                         first = None
-                        if reading and verdict.repeatable and not session.began:
+                        if reading and verdict.repeatable:
                             # One round trip when the result is small; a larger one is read
                             # again, whole, by cursor (in a transaction, as cursors need).
                             first = await self._first_rows(session, stmt, args)
@@ -730,7 +730,7 @@ class QueryExecutor:
     ) -> QueryResult:
         """One statement, whole result, bounded by ``max_result_rows`` and ``max_result_bytes``.
 
-        A repeatable read outside a transaction takes one round trip when its result is small.
+        A repeatable read takes one round trip when its result is small.
         A larger read is read by cursor, chunk by chunk, so a result past a limit is refused
         having held about the limit, not the result. A write that returns rows runs in a
         transaction, so one refused for its size changes nothing."""
@@ -741,7 +741,7 @@ class QueryExecutor:
         columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
         reading = verdict.kind is StatementKind.READ and bool(columns)
         first = None
-        if reading and verdict.repeatable and not session.began:
+        if reading and verdict.repeatable:
             first = await self._first_rows(session, stmt, args)
         rows: Rows
         if first is not None:
