@@ -1,0 +1,129 @@
+"""The authenticator keeps verified tokens (their signature checked once) and nothing more: a
+disabled service, a revoked token and an expired token are refused as before. The directory here
+is an in-memory stand-in for the control plane: this tests the cache's logic, not PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from database_service.auth import Scope, TokenCodec
+from database_service.auth.identities import Authenticator, ServiceIdentity
+from database_service.errors import Unauthenticated
+
+KEY = b"k" * 32
+
+
+class Directory:
+    """What Authenticator asks of the service directory."""
+
+    def __init__(self) -> None:
+        self.active = True
+        self.revoked_ids: set[tuple[str, str]] = set()
+        self.finds = 0
+
+    async def find(self, name: str) -> ServiceIdentity | None:
+        self.finds += 1
+        return ServiceIdentity(name, frozenset({"acme"}), frozenset(Scope), self.active, False)
+
+    async def revoked(self) -> frozenset[tuple[str, str]]:
+        return frozenset(self.revoked_ids)
+
+
+class CountingCodec(TokenCodec):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.verified = 0
+
+    def verify(self, token: str) -> Any:
+        self.verified += 1
+        return super().verify(token)
+
+
+def authenticator(**options: Any) -> tuple[Authenticator, CountingCodec, Directory]:
+    codec = CountingCodec(KEY, issuer="test", audience="urn:test")
+    directory = Directory()
+    auth = Authenticator(
+        codec,
+        directory,  # type: ignore[arg-type]
+        bootstrap_admin_token="x" * 32,
+        cache_ttl=0.0,  # the directory is asked every time: only the signature is kept
+        **options,
+    )
+    return auth, codec, directory
+
+
+def test_a_token_signature_is_checked_once() -> None:
+    auth, codec, _ = authenticator()
+    token = codec.issue("svc", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600)
+
+    async def run() -> None:
+        for _ in range(5):
+            principal = await auth.authenticate(f"Bearer {token}")
+            assert principal.service == "svc" and principal.scopes == {Scope.READ}
+
+    asyncio.run(run())
+    assert codec.verified == 1
+
+
+def test_a_kept_token_of_a_disabled_service_or_revoked_is_refused() -> None:
+    auth, codec, directory = authenticator()
+    token = codec.issue("svc", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600)
+
+    async def run() -> None:
+        await auth.authenticate(f"Bearer {token}")
+        directory.active = False
+        with pytest.raises(Unauthenticated, match="disabled"):
+            await auth.authenticate(f"Bearer {token}")
+        directory.active = True
+        claims = codec.inspect(token)
+        directory.revoked_ids.add((claims.service, claims.token_id))
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await auth.authenticate(f"Bearer {token}")
+
+    asyncio.run(run())
+
+
+def test_a_kept_token_past_its_expiry_is_checked_again_and_refused() -> None:
+    auth, codec, _ = authenticator()
+    token = codec.issue("svc", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600)
+
+    async def run() -> None:
+        await auth.authenticate(f"Bearer {token}")
+        (digest,) = auth._verified_tokens
+        principal, _ = auth._verified_tokens[digest]
+        auth._verified_tokens[digest] = (principal, 0.0)  # as if its expiry had passed
+        await auth.authenticate(f"Bearer {token}")  # verified again (still valid for the codec)
+
+    asyncio.run(run())
+    assert codec.verified == 2
+
+
+def test_kept_tokens_are_bounded() -> None:
+    auth, codec, _ = authenticator(verified_tokens=3)
+    tokens = [
+        codec.issue("svc", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600) for _ in range(5)
+    ]
+
+    async def run() -> None:
+        for token in tokens:
+            await auth.authenticate(f"Bearer {token}")
+
+    asyncio.run(run())
+    assert len(auth._verified_tokens) == 3
+
+
+def test_a_forged_token_is_never_kept() -> None:
+    auth, _, _ = authenticator()
+    other = TokenCodec(b"o" * 32, issuer="test", audience="urn:test")
+    forged = other.issue("svc", tenants=["acme"], scopes=[Scope.ADMIN], ttl_seconds=600)
+
+    async def run() -> None:
+        for _ in range(2):
+            with pytest.raises(Unauthenticated):
+                await auth.authenticate(f"Bearer {forged}")
+
+    asyncio.run(run())
+    assert not auth._verified_tokens
