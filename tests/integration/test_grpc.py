@@ -437,6 +437,7 @@ async def test_shutdown_drains_in_flight_calls(core: Application, tenant: Tenant
     await server.__aenter__()
     async with Client(f"127.0.0.1:{server.port}", tenant.tenant_id, token) as c:
         await c.fetch_all("SELECT 1")  # connected
+        await core.pools.drain()  # that call's connection back in the pool (released after it)
         slow = asyncio.create_task(c.fetch_all("SELECT pg_sleep(0.5), 7"))
         # In flight: the call holds a tenant connection (not merely sent, which under load may
         # still be on its way when the server stops).

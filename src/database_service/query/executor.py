@@ -378,6 +378,22 @@ class QueryExecutor:
         connections a failover may have ended)."""
         return [False] * self._pools.max_per_tenant + [True]
 
+    async def _begin_statement(
+        self, session: _Session, verdict: Classification, sql: str, params: Sequence[Any]
+    ) -> tuple[PreparedStatement, Sequence[Any], list[Column], bool, tuple[Rows, str] | None]:
+        """The statement prepared, its parameters bound, its columns, whether it is a read
+        returning rows, and — for a repeatable read whose result is small — its rows and tag,
+        in one round trip (a larger result is read again, whole, by cursor)."""
+        async with session.watch.statement():
+            stmt = await self._prepare(session, sql)
+        args = coerce_params(params, stmt.get_parameters())
+        columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
+        reading = verdict.kind is StatementKind.READ and bool(columns)
+        first = None
+        if reading and verdict.repeatable:
+            first = await self._first_rows(session, stmt, args)
+        return stmt, args, columns, reading, first
+
     async def _first_rows(
         self, session: _Session, stmt: PreparedStatement, args: Sequence[Any]
     ) -> tuple[Rows, str] | None:
@@ -458,16 +474,9 @@ class QueryExecutor:
                         tenant, ctx, readonly=readonly, transaction=False
                     ) as session:
                         watch = session.watch
-                        async with watch.statement():
-                            stmt = await self._prepare(session, sql)
-                        args = coerce_params(params, stmt.get_parameters())
-                        columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
-                        reading = verdict.kind is StatementKind.READ and bool(columns)
-                        first = None
-                        if reading and verdict.repeatable:
-                            # One round trip when the result is small; a larger one is read
-                            # again, whole, by cursor (in a transaction, as cursors need).
-                            first = await self._first_rows(session, stmt, args)
+                        stmt, args, columns, reading, first = await self._begin_statement(
+                            session, verdict, sql, params
+                        )
                         if first is not None:
                             rows, command = first
                             sent = True
@@ -735,14 +744,9 @@ class QueryExecutor:
         having held about the limit, not the result. A write that returns rows runs in a
         transaction, so one refused for its size changes nothing."""
         watch = session.watch
-        async with watch.statement():
-            stmt = await self._prepare(session, sql)
-        args = coerce_params(params, stmt.get_parameters())
-        columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
-        reading = verdict.kind is StatementKind.READ and bool(columns)
-        first = None
-        if reading and verdict.repeatable:
-            first = await self._first_rows(session, stmt, args)
+        stmt, args, columns, reading, first = await self._begin_statement(
+            session, verdict, sql, params
+        )
         rows: Rows
         if first is not None:
             rows, status = first
