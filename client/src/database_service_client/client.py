@@ -404,7 +404,9 @@ class MultiDatabaseClient:
     ) -> QueryStream:
         """A read-only query for analytics; streamed, retried on UNAVAILABLE."""
         sql, values = bind(sql, params)
-        request = pb.AnalyticsQueryRequest(sql=sql, params=[to_value(p) for p in values])
+        request = pb.AnalyticsQueryRequest(
+            sql=sql, params=[to_value(p) for p in values], row_encoding=pb.ROW_ENCODING_PACKED
+        )
         return self._stream(self.stub.ExecuteAnalyticsQuery, request, retry=True, timeout=timeout)
 
     async def time_series(
@@ -417,7 +419,9 @@ class MultiDatabaseClient:
         limit: int = 0,
         timeout: float | None = None,
     ) -> QueryResult:
-        request = pb.TimeSeriesRequest(table=table, symbol=symbol, limit=limit)
+        request = pb.TimeSeriesRequest(
+            table=table, symbol=symbol, limit=limit, row_encoding=pb.ROW_ENCODING_PACKED
+        )
         request.start.FromDatetime(_aware(start))
         request.end.FromDatetime(_aware(end))
         stream = self._stream(self.stub.GetTimeSeriesData, request, retry=True, timeout=timeout)
@@ -445,6 +449,7 @@ class MultiDatabaseClient:
             timezone=timezone,
             gap_fill=gap_fill,
             source=source,
+            row_encoding=pb.ROW_ENCODING_PACKED,
         )
         request.start.FromDatetime(_aware(start))
         request.end.FromDatetime(_aware(end))
@@ -455,7 +460,9 @@ class MultiDatabaseClient:
 
     async def last_ticks(self, since: dt.datetime, *, timeout: float | None = None) -> QueryResult:
         """The latest tick of every symbol since ``since``."""
-        request = pb.TimeSeriesRequest(kind=pb.TIME_SERIES_KIND_LAST_TICK)
+        request = pb.TimeSeriesRequest(
+            kind=pb.TIME_SERIES_KIND_LAST_TICK, row_encoding=pb.ROW_ENCODING_PACKED
+        )
         request.start.FromDatetime(_aware(since))
         stream = self._stream(self.stub.GetTimeSeriesData, request, retry=True, timeout=timeout)
         return await stream.fetch_all()

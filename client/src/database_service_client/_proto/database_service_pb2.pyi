@@ -633,8 +633,10 @@ class AnalyticsQueryRequest(_message.Message):
     SQL_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    ROW_ENCODING_FIELD_NUMBER: _builtins.int
     sql: _builtins.str
     max_chunk_bytes: _builtins.int
+    row_encoding: Global___RowEncoding.ValueType
     @_builtins.property
     def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]: ...
     def __init__(
@@ -643,10 +645,11 @@ class AnalyticsQueryRequest(_message.Message):
         sql: _builtins.str = ...,
         params: _abc.Iterable[Global___Value] | None = ...,
         max_chunk_bytes: _builtins.int = ...,
+        row_encoding: Global___RowEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "params", b"params", "sql", b"sql"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "params", b"params", "row_encoding", b"row_encoding", "sql", b"sql"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -698,6 +701,7 @@ class TimeSeriesRequest(_message.Message):
     ORIGIN_FIELD_NUMBER: _builtins.int
     GAP_FILL_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    ROW_ENCODING_FIELD_NUMBER: _builtins.int
     table: _builtins.str
     """raw: trading_ticks (default) or ai_predictions"""
     symbol: _builtins.str
@@ -713,6 +717,7 @@ class TimeSeriesRequest(_message.Message):
     """candles: every bucket, previous close carried"""
     source: _builtins.str
     """candles: auto (default), rollup or raw"""
+    row_encoding: Global___RowEncoding.ValueType
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
         """inclusive"""
@@ -740,10 +745,11 @@ class TimeSeriesRequest(_message.Message):
         origin: _timestamp_pb2.Timestamp | None = ...,
         gap_fill: _builtins.bool = ...,
         source: _builtins.str = ...,
+        row_encoding: Global___RowEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "origin", b"origin", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "gap_fill", b"gap_fill", "interval_seconds", b"interval_seconds", "kind", b"kind", "limit", b"limit", "max_chunk_bytes", b"max_chunk_bytes", "origin", b"origin", "source", b"source", "start", b"start", "symbol", b"symbol", "table", b"table", "timezone", b"timezone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "gap_fill", b"gap_fill", "interval_seconds", b"interval_seconds", "kind", b"kind", "limit", b"limit", "max_chunk_bytes", b"max_chunk_bytes", "origin", b"origin", "row_encoding", b"row_encoding", "source", b"source", "start", b"start", "symbol", b"symbol", "table", b"table", "timezone", b"timezone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

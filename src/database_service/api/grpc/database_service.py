@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -32,6 +32,7 @@ from database_service.app import Application
 from database_service.errors import InvalidParameters
 from database_service.observability.notices import Notices
 from database_service.query.executor import Isolation
+from database_service.results import Event
 from database_service.tenancy import validate_tenant_id
 from database_service.timeseries.candles import DEFAULT_ORIGIN, CandleQuery
 from database_service_client._proto import database_service_pb2 as pb
@@ -111,8 +112,16 @@ class DatabaseService(DatabaseServiceServicer):
         self.notices = Notices(log)
         self.default_chunk_bytes = default_chunk_bytes
 
-    def _chunk(self, requested: int) -> int:
-        return requested or self.default_chunk_bytes
+    def _messages(
+        self, events: AsyncIterator[Event], message: Callable[..., T], request: Any
+    ) -> AsyncGenerator[T, None]:
+        """Result events as ``message``s, chunked and encoded as ``request`` asks."""
+        return result_messages(
+            events,
+            message,
+            request.max_chunk_bytes or self.default_chunk_bytes,
+            packed=request.row_encoding == pb.ROW_ENCODING_PACKED,
+        )
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -123,12 +132,7 @@ class DatabaseService(DatabaseServiceServicer):
         principal, ctx = await self.caller.tenant(context)
         params = [from_value(v) for v in request.params]
         events = self.core.executor.stream(principal, ctx, request.sql, params)
-        async for message in result_messages(
-            events,
-            pb.QueryResult,
-            self._chunk(request.max_chunk_bytes),
-            packed=request.row_encoding == pb.ROW_ENCODING_PACKED,
-        ):
+        async for message in self._messages(events, pb.QueryResult, request):
             yield message
 
     @rpc
@@ -161,12 +165,7 @@ class DatabaseService(DatabaseServiceServicer):
         start = first.start
         params = [from_value(v) for v in start.params]
         events = self.core.executor.stream(principal, ctx, start.sql, params)
-        messages = result_messages(
-            events,
-            pb.QueryResult,
-            self._chunk(start.max_chunk_bytes),
-            packed=start.row_encoding == pb.ROW_ENCODING_PACKED,
-        )
+        messages = self._messages(events, pb.QueryResult, start)
         flow = _Flow()
         reader = asyncio.create_task(flow.read(requests))
         try:
@@ -193,9 +192,7 @@ class DatabaseService(DatabaseServiceServicer):
         events = self.core.executor.stream(
             principal, ctx, request.sql, params, read_only=True, action="analytics"
         )
-        async for message in result_messages(
-            events, pb.AnalyticsResult, self._chunk(request.max_chunk_bytes)
-        ):
+        async for message in self._messages(events, pb.AnalyticsResult, request):
             yield message
 
     @rpc
@@ -231,9 +228,7 @@ class DatabaseService(DatabaseServiceServicer):
                 table=request.table or "trading_ticks",
                 limit=request.limit,
             )
-        async for message in result_messages(
-            events, pb.TimeSeriesData, self._chunk(request.max_chunk_bytes)
-        ):
+        async for message in self._messages(events, pb.TimeSeriesData, request):
             yield message
 
     @rpc
