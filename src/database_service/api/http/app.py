@@ -14,6 +14,7 @@ from database_service import __version__
 from database_service.api.http.errors import install_error_handlers, internal_error_handler
 from database_service.api.http.middleware import BodyLimit, InternalErrors, RequestMetrics
 from database_service.api.http.routes import ROUTERS
+from database_service.api.http.routes.queries import QUERY_ROUTE, QueryFastPath
 from database_service.api.http.schemas import ErrorResponse
 from database_service.app import Application
 
@@ -34,7 +35,8 @@ def create_http_app(core: Application) -> FastAPI:
     api.state.core = core
     for router in ROUTERS:
         api.include_router(router)
-    install_error_handlers(api, core)
+    errors = install_error_handlers(api, core)
+    api.add_middleware(QueryFastPath, errors=errors, route=QUERY_ROUTE)
     api.add_middleware(InternalErrors, on_error=internal_error_handler(core))
     api.add_middleware(RequestMetrics, metrics=core.metrics, window=core.window)
     api.add_middleware(BodyLimit, max_bytes=core.settings.max_request_bytes)

@@ -26,7 +26,9 @@ __all__ = [
 ]
 
 
-def get_core(request: Request) -> Application:
+async def get_core(request: Request) -> Application:
+    """``async``: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop per
+    request for an attribute read."""
     core: Application = request.app.state.core
     return core
 

@@ -23,7 +23,7 @@ from database_service.errors import (
 from database_service.observability import AuditEvent
 from database_service.observability.notices import Notices
 
-__all__ = ["install_error_handlers", "internal_error_handler"]
+__all__ = ["ErrorResponses", "install_error_handlers", "internal_error_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +40,52 @@ _HTTP_CODES = {
 }
 
 
-def install_error_handlers(api: FastAPI, core: Application) -> None:
-    @api.exception_handler(DatabaseServiceError)
-    async def service_error(request: Request, exc: DatabaseServiceError) -> JSONResponse:
+class ErrorResponses:
+    """The service's errors as responses: shared by the exception handlers FastAPI calls and
+    the fast path of ``POST /api/v1/query`` (``routes.queries.QueryFastPath``), which answers
+    without FastAPI's routing."""
+
+    def __init__(self, core: Application) -> None:
+        self._core = core
+        self._notices = Notices(log)
+
+    def service(self, request: Request, exc: DatabaseServiceError) -> JSONResponse:
         request.state.error_code = exc.error_code
-        core.metrics.errors.labels(exc.error_code).inc()
+        self._core.metrics.errors.labels(exc.error_code).inc()
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
         return JSONResponse(
             {"error": exc.to_dict()}, status_code=http_status_of(exc), headers=headers
         )
+
+    def driver(self, request: Request, exc: Exception) -> JSONResponse:
+        """Last resort: PostgreSQL unreachable on a path without its own translation is still a
+        503 the caller can retry, not a 500 (logged once per outage, not per request).
+        Anything else is re-raised here and stays a 500."""
+        if not escaped_driver_error(exc):
+            raise exc
+        self._notices.once(
+            "postgres-unreachable",
+            "PostgreSQL is unreachable (%s: %s); requests answer 503 until it is back: see the"
+            " health document's dependencies.postgresql",
+            type(exc).__name__,
+            exc,
+        )
+        return self.service(request, unavailable(request.url.path, exc))
+
+
+def install_error_handlers(api: FastAPI, core: Application) -> ErrorResponses:
+    responses = ErrorResponses(core)
+
+    @api.exception_handler(DatabaseServiceError)
+    async def service_error(request: Request, exc: DatabaseServiceError) -> JSONResponse:
+        return responses.service(request, exc)
 
     @api.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
-        return await service_error(request, InvalidRequest(f"invalid request: {problems}"))
+        return responses.service(request, InvalidRequest(f"invalid request: {problems}"))
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -74,25 +104,12 @@ def install_error_handlers(api: FastAPI, core: Application) -> None:
             {"error": {"code": code, "message": message}}, status_code=status, headers=exc.headers
         )
 
-    notices = Notices(log)
-
     async def driver_error(request: Request, exc: Exception) -> JSONResponse:
-        """Last resort: PostgreSQL unreachable on a path without its own translation is still a
-        503 the caller can retry, not a 500 (logged once per outage, not per request).
-        Anything else re-raised here stays a 500."""
-        if not escaped_driver_error(exc):
-            raise exc
-        notices.once(
-            "postgres-unreachable",
-            "PostgreSQL is unreachable (%s: %s); requests answer 503 until it is back: see the"
-            " health document's dependencies.postgresql",
-            type(exc).__name__,
-            exc,
-        )
-        return await service_error(request, unavailable(request.url.path, exc))
+        return responses.driver(request, exc)
 
     for kind in UNREACHABLE_ERRORS:
         api.add_exception_handler(kind, driver_error)
+    return responses
 
 
 def internal_error_handler(core: Application) -> Any:

@@ -115,6 +115,20 @@ class RequestMetrics:
         self.app = app
         self.metrics = metrics
         self.window = window
+        # The labelled series by (operation, code): ``labels()`` takes a lock and builds a key
+        # on every call. Both are bounded (routes, codes).
+        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def _count(self, operation: str, code: str, elapsed: float) -> None:
+        series = self._series.get((operation, code))
+        if series is None:
+            series = (
+                self.metrics.requests.labels("http", operation, code),
+                self.metrics.request_seconds.labels("http", operation),
+            )
+            self._series[(operation, code)] = series
+        series[0].inc()
+        series[1].observe(elapsed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,8 +152,7 @@ class RequestMetrics:
             code = scope.get("state", {}).get("error_code") or (
                 "ok" if status < 400 else str(status)
             )
-            self.metrics.requests.labels("http", operation, code).inc()
-            self.metrics.request_seconds.labels("http", operation).observe(elapsed)
+            self._count(operation, code, elapsed)
             if operation not in {"/metrics", "/api/v1/health", "/health"}:
                 # 4xx are the caller's errors. The tenant is set by the route once it has
                 # checked that the caller may act for it, so nobody adds to another's figures.
