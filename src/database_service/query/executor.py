@@ -150,6 +150,7 @@ class _DeadConnection(Unavailable):
 
 # A read outside a transaction gets its rows in one round trip when they are this many or fewer.
 _FIRST_ROWS = 2048
+_FETCH_BYTES = 1_048_576  # what a cursor fetch of a whole result aims at
 _RETRIED = (StatementOutdated, _DeadConnection)
 
 
@@ -786,14 +787,20 @@ class QueryExecutor:
             cursor = await stmt.cursor(*args)
         rows: list[Any] = []
         size = 0
+        wanted = _FIRST_ROWS
         while True:
             async with watch.statement():
-                batch = await cursor.fetch(_FIRST_ROWS)
+                batch = await cursor.fetch(wanted)
             rows.extend(batch)
-            size += approximate_bytes(cast(Rows, batch), columns)
+            batch_bytes = approximate_bytes(cast(Rows, batch), columns)
+            size += batch_bytes
             self._check_size(len(rows), size)
-            if len(batch) < _FIRST_ROWS:
+            if len(batch) < wanted:
                 return rows
+            # About a megabyte a fetch: wide rows in small batches, so that a result past the
+            # byte limit is refused having held little more than the limit.
+            per_row = max(1, batch_bytes // len(batch))
+            wanted = max(16, min(_FIRST_ROWS, _FETCH_BYTES // per_row))
 
     def _check_size(self, rows: int, size: int) -> None:
         if rows > self._max_rows:
