@@ -28,6 +28,7 @@ class Service:
     http: str
     grpc: str
     admin_token: str
+    pid: int = 0  # of `database-service serve` (its workers are its children)
 
     async def tenant_token(self, tenant: str, scopes: list[str]) -> str:
         """Create a tenant and a service identity for it; return a token."""
@@ -50,6 +51,28 @@ class Service:
             issued.raise_for_status()
             token: str = issued.json()["access_token"]
             return schema, token
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc)."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        for task in Path(f"/proc/{tree[index]}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                tree.extend(int(child) for child in task.read_text().split())
+        index += 1
+    return tree
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and its descendants (the service and its workers)."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for status_line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if status_line.startswith("VmRSS:"):
+                    total += int(status_line.split()[1]) * 1024
+    return total
 
 
 def emit(bench: str, **figures: Any) -> None:
@@ -82,7 +105,11 @@ async def running_service(**env: str) -> AsyncIterator[Service]:
             )
             try:
                 service = Service(
-                    pg.dsn, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", token
+                    pg.dsn,
+                    f"http://127.0.0.1:{http_port}",
+                    f"127.0.0.1:{grpc_port}",
+                    token,
+                    process.pid,
                 )
                 async with httpx.AsyncClient(base_url=service.http) as http:
                     for _ in range(600):

@@ -199,5 +199,17 @@ async def test_unexpected_exception_in_a_streaming_rpc_is_internal(
 
     monkeypatch.setattr(core.executor, "stream", broken)
     with pytest.raises(InternalError) as info:
-        await client.fetch_all("SELECT 1")
+        await client.execute_query("SELECT 1").fetch_all()  # ExecuteQuery, streamed
+    assert info.value.code == "internal" and "kaboom" not in info.value.message
+
+
+async def test_unexpected_exception_in_a_unary_query_is_internal(
+    client: MultiDatabaseClient, core: Application, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> Any:
+        raise RuntimeError("kaboom: internal detail")
+
+    monkeypatch.setattr(core.executor, "execute", broken)
+    with pytest.raises(InternalError) as info:
+        await client.fetch_all("SELECT 1")  # Query, unary
     assert info.value.code == "internal" and "kaboom" not in info.value.message
