@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -133,6 +134,8 @@ class Application:
         migrate_tenants_on_start: bool = True,
         maintain_partitions: bool = True,
         consume: bool | None = None,
+        postgres_supervisor: Any = None,
+        nats_embedded: bool | None = None,
     ) -> None:
         self.settings = settings.resolve_secrets()
         self._migrator_override = migrator
@@ -142,6 +145,11 @@ class Application:
         self._maintain_partitions = maintain_partitions
         # Ingestion consumers run where the transports do (not in admin commands).
         self._consume = start_nats if consume is None else consume
+        # A worker of a multi-process serve: the PostgreSQL at ``postgres_url`` is the embedded
+        # one its supervisor runs; this object has ``problem`` and ``restarts`` for health.
+        self._postgres_supervisor = postgres_supervisor
+        # Whether the NATS at ``nats_url`` is an embedded one (a worker's: its supervisor's).
+        self._nats_embedded = nats_embedded
         self._stack = contextlib.AsyncExitStack()
         self.startup_report: MigrationReport | None = None
         # The embedded PostgreSQL, if one is used (``problem`` says why it is down, if it is).
@@ -293,14 +301,15 @@ class Application:
             user_context_key=user_context_key,
             max_params=s.max_params,
             max_result_rows=s.max_result_rows,
+            max_result_bytes=s.max_result_bytes,
             transaction_timeout_ms=s.tenant_transaction_timeout_ms,
         )
 
         probes: list[DependencyProbe] = [
             PostgresProbe(
                 self.owner_pool,
-                embedded=s.postgres_url is None,
-                supervisor=self.embedded_postgres,
+                embedded=s.postgres_url is None or self._postgres_supervisor is not None,
+                supervisor=self.embedded_postgres or self._postgres_supervisor,
             )
         ]
         nats_url = s.nats_url
@@ -311,7 +320,14 @@ class Application:
             nats_url = nats.url
         if nats_url is not None:
             probes.append(
-                await stack.enter_async_context(NatsProbe(nats_url, embedded=s.nats_url is None))
+                await stack.enter_async_context(
+                    NatsProbe(
+                        nats_url,
+                        embedded=s.nats_url is None
+                        if self._nats_embedded is None
+                        else self._nats_embedded,
+                    )
+                )
             )
         self.endpoints = Endpoints(postgres_dsn=dsn, nats_url=nats_url)
         self.dead_letters = DeadLetterStore(self.owner_pool, control_schema=s.control_schema)

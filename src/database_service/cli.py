@@ -14,6 +14,7 @@ import contextlib
 import getpass
 import json
 import logging
+import os
 import random
 import signal
 import socket
@@ -89,7 +90,7 @@ class _Signals:
             self._task.cancel()
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, verbose: int = 0) -> int:
     signals = _Signals()
     # Before anything starts: one instance per data directory, and every port free.
     from database_service.supervisor import (  # noqa: PLC0415
@@ -98,7 +99,9 @@ async def _serve(settings: Settings) -> int:
         check_port_free,
         stop_orphaned_nats,
     )
+    from database_service.workers.plan import resolve_count  # noqa: PLC0415
 
+    workers = resolve_count(settings)
     nats_embedded = settings.nats_url is None and settings.nats_embedded
     lock = InstanceLock(settings.data_dir)
     lock.acquire(
@@ -110,10 +113,17 @@ async def _serve(settings: Settings) -> int:
         http_socket = bind_tcp(
             settings.http_host, settings.http_port, what="HTTP", setting="DBSVC_HTTP_PORT"
         )
+        grpc_socket: socket.socket | None = None
         try:
-            check_port_free(
-                settings.grpc_host, settings.grpc_port, what="gRPC", setting="DBSVC_GRPC_PORT"
-            )
+            if workers > 1:
+                # Held (bound, never listening) while the workers share the port.
+                grpc_socket = bind_tcp(
+                    settings.grpc_host, settings.grpc_port, what="gRPC", setting="DBSVC_GRPC_PORT"
+                )
+            else:
+                check_port_free(
+                    settings.grpc_host, settings.grpc_port, what="gRPC", setting="DBSVC_GRPC_PORT"
+                )
             if nats_embedded:
                 # Ours to stop, under the lock: what a serve killed outright left running.
                 stop_orphaned_nats(settings.data_dir / "nats")
@@ -123,9 +133,15 @@ async def _serve(settings: Settings) -> int:
                     what="NATS",
                     setting="DBSVC_NATS_PORT (or DBSVC_NATS_URL)",
                 )
+            if grpc_socket is not None:
+                return await _serve_supervised(
+                    settings, signals, lock, http_socket, grpc_socket, workers, verbose
+                )
             return await _serve_on(settings, signals, lock, http_socket)
         finally:
             http_socket.close()
+            if grpc_socket is not None:
+                grpc_socket.close()
     except asyncio.CancelledError:
         if not signals.interrupted():
             raise
@@ -139,6 +155,223 @@ async def _serve(settings: Settings) -> int:
         return signals.exit_code
     finally:
         lock.release()
+
+
+async def _serve_supervised(
+    settings: Settings,
+    signals: _Signals,
+    lock: InstanceLock,
+    http_socket: socket.socket,
+    grpc_socket: socket.socket,
+    count: int,
+    verbose: int,
+) -> int:
+    """``serve`` with ``count`` > 1 workers: this process holds the lock and the ports, runs the
+    embedded PostgreSQL and nats-server, and supervises the workers, which serve."""
+    import shutil  # noqa: PLC0415
+
+    from database_service.supervisor import EmbeddedNats, EmbeddedPostgres  # noqa: PLC0415
+    from database_service.supervisor.shield import run_to_completion  # noqa: PLC0415
+    from database_service.workers.plan import (  # noqa: PLC0415
+        WorkerPlan,
+        undersized,
+        worker_overrides,
+    )
+    from database_service.workers.runtime import RunDirectory  # noqa: PLC0415
+    from database_service.workers.supervisor import WorkerSet, worker_command  # noqa: PLC0415
+
+    # The workers read the generated secrets from their files: create them once, here.
+    settings.resolve_secrets()
+    # The ports are held by this process (bound, not listening, SO_REUSEPORT set after the
+    # check above, so only the workers, processes of the same user, can join them).
+    for held in (http_socket, grpc_socket):
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    http_port = http_socket.getsockname()[1]
+    grpc_port = grpc_socket.getsockname()[1]
+    too_small = undersized(settings, count)
+    if too_small:
+        log.warning(
+            "%s below the %d workers: each worker still gets one connection, so PostgreSQL "
+            "may see up to %d more than configured",
+            ", ".join(too_small),
+            count,
+            count,
+        )
+    run = RunDirectory(settings.data_dir / "run")
+    shutil.rmtree(run.path, ignore_errors=True)  # under the instance lock: ours alone
+    run.metrics.mkdir(parents=True)
+    async with contextlib.AsyncExitStack() as stack:
+        postgres = None
+        if settings.postgres_url is None:
+            postgres = await stack.enter_async_context(
+                EmbeddedPostgres(settings.data_dir / "pg", stop_on_exit=True, supervise=True)
+            )
+            dsn = postgres.dsn
+        else:
+            dsn = settings.postgres_url.get_secret_value()
+        signals.checkpoint()
+        nats_url = settings.nats_url
+        if nats_url is None and settings.nats_embedded:
+            nats = await stack.enter_async_context(
+                EmbeddedNats(settings.data_dir / "nats", port=settings.nats_port)
+            )
+            nats_url = nats.url
+        signals.checkpoint()
+
+        def env(index: int) -> dict[str, str]:
+            variables = {
+                **os.environ,
+                "PROMETHEUS_MULTIPROC_DIR": str(run.metrics),
+                "DBSVC_DATA_DIR": str(settings.data_dir),
+                "DBSVC_POSTGRES_URL": dsn,
+                "DBSVC_NATS_EMBEDDED": "false",
+                "DBSVC_HTTP_PORT": str(http_port),
+                "DBSVC_GRPC_PORT": str(grpc_port),
+            }
+            variables.pop("DBSVC_NATS_URL", None)
+            if nats_url is not None:
+                variables["DBSVC_NATS_URL"] = nats_url
+            for name, value in worker_overrides(settings, WorkerPlan(index, count)).items():
+                variables[f"DBSVC_{name.upper()}"] = str(value)
+            return variables
+
+        workers = WorkerSet(
+            count,
+            run,
+            env=env,
+            command=worker_command(verbose),
+            grace_seconds=settings.grpc_shutdown_grace_seconds,
+            postgres=postgres,
+            nats_embedded=nats_url is not None and settings.nats_url is None,
+        )
+        stack.push_async_callback(lambda: run_to_completion(workers.stop()))
+        await workers.start()
+        signals.checkpoint()
+        lock.describe(
+            state="running",
+            REST=f"http://{settings.http_host}:{http_port}/api/v1/",
+            gRPC=f"{settings.grpc_host}:{grpc_port}",
+            NATS=nats_url,
+        )
+        pids = ", ".join(str(pid) for pid in workers.pids())
+        print(
+            _banner(
+                settings,
+                http_port,
+                grpc_port,
+                dsn,
+                nats_url,
+                workers=f"{count} processes (pids {pids}; DBSVC_WORKERS)",
+            ),
+            flush=True,
+        )
+        signals.on_signal(workers.request_stop)
+        await workers.run()
+        lock.describe(state="stopping")
+    print("Database Service stopped.", flush=True)
+    return 0
+
+
+async def _serve_worker(settings: Settings, index: int, count: int, run_dir: str) -> int:
+    """One serving process under a supervisor (``DBSVC_WORKERS`` > 1): REST and gRPC on the
+    shared ports; the primary (index 0) also migrates the tenants, consumes and maintains
+    partitions. It writes its snapshot for the others every second."""
+    signals = _Signals()
+    try:
+        return await _serve_worker_on(settings, signals, index, count, run_dir)
+    except asyncio.CancelledError:
+        if not signals.interrupted():
+            raise
+        return signals.exit_code
+
+
+async def _serve_worker_on(
+    settings: Settings, signals: _Signals, index: int, count: int, run_dir: str
+) -> int:
+    import psutil  # noqa: PLC0415
+
+    from database_service.api.grpc import GrpcServer  # noqa: PLC0415
+    from database_service.app import Application  # noqa: PLC0415
+    from database_service.observability.health import pools_snapshot  # noqa: PLC0415
+    from database_service.workers.runtime import (  # noqa: PLC0415
+        PostgresView,
+        RunDirectory,
+        WorkerContext,
+        WorkerPeers,
+        bind_shared,
+    )
+
+    context = WorkerContext(index, count, run_dir, os.getppid())
+    run = RunDirectory(run_dir)
+    supervisor = run.supervisor()
+    primary = index == 0
+    async with Application(
+        settings,
+        start_nats=False,
+        consume=primary,
+        migrate_tenants_on_start=primary,
+        maintain_partitions=primary,
+        postgres_supervisor=PostgresView(run) if supervisor.get("postgres") else None,
+        nats_embedded=bool(supervisor.get("nats_embedded")),
+    ) as core:
+        signals.checkpoint()
+        peers = WorkerPeers(run, context)
+        core.window.set_peers(peers)
+        process = psutil.Process()
+        ready = False
+
+        def snapshot() -> None:
+            core.metrics.refresh()
+            window = core.window.export()
+            data = {
+                "index": index,
+                "pid": os.getpid(),
+                "ready": ready,
+                "written": time.monotonic(),
+                "requests_last_60s": sum(bucket[1] for bucket in window["all"]),
+                "window": window,
+                "pools": pools_snapshot(core.pools),
+                "system": {
+                    "cpu_usage_percent": process.cpu_percent(None),
+                    "memory_usage_mb": round(process.memory_info().rss / 1_048_576, 1),
+                },
+            }
+            peers.own = data
+            run.write(run.worker_file(index), data)
+
+        async def keep_writing() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    snapshot()
+                except Exception:
+                    log.exception("worker %d: its snapshot could not be written", index)
+
+        snapshot()  # started: the control plane is migrated (the supervisor starts the others)
+        writer = core.loops.start("worker-snapshot", keep_writing)
+        try:
+            async with GrpcServer(core, reuse_port=True) as grpc_server:
+                signals.checkpoint()
+                await core.guard.start_worker()
+                signals.checkpoint()
+                http_socket = bind_shared(settings.http_host, settings.http_port)
+
+                def started(port: int) -> None:
+                    nonlocal ready
+                    ready = True
+                    snapshot()
+
+                try:
+                    code = await _serve_http(
+                        settings, signals, core, grpc_server.port, http_socket, started
+                    )
+                finally:
+                    http_socket.close()
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+    return code
 
 
 async def _serve_on(
@@ -156,7 +389,28 @@ async def _serve_on(
             # first large statement; admin commands never need it.
             await core.guard.start_worker()
             signals.checkpoint()
-            code = await _serve_http(settings, signals, lock, core, grpc_server.port, http_socket)
+
+            def started(port: int) -> None:
+                lock.describe(
+                    state="running",
+                    REST=f"http://{settings.http_host}:{port}/api/v1/",
+                    gRPC=f"{settings.grpc_host}:{grpc_server.port}",
+                    NATS=core.endpoints.nats_url,
+                )
+                print(
+                    _banner(
+                        settings,
+                        port,
+                        grpc_server.port,
+                        core.endpoints.postgres_dsn,
+                        core.endpoints.nats_url,
+                    ),
+                    flush=True,
+                )
+
+            code = await _serve_http(
+                settings, signals, core, grpc_server.port, http_socket, started
+            )
             lock.describe(state="stopping")
     if code == 0:
         print("Database Service stopped.", flush=True)
@@ -166,12 +420,13 @@ async def _serve_on(
 async def _serve_http(
     settings: Settings,
     signals: _Signals,
-    lock: InstanceLock,
     core: Application,
     grpc_port: int,
     http_socket: socket.socket,
+    started: Callable[[int], None],
 ) -> int:
-    """Serve HTTP until a signal asks to stop: 0, or 1 if the HTTP server cannot start."""
+    """Serve HTTP until a signal asks to stop: 0, or 1 if the HTTP server cannot start.
+    ``started`` is called with the HTTP port once it serves."""
     import uvicorn  # noqa: PLC0415
 
     from database_service.api.http.app import create_http_app  # noqa: PLC0415
@@ -207,15 +462,23 @@ async def _serve_http(
         )
         return 1
     signals.on_signal(lambda: setattr(server, "should_exit", True))
-    port = server.servers[0].sockets[0].getsockname()[1]
-    base = f"http://{settings.http_host}:{port}"
+    started(server.servers[0].sockets[0].getsockname()[1])
+    await serve_task
+    return 0
+
+
+def _banner(
+    settings: Settings,
+    http_port: int,
+    grpc_port: int,
+    postgres_dsn: str,
+    nats_url: str | None,
+    *,
+    workers: str | None = None,
+) -> str:
+    """What ``serve`` prints once it serves (tests and the README read these lines)."""
+    base = f"http://{settings.http_host}:{http_port}"
     admin_token_file = settings.data_dir / "admin.token"
-    lock.describe(
-        state="running",
-        REST=f"{base}/api/v1/",
-        gRPC=f"{settings.grpc_host}:{grpc_port}",
-        NATS=core.endpoints.nats_url,
-    )
     lines = [
         "Database Service is running.",
         f"  REST       {base}/api/v1/  (OpenAPI {base}/openapi.json, docs {base}/docs)",
@@ -223,23 +486,23 @@ async def _serve_http(
         "  (database_service.v1.DatabaseService, health, reflection)",
         f"  health     {base}/api/v1/health",
         f"  metrics    {base}/metrics",
-        f"  PostgreSQL {core.endpoints.postgres_dsn.split('@')[-1]}"
+        f"  PostgreSQL {postgres_dsn.rsplit('@', maxsplit=1)[-1]}"
         f"{' (embedded)' if settings.embedded_postgres else ''}",
-        f"  NATS       {core.endpoints.nats_url or 'not configured'}",
+        f"  NATS       {nats_url or 'not configured'}",
         f"  Kafka      {settings.kafka_bootstrap or 'not configured'}",
     ]
-    if settings.ingest_enabled and (core.endpoints.nats_url or settings.kafka_bootstrap):
+    if settings.ingest_enabled and (nats_url or settings.kafka_bootstrap):
         lines.append(
             f"  ingest     NATS {', '.join(settings.ingest_nats_subjects)}"
             + (f"; Kafka {', '.join(settings.ingest_kafka_topics)}"
                if settings.kafka_bootstrap else "")
         )  # fmt: skip
+    if workers is not None:
+        lines.append(f"  workers    {workers}")
     if settings.bootstrap_admin_token is None and admin_token_file.exists():
         lines.append(f"  admin token in {admin_token_file}")
     lines.append("Ctrl-C stops it (and the embedded servers).")
-    print("\n".join(lines), flush=True)
-    await serve_task
-    return 0
+    return "\n".join(lines)
 
 
 async def _with_core(settings: Settings, work: Callable[[Application], Awaitable[int]]) -> int:
@@ -426,7 +689,12 @@ def _positive(value: str) -> int:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
-        return await _serve(settings)
+        from database_service.workers.runtime import WorkerContext  # noqa: PLC0415
+
+        context = WorkerContext.from_env()
+        if context is not None:
+            return await _serve_worker(settings, context.index, context.count, context.run_dir)
+        return await _serve(settings, args.verbose)
     if args.command == "ingest-load":
         return await _ingest_load(args, settings)
     replay = args.command == "dead-letters" and args.action == "replay"
@@ -638,6 +906,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from database_service.workers.runtime import WorkerContext, die_with_parent  # noqa: PLC0415
+
+        context = WorkerContext.from_env()
+        if context is not None:  # a worker of a supervisor: it ends when its supervisor does
+            die_with_parent(context.parent)
     from database_service.config import ConfigError, Settings  # noqa: PLC0415
     from database_service.supervisor.lock import AlreadyRunning  # noqa: PLC0415
     from database_service.supervisor.ports import StartupError  # noqa: PLC0415

@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     max_result_bytes: int = Field(default=32 * 1_048_576, ge=1024)
 
     # Serving processes sharing the gRPC and HTTP ports (SO_REUSEPORT) under one supervisor;
-    # 0 means one per core. Connection caps are divided between them.
+    # 0 means one per core, 1 a single process. Connection caps (pool_*, *_pool_size) are
+    # divided between them (workers.plan); the first one alone consumes and maintains.
     workers: int = Field(default=0, ge=0, le=64)
 
     # The health document is computed at most this often (anyone may ask for it, as often).

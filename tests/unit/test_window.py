@@ -1,3 +1,4 @@
+import json
 import sys
 import time
 
@@ -115,3 +116,42 @@ def test_summary_is_cheap() -> None:
         window.summary()
         window.summary("a")
     assert (time.perf_counter() - started) / 20 < 0.01  # well under 10 ms each
+
+
+def test_windows_of_several_workers_merge_into_one_summary() -> None:
+    """Each worker exports its buckets; a window given the others' (``set_peers``) reports the
+    instance: counts and errors added, percentiles from the merged histograms."""
+    clock = Clock()
+    mine, theirs = RequestWindow(clock=clock), RequestWindow(clock=clock)
+    for _ in range(90):
+        mine.record(0.002, True, "t1")
+    for _ in range(10):
+        theirs.record(0.5, False, "t1")
+    theirs.record(0.001, True, "t2")
+    clock.now += 2
+
+    class Peers:
+        def windows(self) -> list[dict[str, object]]:
+            # As a worker reads it from the run directory: through JSON.
+            return [json.loads(json.dumps(theirs.export()))]
+
+        def pools(self) -> list[dict[str, object]]:
+            return []
+
+        def system(self) -> list[dict[str, object]]:
+            return []
+
+        def workers(self) -> dict[str, object]:
+            return {}
+
+    alone = mine.summary()
+    mine.set_peers(Peers())
+    merged = mine.summary()
+    assert alone.requests == 90 and alone.p99_ms == 2.0
+    assert merged.requests == 101
+    assert merged.error_rate_percent == round(100 * 10 / 101, 3)
+    assert merged.p50_ms == 2.0 and merged.p99_ms == 500.0  # not an average of percentiles
+    assert mine.summary("t1").requests == 100
+    assert mine.summary("t2").requests == 1
+    clock.now += 61  # the peers' buckets age out like one's own
+    assert mine.summary().requests == 0

@@ -4,12 +4,18 @@ Every figure is measured: dependencies are probed, request figures come from the
 and ``tenant_isolation_status`` is a real check of the database (RLS forced on every shared table,
 no tenant role able to bypass it). Stores that no issue has added yet are reported as
 ``not_configured``, never as healthy.
+
+One document per instance: with several serving processes, whichever worker answers adds the
+other workers' request figures and pools (from their snapshots, see ``RequestWindow.peers``)
+to its own, and the ``workers`` section lists them all (pid, up, restarts) and names the worker
+that answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,7 +38,9 @@ __all__ = [
     "HealthReporter",
     "NatsProbe",
     "PostgresProbe",
+    "instance_pools",
     "performance_document",
+    "pools_snapshot",
 ]
 
 NOT_CONFIGURED = {"status": "not_configured"}
@@ -184,22 +192,28 @@ class HealthReporter:
         active = await self._owner.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         )
-        pools = self._pools.stats()
+        pools = instance_pools(self._pools, self._window)
         return {
             "active_connections": active,
             # From the control plane, not by schema name: names are opaque and may change.
             "tenant_schemas": active_tenants,
-            "tenant_pools": len(pools),
-            "pool_connections_open": self._pools.open_connections,
-            "pool_connections_in_use": sum(p.in_use for p in pools.values()),
-            "pool_global_max": self._pools.global_max,
+            "tenant_pools": len(pools["tenants"]),
+            "pool_connections_open": pools["open"],
+            "pool_connections_in_use": sum(p["in_use"] for p in pools["tenants"].values()),
+            "pool_global_max": pools["global_max"],
         }
 
     def _system(self) -> dict[str, Any]:
         disk = psutil.disk_usage(str(self._data_dir if self._data_dir.exists() else Path.cwd()))
+        cpu = self._process.cpu_percent(None)
+        memory = self._process.memory_info().rss / 1_048_576
+        # The other workers' processes too (their last snapshots): the instance's use.
+        for other in self._window.peers.system() if self._window.peers is not None else []:
+            cpu += float(other.get("cpu_usage_percent", 0.0))
+            memory += float(other.get("memory_usage_mb", 0.0))
         return {
-            "cpu_usage_percent": self._process.cpu_percent(None),
-            "memory_usage_mb": round(self._process.memory_info().rss / 1_048_576, 1),
+            "cpu_usage_percent": round(cpu, 1),
+            "memory_usage_mb": round(memory, 1),
             "disk_usage_percent": disk.percent,
         }
 
@@ -249,9 +263,12 @@ class HealthReporter:
             d.get("status") in {"healthy", "not_configured"} for d in dependencies.values()
         )
         restarting = self._loops.restarting if self._loops is not None else []
+        workers = self._workers()
+        # A worker starting or being replaced: the instance serves, with less than it has.
+        workers_down = not all(p.get("up") for p in workers["processes"])
         if not postgres_ok or isolation.get("status") == "unhealthy":
             status = "unhealthy"
-        elif not others_ok or restarting:
+        elif not others_ok or restarting or workers_down:
             status = "degraded"
         else:
             status = "healthy"
@@ -288,6 +305,19 @@ class HealthReporter:
             },
             "multi_db_performance": _multi_db(dependencies),
             "background_loops": self._loops.document() if self._loops is not None else {},
+            "workers": workers,
+        }
+
+    def _workers(self) -> dict[str, Any]:
+        peers = self._window.peers
+        if peers is not None:
+            return peers.workers()
+        pid = os.getpid()
+        return {
+            "count": 1,
+            "answered_by": {"index": 0, "pid": pid},
+            "restarts": 0,
+            "processes": [{"index": 0, "pid": pid, "up": True, "restarts": 0}],
         }
 
 
@@ -346,18 +376,43 @@ def performance_document(
         "p99_ms": s.p99_ms,
         "error_rate_percent": s.error_rate_percent,
     }
-    stats = pools.stats()
+    merged = instance_pools(pools, window)
+    stats = merged["tenants"]
     if tenant_id is not None:
         stats = {tenant_id: stats[tenant_id]} if tenant_id in stats else {}
         document["tenant_id"] = tenant_id
-    document["pools"] = {
-        tenant: {"size": p.size, "idle": p.idle, "in_use": p.in_use, "max": p.max_size}
-        for tenant, p in stats.items()
-    }
+    document["pools"] = stats
     document["pool_connections_open"] = (
-        pools.open_connections if tenant_id is None else sum(p.size for p in stats.values())
+        merged["open"] if tenant_id is None else sum(p["size"] for p in stats.values())
     )
     if tenant_id is None and audit is not None:
         document["audit_events_written"] = audit.written
         document["audit_queue_depth"] = audit.queued
     return document
+
+
+def instance_pools(pools: TenantPools, window: RequestWindow) -> dict[str, Any]:
+    """This process's tenant pools plus the other workers' (their last snapshots): per tenant
+    ``{size, idle, in_use, max}`` summed over workers, the open connections and the cap."""
+    merged = pools_snapshot(pools)
+    tenants: dict[str, dict[str, int]] = merged["tenants"]
+    for peer in window.peers.pools() if window.peers is not None else []:
+        merged["open"] += int(peer.get("open", 0))
+        merged["global_max"] += int(peer.get("global_max", 0))
+        for tenant, figures in peer.get("tenants", {}).items():
+            mine = tenants.setdefault(tenant, {"size": 0, "idle": 0, "in_use": 0, "max": 0})
+            for key in mine:
+                mine[key] += int(figures.get(key, 0))
+    return merged
+
+
+def pools_snapshot(pools: TenantPools) -> dict[str, Any]:
+    """This process's tenant pools, as ``instance_pools`` reads another worker's."""
+    return {
+        "open": pools.open_connections,
+        "global_max": pools.global_max,
+        "tenants": {
+            tenant: {"size": p.size, "idle": p.idle, "in_use": p.in_use, "max": p.max_size}
+            for tenant, p in pools.stats().items()
+        },
+    }

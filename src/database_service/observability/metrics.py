@@ -1,11 +1,35 @@
-"""Prometheus metrics, in a registry owned by the application (no module-level globals)."""
+"""Prometheus metrics, in a registry owned by the application (no module-level globals).
+
+With several serving processes (``DBSVC_WORKERS``), the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` for its workers before they import prometheus_client: counters and
+histograms then live in files of that directory, one per process, and ``render`` (in whichever
+worker answers ``/metrics``) adds every process's up, the workers that died included (a counter
+never goes back). Collectors that read live state at scrape time (pool sizes, partitions) cannot
+be read across processes: in that mode each worker copies their readings into multiprocess
+gauges (``refresh``, every second and before each scrape), summed over live workers
+(``livesum``: connections, pools, caps) or their maximum (``livemax``: figures only the
+primary worker has, like partition counts).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import os
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "multiprocess_dir"]
+
+# Live readings that only one worker holds (the primary maintains partitions) or that must not
+# be added up; every other live reading is summed over the live workers.
+_LIVE_MAX = ("dbsvc_partitions", "dbsvc_rollup_lag_seconds")
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus_client's multiprocess mode, when this process is a worker."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -15,6 +39,10 @@ _LATENCY_BUCKETS = (
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess_dir() is not None
+        self._live: list[Collector] = []
+        self._gauges: dict[str, tuple[Gauge, tuple[str, ...]]] = {}
+        self._reported: dict[str, set[tuple[str, ...]]] = {}
         self.requests = Counter(
             "dbsvc_requests",
             "Requests handled, by front end, operation and outcome code ('ok' on success).",
@@ -123,7 +151,55 @@ class Metrics:
 
     def register(self, collector: Collector) -> None:
         """Add a collector that reads live state (pool sizes, tenants) at scrape time."""
-        self.registry.register(collector)
+        if self.multiprocess:
+            self._live.append(collector)
+            self.refresh()
+        else:
+            self.registry.register(collector)
+
+    def refresh(self) -> None:
+        """Multiprocess mode: copy the live collectors' readings into this worker's gauges.
+
+        A label set a collector no longer reports (a pool that closed) is set to 0: gauges of
+        this mode cannot drop a label set."""
+        for collector in self._live:
+            for family in collector.collect():
+                seen: set[tuple[str, ...]] = set()
+                for sample in family.samples:
+                    names = tuple(sorted(sample.labels))
+                    gauge = self._gauge(sample.name, family.documentation, names)
+                    if gauge is None:
+                        continue
+                    values = tuple(sample.labels[n] for n in names)
+                    seen.add(values)
+                    (gauge.labels(*values) if names else gauge).set(sample.value)
+                stale = self._reported.get(family.name, set()) - seen
+                for values in stale:
+                    entry = self._gauges.get(family.name)
+                    if entry is not None and entry[1]:
+                        entry[0].labels(*values).set(0)
+                self._reported[family.name] = seen
+
+    def _gauge(self, name: str, documentation: str, labels: Iterable[str]) -> Gauge | None:
+        names = tuple(labels)
+        entry = self._gauges.get(name)
+        if entry is None:
+            gauge = Gauge(
+                name,
+                documentation,
+                names,
+                registry=None,
+                multiprocess_mode="livemax" if name in _LIVE_MAX else "livesum",
+            )
+            entry = self._gauges[name] = (gauge, names)
+        return entry[0] if entry[1] == names else None
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess  # noqa: PLC0415
+
+        self.refresh()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -9,6 +9,13 @@ and largest duration seen, so a window of equal durations reports them exactly.
 
 A tenant's series disappears once it has been idle for a whole window, and at most
 ``max_tenants`` tenants are tracked at once (the service-wide series counts every request).
+
+With several serving processes, each worker ``export``s its live buckets (a small JSON
+document, written to the run directory every second) and ``set_peers`` gives a window the
+other workers' exports: a summary then merges their buckets with its own, so counts,
+throughput and percentiles (from the merged histograms, never averages of percentiles) cover
+the whole instance. Seconds are ``time.monotonic()``'s, which every process on the machine
+shares.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ import bisect
 import math
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-__all__ = ["RequestWindow", "WindowSummary"]
+__all__ = ["Peers", "RequestWindow", "WindowSummary"]
 
 # Upper bounds of the latency bins, in seconds; one more bin holds everything slower.
 _BOUNDS: tuple[float, ...] = (
@@ -41,6 +49,27 @@ class WindowSummary:
 
 
 _EMPTY = WindowSummary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+class Peers(Protocol):
+    """The other serving processes of this instance, as their last snapshots say."""
+
+    def windows(self) -> list[dict[str, Any]]:
+        """Their ``RequestWindow.export()``s."""
+        ...
+
+    def pools(self) -> list[dict[str, Any]]:
+        """Their tenant pools: ``{"open", "global_max", "tenants": {id: {size, idle, in_use,
+        max}}}`` each."""
+        ...
+
+    def system(self) -> list[dict[str, Any]]:
+        """Their processes' ``cpu_usage_percent`` and ``memory_usage_mb``."""
+        ...
+
+    def workers(self) -> dict[str, Any]:
+        """The health document's ``workers`` section."""
+        ...
 
 
 class _Series:
@@ -79,44 +108,65 @@ class _Series:
         self.hist[slot * _BINS + bisect.bisect_left(_BOUNDS, duration)] += 1
         self.last = second
 
-    def summary(self, second: int, span: float) -> WindowSummary:
+    def buckets(self, second: int) -> list[_Bucket]:
+        """The live buckets as of ``second``: (second, count, errors, sum, min, max, {bin: n})."""
         slots = len(self.stamps)
         oldest = second - slots
-        count = errors = 0
-        total, low, high = 0.0, math.inf, 0.0
-        merged = [0] * _BINS
+        live: list[_Bucket] = []
         for slot, stamp in enumerate(self.stamps):
             if not oldest < stamp <= second or not self.counts[slot]:
                 continue
-            count += self.counts[slot]
-            errors += self.errors[slot]
-            total += self.sums[slot]
-            low = min(low, self.minima[slot])
-            high = max(high, self.maxima[slot])
             base = slot * _BINS
-            for i in range(_BINS):
-                merged[i] += self.hist[base + i]
-        if not count:
-            return _EMPTY
+            bins = {i: self.hist[base + i] for i in range(_BINS) if self.hist[base + i]}
+            live.append(
+                (stamp, self.counts[slot], self.errors[slot], self.sums[slot],
+                 self.minima[slot], self.maxima[slot], bins)
+            )  # fmt: skip
+        return live
 
-        def percentile(q: float) -> float:
-            rank = min(count, int(q * count) + 1)  # 1-based rank of the sample at quantile q
-            seen = 0
-            for i, n in enumerate(merged):
-                seen += n
-                if seen >= rank:
-                    upper = _BOUNDS[i] if i < len(_BOUNDS) else high
-                    return max(low, min(upper, high)) * 1000
-            return high * 1000  # not reached: the bins add up to count
 
-        return WindowSummary(
-            requests=count,
-            throughput_rps=round(count / span, 3),
-            response_time_ms=round(total / count * 1000, 3),
-            p50_ms=round(percentile(0.5), 3),
-            p99_ms=round(percentile(0.99), 3),
-            error_rate_percent=round(100 * errors / count, 3),
-        )
+# One second of one series: (second, count, errors, sum, min, max, {bin index: count}).
+_Bucket = tuple[int, int, int, float, float, float, dict[int, int]]
+
+
+def _summarize(
+    buckets: Iterable[Sequence[Any]], second: int, slots: int, span: float
+) -> WindowSummary:
+    oldest = second - slots
+    count = errors = 0
+    total, low, high = 0.0, math.inf, 0.0
+    merged = [0] * _BINS
+    for stamp, n, bad, added, least, most, bins in buckets:
+        if not oldest < stamp <= second or not n:
+            continue
+        count += n
+        errors += bad
+        total += added
+        low = min(low, least)
+        high = max(high, most)
+        for i, k in bins.items():
+            merged[int(i)] += k
+    if not count:
+        return _EMPTY
+
+    def percentile(q: float) -> float:
+        rank = min(count, int(q * count) + 1)  # 1-based rank of the sample at quantile q
+        seen = 0
+        for i, n in enumerate(merged):
+            seen += n
+            if seen >= rank:
+                upper = _BOUNDS[i] if i < len(_BOUNDS) else high
+                return max(low, min(upper, high)) * 1000
+        return high * 1000  # not reached: the bins add up to count
+
+    return WindowSummary(
+        requests=count,
+        throughput_rps=round(count / span, 3),
+        response_time_ms=round(total / count * 1000, 3),
+        p50_ms=round(percentile(0.5), 3),
+        p99_ms=round(percentile(0.99), 3),
+        error_rate_percent=round(100 * errors / count, 3),
+    )
 
 
 class RequestWindow:
@@ -136,6 +186,20 @@ class RequestWindow:
         self._all = _Series(self.seconds)
         self._tenants: dict[str, _Series] = {}
         self._pruned = -1
+        self.peers: Peers | None = None
+
+    def set_peers(self, peers: Peers) -> None:
+        """The other workers: their figures are merged into every summary from now on."""
+        self.peers = peers
+
+    def export(self) -> dict[str, Any]:
+        """This process's live buckets, service-wide and per tenant (JSON-ready)."""
+        second = int(self._clock())
+        return {
+            "started": self._started,
+            "all": self._all.buckets(second),
+            "tenants": {t: b for t, s in self._tenants.items() if (b := s.buckets(second))},
+        }
 
     def record(self, duration_s: float, ok: bool, tenant_id: str | None = None) -> None:
         """One request that took ``duration_s`` (``ok``: not a server-side error), for the
@@ -163,11 +227,18 @@ class RequestWindow:
     def summary(self, tenant_id: str | None = None) -> WindowSummary:
         """The service's figures, or with ``tenant_id`` that tenant's only."""
         now = self._clock()
+        second = int(now)
         series = self._all if tenant_id is None else self._tenants.get(tenant_id)
-        if series is None:
-            return _EMPTY
-        span = min(float(self.seconds), max(now - self._started, 1e-3))
-        return series.summary(int(now), span)
+        buckets: list[Sequence[Any]] = list(series.buckets(second)) if series else []
+        started = self._started
+        for peer in self.peers.windows() if self.peers is not None else []:
+            started = min(started, float(peer.get("started", started)))
+            theirs = (
+                peer.get("all") if tenant_id is None else peer.get("tenants", {}).get(tenant_id)
+            )
+            buckets.extend(theirs or [])
+        span = min(float(self.seconds), max(now - started, 1e-3))
+        return _summarize(buckets, second, self.seconds, span)
 
     @property
     def tenants_tracked(self) -> int:

@@ -55,10 +55,14 @@ def add_servicer(servicer: DatabaseService, server: grpc.aio.Server) -> None:
 
 
 class GrpcServer:
-    """``async with GrpcServer(core) as server: server.port``; exit drains in-flight calls."""
+    """``async with GrpcServer(core) as server: server.port``; exit drains in-flight calls.
 
-    def __init__(self, core: Application) -> None:
+    ``reuse_port``: the workers of one ``serve`` listen on the same port (SO_REUSEPORT; the
+    kernel spreads connections over them, and lets only processes of the same user join)."""
+
+    def __init__(self, core: Application, *, reuse_port: bool = False) -> None:
         self.core = core
+        self._reuse_port = reuse_port
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -76,7 +80,8 @@ class GrpcServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 # grpc sets SO_REUSEPORT by default: a second process (another instance, any
                 # program) could then listen on our port too and silently take half the calls.
-                ("grpc.so_reuseport", 0),
+                # Only the workers of one serve share it (the supervisor checked it was free).
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
             ]
         )
         add_servicer(DatabaseService(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
