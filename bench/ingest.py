@@ -32,7 +32,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
-from harness import running_service  # bench/ is on sys.path when run as a script
+from harness import emit, running_service  # bench/ is on sys.path when run as a script
 
 from database_service.supervisor import EmbeddedNats
 from database_service_client import MarketDataPublisher, tick
@@ -176,6 +176,13 @@ async def run(bootstrap: str, n: int, rounds: int, batch: int) -> None:
     for name, values in paths.items():
         median = statistics.median(values)
         print(f"  {name:<12} {median:12,.0f} ticks/s   {median / base:6.1%} of raw COPY")
+    keys = {"raw COPY": "raw_copy", "NATS": "nats", "Kafka": "kafka", "NATS+Kafka": "nats_kafka"}
+    figures: dict[str, float | int] = {"ticks": n, "rounds": rounds, "batch": batch}
+    for name, values in paths.items():
+        figures[f"{keys[name]}_ticks_s"] = statistics.median(values)
+        if name != "raw COPY":
+            figures[f"{keys[name]}_ratio"] = statistics.median(values) / base
+    emit("ingest", **figures)
 
 
 if __name__ == "__main__":

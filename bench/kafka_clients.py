@@ -35,6 +35,7 @@ import confluent_kafka
 import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from harness import emit  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -268,6 +269,21 @@ async def main(bootstrap: str, n: int, batch: int, repeat: int) -> None:
     join_a = med([r.join_s for r in consumed["aiokafka"]])
     join_c = med([r.join_s for r in consumed["confluent-kafka"]])
     print(f"  group join to first batch: aiokafka {join_a:.2f} s, confluent-kafka {join_c:.2f} s")
+    (pa, pc), (ca, cc) = ([med(a), med(c)] for a, c in rates.values())
+    emit(
+        "kafka_clients",
+        messages=n,
+        batch=batch,
+        repeat=repeat,
+        produce_aiokafka_msgs_s=pa,
+        produce_confluent_msgs_s=pc,
+        produce_ratio=pc / pa,
+        consume_aiokafka_msgs_s=ca,
+        consume_confluent_msgs_s=cc,
+        consume_ratio=cc / ca,
+        join_aiokafka_s=join_a,
+        join_confluent_s=join_c,
+    )
 
 
 if __name__ == "__main__":

@@ -189,6 +189,27 @@ def test_recent_records_forget_the_older_generation() -> None:
     assert work(str(uuid.UUID(int=3))).discard(recent.seen("abc")) == 1
 
 
+def test_recent_records_are_forgotten_by_age_too() -> None:
+    """Memory follows the ingestion rate times two generations' age, not the capacity: a steady
+    stream once filled the whole capacity (~40 MB) before the older generation was dropped."""
+    from database_service.ingest.pipeline import RecentEvents
+
+    def work(event_id: str) -> TenantWork:
+        tick = ingest_pb2.Tick(event_id=event_id, tenant_id="abc", symbol="X")
+        return decode(batch(ticks=[tick])).work["abc"]
+
+    now = [0.0]
+    recent = RecentEvents(1_000_000, max_age=60, clock=lambda: now[0])
+    recent.remember(work(EID))
+    now[0] = 61.0
+    recent.remember(work(str(uuid.UUID(int=1))))  # the generation holding EID is now the older
+    assert work(EID).discard(recent.seen("abc")) == 1  # still caught a minute later
+    now[0] = 122.0
+    recent.remember(work(str(uuid.UUID(int=2))))
+    assert work(EID).discard(recent.seen("abc")) == 0  # two minutes on: left to the unique index
+    assert work(str(uuid.UUID(int=2))).discard(recent.seen("abc")) == 1
+
+
 def test_time_is_the_second_column_of_ticks_and_predictions() -> None:
     from database_service.ingest.records import _TIME, PREDICTION_COLUMNS
 

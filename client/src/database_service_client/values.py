@@ -121,22 +121,39 @@ def _decimal_text(value: Any) -> Any:
 
 
 # Packed rows (RowChunk.packed) by column kind: what JSON does not carry as the value itself.
-_UNPACK: dict[str, Callable[[Any], Any]] = {
-    "timestamp": _timestamp_text,
-    "decimal": _decimal_text,
-    "bytes": base64.b64decode,
+# Per kind: the converter for one value (None, numbers and odd forms included), and the C
+# function a column of nothing but strings can be mapped with in one call.
+_UNPACK: dict[str, tuple[Callable[[Any], Any], Callable[[str], Any]]] = {
+    "timestamp": (_timestamp_text, dt.datetime.fromisoformat),
+    "decimal": (_decimal_text, Decimal),
+    "bytes": (base64.b64decode, base64.b64decode),
 }
+_STRINGS = {str}
+
+
+def _converted(values: tuple[Any, ...], kind: str) -> Iterable[Any]:
+    one, whole = _UNPACK[kind]
+    if set(map(type, values)) <= _STRINGS:
+        try:
+            converted = list(map(whole, values))
+        except ValueError:
+            pass
+        else:
+            # The server writes timestamps with their offset; one without is UTC.
+            if kind != "timestamp" or all(v.tzinfo is not None for v in converted):
+                return converted
+    return [None if v is None else one(v) for v in values]
 
 
 def unpack_rows(packed: bytes, kinds: Sequence[str]) -> list[tuple[Any, ...]]:
     """Rows from a packed chunk: one JSON decode (in C), then only the columns whose values JSON
-    does not carry as themselves (timestamps, decimals, bytes) are converted, value by value."""
+    does not carry as themselves (timestamps, decimals, bytes) are converted, a column at a
+    time."""
     rows: list[list[Any]] = json.loads(packed)
-    convert = [(i, _UNPACK[k]) for i, k in enumerate(kinds) if k in _UNPACK]
-    if convert:
-        for row in rows:
-            for index, function in convert:
-                value = row[index]
-                if value is not None:
-                    row[index] = function(value)
-    return list(map(tuple, rows))
+    convert = [i for i, k in enumerate(kinds) if k in _UNPACK]
+    if not convert or not rows:
+        return list(map(tuple, rows))
+    columns: list[Iterable[Any]] = list(zip(*rows, strict=True))
+    for index in convert:
+        columns[index] = _converted(columns[index], kinds[index])  # type: ignore[arg-type]
+    return list(zip(*columns, strict=True))

@@ -6,16 +6,22 @@ query core (which authorizes, audits and streams it).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from database_service.auth import Principal
 from database_service.errors import InvalidParameters
 from database_service.query import QueryExecutor, TenantContext
-from database_service.results import Event
+from database_service.results import Column, Event, Header, ValueKind
 from database_service.tenancy import quote_ident
-from database_service.timeseries.candles import CandleQuery, candle_sql, last_tick_sql
+from database_service.timeseries.candles import (
+    NUMERIC_COLUMNS,
+    CandleQuery,
+    candle_sql,
+    last_tick_sql,
+)
 
 __all__ = ["SERIES_COLUMNS", "TimeSeries"]
 
@@ -28,6 +34,25 @@ SERIES_COLUMNS = {
 
 Events = AsyncGenerator[Event, None]
 
+# Rows per cursor fetch for candles beyond the first rows (which come in one round trip): a
+# candle is about 200 bytes, so at most ~1 MB is held per fetch.
+CANDLE_BATCH_ROWS = 5_000
+
+
+async def numeric_as_text(events: Events, names: Sequence[str]) -> Events:
+    """A result whose numeric columns the SQL read as text, with those columns typed ``numeric``
+    again: the values stay exact text on their way to the caller, who gets decimals."""
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if not isinstance(event, Header):
+                yield event
+                continue
+            columns = [
+                Column(c.name, "numeric", ValueKind.DECIMAL) if c.name in names else c
+                for c in event.columns
+            ]
+            yield Header(columns, event.kind)
+
 
 class TimeSeries:
     def __init__(self, executor: QueryExecutor, *, shared_schema: str) -> None:
@@ -35,10 +60,16 @@ class TimeSeries:
         self._shared = shared_schema
 
     def _stream(
-        self, principal: Principal, ctx: TenantContext, sql: str, params: list[Any]
+        self,
+        principal: Principal,
+        ctx: TenantContext,
+        sql: str,
+        params: list[Any],
+        *,
+        batch_rows: int = 500,
     ) -> Events:
         return self._executor.stream(
-            principal, ctx, sql, params, read_only=True, action="timeseries"
+            principal, ctx, sql, params, batch_rows=batch_rows, read_only=True, action="timeseries"
         )
 
     def raw(
@@ -71,7 +102,8 @@ class TimeSeries:
 
     def candles(self, principal: Principal, ctx: TenantContext, query: CandleQuery) -> Events:
         sql, params = candle_sql(self._shared, query)
-        return self._stream(principal, ctx, sql, params)
+        events = self._stream(principal, ctx, sql, params, batch_rows=CANDLE_BATCH_ROWS)
+        return numeric_as_text(events, NUMERIC_COLUMNS)
 
     def last(
         self, principal: Principal, ctx: TenantContext, since: dt.datetime | None = None

@@ -196,15 +196,27 @@ class RecentEvents:
     tables' unique ``(company_id, time, event_id)``), signals and rows by tenant and event id (the
     tenant's ``_ingest_events``). An event id alone would let one tenant's records hide another's
     with the same id (two tenants fed the same market data, or a producer that copies another
-    tenant's predictable ids). Bounded by two generations of ``capacity / 2`` records; the older
-    generation is dropped when the newer fills."""
+    tenant's predictable ids). Bounded by two generations of ``capacity / 2`` records and by age:
+    the older generation is dropped when the newer fills or is ``max_age`` seconds old. A copy
+    from the other transport comes within seconds; remembering more only held memory (about
+    150 bytes a record: a steady 200 ticks/s grew the service by 2 MB a minute until the cap,
+    ~40 MB). A copy later than that is still caught by the unique index."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        max_age: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._half = max(1, capacity // 2)
+        self._max_age = max_age
+        self._clock = clock
         # (tenant, kind) -> event id -> time_us (None for rows)
         self._new: dict[tuple[str, str], dict[str, int | None]] = {}
         self._old: dict[tuple[str, str], dict[str, int | None]] = {}
         self._size = 0
+        self._since = clock()  # when the newer generation began
 
     def seen(self, tenant_id: str) -> Seen:
         """``seen(kind)`` for ``TenantWork.discard``, for one tenant."""
@@ -232,8 +244,9 @@ class RecentEvents:
                 for event_id in failed:
                     seen.pop(event_id, None)
             self._size += len(seen) - before
-        if self._size >= self._half:
-            self._old, self._new, self._size = self._new, {}, 0
+        now = self._clock()
+        if self._size >= self._half or now - self._since >= self._max_age:
+            self._old, self._new, self._size, self._since = self._new, {}, 0, now
 
 
 _time_of = operator.itemgetter(1)  # time_us in tick and prediction tuples (records.py)

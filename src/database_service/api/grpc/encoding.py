@@ -81,9 +81,10 @@ def _integer(add: Add, value: Any) -> object:
 
 
 def _decimal(add: Add, value: Any) -> object:
+    """Exact as text (a Decimal, or a numeric the SQL read as text); a float as a double."""
     if value is None:
         return add(null_value=True)
-    return add(decimal_value=str(value)) if isinstance(value, Decimal) else add(double_value=value)
+    return add(double_value=value) if isinstance(value, float) else add(decimal_value=str(value))
 
 
 def _json(add: Add, value: Any) -> object:
