@@ -338,18 +338,17 @@ async def main(args: argparse.Namespace) -> None:
     for name, message in load.examples.items():
         print(f"  first {name}: {message}")
     errors = sum(m["errors"] for m in minutes)
-    serve_key = next(iter(rss_start))
-    # After the first report (warm-up), in MB per minute whatever --interval is.
+    # The service's own processes (serve, its workers and their helpers; not nats-server):
+    # after the first report (warm-up), in MB per minute whatever --interval is.
+    start_mb, end_mb = service_mb(minutes[0]["rss_mb"]), service_mb(minutes[-1]["rss_mb"])
     growth = (
-        (minutes[-1]["rss_mb"][serve_key] - minutes[0]["rss_mb"][serve_key])
-        / ((len(minutes) - 1) * args.interval / 60)
-        if len(minutes) > 1
-        else 0.0
+        (end_mb - start_mb) / ((len(minutes) - 1) * args.interval / 60) if len(minutes) > 1 else 0.0
     )
     print(
         f"{len(minutes)} min, {sum(m['ops'] for m in minutes):,} operations, {errors} errors;"
-        f" serve RSS {rss_start[serve_key]:.1f} -> {rss_end.get(serve_key, math.nan):.1f} MB"
-        f" ({growth:+.2f} MB/min after the first report)"
+        f" the service's processes {service_mb(rss_start):.1f} MB at the start,"
+        f" {start_mb:.1f} -> {end_mb:.1f} MB from the first report to the last"
+        f" ({growth:+.2f} MB/min)"
     )
     emit(
         "soak",
@@ -364,8 +363,12 @@ async def main(args: argparse.Namespace) -> None:
         ops_s=statistics_mean([m["ops_s"] for m in minutes]),
         rss_start_mb={k: round(v, 1) for k, v in rss_start.items()},
         rss_end_mb={k: round(v, 1) for k, v in rss_end.items()},
-        serve_rss_growth_mb_per_min=growth,
+        service_rss_growth_mb_per_min=growth,
     )
+
+
+def service_mb(rss: dict[str, float]) -> float:
+    return sum(mb for name, mb in rss.items() if not name.startswith("nats-server"))
 
 
 def statistics_mean(values: list[float]) -> float:
