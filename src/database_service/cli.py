@@ -288,16 +288,13 @@ async def _serve_worker(settings: Settings, index: int, count: int, run_dir: str
 async def _serve_worker_on(
     settings: Settings, signals: _Signals, index: int, count: int, run_dir: str
 ) -> int:
-    import psutil  # noqa: PLC0415
-
     from database_service.api.grpc import GrpcServer  # noqa: PLC0415
     from database_service.app import Application  # noqa: PLC0415
-    from database_service.observability.health import pools_snapshot  # noqa: PLC0415
     from database_service.workers.runtime import (  # noqa: PLC0415
         PostgresView,
         RunDirectory,
         WorkerContext,
-        WorkerPeers,
+        WorkerSnapshots,
         bind_shared,
     )
 
@@ -315,40 +312,10 @@ async def _serve_worker_on(
         nats_embedded=bool(supervisor.get("nats_embedded")),
     ) as core:
         signals.checkpoint()
-        peers = WorkerPeers(run, context)
-        core.window.set_peers(peers)
-        process = psutil.Process()
-        ready = False
-
-        def snapshot() -> None:
-            core.metrics.refresh()
-            window = core.window.export()
-            data = {
-                "index": index,
-                "pid": os.getpid(),
-                "ready": ready,
-                "written": time.monotonic(),
-                "requests_last_60s": sum(bucket[1] for bucket in window["all"]),
-                "window": window,
-                "pools": pools_snapshot(core.pools),
-                "system": {
-                    "cpu_usage_percent": process.cpu_percent(None),
-                    "memory_usage_mb": round(process.memory_info().rss / 1_048_576, 1),
-                },
-            }
-            peers.own = data
-            run.write(run.worker_file(index), data)
-
-        async def keep_writing() -> None:
-            while True:
-                await asyncio.sleep(1.0)
-                try:
-                    snapshot()
-                except Exception:
-                    log.exception("worker %d: its snapshot could not be written", index)
-
-        snapshot()  # started: the control plane is migrated (the supervisor starts the others)
-        writer = core.loops.start("worker-snapshot", keep_writing)
+        snapshots = WorkerSnapshots(core, run, context)
+        # Started: the control plane is migrated (the supervisor starts the others now).
+        snapshots.write()
+        writer = snapshots.start()
         try:
             async with GrpcServer(core, reuse_port=True) as grpc_server:
                 signals.checkpoint()
@@ -357,9 +324,8 @@ async def _serve_worker_on(
                 http_socket = bind_shared(settings.http_host, settings.http_port)
 
                 def started(port: int) -> None:
-                    nonlocal ready
-                    ready = True
-                    snapshot()
+                    snapshots.ready = True
+                    snapshots.write()
 
                 try:
                     code = await _serve_http(

@@ -16,9 +16,11 @@ Files are replaced atomically (written beside, then renamed): a reader never see
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,7 +28,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from database_service.app import Application
 
 __all__ = [
     "ENV",
@@ -35,9 +40,12 @@ __all__ = [
     "RunDirectory",
     "WorkerContext",
     "WorkerPeers",
+    "WorkerSnapshots",
     "bind_shared",
     "die_with_parent",
 ]
+
+log = logging.getLogger(__name__)
 
 # The environment variable that makes ``database-service serve`` a worker of a supervisor.
 ENV = "DATABASE_SERVICE_WORKER"
@@ -202,3 +210,55 @@ class WorkerPeers:
             "supervisor_pid": self._context.parent,
             "processes": processes,
         }
+
+
+class WorkerSnapshots:
+    """What this worker tells the others (and the supervisor): every second, its request
+    window, its pools and its process figures, in its file of the run directory; the answering
+    worker merges them into the instance's health document. Here, not in the front end: it reads
+    the core's pools and loops, which front ends do not reach."""
+
+    def __init__(self, core: Application, run: RunDirectory, context: WorkerContext) -> None:
+        import psutil  # noqa: PLC0415 - a worker's only
+
+        self._core = core
+        self._run = run
+        self._index = context.index
+        self._peers = WorkerPeers(run, context)
+        core.window.set_peers(self._peers)
+        self._process = psutil.Process()
+        self.ready = False  # serving on both ports
+
+    def write(self) -> None:
+        from database_service.observability.health import pools_snapshot  # noqa: PLC0415
+
+        core = self._core
+        core.metrics.refresh()
+        window = core.window.export()
+        data = {
+            "index": self._index,
+            "pid": os.getpid(),
+            "ready": self.ready,
+            "written": time.monotonic(),
+            "requests_last_60s": sum(bucket[1] for bucket in window["all"]),
+            "window": window,
+            "pools": pools_snapshot(core.pools),
+            "system": {
+                "cpu_usage_percent": self._process.cpu_percent(None),
+                "memory_usage_mb": round(self._process.memory_info().rss / 1_048_576, 1),
+            },
+        }
+        self._peers.own = data
+        self._run.write(self._run.worker_file(self._index), data)
+
+    def start(self) -> asyncio.Task[None]:
+        """Write every second from now on (a supervised loop of the core's)."""
+        return self._core.loops.start("worker-snapshot", self._keep_writing)
+
+    async def _keep_writing(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.write()
+            except Exception:
+                log.exception("worker %d: its snapshot could not be written", self._index)
