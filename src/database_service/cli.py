@@ -290,12 +290,12 @@ async def _serve_worker_on(
 ) -> int:
     from database_service.api.grpc import GrpcServer  # noqa: PLC0415
     from database_service.app import Application  # noqa: PLC0415
+    from database_service.supervisor import bind_tcp  # noqa: PLC0415
     from database_service.workers.runtime import (  # noqa: PLC0415
         PostgresView,
         RunDirectory,
         WorkerContext,
         WorkerSnapshots,
-        bind_shared,
     )
 
     context = WorkerContext(index, count, run_dir, os.getppid())
@@ -321,7 +321,13 @@ async def _serve_worker_on(
                 signals.checkpoint()
                 await core.guard.start_worker()
                 signals.checkpoint()
-                http_socket = bind_shared(settings.http_host, settings.http_port)
+                http_socket = bind_tcp(
+                    settings.http_host,
+                    settings.http_port,
+                    what="HTTP",
+                    setting="DBSVC_HTTP_PORT",
+                    reuse_port=True,  # beside the other workers
+                )
 
                 def started(port: int) -> None:
                     snapshots.ready = True

@@ -31,18 +31,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def bind_tcp(host: str, port: int, *, what: str, setting: str) -> socket.socket:
+def bind_tcp(
+    host: str, port: int, *, what: str, setting: str, reuse_port: bool = False
+) -> socket.socket:
     """A TCP socket bound (not yet listening) to ``host:port``, or ``PortInUse``.
 
     SO_REUSEADDR lets a restart bind over connections of the previous run still in TIME_WAIT,
     not share a port someone listens on; SO_REUSEPORT is left off, so a listener that has it
-    (gRPC sets it by default) still makes this bind fail."""
+    (gRPC sets it by default) still makes this bind fail — unless ``reuse_port``: a worker
+    binding beside the others of its ``serve`` (the supervisor checked the port was free)."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

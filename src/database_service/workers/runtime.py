@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +40,6 @@ __all__ = [
     "WorkerContext",
     "WorkerPeers",
     "WorkerSnapshots",
-    "bind_shared",
     "die_with_parent",
 ]
 
@@ -84,26 +82,6 @@ def die_with_parent(parent: int) -> None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
-
-
-def bind_shared(host: str, port: int) -> socket.socket:
-    """A socket bound (not yet listening) to ``host:port`` with SO_REUSEPORT, beside the other
-    workers' (the kernel spreads connections over the listening ones)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class RunDirectory:
