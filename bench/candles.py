@@ -120,7 +120,7 @@ async def main(ticks: int) -> None:
             }
         await client.close()
         await owner.close()
-    emit("candles", **figures)
+    emit({"bench": "candles", **figures})
 
 
 if __name__ == "__main__":

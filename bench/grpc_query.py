@@ -3,9 +3,9 @@ in one run.
 
 The service runs as its own process (``database-service serve``) on a private PostgreSQL that
 this script starts; the baseline talks to the same PostgreSQL with a pool of the same size as the
-tenant's pool in the service. The echo (``bench/echo_server.py``) is the floor of the stack: a
-trivial DatabaseService in its own process, same channel options, answering with the service's
-own response bytes for the same request, driven by the same client the same way. For each
+tenant's pool in the service. The echo (``--echo-server``, this script) is the floor of the
+stack: a trivial DatabaseService in its own process, same channel options, answering with the
+service's own response bytes for the same request, driven by the same client the same way. For each
 workload and concurrency: throughput, p50, p99 and the ratios to direct asyncpg and to the echo.
 Then a 1,000,000-row stream (``execute_query``) against an asyncpg cursor, with the service's
 memory before and after, and BulkInsert against ``copy_records_to_table``.
@@ -33,7 +33,13 @@ from typing import Any
 import asyncpg
 import grpc
 import uvloop
-from harness import emit, rss_bytes, running_service  # bench/ is on sys.path as a script
+from harness import (  # bench/ is on sys.path as a script
+    closed_loop,
+    emit,
+    p99,
+    rss_bytes,
+    running_service,
+)
 
 from database_service.supervisor import free_port
 from database_service_client import MultiDatabaseClient
@@ -57,24 +63,8 @@ class Figures:
 async def run_load(
     call: Callable[[int], Awaitable[Any]], concurrency: int, seconds: float
 ) -> Figures:
-    latencies: list[float] = []
-
-    async def worker(w: int) -> None:
-        i = w
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            await call(i)
-            latencies.append((time.perf_counter() - started) * 1000)
-            i += concurrency
-
-    for i in range(100):  # warm up statement caches, pools and channels
-        await call(i)
-    started = time.perf_counter()
-    deadline = started + seconds
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    rps = len(latencies) / (time.perf_counter() - started)
-    ordered = sorted(latencies)
-    return Figures(rps, statistics.median(ordered), ordered[max(0, int(len(ordered) * 0.99) - 1)])
+    rps, latencies = await closed_loop([call] * concurrency, seconds)
+    return Figures(rps, statistics.median(latencies), p99(latencies))
 
 
 def line(name: str, f: Figures, direct: Figures | None = None, echo: Figures | None = None) -> None:
@@ -86,15 +76,56 @@ def line(name: str, f: Figures, direct: Figures | None = None, echo: Figures | N
     print(f"  {name:<30} {f.rps:8.0f} req/s  p50 {f.p50:7.3f} ms  p99 {f.p99:7.3f} ms{ratios}")
 
 
+async def serve_echo(port: int, small: bytes, large: bytes) -> None:
+    """The echo's process: a DatabaseService answering every ``Query`` and ``ExecuteQuery``
+    with the service's own bytes for the same request (``LIMIT 1000`` in the SQL: the large
+    answer), with the service's channel options (``api/grpc/server.py``), on grpc.aio."""
+
+    def pick(request: bytes) -> bytes:
+        return large if b"LIMIT 1000" in request else small
+
+    async def query(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return pick(request)
+
+    async def execute_query(
+        request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        yield pick(request)
+
+    handler = grpc.method_handlers_generic_handler(
+        "database_service.v1.DatabaseService",
+        {
+            "Query": grpc.unary_unary_rpc_method_handler(query),
+            "ExecuteQuery": grpc.unary_stream_rpc_method_handler(execute_query),
+        },
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 16 * 1_048_576),
+            ("grpc.max_send_message_length", 16 * 1_048_576),
+            ("grpc.max_concurrent_streams", 256),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ]
+    )
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
 @contextlib.asynccontextmanager
 async def echo_server(small: bytes, large: bytes) -> AsyncIterator[str]:
+    """The echo in a process of its own (this script, ``--echo-server``)."""
     with tempfile.TemporaryDirectory() as tmp:
         await asyncio.to_thread(Path(tmp, "small").write_bytes, small)
         await asyncio.to_thread(Path(tmp, "large").write_bytes, large)
         port = free_port()
-        script = Path(__file__).with_name("echo_server.py")
         process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; readiness is read below
-            [sys.executable, str(script), str(port), f"{tmp}/small", f"{tmp}/large"],
+            [sys.executable, __file__, "--echo-server", str(port), f"{tmp}/small", f"{tmp}/large"],
             stdout=subprocess.PIPE,
         )
         try:
@@ -127,7 +158,7 @@ async def main(seconds: float, bulk_rows: int, stream_rows: int) -> None:
         figures = await bench(service.dsn, service.grpc, service.pid, schema, token, seconds)
         figures |= await bench_stream(service.dsn, service.grpc, service.pid, token, stream_rows)
         figures |= await bench_bulk(service.dsn, service.grpc, schema, token, bulk_rows)
-    emit("grpc_query", **figures)
+    emit({"bench": "grpc_query", **figures})
 
 
 async def bench(
@@ -258,5 +289,10 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--stream-rows", type=int, default=1_000_000)
+    parser.add_argument("--echo-server", nargs=3, metavar=("PORT", "SMALL", "LARGE"))
     args = parser.parse_args()
-    uvloop.run(main(args.seconds, args.rows, args.stream_rows))
+    if args.echo_server:  # the echo's own process (see echo_server)
+        port, small, large = args.echo_server
+        asyncio.run(serve_echo(int(port), Path(small).read_bytes(), Path(large).read_bytes()))
+    else:
+        uvloop.run(main(args.seconds, args.rows, args.stream_rows))

@@ -12,7 +12,8 @@ import secrets
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,42 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-def emit(bench: str, **figures: Any) -> None:
-    """The bench's last line: its figures as one JSON object (floats rounded to 4 digits)."""
+def emit(figures: dict[str, Any]) -> None:
+    """The bench's last line: ``{"bench": "<name>", ...}``, one JSON object (floats rounded to
+    4 digits)."""
+    assert isinstance(figures.get("bench"), str), "figures name their bench"
     rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
-    print(json.dumps({"bench": bench, **rounded}), flush=True)
+    print(json.dumps(rounded), flush=True)
+
+
+def p99(samples: Sequence[float]) -> float:
+    return sorted(samples)[max(0, int(len(samples) * 0.99) - 1)]
+
+
+async def closed_loop(
+    calls: Sequence[Callable[[int], Awaitable[Any]]], seconds: float
+) -> tuple[float, list[float]]:
+    """One worker per call (the same call repeated, or each with its own connection), each
+    sending its next request when the last answered, for ``seconds``: requests per second and
+    the latencies in ms. Each worker warms up first (connections, statement caches, pools)."""
+    latencies: list[float] = []
+    concurrency = len(calls)
+
+    async def worker(w: int) -> None:
+        call, i = calls[w], w
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await call(i)
+            latencies.append((time.perf_counter() - started) * 1000)
+            i += concurrency
+
+    for w, call in enumerate(calls):
+        for i in range(max(2, 50 // concurrency)):
+            await call(w + i)
+    started = time.perf_counter()
+    deadline = started + seconds
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return len(latencies) / (time.perf_counter() - started), latencies
 
 
 @contextlib.asynccontextmanager

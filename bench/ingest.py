@@ -182,7 +182,7 @@ async def run(bootstrap: str, n: int, rounds: int, batch: int) -> None:
         figures[f"{keys[name]}_ticks_s"] = statistics.median(values)
         if name != "raw COPY":
             figures[f"{keys[name]}_ratio"] = statistics.median(values) / base
-    emit("ingest", **figures)
+    emit({"bench": "ingest", **figures})
 
 
 if __name__ == "__main__":

@@ -271,18 +271,20 @@ async def main(bootstrap: str, n: int, batch: int, repeat: int) -> None:
     print(f"  group join to first batch: aiokafka {join_a:.2f} s, confluent-kafka {join_c:.2f} s")
     (pa, pc), (ca, cc) = ([med(a), med(c)] for a, c in rates.values())
     emit(
-        "kafka_clients",
-        messages=n,
-        batch=batch,
-        repeat=repeat,
-        produce_aiokafka_msgs_s=pa,
-        produce_confluent_msgs_s=pc,
-        produce_ratio=pc / pa,
-        consume_aiokafka_msgs_s=ca,
-        consume_confluent_msgs_s=cc,
-        consume_ratio=cc / ca,
-        join_aiokafka_s=join_a,
-        join_confluent_s=join_c,
+        {
+            "bench": "kafka_clients",
+            "messages": n,
+            "batch": batch,
+            "repeat": repeat,
+            "produce_aiokafka_msgs_s": pa,
+            "produce_confluent_msgs_s": pc,
+            "produce_ratio": pc / pa,
+            "consume_aiokafka_msgs_s": ca,
+            "consume_confluent_msgs_s": cc,
+            "consume_ratio": cc / ca,
+            "join_aiokafka_s": join_a,
+            "join_confluent_s": join_c,
+        }
     )
 
 

@@ -52,7 +52,12 @@ from typing import Any
 import asyncpg
 import httpx
 import uvloop
-from harness import emit, running_service  # bench/ is on sys.path when run as a script
+from harness import (  # bench/ is on sys.path when run as a script
+    closed_loop,
+    emit,
+    p99,
+    running_service,
+)
 
 from database_service.api.http.app import create_http_app
 from database_service.app import Application
@@ -188,10 +193,6 @@ async def measure(n: int, call: Callable[[int], Awaitable[object]]) -> list[floa
     return samples
 
 
-def p99(samples: list[float]) -> float:
-    return sorted(samples)[max(0, int(len(samples) * 0.99) - 1)]
-
-
 def report(name: str, samples: list[float], baseline: float | None) -> float:
     median = statistics.median(samples)
     extra = (
@@ -201,30 +202,6 @@ def report(name: str, samples: list[float], baseline: float | None) -> float:
     )
     print(f"  {name:<32} p50 {median:7.3f} ms   p99 {p99(samples):7.3f} ms{extra}")
     return median
-
-
-async def run_load(
-    calls: list[Callable[[int], Awaitable[Any]]], seconds: float
-) -> tuple[float, list[float]]:
-    """One worker per call (each with its own connection), for ``seconds``."""
-    latencies: list[float] = []
-    concurrency = len(calls)
-
-    async def worker(w: int) -> None:
-        call, i = calls[w], w
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            await call(i)
-            latencies.append((time.perf_counter() - started) * 1000)
-            i += concurrency
-
-    for w, call in enumerate(calls):  # warm up connections, statement caches and pools
-        for i in range(max(2, 50 // concurrency)):
-            await call(w + i)
-    started = time.perf_counter()
-    deadline = started + seconds
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return len(latencies) / (time.perf_counter() - started), latencies
 
 
 def line(name: str, rps: float, lat: list[float], base: float | None) -> dict[str, float]:
@@ -267,7 +244,7 @@ async def main(n: int, seconds: float, loop: str) -> None:
             )
             async with Application(settings, start_nats=False) as core:
                 figures = await bench(core, service.http, token, n, seconds, loop)
-    emit("query_core", **figures)
+    emit({"bench": "query_core", **figures})
 
 
 async def bench(
@@ -347,13 +324,13 @@ async def bench(
             ]
             echo_clients, rest_clients = clients[:concurrency], clients[concurrency:]
             try:
-                rps, lat = await run_load([raw_call(c) for c in echo_clients], seconds)
+                rps, lat = await closed_loop([raw_call(c) for c in echo_clients], seconds)
                 echo = line("bare HTTP echo (uvicorn)", rps, lat, None)
-                rps, lat = await run_load([by_asyncpg] * concurrency, seconds)
+                rps, lat = await closed_loop([by_asyncpg] * concurrency, seconds)
                 asyncpg_ = line("direct asyncpg", rps, lat, echo["rps"])
-                rps, lat = await run_load([by_core] * concurrency, seconds)
+                rps, lat = await closed_loop([by_core] * concurrency, seconds)
                 core_ = line("query core (in-process, no HTTP)", rps, lat, echo["rps"])
-                rps, lat = await run_load([raw_call(c) for c in rest_clients], seconds)
+                rps, lat = await closed_loop([raw_call(c) for c in rest_clients], seconds)
                 rest = line("REST /api/v1/query (service)", rps, lat, echo["rps"])
             finally:
                 for client in clients:

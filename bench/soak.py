@@ -351,19 +351,21 @@ async def main(args: argparse.Namespace) -> None:
         f" ({growth:+.2f} MB/min)"
     )
     emit(
-        "soak",
-        minutes=args.minutes,
-        interval_s=args.interval,
-        concurrency=args.concurrency,
-        rate=args.rate,
-        ingest_rate=args.ingest_rate,
-        mix=mix,
-        per_minute=minutes,
-        errors=errors,
-        ops_s=statistics_mean([m["ops_s"] for m in minutes]),
-        rss_start_mb={k: round(v, 1) for k, v in rss_start.items()},
-        rss_end_mb={k: round(v, 1) for k, v in rss_end.items()},
-        service_rss_growth_mb_per_min=growth,
+        {
+            "bench": "soak",
+            "minutes": args.minutes,
+            "interval_s": args.interval,
+            "concurrency": args.concurrency,
+            "rate": args.rate,
+            "ingest_rate": args.ingest_rate,
+            "mix": mix,
+            "per_minute": minutes,
+            "errors": errors,
+            "ops_s": statistics_mean([m["ops_s"] for m in minutes]),
+            "rss_start_mb": {k: round(v, 1) for k, v in rss_start.items()},
+            "rss_end_mb": {k: round(v, 1) for k, v in rss_end.items()},
+            "service_rss_growth_mb_per_min": growth,
+        }
     )
 
 

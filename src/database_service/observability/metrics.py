@@ -43,6 +43,7 @@ class Metrics:
         self._live: list[Collector] = []
         self._gauges: dict[str, tuple[Gauge, tuple[str, ...]]] = {}
         self._reported: dict[str, set[tuple[str, ...]]] = {}
+        self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self.requests = Counter(
             "dbsvc_requests",
             "Requests handled, by front end, operation and outcome code ('ok' on success).",
@@ -148,6 +149,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+    def request_done(self, transport: str, operation: str, code: str, seconds: float) -> None:
+        """Count and time one request. The labelled children are kept: ``labels()`` takes a
+        lock and builds a key on every call (the label sets are bounded: operations, codes)."""
+        key = (transport, operation, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(transport, operation, code),
+                self.request_seconds.labels(transport, operation),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def register(self, collector: Collector) -> None:
         """Add a collector that reads live state (pool sizes, tenants) at scrape time."""

@@ -16,7 +16,6 @@ import functools
 import inspect
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -166,25 +165,11 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     name = handler.__name__
     action = f"grpc.{name}"
 
-    # The metric children of the ok path, bound once per Metrics (``labels()`` costs a lookup).
-    bound: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
-
     def record(servicer: _Servicer, started: float, code: str, call: _Call) -> None:
         metrics = servicer.core.metrics
         elapsed = time.perf_counter() - started
-        if code == "ok":
-            children = bound.get(metrics)
-            if children is None:
-                children = (
-                    metrics.requests.labels("grpc", name, "ok"),
-                    metrics.request_seconds.labels("grpc", name),
-                )
-                bound[metrics] = children
-            children[0].inc()
-            children[1].observe(elapsed)
-        else:
-            metrics.requests.labels("grpc", name, code).inc()
-            metrics.request_seconds.labels("grpc", name).observe(elapsed)
+        metrics.request_done("grpc", name, code, elapsed)
+        if code != "ok":
             metrics.errors.labels(code).inc()
         servicer.core.window.record(elapsed, code not in _SERVER_ERRORS, call.tenant_id)
 

@@ -14,7 +14,6 @@ import base64
 import datetime as dt
 import json
 import math
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from decimal import Decimal
 from operator import itemgetter
@@ -127,12 +126,10 @@ def _packed_value(value: Any) -> Any:
         return base64.b64encode(value).decode()
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    return str(value)
+    return str(value)  # ranges, intervals' odd forms, addresses...
 
 
-_PACK_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_SERIALIZE_UUID
+_PACK_OPTIONS = orjson.OPT_NAIVE_UTC  # UUIDs, dates and aware datetimes orjson writes itself
 
 
 def pack_rows(records: Sequence[Sequence[Any]], columns: Sequence[ResultColumn]) -> bytes | None:

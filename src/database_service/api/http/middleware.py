@@ -63,17 +63,22 @@ class BodyLimit:
                 return
             chunks.append(chunk)
             more = incoming.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
+        await self.app(scope, replaying(b"".join(chunks), receive), send)
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the app ``body`` (already read) as one message, then defers to
+    the real one (a disconnect)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class InternalErrors:
@@ -115,20 +120,6 @@ class RequestMetrics:
         self.app = app
         self.metrics = metrics
         self.window = window
-        # The labelled series by (operation, code): ``labels()`` takes a lock and builds a key
-        # on every call. Both are bounded (routes, codes).
-        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
-
-    def _count(self, operation: str, code: str, elapsed: float) -> None:
-        series = self._series.get((operation, code))
-        if series is None:
-            series = (
-                self.metrics.requests.labels("http", operation, code),
-                self.metrics.request_seconds.labels("http", operation),
-            )
-            self._series[(operation, code)] = series
-        series[0].inc()
-        series[1].observe(elapsed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -152,7 +143,7 @@ class RequestMetrics:
             code = scope.get("state", {}).get("error_code") or (
                 "ok" if status < 400 else str(status)
             )
-            self._count(operation, code, elapsed)
+            self.metrics.request_done("http", operation, code, elapsed)
             if operation not in {"/metrics", "/api/v1/health", "/health"}:
                 # 4xx are the caller's errors. The tenant is set by the route once it has
                 # checked that the caller may act for it, so nobody adds to another's figures.

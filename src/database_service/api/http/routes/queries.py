@@ -16,10 +16,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from database_service.api.http.deps import authenticated, tenant_context
 from database_service.api.http.errors import ErrorResponses
+from database_service.api.http.middleware import replaying
 from database_service.api.http.schemas import QueryRequest, QueryResponse
 from database_service.app import Application
 from database_service.auth import Principal
@@ -210,14 +211,7 @@ class QueryFastPath:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         raw = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            return await receive()
+        replay = replaying(raw, receive)
 
         body = _parsed(raw, headers.get("content-type"))
         if body is None:
