@@ -40,6 +40,16 @@ async def as_a(client_for: ClientFactory, tenants: Tenants) -> MultiDatabaseClie
     return await client_for(tenants.a, ALL)
 
 
+@pytest.fixture(params=["packed", "values"])
+async def as_a_bulk(
+    request: pytest.FixtureRequest, as_a: MultiDatabaseClient, monkeypatch: pytest.MonkeyPatch
+) -> MultiDatabaseClient:
+    """A, sending bulk rows packed (one JSON array per batch) or as Value messages."""
+    if request.param == "values":
+        monkeypatch.setattr("database_service_client.client.pack_rows", lambda rows: None)
+    return as_a
+
+
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -98,10 +108,10 @@ async def test_sql_naming_b_is_refused_on_every_query_rpc(
 
 
 async def test_bulk_insert_into_b_schema_is_refused(
-    as_a: MultiDatabaseClient, tenants: Tenants
+    as_a_bulk: MultiDatabaseClient, tenants: Tenants
 ) -> None:
     with pytest.raises(PermissionDenied):
-        await as_a.bulk_insert(
+        await as_a_bulk.bulk_insert(
             f"{tenants.b.schema_name}.users",
             ["user_id", "email", "subscription_tier"],
             [("x", "x@x", "pro")],
@@ -109,43 +119,44 @@ async def test_bulk_insert_into_b_schema_is_refused(
 
 
 async def test_bulk_update_of_b_schema_is_refused(
-    as_a: MultiDatabaseClient, tenants: Tenants
+    as_a_bulk: MultiDatabaseClient, tenants: Tenants
 ) -> None:
     with pytest.raises(PermissionDenied):
-        await as_a.bulk_update(
+        await as_a_bulk.bulk_update(
             f"{tenants.b.schema_name}.users", ["user_id"], ["email"], [("b-user", "pwned@x")]
         )
 
 
 async def test_bulk_insert_with_forged_company_id_is_refused_by_rls(
-    as_a: MultiDatabaseClient, tenants: Tenants
+    as_a_bulk: MultiDatabaseClient, tenants: Tenants
 ) -> None:
     with pytest.raises(PermissionDenied) as info:
-        await as_a.bulk_insert(
+        await as_a_bulk.bulk_insert(
             "market_data", ["company_id", "symbol"], [(tenants.b.tenant_id, "X")]
         )
     assert info.value.sqlstate == "42501"
 
 
 async def test_bulk_update_cannot_move_rows_to_b(
-    as_a: MultiDatabaseClient, tenants: Tenants
+    as_a_bulk: MultiDatabaseClient, tenants: Tenants
 ) -> None:
     with pytest.raises(PermissionDenied) as info:
-        await as_a.bulk_update(
+        await as_a_bulk.bulk_update(
             "market_data", ["symbol"], ["company_id"], [("USDJPY", tenants.b.tenant_id)]
         )
     assert info.value.sqlstate == "42501"
 
 
-async def test_bulk_update_keyed_on_b_rows_touches_nothing(as_a: MultiDatabaseClient) -> None:
+async def test_bulk_update_keyed_on_b_rows_touches_nothing(as_a_bulk: MultiDatabaseClient) -> None:
     # B's market_data row has symbol EURUSD; A keys its update on it and must update 0 rows.
     assert (
-        await as_a.bulk_update("market_data", ["symbol"], ["user_id"], [("EURUSD", "pwned")]) == 0
+        await as_a_bulk.bulk_update("market_data", ["symbol"], ["user_id"], [("EURUSD", "pwned")])
+        == 0
     )
 
 
 async def test_bulk_targets_cannot_be_quoted_tricks(
-    as_a: MultiDatabaseClient, tenants: Tenants
+    as_a_bulk: MultiDatabaseClient, tenants: Tenants
 ) -> None:
     for table in (
         f'"{tenants.b.schema_name}".users',
@@ -153,7 +164,7 @@ async def test_bulk_targets_cannot_be_quoted_tricks(
         "dbsvc_control.tenants",
     ):
         with pytest.raises(DatabaseServiceError):
-            await as_a.bulk_insert(table, ["user_id"], [("x",)])
+            await as_a_bulk.bulk_insert(table, ["user_id"], [("x",)])
 
 
 async def test_time_series_returns_only_a_ticks(

@@ -29,12 +29,13 @@ from database_service_client._proto import database_service_pb2 as pb
 from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
 from database_service_client.errors import (
     DatabaseServiceError,
+    FailedPrecondition,
     NotConfigured,
     PermissionDenied,
     from_rpc_error,
 )
 from database_service_client.params import bind
-from database_service_client.values import from_row, to_row, to_value, unpack_rows
+from database_service_client.values import from_row, pack_rows, to_row, to_value, unpack_rows
 
 __all__ = ["Column", "MultiDatabaseClient", "QueryResult", "QueryStream", "StatementResult"]
 
@@ -527,14 +528,25 @@ class MultiDatabaseClient:
         batch_size: int = 1000,
         timeout: float | None = None,
     ) -> int:
-        """Stream rows into ``table``; all or nothing. Returns the rows written."""
+        """Stream rows into ``table``; all or nothing. Returns the rows written.
+
+        Batches go packed (one JSON array, see ``pack_rows``) unless they hold what JSON cannot
+        carry (bytes, integers past 64 bits); those go as Values."""
+        sent = 0
 
         async def requests() -> AsyncIterator[pb.BulkInsertRequest]:
+            nonlocal sent
             yield pb.BulkInsertRequest(table=table, columns=list(columns))
             async for batch in self._batches(rows, batch_size):
-                yield pb.BulkInsertRequest(rows=[to_row(r) for r in batch])
+                sent += len(batch)
+                packed = pack_rows(batch)
+                if packed is not None:
+                    yield pb.BulkInsertRequest(packed=packed)
+                else:
+                    yield pb.BulkInsertRequest(rows=[to_row(r) for r in batch])
 
         response = await self._unary(self.stub.BulkInsert, requests(), retry=False, timeout=timeout)
+        _check_packed_read(int(response.rows_sent), sent)
         return int(response.rows_written)
 
     async def bulk_update(
@@ -549,14 +561,23 @@ class MultiDatabaseClient:
     ) -> int:
         """Each row: key values, then new values. All or nothing. Returns the rows updated."""
 
+        sent = 0
+
         async def requests() -> AsyncIterator[pb.BulkUpdateRequest]:
+            nonlocal sent
             yield pb.BulkUpdateRequest(
                 table=table, key_columns=list(key_columns), columns=list(columns)
             )
             async for batch in self._batches(rows, batch_size):
-                yield pb.BulkUpdateRequest(rows=[to_row(r) for r in batch])
+                sent += len(batch)
+                packed = pack_rows(batch)
+                if packed is not None:
+                    yield pb.BulkUpdateRequest(packed=packed)
+                else:
+                    yield pb.BulkUpdateRequest(rows=[to_row(r) for r in batch])
 
         response = await self._unary(self.stub.BulkUpdate, requests(), retry=False, timeout=timeout)
+        _check_packed_read(int(response.rows_sent), sent)
         return int(response.rows_updated)
 
     # --- schema and health -------------------------------------------------------------------
@@ -672,3 +693,14 @@ class MultiDatabaseClient:
             else:
                 raise ValueError("the postgresql operation needs 'query' or 'statements'")
         return results
+
+
+def _check_packed_read(read: int, sent: int) -> None:
+    """A server older than packed bulk rows ignores them (an unknown field) and reads fewer rows
+    than were sent: say so instead of returning a short count as if it were the answer."""
+    if read != sent:
+        raise FailedPrecondition(
+            f"the service read {read} of the {sent} rows sent: it is older than this client"
+            " (packed bulk rows); upgrade the service",
+            code="version_mismatch",
+        )

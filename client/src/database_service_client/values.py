@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from operator import attrgetter
 from typing import Any
 
+import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from database_service_client._proto.database_service_pb2 import Array, Row, Value
@@ -24,6 +26,7 @@ from database_service_client._proto.database_service_pb2 import Array, Row, Valu
 __all__ = [
     "from_row",
     "from_value",
+    "pack_rows",
     "timestamp_to_datetime",
     "to_row",
     "to_value",
@@ -157,3 +160,38 @@ def unpack_rows(packed: bytes, kinds: Sequence[str]) -> list[tuple[Any, ...]]:
     for index in convert:
         columns[index] = _converted(columns[index], kinds[index])  # type: ignore[arg-type]
     return list(zip(*columns, strict=True))
+
+
+def _packed_default(value: Any) -> Any:
+    """What orjson does not write itself, as the Value form would carry it; anything else (bytes,
+    an unknown type) makes the batch go as Values."""
+    if isinstance(value, Decimal):
+        return str(value)  # exact; the server reads it by the column's type
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    raise TypeError(type(value).__name__)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def pack_rows(rows: Sequence[Sequence[Any]]) -> bytes | None:
+    """Rows for a bulk load as one JSON array of arrays (``BulkInsertRequest.packed``), in C,
+    or None when they are not all JSON's to carry (bytes, integers past 64 bits): then Values.
+
+    JSON has no NaN or infinity and orjson writes them as null; only when a null appears is
+    the batch searched for them, and they go as the strings the server reads back."""
+    try:
+        packed = orjson.dumps(rows, default=_packed_default)
+        if b"null" in packed and any(
+            isinstance(v, float) and not math.isfinite(v) for row in rows for v in row
+        ):
+            packed = orjson.dumps(
+                [[_finite(v) for v in row] for row in rows], default=_packed_default
+            )
+    except orjson.JSONEncodeError:
+        return None
+    return packed

@@ -61,12 +61,32 @@ class TenantConnection(asyncpg.Connection):
             self.schema_generation = generation
 
 
+def _json_out(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _jsonb_out(value: Any) -> bytes:
+    return _JSONB_VERSION + json.dumps(value).encode()
+
+
+def _jsonb_in(data: bytes) -> Any:
+    if data[:1] != _JSONB_VERSION:
+        raise ValueError(f"unknown jsonb binary format version {data[:1]!r}")
+    return json.loads(data[1:])
+
+
+_JSONB_VERSION = b"\x01"  # the binary jsonb format: a version byte, then the JSON text
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """json/jsonb as Python values in both directions."""
-    for typename in ("json", "jsonb"):
-        await conn.set_type_codec(
-            typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
+    """json/jsonb as Python values in both directions, in the binary format: binary COPY (bulk
+    loads) has no text-format fallback, and a text codec left it without an encoder."""
+    await conn.set_type_codec(
+        "json", encoder=_json_out, decoder=json.loads, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec(
+        "jsonb", encoder=_jsonb_out, decoder=_jsonb_in, schema="pg_catalog", format="binary"
+    )
 
 
 async def create_owner_pool(dsn: str, *, max_size: int, purpose: str = "") -> asyncpg.Pool:

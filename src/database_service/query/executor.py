@@ -48,7 +48,7 @@ from database_service.observability.metrics import Metrics
 from database_service.postgres import Connection, TenantLogin, TenantPools
 from database_service.postgres.deadlines import Deadlines, SessionWatch
 from database_service.query.boundary import fetch_first, postgres_errors, prepare_cached
-from database_service.query.values import PgType, coerce_params, coerce_row, postgres_column
+from database_service.query.values import PgType, coerce_params, coerce_rows, postgres_column
 from database_service.results import (
     Column,
     Event,
@@ -705,13 +705,13 @@ class QueryExecutor:
         target: _Target,
         columns: Sequence[str],
         batches: AsyncIterator[Sequence[Sequence[Any]]],
-    ) -> AsyncIterator[tuple[Any, ...]]:
+    ) -> AsyncIterator[Sequence[Any]]:
         types = [target.types[c] for c in columns]
-        number = 0
+        number = 1
         async for batch in batches:
-            for row in batch:
-                number += 1
-                yield coerce_row(row, types, columns, number)
+            for row in coerce_rows(batch, types, columns, number):
+                yield row
+            number += len(batch)
 
     async def _stage(
         self,
@@ -719,7 +719,7 @@ class QueryExecutor:
         tenant: TenantRecord,
         target: _Target,
         columns: Sequence[str],
-        records: AsyncIterator[tuple[Any, ...]],
+        records: AsyncIterator[Sequence[Any]],
     ) -> str:
         name = f"_dbsvc_stage_{secrets.token_hex(6)}"
         cols = ", ".join(quote_ident(c) for c in columns)
@@ -829,7 +829,7 @@ async def _copy(
     schema: str,
     table: str,
     columns: Sequence[str],
-    records: AsyncIterator[tuple[Any, ...]],
+    records: AsyncIterator[Sequence[Any]],
 ) -> str:
     """Binary COPY of records; a failing row is named in the error (PostgreSQL says 'line N')."""
     try:

@@ -11,6 +11,7 @@ import math
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -18,7 +19,7 @@ import asyncpg
 from database_service.errors import InvalidParameters
 from database_service.results import Column, ValueKind
 
-__all__ = ["PgType", "coerce_params", "coerce_row", "encode_value"]
+__all__ = ["PgType", "coerce_params", "coerce_row", "coerce_rows", "encode_value"]
 
 _INTS = {"int2", "int4", "int8", "oid"}
 _FLOATS = {"float4", "float8"}
@@ -177,6 +178,54 @@ def coerce_row(
                 f"row {row_number}, column {name} ({pg_type.name}): {exc}; got {value!r:.60}"
             ) from None
     return tuple(out)
+
+
+# Columns whose values need no conversion when they all have one of these types (None aside):
+# asyncpg encodes them as they are. bool is its own type, so it never passes as an integer.
+_AS_THEY_ARE: dict[str, frozenset[type]] = {
+    **dict.fromkeys(_INTS, frozenset({int})),
+    **dict.fromkeys(_FLOATS, frozenset({float, int})),
+    **dict.fromkeys(_TEXTS, frozenset({str})),
+    "bool": frozenset({bool}),
+}
+_NONE = type(None)
+
+
+def coerce_rows(
+    rows: Sequence[Sequence[Any]], types: Sequence[PgType], names: Sequence[str], first: int
+) -> Sequence[Sequence[Any]]:
+    """A batch of a bulk load, coerced: the same values and errors as ``coerce_row`` on each
+    row (``first`` numbers the batch's first row), but a column whose values need no conversion
+    is only looked at by C (``set(map(type, ...))``) and its rows pass as they are."""
+    if not rows:
+        return rows
+    if set(map(len, rows)) != {len(types)}:
+        return [coerce_row(r, types, names, first + i) for i, r in enumerate(rows)]
+    convert: list[tuple[int, Callable[[Any], Any]]] = []
+    for index, pg_type in enumerate(types):
+        seen = set(map(type, map(itemgetter(index), rows)))
+        seen.discard(_NONE)
+        fine = _AS_THEY_ARE.get(pg_type.name) if pg_type.kind == "scalar" else None
+        if fine is not None and seen <= fine:
+            continue
+        coercer = _coercer(pg_type.name, pg_type.kind)
+        if coercer is not _json:
+            convert.append((index, coercer))
+    if not convert:
+        return rows
+    out: list[list[Any]] = []
+    try:
+        for row in rows:
+            values = list(row)
+            for index, coercer in convert:
+                value = values[index]
+                if value is not None:
+                    values[index] = coercer(value)
+            out.append(values)
+    except (TypeError, ValueError):
+        # The row-wise path names the first bad row and column.
+        return [coerce_row(r, types, names, first + i) for i, r in enumerate(rows)]
+    return out
 
 
 def coerce_params(values: Sequence[Any], types: Sequence[asyncpg.types.Type]) -> list[Any]:

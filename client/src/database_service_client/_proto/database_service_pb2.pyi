@@ -524,7 +524,13 @@ class BulkInsertRequest(_message.Message):
     TABLE_FIELD_NUMBER: _builtins.int
     COLUMNS_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     table: _builtins.str
+    packed: _builtins.bytes
+    """Instead of rows: the rows as one UTF-8 JSON array of arrays (see RowChunk.packed for the
+    forms; non-finite floats as the strings "NaN", "Infinity", "-Infinity"). Read in one call
+    and checked column by column instead of a Value message per value.
+    """
     @_builtins.property
     def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -535,10 +541,11 @@ class BulkInsertRequest(_message.Message):
         table: _builtins.str = ...,
         columns: _abc.Iterable[_builtins.str] | None = ...,
         rows: _abc.Iterable[Global___Row] | None = ...,
+        packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "rows", b"rows", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "packed", b"packed", "rows", b"rows", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -550,17 +557,21 @@ class BulkInsertResponse(_message.Message):
 
     ROWS_WRITTEN_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
+    ROWS_SENT_FIELD_NUMBER: _builtins.int
     rows_written: _builtins.int
     duration_ms: _builtins.float
+    rows_sent: _builtins.int
+    """rows read from the stream"""
     def __init__(
         self,
         *,
         rows_written: _builtins.int = ...,
         duration_ms: _builtins.float = ...,
+        rows_sent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "rows_written", b"rows_written"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "rows_sent", b"rows_sent", "rows_written", b"rows_written"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -578,7 +589,10 @@ class BulkUpdateRequest(_message.Message):
     KEY_COLUMNS_FIELD_NUMBER: _builtins.int
     COLUMNS_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     table: _builtins.str
+    packed: _builtins.bytes
+    """as BulkInsertRequest.packed"""
     @_builtins.property
     def key_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -592,10 +606,11 @@ class BulkUpdateRequest(_message.Message):
         key_columns: _abc.Iterable[_builtins.str] | None = ...,
         columns: _abc.Iterable[_builtins.str] | None = ...,
         rows: _abc.Iterable[Global___Row] | None = ...,
+        packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "key_columns", b"key_columns", "rows", b"rows", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "key_columns", b"key_columns", "packed", b"packed", "rows", b"rows", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

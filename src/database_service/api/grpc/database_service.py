@@ -27,6 +27,7 @@ from database_service.api.grpc.encoding import (
     encoders_for,
     result_message,
     result_messages,
+    unpack_bulk,
 )
 from database_service.app import Application
 from database_service.errors import InvalidParameters
@@ -50,6 +51,15 @@ _ISOLATION: dict[int, Isolation] = {
     pb.ISOLATION_LEVEL_REPEATABLE_READ: "repeatable_read",
     pb.ISOLATION_LEVEL_SERIALIZABLE: "serializable",
 }
+
+
+def _message_rows(message: Any) -> list[Any]:
+    """A bulk message's rows: packed (one JSON array) or as Row messages, never both."""
+    if message.packed:
+        if len(message.rows):
+            raise InvalidParameters("a bulk message carries rows or packed rows, not both")
+        return unpack_bulk(message.packed)
+    return [from_row(r) for r in message.rows]
 
 
 def _timestamp(value: dt.datetime) -> Timestamp:
@@ -263,12 +273,17 @@ class DatabaseService(DatabaseServiceServicer):
         raise InvalidParameters(f"{what}: the stream was empty")
 
     @staticmethod
-    async def _rows(
-        first: Any, requests: AsyncIterator[Any]
-    ) -> AsyncIterator[list[tuple[Any, ...]]]:
-        yield [from_row(r) for r in first.rows]
+    async def _rows(first: Any, requests: AsyncIterator[Any]) -> AsyncIterator[list[Any]]:
+        yield _message_rows(first)
         async for message in requests:
-            yield [from_row(r) for r in message.rows]
+            yield _message_rows(message)
+
+    async def _counted(
+        self, first: Any, requests: AsyncIterator[Any], counter: list[int]
+    ) -> AsyncIterator[list[Any]]:
+        async for rows in self._rows(first, requests):
+            counter[0] += len(rows)
+            yield rows
 
     @rpc
     async def BulkInsert(
@@ -281,11 +296,18 @@ class DatabaseService(DatabaseServiceServicer):
         first = await self._first(request_iterator, "BulkInsert")
         if not first.table or not first.columns:
             raise InvalidParameters("the first BulkInsert message must name table and columns")
+        sent = [0]
         written = await self.core.executor.bulk_insert(
-            principal, ctx, first.table, list(first.columns), self._rows(first, request_iterator)
+            principal,
+            ctx,
+            first.table,
+            list(first.columns),
+            self._counted(first, request_iterator, sent),
         )
         return pb.BulkInsertResponse(
-            rows_written=written, duration_ms=(time.perf_counter() - started) * 1000
+            rows_written=written,
+            rows_sent=sent[0],
+            duration_ms=(time.perf_counter() - started) * 1000,
         )
 
     @rpc
@@ -301,19 +323,19 @@ class DatabaseService(DatabaseServiceServicer):
             raise InvalidParameters(
                 "the first BulkUpdate message must name table, key_columns and columns"
             )
-        sent = 0
-
-        async def counted() -> AsyncIterator[list[tuple[Any, ...]]]:
-            nonlocal sent
-            async for rows in self._rows(first, request_iterator):
-                sent += len(rows)
-                yield rows
-
+        sent = [0]
         updated = await self.core.executor.bulk_update(
-            principal, ctx, first.table, list(first.key_columns), list(first.columns), counted()
+            principal,
+            ctx,
+            first.table,
+            list(first.key_columns),
+            list(first.columns),
+            self._counted(first, request_iterator, sent),
         )
         return pb.BulkUpdateResponse(
-            rows_updated=updated, rows_sent=sent, duration_ms=(time.perf_counter() - started) * 1000
+            rows_updated=updated,
+            rows_sent=sent[0],
+            duration_ms=(time.perf_counter() - started) * 1000,
         )
 
     # --- schema ----------------------------------------------------------------------------

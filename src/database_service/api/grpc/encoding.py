@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from database_service.errors import InvalidParameters
 from database_service.results import Column as ResultColumn
 from database_service.results import Event, Header, QueryResult, Summary, ValueKind
 from database_service_client._proto.database_service_pb2 import (
@@ -42,6 +43,7 @@ __all__ = [
     "packed_chunks",
     "result_message",
     "result_messages",
+    "unpack_bulk",
 ]
 
 T = TypeVar("T")
@@ -260,3 +262,16 @@ def result_messages(
                     pending = chunk
 
     return messages()
+
+
+def unpack_bulk(packed: bytes) -> list[Any]:
+    """The rows of a packed bulk message (``BulkInsertRequest.packed``): one JSON array of
+    arrays, read in C. Their values are checked against the columns' types later, a column at a
+    time (``coerce_rows``)."""
+    try:
+        rows = orjson.loads(packed)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidParameters(f"packed rows are not JSON: {exc}") from None
+    if not isinstance(rows, list) or not set(map(type, rows)) <= {list}:
+        raise InvalidParameters("packed rows must be a JSON array of arrays")
+    return rows
