@@ -3,7 +3,7 @@
 Loads >= 5,000,000 ticks for one day across tenants and symbols through the partitioned table
 (the 1-minute rollup is maintained by the insert statements themselves), then times 1-minute and
 1-hour candles for one symbol of one tenant: a GROUP BY over the raw ticks (as the owner, filtered
-to that company) and MultiDatabaseClient.candles (gRPC, from the rollup). Medians of 3 runs.
+to that company) and MultiDatabaseClient.candles (gRPC, from the rollup). Medians of 7 runs.
 
     .venv/bin/python bench/candles.py [--ticks 5000000]
 """
@@ -24,6 +24,7 @@ from harness import emit, running_service  # bench/ is on sys.path when run as a
 from database_service.timeseries.layout import SeriesSpec, aligned_ranges, partition_ddl
 from database_service_client import MultiDatabaseClient
 
+RUNS = 7
 TENANTS = 5
 SYMBOLS = [f"SYM{i:02d}" for i in range(10)]
 DAY = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
@@ -41,7 +42,7 @@ GROUP BY 1 ORDER BY 1
 async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
     runs = []
     result = None
-    for _ in range(3):
+    for _ in range(RUNS):
         started = time.perf_counter()
         result = await call()
         runs.append((time.perf_counter() - started) * 1000)
@@ -91,7 +92,7 @@ async def main(ticks: int) -> None:
         await owner.execute("ANALYZE shared.trading_ticks")
         client = MultiDatabaseClient(service.grpc, "co2", tenants["co2"][1], timeout=300)
         end = DAY + dt.timedelta(days=1)
-        print("candles for one symbol of one tenant over the day (median of 3)")
+        print(f"candles for one symbol of one tenant over the day (median of {RUNS})")
         figures: dict[str, float | int] = {"ticks": per_hour * 24, "rollup_rows": rollups}
         for label, key, interval in (
             ("1-minute", "minute", dt.timedelta(minutes=1)),

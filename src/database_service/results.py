@@ -14,16 +14,20 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
+from database_service_client.values import unpack_rows
+
 __all__ = [
     "Column",
     "Event",
     "Header",
+    "PackedRows",
     "QueryResult",
     "StatementKind",
     "Summary",
     "TransactionResult",
     "ValueKind",
     "approximate_bytes",
+    "unpacked",
 ]
 
 Rows = Sequence[Sequence[Any]]
@@ -89,8 +93,25 @@ class TransactionResult:
     duration_ms: float
 
 
-# What a streamed statement yields: a header, batches of rows, a summary.
-Event = Header | Rows | Summary
+@dataclass(frozen=True, slots=True)
+class PackedRows:
+    """Rows the store itself wrote in the packed form (``RowChunk.packed``: one JSON array of
+    arrays; decimals as strings, timestamps in ISO 8601 with their offset), e.g. PostgreSQL's
+    ``json_agg``: a front end that sends packed rows passes them on without a Python object
+    per value; one that does not reads them with ``unpacked``."""
+
+    data: bytes
+    count: int
+
+
+# What a streamed statement yields: a header, batches of rows (or packed rows), a summary.
+Event = Header | Rows | PackedRows | Summary
+
+
+def unpacked(rows: PackedRows, columns: Sequence[Column]) -> list[tuple[Any, ...]]:
+    """Packed rows as Python values, by their columns' kinds: the client's reader, which defines
+    the packed form, so there is one implementation of it."""
+    return unpack_rows(rows.data, [c.kind.value for c in columns])
 
 
 _FIXED_BYTES = 8  # a number, a boolean, a timestamp: about what it costs on any wire

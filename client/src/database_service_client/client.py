@@ -9,14 +9,15 @@ before its first message; nothing else is retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -90,19 +91,32 @@ class _ResultReader:
     def __aiter__(self) -> AsyncIterator[tuple[Any, ...]]:
         return self._rows()
 
-    def _rows(self) -> AsyncIterator[tuple[Any, ...]]:
+    async def _rows(self) -> AsyncIterator[tuple[Any, ...]]:
+        # aclosing: a reader leaving its loop early ends the call now, not when collected.
+        async with contextlib.aclosing(self._chunks()) as chunks:
+            async for rows in chunks:
+                for row in rows:
+                    yield row
+
+    def _chunks(self) -> AsyncGenerator[list[tuple[Any, ...]], None]:
+        """The rows message by message (a whole result is gathered a message at a time, not
+        a row at a time through the generators)."""
         raise NotImplementedError
 
-    def _read(self, message: Any) -> Iterator[tuple[Any, ...]]:
+    def _read(self, message: Any) -> list[tuple[Any, ...]]:
         if message.HasField("header"):
             self.columns = [Column(c.name, c.type) for c in message.header.columns]
             self._kinds = [c.kind for c in message.header.columns]
-        yield from _rows_of(message.rows, self._kinds)
+        rows = _rows_of(message.rows, self._kinds)
         if message.HasField("summary"):
             self.summary = message.summary
+        return rows
 
     async def fetch_all(self) -> QueryResult:
-        rows = [row async for row in self]
+        rows: list[tuple[Any, ...]] = []
+        async with contextlib.aclosing(self._chunks()) as chunks:
+            async for chunk in chunks:
+                rows += chunk
         summary = self.summary
         return QueryResult(
             columns=self.columns,
@@ -125,7 +139,7 @@ class QueryStream(_ResultReader):
     columns: list[Column] = field(default_factory=list)
     summary: pb.ResultSummary | None = None
 
-    async def _rows(self) -> AsyncIterator[tuple[Any, ...]]:
+    async def _chunks(self) -> AsyncGenerator[list[tuple[Any, ...]], None]:
         attempt = 0
         while True:
             call = self._start()
@@ -133,8 +147,7 @@ class QueryStream(_ResultReader):
             try:
                 async for message in call:
                     received = True
-                    for row in self._read(message):
-                        yield row
+                    yield self._read(message)
                 return
             except grpc.aio.AioRpcError as exc:
                 retry = (
@@ -179,13 +192,12 @@ class PulledStream(_ResultReader):
             if request.HasField("cancel"):
                 return
 
-    async def _rows(self) -> AsyncIterator[tuple[Any, ...]]:
+    async def _chunks(self) -> AsyncGenerator[list[tuple[Any, ...]], None]:
         self._call = self._start(self._requests())
         try:
             async for message in self._call:
                 self.messages += 1
-                for row in self._read(message):
-                    yield row
+                yield self._read(message)
                 if self.summary is not None:
                     return
                 self._outbox.put_nowait(pb.StreamQueryRequest(pull=1))

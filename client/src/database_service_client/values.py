@@ -152,7 +152,7 @@ def unpack_rows(packed: bytes, kinds: Sequence[str]) -> list[tuple[Any, ...]]:
     """Rows from a packed chunk: one JSON decode (in C), then only the columns whose values JSON
     does not carry as themselves (timestamps, decimals, bytes) are converted, a column at a
     time."""
-    rows: list[list[Any]] = json.loads(packed)
+    rows: list[list[Any]] = orjson.loads(packed)
     convert = [i for i, k in enumerate(kinds) if k in _UNPACK]
     if not convert or not rows:
         return list(map(tuple, rows))

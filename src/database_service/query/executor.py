@@ -451,13 +451,18 @@ class QueryExecutor:
         *,
         batch_rows: int = 500,
         read_only: bool = False,
+        own_sql: bool = False,
         action: str = "query.stream",
     ) -> AsyncGenerator[Event, None]:
         """One statement, streamed: a Header, batches of rows, a Summary.
 
         Reads go through a server-side cursor, so neither side holds the whole result; the
         connection is held until the consumer finishes or stops (cancellation releases it and
-        cancels the statement in PostgreSQL)."""
+        cancels the statement in PostgreSQL).
+
+        ``own_sql``: the text is the service's own (time-series reads), a read the guard still
+        checks, so a read-only caller needs no READ ONLY transaction around it: that
+        transaction guards a caller's SQL (functions that write), and costs two round trips."""
         started = time.perf_counter()
         async with self._audited(principal, ctx, action) as outcome:
             self._check_params(params)
@@ -466,6 +471,8 @@ class QueryExecutor:
             if read_only and verdict.kind is not StatementKind.READ:
                 raise SqlRejected("this operation runs read-only statements only", sqlstate="25006")
             readonly = read_only or not principal.has_scope(Scope.WRITE)
+            if own_sql and verdict.kind is StatementKind.READ and verdict.repeatable:
+                readonly = False
             for last in self._attempts():
                 # The header goes out once the statement is bound: a kept statement whose
                 # tables changed is refused at Bind, and retried while nothing has been sent.

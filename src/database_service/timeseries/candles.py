@@ -18,15 +18,26 @@ Candles (OHLCV) of a symbol over [start, end) at any interval from 1 second to 1
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from database_service.errors import InvalidParameters
+from database_service.results import Column, ValueKind
 from database_service.tenancy.ids import quote_ident
 
-__all__ = ["CandleQuery", "candle_sql", "last_tick_sql", "parse_interval", "uses_rollup"]
+__all__ = [
+    "CANDLE_COLUMNS",
+    "NUMERIC_COLUMNS",
+    "CandleQuery",
+    "candle_sql",
+    "last_tick_sql",
+    "packed_sql",
+    "parse_interval",
+    "uses_rollup",
+]
 
 DEFAULT_ORIGIN = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 MIN_INTERVAL = dt.timedelta(seconds=1)
@@ -106,6 +117,10 @@ class CandleQuery:
             )
         return self
 
+    def buckets(self) -> int:
+        """How many candles the range can hold at most (a bucket cut by the origin counts)."""
+        return math.ceil((self.end - self.start) / self.interval) + 1
+
 
 def _on_minute(moment: dt.datetime) -> bool:
     return moment.second == 0 and moment.microsecond == 0
@@ -129,6 +144,18 @@ _COLUMNS = "bucket, open, high, low, close, volume, ticks, vwap, spread_avg, spr
 # building a Decimal for each of them (and a front end turning it back into text) was most of
 # a day of 1-minute candles' time. ``numeric_as_text`` retypes them in the header.
 NUMERIC_COLUMNS = ("open", "high", "low", "close", "vwap", "spread_avg", "spread_min", "spread_max")
+# The columns every candle query returns, as the streamed path's header says them (numeric
+# columns retyped by ``numeric_as_text``); a test holds the two paths to the same header.
+CANDLE_COLUMNS = [
+    Column("bucket", "timestamptz", ValueKind.TIMESTAMP),
+    *(Column(n, "numeric", ValueKind.DECIMAL) for n in ("open", "high", "low", "close")),
+    Column("volume", "int8", ValueKind.INTEGER),
+    Column("ticks", "int8", ValueKind.INTEGER),
+    *(
+        Column(n, "numeric", ValueKind.DECIMAL)
+        for n in ("vwap", "spread_avg", "spread_min", "spread_max")
+    ),
+]
 _OUTPUT = ", ".join(
     f"{name}::text AS {name}" if name in NUMERIC_COLUMNS else name for name in _COLUMNS.split(", ")
 )
@@ -207,6 +234,16 @@ def candle_sql(shared: str, q: CandleQuery) -> tuple[str, list[Any]]:
             FROM f) g
         ORDER BY bucket"""
     return sql, params
+
+
+def packed_sql(candles: str) -> str:
+    """A candle query (``candle_sql``) as one row: the candle count and the candles as a JSON
+    array of arrays in the packed form (numeric columns are already text there, so decimals
+    are JSON strings; timestamps are ISO 8601 with their offset)."""
+    return (
+        f"SELECT count(*), coalesce(json_agg(json_build_array({_COLUMNS}) ORDER BY bucket),"
+        f" '[]')::text FROM ({candles}) p"
+    )
 
 
 def last_tick_sql(shared: str, since: dt.datetime) -> tuple[str, list[Any]]:

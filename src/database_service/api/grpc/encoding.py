@@ -14,7 +14,7 @@ import base64
 import datetime as dt
 import json
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from operator import itemgetter
 from typing import Any, TypeVar
@@ -23,7 +23,15 @@ import orjson
 
 from database_service.errors import InvalidParameters
 from database_service.results import Column as ResultColumn
-from database_service.results import Event, Header, QueryResult, Summary, ValueKind
+from database_service.results import (
+    Event,
+    Header,
+    PackedRows,
+    QueryResult,
+    Summary,
+    ValueKind,
+    unpacked,
+)
 from database_service_client._proto.database_service_pb2 import (
     Column,
     ResultHeader,
@@ -250,11 +258,18 @@ def result_messages(
                 )
                 yield message(header=header, rows=pending, summary=summary)
             else:
-                chunks = (
-                    packed_chunks(event, columns, encoders, max_chunk_bytes)
-                    if packed
-                    else chunk_rows(event, encoders, max_chunk_bytes)
-                )
+                chunks: Iterable[RowChunk]
+                if isinstance(event, PackedRows):
+                    # Already packed by the store: passed on as it is, or read for Values.
+                    chunks = (
+                        [RowChunk(packed=event.data)]
+                        if packed
+                        else chunk_rows(unpacked(event, columns), encoders, max_chunk_bytes)
+                    )
+                elif packed:
+                    chunks = packed_chunks(event, columns, encoders, max_chunk_bytes)
+                else:
+                    chunks = chunk_rows(event, encoders, max_chunk_bytes)
                 for chunk in chunks:
                     if pending is not None:
                         yield message(header=header, rows=pending)

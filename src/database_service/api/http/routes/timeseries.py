@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from database_service.api.http.deps import Authenticated, Core, aware, tenant_context
 from database_service.query import Header as ResultHeader
 from database_service.query import Summary, encode_value
+from database_service.results import PackedRows, unpacked
 from database_service.timeseries.candles import DEFAULT_ORIGIN, CandleQuery, parse_interval
 
 router = APIRouter(tags=["timeseries"])
@@ -30,7 +31,8 @@ async def ndjson(events: AsyncGenerator[Any, None]) -> StreamingResponse:
             async for event in events:
                 if isinstance(event, Summary | ResultHeader):
                     continue
-                for row in event:
+                rows = unpacked(event, header.columns) if isinstance(event, PackedRows) else event
+                for row in rows:
                     item = {n: encode_value(v) for n, v in zip(names, row, strict=True)}
                     yield json.dumps(item).encode() + b"\n"
         finally:
