@@ -16,7 +16,14 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -116,6 +123,26 @@ class Settings(BaseSettings):
     grpc_shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     grpc_chunk_bytes: int = Field(default=256 * 1024, ge=1024)
 
+    # TLS on every listener (gRPC, HTTP): a certificate chain and its key, by path, read again
+    # when the files change (rotation without a restart). Without them the listeners speak
+    # plaintext (localhost development); with tls_required, the service refuses to start so.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_required: bool = False
+    # Mutual TLS: client certificates signed by this CA name service identities (see
+    # `database-service services set-certificate`); gRPC then requires one of every caller.
+    tls_client_ca_file: Path | None = None
+
+    # Logs: "text", "json" (one object per line) or "auto" (text on a terminal, else JSON).
+    log_format: Literal["auto", "text", "json"] = "auto"
+    # SQL parameter values appear in logs only when this is true (debugging); never tokens.
+    log_sql_parameters: bool = False
+
+    # OpenTelemetry traces, exported over OTLP/gRPC; off (and free) without an endpoint. The
+    # standard OTEL_EXPORTER_OTLP_ENDPOINT (and other OTEL_* variables) work too.
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str = "database-service"
+
     # NATS. Without a URL and with nats_embedded, a private nats-server (JetStream) is started.
     nats_url: str | None = None
     nats_embedded: bool = True
@@ -201,6 +228,19 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least DBSVC_TOKEN_DEFAULT_TTL_SECONDS ({default})")
         return value
 
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("DBSVC_TLS_CERT_FILE and DBSVC_TLS_KEY_FILE go together")
+        if self.tls_required and self.tls_cert_file is None:
+            raise ValueError(
+                "DBSVC_TLS_REQUIRED is set but no certificate is (DBSVC_TLS_CERT_FILE,"
+                " DBSVC_TLS_KEY_FILE): the service does not serve plaintext then"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("DBSVC_TLS_CLIENT_CA_FILE needs DBSVC_TLS_CERT_FILE (mutual TLS)")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -226,7 +266,8 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as exc:
             problems = "; ".join(
-                f"DBSVC_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                (f"DBSVC_{'_'.join(str(p) for p in err['loc']).upper()}: " if err["loc"] else "")
+                + err["msg"].removeprefix("Value error, ")
                 for err in exc.errors()
             )
             raise ConfigError(f"invalid configuration: {problems}") from None
