@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Only what parsing the command line needs is imported here: ``--help`` and a wrong argument
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from database_service.config import Settings
     from database_service.supervisor import InstanceLock
     from database_service.tenancy.migrations import MigrationProgress
+    from database_service.tls import CertificateFiles
 
 __all__ = ["main"]
 
@@ -90,6 +92,25 @@ class _Signals:
             self._task.cancel()
 
 
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.tls_cert_file is not None else "http"
+
+
+def _tls_files(settings: Settings) -> CertificateFiles | None:
+    """The certificate files, loaded once to check them (a set that cannot serve stops the
+    start with its reason); None for plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    from database_service.tls import CertificateFiles  # noqa: PLC0415
+
+    try:
+        return CertificateFiles(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
+    except ValueError as exc:
+        raise ValueError(f"TLS: {exc} (DBSVC_TLS_CERT_FILE / DBSVC_TLS_KEY_FILE)") from None
+
+
 async def _serve(settings: Settings, verbose: int = 0) -> int:
     signals = _Signals()
     # Before anything starts: one instance per data directory, and every port free.
@@ -103,9 +124,10 @@ async def _serve(settings: Settings, verbose: int = 0) -> int:
 
     workers = resolve_count(settings)
     nats_embedded = settings.nats_url is None and settings.nats_embedded
+    _tls_files(settings)  # before anything starts: certificates that cannot serve stop here
     lock = InstanceLock(settings.data_dir)
     lock.acquire(
-        REST=f"http://{settings.http_host}:{settings.http_port}/api/v1/",
+        REST=f"{_scheme(settings)}://{settings.http_host}:{settings.http_port}/api/v1/",
         gRPC=f"{settings.grpc_host}:{settings.grpc_port}",
         NATS=f"nats://127.0.0.1:{settings.nats_port}" if nats_embedded else settings.nats_url,
     )
@@ -249,7 +271,7 @@ async def _serve_supervised(
         signals.checkpoint()
         lock.describe(
             state="running",
-            REST=f"http://{settings.http_host}:{http_port}/api/v1/",
+            REST=f"{_scheme(settings)}://{settings.http_host}:{http_port}/api/v1/",
             gRPC=f"{settings.grpc_host}:{grpc_port}",
             NATS=nats_url,
         )
@@ -316,8 +338,9 @@ async def _serve_worker_on(
         # Started: the control plane is migrated (the supervisor starts the others now).
         snapshots.write()
         writer = snapshots.start()
+        tls = _tls_files(settings)
         try:
-            async with GrpcServer(core, reuse_port=True) as grpc_server:
+            async with GrpcServer(core, reuse_port=True, tls=tls) as grpc_server:
                 signals.checkpoint()
                 await core.guard.start_worker()
                 signals.checkpoint()
@@ -335,7 +358,7 @@ async def _serve_worker_on(
 
                 try:
                     code = await _serve_http(
-                        settings, signals, core, grpc_server.port, http_socket, started
+                        settings, signals, core, grpc_server.port, http_socket, started, tls
                     )
                 finally:
                     http_socket.close()
@@ -353,9 +376,10 @@ async def _serve_on(
     from database_service.api.grpc import GrpcServer  # noqa: PLC0415
     from database_service.app import Application  # noqa: PLC0415
 
+    tls = _tls_files(settings)
     async with Application(settings) as core:
         signals.checkpoint()
-        async with GrpcServer(core) as grpc_server:
+        async with GrpcServer(core, tls=tls) as grpc_server:
             signals.checkpoint()
             # The guard's worker (large statements are parsed there) starts now, not on the
             # first large statement; admin commands never need it.
@@ -365,7 +389,7 @@ async def _serve_on(
             def started(port: int) -> None:
                 lock.describe(
                     state="running",
-                    REST=f"http://{settings.http_host}:{port}/api/v1/",
+                    REST=f"{_scheme(settings)}://{settings.http_host}:{port}/api/v1/",
                     gRPC=f"{settings.grpc_host}:{grpc_server.port}",
                     NATS=core.endpoints.nats_url,
                 )
@@ -381,7 +405,7 @@ async def _serve_on(
                 )
 
             code = await _serve_http(
-                settings, signals, core, grpc_server.port, http_socket, started
+                settings, signals, core, grpc_server.port, http_socket, started, tls
             )
             lock.describe(state="stopping")
     if code == 0:
@@ -396,9 +420,11 @@ async def _serve_http(
     grpc_port: int,
     http_socket: socket.socket,
     started: Callable[[int], None],
+    tls: CertificateFiles | None = None,
 ) -> int:
     """Serve HTTP until a signal asks to stop: 0, or 1 if the HTTP server cannot start.
-    ``started`` is called with the HTTP port once it serves."""
+    ``started`` is called with the HTTP port once it serves. With ``tls``, HTTPS only (a
+    plaintext request fails its handshake), with the client certificate passed on."""
     import uvicorn  # noqa: PLC0415
 
     from database_service.api.http.app import create_http_app  # noqa: PLC0415
@@ -410,6 +436,12 @@ async def _serve_http(
         def capture_signals(self) -> Iterator[None]:
             yield
 
+    secure: dict[str, Any] = {}
+    if tls is not None:
+        from database_service.tls import TlsHttpProtocol, http_ssl_context  # noqa: PLC0415
+
+        context = http_ssl_context(tls)
+        secure = {"ssl_context_factory": lambda _config, _default: context, "http": TlsHttpProtocol}
     config = uvicorn.Config(
         create_http_app(core),
         host=settings.http_host,
@@ -418,6 +450,7 @@ async def _serve_http(
         log_level=None,
         access_log=False,
         lifespan="off",
+        **secure,
     )
     server = Server(config)
     serve_task = asyncio.create_task(server.serve(sockets=[http_socket]))
@@ -449,12 +482,13 @@ def _banner(
     workers: str | None = None,
 ) -> str:
     """What ``serve`` prints once it serves (tests and the README read these lines)."""
-    base = f"http://{settings.http_host}:{http_port}"
+    base = f"{_scheme(settings)}://{settings.http_host}:{http_port}"
     admin_token_file = settings.data_dir / "admin.token"
     lines = [
         "Database Service is running.",
         f"  REST       {base}/api/v1/  (OpenAPI {base}/openapi.json, docs {base}/docs)",
         f"  gRPC       {settings.grpc_host}:{grpc_port}"
+        f"{' (TLS)' if settings.tls_cert_file else ''}"
         "  (database_service.v1.DatabaseService, health, reflection)",
         f"  health     {base}/api/v1/health",
         f"  metrics    {base}/metrics",
@@ -553,6 +587,35 @@ def _parser() -> argparse.ArgumentParser:
     service.add_parser("list")
     for name in ("disable", "enable"):
         service.add_parser(name).add_argument("name")
+    bind = service.add_parser(
+        "bind-certificate",
+        help="let client certificates carrying NAME act as the service (mutual TLS)",
+    )
+    bind.add_argument("name", help="the service")
+    bind.add_argument(
+        "certificate_name",
+        help="the certificate's subject in RFC 4514 form (CN=trading-engine,O=Acme), or"
+        " DNS:<name>, URI:<uri>, EMAIL:<address> of its subject alternative names",
+    )
+    service.add_parser("unbind-certificate").add_argument("certificate_name")
+    service.add_parser("certificates", help="bound certificate names and their services")
+    service.add_parser(
+        "revoke-certificate", help="refuse one client certificate whatever it names"
+    ).add_argument("fingerprint", help="SHA-256 of the certificate (DER), hex")
+
+    tls = sub.add_parser("tls", help="TLS helpers").add_subparsers(dest="action", required=True)
+    dev_cert = tls.add_parser(
+        "dev-cert",
+        help="make a local CA, a server certificate and client certificates to try TLS",
+        description="Writes ca.pem, server.pem/server-key.pem and client-<NAME>.pem/-key.pem"
+        " into DIR (default <data dir>/tls) and prints the settings that use them. For"
+        " trying TLS on one machine, not for production: the CA key is kept beside them.",
+    )
+    dev_cert.add_argument("--dir", type=Path)
+    dev_cert.add_argument("--host", action="append", default=[], help="another server name")
+    dev_cert.add_argument(
+        "--client", action="append", default=[], help="a client certificate with CN=CLIENT"
+    )
 
     token = sub.add_parser("token", help="service tokens").add_subparsers(
         dest="action", required=True
@@ -669,6 +732,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return await _serve(settings, args.verbose)
     if args.command == "ingest-load":
         return await _ingest_load(args, settings)
+    if args.command == "tls":
+        return _dev_cert(args, settings)
     replay = args.command == "dead-letters" and args.action == "replay"
     if replay and bool(args.ids) == args.all_pending:
         print("dead-letters replay: give IDs or --all-pending, not both", file=sys.stderr)
@@ -711,6 +776,17 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             _print({**identity.public_dict(), "secret": secret})
         elif args.action == "list":
             _print([s.public_dict() for s in await admin.list(operator)])
+        elif args.action == "bind-certificate":
+            await admin.bind_certificate(operator, args.name, args.certificate_name)
+            _print({"service": args.name, "certificate_name": args.certificate_name})
+        elif args.action == "unbind-certificate":
+            await admin.unbind_certificate(operator, args.certificate_name)
+            _print({"certificate_name": args.certificate_name, "unbound": True})
+        elif args.action == "certificates":
+            _print(await admin.certificates(operator))
+        elif args.action == "revoke-certificate":
+            revoked = await admin.revoke_certificate(operator, args.fingerprint)
+            _print({"fingerprint": args.fingerprint, "revoked": True, "new": revoked})
         else:
             await admin.set_active(operator, args.name, args.action == "enable")
             _print({"service": args.name, "status": f"{args.action}d"})
@@ -860,6 +936,28 @@ async def _ingest_token(core: Application, tenant_id: str) -> str:
         )
     issued = await admin.issue_token(operator, "ingest-load", tenants=[tenant_id], scopes="ingest")
     return issued.token
+
+
+def _dev_cert(args: argparse.Namespace, settings: Settings) -> int:
+    from database_service.tls import make_dev_certificates  # noqa: PLC0415
+
+    directory = args.dir or settings.data_dir / "tls"
+    made = make_dev_certificates(directory, hosts=args.host, clients=args.client)
+    print(f"Development certificates in {made.directory} (CA: {made.ca_cert}).")
+    print("Serve with TLS:")
+    print(f"  export DBSVC_TLS_CERT_FILE={made.server_cert}")
+    print(f"  export DBSVC_TLS_KEY_FILE={made.server_key}")
+    if made.clients:
+        print("Mutual TLS (client certificates signed by this CA name services):")
+        print(f"  export DBSVC_TLS_CLIENT_CA_FILE={made.ca_cert}")
+        for name, (cert, key) in made.clients.items():
+            print(f"  database-service service bind-certificate <service> 'CN={name},"
+                  "O=Database Service development'")  # fmt: skip
+            print(f"    client: ca_file={made.ca_cert} cert_file={cert} key_file={key}")
+    print(
+        f"Clients trust the CA: MultiDatabaseClient(..., tls=TlsOptions(ca_file='{made.ca_cert}'))"
+    )
+    return 0
 
 
 def _split(value: str) -> list[str]:

@@ -34,6 +34,7 @@ from database_service_client.publish import (
     prediction,
     tick,
 )
+from database_service_client.tls import TlsOptions
 
 __all__ = [
     "Aborted",
@@ -57,6 +58,7 @@ __all__ = [
     "QueryStream",
     "ResourceExhausted",
     "StatementResult",
+    "TlsOptions",
     "Unauthenticated",
     "Unavailable",
     "bind",

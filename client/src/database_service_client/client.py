@@ -36,6 +36,7 @@ from database_service_client.errors import (
     from_rpc_error,
 )
 from database_service_client.params import bind
+from database_service_client.tls import TlsOptions
 from database_service_client.values import from_row, pack_rows, to_row, to_value, unpack_rows
 
 __all__ = ["Column", "MultiDatabaseClient", "QueryResult", "QueryStream", "StatementResult"]
@@ -242,14 +243,19 @@ class MultiDatabaseClient:
         self,
         host: str,
         tenant_context: Mapping[str, str] | str,
-        token: str,
+        token: str | None,
         *,
         timeout: float | None = 30.0,
         retries: int = 3,
         backoff: float = 0.1,
+        tls: TlsOptions | bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = 16 * 1_048_576,
     ) -> None:
+        """``token``: the service's bearer token; None when a client certificate alone
+        identifies it (``tls=TlsOptions(cert_file=..., key_file=...)``). ``tls``: True for
+        TLS with the default trust roots, or ``TlsOptions``; ``credentials``: any other gRPC
+        channel credentials."""
         if isinstance(tenant_context, str):
             tenant_context = {"company_id": tenant_context}
         tenant = tenant_context.get("company_id") or tenant_context.get("tenant_id")
@@ -262,11 +268,15 @@ class MultiDatabaseClient:
         self._token = token
         self._retries = retries
         self._backoff = backoff
-        self._credentials = credentials
-        self._options = [
+        if tls is not None and credentials is not None:
+            raise ValueError("give tls or credentials, not both")
+        options = TlsOptions() if tls is True else tls or None
+        self._credentials = options.credentials() if options is not None else credentials
+        self._options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
+            *(options.channel_options() if options is not None else []),
         ]
         self._channel: grpc.aio.Channel | None = None
         self._stub: DatabaseServiceStub | None = None
@@ -297,7 +307,9 @@ class MultiDatabaseClient:
         return self._stub
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        metadata = [("authorization", f"Bearer {self._token}"), ("x-tenant-id", self.tenant_id)]
+        metadata = [("x-tenant-id", self.tenant_id)]
+        if self._token is not None:
+            metadata.append(("authorization", f"Bearer {self._token}"))
         if self.user_id:
             metadata.append(("x-user-id", self.user_id))
         return tuple(metadata)

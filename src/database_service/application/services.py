@@ -154,6 +154,41 @@ class ServiceAdmin:
         self._authenticator.forget(name)
         await self._access.done(principal, action, detail=name)
 
+    async def bind_certificate(self, principal: Principal, service: str, name: str) -> None:
+        """Let client certificates carrying ``name`` (their RFC 4514 subject, or "DNS:",
+        "URI:", "EMAIL:" and a subject alternative name) act as ``service`` (mutual TLS).
+
+        Platform administrators only: a certificate is proof the CA gives, and whoever binds
+        names decides what that proof is worth for every tenant the service holds."""
+        action = "service.certificate.bind"
+        await self._access.require_platform(principal, action)
+        await self._administered(principal, service, action)
+        await self._directory.bind_certificate(name, service, created_by=principal.service)
+        self._authenticator.certificates_changed()
+        await self._access.done(principal, action, detail=f"{service}: {name}")
+
+    async def unbind_certificate(self, principal: Principal, name: str) -> None:
+        action = "service.certificate.unbind"
+        await self._access.require_platform(principal, action)
+        await self._directory.unbind_certificate(name)
+        self._authenticator.certificates_changed()
+        await self._access.done(principal, action, detail=name)
+
+    async def certificates(self, principal: Principal) -> dict[str, str]:
+        await self._access.require_platform(principal, "service.certificate.list")
+        return await self._directory.certificate_names()
+
+    async def revoke_certificate(self, principal: Principal, fingerprint: str) -> bool:
+        """Refuse one certificate (by its SHA-256 fingerprint) whatever it names."""
+        action = "service.certificate.revoke"
+        await self._access.require_platform(principal, action)
+        revoked = await self._directory.revoke_certificate(
+            fingerprint.lower().replace(":", ""), revoked_by=principal.service
+        )
+        self._authenticator.certificates_changed()
+        await self._access.done(principal, action, detail=fingerprint)
+        return revoked
+
     async def _administered(self, principal: Principal, name: str, action: str) -> ServiceIdentity:
         """The service, if the caller administers every tenant it holds; else 'no such service'."""
         await self._access.require(principal, Scope.ADMIN, action)

@@ -51,6 +51,7 @@ from database_service.errors import (
     postgres_unavailable,
 )
 from database_service.tenancy.ids import quote_ident, validate_tenant_id
+from database_service.tls.peer import PeerCertificate
 
 __all__ = ["Authenticator", "ServiceDirectory", "ServiceIdentity"]
 
@@ -100,6 +101,8 @@ class ServiceDirectory:
         self._table = f"{quote_ident(control_schema)}.services"
         self._revoked = f"{quote_ident(control_schema)}.revoked_tokens"
         self._deployment = f"{quote_ident(control_schema)}.deployment"
+        self._certificates = f"{quote_ident(control_schema)}.service_certificates"
+        self._revoked_certificates = f"{quote_ident(control_schema)}.revoked_certificates"
         # scrypt releases the GIL: hashing on these threads leaves the event loop free.
         self._hasher = concurrent.futures.ThreadPoolExecutor(
             hash_threads, thread_name_prefix="dbsvc-scrypt"
@@ -227,6 +230,56 @@ class ServiceDirectory:
             )
         return frozenset((r["service_name"], r["jti"]) for r in rows)
 
+    async def bind_certificate(self, name: str, service: str, *, created_by: str) -> None:
+        """Bind a client-certificate name (RFC 4514 subject, or "DNS:"/"URI:"/"EMAIL:" and a
+        subject alternative name) to a service."""
+        if not 3 <= len(name) <= 1000 or not name.isprintable():
+            raise InvalidRequest("a certificate name is 3-1000 printable characters")
+        try:
+            with postgres_unavailable("service directory"):
+                await self._pool.execute(
+                    f"INSERT INTO {self._certificates} (name, service_name, created_by)"
+                    " VALUES ($1, $2, $3)",
+                    name,
+                    service,
+                    created_by,
+                )
+        except asyncpg.UniqueViolationError:
+            raise Conflict(f"certificate name {name!r} is bound already") from None
+        except asyncpg.ForeignKeyViolationError:
+            raise NotFound(f"service {service!r} does not exist") from None
+
+    async def unbind_certificate(self, name: str) -> None:
+        with postgres_unavailable("service directory"):
+            result = await self._pool.execute(
+                f"DELETE FROM {self._certificates} WHERE name = $1", name
+            )
+        if result.endswith(" 0"):
+            raise NotFound(f"certificate name {name!r} is not bound")
+
+    async def certificate_names(self) -> dict[str, str]:
+        """Every bound certificate name and its service."""
+        with postgres_unavailable("service directory"):
+            rows = await self._pool.fetch(f"SELECT name, service_name FROM {self._certificates}")
+        return {r["name"]: r["service_name"] for r in rows}
+
+    async def revoke_certificate(self, fingerprint: str, *, revoked_by: str) -> bool:
+        if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+            raise InvalidRequest("a certificate fingerprint is 64 lower-case hex digits (SHA-256)")
+        with postgres_unavailable("service directory"):
+            status = await self._pool.execute(
+                f"INSERT INTO {self._revoked_certificates} (fingerprint, revoked_by)"
+                " VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                fingerprint,
+                revoked_by,
+            )
+        return status.endswith(" 1")
+
+    async def revoked_certificates(self) -> frozenset[str]:
+        with postgres_unavailable("service directory"):
+            rows = await self._pool.fetch(f"SELECT fingerprint FROM {self._revoked_certificates}")
+        return frozenset(r["fingerprint"] for r in rows)
+
     async def deployment_id(self) -> str:
         """This deployment's id: drawn once when its control plane was created (control
         migration 0007), the same for every instance sharing it."""
@@ -259,8 +312,60 @@ class Authenticator:
         self._revoked: frozenset[tuple[str, str]] = frozenset()
         self._revoked_until = 0.0
         self._revoked_lock = asyncio.Lock()
+        self._certificate_names: dict[str, str] = {}
+        self._revoked_fingerprints: frozenset[str] = frozenset()
+        self._certificates_until = 0.0
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(
+        self, authorization: str | None, peer: PeerCertificate | None = None
+    ) -> Principal:
+        """The caller, by its token, its verified client certificate (mutual TLS), or both —
+        which must then name the same service."""
+        if peer is None:
+            return await self._by_token(authorization)
+        service = await self._certificate_service(peer)
+        if authorization is None:
+            identity = await self._identity(service)
+            if identity is None or not identity.active:
+                raise Unauthenticated(f"service {service!r} is unknown or disabled")
+            return identity.principal()
+        principal = await self._by_token(authorization)
+        if principal.service != service:
+            raise Unauthenticated(
+                f"the token is for service {principal.service!r} but the client certificate"
+                f" ({peer.subject}) is bound to {service!r}"
+            )
+        return principal
+
+    async def _certificate_service(self, peer: PeerCertificate) -> str:
+        """The service a verified client certificate is bound to (as of at most ``cache_ttl``
+        seconds ago, like revocations), or Unauthenticated."""
+        if self._certificates_until <= time.monotonic():
+            async with self._revoked_lock:
+                if self._certificates_until <= time.monotonic():
+                    names = await self.directory.certificate_names()
+                    revoked = await self.directory.revoked_certificates()
+                    self._certificate_names, self._revoked_fingerprints = names, revoked
+                    self._certificates_until = time.monotonic() + self._ttl
+        if peer.fingerprint in self._revoked_fingerprints:
+            raise Unauthenticated(
+                f"client certificate {peer.fingerprint[:16]}… ({peer.subject}) has been revoked"
+            )
+        services = {self._certificate_names[n] for n in peer.names if n in self._certificate_names}
+        if not services:
+            raise Unauthenticated(f"client certificate ({peer.subject}) is bound to no service")
+        if len(services) > 1:
+            raise Unauthenticated(
+                f"client certificate ({peer.subject}) is bound to several services:"
+                f" {', '.join(sorted(services))}"
+            )
+        return services.pop()
+
+    def certificates_changed(self) -> None:
+        """A binding or a revocation made by this instance takes effect here at once."""
+        self._certificates_until = 0.0
+
+    async def _by_token(self, authorization: str | None) -> Principal:
         token = _bearer(authorization)
         if hmac.compare_digest(token.encode(), self._admin_token):
             return bootstrap_admin()

@@ -38,6 +38,7 @@ from database_service.observability import AuditEvent
 from database_service.observability.notices import Notices
 from database_service.query import TenantContext
 from database_service.tenancy import validate_tenant_id
+from database_service.tls.peer import PeerCertificate, peer_from_pem
 
 if TYPE_CHECKING:
     from database_service.app import Application
@@ -97,13 +98,16 @@ class Caller:
 
     def __init__(self, core: Application) -> None:
         self.core = core
+        # gRPC asks for (and verifies) client certificates only with a client CA configured.
+        self._mutual_tls = core.settings.tls_client_ca_file is not None
 
     async def principal(self, context: grpc.aio.ServicerContext) -> Principal:
         authorization = _metadata(context).get("authorization")
         call = _call()
         try:
             principal = await self.core.authenticator.authenticate(
-                authorization if isinstance(authorization, str) else None
+                authorization if isinstance(authorization, str) else None,
+                _peer(context) if self._mutual_tls else None,
             )
         except Unauthenticated as exc:  # not Unavailable: PostgreSQL being down denies no one
             await self.core.access.denied(None, None, call.action, exc)
@@ -113,7 +117,9 @@ class Caller:
 
     async def optional_principal(self, context: grpc.aio.ServicerContext) -> Principal | None:
         """The caller when it sent credentials (bad ones are refused), else None."""
-        if _metadata(context).get("authorization") is None:
+        if _metadata(context).get("authorization") is None and (
+            not self._mutual_tls or _peer(context) is None
+        ):
             return None
         try:
             return await self.principal(context)
@@ -143,6 +149,12 @@ class Caller:
         )
         self.acting_for(principal, ctx.tenant_id)
         return principal, ctx
+
+
+def _peer(context: grpc.aio.ServicerContext) -> PeerCertificate | None:
+    """The client certificate gRPC verified against the client CA, or None."""
+    pem = (context.auth_context() or {}).get("x509_pem_cert")
+    return peer_from_pem(pem[0]) if pem else None
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from database_service.api.grpc.database_service import DatabaseService
 from database_service.app import Application
 from database_service.supervisor import PortInUse
 from database_service.supervisor.shield import run_to_completion
+from database_service.tls import CertificateFiles, grpc_server_credentials
 from database_service_client._proto import database_service_pb2
 
 __all__ = ["GrpcServer", "add_servicer"]
@@ -60,9 +61,16 @@ class GrpcServer:
     ``reuse_port``: the workers of one ``serve`` listen on the same port (SO_REUSEPORT; the
     kernel spreads connections over them, and lets only processes of the same user join)."""
 
-    def __init__(self, core: Application, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        core: Application,
+        *,
+        reuse_port: bool = False,
+        tls: CertificateFiles | None = None,
+    ) -> None:
         self.core = core
         self._reuse_port = reuse_port
+        self._tls = tls
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -89,8 +97,12 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
+        address = f"{s.grpc_host}:{s.grpc_port}"
         try:
-            self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+            if self._tls is not None:
+                self.port = server.add_secure_port(address, grpc_server_credentials(self._tls))
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError:  # grpc >= 1.60 raises where older versions returned 0
             self.port = 0
         if not self.port:
@@ -109,7 +121,12 @@ class GrpcServer:
         except BaseException:
             await self.__aexit__()
             raise
-        log.info("gRPC listening on %s:%d", s.grpc_host, self.port)
+        log.info(
+            "gRPC listening on %s:%d (%s)",
+            s.grpc_host,
+            self.port,
+            "plaintext" if self._tls is None else "TLS",
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:

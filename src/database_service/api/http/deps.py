@@ -14,6 +14,7 @@ from database_service.auth import Principal
 from database_service.errors import InvalidRequest, Unauthenticated, Unavailable
 from database_service.query import TenantContext
 from database_service.tenancy import validate_tenant_id
+from database_service.tls.peer import PeerCertificate, peer_from_pem
 
 __all__ = [
     "Authenticated",
@@ -22,8 +23,16 @@ __all__ = [
     "acting_for",
     "aware",
     "get_core",
+    "peer_certificate",
     "tenant_context",
 ]
+
+
+def peer_certificate(request: Request) -> PeerCertificate | None:
+    """The client certificate TLS verified against the client CA (the ASGI TLS extension,
+    which ``TlsHttpProtocol`` fills in), or None."""
+    chain = request.scope.get("extensions", {}).get("tls", {}).get("client_cert_chain")
+    return peer_from_pem(chain[0].encode()) if chain else None
 
 
 async def get_core(request: Request) -> Application:
@@ -39,9 +48,10 @@ Core = Annotated[Application, Depends(get_core)]
 async def authenticated(
     request: Request, core: Core, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    """The caller, or 401 (audited)."""
+    """The caller, or 401 (audited): by its token, its client certificate (mutual TLS), or
+    both (then naming the same service)."""
     try:
-        principal = await core.authenticator.authenticate(authorization)
+        principal = await core.authenticator.authenticate(authorization, peer_certificate(request))
     except Unauthenticated as exc:
         await core.access.denied(None, None, request.url.path, exc)
         raise
@@ -57,7 +67,7 @@ async def optional_principal(
 ) -> Principal | None:
     """The caller when it sent credentials (bad ones are refused), else None; None as well
     when PostgreSQL is down (the service directory lives there): answer what anyone may see."""
-    if authorization is None:
+    if authorization is None and peer_certificate(request) is None:
         return None
     try:
         return await authenticated(request, core, authorization)
