@@ -42,7 +42,7 @@ from harness import (  # bench/ is on sys.path as a script
 )
 
 from database_service.supervisor import free_port
-from database_service_client import MultiDatabaseClient
+from database_service_client import MultiDatabaseClient, TlsOptions
 from database_service_client._proto import database_service_pb2 as pb
 
 POOL = 8
@@ -165,6 +165,8 @@ async def main(seconds: float, bulk_rows: int, stream_rows: int, only: str | Non
             )
         if only in (None, "bulk"):
             figures |= await bench_bulk(service.dsn, service.grpc, schema, token, bulk_rows)
+        if only in (None, "tls"):
+            figures |= await bench_tls(service.dsn, service.grpc, schema, token, seconds)
     emit({"bench": "grpc_query", **figures})
 
 
@@ -301,12 +303,61 @@ async def bench_bulk(
     return {"bulk_rows_per_s": ours, "bulk_vs_copy": ours / base}
 
 
+async def users(dsn: str, schema: str) -> None:
+    owner = await asyncpg.connect(dsn)
+    if not await owner.fetchval(f"SELECT count(*) FROM {schema}.users WHERE user_id LIKE 'u%'"):
+        await owner.execute(
+            f"INSERT INTO {schema}.users (user_id, email, subscription_tier)"
+            " SELECT 'u' || lpad(g::text, 6, '0'), 'u' || g || '@example.com', 'pro'"
+            " FROM generate_series(1, 100000) g"
+        )
+        await owner.execute(f"ANALYZE {schema}.users")
+    await owner.close()
+
+
+async def bench_tls(
+    dsn: str, target: str, schema: str, token: str, seconds: float
+) -> dict[str, float]:
+    """PK lookups at concurrency 32 over plaintext (this run's service) and over TLS (the same
+    service configuration with a development certificate), alternating rounds: medians."""
+    await users(dsn, schema)
+    async with running_service(tls=True, DBSVC_POOL_MAX_PER_TENANT=str(POOL)) as secure:
+        tls_schema, tls_token = await secure.tenant("bench", ["read", "write"])
+        await users(secure.dsn, tls_schema)
+        plain = MultiDatabaseClient(target, "bench", token)
+        over_tls = MultiDatabaseClient(
+            secure.grpc, "bench", tls_token, tls=TlsOptions(ca_file=secure.ca_file)
+        )
+
+        def by(client: MultiDatabaseClient) -> Callable[[int], Awaitable[Any]]:
+            async def call(i: int) -> Any:
+                return await client.fetch_all(PK, [f"u{i % 100000 + 1:06d}"])
+
+            return call
+
+        rounds: dict[str, list[float]] = {"plain": [], "tls": []}
+        for _ in range(2):
+            rounds["plain"].append((await run_load(by(plain), 32, seconds)).rps)
+            rounds["tls"].append((await run_load(by(over_tls), 32, seconds)).rps)
+        await plain.close()
+        await over_tls.close()
+    plain_rps, tls_rps = statistics.median(rounds["plain"]), statistics.median(rounds["tls"])
+    print("PK lookup, c=32, plaintext vs TLS (median of 2 alternating rounds)")
+    print(f"  plaintext  {plain_rps:8.0f}/s")
+    print(f"  TLS        {tls_rps:8.0f}/s   {tls_rps / plain_rps:5.2f}x")
+    return {
+        "pk_c32_tls_rps": tls_rps,
+        "pk_c32_plain_rps": plain_rps,
+        "tls_vs_plain": tls_rps / plain_rps,
+    }
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--stream-rows", type=int, default=1_000_000)
-    parser.add_argument("--only", choices=["query", "stream", "bulk"], help="one part alone")
+    parser.add_argument("--only", choices=["query", "stream", "bulk", "tls"], help="one part alone")
     parser.add_argument("--echo-server", nargs=3, metavar=("PORT", "SMALL", "LARGE"))
     args = parser.parse_args()
     if args.echo_server:  # the echo's own process (see echo_server)

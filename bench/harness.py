@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 
 from database_service.supervisor import EmbeddedPostgres, free_port
+from database_service.tls import make_dev_certificates
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,11 @@ class Service:
     grpc: str
     admin_token: str
     pid: int = 0  # of `database-service serve` (its workers are its children)
+    ca_file: str | None = None  # the CA of its certificate when it serves TLS
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
 
     async def tenant_token(self, tenant: str, scopes: list[str]) -> str:
         """Create a tenant and a service identity for it; return a token."""
@@ -39,7 +46,7 @@ class Service:
         """Create a tenant and a service identity for it; return its schema (an opaque name)
         and a token."""
         admin = {"Authorization": f"Bearer {self.admin_token}"}
-        async with httpx.AsyncClient(base_url=self.http, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=self.http, timeout=60, verify=self.verify) as http:
             created = await http.post(
                 "/api/v1/admin/schema/create", json={"tenant_id": tenant}, headers=admin
             )
@@ -115,8 +122,18 @@ async def closed_loop(
 
 
 @contextlib.asynccontextmanager
-async def running_service(**env: str) -> AsyncIterator[Service]:
+async def running_service(*, tls: bool = False, **env: str) -> AsyncIterator[Service]:
+    """``tls``: serve with a development CA's certificate (``Service.ca_file``)."""
     with tempfile.TemporaryDirectory() as tmp:
+        ca_file = None
+        if tls:
+            certs = make_dev_certificates(Path(tmp) / "tls")
+            ca_file = str(certs.ca_cert)
+            env = {
+                "DBSVC_TLS_CERT_FILE": str(certs.server_cert),
+                "DBSVC_TLS_KEY_FILE": str(certs.server_key),
+                **env,
+            }
         async with EmbeddedPostgres(Path(tmp) / "pg") as pg:
             token = secrets.token_urlsafe(32)
             http_port, grpc_port = free_port(), free_port()
@@ -139,12 +156,13 @@ async def running_service(**env: str) -> AsyncIterator[Service]:
             try:
                 service = Service(
                     pg.dsn,
-                    f"http://127.0.0.1:{http_port}",
+                    f"{'https' if tls else 'http'}://127.0.0.1:{http_port}",
                     f"127.0.0.1:{grpc_port}",
                     token,
                     process.pid,
+                    ca_file,
                 )
-                async with httpx.AsyncClient(base_url=service.http) as http:
+                async with httpx.AsyncClient(base_url=service.http, verify=service.verify) as http:
                     for _ in range(600):
                         with contextlib.suppress(httpx.HTTPError):
                             if (await http.get("/api/v1/health")).status_code == 200:
