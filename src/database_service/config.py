@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +149,15 @@ class Settings(BaseSettings):
     nats_embedded: bool = True
     nats_port: int = Field(default=4222, ge=0, le=65535)
 
+    # TLS to NATS (a tls:// URL, or any of these set) and Kafka (SSL when a CA is set): the CA
+    # that signed the broker's certificate, and a client certificate if the broker wants one.
+    nats_tls_ca_file: Path | None = None
+    nats_tls_cert_file: Path | None = None
+    nats_tls_key_file: Path | None = None
+    kafka_tls_ca_file: Path | None = None
+    kafka_tls_cert_file: Path | None = None
+    kafka_tls_key_file: Path | None = None
+
     # Ingestion (NATS JetStream and Kafka carry the same IngestBatch messages).
     ingest_enabled: bool = True
     # Every message must carry `Authorization: Bearer <token>` with the ingest scope for the
@@ -239,7 +249,33 @@ class Settings(BaseSettings):
             )
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("DBSVC_TLS_CLIENT_CA_FILE needs DBSVC_TLS_CERT_FILE (mutual TLS)")
+        for broker in ("nats", "kafka"):
+            cert = getattr(self, f"{broker}_tls_cert_file")
+            if (cert is None) != (getattr(self, f"{broker}_tls_key_file") is None):
+                name = broker.upper()
+                raise ValueError(
+                    f"DBSVC_{name}_TLS_CERT_FILE and DBSVC_{name}_TLS_KEY_FILE go together"
+                )
+        if self.kafka_tls_cert_file is not None and self.kafka_tls_ca_file is None:
+            raise ValueError("DBSVC_KAFKA_TLS_CERT_FILE needs DBSVC_KAFKA_TLS_CA_FILE (SSL)")
         return self
+
+    def nats_tls(self) -> ssl.SSLContext | None:
+        """The client context for NATS, or None for nats-py's own choice (a ``tls://`` URL
+        gets the system trust store)."""
+        if self.nats_tls_ca_file is None and self.nats_tls_cert_file is None:
+            return None
+        return _client_context(
+            self.nats_tls_ca_file, self.nats_tls_cert_file, self.nats_tls_key_file
+        )
+
+    def kafka_tls(self) -> ssl.SSLContext | None:
+        """The client context for Kafka (security protocol SSL), or None for plaintext."""
+        if self.kafka_tls_ca_file is None:
+            return None
+        return _client_context(
+            self.kafka_tls_ca_file, self.kafka_tls_cert_file, self.kafka_tls_key_file
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -295,3 +331,11 @@ class Settings(BaseSettings):
         with os.fdopen(fd, "w") as handle:
             handle.write(value + "\n")
         return value
+
+
+def _client_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
