@@ -493,3 +493,12 @@ async def test_an_operation_for_another_company_is_refused_before_anything_runs(
     assert (await client.fetch_all("SELECT count(*) FROM users WHERE user_id = 'never2'")).rows == [
         (0,)
     ]
+
+
+async def test_calls_spread_over_several_connections(
+    client_for: ClientFactory, tenant: TenantRecord
+) -> None:
+    client = await client_for(tenant, ALL, connections=3)
+    results = await asyncio.gather(*(client.fetch_all("SELECT $1::int", [i]) for i in range(9)))
+    assert [r.rows for r in results] == [[(i,)] for i in range(9)]
+    assert len(client._channels) == 3

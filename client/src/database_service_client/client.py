@@ -251,11 +251,13 @@ class MultiDatabaseClient:
         tls: TlsOptions | bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = 16 * 1_048_576,
+        connections: int = 1,
     ) -> None:
         """``token``: the service's bearer token; None when a client certificate alone
         identifies it (``tls=TlsOptions(cert_file=..., key_file=...)``). ``tls``: True for
         TLS with the default trust roots, or ``TlsOptions``; ``credentials``: any other gRPC
-        channel credentials."""
+        channel credentials. ``connections``: HTTP/2 connections to spread calls over (one
+        connection is served by one of the service's workers)."""
         if isinstance(tenant_context, str):
             tenant_context = {"company_id": tenant_context}
         tenant = tenant_context.get("company_id") or tenant_context.get("tenant_id")
@@ -278,8 +280,12 @@ class MultiDatabaseClient:
             ("grpc.keepalive_time_ms", 30_000),
             *(options.channel_options() if options is not None else []),
         ]
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: DatabaseServiceStub | None = None
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
+        self._connections = connections
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[DatabaseServiceStub] = []
+        self._next = 0
         self._stores: dict[str, str] | None = None
 
     async def __aenter__(self) -> MultiDatabaseClient:
@@ -289,22 +295,31 @@ class MultiDatabaseClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-            self._stub = None
+        channels, self._channels, self._stubs = self._channels, [], []
+        for channel in channels:
+            await channel.close()
+
+    def _open(self) -> None:
+        # Each channel its own connection (a local subchannel pool): the service's workers
+        # share its port and the kernel gives each connection to one of them.
+        options = [*self._options, ("grpc.use_local_subchannel_pool", 1)]
+        for _ in range(self._connections):
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(self.host, self._credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(self.host, options=options)
+            self._channels.append(channel)
+            self._stubs.append(DatabaseServiceStub(channel))
 
     @property
     def stub(self) -> DatabaseServiceStub:
-        if self._stub is None:
-            if self._credentials is not None:
-                self._channel = grpc.aio.secure_channel(
-                    self.host, self._credentials, options=self._options
-                )
-            else:
-                self._channel = grpc.aio.insecure_channel(self.host, options=self._options)
-            self._stub = DatabaseServiceStub(self._channel)
-        return self._stub
+        """The stub of the next connection (round robin over ``connections``)."""
+        if not self._stubs:
+            self._open()
+        if self._connections == 1:
+            return self._stubs[0]
+        self._next = (self._next + 1) % self._connections
+        return self._stubs[self._next]
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         metadata = [("x-tenant-id", self.tenant_id)]

@@ -73,15 +73,24 @@ class EmbeddedNats:
     """``async with EmbeddedNats(store_dir, port=4222) as nats: nats.url``. Stops, on exit, only
     the nats-server this object started."""
 
-    def __init__(self, store_dir: Path, *, port: int = 4222, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int = 4222,
+        host: str = "127.0.0.1",
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """``tls``: (certificate, key) to serve TLS only (a ``tls://`` URL)."""
         self.store_dir = store_dir
         self.host = host
         self.port = port or free_port(host)
+        self.tls = tls
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     @property
     def log_file(self) -> Path:
@@ -102,6 +111,8 @@ class EmbeddedNats:
                 "--port", str(self.port),
                 "--log", str(self.log_file),
                 "--ports_file_dir", str(self.store_dir),
+                *(["--tls", "--tlscert", str(self.tls[0]), "--tlskey", str(self.tls[1])]
+                  if self.tls else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
