@@ -571,22 +571,31 @@ class MultiDatabaseClient:
 
         Batches go packed (one JSON array, see ``pack_rows``) unless they hold what JSON cannot
         carry (bytes, integers past 64 bits); those go as Values."""
-        sent = 0
-
-        async def requests() -> AsyncIterator[pb.BulkInsertRequest]:
-            nonlocal sent
-            yield pb.BulkInsertRequest(table=table, columns=list(columns))
-            async for batch in self._batches(rows, batch_size):
-                sent += len(batch)
-                packed = pack_rows(batch)
-                if packed is not None:
-                    yield pb.BulkInsertRequest(packed=packed)
-                else:
-                    yield pb.BulkInsertRequest(rows=[to_row(r) for r in batch])
-
-        response = await self._unary(self.stub.BulkInsert, requests(), retry=False, timeout=timeout)
-        _check_packed_read(int(response.rows_sent), sent)
+        first = pb.BulkInsertRequest(table=table, columns=list(columns))
+        sent = [0]
+        requests = self._bulk_messages(first, rows, batch_size, sent)
+        response = await self._unary(self.stub.BulkInsert, requests, retry=False, timeout=timeout)
+        _check_packed_read(int(response.rows_sent), sent[0])
         return int(response.rows_written)
+
+    async def _bulk_messages(
+        self,
+        first: T,
+        rows: Iterable[Sequence[Any]] | AsyncIterable[Sequence[Any]],
+        batch_size: int,
+        sent: list[int],
+    ) -> AsyncIterator[T]:
+        """``first``, then a message of the same type per batch: packed when JSON can carry
+        the batch, else as Values. ``sent[0]`` counts the rows."""
+        message: Any = type(first)
+        yield first
+        async for batch in self._batches(rows, batch_size):
+            sent[0] += len(batch)
+            packed = pack_rows(batch)
+            if packed is not None:
+                yield message(packed=packed)
+            else:
+                yield message(rows=[to_row(r) for r in batch])
 
     async def bulk_update(
         self,
@@ -599,24 +608,13 @@ class MultiDatabaseClient:
         timeout: float | None = None,
     ) -> int:
         """Each row: key values, then new values. All or nothing. Returns the rows updated."""
-
-        sent = 0
-
-        async def requests() -> AsyncIterator[pb.BulkUpdateRequest]:
-            nonlocal sent
-            yield pb.BulkUpdateRequest(
-                table=table, key_columns=list(key_columns), columns=list(columns)
-            )
-            async for batch in self._batches(rows, batch_size):
-                sent += len(batch)
-                packed = pack_rows(batch)
-                if packed is not None:
-                    yield pb.BulkUpdateRequest(packed=packed)
-                else:
-                    yield pb.BulkUpdateRequest(rows=[to_row(r) for r in batch])
-
-        response = await self._unary(self.stub.BulkUpdate, requests(), retry=False, timeout=timeout)
-        _check_packed_read(int(response.rows_sent), sent)
+        first = pb.BulkUpdateRequest(
+            table=table, key_columns=list(key_columns), columns=list(columns)
+        )
+        sent = [0]
+        requests = self._bulk_messages(first, rows, batch_size, sent)
+        response = await self._unary(self.stub.BulkUpdate, requests, retry=False, timeout=timeout)
+        _check_packed_read(int(response.rows_sent), sent[0])
         return int(response.rows_updated)
 
     # --- schema and health -------------------------------------------------------------------
