@@ -38,6 +38,8 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
         "DBSVC_MASTER_KEY": MASTER_KEY,
         "DBSVC_BOOTSTRAP_ADMIN_TOKEN": ADMIN_TOKEN,
         "DBSVC_NATS_EMBEDDED": "false",
+        # Tests read the CLI's lines through a pipe, where "auto" would pick JSON.
+        "DBSVC_LOG_FORMAT": "text",
         **extra,
     }
 

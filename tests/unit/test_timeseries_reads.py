@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncGenerator
 from typing import Any, cast
 
-from database_service.application.timeseries import CANDLE_BATCH_ROWS, TimeSeries
+from database_service.application.timeseries import (
+    CANDLE_BATCH_ROWS,
+    PACKED_CANDLES_MAX,
+    TimeSeries,
+)
 from database_service.auth import Principal
 from database_service.query import QueryExecutor, TenantContext
-from database_service.timeseries.candles import CandleQuery
+from database_service.results import Column, Header, PackedRows, StatementKind, Summary
+from database_service.timeseries.candles import CANDLE_COLUMNS, CandleQuery
 
 DAY = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 
@@ -16,10 +22,16 @@ DAY = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 class RecordingExecutor:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
+        self.answer: list[Any] = []
 
     def stream(self, principal: Any, ctx: Any, sql: str, params: Any, **options: Any) -> Any:
         self.calls.append({"sql": sql, "params": params, **options})
-        return None
+
+        async def events() -> AsyncGenerator[Any, None]:
+            for event in self.answer:
+                yield event
+
+        return events()
 
 
 def series() -> tuple[TimeSeries, RecordingExecutor]:
@@ -27,14 +39,35 @@ def series() -> tuple[TimeSeries, RecordingExecutor]:
     return TimeSeries(cast(QueryExecutor, executor), shared_schema="shared"), executor
 
 
-def test_a_day_of_minute_candles_is_one_cursor_fetch() -> None:
+def test_a_long_range_of_minute_candles_is_read_in_large_cursor_fetches() -> None:
     ts, executor = series()
-    query = CandleQuery("EURUSD", DAY, DAY + dt.timedelta(days=1), dt.timedelta(minutes=1))
+    end = DAY + dt.timedelta(days=10)  # 14,400 buckets: past what comes packed
+    query = CandleQuery("EURUSD", DAY, end, dt.timedelta(minutes=1))
+    assert query.buckets() > PACKED_CANDLES_MAX
     ts.candles(cast(Principal, None), cast(TenantContext, None), query)
     (call,) = executor.calls
     assert call["batch_rows"] == CANDLE_BATCH_ROWS >= 24 * 60
-    assert call["read_only"] is True
+    assert call["read_only"] is True and call["own_sql"] is True
     assert "candles_1m" in call["sql"]
+
+
+async def test_a_day_of_minute_candles_is_one_row_packed_by_postgres() -> None:
+    ts, executor = series()
+    query = CandleQuery("EURUSD", DAY, DAY + dt.timedelta(days=1), dt.timedelta(minutes=1))
+    events = ts.candles(cast(Principal, None), cast(TenantContext, None), query)
+    executor.answer = [
+        Header([Column("count", "int8"), Column("json_agg", "text")], StatementKind.READ),
+        [(2, '[["2024-05-01T00:00:00+00:00", "1.1"], ["2024-05-01T00:01:00+00:00", "1.2"]]')],
+        Summary(1, "SELECT 1", 0.5, StatementKind.READ),
+    ]
+    out = [event async for event in events]
+    (call,) = executor.calls
+    assert "json_agg" in call["sql"] and "candles_1m" in call["sql"]
+    assert call["read_only"] is True and call["own_sql"] is True
+    header, packed, summary = out
+    assert isinstance(header, Header) and header.columns == CANDLE_COLUMNS
+    assert packed == PackedRows(executor.answer[1][0][1].encode(), 2)
+    assert isinstance(summary, Summary) and (summary.row_count, summary.command) == (2, "SELECT 2")
 
 
 def test_raw_reads_keep_the_default_batch() -> None:

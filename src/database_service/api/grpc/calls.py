@@ -7,7 +7,14 @@ error leaves with its status; PostgreSQL unreachable on a path without its own t
 ``INTERNAL`` / ``internal`` without its text. Every call is counted and timed, and counted in the
 tenant's figures once the caller may act for that tenant.
 
-Metadata: ``authorization: Bearer <token>``, ``x-tenant-id``, optional ``x-user-id``.
+Every call is a request for the logs (``observability.logs``): its id is the caller's
+``x-request-id`` when sane, else a new one, and goes back as trailing metadata ``x-request-id``
+(whatever ends the call); every line logged during the call carries it, with the tenant once
+``x-tenant-id`` is valid and the service once the caller is authenticated. A failed
+authentication is logged, one line with its reason; never the credentials.
+
+Metadata: ``authorization: Bearer <token>``, ``x-tenant-id``, optional ``x-user-id`` and
+``x-request-id``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -35,6 +42,7 @@ from database_service.errors import (
     unavailable,
 )
 from database_service.observability import AuditEvent
+from database_service.observability.logs import REQUEST_ID_HEADER, bind, request_id_from
 from database_service.observability.notices import Notices
 from database_service.query import TenantContext
 from database_service.tenancy import validate_tenant_id
@@ -74,12 +82,15 @@ def tolerant(parse: Callable[[bytes], Any], message_type: str) -> Callable[[byte
 
 @dataclass(slots=True)
 class _Call:
-    """What is known about the current call, for the audit row and the tenant's figures."""
+    """What is known about the current call, for the audit row, the tenant's figures and the
+    log lines (as the request they belong to: ``logs.RequestInfo``)."""
 
     action: str = "grpc"
     service: str | None = None
     tenant_id: str | None = None  # set once the caller may act for it
     metadata: dict[str, Any] | None = None
+    request_id: str = ""
+    tenant: str | None = None  # for the logs: set once x-tenant-id is valid
 
 
 _CALL: ContextVar[_Call] = ContextVar("dbsvc_grpc_call")
@@ -110,6 +121,10 @@ class Caller:
                 _peer(context) if self._mutual_tls else None,
             )
         except Unauthenticated as exc:  # not Unavailable: PostgreSQL being down denies no one
+            # The reason only: no message of Authenticator's holds the token it was given.
+            log.info(
+                "authentication failed (%s from %s): %s", call.action, context.peer(), exc.message
+            )
             await self.core.access.denied(None, None, call.action, exc)
             raise
         call.service = principal.service
@@ -135,7 +150,8 @@ class Caller:
     def acting_for(principal: Principal, tenant_id: str) -> None:
         """Count this call in the tenant's figures, once the caller may act for it."""
         if principal.can_act_for(tenant_id):
-            _call().tenant_id = tenant_id
+            call = _call()
+            call.tenant_id = call.tenant = tenant_id
 
     async def tenant(self, context: grpc.aio.ServicerContext) -> tuple[Principal, TenantContext]:
         """The caller and the tenant (and user) it names."""
@@ -147,6 +163,7 @@ class Caller:
         ctx = TenantContext(
             validate_tenant_id(tenant_id), user_id if isinstance(user_id, str) else None
         )
+        _call().tenant = ctx.tenant_id
         self.acting_for(principal, ctx.tenant_id)
         return principal, ctx
 
@@ -163,6 +180,25 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, Any]:
     if call.metadata is None:
         call.metadata = dict(context.invocation_metadata() or ())
     return call.metadata
+
+
+class _RequestIdOnAbort:
+    """The call's context for ``abort_with``, whose trailing metadata replaces what the call set
+    before (gRPC's ``abort`` does): this one adds the request id to it."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, request_id: str) -> None:
+        self._context = context
+        self._request_id = request_id
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> NoReturn:
+        trailing = (*trailing_metadata, (REQUEST_ID_HEADER, self._request_id))
+        await self._context.abort(code, details, trailing_metadata=trailing)
+        raise AssertionError("context.abort returns only by raising")  # for the type checker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 class _Servicer:
@@ -230,10 +266,18 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             )
             error = DatabaseServiceError("internal error: the service logged it")
         record(servicer, started, error.error_code, call)
-        await abort_with(context, error)
+        await abort_with(
+            cast("grpc.aio.ServicerContext", _RequestIdOnAbort(context, call.request_id)), error
+        )
 
-    async def begin(servicer: _Servicer, call: _Call, request: Any) -> Any:
-        _CALL.set(call)  # each RPC runs in its own task, so in its own context
+    async def begin(servicer: _Servicer, call: _Call, request: Any, context: Any) -> Any:
+        # Each RPC runs in its own task, so in its own context: nothing to reset afterwards.
+        _CALL.set(call)
+        call.request_id = request_id_from(_metadata(context).get(REQUEST_ID_HEADER))
+        bind(call)
+        # Trailing, not initial: setting it is free, sending initial metadata first is one more
+        # write per call (an error's trailing metadata gets it in fail()).
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
         if isinstance(request, Undecodable):
             raise await undecodable(servicer, request)
         if hasattr(request, "__aiter__"):  # client streaming: check each message as it comes
@@ -247,7 +291,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             started = time.perf_counter()
             call = _Call(action=action)
             try:
-                request = await begin(self, call, request)
+                request = await begin(self, call, request, context)
                 async for message in handler(self, request, context):
                     yield message
             except grpc.aio.AbortError:
@@ -263,7 +307,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         started = time.perf_counter()
         call = _Call(action=action)
         try:
-            request = await begin(self, call, request)
+            request = await begin(self, call, request, context)
             result = await handler(self, request, context)
         except grpc.aio.AbortError:
             raise

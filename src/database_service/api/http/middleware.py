@@ -1,18 +1,24 @@
-"""ASGI middleware: request size limit, request metrics for every route, and the last resort for
-exceptions no handler answered."""
+"""ASGI middleware: request size limit, request metrics and the request context for every route,
+and the last resort for exceptions no handler answered."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from database_service.observability import Metrics, RequestWindow
+from database_service.observability.logs import REQUEST_ID_HEADER, bind, request_id_from, unbind
 
 __all__ = ["BodyLimit", "InternalErrors", "RequestMetrics"]
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
 
 
 async def _send_error(send: Send, status: int, code: str, message: str) -> None:
@@ -115,7 +121,43 @@ class InternalErrors:
             await _send_error(send, 500, "internal", "internal error: the service logged it")
 
 
+class _HttpRequest:
+    """One request for the logs (``logs.RequestInfo``): its id, and the tenant and service as the
+    routes record them in the request's state (``request.state``: the tenant once the caller
+    may act for it, the service once it is authenticated)."""
+
+    __slots__ = ("_state", "request_id")
+
+    def __init__(self, request_id: str, state: MutableMapping[str, Any]) -> None:
+        self.request_id = request_id
+        self._state = state
+
+    @property
+    def tenant(self) -> str | None:
+        tenant: str | None = self._state.get("tenant_id")
+        return tenant
+
+    @property
+    def service(self) -> str | None:
+        service: str | None = self._state.get("service")
+        return service
+
+
+def _incoming_request_id(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", ()):
+        if name == _REQUEST_ID:
+            return bytes(value)
+    return None
+
+
 class RequestMetrics:
+    """Counts and times every request, and makes it a request for the logs: its id is the
+    caller's ``X-Request-Id`` when sane, else a new one, and goes back as ``X-Request-Id``;
+    every line logged while the request runs carries it (and its tenant and service once the
+    routes know them). A refused authentication (401) is logged, one line with the reason the
+    caller was given; never the credentials. (The outermost middleware of ours but the body
+    limit, whose 413 goes back without an id.)"""
+
     def __init__(self, app: ASGIApp, metrics: Metrics, window: RequestWindow) -> None:
         self.app = app
         self.metrics = metrics
@@ -127,16 +169,26 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        request_id = request_id_from(_incoming_request_id(scope))
+        echoed = request_id.encode()
+        token = bind(_HttpRequest(request_id, scope.setdefault("state", {})))
+        refusal: list[bytes] = []  # a 401's body, for the reason
 
         async def capture(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (_REQUEST_ID, echoed)]
+            elif status == 401 and message["type"] == "http.response.body":
+                refusal.append(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
+            if status == 401:
+                _log_refusal(scope, b"".join(refusal))
         finally:
+            unbind(token)
             elapsed = time.perf_counter() - started
             route: Any = scope.get("route")
             operation = getattr(route, "path", None) or "unmatched"
@@ -149,3 +201,22 @@ class RequestMetrics:
                 # checked that the caller may act for it, so nobody adds to another's figures.
                 tenant = scope.get("state", {}).get("tenant_id")
                 self.window.record(elapsed, status < 500, tenant)
+
+
+def _log_refusal(scope: Scope, body: bytes) -> None:
+    """Log a refused authentication with the reason its response gives (the routes' errors say
+    ``{"error": {"code": ..., "message": ...}}``; no message of the authenticator's holds the
+    token it was given)."""
+    try:
+        reason = str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        reason = "unauthenticated"
+    client = scope.get("client")
+    peer = f"{client[0]}:{client[1]}" if client else "unknown"
+    log.info(
+        "authentication failed (%s %s from %s): %s",
+        scope.get("method"),
+        scope.get("path"),
+        peer,
+        reason,
+    )
