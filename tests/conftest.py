@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fix_nats",
     "tests.fix_kafka",
     "tests.fix_ingest",
+    "tests.fix_otlp",
     "tests.isolation.fix_attack",
     "tests.isolation.fix_frontends",
 ]

@@ -40,6 +40,7 @@ from database_service.observability import (
     RequestWindow,
 )
 from database_service.observability.health import DependencyProbe
+from database_service.observability.tracing import Tracing
 from database_service.postgres import TenantPools, create_owner_pool
 from database_service.postgres.deadlines import Deadlines
 from database_service.query import QueryExecutor
@@ -171,6 +172,10 @@ class Application:
         stack = self._stack
         assert s.master_key is not None and s.bootstrap_admin_token is not None
         master_key = s.master_key.get_secret_value()
+        # Traces first, so that they stop last: the spans of everything's shutdown are exported.
+        # Off (no endpoint), this object installs nothing and its ``spans`` is None.
+        self.tracing = Tracing.from_settings(s)
+        stack.push_async_callback(self.tracing.shutdown)
 
         if s.postgres_url is None:
             # The serving process (embedded_postgres_stops) also restarts a PostgreSQL that dies.
@@ -259,6 +264,7 @@ class Application:
                 acquire_timeout=s.pool_acquire_timeout_seconds,
                 on_event=lambda tenant, event: self.metrics.pool_events.labels(event).inc(),
                 start_loop=self.loops.start,
+                spans=self.tracing.spans,
             )
         )
         self.tenants.on_change(self.pools.close_tenant)
@@ -303,6 +309,7 @@ class Application:
             max_result_rows=s.max_result_rows,
             max_result_bytes=s.max_result_bytes,
             transaction_timeout_ms=s.tenant_transaction_timeout_ms,
+            spans=self.tracing.spans,
         )
 
         probes: list[DependencyProbe] = [
@@ -344,6 +351,7 @@ class Application:
             logins=self.logins,
             metrics=self.metrics,
             require_token=s.ingest_require_token,
+            spans=self.tracing.spans,
         )
         await self._start_consumers(nats_url, probes)
         retention = dt.timedelta(days=s.ts_retention_days)

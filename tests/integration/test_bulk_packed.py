@@ -171,5 +171,7 @@ def _rows(count: int) -> Sequence[tuple[Any, ...]]:
 
 async def test_a_large_packed_load_is_one_transaction(client: Client) -> None:
     assert await client.bulk_insert("typed", COLUMNS, _rows(20_000), batch_size=5000) == 20_000
-    total = await client.fetch_all("SELECT count(*), sum(i), bool_and(ts = $1) FROM typed", [MOMENT])
+    total = await client.fetch_all(
+        "SELECT count(*), sum(i), bool_and(ts = $1) FROM typed", [MOMENT]
+    )
     assert total.rows == [(20_000, sum(range(20_000)), True)]

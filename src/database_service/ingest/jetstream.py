@@ -139,8 +139,15 @@ class JetStreamIngest(Consumer):
                 except (NatsTimeout, TimeoutError):  # nothing arrived (nats-py raises either)
                     continue
                 beat = self._keep_alive(msgs)  # held from now on: in progress until acknowledged
+                spans = self._pipeline.spans  # trace headers are read only while traces are on
                 inbound = [
-                    Inbound(m.data, m.subject, (m.headers or {}).get("Authorization")) for m in msgs
+                    Inbound(
+                        m.data,
+                        m.subject,
+                        (m.headers or {}).get("Authorization"),
+                        None if spans is None else spans.carrier((m.headers or {}).items()),
+                    )
+                    for m in msgs
                 ]
                 prepared = await self._pipeline.prepare(TRANSPORT, inbound)
                 finish = self._finish(msgs, prepared, beat)

@@ -140,8 +140,14 @@ class KafkaIngest(Consumer):
                     lag_checked = time.monotonic()
                 if not batches:
                     continue
+                spans = self._pipeline.spans  # trace headers are read only while traces are on
                 inbound = [
-                    Inbound(r.value or b"", f"{r.topic}/{r.partition}@{r.offset}", _auth(r.headers))
+                    Inbound(
+                        r.value or b"",
+                        f"{r.topic}/{r.partition}@{r.offset}",
+                        _auth(r.headers),
+                        None if spans is None else spans.carrier(r.headers or ()),
+                    )
                     for records in batches.values()
                     for r in records
                 ]

@@ -22,9 +22,9 @@ import enum
 import logging
 import operator
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from database_service.auth import ALL_TENANTS, Authenticator, Principal, Scope, ServiceIdentity
 from database_service.auth.tokens import everything
@@ -48,9 +48,20 @@ from database_service.ingest.records import (
 )
 from database_service.ingest.writer import IngestWriter, is_transient
 from database_service.observability import Metrics
+from database_service.observability.tracing import (
+    INGEST_RECORDS,
+    INGEST_SOURCE,
+    INGEST_TENANTS,
+    INGEST_WRITE,
+    TENANT_ID,
+    Spans,
+)
 from database_service.query.boundary import postgres_errors
 from database_service.tenancy import TenantRegistry
 from database_service.tenancy.secrets import TenantLogins
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 DeadLetterSink = Callable[[Sequence[NewDeadLetter]], Awaitable[None]]
 
@@ -119,11 +130,13 @@ def _service_error(exc: Exception) -> DatabaseServiceError:
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    """One transport message: its bytes, where it came from, and its Authorization header."""
+    """One transport message: its bytes, where it came from, its Authorization header, and
+    its trace context headers (``traceparent``, ``tracestate``; only while traces are on)."""
 
     payload: bytes
     source: str
     authorization: str | None = None
+    trace: Mapping[str, str] | None = None
 
 
 class Verdict(enum.Enum):
@@ -300,6 +313,7 @@ class Prepared:
     verdicts: list[Verdict] = field(default_factory=list)
     source: str = ""
     publishers: Publishers = field(default_factory=Publishers)
+    span: Span | None = None  # the batch's, from prepare to the end of store (traces on)
 
 
 @dataclass(slots=True)
@@ -325,6 +339,7 @@ class IngestPipeline:
         max_attempts: int = 5,
         first_retry_delay: float = 0.1,
         failing_tenant_seconds: float = 60.0,
+        spans: Spans | None = None,
     ) -> None:
         """``max_attempts`` tries (backoff from ``first_retry_delay`` doubling up to
         ``max_retry_delay``) for a tenant's records on an error that may pass, then they are
@@ -345,6 +360,8 @@ class IngestPipeline:
         self._tenant_locks: dict[str, asyncio.Lock] = {}
         self._recent = RecentEvents(recent_events)
         self._failing: dict[str, float] = {}  # tenant -> when its retries last ran out
+        # None when traces are off; the consumers read it too (they collect trace headers).
+        self.spans = spans
 
     def stats(self, transport: str) -> TransportStats:
         stats = self.transports.get(transport)
@@ -369,6 +386,27 @@ class IngestPipeline:
         """The CPU half: authenticate and decode. A consumer runs it for the next batch while
         the previous one is being written (see ``consumer.Overlap``)."""
         prepared = Prepared(transport, len(messages), time.perf_counter())
+        if self.spans is None:
+            await self._prepare(prepared, messages)
+            return prepared
+        # The batch's span: a child of the first publisher's trace, linked to the others'.
+        span = self.spans.batch(transport, [m.trace for m in messages], len(messages))
+        try:
+            with self.spans.use(span):
+                await self._prepare(prepared, messages)
+        except BaseException:
+            span.end()
+            raise
+        decoded = prepared.decoded
+        span.set_attribute(INGEST_RECORDS, decoded.records)
+        span.set_attribute(INGEST_TENANTS, sorted(decoded.work))
+        if len(decoded.work) == 1:
+            span.set_attribute(TENANT_ID, next(iter(decoded.work)))
+        prepared.span = span
+        return prepared
+
+    async def _prepare(self, prepared: Prepared, messages: Sequence[Inbound]) -> None:
+        transport = prepared.transport
         source = ",".join(sorted({m.source for m in messages}))[:500]
         prepared.source = source
         principals: dict[str | None, Principal | DatabaseServiceError] = {}
@@ -384,12 +422,17 @@ class IngestPipeline:
                 )
                 prepared.publishers.add(service, part, prepared.decoded)
                 prepared.decoded.merge(part)
-        return prepared
 
     async def store(
         self, prepared: Prepared, *, announce: DeadLetterSink | None = None
     ) -> list[Verdict]:
         """The I/O half: write the records and the dead letters, retrying until committed."""
+        if self.spans is None or prepared.span is None:
+            return await self._commit(prepared, announce)
+        with self.spans.use(prepared.span, end=True):
+            return await self._commit(prepared, announce)
+
+    async def _commit(self, prepared: Prepared, announce: DeadLetterSink | None) -> list[Verdict]:
         transport, decoded, dead = prepared.transport, prepared.decoded, prepared.dead
         outcome = await self._store(transport, decoded)
         publishers = prepared.publishers
@@ -515,9 +558,22 @@ class IngestPipeline:
                 attempts = self._max_attempts
                 if failing is not None and time.monotonic() - failing < self._failing_seconds:
                     attempts = 1  # it ran out of retries lately: no full round for every batch
-                error = await self._retry(
-                    transport, f"tenant {tenant_id}", attempt_for(work), attempts
-                )
+                if self.spans is None:
+                    error = await self._retry(
+                        transport, f"tenant {tenant_id}", attempt_for(work), attempts
+                    )
+                else:
+                    attributes: dict[str, str | int] = {
+                        TENANT_ID: tenant_id,
+                        INGEST_RECORDS: work.size,
+                        INGEST_SOURCE: transport,
+                    }
+                    with self.spans.scope(INGEST_WRITE, attributes) as span:
+                        error = await self._retry(
+                            transport, f"tenant {tenant_id}", attempt_for(work), attempts
+                        )
+                        if error is not None:  # dead-lettered: failed, though nothing raised
+                            self.spans.failed(span, error)
                 if error is None:
                     self._failing.pop(tenant_id, None)
                     return

@@ -17,13 +17,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from database_service.errors import ResourceExhausted
 from database_service.loops import LoopStarter, plain_start
+
+if TYPE_CHECKING:  # observability imports this module
+    from database_service.observability.tracing import Spans
 
 __all__ = [
     "Connection",
@@ -174,8 +177,10 @@ class TenantPools:
         acquire_timeout: float,
         on_event: Callable[[str, str], None] | None = None,
         start_loop: LoopStarter | None = None,
+        spans: Spans | None = None,
     ) -> None:
         self._dsn = dsn
+        self._spans = spans  # None: traces are off
         self._start_loop = start_loop or plain_start
         self._max_per_tenant = max_per_tenant
         self._idle_seconds = idle_seconds
@@ -230,36 +235,44 @@ class TenantPools:
         """A connection of the login's pool. Its release (asyncpg resets the session: a round
         trip) runs after the caller is done, not before its answer goes out; the connection
         counts as in use, and returns to the pool, when the reset is over."""
+        if self._spans is None:
+            entry, conn = await self._take(login)
+        else:
+            with self._spans.pool_acquire(login.tenant_id):
+                entry, conn = await self._take(login)
+        try:
+            yield conn
+        finally:
+            task = asyncio.get_running_loop().create_task(self._release(entry, conn))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def _take(self, login: TenantLogin) -> tuple[_Entry, Connection]:
+        """A connection of the login's pool and its entry, counted in use (``_release`` or
+        ``_done_with`` counts it back)."""
         entry = await self._entry(login)
         entry.in_use += 1
         entry.last_used = time.monotonic()
-        acquired = False
         try:
-            try:
-                # One deadline for the whole acquisition: the pool's wait for a free connection
-                # and, inside it, the wait for room under the global cap.
-                async with asyncio.timeout(self._acquire_timeout):
-                    conn = await entry.pool.acquire()
-            except TimeoutError:
-                if self._budget.open >= self._budget.limit:
-                    raise ResourceExhausted(
-                        f"tenant {login.tenant_id!r}: the service's {self._budget.limit} "
-                        "PostgreSQL connections are all in use; retry later"
-                    ) from None
+            # One deadline for the whole acquisition: the pool's wait for a free connection
+            # and, inside it, the wait for room under the global cap.
+            async with asyncio.timeout(self._acquire_timeout):
+                conn = await entry.pool.acquire()
+        except TimeoutError:
+            self._done_with(entry)
+            if self._budget.open >= self._budget.limit:
                 raise ResourceExhausted(
-                    f"tenant {login.tenant_id!r}: no connection free within "
-                    f"{self._acquire_timeout:g}s (pool of {entry.max_size}); retry later"
+                    f"tenant {login.tenant_id!r}: the service's {self._budget.limit} "
+                    "PostgreSQL connections are all in use; retry later"
                 ) from None
-            acquired = True
-            try:
-                yield conn
-            finally:
-                task = asyncio.get_running_loop().create_task(self._release(entry, conn))
-                self._releasing.add(task)
-                task.add_done_callback(self._releasing.discard)
-        finally:
-            if not acquired:
-                self._done_with(entry)
+            raise ResourceExhausted(
+                f"tenant {login.tenant_id!r}: no connection free within "
+                f"{self._acquire_timeout:g}s (pool of {entry.max_size}); retry later"
+            ) from None
+        except BaseException:
+            self._done_with(entry)
+            raise
+        return entry, conn
 
     async def _release(self, entry: _Entry, conn: Connection) -> None:
         try:

@@ -45,6 +45,19 @@ from database_service.errors import (
 )
 from database_service.observability.audit import AuditEvent, AuditLog
 from database_service.observability.metrics import Metrics
+from database_service.observability.tracing import (
+    AUTHORIZE,
+    DB_OPERATION,
+    DB_STATEMENT,
+    DB_SYSTEM,
+    POSTGRESQL,
+    SQL_GUARD,
+    STATEMENT,
+    STATEMENT_CLASS,
+    TENANT_ID,
+    Spans,
+    SpanScope,
+)
 from database_service.postgres import Connection, TenantLogin, TenantPools
 from database_service.postgres.deadlines import Deadlines, SessionWatch
 from database_service.query.boundary import fetch_first, postgres_errors, prepare_cached
@@ -148,6 +161,8 @@ class _DeadConnection(Unavailable):
     query core retries it once on another connection, as a dead connection found at BEGIN."""
 
 
+_NO_SPAN = contextlib.nullcontext()  # a streamed statement's span when traces are off
+
 # A read outside a transaction gets its rows in one round trip when they are this many or fewer.
 _FIRST_ROWS = 2048
 _FETCH_BYTES = 1_048_576  # what a cursor fetch of a whole result aims at
@@ -189,8 +204,11 @@ class QueryExecutor:
         max_result_rows: int,
         transaction_timeout_ms: int,
         max_result_bytes: int = 32 * 1_048_576,
+        spans: Spans | None = None,
     ) -> None:
         self._pools = pools
+        # None when traces are off: each span site tests it first, so then costs nothing.
+        self._spans = spans
         self._registry = registry
         self._guard = guard
         self._audit = audit
@@ -222,6 +240,18 @@ class QueryExecutor:
         self, principal: Principal, ctx: TenantContext, sql: str
     ) -> tuple[TenantRecord, Classification]:
         """Every check that happens before PostgreSQL sees the statement."""
+        if self._spans is None:
+            return await self._authorize(principal, ctx, sql)
+        with self._spans.scope(
+            AUTHORIZE, {TENANT_ID: ctx.tenant_id, DB_SYSTEM: POSTGRESQL}
+        ) as span:
+            tenant, verdict = await self._authorize(principal, ctx, sql)
+            span.set_attribute(STATEMENT_CLASS, verdict.kind.value)
+            return tenant, verdict
+
+    async def _authorize(
+        self, principal: Principal, ctx: TenantContext, sql: str
+    ) -> tuple[TenantRecord, Classification]:
         if not principal.can_act_for(ctx.tenant_id):
             principal.require(Scope.READ, ctx.tenant_id)  # raises PermissionDenied
         if ctx.user_id is not None and not _USER_ID.fullmatch(ctx.user_id):
@@ -229,9 +259,17 @@ class QueryExecutor:
                 "user_id must be 1-50 characters of letters, digits and _ . @ : + -"
             )
         tenant = await self._registry.get_active(ctx.tenant_id)
-        verdict = await self._guard.classify_async(
-            sql, own_schema=tenant.schema_name, shared_schemas=self._shared
-        )
+        if self._spans is None:
+            verdict = await self._guard.classify_async(
+                sql, own_schema=tenant.schema_name, shared_schemas=self._shared
+            )
+        else:
+            attributes = {TENANT_ID: ctx.tenant_id, DB_SYSTEM: POSTGRESQL}
+            with self._spans.scope(SQL_GUARD, attributes) as span:
+                verdict = await self._guard.classify_async(
+                    sql, own_schema=tenant.schema_name, shared_schemas=self._shared
+                )
+                span.set_attribute(STATEMENT_CLASS, verdict.kind.value)
         principal.require(_REQUIRED_SCOPE[verdict.kind], ctx.tenant_id)
         if verdict.kind is StatementKind.DDL and ctx.user_id is not None:
             # Objects belong to the company, not to one user's login.
@@ -478,9 +516,10 @@ class QueryExecutor:
                 # tables changed is refused at Bind, and retried while nothing has been sent.
                 sent = False
                 try:
-                    async with self._session(
-                        tenant, ctx, readonly=readonly, transaction=False
-                    ) as session:
+                    async with (
+                        self._session(tenant, ctx, readonly=readonly, transaction=False) as session,
+                        self._streamed_statement_span(tenant.tenant_id, verdict, sql),
+                    ):
                         watch = session.watch
                         stmt, args, columns, reading, first = await self._begin_statement(
                             session, verdict, sql, params
@@ -738,7 +777,44 @@ class QueryExecutor:
         await _copy(conn, tenant.tenant_id, tenant.schema_name, name, columns, records)
         return f"{quote_ident(tenant.schema_name)}.{quote_ident(name)}"
 
+    def _statement_span(
+        self, tenant_id: str, verdict: Classification, sql: str, *, current: bool = True
+    ) -> SpanScope:
+        """The span of one statement (traces on), from prepare to its last row. asyncpg's spans
+        of the driver calls it makes are its children (a whole result's), or its siblings (a
+        stream's); the one round trip of a small read (``fetch_first``) has none, asyncpg's
+        instrumentation does not see it. The text, never the parameters."""
+        assert self._spans is not None
+        attributes = {
+            TENANT_ID: tenant_id,
+            DB_SYSTEM: POSTGRESQL,
+            STATEMENT_CLASS: verdict.kind.value,
+            DB_OPERATION: verdict.tag,
+            DB_STATEMENT: sql,
+        }
+        return self._spans.scope(STATEMENT, attributes, kind="client", current=current)
+
+    def _streamed_statement_span(
+        self, tenant_id: str, verdict: Classification, sql: str
+    ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A streamed statement's span, not made current: the stream yields to its reader."""
+        if self._spans is None:
+            return _NO_SPAN
+        return self._statement_span(tenant_id, verdict, sql, current=False)
+
     async def _statement(
+        self,
+        session: _Session,
+        verdict: Classification,
+        sql: str,
+        params: Sequence[Any],
+    ) -> QueryResult:
+        if self._spans is None:
+            return await self._whole_result(session, verdict, sql, params)
+        with self._statement_span(session.tenant_id, verdict, sql):
+            return await self._whole_result(session, verdict, sql, params)
+
+    async def _whole_result(
         self,
         session: _Session,
         verdict: Classification,

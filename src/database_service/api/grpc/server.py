@@ -78,6 +78,8 @@ class GrpcServer:
     async def __aenter__(self) -> GrpcServer:
         s = self.core.settings
         server = grpc.aio.server(
+            # Traces (a server span per call, the caller's traceparent continued); none when off.
+            interceptors=self.core.tracing.grpc_interceptors(),
             options=[
                 ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
                 ("grpc.max_send_message_length", s.grpc_max_message_bytes),
@@ -90,7 +92,7 @@ class GrpcServer:
                 # program) could then listen on our port too and silently take half the calls.
                 # Only the workers of one serve share it (the supervisor checked it was free).
                 ("grpc.so_reuseport", 1 if self._reuse_port else 0),
-            ]
+            ],
         )
         add_servicer(DatabaseService(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -40,4 +40,7 @@ def create_http_app(core: Application) -> FastAPI:
     api.add_middleware(InternalErrors, on_error=internal_error_handler(core))
     api.add_middleware(RequestMetrics, metrics=core.metrics, window=core.window)
     api.add_middleware(BodyLimit, max_bytes=core.settings.max_request_bytes)
+    # Outermost (around every middleware above): a server span per request, continuing the
+    # caller's traceparent header. Nothing is installed when traces are off.
+    core.tracing.instrument_http(api)
     return api
