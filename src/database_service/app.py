@@ -333,6 +333,7 @@ class Application:
                         embedded=s.nats_url is None
                         if self._nats_embedded is None
                         else self._nats_embedded,
+                        tls=s.nats_tls(),
                     )
                 )
             )
@@ -467,6 +468,7 @@ class Application:
                         ack_wait_seconds=s.ingest_ack_wait_seconds,
                         batch_messages=s.ingest_batch_messages,
                         max_ack_pending=s.ingest_max_ack_pending,
+                        tls=s.nats_tls(),
                     ),
                     self.ingest,
                 )
@@ -481,6 +483,7 @@ class Application:
                     dead_letter_topic=s.ingest_kafka_dead_letter_topic,
                     partitions=s.ingest_kafka_partitions,
                     max_records=s.ingest_batch_messages,
+                    tls=s.kafka_tls(),
                 ),
                 self.ingest,
             )

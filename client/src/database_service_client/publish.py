@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -432,7 +433,12 @@ class MarketDataPublisher:
         cooldown: float = 5.0,
         kafka_linger_ms: int = 1,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        nats_tls: ssl.SSLContext | None = None,
+        kafka_tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``nats_tls``: the TLS context for NATS (a ``tls://`` URL without one uses the system
+        trust store); ``kafka_tls``: with it, Kafka is spoken over TLS (security protocol SSL).
+        ``ssl.create_default_context(cafile=...)`` and ``load_cert_chain`` make either."""
         if not token:
             raise ValueError("a service token is required")
         if not nats_url and not kafka_bootstrap:
@@ -451,6 +457,8 @@ class MarketDataPublisher:
         self.cooldown = cooldown
         self.kafka_linger_ms = kafka_linger_ms
         self.max_batch_bytes = max_batch_bytes
+        self.nats_tls = nats_tls
+        self.kafka_tls = kafka_tls
         self._auth = f"Bearer {self.token}"
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -515,6 +523,7 @@ class MarketDataPublisher:
                     reconnect_time_wait=1,
                     max_reconnect_attempts=-1,
                     error_cb=self._nats_error,
+                    tls=self.nats_tls,
                 ),
                 self.timeout,
             )
@@ -541,6 +550,11 @@ class MarketDataPublisher:
 
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
+            **(
+                {"security_protocol": "SSL", "ssl_context": self.kafka_tls}
+                if self.kafka_tls is not None
+                else {}
+            ),
             client_id=self.producer,
             acks="all",
             enable_idempotence=True,

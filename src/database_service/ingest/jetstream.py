@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class JetStreamSettings:
     ack_wait_seconds: float
     batch_messages: int
     max_ack_pending: int
+    tls: ssl.SSLContext | None = None  # a tls:// URL without it: the system trust store
 
 
 class JetStreamIngest(Consumer):
@@ -79,6 +81,7 @@ class JetStreamIngest(Consumer):
                 reconnect_time_wait=0.5,
                 connect_timeout=2,
                 error_cb=self._on_error,
+                tls=s.tls,
             )
         js = self._nc.jetstream()
         await _ensure_stream(

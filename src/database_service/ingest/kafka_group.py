@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,14 @@ class KafkaSettings:
     dead_letter_topic: str
     partitions: int
     max_records: int
+    tls: ssl.SSLContext | None = None  # security protocol SSL with it, else plaintext
+
+    def client_options(self) -> dict[str, Any]:
+        """What every aiokafka client of these settings is given."""
+        options: dict[str, Any] = {"bootstrap_servers": self.bootstrap}
+        if self.tls is not None:
+            options |= {"security_protocol": "SSL", "ssl_context": self.tls}
+        return options
 
 
 class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -78,11 +87,11 @@ class KafkaIngest(Consumer):
         consumer = producer = None
         try:
             await self._ensure_topics()
-            producer = AIOKafkaProducer(bootstrap_servers=self._s.bootstrap, acks="all")
+            producer = AIOKafkaProducer(**self._s.client_options(), acks="all")
             await producer.start()
             self._producer = producer
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._s.bootstrap,
+                **self._s.client_options(),
                 group_id=self._s.group,
                 client_id="database-service-ingest",
                 enable_auto_commit=False,
@@ -117,7 +126,7 @@ class KafkaIngest(Consumer):
         return None
 
     async def _ensure_topics(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._s.bootstrap)
+        admin = AIOKafkaAdminClient(**self._s.client_options())
         await admin.start()
         try:
             existing = set(await admin.list_topics())

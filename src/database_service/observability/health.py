@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class NatsProbe:
     url: str
     name: str = "nats"
     embedded: bool = False
+    tls: ssl.SSLContext | None = None
     _client: Any = field(default=None, init=False)
 
     async def __aenter__(self) -> NatsProbe:
@@ -104,7 +106,11 @@ class NatsProbe:
 
         with contextlib.suppress(Exception):  # reported as unhealthy by check()
             self._client = await nats.connect(
-                self.url, connect_timeout=2, max_reconnect_attempts=-1, allow_reconnect=True
+                self.url,
+                connect_timeout=2,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                tls=self.tls,
             )
         return self
 
