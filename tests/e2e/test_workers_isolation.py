@@ -41,6 +41,7 @@ from tests.isolation.test_attacks_through_service import (  # noqa: F401
 )
 from tests.isolation.test_grpc_attacks import (  # noqa: F401
     as_a,
+    as_a_bulk,
     as_a_naming_b,
     test_bulk_insert_into_b_schema_is_refused,
     test_sql_naming_b_is_refused_on_every_query_rpc,

@@ -34,11 +34,11 @@ pytestmark = pytest.mark.usefixtures("unchanged_victim")
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "database_service"
 # What a front end may use of the core: the query core and the use cases, and what it needs to
-# authenticate, count and time requests and record what nothing else did.
+# authenticate, count, time and trace requests and record what nothing else did.
 FRONT_END_MAY_USE = {
     "executor", "timeseries", "tenant_admin", "service_admin", "partition_admin",
     "observability", "dead_letter_admin", "access", "authenticator", "metrics", "window",
-    "audit", "settings",
+    "audit", "settings", "tracing",
 }  # fmt: skip
 CLI_MAY_ALSO_USE = {"endpoints", "guard"}
 
