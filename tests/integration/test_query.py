@@ -190,6 +190,8 @@ async def test_oversized_body_is_413(
     response = await run(http, headers, tenant, "SELECT 1", *params)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
+    # Refused before any route, it still has a request id (and counts in the metrics).
+    assert len(response.headers["x-request-id"]) >= 16
 
 
 async def test_malformed_json_and_wrong_types_are_400(

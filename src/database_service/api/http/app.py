@@ -38,8 +38,9 @@ def create_http_app(core: Application) -> FastAPI:
     errors = install_error_handlers(api, core)
     api.add_middleware(QueryFastPath, errors=errors, route=QUERY_ROUTE)
     api.add_middleware(InternalErrors, on_error=internal_error_handler(core))
-    api.add_middleware(RequestMetrics, metrics=core.metrics, window=core.window)
     api.add_middleware(BodyLimit, max_bytes=core.settings.max_request_bytes)
+    # Around the body limit: a refused body is counted, timed and answered with its request id.
+    api.add_middleware(RequestMetrics, metrics=core.metrics, window=core.window)
     # Outermost (around every middleware above): a server span per request, continuing the
     # caller's traceparent header. Nothing is installed when traces are off.
     core.tracing.instrument_http(api)
