@@ -100,10 +100,20 @@ async def test_token_and_certificate_must_name_the_same_service(tls_service: Tls
     assert response.status_code == 401, response.text
 
 
-async def test_an_unbound_certificate_is_refused(tls_service: TlsService) -> None:
+async def test_an_unbound_certificate_is_refused_and_audited(tls_service: TlsService) -> None:
     async with tls_service.client(tls_service.tenant_a, None, "stranger") as client:
         with pytest.raises(Unauthenticated, match="bound to no service"):
             await client.fetch_all("SELECT 1")
+    # Audited like a refused token (the audit writer batches: give it a moment).
+    deadline = time.monotonic() + 15
+    found: list[dict[str, object]] = []
+    while not found and time.monotonic() < deadline:
+        with tls_service.http(headers=tls_service.served.admin()) as admin:
+            events = admin.get("/api/v1/admin/audit", params={"limit": 200}).json()["events"]
+        found = [e for e in events if "CN=stranger" in str(e.get("detail", ""))]
+        await asyncio.sleep(0.5)
+    assert found, "no audit event for the refused certificate"
+    assert found[0]["outcome"] == "denied"
 
 
 async def test_a_certificate_from_another_ca_fails_the_handshake(tls_service: TlsService) -> None:
