@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
-from harness import emit, running_service  # bench/ is on sys.path when run as a script
+from harness import reporting, running_service  # bench/ is on sys.path when run as a script
 
 from database_service.timeseries.layout import SeriesSpec, aligned_ranges, partition_ddl
 from database_service_client import MultiDatabaseClient
@@ -49,7 +49,7 @@ async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
     return statistics.median(runs), result
 
 
-async def main(ticks: int) -> None:
+async def main(ticks: int, figures: dict[str, Any]) -> None:
     async with running_service(
         DBSVC_TS_RETENTION_DAYS="36500",  # keep the benchmark's past day
         DBSVC_TS_CREATE_AHEAD_HOURS="1",
@@ -93,7 +93,7 @@ async def main(ticks: int) -> None:
         client = MultiDatabaseClient(service.grpc, "co2", tenants["co2"][1], timeout=300)
         end = DAY + dt.timedelta(days=1)
         print(f"candles for one symbol of one tenant over the day (median of {RUNS})")
-        figures: dict[str, float | int] = {"ticks": per_hour * 24, "rollup_rows": rollups}
+        figures |= {"ticks": per_hour * 24, "rollup_rows": rollups}
         for label, key, interval in (
             ("1-minute", "minute", dt.timedelta(minutes=1)),
             ("1-hour", "hour", dt.timedelta(hours=1)),
@@ -121,10 +121,10 @@ async def main(ticks: int) -> None:
             }
         await client.close()
         await owner.close()
-    emit({"bench": "candles", **figures})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=5_000_000)
-    asyncio.run(main(parser.parse_args().ticks))
+    with reporting("candles") as figures:
+        asyncio.run(main(parser.parse_args().ticks, figures))

@@ -35,8 +35,8 @@ import grpc
 import uvloop
 from harness import (  # bench/ is on sys.path as a script
     closed_loop,
-    emit,
     p99,
+    reporting,
     rss_bytes,
     running_service,
 )
@@ -153,10 +153,11 @@ async def recorded(target: str, token: str, sql: str, params: list[Any]) -> byte
         return response
 
 
-async def main(seconds: float, bulk_rows: int, stream_rows: int, only: str | None) -> None:
+async def main(
+    seconds: float, bulk_rows: int, stream_rows: int, only: str | None, figures: dict[str, Any]
+) -> None:
     async with running_service(DBSVC_POOL_MAX_PER_TENANT=str(POOL)) as service:
         schema, token = await service.tenant("bench", ["read", "write"])
-        figures: dict[str, float] = {}
         if only in (None, "query"):
             figures |= await bench(service.dsn, service.grpc, service.pid, schema, token, seconds)
         if only in (None, "stream"):
@@ -167,7 +168,6 @@ async def main(seconds: float, bulk_rows: int, stream_rows: int, only: str | Non
             figures |= await bench_bulk(service.dsn, service.grpc, schema, token, bulk_rows)
         if only in (None, "tls"):
             figures |= await bench_tls(service.dsn, service.grpc, schema, token, seconds)
-    emit({"bench": "grpc_query", **figures})
 
 
 async def bench(
@@ -364,4 +364,5 @@ if __name__ == "__main__":
         port, small, large = args.echo_server
         asyncio.run(serve_echo(int(port), Path(small).read_bytes(), Path(large).read_bytes()))
     else:
-        uvloop.run(main(args.seconds, args.rows, args.stream_rows, args.only))
+        with reporting("grpc_query") as figures:
+            uvloop.run(main(args.seconds, args.rows, args.stream_rows, args.only, figures))

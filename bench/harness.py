@@ -9,12 +9,13 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,28 @@ def emit(figures: dict[str, Any]) -> None:
     assert isinstance(figures.get("bench"), str), "figures name their bench"
     rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
     print(json.dumps(rounded), flush=True)
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the bench's cleanup runs (services stop)
+
+
+@contextlib.contextmanager
+def reporting(bench: str) -> Iterator[dict[str, Any]]:
+    """The bench's figures, filled in as they are measured, printed as its last line when it
+    ends. A bench stopped early (Ctrl-C, or SIGTERM from a time limit) still ends with that
+    line: the figures measured so far and ``"interrupted": true``."""
+    figures: dict[str, Any] = {"bench": bench}
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        yield figures
+    except KeyboardInterrupt:
+        emit({**figures, "interrupted": True})
+        raise SystemExit(130) from None
+    else:
+        emit(figures)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def p99(samples: Sequence[float]) -> float:

@@ -30,9 +30,10 @@ import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
-from harness import emit, running_service  # bench/ is on sys.path when run as a script
+from harness import reporting, running_service  # bench/ is on sys.path when run as a script
 
 from database_service.supervisor import EmbeddedNats
 from database_service_client import MarketDataPublisher, tick
@@ -118,12 +119,26 @@ async def through_service(
     return n / (time.perf_counter() - began)
 
 
-async def main(n: int, rounds: int, batch: int) -> None:
+async def main(n: int, rounds: int, batch: int, figures: dict[str, Any]) -> None:
     with kafka_bootstrap() as bootstrap:
-        await run(bootstrap, n, rounds, batch)
+        await run(bootstrap, n, rounds, batch, figures)
 
 
-async def run(bootstrap: str, n: int, rounds: int, batch: int) -> None:
+_KEYS = {"raw COPY": "raw_copy", "NATS": "nats", "Kafka": "kafka", "NATS+Kafka": "nats_kafka"}
+
+
+def summary(paths: dict[str, list[float]], n: int, batch: int) -> dict[str, float | int]:
+    """Medians of the rounds so far, and each path's ratio to raw COPY."""
+    base = statistics.median(paths["raw COPY"])
+    figures: dict[str, float | int] = {"ticks": n, "rounds": len(paths["raw COPY"]), "batch": batch}
+    for name, values in paths.items():
+        figures[f"{_KEYS[name]}_ticks_s"] = statistics.median(values)
+        if name != "raw COPY":
+            figures[f"{_KEYS[name]}_ratio"] = statistics.median(values) / base
+    return figures
+
+
+async def run(bootstrap: str, n: int, rounds: int, batch: int, figures: dict[str, Any]) -> None:
     prefix = f"bench{secrets.token_hex(3)}-"
     topics: dict[Kind, str] = {"trading": f"{prefix}trading", "analytics": f"{prefix}analytics"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,6 +182,7 @@ async def run(bootstrap: str, n: int, rounds: int, batch: int) -> None:
                     print(f"round {r + 1}: " + ", ".join(
                         f"{k} {v[-1]:,.0f}/s" for k, v in paths.items()
                     ), flush=True)  # fmt: skip
+                    figures |= summary(paths, n, batch)
             finally:
                 for p in publishers.values():
                     await p.__aexit__(None, None, None)
@@ -176,13 +192,6 @@ async def run(bootstrap: str, n: int, rounds: int, batch: int) -> None:
     for name, values in paths.items():
         median = statistics.median(values)
         print(f"  {name:<12} {median:12,.0f} ticks/s   {median / base:6.1%} of raw COPY")
-    keys = {"raw COPY": "raw_copy", "NATS": "nats", "Kafka": "kafka", "NATS+Kafka": "nats_kafka"}
-    figures: dict[str, float | int] = {"ticks": n, "rounds": rounds, "batch": batch}
-    for name, values in paths.items():
-        figures[f"{keys[name]}_ticks_s"] = statistics.median(values)
-        if name != "raw COPY":
-            figures[f"{keys[name]}_ratio"] = statistics.median(values) / base
-    emit({"bench": "ingest", **figures})
 
 
 if __name__ == "__main__":
@@ -191,4 +200,5 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
-    asyncio.run(main(args.ticks, args.rounds, args.batch))
+    with reporting("ingest") as figures:
+        asyncio.run(main(args.ticks, args.rounds, args.batch, figures))

@@ -29,13 +29,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiokafka
 import confluent_kafka
 import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from harness import emit  # bench/ is on sys.path when run as a script
+from harness import reporting  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITIONS = 4
@@ -201,7 +202,7 @@ def release_broker() -> None:
     kafka_sh("release", str(os.getpid()))
 
 
-async def main(bootstrap: str, n: int, batch: int, repeat: int) -> None:
+async def main(bootstrap: str, n: int, batch: int, repeat: int, figures: dict[str, Any]) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     produced: dict[str, list[float]] = {"aiokafka": [], "confluent-kafka": []}
@@ -243,6 +244,7 @@ async def main(bootstrap: str, n: int, batch: int, repeat: int) -> None:
                 consumed[name].append(result)
                 line.append(f"consume {name} {result.rate:,.0f}/s")
             print(f"  run {rep + 1}: " + "; ".join(line), flush=True)
+            figures |= summary(produced, consumed, n, batch)
             await admin.delete_topics(list(topics.values()))
     finally:
         await admin.close()
@@ -269,23 +271,29 @@ async def main(bootstrap: str, n: int, batch: int, repeat: int) -> None:
     join_a = med([r.join_s for r in consumed["aiokafka"]])
     join_c = med([r.join_s for r in consumed["confluent-kafka"]])
     print(f"  group join to first batch: aiokafka {join_a:.2f} s, confluent-kafka {join_c:.2f} s")
-    (pa, pc), (ca, cc) = ([med(a), med(c)] for a, c in rates.values())
-    emit(
-        {
-            "bench": "kafka_clients",
-            "messages": n,
-            "batch": batch,
-            "repeat": repeat,
-            "produce_aiokafka_msgs_s": pa,
-            "produce_confluent_msgs_s": pc,
-            "produce_ratio": pc / pa,
-            "consume_aiokafka_msgs_s": ca,
-            "consume_confluent_msgs_s": cc,
-            "consume_ratio": cc / ca,
-            "join_aiokafka_s": join_a,
-            "join_confluent_s": join_c,
-        }
-    )
+
+
+def summary(
+    produced: dict[str, list[float]], consumed: dict[str, list[Consumed]], n: int, batch: int
+) -> dict[str, Any]:
+    """Medians of the runs so far."""
+    med = statistics.median
+    pa, pc = med(produced["aiokafka"]), med(produced["confluent-kafka"])
+    ca = med([r.rate for r in consumed["aiokafka"]])
+    cc = med([r.rate for r in consumed["confluent-kafka"]])
+    return {
+        "messages": n,
+        "batch": batch,
+        "repeat": len(produced["aiokafka"]),
+        "produce_aiokafka_msgs_s": pa,
+        "produce_confluent_msgs_s": pc,
+        "produce_ratio": pc / pa,
+        "consume_aiokafka_msgs_s": ca,
+        "consume_confluent_msgs_s": cc,
+        "consume_ratio": cc / ca,
+        "join_aiokafka_s": med([r.join_s for r in consumed["aiokafka"]]),
+        "join_confluent_s": med([r.join_s for r in consumed["confluent-kafka"]]),
+    }
 
 
 if __name__ == "__main__":
@@ -297,7 +305,8 @@ if __name__ == "__main__":
     bootstrap = acquire_broker()
     try:
         url = bootstrap or kafka_sh("url").stdout.strip()
-        uvloop.run(main(url, args.messages, args.batch, args.repeat))
+        with reporting("kafka_clients") as figures:
+            uvloop.run(main(url, args.messages, args.batch, args.repeat, figures))
     finally:
         if bootstrap is None:
             release_broker()

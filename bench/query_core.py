@@ -16,7 +16,7 @@ one run, by
      concurrency, on the same pool size),
   7. ``POST /api/v1/query`` on ``database-service serve`` in its own process.
 
-Prints throughput, p50 and p99 of each and the ratios, and ends with one JSON line (``emit``):
+Prints throughput, p50 and p99 of each and the ratios, and ends with one JSON line (``reporting``):
 ``direct_c1_p50_ms``, ``core_c1_p50_ms``, ``rest_asgi_c1_p50_ms`` (in-process), then per
 concurrency ``{echo,direct,core,rest}_c{1,32}_{rps,p50_ms,p99_ms}``, ``rest_c{1,32}_vs_echo``
 (throughput ratio), ``rest_c{1,32}_vs_direct`` and ``rest_c{1,32}_p50_over_echo_ms``.
@@ -54,8 +54,8 @@ import httpx
 import uvloop
 from harness import (  # bench/ is on sys.path when run as a script
     closed_loop,
-    emit,
     p99,
+    reporting,
     running_service,
 )
 
@@ -214,7 +214,7 @@ def line(name: str, rps: float, lat: list[float], base: float | None) -> dict[st
 # --- the run ----------------------------------------------------------------------------------
 
 
-async def main(n: int, seconds: float, loop: str) -> None:
+async def main(n: int, seconds: float, loop: str, figures: dict[str, Any]) -> None:
     master_key = secrets.token_urlsafe(48)
     env = {
         "DBSVC_POOL_MAX_PER_TENANT": str(POOL),
@@ -243,8 +243,7 @@ async def main(n: int, seconds: float, loop: str) -> None:
                 pool_max_per_tenant=POOL,
             )
             async with Application(settings, start_nats=False) as core:
-                figures = await bench(core, service.http, token, n, seconds, loop)
-    emit({"bench": "query_core", **figures})
+                figures |= await bench(core, service.http, token, n, seconds, loop)
 
 
 async def bench(
@@ -361,4 +360,5 @@ if __name__ == "__main__":
     if args.echo_server:
         serve_echo(int(args.echo_server[0]), args.echo_server[1], args.loop)
     else:
-        uvloop.run(main(args.n, args.seconds, args.loop))
+        with reporting("query_core") as figures:
+            uvloop.run(main(args.n, args.seconds, args.loop, figures))

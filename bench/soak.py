@@ -37,7 +37,11 @@ from typing import Any
 
 import asyncpg
 import psutil
-from harness import Service, emit, running_service  # bench/ is on sys.path when run as a script
+from harness import (  # bench/ is on sys.path when run as a script
+    Service,
+    reporting,
+    running_service,
+)
 
 from database_service.supervisor import free_port
 from database_service_client import MarketDataPublisher, MultiDatabaseClient, tick
@@ -282,7 +286,7 @@ async def prepare(service: Service) -> tuple[str, MultiDatabaseClient]:
     return token, client
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     mix = {k: float(v) for k, v in (part.split("=") for part in args.mix.split(","))}
     nats_port = free_port()
     env = {
@@ -312,6 +316,15 @@ async def main(args: argparse.Namespace) -> None:
             )
             rss_start = rss(serve)
             minutes: list[dict[str, Any]] = []
+            figures |= {
+                "minutes": args.minutes,
+                "interval_s": args.interval,
+                "concurrency": args.concurrency,
+                "rate": args.rate,
+                "ingest_rate": args.ingest_rate,
+                "mix": mix,
+                "per_minute": minutes,  # filled in minute by minute
+            }
             stored_before = 0
             try:
                 for index in range(1, args.minutes + 1):
@@ -350,23 +363,13 @@ async def main(args: argparse.Namespace) -> None:
         f" {start_mb:.1f} -> {end_mb:.1f} MB from the first report to the last"
         f" ({growth:+.2f} MB/min)"
     )
-    emit(
-        {
-            "bench": "soak",
-            "minutes": args.minutes,
-            "interval_s": args.interval,
-            "concurrency": args.concurrency,
-            "rate": args.rate,
-            "ingest_rate": args.ingest_rate,
-            "mix": mix,
-            "per_minute": minutes,
-            "errors": errors,
-            "ops_s": statistics_mean([m["ops_s"] for m in minutes]),
-            "rss_start_mb": {k: round(v, 1) for k, v in rss_start.items()},
-            "rss_end_mb": {k: round(v, 1) for k, v in rss_end.items()},
-            "service_rss_growth_mb_per_min": growth,
-        }
-    )
+    figures |= {
+        "errors": errors,
+        "ops_s": statistics_mean([m["ops_s"] for m in minutes]),
+        "rss_start_mb": {k: round(v, 1) for k, v in rss_start.items()},
+        "rss_end_mb": {k: round(v, 1) for k, v in rss_end.items()},
+        "service_rss_growth_mb_per_min": growth,
+    }
 
 
 def service_mb(rss: dict[str, float]) -> float:
@@ -393,4 +396,5 @@ if __name__ == "__main__":
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the service (repeatable)"
     )
-    asyncio.run(main(parser.parse_args()))
+    with reporting("soak") as figures:
+        asyncio.run(main(parser.parse_args(), figures))
