@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -325,6 +326,8 @@ class Application:
                 EmbeddedNats(s.data_dir / "nats", port=s.nats_port)
             )
             nats_url = nats.url
+        # One TLS context for NATS (its files read once), shared by the probe and the consumer.
+        nats_tls = s.nats_tls()
         if nats_url is not None:
             probes.append(
                 await stack.enter_async_context(
@@ -333,7 +336,7 @@ class Application:
                         embedded=s.nats_url is None
                         if self._nats_embedded is None
                         else self._nats_embedded,
-                        tls=s.nats_tls(),
+                        tls=nats_tls,
                     )
                 )
             )
@@ -354,7 +357,7 @@ class Application:
             require_token=s.ingest_require_token,
             spans=self.tracing.spans,
         )
-        await self._start_consumers(nats_url, probes)
+        await self._start_consumers(nats_url, nats_tls, probes)
         retention = dt.timedelta(days=s.ts_retention_days)
         ahead = dt.timedelta(hours=s.ts_create_ahead_hours)
         self.partitions = PartitionManager(
@@ -440,7 +443,9 @@ class Application:
         )
         self.dead_letter_admin = DeadLetterAdmin(self.access, self.dead_letters, self.ingest)
 
-    async def _start_consumers(self, nats_url: str | None, probes: list[DependencyProbe]) -> None:
+    async def _start_consumers(
+        self, nats_url: str | None, nats_tls: ssl.SSLContext | None, probes: list[DependencyProbe]
+    ) -> None:
         s = self.settings
         if not (self._consume and s.ingest_enabled):
             return
@@ -468,7 +473,7 @@ class Application:
                         ack_wait_seconds=s.ingest_ack_wait_seconds,
                         batch_messages=s.ingest_batch_messages,
                         max_ack_pending=s.ingest_max_ack_pending,
-                        tls=s.nats_tls(),
+                        tls=nats_tls,
                     ),
                     self.ingest,
                 )

@@ -124,7 +124,8 @@ async def _serve(settings: Settings, verbose: int = 0) -> int:
 
     workers = resolve_count(settings)
     nats_embedded = settings.nats_url is None and settings.nats_embedded
-    _tls_files(settings)  # before anything starts: certificates that cannot serve stop here
+    # Before anything starts: certificates that cannot serve stop here (workers load their own).
+    tls = _tls_files(settings)
     lock = InstanceLock(settings.data_dir)
     lock.acquire(
         REST=f"{_scheme(settings)}://{settings.http_host}:{settings.http_port}/api/v1/",
@@ -159,7 +160,7 @@ async def _serve(settings: Settings, verbose: int = 0) -> int:
                 return await _serve_supervised(
                     settings, signals, lock, http_socket, grpc_socket, workers, verbose
                 )
-            return await _serve_on(settings, signals, lock, http_socket)
+            return await _serve_on(settings, signals, lock, http_socket, tls)
         finally:
             http_socket.close()
             if grpc_socket is not None:
@@ -370,13 +371,16 @@ async def _serve_worker_on(
 
 
 async def _serve_on(
-    settings: Settings, signals: _Signals, lock: InstanceLock, http_socket: socket.socket
+    settings: Settings,
+    signals: _Signals,
+    lock: InstanceLock,
+    http_socket: socket.socket,
+    tls: CertificateFiles | None,
 ) -> int:
     # Imported here: the front ends cost ~1 s of start-up that the admin commands do not need.
     from database_service.api.grpc import GrpcServer  # noqa: PLC0415
     from database_service.app import Application  # noqa: PLC0415
 
-    tls = _tls_files(settings)
     async with Application(settings) as core:
         signals.checkpoint()
         async with GrpcServer(core, tls=tls) as grpc_server:

@@ -155,8 +155,8 @@ class RequestMetrics:
     caller's ``X-Request-Id`` when sane, else a new one, and goes back as ``X-Request-Id``;
     every line logged while the request runs carries it (and its tenant and service once the
     routes know them). A refused authentication (401) is logged, one line with the reason the
-    caller was given; never the credentials. (The outermost middleware of ours but the body
-    limit, whose 413 goes back without an id.)"""
+    caller was given; never the credentials. The outermost middleware of ours, so a body the
+    size limit refuses (413) is counted and answered with its id too."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, window: RequestWindow) -> None:
         self.app = app
