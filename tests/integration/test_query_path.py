@@ -15,6 +15,7 @@ from asyncpg.transaction import Transaction
 
 from database_service.app import Application
 from database_service.auth import Scope
+from database_service.postgres import TenantConnection
 from database_service.query import executor as executor_module
 from database_service.tenancy import TenantRecord
 from database_service_client import MultiDatabaseClient
@@ -47,6 +48,59 @@ def begins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(Transaction, "start", start)
     return started
+
+
+@pytest.fixture
+def resets(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What each tenant connection's release sent to reset its session ("" for nothing)."""
+    sent: list[str] = []
+    original = TenantConnection.get_reset_query
+
+    def get_reset_query(self: TenantConnection) -> str:
+        query = original(self)
+        sent.append(query)
+        return query
+
+    monkeypatch.setattr(TenantConnection, "get_reset_query", get_reset_query)
+    return sent
+
+
+async def test_a_small_repeatable_read_releases_without_a_reset_round_trip(
+    core: Application, client: MultiDatabaseClient, resets: list[str]
+) -> None:
+    await client.fetch_all("SELECT g FROM generate_series(1, 3) AS g")
+    await core.pools.drain()
+    assert resets == [""]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE IF NOT EXISTS reset_probe (n int)",
+        "INSERT INTO reset_probe VALUES (1)",
+        "SELECT nextval('reset_seq')",  # a read that is not repeatable
+        "SELECT g FROM generate_series(1, 3000) AS g",  # past the first rows: a cursor
+    ],
+)
+async def test_every_other_session_is_reset_on_release(
+    core: Application, client: MultiDatabaseClient, resets: list[str], sql: str
+) -> None:
+    await client.fetch_all("CREATE TABLE IF NOT EXISTS reset_probe (n int)")
+    await client.fetch_all("CREATE SEQUENCE IF NOT EXISTS reset_seq")
+    await core.pools.drain()
+    resets.clear()
+    await client.fetch_all(sql)
+    await core.pools.drain()
+    assert resets == ["CLOSE ALL;\nUNLISTEN *;\nRESET ALL;"]
+
+
+async def test_a_read_only_callers_session_is_reset_on_release(
+    core: Application, client_for: ClientFactory, tenant: TenantRecord, resets: list[str]
+) -> None:
+    reader = await client_for(tenant, (Scope.READ,))
+    await reader.fetch_all("SELECT 1")
+    await core.pools.drain()
+    assert resets == ["CLOSE ALL;\nUNLISTEN *;\nRESET ALL;"]
 
 
 @pytest.mark.parametrize("how", ["unary", "stream"])

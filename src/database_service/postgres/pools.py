@@ -44,6 +44,16 @@ log = logging.getLogger(__name__)
 Connection = asyncpg.Connection | PoolConnectionProxy
 
 
+_RESET_QUERY = "CLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+
+
+def _reset_needed(conn: Connection) -> bool:
+    """Whether releasing ``conn`` costs a round trip (a proxy whose connection was terminated
+    has none left: asyncpg has already taken it back)."""
+    raw = getattr(conn, "_con", None) if isinstance(conn, PoolConnectionProxy) else conn
+    return not isinstance(raw, TenantConnection) or raw.reset_needed
+
+
 class TenantConnection(asyncpg.Connection):
     """A tenant's connection. Resets session state on release without pg_advisory_unlock_all,
     which tenants may not run, and keeps its statement cache in step with its tenant's schema
@@ -52,9 +62,23 @@ class TenantConnection(asyncpg.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.schema_generation = 0
+        self._reset_needed = True
 
     def get_reset_query(self) -> str:
-        return "CLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+        needed, self._reset_needed = self._reset_needed, True
+        return _RESET_QUERY if needed else ""
+
+    @property
+    def reset_needed(self) -> bool:
+        return self._reset_needed
+
+    def skip_next_reset(self) -> None:
+        """The session ran nothing that can change session state (the query core's one
+        repeatable read, outside a transaction: a SELECT calling none of the tenant's functions
+        and only catalog functions the SQL guard allows, none of which touches session state).
+        Its release then skips the reset's round trip; asyncpg still rolls back a transaction
+        left open and forgets listeners. The next release resets again unless told otherwise."""
+        self._reset_needed = False
 
     def follow_schema(self, generation: int) -> None:
         """Drop the statements kept from before ``generation`` (this connection's only: the
@@ -232,9 +256,11 @@ class TenantPools:
 
     @contextlib.asynccontextmanager
     async def acquire(self, login: TenantLogin) -> AsyncIterator[Connection]:
-        """A connection of the login's pool. Its release (asyncpg resets the session: a round
-        trip) runs after the caller is done, not before its answer goes out; the connection
-        counts as in use, and returns to the pool, when the reset is over."""
+        """A connection of the login's pool. Its release, when asyncpg resets the session (a
+        round trip), runs after the caller is done, not before its answer goes out; the
+        connection counts as in use, and returns to the pool, when the reset is over. A
+        connection that needs no reset (``TenantConnection.skip_next_reset``) is released at
+        once."""
         if self._spans is None:
             entry, conn = await self._take(login)
         else:
@@ -242,10 +268,18 @@ class TenantPools:
                 entry, conn = await self._take(login)
         try:
             yield conn
-        finally:
-            task = asyncio.get_running_loop().create_task(self._release(entry, conn))
-            self._releasing.add(task)
-            task.add_done_callback(self._releasing.discard)
+        except BaseException:
+            self._release_later(entry, conn)
+            raise
+        if _reset_needed(conn):
+            self._release_later(entry, conn)
+        else:
+            await self._release(entry, conn)  # no round trip: cheaper than a task
+
+    def _release_later(self, entry: _Entry, conn: Connection) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(entry, conn))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _take(self, login: TenantLogin) -> tuple[_Entry, Connection]:
         """A connection of the login's pool and its entry, counted in use (``_release`` or

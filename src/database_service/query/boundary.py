@@ -21,7 +21,7 @@ from database_service.errors import (
 )
 from database_service.postgres import Connection, TenantConnection
 
-__all__ = ["fetch_first", "postgres_errors", "prepare_cached"]
+__all__ = ["cached_statement", "fetch_first", "postgres_errors", "prepare_cached"]
 
 
 @contextlib.contextmanager
@@ -86,6 +86,21 @@ async def prepare_cached(conn: Connection, sql: str, schema_generation: int) -> 
     cast(TenantConnection, conn).follow_schema(schema_generation)
     stmt: PreparedStatement = await conn._prepare(sql, use_cache=True)  # type: ignore[union-attr]
     return stmt
+
+
+def cached_statement(
+    conn: Connection, sql: str, schema_generation: int
+) -> PreparedStatement | None:
+    """The connection's kept statement for ``sql``, without awaiting anything, or None when it
+    must be prepared (``prepare_cached``). The hot path's usual case: no round trip, so no
+    statement limit to arm for it. The same private cache ``_prepare(use_cache=True)`` reads
+    (keyed by text, record class and codec flag)."""
+    tenant_conn = cast(TenantConnection, conn)
+    tenant_conn.follow_schema(schema_generation)
+    raw: Any = getattr(conn, "_con", conn)  # a pool's proxy holds the connection
+    key = (sql, raw._protocol.get_record_class(), False)
+    state = raw._stmt_cache.get(key)
+    return None if state is None else PreparedStatement(raw, sql, state)
 
 
 async def fetch_first(

@@ -58,9 +58,14 @@ from database_service.observability.tracing import (
     Spans,
     SpanScope,
 )
-from database_service.postgres import Connection, TenantLogin, TenantPools
+from database_service.postgres import Connection, TenantConnection, TenantLogin, TenantPools
 from database_service.postgres.deadlines import Deadlines, SessionWatch
-from database_service.query.boundary import fetch_first, postgres_errors, prepare_cached
+from database_service.query.boundary import (
+    cached_statement,
+    fetch_first,
+    postgres_errors,
+    prepare_cached,
+)
 from database_service.query.values import PgType, coerce_params, coerce_rows, postgres_column
 from database_service.results import (
     Column,
@@ -118,30 +123,54 @@ class _Session:
     once when the session needs one (read-only callers, a user id, several statements), else
     only if a statement turns out to need one (``begin``)."""
 
-    __slots__ = ("_tx", "began", "conn", "tenant_id", "watch")
+    __slots__ = (
+        "_isolation",
+        "_readonly",
+        "_tx",
+        "began",
+        "conn",
+        "ran",
+        "stateless",
+        "tenant_id",
+        "watch",
+    )
 
     def __init__(
-        self, conn: Connection, watch: SessionWatch, tenant_id: str, tx: Transaction
+        self,
+        conn: Connection,
+        watch: SessionWatch,
+        tenant_id: str,
+        *,
+        readonly: bool,
+        isolation: Isolation,
     ) -> None:
         self.conn = conn
         self.watch = watch
         self.tenant_id = tenant_id
-        self._tx = tx
+        self._readonly = readonly
+        self._isolation = isolation
+        self._tx: Transaction | None = None
         self.began = False
+        # Set by the query core when the session ran one repeatable read in one round trip
+        # and nothing else: no session state can have changed, so no reset is needed.
+        self.stateless = False
+        self.ran = False  # a statement of the query core ran
 
     async def begin(self) -> None:
         if not self.began:
+            self._tx = self.conn.transaction(readonly=self._readonly, isolation=self._isolation)
             async with self.watch.statement():
                 await self._tx.start()
             self.began = True
 
     async def commit(self) -> None:
-        if self.began:
+        if self.began and self._tx is not None:
             async with self.watch.statement():
                 await self._tx.commit()
 
     async def rollback(self) -> None:
-        await self._tx.rollback()
+        if self._tx is not None:
+            await self._tx.rollback()
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +257,12 @@ class QueryExecutor:
 
     async def _prepare(self, session: _Session, sql: str) -> PreparedStatement:
         generation = self._schema_generations.get(session.tenant_id, 0)
-        return await prepare_cached(session.conn, sql, generation)
+        kept = cached_statement(session.conn, sql, generation)
+        if kept is not None:
+            return kept  # no round trip, so no statement limit to arm
+        async with session.watch.statement():
+            prepared = await prepare_cached(session.conn, sql, generation)
+        return prepared
 
     def _schema_changed(self, tenant_id: str) -> None:
         self._schema_generations[tenant_id] = self._schema_generations.get(tenant_id, 0) + 1
@@ -375,10 +409,7 @@ class QueryExecutor:
                     )
                     try:
                         session = _Session(
-                            conn,
-                            watch,
-                            ctx.tenant_id,
-                            conn.transaction(readonly=readonly, isolation=isolation),
+                            conn, watch, ctx.tenant_id, readonly=readonly, isolation=isolation
                         )
                         if transaction or readonly or login.user_scoped:
                             try:
@@ -407,6 +438,8 @@ class QueryExecutor:
                                 self._schema_changed(ctx.tenant_id)
                             raise
                         await session.commit()
+                        if session.stateless and not session.began and not login.user_scoped:
+                            cast(TenantConnection, conn).skip_next_reset()
                     finally:
                         watch.close()
                     return
@@ -423,14 +456,16 @@ class QueryExecutor:
         """The statement prepared, its parameters bound, its columns, whether it is a read
         returning rows, and — for a repeatable read whose result is small — its rows and tag,
         in one round trip (a larger result is read again, whole, by cursor)."""
-        async with session.watch.statement():
-            stmt = await self._prepare(session, sql)
+        stmt = await self._prepare(session, sql)
         args = coerce_params(params, stmt.get_parameters())
         columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
         reading = verdict.kind is StatementKind.READ and bool(columns)
         first = None
         if reading and verdict.repeatable:
             first = await self._first_rows(session, stmt, args)
+        # Only a session's first statement counts: one that ran another keeps its reset.
+        session.stateless = first is not None and not session.began and not session.ran
+        session.ran = True
         return stmt, args, columns, reading, first
 
     async def _first_rows(
