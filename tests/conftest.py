@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fix_kafka",
     "tests.fix_ingest",
     "tests.fix_otlp",
+    "tests.fix_redis",
     "tests.isolation.fix_attack",
     "tests.isolation.fix_frontends",
 ]

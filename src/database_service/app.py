@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from database_service.application import (
@@ -29,6 +30,18 @@ from database_service.application import (
 )
 from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
 from database_service.auth.tokens import deployment_audience
+from database_service.cache import (
+    IMMUTABLE_FUNCTIONS_SQL,
+    CachePolicy,
+    Generations,
+    InMemoryKeyValueStore,
+    KeyValueStore,
+    LocalCache,
+    PostgresInvalidationListener,
+    RedisKeyValueStore,
+    RemoteCache,
+    ResultCache,
+)
 from database_service.config import Settings
 from database_service.ingest import DeadLetterStore, IngestPipeline, IngestWriter
 from database_service.loops import BackgroundLoops
@@ -45,6 +58,7 @@ from database_service.observability.tracing import Tracing
 from database_service.postgres import TenantPools, create_owner_pool
 from database_service.postgres.deadlines import Deadlines
 from database_service.query import QueryExecutor
+from database_service.query.caching import ResultCaching
 from database_service.sqlguard import SqlGuard
 from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
 from database_service.tenancy import (
@@ -123,6 +137,37 @@ class _PartitionCollector:
         if self._manager.rollup_lag_seconds is not None:
             lag.add_metric([], self._manager.rollup_lag_seconds)
         yield lag
+
+
+@dataclass
+class CacheProbe:
+    """The result cache's L2 (the seed's ``dependencies.dragonflydb``): Redis's state, or
+    ``not_configured`` with L1 alone; and the invalidation channels either way."""
+
+    cache: ResultCache
+    listener: PostgresInvalidationListener
+    configured: bool
+    name: str = "dragonflydb"
+
+    async def check(self) -> dict[str, Any]:
+        stats = self.cache.stats()
+        details = {
+            "invalidation": stats["invalidation"],
+            "postgres_notifications": self.listener.status,
+            "l1": stats["l1"],
+            "hit_rate": stats["hit_rate"],
+        }
+        if not self.configured:
+            return {
+                "status": "not_configured",
+                "note": "L1 only: no L2, invalidation across instances by PostgreSQL's"
+                " notifications alone (set DBSVC_REDIS_URL)",
+                **details,
+            }
+        state = stats["l2_state"]
+        assert isinstance(state, dict)
+        up = state.get("status") == "up"
+        return {"status": "healthy" if up else "unhealthy", "l2": state, **details}
 
 
 class Application:
@@ -295,7 +340,30 @@ class Application:
             on_expired=lambda why: self.metrics.session_limits.labels(why).inc(),
         )
         stack.push_async_callback(self.deadlines.aclose)
+        self.result_cache, self.key_values, cache_probe = await self._cache(dsn)
+        probes_before = [cache_probe]
+        self.caching = ResultCaching(
+            self.result_cache,
+            CachePolicy(
+                shared_schema=s.shared_schema,
+                shared_relations=frozenset(
+                    r["relname"]
+                    for r in await self.owner_pool.fetch(
+                        "SELECT relname FROM pg_class WHERE relnamespace = $1::regnamespace",
+                        s.shared_schema,
+                    )
+                ),
+                immutable_functions=frozenset(
+                    r["proname"] for r in await self.owner_pool.fetch(IMMUTABLE_FUNCTIONS_SQL)
+                ),
+            ),
+            self.metrics,
+            shared_schema=s.shared_schema,
+            max_ttl_ms=s.cache_max_ttl_ms,
+            stale_max_age_s=s.cache_stale_max_age_seconds,
+        )
         self.executor = QueryExecutor(
+            caching=self.caching,
             pools=self.pools,
             registry=self.registry,
             logins=self.logins,
@@ -318,7 +386,8 @@ class Application:
                 self.owner_pool,
                 embedded=s.postgres_url is None or self._postgres_supervisor is not None,
                 supervisor=self.embedded_postgres or self._postgres_supervisor,
-            )
+            ),
+            *probes_before,
         ]
         nats_url = s.nats_url
         if nats_url is None and s.nats_embedded and self._start_nats:
@@ -403,6 +472,47 @@ class Application:
             loops=self.loops,
         )
         self._use_cases()
+
+    async def _cache(self, dsn: str) -> tuple[ResultCache, KeyValueStore, DependencyProbe]:
+        """L1 always; with ``redis_url``, L2, cluster-wide invalidation and key-value operations
+        in Redis (DragonflyDB in production). Every process listens to PostgreSQL's
+        notifications of writes (whoever made them: control migration 0009's triggers)."""
+        s, stack, metrics = self.settings, self._stack, self.metrics
+        url = s.redis_url.get_secret_value() if s.redis_url is not None else None
+        timeout_s = s.cache_redis_timeout_ms / 1000
+        generations = Generations(
+            url,
+            timeout_s=timeout_s,
+            on_lag=metrics.cache_invalidation_lag_seconds.observe,
+        )
+        await generations.start()
+        remote = (
+            RemoteCache(url, tenant_quota_bytes=s.cache_tenant_quota_bytes, timeout_s=timeout_s)
+            if url is not None
+            else None
+        )
+        cache = ResultCache(
+            local=LocalCache(s.cache_l1_bytes, stale_max_age_s=s.cache_stale_max_age_seconds),
+            generations=generations,
+            remote=remote,
+        )
+        stack.push_async_callback(cache.aclose)
+
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(dsn, server_settings={"application_name": "dbsvc-cache"})
+
+        notifications = metrics.cache_invalidations.labels("notification")
+        listener = PostgresInvalidationListener(
+            connect,
+            generations,
+            control_schema=s.control_schema,
+            on_notification=lambda tenant, relation: notifications.inc(),
+        )
+        await listener.start()
+        stack.push_async_callback(listener.aclose)
+        kv: KeyValueStore = RedisKeyValueStore(url) if url is not None else InMemoryKeyValueStore()
+        stack.push_async_callback(kv.aclose)
+        return cache, kv, CacheProbe(cache, listener, configured=url is not None)
 
     def _use_cases(self) -> None:
         """The application layer front ends call (each use case authorizes and audits itself);

@@ -108,6 +108,16 @@ class Settings(BaseSettings):
     # divided between them (workers.plan); the first one alone consumes and maintains.
     workers: int = Field(default=0, ge=0, le=64)
 
+    # Result cache (L1 in each process; L2 and cluster-wide invalidation over the Redis protocol
+    # when a URL is given: DragonflyDB in production, Redis in tests) and key-value operations.
+    redis_url: SecretStr | None = None
+    cache_l1_bytes: int = Field(default=64 * 1_048_576, ge=0)
+    cache_max_ttl_ms: int = Field(default=300_000, ge=0)
+    cache_tenant_quota_bytes: int = Field(default=64 * 1_048_576, ge=1024)
+    # How old a cached answer the stale fallback may serve while PostgreSQL is unreachable.
+    cache_stale_max_age_seconds: float = Field(default=300.0, ge=0)
+    cache_redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
+
     # The health document is computed at most this often (anyone may ask for it, as often).
     health_cache_seconds: float = Field(default=1.0, ge=0, le=60)
 

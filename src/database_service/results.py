@@ -17,6 +17,7 @@ from typing import Any
 from database_service_client.values import unpack_rows
 
 __all__ = [
+    "CacheInfo",
     "Column",
     "Event",
     "Header",
@@ -71,6 +72,23 @@ class QueryResult:
     kind: StatementKind
     duration_ms: float
     store: str = "postgresql"
+    # From the result cache: the answer as its front end encoded it (the fields above are
+    # then empty), and what the cache did.
+    payload: bytes | None = None
+    cache: CacheInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    """What the result cache did for a read: ``hit``, ``miss`` (stored), ``bypass`` (not
+    cacheable: ``code`` and ``reason`` say why), ``off`` (not asked) or ``stale`` (PostgreSQL
+    unreachable: the last cached answer, ``age_ms`` old)."""
+
+    status: str
+    code: str | None = None
+    reason: str | None = None
+    age_ms: float | None = None
+    stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)

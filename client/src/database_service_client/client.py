@@ -67,6 +67,13 @@ class QueryResult:
     row_count: int
     command: str
     duration_ms: float
+    # What the service's result cache did when asked (``fetch_all(cache=...)``): "hit",
+    # "miss", "bypass" (``cache_reason`` says why), "stale" (PostgreSQL was unreachable: the
+    # last cached answer, ``cache_age_ms`` old); "" when not asked.
+    cache: str = ""
+    cache_reason: str = ""
+    cache_age_ms: float = 0.0
+    stale: bool = False
 
     def dicts(self) -> list[dict[str, Any]]:
         names = [c.name for c in self.columns]
@@ -412,13 +419,25 @@ class MultiDatabaseClient:
         *,
         timeout: float | None = None,
         idempotent: bool = False,
+        cache: dt.timedelta | None = None,
+        allow_stale: bool = False,
     ) -> QueryResult:
         """The whole result of one statement, in one call (``Query``) when it is within the
         service's result limits; a larger one is streamed instead (``ExecuteQuery``): the
-        service refused it having changed nothing."""
+        service refused it having changed nothing.
+
+        ``cache``: let the service answer a read from its result cache, and keep its result
+        this long (capped by the service; a read it cannot cache safely runs as ever, and
+        ``QueryResult.cache_reason`` says why). ``allow_stale``: while PostgreSQL is
+        unreachable, take the last cached answer (``QueryResult.stale``) instead of an
+        ``Unavailable`` error."""
         sql, values = bind(sql, params)
         request = pb.QueryRequest(
-            sql=sql, params=[to_value(p) for p in values], row_encoding=pb.ROW_ENCODING_PACKED
+            sql=sql,
+            params=[to_value(p) for p in values],
+            row_encoding=pb.ROW_ENCODING_PACKED,
+            cache_ttl_ms=0 if cache is None else max(1, int(cache.total_seconds() * 1000)),
+            allow_stale=allow_stale,
         )
         try:
             message = await self._unary(self.stub.Query, request, retry=idempotent, timeout=timeout)
@@ -437,6 +456,10 @@ class MultiDatabaseClient:
             row_count=summary.row_count,
             command=summary.command,
             duration_ms=summary.duration_ms,
+            cache=summary.cache,
+            cache_reason=summary.cache_reason,
+            cache_age_ms=summary.cache_age_ms,
+            stale=summary.stale,
         )
 
     def analytics_query(

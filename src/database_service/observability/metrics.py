@@ -150,6 +150,34 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.cache_requests = Counter(
+            "dbsvc_cache_requests",
+            "Reads that asked for the result cache, by what it did (hit, miss, bypass, off,"
+            " stale).",
+            ["status"],
+            registry=self.registry,
+        )
+        self.cache_invalidations = Counter(
+            "dbsvc_cache_invalidations",
+            "Invalidations applied, by source (write: through this process; notification:"
+            " PostgreSQL's; broadcast: another instance's, through Redis).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.cache_invalidate_seconds = Histogram(
+            "dbsvc_cache_invalidate_duration_seconds",
+            "Time an own committed write spends invalidating before it is acknowledged.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cache_invalidation_lag_seconds = Histogram(
+            "dbsvc_cache_invalidation_lag_seconds",
+            "From a write's commit elsewhere to its invalidation here (Redis broadcasts and"
+            " PostgreSQL notifications).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
     def request_done(self, transport: str, operation: str, code: str, seconds: float) -> None:
         """Count and time one request. The labelled children are kept: ``labels()`` takes a
         lock and builds a key on every call (the label sets are bounded: operations, codes)."""

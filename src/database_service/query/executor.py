@@ -66,6 +66,7 @@ from database_service.query.boundary import (
     postgres_errors,
     prepare_cached,
 )
+from database_service.query.caching import CacheOptions, ResultCaching
 from database_service.query.values import PgType, coerce_params, coerce_rows, postgres_column
 from database_service.results import (
     Column,
@@ -234,8 +235,10 @@ class QueryExecutor:
         transaction_timeout_ms: int,
         max_result_bytes: int = 32 * 1_048_576,
         spans: Spans | None = None,
+        caching: ResultCaching | None = None,
     ) -> None:
         self._pools = pools
+        self._caching = caching
         # None when traces are off: each span site tests it first, so then costs nothing.
         self._spans = spans
         self._registry = registry
@@ -493,27 +496,60 @@ class QueryExecutor:
         params: Sequence[Any] = (),
         *,
         action: str = "query",
+        cache: CacheOptions | None = None,
     ) -> QueryResult:
-        """One statement, whole result (bounded by ``max_result_rows``)."""
+        """One statement, whole result (bounded by ``max_result_rows``). ``cache``: the result
+        cache's options for a read (``query.caching``); an answer from the cache comes back
+        already encoded (``QueryResult.payload``)."""
         started = time.perf_counter()
         async with self._audited(principal, ctx, action) as outcome:
             self._check_params(params)
             tenant, verdict = await self.authorize(principal, ctx, sql)
             outcome.kind = verdict.kind
             readonly = not principal.has_scope(Scope.WRITE)
-            for last in self._attempts():
-                try:
-                    async with self._session(
-                        tenant, ctx, readonly=readonly, transaction=False
-                    ) as session:
-                        result = await self._statement(session, verdict, sql, params)
-                    break
-                except _RETRIED:
-                    if last:
-                        raise
+            caching = self._caching
+            if caching is not None and cache is not None and verdict.kind is StatementKind.READ:
+
+                async def load() -> QueryResult:
+                    return await self._run(tenant, ctx, verdict, sql, params, readonly=readonly)
+
+                result = await caching.read(
+                    tenant,
+                    ctx.user_id,
+                    sql,
+                    params,
+                    cache,
+                    self._schema_generations.get(tenant.tenant_id, 0),
+                    load,
+                )
+            else:
+                result = await self._run(tenant, ctx, verdict, sql, params, readonly=readonly)
+                if caching is not None and verdict.kind is not StatementKind.READ:
+                    await caching.written(tenant, caching.written_sql(tenant, sql))
             result.duration_ms = (time.perf_counter() - started) * 1000
-            outcome.command = result.command
+            outcome.command = result.command or "SELECT (from the cache)"
             return result
+
+    async def _run(
+        self,
+        tenant: TenantRecord,
+        ctx: TenantContext,
+        verdict: Classification,
+        sql: str,
+        params: Sequence[Any],
+        *,
+        readonly: bool,
+    ) -> QueryResult:
+        for last in self._attempts():
+            try:
+                async with self._session(
+                    tenant, ctx, readonly=readonly, transaction=False
+                ) as session:
+                    return await self._statement(session, verdict, sql, params)
+            except _RETRIED:
+                if last:
+                    raise
+        raise AssertionError("the last attempt raises")  # for the type checker
 
     async def stream(
         self,
@@ -652,6 +688,12 @@ class QueryExecutor:
                     # Rolled back whole; every statement runs again, prepared afresh.
                     if last:
                         raise
+            if self._caching is not None:
+                written: frozenset[str] = frozenset()
+                for (sql, _), verdict in zip(statements, verdicts, strict=True):
+                    if verdict.kind is not StatementKind.READ:
+                        written |= self._caching.written_sql(tenant, sql)
+                await self._caching.written(tenant, written)
             outcome.command = f"{len(results)} statements"
             return TransactionResult(results, (time.perf_counter() - started) * 1000)
 
@@ -689,6 +731,8 @@ class QueryExecutor:
                             f"INSERT INTO {target.qualified} ({cols}) SELECT {cols} FROM {stage}"
                         )
                         await conn.execute(f"DROP TABLE {stage}")
+            if self._caching is not None:
+                await self._caching.written(tenant, frozenset({f"{target.schema}.{target.name}"}))
             written = _row_count(status, 0)
             outcome.command = f"BULK INSERT {written}"
             return written
@@ -728,6 +772,8 @@ class QueryExecutor:
                         f"UPDATE {target.qualified} AS t SET {sets} FROM {stage} AS s WHERE {keys}"
                     )
                     await conn.execute(f"DROP TABLE {stage}")
+            if self._caching is not None:
+                await self._caching.written(tenant, frozenset({f"{target.schema}.{target.name}"}))
             updated = _row_count(status, 0)
             outcome.command = f"BULK UPDATE {updated}"
             return updated

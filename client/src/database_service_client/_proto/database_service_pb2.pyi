@@ -296,6 +296,10 @@ class ResultSummary(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
     STATEMENT_CLASS_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
+    CACHE_AGE_MS_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    CACHE_REASON_FIELD_NUMBER: _builtins.int
     row_count: _builtins.int
     """rows returned, or affected for writes"""
     command: _builtins.str
@@ -303,6 +307,14 @@ class ResultSummary(_message.Message):
     duration_ms: _builtins.float
     statement_class: _builtins.str
     """read | write | ddl"""
+    cache: _builtins.str
+    """What the result cache did (QueryRequest.cache_ttl_ms): "hit", "miss" (stored), "bypass"
+    (not cacheable: cache_reason says why), "stale" (PostgreSQL unreachable: the last cached
+    answer, cache_age_ms old); empty when the cache was not asked.
+    """
+    cache_age_ms: _builtins.float
+    stale: _builtins.bool
+    cache_reason: _builtins.str
     def __init__(
         self,
         *,
@@ -310,10 +322,14 @@ class ResultSummary(_message.Message):
         command: _builtins.str = ...,
         duration_ms: _builtins.float = ...,
         statement_class: _builtins.str = ...,
+        cache: _builtins.str = ...,
+        cache_age_ms: _builtins.float = ...,
+        stale: _builtins.bool = ...,
+        cache_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "duration_ms", b"duration_ms", "row_count", b"row_count", "statement_class", b"statement_class"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "cache_age_ms", b"cache_age_ms", "cache_reason", b"cache_reason", "command", b"command", "duration_ms", b"duration_ms", "row_count", b"row_count", "stale", b"stale", "statement_class", b"statement_class"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,10 +375,17 @@ class QueryRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     ROW_ENCODING_FIELD_NUMBER: _builtins.int
+    CACHE_TTL_MS_FIELD_NUMBER: _builtins.int
+    ALLOW_STALE_FIELD_NUMBER: _builtins.int
     sql: _builtins.str
     max_chunk_bytes: _builtins.int
     """0: the server's default"""
     row_encoding: Global___RowEncoding.ValueType
+    cache_ttl_ms: _builtins.int
+    """Query (unary) only: cache a read's result this long (capped by the server; only reads that
+    are safe to cache), and whether a cached answer may stand in while PostgreSQL is down.
+    """
+    allow_stale: _builtins.bool
     @_builtins.property
     def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]: ...
     def __init__(
@@ -372,10 +395,12 @@ class QueryRequest(_message.Message):
         params: _abc.Iterable[Global___Value] | None = ...,
         max_chunk_bytes: _builtins.int = ...,
         row_encoding: Global___RowEncoding.ValueType = ...,
+        cache_ttl_ms: _builtins.int = ...,
+        allow_stale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "params", b"params", "row_encoding", b"row_encoding", "sql", b"sql"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_stale", b"allow_stale", "cache_ttl_ms", b"cache_ttl_ms", "max_chunk_bytes", b"max_chunk_bytes", "params", b"params", "row_encoding", b"row_encoding", "sql", b"sql"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

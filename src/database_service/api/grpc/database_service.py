@@ -32,6 +32,7 @@ from database_service.api.grpc.encoding import (
 from database_service.app import Application
 from database_service.errors import InvalidParameters
 from database_service.observability.notices import Notices
+from database_service.query.caching import CacheOptions
 from database_service.query.executor import Isolation
 from database_service.results import Event
 from database_service.tenancy import validate_tenant_id
@@ -153,10 +154,32 @@ class DatabaseService(DatabaseServiceServicer):
         the result limits: past them, ``result_too_large`` and nothing changed)."""
         principal, ctx = await self.caller.tenant(context)
         params = [from_value(v) for v in request.params]
-        result = await self.core.executor.execute(principal, ctx, request.sql, params)
-        return result_message(
-            result, pb.QueryResult, packed=request.row_encoding == pb.ROW_ENCODING_PACKED
+        packed = request.row_encoding == pb.ROW_ENCODING_PACKED
+        if not (request.cache_ttl_ms or request.allow_stale):
+            result = await self.core.executor.execute(principal, ctx, request.sql, params)
+            return result_message(result, pb.QueryResult, packed=packed)
+        options = CacheOptions(
+            ttl_ms=request.cache_ttl_ms,
+            allow_stale=request.allow_stale,
+            form="grpc-packed" if packed else "grpc-values",
+            encode=lambda r: result_message(r, pb.QueryResult, packed=packed).SerializeToString(),
         )
+        result = await self.core.executor.execute(
+            principal, ctx, request.sql, params, cache=options
+        )
+        if result.payload is None:
+            message = result_message(result, pb.QueryResult, packed=packed)
+        else:
+            message = pb.QueryResult.FromString(result.payload)
+        if result.cache is not None:
+            summary = message.summary
+            summary.cache = result.cache.status
+            summary.stale = result.cache.stale
+            summary.cache_age_ms = result.cache.age_ms or 0.0
+            summary.cache_reason = result.cache.reason or ""
+            if result.payload is not None:
+                summary.duration_ms = result.duration_ms
+        return message
 
     @rpc
     async def StreamQuery(

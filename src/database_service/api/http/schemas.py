@@ -16,6 +16,26 @@ class QueryRequest(_Body):
     params: list[Any] = Field(default_factory=list, description="JSON values, typed by PostgreSQL")
     tenant_id: StrictStr | None = Field(default=None, description="Or the X-Tenant-Id header")
     user_id: StrictStr | None = Field(default=None, description="Or the X-User-Id header")
+    cache_ttl_ms: int = Field(
+        default=0,
+        ge=0,
+        le=86_400_000,
+        description="Cache a read's result this long (capped by the server; only reads that are"
+        " safe to cache); the response's `cache` says what happened",
+    )
+    allow_stale: bool = Field(
+        default=False,
+        description="While PostgreSQL is unreachable, answer with the last cached result"
+        " (`cache.stale`: true, `cache.age_ms`) instead of 503",
+    )
+
+
+class CacheOut(BaseModel):
+    status: str = Field(description="hit | miss | bypass | off | stale")
+    code: str | None = None
+    reason: str | None = None
+    age_ms: float | None = None
+    stale: bool = False
 
 
 class ColumnOut(BaseModel):
@@ -30,6 +50,7 @@ class QueryResponse(BaseModel):
     command: str
     statement_class: str
     duration_ms: float
+    cache: CacheOut | None = Field(default=None, description="When the request asked the cache")
 
 
 class TenantCreateRequest(_Body):

@@ -7,6 +7,7 @@ of a 1,000-row answer), without pydantic validating it against ``QueryResponse``
 the documented shape), and bounded by ``max_result_bytes``.
 """
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Annotated, Any
@@ -26,6 +27,7 @@ from database_service.app import Application
 from database_service.auth import Principal
 from database_service.errors import UNREACHABLE_ERRORS, DatabaseServiceError, ResultTooLarge
 from database_service.query import QueryResult, encode_value
+from database_service.query.caching import CacheOptions
 from database_service.results import Column, ValueKind
 
 router = APIRouter(tags=["query"])
@@ -155,8 +157,25 @@ async def _answer(
         body.user_id or headers.get("x-user-id"),
         header=headers.get("x-tenant-id"),
     )
-    result = await core.executor.execute(principal, ctx, body.sql, body.params)
-    return _JsonParts(_body(result, core.settings.max_result_bytes))
+    limit = core.settings.max_result_bytes
+    if not (body.cache_ttl_ms or body.allow_stale):
+        result = await core.executor.execute(principal, ctx, body.sql, body.params)
+        return _JsonParts(_body(result, limit))
+    options = CacheOptions(
+        ttl_ms=body.cache_ttl_ms,
+        allow_stale=body.allow_stale,
+        form="rest-json",
+        encode=lambda r: b"".join(_body(r, limit)),
+    )
+    result = await core.executor.execute(principal, ctx, body.sql, body.params, cache=options)
+    info = result.cache
+    assert info is not None  # asked for
+    cache = _dumps({k: v for k, v in dataclasses.asdict(info).items() if v is not None})
+    payload = result.payload if result.payload is not None else b"".join(_body(result, limit))
+    # The stored document with what the cache did first (a stored one never holds "cache").
+    response = _JsonParts([b'{"cache":' + cache + b"," + payload[1:]])
+    response.headers["x-cache"] = info.status
+    return response
 
 
 @router.post(PATH, response_model=QueryResponse, openapi_extra={"parameters": _HEADERS})

@@ -1,0 +1,251 @@
+"""Key-value operations for services (the seed's ``"dragonflydb": {"operation": "set", …}``):
+get, set with a TTL, delete, incr, expire, mget — namespaced per tenant by the service.
+
+Every key a caller names goes through ``keys.kv_key``: ``dbsvc:{<tenant>}:kv:`` followed by the
+caller's bytes verbatim, so no key — separators, glob characters, braces, NUL, another tenant's
+full namespaced key — can reach outside the caller's tenant; no operation takes a pattern.
+Values are bytes (a ``str`` is stored as UTF-8) of at most ``MAX_VALUE_BYTES``; reads return
+bytes. ``incr`` follows Redis: a missing key counts from 0, a value that is not a 64-bit
+integer is refused (``failed_precondition``), not overwritten.
+
+``RedisKeyValueStore`` runs against Redis/DragonflyDB; ``InMemoryKeyValueStore`` is the
+embedded default (one process, bounded by bytes, least recently used keys evicted first, as a
+Redis with ``maxmemory-policy allkeys-lru`` would). Unlike the result cache, a key-value call is
+an explicit request: Redis unreachable is an error (``unavailable``), not a silent miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from database_service.cache.keys import kv_key
+from database_service.cache.remote import connect_redis
+from database_service.errors import (
+    FailedPrecondition,
+    InvalidParameters,
+    PayloadTooLarge,
+    Unavailable,
+)
+
+__all__ = [
+    "MAX_MGET_KEYS",
+    "MAX_VALUE_BYTES",
+    "InMemoryKeyValueStore",
+    "KeyValueStore",
+    "RedisKeyValueStore",
+]
+
+MAX_VALUE_BYTES = 1024 * 1024
+MAX_MGET_KEYS = 1000
+_INT64 = (-(2**63), 2**63 - 1)
+
+Key = bytes | str
+Value = bytes | str
+
+
+class KeyValueStore(Protocol):
+    async def get(self, tenant: str, key: Key) -> bytes | None: ...
+
+    async def set(
+        self, tenant: str, key: Key, value: Value, *, ttl_ms: int | None = None
+    ) -> None: ...
+
+    async def delete(self, tenant: str, key: Key) -> bool: ...
+
+    async def incr(self, tenant: str, key: Key, by: int = 1) -> int: ...
+
+    async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool: ...
+
+    async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _value(value: Value) -> bytes:
+    raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    if len(raw) > MAX_VALUE_BYTES:
+        raise PayloadTooLarge(
+            f"a value may have at most {MAX_VALUE_BYTES} bytes (this one has {len(raw)})"
+        )
+    return raw
+
+
+def _ttl(ttl_ms: int | None) -> int | None:
+    if ttl_ms is None:
+        return None
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
+        raise InvalidParameters("ttl_ms must be a positive integer (milliseconds)")
+    return ttl_ms
+
+
+def _by(by: int) -> int:
+    if isinstance(by, bool) or not isinstance(by, int) or not _INT64[0] <= by <= _INT64[1]:
+        raise InvalidParameters("incr takes a 64-bit integer")
+    return by
+
+
+def _keys(tenant: str, keys: Sequence[Key]) -> list[bytes]:
+    if len(keys) > MAX_MGET_KEYS:
+        raise InvalidParameters(f"mget takes at most {MAX_MGET_KEYS} keys")
+    return [kv_key(tenant, key) for key in keys]
+
+
+_NOT_INTEGER = "the key's value is not an integer (or incrementing it would overflow 64 bits)"
+
+
+class RedisKeyValueStore:
+    """Key-value operations over Redis; owns its client unless one is passed."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        timeout_s: float = 0.5,
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        if client is None:
+            if url is None:
+                raise ValueError("a Redis URL or client is required")
+            client = connect_redis(url, timeout_s=timeout_s)
+            self._owns_client = True
+        else:
+            self._owns_client = False
+        self.redis = client
+        self.timeout_s = timeout_s
+
+    async def _call(self, operation: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await operation()
+        except aioredis.ResponseError as exc:
+            if "not an integer" in str(exc) or "overflow" in str(exc):
+                raise FailedPrecondition(_NOT_INTEGER) from exc
+            raise Unavailable(f"key-value store error: {exc}") from exc
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            raise Unavailable(
+                f"the key-value store (Redis) is unreachable: {type(exc).__name__}"
+            ) from exc
+
+    async def get(self, tenant: str, key: Key) -> bytes | None:
+        name = kv_key(tenant, key)
+        value = await self._call(lambda: self.redis.get(name))
+        return None if value is None else bytes(value)
+
+    async def set(self, tenant: str, key: Key, value: Value, *, ttl_ms: int | None = None) -> None:
+        name, raw, ttl = kv_key(tenant, key), _value(value), _ttl(ttl_ms)
+        await self._call(lambda: self.redis.set(name, raw, px=ttl))
+
+    async def delete(self, tenant: str, key: Key) -> bool:
+        name = kv_key(tenant, key)
+        return bool(await self._call(lambda: self.redis.delete(name)))
+
+    async def incr(self, tenant: str, key: Key, by: int = 1) -> int:
+        name, step = kv_key(tenant, key), _by(by)
+        return int(await self._call(lambda: self.redis.incrby(name, step)))
+
+    async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool:
+        name, ttl = kv_key(tenant, key), _ttl(ttl_ms)
+        assert ttl is not None
+        return bool(await self._call(lambda: self.redis.pexpire(name, ttl)))
+
+    async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]:
+        names = _keys(tenant, keys)
+        if not names:
+            return []
+        values = await self._call(lambda: self.redis.mget(names))
+        return [None if v is None else bytes(v) for v in values]
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+
+class InMemoryKeyValueStore:
+    """The embedded key-value store: one process, TTLs, bounded by bytes (LRU eviction)."""
+
+    def __init__(
+        self, max_bytes: int = 64 * 1024 * 1024, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._data: OrderedDict[bytes, tuple[bytes, float | None]] = OrderedDict()
+        self._bytes = 0
+        self.evictions = 0
+
+    def _live(self, name: bytes) -> bytes | None:
+        item = self._data.get(name)
+        if item is None:
+            return None
+        value, expires = item
+        if expires is not None and expires <= self._clock():
+            self._drop(name)
+            return None
+        self._data.move_to_end(name)
+        return value
+
+    def _drop(self, name: bytes) -> bool:
+        item = self._data.pop(name, None)
+        if item is None:
+            return False
+        self._bytes -= len(name) + len(item[0])
+        return True
+
+    def _store(self, name: bytes, value: bytes, expires: float | None) -> None:
+        self._drop(name)
+        self._data[name] = (value, expires)
+        self._bytes += len(name) + len(value)
+        while self._bytes > self.max_bytes and len(self._data) > 1:
+            oldest = next(iter(self._data))
+            self._drop(oldest)
+            self.evictions += 1
+
+    async def get(self, tenant: str, key: Key) -> bytes | None:
+        return self._live(kv_key(tenant, key))
+
+    async def set(self, tenant: str, key: Key, value: Value, *, ttl_ms: int | None = None) -> None:
+        name, raw, ttl = kv_key(tenant, key), _value(value), _ttl(ttl_ms)
+        self._store(name, raw, None if ttl is None else self._clock() + ttl / 1000)
+
+    async def delete(self, tenant: str, key: Key) -> bool:
+        name = kv_key(tenant, key)
+        return self._live(name) is not None and self._drop(name)
+
+    async def incr(self, tenant: str, key: Key, by: int = 1) -> int:
+        name, step = kv_key(tenant, key), _by(by)
+        current = self._live(name)
+        expires = self._data[name][1] if current is not None else None  # INCR keeps the TTL
+        try:
+            number = int(current) if current is not None else 0
+            if current is not None and current.strip() != current:
+                raise ValueError("whitespace")
+        except ValueError:
+            raise FailedPrecondition(_NOT_INTEGER) from None
+        result = number + step
+        if not _INT64[0] <= number <= _INT64[1] or not _INT64[0] <= result <= _INT64[1]:
+            raise FailedPrecondition(_NOT_INTEGER)
+        self._store(name, str(result).encode(), expires)
+        return result
+
+    async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool:
+        name, ttl = kv_key(tenant, key), _ttl(ttl_ms)
+        assert ttl is not None
+        value = self._live(name)
+        if value is None:
+            return False
+        self._data[name] = (value, self._clock() + ttl / 1000)
+        return True
+
+    async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]:
+        return [self._live(name) for name in _keys(tenant, keys)]
+
+    async def aclose(self) -> None:
+        self._data.clear()
+        self._bytes = 0

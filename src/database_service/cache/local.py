@@ -1,0 +1,233 @@
+"""L1: the in-process result cache, bounded by bytes, with single-flight loading and a stale
+store for the fallback when PostgreSQL is down.
+
+Entries are ``CachedResult``: the payload the caller serialised (this module never looks
+inside), the generations of the relations it read (taken before the query ran; the facade
+compares them with the current ones), when it was stored and its TTL. The LRU is bounded by the
+sum of entry sizes (the encoded length the caller gives, plus the key), so a few large results
+cannot hide behind an entry count.
+
+The stale store is separate and smaller: an entry that leaves the LRU because it expired, was
+found invalidated, or was evicted for room goes there (a later fill of the same key replaces
+it), and stays up to ``stale_max_age_s`` after it was stored, within ``stale_max_bytes``. A
+separate store means fresh entries never compete with stale ones for room, and a lookup never
+has to skip stale entries: the fallback is the only reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = ["CachedResult", "LocalCache", "LocalStats"]
+
+T = TypeVar("T")
+
+# Bookkeeping per entry (dict slot, key, dataclass) counted against the byte bound.
+ENTRY_OVERHEAD = 200
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResult:
+    """A cached result. ``stored_at`` is wall-clock time (comparable across processes, shown
+    as the age of a stale answer); ``stored_mono`` the monotonic time in this process, used
+    for expiry (a wall-clock jump cannot revive an entry)."""
+
+    payload: bytes
+    generations: tuple[tuple[str, int], ...]
+    stored_at: float
+    ttl_s: float
+    stored_mono: float = field(default=0.0, compare=False)
+
+    @classmethod
+    def new(
+        cls, payload: bytes, generations: tuple[tuple[str, int], ...], ttl_s: float
+    ) -> CachedResult:
+        return cls(payload, generations, time.time(), ttl_s, time.monotonic())
+
+    def expires_mono(self) -> float:
+        return self.stored_mono + self.ttl_s
+
+    def age_s(self, now: float | None = None) -> float:
+        """Seconds since it was stored (wall clock; never negative)."""
+        return max(0.0, (time.time() if now is None else now) - self.stored_at)
+
+    def remaining_s(self, now_mono: float | None = None) -> float:
+        return self.expires_mono() - (time.monotonic() if now_mono is None else now_mono)
+
+
+@dataclass(slots=True)
+class LocalStats:
+    hits: int = 0
+    misses: int = 0
+    expirations: int = 0
+    evictions: int = 0
+    invalidations: int = 0
+    stale_hits: int = 0
+    single_flight_waits: int = 0
+    loads: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class _Slot:
+    result: CachedResult
+    size: int
+
+
+class LocalCache:
+    """An LRU of ``CachedResult`` bounded by bytes; not thread-safe (one event loop)."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        stale_max_bytes: int | None = None,
+        stale_max_age_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        self.stale_max_bytes = max_bytes // 4 if stale_max_bytes is None else stale_max_bytes
+        self.stale_max_age_s = stale_max_age_s
+        self._clock = clock
+        self._entries: OrderedDict[Hashable, _Slot] = OrderedDict()
+        self._bytes = 0
+        self._stale: OrderedDict[Hashable, _Slot] = OrderedDict()
+        self._stale_bytes = 0
+        self._flights: dict[Hashable, asyncio.Future[Any]] = {}
+        self.stats = LocalStats()
+
+    # -- the LRU ---------------------------------------------------------------------------
+
+    def get(self, key: Hashable) -> CachedResult | None:
+        """The entry, or None when absent or expired (an expired one moves to the stale store)."""
+        slot = self._entries.get(key)
+        if slot is None:
+            self.stats.misses += 1
+            return None
+        if slot.result.expires_mono() <= self._clock():
+            self._remove(key, to_stale=True)
+            self.stats.expirations += 1
+            self.stats.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.stats.hits += 1
+        return slot.result
+
+    def put(self, key: Hashable, result: CachedResult, size: int | None = None) -> bool:
+        """Store ``result`` (``size``: its encoded length; the payload's by default). Returns
+        False when it alone is larger than the cache."""
+        total = (len(result.payload) if size is None else size) + ENTRY_OVERHEAD
+        if total > self.max_bytes or result.ttl_s <= 0:
+            return False
+        if key in self._entries:
+            self._remove(key, to_stale=False)
+        self._drop_stale(key)
+        self._entries[key] = _Slot(result, total)
+        self._bytes += total
+        while self._bytes > self.max_bytes:
+            oldest = next(iter(self._entries))
+            self._remove(oldest, to_stale=True)
+            self.stats.evictions += 1
+        return True
+
+    def discard(self, key: Hashable, *, invalidated: bool = True) -> None:
+        """Drop an entry (kept for the stale fallback)."""
+        if key in self._entries:
+            self._remove(key, to_stale=True)
+            if invalidated:
+                self.stats.invalidations += 1
+
+    def clear(self, *, keep_stale: bool = True) -> None:
+        """Drop every entry; with ``keep_stale`` they stay available to the fallback."""
+        for key in list(self._entries):
+            self._remove(key, to_stale=keep_stale)
+        if not keep_stale:
+            self._stale.clear()
+            self._stale_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def _remove(self, key: Hashable, *, to_stale: bool) -> None:
+        slot = self._entries.pop(key)
+        self._bytes -= slot.size
+        if to_stale:
+            self._keep_stale(key, slot)
+
+    # -- the stale store -------------------------------------------------------------------
+
+    def stale(self, key: Hashable, *, max_age_s: float | None = None) -> CachedResult | None:
+        """The last value of ``key``, fresh or not, if stored within ``max_age_s`` (default
+        ``stale_max_age_s``): for the fallback when PostgreSQL cannot answer."""
+        limit = self.stale_max_age_s if max_age_s is None else min(max_age_s, self.stale_max_age_s)
+        now = self._clock()
+        slot = self._entries.get(key) or self._stale.get(key)
+        if slot is None or now - slot.result.stored_mono > limit:
+            return None
+        self.stats.stale_hits += 1
+        return slot.result
+
+    def _keep_stale(self, key: Hashable, slot: _Slot) -> None:
+        if self.stale_max_bytes <= 0 or slot.size > self.stale_max_bytes:
+            return
+        if self._clock() - slot.result.stored_mono > self.stale_max_age_s:
+            return
+        self._drop_stale(key)
+        self._stale[key] = slot
+        self._stale_bytes += slot.size
+        while self._stale_bytes > self.stale_max_bytes:
+            _, oldest = self._stale.popitem(last=False)
+            self._stale_bytes -= oldest.size
+
+    def _drop_stale(self, key: Hashable) -> None:
+        slot = self._stale.pop(key, None)
+        if slot is not None:
+            self._stale_bytes -= slot.size
+
+    # -- single flight ---------------------------------------------------------------------
+
+    async def single_flight(self, key: Hashable, loader: Callable[[], Awaitable[T]]) -> T:
+        """Run ``loader`` once for concurrent callers of one key; all get its result or its
+        exception. Nothing is remembered afterwards: a failure is not cached, the next caller
+        loads again. The load runs in its own task, so a caller that is cancelled does not
+        cancel it for the others."""
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(loader())
+            self._flights[key] = flight
+            self.stats.loads += 1
+            flight.add_done_callback(functools.partial(self._landed, key))
+        else:
+            self.stats.single_flight_waits += 1
+        result: T = await asyncio.shield(flight)
+        return result
+
+    def _landed(self, key: Hashable, flight: asyncio.Future[Any]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: no "never retrieved" warning if every waiter left
+
+    def counters(self) -> dict[str, int]:
+        return {
+            **self.stats.to_dict(),
+            "entries": len(self._entries),
+            "bytes": self._bytes,
+            "max_bytes": self.max_bytes,
+            "stale_entries": len(self._stale),
+            "stale_bytes": self._stale_bytes,
+        }

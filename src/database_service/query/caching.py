@@ -1,0 +1,242 @@
+"""The result cache on the query path: which reads are cached, under which key, and what a write
+invalidates (the cache itself is ``database_service.cache``).
+
+A read is cached only when the caller asks (``CacheOptions.ttl_ms``, capped by the settings)
+and the statement is safe to cache (``cache.policy``: a SELECT calling only immutable functions,
+every relation it reads known). Everything that happens before PostgreSQL sees a statement —
+authentication, the tenant's state, the SQL guard, scopes — happens for a hit too; the cache
+only replaces the round trip.
+
+The key (``cache.keys.result_key``) is the tenant, the user id row-level security sees, the
+statement's canonical text, the typed parameters, the front end's encoding of the result
+(``CacheOptions.form``: gRPC packed, gRPC values, REST JSON) and the tenant's schema generation
+(DDL through the service moves it on). The payload is that front end's encoded answer, so a hit
+costs no re-encoding.
+
+Writes: the query core calls ``written`` after every committed write (a statement, a
+transaction, a bulk load) with the relations named in it, before the caller hears of the
+commit: this process never serves a result older than a write it acknowledged. Other processes
+and instances learn of it from PostgreSQL's notifications (every write, whoever makes it: the
+triggers of control migration 0009) or from Redis (when configured), within the measured
+invalidation lag. TTL bounds the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pglast
+from pglast import ast
+from pglast.visitors import Visitor
+
+from database_service.cache import (
+    CachePolicy,
+    ResultCache,
+    UncacheableParameter,
+    parameters_cacheable,
+    result_key,
+)
+from database_service.errors import Unavailable
+from database_service.observability.metrics import Metrics
+from database_service.results import CacheInfo, QueryResult, StatementKind
+from database_service.tenancy import TenantRecord
+
+__all__ = ["CacheOptions", "ResultCaching", "written_relations"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOptions:
+    """What a caller asked of the cache for one read, and how its front end encodes a result."""
+
+    ttl_ms: int = 0  # 0: not cached (the stale fallback may still answer)
+    allow_stale: bool = False  # when PostgreSQL is unreachable, the last cached answer
+    form: str = ""  # the front end's encoding: part of the key
+    encode: Callable[[QueryResult], bytes] | None = None
+
+
+class _Relations(Visitor):
+    def __init__(self) -> None:
+        self.names: list[tuple[str | None, str]] = []
+
+    def visit_RangeVar(self, ancestors: Any, node: ast.RangeVar) -> None:
+        self.names.append((node.schemaname, node.relname or ""))
+
+
+def written_relations(sql: str, own_schema: str, shared_schema: str) -> frozenset[str]:
+    """Every relation a write statement names, as ``schema.relation`` (an unqualified name as
+    both the tenant's and the shared schema's: the search path picks one, invalidating both
+    costs a miss at most). More than it writes (the relations it reads too): only misses."""
+    try:
+        tree = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return frozenset()
+    walk = _Relations()
+    for raw in tree:
+        walk(raw)
+    relations: set[str] = set()
+    for schema, name in walk.names:
+        if schema is None:
+            relations.update((f"{own_schema}.{name}", f"{shared_schema}.{name}"))
+        else:
+            relations.add(f"{schema}.{name}")
+    return frozenset(relations)
+
+
+class ResultCaching:
+    """The cache as the query core uses it."""
+
+    def __init__(
+        self,
+        cache: ResultCache,
+        policy: CachePolicy,
+        metrics: Metrics,
+        *,
+        shared_schema: str,
+        max_ttl_ms: int,
+        stale_max_age_s: float,
+    ) -> None:
+        self.cache = cache
+        self.policy = policy
+        self._metrics = metrics
+        self._shared = shared_schema
+        self._max_ttl_ms = max_ttl_ms
+        self._stale_max_age_s = stale_max_age_s
+
+    async def read(
+        self,
+        tenant: TenantRecord,
+        user_id: str | None,
+        sql: str,
+        params: Sequence[Any],
+        options: CacheOptions,
+        schema_generation: int,
+        load: Callable[[], Awaitable[QueryResult]],
+    ) -> QueryResult:
+        """The answer from the cache, or ``load``'s (stored when it may be)."""
+        key = self._key(tenant, user_id, sql, params, options, schema_generation)
+        ttl_ms = min(options.ttl_ms, self._max_ttl_ms)
+        if ttl_ms <= 0 or options.encode is None:  # only the stale fallback asked for
+            return await self._loaded(tenant, key, options, load, CacheInfo("off"))
+        verdict = self.policy.analyse(sql, tenant.schema_name)
+        if not verdict.cacheable:
+            return await self._loaded(
+                tenant, key, options, load, CacheInfo("bypass", verdict.code, verdict.reason)
+            )
+        if key is None or not parameters_cacheable(params):
+            reason = "a parameter is of a type or value that is not cached"
+            return await self._loaded(
+                tenant, key, options, load, CacheInfo("bypass", "parameters", reason)
+            )
+        tenant_id = tenant.tenant_id
+        snapshot = await self.cache.snapshot(tenant_id, verdict.relations)
+        if snapshot is None:
+            reason = "cache invalidation is not attached (Redis or PostgreSQL notifications)"
+            return await self._loaded(
+                tenant, key, options, load, CacheInfo("bypass", "detached", reason)
+            )
+        hit = await self.cache.lookup(tenant_id, key, verdict.relations, snapshot=snapshot)
+        if hit is not None:
+            self._metrics.cache_requests.labels("hit").inc()
+            return _answer(hit.payload, CacheInfo("hit", age_ms=hit.age_s() * 1000))
+
+        async def fill() -> bytes:
+            result = await load()
+            encode = options.encode
+            assert encode is not None  # checked above
+            payload = encode(result)
+            await self.cache.fill(tenant_id, key, snapshot, payload, ttl_ms / 1000)
+            return payload
+
+        try:
+            payload = await self.cache.local.single_flight((tenant_id, key), fill)
+        except Unavailable:
+            stale = self._stale(tenant, key, options)
+            if stale is None:
+                raise
+            return stale
+        self._metrics.cache_requests.labels("miss").inc()
+        return _answer(payload, CacheInfo("miss"))
+
+    async def written(self, tenant: TenantRecord, relations: frozenset[str]) -> None:
+        """A committed write through this process: results that read ``relations`` are
+        invalid here when this returns."""
+        if relations:
+            started = time.perf_counter()
+            await self.cache.invalidate(tenant.tenant_id, relations)
+            self._metrics.cache_invalidations.labels("write").inc()
+            self._metrics.cache_invalidate_seconds.observe(time.perf_counter() - started)
+
+    def written_sql(self, tenant: TenantRecord, sql: str) -> frozenset[str]:
+        return written_relations(sql, tenant.schema_name, self._shared)
+
+    def _key(
+        self,
+        tenant: TenantRecord,
+        user_id: str | None,
+        sql: str,
+        params: Sequence[Any],
+        options: CacheOptions,
+        schema_generation: int,
+    ) -> str | None:
+        try:
+            return result_key(
+                tenant.tenant_id,
+                user_id,
+                sql,
+                params,
+                schema_version=f"{options.form}|{tenant.schema_name}|{schema_generation}",
+            )
+        except UncacheableParameter:
+            return None
+
+    async def _loaded(
+        self,
+        tenant: TenantRecord,
+        key: str | None,
+        options: CacheOptions,
+        load: Callable[[], Awaitable[QueryResult]],
+        info: CacheInfo,
+    ) -> QueryResult:
+        """Uncached; the stale fallback still answers when PostgreSQL is unreachable."""
+        self._metrics.cache_requests.labels(info.status).inc()
+        try:
+            result = await load()
+        except Unavailable:
+            stale = self._stale(tenant, key, options)
+            if stale is None:
+                raise
+            return stale
+        result.cache = info
+        return result
+
+    def _stale(
+        self, tenant: TenantRecord, key: str | None, options: CacheOptions
+    ) -> QueryResult | None:
+        if not options.allow_stale or key is None:
+            return None
+        kept = self.cache.stale(tenant.tenant_id, key, max_age_s=self._stale_max_age_s)
+        if kept is None:
+            return None
+        self._metrics.cache_requests.labels("stale").inc()
+        log.info("tenant %s: PostgreSQL unreachable, a stale answer served", tenant.tenant_id)
+        return _answer(kept.payload, CacheInfo("stale", age_ms=kept.age_s() * 1000, stale=True))
+
+
+def _answer(payload: bytes, info: CacheInfo) -> QueryResult:
+    """An answer that is already encoded by its front end (``payload``)."""
+    return QueryResult(
+        columns=[],
+        rows=[],
+        command="",
+        row_count=0,
+        kind=StatementKind.READ,
+        duration_ms=0.0,
+        payload=payload,
+        cache=info,
+    )

@@ -1,0 +1,164 @@
+"""The result cache on the query path (L1 and PostgreSQL's notifications, as ``make run`` has
+them): a read asked to be cached is answered from the cache until a write invalidates what it
+read — whichever path wrote it: a statement, a transaction, a bulk load, or a write straight
+into PostgreSQL — and a read that cannot be cached safely says why."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+
+from database_service.app import Application
+from database_service.auth import Scope
+from database_service.tenancy import TenantRecord
+from database_service_client import MultiDatabaseClient
+from tests.fix_service import ClientFactory, TenantFactory, TokenFactory
+
+TTL = dt.timedelta(seconds=30)
+
+
+@pytest.fixture
+async def tenant(new_tenant: TenantFactory) -> TenantRecord:
+    return await new_tenant("cache")
+
+
+@pytest.fixture
+async def client(
+    client_for: ClientFactory, tenant: TenantRecord
+) -> AsyncIterator[MultiDatabaseClient]:
+    c = await client_for(tenant, (Scope.READ, Scope.WRITE, Scope.ADMIN))
+    await c.fetch_all("CREATE TABLE holdings (id int PRIMARY KEY, qty int)")
+    await c.fetch_all("INSERT INTO holdings VALUES (1, 10), (2, 20)")
+    yield c
+
+
+async def qty(client: MultiDatabaseClient, **options: object) -> tuple[int, str]:
+    result = await client.fetch_all(
+        "SELECT qty FROM holdings WHERE id = $1", [1], cache=TTL, **options
+    )
+    return result.rows[0][0], result.cache
+
+
+async def test_a_cached_read_is_a_miss_then_a_hit(client: MultiDatabaseClient) -> None:
+    assert await qty(client) == (10, "miss")
+    assert await qty(client) == (10, "hit")
+
+
+async def test_a_read_without_the_option_is_not_cached(client: MultiDatabaseClient) -> None:
+    result = await client.fetch_all("SELECT qty FROM holdings WHERE id = 1")
+    assert result.cache == ""
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        "UPDATE holdings SET qty = 11 WHERE id = 1",
+        "DELETE FROM holdings WHERE id = 2",
+        "INSERT INTO holdings VALUES (3, 30)",
+        "WITH u AS (UPDATE holdings SET qty = qty WHERE id = 2 RETURNING 1) SELECT count(*) FROM u",
+    ],
+)
+async def test_a_write_through_the_service_invalidates_at_once(
+    client: MultiDatabaseClient, write: str
+) -> None:
+    await qty(client)
+    assert (await qty(client))[1] == "hit"
+    await client.fetch_all(write)
+    assert (await qty(client))[1] == "miss"
+
+
+async def test_a_transaction_invalidates_what_it_wrote(client: MultiDatabaseClient) -> None:
+    await qty(client)
+    await client.transaction(["UPDATE holdings SET qty = 12 WHERE id = 1", "SELECT 1"])
+    assert await qty(client) == (12, "miss")
+
+
+async def test_a_bulk_insert_invalidates_its_table(client: MultiDatabaseClient) -> None:
+    count = "SELECT count(*) FROM holdings"
+    assert (await client.fetch_all(count, cache=TTL)).rows == [(2,)]
+    await client.bulk_insert("holdings", ["id", "qty"], [(10, 1), (11, 2)])
+    result = await client.fetch_all(count, cache=TTL)
+    assert (result.rows, result.cache) == ([(4,)], "miss")
+
+
+async def test_a_write_straight_into_postgres_invalidates_within_moments(
+    core: Application, client: MultiDatabaseClient, tenant: TenantRecord
+) -> None:
+    await qty(client)
+    assert (await qty(client))[1] == "hit"
+    dsn = core.endpoints.postgres_dsn
+    owner = await asyncpg.connect(dsn)
+    try:  # an operator's psql
+        await owner.execute(f"UPDATE {tenant.schema_name}.holdings SET qty = 99 WHERE id = 1")
+    finally:
+        await owner.close()
+    for _ in range(100):
+        value, _ = await qty(client)
+        if value == 99:
+            break
+        await asyncio.sleep(0.02)
+    assert value == 99
+
+
+@pytest.mark.parametrize(
+    ("sql", "code"),
+    [
+        ("SELECT now(), qty FROM holdings", "volatile_function"),
+        ("SELECT random()", "volatile_function"),
+        ("SELECT qty FROM holdings FOR UPDATE", None),  # a write by classification
+        ("SELECT * FROM pg_class LIMIT 1", None),  # refused by the SQL guard first
+    ],
+)
+async def test_a_read_that_cannot_be_cached_says_why(
+    client: MultiDatabaseClient, sql: str, code: str | None
+) -> None:
+    try:
+        result = await client.fetch_all(sql, cache=TTL)
+    except Exception:  # the guard's refusal: nothing cached either
+        assert code is None
+        return
+    if code is None:
+        assert result.cache in ("", "bypass")
+    else:
+        assert result.cache == "bypass"
+        assert result.cache_reason
+
+
+async def test_the_rest_front_end_caches_and_says_so(
+    http: httpx.AsyncClient,
+    service_headers: TokenFactory,
+    client: MultiDatabaseClient,
+    tenant: TenantRecord,
+) -> None:
+    headers = await service_headers([tenant.tenant_id], (Scope.READ, Scope.WRITE))
+    body = {
+        "sql": "SELECT qty FROM holdings WHERE id = $1",
+        "params": [2],
+        "tenant_id": tenant.tenant_id,
+        "cache_ttl_ms": 30_000,
+    }
+    first = await http.post("/api/v1/query", json=body, headers=headers)
+    second = await http.post("/api/v1/query", json=body, headers=headers)
+    assert first.status_code == second.status_code == 200, first.text
+    assert first.json()["cache"]["status"] == "miss"
+    assert second.json()["cache"]["status"] == "hit"
+    assert second.headers["x-cache"] == "hit"
+    assert second.json()["rows"] == first.json()["rows"] == [[20]]
+
+
+async def test_a_stampede_runs_the_query_once(
+    core: Application, client: MultiDatabaseClient, tenant: TenantRecord
+) -> None:
+    # Slow (a tenth of a second or so) but cacheable: immutable functions only.
+    slow = "(SELECT sum(x) FROM unnest(array_fill(1, ARRAY[2000000])) x)"
+    sql = f"SELECT qty, {slow} FROM holdings WHERE id = 1 AND {secrets.randbits(16)} > 0"
+    before = core.result_cache.local.stats.loads
+    results = await asyncio.gather(*(client.fetch_all(sql, cache=TTL) for _ in range(10)))
+    assert {r.rows[0][0] for r in results} == {10}
+    assert core.result_cache.local.stats.loads - before == 1
