@@ -358,6 +358,7 @@ class Application:
                 ),
             ),
             self.metrics,
+            catalog=self.owner_pool,
             shared_schema=s.shared_schema,
             max_ttl_ms=s.cache_max_ttl_ms,
             stale_max_age_s=s.cache_stale_max_age_seconds,

@@ -66,7 +66,7 @@ async def test_tenant_tables_are_watched(
 ) -> None:
     names = await owner.fetch(
         "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-        " WHERE c.relnamespace = $1::regnamespace AND t.tgname = 'dbsvc_cache_notify'",
+        " WHERE c.relnamespace = $1::regnamespace AND t.tgname = 'dbsvc_cache_insert'",
         tenant.schema_name,
     )
     watched = {r["relname"] for r in names}
@@ -156,8 +156,11 @@ async def test_notifications_count_once_in_redis_with_many_instances(
         for listener in listeners:
             await listener.start()
             assert await listener.wait_listening()
-        positions = f"{tenant.schema_name}.positions"
-        await owner.execute(f"DELETE FROM {quote_ident(tenant.schema_name)}.positions")
+        positions = f"{tenant.schema_name}.users"
+        await owner.execute(
+            f"INSERT INTO {quote_ident(tenant.schema_name)}.users (user_id, email,"
+            " subscription_tier) VALUES ('once', 'once@example.com', 'free')"
+        )
         for g in instances:
             await wait_for_change(g, tenant.tenant_id, positions, 0)
         await asyncio.sleep(0.2)  # every listener has applied it by now

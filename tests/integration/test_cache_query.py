@@ -38,11 +38,9 @@ async def client(
     yield c
 
 
-async def qty(client: MultiDatabaseClient, **options: object) -> tuple[int, str]:
-    result = await client.fetch_all(
-        "SELECT qty FROM holdings WHERE id = $1", [1], cache=TTL, **options
-    )
-    return result.rows[0][0], result.cache
+async def qty(client: MultiDatabaseClient) -> tuple[int | None, str]:
+    result = await client.fetch_all("SELECT qty FROM holdings WHERE id = $1", [1], cache=TTL)
+    return (result.rows[0][0] if result.rows else None), result.cache
 
 
 async def test_a_cached_read_is_a_miss_then_a_hit(client: MultiDatabaseClient) -> None:
@@ -59,9 +57,13 @@ async def test_a_read_without_the_option_is_not_cached(client: MultiDatabaseClie
     "write",
     [
         "UPDATE holdings SET qty = 11 WHERE id = 1",
-        "DELETE FROM holdings WHERE id = 2",
-        "INSERT INTO holdings VALUES (3, 30)",
+        "DELETE FROM holdings WHERE id = 1",
+        "UPDATE holdings SET qty = qty + 1 WHERE qty > 0",  # rows not named by key
+        "UPDATE holdings SET id = 7 WHERE id = 2",  # a key changed: any key
+        "INSERT INTO holdings VALUES (2, 5) ON CONFLICT (id) DO UPDATE SET qty = 1",
+        "INSERT INTO holdings SELECT 3, 30",
         "WITH u AS (UPDATE holdings SET qty = qty WHERE id = 2 RETURNING 1) SELECT count(*) FROM u",
+        "DELETE FROM holdings",
     ],
 )
 async def test_a_write_through_the_service_invalidates_at_once(
@@ -71,6 +73,51 @@ async def test_a_write_through_the_service_invalidates_at_once(
     assert (await qty(client))[1] == "hit"
     await client.fetch_all(write)
     assert (await qty(client))[1] == "miss"
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        "UPDATE holdings SET qty = 21 WHERE id = 2",
+        "DELETE FROM holdings WHERE id = 2",
+        "INSERT INTO holdings (id, qty) VALUES (3, 30), ($1, 40)",
+        "INSERT INTO holdings (id, qty) VALUES (2, 5) ON CONFLICT (id) DO UPDATE SET qty = 1",
+    ],
+)
+async def test_a_keyed_write_leaves_other_keys_cached(
+    client: MultiDatabaseClient, write: str
+) -> None:
+    await qty(client)
+    await client.fetch_all(write, [4] if "$1" in write else [])
+    assert await qty(client) == (10, "hit")
+    # A read that is not by key depends on every row.
+    total = "SELECT sum(qty) FROM holdings"
+    first = await client.fetch_all(total, cache=TTL)
+    await client.fetch_all("UPDATE holdings SET qty = qty WHERE id = 2")
+    again = await client.fetch_all(total, cache=TTL)
+    assert (first.cache, again.cache) == ("miss", "miss")
+
+
+async def test_a_write_straight_into_postgres_invalidates_only_its_keys(
+    core: Application, client: MultiDatabaseClient, tenant: TenantRecord
+) -> None:
+    await qty(client)
+    owner = await asyncpg.connect(core.endpoints.postgres_dsn)
+    try:
+        await owner.execute(f"UPDATE {tenant.schema_name}.holdings SET qty = 98 WHERE id = 2")
+        await asyncio.sleep(0.3)  # the notification has been applied by now
+        assert await qty(client) == (10, "hit")
+        await owner.execute(f"TRUNCATE {tenant.schema_name}.holdings")
+        for _ in range(100):
+            result = await client.fetch_all(
+                "SELECT qty FROM holdings WHERE id = $1", [1], cache=TTL
+            )
+            if not result.rows:
+                break
+            await asyncio.sleep(0.02)
+        assert result.rows == []
+    finally:
+        await owner.close()
 
 
 async def test_a_transaction_invalidates_what_it_wrote(client: MultiDatabaseClient) -> None:

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import pglast
 from pglast import ast
 from pglast.visitors import Visitor
@@ -42,12 +44,37 @@ from database_service.cache import (
 )
 from database_service.errors import Unavailable
 from database_service.observability.metrics import Metrics
+from database_service.query.pointkeys import (
+    KEY_TYPES,
+    KEYED,
+    key_text,
+    keyed_write,
+    point_read,
+    row_name,
+)
 from database_service.results import CacheInfo, QueryResult, StatementKind
-from database_service.tenancy import TenantRecord
+from database_service.tenancy import TenantRecord, quote_ident
 
 __all__ = ["CacheOptions", "ResultCaching", "written_relations"]
 
 log = logging.getLogger(__name__)
+
+_Key = tuple[tuple[str, str], ...]  # a primary key's (column, format_type) in order
+_KEYS_TTL_S = 30.0
+_KEYS_MAX = 4096
+# A table's primary key columns and types, and whether rows of other tables are read with it
+# (an inheritance parent: a point read of it is not one table's key). Empty: no such table, a
+# view, or no primary key.
+_PRIMARY_KEY_SQL = """
+SELECT a.attname AS name, format_type(a.atttypid, NULL) AS type,
+       c.relkind = 'r' AND c.relhassubclass AS inherited
+FROM pg_class c
+JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+WHERE c.oid = to_regclass($1)
+ORDER BY k.ord
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +124,16 @@ class ResultCaching:
         policy: CachePolicy,
         metrics: Metrics,
         *,
+        catalog: asyncpg.Pool,
         shared_schema: str,
         max_ttl_ms: int,
         stale_max_age_s: float,
     ) -> None:
+        self._catalog = catalog
+        # Per (schema, table, schema generation): its primary key's (column, type) when point
+        # reads of it can be keyed (query/pointkeys.py), else None. Bounded; a table's key
+        # changed by DDL outside the service is picked up after ``_KEYS_TTL_S``.
+        self._keys: OrderedDict[tuple[str, str, int], tuple[float, _Key | None]] = OrderedDict()
         self.cache = cache
         self.policy = policy
         self._metrics = metrics
@@ -134,13 +167,17 @@ class ResultCaching:
                 tenant, key, options, load, CacheInfo("bypass", "parameters", reason)
             )
         tenant_id = tenant.tenant_id
-        snapshot = await self.cache.snapshot(tenant_id, verdict.relations)
+        relations = verdict.relations
+        point = await self._point_names(tenant, sql, params, schema_generation)
+        if point is not None:
+            relations = point  # this key's rows: other rows' writes leave it alone
+        snapshot = await self.cache.snapshot(tenant_id, relations)
         if snapshot is None:
             reason = "cache invalidation is not attached (Redis or PostgreSQL notifications)"
             return await self._loaded(
                 tenant, key, options, load, CacheInfo("bypass", "detached", reason)
             )
-        hit = await self.cache.lookup(tenant_id, key, verdict.relations, snapshot=snapshot)
+        hit = await self.cache.lookup(tenant_id, key, relations, snapshot=snapshot)
         if hit is not None:
             self._metrics.cache_requests.labels("hit").inc()
             return _answer(hit.payload, CacheInfo("hit", age_ms=hit.age_s() * 1000))
@@ -163,17 +200,103 @@ class ResultCaching:
         self._metrics.cache_requests.labels("miss").inc()
         return _answer(payload, CacheInfo("miss"))
 
-    async def written(self, tenant: TenantRecord, relations: frozenset[str]) -> None:
-        """A committed write through this process: results that read ``relations`` are
-        invalid here when this returns."""
-        if relations:
+    async def written(
+        self,
+        tenant: TenantRecord,
+        sql: str,
+        params: Sequence[Any],
+        schema_generation: int,
+    ) -> None:
+        """A statement committed through this process: results that read what it wrote are
+        invalid here when this returns (by key for a keyed write of a keyed table)."""
+        relations = written_relations(sql, tenant.schema_name, self._shared)
+        names = set(relations)
+        keyed = await self._written_rows(tenant, sql, params, schema_generation)
+        if keyed is None:
+            names.update(f"{r}{KEYED}" for r in relations)
+        else:
+            names.update(keyed)
+        await self._invalidate(tenant, frozenset(names))
+
+    async def written_table(self, tenant: TenantRecord, relation: str) -> None:
+        """A bulk load into ``relation`` (``schema.table``): every read of it."""
+        await self._invalidate(tenant, frozenset({relation, f"{relation}{KEYED}"}))
+
+    async def _invalidate(self, tenant: TenantRecord, names: frozenset[str]) -> None:
+        if names:
             started = time.perf_counter()
-            await self.cache.invalidate(tenant.tenant_id, relations)
+            await self.cache.invalidate(tenant.tenant_id, names)
             self._metrics.cache_invalidations.labels("write").inc()
             self._metrics.cache_invalidate_seconds.observe(time.perf_counter() - started)
 
-    def written_sql(self, tenant: TenantRecord, sql: str) -> frozenset[str]:
-        return written_relations(sql, tenant.schema_name, self._shared)
+    async def _point_names(
+        self, tenant: TenantRecord, sql: str, params: Sequence[Any], generation: int
+    ) -> frozenset[str] | None:
+        """The generation names a point read depends on, or None (not a point read)."""
+        read = point_read(sql)
+        if read is None:
+            return None
+        resolved = await self._table_key(tenant, read.schema, read.table, generation)
+        if resolved is None:
+            return None
+        relation, key = resolved
+        text = key_text(key, read.equal, params)
+        if text is None:
+            return None
+        return frozenset({f"{relation}{KEYED}", row_name(relation, text)})
+
+    async def _written_rows(
+        self, tenant: TenantRecord, sql: str, params: Sequence[Any], generation: int
+    ) -> set[str] | None:
+        """The row names a keyed write wrote, or None when its rows are not known."""
+        write = keyed_write(sql)
+        if write is None:
+            return None
+        resolved = await self._table_key(tenant, write.schema, write.table, generation)
+        if resolved is None:
+            return None
+        relation, key = resolved
+        columns = frozenset(c for c, _ in key)
+        if write.set_columns & columns:
+            return None  # a key changed: its new value is in the data
+        if write.conflict_arbiter is not None and write.conflict_arbiter != columns:
+            return None  # the row updated holds another unique value, any key
+        names = {relation}
+        for row in write.rows:
+            text = key_text(key, row, params)
+            if text is None:
+                return None
+            names.add(row_name(relation, text))
+        return names
+
+    async def _table_key(
+        self, tenant: TenantRecord, schema: str | None, table: str, generation: int
+    ) -> tuple[str, _Key] | None:
+        """The tenant's own table ``table`` (as the tenant's search path finds it) and its
+        primary key, when its point reads can be keyed."""
+        own = tenant.schema_name
+        if schema not in (None, own):
+            return None  # shared tables (and anything else): per table
+        cache_key = (own, table, generation)
+        now = time.monotonic()
+        kept = self._keys.get(cache_key)
+        if kept is None or kept[0] < now:
+            key = await self._load_key(own, table)
+            self._keys[cache_key] = (now + _KEYS_TTL_S, key)
+            while len(self._keys) > _KEYS_MAX:
+                self._keys.popitem(last=False)
+        else:
+            key = kept[1]
+            self._keys.move_to_end(cache_key)
+        return None if key is None else (f"{own}.{table}", key)
+
+    async def _load_key(self, schema: str, table: str) -> _Key | None:
+        rows = await self._catalog.fetch(
+            _PRIMARY_KEY_SQL, f"{quote_ident(schema)}.{quote_ident(table)}"
+        )
+        if not rows or rows[0]["inherited"] or any(r["type"] not in KEY_TYPES for r in rows):
+            return None
+        return tuple((r["name"], r["type"]) for r in rows)
 
     def _key(
         self,

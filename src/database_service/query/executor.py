@@ -525,7 +525,8 @@ class QueryExecutor:
             else:
                 result = await self._run(tenant, ctx, verdict, sql, params, readonly=readonly)
                 if caching is not None and verdict.kind is not StatementKind.READ:
-                    await caching.written(tenant, caching.written_sql(tenant, sql))
+                    generation = self._schema_generations.get(tenant.tenant_id, 0)
+                    await caching.written(tenant, sql, params, generation)
             result.duration_ms = (time.perf_counter() - started) * 1000
             outcome.command = result.command or "SELECT (from the cache)"
             return result
@@ -689,11 +690,10 @@ class QueryExecutor:
                     if last:
                         raise
             if self._caching is not None:
-                written: frozenset[str] = frozenset()
-                for (sql, _), verdict in zip(statements, verdicts, strict=True):
+                generation = self._schema_generations.get(tenant.tenant_id, 0)
+                for (sql, params), verdict in zip(statements, verdicts, strict=True):
                     if verdict.kind is not StatementKind.READ:
-                        written |= self._caching.written_sql(tenant, sql)
-                await self._caching.written(tenant, written)
+                        await self._caching.written(tenant, sql, params, generation)
             outcome.command = f"{len(results)} statements"
             return TransactionResult(results, (time.perf_counter() - started) * 1000)
 
@@ -732,7 +732,7 @@ class QueryExecutor:
                         )
                         await conn.execute(f"DROP TABLE {stage}")
             if self._caching is not None:
-                await self._caching.written(tenant, frozenset({f"{target.schema}.{target.name}"}))
+                await self._caching.written_table(tenant, f"{target.schema}.{target.name}")
             written = _row_count(status, 0)
             outcome.command = f"BULK INSERT {written}"
             return written
@@ -773,7 +773,7 @@ class QueryExecutor:
                     )
                     await conn.execute(f"DROP TABLE {stage}")
             if self._caching is not None:
-                await self._caching.written(tenant, frozenset({f"{target.schema}.{target.name}"}))
+                await self._caching.written_table(tenant, f"{target.schema}.{target.name}")
             updated = _row_count(status, 0)
             outcome.command = f"BULK UPDATE {updated}"
             return updated

@@ -27,13 +27,71 @@ BEGIN
         WHERE c.oid = TG_RELID
            OR c.oid IN (SELECT relid FROM pg_partition_ancestors(TG_RELID))
     LOOP
+        -- Its rows are not known here: every read of the table, point reads included
+        -- (query/pointkeys.py names them).
         PERFORM pg_notify('dbsvc_invalidate',
             coalesce(tenant, '*') || '|' || rel.nspname || '.' || rel.relname || suffix);
+        PERFORM pg_notify('dbsvc_invalidate',
+            coalesce(tenant, '*') || '|' || rel.nspname || '.' || rel.relname || '#keyed'
+            || suffix);
     END LOOP;
     RETURN NULL;
 END
 $$;
 REVOKE ALL ON FUNCTION {{control}}.cache_notify() FROM PUBLIC;
+
+-- Tenant tables with a primary key, written through the table itself: the transition tables
+-- name the keys the statement wrote (old and new), so a cached read of one row by its key
+-- (query/pointkeys.py) is invalidated by writes to that row only. The key's name is
+-- <schema>.<table>#row:<md5 of the key columns' text joined by U+001F>, as the service
+-- computes it. Past 100 keys, or without a primary key, the table's keyed reads all go
+-- (<table>#keyed). Every read of the table but point reads depends on <schema>.<table>.
+CREATE FUNCTION {{control}}.cache_notify_rows() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
+AS $$
+DECLARE
+    tenant text;
+    relation text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    suffix text := '|' || txid_current()::text || '|'
+        || (extract(epoch FROM clock_timestamp()) * 1000)::bigint::text;
+    key_text text;
+    source text;
+    keys text[];
+    k text;
+BEGIN
+    SELECT tenant_id INTO tenant FROM {{control}}.tenants WHERE schema_name = TG_TABLE_SCHEMA;
+    tenant := coalesce(tenant, '*') || '|';
+    SELECT string_agg(format('%I::text', a.attname), ' || chr(31) || ' ORDER BY k.ord)
+    INTO key_text
+    FROM pg_index i
+    CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE i.indrelid = TG_RELID AND i.indisprimary;
+    source := CASE TG_OP
+        WHEN 'INSERT' THEN 'SELECT * FROM dbsvc_new'
+        WHEN 'DELETE' THEN 'SELECT * FROM dbsvc_old'
+        ELSE 'SELECT * FROM dbsvc_old UNION ALL SELECT * FROM dbsvc_new' END;
+    IF key_text IS NOT NULL THEN
+        -- At most 101 keys: more means "too many to list".
+        EXECUTE format('SELECT array_agg(DISTINCT md5(%s)) FROM (%s LIMIT 202) r',
+                       key_text, source)
+        INTO keys;
+    END IF;
+    IF keys IS NULL AND key_text IS NOT NULL THEN
+        RETURN NULL;  -- the statement wrote no row
+    END IF;
+    PERFORM pg_notify('dbsvc_invalidate', tenant || relation || suffix);
+    IF keys IS NULL OR cardinality(keys) > 100 THEN
+        PERFORM pg_notify('dbsvc_invalidate', tenant || relation || '#keyed' || suffix);
+    ELSE
+        FOREACH k IN ARRAY keys LOOP
+            PERFORM pg_notify('dbsvc_invalidate', tenant || relation || '#row:' || k || suffix);
+        END LOOP;
+    END IF;
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION {{control}}.cache_notify_rows() FROM PUBLIC;
 
 -- Shared tables (one table, every tenant's rows under row-level security): the transition
 -- tables name the companies whose rows the statement wrote, so only those tenants' caches are
@@ -108,9 +166,22 @@ BEGIN
             ' EXECUTE FUNCTION {{control}}.cache_notify_shared()', rel);
         EXECUTE format('CREATE TRIGGER dbsvc_cache_truncate AFTER TRUNCATE ON %s'
             ' FOR EACH STATEMENT EXECUTE FUNCTION {{control}}.cache_notify_shared()', rel);
+    ELSIF NOT info.shared AND NOT info.child AND NOT (info.relkind = 'r' AND info.relhassubclass) THEN
+        -- Tenant tables: the keys written (cache_notify_rows); TRUNCATE has no transition table.
+        EXECUTE format('CREATE TRIGGER dbsvc_cache_insert AFTER INSERT ON %s'
+            ' REFERENCING NEW TABLE AS dbsvc_new FOR EACH STATEMENT'
+            ' EXECUTE FUNCTION {{control}}.cache_notify_rows()', rel);
+        EXECUTE format('CREATE TRIGGER dbsvc_cache_update AFTER UPDATE ON %s'
+            ' REFERENCING OLD TABLE AS dbsvc_old NEW TABLE AS dbsvc_new FOR EACH STATEMENT'
+            ' EXECUTE FUNCTION {{control}}.cache_notify_rows()', rel);
+        EXECUTE format('CREATE TRIGGER dbsvc_cache_delete AFTER DELETE ON %s'
+            ' REFERENCING OLD TABLE AS dbsvc_old FOR EACH STATEMENT'
+            ' EXECUTE FUNCTION {{control}}.cache_notify_rows()', rel);
+        EXECUTE format('CREATE TRIGGER dbsvc_cache_truncate AFTER TRUNCATE ON %s'
+            ' FOR EACH STATEMENT EXECUTE FUNCTION {{control}}.cache_notify()', rel);
     ELSE
-        -- Tenant tables, and shared tables that cannot have transition tables (their tenant
-        -- is unknown: cache_notify finds no tenant for the shared schema and says '*').
+        -- Partitions and inheritance children (no transition tables), and shared tables that
+        -- cannot have them (their tenant is unknown: cache_notify says '*').
         EXECUTE format('CREATE TRIGGER dbsvc_cache_notify'
             ' AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s'
             ' FOR EACH STATEMENT EXECUTE FUNCTION {{control}}.cache_notify()', rel);
