@@ -39,8 +39,13 @@ async def test_health_document_has_the_seed_shape_with_real_values(
     assert doc["system_resources"]["memory_usage_mb"] > 10
     pg = doc["dependencies"]["postgresql"]
     assert pg["status"] == "healthy" and pg["latency_ms"] > 0 and pg["server_version"]
-    for store in ("clickhouse", "dragonflydb", "weaviate", "arangodb", "nats", "kafka"):
+    for store in ("clickhouse", "weaviate", "arangodb", "nats", "kafka"):
         assert doc["dependencies"][store] == {"status": "not_configured"}
+    # Without Redis: L1 alone, and health says what that means.
+    cache = doc["dependencies"]["dragonflydb"]
+    assert cache["status"] == "not_configured" and "L1 only" in cache["note"]
+    assert cache["invalidation"]["mode"] == "local"
+    assert "cache_hit_rate" in doc["performance_metrics"]
     active = await core.registry.count_active()
     assert doc["tenant_context"] == {
         "active_tenants": active,
@@ -49,7 +54,7 @@ async def test_health_document_has_the_seed_shape_with_real_values(
     }
     details = doc["database_details"]["postgresql"]
     assert details["tenant_schemas"] == active and details["active_connections"] >= 1
-    for store in ("clickhouse", "dragonflydb", "weaviate", "arangodb"):
+    for store in ("clickhouse", "weaviate", "arangodb"):
         assert doc["database_details"][store] == {"status": "not_configured"}
     assert doc["multi_db_performance"] == {
         "stores_configured": ["postgresql"],

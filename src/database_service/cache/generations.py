@@ -48,6 +48,7 @@ import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -169,6 +170,7 @@ class Generations:
         bump_timeout_s: float = 0.5,
         serve_when_detached: bool = False,
         on_lag: LagCallback | None = None,
+        mirror_max: int = 50_000,
     ) -> None:
         self.instance_id = instance_id or secrets.token_hex(8)
         self.channel = channel
@@ -183,7 +185,15 @@ class Generations:
             client = connect_redis(redis_url, timeout_s=max(timeout_s, bump_timeout_s))
         self.redis = client
         self.mode: Literal["local", "cluster"] = "local" if client is None else "cluster"
-        self._mirror: dict[tuple[str, str], int] = {}
+        # Bounded (row names come and go with the keys written): least recently used first.
+        # In cluster mode an evicted number is read again from Redis. In local mode the
+        # numbers exist only here, so a name not held reads as ``_floor``, which is kept above
+        # every number ever evicted: a name's number then never goes back to a value it had
+        # (an entry stored with it stays invalid), it only moves on — for names never bumped
+        # too, when the floor rises (a miss, never a stale answer).
+        self._mirror: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._mirror_max = mirror_max
+        self._floor = 0
         self._reset_epoch = 0  # bumped at each reset: HMGET replies from before are dropped
         self._attached = client is None
         self._status: Literal["up", "down", "starting", "off"] = (
@@ -253,7 +263,7 @@ class Generations:
         wanted = sorted(set(relations))
         keys = [(_GLOBAL, EPOCH)] + [(tenant, r) for r in wanted]
         if self.mode == "local" or (not self._attached and self.serve_when_detached):
-            return tuple((r, self._mirror.get((t, r), 0)) for t, r in keys)
+            return tuple((r, self._local(t, r)) for t, r in keys)
         if not self._attached:
             return None
         missing = [k for k in keys if k not in self._mirror]
@@ -291,15 +301,31 @@ class Generations:
 
     def _raise(self, key: tuple[str, str], value: int) -> None:
         if value > self._mirror.get(key, -1):
-            self._mirror[key] = value
+            self._hold(key, value)
+
+    def _local(self, tenant: str, relation: str) -> int:
+        value = self._mirror.get((tenant, relation))
+        if value is None:
+            return self._floor
+        self._mirror.move_to_end((tenant, relation))
+        return value
+
+    def _hold(self, key: tuple[str, str], value: int) -> None:
+        self._mirror[key] = value
+        self._mirror.move_to_end(key)
+        while len(self._mirror) > self._mirror_max:
+            (tenant, _), evicted = self._mirror.popitem(last=False)
+            if tenant != _GLOBAL or self.mode == "cluster":
+                self._floor = max(self._floor, evicted + 1)
+            else:  # the epoch is never evicted
+                self._mirror[(tenant, EPOCH)] = evicted
 
     # -- writing ---------------------------------------------------------------------------
 
     def bump_local(self, tenant: str, relations: Iterable[str]) -> None:
         """Raise this process's numbers only (local mode, or Redis unreachable)."""
         for relation in relations:
-            key = (tenant, relation)
-            self._mirror[key] = self._mirror.get(key, 0) + 1
+            self._hold((tenant, relation), self._local(tenant, relation) + 1)
 
     async def bump(
         self, tenant: str, relations: Iterable[str], *, committed_at: float | None = None

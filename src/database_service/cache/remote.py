@@ -276,6 +276,11 @@ class RemoteCache:
     def state(self) -> RedisState:
         return self._breaker.state
 
+    async def ping(self) -> bool:
+        """A round trip (health), within the breaker's backoff: what brings a ``down`` state
+        back to ``up`` when nothing else uses L2 (reads skip it while invalidation is down)."""
+        return bool(await self._breaker.call(self.timeout_s, self.redis.ping))
+
     @staticmethod
     def _keys(tenant: str, key: str) -> list[bytes]:
         prefix = tenant_prefix(tenant)

@@ -149,8 +149,10 @@ class HealthReporter:
         count_active_tenants: Callable[[], Awaitable[int]],
         cache_seconds: float = 1.0,
         loops: BackgroundLoops | None = None,
+        cache_hit_rate: Callable[[], float | None] | None = None,
     ) -> None:
         self._loops = loops
+        self._cache_hit_rate = cache_hit_rate
         self._owner = owner_pool
         # Health may be asked for without credentials, as often as anyone likes: the document
         # is computed at most once per ``cache_seconds`` (per level of detail), and concurrent
@@ -297,6 +299,10 @@ class HealthReporter:
                 "throughput_rps": perf.throughput_rps,
                 "error_rate_percent": perf.error_rate_percent,
                 "requests_last_60s": perf.requests,
+                # The result cache's, since start (the seed's field): None before any lookup.
+                "cache_hit_rate": (
+                    self._cache_hit_rate() if self._cache_hit_rate is not None else None
+                ),
             },
             "system_resources": self._system(),
             "dependencies": dependencies,

@@ -9,8 +9,10 @@ only replaces the round trip.
 
 The key (``cache.keys.result_key``) is the tenant, the user id row-level security sees, the
 statement's canonical text, the typed parameters, the front end's encoding of the result
-(``CacheOptions.form``: gRPC packed, gRPC values, REST JSON) and the tenant's schema generation
-(DDL through the service moves it on). The payload is that front end's encoded answer, so a hit
+(``CacheOptions.form``: gRPC packed, gRPC values, REST JSON) and the tenant's schema. Every
+entry also depends on the tenant's ``#ddl`` generation, which DDL through the service moves on
+(cluster-wide, like any other invalidation): a table's new shape is never answered with its
+old one. The payload is that front end's encoded answer, so a hit
 costs no re-encoding.
 
 Writes: the query core calls ``written`` after every committed write (a statement, a
@@ -59,6 +61,7 @@ __all__ = ["CacheOptions", "ResultCaching", "written_relations"]
 
 log = logging.getLogger(__name__)
 
+_DDL = frozenset({"#ddl"})  # the tenant's DDL through the service: every entry depends on it
 _Key = tuple[tuple[str, str], ...]  # a primary key's (column, format_type) in order
 _KEYS_TTL_S = 30.0
 _KEYS_MAX = 4096
@@ -171,9 +174,13 @@ class ResultCaching:
         point = await self._point_names(tenant, sql, params, schema_generation)
         if point is not None:
             relations = point  # this key's rows: other rows' writes leave it alone
+        relations = relations | _DDL
         snapshot = await self.cache.snapshot(tenant_id, relations)
         if snapshot is None:
-            reason = "cache invalidation is not attached (Redis or PostgreSQL notifications)"
+            reason = (
+                "the relations' generation numbers cannot be trusted now (Redis slow, down or"
+                " reconnecting): served from PostgreSQL"
+            )
             return await self._loaded(
                 tenant, key, options, load, CacheInfo("bypass", "detached", reason)
             )
@@ -206,11 +213,15 @@ class ResultCaching:
         sql: str,
         params: Sequence[Any],
         schema_generation: int,
+        *,
+        ddl: bool = False,
     ) -> None:
         """A statement committed through this process: results that read what it wrote are
         invalid here when this returns (by key for a keyed write of a keyed table)."""
         relations = written_relations(sql, tenant.schema_name, self._shared)
         names = set(relations)
+        if ddl:
+            names |= _DDL
         keyed = await self._written_rows(tenant, sql, params, schema_generation)
         if keyed is None:
             names.update(f"{r}{KEYED}" for r in relations)
@@ -313,7 +324,7 @@ class ResultCaching:
                 user_id,
                 sql,
                 params,
-                schema_version=f"{options.form}|{tenant.schema_name}|{schema_generation}",
+                schema_version=f"{options.form}|{tenant.schema_name}",
             )
         except UncacheableParameter:
             return None

@@ -526,7 +526,9 @@ class QueryExecutor:
                 result = await self._run(tenant, ctx, verdict, sql, params, readonly=readonly)
                 if caching is not None and verdict.kind is not StatementKind.READ:
                     generation = self._schema_generations.get(tenant.tenant_id, 0)
-                    await caching.written(tenant, sql, params, generation)
+                    await caching.written(
+                        tenant, sql, params, generation, ddl=verdict.kind is StatementKind.DDL
+                    )
             result.duration_ms = (time.perf_counter() - started) * 1000
             outcome.command = result.command or "SELECT (from the cache)"
             return result
@@ -693,7 +695,9 @@ class QueryExecutor:
                 generation = self._schema_generations.get(tenant.tenant_id, 0)
                 for (sql, params), verdict in zip(statements, verdicts, strict=True):
                     if verdict.kind is not StatementKind.READ:
-                        await self._caching.written(tenant, sql, params, generation)
+                        await self._caching.written(
+                            tenant, sql, params, generation, ddl=verdict.kind is StatementKind.DDL
+                        )
             outcome.command = f"{len(results)} statements"
             return TransactionResult(results, (time.perf_counter() - started) * 1000)
 

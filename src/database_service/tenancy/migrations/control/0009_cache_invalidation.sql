@@ -44,7 +44,8 @@ REVOKE ALL ON FUNCTION {{control}}.cache_notify() FROM PUBLIC;
 -- name the keys the statement wrote (old and new), so a cached read of one row by its key
 -- (query/pointkeys.py) is invalidated by writes to that row only. The key's name is
 -- <schema>.<table>#row:<md5 of the key columns' text joined by U+001F>, as the service
--- computes it. Past 100 keys, or without a primary key, the table's keyed reads all go
+-- computes it. Past 16 keys (a bulk write: listing them would cost every instance more than
+-- the reads it keeps), or without a primary key, the table's keyed reads all go
 -- (<table>#keyed). Every read of the table but point reads depends on <schema>.<table>.
 CREATE FUNCTION {{control}}.cache_notify_rows() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
@@ -72,8 +73,8 @@ BEGIN
         WHEN 'DELETE' THEN 'SELECT * FROM dbsvc_old'
         ELSE 'SELECT * FROM dbsvc_old UNION ALL SELECT * FROM dbsvc_new' END;
     IF key_text IS NOT NULL THEN
-        -- At most 101 keys: more means "too many to list".
-        EXECUTE format('SELECT array_agg(DISTINCT md5(%s)) FROM (%s LIMIT 202) r',
+        -- At most 17 keys: more means "too many to list".
+        EXECUTE format('SELECT array_agg(DISTINCT md5(%s)) FROM (%s LIMIT 34) r',
                        key_text, source)
         INTO keys;
     END IF;
@@ -81,7 +82,7 @@ BEGIN
         RETURN NULL;  -- the statement wrote no row
     END IF;
     PERFORM pg_notify('dbsvc_invalidate', tenant || relation || suffix);
-    IF keys IS NULL OR cardinality(keys) > 100 THEN
+    IF keys IS NULL OR cardinality(keys) > 16 THEN
         PERFORM pg_notify('dbsvc_invalidate', tenant || relation || '#keyed' || suffix);
     ELSE
         FOREACH k IN ARRAY keys LOOP
