@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from database_service.application import (
     Access,
     DeadLetterAdmin,
+    KeyValueOps,
     Observability,
     PartitionAdmin,
     ServiceAdmin,
@@ -34,10 +35,10 @@ from database_service.cache import (
     IMMUTABLE_FUNCTIONS_SQL,
     CachePolicy,
     Generations,
-    InMemoryKeyValueStore,
     KeyValueStore,
     LocalCache,
     PostgresInvalidationListener,
+    PostgresKeyValueStore,
     RedisKeyValueStore,
     RemoteCache,
     ResultCache,
@@ -58,7 +59,7 @@ from database_service.observability.tracing import Tracing
 from database_service.postgres import TenantPools, create_owner_pool
 from database_service.postgres.deadlines import Deadlines
 from database_service.query import QueryExecutor
-from database_service.query.caching import ResultCaching
+from database_service.query.caching import CacheRules, ResultCaching
 from database_service.sqlguard import SqlGuard
 from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
 from database_service.tenancy import (
@@ -150,6 +151,8 @@ class CacheProbe:
     name: str = "dragonflydb"
 
     async def check(self) -> dict[str, Any]:
+        if self.cache.remote is not None and self.cache.remote.state.status != "up":
+            await self.cache.remote.ping()
         stats = self.cache.stats()
         details = {
             "invalidation": stats["invalidation"],
@@ -165,8 +168,11 @@ class CacheProbe:
                 **details,
             }
         state = stats["l2_state"]
-        assert isinstance(state, dict)
-        up = state.get("status") == "up"
+        invalidation = stats["invalidation"]
+        assert isinstance(state, dict) and isinstance(invalidation, dict)
+        # Up only when both the entries (L2) and the invalidation channel answer: with the
+        # channel down nothing is served from the cache (reads go to PostgreSQL).
+        up = state.get("status") == "up" and invalidation.get("status") == "up"
         return {"status": "healthy" if up else "unhealthy", "l2": state, **details}
 
 
@@ -314,6 +320,7 @@ class Application:
             )
         )
         self.tenants.on_change(self.pools.close_tenant)
+        self.tenants.on_deleted(self._forget_deleted_tenant)
         self.metrics.register(_PoolCollector(self.pools))
         await self.tenants.upgrade()
         user_context_key = derive_key(master_key, "user-context")
@@ -342,6 +349,8 @@ class Application:
         stack.push_async_callback(self.deadlines.aclose)
         self.result_cache, self.key_values, cache_probe = await self._cache(dsn)
         probes_before = [cache_probe]
+        cache_rules = CacheRules(self.owner_pool, control_schema=s.control_schema)
+        await cache_rules.load()
         self.caching = ResultCaching(
             self.result_cache,
             CachePolicy(
@@ -359,6 +368,7 @@ class Application:
             ),
             self.metrics,
             catalog=self.owner_pool,
+            rules=cache_rules,
             shared_schema=s.shared_schema,
             max_ttl_ms=s.cache_max_ttl_ms,
             stale_max_age_s=s.cache_stale_max_age_seconds,
@@ -471,8 +481,19 @@ class Application:
             count_active_tenants=self.registry.count_active,
             cache_seconds=s.health_cache_seconds,
             loops=self.loops,
+            cache_hit_rate=self._cache_hit_rate,
         )
         self._use_cases()
+
+    async def _forget_deleted_tenant(self, tenant_id: str) -> None:
+        """A deleted tenant's keys go with it (a tenant created again under its id starts
+        empty); its cached results cannot be reached again (their keys hold its schema)."""
+        purged = await self.key_values.purge(tenant_id)
+        log.info("tenant %s deleted: %d key-value keys purged", tenant_id, purged)
+
+    def _cache_hit_rate(self) -> float | None:
+        rate = self.result_cache.stats()["hit_rate"]
+        return round(rate, 4) if isinstance(rate, float) else None
 
     async def _cache(self, dsn: str) -> tuple[ResultCache, KeyValueStore, DependencyProbe]:
         """L1 always; with ``redis_url``, L2, cluster-wide invalidation and key-value operations
@@ -511,7 +532,11 @@ class Application:
         )
         await listener.start()
         stack.push_async_callback(listener.aclose)
-        kv: KeyValueStore = RedisKeyValueStore(url) if url is not None else InMemoryKeyValueStore()
+        kv: KeyValueStore = (
+            RedisKeyValueStore(url)
+            if url is not None
+            else PostgresKeyValueStore(self.owner_pool, control_schema=s.control_schema)
+        )
         stack.push_async_callback(kv.aclose)
         return cache, kv, CacheProbe(cache, listener, configured=url is not None)
 
@@ -521,7 +546,12 @@ class Application:
         s = self.settings
         self.access = Access(self.audit)
         self.tenant_admin = TenantAdmin(
-            self.access, self.tenants, self.registry, self.migrator, self.maintenance_pool
+            self.access,
+            self.tenants,
+            self.registry,
+            self.migrator,
+            self.maintenance_pool,
+            cache_rules=self.caching.rules,
         )
         self.service_admin = ServiceAdmin(
             self.access,
@@ -542,6 +572,7 @@ class Application:
             self.access, self.partitions, self.registry, shared_schema=s.shared_schema
         )
         self.timeseries = TimeSeries(self.executor, shared_schema=s.shared_schema)
+        self.key_value = KeyValueOps(self.access, self.key_values, self.registry, self.audit)
         self.observability = Observability(
             self.access,
             health=self.health,

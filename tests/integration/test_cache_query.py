@@ -209,3 +209,26 @@ async def test_a_stampede_runs_the_query_once(
     results = await asyncio.gather(*(client.fetch_all(sql, cache=TTL) for _ in range(10)))
     assert {r.rows[0][0] for r in results} == {10}
     assert core.result_cache.local.stats.loads - before == 1
+
+
+async def test_a_tenants_rules_cache_reads_of_ruled_tables_without_asking(
+    http: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    client: MultiDatabaseClient,
+    tenant: TenantRecord,
+) -> None:
+    path = f"/api/v1/admin/tenants/{tenant.tenant_id}/cache-rules"
+    put = await http.put(path, json={"rules": {"holdings": 2000}}, headers=admin_headers)
+    assert put.status_code == 200, put.text
+    assert (await http.get(path, headers=admin_headers)).json() == {"rules": {"holdings": 2000}}
+    read = "SELECT qty FROM holdings WHERE id = 2"
+    assert (await client.fetch_all(read)).cache == "miss"
+    assert (await client.fetch_all(read)).cache == "hit"
+    # A read of a table without a rule is not cached by them.
+    other = await client.fetch_all("SELECT count(*) FROM positions")
+    assert other.cache in ("", "off")
+    bad = await http.put(path, json={"rules": {"x; drop": 5}}, headers=admin_headers)
+    assert bad.status_code == 400, bad.text
+    cleared = await http.put(path, json={"rules": {}}, headers=admin_headers)
+    assert cleared.json() == {"rules": {}}
+    assert (await client.fetch_all(read)).cache in ("", "off")

@@ -402,11 +402,11 @@ async def test_multi_db_operation_runs_postgresql_and_refuses_unconfigured_store
         {"postgresql": {"query": "SELECT $1::int + 1", "params": [41]}}
     )
     assert result["postgresql"].rows == [(42,)]
-    with pytest.raises(NotConfigured, match="dragonflydb"):
+    with pytest.raises(NotConfigured, match="clickhouse"):
         await client.execute_multi_db_operation(
             {
                 "postgresql": {"query": "INSERT INTO users VALUES ('never', 'n@x', 'pro')"},
-                "dragonflydb": {"operation": "set", "key": "k", "value": 1},
+                "clickhouse": {"query": "SELECT 1"},
             }
         )
     assert await count(client) == 0

@@ -38,7 +38,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "database_service"
 FRONT_END_MAY_USE = {
     "executor", "timeseries", "tenant_admin", "service_admin", "partition_admin",
     "observability", "dead_letter_admin", "access", "authenticator", "metrics", "window",
-    "audit", "settings", "tracing",
+    "audit", "settings", "tracing", "key_value",
 }  # fmt: skip
 CLI_MAY_ALSO_USE = {"endpoints", "guard"}
 

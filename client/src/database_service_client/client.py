@@ -1,8 +1,8 @@
 """``MultiDatabaseClient``: what backend services import to talk to the Database Service.
 
 One gRPC channel per client, reused by every call. Calls that cannot change data (health,
-metrics, time series, analytics, partition listing, and queries the caller marks
-``idempotent=True``) are retried with exponential backoff on UNAVAILABLE, and a stream only
+metrics, time series, analytics, partition listing, key-value reads, and queries the caller
+marks ``idempotent=True``) are retried with exponential backoff on UNAVAILABLE, and a stream only
 before its first message; nothing else is retried.
 """
 
@@ -16,6 +16,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Mapping,
@@ -51,7 +52,18 @@ _ISOLATION = {
 }
 # Stores of the seed this client knows; a deployment reports which it has configured.
 # Stores whose operations this client runs itself; for any other, it asks the service.
-_RUNS_HERE = ("postgresql",)
+# "dragonflydb" (key-value operations) runs on the service's embedded store when the deployment
+# has no Redis/DragonflyDB (health then says not_configured), so it is never asked about.
+_RUNS_HERE = ("postgresql", "dragonflydb")
+Key = str | bytes
+_KV_FIELDS = {
+    "get": ({"key"}, set()),
+    "set": ({"key", "value"}, {"ttl", "ttl_ms"}),
+    "delete": ({"key"}, set()),
+    "incr": ({"key"}, {"by"}),
+    "expire": ({"key"}, {"ttl", "ttl_ms"}),
+    "mget": ({"keys"}, set()),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,6 +710,132 @@ class MultiDatabaseClient:
         document: dict[str, Any] = json.loads(response.document_json)
         return document
 
+    # --- key-value (the seed's "dragonflydb") ------------------------------------------------
+
+    async def _kv(
+        self, request: pb.KeyValueRequest, *, retry: bool, timeout: float | None
+    ) -> pb.KeyValueResponse:
+        try:
+            response: pb.KeyValueResponse = await self._unary(
+                self.stub.KeyValue, request, retry=retry, timeout=timeout
+            )
+        except DatabaseServiceError as exc:
+            if exc.code == "unimplemented":
+                raise NotConfigured(
+                    "this service does not run key-value operations (it is older than this"
+                    " client); upgrade it",
+                    code="not_configured",
+                ) from None
+            raise
+        return response
+
+    async def kv_get(self, key: Key, *, timeout: float | None = None) -> bytes | None:
+        """The value of ``key`` in the tenant's key-value store, or None. Keys are the
+        tenant's own: any bytes (a str is sent as UTF-8), 1 to 1024 of them."""
+        request = pb.KeyValueRequest(operation=pb.KEY_VALUE_OPERATION_GET, key=_key(key))
+        response = await self._kv(request, retry=True, timeout=timeout)
+        return response.value if response.found else None
+
+    async def kv_set(
+        self,
+        key: Key,
+        value: str | bytes,
+        *,
+        ttl: dt.timedelta | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Store ``value`` (bytes, or a str as UTF-8; at most 1 MiB) under ``key``, expiring
+        after ``ttl`` (kept until deleted when None)."""
+        request = pb.KeyValueRequest(
+            operation=pb.KEY_VALUE_OPERATION_SET, key=_key(key), value=_kv_value(value)
+        )
+        if ttl is not None:
+            request.ttl_ms = _ttl_ms(ttl)
+        await self._kv(request, retry=False, timeout=timeout)
+
+    async def kv_delete(self, key: Key, *, timeout: float | None = None) -> bool:
+        """Delete ``key``; whether it existed."""
+        request = pb.KeyValueRequest(operation=pb.KEY_VALUE_OPERATION_DELETE, key=_key(key))
+        return (await self._kv(request, retry=False, timeout=timeout)).found
+
+    async def kv_incr(self, key: Key, by: int = 1, *, timeout: float | None = None) -> int:
+        """Add ``by`` to the integer at ``key`` (a missing key counts from 0); the new value.
+        A value that is not a 64-bit integer raises FailedPrecondition and is left as it is."""
+        request = pb.KeyValueRequest(operation=pb.KEY_VALUE_OPERATION_INCR, key=_key(key), by=by)
+        return int((await self._kv(request, retry=False, timeout=timeout)).number)
+
+    async def kv_expire(self, key: Key, ttl: dt.timedelta, *, timeout: float | None = None) -> bool:
+        """Let ``key`` expire after ``ttl``; whether the key exists."""
+        request = pb.KeyValueRequest(
+            operation=pb.KEY_VALUE_OPERATION_EXPIRE, key=_key(key), ttl_ms=_ttl_ms(ttl)
+        )
+        return (await self._kv(request, retry=False, timeout=timeout)).found
+
+    async def kv_mget(
+        self, keys: Sequence[Key], *, timeout: float | None = None
+    ) -> list[bytes | None]:
+        """The values of ``keys`` (at most 1000), in order; None for a missing key."""
+        request = pb.KeyValueRequest(
+            operation=pb.KEY_VALUE_OPERATION_MGET, keys=[_key(k) for k in keys]
+        )
+        response = await self._kv(request, retry=True, timeout=timeout)
+        return [item.value if item.found else None for item in response.items]
+
+    def _seed_kv(self, operation: Mapping[str, Any]) -> Callable[[], Awaitable[Any]]:
+        """The seed's ``{"operation": "set", "key", "value", "ttl"}`` as a call, checked now
+        (before anything of a multi-store operation runs). ``ttl`` is in seconds (or a
+        timedelta), ``ttl_ms`` in milliseconds; a ``value`` that is neither str nor bytes is
+        stored as its JSON text (``1`` as ``"1"``, so ``incr`` counts on from it)."""
+        name = operation.get("operation")
+        if name not in _KV_FIELDS:
+            raise ValueError(
+                f"the dragonflydb operation needs 'operation': one of {', '.join(_KV_FIELDS)}"
+            )
+        needed, optional = _KV_FIELDS[name]
+        given = set(operation) - {"operation", "company_id", "tenant_id"}
+        if needed - given or given - needed - optional:
+            wanted = ", ".join(sorted(needed)) + "".join(f" [{f}]" for f in sorted(optional))
+            raise ValueError(f"the dragonflydb {name} operation takes {wanted}")
+        if "ttl" in given and "ttl_ms" in given:
+            raise ValueError("give ttl (seconds) or ttl_ms, not both")
+        ttl: dt.timedelta | None = None
+        if "ttl" in given and operation["ttl"] is not None:
+            seconds = operation["ttl"]
+            ttl = seconds if isinstance(seconds, dt.timedelta) else dt.timedelta(seconds=seconds)
+        elif "ttl_ms" in given and operation["ttl_ms"] is not None:
+            ttl = dt.timedelta(milliseconds=operation["ttl_ms"])
+        if ttl is not None:
+            _ttl_ms(ttl)  # refused now, not after another store ran
+        if name == "mget":
+            if isinstance(operation["keys"], str | bytes):
+                raise ValueError("the dragonflydb mget operation's 'keys' is a list of keys")
+            keys = [_key(k) for k in operation["keys"]]
+            return lambda: self.kv_mget(keys)
+        key = _key(operation["key"])
+        if name == "get":
+            return lambda: self.kv_get(key)
+        if name == "delete":
+            return lambda: self.kv_delete(key)
+        if name == "incr":
+            by = operation.get("by", 1)
+            if isinstance(by, bool) or not isinstance(by, int):
+                raise ValueError("the dragonflydb incr operation's 'by' must be an integer")
+            return lambda: self.kv_incr(key, by)
+        if name == "expire":
+            if ttl is None:
+                raise ValueError("the dragonflydb expire operation needs a ttl")
+            expiry = ttl
+            return lambda: self.kv_expire(key, expiry)
+        value = operation["value"]
+        raw = value if isinstance(value, str | bytes | bytearray) else json.dumps(value)
+        data = _kv_value(raw)
+
+        async def store() -> bool:
+            await self.kv_set(key, data, ttl=ttl)
+            return True
+
+        return store
+
     # --- the seed's shape ----------------------------------------------------------------------
 
     async def stores(self) -> dict[str, str]:
@@ -718,10 +856,20 @@ class MultiDatabaseClient:
 
         ``postgresql`` takes ``{"query": sql, "params": [...] or {...}}`` or
         ``{"statements": [...]}`` (run as one transaction); a mapping of params binds to
-        ``:name`` placeholders (the seed passes the signal's dict). Stores this deployment has
-        not configured raise NotConfigured, and an operation naming another ``company_id`` than
-        this client's tenant raises PermissionDenied, before anything runs, so a multi-store
-        operation is never half done."""
+        ``:name`` placeholders (the seed passes the signal's dict).
+
+        ``dragonflydb`` takes ``{"operation": "set", "key": k, "value": v, "ttl": seconds}``
+        (``ttl`` optional; ``value`` bytes, str, or anything else as its JSON text), ``get``,
+        ``delete``, ``incr`` (``by``, default 1), ``expire`` (``ttl``) with ``key``, and ``mget``
+        with ``keys``; its result is the value (bytes or None), True for set, whether the key
+        existed (delete, expire), the new number (incr) or the list of values (mget). It runs on
+        the tenant's key-value store: Redis/DragonflyDB where the deployment has one, the
+        service's embedded store otherwise (health ``not_configured``).
+
+        Stores this deployment has not configured raise NotConfigured, a malformed operation
+        ValueError, and an operation naming another ``company_id`` than this client's tenant
+        raises PermissionDenied, all before anything runs. The stores then run in the order
+        given; one failing leaves what the ones before it did (PostgreSQL has committed)."""
         for name, operation in operations.items():
             company = operation.get("company_id", operation.get("tenant_id"))
             if company is not None and company != self.tenant_id:
@@ -741,18 +889,45 @@ class MultiDatabaseClient:
                 else:
                     reason = "configured, but this client cannot run operations on it yet"
                 raise NotConfigured(f"store {name!r} is {reason}", code="not_configured")
-        results: dict[str, Any] = {}
-        postgres = operations.get("postgresql")
-        if postgres is not None:
-            if "statements" in postgres:
-                results["postgresql"] = await self.transaction(postgres["statements"])
-            elif "query" in postgres:
-                results["postgresql"] = await self.fetch_all(
-                    postgres["query"], postgres.get("params", ())
-                )
-            else:
-                raise ValueError("the postgresql operation needs 'query' or 'statements'")
-        return results
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {}
+        for name, operation in operations.items():
+            calls[name] = (
+                self._seed_kv(operation) if name == "dragonflydb" else self._seed_sql(operation)
+            )
+        return {name: await call() for name, call in calls.items()}
+
+    def _seed_sql(self, postgres: Mapping[str, Any]) -> Callable[[], Awaitable[Any]]:
+        if "statements" in postgres:
+            return lambda: self.transaction(postgres["statements"])
+        if "query" in postgres:
+            return lambda: self.fetch_all(postgres["query"], postgres.get("params", ()))
+        raise ValueError("the postgresql operation needs 'query' or 'statements'")
+
+
+def _key(key: Key) -> bytes:
+    """A key-value key as sent: bytes as they are, a str as UTF-8."""
+    if isinstance(key, str):
+        return key.encode("utf-8")
+    if isinstance(key, bytes | bytearray | memoryview):
+        return bytes(key)
+    raise TypeError(f"a key is str or bytes, not {type(key).__name__}")
+
+
+def _kv_value(value: str | bytes | bytearray | memoryview) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"a value is str or bytes, not {type(value).__name__}")
+
+
+def _ttl_ms(ttl: dt.timedelta) -> int:
+    """A TTL in whole milliseconds (rounded up, so a short positive TTL is never 0)."""
+    if not isinstance(ttl, dt.timedelta):
+        raise TypeError(f"a ttl is a timedelta, not {type(ttl).__name__}")
+    if ttl <= dt.timedelta(0):
+        raise ValueError("a ttl must be positive")
+    return -(-(ttl // dt.timedelta(microseconds=1)) // 1000)
 
 
 def _check_packed_read(read: int, sent: int) -> None:

@@ -8,6 +8,7 @@ the query core's (``query.QueryExecutor``, which does the same); the rest is her
 
 from database_service.application.access import Access
 from database_service.application.deadletters import DeadLetterAdmin
+from database_service.application.keyvalue import KeyValueOps
 from database_service.application.observability import Observability
 from database_service.application.partitions import PartitionAdmin
 from database_service.application.services import IssuedToken, ServiceAdmin
@@ -19,6 +20,7 @@ __all__ = [
     "Access",
     "DeadLetterAdmin",
     "IssuedToken",
+    "KeyValueOps",
     "Observability",
     "PartitionAdmin",
     "ServiceAdmin",

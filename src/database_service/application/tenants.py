@@ -6,12 +6,15 @@ every tenant — migrating all of them — needs the platform administrator.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import asyncpg
 
 from database_service.application.access import Access
 from database_service.auth import Principal, Scope
+from database_service.errors import InvalidParameters
+from database_service.query.caching import CacheRules
 from database_service.tenancy import (
     MigrationReport,
     Migrator,
@@ -25,6 +28,8 @@ from database_service.tenancy.migrations import ProgressCallback
 
 __all__ = ["TenantAdmin"]
 
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
 
 class TenantAdmin:
     def __init__(
@@ -34,7 +39,9 @@ class TenantAdmin:
         registry: TenantRegistry,
         migrator: Migrator,
         owner_pool: asyncpg.Pool,
+        cache_rules: CacheRules | None = None,
     ) -> None:
+        self._cache_rules = cache_rules
         self._access = access
         self._manager = manager
         self._registry = registry
@@ -69,6 +76,36 @@ class TenantAdmin:
         tenant_id = validate_tenant_id(tenant_id)
         await self._access.require(principal, Scope.ADMIN, "tenant.get", tenant_id)
         return await self._registry.get(tenant_id)
+
+    async def cache_rules(self, principal: Principal, tenant_id: str) -> dict[str, int]:
+        """The tenant's result cache rules: table name -> TTL in milliseconds."""
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require(principal, Scope.ADMIN, "tenant.cache_rules", tenant_id)
+        await self._registry.get(tenant_id)  # NotFound for an unknown tenant
+        assert self._cache_rules is not None
+        return self._cache_rules.rules(tenant_id)
+
+    async def set_cache_rules(
+        self, principal: Principal, tenant_id: str, rules: dict[str, int], *, max_ttl_ms: int
+    ) -> dict[str, int]:
+        """Replace the tenant's rules ("cache reads of positions for 2 s"): a read is cached
+        by them when every table it reads has one, for the smallest TTL."""
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require(principal, Scope.ADMIN, "tenant.cache_rules.set", tenant_id)
+        await self._registry.get(tenant_id)
+        for relation, ttl in rules.items():
+            if not _TABLE_NAME.fullmatch(relation):
+                raise InvalidParameters(
+                    f"{relation!r:.80} is not a table name (lower-case letters, digits and _)"
+                )
+            if not 0 < ttl <= max_ttl_ms:
+                raise InvalidParameters(
+                    f"the TTL of {relation} must be 1 to {max_ttl_ms} ms (DBSVC_CACHE_MAX_TTL_MS)"
+                )
+        assert self._cache_rules is not None
+        await self._cache_rules.replace(tenant_id, rules)
+        await self._access.done(principal, "tenant.cache_rules.set", tenant_id)
+        return self._cache_rules.rules(tenant_id)
 
     async def suspend(self, principal: Principal, tenant_id: str) -> TenantRecord:
         """Refuse the tenant's logins, end its sessions and close its pools; data is kept."""

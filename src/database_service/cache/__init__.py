@@ -58,6 +58,7 @@ from database_service.cache.kv import (
     MAX_VALUE_BYTES,
     InMemoryKeyValueStore,
     KeyValueStore,
+    PostgresKeyValueStore,
     RedisKeyValueStore,
 )
 from database_service.cache.local import CachedResult, LocalCache, LocalStats
@@ -97,6 +98,7 @@ __all__ = [
     "LocalCache",
     "LocalStats",
     "PostgresInvalidationListener",
+    "PostgresKeyValueStore",
     "RedisKeyValueStore",
     "RedisState",
     "RemoteCache",

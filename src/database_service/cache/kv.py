@@ -8,10 +8,12 @@ Values are bytes (a ``str`` is stored as UTF-8) of at most ``MAX_VALUE_BYTES``; 
 bytes. ``incr`` follows Redis: a missing key counts from 0, a value that is not a 64-bit
 integer is refused (``failed_precondition``), not overwritten.
 
-``RedisKeyValueStore`` runs against Redis/DragonflyDB; ``InMemoryKeyValueStore`` is the
-embedded default (one process, bounded by bytes, least recently used keys evicted first, as a
-Redis with ``maxmemory-policy allkeys-lru`` would). Unlike the result cache, a key-value call is
-an explicit request: Redis unreachable is an error (``unavailable``), not a silent miss.
+``RedisKeyValueStore`` runs against Redis/DragonflyDB; ``PostgresKeyValueStore`` is the embedded
+default (an unlogged table of the control schema: every worker and instance sees the same keys,
+a tenant's keys are deleted with it, no tenant's writes can evict another's);
+``InMemoryKeyValueStore`` is one process's (tests, tools). Unlike the result cache, a
+key-value call is an explicit request: a store unreachable is an error (``unavailable``), not
+a silent miss.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+import asyncpg
 import redis.asyncio as aioredis
 
-from database_service.cache.keys import kv_key
+from database_service.cache.keys import kv_key, tenant_prefix
 from database_service.cache.remote import connect_redis
 from database_service.errors import (
     FailedPrecondition,
@@ -33,12 +36,14 @@ from database_service.errors import (
     PayloadTooLarge,
     Unavailable,
 )
+from database_service.tenancy.ids import quote_ident
 
 __all__ = [
     "MAX_MGET_KEYS",
     "MAX_VALUE_BYTES",
     "InMemoryKeyValueStore",
     "KeyValueStore",
+    "PostgresKeyValueStore",
     "RedisKeyValueStore",
 ]
 
@@ -64,6 +69,10 @@ class KeyValueStore(Protocol):
     async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool: ...
 
     async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]: ...
+
+    async def purge(self, tenant: str) -> int:
+        """Delete every key of a tenant (it was deleted); how many there were."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -162,6 +171,16 @@ class RedisKeyValueStore:
         values = await self._call(lambda: self.redis.mget(names))
         return [None if v is None else bytes(v) for v in values]
 
+    async def purge(self, tenant: str) -> int:
+        pattern = tenant_prefix(tenant) + b"kv:*"
+        deleted = 0
+        try:
+            async for batch in _batches(self.redis.scan_iter(match=pattern, count=1000), 500):
+                deleted += int(await self.redis.unlink(*batch))
+        except (aioredis.RedisError, OSError) as exc:
+            raise Unavailable(f"the key-value store is unreachable: {exc}") from exc
+        return deleted
+
     async def aclose(self) -> None:
         if self._owns_client:
             with contextlib.suppress(Exception):
@@ -246,6 +265,171 @@ class InMemoryKeyValueStore:
     async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]:
         return [self._live(name) for name in _keys(tenant, keys)]
 
+    async def purge(self, tenant: str) -> int:
+        prefix = tenant_prefix(tenant) + b"kv:"
+        names = [name for name in self._data if name.startswith(prefix)]
+        for name in names:
+            self._drop(name)
+        return len(names)
+
     async def aclose(self) -> None:
         self._data.clear()
         self._bytes = 0
+
+
+def _raw_key(tenant: str, key: Key) -> bytes:
+    """The caller's key as stored in the tenant's row range (checked as ``kv_key`` checks it)."""
+    return kv_key(tenant, key)[len(tenant_prefix(tenant)) + len(b"kv:") :]
+
+
+class PostgresKeyValueStore:
+    """Key-value operations in an unlogged table of the control schema (control migration
+    0010), through the owner's pool: the embedded default, shared by workers and instances.
+    Expired keys are invisible at once and deleted now and then."""
+
+    def __init__(self, pool: asyncpg.Pool, *, control_schema: str) -> None:
+        self._pool = pool
+        self._table = f"{quote_ident(control_schema)}.kv"
+        self._live = "(expires_at IS NULL OR expires_at > clock_timestamp())"
+        self._writes = 0
+
+    async def _call(self, operation: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await operation()
+        except (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as exc:
+            raise Unavailable(f"the key-value store is unreachable: {exc}") from exc
+        except asyncpg.ForeignKeyViolationError:
+            raise InvalidParameters("unknown tenant") from None
+
+    async def get(self, tenant: str, key: Key) -> bytes | None:
+        value: bytes | None = await self._call(
+            lambda: self._pool.fetchval(
+                f"SELECT value FROM {self._table} WHERE tenant_id = $1 AND key = $2"
+                f" AND {self._live}",
+                tenant,
+                _raw_key(tenant, key),
+            )
+        )
+        return value
+
+    async def set(self, tenant: str, key: Key, value: Value, *, ttl_ms: int | None = None) -> None:
+        raw_key, raw, ttl = _raw_key(tenant, key), _value(value), _ttl(ttl_ms)
+        await self._call(
+            lambda: self._pool.execute(
+                f"INSERT INTO {self._table} (tenant_id, key, value, expires_at)"
+                " VALUES ($1, $2, $3, clock_timestamp() + $4 * interval '1 millisecond')"
+                " ON CONFLICT (tenant_id, key) DO UPDATE"
+                " SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at",
+                tenant,
+                raw_key,
+                raw,
+                ttl,
+            )
+        )
+        await self._sweep()
+
+    async def delete(self, tenant: str, key: Key) -> bool:
+        deleted = await self._call(
+            lambda: self._pool.fetchval(
+                f"WITH d AS (DELETE FROM {self._table} WHERE tenant_id = $1 AND key = $2"
+                f" RETURNING {self._live} AS live) SELECT coalesce(bool_or(live), false) FROM d",
+                tenant,
+                _raw_key(tenant, key),
+            )
+        )
+        return bool(deleted)
+
+    async def incr(self, tenant: str, key: Key, by: int = 1) -> int:
+        raw_key, step = _raw_key(tenant, key), _by(by)
+
+        async def run() -> int:
+            async with self._pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    f"SELECT value, {self._live} AS live, expires_at FROM {self._table}"
+                    " WHERE tenant_id = $1 AND key = $2 FOR UPDATE",
+                    tenant,
+                    raw_key,
+                )
+                live = row is not None and row["live"]
+                current = row["value"] if row is not None and live else None
+                expires = row["expires_at"] if row is not None and live else None
+                try:
+                    number = int(current) if current is not None else 0
+                    if current is not None and current.strip() != current:
+                        raise ValueError("whitespace")
+                except ValueError:
+                    raise FailedPrecondition(_NOT_INTEGER) from None
+                result = number + step
+                if not _INT64[0] <= result <= _INT64[1]:
+                    raise FailedPrecondition(_NOT_INTEGER)
+                await conn.execute(
+                    f"INSERT INTO {self._table} (tenant_id, key, value, expires_at)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, key) DO UPDATE"
+                    " SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at",
+                    tenant,
+                    raw_key,
+                    str(result).encode(),
+                    expires,
+                )
+                return result
+
+        number: int = await self._call(run)
+        return number
+
+    async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool:
+        ttl = _ttl(ttl_ms)
+        status = await self._call(
+            lambda: self._pool.execute(
+                f"UPDATE {self._table}"
+                " SET expires_at = clock_timestamp() + $3 * interval '1 millisecond'"
+                f" WHERE tenant_id = $1 AND key = $2 AND {self._live}",
+                tenant,
+                _raw_key(tenant, key),
+                ttl,
+            )
+        )
+        return bool(status == "UPDATE 1")
+
+    async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]:
+        _keys(tenant, keys)  # the count limit
+        raw_keys = [_raw_key(tenant, k) for k in keys]
+        rows = await self._call(
+            lambda: self._pool.fetch(
+                f"SELECT key, value FROM {self._table} WHERE tenant_id = $1"
+                f" AND key = ANY($2::bytea[]) AND {self._live}",
+                tenant,
+                raw_keys,
+            )
+        )
+        found = {bytes(r["key"]): bytes(r["value"]) for r in rows}
+        return [found.get(k) for k in raw_keys]
+
+    async def _sweep(self) -> None:
+        """Now and then (every 1,000 writes), delete some expired keys."""
+        self._writes += 1
+        if self._writes % 1000 == 0:
+            with contextlib.suppress(Exception):
+                await self._pool.execute(
+                    f"DELETE FROM {self._table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM"
+                    f" {self._table} WHERE expires_at < clock_timestamp() LIMIT 10000))"
+                )
+
+    async def purge(self, tenant: str) -> int:
+        status = await self._call(
+            lambda: self._pool.execute(f"DELETE FROM {self._table} WHERE tenant_id = $1", tenant)
+        )
+        return int(str(status).split()[-1])
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _batches(items: Any, size: int) -> Any:
+    batch: list[bytes] = []
+    async for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -25,6 +25,7 @@ invalidation lag. TTL bounds the rest.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -57,7 +58,7 @@ from database_service.query.pointkeys import (
 from database_service.results import CacheInfo, QueryResult, StatementKind
 from database_service.tenancy import TenantRecord, quote_ident
 
-__all__ = ["CacheOptions", "ResultCaching", "written_relations"]
+__all__ = ["CacheOptions", "CacheRules", "ResultCaching", "written_relations"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,78 @@ def written_relations(sql: str, own_schema: str, shared_schema: str) -> frozense
     return frozenset(relations)
 
 
+class CacheRules:
+    """Each tenant's rules (control table ``cache_rules``: table name -> TTL), held in memory
+    and read again every ``refresh_s`` (another instance's change takes effect within it; this
+    instance's at once). ``ttl_ms``: what a read of ``relations`` is cached for by the rules —
+    when every table it reads has a rule, the smallest TTL; else 0."""
+
+    def __init__(self, pool: asyncpg.Pool, *, control_schema: str, refresh_s: float = 5.0) -> None:
+        self._pool = pool
+        self._table = f"{quote_ident(control_schema)}.cache_rules"
+        self._refresh_s = refresh_s
+        self._rules: dict[str, dict[str, int]] = {}
+        self._loaded_at = -1e9
+        self._loading = False
+
+    def has_rules(self, tenant_id: str) -> bool:
+        """Cheap, for the front ends' fast path (no rules: the cache is not consulted)."""
+        self._refresh_soon()
+        return tenant_id in self._rules
+
+    def ttl_ms(self, tenant_id: str, relations: frozenset[str]) -> int:
+        rules = self._rules.get(tenant_id)
+        if not rules or not relations:
+            return 0
+        # "schema.table" (an unqualified name is listed as the tenant's and the shared one:
+        # one of them is what PostgreSQL reads, and the rule names the table, not the schema).
+        tables = {r.rsplit(".", 1)[-1] for r in relations if not r.startswith("#")}
+        ttls = [rules.get(t) for t in tables]
+        return min(t for t in ttls if t is not None) if tables and all(ttls) else 0
+
+    def rules(self, tenant_id: str) -> dict[str, int]:
+        return dict(self._rules.get(tenant_id, {}))
+
+    async def load(self) -> None:
+        rows = await self._pool.fetch(f"SELECT tenant_id, relation, ttl_ms FROM {self._table}")
+        rules: dict[str, dict[str, int]] = {}
+        for row in rows:
+            rules.setdefault(row["tenant_id"], {})[row["relation"]] = row["ttl_ms"]
+        self._rules = rules
+        self._loaded_at = time.monotonic()
+
+    async def replace(self, tenant_id: str, rules: dict[str, int]) -> None:
+        """The tenant's rules, all of them, in one transaction."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"DELETE FROM {self._table} WHERE tenant_id = $1", tenant_id)
+            await conn.executemany(
+                f"INSERT INTO {self._table} (tenant_id, relation, ttl_ms) VALUES ($1, $2, $3)",
+                [(tenant_id, relation, ttl) for relation, ttl in rules.items()],
+            )
+        await self.load()
+
+    def _refresh_soon(self) -> None:
+        if self._loading or time.monotonic() - self._loaded_at < self._refresh_s:
+            return
+        self._loading = True
+
+        async def refresh() -> None:
+            try:
+                await self.load()
+            except Exception as exc:  # PostgreSQL away: keep the rules held, try again later
+                log.debug("cache rules not reloaded: %s", exc)
+                self._loaded_at = time.monotonic()
+            finally:
+                self._loading = False
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        _REFRESHING.add(task)
+        task.add_done_callback(_REFRESHING.discard)
+
+
+_REFRESHING: set[asyncio.Task[None]] = set()  # strong references to running reloads
+
+
 class ResultCaching:
     """The cache as the query core uses it."""
 
@@ -128,11 +201,13 @@ class ResultCaching:
         metrics: Metrics,
         *,
         catalog: asyncpg.Pool,
+        rules: CacheRules,
         shared_schema: str,
         max_ttl_ms: int,
         stale_max_age_s: float,
     ) -> None:
         self._catalog = catalog
+        self.rules = rules
         # Per (schema, table, schema generation): its primary key's (column, type) when point
         # reads of it can be keyed (query/pointkeys.py), else None. Bounded; a table's key
         # changed by DDL outside the service is picked up after ``_KEYS_TTL_S``.
@@ -156,10 +231,13 @@ class ResultCaching:
     ) -> QueryResult:
         """The answer from the cache, or ``load``'s (stored when it may be)."""
         key = self._key(tenant, user_id, sql, params, options, schema_generation)
-        ttl_ms = min(options.ttl_ms, self._max_ttl_ms)
+        verdict = self.policy.analyse(sql, tenant.schema_name)
+        ttl_ms = options.ttl_ms
+        if ttl_ms == 0 and verdict.cacheable:
+            ttl_ms = self.rules.ttl_ms(tenant.tenant_id, verdict.relations)
+        ttl_ms = min(ttl_ms, self._max_ttl_ms)
         if ttl_ms <= 0 or options.encode is None:  # only the stale fallback asked for
             return await self._loaded(tenant, key, options, load, CacheInfo("off"))
-        verdict = self.policy.analyse(sql, tenant.schema_name)
         if not verdict.cacheable:
             return await self._loaded(
                 tenant, key, options, load, CacheInfo("bypass", verdict.code, verdict.reason)

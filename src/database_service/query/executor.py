@@ -533,6 +533,11 @@ class QueryExecutor:
             outcome.command = result.command or "SELECT (from the cache)"
             return result
 
+    def caches_by_rule(self, tenant_id: str) -> bool:
+        """The tenant has result cache rules: its reads go through the cache even when the
+        caller did not ask (a front end's fast path skips it otherwise)."""
+        return self._caching is not None and self._caching.rules.has_rules(tenant_id)
+
     async def _run(
         self,
         tenant: TenantRecord,

@@ -107,6 +107,12 @@ class TenantManager:
         self.default_limits = default_limits
         self._delete_lock_timeout_ms = delete_lock_timeout_ms
         self._listeners: list[TenantListener] = []
+        self._deleted_listeners: list[TenantListener] = []
+
+    def on_deleted(self, listener: TenantListener) -> None:
+        """Call ``listener(tenant_id)`` once a tenant is deleted (what lives outside
+        PostgreSQL — key-value keys in Redis — goes with it)."""
+        self._deleted_listeners.append(listener)
 
     def on_change(self, listener: TenantListener) -> None:
         """Call ``listener(tenant_id)`` after a tenant is suspended, resumed or deleted."""
@@ -302,6 +308,11 @@ class TenantManager:
             raise failure from exc
         self._registry.invalidate(tenant_id)
         log.info("tenant %s: deleted", tenant_id)
+        for listener in self._deleted_listeners:
+            try:
+                await listener(tenant_id)
+            except Exception:  # the tenant is gone whatever a listener fails to clean up
+                log.exception("tenant %s: cleaning up after the delete failed", tenant_id)
 
     async def _drop(self, record: TenantRecord) -> None:
         schema = quote_ident(record.schema_name)

@@ -111,6 +111,45 @@ PARTITION_ACTION_DETACH: PartitionAction.ValueType  # 2
 PARTITION_ACTION_ATTACH: PartitionAction.ValueType  # 3
 Global___PartitionAction: _TypeAlias = PartitionAction  # noqa: Y015
 
+class _KeyValueOperation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KeyValueOperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyValueOperation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KEY_VALUE_OPERATION_UNSPECIFIED: _KeyValueOperation.ValueType  # 0
+    """refused (invalid_parameters)"""
+    KEY_VALUE_OPERATION_GET: _KeyValueOperation.ValueType  # 1
+    """key"""
+    KEY_VALUE_OPERATION_SET: _KeyValueOperation.ValueType  # 2
+    """key, value, optional ttl_ms"""
+    KEY_VALUE_OPERATION_DELETE: _KeyValueOperation.ValueType  # 3
+    """key"""
+    KEY_VALUE_OPERATION_INCR: _KeyValueOperation.ValueType  # 4
+    """key, optional by (default 1)"""
+    KEY_VALUE_OPERATION_EXPIRE: _KeyValueOperation.ValueType  # 5
+    """key, ttl_ms"""
+    KEY_VALUE_OPERATION_MGET: _KeyValueOperation.ValueType  # 6
+    """keys"""
+
+class KeyValueOperation(_KeyValueOperation, metaclass=_KeyValueOperationEnumTypeWrapper): ...
+
+KEY_VALUE_OPERATION_UNSPECIFIED: KeyValueOperation.ValueType  # 0
+"""refused (invalid_parameters)"""
+KEY_VALUE_OPERATION_GET: KeyValueOperation.ValueType  # 1
+"""key"""
+KEY_VALUE_OPERATION_SET: KeyValueOperation.ValueType  # 2
+"""key, value, optional ttl_ms"""
+KEY_VALUE_OPERATION_DELETE: KeyValueOperation.ValueType  # 3
+"""key"""
+KEY_VALUE_OPERATION_INCR: KeyValueOperation.ValueType  # 4
+"""key, optional by (default 1)"""
+KEY_VALUE_OPERATION_EXPIRE: KeyValueOperation.ValueType  # 5
+"""key, ttl_ms"""
+KEY_VALUE_OPERATION_MGET: KeyValueOperation.ValueType  # 6
+"""keys"""
+Global___KeyValueOperation: _TypeAlias = KeyValueOperation  # noqa: Y015
+
 @_typing.final
 class Value(_message.Message):
     """A typed value: parameters in, result values out."""
@@ -1073,3 +1112,117 @@ class PerformanceMetrics(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PerformanceMetrics: _TypeAlias = PerformanceMetrics  # noqa: Y015
+
+@_typing.final
+class KeyValueRequest(_message.Message):
+    """One key-value operation for the tenant of x-tenant-id. Keys are any bytes (1 to 1024): they
+    are never parsed, only put under the tenant's namespace, so no key names another tenant's.
+    Values are bytes (at most 1 MiB). A field the operation does not take is refused.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    operation: Global___KeyValueOperation.ValueType
+    key: _builtins.bytes
+    value: _builtins.bytes
+    """set"""
+    ttl_ms: _builtins.int
+    """set (absent: no expiry), expire; > 0"""
+    by: _builtins.int
+    """incr"""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """mget: at most 1000"""
+
+    def __init__(
+        self,
+        *,
+        operation: Global___KeyValueOperation.ValueType = ...,
+        key: _builtins.bytes = ...,
+        value: _builtins.bytes | None = ...,
+        ttl_ms: _builtins.int | None = ...,
+        by: _builtins.int | None = ...,
+        keys: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_by", b"_by", "_ttl_ms", b"_ttl_ms", "_value", b"_value", "by", b"by", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_by", b"_by", "_ttl_ms", b"_ttl_ms", "_value", b"_value", "by", b"by", "key", b"key", "keys", b"keys", "operation", b"operation", "ttl_ms", b"ttl_ms", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__by: _TypeAlias = _typing.Literal["by"]  # noqa: Y015
+    _WhichOneofArgType__by: _TypeAlias = _typing.Literal["_by", b"_by"]  # noqa: Y015
+    _WhichOneofReturnType__ttl_ms: _TypeAlias = _typing.Literal["ttl_ms"]  # noqa: Y015
+    _WhichOneofArgType__ttl_ms: _TypeAlias = _typing.Literal["_ttl_ms", b"_ttl_ms"]  # noqa: Y015
+    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
+    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__by) -> _WhichOneofReturnType__by | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ttl_ms) -> _WhichOneofReturnType__ttl_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
+
+Global___KeyValueRequest: _TypeAlias = KeyValueRequest  # noqa: Y015
+
+@_typing.final
+class KeyValueItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    value: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        value: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyValueItem: _TypeAlias = KeyValueItem  # noqa: Y015
+
+@_typing.final
+class KeyValueResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """get: the key exists (value holds it); set: true; delete: a key was deleted; incr: true;
+    expire: the key exists and now expires.
+    """
+    value: _builtins.bytes
+    """get"""
+    number: _builtins.int
+    """incr: the value after it"""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyValueItem]:
+        """mget: one per key, in order"""
+
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        value: _builtins.bytes = ...,
+        number: _builtins.int = ...,
+        items: _abc.Iterable[Global___KeyValueItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "items", b"items", "number", b"number", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyValueResponse: _TypeAlias = KeyValueResponse  # noqa: Y015

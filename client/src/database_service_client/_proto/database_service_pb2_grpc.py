@@ -95,6 +95,11 @@ class DatabaseServiceStub:
                 request_serializer=database__service_dot_v1_dot_database__service__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=database__service_dot_v1_dot_database__service__pb2.PerformanceMetrics.FromString,
                 _registered_method=True)
+        self.KeyValue = channel.unary_unary(
+                '/database_service.v1.DatabaseService/KeyValue',
+                request_serializer=database__service_dot_v1_dot_database__service__pb2.KeyValueRequest.SerializeToString,
+                response_deserializer=database__service_dot_v1_dot_database__service__pb2.KeyValueResponse.FromString,
+                _registered_method=True)
 
 
 class DatabaseServiceServicer:
@@ -183,6 +188,14 @@ class DatabaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KeyValue(self, request, context):
+        """Key-value operations (the seed's "dragonflydb" store): get, set, delete, incr, expire,
+        mget on the tenant's own namespace (x-tenant-id); reads need the read scope, writes write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatabaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +258,11 @@ def add_DatabaseServiceServicer_to_server(servicer, server):
                     servicer.GetPerformanceMetrics,
                     request_deserializer=database__service_dot_v1_dot_database__service__pb2.MetricsRequest.FromString,
                     response_serializer=database__service_dot_v1_dot_database__service__pb2.PerformanceMetrics.SerializeToString,
+            ),
+            'KeyValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeyValue,
+                    request_deserializer=database__service_dot_v1_dot_database__service__pb2.KeyValueRequest.FromString,
+                    response_serializer=database__service_dot_v1_dot_database__service__pb2.KeyValueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +589,33 @@ class DatabaseService:
             '/database_service.v1.DatabaseService/GetPerformanceMetrics',
             database__service_dot_v1_dot_database__service__pb2.MetricsRequest.SerializeToString,
             database__service_dot_v1_dot_database__service__pb2.PerformanceMetrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeyValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/database_service.v1.DatabaseService/KeyValue',
+            database__service_dot_v1_dot_database__service__pb2.KeyValueRequest.SerializeToString,
+            database__service_dot_v1_dot_database__service__pb2.KeyValueResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,10 @@ class DatabaseServiceStub:
     HealthCheck: _grpc.UnaryUnaryMultiCallable[_database_service_pb2.HealthRequest, _database_service_pb2.HealthResponse]
     """Health and monitoring"""
     GetPerformanceMetrics: _grpc.UnaryUnaryMultiCallable[_database_service_pb2.MetricsRequest, _database_service_pb2.PerformanceMetrics]
+    KeyValue: _grpc.UnaryUnaryMultiCallable[_database_service_pb2.KeyValueRequest, _database_service_pb2.KeyValueResponse]
+    """Key-value operations (the seed's "dragonflydb" store): get, set, delete, incr, expire,
+    mget on the tenant's own namespace (x-tenant-id); reads need the read scope, writes write.
+    """
 
 @_typing.type_check_only
 class DatabaseServiceAsyncStub(DatabaseServiceStub):
@@ -92,6 +96,10 @@ class DatabaseServiceAsyncStub(DatabaseServiceStub):
     HealthCheck: _aio.UnaryUnaryMultiCallable[_database_service_pb2.HealthRequest, _database_service_pb2.HealthResponse]  # type: ignore[assignment]
     """Health and monitoring"""
     GetPerformanceMetrics: _aio.UnaryUnaryMultiCallable[_database_service_pb2.MetricsRequest, _database_service_pb2.PerformanceMetrics]  # type: ignore[assignment]
+    KeyValue: _aio.UnaryUnaryMultiCallable[_database_service_pb2.KeyValueRequest, _database_service_pb2.KeyValueResponse]  # type: ignore[assignment]
+    """Key-value operations (the seed's "dragonflydb" store): get, set, delete, incr, expire,
+    mget on the tenant's own namespace (x-tenant-id); reads need the read scope, writes write.
+    """
 
 class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -190,5 +198,15 @@ class DatabaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _database_service_pb2.MetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_database_service_pb2.PerformanceMetrics, _abc.Awaitable[_database_service_pb2.PerformanceMetrics]]: ...
+
+    @_abc_1.abstractmethod
+    def KeyValue(
+        self,
+        request: _database_service_pb2.KeyValueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_database_service_pb2.KeyValueResponse, _abc.Awaitable[_database_service_pb2.KeyValueResponse]]:
+        """Key-value operations (the seed's "dragonflydb" store): get, set, delete, incr, expire,
+        mget on the tenant's own namespace (x-tenant-id); reads need the read scope, writes write.
+        """
 
 def add_DatabaseServiceServicer_to_server(servicer: DatabaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

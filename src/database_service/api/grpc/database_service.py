@@ -30,6 +30,7 @@ from database_service.api.grpc.encoding import (
     unpack_bulk,
 )
 from database_service.app import Application
+from database_service.application.keyvalue import KeyValueCommand, Operation
 from database_service.errors import InvalidParameters
 from database_service.observability.notices import Notices
 from database_service.query.caching import CacheOptions
@@ -46,6 +47,14 @@ __all__ = ["DatabaseService"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_KV_OPERATIONS: dict[int, Operation] = {
+    pb.KEY_VALUE_OPERATION_GET: Operation.GET,
+    pb.KEY_VALUE_OPERATION_SET: Operation.SET,
+    pb.KEY_VALUE_OPERATION_DELETE: Operation.DELETE,
+    pb.KEY_VALUE_OPERATION_INCR: Operation.INCR,
+    pb.KEY_VALUE_OPERATION_EXPIRE: Operation.EXPIRE,
+    pb.KEY_VALUE_OPERATION_MGET: Operation.MGET,
+}
 _ISOLATION: dict[int, Isolation] = {
     pb.ISOLATION_LEVEL_UNSPECIFIED: "read_committed",
     pb.ISOLATION_LEVEL_READ_COMMITTED: "read_committed",
@@ -155,8 +164,11 @@ class DatabaseService(DatabaseServiceServicer):
         principal, ctx = await self.caller.tenant(context)
         params = [from_value(v) for v in request.params]
         packed = request.row_encoding == pb.ROW_ENCODING_PACKED
-        if not (request.cache_ttl_ms or request.allow_stale):
-            result = await self.core.executor.execute(principal, ctx, request.sql, params)
+        executor = self.core.executor
+        if not (
+            request.cache_ttl_ms or request.allow_stale or executor.caches_by_rule(ctx.tenant_id)
+        ):
+            result = await executor.execute(principal, ctx, request.sql, params)
             return result_message(result, pb.QueryResult, packed=packed)
         options = CacheOptions(
             ttl_ms=request.cache_ttl_ms,
@@ -453,4 +465,32 @@ class DatabaseService(DatabaseServiceServicer):
             error_rate_percent=document["error_rate_percent"],
             pool_connections_open=document["pool_connections_open"],
             document_json=json.dumps(document),
+        )
+
+    # --- key-value -------------------------------------------------------------------------
+
+    @rpc
+    async def KeyValue(
+        self, request: pb.KeyValueRequest, context: grpc.aio.ServicerContext
+    ) -> pb.KeyValueResponse:
+        """One key-value operation for the tenant of x-tenant-id (``application.keyvalue``)."""
+        principal, ctx = await self.caller.tenant(context)
+        operation = _KV_OPERATIONS.get(request.operation)
+        if operation is None:
+            known = ", ".join(o.name for o in Operation)
+            raise InvalidParameters(f"operation is required: one of {known}")
+        command = KeyValueCommand(
+            operation,
+            key=request.key if operation is not Operation.MGET or request.key else None,
+            value=request.value if request.HasField("value") else None,
+            ttl_ms=request.ttl_ms if request.HasField("ttl_ms") else None,
+            by=request.by if request.HasField("by") else None,
+            keys=list(request.keys) if operation is Operation.MGET or request.keys else None,
+        )
+        result = await self.core.key_value.execute(principal, ctx, command)
+        return pb.KeyValueResponse(
+            found=result.found,
+            value=result.value or b"",
+            number=result.number or 0,
+            items=[pb.KeyValueItem(found=v is not None, value=v or b"") for v in result.values],
         )

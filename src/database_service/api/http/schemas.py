@@ -59,6 +59,12 @@ class TenantCreateRequest(_Body):
     statement_timeout_ms: int | None = Field(default=None, ge=100, le=86_400_000)
 
 
+class CacheRulesRequest(_Body):
+    rules: dict[StrictStr, int] = Field(
+        description="Table name -> TTL in milliseconds (replaces the tenant's rules)"
+    )
+
+
 class MigrationRequest(_Body):
     tenant_ids: list[StrictStr] | None = Field(
         default=None, description="Only these tenants (default: all)"

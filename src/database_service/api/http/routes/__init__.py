@@ -1,6 +1,7 @@
 """REST routes, one module per concern; each calls the application layer only."""
 
 from database_service.api.http.routes import (
+    keyvalue,
     observability,
     partitions,
     queries,
@@ -12,6 +13,7 @@ from database_service.api.http.routes import (
 ROUTERS = (
     queries.router,
     timeseries.router,
+    keyvalue.router,
     tenants.router,
     services.router,
     partitions.router,

@@ -158,7 +158,7 @@ async def _answer(
         header=headers.get("x-tenant-id"),
     )
     limit = core.settings.max_result_bytes
-    if not (body.cache_ttl_ms or body.allow_stale):
+    if not (body.cache_ttl_ms or body.allow_stale or core.executor.caches_by_rule(ctx.tenant_id)):
         result = await core.executor.execute(principal, ctx, body.sql, body.params)
         return _JsonParts(_body(result, limit))
     options = CacheOptions(
@@ -169,7 +169,8 @@ async def _answer(
     )
     result = await core.executor.execute(principal, ctx, body.sql, body.params, cache=options)
     info = result.cache
-    assert info is not None  # asked for
+    if info is None:  # not a read: the cache was not consulted
+        return _JsonParts(_body(result, limit))
     cache = _dumps({k: v for k, v in dataclasses.asdict(info).items() if v is not None})
     payload = result.payload if result.payload is not None else b"".join(_body(result, limit))
     # The stored document with what the cache did first (a stored one never holds "cache").

@@ -6,7 +6,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from database_service.api.http.deps import Authenticated, Core
-from database_service.api.http.schemas import MigrationRequest, TenantCreateRequest
+from database_service.api.http.schemas import (
+    CacheRulesRequest,
+    MigrationRequest,
+    TenantCreateRequest,
+)
 
 router = APIRouter(tags=["admin"])
 
@@ -33,6 +37,25 @@ async def list_tenants(core: Core, principal: Authenticated) -> dict[str, Any]:
 @router.get("/api/v1/admin/tenants/{tenant_id}")
 async def get_tenant(tenant_id: str, core: Core, principal: Authenticated) -> dict[str, Any]:
     return (await core.tenant_admin.get(principal, tenant_id)).public_dict()
+
+
+@router.get("/api/v1/admin/tenants/{tenant_id}/cache-rules")
+async def get_cache_rules(tenant_id: str, core: Core, principal: Authenticated) -> dict[str, Any]:
+    """The tenant's result cache rules: table name -> TTL (ms)."""
+    return {"rules": await core.tenant_admin.cache_rules(principal, tenant_id)}
+
+
+@router.put("/api/v1/admin/tenants/{tenant_id}/cache-rules")
+async def set_cache_rules(
+    tenant_id: str, body: CacheRulesRequest, core: Core, principal: Authenticated
+) -> dict[str, Any]:
+    """Replace the tenant's result cache rules, e.g. ``{"rules": {"positions": 2000}}``: a read
+    of only ruled tables is cached for the smallest of their TTLs without the caller asking
+    (it still has to be safe to cache)."""
+    rules = await core.tenant_admin.set_cache_rules(
+        principal, tenant_id, body.rules, max_ttl_ms=core.settings.cache_max_ttl_ms
+    )
+    return {"rules": rules}
 
 
 @router.post("/api/v1/admin/tenants/{tenant_id}/suspend")
