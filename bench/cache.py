@@ -176,9 +176,12 @@ class Stats:
 class Workload:
     """The mix, run against A by one client (one channel, like the query-path bench)."""
 
-    def __init__(self, client: MultiDatabaseClient, zipf: Zipf, seed: int) -> None:
+    def __init__(
+        self, client: MultiDatabaseClient, zipf: Zipf, seed: int, *, uniform_writes: bool = False
+    ) -> None:
         self.client = client
         self.zipf = zipf
+        self.uniform_writes = uniform_writes
         self.phases = itertools.count(seed)
         self.writes = Writes()
         self.trace: list[tuple[float, bool, int]] = []  # (sent, is_write, key), every phase
@@ -197,6 +200,8 @@ class Workload:
             while time.perf_counter() < deadline:
                 key = self.zipf.draw(rng)
                 is_write = rng.random() < WRITE_SHARE
+                if is_write and self.uniform_writes:  # writes spread over the table
+                    key = self.zipf.rank_key(rng.randint(1, KEYS))
                 sent = time.perf_counter()
                 self.trace.append((sent, is_write, key))
                 try:
@@ -495,7 +500,8 @@ async def run(
     top = [zipf.cdf[k - 1] / zipf.cdf[-1] for k in (10, 100, 1000, 10_000)]
     print("  Zipf mass of the top 10/100/1,000/10,000 keys: " + " / ".join(f"{m:.3f}" for m in top))
     client = MultiDatabaseClient(a.grpc, "bench", token)
-    load = Workload(client, zipf, seed=1)
+    load = Workload(client, zipf, seed=1, uniform_writes=args.writes == "uniform")
+    figures["writes"] = args.writes
 
     print(f"Warm-up: the cached mix at c=8 for {args.warmup:g} s")
     warm = await load.run(8, args.warmup, cached=True, record=False)
@@ -640,6 +646,13 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=float, default=20.0, help="the cached mix, unmeasured")
     parser.add_argument("--lag-trials", type=int, default=200)
     parser.add_argument("--workers", type=int, help="DBSVC_WORKERS of both instances")
+    parser.add_argument(
+        "--writes",
+        choices=("zipf", "uniform"),
+        default="zipf",
+        help="which keys the 5%% writes go to: the reads' Zipf (the hottest keys are written"
+        " most: no cache can reach 0.95 then) or uniformly over the table",
+    )
     arguments = parser.parse_args()
     with reporting("cache") as out:
         uvloop.run(main(arguments, out))

@@ -596,6 +596,8 @@ async def probe(core: Application, tenants: Tenants) -> Probe:
         " VALUES ($1, NULL, 'CBSYM')",
         b,
     )
+    # PostgreSQL's notifications of these writes arrive a moment later: let them land.
+    await asyncio.sleep(0.3)
     return Probe(
         a_token=await service_token(core, [a], (Scope.READ, Scope.WRITE, Scope.ADMIN)),
         b_token=await service_token(core, [b], (Scope.READ, Scope.WRITE)),
