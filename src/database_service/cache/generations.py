@@ -48,6 +48,7 @@ import json
 import logging
 import secrets
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -171,6 +172,7 @@ class Generations:
         serve_when_detached: bool = False,
         on_lag: LagCallback | None = None,
         mirror_max: int = 50_000,
+        counters: int = 1 << 20,
     ) -> None:
         self.instance_id = instance_id or secrets.token_hex(8)
         self.channel = channel
@@ -185,15 +187,15 @@ class Generations:
             client = connect_redis(redis_url, timeout_s=max(timeout_s, bump_timeout_s))
         self.redis = client
         self.mode: Literal["local", "cluster"] = "local" if client is None else "cluster"
-        # Bounded (row names come and go with the keys written): least recently used first.
-        # In cluster mode an evicted number is read again from Redis. In local mode the
-        # numbers exist only here, so a name not held reads as ``_floor``, which is kept above
-        # every number ever evicted: a name's number then never goes back to a value it had
-        # (an entry stored with it stays invalid), it only moves on — for names never bumped
-        # too, when the floor rises (a miss, never a stale answer).
+        # Cluster mode: a bounded mirror of Redis's numbers (least recently used first out;
+        # what is evicted is read again from Redis). Local mode: the numbers exist only here,
+        # in a fixed array of counters a name is hashed to — bounded whatever the names (row
+        # names come and go with the keys written), each counter only ever grows (a name's
+        # number never goes back to one an entry was stored with), and two names sharing a
+        # counter only invalidate each other's entries (a miss, never a stale answer).
         self._mirror: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._mirror_max = mirror_max
-        self._floor = 0
+        self._counters = array("q", bytes(8 * counters)) if self.mode == "local" else None
         self._reset_epoch = 0  # bumped at each reset: HMGET replies from before are dropped
         self._attached = client is None
         self._status: Literal["up", "down", "starting", "off"] = (
@@ -304,9 +306,11 @@ class Generations:
             self._hold(key, value)
 
     def _local(self, tenant: str, relation: str) -> int:
+        if self._counters is not None:
+            return self._counters[hash((tenant, relation)) % len(self._counters)]
         value = self._mirror.get((tenant, relation))
         if value is None:
-            return self._floor
+            return 0
         self._mirror.move_to_end((tenant, relation))
         return value
 
@@ -314,18 +318,15 @@ class Generations:
         self._mirror[key] = value
         self._mirror.move_to_end(key)
         while len(self._mirror) > self._mirror_max:
-            (tenant, _), evicted = self._mirror.popitem(last=False)
-            if tenant != _GLOBAL or self.mode == "cluster":
-                self._floor = max(self._floor, evicted + 1)
-            else:  # the epoch is never evicted
-                self._mirror[(tenant, EPOCH)] = evicted
-
-    # -- writing ---------------------------------------------------------------------------
+            self._mirror.popitem(last=False)
 
     def bump_local(self, tenant: str, relations: Iterable[str]) -> None:
         """Raise this process's numbers only (local mode, or Redis unreachable)."""
         for relation in relations:
-            self._hold((tenant, relation), self._local(tenant, relation) + 1)
+            if self._counters is not None:
+                self._counters[hash((tenant, relation)) % len(self._counters)] += 1
+            else:
+                self._hold((tenant, relation), self._local(tenant, relation) + 1)
 
     async def bump(
         self, tenant: str, relations: Iterable[str], *, committed_at: float | None = None
