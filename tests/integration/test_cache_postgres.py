@@ -125,7 +125,11 @@ async def test_direct_writes_bump_generations(
         # session's other tests.
         relation = f"{shared}.tenant_configurations"
         before = await generation(generations, tenant.tenant_id, relation)
-        await owner.execute("SELECT pg_notify('dbsvc_invalidate', $1)", f"*|{relation}|{10**9}|0")
+        control = quote_ident(core.settings.control_schema)
+        await owner.execute(
+            f"SELECT pg_notify('dbsvc_invalidate', {control}.cache_signed($1))",
+            f"*|{relation}|{10**9}|0",
+        )
         await wait_for_change(generations, tenant.tenant_id, relation, before)
         # A table created later in the tenant's schema is watched from creation (event trigger).
         await owner.execute(f"CREATE TABLE {schema}.created_later (a int)")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import httpx
 import pytest
@@ -35,6 +36,7 @@ from database_service.app import Application
 from database_service.application import KeyValueOps
 from database_service.auth import Principal, Scope
 from database_service.query import TenantContext
+from database_service.tenancy import quote_ident
 from database_service_client import DatabaseServiceError, MultiDatabaseClient
 from database_service_client import PermissionDenied as ClientPermissionDenied
 from database_service_client._proto import database_service_pb2 as pb
@@ -840,26 +842,26 @@ async def test_a_write_asked_to_be_cached_runs_uncached(
     assert (reader.ok, reader.code) == (False, "permission_denied"), reader
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING (outside the threat model: only the service holds tenant passwords): any"
-    " PostgreSQL role may NOTIFY dbsvc_invalidate, and the listener trusts the tenant id in the"
-    " payload, so a tenant's own login can invalidate (never poison) another tenant's entries",
-)
 async def test_a_notification_from_a_direct_login_does_not_invalidate_b(
+    core: Application,
     cache_door: tuple[CacheDoor, CacheDoor],
     tenants: Tenants,
     probe: Probe,
     attacker_conn: Any,
 ) -> None:
-    """Outside the threat model (only the service holds a tenant's password, SECURITY.md), but
-    measured: A's own login, connected straight to PostgreSQL, sends the invalidation channel a
-    notification naming B's table."""
+    """Outside the threat model (only the service holds a tenant's password, SECURITY.md), and
+    still refused: A's own login, connected straight to PostgreSQL, sends the invalidation
+    channel a notification naming B's table — unsigned, with a made-up signature, and asking
+    the control plane to sign it."""
     _, b = cache_door
     await b.run(probe.b, probe.b_token, SCAN)
     assert (await b.run(probe.b, probe.b_token, SCAN)).cache == "hit"
+    control = quote_ident(core.settings.control_schema)
     payload = f"{probe.b}|{tenants.b.schema_name}.cache_probe|1|0"
     await attacker_conn.execute("SELECT pg_notify('dbsvc_invalidate', $1)", payload)
+    await attacker_conn.execute("SELECT pg_notify('dbsvc_invalidate', $1)", payload + "|0" * 16)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await attacker_conn.execute(f"SELECT {control}.cache_signed($1)", payload)
     await asyncio.sleep(0.3)
     got = await b.run(probe.b, probe.b_token, SCAN)
     assert got.rows == B_ROWS[SCAN]

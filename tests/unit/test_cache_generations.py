@@ -38,3 +38,16 @@ async def test_an_untouched_name_keeps_its_number_while_others_are_written() -> 
     for name in busy:
         generations.bump_local("t", [name])
     assert await generations.snapshot("t", ["quiet"]) == quiet
+
+
+def test_only_a_notification_signed_with_the_key_is_taken() -> None:
+    import hashlib
+
+    from database_service.cache.generations import verified_notification
+
+    body = "acme|t_1.positions#row:ab|42|1700000000000"
+    signed = f"{body}|{hashlib.md5(('k' * 32 + body).encode()).hexdigest()}"  # noqa: S324
+    assert verified_notification(signed, "k" * 32) == body
+    assert verified_notification(signed, "x" * 32) is None
+    assert verified_notification(body, "k" * 32) is None
+    assert verified_notification(body + "|" + "0" * 32, "k" * 32) is None

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -70,6 +72,7 @@ __all__ = [
     "PostgresInvalidationListener",
     "Snapshot",
     "parse_notification",
+    "verified_notification",
 ]
 
 log = logging.getLogger(__name__)
@@ -532,6 +535,16 @@ class Generations:
                 self.on_lag(lag)
 
 
+def verified_notification(payload: str, key: str) -> str | None:
+    """The payload a trigger signed (``<payload>|md5(key || payload)``, control migration 0009's
+    ``cache_signed``), or None: anyone may NOTIFY the channel, only the triggers know the key."""
+    body, sep, signature = payload.rpartition("|")
+    if not sep:
+        return None
+    expected = hashlib.md5((key + body).encode()).hexdigest()  # noqa: S324 - as PostgreSQL's
+    return body if hmac.compare_digest(expected, signature) else None
+
+
 def parse_notification(payload: str) -> tuple[str, str, str, float | None] | None:
     """``tenant|schema.relation|txid|epoch ms`` → (tenant, relation, txid, seconds), or None.
     The relation may itself contain ``|`` (a quoted name): tenant is split off the front,
@@ -570,6 +583,8 @@ class PostgresInvalidationListener:
         self.channel = channel
         self.on_notification = on_notification
         self.status: Literal["up", "down", "starting"] = "starting"
+        self._key: str | None = None
+        self.forged = 0  # notifications without the triggers' signature, ignored
         self.last_error: str | None = None
         self.notifications = 0
         self._task: asyncio.Task[None] | None = None
@@ -603,6 +618,9 @@ class PostgresInvalidationListener:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await self._connect()
+                self._key = await conn.fetchval(
+                    f"SELECT key FROM {quote_ident(self.control_schema)}.cache_notify_key"
+                )
                 self._lost.clear()
                 conn.add_termination_listener(lambda _conn: self._lost.set())
                 await conn.add_listener(self.channel, self._notified)
@@ -644,7 +662,12 @@ class PostgresInvalidationListener:
                 await conn.execute("SELECT 1")  # a dead socket shows up here
 
     async def _apply(self, conn: asyncpg.Connection, payload: str) -> None:
-        parsed = parse_notification(payload)
+        verified = verified_notification(payload, self._key or "")
+        if verified is None:
+            self.forged += 1
+            log.warning("cache: ignored an unsigned notification %r", payload[:200])
+            return
+        parsed = parse_notification(verified)
         if parsed is None:
             log.warning("cache: ignored notification %r", payload[:200])
             return

@@ -9,6 +9,24 @@
 -- Tenant tables: the tenant is looked up by schema (SECURITY DEFINER: tenants cannot read the
 -- control plane). A write into a partition also names its ancestors, so a read of the
 -- partitioned table is invalidated too.
+-- Notifications are signed: any role may NOTIFY any channel, so the listener accepts only a
+-- payload followed by |md5(key || payload), with a key only the owner reads (a random 244 bits,
+-- from gen_random_uuid's strong source). Tenants cannot run cache_signed (nor read the key).
+CREATE TABLE {{control}}.cache_notify_key (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    key       text NOT NULL
+);
+INSERT INTO {{control}}.cache_notify_key (key)
+VALUES (replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''));
+REVOKE ALL ON {{control}}.cache_notify_key FROM PUBLIC;
+
+CREATE FUNCTION {{control}}.cache_signed(payload text) RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog
+AS $$
+    SELECT payload || '|' || md5(key || payload) FROM {{control}}.cache_notify_key
+$$;
+REVOKE ALL ON FUNCTION {{control}}.cache_signed(text) FROM PUBLIC;
+
 CREATE FUNCTION {{control}}.cache_notify() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog
 AS $$
@@ -30,10 +48,11 @@ BEGIN
         -- Its rows are not known here: every read of the table, point reads included
         -- (query/pointkeys.py names them).
         PERFORM pg_notify('dbsvc_invalidate',
-            coalesce(tenant, '*') || '|' || rel.nspname || '.' || rel.relname || suffix);
+            {{control}}.cache_signed(
+                coalesce(tenant, '*') || '|' || rel.nspname || '.' || rel.relname || suffix));
         PERFORM pg_notify('dbsvc_invalidate',
-            coalesce(tenant, '*') || '|' || rel.nspname || '.' || rel.relname || '#keyed'
-            || suffix);
+            {{control}}.cache_signed(coalesce(tenant, '*') || '|' || rel.nspname || '.' || rel.relname
+                || '#keyed' || suffix));
     END LOOP;
     RETURN NULL;
 END
@@ -81,12 +100,14 @@ BEGIN
     IF keys IS NULL AND key_text IS NOT NULL THEN
         RETURN NULL;  -- the statement wrote no row
     END IF;
-    PERFORM pg_notify('dbsvc_invalidate', tenant || relation || suffix);
+    PERFORM pg_notify('dbsvc_invalidate', {{control}}.cache_signed(tenant || relation || suffix));
     IF keys IS NULL OR cardinality(keys) > 16 THEN
-        PERFORM pg_notify('dbsvc_invalidate', tenant || relation || '#keyed' || suffix);
+        PERFORM pg_notify('dbsvc_invalidate',
+            {{control}}.cache_signed(tenant || relation || '#keyed' || suffix));
     ELSE
         FOREACH k IN ARRAY keys LOOP
-            PERFORM pg_notify('dbsvc_invalidate', tenant || relation || '#row:' || k || suffix);
+            PERFORM pg_notify('dbsvc_invalidate',
+                {{control}}.cache_signed(tenant || relation || '#row:' || k || suffix));
         END LOOP;
     END IF;
     RETURN NULL;
@@ -129,7 +150,8 @@ BEGIN
         companies := ARRAY['*'];
     END IF;
     FOREACH company IN ARRAY companies LOOP
-        PERFORM pg_notify('dbsvc_invalidate', company || '|' || relation || suffix);
+        PERFORM pg_notify('dbsvc_invalidate',
+            {{control}}.cache_signed(company || '|' || relation || suffix));
     END LOOP;
     RETURN NULL;
 END
