@@ -46,7 +46,7 @@ def test_only_a_notification_signed_with_the_key_is_taken() -> None:
     from database_service.cache.generations import verified_notification
 
     body = "acme|t_1.positions#row:ab|42|1700000000000"
-    signed = f"{body}|{hashlib.md5(('k' * 32 + body).encode()).hexdigest()}"  # noqa: S324
+    signed = f"{body}|{hashlib.md5(('k' * 32 + body).encode()).hexdigest()}"
     assert verified_notification(signed, "k" * 32) == body
     assert verified_notification(signed, "x" * 32) is None
     assert verified_notification(body, "k" * 32) is None
