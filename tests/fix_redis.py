@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -95,6 +96,15 @@ class RedisServer:
                 process.wait()
 
 
+def _missing(reason: str) -> NoReturn:
+    """No Redis to test against: under CI (``CI=true``) the run fails, since CI must test the
+    cache against a real server; elsewhere the Redis suites skip, saying how to get one."""
+    reason += " (bash scripts/redis.sh install)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason + " — CI must run the cache suites against a real Redis")
+    pytest.skip(reason)
+
+
 def with_db(url: str, db: int) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{db}"))
@@ -108,12 +118,7 @@ def redis_url() -> Iterator[str]:
         yield url
         return
     if shutil.which("redis-server") is None:
-        reason = (
-            "no DBSVC_TEST_REDIS_URL and no redis-server on PATH (bash scripts/redis.sh install)"
-        )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason + " — CI must run the cache suites against a real Redis")
-        pytest.skip(reason)
+        _missing("no DBSVC_TEST_REDIS_URL and no redis-server on PATH")
     with tempfile.TemporaryDirectory(prefix="dbsvc-test-redis-") as tmp:
         server = RedisServer(Path(tmp))
         server.start()
@@ -139,10 +144,7 @@ async def redis_db_url(redis_url: str) -> AsyncIterator[str]:
 async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
     """A redis-server of the test's own, which the test may stop and start again."""
     if shutil.which("redis-server") is None:
-        reason = "no redis-server on PATH (bash scripts/redis.sh install)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        _missing("no redis-server on PATH")
     server = RedisServer(tmp_path / "redis")
     await asyncio.to_thread(server.start)
     try:
