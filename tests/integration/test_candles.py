@@ -9,9 +9,11 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from database_service.app import Application
+from database_service.application.timeseries import TimeSeries
 from database_service.auth import Scope
 from database_service.tenancy import TenantRecord
 from database_service_client import InvalidArgument, MultiDatabaseClient
@@ -399,7 +401,18 @@ async def test_short_ranges_come_packed_by_postgres(
         call = client.stub.GetTimeSeriesData(request, metadata=client._metadata())
         return b"".join([m.rows.packed async for m in call])
 
-    # json_build_array writes ", " between elements; orjson (the service's encoder) does not.
-    assert b'", "' in await packed()
+    by_postgres = 0
+    packed_by_postgres = TimeSeries._packed
+
+    def counted(self: TimeSeries, *args: Any) -> Any:
+        nonlocal by_postgres
+        by_postgres += 1
+        return packed_by_postgres(self, *args)
+
+    monkeypatch.setattr(TimeSeries, "_packed", counted)
+    from_postgres = await packed()
+    assert by_postgres == 1
     monkeypatch.setattr("database_service.application.timeseries.PACKED_CANDLES_MAX", 0)
-    assert b'", "' not in await packed()
+    from_service = await packed()
+    assert by_postgres == 1  # encoded by the service
+    assert orjson.loads(from_postgres) == orjson.loads(from_service)

@@ -56,13 +56,13 @@ async def test_a_day_of_minute_candles_is_one_row_packed_by_postgres() -> None:
     query = CandleQuery("EURUSD", DAY, DAY + dt.timedelta(days=1), dt.timedelta(minutes=1))
     events = ts.candles(cast(Principal, None), cast(TenantContext, None), query)
     executor.answer = [
-        Header([Column("count", "int8"), Column("json_agg", "text")], StatementKind.READ),
+        Header([Column("count", "int8"), Column("coalesce", "text")], StatementKind.READ),
         [(2, '[["2024-05-01T00:00:00+00:00", "1.1"], ["2024-05-01T00:01:00+00:00", "1.2"]]')],
         Summary(1, "SELECT 1", 0.5, StatementKind.READ),
     ]
     out = [event async for event in events]
     (call,) = executor.calls
-    assert "json_agg" in call["sql"] and "candles_1m" in call["sql"]
+    assert "string_agg" in call["sql"] and "candles_1m" in call["sql"]
     assert call["read_only"] is True and call["own_sql"] is True
     header, packed, summary = out
     assert isinstance(header, Header) and header.columns == CANDLE_COLUMNS

@@ -236,13 +236,30 @@ def candle_sql(shared: str, q: CandleQuery) -> tuple[str, list[Any]]:
     return sql, params
 
 
+def _packed_value(name: str) -> str:
+    """One column of a candle as JSON text: the bucket as ``to_json`` writes a timestamp (ISO
+    8601 with its offset), integers as numbers, the numeric columns (already text, see
+    ``_OUTPUT``) as strings, null as null."""
+    if name == "bucket":
+        return "to_json(bucket)::text"
+    if name in NUMERIC_COLUMNS:
+        return f"coalesce('\"' || {name} || '\"', 'null')"
+    return f"coalesce({name}::text, 'null')"
+
+
+# A candle as a JSON array, by concatenation: json_build_array looked up how to write each of
+# its 11 arguments on every row, most of PostgreSQL's time for a day of 1-minute candles.
+# Numeric text never needs JSON escaping (digits, sign, point, NaN, Infinity).
+_PACKED_ROW = " || ',' || ".join(_packed_value(n) for n in _COLUMNS.split(", "))
+
+
 def packed_sql(candles: str) -> str:
     """A candle query (``candle_sql``) as one row: the candle count and the candles as a JSON
     array of arrays in the packed form (numeric columns are already text there, so decimals
     are JSON strings; timestamps are ISO 8601 with their offset)."""
     return (
-        f"SELECT count(*), coalesce(json_agg(json_build_array({_COLUMNS}) ORDER BY bucket),"
-        f" '[]')::text FROM ({candles}) p"
+        f"SELECT count(*), coalesce('[' || string_agg('[' || {_PACKED_ROW} || ']', ','"
+        f" ORDER BY bucket) || ']', '[]') FROM ({candles}) p"
     )
 
 
