@@ -10,6 +10,9 @@ DATA="$ROOT/data"
 SOCK="$ROOT/sock"
 PORT="${PG15_PORT:-54315}"
 BIN=/usr/lib/postgresql/15/bin
+# pg_stat_statements (postgresql-15's contrib) is loaded at start, so the statement statistics
+# tests can show its figures beside the service's (they CREATE EXTENSION in their database).
+PRELOAD="-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=top"
 
 as_postgres() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -33,18 +36,23 @@ start() {
   if [ ! -f "$DATA/PG_VERSION" ]; then
     as_postgres "$BIN/initdb" -D "$DATA" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
       --encoding=UTF8 >/dev/null
-    cat > "$ROOT/pg_hba.conf" <<'HBA'
-local   all   postgres                  trust
-local   all   all                       scram-sha-256
-host    all   all       127.0.0.1/32    scram-sha-256
-HBA
-    chown postgres "$ROOT/pg_hba.conf" 2>/dev/null || true
-    as_postgres cp "$ROOT/pg_hba.conf" "$DATA/pg_hba.conf"
   fi
+  # Written at every start (a cluster made by an older version of this script gets new lines);
+  # replication for the owner: the cluster backup tests run pg_basebackup and pg_receivewal.
+  cat > "$ROOT/pg_hba.conf" <<'HBA'
+local   all           postgres                  trust
+local   replication   postgres                  trust
+local   all           all                       scram-sha-256
+host    all           all       127.0.0.1/32    scram-sha-256
+HBA
+  chown postgres "$ROOT/pg_hba.conf" 2>/dev/null || true
+  as_postgres cp "$ROOT/pg_hba.conf" "$DATA/pg_hba.conf"
   as_postgres mkdir -p "$SOCK"
-  if ! as_postgres "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+  if as_postgres "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+    as_postgres "$BIN/pg_ctl" -D "$DATA" reload >/dev/null
+  else
     as_postgres "$BIN/pg_ctl" -D "$DATA" -w -l "$ROOT/server.log" \
-      -o "-p $PORT -k $SOCK -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off" start >/dev/null
+      -o "-p $PORT -k $SOCK -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off $PRELOAD" start >/dev/null
   fi
   echo "pg15: running on port $PORT (socket $SOCK)" >&2
 }

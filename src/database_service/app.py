@@ -14,6 +14,7 @@ import logging
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -29,8 +30,12 @@ from database_service.application import (
     TenantAdmin,
     TimeSeries,
 )
+from database_service.application.backups import ClusterBackupAdmin
+from database_service.application.tenant_backups import TenantBackupAdmin
 from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
 from database_service.auth.tokens import deployment_audience
+from database_service.backup.cluster import ClusterBackups, WalReceiver, find_tools
+from database_service.backup.tenant import TenantBackups
 from database_service.cache import (
     IMMUTABLE_FUNCTIONS_SQL,
     CachePolicy,
@@ -58,9 +63,17 @@ from database_service.observability.health import DependencyProbe
 from database_service.observability.tracing import Tracing
 from database_service.postgres import TenantPools, create_owner_pool
 from database_service.postgres.deadlines import Deadlines
+from database_service.postgres.replicas import Replica, ReplicaSet
 from database_service.query import QueryExecutor
 from database_service.query.caching import CacheRules, ResultCaching
 from database_service.sqlguard import SqlGuard
+from database_service.statements import (
+    SharedFigures,
+    SlowQueryLog,
+    StatementAdmin,
+    StatementStats,
+)
+from database_service.statements.recorder import StatementRecorder
 from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
 from database_service.tenancy import (
     MigrationReport,
@@ -116,6 +129,30 @@ class _PoolCollector:
         cap = GaugeMetricFamily("dbsvc_pool_connections_max", "The global connection cap.")
         cap.add_metric([], self._pools.global_max)
         yield from (size, in_use, total, cap)
+
+
+class _ReplicaCollector:
+    def __init__(self, replicas: ReplicaSet) -> None:
+        self._replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "dbsvc_replica_up", "1 while a read replica is in use.", labels=["replica"]
+        )
+        lag = GaugeMetricFamily(
+            "dbsvc_replica_lag_seconds",
+            "How long ago the primary passed the replica's replayed position.",
+            labels=["replica"],
+        )
+        reads = GaugeMetricFamily(
+            "dbsvc_replica_reads", "Reads a replica answered (this process).", labels=["replica"]
+        )
+        for replica in self._replicas.replicas:
+            up.add_metric([replica.name], 1.0 if replica.up else 0.0)
+            if replica.lag_ms != float("inf"):
+                lag.add_metric([replica.name], replica.lag_ms / 1000)
+            reads.add_metric([replica.name], replica.reads)
+        yield from (up, lag, reads)
 
 
 class _PartitionCollector:
@@ -242,6 +279,7 @@ class Application:
             dsn = pg.dsn
         else:
             dsn = s.postgres_url.get_secret_value()
+        self.postgres_dsn = dsn  # the owner's (cluster backups run PostgreSQL's tools with it)
         # The owner's connections, in three pools that cannot starve each other: the request
         # path's (tenant and service lookups, health, time limits), the audit writer's, and the
         # long holders' (migrations, tenant lifecycle, partition maintenance).
@@ -308,14 +346,9 @@ class Application:
             )
         )
         self.pools = await stack.enter_async_context(
-            TenantPools(
+            self._tenant_pools(
                 dsn,
-                max_per_tenant=s.pool_max_per_tenant,
-                global_max=s.pool_global_max,
-                idle_seconds=s.pool_idle_seconds,
-                acquire_timeout=s.pool_acquire_timeout_seconds,
                 on_event=lambda tenant, event: self.metrics.pool_events.labels(event).inc(),
-                start_loop=self.loops.start,
                 spans=self.tracing.spans,
             )
         )
@@ -347,6 +380,7 @@ class Application:
             on_expired=lambda why: self.metrics.session_limits.labels(why).inc(),
         )
         stack.push_async_callback(self.deadlines.aclose)
+        self.replicas = await self._replicas()
         self.result_cache, self.key_values, cache_probe = await self._cache(dsn)
         probes_before = [cache_probe]
         cache_rules = CacheRules(self.owner_pool, control_schema=s.control_schema)
@@ -373,7 +407,9 @@ class Application:
             max_ttl_ms=s.cache_max_ttl_ms,
             stale_max_age_s=s.cache_stale_max_age_seconds,
         )
+        await self._statements()
         self.executor = QueryExecutor(
+            statements=self.statement_recorder,
             caching=self.caching,
             pools=self.pools,
             registry=self.registry,
@@ -390,6 +426,11 @@ class Application:
             max_result_bytes=s.max_result_bytes,
             transaction_timeout_ms=s.tenant_transaction_timeout_ms,
             spans=self.tracing.spans,
+            workload_statement_ms={
+                "analytics": s.analytics_statement_timeout_ms,
+                "bulk": s.bulk_statement_timeout_ms,
+            },
+            replicas=self.replicas,
         )
 
         probes: list[DependencyProbe] = [
@@ -483,11 +524,59 @@ class Application:
             loops=self.loops,
             cache_hit_rate=self._cache_hit_rate,
         )
+        await self._cluster_backups()
         self._use_cases()
+        self.health.sections["backups"] = self.backup_admin.status
+        if self.replicas is not None:
+            self.health.sections["replicas"] = self.replicas.document
+        if self.wal_receiver is not None:
+            for name, loop in (
+                ("wal-archive", self.wal_receiver.run_forever),
+                ("base-backups", self.backup_admin.run_schedule),
+            ):
+                stack.push_async_callback(_cancel, self.loops.start(name, loop))
+
+    async def _statements(self) -> None:
+        """Statement statistics (in memory, shared between the serving processes through the
+        run directory) and the slow-query log (its plans taken by one background task)."""
+        s, stack = self.settings, self._stack
+        self.statement_stats = StatementStats(max_fingerprints=s.statement_stats_max_fingerprints)
+        self.shared_statements = SharedFigures(
+            self.statement_stats, s.data_dir / "run" / "statements"
+        )
+        self.slow_queries = SlowQueryLog(
+            self.owner_pool,
+            control_schema=s.control_schema,
+            pools=self.pools,
+            logins=self.logins,
+            deadlines=self.deadlines,
+            metrics=self.metrics,
+            default_ms=s.slow_query_ms,
+            keep_parameters=s.slow_query_keep_parameters,
+            queue_size=s.slow_query_queue,
+            max_entries=s.slow_query_max_entries,
+            max_age_seconds=s.slow_query_max_age_seconds,
+        )
+        await self.slow_queries.load()
+        self.statement_recorder = (
+            StatementRecorder(self.statement_stats, self.slow_queries)
+            if s.statement_stats
+            else None
+        )
+        if self.statement_recorder is not None:
+            for name, loop in (
+                ("slow-query-log", self.slow_queries.run_forever),
+                ("slow-query-settings", self.slow_queries.reload_forever),
+                ("statement-figures", self.shared_statements.run_forever),
+            ):
+                stack.push_async_callback(_cancel, self.loops.start(name, loop))
 
     async def _forget_deleted_tenant(self, tenant_id: str) -> None:
         """A deleted tenant's keys go with it (a tenant created again under its id starts
         empty); its cached results cannot be reached again (their keys hold its schema)."""
+        # Its statement figures too, in every serving process (a reset they all apply).
+        self.shared_statements.reset(tenant_id)
+        self.statement_stats.forget(tenant_id)
         purged = await self.key_values.purge(tenant_id)
         log.info("tenant %s deleted: %d key-value keys purged", tenant_id, purged)
 
@@ -540,6 +629,78 @@ class Application:
         stack.push_async_callback(kv.aclose)
         return cache, kv, CacheProbe(cache, listener, configured=url is not None)
 
+    def _tenant_pools(self, dsn: str, **extra: Any) -> TenantPools:
+        """Tenant pools on ``dsn`` (the primary, or a replica) as the settings size them."""
+        s = self.settings
+        return TenantPools(
+            dsn,
+            max_per_tenant=s.pool_max_per_tenant,
+            workload_max={
+                "analytics": s.pool_analytics_max_per_tenant,
+                "bulk": s.pool_bulk_max_per_tenant,
+            },
+            workload_settings={
+                "analytics": {"statement_timeout": str(s.analytics_statement_timeout_ms)},
+                "bulk": {"statement_timeout": str(s.bulk_statement_timeout_ms)},
+            },
+            global_max=s.pool_global_max,
+            idle_seconds=s.pool_idle_seconds,
+            acquire_timeout=s.pool_acquire_timeout_seconds,
+            start_loop=self.loops.start,
+            **extra,
+        )
+
+    async def _replicas(self) -> ReplicaSet | None:
+        """The read replicas of DBSVC_POSTGRES_REPLICA_URLS, each with its own owner pool
+        (checks, ending sessions past their limits), tenant pools and deadlines; checked from
+        now on. A replica down at start is simply out until a check finds it."""
+        s, stack = self.settings, self._stack
+        if not s.postgres_replica_urls:
+            return None
+        replicas = []
+        for index, url in enumerate(s.postgres_replica_urls, start=1):
+            dsn = url.get_secret_value()
+            owner = await asyncpg.create_pool(
+                dsn, min_size=0, max_size=2, server_settings={"application_name": "dbsvc-replica"}
+            )
+            stack.push_async_callback(owner.close)
+            deadlines = Deadlines(owner, grace_seconds=s.session_kill_grace_seconds)
+            stack.push_async_callback(deadlines.aclose)
+            pools = await stack.enter_async_context(self._tenant_pools(dsn))
+            replicas.append(
+                Replica(f"replica-{index}", dsn, pools=pools, owner=owner, deadlines=deadlines)
+            )
+        replica_set = ReplicaSet(
+            self.owner_pool,
+            replicas,
+            max_lag_ms=s.replica_max_lag_ms,
+            check_interval=s.replica_check_interval_ms / 1000,
+        )
+        await replica_set.check()
+        stack.push_async_callback(
+            _cancel, self.loops.start("replica-checks", replica_set.run_forever)
+        )
+        self.metrics.register(_ReplicaCollector(replica_set))
+        return replica_set
+
+    async def open_cluster_backups(self, directory: Path | None = None) -> ClusterBackups:
+        """The cluster's backups in ``directory`` (default: DBSVC_BACKUP_DIR, else
+        <data_dir>/backups), with PostgreSQL's programs of the server's major version."""
+        s = self.settings
+        version = await self.owner_pool.fetchval("SHOW server_version_num")
+        tools = find_tools(int(version) // 10000, s.postgres_bin_dir)
+        root = directory or s.backup_dir or s.data_dir / "backups"
+        return ClusterBackups(root, self.postgres_dsn, tools)
+
+    async def _cluster_backups(self) -> None:
+        """On with DBSVC_BACKUP_DIR, in the serving instance's primary process only (the one
+        that maintains partitions): one WAL archiver, one schedule."""
+        self.cluster_backups: ClusterBackups | None = None
+        self.wal_receiver: WalReceiver | None = None
+        if self.settings.backup_dir is not None and self._maintain_partitions:
+            self.cluster_backups = await self.open_cluster_backups()
+            self.wal_receiver = WalReceiver(self.cluster_backups)
+
     def _use_cases(self) -> None:
         """The application layer front ends call (each use case authorizes and audits itself);
         front ends reach nothing else of the core but the query executor and the settings."""
@@ -571,6 +732,13 @@ class Application:
         self.partition_admin = PartitionAdmin(
             self.access, self.partitions, self.registry, shared_schema=s.shared_schema
         )
+        self.backup_admin = ClusterBackupAdmin(
+            self.access,
+            self.cluster_backups,
+            self.wal_receiver,
+            interval_hours=s.backup_interval_hours,
+            keep=s.backup_keep,
+        )
         self.timeseries = TimeSeries(self.executor, shared_schema=s.shared_schema)
         self.key_value = KeyValueOps(self.access, self.key_values, self.registry, self.audit)
         self.observability = Observability(
@@ -584,6 +752,33 @@ class Application:
             control_schema=s.control_schema,
         )
         self.dead_letter_admin = DeadLetterAdmin(self.access, self.dead_letters, self.ingest)
+        assert s.master_key is not None
+        # Per-tenant export and restore: files under <backup dir>/tenants, signed with a key of
+        # their own derived from the master key.
+        self.tenant_backups = TenantBackupAdmin(
+            self.access,
+            TenantBackups(
+                pools=self.pools,
+                logins=self.logins,
+                registry=self.registry,
+                manager=self.tenants,
+                migrator=self.migrator,
+                owner_pool=self.owner_pool,
+                signing_key=derive_key(s.master_key.get_secret_value(), "tenant-backups"),
+                directory=(s.backup_dir or s.data_dir / "backups") / "tenants",
+                control_schema=s.control_schema,
+                shared_schema=s.shared_schema,
+            ),
+        )
+        self._stack.push_async_callback(self.tenant_backups.aclose)
+        self.statement_admin = StatementAdmin(
+            self.access,
+            stats=self.statement_stats,
+            shared=self.shared_statements,
+            slow_log=self.slow_queries,
+            registry=self.registry,
+            owner_pool=self.owner_pool,
+        )
 
     async def _start_consumers(
         self, nats_url: str | None, nats_tls: ssl.SSLContext | None, probes: list[DependencyProbe]

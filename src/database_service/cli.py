@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import getpass
 import json
 import logging
@@ -40,6 +41,26 @@ log = logging.getLogger(__name__)
 
 def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def _backup_progress(done: int, total: int) -> None:
+    """A base backup's progress bar on stderr (pg_basebackup's own figures)."""
+    share = done / total if total else 0.0
+    bar = "#" * int(share * 30)
+    print(
+        f"\rbase backup [{bar:<30}] {share:4.0%} {done / 1e6:,.0f}/{total / 1e6:,.0f} MB",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _aware_time(text: str) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"--to: {text!r} is not an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 class _Signals:
@@ -537,6 +558,29 @@ async def _with_core(settings: Settings, work: Callable[[Application], Awaitable
         return signals.exit_code
 
 
+async def _tenant_backup(core: Application, operator: Any, args: argparse.Namespace) -> int:
+    """``tenant export`` / ``tenant restore``, with a progress bar on stderr."""
+    from database_service.backup.progress import TerminalProgress  # noqa: PLC0415
+
+    bar = TerminalProgress()
+    try:
+        if args.action == "export":
+            manifest = await core.tenant_backups.export(
+                operator, args.tenant_id, args.out.resolve(), progress=bar
+            )
+            tables = len(manifest["tables"])
+            result = {"file": str(args.out), **manifest["totals"], "tables": tables}
+        else:
+            report = await core.tenant_backups.restore(
+                operator, args.file.resolve(), into=args.into, replace=args.replace, progress=bar
+            )
+            result = report.to_dict()
+    finally:
+        bar.close()
+    _print(result)
+    return 0
+
+
 def _progress(step: MigrationProgress) -> None:
     r = step.result
     state = "ok" if r.ok else f"FAILED at {r.failed_version}: {r.error}"
@@ -580,6 +624,24 @@ def _parser() -> argparse.ArgumentParser:
     delete = tenant.add_parser("delete")
     delete.add_argument("tenant_id")
     delete.add_argument("--confirm", action="store_true", help="required: data is dropped")
+    export = tenant.add_parser(
+        "export",
+        help="export a tenant to one file (as its own role; signed manifest, checksums)",
+    )
+    export.add_argument("tenant_id")
+    export.add_argument("--out", type=Path, required=True, help="the file to write")
+    restore = tenant.add_parser(
+        "restore",
+        help="restore an exported file (into its tenant, or --into another id)",
+        description="Restore a tenant export: into the tenant it was exported from (created "
+        "again if it was deleted), or --into another tenant id (its shared rows re-keyed). All "
+        "or nothing; a file whose checksums or signature do not match is refused.",
+    )
+    restore.add_argument("file", type=Path)
+    restore.add_argument("--into", help="restore into this tenant id instead")
+    restore.add_argument(
+        "--replace", action="store_true", help="replace what the target tenant holds"
+    )
 
     service = sub.add_parser("service", help="service identities").add_subparsers(
         dest="action", required=True
@@ -672,6 +734,75 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--all-pending", action="store_true", help="every pending one (of --tenant, if given)"
     )
+
+    backup = sub.add_parser(
+        "backup",
+        help="cluster backups: base backups, verification, point-in-time restore",
+        description="Physical backups of the whole cluster (every tenant) with PostgreSQL's own"
+        " programs. The serving instance archives the WAL into the backup directory when"
+        " DBSVC_BACKUP_DIR is set; a restore replays it to a moment.",
+    ).add_subparsers(dest="action", required=True)
+    backup_dir = argparse.ArgumentParser(add_help=False)
+    backup_dir.add_argument(
+        "--dir",
+        type=Path,
+        help="the backup directory (default: DBSVC_BACKUP_DIR, else <data dir>/backups)",
+    )
+    backup.add_parser("create", parents=[backup_dir], help="take a base backup and verify it")
+    backup.add_parser("list", parents=[backup_dir], help="the base backups, oldest first")
+    backup.add_parser(
+        "verify", parents=[backup_dir], help="check a backup's files and WAL"
+    ).add_argument("backup_id")
+    restore = backup.add_parser(
+        "restore",
+        parents=[backup_dir],
+        help="a new data directory recovered to a moment (start it with pg_ctl)",
+    )
+    restore.add_argument("--into", required=True, help="a new or empty directory")
+    restore.add_argument(
+        "--to", help="the moment (ISO 8601; no offset: UTC); default: as late as the WAL goes"
+    )
+    restore.add_argument("--backup", help="this base backup (default: the newest that fits)")
+
+    replica = sub.add_parser(
+        "replica",
+        help="a streaming replica of the service's PostgreSQL, from the same binaries",
+        description="pg_basebackup --write-recovery-conf into DIR/data, then start it on PORT"
+        " (socket in DIR/sock), as the primary's system user. Put the printed DSN into"
+        " DBSVC_POSTGRES_REPLICA_URLS (with the service's database name) to read from it.",
+    ).add_subparsers(dest="action", required=True)
+    rstart = replica.add_parser("start", help="make and start a replica")
+    rstart.add_argument("--dir", required=True, help="a new directory for it")
+    rstart.add_argument("--port", type=int, required=True)
+    replica.add_parser("stop", help="stop the replica in DIR").add_argument("--dir", required=True)
+
+    stats = sub.add_parser(
+        "stats",
+        help="statement statistics per tenant",
+        description="A tenant's statements by fingerprint, as the running service's processes on "
+        "this machine keep them (they share them under <data dir>/run/statements).",
+    ).add_subparsers(dest="action", required=True)
+    top = stats.add_parser("top", help="the tenant's statements, most expensive first")
+    top.add_argument("--tenant", required=True)
+    top.add_argument("--limit", type=_positive, default=20)
+    top.add_argument("--order", default="total_ms", help="total_ms, calls, mean_ms, p99_ms, rows")
+    stats.add_parser("reset", help="forget the tenant's figures").add_argument(
+        "--tenant", required=True
+    )
+    settings_cmd = stats.add_parser(
+        "settings", help="the tenant's slow-query threshold and parameter keeping (or set them)"
+    )
+    settings_cmd.add_argument("--tenant", required=True)
+    settings_cmd.add_argument(
+        "--slow-query-ms", help="the tenant's threshold in ms, or 'default' (DBSVC_SLOW_QUERY_MS)"
+    )
+    settings_cmd.add_argument(
+        "--keep-parameters", choices=("yes", "no", "default"), help="keep slow statements' values"
+    )
+    slow = sub.add_parser("slow-queries", help="a tenant's slow statements with their plans")
+    slow.add_argument("--tenant", required=True)
+    slow.add_argument("--limit", type=_positive, default=20)
+    slow.add_argument("--fingerprint", help="only this statement")
 
     load = sub.add_parser(
         "ingest-load",
@@ -769,6 +900,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         elif args.action == "delete":
             await admin.delete(operator, args.tenant_id, confirm=args.confirm)
             _print({"tenant_id": args.tenant_id, "deleted": True})
+        elif args.action in ("export", "restore"):
+            return await _tenant_backup(core, operator, args)
         return 0
 
     async def service(core: Application) -> int:
@@ -864,7 +997,76 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             )
         return 0
 
+    async def statement_stats(core: Application) -> int:
+        admin = core.statement_admin
+        if args.action == "top":
+            _print(await admin.top(operator, args.tenant, limit=args.limit, order=args.order))
+        elif args.action == "reset":
+            _print(await admin.reset(operator, args.tenant))
+        elif args.slow_query_ms is None and args.keep_parameters is None:
+            _print(await admin.settings(operator, args.tenant))
+        else:
+            changes: dict[str, Any] = {}
+            if args.slow_query_ms is not None:
+                try:
+                    changes["slow_query_ms"] = (
+                        None if args.slow_query_ms == "default" else float(args.slow_query_ms)
+                    )
+                except ValueError:
+                    print("--slow-query-ms: a number of ms, or 'default'", file=sys.stderr)
+                    return 2
+            if args.keep_parameters is not None:
+                changes["keep_parameters"] = {"yes": True, "no": False}.get(args.keep_parameters)
+            _print(await admin.set_settings(operator, args.tenant, changes))
+        return 0
+
+    async def slow_queries(core: Application) -> int:
+        _print(
+            await core.statement_admin.slow_queries(
+                operator, args.tenant, limit=args.limit, fingerprint=args.fingerprint
+            )
+        )
+        return 0
+
+    async def cluster_backup(core: Application) -> int:
+        backups = await core.open_cluster_backups(args.dir)
+        if args.action == "list":
+            _print([b.json() for b in backups.list_backups()])
+            return 0
+        if args.action == "verify":
+            info = await backups.verify(args.backup_id)
+        elif args.action == "create":
+            info = await backups.create(progress=_backup_progress)
+            print(file=sys.stderr)
+        else:
+            target = _aware_time(args.to) if args.to else None
+            plan = await backups.restore(Path(args.into), target=target, backup_id=args.backup)
+            await core.access.done(operator, "backups.restore", None, str(plan.directory))
+            _print(plan.json())
+            return 0
+        await core.access.done(operator, f"backups.{args.action}", None, info.id)
+        _print(info.json())
+        return 0
+
+    async def replica(core: Application) -> int:
+        from database_service.supervisor.replica import (  # noqa: PLC0415
+            start_replica,
+            stop_replica,
+        )
+
+        if args.action == "start":
+            dsn = await start_replica(core.postgres_dsn, Path(args.dir), args.port)
+            _print({"replica": dsn, "set": f"DBSVC_POSTGRES_REPLICA_URLS='[\"{dsn}\"]'"})
+        else:
+            await stop_replica(core.postgres_dsn, Path(args.dir))
+            _print({"stopped": args.dir})
+        return 0
+
     handlers = {
+        "replica": replica,
+        "backup": cluster_backup,
+        "stats": statement_stats,
+        "slow-queries": slow_queries,
         "tenant": tenant,
         "service": service,
         "token": token,

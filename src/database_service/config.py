@@ -73,6 +73,21 @@ class Settings(BaseSettings):
     pool_global_max: int = Field(default=64, ge=1, le=10_000)
     pool_idle_seconds: float = Field(default=60.0, gt=0)
     pool_acquire_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Read replicas (postgres/replicas.py): owner DSNs of streaming replicas of the primary
+    # (a JSON list). Pure reads go to one within the lag bound that has replayed the tenant's
+    # last write through this process; everything else to the primary.
+    postgres_replica_urls: list[SecretStr] = Field(default_factory=list)
+    replica_max_lag_ms: int = Field(default=1000, ge=0, le=3_600_000)
+    replica_check_interval_ms: int = Field(default=250, ge=10, le=60_000)
+    # Pools per workload (postgres/pools.py): analytics (reports, time-series reads) and bulk
+    # (bulk loads, ingestion) get their own pools per tenant login beside the OLTP one above,
+    # so a long report never holds the connections an order needs. Keep the three sizes within
+    # the tenant's connection limit. Their statements run under these limits (OLTP's is the
+    # tenant's own statement limit).
+    pool_analytics_max_per_tenant: int = Field(default=2, ge=1, le=1000)
+    pool_bulk_max_per_tenant: int = Field(default=2, ge=1, le=1000)
+    analytics_statement_timeout_ms: int = Field(default=300_000, ge=100, le=86_400_000)
+    bulk_statement_timeout_ms: int = Field(default=300_000, ge=100, le=86_400_000)
 
     # Defaults for a new tenant's limits (each tenant may override at creation).
     tenant_connection_limit: int = Field(default=10, ge=1, le=10_000)
@@ -117,6 +132,35 @@ class Settings(BaseSettings):
     # How old a cached answer the stale fallback may serve while PostgreSQL is unreachable.
     cache_stale_max_age_seconds: float = Field(default=300.0, ge=0)
     cache_redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
+
+    # Cluster backups (backup/cluster.py), on when a directory is given: the serving instance
+    # archives the WAL there continuously (pg_receivewal, a replication slot) and takes a
+    # verified base backup every interval (0: only on request), keeping the newest ``keep``.
+    # The CLI's backup commands default to <data_dir>/backups without it.
+    backup_dir: Path | None = None
+    backup_interval_hours: float = Field(default=24.0, ge=0)
+    backup_keep: int = Field(default=7, ge=1, le=1000)
+    # PostgreSQL's programs (pg_basebackup, pg_receivewal, pg_verifybackup) of the server's
+    # major version; found in the embedded server's, Debian's and the PATH without it.
+    postgres_bin_dir: Path | None = None
+    # Per-tenant exports (backup/tenant.py) live under <backup dir or data dir/backups>/tenants;
+    # a restore's upload (REST) is streamed to a file there, up to this size.
+    tenant_restore_max_bytes: int = Field(default=64 * 1024**3, ge=1024)
+
+    # Statement statistics per tenant (statements/): at most this many fingerprints per tenant
+    # in each process (the least recently used are folded into an "other" entry).
+    statement_stats: bool = True
+    statement_stats_max_fingerprints: int = Field(default=500, ge=10, le=100_000)
+    # The slow-query log: statements at least this slow (a tenant's own threshold, set by a
+    # platform administrator, overrides it), with their plans (EXPLAIN, no ANALYZE, taken in
+    # the background). Parameters are redacted unless kept (here, or per tenant).
+    slow_query_ms: float = Field(default=1000.0, ge=0)
+    slow_query_keep_parameters: bool = False
+    # Slow statements waiting for their plan, per process; past this they are dropped (counted).
+    slow_query_queue: int = Field(default=100, ge=1, le=100_000)
+    # Retention per tenant: the newest N entries, none older than the age.
+    slow_query_max_entries: int = Field(default=1000, ge=1, le=1_000_000)
+    slow_query_max_age_seconds: float = Field(default=7 * 86_400.0, gt=0)
 
     # The health document is computed at most this often (anyone may ask for it, as often).
     health_cache_seconds: float = Field(default=1.0, ge=0, le=60)

@@ -12,6 +12,8 @@ The tree::
      │    ├── InvalidParameters      invalid_parameters
      │    ├── PayloadTooLarge        payload_too_large          413
      │    ├── InvalidText            invalid_text               (not valid Unicode, or a NUL)
+     │    ├── BackupCorrupt          backup_corrupt             (checksum or signature mismatch)
+     │    ├── BackupUnsupported      backup_unsupported         (format version, schema)
      │    └── SqlRejected            sql_rejected               (the SQL guard said no)
      │         └── SqlSyntaxError    sql_syntax_error           SQLSTATE 42601, position
      ├── Unauthenticated             unauthenticated            401  UNAUTHENTICATED
@@ -22,7 +24,9 @@ The tree::
      │    └── TenantExists           tenant_exists
      ├── FailedPrecondition          failed_precondition        409  FAILED_PRECONDITION
      │    ├── TenantSuspended        tenant_suspended
-     │    └── ConfirmationRequired   confirmation_required
+     │    ├── ConfirmationRequired   confirmation_required
+     │    ├── BackupTargetNotEmpty   backup_target_not_empty    (restore over data: replace)
+     │    └── BackupInvalid          backup_invalid             (fails verification; not used)
      ├── ResourceExhausted           resource_exhausted         429  RESOURCE_EXHAUSTED
      │    └── ResultTooLarge         result_too_large           422  (rows or bytes; stream it)
      ├── Unavailable                 unavailable                503  UNAVAILABLE
@@ -56,6 +60,10 @@ import asyncpg
 
 __all__ = [
     "UNREACHABLE_ERRORS",
+    "BackupCorrupt",
+    "BackupInvalid",
+    "BackupTargetNotEmpty",
+    "BackupUnsupported",
     "ConfirmationRequired",
     "Conflict",
     "DatabaseServiceError",
@@ -142,6 +150,20 @@ class InvalidText(InvalidRequest):
     code = "invalid_text"
 
 
+class BackupCorrupt(InvalidRequest):
+    """A tenant backup whose checksums or signature do not match (damaged, changed, or made
+    with another master key): refused before anything is changed."""
+
+    code = "backup_corrupt"
+
+
+class BackupUnsupported(InvalidRequest):
+    """A tenant backup this service cannot restore (another format version, a newer tenant
+    schema, an object kind it does not export)."""
+
+    code = "backup_unsupported"
+
+
 class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
     http_status = 413
@@ -201,6 +223,19 @@ class TenantSuspended(FailedPrecondition):
 
 class ConfirmationRequired(FailedPrecondition):
     code = "confirmation_required"
+
+
+class BackupInvalid(FailedPrecondition):
+    """A backup that fails verification (a file missing, changed or added, WAL that does not
+    parse): it is not restored from."""
+
+    code = "backup_invalid"
+
+
+class BackupTargetNotEmpty(FailedPrecondition):
+    """A restore into a tenant that holds data; the caller may ask to replace it."""
+
+    code = "backup_target_not_empty"
 
 
 class ResourceExhausted(DatabaseServiceError):

@@ -128,7 +128,7 @@ async def test_eviction_never_closes_a_pool_that_became_busy_while_another_close
         for login in (b, c):  # both idle, B the least recently used: closed first
             async with pools.acquire(login) as conn:
                 await conn.fetchval("SELECT 1")
-        entry_b = pools._entries[b.role]
+        entry_b = pools._entries[(b.role, "oltp")]
         closing = asyncio.Event()
 
         class SlowToClose:
@@ -161,7 +161,9 @@ async def test_eviction_never_closes_a_pool_that_became_busy_while_another_close
 
         busy, _ = await asyncio.gather(c_works(), a_wants_room())
         assert busy == 1
-        assert b.role not in pools._entries
-        assert c.role in pools._entries, "C's pool was closed while a request was using it"
+        assert (b.role, "oltp") not in pools._entries
+        assert (c.role, "oltp") in pools._entries, (
+            "C's pool was closed while a request was using it"
+        )
         async with pools.acquire(c) as conn:
             assert await conn.fetchval("SELECT session_user") == c.role

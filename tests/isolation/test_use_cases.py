@@ -38,9 +38,12 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "database_service"
 FRONT_END_MAY_USE = {
     "executor", "timeseries", "tenant_admin", "service_admin", "partition_admin",
     "observability", "dead_letter_admin", "access", "authenticator", "metrics", "window",
-    "audit", "settings", "tracing", "key_value",
+    "audit", "settings", "tracing", "key_value", "statement_admin", "backup_admin",
+    "tenant_backups",
 }  # fmt: skip
-CLI_MAY_ALSO_USE = {"endpoints", "guard"}
+# The operator at the machine: the cluster's backups and a replica of it are made with
+# PostgreSQL's own programs, on the owner's DSN (no use case: no caller to authorize).
+CLI_MAY_ALSO_USE = {"endpoints", "guard", "open_cluster_backups", "postgres_dsn"}
 
 
 def _core_attributes(path: Path) -> set[str]:

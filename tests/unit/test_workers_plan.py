@@ -53,6 +53,8 @@ def test_each_worker_gets_its_share_of_every_cap_and_the_primary_can_maintain() 
     assert set(primary) == set(DIVIDED)
     assert primary["pool_global_max"] + other["pool_global_max"] == 64
     assert primary["pool_max_per_tenant"] + other["pool_max_per_tenant"] == 5
+    # Each workload's pool is divided too (2 each by default: one per worker).
+    assert (primary["pool_analytics_max_per_tenant"], other["pool_bulk_max_per_tenant"]) == (1, 1)
     assert (primary["admin_pool_size"], other["admin_pool_size"]) == (2, 2)
     assert (primary["audit_pool_size"], other["audit_pool_size"]) == (1, 1)
     # Partition maintenance holds one connection and reads on another.
@@ -64,6 +66,8 @@ def test_caps_below_the_worker_count_are_named() -> None:
     # The admin pool (4) is not below 4 workers; the others are.
     assert undersized(settings(pool_max_per_tenant=2), 4) == [
         "DBSVC_POOL_MAX_PER_TENANT=2",
+        "DBSVC_POOL_ANALYTICS_MAX_PER_TENANT=2",
+        "DBSVC_POOL_BULK_MAX_PER_TENANT=2",
         "DBSVC_AUDIT_POOL_SIZE=2",
         "DBSVC_MAINTENANCE_POOL_SIZE=2",
     ]

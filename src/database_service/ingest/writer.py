@@ -220,7 +220,7 @@ class IngestWriter:
     ) -> list[int]:
         try:
             with postgres_errors(login.tenant_id):
-                async with self._pools.acquire(login) as conn:
+                async with self._pools.acquire(login, "bulk") as conn:
                     if self._deadlines is None:
                         async with conn.transaction():
                             return [await self._unit(conn, schema, unit) for unit in units]

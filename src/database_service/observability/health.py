@@ -18,7 +18,7 @@ import contextlib
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from database_service.loops import BackgroundLoops
 from database_service.observability.audit import AuditLog
 from database_service.observability.window import RequestWindow
 from database_service.postgres import TenantPools
+from database_service.postgres.pools import PoolStats
 
 __all__ = [
     "DependencyProbe",
@@ -153,6 +154,9 @@ class HealthReporter:
     ) -> None:
         self._loops = loops
         self._cache_hit_rate = cache_hit_rate
+        # More sections of the detailed document, added by the parts that own them (cluster
+        # backups): name → a cheap function of no arguments returning the section.
+        self.sections: dict[str, Callable[[], dict[str, Any]]] = {}
         self._owner = owner_pool
         # Health may be asked for without credentials, as often as anyone likes: the document
         # is computed at most once per ``cache_seconds`` (per level of detail), and concurrent
@@ -209,6 +213,9 @@ class HealthReporter:
             "pool_connections_open": pools["open"],
             "pool_connections_in_use": sum(p["in_use"] for p in pools["tenants"].values()),
             "pool_global_max": pools["global_max"],
+            # OLTP, analytics and bulk pools across tenants (per tenant: the performance
+            # document): a report saturating the analytics pools shows here.
+            "pool_workloads": _by_workload(pools["tenants"].values()),
         }
 
     def _system(self) -> dict[str, Any]:
@@ -318,6 +325,7 @@ class HealthReporter:
             "multi_db_performance": _multi_db(dependencies),
             "background_loops": self._loops.document() if self._loops is not None else {},
             "workers": workers,
+            **{name: section() for name, section in self.sections.items()},
         }
 
     def _workers(self) -> dict[str, Any]:
@@ -407,24 +415,50 @@ def instance_pools(pools: TenantPools, window: RequestWindow) -> dict[str, Any]:
     """This process's tenant pools plus the other workers' (their last snapshots): per tenant
     ``{size, idle, in_use, max}`` summed over workers, the open connections and the cap."""
     merged = pools_snapshot(pools)
-    tenants: dict[str, dict[str, int]] = merged["tenants"]
+    tenants: dict[str, dict[str, Any]] = merged["tenants"]
     for peer in window.peers.pools() if window.peers is not None else []:
         merged["open"] += int(peer.get("open", 0))
         merged["global_max"] += int(peer.get("global_max", 0))
         for tenant, figures in peer.get("tenants", {}).items():
-            mine = tenants.setdefault(tenant, {"size": 0, "idle": 0, "in_use": 0, "max": 0})
-            for key in mine:
-                mine[key] += int(figures.get(key, 0))
+            mine = tenants.setdefault(tenant, {**_NO_POOL, "workloads": {}})
+            _add_pool(mine, figures)
+            for workload, theirs in figures.get("workloads", {}).items():
+                _add_pool(mine["workloads"].setdefault(workload, dict(_NO_POOL)), theirs)
     return merged
+
+
+_NO_POOL = {"size": 0, "idle": 0, "in_use": 0, "max": 0}
+
+
+def _by_workload(tenants: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    total: dict[str, dict[str, int]] = {}
+    for figures in tenants:
+        for workload, pool in figures.get("workloads", {}).items():
+            _add_pool(total.setdefault(workload, dict(_NO_POOL)), pool)
+    return total
+
+
+def _add_pool(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
+    for key in _NO_POOL:
+        mine[key] += int(theirs.get(key, 0))
 
 
 def pools_snapshot(pools: TenantPools) -> dict[str, Any]:
     """This process's tenant pools, as ``instance_pools`` reads another worker's."""
+    by_workload = pools.workload_stats()
     return {
         "open": pools.open_connections,
         "global_max": pools.global_max,
         "tenants": {
-            tenant: {"size": p.size, "idle": p.idle, "in_use": p.in_use, "max": p.max_size}
+            tenant: {
+                **_pool(p),
+                # OLTP, analytics and bulk: a report saturating its pool shows here.
+                "workloads": {w: _pool(q) for w, q in by_workload.get(tenant, {}).items()},
+            }
             for tenant, p in pools.stats().items()
         },
     }
+
+
+def _pool(p: PoolStats) -> dict[str, int]:
+    return {"size": p.size, "idle": p.idle, "in_use": p.in_use, "max": p.max_size}

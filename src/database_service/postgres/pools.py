@@ -1,9 +1,13 @@
 """Connection pools: the owner's pool, and small pools per active tenant logged in as its roles.
 
 ``TenantPools`` owns connection lifecycle and nothing else. A pool per login role (a tenant has
-a company-wide login and, when requests carry user ids, a user-scoped one) is created on first
-use and closed after ``idle_seconds`` without use; a global budget caps open connections across
-all pools, and when it is exhausted the least recently used idle pools are closed to make room.
+a company-wide login and, when requests carry user ids, a user-scoped one) and workload is
+created on first use and closed after ``idle_seconds`` without use. The workloads (the seed's
+"connection pools per workload") are OLTP (queries, transactions), analytics (reports,
+time-series reads) and bulk (bulk loads, ingestion): each has its own pool per login and its own
+size, so a long report holds an analytics connection, never the one an order needs. A global
+budget caps open connections across all pools, and when it is exhausted the least recently used
+idle pools are closed to make room.
 Everything runs on one event loop, so the bookkeeping needs no locks; an entry is closed only
 while its ``in_use`` is zero, checked again after every await.
 """
@@ -17,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -29,11 +33,13 @@ if TYPE_CHECKING:  # observability imports this module
     from database_service.observability.tracing import Spans
 
 __all__ = [
+    "WORKLOADS",
     "Connection",
     "PoolStats",
     "TenantConnection",
     "TenantLogin",
     "TenantPools",
+    "Workload",
     "create_owner_pool",
     "init_connection",
 ]
@@ -45,6 +51,9 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 
 
 _RESET_QUERY = "CLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+
+Workload = Literal["oltp", "analytics", "bulk"]
+WORKLOADS: tuple[Workload, ...] = ("oltp", "analytics", "bulk")
 
 
 def _reset_needed(conn: Connection) -> bool:
@@ -146,8 +155,19 @@ class _Entry:
     tenant_id: str
     pool: asyncpg.Pool
     max_size: int
+    workload: Workload = "oltp"
     in_use: int = 0
     last_used: float = field(default_factory=time.monotonic)
+
+
+def _added(seen: PoolStats | None, entry: _Entry) -> PoolStats:
+    seen = seen or PoolStats(0, 0, 0, 0)
+    return PoolStats(
+        seen.size + entry.pool.get_size(),
+        seen.idle + entry.pool.get_idle_size(),
+        seen.in_use + entry.in_use,
+        seen.max_size + entry.max_size,
+    )
 
 
 class _Budget:
@@ -197,6 +217,8 @@ class TenantPools:
         *,
         max_per_tenant: int,
         global_max: int,
+        workload_max: dict[Workload, int] | None = None,
+        workload_settings: dict[Workload, dict[str, str]] | None = None,
         idle_seconds: float,
         acquire_timeout: float,
         on_event: Callable[[str, str], None] | None = None,
@@ -207,11 +229,21 @@ class TenantPools:
         self._spans = spans  # None: traces are off
         self._start_loop = start_loop or plain_start
         self._max_per_tenant = max_per_tenant
+        # Each workload's pool size per login (OLTP's is ``max_per_tenant``).
+        # Session defaults of each workload's connections (its statement_timeout: the tenant
+        # role's own default is OLTP's limit, PostgreSQL's second line behind ``Deadlines``).
+        self._workload_settings = workload_settings or {}
+        self._workload_max: dict[Workload, int] = {
+            "analytics": max_per_tenant,
+            "bulk": max_per_tenant,
+            **(workload_max or {}),
+            "oltp": max_per_tenant,
+        }
         self._idle_seconds = idle_seconds
         self._acquire_timeout = acquire_timeout
         self._budget = _Budget(global_max)
-        self._entries: dict[str, _Entry] = {}
-        self._creating: dict[str, asyncio.Task[_Entry]] = {}
+        self._entries: dict[tuple[str, Workload], _Entry] = {}
+        self._creating: dict[tuple[str, Workload], asyncio.Task[_Entry]] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._releasing: set[asyncio.Task[None]] = set()
         self._on_event = on_event or (lambda tenant, event: None)
@@ -226,12 +258,15 @@ class TenantPools:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         await self.drain()
-        for role in list(self._entries):
-            await self._close(role)
+        for key in list(self._entries):
+            await self._close(key)
 
     @property
     def max_per_tenant(self) -> int:
         return self._max_per_tenant
+
+    def workload_max(self, workload: Workload) -> int:
+        return self._workload_max[workload]
 
     @property
     def open_connections(self) -> int:
@@ -245,27 +280,31 @@ class TenantPools:
         """Per tenant, its pools added up."""
         result: dict[str, PoolStats] = {}
         for entry in self._entries.values():
-            seen = result.get(entry.tenant_id, PoolStats(0, 0, 0, 0))
-            result[entry.tenant_id] = PoolStats(
-                seen.size + entry.pool.get_size(),
-                seen.idle + entry.pool.get_idle_size(),
-                seen.in_use + entry.in_use,
-                seen.max_size + entry.max_size,
-            )
+            result[entry.tenant_id] = _added(result.get(entry.tenant_id), entry)
+        return result
+
+    def workload_stats(self) -> dict[str, dict[str, PoolStats]]:
+        """Per tenant, per workload, its pools (of its logins) added up."""
+        result: dict[str, dict[str, PoolStats]] = {}
+        for entry in self._entries.values():
+            tenant = result.setdefault(entry.tenant_id, {})
+            tenant[entry.workload] = _added(tenant.get(entry.workload), entry)
         return result
 
     @contextlib.asynccontextmanager
-    async def acquire(self, login: TenantLogin) -> AsyncIterator[Connection]:
-        """A connection of the login's pool. Its release, when asyncpg resets the session (a
-        round trip), runs after the caller is done, not before its answer goes out; the
-        connection counts as in use, and returns to the pool, when the reset is over. A
-        connection that needs no reset (``TenantConnection.skip_next_reset``) is released at
+    async def acquire(
+        self, login: TenantLogin, workload: Workload = "oltp"
+    ) -> AsyncIterator[Connection]:
+        """A connection of the login's pool for ``workload``. Its release, when asyncpg resets
+        the session (a round trip), runs after the caller is done, not before its answer goes
+        out; the connection counts as in use, and returns to the pool, when the reset is over.
+        A connection that needs no reset (``TenantConnection.skip_next_reset``) is released at
         once."""
         if self._spans is None:
-            entry, conn = await self._take(login)
+            entry, conn = await self._take(login, workload)
         else:
             with self._spans.pool_acquire(login.tenant_id):
-                entry, conn = await self._take(login)
+                entry, conn = await self._take(login, workload)
         try:
             yield conn
         except BaseException:
@@ -281,10 +320,10 @@ class TenantPools:
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def _take(self, login: TenantLogin) -> tuple[_Entry, Connection]:
+    async def _take(self, login: TenantLogin, workload: Workload) -> tuple[_Entry, Connection]:
         """A connection of the login's pool and its entry, counted in use (``_release`` or
         ``_done_with`` counts it back)."""
-        entry = await self._entry(login)
+        entry = await self._entry(login, workload)
         entry.in_use += 1
         entry.last_used = time.monotonic()
         try:
@@ -301,7 +340,7 @@ class TenantPools:
                 ) from None
             raise ResourceExhausted(
                 f"tenant {login.tenant_id!r}: no connection free within "
-                f"{self._acquire_timeout:g}s (pool of {entry.max_size}); retry later"
+                f"{self._acquire_timeout:g}s ({workload} pool of {entry.max_size}); retry later"
             ) from None
         except BaseException:
             self._done_with(entry)
@@ -326,19 +365,20 @@ class TenantPools:
         while self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
 
-    async def _entry(self, login: TenantLogin) -> _Entry:
-        entry = self._entries.get(login.role)
+    async def _entry(self, login: TenantLogin, workload: Workload) -> _Entry:
+        key = (login.role, workload)
+        entry = self._entries.get(key)
         if entry is not None:
             return entry
-        # One creator per login; concurrent first requests await the same task.
-        task = self._creating.get(login.role)
+        # One creator per login and workload; concurrent first requests await the same task.
+        task = self._creating.get(key)
         if task is None:
-            task = asyncio.create_task(self._create(login))
-            self._creating[login.role] = task
-            task.add_done_callback(lambda _: self._creating.pop(login.role, None))
+            task = asyncio.create_task(self._create(login, workload))
+            self._creating[key] = task
+            task.add_done_callback(lambda _: self._creating.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _create(self, login: TenantLogin) -> _Entry:
+    async def _create(self, login: TenantLogin, workload: Workload) -> _Entry:
         async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
             await self._take_budget(login.tenant_id)
             try:
@@ -362,19 +402,23 @@ class TenantPools:
             user=login.role,
             password=login.password,
             min_size=0,
-            max_size=self._max_per_tenant,
+            max_size=self._workload_max[workload],
             max_inactive_connection_lifetime=self._idle_seconds,
             connect=connect,
             init=init_connection,
             connection_class=TenantConnection,
             # No tenant id here: every role can read application_name in pg_stat_activity.
-            server_settings={"application_name": "dbsvc-tenant"},
+            server_settings={
+                **self._workload_settings.get(workload, {}),
+                "application_name": f"dbsvc-tenant-{workload}",
+            },
         )
         assert pool is not None
-        entry = _Entry(login.tenant_id, pool, self._max_per_tenant)
-        self._entries[login.role] = entry
+        size = self._workload_max[workload]
+        entry = _Entry(login.tenant_id, pool, size, workload)
+        self._entries[(login.role, workload)] = entry
         self._on_event(login.tenant_id, "pool_opened")
-        log.info("tenant %s: pool opened (max %d)", login.tenant_id, self._max_per_tenant)
+        log.info("tenant %s: %s pool opened (max %d)", login.tenant_id, workload, size)
         return entry
 
     async def _take_budget(self, tenant_id: str) -> None:
@@ -386,26 +430,26 @@ class TenantPools:
 
     async def _evict_idle(self, exclude: str) -> None:
         idle = sorted(
-            (e.last_used, role)
-            for role, e in self._entries.items()
+            (e.last_used, key)
+            for key, e in self._entries.items()
             if e.in_use == 0 and e.tenant_id != exclude and e.pool.get_size() > 0
         )
-        for _, role in idle:
-            await self._close(role, only_idle=True)
+        for _, key in idle:
+            await self._close(key, only_idle=True)
             if self._budget.open < self._budget.limit:
                 return
 
     async def close_tenant(self, tenant_id: str) -> None:
         """Close a tenant's pools (suspend, delete). In-flight work finishes first."""
-        for role in [r for r, e in self._entries.items() if e.tenant_id == tenant_id]:
-            await self._close(role)
+        for key in [k for k, e in self._entries.items() if e.tenant_id == tenant_id]:
+            await self._close(key)
 
-    async def _close(self, role: str, *, only_idle: bool = False) -> None:
-        entry = self._entries.get(role)
+    async def _close(self, key: tuple[str, Workload], *, only_idle: bool = False) -> None:
+        entry = self._entries.get(key)
         # Re-checked here, after whatever the caller awaited: a request may have started.
         if entry is None or (only_idle and entry.in_use):
             return
-        del self._entries[role]
+        del self._entries[key]
         try:
             await asyncio.wait_for(entry.pool.close(), timeout=10)
         except Exception:  # a server that already ended the sessions: nothing left to close
@@ -418,6 +462,6 @@ class TenantPools:
         while True:
             await asyncio.sleep(interval)
             deadline = time.monotonic() - self._idle_seconds
-            for role, entry in list(self._entries.items()):
+            for key, entry in list(self._entries.items()):
                 if entry.in_use == 0 and entry.last_used < deadline:
-                    await self._close(role, only_idle=True)
+                    await self._close(key, only_idle=True)

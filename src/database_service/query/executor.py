@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import asyncpg
 from asyncpg.prepared_stmt import PreparedStatement
@@ -60,6 +60,8 @@ from database_service.observability.tracing import (
 )
 from database_service.postgres import Connection, TenantConnection, TenantLogin, TenantPools
 from database_service.postgres.deadlines import Deadlines, SessionWatch
+from database_service.postgres.pools import Workload
+from database_service.postgres.replicas import Replica, ReplicaSet
 from database_service.query.boundary import (
     cached_statement,
     fetch_first,
@@ -82,6 +84,9 @@ from database_service.results import (
 from database_service.sqlguard import Classification, SqlGuard
 from database_service.tenancy import TenantRecord, TenantRegistry, quote_ident
 from database_service.tenancy.secrets import TenantLogins
+
+if TYPE_CHECKING:  # the statements package builds on this one's modules
+    from database_service.statements.recorder import StatementRecorder
 
 __all__ = [
     "Column",
@@ -117,6 +122,9 @@ class TenantContext:
 class _Outcome:
     kind: StatementKind | None = None
     command: str | None = None
+    # The one statement of the operation, once classified: an error from then on is counted
+    # in its statement figures.
+    verdict: Classification | None = None
 
 
 class _Session:
@@ -216,6 +224,32 @@ def _row_count(status: str, fetched: int) -> int:
     return fetched
 
 
+# Reports and time-series reads hold analytics connections; everything else of a caller's,
+# OLTP's (bulk loads name their own).
+_ANALYTICS_ACTIONS = frozenset({"analytics", "timeseries"})
+
+
+def _workload_of(action: str) -> Workload:
+    return "analytics" if action in _ANALYTICS_ACTIONS else "oltp"
+
+
+def _pure_read(verdict: Classification) -> bool:
+    """A read that calls nothing that writes: a replica may answer it."""
+    return verdict.kind is StatementKind.READ and verdict.repeatable
+
+
+# What a replica may refuse that the primary would run: a write a function attempted in a
+# read-only standby (25006), a query canceled by a conflict with recovery (40001).
+_REPLICA_REFUSALS = frozenset({"25006", "40001"})
+
+
+def _replica_may_fail(exc: Exception) -> bool:
+    """A replica's failure the primary answers instead of the caller seeing it."""
+    return isinstance(exc, Unavailable) or (
+        isinstance(exc, QueryError) and exc.sqlstate in _REPLICA_REFUSALS
+    )
+
+
 class QueryExecutor:
     def __init__(
         self,
@@ -236,8 +270,19 @@ class QueryExecutor:
         max_result_bytes: int = 32 * 1_048_576,
         spans: Spans | None = None,
         caching: ResultCaching | None = None,
+        statements: StatementRecorder | None = None,
+        workload_statement_ms: dict[Workload, int] | None = None,
+        replicas: ReplicaSet | None = None,
     ) -> None:
         self._pools = pools
+        # Read replicas (None: none configured): pure reads may go there (postgres/replicas.py).
+        self._replicas = replicas
+        # The statement limits of analytics and bulk sessions (their pools' connections start
+        # with the same statement_timeout); OLTP's is the tenant's own limit.
+        self._workload_ms = workload_statement_ms or {}
+        # Per-tenant statement figures and the slow-query log: a synchronous O(1) call when a
+        # statement ends (None: not kept).
+        self._statements = statements
         self._caching = caching
         # None when traces are off: each span site tests it first, so then costs nothing.
         self._spans = spans
@@ -325,6 +370,8 @@ class QueryExecutor:
             state = "error" if outcome.kind is not None else "denied"
             if state == "denied":
                 self._metrics.denials.labels(exc.error_code).inc()
+            elif outcome.verdict is not None and self._statements is not None:
+                self._statements.failed(ctx.tenant_id, outcome.verdict)
             await self._record(principal, ctx, action, outcome, state, exc.error_code, exc.message)
             log.info(
                 "tenant %s: %s by %s %s: %s", ctx.tenant_id, action, principal.service, state,
@@ -340,6 +387,8 @@ class QueryExecutor:
             # Not one of ours: a bug, or a driver error no boundary translated. Still audited
             # and counted; the front end reports it as an internal error.
             self._metrics.errors.labels("internal").inc()
+            if outcome.verdict is not None and self._statements is not None:
+                self._statements.failed(ctx.tenant_id, outcome.verdict)
             await self._record(
                 principal, ctx, action, outcome, "error", "internal", type(exc).__name__
             )
@@ -386,6 +435,8 @@ class QueryExecutor:
         readonly: bool,
         transaction: bool,
         isolation: Isolation = "read_committed",
+        workload: Workload = "oltp",
+        replica: Replica | None = None,
     ) -> AsyncIterator[_Session]:
         """A tenant connection under the tenant's time limits, in a transaction when asked
         (always for a read-only caller, and with a user id, whose context is the transaction's
@@ -396,15 +447,22 @@ class QueryExecutor:
         has no effect, the session is retried once on another connection instead of failing
         (the query core retries a repeatable read's first round trip the same way)."""
         login = self._login(tenant, ctx)
-        statement_seconds = tenant.limits.statement_timeout_ms / 1000
+        statement_ms = tenant.limits.statement_timeout_ms
+        if workload != "oltp":
+            statement_ms = self._workload_ms.get(workload, statement_ms)
+        statement_seconds = statement_ms / 1000
         total_seconds = max(statement_seconds, self._transaction_seconds)
+        pools, deadlines = self._pools, self._deadlines
+        if replica is not None:
+            assert replica.pools is not None and replica.deadlines is not None
+            pools, deadlines = replica.pools, replica.deadlines
         # A failover ends every pooled connection: each attempt meets (and drops) one of them.
-        attempts = self._pools.max_per_tenant + 1
+        attempts = pools.max_per_tenant + 1
         with postgres_errors(ctx.tenant_id):
             for attempt in range(attempts):
                 retry = attempt < attempts - 1
-                async with self._pools.acquire(login) as conn:
-                    watch = self._deadlines.watch(
+                async with pools.acquire(login, workload) as conn:
+                    watch = deadlines.watch(
                         conn,
                         login.role,
                         statement_seconds=statement_seconds,
@@ -506,12 +564,16 @@ class QueryExecutor:
             self._check_params(params)
             tenant, verdict = await self.authorize(principal, ctx, sql)
             outcome.kind = verdict.kind
+            outcome.verdict = verdict
             readonly = not principal.has_scope(Scope.WRITE)
+            workload = _workload_of(action)
             caching = self._caching
             if caching is not None and cache is not None and verdict.kind is StatementKind.READ:
 
                 async def load() -> QueryResult:
-                    return await self._run(tenant, ctx, verdict, sql, params, readonly=readonly)
+                    return await self._run(
+                        tenant, ctx, verdict, sql, params, readonly=readonly, workload=workload
+                    )
 
                 result = await caching.read(
                     tenant,
@@ -523,13 +585,21 @@ class QueryExecutor:
                     load,
                 )
             else:
-                result = await self._run(tenant, ctx, verdict, sql, params, readonly=readonly)
+                result = await self._run(
+                    tenant, ctx, verdict, sql, params, readonly=readonly, workload=workload
+                )
                 if caching is not None and verdict.kind is not StatementKind.READ:
                     generation = self._schema_generations.get(tenant.tenant_id, 0)
                     await caching.written(
                         tenant, sql, params, generation, ddl=verdict.kind is StatementKind.DDL
                     )
             result.duration_ms = (time.perf_counter() - started) * 1000
+            if self._statements is not None:
+                hit = result.cache is not None and result.cache.status == "hit"
+                self._statements.done(
+                    tenant, verdict, sql, params, result.duration_ms, result.row_count,
+                    cache_hit=hit,
+                )  # fmt: skip
             outcome.command = result.command or "SELECT (from the cache)"
             return result
 
@@ -547,17 +617,67 @@ class QueryExecutor:
         params: Sequence[Any],
         *,
         readonly: bool,
+        workload: Workload = "oltp",
+    ) -> QueryResult:
+        replica = self._replica_for(tenant, ctx, verdict)
+        if replica is not None:
+            assert self._replicas is not None
+            try:
+                result = await self._attempted(
+                    tenant, ctx, verdict, sql, params, readonly, workload, replica
+                )
+            except (Unavailable, QueryError) as exc:
+                if not _replica_may_fail(exc):
+                    raise
+                self._replicas.failed(replica, exc)  # the primary answers instead
+            else:
+                replica.reads += 1
+                return result
+        result = await self._attempted(tenant, ctx, verdict, sql, params, readonly, workload)
+        if not _pure_read(verdict):
+            self._wrote(tenant.tenant_id)
+        return result
+
+    async def _attempted(
+        self,
+        tenant: TenantRecord,
+        ctx: TenantContext,
+        verdict: Classification,
+        sql: str,
+        params: Sequence[Any],
+        readonly: bool,
+        workload: Workload,
+        replica: Replica | None = None,
     ) -> QueryResult:
         for last in self._attempts():
             try:
                 async with self._session(
-                    tenant, ctx, readonly=readonly, transaction=False
+                    tenant,
+                    ctx,
+                    readonly=readonly,
+                    transaction=False,
+                    workload=workload,
+                    replica=replica,
                 ) as session:
                     return await self._statement(session, verdict, sql, params)
             except _RETRIED:
                 if last:
                     raise
         raise AssertionError("the last attempt raises")  # for the type checker
+
+    def _replica_for(
+        self, tenant: TenantRecord, ctx: TenantContext, verdict: Classification
+    ) -> Replica | None:
+        """A replica for a pure read of a caller without a user id (the user's context is
+        entered on the primary's sessions), when one may answer now."""
+        if self._replicas is None or ctx.user_id is not None or not _pure_read(verdict):
+            return None
+        return self._replicas.choose(tenant.tenant_id)
+
+    def _wrote(self, tenant_id: str) -> None:
+        """A write of the tenant's committed on the primary (read your writes)."""
+        if self._replicas is not None:
+            self._replicas.wrote(tenant_id)
 
     async def stream(
         self,
@@ -585,18 +705,30 @@ class QueryExecutor:
             self._check_params(params)
             tenant, verdict = await self.authorize(principal, ctx, sql)
             outcome.kind = verdict.kind
+            outcome.verdict = verdict
             if read_only and verdict.kind is not StatementKind.READ:
                 raise SqlRejected("this operation runs read-only statements only", sqlstate="25006")
             readonly = read_only or not principal.has_scope(Scope.WRITE)
             if own_sql and verdict.kind is StatementKind.READ and verdict.repeatable:
                 readonly = False
-            for last in self._attempts():
+            replica = self._replica_for(tenant, ctx, verdict)
+            attempts = self._attempts()
+            if replica is not None:
+                attempts = [False, *attempts]  # the replica's, then the primary's as ever
+            for last in attempts:
                 # The header goes out once the statement is bound: a kept statement whose
                 # tables changed is refused at Bind, and retried while nothing has been sent.
                 sent = False
                 try:
                     async with (
-                        self._session(tenant, ctx, readonly=readonly, transaction=False) as session,
+                        self._session(
+                            tenant,
+                            ctx,
+                            readonly=readonly,
+                            transaction=False,
+                            workload=_workload_of(action),
+                            replica=replica,
+                        ) as session,
                         self._streamed_statement_span(tenant.tenant_id, verdict, sql),
                     ):
                         watch = session.watch
@@ -641,12 +773,26 @@ class QueryExecutor:
                                 yield rows[i : i + batch_rows]
                             command = stmt.get_statusmsg() or ""
                             row_count = _row_count(command, len(rows))
+                    if replica is not None:
+                        replica.reads += 1
                     break
                 except _RETRIED:
                     if sent or last:
                         raise
+                except (Unavailable, QueryError) as exc:
+                    if replica is None or sent or not _replica_may_fail(exc):
+                        raise
+                    assert self._replicas is not None
+                    self._replicas.failed(replica, exc)  # the primary answers instead
+                    replica = None
+            if not _pure_read(verdict):
+                self._wrote(tenant.tenant_id)
             outcome.command = command
-            yield Summary(row_count, command, (time.perf_counter() - started) * 1000, verdict.kind)
+            duration_ms = (time.perf_counter() - started) * 1000
+            if self._statements is not None:
+                # A stream's time runs to its last row: the reader's pace is part of it.
+                self._statements.done(tenant, verdict, sql, params, duration_ms, row_count)
+            yield Summary(row_count, command, duration_ms, verdict.kind)
 
     async def transaction(
         self,
@@ -684,13 +830,21 @@ class QueryExecutor:
                         for index, ((sql, params), verdict) in enumerate(
                             zip(statements, verdicts, strict=True), start=1
                         ):
+                            began = time.perf_counter()
                             try:
                                 with postgres_errors(ctx.tenant_id):
                                     result = await self._statement(session, verdict, sql, params)
                                 results.append(result)
                             except DatabaseServiceError as exc:
+                                if self._statements is not None:
+                                    self._statements.failed(ctx.tenant_id, verdict)
                                 exc.message = f"statement {index}: {exc.message}"
                                 raise
+                            if self._statements is not None:
+                                took_ms = (time.perf_counter() - began) * 1000
+                                self._statements.done(
+                                    tenant, verdict, sql, params, took_ms, result.row_count
+                                )
                     break
                 except StatementOutdated:
                     # Rolled back whole; every statement runs again, prepared afresh.
@@ -703,6 +857,8 @@ class QueryExecutor:
                         await self._caching.written(
                             tenant, sql, params, generation, ddl=verdict.kind is StatementKind.DDL
                         )
+            if not all(_pure_read(v) for v in verdicts):
+                self._wrote(tenant.tenant_id)
             outcome.command = f"{len(results)} statements"
             return TransactionResult(results, (time.perf_counter() - started) * 1000)
 
@@ -719,13 +875,18 @@ class QueryExecutor:
         A table under row-level security (the shared tables) cannot be the target of COPY, so
         rows go by COPY into a staging table in the tenant's schema, then INSERT … SELECT, which
         RLS checks row by row."""
+        started = time.perf_counter()
         async with self._audited(principal, ctx, "bulk_insert") as outcome:
             tenant = await self._bulk_tenant(principal, ctx)
             outcome.kind = StatementKind.WRITE
-            async with self._session(tenant, ctx, readonly=False, transaction=True) as session:
+            async with self._session(
+                tenant, ctx, readonly=False, transaction=True, workload="bulk"
+            ) as session:
                 conn, watch = session.conn, session.watch
                 async with watch.statement():
                     target = await self._target(conn, tenant, table, columns)
+                if self._statements is not None:
+                    outcome.verdict = self._statements.bulk("BULK INSERT", target.name, columns)
                 records = self._records(target, columns, batches)
                 # COPY runs as long as the caller streams rows: bounded by the session's limit.
                 if not target.rls:
@@ -742,7 +903,11 @@ class QueryExecutor:
                         await conn.execute(f"DROP TABLE {stage}")
             if self._caching is not None:
                 await self._caching.written_table(tenant, f"{target.schema}.{target.name}")
+            self._wrote(tenant.tenant_id)
             written = _row_count(status, 0)
+            if outcome.verdict is not None and self._statements is not None:
+                took_ms = (time.perf_counter() - started) * 1000
+                self._statements.done(tenant, outcome.verdict, "", (), took_ms, written)
             outcome.command = f"BULK INSERT {written}"
             return written
 
@@ -760,6 +925,7 @@ class QueryExecutor:
         Each row holds the key values, then the new values. The staging table is an unlogged
         table in the tenant's own schema, created and dropped inside the transaction (tenants
         have no TEMP privilege, so no temporary object can outlive a request)."""
+        started = time.perf_counter()
         async with self._audited(principal, ctx, "bulk_update") as outcome:
             tenant = await self._bulk_tenant(principal, ctx)
             outcome.kind = StatementKind.WRITE
@@ -768,10 +934,14 @@ class QueryExecutor:
             if set(key_columns) & set(columns):
                 raise InvalidParameters("a column cannot be both a key and a column to set")
             all_columns = [*key_columns, *columns]
-            async with self._session(tenant, ctx, readonly=False, transaction=True) as session:
+            async with self._session(
+                tenant, ctx, readonly=False, transaction=True, workload="bulk"
+            ) as session:
                 conn, watch = session.conn, session.watch
                 async with watch.statement():
                     target = await self._target(conn, tenant, table, all_columns)
+                if self._statements is not None:
+                    outcome.verdict = self._statements.bulk("BULK UPDATE", target.name, columns)
                 records = self._records(target, all_columns, batches)
                 stage = await self._stage(conn, tenant, target, all_columns, records)
                 sets = ", ".join(f"{quote_ident(c)} = s.{quote_ident(c)}" for c in columns)
@@ -783,7 +953,11 @@ class QueryExecutor:
                     await conn.execute(f"DROP TABLE {stage}")
             if self._caching is not None:
                 await self._caching.written_table(tenant, f"{target.schema}.{target.name}")
+            self._wrote(tenant.tenant_id)
             updated = _row_count(status, 0)
+            if outcome.verdict is not None and self._statements is not None:
+                took_ms = (time.perf_counter() - started) * 1000
+                self._statements.done(tenant, outcome.verdict, "", (), took_ms, updated)
             outcome.command = f"BULK UPDATE {updated}"
             return updated
 

@@ -32,6 +32,7 @@ Verdicts are cached per (statement text, tenant schema): a verdict never crosses
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -72,6 +73,12 @@ class Classification:
     # function, no function of the tenant's). The query core may then read the first rows
     # outside a transaction and, when the result turns out larger, read it again by cursor.
     repeatable: bool = False
+    # pg_query's fingerprint of the text (literals, parameter numbers and formatting do not
+    # change it) and the text with its literals replaced by $n: computed once, when the text is
+    # first classified, so the statement statistics never parse on the request path. Not part
+    # of the verdict: two verdicts are equal whatever texts they came from.
+    fingerprint: str = dataclasses.field(default="", compare=False)
+    normalized: str = dataclasses.field(default="", compare=False)
 
     @property
     def readonly(self) -> bool:
@@ -247,6 +254,22 @@ _INLINE_BYTES = 2048  # statements up to this size are classified on the caller'
 _VERDICT_ERRORS: dict[str, type[SqlRejected | PayloadTooLarge | InvalidText]] = {
     cls.__name__: cls for cls in (SqlRejected, SqlSyntaxError, PayloadTooLarge, InvalidText)
 }
+
+
+# A statement's text as the statistics and the slow-query log keep it (the normalised text of a
+# 100 KB statement is not worth keeping whole).
+_NORMALIZED_CHARS = 2000
+
+
+def _identity(sql: str) -> tuple[str, str]:
+    """The fingerprint and normalised text of a statement the parser accepted (two more passes
+    of PostgreSQL's parser, once per text: the classification is cached)."""
+    try:
+        fingerprint = pglast.parser.fingerprint(sql)
+        normalized = pglast.parser.normalize(sql)
+    except ParseError:  # cannot happen for a text parse_sql accepted; never fail the verdict
+        return "", sql[:_NORMALIZED_CHARS]
+    return fingerprint, normalized.strip()[:_NORMALIZED_CHARS]
 
 
 def packaged_catalog_functions() -> frozenset[str]:
@@ -497,7 +520,9 @@ class SqlGuard:
                     raise
         result: Classification | SqlRejected
         if verdict[0] == "ok":
-            result = Classification(StatementKind(verdict[1]), verdict[2], verdict[3])
+            result = Classification(
+                StatementKind(verdict[1]), verdict[2], verdict[3], verdict[4], verdict[5]
+            )
         else:
             error = _VERDICT_ERRORS[verdict[1]](
                 verdict[2], sqlstate=verdict[3], position=verdict[4]
@@ -619,7 +644,9 @@ class SqlGuard:
                 f"multiple statements in one request are not allowed (found {len(tree)})",
                 sqlstate="42501",
             )
-        return self._check_statement(tree[0], scope, sql)
+        verdict = self._check_statement(tree[0], scope, sql)
+        fingerprint, normalized = _identity(sql)
+        return dataclasses.replace(verdict, fingerprint=fingerprint, normalized=normalized)
 
     def _check_statement(self, raw: Any, scope: _Scope, sql: str) -> Classification:
         name = type(raw.stmt).__name__
@@ -858,4 +885,11 @@ def _classify_in_worker(
         verdict = _worker_guard.classify(sql, own_schema=own_schema, shared_schemas=shared_schemas)
     except (SqlRejected, PayloadTooLarge, InvalidText) as exc:
         return ("error", type(exc).__name__, exc.message, exc.sqlstate, exc.position)
-    return ("ok", verdict.kind.value, verdict.tag, verdict.repeatable)
+    return (
+        "ok",
+        verdict.kind.value,
+        verdict.tag,
+        verdict.repeatable,
+        verdict.fingerprint,
+        verdict.normalized,
+    )

@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 
 _HBA = """\
 # Managed by database-service: tenant roles authenticate with SCRAM; only the owner is trusted,
-# and only on the Unix socket inside the private data directory.
+# and only on the Unix socket inside the private data directory (replication too: the cluster
+# backups' pg_basebackup and pg_receivewal).
 local   all             postgres                                trust
+local   replication     postgres                                trust
 local   all             all                                     scram-sha-256
 host    all             all             127.0.0.1/32            scram-sha-256
 host    all             all             ::1/128                 scram-sha-256

@@ -24,6 +24,8 @@ __all__ = ["DIVIDED", "WorkerPlan", "divide", "resolve_count", "worker_overrides
 DIVIDED = (
     "pool_global_max",
     "pool_max_per_tenant",
+    "pool_analytics_max_per_tenant",
+    "pool_bulk_max_per_tenant",
     "admin_pool_size",
     "audit_pool_size",
     "maintenance_pool_size",

@@ -1,11 +1,14 @@
 """REST routes, one module per concern; each calls the application layer only."""
 
 from database_service.api.http.routes import (
+    backups,
     keyvalue,
     observability,
     partitions,
     queries,
     services,
+    statements,
+    tenant_backups,
     tenants,
     timeseries,
 )
@@ -15,9 +18,12 @@ ROUTERS = (
     timeseries.router,
     keyvalue.router,
     tenants.router,
+    tenant_backups.router,
     services.router,
     partitions.router,
+    backups.router,
     observability.router,
+    statements.router,
 )
 
 __all__ = ["ROUTERS"]

@@ -1,0 +1,314 @@
+"""Per-tenant export and restore (``backup.tenant``): who may, and the background jobs REST runs
+them as.
+
+Who may:
+
+- **export** a tenant: ``admin`` *and* ``read`` for that tenant. A tenant's own administrating
+  service (holding both) may export its own tenant: the file holds nothing its ``read`` scope
+  does not already show it. The bootstrap token, which never reads tenant data, may not.
+- **restore** a file into the tenant it was exported from: ``admin`` and ``write`` for it.
+- **restore into another tenant id** (rows re-keyed to it): the platform administrator only,
+  explicitly (``into``). A tenant cannot move its data into, or over, another tenant: the file's
+  tenant id is covered by its signature, and the target needs its own rights.
+
+Jobs (REST) run in the process that accepted them; their state is a small JSON file under the
+backup directory, so any serving process can answer for it. A job of a tenant the caller may not
+administer is answered like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from database_service.application.access import Access
+from database_service.auth import Principal, Scope
+from database_service.backup.archive import private_file
+from database_service.backup.tenant import (
+    BackupProgress,
+    ProgressCallback,
+    RestoreReport,
+    TenantBackups,
+)
+from database_service.errors import (
+    DatabaseServiceError,
+    FailedPrecondition,
+    InvalidParameters,
+    NotFound,
+    PayloadTooLarge,
+)
+from database_service.tenancy import validate_tenant_id
+
+__all__ = ["TenantBackupAdmin"]
+
+log = logging.getLogger(__name__)
+
+_JOB_ID = re.compile(r"[0-9a-f]{16}")
+SUFFIX = ".dbsvc-backup"
+
+
+class TenantBackupAdmin:
+    def __init__(self, access: Access, backups: TenantBackups) -> None:
+        self._access = access
+        self._backups = backups
+        self._dir = backups.directory
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ authorization
+
+    async def _may_export(self, principal: Principal, tenant_id: str) -> None:
+        await self._access.require(principal, Scope.ADMIN, "tenant.export", tenant_id)
+        await self._access.require(principal, Scope.READ, "tenant.export", tenant_id)
+
+    async def _may_restore(self, principal: Principal, source: str, target: str) -> None:
+        if target != source:
+            await self._access.require_platform(principal, "tenant.restore", tenant_id=target)
+        await self._access.require(principal, Scope.ADMIN, "tenant.restore", target)
+        await self._access.require(principal, Scope.WRITE, "tenant.restore", target)
+
+    # ------------------------------------------------------------ direct (CLI)
+
+    async def export(
+        self,
+        principal: Principal,
+        tenant_id: str,
+        path: Path,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._may_export(principal, tenant_id)
+        manifest = await self._backups.export(tenant_id, path, progress=progress)
+        await self._access.done(
+            principal, "tenant.export", tenant_id, f"{manifest['totals']['rows']} rows"
+        )
+        return manifest
+
+    async def restore(
+        self,
+        principal: Principal,
+        path: Path,
+        *,
+        into: str | None = None,
+        replace: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> RestoreReport:
+        with self._backups.open(path) as archive:  # the signed tenant id, before any check
+            source = archive.manifest["tenant_id"]
+        target = validate_tenant_id(into) if into is not None else source
+        await self._may_restore(principal, source, target)
+        report = await self._backups.restore(path, into=into, replace=replace, progress=progress)
+        await self._access.done(
+            principal, "tenant.restore", target, f"from {source}: {report.rows} rows"
+        )
+        return report
+
+    # ------------------------------------------------------------ jobs (REST)
+
+    def _job_file(self, job_id: str) -> Path:
+        return self._dir / "jobs" / f"{job_id}.json"
+
+    def _write_job(self, job: dict[str, Any]) -> None:
+        path = self._job_file(job["id"])
+        partial = path.with_name(path.name + ".partial")
+        with private_file(partial) as handle:
+            handle.write(json.dumps(job).encode())
+        os.replace(partial, path)
+
+    def _read_job(self, job_id: str) -> dict[str, Any] | None:
+        if not _JOB_ID.fullmatch(job_id):
+            return None
+        try:
+            job: dict[str, Any] = json.loads(self._job_file(job_id).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return job
+
+    def _run(self, job: dict[str, Any], work: Any) -> None:
+        """Run ``work(progress)`` in the background, keeping the job file up to date."""
+        last = 0.0
+
+        def progress(step: BackupProgress) -> None:
+            nonlocal last
+            job.update(
+                phase=step.phase,
+                rows_done=step.rows_done,
+                rows_total=step.rows_total,
+                bytes_done=step.bytes_done,
+                bytes_total=step.bytes_total,
+            )
+            now = time.monotonic()
+            if now - last >= 0.5:  # the file is for people and pollers, not every chunk
+                last = now
+                self._write_job(job)
+
+        async def run() -> None:
+            try:
+                result = await work(progress)
+                job.update(state="done", result=result)
+            except DatabaseServiceError as exc:
+                job.update(state="failed", error=exc.to_dict())
+            except Exception as exc:
+                log.exception("tenant backup job %s failed", job["id"])
+                job.update(state="failed", error={"code": "internal", "message": str(exc)})
+            finally:
+                job["finished_at"] = time.time()
+                self._write_job(job)
+                upload = job.get("upload")
+                if upload:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(upload)  # a directory entry: no thread for it
+
+        self._write_job(job)
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _new_job(self, kind: str, principal: Principal, tenant_id: str) -> dict[str, Any]:
+        return {
+            "id": secrets.token_hex(8),
+            "kind": kind,
+            "tenant_id": tenant_id,
+            "service": principal.service,
+            "state": "running",
+            "phase": "queued",
+            "rows_done": 0,
+            "rows_total": 0,
+            "bytes_done": 0,
+            "bytes_total": 0,
+            "started_at": time.time(),
+        }
+
+    async def start_export(self, principal: Principal, tenant_id: str) -> dict[str, Any]:
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._may_export(principal, tenant_id)
+        job = self._new_job("export", principal, tenant_id)
+        path = self._dir / "exports" / f"{job['id']}{SUFFIX}"
+        job["file"] = str(path)
+
+        async def work(progress: ProgressCallback) -> dict[str, Any]:
+            manifest = await self._backups.export(tenant_id, path, progress=progress)
+            await self._access.done(
+                principal, "tenant.export", tenant_id, f"{manifest['totals']['rows']} rows"
+            )
+            return {"rows": manifest["totals"]["rows"], "bytes": path.stat().st_size}
+
+        self._run(job, work)
+        return _public(job)
+
+    async def job(
+        self, principal: Principal, tenant_id: str, job_id: str, kind: str | None = None
+    ) -> dict[str, Any]:
+        """A job of ``tenant_id``: the same answer for a job of another tenant as for none."""
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require(principal, Scope.ADMIN, "tenant.backup_job", tenant_id)
+        job = self._read_job(job_id)
+        if job is None or job["tenant_id"] != tenant_id or kind not in (None, job["kind"]):
+            await self._access.deny(
+                principal,
+                tenant_id,
+                "tenant.backup_job",
+                NotFound(f"no backup job {job_id!r} for tenant {tenant_id!r}"),
+            )
+        return _public(job)
+
+    async def export_file(self, principal: Principal, tenant_id: str, job_id: str) -> Path:
+        """The finished export's file, for its download."""
+        job = await self.job(principal, tenant_id, job_id, "export")
+        await self._may_export(principal, tenant_id)
+        if job["kind"] != "export" or job["state"] != "done":
+            raise NotFound(f"backup job {job_id!r} has no finished export (state {job['state']})")
+        path = self._dir / "exports" / f"{job_id}{SUFFIX}"
+        if not path.exists():
+            raise NotFound(f"the file of backup job {job_id!r} is gone")
+        await self._access.done(principal, "tenant.export.download", tenant_id, job_id)
+        return path
+
+    async def delete_export(self, principal: Principal, tenant_id: str, job_id: str) -> None:
+        """Remove a finished export's file (it holds the tenant's whole data)."""
+        job = await self.job(principal, tenant_id, job_id, "export")
+        await self._may_export(principal, tenant_id)
+        if job["state"] == "running":
+            raise FailedPrecondition(f"backup job {job_id!r} is still running")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._dir / "exports" / f"{job_id}{SUFFIX}")
+        full = self._read_job(job_id) or job
+        self._write_job({**full, "state": "deleted"})
+        await self._access.done(principal, "tenant.export.delete", tenant_id, job_id)
+
+    async def start_restore(
+        self,
+        principal: Principal,
+        tenant_id: str,
+        body: AsyncIterator[bytes],
+        *,
+        from_tenant: str | None = None,
+        replace: bool = False,
+        max_bytes: int,
+    ) -> dict[str, Any]:
+        """Restore an uploaded file into ``tenant_id``. A file of another tenant is restored
+        only when ``from_tenant`` names it (the explicit re-keying, platform only)."""
+        tenant_id = validate_tenant_id(tenant_id)
+        # Refused before a byte is stored when the caller could not restore into the target.
+        await self._access.require(principal, Scope.ADMIN, "tenant.restore", tenant_id)
+        await self._access.require(principal, Scope.WRITE, "tenant.restore", tenant_id)
+        job = self._new_job("restore", principal, tenant_id)
+        upload = self._dir / "uploads" / f"{job['id']}{SUFFIX}"
+        size = 0
+        try:
+            with private_file(upload) as handle:
+                async for chunk in body:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise PayloadTooLarge(
+                            f"the upload is over {max_bytes} bytes (DBSVC_TENANT_RESTORE_MAX_BYTES)"
+                        )
+                    handle.write(chunk)
+            with self._backups.open(upload) as archive:
+                # A damaged file is refused now, not in the job (hashed in a thread).
+                await asyncio.to_thread(archive.verify)
+                source = archive.manifest["tenant_id"]
+            if source not in (tenant_id, from_tenant):
+                raise InvalidParameters(
+                    f"the file is an export of tenant {source!r}, not {tenant_id!r}: to restore"
+                    f" it into {tenant_id!r} (rows re-keyed), pass from_tenant={source!r}"
+                    " (platform administrator only)"
+                )
+            await self._may_restore(principal, source, tenant_id)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                upload.unlink()
+            raise
+        job["upload"] = str(upload)
+        into = tenant_id if tenant_id != source else None
+
+        async def work(progress: ProgressCallback) -> dict[str, Any]:
+            report = await self._backups.restore(
+                upload, into=into, replace=replace, progress=progress
+            )
+            await self._access.done(
+                principal, "tenant.restore", tenant_id, f"from {source}: {report.rows} rows"
+            )
+            return report.to_dict()
+
+        self._run(job, work)
+        return _public(job)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    """What a caller sees of a job (no paths)."""
+    return {k: v for k, v in job.items() if k not in ("file", "upload")}
