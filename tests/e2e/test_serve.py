@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from database_service.supervisor import free_port
+from database_service.supervisor.nats import stop_orphaned_nats
 
 BIN = Path(sys.executable).parent / "database-service"
 
@@ -103,6 +104,9 @@ class Served:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        # A killed serve leaves its nats-server running, for the next start on this data
+        # directory to stop (supervisor/nats.py); a test's directory has no next start.
+        stop_orphaned_nats(self.data_dir / "nats")
 
 
 @pytest.fixture

@@ -134,6 +134,7 @@ _UNPACK: dict[str, tuple[Callable[[Any], Any], Callable[[str], Any]]] = {
     "bytes": (base64.b64decode, base64.b64decode),
 }
 _STRINGS = {str}
+_TZINFO = attrgetter("tzinfo")
 
 
 def _converted(values: tuple[Any, ...], kind: str) -> Iterable[Any]:
@@ -145,7 +146,7 @@ def _converted(values: tuple[Any, ...], kind: str) -> Iterable[Any]:
             pass
         else:
             # The server writes timestamps with their offset; one without is UTC.
-            if kind != "timestamp" or all(v.tzinfo is not None for v in converted):
+            if kind != "timestamp" or None not in map(_TZINFO, converted):  # in C
                 return converted
     return [None if v is None else one(v) for v in values]
 
