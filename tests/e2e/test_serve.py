@@ -100,13 +100,14 @@ class Served:
             self._reader.join(timeout=5)
         return "".join(self.lines)
 
-    def kill(self) -> None:
+    def kill(self, *, leave_children: bool = False) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        # A killed serve leaves its nats-server running, for the next start on this data
-        # directory to stop (supervisor/nats.py); a test's directory has no next start.
-        stop_orphaned_nats(self.data_dir / "nats")
+        if not leave_children:
+            # A killed serve leaves its nats-server running, for the next start on this data
+            # directory to stop (supervisor/nats.py); a test's directory has no next start.
+            stop_orphaned_nats(self.data_dir / "nats")
 
 
 @pytest.fixture
@@ -345,7 +346,7 @@ def test_a_serve_killed_outright_does_not_keep_the_next_one_from_starting(
         headers=served.admin(),
     )
     assert created.status_code == 201, created.text
-    served.kill()
+    served.kill(leave_children=True)  # as the OOM killer would
     assert children_left(served.data_dir), "expected the killed serve's children to outlive it"
 
     # The same ports, exactly as a second `make run` would use them.
