@@ -19,6 +19,7 @@ from database_service.app import Application
 from database_service.auth import Principal, Scope
 from database_service.postgres.replicas import lsn_value
 from database_service.query import TenantContext
+from database_service.query.caching import CacheOptions
 from database_service.supervisor import free_port
 from database_service.supervisor.replica import restart_replica, start_replica, stop_replica
 from database_service.tenancy import TenantRecord
@@ -205,3 +206,31 @@ async def test_health_shows_each_replica(replicated: tuple[Application, Path, in
     document = await app.health.document()
     (shown,) = document["replicas"]["replicas"]
     assert shown["status"] == "healthy" and shown["lag_ms"] is not None
+
+
+async def test_a_cached_read_is_filled_from_the_primary(
+    replicated: tuple[Application, Path, int],
+) -> None:
+    """A replica's older view, once cached, would outlive the lag bound (until the TTL or the
+    next write): the cache's fills read the primary."""
+    app, _, _ = replicated
+    assert app.replicas is not None
+    replica = app.replicas.replicas[0]
+    tenant, principal, ctx = await _tenant(app)
+    await _caught_up(app)
+    options = CacheOptions(
+        ttl_ms=60_000, form="test", encode=lambda r: repr([tuple(x) for x in r.rows]).encode()
+    )
+    await _on_replica(app, "SELECT pg_wal_replay_pause()")
+    try:
+        await app.owner_pool.execute(f"INSERT INTO {tenant.schema_name}.quotes VALUES (3, 'x')")
+        await app.replicas.check()
+        reads = replica.reads
+        sql = "SELECT v FROM quotes WHERE id = $1"
+        filled = await app.executor.execute(principal, ctx, sql, [3], cache=options)
+        assert filled.cache is not None and filled.cache.status == "miss"
+        assert filled.payload == b"[('x',)]"  # the primary's, not the replica's
+        assert replica.reads == reads
+        assert await _read(app, principal, ctx, 3) == []  # uncached: the replica's view
+    finally:
+        await _on_replica(app, "SELECT pg_wal_replay_resume()")

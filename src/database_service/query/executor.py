@@ -571,8 +571,17 @@ class QueryExecutor:
             if caching is not None and cache is not None and verdict.kind is StatementKind.READ:
 
                 async def load() -> QueryResult:
+                    # From the primary: a replica's older view, once cached, would be served
+                    # past the replica's lag bound (until the TTL or the next write).
                     return await self._run(
-                        tenant, ctx, verdict, sql, params, readonly=readonly, workload=workload
+                        tenant,
+                        ctx,
+                        verdict,
+                        sql,
+                        params,
+                        readonly=readonly,
+                        workload=workload,
+                        replica_ok=False,
                     )
 
                 result = await caching.read(
@@ -618,8 +627,9 @@ class QueryExecutor:
         *,
         readonly: bool,
         workload: Workload = "oltp",
+        replica_ok: bool = True,
     ) -> QueryResult:
-        replica = self._replica_for(tenant, ctx, verdict)
+        replica = self._replica_for(tenant, ctx, verdict) if replica_ok else None
         if replica is not None:
             assert self._replicas is not None
             try:
