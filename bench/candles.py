@@ -6,6 +6,9 @@ Loads >= 5,000,000 ticks for one day across tenants and symbols through the part
 to that company) and MultiDatabaseClient.candles (gRPC, from the rollup). Medians of 7 runs.
 
     .venv/bin/python bench/candles.py [--ticks 5000000]
+
+The last line is one JSON object of the figures (``{"bench": "candles", ...}``, printed by
+``harness.reporting``).
 """
 
 from __future__ import annotations

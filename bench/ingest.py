@@ -12,6 +12,9 @@ For each round the same number of ticks is loaded
 Prints ticks/s per path, the median of the rounds and the ratio to raw COPY.
 
     .venv/bin/python bench/ingest.py [--ticks 200000] [--rounds 3] [--batch 1000]
+
+The last line is one JSON object of the figures (``{"bench": "ingest", ...}``, printed by
+``harness.reporting``).
 """
 
 from __future__ import annotations

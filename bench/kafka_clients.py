@@ -15,6 +15,9 @@ end; both acks=all, linger 5 ms, no compression. Consume rates run from the firs
 last (the group join is shown apart). Medians of 3 repetitions, client order alternating.
 
     .venv/bin/python bench/kafka_clients.py [--messages 200000] [--batch 1000] [--repeat 3]
+
+The last line is one JSON object of the figures (``{"bench": "kafka_clients", ...}``, printed by
+``harness.reporting``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 from typing import Any
 
 import httpx
@@ -297,7 +298,14 @@ async def test_pg_stat_statements_beside_ours(
 ) -> None:
     preload = await core.owner_pool.fetchval("SHOW shared_preload_libraries")
     if "pg_stat_statements" not in preload:
-        pytest.skip("this PostgreSQL does not preload pg_stat_statements (scripts/pg15.sh does)")
+        available = await core.owner_pool.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_stat_statements')"
+        )
+        reason = "this PostgreSQL does not preload pg_stat_statements (scripts/pg15.sh does)"
+        if available and os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason + " — CI must test it where it is installed")
+        # The embedded PostgreSQL 18 ships no pg_stat_statements at all: nothing to test there.
+        pytest.skip(reason)
     created = await core.owner_pool.fetchval(
         "SELECT NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_stat_statements')"
     )
