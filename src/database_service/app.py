@@ -32,6 +32,7 @@ from database_service.application import (
 )
 from database_service.application.backups import ClusterBackupAdmin
 from database_service.application.tenant_backups import TenantBackupAdmin
+from database_service.application.vectors import VectorMetrics, VectorOps
 from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
 from database_service.auth.tokens import deployment_audience
 from database_service.backup.cluster import ClusterBackups, WalReceiver, find_tools
@@ -74,6 +75,7 @@ from database_service.statements import (
     StatementStats,
 )
 from database_service.statements.recorder import StatementRecorder
+from database_service.stores.vector import PgVectorStore, VectorProbe
 from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
 from database_service.tenancy import (
     MigrationReport,
@@ -441,6 +443,10 @@ class Application:
             ),
             *probes_before,
         ]
+        # Vector collections: pgvector in this PostgreSQL (not_configured where it has none).
+        self.vector_store = PgVectorStore(self.executor, self.owner_pool)
+        await self.vector_store.start()
+        probes.append(VectorProbe(self.vector_store))
         nats_url = s.nats_url
         if nats_url is None and s.nats_embedded and self._start_nats:
             nats = await stack.enter_async_context(
@@ -741,6 +747,7 @@ class Application:
         )
         self.timeseries = TimeSeries(self.executor, shared_schema=s.shared_schema)
         self.key_value = KeyValueOps(self.access, self.key_values, self.registry, self.audit)
+        self.vectors = VectorOps(self.access, self.vector_store, VectorMetrics(self.metrics))
         self.observability = Observability(
             self.access,
             health=self.health,

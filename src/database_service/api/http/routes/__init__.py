@@ -11,12 +11,14 @@ from database_service.api.http.routes import (
     tenant_backups,
     tenants,
     timeseries,
+    vectors,
 )
 
 ROUTERS = (
     queries.router,
     timeseries.router,
     keyvalue.router,
+    vectors.router,
     tenants.router,
     tenant_backups.router,
     services.router,
