@@ -473,12 +473,18 @@ class PgVectorStore:
                 "note": "pgvector is not installed in this PostgreSQL (CREATE EXTENSION vector"
                 " as its owner, then restart)",
             }
+        # The planner's estimates (no scan of any tenant's table): objects as of the last
+        # VACUUM/ANALYZE; the dimensions of the collections' vector columns.
         row = await self._owner.fetchrow(
             "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector') AS version,"
             " count(*) AS collections,"
             " coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint AS objects,"
-            " count(DISTINCT c.relnamespace) AS tenants"
-            " FROM pg_class c WHERE c.relkind = 'r' AND c.relname LIKE 'vec\\_%'"
+            " count(DISTINCT c.relnamespace) AS tenants,"
+            " coalesce(array_agg(DISTINCT a.atttypmod ORDER BY a.atttypmod)"
+            "  FILTER (WHERE a.atttypmod > 0), '{}') AS dimensions"
+            " FROM pg_class c LEFT JOIN pg_attribute a ON a.attrelid = c.oid"
+            "  AND a.attname = 'vector' AND NOT a.attisdropped"
+            " WHERE c.relkind = 'r' AND c.relname LIKE 'vec\\_%'"
             " AND obj_description(c.oid, 'pg_class') LIKE $1",
             f'{{"marker": "{_MARKER}"%',
         )
@@ -490,7 +496,9 @@ class PgVectorStore:
             "extension_schema": self.schema,
             "collections": row["collections"],
             "tenants_with_collections": row["tenants"],
-            "objects_count_estimate": row["objects"],
+            "objects_count": row["objects"],
+            "objects_count_is_estimate": True,
+            "vector_dimensions": list(row["dimensions"]),
         }
 
 
