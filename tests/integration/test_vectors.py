@@ -411,11 +411,13 @@ async def test_hnsw_search_recalls_what_exact_search_finds(core: Application, se
     """5,000 random 64-dimensional vectors: the service's search (HNSW) against an exact scan
     of the same table (index scans off), recall@10 over 40 queries."""
     client = setup.client
-    await client.vector_create_collection("Recall", 64)
+    await client.vector_create_collection("Recall", 64, properties={"bucket": "int"})
     try:
         rng = random.Random(11)
         for _ in range(5):
-            batch = [{"vector": _unit(rng, 64)} for _i in range(1000)]
+            batch = [
+                {"vector": _unit(rng, 64), "properties": {"bucket": i % 20}} for i in range(1000)
+            ]
             await client.vector_upsert("Recall", batch)
         table = f"{quote_ident(setup.tenant.schema_name)}.{quote_ident(table_name('Recall'))}"
         found = total = 0
@@ -430,9 +432,28 @@ async def test_hnsw_search_recalls_what_exact_search_finds(core: Application, se
                 )
                 found += len({h["id"] for h in hits} & {str(r["id"]) for r in exact})
                 total += 10
+            # A filter keeping 5% of the rows: the iterative scan still finds 10 of them.
+            where = {"path": "bucket", "operator": "Equal", "value": 3}
+            filtered_found = 0
+            for _ in range(10):
+                query = _unit(rng, 64)
+                hits = await client.vector_search("Recall", query, limit=10, where=where)
+                assert len(hits) == 10 and {h["properties"]["bucket"] for h in hits} == {3}
+                exact = await conn.fetch(
+                    f"SELECT id FROM {table} WHERE bucket = 3"
+                    " ORDER BY vector <=> $1::real[]::vector LIMIT 10",
+                    query,
+                )
+                filtered_found += len({h["id"] for h in hits} & {str(r["id"]) for r in exact})
         assert found / total >= 0.95, found / total
+        assert filtered_found / 100 >= 0.9, filtered_found / 100
     finally:
         await client.vector_drop_collection("Recall")
+
+
+async def test_search_settings_are_the_databases_defaults(core: Application) -> None:
+    """Control migration 0013 set them: a search is one round trip, with no SET."""
+    assert core.vector_store.defaults_set
 
 
 async def test_a_search_uses_the_hnsw_index(core: Application, setup: Setup) -> None:

@@ -187,14 +187,15 @@ class _Session:
 class OwnSession:
     """What ``QueryExecutor.own_session`` yields: the tenant, its connection (in a transaction),
     the watch whose ``statement()`` arms the statement limit around each round trip, the
-    command tag for the audit, and the relations (``schema.table``) written, whose cached
-    results are then invalidated."""
+    command tag for the audit, the relations (``schema.table``) written, whose cached
+    results are then invalidated, and whether the session changed no session state."""
 
     tenant: TenantRecord
     conn: Connection
     watch: SessionWatch
     command: str | None = None
     written: list[str] = field(default_factory=list)
+    stateless: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -896,17 +897,27 @@ class QueryExecutor:
         the scope of ``kind`` checked (read, write, DDL → admin) for an active tenant, the
         tenant's time limits, READ ONLY for a reader, audit and counts as ``action``. The
         caller quotes every name it puts in its SQL; the session runs as the company (no user
-        id: these objects are the company's, as DDL is)."""
+        id: these objects are the company's, as DDL is).
+
+        A read by a caller that may write runs without a transaction (its one statement in one
+        round trip; the caller opens one if it needs it); a read-only caller's reads run READ
+        ONLY, so that nothing a tenant's administrator defined (a view in place of a table)
+        writes for it. ``stateless``, set by the caller when it changed no session state, spares
+        the connection's reset on release."""
         async with self._audited(principal, ctx, action) as outcome:
             principal.require(_REQUIRED_SCOPE[kind], ctx.tenant_id)
             tenant = await self._registry.get_active(ctx.tenant_id)
             outcome.kind = kind
-            readonly = kind is StatementKind.READ or not principal.has_scope(Scope.WRITE)
+            readonly = not principal.has_scope(Scope.WRITE)
             async with self._session(
-                tenant, TenantContext(ctx.tenant_id), readonly=readonly, transaction=True
+                tenant,
+                TenantContext(ctx.tenant_id),
+                readonly=readonly,
+                transaction=kind is not StatementKind.READ,
             ) as session:
                 own = OwnSession(tenant, session.conn, session.watch)
                 yield own
+                session.stateless = own.stateless
             outcome.command = own.command
             if kind is StatementKind.DDL:
                 self._schema_changed(tenant.tenant_id)

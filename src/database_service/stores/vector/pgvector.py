@@ -13,10 +13,12 @@ The extension is created by the service's owner (control migration 0013), in its
 (``public`` by default), whose name this store reads at start and puts, quoted, before every
 type, operator and operator class it names: a tenant's ``search_path`` plays no part.
 
-Search: ``ORDER BY vector <op> $query LIMIT k`` on the index, in a READ ONLY transaction with
-``hnsw.ef_search`` raised for recall (at least ``EF_SEARCH``, and 2·limit) and, when a filter
-narrows the rows, ``hnsw.iterative_scan = relaxed_order`` (pgvector 0.8) so the index keeps
-scanning until enough rows pass the filter; the rows are sorted again by distance outside.
+Search: ``ORDER BY vector <op> $query LIMIT k`` on the index, with ``hnsw.ef_search`` raised
+for recall (``EF_SEARCH``, or 2·limit when more) and ``hnsw.iterative_scan = relaxed_order``
+(pgvector 0.8) so that a filtered search keeps scanning the index until enough rows pass the
+filter; the rows are sorted again by distance outside. Both are the database's defaults
+(control migration 0013), so a search is one round trip; where they are not (or a larger
+limit needs more), the search sets them in a transaction of its own.
 Certainty (cosine only, as Weaviate defines it) is ``(1 + cosine similarity) / 2``, that is
 ``1 - distance / 2``; ``distance`` is pgvector's cosine distance, L2 distance, or negative inner
 product (``dot``).
@@ -117,6 +119,7 @@ class PgVectorStore:
         self._owner = owner_pool
         self.schema: str | None = None  # the extension's schema (None: not installed)
         self.version: str | None = None
+        self.defaults_set = False
         self._infos: dict[tuple[str, str], tuple[CollectionInfo, float]] = {}
 
     async def start(self) -> None:
@@ -133,6 +136,17 @@ class PgVectorStore:
         # regnamespace::text quotes the name when it needs it; the SQL here quotes it itself.
         self.schema = row["schema"].strip('"')
         self.version = row["extversion"]
+        # Whether sessions start with the search settings (the database's defaults, control
+        # migration 0013); otherwise every search sets them in a transaction of its own.
+        # Read from the catalog: the owner's pooled sessions may predate the migration.
+        defaults = await self._owner.fetchval(
+            "SELECT setconfig FROM pg_db_role_setting WHERE setrole = 0 AND setdatabase ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        self.defaults_set = {
+            f"hnsw.ef_search={EF_SEARCH}",
+            "hnsw.iterative_scan=relaxed_order",
+        } <= set(defaults or ())
 
     def _ext(self) -> str:
         if self.schema is None:
@@ -414,12 +428,18 @@ class PgVectorStore:
             info = await self._info(s, name)
             sql, params = self.search_sql(info, query, self._table(s, info), ext)
             ef = min(max(EF_SEARCH, 2 * query.limit), EF_SEARCH_MAX)
-            settings = f"SET LOCAL hnsw.ef_search = {ef}"
-            if query.where:
-                settings += "; SET LOCAL hnsw.iterative_scan = relaxed_order"
             async with s.watch.statement():
-                await s.conn.execute(settings)
-                rows = await s.conn.fetch(sql, *params)
+                if ef == EF_SEARCH and self.defaults_set:
+                    # The database's defaults (control migration 0013): one round trip.
+                    rows = await s.conn.fetch(sql, *params)
+                    s.stateless = True
+                else:
+                    async with s.conn.transaction():  # a savepoint in a read-only caller's
+                        await s.conn.execute(
+                            f"SET LOCAL hnsw.ef_search = {ef};"
+                            " SET LOCAL hnsw.iterative_scan = relaxed_order"
+                        )
+                        rows = await s.conn.fetch(sql, *params)
             s.command = f"SEARCH {len(rows)}"
         names = list(info.properties)
         return [
