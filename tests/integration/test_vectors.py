@@ -151,6 +151,22 @@ async def test_the_collection_is_a_table_of_the_tenants_own_role(
     assert (row["owner"], row["am"]) == (setup.tenant.role_name, "hnsw")
 
 
+async def test_a_collection_without_its_comment_is_known_by_its_table_and_index(
+    core: Application, setup: Setup
+) -> None:
+    """As after a tenant export and restore (exports carry no comments): the name in lower
+    case, the metric from the HNSW index."""
+    client = setup.client
+    await client.vector_create_collection("Bare", 3, metric="dot", properties={"n": "int"})
+    try:
+        table = f"{quote_ident(setup.tenant.schema_name)}.{quote_ident(table_name('Bare'))}"
+        await core.owner_pool.execute(f"COMMENT ON TABLE {table} IS NULL")
+        info = await client.vector_get_collection("Bare")
+        assert (info["name"], info["metric"], info["properties"]) == ("bare", "dot", {"n": "int"})
+    finally:
+        await client.vector_drop_collection("Bare")
+
+
 # -- objects ------------------------------------------------------------------------------------
 
 

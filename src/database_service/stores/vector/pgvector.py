@@ -78,6 +78,7 @@ _OPCLASS = {
     Metric.L2: "vector_l2_ops",
     Metric.DOT: "vector_ip_ops",
 }
+_METRIC_OF = {v: k for k, v in _OPCLASS.items()}
 _OPERATOR = {Metric.COSINE: "<=>", Metric.L2: "<->", Metric.DOT: "<#>"}
 _COLUMN_TYPE = {
     PropertyType.TEXT: "text",
@@ -197,6 +198,9 @@ class PgVectorStore:
         catalog, as the tenant reads it."""
         sql = (
             "SELECT c.relname, obj_description(c.oid, 'pg_class') AS comment,"
+            " (SELECT o.opcname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+            "  JOIN pg_am m ON m.oid = i.relam JOIN pg_opclass o ON o.oid = x.indclass[0]"
+            "  WHERE x.indrelid = c.oid AND m.amname = 'hnsw' ORDER BY i.oid LIMIT 1) AS opclass,"
             " array_agg(a.attname ORDER BY a.attnum) AS names,"
             " array_agg(format_type(a.atttypid, NULL) ORDER BY a.attnum) AS types,"
             " array_agg(a.atttypmod ORDER BY a.attnum) AS mods"
@@ -210,7 +214,14 @@ class PgVectorStore:
             rows = await session.conn.fetch(sql, quote_ident(session.tenant.schema_name), table)
         infos = []
         for row in rows:
-            info = _info_of(row["comment"], row["names"], row["types"], row["mods"])
+            info = _info_of(
+                row["relname"],
+                row["comment"],
+                row["opclass"],
+                row["names"],
+                row["types"],
+                row["mods"],
+            )
             if info is not None:
                 infos.append(info)
         return infos
@@ -565,16 +576,23 @@ def _row(info: CollectionInfo, names: list[str], obj: Mapping[str, Any], number:
 
 
 def _info_of(
-    comment: str | None, names: Sequence[str], types: Sequence[str], mods: Sequence[int]
+    table: str,
+    comment: str | None,
+    opclass: str | None,
+    names: Sequence[str],
+    types: Sequence[str],
+    mods: Sequence[int],
 ) -> CollectionInfo | None:
     """A collection from its table's comment and columns; None for a table that is not one
-    (or that the tenant's own SQL changed past recognition)."""
+    (or that the tenant's own SQL changed past recognition). A table without its comment (a
+    tenant export restored: exports carry no comments) is still one, named by its table in
+    lower case, its metric that of its HNSW index."""
     try:
-        meta = json.loads(comment or "")
+        meta = json.loads(comment) if comment else {"marker": _MARKER}
         if meta.get("marker") != _MARKER:
             return None
-        name = collection_name(meta["name"])
-        metric = Metric(meta["metric"])
+        name = collection_name(meta.get("name", table.removeprefix("vec_")))
+        metric = Metric(meta["metric"]) if "metric" in meta else _METRIC_OF[opclass or ""]
     except (ValueError, KeyError, TypeError, AttributeError, InvalidRequest):
         return None
     columns = dict(zip(names, zip(types, mods, strict=True), strict=True))
