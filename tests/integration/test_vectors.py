@@ -15,14 +15,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from database_service.app import Application
-from database_service.auth import Scope
-from database_service.stores.vector.pgvector import table_name
+from database_service.auth import Principal, Scope
+from database_service.query import TenantContext
+from database_service.stores.vector import SearchQuery
+from database_service.stores.vector.pgvector import (
+    PgVectorStore,
+    VectorStoreUnavailable,
+    table_name,
+)
 from database_service.tenancy import TenantRecord, quote_ident
 from database_service_client import DatabaseServiceError, MultiDatabaseClient
+from tests.fix_pg import PgCluster, with_database
 from tests.isolation.fix_frontends import service_token
 
 pytestmark = [pytest.mark.integration, pytest.mark.pgvector]
@@ -538,6 +546,31 @@ async def test_every_rest_route_works(http: httpx.AsyncClient, setup: Setup) -> 
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "collection_not_found"
     bad = await http.post(f"{base}/Patterns/search", headers=h, json={"vector": [1, 0]})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_vector"
+
+
+async def test_without_pgvector_vectors_are_not_configured(
+    core: Application, pg_cluster: PgCluster
+) -> None:
+    """PostgreSQL without the extension (Debian's 15): health says not_configured, and every
+    operation is refused with a stable code before any SQL."""
+    database = f"novec_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(pg_cluster.admin_dsn)
+    await admin.execute(f"CREATE DATABASE {database}")
+    try:
+        pool = await asyncpg.create_pool(with_database(pg_cluster.admin_dsn, database), max_size=1)
+        try:
+            store = PgVectorStore(core.executor, pool)
+            await store.start()
+            health = await store.check()
+            assert health["status"] == "not_configured" and "CREATE EXTENSION" in health["note"]
+            principal = Principal("svc", frozenset({"t"}), frozenset(Scope))
+            with pytest.raises(VectorStoreUnavailable):
+                await store.search(principal, TenantContext("t"), "P", SearchQuery([1.0]))
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP DATABASE {database}")
+        await admin.close()
 
 
 # -- health and metrics -------------------------------------------------------------------------

@@ -210,3 +210,13 @@ def test_certainty_is_for_cosine_collections_only() -> None:
     info = CollectionInfo("P", 3, Metric.L2, {})
     with pytest.raises(InvalidRequest):
         PgVectorStore.search_sql(info, SearchQuery([1, 0, 0], certainty=0.5), "t", "e")
+
+
+def test_the_migrations_search_default_is_the_stores() -> None:
+    """Control migration 0013 makes EF_SEARCH the database's default (a search then needs no
+    SET of its own); the two must agree or every search pays for a transaction."""
+    from database_service.stores.vector.pgvector import EF_SEARCH
+    from database_service.tenancy.migrations import load_migrations
+
+    (migration,) = [m for m in load_migrations("control") if m.name == "pgvector"]
+    assert f"SET hnsw.ef_search = {EF_SEARCH}'" in migration.sql

@@ -16,7 +16,7 @@ import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from prometheus_client import Counter, Histogram
 
@@ -81,7 +81,7 @@ class VectorOps:
 
     async def _refuse(
         self, principal: Principal, ctx: TenantContext, operation: str, exc: DatabaseServiceError
-    ) -> None:
+    ) -> NoReturn:
         await self._access.deny(principal, ctx.tenant_id, f"vector.{operation}", exc)
 
     # --- collections ------------------------------------------------------------------------
@@ -133,7 +133,6 @@ class VectorOps:
             return collection_name(name)
         except InvalidRequest as exc:
             await self._refuse(principal, ctx, operation, exc)
-            raise  # unreachable: _refuse raises
 
     # --- objects ----------------------------------------------------------------------------
 

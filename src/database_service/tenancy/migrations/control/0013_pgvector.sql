@@ -13,12 +13,12 @@ BEGIN
         CREATE EXTENSION vector SCHEMA public;
     END IF;
     -- Search settings as the database's defaults, so that a search needs no SET of its own (one
-    -- round trip): 100 candidates hold recall@10 above 0.95 (bench/vector.py; pgvector's default
-    -- is 40), and a filtered search keeps scanning the index until enough rows pass (pgvector
+    -- round trip): 200 candidates hold recall@10 above 0.95 (bench/vector.py; pgvector's default
+    -- is 40; stores.vector.pgvector.EF_SEARCH must match), and a filtered search keeps scanning the index until enough rows pass (pgvector
     -- 0.8's iterative scans; results are sorted again by the store). Neither is a limit: a
     -- session may change them for itself, to its own loss only.
     IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector') THEN
-        EXECUTE format('ALTER DATABASE %I SET hnsw.ef_search = 100', current_database());
+        EXECUTE format('ALTER DATABASE %I SET hnsw.ef_search = 200', current_database());
         IF string_to_array((SELECT extversion FROM pg_extension WHERE extname = 'vector'), '.')::int[]
            >= ARRAY[0, 8] THEN
             EXECUTE format('ALTER DATABASE %I SET hnsw.iterative_scan = relaxed_order',
