@@ -557,7 +557,9 @@ async def test_without_pgvector_vectors_are_not_configured(
     admin = await asyncpg.connect(pg_cluster.admin_dsn)
     await admin.execute(f"CREATE DATABASE {database}")
     try:
-        pool = await asyncpg.create_pool(with_database(pg_cluster.admin_dsn, database), max_size=1)
+        pool = await asyncpg.create_pool(
+            with_database(pg_cluster.admin_dsn, database), min_size=1, max_size=1
+        )
         try:
             store = PgVectorStore(core.executor, pool)
             await store.start()
