@@ -15,7 +15,7 @@ Latency: closed loops of --seconds at concurrency 1 and 16, service vs. direct.
 
     .venv/bin/python bench/vector.py [--vectors 200000] [--dim 384]
 
-The last line is one JSON object of the figures (``{"bench": "vector", ...}``, printed by
+The last line is one json object of the figures (``{"bench": "vector", ...}``, printed by
 ``harness.reporting``).
 """
 
