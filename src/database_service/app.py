@@ -68,6 +68,7 @@ from database_service.query import QueryExecutor
 from database_service.query.caching import CacheRules, ResultCaching
 from database_service.sqlguard import SqlGuard
 from database_service.statements import (
+    IndexAdvisor,
     SharedFigures,
     SlowQueryLog,
     StatementAdmin,
@@ -771,6 +772,15 @@ class Application:
             ),
         )
         self._stack.push_async_callback(self.tenant_backups.aclose)
+        self.index_advisor = IndexAdvisor(
+            self.owner_pool,
+            control_schema=self.settings.control_schema,
+            group_role=self.settings.tenant_group_role,
+            pools=self.pools,
+            logins=self.logins,
+            deadlines=self.deadlines,
+        )
+        self._stack.push_async_callback(self.index_advisor.aclose)
         self.statement_admin = StatementAdmin(
             self.access,
             stats=self.statement_stats,
@@ -778,6 +788,7 @@ class Application:
             slow_log=self.slow_queries,
             registry=self.registry,
             owner_pool=self.owner_pool,
+            advisor=self.index_advisor,
         )
 
     async def _start_consumers(
