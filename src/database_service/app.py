@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from database_service import __version__
 from database_service.application import (
     Access,
     DeadLetterAdmin,
@@ -31,6 +33,7 @@ from database_service.application import (
     TimeSeries,
 )
 from database_service.application.backups import ClusterBackupAdmin
+from database_service.application.hub import HubAdmin
 from database_service.application.tenant_backups import TenantBackupAdmin
 from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
 from database_service.auth.tokens import deployment_audience
@@ -49,6 +52,7 @@ from database_service.cache import (
     ResultCache,
 )
 from database_service.config import Settings
+from database_service.hub import HubAgent
 from database_service.ingest import DeadLetterStore, IngestPipeline, IngestWriter
 from database_service.loops import BackgroundLoops
 from database_service.observability import (
@@ -528,6 +532,9 @@ class Application:
         await self._cluster_backups()
         self._use_cases()
         self.health.sections["backups"] = self.backup_admin.status
+        self.health.sections["central_hub"] = self.hub_admin.status
+        if s.central_hub_url is not None and self._maintain_partitions:
+            self._hub_agent()
         if self.replicas is not None:
             self.health.sections["replicas"] = self.replicas.document
         if self.wal_receiver is not None:
@@ -536,6 +543,31 @@ class Application:
                 ("base-backups", self.backup_admin.run_schedule),
             ):
                 stack.push_async_callback(_cancel, self.loops.start(name, loop))
+
+    def _hub_agent(self) -> None:
+        """Registration and heartbeats (one agent per instance: its primary process)."""
+        s = self.settings
+        assert s.central_hub_url is not None
+        scheme = "https" if s.tls_cert_file is not None else "http"
+        agent = HubAgent(
+            s.central_hub_url,
+            token=s.central_hub_token.get_secret_value() if s.central_hub_token else None,
+            instance_id=s.instance_id or f"{socket.gethostname()}:{s.http_port}",
+            version=__version__,
+            endpoints={
+                "grpc": f"{s.grpc_host}:{s.grpc_port}",
+                "http": f"{scheme}://{s.http_host}:{s.http_port}",
+            },
+            interval_s=s.central_hub_heartbeat_seconds,
+            tenants=self.registry.list,
+            health=self.health.document,
+            versions=self.hub_admin.versions,
+            apply=self.hub_admin.apply,
+            max_ttl_ms=s.cache_max_ttl_ms,
+        )
+        self.hub_admin.agent = agent
+        self._stack.push_async_callback(agent.aclose)
+        self._stack.push_async_callback(_cancel, self.loops.start("central-hub", agent.run_forever))
 
     async def _statements(self) -> None:
         """Statement statistics (in memory, shared between the serving processes through the
@@ -714,6 +746,14 @@ class Application:
             self.migrator,
             self.maintenance_pool,
             cache_rules=self.caching.rules,
+        )
+        self.hub_admin = HubAdmin(
+            self.access,
+            self.tenants,
+            self.owner_pool,
+            control_schema=s.control_schema,
+            cache_rules=self.caching.rules,
+            max_ttl_ms=s.cache_max_ttl_ms,
         )
         self.service_admin = ServiceAdmin(
             self.access,

@@ -162,6 +162,15 @@ class Settings(BaseSettings):
     slow_query_max_entries: int = Field(default=1000, ge=1, le=1_000_000)
     slow_query_max_age_seconds: float = Field(default=7 * 86_400.0, gt=0)
 
+    # The Central Hub (hub/): with a URL, the serving instance registers there, sends a
+    # heartbeat (its health document) every interval and applies the tenant configuration
+    # updates the answers carry; the token is sent as a bearer credential. Without it, health
+    # says ``not_configured``. The instance id defaults to <hostname>:<HTTP port>.
+    central_hub_url: str | None = None
+    central_hub_token: SecretStr | None = None
+    central_hub_heartbeat_seconds: float = Field(default=15.0, gt=0, le=3600)
+    instance_id: str | None = Field(default=None, max_length=200)
+
     # The health document is computed at most this often (anyone may ask for it, as often).
     health_cache_seconds: float = Field(default=1.0, ge=0, le=60)
 

@@ -2,6 +2,7 @@
 
 from database_service.api.http.routes import (
     backups,
+    hub,
     keyvalue,
     observability,
     partitions,
@@ -24,6 +25,7 @@ ROUTERS = (
     backups.router,
     observability.router,
     statements.router,
+    hub.router,
 )
 
 __all__ = ["ROUTERS"]
