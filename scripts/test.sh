@@ -31,6 +31,9 @@ bash scripts/pg15.sh install
 # Debian's redis-server: one private server for both runs (the cache's L2, key-value operations,
 # cluster-wide invalidation); the suites flush their own databases.
 bash scripts/redis.sh install
+# Debian's Chromium: the status page's end-to-end test renders it headless.
+bash scripts/chromium.sh install
+export DBSVC_TEST_CHROMIUM="$(bash scripts/chromium.sh path)"
 bash scripts/redis.sh start
 export DBSVC_TEST_REDIS_URL="$(bash scripts/redis.sh url)"
 

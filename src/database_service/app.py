@@ -36,6 +36,7 @@ from database_service.application.backups import ClusterBackupAdmin
 from database_service.application.hub import HubAdmin
 from database_service.application.tenant_backups import TenantBackupAdmin
 from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
+from database_service.auth.status_links import StatusLinks
 from database_service.auth.tokens import deployment_audience
 from database_service.backup.cluster import ClusterBackups, WalReceiver, find_tools
 from database_service.backup.tenant import TenantBackups
@@ -791,9 +792,11 @@ class Application:
             audit=self.audit,
             owner_pool=self.owner_pool,
             control_schema=s.control_schema,
+            registry=self.registry,
         )
-        self.dead_letter_admin = DeadLetterAdmin(self.access, self.dead_letters, self.ingest)
         assert s.master_key is not None
+        self.status_links = StatusLinks(s.master_key.get_secret_value())
+        self.dead_letter_admin = DeadLetterAdmin(self.access, self.dead_letters, self.ingest)
         # Per-tenant export and restore: files under <backup dir>/tenants, signed with a key of
         # their own derived from the master key.
         self.tenant_backups = TenantBackupAdmin(

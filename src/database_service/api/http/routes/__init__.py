@@ -9,6 +9,7 @@ from database_service.api.http.routes import (
     queries,
     services,
     statements,
+    status,
     tenant_backups,
     tenants,
     timeseries,
@@ -26,6 +27,7 @@ ROUTERS = (
     observability.router,
     statements.router,
     hub.router,
+    status.router,
 )
 
 __all__ = ["ROUTERS"]
