@@ -70,3 +70,20 @@ def test_a_tenant_principal_gets_no_link_worth_anything() -> None:
     for scopes in ({Scope.READ}, {Scope.METRICS, Scope.ADMIN}):
         tenant = Principal(service="r", tenants=frozenset({"acme"}), scopes=frozenset(scopes))
         assert links.session_from_link(links.link_code(tenant)) is None
+
+
+def test_ingestion_and_replica_lag_are_shown_from_the_health_document() -> None:
+    health = {
+        "status": "healthy",
+        "dependencies": {
+            "ingestion": {"status": "healthy", "transports": {
+                "nats": {"state": "running", "lag": 42, "stored": 1000,
+                         "records_per_second": 12.5, "dead_letters": 0}}},
+        },
+        "replicas": {"max_lag_ms": 500, "replicas": [
+            {"name": "replica-1", "status": "healthy", "lag_ms": 3.2}]},
+    }  # fmt: skip
+    fragment = render_fragment(data(health=health))
+    assert "data-transport=nats" in fragment
+    assert "data-k=ingest_lag>42<" in fragment and "data-k=ingest_rate>12.5<" in fragment
+    assert "replica-1" in fragment and "data-k=replica_lag_ms>3.2<" in fragment

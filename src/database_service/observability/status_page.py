@@ -39,7 +39,7 @@ td.sql{white-space:normal;font-family:ui-monospace,monospace;font-size:12px}
 .kpi b{display:block;font-size:20px;font-variant-numeric:tabular-nums}
 .kpi span{color:#666;font-size:12px}
 .st{padding:1px 7px;border-radius:9px;font-size:12px;font-weight:600}
-.st-healthy,.st-active,.st-registered,.st-ready{background:#d9f2e1;color:#17652f}
+.st-healthy,.st-active,.st-registered,.st-ready,.st-running{background:#d9f2e1;color:#17652f}
 .st-degraded,.st-suspended,.st-registering,.st-standby{background:#fdf0cf;color:#7a5600}
 .st-unhealthy,.st-unreachable,.st-failed{background:#fadcdc;color:#8c1c1c}
 .st-not_configured,.st-unknown{background:#eceef2;color:#555}
@@ -158,20 +158,17 @@ def _tenants(
 
 
 def _ingestion(dependencies: Mapping[str, Any]) -> str:
-    rows = []
-    for transport in ("nats", "kafka"):
-        dep = dependencies.get(transport, {})
-        if dep.get("status") in (None, "not_configured"):
-            continue
-        figures = dep.get("ingestion") or dep
-        rows.append(
-            f"<tr data-transport={transport}><td>{transport}</td>"
-            f"<td>{_status(dep.get('status'), 'ingest-' + transport)}</td>"
-            f"{_num(figures.get('lag'), 'lag')}{_num(figures.get('stored'), 'stored')}"
-            f"{_num(figures.get('dead_letters'), 'dead_letters')}</tr>"
-        )
+    transports = dependencies.get("ingestion", {}).get("transports", {})
+    rows = [
+        f"<tr data-transport={_e(name)}><td>{_e(name)}</td>"
+        f"<td>{_status(t.get('state'), 'ingest_state')}</td>"
+        f"{_num(t.get('records_per_second'), 'ingest_rate')}{_num(t.get('lag'), 'ingest_lag')}"
+        f"{_num(t.get('stored'), 'ingest_stored')}{_num(t.get('dead_letters'), 'dead_letters')}"
+        "</tr>"
+        for name, t in transports.items()
+    ]
     return _table(
-        "Ingestion", ("transport", "status", "lag", "stored", "dead letters"), rows,
+        "Ingestion", ("transport", "state", "records/s", "lag", "stored", "dead letters"), rows,
         empty="no transport configured",
     )  # fmt: skip
 
@@ -180,8 +177,7 @@ def _replicas(replicas: Mapping[str, Any] | None) -> str:
     if not replicas:
         return _table("Read replicas", ("replica", "state", "lag ms"), [], empty="none configured")
     rows = [
-        f"<tr><td>{_e(r.get('name') or r.get('url'))}</td>"
-        f"<td>{_status(r.get('state') or r.get('status'), 'replica')}</td>"
+        f"<tr><td>{_e(r.get('name'))}</td><td>{_status(r.get('status'), 'replica')}</td>"
         f"{_num(r.get('lag_ms'), 'replica_lag_ms')}</tr>"
         for r in replicas.get("replicas", [])
     ]
@@ -223,7 +219,18 @@ def _slow(entries: Iterable[Mapping[str, Any]]) -> str:
 
 
 _NUMERIC = frozenset(
-    {"pool open", "in use", "max", "slow (1 h)", "lag", "stored", "dead letters", "lag ms", "ms"}
+    {
+        "pool open",
+        "in use",
+        "max",
+        "slow (1 h)",
+        "lag",
+        "stored",
+        "dead letters",
+        "lag ms",
+        "ms",
+        "records/s",
+    }
 )
 
 
