@@ -2,6 +2,7 @@
 
 from database_service.api.http.routes import (
     backups,
+    graph,
     keyvalue,
     observability,
     partitions,
@@ -17,6 +18,7 @@ ROUTERS = (
     queries.router,
     timeseries.router,
     keyvalue.router,
+    graph.router,
     tenants.router,
     tenant_backups.router,
     services.router,
