@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
@@ -28,7 +28,7 @@ from database_service.errors import (
     VertexNotFound,
 )
 from database_service.postgres.deadlines import Deadlines, SessionWatch
-from database_service.postgres.pools import Connection, TenantPools, Workload
+from database_service.postgres.pools import Connection, TenantConnection, TenantPools, Workload
 from database_service.query.boundary import postgres_errors
 from database_service.stores.graph.model import (
     Edge,
@@ -91,10 +91,12 @@ class PostgresGraphStore:
 
     @contextlib.asynccontextmanager
     async def _session(
-        self, tenant: TenantRecord, *, readonly: bool, workload: Workload
+        self, tenant: TenantRecord, *, readonly: bool, workload: Workload, transaction: bool = True
     ) -> AsyncIterator[tuple[Connection, SessionWatch]]:
         """A transaction as the tenant, each round trip under the graph's statement limit (never
-        more than the tenant's own), the whole under the transaction limit."""
+        more than the tenant's own), the whole under the transaction limit. Without
+        ``transaction``: one statement of ours that changes nothing (a read whose checks are in
+        the same statement), with no BEGIN and COMMIT round trips and no session reset."""
         login = self._logins.login(tenant)
         statement_s = min(self.limits.statement_ms, tenant.limits.statement_timeout_ms) / 1000
         total_s = max(statement_s, self._transaction_ms / 1000)
@@ -103,6 +105,13 @@ class PostgresGraphStore:
                 watch = self._deadlines.watch(
                     conn, login.role, statement_seconds=statement_s, total_seconds=total_s
                 )
+                if not transaction:
+                    try:
+                        yield conn, watch
+                    finally:
+                        watch.close()
+                    cast(TenantConnection, conn).skip_next_reset()
+                    return
                 tx = conn.transaction(
                     isolation="repeatable_read" if readonly else "read_committed",
                     readonly=readonly,
@@ -123,10 +132,13 @@ class PostgresGraphStore:
 
     @contextlib.asynccontextmanager
     async def _reading(
-        self, tenant: TenantRecord
+        self, tenant: TenantRecord, *, transaction: bool = False
     ) -> AsyncIterator[tuple[Connection, SessionWatch, GraphSql]]:
+        session = self._session(
+            tenant, readonly=True, workload="analytics", transaction=transaction
+        )
         try:
-            async with self._session(tenant, readonly=True, workload="analytics") as (c, w):
+            async with session as (c, w):
                 yield c, w, self._statements(tenant)
         except QueryError as exc:
             if exc.sqlstate == _UNDEFINED_TABLE:
@@ -288,21 +300,14 @@ class PostgresGraphStore:
     async def traverse(self, tenant: TenantRecord, query: Traverse) -> TraversalResult:
         try:
             async with self._reading(tenant) as (conn, watch, sql):
-                await self._check_names(
-                    conn,
-                    watch,
-                    sql,
-                    [query.start],
-                    query.edge_collections,
-                    query.vertex_collections,
-                )
                 text, args = sql.traverse(query, self.limits.max_visits)
                 async with watch.statement():
                     rows = await conn.fetch(text, *args)
         except _NoGraph:
             raise VertexNotFound(f"no vertex {query.start!r}") from None
-        if rows:
-            self._visits_checked(rows[0]["visits"])
+        _checked(rows[0], [query.start], query.edge_collections, query.vertex_collections)
+        self._visits_checked(rows[0]["visits"])
+        rows = [r for r in rows if r["id"] is not None]
         hits = [
             TraversalHit(
                 Vertex(r["collection"], r["id"].split("/", 1)[1], r["props"]),
@@ -319,14 +324,6 @@ class PostgresGraphStore:
     ) -> list[NeighborhoodGroup]:
         try:
             async with self._reading(tenant) as (conn, watch, sql):
-                await self._check_names(
-                    conn,
-                    watch,
-                    sql,
-                    [query.start],
-                    query.edge_collections,
-                    query.vertex_collections,
-                )
                 text, args = sql.neighborhood(
                     query, self.limits.max_visits, self.limits.max_results
                 )
@@ -334,8 +331,9 @@ class PostgresGraphStore:
                     rows = await conn.fetch(text, *args)
         except _NoGraph:
             raise VertexNotFound(f"no vertex {query.start!r}") from None
-        if rows:
-            self._visits_checked(rows[0]["visits"])
+        _checked(rows[0], [query.start], query.edge_collections, query.vertex_collections)
+        self._visits_checked(rows[0]["visits"])
+        rows = [r for r in rows if r["n"] is not None]
         if len(rows) > self.limits.max_results:
             raise ResultTooLarge(
                 f"more than {self.limits.max_results} groups; group by a coarser property"
@@ -347,7 +345,7 @@ class PostgresGraphStore:
         in one repeatable-read snapshot. Stops at the first level where the two searches meet
         (the best meeting vertex of that level), or past ``max_depth``."""
         try:
-            async with self._reading(tenant) as (conn, watch, sql):
+            async with self._reading(tenant, transaction=True) as (conn, watch, sql):
                 await self._check_names(
                     conn, watch, sql, [query.start, query.end], query.edge_collections, ()
                 )
@@ -369,6 +367,7 @@ class PostgresGraphStore:
         return {
             "status": "healthy",
             "embedded": True,
+            "runs_on": "postgresql",
             "note": "the relationship graph is kept in PostgreSQL (tables in each tenant's"
             " schema); set DBSVC_ARANGODB_URL for ArangoDB",
             "max_depth": self.limits.max_depth,
@@ -377,6 +376,19 @@ class PostgresGraphStore:
 
     async def aclose(self) -> None:
         return None
+
+
+def _checked(
+    row: Any, ids: Sequence[str], edge_collections: Sequence[str], vertex_collections: Sequence[str]
+) -> None:
+    """The checks a read's statement answered (``GraphSql._check``)."""
+    if row["found"] < len(set(ids)):
+        raise VertexNotFound(f"no vertex {ids[0]!r}")
+    kinds = dict(k.split(":", 1) for k in row["kinds"] or ())
+    for names, kind in ((edge_collections, "edge"), (vertex_collections, "vertex")):
+        for name in names:
+            if kinds.get(name) != kind:
+                raise GraphCollectionNotFound(f"no {kind} collection {name!r}")
 
 
 def _number(value: Any) -> int | float | None:

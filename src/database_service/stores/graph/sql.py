@@ -196,9 +196,10 @@ class GraphSql:
         )
 
     def traverse(self, q: Traverse, max_visits: int) -> tuple[str, list[Any]]:
-        """Rows: depth, path, edges, id, collection, props, visits (how many paths the walk
-        produced: ``max_visits`` means it was cut). At most ``limit + 1`` rows (the extra one
-        says the answer was truncated)."""
+        """Rows: found, kinds (the checks: ``_check``), visits (how many paths the walk
+        produced: ``max_visits`` means it was cut), then depth, path, edges, id, collection,
+        props — NULL in the one row of an empty answer. At most ``limit + 1`` rows (the extra
+        one says the answer was truncated)."""
         params = Params()
         walk = self._walk(
             q.start,
@@ -214,20 +215,32 @@ class GraphSql:
             where.append(f"v.collection = ANY({params.add(list(q.vertex_collections), 'text[]')})")
         where += _conditions("v", q.vertex_filters, params)
         limit = params.add(q.limit + 1, "int")
+        check = self._check([q.start], [*q.edge_collections, *q.vertex_collections], params)
         sql = (
-            f"{walk} SELECT f.depth, f.path, f.edges, v.id, v.collection, v.props,"
-            " (SELECT count(*) FROM reached) AS visits"
+            f"{walk}, hits AS (SELECT f.depth, f.path, f.edges, v.id, v.collection, v.props"
             f" FROM firsts f JOIN {self.vertices} v ON v.id = f.vid"
             f" WHERE {' AND '.join(where)}"
-            f" ORDER BY f.depth, f.vid LIMIT {limit}"
+            f" ORDER BY f.depth, f.vid LIMIT {limit})"
+            f" SELECT c.*, (SELECT count(*) FROM reached) AS visits, h.*"
+            f" FROM ({check}) c LEFT JOIN hits h ON true ORDER BY h.depth, h.id"
         )
         return sql, params.values
+
+    def _check(self, ids: Sequence[str], names: Sequence[str], params: Params) -> str:
+        """One row answering the checks a read needs, in the read's own statement (one round
+        trip): how many of ``ids`` are vertices, and the kinds of the collections named."""
+        return (
+            f"SELECT (SELECT count(*) FROM {self.vertices}"
+            f" WHERE id = ANY({params.add(list(ids), 'text[]')})) AS found,"
+            f" (SELECT array_agg(name || ':' || kind) FROM {self.collections}"
+            f" WHERE name = ANY({params.add(list(names), 'text[]')})) AS kinds"
+        )
 
     def neighborhood(
         self, q: Neighborhood, max_visits: int, max_groups: int
     ) -> tuple[str, list[Any]]:
-        """Rows: grp (jsonb or NULL), n (vertices), value, visits. At most ``max_groups + 1``
-        groups."""
+        """Rows: found, kinds, visits (as ``traverse``), then grp (jsonb or NULL), n (vertices;
+        NULL in the one row of an empty answer), value. At most ``max_groups + 1`` groups."""
         params = Params()
         walk = self._walk(
             q.start, q.depth, q.direction, q.edge_collections, q.edge_filters, max_visits, params
@@ -256,14 +269,16 @@ class GraphSql:
         else:
             agg = f"{q.function.value}(x.val)"
         limit = params.add(max_groups + 1, "int")
+        check = self._check([q.start], [*q.edge_collections, *q.vertex_collections], params)
         sql = (
             f"{walk}, x AS (SELECT {group} AS grp, {value} AS val"
             f" FROM firsts f JOIN {self.vertices} v ON v.id = f.vid{joins}"
-            f" WHERE {' AND '.join(where)})"
-            f" SELECT x.grp, count(*) AS n, {agg} AS value,"
-            " (SELECT count(*) FROM reached) AS visits"
+            f" WHERE {' AND '.join(where)}),"
+            f" groups AS (SELECT x.grp, count(*) AS n, {agg} AS value"
             " FROM x GROUP BY x.grp ORDER BY x.grp NULLS FIRST"
-            f" LIMIT {limit}"
+            f" LIMIT {limit})"
+            " SELECT c.*, (SELECT count(*) FROM reached) AS visits, g.*"
+            f" FROM ({check}) c LEFT JOIN groups g ON true ORDER BY g.grp NULLS FIRST"
         )
         return sql, params.values
 
