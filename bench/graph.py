@@ -167,6 +167,10 @@ async def main(edges: int, m: int, runs: int, figures: dict[str, Any]) -> None:
             )
             return len(answer["hits"])
 
+        # The service's floor: a one-row read (get a vertex) through the same client.
+        floor, _ = await timed([lambda s=s: client.graph_get_vertex(s) for s in starts])
+        figures["get_vertex_p50_ms"] = statistics.median(floor)
+        print(f"get_vertex through the service (its floor): p50 {statistics.median(floor):.2f} ms")
         for q in queries[:5]:  # warm both paths (plans, caches)
             await direct_traverse(q)
             await service_traverse(q)
@@ -178,9 +182,15 @@ async def main(edges: int, m: int, runs: int, figures: dict[str, Any]) -> None:
         summary("traverse3", base, ours, figures)
 
         ends = [f"users/{rng.randrange(traders)}" for _ in range(runs)]
-        paths = [ShortestPath(s, e, Direction.ANY, 6, ("copies",)) for s, e in zip(starts, ends)]
-        forward = sql.expand(True, Direction.ANY, ("copies",), ())
-        backward = sql.expand(False, Direction.ANY, ("copies",), ())
+        paths = [
+            ShortestPath(s, e, Direction.ANY, 6, ("copies",))
+            for s, e in zip(starts, ends, strict=True)
+        ]
+        statements = [
+            sql.expand(forward, Direction.ANY, ("copies",), (), meeting=meeting)
+            for meeting in (False, True)
+            for forward in (True, False)
+        ]
 
         async def direct_path(q: ShortestPath) -> int:
             async with owner.transaction(isolation="repeatable_read", readonly=True):
@@ -188,8 +198,7 @@ async def main(edges: int, m: int, runs: int, figures: dict[str, Any]) -> None:
                     owner,
                     _NoLimit(),  # type: ignore[arg-type]
                     q,
-                    forward,
-                    backward,
+                    statements,
                     limits,
                 )
             return found.length if found.found else -1

@@ -362,7 +362,14 @@ async def test_a_walk_past_the_visit_bound_is_refused(core: Application, graph: 
     )
     with pytest.raises(ResultTooLarge):
         await small.traverse(graph.tenant, Traverse("users/alice", Direction.ANY, 1, 10))
-    with pytest.raises(ResultTooLarge):
-        await small.shortest_path(
+    tiny = PostgresGraphStore(
+        core.pools,
+        core.logins,
+        core.deadlines,
+        GraphLimits(max_visits=1),
+        transaction_ms=10_000,
+    )
+    with pytest.raises(ResultTooLarge):  # erin's first level is two edges, neither to carol
+        await tiny.shortest_path(
             graph.tenant, ShortestPath("users/erin", "users/carol", Direction.ANY, 10)
         )

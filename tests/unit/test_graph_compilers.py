@@ -257,3 +257,15 @@ def test_aql_writes_bind_their_collections() -> None:
     assert removal.bind_vars == {"@c0": "copies", "v0": "users/a"}
     missing = aql.missing_vertices(["users/a", "users/b"])
     assert missing.bind_vars == {"v0": ["users/a", "users/b"]}
+
+
+def test_shortest_path_asks_for_a_meeting_before_reading_a_level() -> None:
+    sql = GraphSql("s")
+    meet, args = sql.expand(True, Direction.OUTBOUND, ("copies",), (), meeting=True)
+    assert (
+        "WHERE e._from = ANY($1::text[]) AND e._to = ANY($2::text[])"
+        " AND e.collection = ANY($3::text[])"
+    ) in meet
+    assert args == [None, None, ["copies"]]
+    back, _ = sql.expand(False, Direction.OUTBOUND, (), (), meeting=True)
+    assert "e._to = ANY($1::text[]) AND e._from = ANY($2::text[])" in back

@@ -351,15 +351,18 @@ class PostgresGraphStore:
                 )
                 if query.start == query.end:
                     return PathResult(True, [query.start], [])
-                forward, f_args = sql.expand(
-                    True, query.direction, query.edge_collections, query.edge_filters
-                )
-                backward, b_args = sql.expand(
-                    False, query.direction, query.edge_collections, query.edge_filters
-                )
-                return await _bidirectional(
-                    conn, watch, query, (forward, f_args), (backward, b_args), self.limits
-                )
+                statements = [
+                    sql.expand(
+                        forward,
+                        query.direction,
+                        query.edge_collections,
+                        query.edge_filters,
+                        meeting=meeting,
+                    )
+                    for meeting in (False, True)
+                    for forward in (True, False)
+                ]
+                return await _bidirectional(conn, watch, query, statements, self.limits)
         except _NoGraph:
             raise VertexNotFound(f"no vertex {query.start!r}") from None
 
@@ -402,20 +405,34 @@ async def _bidirectional(
     conn: Connection,
     watch: SessionWatch,
     query: ShortestPath,
-    forward: tuple[str, list[Any]],
-    backward: tuple[str, list[Any]],
+    statements: Sequence[tuple[str, list[Any]]],
     limits: GraphLimits,
 ) -> PathResult:
+    """``statements``: expand forward, backward, then the same two asking for meetings only
+    (``GraphSql.expand``)."""
     # parent[v] = (previous vertex, edge id) towards the side's origin; dist[v] = steps.
     parents: list[dict[str, tuple[str, str] | None]] = [{query.start: None}, {query.end: None}]
     dists: list[dict[str, int]] = [{query.start: 0}, {query.end: 0}]
     frontiers: list[list[str]] = [[query.start], [query.end]]
     depths = [0, 0]
-    statements = (forward, backward)
     fetched = 0
     while frontiers[0] and frontiers[1] and depths[0] + depths[1] < query.max_depth:
         side = 0 if len(frontiers[0]) <= len(frontiers[1]) else 1
         other = 1 - side
+        # First: does this level reach the other search? Then the level need not be read.
+        text, args = statements[2 + side]
+        async with watch.statement():
+            meets = await conn.fetch(text, frontiers[side], list(dists[other]), *args[2:])
+        best: tuple[int, str, str, str] | None = None
+        for edge_id, here, there in meets:
+            total = depths[side] + 1 + dists[other][there]
+            candidate = (total, there, here, edge_id)
+            if best is None or candidate < best:
+                best = candidate
+        if best is not None:
+            _, there, here, edge_id = best
+            parents[side][there] = (here, edge_id)
+            return _joined(parents, there)
         text, args = statements[side]
         async with watch.statement():
             rows = await conn.fetch(text, frontiers[side], *args[1:])
@@ -427,19 +444,12 @@ async def _bidirectional(
             )
         depths[side] += 1
         fresh: list[str] = []
-        best: tuple[int, str] | None = None
         for edge_id, here, there in sorted(rows, key=lambda r: (r[1], r[0])):
             if there in parents[side]:
                 continue
             parents[side][there] = (here, edge_id)
             dists[side][there] = depths[side]
             fresh.append(there)
-            if there in dists[other]:
-                total = depths[side] + dists[other][there]
-                if best is None or total < best[0]:
-                    best = (total, there)
-        if best is not None:
-            return _joined(parents, best[1])
         frontiers[side] = fresh
     return PathResult(False, [], [])
 

@@ -290,23 +290,31 @@ class GraphSql:
         direction: Direction,
         edge_collections: Sequence[str],
         edge_filters: Sequence[Filter],
+        *,
+        meeting: bool = False,
     ) -> tuple[str, list[Any]]:
         """The edges leaving a BFS frontier ($1: vertex ids), as (id, here, there): forward
-        from the start along ``direction``, backward from the end against it."""
+        from the start along ``direction``, backward from the end against it. ``meeting``: only
+        those arriving in $2 (the other search's vertices) — asked first, so that the level
+        where the searches meet is not read whole (a hub's thousands of copiers)."""
         params = Params()
         params.add(None, "text[]")  # $1: the frontier, set per call
+        if meeting:
+            params.add(None, "text[]")  # $2: the other side's vertices, set per call
         colls = ""
         if edge_collections:
             colls = f" AND e.collection = ANY({params.add(list(edge_collections), 'text[]')})"
         conds = "".join(f" AND {c}" for c in _conditions("e", edge_filters, params))
         along = direction is Direction.OUTBOUND if forward else direction is Direction.INBOUND
+        to_other = " AND e._to = ANY($2::text[])" if meeting else ""
+        from_other = " AND e._from = ANY($2::text[])" if meeting else ""
         out = (
             f"SELECT e.id, e._from AS here, e._to AS there FROM {self.edges} e"
-            f" WHERE e._from = ANY($1::text[]){colls}{conds}"
+            f" WHERE e._from = ANY($1::text[]){to_other}{colls}{conds}"
         )
         inb = (
             f"SELECT e.id, e._to AS here, e._from AS there FROM {self.edges} e"
-            f" WHERE e._to = ANY($1::text[]){colls}{conds}"
+            f" WHERE e._to = ANY($1::text[]){from_other}{colls}{conds}"
         )
         if direction is Direction.ANY:
             return f"{out} UNION ALL {inb}", params.values
