@@ -127,6 +127,7 @@ async def test_rest_runs_every_operation(
 
 
 async def test_errors_have_stable_codes_through_both_front_ends(
+    core: Application,
     http: httpx.AsyncClient,
     client: MultiDatabaseClient,
     tenant: TenantRecord,
@@ -158,9 +159,14 @@ async def test_errors_have_stable_codes_through_both_front_ends(
     with pytest.raises(NotFound) as missing:
         await client.graph_traverse("users/nobody")
     assert missing.value.code == "vertex_not_found"
+    labels = {"store": "postgresql", "operation": "traverse", "outcome": "denied"}
+    denied = core.metrics.registry.get_sample_value("dbsvc_graph_operations_total", labels)
     with pytest.raises(InvalidArgument) as bad:
         await client.graph_traverse("users/x", vertex_filters=[{"field": "_id", "value": "x"}])
     assert bad.value.code == "invalid_filter"
+    # A refusal while the request is read is a denial of the operation, like any other.
+    after = core.metrics.registry.get_sample_value("dbsvc_graph_operations_total", labels)
+    assert after == (denied or 0) + 1
 
 
 async def test_a_read_only_service_cannot_write(

@@ -14,10 +14,11 @@ and depths, never ids or properties.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
@@ -132,6 +133,18 @@ class Graphs:
     @property
     def limits(self) -> GraphLimits:
         return self.store.limits
+
+    @contextlib.asynccontextmanager
+    async def reading_request(
+        self, principal: Principal, ctx: TenantContext, op: GraphOperation
+    ) -> AsyncIterator[None]:
+        """Around a front end's translation of a request (JSON fields, filters, enums): what it
+        refuses is audited and counted as a denial of ``op``, like the checks made here."""
+        try:
+            yield
+        except DatabaseServiceError as exc:
+            self._metrics.operations.labels(self.store.name, op.value, "denied").inc()
+            await self._access.deny(principal, ctx.tenant_id, f"graph.{op.value}", exc)
 
     async def _run(
         self,

@@ -12,6 +12,7 @@ import grpc
 
 from database_service.api.grpc.calls import Caller, rpc
 from database_service.app import Application
+from database_service.application.graphs import GraphOperation as Op
 from database_service.errors import InvalidFilter, InvalidParameters
 from database_service.observability.notices import Notices
 from database_service.stores.graph.model import (
@@ -86,10 +87,13 @@ class GraphService:
         self, request: pb.UpsertVerticesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GraphUpsertResponse:
         principal, ctx = await self.caller.tenant(context)
-        vertices = [
-            Vertex.of(v.collection, v.key, _json(v.properties_json, "properties_json", empty={}))
-            for v in request.vertices
-        ]
+        async with self.core.graphs.reading_request(principal, ctx, Op.UPSERT_VERTICES):
+            vertices = [
+                Vertex.of(
+                    v.collection, v.key, _json(v.properties_json, "properties_json", empty={})
+                )
+                for v in request.vertices
+            ]
         written = await self.core.graphs.upsert_vertices(principal, ctx, vertices)
         return pb.GraphUpsertResponse(written=written)
 
@@ -98,16 +102,17 @@ class GraphService:
         self, request: pb.UpsertEdgesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GraphUpsertResponse:
         principal, ctx = await self.caller.tenant(context)
-        edges = [
-            Edge.of(
-                e.collection,
-                getattr(e, "from"),
-                e.to,
-                e.key or None,
-                _json(e.properties_json, "properties_json", empty={}),
-            )
-            for e in request.edges
-        ]
+        async with self.core.graphs.reading_request(principal, ctx, Op.UPSERT_EDGES):
+            edges = [
+                Edge.of(
+                    e.collection,
+                    getattr(e, "from"),
+                    e.to,
+                    e.key or None,
+                    _json(e.properties_json, "properties_json", empty={}),
+                )
+                for e in request.edges
+            ]
         written = await self.core.graphs.upsert_edges(principal, ctx, edges)
         return pb.GraphUpsertResponse(written=written)
 
@@ -159,17 +164,18 @@ class GraphService:
         self, request: pb.TraverseRequest, context: grpc.aio.ServicerContext
     ) -> pb.TraverseResponse:
         principal, ctx = await self.caller.tenant(context)
-        query = Traverse(
-            request.start,
-            _direction(request.direction),
-            request.min_depth,
-            request.max_depth or 1,
-            tuple(request.edge_collections),
-            tuple(request.vertex_collections),
-            _filters(request.edge_filters),
-            _filters(request.vertex_filters),
-            request.limit or 1000,
-        )
+        async with self.core.graphs.reading_request(principal, ctx, Op.TRAVERSE):
+            query = Traverse(
+                request.start,
+                _direction(request.direction),
+                request.min_depth,
+                request.max_depth or 1,
+                tuple(request.edge_collections),
+                tuple(request.vertex_collections),
+                _filters(request.edge_filters),
+                _filters(request.vertex_filters),
+                request.limit or 1000,
+            )
         result = await self.core.graphs.traverse(principal, ctx, query)
         return pb.TraverseResponse(
             hits=[
@@ -186,14 +192,15 @@ class GraphService:
         self, request: pb.ShortestPathRequest, context: grpc.aio.ServicerContext
     ) -> pb.ShortestPathResponse:
         principal, ctx = await self.caller.tenant(context)
-        query = ShortestPath(
-            request.start,
-            request.end,
-            _direction(request.direction),
-            request.max_depth or 6,
-            tuple(request.edge_collections),
-            _filters(request.edge_filters),
-        )
+        async with self.core.graphs.reading_request(principal, ctx, Op.SHORTEST_PATH):
+            query = ShortestPath(
+                request.start,
+                request.end,
+                _direction(request.direction),
+                request.max_depth or 6,
+                tuple(request.edge_collections),
+                _filters(request.edge_filters),
+            )
         path = await self.core.graphs.shortest_path(principal, ctx, query)
         return pb.ShortestPathResponse(found=path.found, vertices=path.vertices, edges=path.edges)
 
@@ -202,19 +209,20 @@ class GraphService:
         self, request: pb.NeighborhoodRequest, context: grpc.aio.ServicerContext
     ) -> pb.NeighborhoodResponse:
         principal, ctx = await self.caller.tenant(context)
-        query = Neighborhood(
-            request.start,
-            request.depth or 1,
-            _direction(request.direction),
-            tuple(request.edge_collections),
-            tuple(request.vertex_collections),
-            _filters(request.edge_filters),
-            _filters(request.vertex_filters),
-            aggregate_of(request.aggregate or "count"),
-            property_path(request.field, what="field") if request.field else None,
-            request.of_edges,
-            property_path(request.group_by, what="group_by") if request.group_by else None,
-        )
+        async with self.core.graphs.reading_request(principal, ctx, Op.NEIGHBORHOOD):
+            query = Neighborhood(
+                request.start,
+                request.depth or 1,
+                _direction(request.direction),
+                tuple(request.edge_collections),
+                tuple(request.vertex_collections),
+                _filters(request.edge_filters),
+                _filters(request.vertex_filters),
+                aggregate_of(request.aggregate or "count"),
+                property_path(request.field, what="field") if request.field else None,
+                request.of_edges,
+                property_path(request.group_by, what="group_by") if request.group_by else None,
+            )
         groups = await self.core.graphs.neighborhood(principal, ctx, query)
         return pb.NeighborhoodResponse(
             groups=[

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from database_service.api.http.deps import Authenticated, Core, tenant_context
+from database_service.application.graphs import GraphOperation as Op
 from database_service.errors import EdgeNotFound, VertexNotFound
 from database_service.stores.graph.model import (
     Edge,
@@ -115,7 +116,8 @@ async def upsert_vertices(
 ) -> dict[str, Any]:
     """Create or replace vertices (properties replaced whole)."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
-    vertices = [Vertex.of(v.collection, v.key, v.properties) for v in body.vertices]
+    async with core.graphs.reading_request(principal, ctx, Op.UPSERT_VERTICES):
+        vertices = [Vertex.of(v.collection, v.key, v.properties) for v in body.vertices]
     return {"written": await core.graphs.upsert_vertices(principal, ctx, vertices)}
 
 
@@ -129,7 +131,8 @@ async def upsert_edges(
 ) -> dict[str, Any]:
     """Create or replace edges between vertices the tenant has."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
-    edges = [Edge.of(e.collection, e.from_, e.to, e.key, e.properties) for e in body.edges]
+    async with core.graphs.reading_request(principal, ctx, Op.UPSERT_EDGES):
+        edges = [Edge.of(e.collection, e.from_, e.to, e.key, e.properties) for e in body.edges]
     return {"written": await core.graphs.upsert_edges(principal, ctx, edges)}
 
 
@@ -204,17 +207,18 @@ async def traverse(
 ) -> dict[str, Any]:
     """Vertices reached from ``start`` at min..max steps, each once at its fewest steps."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
-    query = Traverse(
-        body.start,
-        direction_of(body.direction),
-        body.min_depth,
-        body.max_depth,
-        tuple(body.edge_collections),
-        tuple(body.vertex_collections),
-        parse_filters(body.edge_filters),
-        parse_filters(body.vertex_filters),
-        body.limit,
-    )
+    async with core.graphs.reading_request(principal, ctx, Op.TRAVERSE):
+        query = Traverse(
+            body.start,
+            direction_of(body.direction),
+            body.min_depth,
+            body.max_depth,
+            tuple(body.edge_collections),
+            tuple(body.vertex_collections),
+            parse_filters(body.edge_filters),
+            parse_filters(body.vertex_filters),
+            body.limit,
+        )
     result = await core.graphs.traverse(principal, ctx, query)
     return {"hits": [h.to_dict() for h in result.hits], "truncated": result.truncated}
 
@@ -230,14 +234,15 @@ async def shortest_path(
     """The fewest steps from ``start`` to ``end`` (``found`` false when none within
     ``max_depth``)."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
-    query = ShortestPath(
-        body.start,
-        body.end,
-        direction_of(body.direction),
-        body.max_depth,
-        tuple(body.edge_collections),
-        parse_filters(body.edge_filters),
-    )
+    async with core.graphs.reading_request(principal, ctx, Op.SHORTEST_PATH):
+        query = ShortestPath(
+            body.start,
+            body.end,
+            direction_of(body.direction),
+            body.max_depth,
+            tuple(body.edge_collections),
+            parse_filters(body.edge_filters),
+        )
     path = await core.graphs.shortest_path(principal, ctx, query)
     return {"found": path.found, "vertices": path.vertices, "edges": path.edges}
 
@@ -252,18 +257,19 @@ async def neighborhood(
 ) -> dict[str, Any]:
     """An aggregate over the vertices within 1..depth steps, per group."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
-    query = Neighborhood(
-        body.start,
-        body.depth,
-        direction_of(body.direction),
-        tuple(body.edge_collections),
-        tuple(body.vertex_collections),
-        parse_filters(body.edge_filters),
-        parse_filters(body.vertex_filters),
-        aggregate_of(body.aggregate),
-        None if body.field is None else property_path(body.field, what="field"),
-        body.of_edges,
-        None if body.group_by is None else property_path(body.group_by, what="group_by"),
-    )
+    async with core.graphs.reading_request(principal, ctx, Op.NEIGHBORHOOD):
+        query = Neighborhood(
+            body.start,
+            body.depth,
+            direction_of(body.direction),
+            tuple(body.edge_collections),
+            tuple(body.vertex_collections),
+            parse_filters(body.edge_filters),
+            parse_filters(body.vertex_filters),
+            aggregate_of(body.aggregate),
+            None if body.field is None else property_path(body.field, what="field"),
+            body.of_edges,
+            None if body.group_by is None else property_path(body.group_by, what="group_by"),
+        )
     groups = await core.graphs.neighborhood(principal, ctx, query)
     return {"groups": [g.to_dict() for g in groups]}
