@@ -33,6 +33,7 @@ from database_service.application import (
     TimeSeries,
 )
 from database_service.application.backups import ClusterBackupAdmin
+from database_service.application.graphs import GraphMetrics, Graphs
 from database_service.application.hub import HubAdmin
 from database_service.application.tenant_backups import TenantBackupAdmin
 from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
@@ -80,6 +81,9 @@ from database_service.statements import (
     StatementStats,
 )
 from database_service.statements.recorder import StatementRecorder
+from database_service.stores.graph import GraphStore
+from database_service.stores.graph.model import GraphLimits
+from database_service.stores.graph.postgres import PostgresGraphStore
 from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
 from database_service.tenancy import (
     MigrationReport,
@@ -217,6 +221,18 @@ class CacheProbe:
         # channel down nothing is served from the cache (reads go to PostgreSQL).
         up = state.get("status") == "up" and invalidation.get("status") == "up"
         return {"status": "healthy" if up else "unhealthy", "l2": state, **details}
+
+
+@dataclass
+class GraphProbe:
+    """The relationship graph (the seed's ``dependencies.arangodb``): ArangoDB probed when
+    configured; the embedded PostgreSQL graph is healthy whenever PostgreSQL is, and says so."""
+
+    store: GraphStore
+    name: str = "arangodb"
+
+    async def check(self) -> dict[str, Any]:
+        return await self.store.check()
 
 
 class Application:
@@ -517,6 +533,9 @@ class Application:
             )
             stack.push_async_callback(_cancel, maintenance)
         self.metrics.register(_PartitionCollector(self.partitions))
+        self.graph_store = await self._graph_store()
+        stack.push_async_callback(self.graph_store.aclose)
+        probes.append(GraphProbe(self.graph_store))
         self.health = HealthReporter(
             owner_pool=self.owner_pool,
             pools=self.pools,
@@ -735,6 +754,34 @@ class Application:
             self.cluster_backups = await self.open_cluster_backups()
             self.wal_receiver = WalReceiver(self.cluster_backups)
 
+    async def _graph_store(self) -> GraphStore:
+        """The relationship graph: ArangoDB when a URL is configured, else PostgreSQL tables in
+        each tenant's schema (stores/graph)."""
+        s = self.settings
+        limits = GraphLimits(
+            max_depth=s.graph_max_depth,
+            max_results=s.graph_max_results,
+            max_visits=s.graph_max_visits,
+            statement_ms=s.graph_statement_timeout_ms,
+        )
+        if s.arangodb_url is not None:
+            from database_service.stores.graph.arango import ArangoGraphStore  # noqa: PLC0415 - optional
+
+            password = s.arangodb_password.get_secret_value() if s.arangodb_password else ""
+            return ArangoGraphStore(
+                s.arangodb_url.get_secret_value(),
+                username=s.arangodb_username,
+                password=password,
+                limits=limits,
+            )
+        return PostgresGraphStore(
+            self.pools,
+            self.logins,
+            self.deadlines,
+            limits,
+            transaction_ms=s.tenant_transaction_timeout_ms,
+        )
+
     def _use_cases(self) -> None:
         """The application layer front ends call (each use case authorizes and audits itself);
         front ends reach nothing else of the core but the query executor and the settings."""
@@ -783,6 +830,13 @@ class Application:
         )
         self.timeseries = TimeSeries(self.executor, shared_schema=s.shared_schema)
         self.key_value = KeyValueOps(self.access, self.key_values, self.registry, self.audit)
+        self.graphs = Graphs(
+            self.access,
+            self.graph_store,
+            self.registry,
+            self.audit,
+            GraphMetrics(self.metrics.registry),
+        )
         self.observability = Observability(
             self.access,
             health=self.health,

@@ -39,8 +39,12 @@ async def test_health_document_has_the_seed_shape_with_real_values(
     assert doc["system_resources"]["memory_usage_mb"] > 10
     pg = doc["dependencies"]["postgresql"]
     assert pg["status"] == "healthy" and pg["latency_ms"] > 0 and pg["server_version"]
-    for store in ("clickhouse", "weaviate", "arangodb", "nats", "kafka"):
+    for store in ("clickhouse", "weaviate", "nats", "kafka"):
         assert doc["dependencies"][store] == {"status": "not_configured"}
+    # The relationship graph runs embedded on PostgreSQL (stores/graph) until ArangoDB is set.
+    graph = doc["dependencies"]["arangodb"]
+    assert graph["status"] == "healthy" and graph["embedded"] is True
+    assert "DBSVC_ARANGODB_URL" in graph["note"]
     # Without Redis: L1 alone, and health says what that means.
     cache = doc["dependencies"]["dragonflydb"]
     assert cache["status"] == "not_configured" and "L1 only" in cache["note"]
@@ -54,8 +58,10 @@ async def test_health_document_has_the_seed_shape_with_real_values(
     }
     details = doc["database_details"]["postgresql"]
     assert details["tenant_schemas"] == active and details["active_connections"] >= 1
-    for store in ("clickhouse", "weaviate", "arangodb"):
+    for store in ("clickhouse", "weaviate"):
         assert doc["database_details"][store] == {"status": "not_configured"}
+    assert doc["database_details"]["arangodb"]["status"] == "healthy"
+    # ... kept in PostgreSQL: no second store to span.
     assert doc["multi_db_performance"] == {
         "stores_configured": ["postgresql"],
         "cross_database_queries": {"possible": False, "stores": ["postgresql"]},

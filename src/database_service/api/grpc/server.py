@@ -17,11 +17,12 @@ from grpc_reflection.v1alpha import reflection
 
 from database_service.api.grpc.calls import tolerant
 from database_service.api.grpc.database_service import DatabaseService
+from database_service.api.grpc.graph_service import GraphService
 from database_service.app import Application
 from database_service.supervisor import PortInUse
 from database_service.supervisor.shield import run_to_completion
 from database_service.tls import CertificateFiles, grpc_server_credentials
-from database_service_client._proto import database_service_pb2
+from database_service_client._proto import database_service_pb2, graph_pb2
 
 __all__ = ["GrpcServer", "add_servicer"]
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _SERVICE = database_service_pb2.DESCRIPTOR.services_by_name["DatabaseService"]
 SERVICE_NAME = _SERVICE.full_name
+GRAPH_SERVICE_NAME = graph_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name
 
 _HANDLER_KINDS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -38,21 +40,26 @@ _HANDLER_KINDS = {
 }
 
 
-def add_servicer(servicer: DatabaseService, server: grpc.aio.Server) -> None:
+def add_servicer(
+    servicer: Any, server: grpc.aio.Server, module: Any = database_service_pb2, name: str = ""
+) -> None:
     """Like the generated ``add_DatabaseServiceServicer_to_server``, every method of the service
-    descriptor, but each request deserializer returns ``Undecodable`` instead of raising."""
+    descriptor, but each request deserializer returns ``Undecodable`` instead of raising.
+    ``module``/``name``: another protocol service (``graph_pb2``, ``GraphService``)."""
+    service = module.DESCRIPTOR.services_by_name[name] if name else _SERVICE
     handlers: dict[str, Any] = {}
-    for method in _SERVICE.methods:
-        request = getattr(database_service_pb2, method.input_type.name)
-        response = getattr(database_service_pb2, method.output_type.name)
+    for method in service.methods:
+        request = getattr(module, method.input_type.name)
+        response = getattr(module, method.output_type.name)
         kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
             getattr(servicer, method.name),
             request_deserializer=tolerant(request.FromString, method.input_type.full_name),
             response_serializer=response.SerializeToString,
         )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    full_name = service.full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, handlers),))
+    server.add_registered_method_handlers(full_name, handlers)
 
 
 class GrpcServer:
@@ -95,9 +102,11 @@ class GrpcServer:
             ],
         )
         add_servicer(DatabaseService(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
+        add_servicer(GraphService(self.core), server, graph_pb2, "GraphService")
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, GRAPH_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
         )
         address = f"{s.grpc_host}:{s.grpc_port}"
         try:

@@ -2,6 +2,7 @@
 
 from database_service.api.http.routes import (
     backups,
+    graph,
     hub,
     keyvalue,
     observability,
@@ -19,6 +20,7 @@ ROUTERS = (
     queries.router,
     timeseries.router,
     keyvalue.router,
+    graph.router,
     tenants.router,
     tenant_backups.router,
     services.router,
