@@ -27,6 +27,15 @@ ensure_installed() {
       echo "pg15: $BIN/initdb missing and not root: install postgresql-15" >&2; exit 1
     fi
   fi
+  # hypopg: the index advice confirms its suggestions with hypothetical indexes (statements/).
+  if [ ! -f /usr/share/postgresql/15/extension/hypopg.control ]; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "pg15: installing Debian's postgresql-15-hypopg" >&2
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15-hypopg >/dev/null
+    else
+      echo "pg15: hypopg missing and not root: install postgresql-15-hypopg" >&2; exit 1
+    fi
+  fi
 }
 
 start() {

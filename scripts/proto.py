@@ -48,8 +48,15 @@ def generate(out: Path) -> None:
         for path in sorted(raw.rglob("*_pb2*.py*")):
             text = path.read_text()
             # protoc imports by proto path; the modules live flat in this package instead.
-            text = re.sub(r"from database_service\.v1 import (\w+_pb2)", r"from . import \1", text)
-            text = re.sub(r"import database_service\.v1\.(\w+_pb2)", r"from . import \1", text)
+            text = re.sub(
+                r"^from database_service\.v1 import (\w+_pb2)",
+                r"from . import \1",
+                text,
+                flags=re.M,
+            )
+            text = re.sub(
+                r"^import database_service\.v1\.(\w+_pb2)", r"from . import \1", text, flags=re.M
+            )
             (out / path.name).write_text(HEADER + text)
 
 

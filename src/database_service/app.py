@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from database_service import __version__
 from database_service.application import (
     Access,
     DeadLetterAdmin,
@@ -31,9 +33,12 @@ from database_service.application import (
     TimeSeries,
 )
 from database_service.application.backups import ClusterBackupAdmin
+from database_service.application.graphs import GraphMetrics, Graphs
+from database_service.application.hub import HubAdmin
 from database_service.application.tenant_backups import TenantBackupAdmin
 from database_service.application.vectors import VectorMetrics, VectorOps
 from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
+from database_service.auth.status_links import StatusLinks
 from database_service.auth.tokens import deployment_audience
 from database_service.backup.cluster import ClusterBackups, WalReceiver, find_tools
 from database_service.backup.tenant import TenantBackups
@@ -50,6 +55,7 @@ from database_service.cache import (
     ResultCache,
 )
 from database_service.config import Settings
+from database_service.hub import HubAgent
 from database_service.ingest import DeadLetterStore, IngestPipeline, IngestWriter
 from database_service.loops import BackgroundLoops
 from database_service.observability import (
@@ -69,12 +75,16 @@ from database_service.query import QueryExecutor
 from database_service.query.caching import CacheRules, ResultCaching
 from database_service.sqlguard import SqlGuard
 from database_service.statements import (
+    IndexAdvisor,
     SharedFigures,
     SlowQueryLog,
     StatementAdmin,
     StatementStats,
 )
 from database_service.statements.recorder import StatementRecorder
+from database_service.stores.graph import GraphStore
+from database_service.stores.graph.model import GraphLimits
+from database_service.stores.graph.postgres import PostgresGraphStore
 from database_service.stores.vector import PgVectorStore, VectorProbe
 from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
 from database_service.tenancy import (
@@ -213,6 +223,18 @@ class CacheProbe:
         # channel down nothing is served from the cache (reads go to PostgreSQL).
         up = state.get("status") == "up" and invalidation.get("status") == "up"
         return {"status": "healthy" if up else "unhealthy", "l2": state, **details}
+
+
+@dataclass
+class GraphProbe:
+    """The relationship graph (the seed's ``dependencies.arangodb``): ArangoDB probed when
+    configured; the embedded PostgreSQL graph is healthy whenever PostgreSQL is, and says so."""
+
+    store: GraphStore
+    name: str = "arangodb"
+
+    async def check(self) -> dict[str, Any]:
+        return await self.store.check()
 
 
 class Application:
@@ -517,6 +539,9 @@ class Application:
             )
             stack.push_async_callback(_cancel, maintenance)
         self.metrics.register(_PartitionCollector(self.partitions))
+        self.graph_store = await self._graph_store()
+        stack.push_async_callback(self.graph_store.aclose)
+        probes.append(GraphProbe(self.graph_store))
         self.health = HealthReporter(
             owner_pool=self.owner_pool,
             pools=self.pools,
@@ -533,6 +558,9 @@ class Application:
         await self._cluster_backups()
         self._use_cases()
         self.health.sections["backups"] = self.backup_admin.status
+        self.health.sections["central_hub"] = self.hub_admin.status
+        if s.central_hub_url is not None and self._maintain_partitions:
+            self._hub_agent()
         if self.replicas is not None:
             self.health.sections["replicas"] = self.replicas.document
         if self.wal_receiver is not None:
@@ -541,6 +569,31 @@ class Application:
                 ("base-backups", self.backup_admin.run_schedule),
             ):
                 stack.push_async_callback(_cancel, self.loops.start(name, loop))
+
+    def _hub_agent(self) -> None:
+        """Registration and heartbeats (one agent per instance: its primary process)."""
+        s = self.settings
+        assert s.central_hub_url is not None
+        scheme = "https" if s.tls_cert_file is not None else "http"
+        agent = HubAgent(
+            s.central_hub_url,
+            token=s.central_hub_token.get_secret_value() if s.central_hub_token else None,
+            instance_id=s.instance_id or f"{socket.gethostname()}:{s.http_port}",
+            version=__version__,
+            endpoints={
+                "grpc": f"{s.grpc_host}:{s.grpc_port}",
+                "http": f"{scheme}://{s.http_host}:{s.http_port}",
+            },
+            interval_s=s.central_hub_heartbeat_seconds,
+            tenants=self.registry.list,
+            health=self.health.document,
+            versions=self.hub_admin.versions,
+            apply=self.hub_admin.apply,
+            max_ttl_ms=s.cache_max_ttl_ms,
+        )
+        self.hub_admin.agent = agent
+        self._stack.push_async_callback(agent.aclose)
+        self._stack.push_async_callback(_cancel, self.loops.start("central-hub", agent.run_forever))
 
     async def _statements(self) -> None:
         """Statement statistics (in memory, shared between the serving processes through the
@@ -707,6 +760,34 @@ class Application:
             self.cluster_backups = await self.open_cluster_backups()
             self.wal_receiver = WalReceiver(self.cluster_backups)
 
+    async def _graph_store(self) -> GraphStore:
+        """The relationship graph: ArangoDB when a URL is configured, else PostgreSQL tables in
+        each tenant's schema (stores/graph)."""
+        s = self.settings
+        limits = GraphLimits(
+            max_depth=s.graph_max_depth,
+            max_results=s.graph_max_results,
+            max_visits=s.graph_max_visits,
+            statement_ms=s.graph_statement_timeout_ms,
+        )
+        if s.arangodb_url is not None:
+            from database_service.stores.graph.arango import ArangoGraphStore  # noqa: PLC0415 - optional
+
+            password = s.arangodb_password.get_secret_value() if s.arangodb_password else ""
+            return ArangoGraphStore(
+                s.arangodb_url.get_secret_value(),
+                username=s.arangodb_username,
+                password=password,
+                limits=limits,
+            )
+        return PostgresGraphStore(
+            self.pools,
+            self.logins,
+            self.deadlines,
+            limits,
+            transaction_ms=s.tenant_transaction_timeout_ms,
+        )
+
     def _use_cases(self) -> None:
         """The application layer front ends call (each use case authorizes and audits itself);
         front ends reach nothing else of the core but the query executor and the settings."""
@@ -719,6 +800,14 @@ class Application:
             self.migrator,
             self.maintenance_pool,
             cache_rules=self.caching.rules,
+        )
+        self.hub_admin = HubAdmin(
+            self.access,
+            self.tenants,
+            self.owner_pool,
+            control_schema=s.control_schema,
+            cache_rules=self.caching.rules,
+            max_ttl_ms=s.cache_max_ttl_ms,
         )
         self.service_admin = ServiceAdmin(
             self.access,
@@ -747,6 +836,13 @@ class Application:
         )
         self.timeseries = TimeSeries(self.executor, shared_schema=s.shared_schema)
         self.key_value = KeyValueOps(self.access, self.key_values, self.registry, self.audit)
+        self.graphs = Graphs(
+            self.access,
+            self.graph_store,
+            self.registry,
+            self.audit,
+            GraphMetrics(self.metrics.registry),
+        )
         self.vectors = VectorOps(self.access, self.vector_store, VectorMetrics(self.metrics))
         self.observability = Observability(
             self.access,
@@ -757,9 +853,11 @@ class Application:
             audit=self.audit,
             owner_pool=self.owner_pool,
             control_schema=s.control_schema,
+            registry=self.registry,
         )
-        self.dead_letter_admin = DeadLetterAdmin(self.access, self.dead_letters, self.ingest)
         assert s.master_key is not None
+        self.status_links = StatusLinks(s.master_key.get_secret_value())
+        self.dead_letter_admin = DeadLetterAdmin(self.access, self.dead_letters, self.ingest)
         # Per-tenant export and restore: files under <backup dir>/tenants, signed with a key of
         # their own derived from the master key.
         self.tenant_backups = TenantBackupAdmin(
@@ -778,6 +876,15 @@ class Application:
             ),
         )
         self._stack.push_async_callback(self.tenant_backups.aclose)
+        self.index_advisor = IndexAdvisor(
+            self.owner_pool,
+            control_schema=self.settings.control_schema,
+            group_role=self.settings.tenant_group_role,
+            pools=self.pools,
+            logins=self.logins,
+            deadlines=self.deadlines,
+        )
+        self._stack.push_async_callback(self.index_advisor.aclose)
         self.statement_admin = StatementAdmin(
             self.access,
             stats=self.statement_stats,
@@ -785,6 +892,7 @@ class Application:
             slow_log=self.slow_queries,
             registry=self.registry,
             owner_pool=self.owner_pool,
+            advisor=self.index_advisor,
         )
 
     async def _start_consumers(

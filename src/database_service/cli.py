@@ -799,6 +799,20 @@ def _parser() -> argparse.ArgumentParser:
     settings_cmd.add_argument(
         "--keep-parameters", choices=("yes", "no", "default"), help="keep slow statements' values"
     )
+    advise = stats.add_parser(
+        "advise", help="indexes that would serve the tenant's slow statements (never creates)"
+    )
+    advise.add_argument("--tenant", required=True)
+    create_index = stats.add_parser(
+        "create-index", help="build an index on a tenant's table (CREATE INDEX CONCURRENTLY)"
+    )
+    create_index.add_argument("--tenant", required=True)
+    create_index.add_argument("--table", required=True)
+    create_index.add_argument("--columns", required=True, help="comma-separated, in order")
+    sub.add_parser(
+        "status-link",
+        help="a sign-in link for the status page (/status), valid for two minutes",
+    )
     slow = sub.add_parser("slow-queries", help="a tenant's slow statements with their plans")
     slow.add_argument("--tenant", required=True)
     slow.add_argument("--limit", type=_positive, default=20)
@@ -1003,6 +1017,27 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             _print(await admin.top(operator, args.tenant, limit=args.limit, order=args.order))
         elif args.action == "reset":
             _print(await admin.reset(operator, args.tenant))
+        elif args.action == "advise":
+            _print(await admin.index_advice(operator, args.tenant))
+        elif args.action == "create-index":
+            columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+            started = await admin.create_index(operator, args.tenant, args.table, columns)
+            while True:  # the build runs in this process: follow it to its end
+                await asyncio.sleep(0.5)
+                state = await admin.index_status(operator, args.tenant, started["index"])
+                progress = state.get("progress")
+                if progress:
+                    print(
+                        f"\r{progress['phase']}: blocks {progress['blocks_done']}"
+                        f"/{progress['blocks_total']}",
+                        end="",
+                        file=sys.stderr,
+                    )
+                if state["state"] != "building":
+                    break
+            print(file=sys.stderr)
+            _print(state)
+            return 0 if state["state"] == "ready" else 1
         elif args.slow_query_ms is None and args.keep_parameters is None:
             _print(await admin.settings(operator, args.tenant))
         else:
@@ -1018,6 +1053,14 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             if args.keep_parameters is not None:
                 changes["keep_parameters"] = {"yes": True, "no": False}.get(args.keep_parameters)
             _print(await admin.set_settings(operator, args.tenant, changes))
+        return 0
+
+    async def status_link(core: Application) -> int:
+        s = core.settings
+        scheme = "https" if s.tls_cert_file is not None else "http"
+        code = core.status_links.link_code(operator)
+        await core.access.done(operator, "status.link")
+        print(f"{scheme}://{s.http_host}:{s.http_port}/status/login?code={code}")
         return 0
 
     async def slow_queries(core: Application) -> int:
@@ -1067,6 +1110,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         "backup": cluster_backup,
         "stats": statement_stats,
         "slow-queries": slow_queries,
+        "status-link": status_link,
         "tenant": tenant,
         "service": service,
         "token": token,

@@ -133,6 +133,19 @@ class Settings(BaseSettings):
     cache_stale_max_age_seconds: float = Field(default=300.0, ge=0)
     cache_redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
 
+    # The relationship graph (stores/graph): PostgreSQL tables in each tenant's schema by
+    # default, ArangoDB (one database per tenant) when a URL is given. Bounds kept by every
+    # store: traversal depth, results (vertices or groups) per answer, paths a traversal may
+    # walk (or edges a shortest-path search may read), and each statement's time (never more
+    # than the tenant's own statement limit).
+    arangodb_url: SecretStr | None = None
+    arangodb_username: str = "root"
+    arangodb_password: SecretStr | None = None
+    graph_max_depth: int = Field(default=10, ge=1, le=64)
+    graph_max_results: int = Field(default=10_000, ge=1, le=1_000_000)
+    graph_max_visits: int = Field(default=1_000_000, ge=1_000)
+    graph_statement_timeout_ms: int = Field(default=5_000, ge=10)
+
     # Cluster backups (backup/cluster.py), on when a directory is given: the serving instance
     # archives the WAL there continuously (pg_receivewal, a replication slot) and takes a
     # verified base backup every interval (0: only on request), keeping the newest ``keep``.
@@ -161,6 +174,15 @@ class Settings(BaseSettings):
     # Retention per tenant: the newest N entries, none older than the age.
     slow_query_max_entries: int = Field(default=1000, ge=1, le=1_000_000)
     slow_query_max_age_seconds: float = Field(default=7 * 86_400.0, gt=0)
+
+    # The Central Hub (hub/): with a URL, the serving instance registers there, sends a
+    # heartbeat (its health document) every interval and applies the tenant configuration
+    # updates the answers carry; the token is sent as a bearer credential. Without it, health
+    # says ``not_configured``. The instance id defaults to <hostname>:<HTTP port>.
+    central_hub_url: str | None = None
+    central_hub_token: SecretStr | None = None
+    central_hub_heartbeat_seconds: float = Field(default=15.0, gt=0, le=3600)
+    instance_id: str | None = Field(default=None, max_length=200)
 
     # The health document is computed at most this often (anyone may ask for it, as often).
     health_cache_seconds: float = Field(default=1.0, ge=0, le=60)

@@ -67,7 +67,12 @@ __all__ = [
     "ConfirmationRequired",
     "Conflict",
     "DatabaseServiceError",
+    "DepthOutOfRange",
+    "EdgeNotFound",
     "FailedPrecondition",
+    "GraphCollectionKind",
+    "GraphCollectionNotFound",
+    "InvalidFilter",
     "InvalidParameters",
     "InvalidRequest",
     "InvalidTenantId",
@@ -86,6 +91,7 @@ __all__ = [
     "TenantSuspended",
     "Unauthenticated",
     "Unavailable",
+    "VertexNotFound",
     "escaped_driver_error",
     "postgres_unavailable",
     "postgres_unreachable",
@@ -455,3 +461,40 @@ def grpc_status_of(error: DatabaseServiceError) -> str:
     if isinstance(error, QueryError):
         return error.grpc_status_name
     return error.grpc_status
+
+
+# --- the relationship graph (stores/graph) ---------------------------------------------------
+
+
+class GraphCollectionNotFound(NotFound):
+    """A vertex or edge collection the tenant has not created (by writing to it)."""
+
+    code = "graph_collection_not_found"
+
+
+class VertexNotFound(NotFound):
+    """A start, end or edge endpoint vertex the tenant does not have."""
+
+    code = "vertex_not_found"
+
+
+class EdgeNotFound(NotFound):
+    code = "edge_not_found"
+
+
+class InvalidFilter(InvalidRequest):
+    """A graph filter or aggregation naming a bad property, operator or value."""
+
+    code = "invalid_filter"
+
+
+class DepthOutOfRange(InvalidRequest):
+    """A traversal depth outside 0 ≤ min ≤ max ≤ the configured bound."""
+
+    code = "depth_out_of_range"
+
+
+class GraphCollectionKind(FailedPrecondition):
+    """Edges written to a vertex collection, or vertices to an edge collection."""
+
+    code = "graph_collection_kind"

@@ -375,6 +375,7 @@ async def test_standard_health_service_and_reflection(grpc_target: str) -> None:
         async for answer in reflection.ServerReflectionInfo(ask()):
             names = {s.name for s in answer.list_services_response.service}
             assert "database_service.v1.DatabaseService" in names
+            assert "database_service.v1.GraphService" in names
             break
 
 

@@ -442,3 +442,34 @@ async def test_every_admin_refusal_is_audited(
         "partitions.list",
         "migrate",
     } <= actions, actions
+
+
+# --- the status page and the Central Hub's endpoints (issue #15) --------------------------------
+
+
+async def test_tenant_admin_cannot_reach_the_status_page_or_the_hub_endpoints(
+    http: httpx.AsyncClient, core: Application, tenants: Tenants
+) -> None:
+    """Every tenant's pools, slow statements and configuration are on these pages: a tenant's
+    administrator (even one spanning A and B) gets none of it, and cannot suspend B or raise
+    its own limits through the hub's endpoint."""
+    a, b = tenants.a.tenant_id, tenants.b.tenant_id
+    for tenant_ids in ([a], [a, b]):
+        token = await service_token(core, tenant_ids, (*RWA, Scope.METRICS))
+        headers = {"Authorization": f"Bearer {token}"}
+        for method, path, body in (
+            ("GET", "/status", None),
+            ("GET", "/status/fragment", None),
+            ("POST", "/api/v1/status/link", None),
+            ("GET", "/api/v1/hub", None),
+            ("POST", "/api/v1/hub/tenant-config",
+             {"tenant_id": b, "version": 99, "status": "suspended"}),
+            ("POST", "/api/v1/hub/tenant-config",
+             {"tenant_id": a, "version": 99, "limits": {
+                 "connection_limit": 500, "statement_timeout_ms": 3_600_000}}),
+        ):  # fmt: skip
+            response = await http.request(method, path, json=body, headers=headers)
+            assert response.status_code == 403, (path, response.text[:300])
+            assert b not in response.text or path == "/api/v1/hub/tenant-config"
+    assert (await core.registry.get(b)).active
+    assert (await core.registry.get(a)).limits.connection_limit != 500

@@ -7,7 +7,8 @@ Tenant A runs statements through every front end that runs tenant SQL (``front_e
 victim B runs its own, marked, with a slow-query threshold of 0 so each one is logged with its
 plan. A's figures and slow-query log hold A's statements only (even the very same text B runs is
 counted apart); A's token, whatever its scopes, cannot read, reset, clear or configure B's; a
-statement A tries to run as B is refused before anything is counted for B. Figures are read
+statement A tries to run as B is refused before anything is counted for B. The index advice
+drawn from B's slow statements, and index builds on B's tables, are B's alone too. Figures are read
 over REST (the gRPC front end has no statistics service).
 """
 
@@ -142,6 +143,16 @@ async def test_another_tenants_figures_are_refused(
             _bearer(token),
             {"slow_query_ms": 999999},
         ),
+        # Index advice reads B's slow statements and tables; building one is B's admin's call.
+        ("GET", "/api/v1/index-advice", _bearer(token, b), None),
+        ("GET", f"/api/v1/index-advice?tenant_id={b}", _bearer(token), None),
+        (
+            "POST",
+            f"/api/v1/admin/tenants/{b}/indexes",
+            _bearer(token),
+            {"table": "users", "columns": ["email"]},
+        ),
+        ("GET", f"/api/v1/admin/tenants/{b}/indexes/users_pkey", _bearer(token), None),
     ]
     for method, path, headers, body in attempts:
         response = await http.request(method, path, headers=headers, json=body)

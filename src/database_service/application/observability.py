@@ -19,7 +19,7 @@ from database_service.observability import AuditLog, HealthReporter, Metrics, Re
 from database_service.observability.health import performance_document
 from database_service.postgres import TenantPools
 from database_service.query import encode_value
-from database_service.tenancy import quote_ident, validate_tenant_id
+from database_service.tenancy import TenantRegistry, quote_ident, validate_tenant_id
 
 __all__ = ["Observability"]
 
@@ -40,6 +40,7 @@ class Observability:
         audit: AuditLog,
         owner_pool: asyncpg.Pool,
         control_schema: str,
+        registry: TenantRegistry,
     ) -> None:
         self._access = access
         self._health = health
@@ -49,6 +50,8 @@ class Observability:
         self._audit = audit
         self._pool = owner_pool
         self._audit_table = f"{quote_ident(control_schema)}.audit_log"
+        self._slow_table = f"{quote_ident(control_schema)}.slow_queries"
+        self._registry = registry
 
     async def health(self, principal: Principal | None) -> dict[str, Any]:
         """The small document for anyone, the full one for a platform principal."""
@@ -67,6 +70,35 @@ class Observability:
         tenant_id = validate_tenant_id(tenant_id)
         await self._access.require_tenant(principal, tenant_id, "metrics.performance")
         return performance_document(self._window, self._pools, tenant_id=tenant_id)
+
+    async def status(self, principal: Principal) -> dict[str, Any]:
+        """What the status page shows (a platform principal holding ``metrics`` or
+        ``admin``): the detailed health document, the performance document with every
+        tenant's pools, the tenants, and the slow-query log's last hour."""
+        await self._access.require_platform(principal, "status.read", Scope.METRICS, Scope.ADMIN)
+        health = await self._health.document(detailed=True)
+        tenants = await self._registry.list()
+        counts = await self._pool.fetch(
+            f"SELECT tenant_id, count(*)::int AS n FROM {self._slow_table}"
+            " WHERE recorded_at > now() - interval '1 hour' GROUP BY tenant_id"
+        )
+        recent = await self._pool.fetch(
+            f"SELECT tenant_id, recorded_at, duration_ms, statement FROM {self._slow_table}"
+            " ORDER BY id DESC LIMIT 10"
+        )
+        return {
+            "health": health,
+            "performance": performance_document(self._window, self._pools, audit=self._audit),
+            "tenants": [
+                {"tenant_id": t.tenant_id, "status": t.status}
+                for t in sorted(tenants, key=lambda t: t.tenant_id)
+            ],
+            "slow": {r["tenant_id"]: r["n"] for r in counts},
+            "slow_recent": [
+                {**dict(r), "recorded_at": r["recorded_at"].isoformat(timespec="seconds")}
+                for r in recent
+            ],
+        }
 
     async def prometheus(self, principal: Principal) -> bytes:
         """Prometheus text: every tenant's pools are labelled, so for the platform only."""

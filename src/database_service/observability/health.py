@@ -349,8 +349,13 @@ def _details(dependency: dict[str, Any]) -> dict[str, Any]:
 
 def _multi_db(dependencies: dict[str, Any]) -> dict[str, Any]:
     """What crosses stores: which stores an operation can span, and how consistent that is."""
+    # A store kept embedded in PostgreSQL (the graph's tables: "runs_on": "postgresql") is
+    # PostgreSQL here: spanning it is no cross-store operation.
     configured = [
-        name for name in stores.DATA_STORES if dependencies[name].get("status") != "not_configured"
+        name
+        for name in stores.DATA_STORES
+        if dependencies[name].get("status") != "not_configured"
+        and (name == "postgresql" or dependencies[name].get("runs_on") != "postgresql")
     ]
     return {
         "stores_configured": configured,

@@ -22,6 +22,7 @@ import pglast
 from database_service.application.access import Access
 from database_service.auth import Principal, Scope
 from database_service.errors import InvalidParameters
+from database_service.statements.advice import IndexAdvisor
 from database_service.statements.shared import SharedFigures
 from database_service.statements.slowlog import SlowQueryLog, StatementSettings
 from database_service.statements.stats import StatementStats
@@ -52,6 +53,7 @@ class StatementAdmin:
         slow_log: SlowQueryLog,
         registry: TenantRegistry,
         owner_pool: asyncpg.Pool,
+        advisor: IndexAdvisor,
     ) -> None:
         self._access = access
         self._stats = stats
@@ -59,6 +61,7 @@ class StatementAdmin:
         self._slow = slow_log
         self._registry = registry
         self._pool = owner_pool
+        self._advisor = advisor
 
     async def _readable(self, principal: Principal, tenant_id: str, action: str) -> TenantRecord:
         tenant_id = validate_tenant_id(tenant_id)
@@ -213,3 +216,26 @@ class StatementAdmin:
             detail=f"slow_query_ms={threshold} keep_parameters={keep}",
         )
         return {"tenant_id": tenant_id, **settings}
+
+    # --- index advice ----------------------------------------------------------------------
+
+    async def index_advice(self, principal: Principal, tenant_id: str) -> dict[str, Any]:
+        """Indexes that would serve the tenant's slow statements (readers of its figures)."""
+        tenant = await self._readable(principal, tenant_id, "index_advice.read")
+        return await self._advisor.advise(tenant)
+
+    async def create_index(
+        self, principal: Principal, tenant_id: str, table: str, columns: list[str]
+    ) -> dict[str, Any]:
+        """Build an index on the tenant's table: an explicit call of an administrator over the
+        tenant (advice never creates one)."""
+        tenant_id = validate_tenant_id(tenant_id)
+        await self._access.require(principal, Scope.ADMIN, "index.create", tenant_id)
+        tenant = await self._registry.get(tenant_id)
+        started = await self._advisor.create_index(tenant, table, columns)
+        await self._access.done(principal, "index.create", tenant_id, detail=started["ddl"])
+        return started
+
+    async def index_status(self, principal: Principal, tenant_id: str, name: str) -> dict[str, Any]:
+        tenant = await self._readable(principal, tenant_id, "index.read")
+        return await self._advisor.index_status(tenant, name)

@@ -16,6 +16,7 @@ idempotently, at start.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -32,6 +33,7 @@ from database_service.errors import (
     unavailable,
 )
 from database_service.postgres import Connection
+from database_service.tenancy.configuration import TenantConfig
 from database_service.tenancy.ids import (
     LEGACY_SCHEMA_PREFIX,
     USER_ROLE_SUFFIX,
@@ -256,6 +258,75 @@ class TenantManager:
 
     async def resume(self, tenant_id: str) -> TenantRecord:
         return await self._set_status(tenant_id, "active")
+
+    async def configure(self, config: TenantConfig) -> str:
+        """Apply one configuration version in one transaction — its limits (the roles'
+        connection limit and settings), its status (the roles' LOGIN) and its cache rules —
+        and record the version; ``unchanged`` (nothing done) when this version or a newer one
+        was applied already, ``applied`` otherwise. Pools close afterwards, as on suspend."""
+        record = await self._registry.get(config.tenant_id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The version first: a concurrent apply of the same version waits on this row,
+            # then finds it applied.
+            newer = await conn.fetchval(
+                f"INSERT INTO {self._control}.hub_config (tenant_id, version, payload)"
+                " VALUES ($1, $2, $3::jsonb) ON CONFLICT (tenant_id) DO UPDATE SET"
+                " version = EXCLUDED.version, payload = EXCLUDED.payload, applied_at = now()"
+                f" WHERE {self._control}.hub_config.version < EXCLUDED.version RETURNING version",
+                config.tenant_id,
+                config.version,
+                json.dumps(config.source),
+            )
+            if newer is None:
+                return "unchanged"
+            status = await conn.fetchval(
+                f"SELECT status FROM {self._control}.tenants WHERE tenant_id = $1 FOR UPDATE",
+                config.tenant_id,
+            )
+            if status not in ("active", "suspended"):
+                raise Conflict(f"tenant {config.tenant_id!r} is {status}: not configurable")
+            if config.limits is not None:
+                limits = config.limits
+                await conn.execute(
+                    f"UPDATE {self._control}.tenants SET connection_limit = $2,"
+                    " statement_timeout_ms = $3, updated_at = now() WHERE tenant_id = $1",
+                    config.tenant_id,
+                    limits.connection_limit,
+                    limits.statement_timeout_ms,
+                )
+                for role in record.roles:
+                    await conn.execute(
+                        f"ALTER ROLE {quote_ident(role)}"
+                        f" CONNECTION LIMIT {int(limits.connection_limit)}"
+                    )
+                    await self._role_settings(conn, role, limits, record.schema_name)
+            suspended = False
+            if config.status is not None and config.status != status:
+                await conn.execute(
+                    f"UPDATE {self._control}.tenants SET status = $2, updated_at = now()"
+                    " WHERE tenant_id = $1",
+                    config.tenant_id,
+                    config.status,
+                )
+                login = "LOGIN" if config.status == "active" else "NOLOGIN"
+                for role in record.roles:
+                    await conn.execute(f"ALTER ROLE {quote_ident(role)} {login}")
+                suspended = config.status != "active"
+            if config.cache_rules is not None:
+                await conn.execute(
+                    f"DELETE FROM {self._control}.cache_rules WHERE tenant_id = $1",
+                    config.tenant_id,
+                )
+                await conn.executemany(
+                    f"INSERT INTO {self._control}.cache_rules (tenant_id, relation, ttl_ms)"
+                    " VALUES ($1, $2, $3)",
+                    [(config.tenant_id, r, ttl) for r, ttl in config.cache_rules.items()],
+                )
+        await self._changed(config.tenant_id)
+        if suspended:
+            await self._terminate_sessions(record.roles)
+        log.info("tenant %s: configuration version %d applied", config.tenant_id, config.version)
+        return "applied"
 
     async def _terminate_sessions(self, roles: tuple[str, ...]) -> None:
         await self._pool.execute(

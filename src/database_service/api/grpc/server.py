@@ -17,19 +17,21 @@ from grpc_reflection.v1alpha import reflection
 
 from database_service.api.grpc.calls import tolerant
 from database_service.api.grpc.database_service import DatabaseService
+from database_service.api.grpc.graph_service import GraphService
 from database_service.api.grpc.vectors import VECTOR_SERVICE, VectorServicer
 from database_service.app import Application
 from database_service.supervisor import PortInUse
 from database_service.supervisor.shield import run_to_completion
 from database_service.tls import CertificateFiles, grpc_server_credentials
-from database_service_client._proto import database_service_pb2, vector_pb2
+from database_service_client._proto import database_service_pb2, graph_pb2, vector_pb2
 
-__all__ = ["GrpcServer", "add_service", "add_servicer"]
+__all__ = ["GrpcServer", "add_servicer"]
 
 log = logging.getLogger(__name__)
 
 _SERVICE = database_service_pb2.DESCRIPTOR.services_by_name["DatabaseService"]
 SERVICE_NAME = _SERVICE.full_name
+GRAPH_SERVICE_NAME = graph_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name
 
 _HANDLER_KINDS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -39,17 +41,15 @@ _HANDLER_KINDS = {
 }
 
 
-def add_servicer(servicer: DatabaseService, server: grpc.aio.Server) -> None:
+def add_servicer(
+    servicer: Any, server: grpc.aio.Server, module: Any = database_service_pb2, name: str = ""
+) -> None:
     """Like the generated ``add_DatabaseServiceServicer_to_server``, every method of the service
-    descriptor, but each request deserializer returns ``Undecodable`` instead of raising."""
-    add_service(servicer, server, database_service_pb2, "DatabaseService")
-
-
-def add_service(servicer: Any, server: grpc.aio.Server, module: Any, service: str) -> None:
-    """Every method of ``service`` (in the generated ``module``), with tolerant deserializers."""
-    descriptor = module.DESCRIPTOR.services_by_name[service]
+    descriptor, but each request deserializer returns ``Undecodable`` instead of raising.
+    ``module``/``name``: another protocol service (``graph_pb2``, ``GraphService``)."""
+    service = module.DESCRIPTOR.services_by_name[name] if name else _SERVICE
     handlers: dict[str, Any] = {}
-    for method in descriptor.methods:
+    for method in service.methods:
         request = getattr(module, method.input_type.name)
         response = getattr(module, method.output_type.name)
         kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
@@ -58,9 +58,9 @@ def add_service(servicer: Any, server: grpc.aio.Server, module: Any, service: st
             request_deserializer=tolerant(request.FromString, method.input_type.full_name),
             response_serializer=response.SerializeToString,
         )
-    name = descriptor.full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    full_name = service.full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, handlers),))
+    server.add_registered_method_handlers(full_name, handlers)
 
 
 class GrpcServer:
@@ -103,10 +103,18 @@ class GrpcServer:
             ],
         )
         add_servicer(DatabaseService(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
-        add_service(VectorServicer(self.core), server, vector_pb2, "VectorService")
+        add_servicer(GraphService(self.core), server, graph_pb2, "GraphService")
+        add_servicer(VectorServicer(self.core), server, vector_pb2, "VectorService")
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, VECTOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (
+                SERVICE_NAME,
+                GRAPH_SERVICE_NAME,
+                VECTOR_SERVICE,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            server,
         )
         address = f"{s.grpc_host}:{s.grpc_port}"
         try:

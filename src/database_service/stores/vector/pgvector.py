@@ -494,7 +494,12 @@ class PgVectorStore:
     # --- health -----------------------------------------------------------------------------
 
     async def check(self) -> dict[str, Any]:
-        details: dict[str, Any] = {"implementation": "embedded pgvector"}
+        # Kept in PostgreSQL: spanning it with PostgreSQL is no cross-store operation.
+        details: dict[str, Any] = {
+            "implementation": "embedded pgvector",
+            "embedded": True,
+            "runs_on": "postgresql",
+        }
         if self.schema is None:
             await self.start()  # installed since?
         if self.schema is None:

@@ -2,12 +2,15 @@
 
 from database_service.api.http.routes import (
     backups,
+    graph,
+    hub,
     keyvalue,
     observability,
     partitions,
     queries,
     services,
     statements,
+    status,
     tenant_backups,
     tenants,
     timeseries,
@@ -19,6 +22,7 @@ ROUTERS = (
     timeseries.router,
     keyvalue.router,
     vectors.router,
+    graph.router,
     tenants.router,
     tenant_backups.router,
     services.router,
@@ -26,6 +30,8 @@ ROUTERS = (
     backups.router,
     observability.router,
     statements.router,
+    hub.router,
+    status.router,
 )
 
 __all__ = ["ROUTERS"]

@@ -119,3 +119,41 @@ async def set_statement_settings(
     # Only the fields sent change: ``{"keep_parameters": true}`` keeps the threshold.
     changes = body.model_dump(include=body.model_fields_set)
     return await core.statement_admin.set_settings(principal, tenant_id, changes)
+
+
+class CreateIndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    table: str = Field(max_length=63, description="A table of the tenant's own schema")
+    columns: list[str] = Field(min_length=1, max_length=8, description="Its columns, in order")
+
+
+@router.get("/api/v1/index-advice")
+async def index_advice(
+    request: Request,
+    core: Core,
+    principal: Authenticated,
+    x_tenant_id: Annotated[str | None, Header()] = None,
+    tenant_id: str | None = None,
+) -> dict[str, Any]:
+    """Indexes that would serve the tenant's slow statements, each with the expected gain
+    from a hypothetical index where PostgreSQL has hypopg. Advice never creates anything."""
+    tenant = _tenant(request, principal, x_tenant_id, tenant_id)
+    return await core.statement_admin.index_advice(principal, tenant)
+
+
+@router.post("/api/v1/admin/tenants/{tenant_id}/indexes", tags=["admin"], status_code=202)
+async def create_index(
+    tenant_id: str, body: CreateIndexRequest, core: Core, principal: Authenticated
+) -> dict[str, Any]:
+    """Build an index on one of the tenant's tables with ``CREATE INDEX CONCURRENTLY`` (an
+    administrator over the tenant); follow it at ``…/indexes/{index}``."""
+    return await core.statement_admin.create_index(principal, tenant_id, body.table, body.columns)
+
+
+@router.get("/api/v1/admin/tenants/{tenant_id}/indexes/{index}", tags=["admin"])
+async def index_status(
+    tenant_id: str, index: str, core: Core, principal: Authenticated
+) -> dict[str, Any]:
+    """An index of the tenant's: building (with PostgreSQL's progress), ready or invalid."""
+    return await core.statement_admin.index_status(principal, tenant_id, index)

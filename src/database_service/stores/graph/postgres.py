@@ -1,0 +1,472 @@
+"""The embedded graph: tables in the tenant's own schema, read and written as the tenant's own
+login (``TenantPools``), every round trip under a time limit kept from outside the session
+(``Deadlines``), as ingestion writes.
+
+PostgreSQL is the boundary: the statements name the tenant's schema, and run on a login that
+can reach no other schema, so no id, collection name or filter a caller sends can reach another
+tenant's graph — at worst it names a vertex the tenant does not have. The tables are created on
+the first write by the tenant's role (``CREATE … IF NOT EXISTS``: the tenant owns its graph as it
+owns the tables it creates through SQL); a read before any write finds no tables and answers as
+for an empty graph. Reads run in READ ONLY transactions on the analytics pool (a traversal is
+not an order's connection), writes on OLTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
+
+import asyncpg
+
+from database_service.errors import (
+    GraphCollectionKind,
+    GraphCollectionNotFound,
+    QueryError,
+    ResultTooLarge,
+    VertexNotFound,
+)
+from database_service.postgres.deadlines import Deadlines, SessionWatch
+from database_service.postgres.pools import Connection, TenantConnection, TenantPools, Workload
+from database_service.query.boundary import postgres_errors
+from database_service.stores.graph.model import (
+    Edge,
+    GraphLimits,
+    Neighborhood,
+    NeighborhoodGroup,
+    PathResult,
+    ShortestPath,
+    TraversalHit,
+    TraversalResult,
+    Traverse,
+    Vertex,
+    split_id,
+)
+from database_service.stores.graph.sql import GraphSql
+from database_service.tenancy import TenantRecord
+from database_service.tenancy.secrets import TenantLogins
+
+__all__ = ["PostgresGraphStore"]
+
+log = logging.getLogger(__name__)
+
+_UNDEFINED_TABLE = "42P01"
+_CREATE_RACES = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DuplicateTableError,
+    asyncpg.DuplicateObjectError,
+)
+
+
+class _NoGraph(Exception):
+    """The tenant has no graph tables (nothing written yet, or it dropped them)."""
+
+
+class PostgresGraphStore:
+    name = "postgresql"
+
+    def __init__(
+        self,
+        pools: TenantPools,
+        logins: TenantLogins,
+        deadlines: Deadlines,
+        limits: GraphLimits,
+        *,
+        transaction_ms: int,
+    ) -> None:
+        self._pools = pools
+        self._logins = logins
+        self._deadlines = deadlines
+        self.limits = limits
+        self._transaction_ms = transaction_ms
+        self._ready: set[str] = set()  # tenants whose tables this process has made sure of
+        self._sql: dict[str, GraphSql] = {}
+
+    def _statements(self, tenant: TenantRecord) -> GraphSql:
+        sql = self._sql.get(tenant.schema_name)
+        if sql is None:
+            sql = self._sql[tenant.schema_name] = GraphSql(tenant.schema_name)
+        return sql
+
+    @contextlib.asynccontextmanager
+    async def _session(
+        self, tenant: TenantRecord, *, readonly: bool, workload: Workload, transaction: bool = True
+    ) -> AsyncIterator[tuple[Connection, SessionWatch]]:
+        """A transaction as the tenant, each round trip under the graph's statement limit (never
+        more than the tenant's own), the whole under the transaction limit. Without
+        ``transaction``: one statement of ours that changes nothing (a read whose checks are in
+        the same statement), with no BEGIN and COMMIT round trips and no session reset."""
+        login = self._logins.login(tenant)
+        statement_s = min(self.limits.statement_ms, tenant.limits.statement_timeout_ms) / 1000
+        total_s = max(statement_s, self._transaction_ms / 1000)
+        with postgres_errors(tenant.tenant_id):
+            async with self._pools.acquire(login, workload) as conn:
+                watch = self._deadlines.watch(
+                    conn, login.role, statement_seconds=statement_s, total_seconds=total_s
+                )
+                if not transaction:
+                    try:
+                        yield conn, watch
+                    finally:
+                        watch.close()
+                    cast(TenantConnection, conn).skip_next_reset()
+                    return
+                tx = conn.transaction(
+                    isolation="repeatable_read" if readonly else "read_committed",
+                    readonly=readonly,
+                )
+                try:
+                    async with watch.statement():
+                        await tx.start()
+                    yield conn, watch
+                    async with watch.statement():
+                        await tx.commit()
+                except BaseException:
+                    if watch.expired is None and not conn.is_closed():
+                        with contextlib.suppress(Exception):
+                            await tx.rollback()
+                    raise
+                finally:
+                    watch.close()
+
+    @contextlib.asynccontextmanager
+    async def _reading(
+        self, tenant: TenantRecord, *, transaction: bool = False
+    ) -> AsyncIterator[tuple[Connection, SessionWatch, GraphSql]]:
+        session = self._session(
+            tenant, readonly=True, workload="analytics", transaction=transaction
+        )
+        try:
+            async with session as (c, w):
+                yield c, w, self._statements(tenant)
+        except QueryError as exc:
+            if exc.sqlstate == _UNDEFINED_TABLE:
+                self._ready.discard(tenant.tenant_id)
+                raise _NoGraph from exc
+            raise
+
+    async def _ensure(self, tenant: TenantRecord) -> None:
+        if tenant.tenant_id in self._ready:
+            return
+        sql = self._statements(tenant)
+        for attempt in (1, 2):
+            try:
+                session = self._session(tenant, readonly=False, workload="oltp")
+                async with session as (conn, w), w.statement():
+                    await conn.execute(sql.create)
+                break
+            except QueryError as exc:
+                # Two first writes at once: one CREATE wins, the other meets its catalog rows.
+                if attempt == 2 or not isinstance(exc.__cause__, _CREATE_RACES):
+                    raise
+        self._ready.add(tenant.tenant_id)
+
+    @contextlib.asynccontextmanager
+    async def _writing(
+        self, tenant: TenantRecord
+    ) -> AsyncIterator[tuple[Connection, SessionWatch, GraphSql]]:
+        await self._ensure(tenant)
+        try:
+            async with self._session(tenant, readonly=False, workload="oltp") as (c, w):
+                yield c, w, self._statements(tenant)
+        except QueryError as exc:
+            if exc.sqlstate == _UNDEFINED_TABLE:  # the tenant dropped them: made again next time
+                self._ready.discard(tenant.tenant_id)
+            raise
+
+    # --- writes ---------------------------------------------------------------------------
+
+    async def _register(
+        self, conn: Connection, watch: SessionWatch, sql: GraphSql, names: set[str], kind: str
+    ) -> None:
+        async with watch.statement():
+            rows = await conn.fetch(sql.register, sorted(names), kind)
+        for row in rows:
+            if row["kind"] != kind:
+                raise GraphCollectionKind(
+                    f"{row['name']!r} is a {row['kind']} collection, not a {kind} collection"
+                )
+
+    async def upsert_vertices(self, tenant: TenantRecord, vertices: Sequence[Vertex]) -> int:
+        latest = {v.id: v for v in vertices}  # one row per id: the last given wins
+        async with self._writing(tenant) as (conn, watch, sql):
+            await self._register(
+                conn, watch, sql, {v.collection for v in latest.values()}, "vertex"
+            )
+            async with watch.statement():
+                await conn.execute(
+                    sql.upsert_vertices,
+                    [v.collection for v in latest.values()],
+                    [v.key for v in latest.values()],
+                    [v.properties for v in latest.values()],
+                )
+        return len(latest)
+
+    async def upsert_edges(self, tenant: TenantRecord, edges: Sequence[Edge]) -> int:
+        latest = {e.id: e for e in edges}
+        try:
+            async with self._writing(tenant) as (conn, watch, sql):
+                await self._register(
+                    conn, watch, sql, {e.collection for e in latest.values()}, "edge"
+                )
+                ends = {split_id(i)[0] for e in latest.values() for i in (e.from_id, e.to_id)}
+                await self._register(conn, watch, sql, ends, "vertex")
+                async with watch.statement():
+                    await conn.execute(
+                        sql.upsert_edges,
+                        [e.collection for e in latest.values()],
+                        [e.key for e in latest.values()],
+                        [e.from_id for e in latest.values()],
+                        [e.to_id for e in latest.values()],
+                        [e.properties for e in latest.values()],
+                    )
+        except QueryError as exc:
+            if exc.sqlstate == "23503":
+                raise VertexNotFound(
+                    "an edge's _from or _to is not a vertex of this tenant; write the vertices"
+                    " first",
+                    detail=exc.detail,
+                ) from exc
+            raise
+        return len(latest)
+
+    async def delete_vertex(self, tenant: TenantRecord, vertex_id: str) -> tuple[bool, int]:
+        async with self._writing(tenant) as (conn, watch, sql):
+            async with watch.statement():
+                removed = await conn.execute(sql.delete_vertex_edges, vertex_id)
+            async with watch.statement():
+                deleted = await conn.execute(sql.delete_vertex, vertex_id)
+        return deleted != "DELETE 0", int(removed.split()[-1])
+
+    async def delete_edge(self, tenant: TenantRecord, edge_id: str) -> bool:
+        async with self._writing(tenant) as (conn, watch, sql), watch.statement():
+            status = await conn.execute(sql.delete_edge, edge_id)
+        return status != "DELETE 0"
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def get_vertex(self, tenant: TenantRecord, vertex_id: str) -> Vertex | None:
+        collection, key = split_id(vertex_id)
+        try:
+            async with self._reading(tenant) as (conn, watch, sql), watch.statement():
+                row = await conn.fetchrow(sql.get_vertex, vertex_id)
+        except _NoGraph:
+            return None
+        return None if row is None else Vertex(collection, key, row["props"])
+
+    async def get_edge(self, tenant: TenantRecord, edge_id: str) -> Edge | None:
+        collection, key = split_id(edge_id)
+        try:
+            async with self._reading(tenant) as (conn, watch, sql), watch.statement():
+                row = await conn.fetchrow(sql.get_edge, edge_id)
+        except _NoGraph:
+            return None
+        if row is None:
+            return None
+        return Edge(collection, key, row["_from"], row["_to"], row["props"])
+
+    async def _check_names(
+        self,
+        conn: Connection,
+        watch: SessionWatch,
+        sql: GraphSql,
+        vertices: Sequence[str],
+        edge_collections: Sequence[str],
+        vertex_collections: Sequence[str],
+    ) -> None:
+        """The start (and end) vertices exist; the collections named exist, of their kind."""
+        async with watch.statement():
+            found = {r["id"] for r in await conn.fetch(sql.vertices_exist, list(vertices))}
+            kinds = {
+                r["name"]: r["kind"]
+                for r in await conn.fetch(sql.kinds, [*edge_collections, *vertex_collections])
+            }
+        for vertex_id in vertices:
+            if vertex_id not in found:
+                raise VertexNotFound(f"no vertex {vertex_id!r}")
+        for names, kind in ((edge_collections, "edge"), (vertex_collections, "vertex")):
+            for name in names:
+                if kinds.get(name) != kind:
+                    raise GraphCollectionNotFound(f"no {kind} collection {name!r}")
+
+    def _visits_checked(self, visits: int) -> None:
+        if visits >= self.limits.max_visits:
+            raise ResultTooLarge(
+                f"the traversal walked more than {self.limits.max_visits} paths; narrow it"
+                " (depth, edge collections, edge filters)"
+            )
+
+    async def traverse(self, tenant: TenantRecord, query: Traverse) -> TraversalResult:
+        try:
+            async with self._reading(tenant) as (conn, watch, sql):
+                text, args = sql.traverse(query, self.limits.max_visits)
+                async with watch.statement():
+                    rows = await conn.fetch(text, *args)
+        except _NoGraph:
+            raise VertexNotFound(f"no vertex {query.start!r}") from None
+        _checked(rows[0], [query.start], query.edge_collections, query.vertex_collections)
+        self._visits_checked(rows[0]["visits"])
+        rows = [r for r in rows if r["id"] is not None]
+        hits = [
+            TraversalHit(
+                Vertex(r["collection"], r["id"].split("/", 1)[1], r["props"]),
+                r["depth"],
+                list(r["path"]),
+                list(r["edges"]),
+            )
+            for r in rows[: query.limit]
+        ]
+        return TraversalResult(hits, truncated=len(rows) > query.limit)
+
+    async def neighborhood(
+        self, tenant: TenantRecord, query: Neighborhood
+    ) -> list[NeighborhoodGroup]:
+        try:
+            async with self._reading(tenant) as (conn, watch, sql):
+                text, args = sql.neighborhood(
+                    query, self.limits.max_visits, self.limits.max_results
+                )
+                async with watch.statement():
+                    rows = await conn.fetch(text, *args)
+        except _NoGraph:
+            raise VertexNotFound(f"no vertex {query.start!r}") from None
+        _checked(rows[0], [query.start], query.edge_collections, query.vertex_collections)
+        self._visits_checked(rows[0]["visits"])
+        rows = [r for r in rows if r["n"] is not None]
+        if len(rows) > self.limits.max_results:
+            raise ResultTooLarge(
+                f"more than {self.limits.max_results} groups; group by a coarser property"
+            )
+        return [NeighborhoodGroup(r["grp"], r["n"], _number(r["value"])) for r in rows]
+
+    async def shortest_path(self, tenant: TenantRecord, query: ShortestPath) -> PathResult:
+        """Bidirectional breadth-first search, one query per level, the smaller frontier first,
+        in one repeatable-read snapshot. Stops at the first level where the two searches meet
+        (the best meeting vertex of that level), or past ``max_depth``."""
+        try:
+            async with self._reading(tenant, transaction=True) as (conn, watch, sql):
+                await self._check_names(
+                    conn, watch, sql, [query.start, query.end], query.edge_collections, ()
+                )
+                if query.start == query.end:
+                    return PathResult(True, [query.start], [])
+                statements = [
+                    sql.expand(
+                        forward,
+                        query.direction,
+                        query.edge_collections,
+                        query.edge_filters,
+                        meeting=meeting,
+                    )
+                    for meeting in (False, True)
+                    for forward in (True, False)
+                ]
+                return await _bidirectional(conn, watch, query, statements, self.limits)
+        except _NoGraph:
+            raise VertexNotFound(f"no vertex {query.start!r}") from None
+
+    async def check(self) -> dict[str, Any]:
+        return {
+            "status": "healthy",
+            "embedded": True,
+            "runs_on": "postgresql",
+            "note": "the relationship graph is kept in PostgreSQL (tables in each tenant's"
+            " schema); set DBSVC_ARANGODB_URL for ArangoDB",
+            "max_depth": self.limits.max_depth,
+            "max_results": self.limits.max_results,
+        }
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _checked(
+    row: Any, ids: Sequence[str], edge_collections: Sequence[str], vertex_collections: Sequence[str]
+) -> None:
+    """The checks a read's statement answered (``GraphSql._check``)."""
+    if row["found"] < len(set(ids)):
+        raise VertexNotFound(f"no vertex {ids[0]!r}")
+    kinds = dict(k.split(":", 1) for k in row["kinds"] or ())
+    for names, kind in ((edge_collections, "edge"), (vertex_collections, "vertex")):
+        for name in names:
+            if kinds.get(name) != kind:
+                raise GraphCollectionNotFound(f"no {kind} collection {name!r}")
+
+
+def _number(value: Any) -> int | float | None:
+    if value is None:
+        return None
+    integral = value == value.to_integral_value()
+    return int(value) if integral and abs(value) < 2**53 else float(value)
+
+
+async def _bidirectional(
+    conn: Connection,
+    watch: SessionWatch,
+    query: ShortestPath,
+    statements: Sequence[tuple[str, list[Any]]],
+    limits: GraphLimits,
+) -> PathResult:
+    """``statements``: expand forward, backward, then the same two asking for meetings only
+    (``GraphSql.expand``)."""
+    # parent[v] = (previous vertex, edge id) towards the side's origin; dist[v] = steps.
+    parents: list[dict[str, tuple[str, str] | None]] = [{query.start: None}, {query.end: None}]
+    dists: list[dict[str, int]] = [{query.start: 0}, {query.end: 0}]
+    frontiers: list[list[str]] = [[query.start], [query.end]]
+    depths = [0, 0]
+    fetched = 0
+    while frontiers[0] and frontiers[1] and depths[0] + depths[1] < query.max_depth:
+        side = 0 if len(frontiers[0]) <= len(frontiers[1]) else 1
+        other = 1 - side
+        # First: does this level reach the other search? Then the level need not be read.
+        text, args = statements[2 + side]
+        async with watch.statement():
+            meets = await conn.fetch(text, frontiers[side], list(dists[other]), *args[2:])
+        best: tuple[int, str, str, str] | None = None
+        for edge_id, here, there in meets:
+            total = depths[side] + 1 + dists[other][there]
+            candidate = (total, there, here, edge_id)
+            if best is None or candidate < best:
+                best = candidate
+        if best is not None:
+            _, there, here, edge_id = best
+            parents[side][there] = (here, edge_id)
+            return _joined(parents, there)
+        text, args = statements[side]
+        async with watch.statement():
+            rows = await conn.fetch(text, frontiers[side], *args[1:])
+        fetched += len(rows)
+        if fetched > limits.max_visits:
+            raise ResultTooLarge(
+                f"the search read more than {limits.max_visits} edges; narrow it"
+                " (max_depth, edge collections, edge filters)"
+            )
+        depths[side] += 1
+        fresh: list[str] = []
+        for edge_id, here, there in sorted(rows, key=lambda r: (r[1], r[0])):
+            if there in parents[side]:
+                continue
+            parents[side][there] = (here, edge_id)
+            dists[side][there] = depths[side]
+            fresh.append(there)
+        frontiers[side] = fresh
+    return PathResult(False, [], [])
+
+
+def _joined(parents: list[dict[str, tuple[str, str] | None]], meet: str) -> PathResult:
+    head: list[str] = [meet]
+    head_edges: list[str] = []
+    step = parents[0][meet]
+    while step is not None:
+        head.append(step[0])
+        head_edges.append(step[1])
+        step = parents[0][step[0]]
+    head.reverse()
+    head_edges.reverse()
+    step = parents[1][meet]
+    while step is not None:
+        head.append(step[0])
+        head_edges.append(step[1])
+        step = parents[1][step[0]]
+    return PathResult(True, head, head_edges)
