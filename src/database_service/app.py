@@ -36,6 +36,7 @@ from database_service.application.backups import ClusterBackupAdmin
 from database_service.application.graphs import GraphMetrics, Graphs
 from database_service.application.hub import HubAdmin
 from database_service.application.tenant_backups import TenantBackupAdmin
+from database_service.application.vectors import VectorMetrics, VectorOps
 from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
 from database_service.auth.status_links import StatusLinks
 from database_service.auth.tokens import deployment_audience
@@ -84,6 +85,7 @@ from database_service.statements.recorder import StatementRecorder
 from database_service.stores.graph import GraphStore
 from database_service.stores.graph.model import GraphLimits
 from database_service.stores.graph.postgres import PostgresGraphStore
+from database_service.stores.vector import PgVectorStore, VectorProbe
 from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
 from database_service.tenancy import (
     MigrationReport,
@@ -463,6 +465,10 @@ class Application:
             ),
             *probes_before,
         ]
+        # Vector collections: pgvector in this PostgreSQL (not_configured where it has none).
+        self.vector_store = PgVectorStore(self.executor, self.owner_pool)
+        await self.vector_store.start()
+        probes.append(VectorProbe(self.vector_store))
         nats_url = s.nats_url
         if nats_url is None and s.nats_embedded and self._start_nats:
             nats = await stack.enter_async_context(
@@ -837,6 +843,7 @@ class Application:
             self.audit,
             GraphMetrics(self.metrics.registry),
         )
+        self.vectors = VectorOps(self.access, self.vector_store, VectorMetrics(self.metrics))
         self.observability = Observability(
             self.access,
             health=self.health,

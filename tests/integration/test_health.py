@@ -39,8 +39,14 @@ async def test_health_document_has_the_seed_shape_with_real_values(
     assert doc["system_resources"]["memory_usage_mb"] > 10
     pg = doc["dependencies"]["postgresql"]
     assert pg["status"] == "healthy" and pg["latency_ms"] > 0 and pg["server_version"]
-    for store in ("clickhouse", "weaviate", "nats", "kafka"):
+    for store in ("clickhouse", "nats", "kafka"):
         assert doc["dependencies"][store] == {"status": "not_configured"}
+    # Vectors: the embedded pgvector where this PostgreSQL has it (the embedded 18 does,
+    # Debian's 15 does not: then not configured, and health says why).
+    vectors = doc["dependencies"]["weaviate"]
+    with_pgvector = core.vector_store.version is not None
+    assert vectors["status"] == ("healthy" if with_pgvector else "not_configured")
+    assert vectors["implementation"] == "embedded pgvector"
     # The relationship graph runs embedded on PostgreSQL (stores/graph) until ArangoDB is set.
     graph = doc["dependencies"]["arangodb"]
     assert graph["status"] == "healthy" and graph["embedded"] is True
@@ -58,10 +64,10 @@ async def test_health_document_has_the_seed_shape_with_real_values(
     }
     details = doc["database_details"]["postgresql"]
     assert details["tenant_schemas"] == active and details["active_connections"] >= 1
-    for store in ("clickhouse", "weaviate"):
-        assert doc["database_details"][store] == {"status": "not_configured"}
+    assert doc["database_details"]["clickhouse"] == {"status": "not_configured"}
+    assert doc["database_details"]["weaviate"]["status"] == vectors["status"]
     assert doc["database_details"]["arangodb"]["status"] == "healthy"
-    # ... kept in PostgreSQL: no second store to span.
+    # Vectors and the graph are kept in PostgreSQL: no second store to span.
     assert doc["multi_db_performance"] == {
         "stores_configured": ["postgresql"],
         "cross_database_queries": {"possible": False, "stores": ["postgresql"]},

@@ -40,6 +40,7 @@ from database_service_client.graph import GraphMethods
 from database_service_client.params import bind
 from database_service_client.tls import TlsOptions
 from database_service_client.values import from_row, pack_rows, to_row, to_value, unpack_rows
+from database_service_client.vectors import VectorMethods
 
 __all__ = ["Column", "MultiDatabaseClient", "QueryResult", "QueryStream", "StatementResult"]
 
@@ -253,7 +254,7 @@ def _rows_of(chunk: pb.RowChunk, kinds: list[str]) -> list[tuple[Any, ...]]:
 _STREAM_INSTEAD = frozenset({"result_too_large", "unimplemented"})
 
 
-class MultiDatabaseClient(GraphMethods):
+class MultiDatabaseClient(GraphMethods, VectorMethods):
     """Talks to one Database Service for one tenant (and optionally one user).
 
     ``tenant_context`` is a tenant id, or a mapping with ``company_id`` (or ``tenant_id``) and

@@ -91,6 +91,7 @@ if TYPE_CHECKING:  # the statements package builds on this one's modules
 __all__ = [
     "Column",
     "Header",
+    "OwnSession",
     "QueryExecutor",
     "QueryResult",
     "Summary",
@@ -180,6 +181,21 @@ class _Session:
     async def rollback(self) -> None:
         if self._tx is not None:
             await self._tx.rollback()
+
+
+@dataclass(slots=True)
+class OwnSession:
+    """What ``QueryExecutor.own_session`` yields: the tenant, its connection (in a transaction),
+    the watch whose ``statement()`` arms the statement limit around each round trip, the
+    command tag for the audit, the relations (``schema.table``) written, whose cached
+    results are then invalidated, and whether the session changed no session state."""
+
+    tenant: TenantRecord
+    conn: Connection
+    watch: SessionWatch
+    command: str | None = None
+    written: list[str] = field(default_factory=list)
+    stateless: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -871,6 +887,45 @@ class QueryExecutor:
                 self._wrote(tenant.tenant_id)
             outcome.command = f"{len(results)} statements"
             return TransactionResult(results, (time.perf_counter() - started) * 1000)
+
+    @contextlib.asynccontextmanager
+    async def own_session(
+        self, principal: Principal, ctx: TenantContext, *, action: str, kind: StatementKind
+    ) -> AsyncIterator[OwnSession]:
+        """A transaction on the tenant's own login for SQL the service wrote itself (stores
+        built on PostgreSQL, such as vector collections), with what every statement gets:
+        the scope of ``kind`` checked (read, write, DDL → admin) for an active tenant, the
+        tenant's time limits, READ ONLY for a reader, audit and counts as ``action``. The
+        caller quotes every name it puts in its SQL; the session runs as the company (no user
+        id: these objects are the company's, as DDL is).
+
+        A read by a caller that may write runs without a transaction (its one statement in one
+        round trip; the caller opens one if it needs it); a read-only caller's reads run READ
+        ONLY, so that nothing a tenant's administrator defined (a view in place of a table)
+        writes for it. ``stateless``, set by the caller when it changed no session state, spares
+        the connection's reset on release."""
+        async with self._audited(principal, ctx, action) as outcome:
+            principal.require(_REQUIRED_SCOPE[kind], ctx.tenant_id)
+            tenant = await self._registry.get_active(ctx.tenant_id)
+            outcome.kind = kind
+            readonly = not principal.has_scope(Scope.WRITE)
+            async with self._session(
+                tenant,
+                TenantContext(ctx.tenant_id),
+                readonly=readonly,
+                transaction=kind is not StatementKind.READ,
+            ) as session:
+                own = OwnSession(tenant, session.conn, session.watch)
+                yield own
+                session.stateless = own.stateless
+            outcome.command = own.command
+            if kind is StatementKind.DDL:
+                self._schema_changed(tenant.tenant_id)
+            if kind is not StatementKind.READ:
+                if self._caching is not None:
+                    for relation in own.written:
+                        await self._caching.written_table(tenant, relation)
+                self._wrote(tenant.tenant_id)
 
     async def bulk_insert(
         self,

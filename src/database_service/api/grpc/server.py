@@ -18,11 +18,12 @@ from grpc_reflection.v1alpha import reflection
 from database_service.api.grpc.calls import tolerant
 from database_service.api.grpc.database_service import DatabaseService
 from database_service.api.grpc.graph_service import GraphService
+from database_service.api.grpc.vectors import VECTOR_SERVICE, VectorServicer
 from database_service.app import Application
 from database_service.supervisor import PortInUse
 from database_service.supervisor.shield import run_to_completion
 from database_service.tls import CertificateFiles, grpc_server_credentials
-from database_service_client._proto import database_service_pb2, graph_pb2
+from database_service_client._proto import database_service_pb2, graph_pb2, vector_pb2
 
 __all__ = ["GrpcServer", "add_servicer"]
 
@@ -103,9 +104,16 @@ class GrpcServer:
         )
         add_servicer(DatabaseService(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
         add_servicer(GraphService(self.core), server, graph_pb2, "GraphService")
+        add_servicer(VectorServicer(self.core), server, vector_pb2, "VectorService")
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, GRAPH_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                GRAPH_SERVICE_NAME,
+                VECTOR_SERVICE,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         address = f"{s.grpc_host}:{s.grpc_port}"

@@ -14,12 +14,14 @@ from database_service.api.http.routes import (
     tenant_backups,
     tenants,
     timeseries,
+    vectors,
 )
 
 ROUTERS = (
     queries.router,
     timeseries.router,
     keyvalue.router,
+    vectors.router,
     graph.router,
     tenants.router,
     tenant_backups.router,
