@@ -1,0 +1,147 @@
+"""Real PostgreSQL clients through the wire port: asyncpg (extended protocol, named
+statements), psql (simple protocol), transactions pooled on the tenant's own role."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import asyncpg
+import pytest
+
+from database_service.app import Application
+from database_service.auth import Scope
+from database_service.pgwire.server import PgWireServer
+from database_service.tenancy import TenantRecord
+from tests.fix_pgwire import PortLogin, PortLoginFactory
+
+
+@pytest.fixture(scope="module")
+async def tenant(core: Application) -> TenantRecord:
+    import secrets
+
+    return await core.tenants.create(f"pgw_{secrets.token_hex(4)}")
+
+
+@pytest.fixture(scope="module")
+async def login(tenant: TenantRecord, port_login: PortLoginFactory) -> PortLogin:
+    login = await port_login(tenant.tenant_id)
+    conn = await asyncpg.connect(login.dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric)"
+        )
+        await conn.execute("INSERT INTO items VALUES (1, 'one', 1.5), (2, 'two', 2.5)")
+    finally:
+        await conn.close()
+    return login
+
+
+async def test_asyncpg_fetches_with_parameters_through_named_statements(login: PortLogin) -> None:
+    conn = await asyncpg.connect(login.dsn)
+    try:
+        rows = await conn.fetch("SELECT id, name FROM items WHERE id >= $1 ORDER BY id", 1)
+        assert [tuple(r) for r in rows] == [(1, "one"), (2, "two")]
+        row = await conn.fetchrow("SELECT name, price FROM items WHERE id = $1", 2)
+        assert row is not None and row["name"] == "two" and str(row["price"]) == "2.5"
+        # The same statement again: asyncpg reuses its named statement, prepared on whichever
+        # server connection the port lends this time.
+        for _ in range(5):
+            assert await conn.fetchval("SELECT name FROM items WHERE id = $1", 1) == "one"
+    finally:
+        await conn.close()
+
+
+async def test_asyncpg_transaction_commits_and_rolls_back(login: PortLogin) -> None:
+    conn = await asyncpg.connect(login.dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO items VALUES ($1, $2, $3)", 10, "ten", 10)
+        with pytest.raises(RuntimeError):
+            async with conn.transaction():
+                await conn.execute("INSERT INTO items VALUES ($1, $2, $3)", 11, "eleven", 11)
+                raise RuntimeError("roll back")
+        names = await conn.fetch("SELECT name FROM items WHERE id >= 10 ORDER BY id")
+        assert [r["name"] for r in names] == ["ten"]
+        await conn.execute("DELETE FROM items WHERE id >= 10")
+    finally:
+        await conn.close()
+
+
+async def test_errors_come_back_with_their_sqlstate(login: PortLogin) -> None:
+    conn = await asyncpg.connect(login.dsn)
+    try:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute("INSERT INTO items VALUES (1, 'dup', 0)")
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await conn.fetch("SELECT * FROM no_such_table")
+        assert await conn.fetchval("SELECT count(*) FROM items") == 2  # still usable
+    finally:
+        await conn.close()
+
+
+async def test_many_clients_share_a_small_pool(login: PortLogin, pgwire: PgWireServer) -> None:
+    conns = [await asyncpg.connect(login.dsn) for _ in range(12)]
+    try:
+
+        async def work(conn: asyncpg.Connection) -> int:
+            total = 0
+            for i in range(10):
+                total += await conn.fetchval("SELECT id FROM items WHERE id = $1", 1 + i % 2)
+            return total
+
+        assert await asyncio.gather(*(work(c) for c in conns)) == [15] * 12
+        assert all(f.active + f.idle <= f.max_size for f in pgwire.pools.figures())
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def test_a_read_only_service_runs_read_only_transactions(
+    tenant: TenantRecord, login: PortLogin, port_login: PortLoginFactory
+) -> None:
+    reader = await port_login(tenant.tenant_id, scopes=(Scope.READ,))
+    conn = await asyncpg.connect(reader.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM items") == 2
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("INSERT INTO items VALUES (5, 'five', 5)")
+        # A write hidden where the guard sees a read still meets PostgreSQL's read-only rule.
+        assert await conn.fetchval("SHOW default_transaction_read_only") == "on"
+    finally:
+        await conn.close()
+    writer = await asyncpg.connect(login.dsn)
+    try:
+        assert await writer.fetchval("SHOW default_transaction_read_only") == "off"
+    finally:
+        await writer.close()
+
+
+async def test_cancel_reaches_the_right_backend(login: PortLogin) -> None:
+    conn = await asyncpg.connect(login.dsn)
+    try:
+        task = asyncio.ensure_future(conn.fetchval("SELECT pg_sleep(5)"))
+        await asyncio.sleep(0.3)
+        task.cancel()  # asyncpg sends a CancelRequest with the port's key
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+
+
+async def test_psql_runs_simple_queries(login: PortLogin) -> None:
+    env = {**os.environ, "PGPASSWORD": login.secret, "PGSSLMODE": "disable"}
+    args = [
+        "psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+        "-h", login.host, "-p", str(login.port), "-U", login.service, "-d", login.tenant_id,
+        "-c", "SELECT name FROM items ORDER BY id",
+        "-c", "BEGIN", "-c", "UPDATE items SET price = price + 1 WHERE id = 1",
+        "-c", "ROLLBACK", "-c", "SELECT price FROM items WHERE id = 1",
+    ]  # fmt: skip
+    result = await asyncio.to_thread(
+        subprocess.run, args, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["one", "two", "BEGIN", "UPDATE", "1", "ROLLBACK", "1.5"]
