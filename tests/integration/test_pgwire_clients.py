@@ -145,3 +145,41 @@ async def test_psql_runs_simple_queries(login: PortLogin) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["one", "two", "BEGIN", "UPDATE", "1", "ROLLBACK", "1.5"]
+
+
+async def test_the_health_document_and_metrics_show_the_port(
+    core: Application, login: PortLogin, pgwire: PgWireServer
+) -> None:
+    conn = await asyncpg.connect(login.dsn)
+    try:
+        section = core.health.sections["pgwire"]()
+        assert section["status"] == "ok" and section["port"] == pgwire.port
+        assert section["clients"] >= 1
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("SET ROLE postgres")
+    finally:
+        await conn.close()
+    assert (core.metrics.registry.get_sample_value("dbsvc_pgwire_transactions_total") or 0) > 0
+    refused = core.metrics.registry.get_sample_value(
+        "dbsvc_pgwire_refused_statements_total", {"sqlstate": "42501"}
+    )
+    assert refused is not None and refused >= 1
+    shown = pgwire.show()
+    assert any(p["tenant_id"] == login.tenant_id for p in shown["pools"])
+
+
+async def test_serve_starts_the_port_only_when_configured(core: Application) -> None:
+    from database_service.pgwire import listening
+
+    async with listening(core) as off:
+        assert off is None  # DBSVC_PGWIRE_PORT unset
+    core.settings.pgwire_port = 0
+    try:
+        async with listening(core) as on:
+            assert on is not None and on.port > 0
+            reader, writer = await asyncio.open_connection("127.0.0.1", on.port)
+            writer.write(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")  # SSLRequest, no certificate
+            assert await reader.readexactly(1) == b"N"
+            writer.close()
+    finally:
+        core.settings.pgwire_port = None

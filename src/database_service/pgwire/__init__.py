@@ -6,6 +6,6 @@ connection), ``pooling`` (per-role pools lent per transaction), ``policy`` (the 
 scopes per statement) and ``server`` (the listener and its client sessions).
 """
 
-from database_service.pgwire.server import PgWireServer
+from database_service.pgwire.server import PgWireServer, listening
 
-__all__ = ["PgWireServer"]
+__all__ = ["PgWireServer", "listening"]

@@ -24,7 +24,9 @@ import logging
 import secrets
 import ssl
 import struct
+import weakref
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -42,8 +44,9 @@ from database_service.tenancy import TenantRecord
 
 if TYPE_CHECKING:
     from database_service.app import Application
+    from database_service.tls import CertificateFiles
 
-__all__ = ["PgWireServer"]
+__all__ = ["PgWireServer", "listening"]
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +89,19 @@ class _Expect:
     synthetic: bytes | None = None
 
 
+_FIGURES: weakref.WeakKeyDictionary[object, PortFigures] = weakref.WeakKeyDictionary()
+
+
 class PortFigures:
     """The port's metrics (in the service's registry) and its own counts for the admin view."""
+
+    @classmethod
+    def of(cls, registry: object) -> PortFigures:
+        """One set per registry: a second listener of the same service counts in it too."""
+        figures = _FIGURES.get(registry)
+        if figures is None:
+            figures = _FIGURES[registry] = cls(registry)
+        return figures
 
     def __init__(self, registry: object) -> None:
         self.clients = Gauge(
@@ -113,6 +127,30 @@ class PortFigures:
         )  # fmt: skip
 
 
+@contextlib.asynccontextmanager
+async def listening(
+    app: Application, tls: CertificateFiles | None = None
+) -> AsyncIterator[PgWireServer | None]:
+    """The port as ``serve`` runs it: listening on ``DBSVC_PGWIRE_HOST``/``_PORT`` (beside the
+    other workers: SO_REUSEPORT) with the service's TLS certificate when it has one, or None
+    when no port is configured."""
+    s = app.settings
+    if s.pgwire_port is None:
+        yield None
+        return
+    context = None
+    if tls is not None:
+        from database_service.tls.servers import http_ssl_context  # noqa: PLC0415 (grpc, uvicorn)
+
+        context = http_ssl_context(tls)
+    server = PgWireServer(app, host=s.pgwire_host, port=s.pgwire_port, ssl_context=context)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
 class PgWireServer:
     """The listener; ``start`` binds it (port 0: any free port, see ``port``)."""
 
@@ -135,7 +173,7 @@ class PgWireServer:
             self.address, max_per_tenant=max_per_tenant or s.pool_max_per_tenant
         )
         self.policy = StatementPolicy(app.guard, (s.shared_schema,))
-        self.figures = PortFigures(app.metrics.registry)
+        self.figures = PortFigures.of(app.metrics.registry)
         self.sessions: dict[int, ClientSession] = {}
         self._server: asyncio.Server | None = None
 
@@ -144,9 +182,11 @@ class PgWireServer:
             self._accept, self.host, self.port, reuse_port=True, limit=1 << 20
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self.app.health.sections["pgwire"] = self.health
         log.info("PostgreSQL wire port listening on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
+        self.app.health.sections.pop("pgwire", None)
         if self._server is not None:
             self._server.close()
             for session in list(self.sessions.values()):
