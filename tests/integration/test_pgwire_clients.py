@@ -14,7 +14,7 @@ from database_service.app import Application
 from database_service.auth import Scope
 from database_service.pgwire.server import PgWireServer
 from database_service.tenancy import TenantRecord
-from tests.fix_pgwire import PortLogin, PortLoginFactory
+from tests.fix_pgwire import PortLogin, PortLoginFactory, RawClient, sqlstates
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,69 @@ async def test_serve_starts_the_port_only_when_configured(core: Application) -> 
             writer.close()
     finally:
         core.settings.pgwire_port = None
+
+
+@pytest.fixture(scope="module")
+async def pgbench_tables(login: PortLogin) -> None:
+    """pgbench's tables at scale 1, made through the port (its COPY-based -i is not served)."""
+    conn = await asyncpg.connect(login.dsn)
+    try:
+        await conn.execute("CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int)")
+        await conn.execute("INSERT INTO pgbench_branches VALUES (1, 0)")
+        await conn.execute(
+            "CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int,"
+            " filler char(84))"
+        )
+        await conn.execute(
+            "INSERT INTO pgbench_accounts SELECT g, 1, 0, '' FROM generate_series(1, 100000) g"
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+async def test_pgbench_select_only_runs_in_every_query_mode(
+    login: PortLogin, pgbench_tables: None, mode: str
+) -> None:
+    env = {**os.environ, "PGPASSWORD": login.secret, "PGSSLMODE": "disable"}
+    args = [
+        "pgbench", "-S", "-n", "-M", mode, "-c", "4", "-t", "50",
+        "-h", login.host, "-p", str(login.port), "-U", login.service, login.tenant_id,
+    ]  # fmt: skip
+    result = await asyncio.to_thread(
+        subprocess.run, args, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "number of transactions actually processed: 200/200" in result.stdout
+    assert "number of failed transactions: 0" in result.stdout or "failed" not in result.stdout
+
+
+async def test_the_unnamed_statement_follows_its_client_to_another_server_connection(
+    login: PortLogin,
+) -> None:
+    """Parse of the unnamed statement in one transaction, Bind in the next (as drivers without
+    named statements do): the port parses it again wherever the Bind runs."""
+    client = RawClient(*await asyncio.open_connection(login.host, login.port))
+    try:
+        await client.login(login)
+        client.send(b"P", b"\x00" + b"SELECT name FROM items WHERE id = $1\x00" + b"\x00\x00")
+        client.send(b"S")
+        assert sqlstates(await client.until_ready()) == []
+        busy = await asyncpg.connect(login.dsn)  # another client takes a server connection
+        try:
+            async with busy.transaction():
+                await busy.execute("SELECT 1")
+                client.send(
+                    b"B",
+                    b"\x00\x00" + b"\x00\x00" + b"\x00\x01" + b"\x00\x00\x00\x011" + b"\x00\x00",
+                )
+                client.send(b"E", b"\x00\x00\x00\x00\x00")
+                client.send(b"S")
+                answer = await client.until_ready()
+        finally:
+            await busy.close()
+        assert sqlstates(answer) == []
+        rows = [payload for kind, payload in answer if kind == b"D"]
+        assert len(rows) == 1 and rows[0].endswith(b"one")
+    finally:
+        client.close()
