@@ -249,3 +249,48 @@ async def test_the_unnamed_statement_follows_its_client_to_another_server_connec
         assert len(rows) == 1 and rows[0].endswith(b"one")
     finally:
         client.close()
+
+
+async def test_psycopg_sync_uses_server_side_prepared_statements(login: PortLogin) -> None:
+    # The port runs on this test's event loop: the blocking driver runs on a thread.
+    await asyncio.to_thread(_psycopg_sync, login)
+
+
+def _psycopg_sync(login: PortLogin) -> None:
+    import psycopg
+
+    with psycopg.connect(login.dsn, autocommit=False) as conn:
+        for i in range(4):  # prepare=True: a named statement from the first execution
+            row = conn.execute(
+                "SELECT name FROM items WHERE id = %s", (1 + i % 2,), prepare=True
+            ).fetchone()
+            assert row == ("one" if i % 2 == 0 else "two",)
+        conn.execute("INSERT INTO items VALUES (%s, %s, %s)", (20, "twenty", 20))
+        conn.rollback()
+        assert conn.execute("SELECT count(*) FROM items WHERE id = 20").fetchone() == (0,)
+
+
+async def test_psycopg_async_runs_a_transaction(login: PortLogin) -> None:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(login.dsn) as conn:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO items VALUES (%s, %s, %s)", (21, "x", 1))
+        cursor = await conn.execute("SELECT name FROM items WHERE id = %s", (21,), prepare=True)
+        assert await cursor.fetchone() == ("x",)
+        await conn.execute("DELETE FROM items WHERE id = 21")
+        await conn.commit()
+
+
+async def test_sqlalchemy_async_engine_works_through_the_port(login: PortLogin) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = f"postgresql+asyncpg://{login.service}:{login.secret}@{login.host}:{login.port}/"
+    engine = create_async_engine(url + login.tenant_id, connect_args={"ssl": False})
+    try:
+        async with engine.begin() as conn:
+            result = await conn.execute(text("SELECT name FROM items WHERE id = :id"), {"id": 2})
+            assert result.scalar_one() == "two"
+    finally:
+        await engine.dispose()

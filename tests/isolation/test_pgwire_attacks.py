@@ -252,3 +252,19 @@ async def test_a_client_that_leaves_mid_transaction_is_rolled_back_and_its_serve
         assert sum(f.active + f.idle for f in pgwire.pools.figures()) <= opened
     finally:
         await setup.close()
+
+
+async def test_deallocate_all_forgets_only_the_senders_statements(
+    attacker: PortLogin, raw: RawClient
+) -> None:
+    owner = await asyncpg.connect(attacker.dsn)
+    try:
+        statement = await owner.prepare("SELECT 7")
+        assert await statement.fetchval() == 7
+        await raw.login(attacker)
+        answer = await raw.query("DEALLOCATE ALL")
+        assert sqlstates(answer) == [] and (b"C", codec.cstring("DEALLOCATE ALL")) in answer
+        for _ in range(3):  # still prepared wherever the owner's statement runs
+            assert await statement.fetchval() == 7
+    finally:
+        await owner.close()

@@ -54,12 +54,13 @@ _ALLOWED_TRANSACTION = {
 @dataclass(frozen=True, slots=True)
 class Decision:
     """``refused``: (SQLSTATE, message); else ``control`` names transaction control
-    (begin/commit/rollback/savepoint), "set" a tracked setting, or None for a statement the
-    guard accepted (``kind``)."""
+    (begin/commit/rollback/savepoint), "set" a tracked setting, "deallocate", or None for a
+    statement the guard accepted (``kind``)."""
 
     kind: StatementKind | None = None
     control: str | None = None
     refused: tuple[str, str] | None = None
+    name: str | None = None  # DEALLOCATE's statement (None: ALL)
 
 
 @functools.lru_cache(maxsize=2048)
@@ -77,6 +78,8 @@ def _session_statement(sql: str) -> tuple[str, Any] | None:
         return ("transaction", stmt)
     if name == "VariableSetStmt":
         return ("set", stmt)
+    if name == "DeallocateStmt":
+        return ("deallocate", stmt)
     return None
 
 
@@ -118,6 +121,11 @@ class StatementPolicy:
     @staticmethod
     def _session(special: tuple[str, Any], principal: Principal, refusal: str) -> Decision:
         what, stmt = special
+        if what == "deallocate":
+            # The client's own statement names, kept by the port: forgotten there, never sent
+            # to a server connection that other clients share (drivers send DEALLOCATE ALL
+            # after a rollback, psycopg for one).
+            return Decision(control="deallocate", name=getattr(stmt, "name", None) or None)
         if what == "transaction":
             control = _ALLOWED_TRANSACTION.get(stmt.kind)
             if control is None:

@@ -262,6 +262,7 @@ class ClientSession:
         self.unnamed: bytes | None = None  # the client's last Parse of the unnamed statement
         self.pending: set[str] = set()  # server names parsed in this batch, not yet confirmed
         self.ident = id(self)
+        self._deallocating: str | None = None  # DEALLOCATE's name, from the last decision
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -489,7 +490,19 @@ class ClientSession:
             )
         if decision.refused is not None:
             self.port.figures.refused.labels(decision.refused[0]).inc()
+        self._deallocating = decision.name
         return decision.control, decision.refused
+
+    def _deallocate(self) -> bytes:
+        """DEALLOCATE done by the port: the client's names go, the server connections keep
+        what they prepared (other clients may run the same text)."""
+        name = self._deallocating
+        if name is None:
+            self.statements.clear()
+            return codec.message(b"C", codec.cstring("DEALLOCATE ALL"))
+        if self.statements.pop(name, None) is None:
+            return self._refused(("26000", f'prepared statement "{name}" does not exist'))
+        return codec.message(b"C", codec.cstring("DEALLOCATE"))
 
     def _refused(self, refusal: tuple[str, str]) -> bytes:
         if self._status() in (b"T", b"E"):
@@ -550,6 +563,9 @@ class ClientSession:
     async def _query(self, payload: bytes) -> None:
         sql = codec.query_text(payload)
         control, refusal = await self._decide(sql)
+        if control == "deallocate" and refusal is None:
+            await self._flush(self._deallocate() + codec.ready_for_query(self._status()))
+            return
         if refusal is None:
             try:
                 server = await self._server()
@@ -617,9 +633,11 @@ class ClientSession:
 
     async def _parse(self, payload: bytes) -> None:
         name, query, types = codec.parse_parse(payload)
-        _, refusal = await self._decide(query)
+        control, refusal = await self._decide(query)
         if refusal is not None:
             raise _Refusal(*refusal)
+        if control == "deallocate":
+            raise _Refusal("0A000", "send DEALLOCATE as a simple query through this port")
         server = await self._server()
         if not name:
             self.unnamed = payload
