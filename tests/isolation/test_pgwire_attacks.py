@@ -268,3 +268,37 @@ async def test_deallocate_all_forgets_only_the_senders_statements(
             assert await statement.fetchval() == 7
     finally:
         await owner.close()
+
+
+async def test_a_read_only_service_cannot_begin_a_read_write_transaction(
+    tenants: Tenants, port_login: PortLoginFactory, raw: RawClient
+) -> None:
+    reader = await port_login(tenants.a.tenant_id, scopes=(Scope.READ,))
+    await raw.login(reader)
+    for sql in (
+        "BEGIN READ WRITE",
+        "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        "SET default_transaction_read_only = off",
+    ):
+        answer = await raw.query(sql)
+        assert sqlstates(answer) in (["25006"], ["42501"]), (sql, answer)
+    answer = await raw.query("SHOW transaction_read_only")
+    assert (b"D", b"\x00\x01\x00\x00\x00\x02on") in answer
+
+
+async def test_a_tracked_setting_follows_its_client_and_no_other(
+    attacker: PortLogin, pgwire: PgWireServer
+) -> None:
+    setter = await asyncpg.connect(attacker.dsn)
+    others = [await asyncpg.connect(attacker.dsn) for _ in range(3)]
+    try:
+        await setter.execute("SET TimeZone = 'Asia/Tokyo'")
+        for _ in range(4):  # whichever server connection runs it, the client's setting holds
+            assert await setter.fetchval("SHOW TimeZone") == "Asia/Tokyo"
+            for other in others:
+                assert await other.fetchval("SHOW TimeZone") != "Asia/Tokyo"
+    finally:
+        await setter.close()
+        for other in others:
+            await other.close()

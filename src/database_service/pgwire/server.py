@@ -618,7 +618,10 @@ class ClientSession:
             self.skip_until_sync = True
 
     def _emit(self, data: bytes) -> None:
-        """The port's own answer, after whatever the server still owes before it."""
+        """The port's own answer, after whatever the server still owes before it (none
+        while the server skips to the Sync after an error: PostgreSQL would answer nothing)."""
+        if self.server_skipping:
+            return
         if self.expect:
             self.expect.append(_Expect(synthetic=data))
         else:
