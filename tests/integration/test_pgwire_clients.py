@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import subprocess
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -294,3 +296,28 @@ async def test_sqlalchemy_async_engine_works_through_the_port(login: PortLogin) 
             assert result.scalar_one() == "two"
     finally:
         await engine.dispose()
+
+
+async def test_tls_is_offered_when_the_service_has_a_certificate(
+    core: Application, login: PortLogin, tmp_path: Path
+) -> None:
+    from database_service.tls import CertificateFiles, make_dev_certificates
+    from database_service.tls.servers import http_ssl_context
+
+    certs = make_dev_certificates(tmp_path / "tls")
+    files = CertificateFiles(certs.server_cert, certs.server_key)
+    server = PgWireServer(core, host="127.0.0.1", port=0, ssl_context=http_ssl_context(files))
+    await server.start()
+    try:
+        context = ssl.create_default_context(cafile=str(certs.ca_cert))
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=server.port, user=login.service, password=login.secret,
+            database=login.tenant_id, ssl=context,
+        )  # fmt: skip
+        try:
+            assert await conn.fetchval("SELECT name FROM items WHERE id = 1") == "one"
+            assert conn.get_server_pid() != 0
+        finally:
+            await conn.close()
+    finally:
+        await server.close()

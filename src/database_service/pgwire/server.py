@@ -182,11 +182,12 @@ class PgWireServer:
             self._accept, self.host, self.port, reuse_port=True, limit=1 << 20
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        self.app.health.sections["pgwire"] = self.health
+        self.app.health.sections.setdefault("pgwire", self.health)
         log.info("PostgreSQL wire port listening on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
-        self.app.health.sections.pop("pgwire", None)
+        if self.app.health.sections.get("pgwire") == self.health:
+            del self.app.health.sections["pgwire"]
         if self._server is not None:
             self._server.close()
             for session in list(self.sessions.values()):
