@@ -5,6 +5,7 @@ import os
 pytest_plugins = [
     "tests.fix_pg",
     "tests.fix_service",
+    "tests.fix_pgwire",
     "tests.fix_nats",
     "tests.fix_kafka",
     "tests.fix_ingest",

@@ -334,6 +334,7 @@ async def _serve_worker_on(
 ) -> int:
     from database_service.api.grpc import GrpcServer  # noqa: PLC0415
     from database_service.app import Application  # noqa: PLC0415
+    from database_service.pgwire import listening as pgwire_listening  # noqa: PLC0415
     from database_service.supervisor import bind_tcp  # noqa: PLC0415
     from database_service.workers.runtime import (  # noqa: PLC0415
         PostgresView,
@@ -362,7 +363,10 @@ async def _serve_worker_on(
         writer = snapshots.start()
         tls = _tls_files(settings)
         try:
-            async with GrpcServer(core, reuse_port=True, tls=tls) as grpc_server:
+            async with (
+                GrpcServer(core, reuse_port=True, tls=tls) as grpc_server,
+                pgwire_listening(core, tls),
+            ):
                 signals.checkpoint()
                 await core.guard.start_worker()
                 signals.checkpoint()
@@ -401,10 +405,11 @@ async def _serve_on(
     # Imported here: the front ends cost ~1 s of start-up that the admin commands do not need.
     from database_service.api.grpc import GrpcServer  # noqa: PLC0415
     from database_service.app import Application  # noqa: PLC0415
+    from database_service.pgwire import listening as pgwire_listening  # noqa: PLC0415
 
     async with Application(settings) as core:
         signals.checkpoint()
-        async with GrpcServer(core, tls=tls) as grpc_server:
+        async with GrpcServer(core, tls=tls) as grpc_server, pgwire_listening(core, tls):
             signals.checkpoint()
             # The guard's worker (large statements are parsed there) starts now, not on the
             # first large statement; admin commands never need it.

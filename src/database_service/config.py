@@ -200,6 +200,11 @@ class Settings(BaseSettings):
     grpc_shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     grpc_chunk_bytes: int = Field(default=256 * 1024, ge=1024)
 
+    # PostgreSQL wire front end (issue #16): any PostgreSQL driver, logged in as a service (user)
+    # for a tenant (database) with SCRAM-SHA-256. Off unless a port is set (0: any free port).
+    pgwire_host: str = "127.0.0.1"
+    pgwire_port: int | None = Field(default=None, ge=0, le=65535)
+
     # TLS on every listener (gRPC, HTTP): a certificate chain and its key, by path, read again
     # when the files change (rotation without a restart). Without them the listeners speak
     # plaintext (localhost development); with tls_required, the service refuses to start so.

@@ -51,6 +51,7 @@ from database_service.errors import (
     postgres_unavailable,
 )
 from database_service.tenancy.ids import quote_ident, validate_tenant_id
+from database_service.tenancy.secrets import scram_sha256_verifier
 from database_service.tls.peer import PeerCertificate
 
 __all__ = ["Authenticator", "ServiceDirectory", "ServiceIdentity"]
@@ -144,21 +145,27 @@ class ServiceDirectory:
             raise InvalidRequest("a service needs at least one tenant (or '*')")
         secret = new_client_secret() if with_secret else None
         hashed = await self._on_hasher(hash_secret, secret) if secret else None
+        # The PostgreSQL wire port's SCRAM-SHA-256 cannot use the scrypt hash: its verifier is
+        # stored beside it (control migration 0014), made from the same secret.
+        verifier = await self._on_hasher(scram_sha256_verifier, secret) if secret else None
         conflict = (
             " ON CONFLICT (service_name) DO UPDATE SET secret_hash = EXCLUDED.secret_hash,"
-            " tenants = EXCLUDED.tenants, scopes = EXCLUDED.scopes, status = 'active'"
+            " scram_verifier = EXCLUDED.scram_verifier, tenants = EXCLUDED.tenants,"
+            " scopes = EXCLUDED.scopes, status = 'active'"
             if replace
             else ""
         )
         try:
             with postgres_unavailable("service directory"):
                 row = await self._pool.fetchrow(
-                    f"INSERT INTO {self._table} (service_name, secret_hash, tenants, scopes)"
-                    f" VALUES ($1, $2, $3, $4){conflict} RETURNING *",
+                    f"INSERT INTO {self._table}"
+                    " (service_name, secret_hash, tenants, scopes, scram_verifier)"
+                    f" VALUES ($1, $2, $3, $4, $5){conflict} RETURNING *",
                     name,
                     hashed,
                     tenant_list,
                     sorted(s.value for s in set(scopes)),
+                    verifier,
                 )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"service {name!r} already exists") from None
@@ -171,6 +178,15 @@ class ServiceDirectory:
                 f"SELECT * FROM {self._table} WHERE service_name = $1", name
             )
         return None if row is None else self._identity(row)
+
+    async def scram_verifier(self, name: str) -> tuple[ServiceIdentity, str | None] | None:
+        """The service and its SCRAM-SHA-256 verifier (None: created before control migration
+        0014, or token-only), for the PostgreSQL wire port; None when the service is unknown."""
+        with postgres_unavailable("service directory"):
+            row = await self._pool.fetchrow(
+                f"SELECT * FROM {self._table} WHERE service_name = $1", name
+            )
+        return None if row is None else (self._identity(row), row["scram_verifier"])
 
     async def list(self) -> list[ServiceIdentity]:
         with postgres_unavailable("service directory"):

