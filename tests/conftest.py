@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fix_ingest",
     "tests.fix_otlp",
     "tests.fix_redis",
+    "tests.fix_clickhouse",
     "tests.isolation.fix_attack",
     "tests.isolation.fix_frontends",
 ]
