@@ -475,12 +475,24 @@ class MultiDatabaseClient:
         )
 
     def analytics_query(
-        self, sql: str, params: Params = (), *, timeout: float | None = None
+        self,
+        sql: str,
+        params: Params = (),
+        *,
+        engine: str = "",
+        timeout: float | None = None,
     ) -> QueryStream:
-        """A read-only query for analytics; streamed, retried on UNAVAILABLE."""
+        """A read-only query for analytics; streamed, retried on UNAVAILABLE.
+
+        ``engine``: ``""`` (ClickHouse where the service has it enabled, else PostgreSQL),
+        ``"clickhouse"`` (ClickHouse SQL over the tenant's replicated tables, no parameters) or
+        ``"postgresql"`` (PostgreSQL SQL with parameters)."""
         sql, values = bind(sql, params)
         request = pb.AnalyticsQueryRequest(
-            sql=sql, params=[to_value(p) for p in values], row_encoding=pb.ROW_ENCODING_PACKED
+            sql=sql,
+            params=[to_value(p) for p in values],
+            row_encoding=pb.ROW_ENCODING_PACKED,
+            engine=engine,
         )
         return self._stream(self.stub.ExecuteAnalyticsQuery, request, retry=True, timeout=timeout)
 

@@ -30,6 +30,7 @@ from database_service.application.access import Access
 from database_service.auth import Principal, Scope
 from database_service.errors import (
     DatabaseServiceError,
+    FailedPrecondition,
     InvalidParameters,
     InvalidRequest,
     ResourceExhausted,
@@ -50,7 +51,7 @@ from database_service.results import (
 from database_service.stores.clickhouse import ClickHouseError, ClickHouseStore
 from database_service.tenancy import TenantRegistry
 
-__all__ = ["Analytics", "AnalyticsLimits", "AnalyticsQueryError"]
+__all__ = ["ENGINES", "Analytics", "AnalyticsLimits", "AnalyticsQueryError", "choose_engine"]
 
 EMPTY_DATABASE = "dbsvc_empty"  # the session's default: one-part names outside a CTE find nothing
 _UNKNOWN_DATABASE = 81
@@ -309,3 +310,23 @@ def _mapped(exc: ClickHouseError) -> DatabaseServiceError:
     if exc.code is None:
         return Unavailable(f"ClickHouse failed: {message}")
     return AnalyticsQueryError(message)
+
+
+ENGINES = ("", "clickhouse", "postgresql")
+
+
+def choose_engine(requested: str, analytics: Analytics | None) -> str:
+    """Which store answers an analytics query: ``requested`` ("" chooses ClickHouse where it is
+    enabled, else PostgreSQL, so callers written before ClickHouse keep working until a
+    deployment turns it on, and can keep PostgreSQL by asking for it)."""
+    if requested not in ENGINES:
+        raise InvalidParameters(
+            f"unknown analytics engine {requested[:40]!r}: use 'clickhouse' or 'postgresql'"
+        )
+    if requested == "clickhouse" and analytics is None:
+        raise FailedPrecondition(
+            "ClickHouse analytics is not enabled on this service (DBSVC_CLICKHOUSE_ENABLED)"
+        )
+    if requested:
+        return requested
+    return "clickhouse" if analytics is not None else "postgresql"

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -64,12 +65,20 @@ class ChdbStore:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._session = session.Session(str(path))  # type: ignore[no-untyped-call]
+        self._lock = threading.Lock()
 
     def _run(self, sql: str, fmt: str) -> Any:
-        try:
-            return self._session.query(sql, fmt)  # type: ignore[no-untyped-call]
-        except Exception as exc:  # chdb raises ChdbError/RuntimeError with ClickHouse's text
-            raise _error(exc) from None
+        # One statement at a time, and a failed one followed by an empty query: chDB 26.9 keeps
+        # the output a failed query had written (its header) and hands it to the *next* query
+        # of the session, ahead of that query's own result (seen here: a limit error, then a
+        # JSONCompact result with two documents). Serialised, the next query is our flush.
+        with self._lock:
+            try:
+                return self._session.query(sql, fmt)  # type: ignore[no-untyped-call]
+            except Exception as exc:  # chdb raises ChdbError/RuntimeError with ClickHouse's text
+                with contextlib.suppress(Exception):
+                    self._session.query("SELECT 1", "Null")  # type: ignore[no-untyped-call]
+                raise _error(exc) from None
 
     def _query_sync(self, sql: str, settings: Mapping[str, Any] | None) -> QueryResult:
         # The settings are appended as the outermost SETTINGS clause; the guard refuses any

@@ -1,6 +1,7 @@
 """REST routes, one module per concern; each calls the application layer only."""
 
 from database_service.api.http.routes import (
+    analytics,
     backups,
     keyvalue,
     observability,
@@ -17,6 +18,7 @@ ROUTERS = (
     queries.router,
     timeseries.router,
     keyvalue.router,
+    analytics.router,
     tenants.router,
     tenant_backups.router,
     services.router,
