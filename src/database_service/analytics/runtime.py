@@ -40,9 +40,10 @@ def open_store(settings: Settings) -> ClickHouseStore:
         )
 
         return ClickHouseServerStore(settings.clickhouse_url.get_secret_value())
-    from database_service.stores.clickhouse.embedded import ChdbStore  # noqa: PLC0415
+    from database_service.stores.clickhouse.host import ChdbProcessStore  # noqa: PLC0415
 
-    return ChdbStore(settings.clickhouse_path or settings.data_dir / "clickhouse")
+    # chDB runs in a host process of its own, shared by the serving processes (host.py says why).
+    return ChdbProcessStore(settings.clickhouse_path or settings.data_dir / "clickhouse")
 
 
 def limits_of(settings: Settings) -> AnalyticsLimits:
@@ -165,6 +166,9 @@ async def start_analytics(
     dsn: str,
     owner_pool: asyncpg.Pool,
 ) -> AnalyticsRuntime:
+    start = getattr(store, "start", None)
+    if start is not None:
+        await start()  # the chDB host process, started if none runs yet
     await analytics.start()
     replicator = Replicator(
         dsn,
