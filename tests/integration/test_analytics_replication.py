@@ -7,17 +7,22 @@ tenant removes its ClickHouse data; the lag shows in health and metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
 import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from database_service.analytics.replicator import REPLICATOR_LOCK_KEY, Replicator
+from database_service.analytics.replicator import REPLICATOR_LOCK_KEY, Replicator, set_capture
 from database_service.analytics.schema import SHARED_DATABASE, tenant_database
 from database_service.app import Application
 from database_service.auth import Principal, Scope
@@ -26,6 +31,9 @@ from database_service.query import TenantContext
 from database_service.stores.clickhouse import ClickHouseStore
 from database_service_client._proto import ingest_pb2
 from tests.fix_clickhouse import drain
+from tests.fix_service import cli_env
+
+BIN = Path(sys.executable).parent / "database-service"
 
 pytestmark = pytest.mark.integration
 
@@ -310,3 +318,38 @@ async def test_replication_lag_shows_in_health_and_metrics(ch_core: Application)
     entry = await ch_core.analytics.check()  # the probe itself: the document is cached for 1 s
     assert entry["replication"]["queued_changes"] == 0
     assert entry["replication"]["lag_seconds"] == 0
+
+
+async def test_backfill_brings_older_rows_once_with_a_progress_bar(ch_core: Application) -> None:
+    """Rows written while replication was off reach ClickHouse through ``database-service
+    analytics backfill --tenant``; rows that were already there are not doubled."""
+    tenant_id = await new_tenant(ch_core, "bf")
+    await write_every_way(ch_core, tenant_id)
+    await drain(ch_core)
+    control, shared = ch_core.settings.control_schema, ch_core.settings.shared_schema
+    async with ch_core.owner_pool.acquire() as conn:
+        await set_capture(conn, control, False)
+        try:
+            await conn.execute(
+                f"INSERT INTO {shared}.trading_ticks (time, company_id, user_id, symbol, bid,"
+                " volume) SELECT $1::timestamptz + g * interval '1 ms', $2, 'old', 'OLD', 1.5, 1"
+                " FROM generate_series(1, 500) g",
+                T0,
+                tenant_id,
+            )
+        finally:
+            await set_capture(conn, control, True)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN), "analytics", "backfill", "--tenant", tenant_id],
+        env=cli_env(ch_core.settings, DBSVC_CLICKHOUSE_ENABLED="true"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "replicate [##############################]" in result.stderr  # the finished bar
+    report = json.loads(result.stdout)
+    assert report["tenants"] == [tenant_id] and report["rows"]["trading_ticks"] == 1170
+    await drain(ch_core)  # whatever the command's own replicator left (nothing, normally)
+    await assert_same(ch_core, tenant_id)

@@ -16,6 +16,7 @@ the same order, as the same blocks with the same tokens, and ClickHouse drops th
 before 1 or after 3 loses nothing and repeats nothing. So each committed change is stored in
 ClickHouse once.
 
+A backfill queues a ``P`` marker ahead of its snapshot (analytics/backfill.py), handled alike.
 A tenant deletion queues an ``X`` marker (``queue_tenant_deletion``): in its place in the order,
 the replicator purges the tenant's rows and drops its database of views, so no change of the
 tenant queued before it can arrive after the purge.
@@ -196,7 +197,7 @@ class Replicator:
             pending.clear()
 
         for row in rows:
-            if row["op"] == "X":
+            if row["op"] in ("X", "P"):  # the tenant deleted, or a backfill's snapshot next
                 await flush()
                 segment += 1
                 await purge_tenant(self._store, row["company_id"])

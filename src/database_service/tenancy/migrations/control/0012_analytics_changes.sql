@@ -10,7 +10,8 @@ CREATE TABLE {{control}}.analytics_changes (
     seq        bigserial PRIMARY KEY,
     source     text NOT NULL,      -- the replicated table's name
     company_id text NOT NULL,      -- the tenant
-    op         "char" NOT NULL,    -- 'U' new image (insert/update), 'D' delete, 'X' tenant deleted
+    op         "char" NOT NULL,    -- 'U' new image (insert/update), 'D' delete, 'X' tenant deleted,
+                                   -- 'P' purge before a backfill's snapshot
     row        jsonb NOT NULL,
     queued_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
