@@ -183,8 +183,11 @@ def shared_ddl() -> list[str]:
     return statements
 
 
-def tenant_view_ddl(tenant_id: str) -> list[str]:
-    """The tenant's database and one view per replicated table, filtered to its rows."""
+def tenant_view_ddl(tenant_id: str, *, definer: bool = False) -> list[str]:
+    """The tenant's database and one view per replicated table, filtered to its rows.
+
+    ``definer`` (a ClickHouse server): the views run with their creator's rights (``SQL
+    SECURITY DEFINER``), so the tenant's user needs a grant on its views only."""
     db = tenant_database(tenant_id)
     literal = f"'{tenant_id}'"  # a validated id: letters, digits and '_' only
     statements = [f"CREATE DATABASE IF NOT EXISTS {db}"]
@@ -200,5 +203,6 @@ def tenant_view_ddl(tenant_id: str) -> list[str]:
             )
         else:
             body = f"SELECT {names} FROM {source} WHERE company_id = {literal}"
-        statements.append(f"CREATE VIEW IF NOT EXISTS {db}.{r.name} AS {body}")
+        security = " DEFINER = CURRENT_USER SQL SECURITY DEFINER" if definer else ""
+        statements.append(f"CREATE VIEW IF NOT EXISTS {db}.{r.name}{security} AS {body}")
     return statements

@@ -174,7 +174,7 @@ class Analytics:
         if tenant_id in self._provisioned:
             return
         async with self._provision_lock:
-            for statement in tenant_view_ddl(tenant_id):
+            for statement in tenant_view_ddl(tenant_id, definer=self.store.kind == "server"):
                 await self.store.command(statement)
             self._provisioned.add(tenant_id)
 

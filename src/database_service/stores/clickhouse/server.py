@@ -18,7 +18,12 @@ from urllib.parse import urlsplit
 
 from database_service.stores.clickhouse import ClickHouseError, QueryResult
 
-__all__ = ["ClickHouseServerStore", "tenant_access_ddl", "tenant_drop_ddl"]
+__all__ = [
+    "ClickHouseServerStore",
+    "service_policy_ddl",
+    "tenant_access_ddl",
+    "tenant_drop_ddl",
+]
 
 _IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -46,12 +51,15 @@ def tenant_access_ddl(
 ) -> list[str]:
     """The statements that give ``tenant_id`` its own read-only ClickHouse user.
 
-    - a settings profile pinning the per-query limits (``CONST``: the user cannot loosen them)
+    - a settings profile pinning the per-query limits (``CONST``: the user cannot change them)
       and ``readonly = 1`` (no writes, no SET);
-    - the user, with the profile, and no grants but ``SELECT`` on its database of views;
-    - a row policy on every shared table restricting it to its ``company_id``, so a view that
-      forgot its filter still shows only the tenant's rows (and other users see none through
-      restrictive policies of their own).
+    - the user, with that profile, its database of views as default, and no grant but
+      ``SELECT`` on that database (the views are ``SQL SECURITY DEFINER``: reading one needs no
+      grant on the shared tables behind it);
+    - a permissive row policy per shared table that shows the user its ``company_id`` only: a
+      grant on a shared table given by mistake still shows it nothing else. Once a table has row
+      policies, a user none names sees no row of it, so the service's own user has one too
+      (``service_policy_ddl``).
     """
     user = _ident(f"tenant_{tenant_id}")
     profile = _ident(f"tenant_{tenant_id}_limits")
@@ -69,10 +77,22 @@ def tenant_access_ddl(
     for table in shared_tables:
         statements.append(
             f"CREATE ROW POLICY OR REPLACE {_ident(f'tenant_{tenant_id}_rows')} ON "
-            f"{shared}.{_ident(table)} AS RESTRICTIVE FOR SELECT USING company_id = "
-            f"{_literal(tenant_id)} TO {user}"
+            f"{shared}.{_ident(table)} USING company_id = {_literal(tenant_id)} AS PERMISSIVE"
+            f" TO {user}"
         )
     return statements
+
+
+def service_policy_ddl(
+    service_user: str, *, shared_database: str, shared_tables: Sequence[str]
+) -> list[str]:
+    """The service's own user reads every row of the shared tables (it replicates into them
+    and defines the tenants' views)."""
+    return [
+        f"CREATE ROW POLICY OR REPLACE `dbsvc_service_rows` ON {_ident(shared_database)}."
+        f"{_ident(table)} USING 1 AS PERMISSIVE TO {_ident(service_user)}"
+        for table in shared_tables
+    ]
 
 
 def tenant_drop_ddl(
