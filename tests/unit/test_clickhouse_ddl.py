@@ -32,13 +32,14 @@ LIMITS = {"max_execution_time": 10, "max_memory_usage": 1 << 30, "max_rows_to_re
 def parser() -> Iterator[Any]:
     from chdb import session
 
-    s = session.Session(tempfile.mkdtemp())
+    s = session.Session(tempfile.mkdtemp())  # type: ignore[no-untyped-call]
 
     def parse(sql: str) -> str:
-        return str(s.query("EXPLAIN AST " + sql, "TSVRaw").bytes().decode().split("\n", 1)[0])
+        result = s.query("EXPLAIN AST " + sql, "TSVRaw")  # type: ignore[no-untyped-call]
+        return str(result.bytes().decode().split("\n", 1)[0])
 
     yield parse
-    s.close()
+    s.close()  # type: ignore[no-untyped-call]
 
 
 def access() -> list[str]:
