@@ -176,6 +176,9 @@ _KEYS = frozenset(
         "column_name",
         "lambda",
         "lambda_arg",
+        "definition",  # WINDOW w AS (…)
+        "expr",
+        "frame_is_default",
     }
 )
 _REFUSED_KEYS = {
@@ -484,8 +487,8 @@ class _Walk:
         if kind is not None:
             self._check_node(value, str(kind))
         for k, v in value.items():
-            if k in ("value", "name_parts"):
-                continue  # literals' values and names' parts: data, not nodes
+            if kind == "Literal" and k == "value":
+                continue  # a literal's value is data (a string literal may look like a node)
             self._visit(v)
 
     def _check_node(self, node: dict[str, Any], kind: str) -> None:
