@@ -78,15 +78,15 @@ REPORTS: list[tuple[str, str, str]] = [
         "market_trends_vwap",
         """
         SELECT toStartOfInterval(time, INTERVAL 5 MINUTE) AS bucket,
-               round(sum((bid + ask) / 2 * volume) / sum(volume), 6) AS vwap,
-               sum(volume) AS volume, count() AS ticks
+               round(toFloat64(sum((bid + ask) * volume)) / (2 * sum(volume)), 6) AS vwap,
+               sum(volume) AS total_volume, count() AS ticks
         FROM trading_ticks WHERE symbol = 'SYM03'
         GROUP BY bucket ORDER BY bucket
         """,
         """
         SELECT date_bin('5 minutes', time, TIMESTAMPTZ 'epoch') AS bucket,
-               round(sum((bid + ask) / 2 * volume) / sum(volume), 6) AS vwap,
-               sum(volume) AS volume, count(*) AS ticks
+               round(sum((bid + ask) * volume) / (2 * sum(volume)), 6) AS vwap,
+               sum(volume) AS total_volume, count(*) AS ticks
         FROM shared.trading_ticks WHERE symbol = 'SYM03'
         GROUP BY 1 ORDER BY 1
         """,
@@ -99,7 +99,7 @@ REPORTS: list[tuple[str, str, str]] = [
         FROM trading_ticks GROUP BY symbol, hour ORDER BY symbol, hour
         """,
         """
-        SELECT symbol, date_trunc('hour', time AT TIME ZONE 'UTC') AS hour,
+        SELECT symbol, date_trunc('hour', time) AS hour,
                round(stddev_pop(bid::float8)::numeric, 4) AS vol, min(bid) AS low, max(bid) AS high
         FROM shared.trading_ticks GROUP BY 1, 2 ORDER BY 1, 2
         """,
@@ -107,11 +107,11 @@ REPORTS: list[tuple[str, str, str]] = [
     (
         "volume_profile",
         """
-        SELECT round(toFloat64((bid + ask) / 2), 3) AS price, sum(volume) AS volume
+        SELECT round((bid + ask) / 2, 3) AS price, sum(volume) AS total_volume
         FROM trading_ticks WHERE symbol = 'SYM05' GROUP BY price ORDER BY price
         """,
         """
-        SELECT round(((bid + ask) / 2)::numeric, 3) AS price, sum(volume) AS volume
+        SELECT round(((bid + ask) / 2)::numeric, 3) AS price, sum(volume) AS total_volume
         FROM shared.trading_ticks WHERE symbol = 'SYM05' GROUP BY 1 ORDER BY 1
         """,
     ),
@@ -168,10 +168,15 @@ async def queued(dsn: str) -> int:
 
 def _same(a: list[list[Any]], b: list[list[Any]]) -> bool:
     def norm(v: Any) -> Any:
+        if isinstance(v, str):
+            if len(v) >= 10 and v[4] == "-":
+                return v[:19].replace("T", " ")  # dates and timestamps, either form
+            try:
+                v = Decimal(v)  # decimals travel as text
+            except ArithmeticError:
+                return v
         if isinstance(v, float | int | Decimal) and not isinstance(v, bool):
             return round(float(v), 3)
-        if isinstance(v, str) and len(v) >= 10 and v[4] == "-":
-            return v[:19].replace("T", " ")  # dates and timestamps, either form
         return v
 
     return [[norm(v) for v in r] for r in a] == [[norm(v) for v in r] for r in b]
@@ -227,6 +232,18 @@ async def main(args: argparse.Namespace, figures: dict[str, Any]) -> None:
                 pg_ms, pg_rows = await run(pg_sql, "postgresql")
                 ratio = pg_ms / ch_ms
                 same = _same(ch_rows, pg_rows)
+                if not same:
+                    diff = next(
+                        (
+                            i
+                            for i, (a, b) in enumerate(zip(ch_rows, pg_rows, strict=False))
+                            if not _same([a], [b])
+                        ),
+                        min(len(ch_rows), len(pg_rows)),
+                    )
+                    print(f"  first difference at row {diff}:")
+                    print(f"  clickhouse {ch_rows[diff] if diff < len(ch_rows) else None}")
+                    print(f"  postgresql {pg_rows[diff] if diff < len(pg_rows) else None}")
                 print(
                     f"{name:<26} clickhouse p50 {ch_ms:8.1f} ms   postgresql p50 {pg_ms:8.1f} ms"
                     f"   x{ratio:5.1f}   rows {len(ch_rows)} same={same}"

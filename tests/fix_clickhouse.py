@@ -1,11 +1,14 @@
-"""A service with ClickHouse analytics on chDB (the real engine, in this process), one per test
-session: chDB opens one data path per process, so every analytics test shares it (each test
-makes its own tenants). Its replication loop is off: tests drive the replicator themselves
-(``drain``), so what they assert is what a batch did. At the end, the triggers' queueing is
-turned off again and the queue emptied: the rest of the suite shares the cluster."""
+"""A service with ClickHouse analytics on chDB (the real engine, in its host process), one per
+test session (each test makes its own tenants). Its replication loop is off: tests drive the
+replicator themselves (``drain``), so what they assert is what a batch did.
+
+The triggers' queueing is cluster-wide, and the rest of the suite shares the cluster: it is on
+only inside ``capturing`` (the ``ch`` fixture, and the isolation module's setup), and the queue
+is emptied when it is turned off, so other tests' writes cost nothing extra."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -28,11 +31,34 @@ async def ch_core(
         clickhouse_replicate=False,
     )
     async with Application(settings, start_nats=False) as app:
+        await _stop_capture(app)
         yield app
-        async with app.owner_pool.acquire() as conn:
-            await set_capture(conn, settings.control_schema, False)
-            await conn.execute(f"TRUNCATE {settings.control_schema}.analytics_changes")
-            await conn.execute(f"TRUNCATE {settings.control_schema}.analytics_inflight")
+        await _stop_capture(app)
+
+
+async def _stop_capture(app: Application) -> None:
+    control = app.settings.control_schema
+    async with app.owner_pool.acquire() as conn:
+        await set_capture(conn, control, False)
+        await conn.execute(f"TRUNCATE {control}.analytics_changes, {control}.analytics_inflight")
+
+
+@contextlib.asynccontextmanager
+async def capturing(app: Application) -> AsyncIterator[Application]:
+    """Changes queued for ClickHouse while inside (as a service with analytics has them)."""
+    async with app.owner_pool.acquire() as conn:
+        await set_capture(conn, app.settings.control_schema, True)
+    try:
+        yield app
+    finally:
+        await _stop_capture(app)
+
+
+@pytest.fixture
+async def ch(ch_core: Application) -> AsyncIterator[Application]:
+    """The analytics service, capturing changes for the length of a test."""
+    async with capturing(ch_core) as app:
+        yield app
 
 
 async def drain(app: Application) -> int:

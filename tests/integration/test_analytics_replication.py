@@ -136,7 +136,7 @@ async def write_every_way(app: Application, tenant_id: str) -> None:
         await conn.execute(f"DELETE FROM {schema}.trading_signals WHERE signal_id IN ('s1', 's2')")
 
 
-async def ch(app: Application, sql: str) -> list[list[Any]]:
+async def ch_rows(app: Application, sql: str) -> list[list[Any]]:
     assert app.analytics is not None
     return (await app.analytics.analytics.store.query(sql)).rows
 
@@ -188,17 +188,17 @@ async def assert_same(app: Application, tenant_id: str) -> None:
     )
     for table, pg_sql, ch_sql in checks:
         (expected,) = await pg_rows(app, tenant_id, pg_sql)
-        (got,) = await ch(app, ch_sql)
+        (got,) = await ch_rows(app, ch_sql)
         assert [_norm(v) for v in got] == [_norm(v) for v in expected], table
     for table, key in (("trading_ticks", "_seq"), ("ai_predictions", "_seq")):
-        (dupes,) = await ch(
+        (dupes,) = await ch_rows(
             app,
             f"SELECT count() - uniqExact({key}) FROM {SHARED_DATABASE}.{table}"
             f" WHERE company_id = '{tenant_id}'",
         )
         assert dupes == [0], table
     for table, key in (("trading_history", "trade_id"), ("trading_signals", "signal_id")):
-        (dupes,) = await ch(
+        (dupes,) = await ch_rows(
             app,
             f"SELECT count() - uniqExact({key}, _version) FROM {SHARED_DATABASE}.{table}"
             f" WHERE company_id = '{tenant_id}'",
@@ -214,13 +214,13 @@ def _norm(value: Any) -> Any:
     return value
 
 
-async def test_rows_written_every_way_arrive_once(ch_core: Application) -> None:
-    tenant_id = await new_tenant(ch_core)
-    await write_every_way(ch_core, tenant_id)
-    assert await drain(ch_core) > 0
-    await assert_same(ch_core, tenant_id)
-    assert await drain(ch_core) == 0  # nothing left, nothing sent again
-    await assert_same(ch_core, tenant_id)
+async def test_rows_written_every_way_arrive_once(ch: Application) -> None:
+    tenant_id = await new_tenant(ch)
+    await write_every_way(ch, tenant_id)
+    assert await drain(ch) > 0
+    await assert_same(ch, tenant_id)
+    assert await drain(ch) == 0  # nothing left, nothing sent again
+    await assert_same(ch, tenant_id)
 
 
 class _CrashAfter:
@@ -243,21 +243,21 @@ class _CrashAfter:
 
 @pytest.mark.parametrize("where", ["after_clickhouse_took_all", "between_tables"])
 async def test_a_replicator_killed_mid_batch_loses_and_doubles_nothing(
-    ch_core: Application, where: str
+    ch: Application, where: str
 ) -> None:
-    assert ch_core.analytics is not None
-    await drain(ch_core)  # start from an empty queue: the batch below is this test's
-    tenant_id = await new_tenant(ch_core)
-    await write_every_way(ch_core, tenant_id)
-    store = ch_core.analytics.analytics.store
-    control = ch_core.settings.control_schema
-    conn = await asyncpg.connect(ch_core.postgres_dsn)
+    assert ch.analytics is not None
+    await drain(ch)  # start from an empty queue: the batch below is this test's
+    tenant_id = await new_tenant(ch)
+    await write_every_way(ch, tenant_id)
+    store = ch.analytics.analytics.store
+    control = ch.settings.control_schema
+    conn = await asyncpg.connect(ch.postgres_dsn)
     try:
         assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", REPLICATOR_LOCK_KEY)
         if where == "between_tables":
-            doomed = Replicator(ch_core.postgres_dsn, _CrashAfter(store, 2), control_schema=control)
+            doomed = Replicator(ch.postgres_dsn, _CrashAfter(store, 2), control_schema=control)
         else:
-            doomed = Replicator(ch_core.postgres_dsn, store, control_schema=control)
+            doomed = Replicator(ch.postgres_dsn, store, control_schema=control)
 
             async def die() -> None:
                 raise RuntimeError("killed")
@@ -270,64 +270,64 @@ async def test_a_replicator_killed_mid_batch_loses_and_doubles_nothing(
         queued = await conn.fetchval(f"SELECT count(*) FROM {control}.analytics_changes")
         assert queued > 0
         # The next replicator sends the same batch again; ClickHouse drops what it has.
-        survivor = Replicator(ch_core.postgres_dsn, store, control_schema=control)
+        survivor = Replicator(ch.postgres_dsn, store, control_schema=control)
         assert await survivor.drain(conn) == queued
         assert survivor.status.replays == 1
         assert await conn.fetchval(f"SELECT count(*) FROM {control}.analytics_inflight") == 0
     finally:
         await conn.close()
-    await assert_same(ch_core, tenant_id)
+    await assert_same(ch, tenant_id)
 
 
-async def test_deleting_a_tenant_removes_its_clickhouse_data(ch_core: Application) -> None:
-    doomed, kept = await new_tenant(ch_core, "del"), await new_tenant(ch_core, "keep")
-    await ingest_ticks(ch_core, doomed, 100)
-    await ingest_ticks(ch_core, kept, 100)
-    await drain(ch_core)
-    await assert_same(ch_core, doomed)
-    await ch_core.tenants.delete(doomed, confirm=True)
-    await drain(ch_core)
+async def test_deleting_a_tenant_removes_its_clickhouse_data(ch: Application) -> None:
+    doomed, kept = await new_tenant(ch, "del"), await new_tenant(ch, "keep")
+    await ingest_ticks(ch, doomed, 100)
+    await ingest_ticks(ch, kept, 100)
+    await drain(ch)
+    await assert_same(ch, doomed)
+    await ch.tenants.delete(doomed, confirm=True)
+    await drain(ch)
     for table in ("trading_ticks", "candles_1m", "trading_history", "trading_signals"):
-        (left,) = await ch(
-            ch_core,
+        (left,) = await ch_rows(
+            ch,
             f"SELECT count() FROM {SHARED_DATABASE}.{table} WHERE company_id = '{doomed}'",
         )
         assert left == [0], table
-    (databases,) = await ch(
-        ch_core, f"SELECT count() FROM system.databases WHERE name = '{tenant_database(doomed)}'"
+    (databases,) = await ch_rows(
+        ch, f"SELECT count() FROM system.databases WHERE name = '{tenant_database(doomed)}'"
     )
     assert databases == [0]
-    await assert_same(ch_core, kept)
+    await assert_same(ch, kept)
 
 
-async def test_replication_lag_shows_in_health_and_metrics(ch_core: Application) -> None:
-    await drain(ch_core)
-    tenant_id = await new_tenant(ch_core)
-    await ingest_ticks(ch_core, tenant_id, 50)
-    health = await ch_core.health.document(detailed=True)
+async def test_replication_lag_shows_in_health_and_metrics(ch: Application) -> None:
+    await drain(ch)
+    tenant_id = await new_tenant(ch)
+    await ingest_ticks(ch, tenant_id, 50)
+    health = await ch.health.document(detailed=True)
     entry = health["dependencies"]["clickhouse"]
     assert entry["status"] == "healthy"
     assert entry["engine"] == "chdb" and entry["version"].startswith("26.")
     assert entry["replication"]["queued_changes"] > 0
     assert entry["replication"]["lag_seconds"] > 0
     assert health["database_details"]["clickhouse"]["replication"]["queued_changes"] > 0
-    metrics = ch_core.metrics.render().decode()
+    metrics = ch.metrics.render().decode()
     assert "dbsvc_analytics_replication_lag_seconds" in metrics
-    await drain(ch_core)
-    assert ch_core.analytics is not None
-    entry = await ch_core.analytics.check()  # the probe itself: the document is cached for 1 s
+    await drain(ch)
+    assert ch.analytics is not None
+    entry = await ch.analytics.check()  # the probe itself: the document is cached for 1 s
     assert entry["replication"]["queued_changes"] == 0
     assert entry["replication"]["lag_seconds"] == 0
 
 
-async def test_backfill_brings_older_rows_once_with_a_progress_bar(ch_core: Application) -> None:
+async def test_backfill_brings_older_rows_once_with_a_progress_bar(ch: Application) -> None:
     """Rows written while replication was off reach ClickHouse through ``database-service
     analytics backfill --tenant``; rows that were already there are not doubled."""
-    tenant_id = await new_tenant(ch_core, "bf")
-    await write_every_way(ch_core, tenant_id)
-    await drain(ch_core)
-    control, shared = ch_core.settings.control_schema, ch_core.settings.shared_schema
-    async with ch_core.owner_pool.acquire() as conn:
+    tenant_id = await new_tenant(ch, "bf")
+    await write_every_way(ch, tenant_id)
+    await drain(ch)
+    control, shared = ch.settings.control_schema, ch.settings.shared_schema
+    async with ch.owner_pool.acquire() as conn:
         await set_capture(conn, control, False)
         try:
             await conn.execute(
@@ -342,7 +342,7 @@ async def test_backfill_brings_older_rows_once_with_a_progress_bar(ch_core: Appl
     result = await asyncio.to_thread(
         subprocess.run,
         [str(BIN), "analytics", "backfill", "--tenant", tenant_id],
-        env=cli_env(ch_core.settings, DBSVC_CLICKHOUSE_ENABLED="true"),
+        env=cli_env(ch.settings, DBSVC_CLICKHOUSE_ENABLED="true"),
         capture_output=True,
         text=True,
         timeout=120,
@@ -351,5 +351,5 @@ async def test_backfill_brings_older_rows_once_with_a_progress_bar(ch_core: Appl
     assert "replicate [##############################]" in result.stderr  # the finished bar
     report = json.loads(result.stdout)
     assert report["tenants"] == [tenant_id] and report["rows"]["trading_ticks"] == 1170
-    await drain(ch_core)  # whatever the command's own replicator left (nothing, normally)
-    await assert_same(ch_core, tenant_id)
+    await drain(ch)  # whatever the command's own replicator left (nothing, normally)
+    await assert_same(ch, tenant_id)

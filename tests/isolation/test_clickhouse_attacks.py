@@ -28,7 +28,7 @@ from database_service.api.http.app import create_http_app
 from database_service.app import Application
 from database_service.auth import Scope
 from database_service_client import DatabaseServiceError, MultiDatabaseClient
-from tests.fix_clickhouse import drain
+from tests.fix_clickhouse import capturing, drain
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ async def world(ch_core: Application) -> AsyncIterator[World]:
     a = (await app.tenants.create(f"cha_{secrets.token_hex(4)}")).tenant_id
     b = (await app.tenants.create(f"chb_{secrets.token_hex(4)}")).tenant_id
     shared = app.settings.shared_schema
-    async with app.owner_pool.acquire() as conn:
+    async with capturing(app), app.owner_pool.acquire() as conn:
         for tenant, symbol in ((a, "OWNSYM"), (b, SECRET)):
             schema = (await app.registry.get_active(tenant)).schema_name
             await conn.execute(
@@ -101,7 +101,7 @@ async def world(ch_core: Application) -> AsyncIterator[World]:
                 symbol,
                 symbol[:20],
             )
-    await drain(app)
+        await drain(app)
     async with GrpcServer(app) as server:
         transport = httpx.ASGITransport(app=create_http_app(app))
         async with httpx.AsyncClient(transport=transport, base_url="http://dbsvc.test") as http:
