@@ -68,18 +68,18 @@ REVOKE ALL ON FUNCTION {{control}}.analytics_capture() FROM PUBLIC;
 -- Ticks and predictions are append-only event streams (no key to name a row by; retention drops
 -- whole partitions, which fires no trigger): inserts are replicated. Candles change in place
 -- (the tick triggers fold ticks into them with INSERT … ON CONFLICT DO UPDATE): every change.
-CREATE TRIGGER analytics_capture_insert AFTER INSERT ON {{shared}}.trading_ticks
+CREATE TRIGGER dbsvc_analytics_insert AFTER INSERT ON {{shared}}.trading_ticks
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
     EXECUTE FUNCTION {{control}}.analytics_capture();
-CREATE TRIGGER analytics_capture_insert AFTER INSERT ON {{shared}}.ai_predictions
+CREATE TRIGGER dbsvc_analytics_insert AFTER INSERT ON {{shared}}.ai_predictions
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
     EXECUTE FUNCTION {{control}}.analytics_capture();
-CREATE TRIGGER analytics_capture_insert AFTER INSERT ON {{shared}}.candles_1m
+CREATE TRIGGER dbsvc_analytics_insert AFTER INSERT ON {{shared}}.candles_1m
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
     EXECUTE FUNCTION {{control}}.analytics_capture();
-CREATE TRIGGER analytics_capture_update AFTER UPDATE ON {{shared}}.candles_1m
+CREATE TRIGGER dbsvc_analytics_update AFTER UPDATE ON {{shared}}.candles_1m
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
     EXECUTE FUNCTION {{control}}.analytics_capture();
-CREATE TRIGGER analytics_capture_delete AFTER DELETE ON {{shared}}.candles_1m
+CREATE TRIGGER dbsvc_analytics_delete AFTER DELETE ON {{shared}}.candles_1m
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
     EXECUTE FUNCTION {{control}}.analytics_capture();
