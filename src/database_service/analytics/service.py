@@ -19,6 +19,7 @@ from typing import Any
 
 from database_service.analytics.guard import AnalyticsGuard, FunctionCatalog
 from database_service.analytics.replicator import purge_tenant
+from database_service.analytics.reports import REPORTS, ReportParams, report_sql
 from database_service.analytics.schema import (
     REPLICATED,
     SHARED_DATABASE,
@@ -219,6 +220,10 @@ class Analytics:
             await self._record(principal, tenant_id, "error", exc.error_code)
             raise
         self.queries += 1
+        await self._record(principal, tenant_id, "ok", None, f"tables={','.join(checked.tables)}")
+        return self._result(result, started)
+
+    def _result(self, result: Any, started: float) -> QueryResult:
         columns = [
             Column(n, t, _kind(t)) for n, t in zip(result.columns, result.types, strict=True)
         ]
@@ -230,7 +235,6 @@ class Analytics:
             )
             for row in result.rows
         ]
-        await self._record(principal, tenant_id, "ok", None, f"tables={','.join(checked.tables)}")
         return QueryResult(
             columns=columns,
             rows=rows,
@@ -240,6 +244,32 @@ class Analytics:
             duration_ms=(time.perf_counter() - started) * 1000,
             store="clickhouse",
         )
+
+    async def report(
+        self, principal: Principal, ctx: TenantContext, name: str, params: ReportParams
+    ) -> QueryResult:
+        """One ready-made report (``analytics.reports``) for the caller's tenant."""
+        tenant_id = ctx.tenant_id
+        action = f"analytics.report.{name}" if name in REPORTS else "analytics.report"
+        await self._access.require(principal, Scope.READ, action, tenant_id)
+        started = time.perf_counter()
+        try:
+            await self._registry.get_active(tenant_id)
+            sql = report_sql(name, tenant_id, params)
+        except DatabaseServiceError as exc:
+            await self._access.deny(principal, tenant_id, action, exc)
+        try:
+            await self.provision(tenant_id)
+            result = await self.store.query(sql, self.limits.settings())
+        except ClickHouseError as exc:
+            if exc.code == _UNKNOWN_DATABASE:
+                self.forget(tenant_id)  # dropped by a purge: provisioned again next time
+            error = _mapped(exc)
+            await self._record(principal, tenant_id, "error", error.error_code)
+            raise error from None
+        self.queries += 1
+        await self._record(principal, tenant_id, "ok", None, f"report={name}")
+        return self._result(result, started)
 
     async def stream(
         self,

@@ -7,6 +7,7 @@ read-only statement with ``$1`` parameters. The answer has ``POST /api/v1/query`
 ``store`` naming who answered.
 """
 
+import datetime as dt
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any, Literal
 
@@ -14,12 +15,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from database_service.analytics.reports import ReportParams
 from database_service.analytics.service import choose_engine
 from database_service.api.http.deps import tenant_context
 from database_service.api.http.routes.queries import _HEADERS, _body, _JsonParts, caller
 from database_service.app import Application
 from database_service.auth import Principal
-from database_service.errors import ResultTooLarge
+from database_service.errors import FailedPrecondition, ResultTooLarge
 from database_service.results import (
     Column,
     Event,
@@ -73,6 +75,48 @@ async def analytics_query(
         result = await _collect(events, core.settings.max_result_rows)
     parts = _body(result, core.settings.max_result_bytes)
     parts[-1] = parts[-1][:-1] + b',"store":"' + result.store.encode() + b'"}'
+    return _JsonParts(parts)
+
+
+class ReportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    symbol: StrictStr | None = Field(default=None, description="market_trends, volume_profile")
+    start: dt.datetime | None = Field(default=None, description="With a time zone")
+    end: dt.datetime | None = Field(default=None, description="With a time zone; exclusive")
+    interval_minutes: int = Field(default=60, description="market_trends: 1 to 10080")
+    price_decimals: int = Field(default=3, description="volume_profile: 0 to 6")
+    tenant_id: StrictStr | None = Field(default=None, description="Or the X-Tenant-Id header")
+
+
+@router.post("/api/v1/analytics/reports/{name}", openapi_extra={"parameters": _HEADERS[:2]})
+async def analytics_report(
+    name: str,
+    principal: Annotated[Principal, Depends(caller)],
+    body: ReportRequest,
+    request: Request,
+) -> Response:
+    """A ready-made report on ClickHouse: trading_performance, market_trends or
+    volume_profile (``analytics/reports.py`` says what each computes)."""
+    core: Application = request.app.state.core
+    ctx = tenant_context(
+        request, principal, body.tenant_id, None, header=request.headers.get("x-tenant-id")
+    )
+    analytics = core.analytics.analytics if core.analytics is not None else None
+    if analytics is None:
+        raise FailedPrecondition(
+            "ClickHouse analytics is not enabled on this service (DBSVC_CLICKHOUSE_ENABLED)"
+        )
+    params = ReportParams(
+        symbol=body.symbol,
+        start=body.start,
+        end=body.end,
+        interval_minutes=body.interval_minutes,
+        price_decimals=body.price_decimals,
+    )
+    result = await analytics.report(principal, ctx, name, params)
+    parts = _body(result, core.settings.max_result_bytes)
+    parts[-1] = parts[-1][:-1] + b',"store":"clickhouse"}'
     return _JsonParts(parts)
 
 
