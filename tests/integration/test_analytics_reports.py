@@ -98,7 +98,6 @@ async def _fill(app: Application, tenant_id: str, salt: int) -> None:
 async def setup(
     ch_core: Application,
 ) -> AsyncIterator[tuple[Application, str, httpx.AsyncClient, str]]:
-    from tests.fix_clickhouse import capturing
 
     async with capturing(ch_core) as app:
         tenant = (await app.tenants.create(f"rep_{secrets.token_hex(4)}")).tenant_id
