@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import subprocess
 import sys
@@ -47,12 +48,9 @@ def generate(out: Path) -> None:
         for path in sorted(raw.rglob("*_pb2*.py*")):
             text = path.read_text()
             # protoc imports by proto path; the modules live flat in this package instead.
-            text = text.replace(
-                "from database_service.v1 import database_service_pb2",
-                "from . import database_service_pb2",
-            ).replace(
-                "import database_service.v1.database_service_pb2",
-                "from . import database_service_pb2",
+            text = re.sub(r"from database_service\.v1 import (\w+_pb2)", r"from . import \1", text)
+            text = re.sub(
+                r"^import database_service\.v1\.(\w+_pb2)", r"from . import \1", text, flags=re.M
             )
             (out / path.name).write_text(HEADER + text)
 

@@ -13,9 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
+from database_service.api.grpc import GrpcServer
 from database_service.api.http.app import create_http_app
 from database_service.app import Application
 from database_service.auth import Scope
+from database_service_client import MultiDatabaseClient
 from tests.fix_clickhouse import capturing, drain
 
 pytestmark = pytest.mark.integration
@@ -109,8 +111,15 @@ async def setup(
     await app.services.register(name, tenants=[tenant], scopes=(Scope.READ,), with_secret=False)
     token = app.tokens.issue(name, tenants=[tenant], scopes=(Scope.READ,), ttl_seconds=600)
     transport = httpx.ASGITransport(app=create_http_app(app))
-    async with httpx.AsyncClient(transport=transport, base_url="http://dbsvc.test") as http:
-        yield app, tenant, http, token
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://dbsvc.test") as http,
+        GrpcServer(app) as server,
+    ):
+        client = MultiDatabaseClient(
+            f"127.0.0.1:{server.port}", {"company_id": tenant}, token, retries=0
+        )
+        yield app, tenant, http, token, client
+        await client.close()
 
 
 def _norm(value: Any) -> Any:
@@ -128,28 +137,39 @@ def _norm(value: Any) -> Any:
     return value
 
 
+@pytest.mark.parametrize("front_end", ["rest", "grpc"])
 @pytest.mark.parametrize("name", sorted(PG))
-async def test_each_report_matches_postgresql_on_the_same_rows(setup: Any, name: str) -> None:
-    app, tenant, http, token = setup
-    response = await http.post(
-        f"/api/v1/analytics/reports/{name}",
-        json=BODIES[name],
-        headers={"Authorization": f"Bearer {token}", "x-tenant-id": tenant},
-    )
-    assert response.status_code == 200, response.text
-    document = response.json()
-    assert document["store"] == "clickhouse"
-    got = [[_norm(v) for v in row] for row in document["rows"]]
+async def test_each_report_matches_postgresql_on_the_same_rows(
+    setup: Any, name: str, front_end: str
+) -> None:
+    app, tenant, http, token, client = setup
+    if front_end == "rest":
+        response = await http.post(
+            f"/api/v1/analytics/reports/{name}",
+            json=BODIES[name],
+            headers={"Authorization": f"Bearer {token}", "x-tenant-id": tenant},
+        )
+        assert response.status_code == 200, response.text
+        document = response.json()
+        assert document["store"] == "clickhouse"
+        rows = document["rows"]
+    else:
+        body = dict(BODIES[name])
+        for key in ("start", "end"):
+            if key in body:
+                body[key] = dt.datetime.fromisoformat(body[key])
+        rows = (await client.analytics_report(name, **body)).rows
+    got = [[_norm(v) for v in row] for row in rows]
     schema = (await app.registry.get_active(tenant)).schema_name
     sql = PG[name].format(schema=schema, shared=app.settings.shared_schema)
     async with app.owner_pool.acquire() as conn:
         if name == "market_trends":
-            rows = await conn.fetch(sql, tenant, T0, T0 + dt.timedelta(minutes=90))
+            pg = await conn.fetch(sql, tenant, T0, T0 + dt.timedelta(minutes=90))
         elif name == "volume_profile":
-            rows = await conn.fetch(sql, tenant)
+            pg = await conn.fetch(sql, tenant)
         else:
-            rows = await conn.fetch(sql)
-    expected = [[_norm(v) for v in row] for row in rows]
+            pg = await conn.fetch(sql)
+    expected = [[_norm(v) for v in row] for row in pg]
     assert len(got) > 3
     assert got == expected
 
@@ -169,7 +189,7 @@ async def test_each_report_matches_postgresql_on_the_same_rows(setup: Any, name:
 async def test_bad_parameters_are_refused_and_run_nothing(
     setup: Any, name: str, body: dict[str, Any]
 ) -> None:
-    _, tenant, http, token = setup
+    _, tenant, http, token, _ = setup
     response = await http.post(
         f"/api/v1/analytics/reports/{name}",
         json=body,

@@ -27,7 +27,9 @@ from typing import Any, TypeVar
 
 import grpc
 
+from database_service_client._proto import analytics_pb2 as apb
 from database_service_client._proto import database_service_pb2 as pb
+from database_service_client._proto.analytics_pb2_grpc import AnalyticsReportsStub
 from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
 from database_service_client.errors import (
     DatabaseServiceError,
@@ -495,6 +497,45 @@ class MultiDatabaseClient:
             engine=engine,
         )
         return self._stream(self.stub.ExecuteAnalyticsQuery, request, retry=True, timeout=timeout)
+
+    async def analytics_report(
+        self,
+        name: str,
+        *,
+        symbol: str | None = None,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        interval_minutes: int = 0,
+        price_decimals: int | None = None,
+        timeout: float | None = None,
+    ) -> QueryResult:
+        """A ready-made report on ClickHouse: ``trading_performance``, ``market_trends`` or
+        ``volume_profile`` (the service's README says what each computes)."""
+        request = apb.ReportRequest(
+            name=name,
+            symbol=symbol or "",
+            interval_minutes=interval_minutes,
+            row_encoding=pb.ROW_ENCODING_PACKED,
+        )
+        if price_decimals is not None:
+            request.price_decimals = price_decimals
+        if start is not None:
+            request.start.FromDatetime(_aware(start))
+        if end is not None:
+            request.end.FromDatetime(_aware(end))
+        if not self._stubs:
+            self._open()
+        stub = AnalyticsReportsStub(self._channels[0])
+        message = await self._unary(stub.GetReport, request, retry=True, timeout=timeout)
+        summary = message.summary
+        columns = message.header.columns
+        return QueryResult(
+            columns=[Column(c.name, c.type) for c in columns],
+            rows=_rows_of(message.rows, [c.kind for c in columns]),
+            row_count=summary.row_count,
+            command=summary.command,
+            duration_ms=summary.duration_ms,
+        )
 
     async def time_series(
         self,
