@@ -51,7 +51,41 @@ PG = {
         FROM {shared}.trading_ticks WHERE company_id = $1 AND symbol = 'EURUSD'
         GROUP BY 1 ORDER BY 1""",
 }
+_OUTCOME = """
+    SELECT {keys}, {measures}
+    FROM (
+        SELECT e.*, CASE WHEN a.time <= e.event_time + interval '30 minutes' AND b.time >= a.time
+                         THEN b.mid / a.mid - 1 END AS ret
+        FROM ({events}) e
+        LEFT JOIN LATERAL (
+            SELECT time, (bid + ask)::float8 / 2 AS mid FROM {{shared}}.trading_ticks t
+            WHERE t.company_id = $1 AND t.symbol = e.symbol AND t.time >= e.event_time
+            ORDER BY time LIMIT 1) a ON true
+        LEFT JOIN LATERAL (
+            SELECT time, (bid + ask)::float8 / 2 AS mid FROM {{shared}}.trading_ticks t
+            WHERE t.company_id = $1 AND t.symbol = e.symbol
+              AND t.time <= e.event_time + interval '30 minutes'
+            ORDER BY time DESC LIMIT 1) b ON true
+    ) x GROUP BY 1, 2 ORDER BY 1, 2"""
+_HITS = "count(*) FILTER (WHERE (action = 'buy' AND ret > 0) OR (action = 'sell' AND ret < 0))"
+PG["signal_performance"] = _OUTCOME.format(
+    keys="symbol, action",
+    measures=f"count(*), count(ret), {_HITS}, round(({_HITS})::numeric / nullif(count(ret), 0), 6),"
+    " round(avg(ret)::numeric, 6)",
+    events="SELECT symbol, action, created_at AS event_time FROM {schema}.trading_signals"
+    " WHERE action IN ('buy', 'sell') AND $1::text IS NOT NULL",
+)
+PG["prediction_accuracy"] = _OUTCOME.format(
+    keys="model_version, (event_time AT TIME ZONE 'UTC')::date",
+    measures=f"count(*), count(ret), {_HITS}, round(({_HITS})::numeric / nullif(count(ret), 0), 6),"
+    " round(avg(confidence), 6)",
+    events="SELECT symbol, prediction_type AS action, time AS event_time, model_version,"
+    " confidence FROM {shared}.ai_predictions"
+    " WHERE company_id = $1 AND prediction_type IN ('buy', 'sell')",
+)
 BODIES: dict[str, dict[str, Any]] = {
+    "signal_performance": {"horizon_minutes": 30},
+    "prediction_accuracy": {"horizon_minutes": 30},
     "trading_performance": {},
     "market_trends": {
         "symbol": "EURUSD",
@@ -86,6 +120,28 @@ async def _fill(app: Application, tenant_id: str, salt: int) -> None:
             " $1::timestamptz + (g % 3) * interval '1 day' + g * interval '7 minutes'"
             " FROM generate_series(1, 400) g",
             T0,
+            salt,
+        )
+        # Signals and predictions every 97 s across the ticks' two hours, and a few after them
+        # (no tick at or after: not evaluated).
+        await conn.execute(
+            f"INSERT INTO {schema}.trading_signals (signal_id, symbol, action, confidence,"
+            " created_at) SELECT 's' || g, CASE WHEN g % 3 = 0 THEN 'GBPUSD' ELSE 'EURUSD' END,"
+            " (ARRAY['buy', 'sell', 'hold'])[1 + (g / 3 + $2) % 3], 0.5,"
+            " $1::timestamptz + g * interval '97 seconds' + interval '0.5 seconds'"
+            " FROM generate_series(0, 79) g",
+            T0,
+            salt,
+        )
+        await conn.execute(
+            f"INSERT INTO {shared}.ai_predictions (time, company_id, user_id, symbol,"
+            " prediction_type, confidence, model_version) SELECT"
+            " $1::timestamptz + g * interval '89 seconds' + interval '0.25 seconds', $2, 'u',"
+            " CASE WHEN g % 3 = 0 THEN 'GBPUSD' ELSE 'EURUSD' END,"
+            " (ARRAY['buy', 'sell', 'hold'])[1 + (g * 7 + $3) % 3], round((0.5 + (g % 5) / 10.0)::numeric, 2),"
+            " 'v' || (g % 2) FROM generate_series(0, 89) g",
+            T0,
+            tenant_id,
             salt,
         )
         # An open trade counts nowhere.
@@ -165,12 +221,12 @@ async def test_each_report_matches_postgresql_on_the_same_rows(
     async with app.owner_pool.acquire() as conn:
         if name == "market_trends":
             pg = await conn.fetch(sql, tenant, T0, T0 + dt.timedelta(minutes=90))
-        elif name == "volume_profile":
+        elif name in ("volume_profile", "signal_performance", "prediction_accuracy"):
             pg = await conn.fetch(sql, tenant)
         else:
             pg = await conn.fetch(sql)
     expected = [[_norm(v) for v in row] for row in pg]
-    assert len(got) > 3
+    assert len(got) >= 2
     assert got == expected
 
 

@@ -507,14 +507,17 @@ class MultiDatabaseClient:
         end: dt.datetime | None = None,
         interval_minutes: int = 0,
         price_decimals: int | None = None,
+        horizon_minutes: int = 0,
         timeout: float | None = None,
     ) -> QueryResult:
-        """A ready-made report on ClickHouse: ``trading_performance``, ``market_trends`` or
-        ``volume_profile`` (the service's README says what each computes)."""
+        """A ready-made report on ClickHouse: ``trading_performance``, ``market_trends``,
+        ``volume_profile``, ``signal_performance`` or ``prediction_accuracy`` (the service's
+        README says what each computes)."""
         request = apb.ReportRequest(
             name=name,
             symbol=symbol or "",
             interval_minutes=interval_minutes,
+            horizon_minutes=horizon_minutes,
             row_encoding=pb.ROW_ENCODING_PACKED,
         )
         if price_decimals is not None:

@@ -260,7 +260,9 @@ class Analytics:
             await self._access.deny(principal, tenant_id, action, exc)
         try:
             await self.provision(tenant_id)
-            result = await self.store.query(sql, self.limits.settings())
+            # join_use_nulls: an outcome without a tick is NULL, not zero (reports.py).
+            settings = {**self.limits.settings(), "join_use_nulls": 1}
+            result = await self.store.query(sql, settings)
         except ClickHouseError as exc:
             if exc.code == _UNKNOWN_DATABASE:
                 self.forget(tenant_id)  # dropped by a purge: provisioned again next time

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from . import database_service_pb2 as database__service_dot_v1_dot_database__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#database_service/v1/analytics.proto\x12\x13\x64\x61tabase_service.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a*database_service/v1/database_service.proto\"\x83\x02\n\rReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_minutes\x18\x05 \x01(\r\x12\x1b\n\x0eprice_decimals\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x36\n\x0crow_encoding\x18\x07 \x01(\x0e\x32 .database_service.v1.RowEncodingB\x11\n\x0f_price_decimals2i\n\x10\x41nalyticsReports\x12U\n\tGetReport\x12\".database_service.v1.ReportRequest\x1a$.database_service.v1.AnalyticsResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#database_service/v1/analytics.proto\x12\x13\x64\x61tabase_service.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a*database_service/v1/database_service.proto\"\x9c\x02\n\rReportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06symbol\x18\x02 \x01(\t\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_minutes\x18\x05 \x01(\r\x12\x1b\n\x0eprice_decimals\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x36\n\x0crow_encoding\x18\x07 \x01(\x0e\x32 .database_service.v1.RowEncoding\x12\x17\n\x0fhorizon_minutes\x18\x08 \x01(\rB\x11\n\x0f_price_decimals2i\n\x10\x41nalyticsReports\x12U\n\tGetReport\x12\".database_service.v1.ReportRequest\x1a$.database_service.v1.AnalyticsResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'database_service.v1.analyti
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORTREQUEST']._serialized_start=138
-  _globals['_REPORTREQUEST']._serialized_end=397
-  _globals['_ANALYTICSREPORTS']._serialized_start=399
-  _globals['_ANALYTICSREPORTS']._serialized_end=504
+  _globals['_REPORTREQUEST']._serialized_end=422
+  _globals['_ANALYTICSREPORTS']._serialized_start=424
+  _globals['_ANALYTICSREPORTS']._serialized_end=529
 # @@protoc_insertion_point(module_scope)

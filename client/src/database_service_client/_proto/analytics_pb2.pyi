@@ -32,10 +32,14 @@ class ReportRequest(_message.Message):
     INTERVAL_MINUTES_FIELD_NUMBER: _builtins.int
     PRICE_DECIMALS_FIELD_NUMBER: _builtins.int
     ROW_ENCODING_FIELD_NUMBER: _builtins.int
+    HORIZON_MINUTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """trading_performance: per closing day and symbol, P&L, trades, win rate, max drawdown.
     market_trends: per interval of `symbol`, VWAP, volume, ticks, volatility.
     volume_profile: volume per mid price (rounded to `price_decimals`) of `symbol`.
+    signal_performance: per symbol and action, buy/sell signals against the price move within
+      `horizon_minutes`: signals, evaluated, hits, hit rate, mean return.
+    prediction_accuracy: the same for buy/sell AI predictions, per model version and day.
     """
     symbol: _builtins.str
     """market_trends, volume_profile; optional filter"""
@@ -44,6 +48,8 @@ class ReportRequest(_message.Message):
     price_decimals: _builtins.int
     """volume_profile (absent: 3)"""
     row_encoding: _database_service_pb2.RowEncoding.ValueType
+    horizon_minutes: _builtins.int
+    """signal_performance, prediction_accuracy (0: 60)"""
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
         """optional"""
@@ -62,10 +68,11 @@ class ReportRequest(_message.Message):
         interval_minutes: _builtins.int = ...,
         price_decimals: _builtins.int | None = ...,
         row_encoding: _database_service_pb2.RowEncoding.ValueType = ...,
+        horizon_minutes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_price_decimals", b"_price_decimals", "end", b"end", "price_decimals", b"price_decimals", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_price_decimals", b"_price_decimals", "end", b"end", "interval_minutes", b"interval_minutes", "name", b"name", "price_decimals", b"price_decimals", "row_encoding", b"row_encoding", "start", b"start", "symbol", b"symbol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_price_decimals", b"_price_decimals", "end", b"end", "horizon_minutes", b"horizon_minutes", "interval_minutes", b"interval_minutes", "name", b"name", "price_decimals", b"price_decimals", "row_encoding", b"row_encoding", "start", b"start", "symbol", b"symbol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__price_decimals: _TypeAlias = _typing.Literal["price_decimals"]  # noqa: Y015
     _WhichOneofArgType__price_decimals: _TypeAlias = _typing.Literal["_price_decimals", b"_price_decimals"]  # noqa: Y015

@@ -52,6 +52,7 @@ class AnalyticsReportsService(AnalyticsReportsServicer):
             end=_time(request, "end"),
             interval_minutes=request.interval_minutes or 60,
             price_decimals=request.price_decimals if request.HasField("price_decimals") else 3,
+            horizon_minutes=request.horizon_minutes or 60,
         )
         result = await self.core.analytics.analytics.report(principal, ctx, request.name, params)
         packed = request.row_encoding == pb.ROW_ENCODING_PACKED

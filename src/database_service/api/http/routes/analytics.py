@@ -86,6 +86,9 @@ class ReportRequest(BaseModel):
     end: dt.datetime | None = Field(default=None, description="With a time zone; exclusive")
     interval_minutes: int = Field(default=60, description="market_trends: 1 to 10080")
     price_decimals: int = Field(default=3, description="volume_profile: 0 to 6")
+    horizon_minutes: int = Field(
+        default=60, description="signal_performance, prediction_accuracy: 1 to 10080"
+    )
     tenant_id: StrictStr | None = Field(default=None, description="Or the X-Tenant-Id header")
 
 
@@ -96,8 +99,9 @@ async def analytics_report(
     body: ReportRequest,
     request: Request,
 ) -> Response:
-    """A ready-made report on ClickHouse: trading_performance, market_trends or
-    volume_profile (``analytics/reports.py`` says what each computes)."""
+    """A ready-made report on ClickHouse: trading_performance, market_trends, volume_profile,
+    signal_performance or prediction_accuracy (``analytics/reports.py`` says what each
+    computes)."""
     core: Application = request.app.state.core
     ctx = tenant_context(
         request, principal, body.tenant_id, None, header=request.headers.get("x-tenant-id")
@@ -113,6 +117,7 @@ async def analytics_report(
         end=body.end,
         interval_minutes=body.interval_minutes,
         price_decimals=body.price_decimals,
+        horizon_minutes=body.horizon_minutes,
     )
     result = await analytics.report(principal, ctx, name, params)
     parts = _body(result, core.settings.max_result_bytes)
