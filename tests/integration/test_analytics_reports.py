@@ -17,7 +17,7 @@ from database_service.api.grpc import GrpcServer
 from database_service.api.http.app import create_http_app
 from database_service.app import Application
 from database_service.auth import Scope
-from database_service_client import MultiDatabaseClient
+from database_service_client import DatabaseServiceError, MultiDatabaseClient
 from tests.fix_clickhouse import capturing, drain
 
 pytestmark = pytest.mark.integration
@@ -253,3 +253,19 @@ async def test_bad_parameters_are_refused_and_run_nothing(
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "invalid_parameters"
+
+
+async def test_the_seeds_multi_db_call_reads_clickhouse(setup: Any) -> None:
+    """``execute_multi_db_operation``'s ``clickhouse`` part: a read on the tenant's tables; the
+    seed's ``INSERT INTO signal_analytics`` is refused (no writable ClickHouse tables yet),
+    before any store ran."""
+    _, _, _, _, client = setup
+    result = await client.execute_multi_db_operation(
+        {"clickhouse": {"query": "SELECT count() FROM trading_signals"}}
+    )
+    assert [list(r) for r in result["clickhouse"].rows] == [[80]]
+    with pytest.raises(DatabaseServiceError) as info:
+        await client.execute_multi_db_operation(
+            {"clickhouse": {"query": "INSERT INTO signal_analytics (a) VALUES (1)"}}
+        )
+    assert info.value.code in {"sql_rejected", "sql_syntax_error"}

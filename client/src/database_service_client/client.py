@@ -914,6 +914,9 @@ class MultiDatabaseClient:
         ``{"statements": [...]}`` (run as one transaction); a mapping of params binds to
         ``:name`` placeholders (the seed passes the signal's dict).
 
+        ``clickhouse`` takes ``{"query": sql}``: a read on the tenant's replicated tables
+        (ClickHouse SQL; the service refuses writes).
+
         ``dragonflydb`` takes ``{"operation": "set", "key": k, "value": v, "ttl": seconds}``
         (``ttl`` optional; ``value`` bytes, str, or anything else as its JSON text), ``get``,
         ``delete``, ``incr`` (``by``, default 1), ``expire`` (``ttl``) with ``key``, and ``mget``
@@ -938,6 +941,8 @@ class MultiDatabaseClient:
         if others:
             known = await self.stores()
             for name in others:
+                if name == "clickhouse" and known.get(name, "not_configured") != "not_configured":
+                    continue  # reads, on the tenant's replicated tables
                 if name not in known:
                     reason = "unknown to this service"
                 elif known[name] == "not_configured":
@@ -947,10 +952,21 @@ class MultiDatabaseClient:
                 raise NotConfigured(f"store {name!r} is {reason}", code="not_configured")
         calls: dict[str, Callable[[], Awaitable[Any]]] = {}
         for name, operation in operations.items():
-            calls[name] = (
-                self._seed_kv(operation) if name == "dragonflydb" else self._seed_sql(operation)
-            )
+            if name == "dragonflydb":
+                calls[name] = self._seed_kv(operation)
+            elif name == "clickhouse":
+                calls[name] = self._seed_clickhouse(operation)
+            else:
+                calls[name] = self._seed_sql(operation)
         return {name: await call() for name, call in calls.items()}
+
+    def _seed_clickhouse(self, operation: Mapping[str, Any]) -> Callable[[], Awaitable[Any]]:
+        """``{"query": sql}``: one read-only ClickHouse query on the tenant's replicated tables
+        (writes, such as the seed's ``INSERT INTO signal_analytics``, are refused by the
+        service: tenants have no writable ClickHouse tables yet)."""
+        if "query" not in operation or operation.get("params"):
+            raise ValueError("the clickhouse operation needs 'query' (ClickHouse SQL, no params)")
+        return lambda: self.analytics_query(operation["query"], engine="clickhouse").fetch_all()
 
     def _seed_sql(self, postgres: Mapping[str, Any]) -> Callable[[], Awaitable[Any]]:
         if "statements" in postgres:
