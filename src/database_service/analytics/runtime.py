@@ -31,6 +31,8 @@ __all__ = ["AnalyticsRuntime", "open_store"]
 
 log = logging.getLogger(__name__)
 
+QUEUE_COUNT_CAP = 1_000_000
+
 
 def open_store(settings: Settings) -> ClickHouseStore:
     """The server when a URL is given, else chDB under ``<data_dir>/clickhouse``."""
@@ -62,7 +64,7 @@ class AnalyticsRuntime:
     replicator: Replicator
     owner_pool: asyncpg.Pool
     control_schema: str
-    # The queue as last read (by the probe, and by each metrics refresh of the probe).
+    # The queue as last read by the probe (queued: at most QUEUE_COUNT_CAP).
     queued: int = 0
     oldest_age_s: float = 0.0
     read_at: float = 0.0
@@ -82,8 +84,11 @@ class AnalyticsRuntime:
     async def read_queue(self) -> None:
         c = quote_ident(self.control_schema)
         async with self.owner_pool.acquire() as conn:
-            row = await conn.fetchrow(  # one row always: two scalar subqueries
-                f"SELECT (SELECT count(*) FROM {c}.analytics_changes) AS n,"
+            # Counted up to QUEUE_COUNT_CAP: a backlog of millions must not make health slow.
+            # One row always: scalar subqueries.
+            row = await conn.fetchrow(
+                f"SELECT (SELECT count(*) FROM (SELECT 1 FROM {c}.analytics_changes"
+                f" LIMIT {QUEUE_COUNT_CAP}) q) AS n,"
                 " coalesce(extract(epoch FROM clock_timestamp() - (SELECT queued_at FROM"
                 f" {c}.analytics_changes ORDER BY seq LIMIT 1)), 0)::float8 AS age"
             )
