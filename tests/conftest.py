@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fix_otlp",
     "tests.fix_redis",
     "tests.fix_hub",
+    "tests.fix_clickhouse",
     "tests.isolation.fix_attack",
     "tests.isolation.fix_frontends",
 ]

@@ -22,6 +22,13 @@ import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from database_service import __version__
+from database_service.analytics.runtime import (
+    AnalyticsRuntime,
+    limits_of,
+    open_store,
+    start_analytics,
+)
+from database_service.analytics.service import Analytics
 from database_service.application import (
     Access,
     DeadLetterAdmin,
@@ -268,6 +275,8 @@ class Application:
         self.startup_report: MigrationReport | None = None
         # The embedded PostgreSQL, if one is used (``problem`` says why it is down, if it is).
         self.embedded_postgres: EmbeddedPostgres | None = None
+        # ClickHouse analytics (issue 12), when enabled.
+        self.analytics: AnalyticsRuntime | None = None
 
     async def __aenter__(self) -> Application:
         try:
@@ -507,6 +516,7 @@ class Application:
             spans=self.tracing.spans,
         )
         await self._start_consumers(nats_url, nats_tls, probes)
+        await self._analytics(dsn, probes)
         retention = dt.timedelta(days=s.ts_retention_days)
         ahead = dt.timedelta(hours=s.ts_create_ahead_hours)
         self.partitions = PartitionManager(
@@ -630,12 +640,38 @@ class Application:
             ):
                 stack.push_async_callback(_cancel, self.loops.start(name, loop))
 
+    async def _analytics(self, dsn: str, probes: list[DependencyProbe]) -> None:
+        """ClickHouse: the store, tenant SQL, replication from PostgreSQL, probe and metrics."""
+        s = self.settings
+        if not (s.clickhouse_enabled or s.clickhouse_url is not None):
+            return
+        store = open_store(s)
+        self._stack.push_async_callback(store.close)
+        analytics = Analytics(
+            store,
+            access=Access(self.audit),
+            registry=self.registry,
+            audit=self.audit,
+            limits=limits_of(s),
+        )
+        self.analytics = await start_analytics(
+            s, store, analytics, dsn=dsn, owner_pool=self.owner_pool
+        )
+        probes.append(self.analytics)
+        self.metrics.register(self.analytics)
+        if s.clickhouse_replicate:
+            replicator = self.analytics.replicator
+            replication = self.loops.start("analytics-replication", replicator.run_forever)
+            self._stack.push_async_callback(_cancel, replication)
+
     async def _forget_deleted_tenant(self, tenant_id: str) -> None:
         """A deleted tenant's keys go with it (a tenant created again under its id starts
         empty); its cached results cannot be reached again (their keys hold its schema)."""
         # Its statement figures too, in every serving process (a reset they all apply).
         self.shared_statements.reset(tenant_id)
         self.statement_stats.forget(tenant_id)
+        if self.analytics is not None:
+            await self.analytics.tenant_deleted(tenant_id)  # its ClickHouse data, in order
         purged = await self.key_values.purge(tenant_id)
         log.info("tenant %s deleted: %d key-value keys purged", tenant_id, purged)
 

@@ -823,6 +823,19 @@ def _parser() -> argparse.ArgumentParser:
     slow.add_argument("--limit", type=_positive, default=20)
     slow.add_argument("--fingerprint", help="only this statement")
 
+    analytics = sub.add_parser(
+        "analytics",
+        help="ClickHouse analytics",
+        description="Analytics on ClickHouse (DBSVC_CLICKHOUSE_ENABLED or DBSVC_CLICKHOUSE_URL).",
+    ).add_subparsers(dest="action", required=True)
+    fill = analytics.add_parser(
+        "backfill",
+        help="bring rows that predate replication into ClickHouse, exactly once",
+        description="Per tenant: lock the replicated tables briefly (writers wait), queue a "
+        "purge and every row, then wait until the replicator has stored them (progress on "
+        "stderr). Rows already in ClickHouse are replaced, never doubled.",
+    )
+    fill.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
     load = sub.add_parser(
         "ingest-load",
         help="publish generated ticks to the ingestion transports (benchmarks, demos)",
@@ -1110,7 +1123,46 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             _print({"stopped": args.dir})
         return 0
 
+    async def analytics(core: Application) -> int:
+        from database_service.analytics.backfill import backfill  # noqa: PLC0415
+        from database_service.backup.progress import TerminalProgress  # noqa: PLC0415
+        from database_service.backup.tenant import BackupProgress  # noqa: PLC0415
+        from database_service.errors import FailedPrecondition  # noqa: PLC0415
+
+        runtime = core.analytics
+        if runtime is None:
+            raise FailedPrecondition(
+                "ClickHouse analytics is not enabled: set DBSVC_CLICKHOUSE_ENABLED=true"
+                " (or DBSVC_CLICKHOUSE_URL)"
+            )
+        bar = TerminalProgress()
+        try:
+            report = await backfill(
+                core.owner_pool,
+                core.registry,
+                control_schema=core.settings.control_schema,
+                shared_schema=core.settings.shared_schema,
+                tenants=args.tenant,
+                progress=bar,
+            )
+            queued = sum(report.rows.values())
+            # Then until the replicator (this process's, or the running service's) stored them.
+            while True:
+                await runtime.read_queue()
+                bar(BackupProgress("replicate", "", queued - min(runtime.queued, queued), queued))
+                if runtime.queued == 0:
+                    break
+                await asyncio.sleep(0.5)
+        finally:
+            bar.close()
+        await core.access.done(operator, "analytics.backfill", None, ",".join(report.tenants))
+        _print(
+            {"tenants": report.tenants, "rows": report.rows, "seconds": round(report.seconds, 1)}
+        )
+        return 0
+
     handlers = {
+        "analytics": analytics,
         "replica": replica,
         "backup": cluster_backup,
         "stats": statement_stats,

@@ -145,6 +145,19 @@ class Settings(BaseSettings):
     graph_max_results: int = Field(default=10_000, ge=1, le=1_000_000)
     graph_max_visits: int = Field(default=1_000_000, ge=1_000)
     graph_statement_timeout_ms: int = Field(default=5_000, ge=10)
+    # Analytics on ClickHouse (issue 12; analytics/, stores/clickhouse/): off unless enabled or a
+    # server URL is given. Embedded: chDB, its data under clickhouse_path (<data_dir>/clickhouse).
+    # The limits apply to every tenant query and are the service's: tenant SQL cannot set any.
+    clickhouse_enabled: bool = False
+    clickhouse_url: SecretStr | None = None
+    clickhouse_path: Path | None = None
+    clickhouse_max_execution_seconds: float = Field(default=10.0, gt=0, le=3600)
+    clickhouse_max_memory_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    clickhouse_max_rows_to_read: int = Field(default=500_000_000, ge=1)
+    clickhouse_max_result_bytes: int = Field(default=64 << 20, ge=1024)
+    clickhouse_replication_batch: int = Field(default=20_000, ge=1, le=1_000_000)
+    # Whether this instance takes part in electing the replicator (one per cluster replicates).
+    clickhouse_replicate: bool = True
 
     # Cluster backups (backup/cluster.py), on when a directory is given: the serving instance
     # archives the WAL there continuously (pg_receivewal, a replication slot) and takes a

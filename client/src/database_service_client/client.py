@@ -27,7 +27,9 @@ from typing import Any, TypeVar
 
 import grpc
 
+from database_service_client._proto import analytics_pb2 as apb
 from database_service_client._proto import database_service_pb2 as pb
+from database_service_client._proto.analytics_pb2_grpc import AnalyticsReportsStub
 from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
 from database_service_client.errors import (
     DatabaseServiceError,
@@ -477,14 +479,68 @@ class MultiDatabaseClient(GraphMethods, VectorMethods):
         )
 
     def analytics_query(
-        self, sql: str, params: Params = (), *, timeout: float | None = None
+        self,
+        sql: str,
+        params: Params = (),
+        *,
+        engine: str = "",
+        timeout: float | None = None,
     ) -> QueryStream:
-        """A read-only query for analytics; streamed, retried on UNAVAILABLE."""
+        """A read-only query for analytics; streamed, retried on UNAVAILABLE.
+
+        ``engine``: ``""`` (ClickHouse where the service has it enabled, else PostgreSQL),
+        ``"clickhouse"`` (ClickHouse SQL over the tenant's replicated tables, no parameters) or
+        ``"postgresql"`` (PostgreSQL SQL with parameters)."""
         sql, values = bind(sql, params)
         request = pb.AnalyticsQueryRequest(
-            sql=sql, params=[to_value(p) for p in values], row_encoding=pb.ROW_ENCODING_PACKED
+            sql=sql,
+            params=[to_value(p) for p in values],
+            row_encoding=pb.ROW_ENCODING_PACKED,
+            engine=engine,
         )
         return self._stream(self.stub.ExecuteAnalyticsQuery, request, retry=True, timeout=timeout)
+
+    async def analytics_report(
+        self,
+        name: str,
+        *,
+        symbol: str | None = None,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        interval_minutes: int = 0,
+        price_decimals: int | None = None,
+        horizon_minutes: int = 0,
+        timeout: float | None = None,
+    ) -> QueryResult:
+        """A ready-made report on ClickHouse: ``trading_performance``, ``market_trends``,
+        ``volume_profile``, ``signal_performance`` or ``prediction_accuracy`` (the service's
+        README says what each computes)."""
+        request = apb.ReportRequest(
+            name=name,
+            symbol=symbol or "",
+            interval_minutes=interval_minutes,
+            horizon_minutes=horizon_minutes,
+            row_encoding=pb.ROW_ENCODING_PACKED,
+        )
+        if price_decimals is not None:
+            request.price_decimals = price_decimals
+        if start is not None:
+            request.start.FromDatetime(_aware(start))
+        if end is not None:
+            request.end.FromDatetime(_aware(end))
+        if not self._stubs:
+            self._open()
+        stub = AnalyticsReportsStub(self._channels[0])
+        message = await self._unary(stub.GetReport, request, retry=True, timeout=timeout)
+        summary = message.summary
+        columns = message.header.columns
+        return QueryResult(
+            columns=[Column(c.name, c.type) for c in columns],
+            rows=_rows_of(message.rows, [c.kind for c in columns]),
+            row_count=summary.row_count,
+            command=summary.command,
+            duration_ms=summary.duration_ms,
+        )
 
     async def time_series(
         self,
@@ -860,6 +916,9 @@ class MultiDatabaseClient(GraphMethods, VectorMethods):
         ``{"statements": [...]}`` (run as one transaction); a mapping of params binds to
         ``:name`` placeholders (the seed passes the signal's dict).
 
+        ``clickhouse`` takes ``{"query": sql}``: a read on the tenant's replicated tables
+        (ClickHouse SQL; the service refuses writes).
+
         ``dragonflydb`` takes ``{"operation": "set", "key": k, "value": v, "ttl": seconds}``
         (``ttl`` optional; ``value`` bytes, str, or anything else as its JSON text), ``get``,
         ``delete``, ``incr`` (``by``, default 1), ``expire`` (``ttl``) with ``key``, and ``mget``
@@ -884,6 +943,8 @@ class MultiDatabaseClient(GraphMethods, VectorMethods):
         if others:
             known = await self.stores()
             for name in others:
+                if name == "clickhouse" and known.get(name, "not_configured") != "not_configured":
+                    continue  # reads, on the tenant's replicated tables
                 if name not in known:
                     reason = "unknown to this service"
                 elif known[name] == "not_configured":
@@ -893,10 +954,21 @@ class MultiDatabaseClient(GraphMethods, VectorMethods):
                 raise NotConfigured(f"store {name!r} is {reason}", code="not_configured")
         calls: dict[str, Callable[[], Awaitable[Any]]] = {}
         for name, operation in operations.items():
-            calls[name] = (
-                self._seed_kv(operation) if name == "dragonflydb" else self._seed_sql(operation)
-            )
+            if name == "dragonflydb":
+                calls[name] = self._seed_kv(operation)
+            elif name == "clickhouse":
+                calls[name] = self._seed_clickhouse(operation)
+            else:
+                calls[name] = self._seed_sql(operation)
         return {name: await call() for name, call in calls.items()}
+
+    def _seed_clickhouse(self, operation: Mapping[str, Any]) -> Callable[[], Awaitable[Any]]:
+        """``{"query": sql}``: one read-only ClickHouse query on the tenant's replicated tables
+        (writes, such as the seed's ``INSERT INTO signal_analytics``, are refused by the
+        service: tenants have no writable ClickHouse tables yet)."""
+        if "query" not in operation or operation.get("params"):
+            raise ValueError("the clickhouse operation needs 'query' (ClickHouse SQL, no params)")
+        return lambda: self.analytics_query(operation["query"], engine="clickhouse").fetch_all()
 
     def _seed_sql(self, postgres: Mapping[str, Any]) -> Callable[[], Awaitable[Any]]:
         if "statements" in postgres:

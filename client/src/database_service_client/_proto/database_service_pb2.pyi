@@ -713,9 +713,15 @@ class AnalyticsQueryRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     ROW_ENCODING_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     sql: _builtins.str
     max_chunk_bytes: _builtins.int
     row_encoding: Global___RowEncoding.ValueType
+    engine: _builtins.str
+    """Which store answers: "" (ClickHouse where the service has it enabled, else PostgreSQL),
+    "clickhouse" (ClickHouse SQL on the tenant's replicated tables; failed_precondition when
+    not enabled) or "postgresql" (PostgreSQL SQL with $1 parameters, as before ClickHouse).
+    """
     @_builtins.property
     def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]: ...
     def __init__(
@@ -725,10 +731,11 @@ class AnalyticsQueryRequest(_message.Message):
         params: _abc.Iterable[Global___Value] | None = ...,
         max_chunk_bytes: _builtins.int = ...,
         row_encoding: Global___RowEncoding.ValueType = ...,
+        engine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunk_bytes", b"max_chunk_bytes", "params", b"params", "row_encoding", b"row_encoding", "sql", b"sql"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "max_chunk_bytes", b"max_chunk_bytes", "params", b"params", "row_encoding", b"row_encoding", "sql", b"sql"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from database_service.analytics.service import choose_engine
 from database_service.api.grpc.calls import Caller, rpc
 from database_service.api.grpc.encoding import (
     add_rows,
@@ -231,12 +232,17 @@ class DatabaseService(DatabaseServiceServicer):
     async def ExecuteAnalyticsQuery(
         self, request: pb.AnalyticsQueryRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnalyticsResult]:
-        # Routed to PostgreSQL through the same core until the analytics store lands.
+        # ClickHouse when enabled (or asked for), else PostgreSQL as before (analytics/service.py).
         principal, ctx = await self.caller.tenant(context)
         params = [from_value(v) for v in request.params]
-        events = self.core.executor.stream(
-            principal, ctx, request.sql, params, read_only=True, action="analytics"
-        )
+        analytics = self.core.analytics.analytics if self.core.analytics is not None else None
+        if choose_engine(request.engine, analytics) == "clickhouse":
+            assert analytics is not None
+            events = analytics.stream(principal, ctx, request.sql, params)
+        else:
+            events = self.core.executor.stream(
+                principal, ctx, request.sql, params, read_only=True, action="analytics"
+            )
         async for message in self._messages(events, pb.AnalyticsResult, request):
             yield message
 

@@ -15,6 +15,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from database_service.api.grpc.analytics import (
+    SERVICE_NAME as ANALYTICS_SERVICE_NAME,
+)
+from database_service.api.grpc.analytics import (
+    AnalyticsReportsService,
+    add_analytics_servicer,
+)
 from database_service.api.grpc.calls import tolerant
 from database_service.api.grpc.database_service import DatabaseService
 from database_service.api.grpc.graph_service import GraphService
@@ -105,12 +112,14 @@ class GrpcServer:
         add_servicer(DatabaseService(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
         add_servicer(GraphService(self.core), server, graph_pb2, "GraphService")
         add_servicer(VectorServicer(self.core), server, vector_pb2, "VectorService")
+        add_analytics_servicer(AnalyticsReportsService(self.core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
                 GRAPH_SERVICE_NAME,
                 VECTOR_SERVICE,
+                ANALYTICS_SERVICE_NAME,
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             ),

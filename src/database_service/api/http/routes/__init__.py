@@ -1,6 +1,7 @@
 """REST routes, one module per concern; each calls the application layer only."""
 
 from database_service.api.http.routes import (
+    analytics,
     backups,
     graph,
     hub,
@@ -23,6 +24,7 @@ ROUTERS = (
     keyvalue.router,
     vectors.router,
     graph.router,
+    analytics.router,
     tenants.router,
     tenant_backups.router,
     services.router,

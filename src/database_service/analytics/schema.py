@@ -1,0 +1,208 @@
+"""The ClickHouse side of analytics: the replicated tables and each tenant's database of views.
+
+Replicated tables live in one internal database (``SHARED_DATABASE``), all MergeTree family,
+partitioned by month and ordered by tenant first, then symbol and time where the table has them,
+so a tenant's per-symbol time scan reads one contiguous key range.
+
+Exactly once, and no ``FINAL`` at read time:
+
+- Every insert carries an ``insert_deduplication_token`` named after the replicated batch; the
+  tables keep a window of recent tokens (``non_replicated_deduplication_window``), so a batch sent
+  again after a crash is dropped by ClickHouse before it is stored. Duplicates never get in, and
+  a plain scan is exact.
+- The ``ReplacingMergeTree`` key is the row's identity (the queue's seq for the append-only ticks
+  and predictions; the PostgreSQL primary key for candles, trades and signals), a second net that
+  background merges apply.
+- Trades, signals and candles change in place in PostgreSQL: each change arrives as a new version
+  (``_version`` = the change's queue seq; a delete as ``_deleted = 1``). Their tenant views pick
+  the newest version per key (``LIMIT 1 BY`` over ``ORDER BY _version DESC``) and drop deleted
+  ones, so they are exact whether or not merges have run.
+
+A tenant's database (``tenant_database``) holds only views filtered to its ``company_id``: tenant
+SQL names nothing else (the guard's rule on the embedded chDB; grants and row policies on a
+server).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "REPLICATED",
+    "SHARED_DATABASE",
+    "Replicated",
+    "shared_ddl",
+    "tenant_database",
+    "tenant_view_ddl",
+]
+
+SHARED_DATABASE = "dbsvc_analytics"
+_TENANT_ID = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
+_DEDUP = "non_replicated_deduplication_window = 10000"
+
+
+@dataclass(frozen=True, slots=True)
+class Replicated:
+    name: str  # the same in PostgreSQL, in SHARED_DATABASE and in a tenant's database
+    columns: tuple[tuple[str, str], ...]  # the replicated columns (PostgreSQL names)
+    key: tuple[str, ...]  # the row's identity within a tenant (empty: the queue seq)
+    order_by: tuple[str, ...]
+    partition_by: str
+    versioned: bool  # changes in place: versions and deletes, read as the newest version
+
+
+_TS = "DateTime64(6, 'UTC')"
+
+REPLICATED: dict[str, Replicated] = {
+    r.name: r
+    for r in (
+        Replicated(
+            "trading_ticks",
+            (
+                ("time", _TS),
+                ("user_id", "Nullable(String)"),
+                ("symbol", "LowCardinality(String)"),
+                ("bid", "Nullable(Decimal(10, 5))"),
+                ("ask", "Nullable(Decimal(10, 5))"),
+                ("volume", "Nullable(Int64)"),
+                ("spread", "Nullable(Decimal(6, 2))"),
+                ("event_id", "Nullable(String)"),
+            ),
+            key=(),
+            order_by=("company_id", "symbol", "time", "_seq"),
+            partition_by="toYYYYMM(time)",
+            versioned=False,
+        ),
+        Replicated(
+            "ai_predictions",
+            (
+                ("time", _TS),
+                ("user_id", "Nullable(String)"),
+                ("symbol", "LowCardinality(String)"),
+                ("prediction_type", "LowCardinality(String)"),
+                ("confidence", "Decimal(3, 2)"),
+                ("model_version", "Nullable(String)"),
+                ("features", "Nullable(String)"),
+                ("result", "Nullable(String)"),
+                ("event_id", "Nullable(String)"),
+            ),
+            key=(),
+            order_by=("company_id", "symbol", "time", "_seq"),
+            partition_by="toYYYYMM(time)",
+            versioned=False,
+        ),
+        Replicated(
+            "candles_1m",
+            (
+                ("symbol", "LowCardinality(String)"),
+                ("bucket", _TS),
+                ("open", "Decimal(38, 10)"),
+                ("high", "Decimal(38, 10)"),
+                ("low", "Decimal(38, 10)"),
+                ("close", "Decimal(38, 10)"),
+                ("volume", "Int64"),
+                ("ticks", "Int64"),
+                ("price_volume", "Decimal(38, 10)"),
+                ("spread_sum", "Decimal(38, 10)"),
+                ("spread_min", "Nullable(Decimal(38, 10))"),
+                ("spread_max", "Nullable(Decimal(38, 10))"),
+                ("spread_n", "Int64"),
+                ("open_time", _TS),
+                ("close_time", _TS),
+            ),
+            key=("symbol", "bucket"),
+            order_by=("company_id", "symbol", "bucket"),
+            partition_by="toYYYYMM(bucket)",
+            versioned=True,
+        ),
+        Replicated(
+            "trading_history",
+            (
+                ("trade_id", "Int64"),
+                ("account_id", "Nullable(Int64)"),
+                ("user_id", "Nullable(String)"),
+                ("symbol", "LowCardinality(String)"),
+                ("side", "LowCardinality(String)"),
+                ("volume", "Decimal(12, 2)"),
+                ("open_price", "Decimal(15, 5)"),
+                ("close_price", "Nullable(Decimal(15, 5))"),
+                ("profit", "Nullable(Decimal(15, 2))"),
+                ("opened_at", _TS),
+                ("closed_at", f"Nullable({_TS})"),
+            ),
+            key=("trade_id",),
+            # The identity is the key: an update that moves a trade to another symbol or time
+            # must still replace it.
+            order_by=("company_id", "trade_id"),
+            partition_by="toYYYYMM(opened_at)",
+            versioned=True,
+        ),
+        Replicated(
+            "trading_signals",
+            (
+                ("signal_id", "String"),
+                ("user_id", "Nullable(String)"),
+                ("symbol", "LowCardinality(String)"),
+                ("action", "LowCardinality(String)"),
+                ("confidence", "Nullable(Decimal(3, 2))"),
+                ("payload", "Nullable(String)"),
+                ("created_at", _TS),
+            ),
+            key=("signal_id",),
+            order_by=("company_id", "signal_id"),
+            partition_by="toYYYYMM(created_at)",
+            versioned=True,
+        ),
+    )
+}
+
+
+def tenant_database(tenant_id: str) -> str:
+    if not _TENANT_ID.fullmatch(tenant_id):
+        raise ValueError(f"bad tenant id {tenant_id!r}")
+    return f"tenant_{tenant_id}"
+
+
+def shared_ddl() -> list[str]:
+    statements = [f"CREATE DATABASE IF NOT EXISTS {SHARED_DATABASE}"]
+    for r in REPLICATED.values():
+        cols = ["company_id LowCardinality(String)"]
+        cols += [f"`{name}` {kind}" for name, kind in r.columns]
+        if r.versioned:
+            cols += ["_version UInt64", "_deleted UInt8"]
+            engine = "ReplacingMergeTree(_version, _deleted)"
+        else:
+            cols += ["_seq UInt64"]
+            engine = "ReplacingMergeTree"
+        statements.append(
+            f"CREATE TABLE IF NOT EXISTS {SHARED_DATABASE}.{r.name} ({', '.join(cols)}) "
+            f"ENGINE = {engine} PARTITION BY {r.partition_by} "
+            f"ORDER BY ({', '.join(r.order_by)}) SETTINGS {_DEDUP}"
+        )
+    return statements
+
+
+def tenant_view_ddl(tenant_id: str, *, definer: bool = False) -> list[str]:
+    """The tenant's database and one view per replicated table, filtered to its rows.
+
+    ``definer`` (a ClickHouse server): the views run with their creator's rights (``SQL
+    SECURITY DEFINER``), so the tenant's user needs a grant on its views only."""
+    db = tenant_database(tenant_id)
+    literal = f"'{tenant_id}'"  # a validated id: letters, digits and '_' only
+    statements = [f"CREATE DATABASE IF NOT EXISTS {db}"]
+    for r in REPLICATED.values():
+        names = ", ".join(f"`{name}`" for name, _ in r.columns)
+        source = f"{SHARED_DATABASE}.{r.name}"
+        if r.versioned:
+            key = ", ".join(r.key)
+            body = (
+                f"SELECT {names} FROM (SELECT {names}, _deleted FROM {source} "
+                f"WHERE company_id = {literal} ORDER BY _version DESC LIMIT 1 BY {key}) "
+                "WHERE _deleted = 0"
+            )
+        else:
+            body = f"SELECT {names} FROM {source} WHERE company_id = {literal}"
+        security = " DEFINER = CURRENT_USER SQL SECURITY DEFINER" if definer else ""
+        statements.append(f"CREATE VIEW IF NOT EXISTS {db}.{r.name}{security} AS {body}")
+    return statements

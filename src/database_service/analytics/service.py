@@ -1,0 +1,364 @@
+"""Tenant SQL on ClickHouse: the use case behind ``ExecuteAnalyticsQuery`` (gRPC), ``POST
+/api/v1/analytics/query`` (REST) and the client's analytics call when ClickHouse is enabled.
+
+The caller needs ``read`` for its tenant, the tenant must be active; the SQL passes the guard
+(``analytics.guard``: SELECT only, the tenant's tables only, no table functions, no settings of
+its own) and runs with the service's per-query limits (time, memory, rows read, result bytes and
+rows). Every call is audited as ``analytics`` with the store ``clickhouse``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from database_service.analytics.guard import AnalyticsGuard, FunctionCatalog
+from database_service.analytics.replicator import purge_tenant
+from database_service.analytics.reports import REPORTS, ReportParams, report_sql
+from database_service.analytics.schema import (
+    REPLICATED,
+    SHARED_DATABASE,
+    shared_ddl,
+    tenant_database,
+    tenant_view_ddl,
+)
+from database_service.application.access import Access
+from database_service.auth import Principal, Scope
+from database_service.errors import (
+    DatabaseServiceError,
+    FailedPrecondition,
+    InvalidParameters,
+    InvalidRequest,
+    ResourceExhausted,
+    ResultTooLarge,
+    Unavailable,
+)
+from database_service.observability.audit import AuditEvent, AuditLog
+from database_service.query import TenantContext
+from database_service.results import (
+    Column,
+    Event,
+    Header,
+    QueryResult,
+    StatementKind,
+    Summary,
+    ValueKind,
+)
+from database_service.stores.clickhouse import ClickHouseError, ClickHouseStore
+from database_service.tenancy import TenantRegistry
+
+__all__ = ["ENGINES", "Analytics", "AnalyticsLimits", "AnalyticsQueryError", "choose_engine"]
+
+EMPTY_DATABASE = "dbsvc_empty"  # the session's default: one-part names outside a CTE find nothing
+_UNKNOWN_DATABASE = 81
+_LIMIT_CODES = {
+    159: ("time limit", ResourceExhausted),  # TIMEOUT_EXCEEDED
+    241: ("memory limit", ResourceExhausted),  # MEMORY_LIMIT_EXCEEDED
+    158: ("rows-read limit", ResourceExhausted),  # TOO_MANY_ROWS
+    307: ("bytes-read limit", ResourceExhausted),  # TOO_MANY_BYTES
+    396: ("result limit", ResultTooLarge),  # TOO_MANY_ROWS_OR_BYTES
+}
+
+
+class AnalyticsQueryError(InvalidRequest):
+    """ClickHouse refused the (allowed) query: an unknown column, a type mismatch, …"""
+
+    code = "analytics_query_error"
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyticsLimits:
+    max_execution_seconds: float = 10.0
+    max_memory_bytes: int = 1 << 30
+    max_rows_to_read: int = 200_000_000
+    max_result_bytes: int = 64 << 20
+    max_result_rows: int = 100_000
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "max_execution_time": self.max_execution_seconds,
+            "max_memory_usage": self.max_memory_bytes,
+            "max_rows_to_read": self.max_rows_to_read,
+            "max_result_bytes": self.max_result_bytes,
+            "max_result_rows": self.max_result_rows,
+            "result_overflow_mode": "throw",
+            "read_overflow_mode": "throw",
+            "session_timezone": "UTC",
+        }
+
+
+def _unwrap(type_name: str) -> str:
+    for wrapper in ("Nullable(", "LowCardinality("):
+        while type_name.startswith(wrapper):
+            type_name = type_name[len(wrapper) : -1]
+    return type_name
+
+
+def _kind(type_name: str) -> ValueKind:
+    t = _unwrap(type_name)
+    if t.startswith(("Int", "UInt")):
+        return ValueKind.INTEGER
+    if t.startswith(("Float", "BFloat")):
+        return ValueKind.FLOAT
+    if t.startswith("Decimal"):
+        return ValueKind.DECIMAL
+    if t.startswith(("String", "FixedString", "Enum", "UUID", "IPv")):
+        return ValueKind.TEXT
+    if t == "Bool":
+        return ValueKind.BOOLEAN
+    if t.startswith("DateTime"):
+        return ValueKind.TIMESTAMP
+    if t.startswith(("Array", "Tuple", "Map", "JSON")):
+        return ValueKind.JSON
+    return ValueKind.OTHER
+
+
+def _converter(type_name: str) -> Any:
+    t = _unwrap(type_name)
+    if t.startswith("DateTime"):
+        # session_timezone = UTC: every DateTime is printed in UTC.
+        return lambda v: dt.datetime.fromisoformat(v).replace(tzinfo=dt.UTC)
+    if t.startswith("Date"):
+        return dt.date.fromisoformat
+    if t.startswith("Decimal"):
+        return lambda v: v if isinstance(v, Decimal) else Decimal(str(v))
+    if t.startswith(("Float", "BFloat")):
+        return float
+    return None
+
+
+class Analytics:
+    def __init__(
+        self,
+        store: ClickHouseStore,
+        *,
+        access: Access,
+        registry: TenantRegistry,
+        audit: AuditLog,
+        limits: AnalyticsLimits | None = None,
+    ) -> None:
+        self.store = store
+        self._access = access
+        self._registry = registry
+        self._audit = audit
+        self.limits = limits or AnalyticsLimits()
+        self._guard: AnalyticsGuard | None = None
+        self._provisioned: set[str] = set()
+        self._provision_lock = asyncio.Lock()
+        self.queries = 0
+        self.refused = 0
+
+    async def start(self) -> None:
+        """The shared tables, the empty default database, and the guard's function list."""
+        for statement in shared_ddl():
+            await self.store.command(statement)
+        await self.store.command(f"CREATE DATABASE IF NOT EXISTS {EMPTY_DATABASE}")
+        if self.store.kind == "chdb":
+            # One-part table names the guard leaves alone (a CTE's, out of its scope) resolve in
+            # the session's default database: an empty one. The guard refuses USE, so it stays.
+            await self.store.command(f"USE {EMPTY_DATABASE}")
+        self._guard = AnalyticsGuard(self.store, await FunctionCatalog.load(self.store))
+
+    @property
+    def guard(self) -> AnalyticsGuard:
+        if self._guard is None:
+            raise Unavailable("analytics is starting")
+        return self._guard
+
+    async def provision(self, tenant_id: str) -> None:
+        """The tenant's database of views (idempotent; once per process unless dropped)."""
+        if tenant_id in self._provisioned:
+            return
+        async with self._provision_lock:
+            for statement in tenant_view_ddl(tenant_id, definer=self.store.kind == "server"):
+                await self.store.command(statement)
+            self._provisioned.add(tenant_id)
+
+    def forget(self, tenant_id: str) -> None:
+        self._provisioned.discard(tenant_id)
+
+    async def query(
+        self, principal: Principal, ctx: TenantContext, sql: str, params: Sequence[Any] = ()
+    ) -> QueryResult:
+        """Run one read for the caller's tenant; the whole result."""
+        tenant_id = ctx.tenant_id
+        action = "analytics"
+        await self._access.require(principal, Scope.READ, action, tenant_id)
+        started = time.perf_counter()
+        try:
+            if params:
+                raise InvalidParameters(
+                    "ClickHouse analytics SQL takes no parameters: write literals (or set"
+                    " engine 'postgresql' for the PostgreSQL path with $1 parameters)"
+                )
+            await self._registry.get_active(tenant_id)
+            database = tenant_database(tenant_id)
+            checked = await self.guard.check(sql, database=database, tables=REPLICATED.keys())
+        except DatabaseServiceError as exc:
+            self.refused += 1
+            await self._access.deny(principal, tenant_id, action, exc)
+        try:
+            await self.provision(tenant_id)
+            try:
+                result = await self.store.query(checked.sql, self.limits.settings())
+            except ClickHouseError as exc:
+                if exc.code != _UNKNOWN_DATABASE:
+                    raise
+                self.forget(tenant_id)  # dropped by a purge, or by another process
+                await self.provision(tenant_id)
+                result = await self.store.query(checked.sql, self.limits.settings())
+        except ClickHouseError as exc:
+            error = _mapped(exc)
+            await self._record(principal, tenant_id, "error", error.error_code)
+            raise error from None
+        except DatabaseServiceError as exc:
+            await self._record(principal, tenant_id, "error", exc.error_code)
+            raise
+        self.queries += 1
+        await self._record(principal, tenant_id, "ok", None, f"tables={','.join(checked.tables)}")
+        return self._result(result, started)
+
+    def _result(self, result: Any, started: float) -> QueryResult:
+        columns = [
+            Column(n, t, _kind(t)) for n, t in zip(result.columns, result.types, strict=True)
+        ]
+        converters = [_converter(t) for t in result.types]
+        rows = [
+            tuple(
+                c(v) if c is not None and v is not None else v
+                for v, c in zip(row, converters, strict=True)
+            )
+            for row in result.rows
+        ]
+        return QueryResult(
+            columns=columns,
+            rows=rows,
+            command="SELECT",
+            row_count=len(rows),
+            kind=StatementKind.READ,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            store="clickhouse",
+        )
+
+    async def report(
+        self, principal: Principal, ctx: TenantContext, name: str, params: ReportParams
+    ) -> QueryResult:
+        """One ready-made report (``analytics.reports``) for the caller's tenant."""
+        tenant_id = ctx.tenant_id
+        action = f"analytics.report.{name}" if name in REPORTS else "analytics.report"
+        await self._access.require(principal, Scope.READ, action, tenant_id)
+        started = time.perf_counter()
+        try:
+            await self._registry.get_active(tenant_id)
+            sql = report_sql(name, tenant_id, params)
+        except DatabaseServiceError as exc:
+            await self._access.deny(principal, tenant_id, action, exc)
+        try:
+            await self.provision(tenant_id)
+            # join_use_nulls: an outcome without a tick is NULL, not zero (reports.py).
+            settings = {**self.limits.settings(), "join_use_nulls": 1}
+            result = await self.store.query(sql, settings)
+        except ClickHouseError as exc:
+            if exc.code == _UNKNOWN_DATABASE:
+                self.forget(tenant_id)  # dropped by a purge: provisioned again next time
+            error = _mapped(exc)
+            await self._record(principal, tenant_id, "error", error.error_code)
+            raise error from None
+        self.queries += 1
+        await self._record(principal, tenant_id, "ok", None, f"report={name}")
+        return self._result(result, started)
+
+    async def stream(
+        self,
+        principal: Principal,
+        ctx: TenantContext,
+        sql: str,
+        params: Sequence[Any] = (),
+        *,
+        batch_rows: int = 500,
+    ) -> AsyncGenerator[Event, None]:
+        """``query`` as the events the front ends' result encoders take."""
+        result = await self.query(principal, ctx, sql, params)
+        yield Header(result.columns, StatementKind.READ)
+        rows = list(result.rows)
+        for i in range(0, len(rows), batch_rows):
+            yield rows[i : i + batch_rows]
+        yield Summary(result.row_count, "SELECT", result.duration_ms, StatementKind.READ)
+
+    async def purge(self, tenant_id: str) -> None:
+        await purge_tenant(self.store, tenant_id)
+        self.forget(tenant_id)
+
+    async def _record(
+        self,
+        principal: Principal,
+        tenant_id: str,
+        outcome: str,
+        code: str | None,
+        detail: str | None = None,
+    ) -> None:
+        await self._audit.record(
+            AuditEvent(
+                service=principal.service,
+                tenant_id=tenant_id,
+                action="analytics",
+                statement_class="read",
+                outcome=outcome,
+                code=code,
+                detail=f"store=clickhouse {detail}" if detail else "store=clickhouse",
+            )
+        )
+
+    async def document(self) -> dict[str, Any]:
+        """``database_details.clickhouse`` of the health document."""
+        started = time.perf_counter()
+        version = await self.store.version()
+        rows = await self.store.query(
+            "SELECT table, sum(rows), sum(bytes_on_disk) FROM system.parts"
+            f" WHERE database = '{SHARED_DATABASE}' AND active GROUP BY table"
+        )
+        return {
+            "engine": "chdb" if self.store.kind == "chdb" else "clickhouse-server",
+            "version": version,
+            "response_time_ms": round((time.perf_counter() - started) * 1000, 2),
+            "tables": {
+                str(r[0]): {"rows": int(r[1]), "bytes_on_disk": int(r[2])} for r in rows.rows
+            },
+            "queries": self.queries,
+            "refused": self.refused,
+        }
+
+
+def _mapped(exc: ClickHouseError) -> DatabaseServiceError:
+    message = str(exc).split("DB::Exception: ", 1)[-1][:500]
+    if exc.code in _LIMIT_CODES:
+        what, cls = _LIMIT_CODES[exc.code]
+        return cls(f"analytics query stopped at the service's {what}: {message}")
+    if exc.code is None:
+        return Unavailable(f"ClickHouse failed: {message}")
+    return AnalyticsQueryError(message)
+
+
+ENGINES = ("", "clickhouse", "postgresql")
+
+
+def choose_engine(requested: str, analytics: Analytics | None) -> str:
+    """Which store answers an analytics query: ``requested`` ("" chooses ClickHouse where it is
+    enabled, else PostgreSQL, so callers written before ClickHouse keep working until a
+    deployment turns it on, and can keep PostgreSQL by asking for it)."""
+    if requested not in ENGINES:
+        raise InvalidParameters(
+            f"unknown analytics engine {requested[:40]!r}: use 'clickhouse' or 'postgresql'"
+        )
+    if requested == "clickhouse" and analytics is None:
+        raise FailedPrecondition(
+            "ClickHouse analytics is not enabled on this service (DBSVC_CLICKHOUSE_ENABLED)"
+        )
+    if requested:
+        return requested
+    return "clickhouse" if analytics is not None else "postgresql"
