@@ -25,8 +25,10 @@ $(VENV)/.dev-installed: $(UV) pyproject.toml uv.lock client/pyproject.toml
 
 install: $(BIN)/database-service
 
+# Analytics on embedded ClickHouse (chDB) is on for `make run` (it costs ~350 MB in a process of
+# its own); `serve` alone leaves it off unless DBSVC_CLICKHOUSE_ENABLED or _URL says otherwise.
 run: $(BIN)/database-service
-	$(BIN)/database-service serve
+	DBSVC_CLICKHOUSE_ENABLED=$${DBSVC_CLICKHOUSE_ENABLED:-true} $(BIN)/database-service serve
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check src client/src tests bench scripts examples

@@ -1,7 +1,7 @@
 -- Queue every change of the tenant's trading_history and trading_signals for ClickHouse. Named
 -- dbsvc_*: the service's own triggers, which tenant exports leave out (the restored tenant gets
 -- them from its migrations)
--- (runs with search_path = {{schema}}; the capture function is control migration 0012's).
+-- (runs with search_path = {{schema}}; the capture function is control migration 0015's).
 CREATE TRIGGER dbsvc_analytics_insert AFTER INSERT ON trading_history
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
     EXECUTE FUNCTION {{control}}.analytics_capture({{tenant}});
