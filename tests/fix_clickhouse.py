@@ -30,7 +30,9 @@ async def ch_core(
         clickhouse_enabled=True,
         clickhouse_replicate=False,
     )
-    async with Application(settings, start_nats=False) as app:
+    # No partition maintenance: the session's own service does it; a second one's retention
+    # would drop other tests' old ticks under them (the 2024 candles).
+    async with Application(settings, start_nats=False, maintain_partitions=False) as app:
         await _stop_capture(app)
         yield app
         await _stop_capture(app)

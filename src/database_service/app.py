@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from database_service import __version__
+from database_service.analytics.backfill import BackfillReport, backfill
 from database_service.analytics.runtime import (
     AnalyticsRuntime,
     limits_of,
@@ -48,7 +49,7 @@ from database_service.auth import Authenticator, ExchangeLimits, ServiceDirector
 from database_service.auth.status_links import StatusLinks
 from database_service.auth.tokens import deployment_audience
 from database_service.backup.cluster import ClusterBackups, WalReceiver, find_tools
-from database_service.backup.tenant import TenantBackups
+from database_service.backup.tenant import BackupProgress, TenantBackups
 from database_service.cache import (
     IMMUTABLE_FUNCTIONS_SQL,
     CachePolicy,
@@ -777,6 +778,24 @@ class Application:
         )
         self.metrics.register(_ReplicaCollector(replica_set))
         return replica_set
+
+    async def backfill_analytics(
+        self,
+        tenants: Sequence[str] | None = None,
+        progress: Callable[[BackupProgress], None] | None = None,
+    ) -> BackfillReport:
+        """The operator's backfill (``database-service analytics backfill``): queue the
+        tenants' existing rows for the ClickHouse replicator, on the owner's pool (no caller to
+        authorize: the operator at the machine)."""
+        s = self.settings
+        return await backfill(
+            self.owner_pool,
+            self.registry,
+            control_schema=s.control_schema,
+            shared_schema=s.shared_schema,
+            tenants=tenants,
+            progress=progress,
+        )
 
     async def open_cluster_backups(self, directory: Path | None = None) -> ClusterBackups:
         """The cluster's backups in ``directory`` (default: DBSVC_BACKUP_DIR, else

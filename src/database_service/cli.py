@@ -1124,7 +1124,6 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     async def analytics(core: Application) -> int:
-        from database_service.analytics.backfill import backfill  # noqa: PLC0415
         from database_service.backup.progress import TerminalProgress  # noqa: PLC0415
         from database_service.backup.tenant import BackupProgress  # noqa: PLC0415
         from database_service.errors import FailedPrecondition  # noqa: PLC0415
@@ -1137,14 +1136,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             )
         bar = TerminalProgress()
         try:
-            report = await backfill(
-                core.owner_pool,
-                core.registry,
-                control_schema=core.settings.control_schema,
-                shared_schema=core.settings.shared_schema,
-                tenants=args.tenant,
-                progress=bar,
-            )
+            report = await core.backfill_analytics(args.tenant, bar)
             queued = sum(report.rows.values())
             # Then until the replicator (this process's, or the running service's) stored them.
             while True:

@@ -45,6 +45,9 @@ async def hubbed(pg_cluster: PgCluster, tmp_path: Path, hub: Hub) -> AsyncIterat
         central_hub_heartbeat_seconds=0.2,
         instance_id="instance-under-test",
         http_port=18080,
+        # The hub's agent runs in the instance's primary process, which maintains partitions
+        # too: a retention no test's data is older than keeps it from dropping other tests' rows.
+        ts_retention_days=36_500,
     )
     async with Application(settings, start_nats=False) as app:
         yield app

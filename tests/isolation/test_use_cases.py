@@ -39,11 +39,15 @@ FRONT_END_MAY_USE = {
     "executor", "timeseries", "tenant_admin", "service_admin", "partition_admin",
     "observability", "dead_letter_admin", "access", "authenticator", "metrics", "window",
     "audit", "settings", "tracing", "key_value", "statement_admin", "backup_admin",
-    "tenant_backups",
+    "tenant_backups", "analytics", "graphs", "vectors", "hub_admin",
+    # the status page's sign-in links (as the authenticator, no use case: a signature check)
+    "status_links",
 }  # fmt: skip
 # The operator at the machine: the cluster's backups and a replica of it are made with
 # PostgreSQL's own programs, on the owner's DSN (no use case: no caller to authorize).
-CLI_MAY_ALSO_USE = {"endpoints", "guard", "open_cluster_backups", "postgres_dsn"}
+CLI_MAY_ALSO_USE = {
+    "endpoints", "guard", "open_cluster_backups", "postgres_dsn", "backfill_analytics",
+}  # fmt: skip
 
 
 def _core_attributes(path: Path) -> set[str]:
