@@ -130,7 +130,9 @@ class PgVectorStore:
             " WHERE extname = 'vector'"
         )
         if row is None:
-            log.warning(
+            # Info, not a warning: an optional store this PostgreSQL lacks (health says
+            # not_configured); every admin command would print it otherwise.
+            log.info(
                 "pgvector is not installed in this PostgreSQL: vector collections are"
                 " unavailable (install it and run CREATE EXTENSION vector as its owner)"
             )
