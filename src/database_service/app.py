@@ -694,7 +694,12 @@ class Application:
         )
         await generations.start()
         remote = (
-            RemoteCache(url, tenant_quota_bytes=s.cache_tenant_quota_bytes, timeout_s=timeout_s)
+            RemoteCache(
+                url,
+                tenant_quota_bytes=s.cache_tenant_quota_bytes,
+                timeout_s=timeout_s,
+                stale_keep_s=s.cache_stale_max_age_seconds,
+            )
             if url is not None
             else None
         )
