@@ -69,15 +69,21 @@ def f(field: str, op: str, value: object) -> Filter:
     return Filter.parse({"field": field, "op": op, "value": value})
 
 
-@pytest.fixture(scope="module")
-async def graph(core: Application) -> Graph:
-    tenant = await core.tenants.create(f"graph_{secrets.token_hex(4)}")
+async def new_graph(core: Application, prefix: str) -> Graph:
+    """A new tenant, and a principal that reads and writes it."""
+    tenant = await core.tenants.create(f"{prefix}_{secrets.token_hex(4)}")
     principal = Principal(
         service="graph-test",
         tenants=frozenset({tenant.tenant_id}),
         scopes=frozenset({Scope.READ, Scope.WRITE}),
     )
-    ctx = TenantContext(tenant.tenant_id)
+    return Graph(tenant, principal, TenantContext(tenant.tenant_id))
+
+
+@pytest.fixture(scope="module")
+async def graph(core: Application) -> Graph:
+    made = await new_graph(core, "graph")
+    principal, ctx = made.principal, made.ctx
     g = core.graphs
     written = await g.upsert_vertices(
         principal,
@@ -90,7 +96,7 @@ async def graph(core: Application) -> Graph:
         for c, a, b, r in EDGES
     ]
     assert await g.upsert_edges(principal, ctx, edges) == len(EDGES)
-    return Graph(tenant, principal, ctx)
+    return made
 
 
 def ids(result: object) -> list[str]:
@@ -408,13 +414,8 @@ async def weighted(core: Application) -> tuple[Graph, list[tuple[str, str, str, 
     import random
 
     rng = random.Random(20261203)
-    tenant = await core.tenants.create(f"wgraph_{secrets.token_hex(4)}")
-    principal = Principal(
-        service="graph-test",
-        tenants=frozenset({tenant.tenant_id}),
-        scopes=frozenset({Scope.READ, Scope.WRITE}),
-    )
-    ctx = TenantContext(tenant.tenant_id)
+    made = await new_graph(core, "wgraph")
+    principal, ctx = made.principal, made.ctx
     await core.graphs.upsert_vertices(
         principal, ctx, [Vertex.of("users", f"u{i}") for i in range(40)]
     )
@@ -432,7 +433,7 @@ async def weighted(core: Application) -> tuple[Graph, list[tuple[str, str, str, 
         documents.append(edge)
         edges.append((edge.id, edge.from_id, edge.to_id, 3.0 if cost is None else cost))
     assert await core.graphs.upsert_edges(principal, ctx, documents) == 160
-    return Graph(tenant, principal, ctx), edges
+    return made, edges
 
 
 async def test_weighted_shortest_paths_match_the_definition(
@@ -526,13 +527,8 @@ async def test_weighted_path_refuses_bad_weights(core: Application, graph: Graph
                 p, c, ShortestPath("users/carol", "users/bob", weight_attribute=attribute)
             )
     # A negative weight in the data is refused when the search meets it, as ArangoDB does.
-    tenant = await core.tenants.create(f"neg_{secrets.token_hex(4)}")
-    principal = Principal(
-        service="graph-test",
-        tenants=frozenset({tenant.tenant_id}),
-        scopes=frozenset({Scope.READ, Scope.WRITE}),
-    )
-    ctx = TenantContext(tenant.tenant_id)
+    negative = await new_graph(core, "neg")
+    principal, ctx = negative.principal, negative.ctx
     await g.upsert_vertices(principal, ctx, [Vertex.of("users", k) for k in ("a", "b")])
     await g.upsert_edges(
         principal, ctx, [Edge.of("copies", "users/a", "users/b", properties={"w": -2})]

@@ -42,9 +42,11 @@ class CountingCodec(TokenCodec):
         return super().verify(token)
 
 
-def authenticator(**options: Any) -> tuple[Authenticator, CountingCodec, Directory]:
+def authenticator(
+    directory: Directory | None = None, **options: Any
+) -> tuple[Authenticator, CountingCodec, Directory]:
     codec = CountingCodec(KEY, issuer="test", audience="urn:test")
-    directory = Directory()
+    directory = directory or Directory()
     auth = Authenticator(
         codec,
         directory,  # type: ignore[arg-type]
@@ -151,15 +153,8 @@ def test_what_was_read_answers_while_postgres_is_unreachable() -> None:
     """Nothing can be disabled or revoked while PostgreSQL is down (both are writes to it), so
     the last identity and revocation list read keep answering, for ``stale_if_unavailable``;
     a revoked token stays refused; past the window, or with nothing read yet, Unavailable."""
-    codec = CountingCodec(KEY, issuer="test", audience="urn:test")
     directory = DownDirectory()
-    auth = Authenticator(
-        codec,
-        directory,  # type: ignore[arg-type]
-        bootstrap_admin_token="x" * 32,
-        cache_ttl=0.0,
-        stale_if_unavailable=0.3,
-    )
+    auth, codec, _ = authenticator(directory, stale_if_unavailable=0.3)
     good = codec.issue("svc", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600)
     bad = codec.issue("svc", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600)
     directory.revoked_ids.add(("svc", codec.verify(bad).token_id or ""))
@@ -183,13 +178,8 @@ def test_what_was_read_answers_while_postgres_is_unreachable() -> None:
 
 
 def test_a_revocation_list_never_read_is_not_an_empty_one() -> None:
-    codec = CountingCodec(KEY, issuer="test", audience="urn:test")
     directory = DownDirectory()
     directory.down = True
-    auth = Authenticator(
-        codec,
-        directory,
-        bootstrap_admin_token="x" * 32,  # type: ignore[arg-type]
-    )
+    auth, _, _ = authenticator(directory)
     with pytest.raises(Unavailable):
         asyncio.run(auth.is_revoked("svc", "t1"))
