@@ -1,8 +1,10 @@
-"""Vector collections on the embedded PostgreSQL's pgvector, through every front end: gRPC
-``VectorService`` (the client's ``vector_*`` and ``weaviate_query``) and REST
-``/api/v1/vector/...``. Every operation once on real pgvector, typed properties and every
-filter operator against what Python computes from the same objects, certainty and distance per
-metric, HNSW recall against exact search on the same data, health and metrics."""
+"""Vector collections through every front end, on both stores: the embedded PostgreSQL's
+pgvector and a real Weaviate server (``[pgvector]``/``[weaviate]``): gRPC ``VectorService`` (the
+client's ``vector_*`` and ``weaviate_query``) and REST ``/api/v1/vector/...``. Every operation
+once, typed properties and every filter operator against what Python computes from the same
+objects, certainty and distance per metric, HNSW recall against exact search on the same data,
+health and metrics. What only one store has (pgvector's tables, catalog and index; Weaviate's
+classes, restart) is tested on that store."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import random
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ import asyncpg
 import httpx
 import pytest
 
+from database_service.api.grpc import GrpcServer
+from database_service.api.http.app import create_http_app
 from database_service.app import Application
 from database_service.auth import Principal, Scope
 from database_service.query import TenantContext
@@ -32,9 +37,16 @@ from database_service.stores.vector.pgvector import (
 from database_service.tenancy import TenantRecord, quote_ident
 from database_service_client import DatabaseServiceError, MultiDatabaseClient
 from tests.fix_pg import PgCluster, with_database
+from tests.fix_service import make_settings
+from tests.fix_weaviate import WeaviateTarget
 from tests.isolation.fix_frontends import service_token
 
-pytestmark = [pytest.mark.integration, pytest.mark.pgvector]
+pytestmark = [pytest.mark.integration]
+STORES = [
+    pytest.param("pgvector", marks=pytest.mark.pgvector),
+    pytest.param("weaviate", marks=pytest.mark.weaviate),
+]
+PGVECTOR = pytest.mark.parametrize("stack", [STORES[0]], indirect=True)
 
 PROPERTIES = {
     "symbol": "text",
@@ -49,11 +61,42 @@ BASE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass
+class Stack:
+    """A service on one vector store: its core, gRPC target and REST client."""
+
+    store: str
+    core: Application
+    grpc_target: str
+    http: httpx.AsyncClient
+
+
+@dataclass
 class Setup:
+    store: str
+    core: Application
     tenant: TenantRecord
     client: MultiDatabaseClient
+    http: httpx.AsyncClient
     headers: dict[str, str]
     objects: list[dict[str, Any]]
+
+
+@asynccontextmanager
+async def weaviate_service(
+    pg_cluster: PgCluster, data_dir: Path, target: WeaviateTarget
+) -> AsyncIterator[Stack]:
+    """The service with its vector collections on the Weaviate server (DBSVC_WEAVIATE_URL)."""
+    settings = make_settings(
+        pg_cluster, data_dir, weaviate_url=target.url, weaviate_api_key=target.api_key
+    )
+    async with (
+        Application(settings, start_nats=False, maintain_partitions=False) as core,
+        GrpcServer(core) as server,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_http_app(core)), base_url="http://dbsvc.test"
+        ) as http,
+    ):
+        yield Stack("weaviate", core, f"127.0.0.1:{server.port}", http)
 
 
 def _unit(rng: random.Random, dim: int) -> list[float]:
@@ -88,15 +131,40 @@ def _objects(n: int, dim: int) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-async def setup(core: Application, grpc_target: str) -> AsyncIterator[Setup]:
+async def weaviate_stack(
+    pg_cluster: PgCluster,
+    weaviate_target: WeaviateTarget,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Stack]:
+    async with weaviate_service(pg_cluster, tmp_path_factory.mktemp("wv"), weaviate_target) as s:
+        yield s
+
+
+@pytest.fixture(scope="module", params=STORES)
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The service on each store in turn (pgvector: the session's own service)."""
+    if request.param == "pgvector":
+        return Stack(
+            "pgvector",
+            request.getfixturevalue("core"),
+            request.getfixturevalue("grpc_target"),
+            request.getfixturevalue("http"),
+        )
+    made: Stack = request.getfixturevalue("weaviate_stack")
+    return made
+
+
+@pytest.fixture(scope="module")
+async def setup(stack: Stack) -> AsyncIterator[Setup]:
+    core = stack.core
     tenant = await core.tenants.create(f"vec_{secrets.token_hex(4)}")
     token = await service_token(core, [tenant.tenant_id], (Scope.READ, Scope.WRITE, Scope.ADMIN))
-    client = MultiDatabaseClient(grpc_target, tenant.tenant_id, token, retries=0)
+    client = MultiDatabaseClient(stack.grpc_target, tenant.tenant_id, token, retries=0)
     await client.vector_create_collection("Patterns", 8, properties=PROPERTIES)
     objects = _objects(60, 8)
     assert await client.vector_upsert("Patterns", objects) == 60
     headers = {"Authorization": f"Bearer {token}", "X-Tenant-Id": tenant.tenant_id}
-    yield Setup(tenant, client, headers, objects)
+    yield Setup(stack.store, core, tenant, client, stack.http, headers, objects)
     await client.close()
 
 
@@ -144,6 +212,7 @@ async def test_the_collection_schema_is_read_back_from_the_catalog(setup: Setup)
     }
 
 
+@PGVECTOR
 async def test_the_collection_is_a_table_of_the_tenants_own_role(
     core: Application, setup: Setup
 ) -> None:
@@ -160,6 +229,7 @@ async def test_the_collection_is_a_table_of_the_tenants_own_role(
     assert (row["owner"], row["am"]) == (setup.tenant.role_name, "hnsw")
 
 
+@PGVECTOR
 async def test_a_collection_without_its_comment_is_known_by_its_table_and_index(
     core: Application, setup: Setup
 ) -> None:
@@ -176,6 +246,7 @@ async def test_a_collection_without_its_comment_is_known_by_its_table_and_index(
         await client.vector_drop_collection("Bare")
 
 
+@PGVECTOR
 async def test_a_tenant_export_restored_keeps_its_collections(
     core: Application, setup: Setup, tmp_path: Path
 ) -> None:
@@ -308,7 +379,9 @@ async def test_certainty_and_distance_thresholds_keep_the_near_ones(setup: Setup
 
 
 @pytest.mark.parametrize("metric", ["l2", "dot"])
-async def test_l2_and_dot_distances_are_pgvectors(setup: Setup, metric: str) -> None:
+async def test_l2_and_dot_distances_are_euclidean_and_negative_inner_product(
+    setup: Setup, metric: str
+) -> None:
     name = f"M_{metric}"
     await setup.client.vector_create_collection(name, 3, metric=metric)
     try:
@@ -453,6 +526,7 @@ async def test_the_seeds_weaviate_query_runs_as_written(setup: Setup) -> None:
     assert all(h["certainty"] >= 0.8 for h in result["results"])
 
 
+@PGVECTOR
 async def test_hnsw_search_recalls_what_exact_search_finds(core: Application, setup: Setup) -> None:
     """5,000 random 64-dimensional vectors: the service's search (HNSW) against an exact scan
     of the same table (index scans off), recall@10 over 40 queries."""
@@ -497,11 +571,13 @@ async def test_hnsw_search_recalls_what_exact_search_finds(core: Application, se
         await client.vector_drop_collection("Recall")
 
 
+@pytest.mark.pgvector
 async def test_search_settings_are_the_databases_defaults(core: Application) -> None:
     """Control migration 0013 set them: a search is one round trip, with no SET."""
     assert core.vector_store.defaults_set
 
 
+@PGVECTOR
 async def test_a_search_uses_the_hnsw_index(core: Application, setup: Setup) -> None:
     from database_service.stores.vector import CollectionInfo, Metric, PropertyType, SearchQuery
 
@@ -523,7 +599,8 @@ async def test_a_search_uses_the_hnsw_index(core: Application, setup: Setup) -> 
 # -- REST ---------------------------------------------------------------------------------------
 
 
-async def test_every_rest_route_works(http: httpx.AsyncClient, setup: Setup) -> None:
+async def test_every_rest_route_works(setup: Setup) -> None:
+    http = setup.http
     h = setup.headers
     base = "/api/v1/vector/collections"
     made = await http.post(base, headers=h, json={"name": "Rest", "dimension": 2,
@@ -570,6 +647,7 @@ async def test_every_rest_route_works(http: httpx.AsyncClient, setup: Setup) -> 
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_vector"
 
 
+@pytest.mark.pgvector
 async def test_without_pgvector_vectors_are_not_configured(
     core: Application, pg_cluster: PgCluster
 ) -> None:
@@ -600,6 +678,7 @@ async def test_without_pgvector_vectors_are_not_configured(
 # -- health and metrics -------------------------------------------------------------------------
 
 
+@PGVECTOR
 async def test_health_reports_embedded_pgvector(core: Application, setup: Setup) -> None:
     core.health.invalidate()
     document = await core.health.document(detailed=True)
@@ -610,14 +689,13 @@ async def test_health_reports_embedded_pgvector(core: Application, setup: Setup)
     assert weaviate["collections"] >= 1 and weaviate["tenants_with_collections"] >= 1
 
 
-async def test_searches_and_writes_are_counted(
-    http: httpx.AsyncClient, setup: Setup, admin_headers: dict[str, str]
-) -> None:
+async def test_searches_and_writes_are_counted(setup: Setup, admin_headers: dict[str, str]) -> None:
     await setup.client.vector_search("Patterns", [0.1] * 8)
     with pytest.raises(DatabaseServiceError):
         await setup.client.vector_search("Patterns", [0.1] * 3)
-    text = (await http.get("/metrics", headers=admin_headers)).text
-    assert 'dbsvc_vector_searches_total{code="ok",store="pgvector"}' in text
-    assert 'dbsvc_vector_searches_total{code="invalid_vector",store="pgvector"}' in text
-    assert 'dbsvc_vector_search_duration_seconds_bucket{le="0.05",store="pgvector"}' in text
-    assert 'dbsvc_vector_objects_total{operation="upsert",store="pgvector"}' in text
+    text = (await setup.http.get("/metrics", headers=admin_headers)).text
+    store = setup.store
+    assert f'dbsvc_vector_searches_total{{code="ok",store="{store}"}}' in text
+    assert f'dbsvc_vector_searches_total{{code="invalid_vector",store="{store}"}}' in text
+    assert f'dbsvc_vector_search_duration_seconds_bucket{{le="0.05",store="{store}"}}' in text
+    assert f'dbsvc_vector_objects_total{{operation="upsert",store="{store}"}}' in text
