@@ -19,13 +19,20 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import httpx
 import pytest
 
+from database_service.api.grpc import GrpcServer
+from database_service.api.http.app import create_http_app
+from database_service.app import Application
 from database_service.supervisor import free_port
+from tests.fix_pg import PgCluster
+from tests.fix_service import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,4 +179,55 @@ async def private_weaviate(tmp_path: Path) -> AsyncIterator[WeaviateServer]:
         await asyncio.to_thread(server.stop)
 
 
-__all__ = ["WeaviateServer", "WeaviateTarget", "private_weaviate", "weaviate_target"]
+@dataclass
+class Stack:
+    """A service on one vector store: its core, gRPC target and REST client."""
+
+    store: str
+    core: Application
+    grpc_target: str
+    http: httpx.AsyncClient
+
+
+@asynccontextmanager
+async def weaviate_service(
+    pg_cluster: PgCluster, data_dir: Path, target: WeaviateTarget
+) -> AsyncIterator[Stack]:
+    """The service with its vector collections on a Weaviate server (DBSVC_WEAVIATE_URL), on
+    the session's PostgreSQL (its tenants and services are the session service's)."""
+    settings = make_settings(
+        pg_cluster, data_dir, weaviate_url=target.url, weaviate_api_key=target.api_key
+    )
+    async with (
+        Application(settings, start_nats=False, maintain_partitions=False) as core,
+        GrpcServer(core) as server,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_http_app(core)), base_url="http://dbsvc.test"
+        ) as http,
+    ):
+        yield Stack("weaviate", core, f"127.0.0.1:{server.port}", http)
+
+
+@pytest.fixture(scope="module")
+async def weaviate_stack(
+    pg_cluster: PgCluster,
+    weaviate_target: WeaviateTarget,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Stack]:
+    """A service on the session's Weaviate, for one test module."""
+    async with weaviate_service(pg_cluster, tmp_path_factory.mktemp("wv"), weaviate_target) as s:
+        yield s
+
+
+def store_stack(request: pytest.FixtureRequest) -> Stack:
+    """For a fixture parametrised over the stores: the session's own service (pgvector), or one
+    on Weaviate (``weaviate_stack``)."""
+    if request.param == "pgvector":
+        return Stack(
+            "pgvector",
+            request.getfixturevalue("core"),
+            request.getfixturevalue("grpc_target"),
+            request.getfixturevalue("http"),
+        )
+    made: Stack = request.getfixturevalue("weaviate_stack")
+    return made

@@ -14,7 +14,6 @@ import random
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ import asyncpg
 import httpx
 import pytest
 
-from database_service.api.grpc import GrpcServer
-from database_service.api.http.app import create_http_app
 from database_service.app import Application
 from database_service.auth import Principal, Scope
 from database_service.query import TenantContext
@@ -37,8 +34,7 @@ from database_service.stores.vector.pgvector import (
 from database_service.tenancy import TenantRecord, quote_ident
 from database_service_client import DatabaseServiceError, MultiDatabaseClient
 from tests.fix_pg import PgCluster, with_database
-from tests.fix_service import make_settings
-from tests.fix_weaviate import WeaviateTarget
+from tests.fix_weaviate import Stack, store_stack
 from tests.isolation.fix_frontends import service_token
 
 pytestmark = [pytest.mark.integration]
@@ -61,16 +57,6 @@ BASE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass
-class Stack:
-    """A service on one vector store: its core, gRPC target and REST client."""
-
-    store: str
-    core: Application
-    grpc_target: str
-    http: httpx.AsyncClient
-
-
-@dataclass
 class Setup:
     store: str
     core: Application
@@ -79,24 +65,6 @@ class Setup:
     http: httpx.AsyncClient
     headers: dict[str, str]
     objects: list[dict[str, Any]]
-
-
-@asynccontextmanager
-async def weaviate_service(
-    pg_cluster: PgCluster, data_dir: Path, target: WeaviateTarget
-) -> AsyncIterator[Stack]:
-    """The service with its vector collections on the Weaviate server (DBSVC_WEAVIATE_URL)."""
-    settings = make_settings(
-        pg_cluster, data_dir, weaviate_url=target.url, weaviate_api_key=target.api_key
-    )
-    async with (
-        Application(settings, start_nats=False, maintain_partitions=False) as core,
-        GrpcServer(core) as server,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_http_app(core)), base_url="http://dbsvc.test"
-        ) as http,
-    ):
-        yield Stack("weaviate", core, f"127.0.0.1:{server.port}", http)
 
 
 def _unit(rng: random.Random, dim: int) -> list[float]:
@@ -130,28 +98,10 @@ def _objects(n: int, dim: int) -> list[dict[str, Any]]:
     return objects
 
 
-@pytest.fixture(scope="module")
-async def weaviate_stack(
-    pg_cluster: PgCluster,
-    weaviate_target: WeaviateTarget,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[Stack]:
-    async with weaviate_service(pg_cluster, tmp_path_factory.mktemp("wv"), weaviate_target) as s:
-        yield s
-
-
 @pytest.fixture(scope="module", params=STORES)
 def stack(request: pytest.FixtureRequest) -> Stack:
     """The service on each store in turn (pgvector: the session's own service)."""
-    if request.param == "pgvector":
-        return Stack(
-            "pgvector",
-            request.getfixturevalue("core"),
-            request.getfixturevalue("grpc_target"),
-            request.getfixturevalue("http"),
-        )
-    made: Stack = request.getfixturevalue("weaviate_stack")
-    return made
+    return store_stack(request)
 
 
 @pytest.fixture(scope="module")
