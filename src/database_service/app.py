@@ -871,6 +871,9 @@ class Application:
             self.migrator,
             self.maintenance_pool,
             cache_rules=self.caching.rules,
+            tenant_data_elsewhere=[self.vector_store.drop_tenant]
+            if isinstance(self.vector_store, WeaviateVectorStore)
+            else [],
         )
         self.hub_admin = HubAdmin(
             self.access,
