@@ -328,6 +328,16 @@ async def test_certainty_and_distance_thresholds_keep_the_near_ones(setup: Setup
     assert all(h["distance"] <= 0.5 for h in close)
 
 
+async def test_thresholds_at_their_edges_keep_only_what_is_that_near(setup: Setup) -> None:
+    """Certainty 1 (distance 0) keeps at most the identical vector (Weaviate reads a distance of
+    0 as none given: the store asks for a hair more and keeps only what is within); a negative
+    cosine distance keeps nothing."""
+    query = setup.objects[5]["vector"]
+    exact = await setup.client.vector_search("Patterns", query, limit=60, certainty=1.0)
+    assert {h["id"] for h in exact} <= {setup.objects[5]["id"]}
+    assert await setup.client.vector_search("Patterns", query, limit=5, distance=-0.1) == []
+
+
 @pytest.mark.parametrize("metric", ["l2", "dot"])
 async def test_l2_and_dot_distances_are_euclidean_and_negative_inner_product(
     setup: Setup, metric: str

@@ -137,6 +137,7 @@ async def test_health_reports_the_weaviate_server(weaviate_stack: Stack) -> None
         entry = document["dependencies"]["weaviate"]
         assert entry["status"] == "healthy", entry
         assert entry["implementation"] == "weaviate" and entry["embedded"] is False
+        assert entry["ready"] is True
         assert entry["version"] == "1.35.2"
         assert 0 < entry["latency_ms"] < 3000
         assert entry["collections"] >= 1 and entry["tenants_with_collections"] >= 1
@@ -246,6 +247,7 @@ async def test_a_restarted_server_gives_a_clear_503_then_serves_what_was_written
             document: dict[str, Any] = await stack.core.health.document(detailed=True)
             entry = document["dependencies"]["weaviate"]
             assert entry["status"] == "unhealthy" and "did not answer" in entry["error"]
+            assert entry["ready"] is False
 
             private_weaviate.start()
             hits = await client.vector_search("Kept", [1.0, 0.0], limit=10)

@@ -129,6 +129,7 @@ def test_l2_is_weaviates_squared_distance_reported_as_euclidean() -> None:
     assert _our_distance(Metric.L2, 9.0) == 3.0
     assert _max_distance(Metric.COSINE, SearchQuery([0.0], certainty=0.8)) == pytest.approx(0.4)
     assert _max_distance(Metric.DOT, SearchQuery([0.0], distance=-2.0)) == -2.0
+    assert _max_distance(Metric.L2, SearchQuery([0.0], distance=-1.0)) == -1.0
 
 
 def test_dates_go_to_weaviate_as_rfc3339() -> None:

@@ -564,19 +564,27 @@ class WeaviateVectorStore:
                 assert where is not None
                 match = weaviate_filter(where, info.properties)
             cls = class_name(ctx.tenant_id, name)
-            answer = await self._request(
-                "DELETE",
-                "/v1/batch/objects",
-                body={"match": {"class": cls, "where": match}, "output": "minimal"},
-                params={"tenant": ctx.tenant_id, "consistency_level": "ALL"},
-            )
-            results = (answer or {}).get("results") or {}
-            if results.get("failed"):
-                raise WeaviateError(
-                    f"Weaviate failed to delete {results['failed']} of {results.get('matches')}"
-                    " objects"
+            deleted = 0
+            while True:
+                answer = await self._request(
+                    "DELETE",
+                    "/v1/batch/objects",
+                    body={"match": {"class": cls, "where": match}, "output": "minimal"},
+                    params={"tenant": ctx.tenant_id, "consistency_level": "ALL"},
                 )
-            deleted = int(results.get("successful") or 0)
+                results = (answer or {}).get("results") or {}
+                if results.get("failed"):
+                    raise WeaviateError(
+                        f"Weaviate failed to delete {results['failed']} of"
+                        f" {results.get('matches')} objects ({deleted} deleted before)"
+                    )
+                done = int(results.get("successful") or 0)
+                deleted += done
+                # One call deletes at most the server's QUERY_MAXIMUM_RESULTS (its "limit"):
+                # a filter matching more is deleted in rounds.
+                limit = int(results.get("limit") or 0)
+                if not done or not limit or int(results.get("matches") or 0) < limit:
+                    break
             detail[0] = f"{name}: {deleted} deleted"
         return deleted
 
@@ -619,8 +627,12 @@ class WeaviateVectorStore:
             vector = check_vector(query.vector, info.dimension)
             near = f"vector: {_gql(vector)}"
             bound = _max_distance(info.metric, query)
+            if bound is not None and bound < 0 and info.metric is not Metric.DOT:
+                return []  # no cosine or L2 distance is negative: nothing is that near
             if bound is not None:
-                near += f", distance: {_gql(float(bound))}"
+                # Weaviate reads a distance of 0 as none given: ask for a hair more, and keep
+                # only what is within the bound itself below.
+                near += f", distance: {_gql(float(bound) if bound != 0 else 1e-9)}"
             condition = ""
             if query.where:
                 condition = f", where: {_gql_filter(weaviate_filter(query.where, info.properties))}"
@@ -635,6 +647,8 @@ class WeaviateVectorStore:
         hits = []
         for item in items:
             extra = item.get("_additional") or {}
+            if bound == 0 and float(extra["distance"]) > 0:
+                continue
             distance = _our_distance(info.metric, float(extra["distance"]))
             hits.append(
                 Hit(
@@ -665,7 +679,7 @@ class WeaviateVectorStore:
                 schema = await self._request("GET", "/v1/schema")
         except (DatabaseServiceError, TimeoutError) as exc:
             message = exc.message if isinstance(exc, DatabaseServiceError) else "timed out (3 s)"
-            return {"status": "unhealthy", **details, "error": message}
+            return {"status": "unhealthy", **details, "ready": False, "error": message}
         self.version = meta.get("version")
         ours = [
             c
@@ -679,6 +693,7 @@ class WeaviateVectorStore:
         return {
             "status": "healthy",
             **details,
+            "ready": True,
             "version": self.version,
             "latency_ms": round(latency, 2),
             "multi_tenancy": "native (a class per tenant collection, one Weaviate tenant each)",
@@ -716,7 +731,7 @@ def _max_distance(metric: Metric, query: SearchQuery) -> float | None:
         return None
     bound = min(bounds)
     if metric is Metric.L2:
-        return bound * bound if bound >= 0 else -1.0  # no L2 distance is negative
+        return bound * bound if bound >= 0 else bound
     return bound
 
 
