@@ -486,6 +486,7 @@ class Application:
                 registry=self.registry,
                 audit=self.audit,
                 timeout_seconds=s.weaviate_timeout_seconds,
+                metrics_registry=self.metrics.registry,
             )
             await weaviate.start()
             stack.push_async_callback(weaviate.aclose)

@@ -7,6 +7,7 @@ classes. (Everything the stores share runs on both in test_vectors.py.)"""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import random
 import secrets
@@ -21,6 +22,7 @@ import pytest
 
 from database_service.auth import Scope
 from database_service.stores.vector.weaviate import class_name
+from database_service.supervisor import free_port
 from database_service_client import DatabaseServiceError, MultiDatabaseClient
 from tests.fix_pg import PgCluster
 from tests.fix_weaviate import Stack, WeaviateServer, WeaviateTarget, weaviate_service
@@ -258,3 +260,64 @@ async def test_a_restarted_server_gives_a_clear_503_then_serves_what_was_written
             assert document["dependencies"]["weaviate"]["status"] == "healthy"
         finally:
             await client.close()
+
+
+async def test_operations_are_audited_and_weaviate_requests_counted(
+    weaviate_stack: Stack, admin_headers: dict[str, str]
+) -> None:
+    core = weaviate_stack.core
+    tenant_id, client, _ = await _client(weaviate_stack)
+    since = dt.datetime.now(dt.UTC)
+    try:
+        await client.vector_create_collection("Audited", 2, properties={"n": "int"})
+        await client.vector_upsert("Audited", [{"vector": [1, 0], "properties": {"n": 1}}])
+        await client.vector_search("Audited", [1, 0])
+        with pytest.raises(DatabaseServiceError):
+            await client.vector_search("Audited", [1, 0], where={"path": "nope",
+                                                                 "operator": "Equal", "value": 1})  # fmt: skip
+        with pytest.raises(DatabaseServiceError):
+            await client.vector_get_collection("Missing")
+    finally:
+        await client.close()
+    await core.audit.flush()
+    rows = await core.owner_pool.fetch(
+        f"SELECT action, outcome, code, statement_class FROM {core.settings.control_schema}.audit_log"
+        " WHERE tenant_id = $1 AND action LIKE 'vector.%' AND at >= $2 ORDER BY at",
+        tenant_id,
+        since,
+    )
+    assert [(r["action"], r["outcome"], r["code"]) for r in rows] == [
+        ("vector.create_collection", "ok", "create_collection"),
+        ("vector.upsert", "ok", "upsert"),
+        ("vector.search", "ok", "search"),
+        ("vector.search", "denied", "invalid_filter"),
+        ("vector.get_collection", "error", "collection_not_found"),
+    ]
+    assert [r["statement_class"] for r in rows[:3]] == ["ddl", "write", "read"]
+    text = (await weaviate_stack.http.get("/metrics", headers=admin_headers)).text
+    assert 'dbsvc_weaviate_requests_total{endpoint="POST /v1/graphql",outcome="ok"}' in text
+    assert 'dbsvc_weaviate_requests_total{endpoint="POST /v1/batch/objects",outcome="ok"}' in text
+    assert 'endpoint="GET /v1/schema/{class}"' in text  # class names stay out of labels
+    assert 'dbsvc_vector_searches_total{code="invalid_filter",store="weaviate"}' in text
+
+
+async def test_a_service_whose_weaviate_is_not_there_starts_and_answers_503(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """Nothing listens at the URL: the service starts anyway (the server may come later),
+    health says unhealthy, and a vector request is a clear 503."""
+    nowhere = WeaviateTarget(f"http://127.0.0.1:{free_port()}", "key")
+    async with weaviate_service(pg_cluster, tmp_path / "data", nowhere) as stack:
+        _, client, headers = await _client(stack)
+        try:
+            with pytest.raises(DatabaseServiceError) as down:
+                await client.vector_list_collections()
+            assert down.value.code == "vector_store_unavailable"
+            assert down.value.status.name == "UNAVAILABLE"
+            rest = await stack.http.get("/api/v1/vector/collections", headers=headers)
+            assert rest.status_code == 503
+        finally:
+            await client.close()
+        stack.core.health.invalidate()
+        entry = (await stack.core.health.document(detailed=True))["dependencies"]["weaviate"]
+        assert entry["status"] == "unhealthy" and entry["ready"] is False

@@ -49,6 +49,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from database_service.auth import Principal
 from database_service.errors import (
@@ -194,8 +195,26 @@ class WeaviateVectorStore:
         registry: TenantRegistry,
         audit: AuditLog,
         timeout_seconds: float = 10.0,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # Every round trip to Weaviate, by what it was and how it ended: an operator sees the
+        # server going away (unavailable) or refusing the service's requests (refused) apart
+        # from the callers' own mistakes (those never reach it).
+        self._requests = Counter(
+            "dbsvc_weaviate_requests",
+            "Requests the service made to Weaviate, by endpoint and outcome"
+            " (ok, refused, unavailable).",
+            ["endpoint", "outcome"],
+            registry=metrics_registry,
+        )
+        self._seconds = Histogram(
+            "dbsvc_weaviate_request_duration_seconds",
+            "Round trips to Weaviate, by endpoint.",
+            ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=metrics_registry,
+        )
         self._api_key = api_key
         self._registry = registry
         self._audit = audit
@@ -235,20 +254,28 @@ class WeaviateVectorStore:
     ) -> Any:
         if self._http is None:
             raise WeaviateUnavailable("the Weaviate store is not started")
+        endpoint = _endpoint(method, path)
+        started = time.perf_counter()
         try:
             response = await self._http.request(method, path, json=body, params=params)
         except httpx.TransportError as exc:
+            self._requests.labels(endpoint, "unavailable").inc()
             raise WeaviateUnavailable(
                 f"Weaviate at {self.url} did not answer ({type(exc).__name__}); try again"
             ) from None
+        self._seconds.labels(endpoint).observe(time.perf_counter() - started)
         if response.status_code == 404 and missing_ok:
+            self._requests.labels(endpoint, "ok").inc()
             return None
         if response.status_code >= 500:
+            self._requests.labels(endpoint, "unavailable").inc()
             raise WeaviateUnavailable(
                 f"Weaviate answered {response.status_code}: {response.text[:200]}"
             )
         if response.status_code >= 400:
+            self._requests.labels(endpoint, "refused").inc()
             raise WeaviateError(f"Weaviate refused ({response.status_code}): {_message(response)}")
+        self._requests.labels(endpoint, "ok").inc()
         if not response.content:
             return None
         return response.json()
@@ -700,6 +727,14 @@ class WeaviateVectorStore:
             "collections": len(ours),
             "tenants_with_collections": len(tenants - {None}),
         }
+
+
+def _endpoint(method: str, path: str) -> str:
+    """A bounded label: the path without class names (``/v1/schema/{class}/tenants``)."""
+    parts = path.strip("/").split("/")
+    if len(parts) >= 3 and parts[1] == "schema":
+        parts[2] = "{class}"
+    return f"{method} /{'/'.join(parts)}"
 
 
 def _message(response: httpx.Response) -> str:
