@@ -245,6 +245,7 @@ async def test_a_restarted_server_gives_a_clear_503_then_serves_what_was_written
             )  # fmt: skip
             assert rest.status_code == 503, rest.text
             assert rest.json()["error"]["code"] == "vector_store_unavailable"
+            assert str(private_weaviate.port) not in rest.text  # no server address to callers
             stack.core.health.invalidate()
             document: dict[str, Any] = await stack.core.health.document(detailed=True)
             entry = document["dependencies"]["weaviate"]

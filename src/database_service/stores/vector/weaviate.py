@@ -234,7 +234,7 @@ class WeaviateVectorStore:
         except DatabaseServiceError as exc:
             # Not fatal: the service starts, health says unhealthy, requests get a 503 until the
             # server answers.
-            log.warning("Weaviate at %s: %s", self.url, exc.message)
+            log.warning("Weaviate at %s: %s", _without_credentials(self.url), exc.message)
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -260,8 +260,9 @@ class WeaviateVectorStore:
             response = await self._http.request(method, path, json=body, params=params)
         except httpx.TransportError as exc:
             self._requests.labels(endpoint, "unavailable").inc()
+            # The message reaches callers: no host, port or credentials of the server in it.
             raise WeaviateUnavailable(
-                f"Weaviate at {self.url} did not answer ({type(exc).__name__}); try again"
+                f"the vector store (Weaviate) did not answer ({type(exc).__name__}); try again"
             ) from None
         self._seconds.labels(endpoint).observe(time.perf_counter() - started)
         if response.status_code == 404 and missing_ok:
@@ -269,8 +270,9 @@ class WeaviateVectorStore:
             return None
         if response.status_code >= 500:
             self._requests.labels(endpoint, "unavailable").inc()
+            log.warning("Weaviate: %s %s: %s", endpoint, response.status_code, response.text[:500])
             raise WeaviateUnavailable(
-                f"Weaviate answered {response.status_code}: {response.text[:200]}"
+                f"the vector store (Weaviate) answered {response.status_code}; try again"
             )
         if response.status_code >= 400:
             self._requests.labels(endpoint, "refused").inc()
