@@ -322,3 +322,29 @@ async def test_a_service_whose_weaviate_is_not_there_starts_and_answers_503(
         stack.core.health.invalidate()
         entry = (await stack.core.health.document(detailed=True))["dependencies"]["weaviate"]
         assert entry["status"] == "unhealthy" and entry["ready"] is False
+
+
+async def test_a_suspended_tenant_reaches_none_of_its_weaviate_collections(
+    weaviate_stack: Stack,
+) -> None:
+    from database_service.auth.tokens import everything
+
+    tenant_id, client, _ = await _client(weaviate_stack)
+    admin = weaviate_stack.core.tenant_admin
+    operator = everything(service="vector-test-operator")
+    try:
+        await client.vector_create_collection("Paused", 2)
+        await client.vector_upsert("Paused", [{"vector": [1, 0]}])
+        await admin.suspend(operator, tenant_id)
+        for call in (
+            client.vector_search("Paused", [1, 0]),
+            client.vector_upsert("Paused", [{"vector": [0, 1]}]),
+            client.vector_list_collections(),
+        ):
+            with pytest.raises(DatabaseServiceError) as refused:
+                await call
+            assert refused.value.code == "tenant_suspended"
+        await admin.resume(operator, tenant_id)
+        assert await client.vector_count("Paused") == 1  # kept, and nothing written meanwhile
+    finally:
+        await client.close()
