@@ -348,3 +348,30 @@ async def test_a_suspended_tenant_reaches_none_of_its_weaviate_collections(
         assert await client.vector_count("Paused") == 1  # kept, and nothing written meanwhile
     finally:
         await client.close()
+
+
+async def test_a_class_dropped_behind_the_services_back_is_a_missing_collection(
+    weaviate_stack: Stack, raw: httpx.AsyncClient
+) -> None:
+    """Within the seconds the service keeps a collection's schema, another instance drops it:
+    every operation says collection_not_found, never a server error."""
+    tenant_id, client, _ = await _client(weaviate_stack)
+    try:
+        await client.vector_create_collection("Gone", 2, properties={"n": "int"})
+        await client.vector_upsert("Gone", [{"vector": [1, 0], "properties": {"n": 1}}])
+        assert (await raw.delete(f"/v1/schema/{class_name(tenant_id, 'Gone')}")).status_code == 200
+        where = {"path": "n", "operator": "Equal", "value": 1}
+        for call in (
+            lambda: client.vector_upsert("Gone", [{"vector": [0, 1]}]),
+            lambda: client.vector_search("Gone", [1, 0]),
+            lambda: client.vector_count("Gone"),
+            lambda: client.vector_get("Gone", [str(uuid.uuid4())]),
+            lambda: client.vector_delete("Gone", where=where),
+        ):
+            with pytest.raises(DatabaseServiceError) as missing:
+                await call()
+            assert missing.value.code == "collection_not_found", missing.value
+        # No class is left behind (a server with auto-schema on makes one for the batch).
+        assert (await raw.get(f"/v1/schema/{class_name(tenant_id, 'Gone')}")).status_code == 404
+    finally:
+        await client.close()

@@ -518,12 +518,29 @@ class WeaviateVectorStore:
                 if failed:
                     error = (failed[0]["result"]["errors"].get("error") or [{}])[0]
                     done = written + len(chunk) - len(failed)
+                    if not done:
+                        await self._gone(cls, ctx.tenant_id, name)  # raises if it is
                     raise WeaviateError(
                         f"Weaviate refused {len(failed)} objects ({done} of {len(rows)}"
                         f" written): {str(error.get('message', error))[:200]}"
                     )
                 written += len(chunk)
         return written
+
+    async def _gone(self, cls: str, tenant_id: str, name: str) -> None:
+        """After a write Weaviate refused: CollectionNotFound if the collection is no more
+        (dropped by another instance since this one read its schema). A server with
+        auto-schema on (``AUTOSCHEMA_ENABLED``, its default) makes a class of its own for a
+        batch that names a missing one; such a class, in this tenant's namespace and not one
+        of its collections, is dropped again."""
+        self._infos.pop(cls, None)
+        schema = await self._request("GET", f"/v1/schema/{cls}", missing_ok=True)
+        if schema and _info_of(schema, tenant_id) is not None:
+            return  # still there: the refusal was something else
+        if schema:
+            log.warning("Weaviate made class %s by auto-schema: dropped again", cls)
+            await self._request("DELETE", f"/v1/schema/{cls}")
+        raise CollectionNotFound(f"collection {name!r} does not exist")
 
     def _fields(self, info: CollectionInfo, extra: str) -> str:
         return " ".join([*info.properties, f"_additional {{ id {extra} }}"])
