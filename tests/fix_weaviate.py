@@ -1,4 +1,5 @@
-"""Weaviate for the tests: ``DBSVC_TEST_WEAVIATE_URL`` (with ``DBSVC_TEST_WEAVIATE_API_KEY``), or
+"""Weaviate for the tests: ``DBSVC_TEST_WEAVIATE_URL`` (with ``DBSVC_TEST_WEAVIATE_API_KEY``: a
+server that requires it, as the service's production one does), or
 a private server started for the session from ``scripts/weaviate.sh path`` (built once with
 ``bash scripts/weaviate.sh install``: ``go install`` of weaviate-server, cached outside the repo).
 

@@ -375,3 +375,24 @@ async def test_a_class_dropped_behind_the_services_back_is_a_missing_collection(
         assert (await raw.get(f"/v1/schema/{class_name(tenant_id, 'Gone')}")).status_code == 404
     finally:
         await client.close()
+
+
+async def test_a_wrong_api_key_is_an_unavailable_store_not_the_callers_fault(
+    weaviate_target: WeaviateTarget, pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    if not weaviate_target.api_key:
+        pytest.fail("the test Weaviate runs with an API key (anonymous access off)")
+    wrong = WeaviateTarget(weaviate_target.url, "not-the-key")
+    async with weaviate_service(pg_cluster, tmp_path / "data", wrong) as stack:
+        _, client, _ = await _client(stack)
+        try:
+            with pytest.raises(DatabaseServiceError) as refused:
+                await client.vector_list_collections()
+            assert refused.value.code == "vector_store_unavailable"
+            assert "DBSVC_WEAVIATE_API_KEY" in refused.value.message
+            assert "not-the-key" not in refused.value.message
+        finally:
+            await client.close()
+        stack.core.health.invalidate()
+        entry = (await stack.core.health.document(detailed=True))["dependencies"]["weaviate"]
+        assert entry["status"] == "unhealthy" and "credentials" in entry["error"]

@@ -204,7 +204,7 @@ class WeaviateVectorStore:
         self._requests = Counter(
             "dbsvc_weaviate_requests",
             "Requests the service made to Weaviate, by endpoint and outcome"
-            " (ok, refused, unavailable).",
+            " (ok, refused, unauthorized, unavailable).",
             ["endpoint", "outcome"],
             registry=metrics_registry,
         )
@@ -273,6 +273,15 @@ class WeaviateVectorStore:
             log.warning("Weaviate: %s %s: %s", endpoint, response.status_code, response.text[:500])
             raise WeaviateUnavailable(
                 f"the vector store (Weaviate) answered {response.status_code}; try again"
+            )
+        if response.status_code in (401, 403):
+            # The service's key, not the caller's request: a store it cannot use (503), which
+            # health reports too.
+            self._requests.labels(endpoint, "unauthorized").inc()
+            log.error("Weaviate refused the service's API key: %s", _message(response))
+            raise WeaviateUnavailable(
+                "the vector store (Weaviate) refused the service's credentials (an operator must"
+                " fix DBSVC_WEAVIATE_API_KEY)"
             )
         if response.status_code >= 400:
             self._requests.labels(endpoint, "refused").inc()
