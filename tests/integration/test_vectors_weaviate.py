@@ -396,3 +396,19 @@ async def test_a_wrong_api_key_is_an_unavailable_store_not_the_callers_fault(
         stack.core.health.invalidate()
         entry = (await stack.core.health.document(detailed=True))["dependencies"]["weaviate"]
         assert entry["status"] == "unhealthy" and "credentials" in entry["error"]
+
+
+async def test_the_longest_collection_name_fits_weaviates_class_names(
+    weaviate_stack: Stack,
+) -> None:
+    _, client, _ = await _client(weaviate_stack)
+    name = "L" + "x_9" * 15 + "Zz"  # 48 characters, the most a name may have
+    try:
+        assert len(name) == 48
+        await client.vector_create_collection(name, 2, properties={"p" * 48: "text"})
+        await client.vector_upsert(name, [{"vector": [1, 0], "properties": {"p" * 48: "v"}}])
+        (hit,) = await client.vector_search(name, [1, 0])
+        assert hit["properties"] == {"p" * 48: "v"}
+        assert [c["name"] for c in await client.vector_list_collections()] == [name]
+    finally:
+        await client.close()
