@@ -145,6 +145,12 @@ class Settings(BaseSettings):
     graph_max_results: int = Field(default=10_000, ge=1, le=1_000_000)
     graph_max_visits: int = Field(default=1_000_000, ge=1_000)
     graph_statement_timeout_ms: int = Field(default=5_000, ge=10)
+    # Vector collections (stores/vector): pgvector in the service's PostgreSQL by default; a
+    # Weaviate server when a URL is given (REST and GraphQL on it; its API key held here, never
+    # by tenants). A class per tenant collection with Weaviate's native multi-tenancy.
+    weaviate_url: str | None = None
+    weaviate_api_key: SecretStr | None = None
+    weaviate_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     # Analytics on ClickHouse (issue 12; analytics/, stores/clickhouse/): off unless enabled or a
     # server URL is given. Embedded: chDB, its data under clickhouse_path (<data_dir>/clickhouse).
     # The limits apply to every tenant query and are the service's: tenant SQL cannot set any.
