@@ -55,6 +55,17 @@ bash scripts/pg15.sh start
 # Vector collections need pgvector, which Debian has no package of for PostgreSQL 15: their tests
 # (marked pgvector) run on the embedded 18 above only; those on Weaviate (marked weaviate) do not
 # depend on the PostgreSQL version and ran above.
+# Suites whose subject is not PostgreSQL — the command line (a process per command), the brokers
+# and their TLS, Redis, the ClickHouse host — ran above and are not run again here: they took
+# about a fifth of this run and test nothing that depends on PostgreSQL's version.
 DBSVC_TEST_POSTGRES_URL="$(bash scripts/pg15.sh url)" "$BIN/pytest" -q --durations=15 \
   -m "not pgvector and not weaviate" \
+  --ignore=tests/integration/test_cli.py \
+  --ignore=tests/integration/test_statements_cli.py \
+  --ignore=tests/isolation/test_tokens_cli.py \
+  --ignore=tests/integration/test_ingest_transports.py \
+  --ignore=tests/integration/test_ingest_tls.py \
+  --ignore=tests/integration/test_kafka_broker.py \
+  --ignore=tests/integration/test_cache_redis.py \
+  --ignore=tests/integration/test_clickhouse_host.py \
   tests/integration tests/isolation
