@@ -391,6 +391,8 @@ class Application:
         self.metrics.register(_PoolCollector(self.pools))
         await self.tenants.upgrade()
         user_context_key = derive_key(master_key, "user-context")
+        # Also the PostgreSQL wire port's, which opens user-scoped transactions itself.
+        self.user_context_key = user_context_key
         await self.owner_pool.execute(
             f"INSERT INTO {quote_ident(s.control_schema)}.user_context_key (key) VALUES ($1)"
             " ON CONFLICT (singleton) DO UPDATE SET key = EXCLUDED.key",
