@@ -19,6 +19,7 @@ from typing import Any
 
 import pglast
 from pglast.enums import TransactionStmtKind, VariableSetKind
+from pglast.stream import RawStream
 
 from database_service.auth import Principal, Scope
 from database_service.errors import DatabaseServiceError
@@ -97,6 +98,8 @@ def _session_statement(sql: str) -> tuple[str, Any] | None:
         return ("set", stmt)
     if name == "DeallocateStmt":
         return ("deallocate", stmt)
+    if name == "CopyStmt":
+        return ("copy", stmt)
     return None
 
 
@@ -123,6 +126,8 @@ class StatementPolicy:
             special = _session_statement(sql) if exc.sqlstate == "42501" else None
             if special is None:
                 return Decision(refused=(exc.sqlstate or "42501", exc.message, exc.error_code))
+            if special[0] == "copy":
+                return await self._copy(special[1], principal, own_schema)
             return self._session(special, principal, exc.message)
         scope = _REQUIRED_SCOPE[verdict.kind]
         if not principal.has_scope(scope):
@@ -135,6 +140,38 @@ class StatementPolicy:
                 )
             )
         return Decision(kind=verdict.kind, verdict=verdict)
+
+    async def _copy(self, stmt: Any, principal: Principal, own_schema: str) -> Decision:
+        """COPY FROM STDIN / TO STDOUT only (never a file or a program: the server's, not the
+        tenant's), checked by the guard as the statement it amounts to: ``INSERT INTO rel`` or
+        ``SELECT * FROM rel``, or the query of ``COPY (query) TO STDOUT``. PostgreSQL then runs it
+        as the tenant's role, which reaches only what the tenant may."""
+        if stmt.filename is not None or stmt.is_program:
+            return Decision(
+                refused=(
+                    "42501",
+                    "COPY to or from a file or a program is not allowed: use COPY ... FROM STDIN"
+                    " or TO STDOUT (psql's \\copy)",
+                    "sql_rejected",
+                )
+            )
+        if stmt.whereClause is not None:
+            return Decision(
+                refused=("0A000", "COPY FROM ... WHERE is not supported through this port",
+                         "sql_rejected")
+            )  # fmt: skip
+        stream = RawStream()
+        if stmt.query is not None:
+            equivalent = stream(stmt.query)
+        elif stmt.is_from:
+            equivalent = f"INSERT INTO {stream(stmt.relation)} DEFAULT VALUES"
+        else:
+            equivalent = f"SELECT * FROM {stream(stmt.relation)}"
+        decision = await self.decide(equivalent, principal, own_schema)
+        if decision.refused is not None or decision.control is not None:
+            refused = decision.refused or ("42501", "COPY of this is not allowed", "sql_rejected")
+            return Decision(refused=refused)
+        return Decision(kind=decision.kind, control="copy", verdict=decision.verdict)
 
     @staticmethod
     def _session(special: tuple[str, Any], principal: Principal, refusal: str) -> Decision:

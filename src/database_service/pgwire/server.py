@@ -74,7 +74,6 @@ _BIND_COMPLETE = codec.message(b"2")
 _CLOSE_COMPLETE = codec.message(b"3")
 _NO_DATA = codec.message(b"n")
 _NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
-_NO_COPY = "COPY FROM STDIN is not supported through this port"
 # The user name that asks for token authentication: the password is a service's access token,
 # accepted only over TLS (cleartext password auth); the token names the service.
 TOKEN_USER = "token"
@@ -770,6 +769,10 @@ class ClientSession:
             await self._query(payload)
         elif kind in b"PBDECHS" and len(kind) == 1:
             await self._extended(kind, payload)
+        elif kind in (b"d", b"c", b"f"):
+            # Outside copy-in mode, as PostgreSQL does: ignored (a COPY that failed before
+            # its data began; the client still sends the data, then CopyDone or CopyFail).
+            return
         elif kind == b"F":
             await self._flush(
                 _error("0A000", "the function call protocol is not supported")
@@ -815,7 +818,7 @@ class ClientSession:
         server.send(codec.message(b"Q", payload))
         verdict = self._verdict
         record = None
-        if verdict is not None and control is None:
+        if verdict is not None and control in (None, "copy"):
             record = (verdict, sql, time.perf_counter())
         self.expect.append(_Expect(terminals=b"Z", record=record))
         await self._relay()
@@ -1025,6 +1028,55 @@ class ClientSession:
         finally:
             timer.cancel()
 
+    async def _copy_in(self, server: ServerConnection, *, extended: bool) -> None:
+        """Copy-in mode: CopyData from the client to the server until CopyDone or CopyFail
+        (Flush and Sync pass, PostgreSQL ignores them there). After a COPY run by Execute the
+        server wants one more Sync (libpq sends it after CopyDone); that one answers the Sync
+        the client sent before the data. A client gone mid-COPY: the server gets CopyFail, so
+        the COPY and its transaction roll back and the connection goes back to the pool."""
+        while True:
+            try:
+                kind, payload = await self._read()
+            except (ConnectionError, asyncio.IncompleteReadError, codec.ProtocolViolation):
+                server.send(codec.message(b"f", codec.cstring("the client disconnected")))
+                await self._drain_after_failed_copy(server, extended)
+                raise _ClientGone from None
+            if kind not in b"dcfHS" or len(kind) != 1:
+                server.send(codec.message(b"f", codec.cstring(f"unexpected message {kind!r}")))
+                await self._drain_after_failed_copy(server, extended)
+                await self._fatal("08P01", f"unexpected message type {kind!r} during COPY")
+                raise _ClientGone
+            server.send(codec.message(kind, payload))
+            if kind in b"cf":
+                break
+            await server.writer.drain()  # the server's pace: a fast client waits here
+        if extended:
+            kind, payload = await self._read()
+            if kind != b"S":
+                raise codec.ProtocolViolation(f"expected Sync after COPY, got {kind!r}")
+            server.send(codec.message(b"S"))
+        await server.writer.drain()
+
+    async def _drain_after_failed_copy(self, server: ServerConnection, extended: bool) -> None:
+        """After the port's CopyFail: read the server to its ReadyForQuery (after an Execute
+        it skips to a Sync: one is sent), then give the connection back (rolled back there if
+        still in a transaction), or close it."""
+        if extended:
+            server.send(codec.message(b"S"))
+        try:
+            await server.writer.drain()
+            async with asyncio.timeout(10):
+                while True:
+                    kind, payload = await server.read_message()
+                    if kind == b"Z":
+                        server.status = payload[:1]
+                        break
+        except (BackendError, OSError, TimeoutError):
+            server.broken = True
+        self.expect.clear()
+        self.pending.clear()
+        self._release()
+
     def _expire(self, server: ServerConnection) -> None:
         if self.server is server and self.server_pool is not None:
             self.expired = True
@@ -1083,9 +1135,13 @@ class ClientSession:
                     self._track_setting(server, raw)
                     out += raw
                     continue
-                if kind == b"G":  # COPY FROM STDIN: not served by this port yet
-                    server.send(codec.message(b"f", codec.cstring(_NO_COPY)))
-                    await server.writer.drain()
+                if kind == b"G":  # COPY FROM STDIN: the client's data goes to the server
+                    out += raw
+                    await self._flush(out)
+                    out = bytearray()
+                    await self._copy_in(
+                        server, extended=head is not None and head.terminals != b"Z"
+                    )
                     continue
                 if head is None or kind not in head.terminals:
                     out += raw
