@@ -27,7 +27,7 @@ import struct
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -37,7 +37,7 @@ from database_service.auth import Principal, Scope
 from database_service.auth.principal import ALL_TENANTS
 from database_service.errors import DatabaseServiceError, QueryError
 from database_service.observability.audit import AuditEvent
-from database_service.pgwire import codec
+from database_service.pgwire import admin, codec
 from database_service.pgwire.backend import BackendError, PgAddress, ServerConnection, send_cancel
 from database_service.pgwire.policy import (
     TRACKED_SETTINGS,
@@ -250,12 +250,15 @@ class PgWireServer:
             "servers": self.pools.servers,
         }
 
-    def show(self) -> dict[str, list[dict[str, object]]]:
-        """The admin view, like PgBouncer's SHOW POOLS / CLIENTS / SERVERS."""
-        return {
-            "pools": [asdict(f) for f in self.pools.figures()],
-            "clients": [s.describe() for s in self.sessions.values()],
-        }
+    def show(self, visible: Callable[[str], bool] = lambda _: True) -> dict[str, object]:
+        """The admin view (admin.py) as documents: for each of pools, clients, servers and
+        stats, its rows as column -> value; ``visible(tenant_id)`` filters them."""
+        out: dict[str, object] = {}
+        for kind in admin.SHOW_KINDS:
+            columns, rows = admin.show(self, kind, visible)
+            out[kind] = [dict(zip(columns, row, strict=True)) for row in rows]
+        out["pool_figures"] = [asdict(f) for f in self.pools.figures() if visible(f.tenant_id)]
+        return out
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = ClientSession(self, reader, writer)
@@ -330,6 +333,9 @@ class ClientSession:
         self.recorder = port.app.statement_recorder
         self.events: list[AuditEvent] = []  # audit events to write after the current message
         self.expired = False  # the statement being relayed outlived the tenant's limit
+        self.tls = False
+        self.connected_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.admin = False  # a session of the admin database (admin.py)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -363,6 +369,9 @@ class ClientSession:
         try:
             if not await self._startup():
                 return
+            if self.admin:
+                await self._admin_session()
+                return
             while True:
                 kind, payload = await self._read()
                 if kind == b"X":
@@ -376,6 +385,27 @@ class ClientSession:
             await self._fatal(exc.sqlstate, str(exc))
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+
+    async def _admin_session(self) -> None:
+        """The admin database: SHOW POOLS / CLIENTS / SERVERS / STATS, rows filtered to the
+        tenants the service may act for."""
+        principal = self.principal
+        assert principal is not None
+        while True:
+            kind, payload = await self._read()
+            if kind == b"X":
+                return
+            if kind == b"Q":
+                answer = admin.answer(self.port, codec.query_text(payload), principal.can_act_for)
+            elif kind == b"S":
+                answer = b""
+            elif kind in b"PBDECHdcf" and len(kind) == 1:
+                continue  # the extended protocol: answered at its Sync, with an error
+            else:
+                raise codec.ProtocolViolation(f"unexpected message type {kind!r}")
+            if kind == b"S":
+                answer = _error("0A000", "the admin database speaks the simple protocol only")
+            await self._flush(answer + codec.ready_for_query(b"I"))
 
     async def _audit(self) -> None:
         events, self.events = self.events, []
@@ -439,10 +469,13 @@ class ClientSession:
         try:
             wanted = self._startup_settings(params)
             self.user_id = wanted.pop(USER_ID_SETTING, None)
+            self.tls = tls
             if service == TOKEN_USER:
                 principal = await self._authenticate_token(tls)
             else:
                 principal = await self._authenticate(service)
+            if tenant_id == admin.ADMIN_DATABASE:
+                return await self._admin_login(principal)
             tenant = await self._admit(principal, tenant_id)
         except _Refusal as exc:
             self.port.figures.logins.labels("refused").inc()
@@ -491,6 +524,25 @@ class ClientSession:
         out += codec.backend_key_data(self.pid, self.key)
         out += codec.ready_for_query(b"I")
         await self._flush(out)
+        return True
+
+    async def _admin_login(self, principal: Principal) -> bool:
+        if not principal.has_scope(Scope.ADMIN):
+            raise _Refusal(
+                "42501",
+                f"service {principal.service!r} lacks the 'admin' scope for the admin database",
+                "permission_denied",
+            )
+        self.principal, self.admin = principal, True
+        self.port.figures.logins.labels("ok").inc()
+        await self.port.app.audit.record(
+            AuditEvent(service=principal.service, action="pgwire.admin_login", code="ok")
+        )
+        out = codec.authentication_ok()
+        for name, value in (("server_version", "16.0 (dbsvc admin)"), ("client_encoding", "UTF8"),
+                            ("session_authorization", principal.service)):  # fmt: skip
+            out += codec.parameter_status(name, value)
+        await self._flush(out + codec.ready_for_query(b"I"))
         return True
 
     @staticmethod
@@ -816,6 +868,8 @@ class ClientSession:
             payload = codec.cstring("ROLLBACK")  # PostgreSQL answers COMMIT so in a failed one
         self.server_skipping = False
         server.send(codec.message(b"Q", payload))
+        if self.server_pool is not None:
+            self.server_pool.queries += 1
         verdict = self._verdict
         record = None
         if verdict is not None and control in (None, "copy"):
@@ -989,6 +1043,8 @@ class ClientSession:
             kept = self.portal_verdicts.get(portal)
             record = None if kept is None else (*kept, time.perf_counter())
             self._forward(b"E", payload, b"CIs", record)
+            if self.server_pool is not None:
+                self.server_pool.queries += 1
             return
         self._emit(await self._run_virtual(*virtual))
 
