@@ -83,7 +83,8 @@ class Decision:
 
 @functools.lru_cache(maxsize=2048)
 def _session_statement(sql: str) -> tuple[str, Any] | None:
-    """A lone transaction-control or SET statement, or None (left to the guard's verdict)."""
+    """A lone statement the port treats itself (transaction control, SET, DEALLOCATE, COPY)
+    or refuses in its own words (a session-only feature), or None (the guard's verdict)."""
     try:
         tree = pglast.parse_sql(sql)
     except pglast.parser.ParseError:
@@ -92,6 +93,9 @@ def _session_statement(sql: str) -> tuple[str, Any] | None:
         return None
     stmt = tree[0].stmt
     name = type(stmt).__name__
+    feature = _session_only(name, stmt)
+    if feature is not None:
+        return ("session_only", feature)
     if name == "TransactionStmt":
         return ("transaction", stmt)
     if name == "VariableSetStmt":
@@ -100,6 +104,33 @@ def _session_statement(sql: str) -> tuple[str, Any] | None:
         return ("deallocate", stmt)
     if name == "CopyStmt":
         return ("copy", stmt)
+    return None
+
+
+_CURSOR_OPT_HOLD = 0x20  # PostgreSQL's CURSOR_OPT_HOLD
+
+
+def _session_only(name: str, stmt: Any) -> str | None:
+    """What a statement needs a session for (LISTEN, a WITH HOLD cursor, temporary objects,
+    DISCARD / RESET ALL, PREPARE), or None."""
+    if name in ("ListenStmt", "UnlistenStmt"):
+        return "LISTEN/UNLISTEN"
+    if name == "DeclareCursorStmt" and (stmt.options or 0) & _CURSOR_OPT_HOLD:
+        return "a WITH HOLD cursor"
+    if name == "DiscardStmt":
+        return "DISCARD"
+    if name == "VariableSetStmt" and stmt.kind == VariableSetKind.VAR_RESET_ALL:
+        return "RESET ALL"
+    if name in ("PrepareStmt", "ExecuteStmt"):
+        return "PREPARE/EXECUTE (the extended protocol's named statements work)"
+    for attribute in ("relation", "view", "sequence"):
+        relation = getattr(stmt, attribute, None)
+        if getattr(relation, "relpersistence", None) == "t":
+            return "a temporary object"
+    for attribute in ("into", "intoClause"):  # CREATE TABLE AS, SELECT INTO
+        into = getattr(stmt, attribute, None)
+        if getattr(getattr(into, "rel", None), "relpersistence", None) == "t":
+            return "a temporary object"
     return None
 
 
@@ -128,6 +159,16 @@ class StatementPolicy:
                 return Decision(refused=(exc.sqlstate or "42501", exc.message, exc.error_code))
             if special[0] == "copy":
                 return await self._copy(special[1], principal, own_schema)
+            if special[0] == "session_only":
+                return Decision(
+                    refused=(
+                        "0A000",
+                        f"{special[1]} needs a session of its own, which this port does not"
+                        " give: it pools transactions (each may run on another server"
+                        " connection)",
+                        "sql_rejected",
+                    )
+                )
             return self._session(special, principal, exc.message)
         scope = _REQUIRED_SCOPE[verdict.kind]
         if not principal.has_scope(scope):
