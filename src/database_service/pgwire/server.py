@@ -29,6 +29,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1_048_576  # a Query or Bind larger than this is refused (08P01)
 _ACQUIRE_SECONDS = 10.0
+_WORKER_BITS = 6  # a client's cancel key names its worker in the pid's low bits
+_MAX_WORKERS = 1 << _WORKER_BITS
 _LIMIT_MARGIN = 0.25  # seconds past the tenant's statement limit before the port steps in
 # Server parameters passed to clients as PostgreSQL reports them; the rest are the port's.
 _HIDDEN_PARAMETERS = {"session_authorization", "is_superuser", "application_name"}
@@ -168,15 +171,25 @@ class PortFigures:
             "dbsvc_pgwire_logins", "Login attempts on the port, by outcome.", ["outcome"],
             registry=registry,  # type: ignore[arg-type]
         )  # fmt: skip
+        self.cancels = Counter(
+            "dbsvc_pgwire_cancel_requests",
+            "CancelRequests: served here (local), passed to the worker that holds the client"
+            " (forwarded), or for no client (unknown).",
+            ["route"], registry=registry,  # type: ignore[arg-type]
+        )  # fmt: skip
 
 
 @contextlib.asynccontextmanager
 async def listening(
-    app: Application, tls: CertificateFiles | None = None
+    app: Application,
+    tls: CertificateFiles | None = None,
+    *,
+    worker: tuple[int, Path] | None = None,
 ) -> AsyncIterator[PgWireServer | None]:
     """The port as ``serve`` runs it: listening on ``DBSVC_PGWIRE_HOST``/``_PORT`` (beside the
     other workers: SO_REUSEPORT) with the service's TLS certificate when it has one, or None
-    when no port is configured."""
+    when no port is configured. ``worker``: this worker's index and the run directory, where
+    the workers pass each other the CancelRequests that reached the wrong one."""
     s = app.settings
     if s.pgwire_port is None:
         yield None
@@ -186,7 +199,14 @@ async def listening(
         from database_service.tls.servers import http_ssl_context  # noqa: PLC0415 (grpc, uvicorn)
 
         context = http_ssl_context(tls)
-    server = PgWireServer(app, host=s.pgwire_host, port=s.pgwire_port, ssl_context=context)
+    server = PgWireServer(
+        app,
+        host=s.pgwire_host,
+        port=s.pgwire_port,
+        ssl_context=context,
+        worker=worker[0] if worker else 0,
+        cancel_dir=worker[1] if worker else None,
+    )
     await server.start()
     try:
         yield server
@@ -205,8 +225,18 @@ class PgWireServer:
         port: int,
         ssl_context: ssl.SSLContext | None = None,
         max_per_tenant: int | None = None,
+        worker: int = 0,
+        cancel_dir: Path | None = None,
     ) -> None:
+        if not 0 <= worker < _MAX_WORKERS:
+            raise ValueError(f"worker index {worker} out of 0..{_MAX_WORKERS - 1}")
         self.app = app
+        # With several workers on one port (SO_REUSEPORT) a CancelRequest reaches any of them:
+        # a client's key carries its worker's index, and the worker that receives a cancel for
+        # another passes it on over that one's Unix socket in ``cancel_dir``.
+        self.worker = worker
+        self.cancel_dir = cancel_dir
+        self._cancel_server: asyncio.Server | None = None
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -228,12 +258,19 @@ class PgWireServer:
             self._accept, self.host, self.port, reuse_port=True, limit=1 << 20
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.cancel_dir is not None:
+            path = self._cancel_socket(self.worker)
+            path.unlink(missing_ok=True)
+            self._cancel_server = await asyncio.start_unix_server(self._forwarded, str(path))
         self.app.health.sections.setdefault("pgwire", self.health)
         log.info("PostgreSQL wire port listening on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
         if self.app.health.sections.get("pgwire") == self.health:
             del self.app.health.sections["pgwire"]
+        if self._cancel_server is not None:
+            self._cancel_server.close()
+            self._cancel_socket(self.worker).unlink(missing_ok=True)
         if self._server is not None:
             self._server.close()
             for session in list(self.sessions.values()):
@@ -270,20 +307,60 @@ class PgWireServer:
             session.cleanup()
 
     def new_key(self, session: ClientSession) -> tuple[int, int]:
-        """A BackendKeyData of the port's own: the real backend's pid and key never leave it."""
+        """A BackendKeyData of the port's own: the real backend's pid and key never leave it.
+        The pid's low bits are this worker's index (see ``cancel``); the rest, and the key,
+        are random."""
         while True:
-            pid = secrets.randbelow(1 << 31 - 1) + 1
-            if pid not in self.sessions:
+            pid = secrets.randbits(31 - _WORKER_BITS) << _WORKER_BITS | self.worker
+            if pid and pid not in self.sessions:
                 self.sessions[pid] = session
                 return pid, secrets.randbits(32)
 
+    def _cancel_socket(self, worker: int) -> Path:
+        assert self.cancel_dir is not None
+        return self.cancel_dir / f"pgwire-cancel-{worker}.sock"
+
     async def cancel(self, pid: int, key: int) -> None:
+        """A CancelRequest: the real backend of the client it names is cancelled — here, or by
+        the worker whose index the pid carries (nothing is said to the sender either way, as
+        PostgreSQL says nothing)."""
+        owner = pid & (_MAX_WORKERS - 1)
+        if owner != self.worker and self.cancel_dir is not None:
+            path = self._cancel_socket(owner)
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
+            except (OSError, TimeoutError):
+                self.figures.cancels.labels("unknown").inc()
+                log.info("PostgreSQL wire port: cancel request for worker %d, not reachable", owner)
+                return
+            try:
+                writer.write(struct.pack("!II", pid, key))
+                await writer.drain()
+            finally:
+                writer.close()
+            self.figures.cancels.labels("forwarded").inc()
+            return
+        await self._cancel_here(pid, key)
+
+    async def _forwarded(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A CancelRequest another worker received for one of this worker's clients."""
+        try:
+            pid, key = struct.unpack("!II", await asyncio.wait_for(reader.readexactly(8), 5))
+            await self._cancel_here(pid, key)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _cancel_here(self, pid: int, key: int) -> None:
         session = self.sessions.get(pid)
         if session is None or not hmac.compare_digest(
             struct.pack("!I", session.key), struct.pack("!I", key)
         ):
+            self.figures.cancels.labels("unknown").inc()
             log.info("PostgreSQL wire port: cancel request for an unknown key ignored")
             return
+        self.figures.cancels.labels("local").inc()
         server = session.server
         if server is not None and server.pid:
             await send_cancel(self.address, server.pid, server.key)
