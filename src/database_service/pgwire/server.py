@@ -1213,6 +1213,9 @@ class ClientSession:
     def _expire(self, server: ServerConnection) -> None:
         if self.server is server and self.server_pool is not None:
             self.expired = True
+            # Never lent again: Deadlines terminates the backend after the grace period if it
+            # is not idle by then, which must not hit another client's transaction.
+            server.broken = True
             self.port.app.deadlines.expired(server.pid, self.server_pool.login.role, "statement")
 
     async def _relay_until_done(self, server: ServerConnection) -> None:
@@ -1248,7 +1251,14 @@ class ClientSession:
                     )
                     await self._flush(out + codec.ready_for_query(b"I"))
                     return
-                await self._fatal("08006", "the server connection was lost")
+                if self.expired:
+                    await self._flush(out)
+                    await self._fatal(
+                        "57014",
+                        "the statement exceeded the tenant's limit: the transaction is lost",
+                    )
+                else:
+                    await self._fatal("08006", "the server connection was lost")
                 raise _ClientGone from None
             for kind, raw in messages:
                 head = expect[0] if expect else None
@@ -1300,6 +1310,17 @@ class ClientSession:
                     out += expect.popleft().synthetic  # type: ignore[arg-type]
         if finish:
             out += await self._end_wrapped(server)
+        if ready and server.broken and server.status != b"I" and not expect:
+            # Past its limit inside the client's own transaction: the backend is cancelled and
+            # then terminated, so that transaction is lost; the session ends, as PostgreSQL
+            # ends a terminated one, rather than going on outside the client's transaction.
+            self.pending.clear()
+            self._release()
+            await self._flush(out)
+            await self._fatal(
+                "57014", "the statement exceeded the tenant's limit: the transaction is lost"
+            )
+            raise _ClientGone
         if ready and (server.status == b"I" or server.broken) and not expect:
             self.pending.clear()
             self._release()
