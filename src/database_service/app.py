@@ -901,8 +901,12 @@ class Application:
             GraphMetrics(self.metrics.registry),
         )
         self.vectors = VectorOps(self.access, self.vector_store, VectorMetrics(self.metrics))
+        # The PostgreSQL wire ports of this process register their admin view here when they
+        # start (pgwire/server.py), for the REST admin view.
+        self.pgwire_views: list[Callable[[Callable[[str], bool]], dict[str, object]]] = []
         self.observability = Observability(
             self.access,
+            pgwire_views=self.pgwire_views,
             health=self.health,
             window=self.window,
             pools=self.pools,

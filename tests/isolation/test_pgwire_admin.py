@@ -1,7 +1,7 @@
 """The port's admin view (``SHOW POOLS / CLIENTS / SERVERS / STATS`` on the ``dbsvc-admin``
-database): only services with the ``admin`` scope get in, a tenant admin sees its own tenant's
-rows and nothing of another tenant's, a platform admin sees every tenant; nothing but the four
-SHOW statements is answered."""
+database, and ``GET /api/v1/admin/pgwire``): only services with the ``admin`` scope get in, a
+tenant admin sees its own tenant's rows and nothing of another tenant's, a platform admin sees
+every tenant; nothing but the four SHOW statements is answered."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import AsyncIterator
 
 import asyncpg
+import httpx
 import pytest
 
 from database_service.app import Application
@@ -20,6 +21,7 @@ from database_service.pgwire import codec
 from database_service.pgwire.admin import ADMIN_DATABASE
 from database_service.pgwire.server import PgWireServer
 from tests.fix_pgwire import PortLogin, PortLoginFactory, RawClient, sqlstates
+from tests.fix_service import ADMIN_TOKEN
 from tests.isolation.fix_attack import Tenants
 
 pytestmark = pytest.mark.usefixtures("unchanged_victim")
@@ -157,3 +159,44 @@ async def test_psql_shows_the_pools(traffic: tuple[PortLogin, PortLogin], tenant
     )
     assert result.returncode == 0, result.stderr
     assert tenants.a.tenant_id in result.stdout and "transaction" in result.stdout
+
+
+REST = "/api/v1/admin/pgwire"
+
+
+async def test_the_rest_view_gives_a_tenant_admin_its_own_tenant_only(
+    http: httpx.AsyncClient,
+    tenants: Tenants,
+    traffic: tuple[PortLogin, PortLogin],
+    b_client: asyncpg.Connection,
+) -> None:
+    own = await http.get(REST, params={"tenant_id": tenants.a.tenant_id}, headers=tenants.a_headers)
+    assert own.status_code == 200, own.text
+    document = own.json()
+    assert document["enabled"] is True
+    assert {p["database"] for p in document["pools"]} == {tenants.a.tenant_id}
+    assert tenants.b.tenant_id not in own.text and tenants.b.role_name not in own.text
+    for params in ({"tenant_id": tenants.b.tenant_id}, {}):
+        refused = await http.get(REST, params=params, headers=tenants.a_headers)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "permission_denied"
+        assert tenants.b.role_name not in refused.text
+
+
+async def test_the_rest_view_gives_the_platform_admin_every_tenant(
+    http: httpx.AsyncClient,
+    tenants: Tenants,
+    traffic: tuple[PortLogin, PortLogin],
+    b_client: asyncpg.Connection,
+) -> None:
+    response = await http.get(REST, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 200, response.text
+    document = response.json()
+    databases = {p["database"] for p in document["pools"]}
+    assert {tenants.a.tenant_id, tenants.b.tenant_id} <= databases
+    assert tenants.b.tenant_id in {c["database"] for c in document["clients"]}
+    assert set(document) >= {"pools", "clients", "servers", "stats"}
+
+
+async def test_the_rest_view_needs_a_token(http: httpx.AsyncClient) -> None:
+    assert (await http.get(REST)).status_code == 401

@@ -263,11 +263,14 @@ class PgWireServer:
             path.unlink(missing_ok=True)
             self._cancel_server = await asyncio.start_unix_server(self._forwarded, str(path))
         self.app.health.sections.setdefault("pgwire", self.health)
+        self.app.pgwire_views.append(self.show)
         log.info("PostgreSQL wire port listening on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
         if self.app.health.sections.get("pgwire") == self.health:
             del self.app.health.sections["pgwire"]
+        if self.show in self.app.pgwire_views:
+            self.app.pgwire_views.remove(self.show)
         if self._cancel_server is not None:
             self._cancel_server.close()
             self._cancel_socket(self.worker).unlink(missing_ok=True)
