@@ -261,3 +261,41 @@ async def raw_login(login: PortLogin, pgwire: PgWireServer) -> AsyncIterator[Raw
     assert seen[-1][:1] == b"Z", seen
     yield client
     client.close()
+
+
+def _bind_execute_sync(raw: RawClient, statement: str) -> None:
+    raw.send(b"B", b"\x00" + statement.encode() + b"\x00" + b"\x00\x00\x00\x00\x00\x00")
+    raw.send(b"E", b"\x00\x00\x00\x00\x00")
+    raw.send(b"S")
+
+
+async def test_a_begin_prepared_before_the_user_id_is_set_opens_a_signed_transaction(
+    raw_login: RawClient,
+) -> None:
+    raw_login.send(b"P", b"b1\x00BEGIN\x00\x00\x00")
+    raw_login.send(b"S")
+    assert [k for k, _ in await raw_login.until_ready()] == [b"1", b"Z"]
+    await raw_login.query("SET dbsvc.user_id = 'u1'")
+    _bind_execute_sync(raw_login, "b1")
+    answer = await raw_login.until_ready()
+    assert [k for k, _ in answer] == [b"2", b"C", b"Z"] and answer[-1][1] == b"T"
+    inside = await raw_login.query("SELECT current_setting('dbsvc.user_id', true)")
+    assert next(p for k, p in inside if k == b"D").endswith(b"u1") and inside[-1][1] == b"T"
+    assert (await raw_login.query("COMMIT"))[-1] == (b"Z", b"I")
+
+
+async def test_a_begin_prepared_with_a_user_id_runs_as_a_real_begin_after_reset(
+    raw_login: RawClient, tenants: Tenants
+) -> None:
+    await raw_login.query("SET dbsvc.user_id = 'u1'")
+    raw_login.send(b"P", b"b2\x00BEGIN\x00\x00\x00")
+    raw_login.send(b"S")
+    assert [k for k, _ in await raw_login.until_ready()] == [b"1", b"Z"]
+    await raw_login.query("RESET dbsvc.user_id")
+    _bind_execute_sync(raw_login, "b2")
+    answer = await raw_login.until_ready()
+    assert [k for k, _ in answer] == [b"2", b"C", b"Z"] and answer[-1][1] == b"T"
+    who = await raw_login.query("SELECT session_user")
+    assert next(p for k, p in who if k == b"D").endswith(tenants.a.role_name.encode())
+    assert who[-1][1] == b"T"  # still inside the client's transaction
+    assert (await raw_login.query("ROLLBACK"))[-1] == (b"Z", b"I")

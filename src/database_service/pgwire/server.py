@@ -393,6 +393,7 @@ class ClientSession:
         # Statements (by name) and portals the port answers itself, never sent to a server:
         # SET dbsvc.user_id and, for a user id, BEGIN. Value: (control, user id or SQL).
         self.virtual: dict[str, tuple[str, str | None]] = {}
+        self.begins: dict[str, str] = {}  # statements that are a BEGIN, parsed without a user id
         self.virtual_portals: dict[str, tuple[str, str | None]] = {}
         self.wanted: dict[str, str] = {}
         self.readonly = True
@@ -807,6 +808,20 @@ class ClientSession:
             ) + codec.message(b"C", codec.cstring("BEGIN"))
         if self.server is None:
             await self._server(begin=value)
+        if not self.wrapped:
+            # A BEGIN prepared while a user id was set, run after RESET dbsvc.user_id: the
+            # port opened no transaction, so this BEGIN goes to the server itself (only with
+            # nothing else in flight there, which it would have to read past).
+            assert self.server is not None and value is not None
+            if self.expect:
+                raise _Refusal(
+                    "0A000",
+                    "this BEGIN was prepared while dbsvc.user_id was set: send it again",
+                    "invalid_request",
+                )
+            error = await self.server.simple(value)
+            if error is not None:
+                raise _Refusal(error.get("C", "XX000"), error.get("M", "BEGIN failed"))
         self.block = True
         return codec.message(b"C", codec.cstring("BEGIN"))
 
@@ -817,6 +832,7 @@ class ClientSession:
         if name is None:
             self.statements.clear()
             self.verdicts.clear()
+            self.begins.clear()
             return codec.message(b"C", codec.cstring("DEALLOCATE ALL"))
         self.verdicts.pop(name, None)
         if self.statements.pop(name, None) is None:
@@ -1039,6 +1055,10 @@ class ClientSession:
             self.verdicts[name] = (self._verdict, query)
         else:
             self.verdicts.pop(name, None)
+        if control == "begin":
+            self.begins[name] = query
+        else:
+            self.begins.pop(name, None)
         if not name:
             self.virtual.pop("", None)
             self.unnamed = payload
@@ -1084,6 +1104,9 @@ class ClientSession:
         portal = codec.read_cstring(payload)[0]
         name, _ = codec.bind_statement(payload)
         virtual = self.virtual.get(name)
+        if virtual is None and self.user_id is not None and name in self.begins:
+            # A BEGIN prepared before the user id was set: the port opens that transaction.
+            virtual = ("begin", self.begins[name])
         if virtual is not None:
             self.virtual_portals[portal] = virtual
             self._emit(_BIND_COMPLETE)
@@ -1136,6 +1159,7 @@ class ClientSession:
             self.statements.pop(name, None)
             self.virtual.pop(name, None)
             self.verdicts.pop(name, None)
+            self.begins.pop(name, None)
             self._emit(_CLOSE_COMPLETE)
             return
         if self.virtual_portals.pop(name, None) is not None:
