@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +41,35 @@ async def pgwire(core: Application) -> AsyncIterator[PgWireServer]:
     server = PgWireServer(core, host="127.0.0.1", port=0, max_per_tenant=4)
     await server.start()
     yield server
+    await server.close()
+
+
+@dataclass(frozen=True)
+class TlsPort:
+    """The port with the service's certificate (a dev CA's), and a client context trusting it."""
+
+    server: PgWireServer
+    client_context: ssl.SSLContext
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+@pytest.fixture(scope="session")
+async def pgwire_tls(
+    core: Application, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[TlsPort]:
+    from database_service.tls import CertificateFiles, make_dev_certificates
+    from database_service.tls.servers import http_ssl_context
+
+    certs = make_dev_certificates(tmp_path_factory.mktemp("pgwire-tls"))
+    files = CertificateFiles(certs.server_cert, certs.server_key)
+    server = PgWireServer(
+        core, host="127.0.0.1", port=0, ssl_context=http_ssl_context(files), max_per_tenant=4
+    )
+    await server.start()
+    yield TlsPort(server, ssl.create_default_context(cafile=str(certs.ca_cert)))
     await server.close()
 
 

@@ -392,6 +392,8 @@ class Application:
         self.metrics.register(_PoolCollector(self.pools))
         await self.tenants.upgrade()
         user_context_key = derive_key(master_key, "user-context")
+        # Also the PostgreSQL wire port's, which opens user-scoped transactions itself.
+        self.user_context_key = user_context_key
         await self.owner_pool.execute(
             f"INSERT INTO {quote_ident(s.control_schema)}.user_context_key (key) VALUES ($1)"
             " ON CONFLICT (singleton) DO UPDATE SET key = EXCLUDED.key",
@@ -924,8 +926,12 @@ class Application:
             GraphMetrics(self.metrics.registry),
         )
         self.vectors = VectorOps(self.access, self.vector_store, VectorMetrics(self.metrics))
+        # The PostgreSQL wire ports of this process register their admin view here when they
+        # start (pgwire/server.py), for the REST admin view.
+        self.pgwire_views: list[Callable[[Callable[[str], bool]], dict[str, object]]] = []
         self.observability = Observability(
             self.access,
+            pgwire_views=self.pgwire_views,
             health=self.health,
             window=self.window,
             pools=self.pools,

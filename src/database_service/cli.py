@@ -365,7 +365,7 @@ async def _serve_worker_on(
         try:
             async with (
                 GrpcServer(core, reuse_port=True, tls=tls) as grpc_server,
-                pgwire_listening(core, tls),
+                pgwire_listening(core, tls, worker=(index, Path(run_dir))),
             ):
                 signals.checkpoint()
                 await core.guard.start_worker()

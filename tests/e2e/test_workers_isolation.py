@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,8 +25,10 @@ import httpx
 import pytest
 
 from database_service.app import Application
+from database_service.auth import Scope
 from database_service.config import Settings
 from database_service.supervisor import free_port
+from tests.fix_pgwire import PortLogin, PortLoginFactory
 from tests.fix_service import ADMIN_TOKEN, cli_env
 from tests.isolation.fix_attack import SECRET, Tenants
 from tests.isolation.fix_frontends import FrontEnd
@@ -72,6 +75,7 @@ class ServeProcess:
     base: str
     grpc_target: str
     log: Path
+    wire_port: int = 0
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -84,13 +88,14 @@ def two_workers(
     """``serve`` with two workers on the session's PostgreSQL (its control plane is migrated by
     ``core``), the same names and secrets; no NATS."""
     tmp = tmp_path_factory.mktemp("workers-isolation")
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port, wire_port = free_port(), free_port(), free_port()
     env = cli_env(
         settings,
         DBSVC_DATA_DIR=str(tmp / "data"),
         DBSVC_WORKERS="2",
         DBSVC_HTTP_PORT=str(http_port),
         DBSVC_GRPC_PORT=str(grpc_port),
+        DBSVC_PGWIRE_PORT=str(wire_port),
         DBSVC_TS_CREATE_AHEAD_HOURS="1",
         DBSVC_INGEST_ENABLED="false",
     )
@@ -99,7 +104,9 @@ def two_workers(
         process = subprocess.Popen(
             [str(BIN), "serve"], env=env, stdout=sink, stderr=subprocess.STDOUT
         )
-    served = ServeProcess(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
+    served = ServeProcess(
+        process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log, wire_port
+    )
     try:
         deadline = time.monotonic() + 120
         while "Database Service is running." not in served.output():
@@ -128,6 +135,25 @@ async def http(two_workers: ServeProcess) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(scope="module")
 def grpc_target(two_workers: ServeProcess) -> str:
     return two_workers.grpc_target
+
+
+@pytest.fixture(scope="module")
+def port_login(core: Application, two_workers: ServeProcess) -> PortLoginFactory:
+    """Logins to the two workers' PostgreSQL wire port (the pgwire front end's)."""
+
+    async def make(
+        tenant_id: str,
+        scopes: tuple[Scope, ...] = (Scope.READ, Scope.WRITE, Scope.ADMIN),
+        tenants: list[str] | None = None,
+    ) -> PortLogin:
+        name = f"pgw-{secrets.token_hex(4)}"
+        _, secret = await core.services.register(
+            name, tenants=tenants or [tenant_id], scopes=scopes
+        )
+        assert secret is not None
+        return PortLogin("127.0.0.1", two_workers.wire_port, name, secret, tenant_id)
+
+    return make
 
 
 async def test_sql_naming_the_victims_schema_is_refused_on_every_front_end(

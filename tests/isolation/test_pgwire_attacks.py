@@ -205,7 +205,6 @@ async def test_a_cancel_key_guessed_for_another_client_cancels_nothing(
         (b"Q\x00\x00\x00\x02", "08P01"),  # a length shorter than itself
         (b"Q\x7f\xff\xff\xff", "08P01"),  # 2 GB announced
         (b"Q\x00\x00\x00\x08abcd", "08P01"),  # a Query without its NUL
-        (b"d\x00\x00\x00\x04", "08P01"),  # CopyData outside COPY
     ],
 )
 async def test_malformed_and_oversized_messages_end_the_connection(
@@ -216,6 +215,19 @@ async def test_malformed_and_oversized_messages_end_the_connection(
     kind, payload = await raw.read()
     assert kind == b"E" and codec.parse_error_fields(payload)["C"] == sqlstate
     assert await asyncio.wait_for(raw.reader.read(), 5) == b""
+
+
+async def test_copy_messages_outside_copy_are_ignored_like_postgres(
+    attacker: PortLogin, raw: RawClient
+) -> None:
+    # What a client sends after a COPY that failed before its data began: PostgreSQL ignores
+    # it, and so does the port; nothing of it reaches a server connection.
+    await raw.login(attacker)
+    raw.send(b"d", b"1\tstray\n")
+    raw.send(b"c")
+    raw.send(b"f", codec.cstring("never mind"))
+    answer = await raw.query("SELECT 1")
+    assert sqlstates(answer) == [] and answer[-1] == (b"Z", b"I")
 
 
 @pytest.mark.parametrize(

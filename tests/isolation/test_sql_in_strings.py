@@ -23,7 +23,7 @@ from database_service.app import Application
 from database_service.auth import Scope
 from database_service.tenancy import TenantLimits, TenantRecord
 from tests.fix_pg import PgCluster
-from tests.isolation.fix_frontends import FrontEnd, service_token
+from tests.isolation.fix_frontends import FrontEnd
 
 pytestmark = pytest.mark.usefixtures("unchanged_victim")
 
@@ -78,13 +78,8 @@ async def limited_front_end(
     grpc_target: str,
     limited: TenantRecord,
 ) -> AsyncIterator[FrontEnd]:
-    token = await service_token(core, [limited.tenant_id], (Scope.READ, Scope.WRITE, Scope.ADMIN))
-    door = FrontEnd(
-        front_end.name,
-        http=http,
-        grpc_target=grpc_target,
-        tenant_id=limited.tenant_id,
-        token=token,
+    door = await front_end.for_tenant(
+        core, limited.tenant_id, (Scope.READ, Scope.WRITE, Scope.ADMIN)
     )
     yield door
     await door.close()

@@ -8,6 +8,7 @@ service-wide figures, ``/metrics`` and every tenant's audit events need a platfo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -41,8 +42,10 @@ class Observability:
         owner_pool: asyncpg.Pool,
         control_schema: str,
         registry: TenantRegistry,
+        pgwire_views: list[Callable[[Callable[[str], bool]], dict[str, object]]] | None = None,
     ) -> None:
         self._access = access
+        self._pgwire_views = pgwire_views if pgwire_views is not None else []
         self._health = health
         self._window = window
         self._pools = pools
@@ -104,6 +107,26 @@ class Observability:
         """Prometheus text: every tenant's pools are labelled, so for the platform only."""
         await self._access.require_platform(principal, "metrics", Scope.METRICS, Scope.ADMIN)
         return self._metrics.render()
+
+    async def pgwire(self, principal: Principal, tenant_id: str | None) -> dict[str, Any]:
+        """The PostgreSQL wire port's admin view (pools, clients, servers, stats), like
+        PgBouncer's SHOW: of one tenant (admin over it), or of every tenant (the platform
+        administrator). This process's ports only (each worker has its own)."""
+        if tenant_id is None:
+            await self._access.require_platform(principal, "pgwire.show")
+            only: str | None = None
+        else:
+            only = validate_tenant_id(tenant_id)
+            await self._access.require(principal, Scope.ADMIN, "pgwire.show", only)
+
+        def visible(candidate: str) -> bool:
+            return only is None or candidate == only
+
+        document: dict[str, Any] = {"enabled": bool(self._pgwire_views)}
+        for view in self._pgwire_views:
+            for kind, rows in view(visible).items():
+                document.setdefault(kind, []).extend(rows if isinstance(rows, list) else [])
+        return document
 
     async def audit_events(
         self, principal: Principal, tenant_id: str | None, limit: int

@@ -195,6 +195,37 @@ class ServerConnection:
                 self.status = payload[:1]
                 return error
 
+    async def begin_with(
+        self, begin: str, sql: str, params: tuple[bytes, ...]
+    ) -> dict[str, str] | None:
+        """``begin`` (simple protocol), then ``sql`` with text parameters (extended protocol,
+        so the values never appear in a statement's text), pipelined in one round trip: the
+        first error's fields, or None. The server's unnamed statement is the port's afterwards."""
+        values = b"".join(struct.pack("!i", len(p)) + p for p in params)
+        self.send(
+            codec.message(b"Q", codec.cstring(begin))
+            + codec.message(b"P", b"\x00" + codec.cstring(sql) + b"\x00\x00")
+            + codec.message(
+                b"B", b"\x00\x00\x00\x00" + struct.pack("!H", len(params)) + values + b"\x00\x00"
+            )
+            + codec.message(b"E", b"\x00\x00\x00\x00\x00")
+            + codec.message(b"S")
+        )
+        self.unnamed = None
+        error: dict[str, str] | None = None
+        ready = 0
+        while ready < 2:
+            kind, payload = await self.read_message()
+            if kind == b"E" and error is None:
+                error = codec.parse_error_fields(payload)
+            elif kind == b"S":
+                name, offset = codec.read_cstring(payload)
+                self.applied[name] = codec.read_cstring(payload, offset)[0]
+            elif kind == b"Z":
+                self.status = payload[:1]
+                ready += 1
+        return error
+
     def close(self) -> None:
         self.broken = True
         with contextlib.suppress(Exception):

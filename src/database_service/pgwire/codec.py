@@ -162,6 +162,23 @@ def parse_parse(payload: bytes) -> tuple[str, str, bytes]:
     return name, query, types
 
 
+def nul_in_text(kind: bytes, payload: bytes) -> bool:
+    """Whether a Query or Parse that did not parse is well framed around SQL text holding a NUL
+    (which the protocol cannot carry): bad input to refuse (invalid_text), not a broken
+    stream to end."""
+    if kind == b"Q":
+        return payload.endswith(b"\x00") and b"\x00" in payload[:-1]
+    start = payload.find(b"\x00") + 1
+    for count in range(min(64, (len(payload) - start) // 4) + 1):
+        trailer = 2 + 4 * count
+        end = len(payload) - trailer - 1
+        if end <= start or payload[end] != 0:
+            continue
+        if struct.unpack_from("!H", payload, end + 1)[0] == count:
+            return b"\x00" in payload[start:end]
+    return False
+
+
 def replace_parse_name(name: str, query: str, types: bytes) -> bytes:
     """A Parse message for ``query`` under another statement name."""
     return message(b"P", cstring(name) + cstring(query) + types)

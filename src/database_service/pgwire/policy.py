@@ -2,24 +2,36 @@
 the caller's scopes, and the two kinds of statement the guard refuses that a PostgreSQL client
 needs: transaction control (the port, not the service, runs a client's transaction here) and
 the few session settings the port tracks per client and replays on whichever server
-connection runs its next transaction.
+connection runs its next transaction, and the user id (``SET dbsvc.user_id``), tracked by the
+port and applied per transaction by ``control.enter_user`` (never set on the server by the
+client's SQL).
+
+Every refusal carries the service's stable error code (``sql_rejected``, ``permission_denied``,
+...) beside its SQLSTATE; the port sends it in the ErrorResponse's routine field.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import pglast
 from pglast.enums import TransactionStmtKind, VariableSetKind
+from pglast.stream import RawStream
 
 from database_service.auth import Principal, Scope
 from database_service.errors import DatabaseServiceError
 from database_service.results import StatementKind
-from database_service.sqlguard import SqlGuard
+from database_service.sqlguard import Classification, SqlGuard
 
-__all__ = ["TRACKED_SETTINGS", "Decision", "StatementPolicy"]
+__all__ = ["TRACKED_SETTINGS", "USER_ID_SETTING", "Decision", "StatementPolicy", "valid_user_id"]
+
+# The user id behind user-level row security, as a client names it (SET, startup option).
+USER_ID_SETTING = "dbsvc.user_id"
+# As the other front ends accept it (query/executor.py).
+_USER_ID = re.compile(r"^[A-Za-z0-9_.@:+-]{1,50}$")
 
 # Settings a client may set (at startup or with SET) because PostgreSQL reports each change
 # (ParameterStatus), so the port always knows a server connection's value and can set the
@@ -51,21 +63,28 @@ _ALLOWED_TRANSACTION = {
 }
 
 
+def valid_user_id(value: str) -> bool:
+    return _USER_ID.fullmatch(value) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """``refused``: (SQLSTATE, message); else ``control`` names transaction control
-    (begin/commit/rollback/savepoint), "set" a tracked setting, "deallocate", or None for a
-    statement the guard accepted (``kind``)."""
+    """``refused``: (SQLSTATE, message, stable code); else ``control`` names transaction control
+    (begin/commit/rollback/savepoint), "set" a tracked setting, "user_id" (``name``: the new
+    user id, None to clear it), "deallocate", or None for a statement the guard accepted
+    (``kind``)."""
 
     kind: StatementKind | None = None
     control: str | None = None
-    refused: tuple[str, str] | None = None
-    name: str | None = None  # DEALLOCATE's statement (None: ALL)
+    refused: tuple[str, str, str] | None = None
+    name: str | None = None  # DEALLOCATE's statement (None: ALL); the user id for "user_id"
+    verdict: Classification | None = None  # the guard's, for the statement figures
 
 
 @functools.lru_cache(maxsize=2048)
 def _session_statement(sql: str) -> tuple[str, Any] | None:
-    """A lone transaction-control or SET statement, or None (left to the guard's verdict)."""
+    """A lone statement the port treats itself (transaction control, SET, DEALLOCATE, COPY)
+    or refuses in its own words (a session-only feature), or None (the guard's verdict)."""
     try:
         tree = pglast.parse_sql(sql)
     except pglast.parser.ParseError:
@@ -74,12 +93,44 @@ def _session_statement(sql: str) -> tuple[str, Any] | None:
         return None
     stmt = tree[0].stmt
     name = type(stmt).__name__
+    feature = _session_only(name, stmt)
+    if feature is not None:
+        return ("session_only", feature)
     if name == "TransactionStmt":
         return ("transaction", stmt)
     if name == "VariableSetStmt":
         return ("set", stmt)
     if name == "DeallocateStmt":
         return ("deallocate", stmt)
+    if name == "CopyStmt":
+        return ("copy", stmt)
+    return None
+
+
+_CURSOR_OPT_HOLD = 0x20  # PostgreSQL's CURSOR_OPT_HOLD
+
+
+def _session_only(name: str, stmt: Any) -> str | None:
+    """What a statement needs a session for (LISTEN, a WITH HOLD cursor, temporary objects,
+    DISCARD / RESET ALL, PREPARE), or None."""
+    if name in ("ListenStmt", "UnlistenStmt"):
+        return "LISTEN/UNLISTEN"
+    if name == "DeclareCursorStmt" and (stmt.options or 0) & _CURSOR_OPT_HOLD:
+        return "a WITH HOLD cursor"
+    if name == "DiscardStmt":
+        return "DISCARD"
+    if name == "VariableSetStmt" and stmt.kind == VariableSetKind.VAR_RESET_ALL:
+        return "RESET ALL"
+    if name in ("PrepareStmt", "ExecuteStmt"):
+        return "PREPARE/EXECUTE (the extended protocol's named statements work)"
+    for attribute in ("relation", "view", "sequence"):
+        relation = getattr(stmt, attribute, None)
+        if getattr(relation, "relpersistence", None) == "t":
+            return "a temporary object"
+    for attribute in ("into", "intoClause"):  # CREATE TABLE AS, SELECT INTO
+        into = getattr(stmt, attribute, None)
+        if getattr(getattr(into, "rel", None), "relpersistence", None) == "t":
+            return "a temporary object"
     return None
 
 
@@ -105,7 +156,19 @@ class StatementPolicy:
         except DatabaseServiceError as exc:
             special = _session_statement(sql) if exc.sqlstate == "42501" else None
             if special is None:
-                return Decision(refused=(exc.sqlstate or "42501", exc.message))
+                return Decision(refused=(exc.sqlstate or "42501", exc.message, exc.error_code))
+            if special[0] == "copy":
+                return await self._copy(special[1], principal, own_schema)
+            if special[0] == "session_only":
+                return Decision(
+                    refused=(
+                        "0A000",
+                        f"{special[1]} needs a session of its own, which this port does not"
+                        " give: it pools transactions (each may run on another server"
+                        " connection)",
+                        "sql_rejected",
+                    )
+                )
             return self._session(special, principal, exc.message)
         scope = _REQUIRED_SCOPE[verdict.kind]
         if not principal.has_scope(scope):
@@ -114,9 +177,42 @@ class StatementPolicy:
                     "42501",
                     f"service {principal.service!r} lacks the {scope.value!r} scope for this"
                     f" {verdict.kind.value} statement",
+                    "permission_denied",
                 )
             )
-        return Decision(kind=verdict.kind)
+        return Decision(kind=verdict.kind, verdict=verdict)
+
+    async def _copy(self, stmt: Any, principal: Principal, own_schema: str) -> Decision:
+        """COPY FROM STDIN / TO STDOUT only (never a file or a program: the server's, not the
+        tenant's), checked by the guard as the statement it amounts to: ``INSERT INTO rel`` or
+        ``SELECT * FROM rel``, or the query of ``COPY (query) TO STDOUT``. PostgreSQL then runs it
+        as the tenant's role, which reaches only what the tenant may."""
+        if stmt.filename is not None or stmt.is_program:
+            return Decision(
+                refused=(
+                    "42501",
+                    "COPY to or from a file or a program is not allowed: use COPY ... FROM STDIN"
+                    " or TO STDOUT (psql's \\copy)",
+                    "sql_rejected",
+                )
+            )
+        if stmt.whereClause is not None:
+            return Decision(
+                refused=("0A000", "COPY FROM ... WHERE is not supported through this port",
+                         "sql_rejected")
+            )  # fmt: skip
+        stream = RawStream()
+        if stmt.query is not None:
+            equivalent = stream(stmt.query)
+        elif stmt.is_from:
+            equivalent = f"INSERT INTO {stream(stmt.relation)} DEFAULT VALUES"
+        else:
+            equivalent = f"SELECT * FROM {stream(stmt.relation)}"
+        decision = await self.decide(equivalent, principal, own_schema)
+        if decision.refused is not None or decision.control is not None:
+            refused = decision.refused or ("42501", "COPY of this is not allowed", "sql_rejected")
+            return Decision(refused=refused)
+        return Decision(kind=decision.kind, control="copy", verdict=decision.verdict)
 
     @staticmethod
     def _session(special: tuple[str, Any], principal: Principal, refusal: str) -> Decision:
@@ -130,7 +226,11 @@ class StatementPolicy:
             control = _ALLOWED_TRANSACTION.get(stmt.kind)
             if control is None:
                 return Decision(
-                    refused=("0A000", "two-phase commit is not available through this port")
+                    refused=(
+                        "0A000",
+                        "two-phase commit is not available through this port",
+                        "sql_rejected",
+                    )
                 )
             writes = control == "begin" and _read_write_requested(stmt)
             if writes and not principal.has_scope(Scope.WRITE):
@@ -139,16 +239,54 @@ class StatementPolicy:
                         "25006",
                         f"service {principal.service!r} is read-only: its transactions are"
                         " READ ONLY",
+                        "read_only_transaction",
                     )
                 )
             return Decision(control=control)
-        if stmt.kind in _TRACKED_SET_KINDS and (stmt.name or "").lower() in TRACKED_SETTINGS:
+        name = (stmt.name or "").lower()
+        if name == USER_ID_SETTING:
+            return _user_id(stmt)
+        if stmt.kind in _TRACKED_SET_KINDS and name in TRACKED_SETTINGS:
             return Decision(control="set")
         allowed = ", ".join(sorted(TRACKED_SETTINGS))
         return Decision(
             refused=(
                 "42501",
                 f"{refusal}; through the PostgreSQL port only these settings can be set"
-                f" (tracked per client in transaction pooling): {allowed}",
+                f" (tracked per client in transaction pooling): {allowed}, {USER_ID_SETTING}",
+                "sql_rejected",
             )
         )
+
+
+def _user_id(stmt: Any) -> Decision:
+    """``SET dbsvc.user_id = 'u'`` / ``RESET dbsvc.user_id``: kept by the port for the client's
+    next transactions. ``SET LOCAL`` is refused: the user id of a transaction is fixed when it
+    begins (``control.enter_user``), so a change inside one could only be a forgery."""
+    if stmt.is_local:
+        return Decision(
+            refused=(
+                "42501",
+                f"SET LOCAL {USER_ID_SETTING} is not allowed: the user id applies per"
+                f" transaction from the next one on; use SET {USER_ID_SETTING} outside a"
+                " transaction block",
+                "sql_rejected",
+            )
+        )
+    if stmt.kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT):
+        return Decision(control="user_id", name=None)
+    args = tuple(stmt.args or ())
+    value = getattr(args[0], "val", None) if len(args) == 1 else None
+    text = getattr(value, "sval", None)
+    if text is None and isinstance(getattr(value, "ival", None), int):
+        text = str(value.ival)  # type: ignore[union-attr]
+    if text is None or not valid_user_id(text):
+        return Decision(
+            refused=(
+                "22023",
+                f"{USER_ID_SETTING} must be one value of 1-50 characters of letters, digits"
+                " and _ . @ : + -",
+                "invalid_parameters",
+            )
+        )
+    return Decision(control="user_id", name=text)

@@ -46,6 +46,9 @@ class ServerPool:
     open: int = 0
     waiters: deque[asyncio.Future[ServerConnection]] = field(default_factory=deque)
     transactions: int = 0
+    queries: int = 0  # Query and Execute messages run on its connections
+    waits: int = 0  # acquisitions that had to wait for a free connection, and how long
+    wait_seconds: float = 0.0
     # The server's parameters as a new connection reports them (server_version...), for the
     # ParameterStatus messages the port sends its clients.
     parameters: dict[str, str] = field(default_factory=dict)
@@ -73,6 +76,8 @@ class ServerPool:
             return conn
         waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
+        self.waits += 1
+        started = time.monotonic()
         try:
             return await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
@@ -81,6 +86,7 @@ class ServerPool:
                 {"C": "53300", "M": "no server connection free; retry later"},
             ) from None
         finally:
+            self.wait_seconds += time.monotonic() - started
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
 
@@ -182,6 +188,9 @@ class ServerPools:
 
     def figures(self) -> list[PoolFigures]:
         return [p.figures() for p in self._pools.values()]
+
+    def all(self) -> list[ServerPool]:
+        return list(self._pools.values())
 
     @property
     def servers(self) -> int:

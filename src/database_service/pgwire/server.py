@@ -24,23 +24,33 @@ import logging
 import secrets
 import ssl
 import struct
+import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
 
 from database_service.auth import Principal, Scope
 from database_service.auth.principal import ALL_TENANTS
-from database_service.errors import DatabaseServiceError
-from database_service.pgwire import codec
+from database_service.errors import DatabaseServiceError, QueryError
+from database_service.observability.audit import AuditEvent
+from database_service.pgwire import admin, codec
 from database_service.pgwire.backend import BackendError, PgAddress, ServerConnection, send_cancel
-from database_service.pgwire.policy import TRACKED_SETTINGS, StatementPolicy
+from database_service.pgwire.policy import (
+    TRACKED_SETTINGS,
+    USER_ID_SETTING,
+    StatementPolicy,
+    valid_user_id,
+)
 from database_service.pgwire.pooling import ServerPool, ServerPools
 from database_service.pgwire.scram import ScramError, ScramServer, parse_verifier
-from database_service.tenancy import TenantRecord
+from database_service.results import StatementKind
+from database_service.sqlguard import Classification
+from database_service.tenancy import TenantRecord, quote_ident
 
 if TYPE_CHECKING:
     from database_service.app import Application
@@ -52,6 +62,9 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1_048_576  # a Query or Bind larger than this is refused (08P01)
 _ACQUIRE_SECONDS = 10.0
+_WORKER_BITS = 6  # a client's cancel key names its worker in the pid's low bits
+_MAX_WORKERS = 1 << _WORKER_BITS
+_LIMIT_MARGIN = 0.25  # seconds past the tenant's statement limit before the port steps in
 # Server parameters passed to clients as PostgreSQL reports them; the rest are the port's.
 _HIDDEN_PARAMETERS = {"session_authorization", "is_superuser", "application_name"}
 # A dummy verifier: an unknown service costs the same exchange as a known one.
@@ -60,15 +73,46 @@ _DUMMY_VERIFIER = (
     "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 )
 _PARSE_COMPLETE = codec.message(b"1")
+_BIND_COMPLETE = codec.message(b"2")
 _CLOSE_COMPLETE = codec.message(b"3")
-_NO_COPY = "COPY FROM STDIN is not supported through this port"
+_NO_DATA = codec.message(b"n")
+_NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
+# The user name that asks for token authentication: the password is a service's access token,
+# accepted only over TLS (cleartext password auth); the token names the service.
+TOKEN_USER = "token"
+# Where the port's own ErrorResponses carry the service's stable error code: the routine field
+# ('R'), as "dbsvc:<code>". PostgreSQL's errors are passed on untouched (their routine is
+# PostgreSQL's); their stable code is their SQLSTATE's, as in errors.py.
+CODE_PREFIX = "dbsvc:"
+
+
+def _code_for(sqlstate: str) -> str:
+    return QueryError("", sqlstate=sqlstate).error_code
+
+
+def _error(sqlstate: str, text: str, code: str | None = None, *, severity: str = "ERROR") -> bytes:
+    """The port's own ErrorResponse, its stable code in the routine field."""
+    return codec.error_response(
+        sqlstate, text, severity=severity, R=CODE_PREFIX + (code or _code_for(sqlstate))
+    )
+
+
+_Refused = tuple[str, str, str]  # SQLSTATE, message, the service's stable code
+_NUL_IN_TEXT: _Refused = (
+    "22021",
+    "the SQL text contains a NUL character, which PostgreSQL cannot carry",
+    "invalid_text",
+)
 
 
 class _Refusal(Exception):
-    def __init__(self, sqlstate: str, text: str, *, fatal: bool = False) -> None:
+    def __init__(
+        self, sqlstate: str, text: str, code: str | None = None, *, fatal: bool = False
+    ) -> None:
         super().__init__(text)
         self.sqlstate = sqlstate
         self.text = text
+        self.code = code or _code_for(sqlstate)
         self.fatal = fatal
 
 
@@ -87,6 +131,8 @@ class _Expect:
     swallow: bool = False
     prepares: str | None = None
     synthetic: bytes | None = None
+    # A statement of the client's to count when it completes: its verdict, text, start.
+    record: tuple[Classification, str, float] | None = None
 
 
 _FIGURES: weakref.WeakKeyDictionary[object, PortFigures] = weakref.WeakKeyDictionary()
@@ -125,15 +171,25 @@ class PortFigures:
             "dbsvc_pgwire_logins", "Login attempts on the port, by outcome.", ["outcome"],
             registry=registry,  # type: ignore[arg-type]
         )  # fmt: skip
+        self.cancels = Counter(
+            "dbsvc_pgwire_cancel_requests",
+            "CancelRequests: served here (local), passed to the worker that holds the client"
+            " (forwarded), or for no client (unknown).",
+            ["route"], registry=registry,  # type: ignore[arg-type]
+        )  # fmt: skip
 
 
 @contextlib.asynccontextmanager
 async def listening(
-    app: Application, tls: CertificateFiles | None = None
+    app: Application,
+    tls: CertificateFiles | None = None,
+    *,
+    worker: tuple[int, Path] | None = None,
 ) -> AsyncIterator[PgWireServer | None]:
     """The port as ``serve`` runs it: listening on ``DBSVC_PGWIRE_HOST``/``_PORT`` (beside the
     other workers: SO_REUSEPORT) with the service's TLS certificate when it has one, or None
-    when no port is configured."""
+    when no port is configured. ``worker``: this worker's index and the run directory, where
+    the workers pass each other the CancelRequests that reached the wrong one."""
     s = app.settings
     if s.pgwire_port is None:
         yield None
@@ -143,7 +199,14 @@ async def listening(
         from database_service.tls.servers import http_ssl_context  # noqa: PLC0415 (grpc, uvicorn)
 
         context = http_ssl_context(tls)
-    server = PgWireServer(app, host=s.pgwire_host, port=s.pgwire_port, ssl_context=context)
+    server = PgWireServer(
+        app,
+        host=s.pgwire_host,
+        port=s.pgwire_port,
+        ssl_context=context,
+        worker=worker[0] if worker else 0,
+        cancel_dir=worker[1] if worker else None,
+    )
     await server.start()
     try:
         yield server
@@ -162,8 +225,18 @@ class PgWireServer:
         port: int,
         ssl_context: ssl.SSLContext | None = None,
         max_per_tenant: int | None = None,
+        worker: int = 0,
+        cancel_dir: Path | None = None,
     ) -> None:
+        if not 0 <= worker < _MAX_WORKERS:
+            raise ValueError(f"worker index {worker} out of 0..{_MAX_WORKERS - 1}")
         self.app = app
+        # With several workers on one port (SO_REUSEPORT) a CancelRequest reaches any of them:
+        # a client's key carries its worker's index, and the worker that receives a cancel for
+        # another passes it on over that one's Unix socket in ``cancel_dir``.
+        self.worker = worker
+        self.cancel_dir = cancel_dir
+        self._cancel_server: asyncio.Server | None = None
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -173,6 +246,9 @@ class PgWireServer:
             self.address, max_per_tenant=max_per_tenant or s.pool_max_per_tenant
         )
         self.policy = StatementPolicy(app.guard, (s.shared_schema,))
+        # As the query core opens a user-scoped transaction (query/executor.py): the key is a
+        # parameter, never in a statement's text.
+        self.enter_user = f"SELECT {quote_ident(s.control_schema)}.enter_user($1, $2)"
         self.figures = PortFigures.of(app.metrics.registry)
         self.sessions: dict[int, ClientSession] = {}
         self._server: asyncio.Server | None = None
@@ -182,12 +258,22 @@ class PgWireServer:
             self._accept, self.host, self.port, reuse_port=True, limit=1 << 20
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.cancel_dir is not None:
+            path = self._cancel_socket(self.worker)
+            path.unlink(missing_ok=True)
+            self._cancel_server = await asyncio.start_unix_server(self._forwarded, str(path))
         self.app.health.sections.setdefault("pgwire", self.health)
+        self.app.pgwire_views.append(self.show)
         log.info("PostgreSQL wire port listening on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
         if self.app.health.sections.get("pgwire") == self.health:
             del self.app.health.sections["pgwire"]
+        if self.show in self.app.pgwire_views:
+            self.app.pgwire_views.remove(self.show)
+        if self._cancel_server is not None:
+            self._cancel_server.close()
+            self._cancel_socket(self.worker).unlink(missing_ok=True)
         if self._server is not None:
             self._server.close()
             for session in list(self.sessions.values()):
@@ -204,12 +290,15 @@ class PgWireServer:
             "servers": self.pools.servers,
         }
 
-    def show(self) -> dict[str, list[dict[str, object]]]:
-        """The admin view, like PgBouncer's SHOW POOLS / CLIENTS / SERVERS."""
-        return {
-            "pools": [asdict(f) for f in self.pools.figures()],
-            "clients": [s.describe() for s in self.sessions.values()],
-        }
+    def show(self, visible: Callable[[str], bool] = lambda _: True) -> dict[str, object]:
+        """The admin view (admin.py) as documents: for each of pools, clients, servers and
+        stats, its rows as column -> value; ``visible(tenant_id)`` filters them."""
+        out: dict[str, object] = {}
+        for kind in admin.SHOW_KINDS:
+            columns, rows = admin.show(self, kind, visible)
+            out[kind] = [dict(zip(columns, row, strict=True)) for row in rows]
+        out["pool_figures"] = [asdict(f) for f in self.pools.figures() if visible(f.tenant_id)]
+        return out
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = ClientSession(self, reader, writer)
@@ -221,20 +310,60 @@ class PgWireServer:
             session.cleanup()
 
     def new_key(self, session: ClientSession) -> tuple[int, int]:
-        """A BackendKeyData of the port's own: the real backend's pid and key never leave it."""
+        """A BackendKeyData of the port's own: the real backend's pid and key never leave it.
+        The pid's low bits are this worker's index (see ``cancel``); the rest, and the key,
+        are random."""
         while True:
-            pid = secrets.randbelow(1 << 31 - 1) + 1
-            if pid not in self.sessions:
+            pid = secrets.randbits(31 - _WORKER_BITS) << _WORKER_BITS | self.worker
+            if pid and pid not in self.sessions:
                 self.sessions[pid] = session
                 return pid, secrets.randbits(32)
 
+    def _cancel_socket(self, worker: int) -> Path:
+        assert self.cancel_dir is not None
+        return self.cancel_dir / f"pgwire-cancel-{worker}.sock"
+
     async def cancel(self, pid: int, key: int) -> None:
+        """A CancelRequest: the real backend of the client it names is cancelled — here, or by
+        the worker whose index the pid carries (nothing is said to the sender either way, as
+        PostgreSQL says nothing)."""
+        owner = pid & (_MAX_WORKERS - 1)
+        if owner != self.worker and self.cancel_dir is not None:
+            path = self._cancel_socket(owner)
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
+            except (OSError, TimeoutError):
+                self.figures.cancels.labels("unknown").inc()
+                log.info("PostgreSQL wire port: cancel request for worker %d, not reachable", owner)
+                return
+            try:
+                writer.write(struct.pack("!II", pid, key))
+                await writer.drain()
+            finally:
+                writer.close()
+            self.figures.cancels.labels("forwarded").inc()
+            return
+        await self._cancel_here(pid, key)
+
+    async def _forwarded(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A CancelRequest another worker received for one of this worker's clients."""
+        try:
+            pid, key = struct.unpack("!II", await asyncio.wait_for(reader.readexactly(8), 5))
+            await self._cancel_here(pid, key)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _cancel_here(self, pid: int, key: int) -> None:
         session = self.sessions.get(pid)
         if session is None or not hmac.compare_digest(
             struct.pack("!I", session.key), struct.pack("!I", key)
         ):
+            self.figures.cancels.labels("unknown").inc()
             log.info("PostgreSQL wire port: cancel request for an unknown key ignored")
             return
+        self.figures.cancels.labels("local").inc()
         server = session.server
         if server is not None and server.pid:
             await send_cancel(self.address, server.pid, server.key)
@@ -252,7 +381,20 @@ class ClientSession:
         self.principal: Principal | None = None
         self.tenant: TenantRecord | None = None
         self.pool: ServerPool | None = None
+        self.user_pool: ServerPool | None = None  # the tenant's user-scoped login, when needed
+        self.server_pool: ServerPool | None = None  # where ``server`` was lent from
         self.server: ServerConnection | None = None
+        # The user id for user-level row security (startup option or SET dbsvc.user_id): each
+        # transaction then runs on the user-scoped login, opened by the port with
+        # control.enter_user (``wrapped``); ``block``: the client itself began it.
+        self.user_id: str | None = None
+        self.wrapped = False
+        self.block = False
+        # Statements (by name) and portals the port answers itself, never sent to a server:
+        # SET dbsvc.user_id and, for a user id, BEGIN. Value: (control, user id or SQL).
+        self.virtual: dict[str, tuple[str, str | None]] = {}
+        self.begins: dict[str, str] = {}  # statements that are a BEGIN, parsed without a user id
+        self.virtual_portals: dict[str, tuple[str, str | None]] = {}
         self.wanted: dict[str, str] = {}
         self.readonly = True
         self.aborted = False  # a statement the port refused inside a transaction
@@ -264,6 +406,17 @@ class ClientSession:
         self.pending: set[str] = set()  # server names parsed in this batch, not yet confirmed
         self.ident = id(self)
         self._deallocating: str | None = None  # DEALLOCATE's name, from the last decision
+        self._verdict: Classification | None = None  # the last decision's
+        # The guard's verdict and text of each prepared statement and bound portal, so that a
+        # statement run through the port counts in the statement figures like any other.
+        self.verdicts: dict[str, tuple[Classification, str]] = {}
+        self.portal_verdicts: dict[str, tuple[Classification, str]] = {}
+        self.recorder = port.app.statement_recorder
+        self.events: list[AuditEvent] = []  # audit events to write after the current message
+        self.expired = False  # the statement being relayed outlived the tenant's limit
+        self.tls = False
+        self.connected_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.admin = False  # a session of the admin database (admin.py)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -271,6 +424,7 @@ class ClientSession:
         return {
             "service": self.principal.service if self.principal else None,
             "tenant": self.tenant.tenant_id if self.tenant else None,
+            "user_id": self.user_id,
             "server_pid": self.server.pid if self.server else None,
             "state": "active" if self.server else "idle",
         }
@@ -283,7 +437,7 @@ class ClientSession:
         if self.pid:
             self.port.sessions.pop(self.pid, None)
             self.port.figures.clients.dec()
-        if self.server is not None and self.pool is not None:
+        if self.server is not None and self.server_pool is not None:
             # A client gone mid-transaction: the pool rolls the connection back before anyone
             # else gets it; one with answers still in flight is closed instead.
             if self.expect or self.server_skipping:
@@ -296,11 +450,16 @@ class ClientSession:
         try:
             if not await self._startup():
                 return
+            if self.admin:
+                await self._admin_session()
+                return
             while True:
                 kind, payload = await self._read()
                 if kind == b"X":
                     return
                 await self._message(kind, payload)
+                if self.events:
+                    await self._audit()
         except _ClientGone:
             return
         except codec.ProtocolViolation as exc:
@@ -308,9 +467,50 @@ class ClientSession:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
 
-    async def _fatal(self, sqlstate: str, text: str) -> None:
+    async def _admin_session(self) -> None:
+        """The admin database: SHOW POOLS / CLIENTS / SERVERS / STATS, rows filtered to the
+        tenants the service may act for."""
+        principal = self.principal
+        assert principal is not None
+        while True:
+            kind, payload = await self._read()
+            if kind == b"X":
+                return
+            if kind == b"Q":
+                answer = admin.answer(self.port, codec.query_text(payload), principal.can_act_for)
+            elif kind == b"S":
+                answer = b""
+            elif kind in b"PBDECHdcf" and len(kind) == 1:
+                continue  # the extended protocol: answered at its Sync, with an error
+            else:
+                raise codec.ProtocolViolation(f"unexpected message type {kind!r}")
+            if kind == b"S":
+                answer = _error("0A000", "the admin database speaks the simple protocol only")
+            await self._flush(answer + codec.ready_for_query(b"I"))
+
+    async def _audit(self) -> None:
+        events, self.events = self.events, []
+        for event in events:
+            await self.port.app.audit.record(event)
+
+    def _event(
+        self, outcome: str, code: str | None, kind: StatementKind | None, detail: str
+    ) -> None:
+        self.events.append(
+            AuditEvent(
+                service=self.principal.service if self.principal else None,
+                tenant_id=self.tenant.tenant_id if self.tenant else None,
+                action="pgwire.query",
+                statement_class=kind.value if kind else None,
+                outcome=outcome,
+                code=code,
+                detail=detail[:500] or None,
+            )
+        )
+
+    async def _fatal(self, sqlstate: str, text: str, code: str | None = None) -> None:
         with contextlib.suppress(Exception):
-            self.writer.write(codec.error_response(sqlstate, text, severity="FATAL"))
+            self.writer.write(_error(sqlstate, text, code, severity="FATAL"))
             await self.writer.drain()
 
     async def _read(self) -> tuple[bytes, bytes]:
@@ -349,13 +549,30 @@ class ClientSession:
         service, tenant_id = params.get("user", ""), params.get("database", "")
         try:
             wanted = self._startup_settings(params)
-            principal = await self._authenticate(service)
+            self.user_id = wanted.pop(USER_ID_SETTING, None)
+            self.tls = tls
+            if service == TOKEN_USER:
+                principal = await self._authenticate_token(tls)
+            else:
+                principal = await self._authenticate(service)
+            if tenant_id == admin.ADMIN_DATABASE:
+                return await self._admin_login(principal)
             tenant = await self._admit(principal, tenant_id)
         except _Refusal as exc:
             self.port.figures.logins.labels("refused").inc()
-            await self._fatal(exc.sqlstate, exc.text)
+            await self.port.app.audit.record(
+                AuditEvent(
+                    service=service or None, tenant_id=tenant_id or None, action="pgwire.login",
+                    outcome="denied", code=exc.code, detail=exc.text[:500],
+                )
+            )  # fmt: skip
+            await self._fatal(exc.sqlstate, exc.text, exc.code)
             return False
         self.port.figures.logins.labels("ok").inc()
+        await self.port.app.audit.record(
+            AuditEvent(service=principal.service, tenant_id=tenant.tenant_id,
+                       action="pgwire.login", code="ok")
+        )  # fmt: skip
         self.principal, self.tenant = principal, tenant
         self.readonly = not principal.has_scope(Scope.WRITE)
         login = self.port.app.logins.login(tenant)
@@ -370,7 +587,7 @@ class ClientSession:
                 self.pool.release(server)
         except (BackendError, OSError) as exc:
             fields = getattr(exc, "fields", {"C": "08006", "M": str(exc)})
-            await self._fatal(fields.get("C", "08006"), fields.get("M", str(exc)))
+            await self._fatal(fields.get("C", "08006"), fields.get("M", str(exc)), "unavailable")
             return False
         defaults = {TRACKED_SETTINGS[k.lower()]: v for k, v in self.pool.parameters.items()
                     if k.lower() in TRACKED_SETTINGS}  # fmt: skip
@@ -382,12 +599,31 @@ class ClientSession:
         out = bytearray(codec.authentication_ok())
         shown = {k: v for k, v in self.pool.parameters.items() if k not in _HIDDEN_PARAMETERS}
         shown.update({k: v for k, v in self.wanted.items() if k in TRACKED_SETTINGS.values()})
-        shown.update(is_superuser="off", session_authorization=service)
+        shown.update(is_superuser="off", session_authorization=principal.service)
         for name, value in shown.items():
             out += codec.parameter_status(name, value)
         out += codec.backend_key_data(self.pid, self.key)
         out += codec.ready_for_query(b"I")
         await self._flush(out)
+        return True
+
+    async def _admin_login(self, principal: Principal) -> bool:
+        if not principal.has_scope(Scope.ADMIN):
+            raise _Refusal(
+                "42501",
+                f"service {principal.service!r} lacks the 'admin' scope for the admin database",
+                "permission_denied",
+            )
+        self.principal, self.admin = principal, True
+        self.port.figures.logins.labels("ok").inc()
+        await self.port.app.audit.record(
+            AuditEvent(service=principal.service, action="pgwire.admin_login", code="ok")
+        )
+        out = codec.authentication_ok()
+        for name, value in (("server_version", "16.0 (dbsvc admin)"), ("client_encoding", "UTF8"),
+                            ("session_authorization", principal.service)):  # fmt: skip
+            out += codec.parameter_status(name, value)
+        await self._flush(out + codec.ready_for_query(b"I"))
         return True
 
     @staticmethod
@@ -413,13 +649,26 @@ class ClientSession:
                     )
             elif lower == "extra_float_digits":
                 continue  # PostgreSQL 12+ sends the shortest exact text whatever the value
-            elif lower == "options" and not value.strip():
-                continue
+            elif lower == USER_ID_SETTING:
+                wanted[USER_ID_SETTING] = _user_id(value)
+            elif lower == "options":
+                for option, option_value in _options(value):
+                    if option == USER_ID_SETTING:
+                        wanted[USER_ID_SETTING] = _user_id(option_value)
+                    elif option in TRACKED_SETTINGS:
+                        wanted[TRACKED_SETTINGS[option]] = option_value
+                    else:
+                        raise _Refusal(
+                            "42704",
+                            f"option {option!r} is not supported by this port (allowed:"
+                            f" {', '.join(sorted(TRACKED_SETTINGS))}, {USER_ID_SETTING})",
+                        )
             else:
                 raise _Refusal(
                     "42704",
                     f"startup parameter {name!r} is not supported by this port (allowed:"
-                    f" {', '.join(sorted(TRACKED_SETTINGS))}, client_encoding)",
+                    f" {', '.join(sorted(TRACKED_SETTINGS))}, {USER_ID_SETTING},"
+                    " client_encoding, options)",
                 )
         return wanted
 
@@ -431,7 +680,9 @@ class ClientSession:
             raise _Refusal(
                 "28000",
                 f"service {service!r} has no SCRAM verifier (created before the PostgreSQL"
-                " port existed, or token-only): renew its secret to use the port",
+                " port existed, or token-only): renew its secret to use the port, or log in"
+                f" as user {TOKEN_USER!r} with an access token over TLS",
+                "unauthenticated",
             )
         verifier = parse_verifier(found[1] if found and found[1] else _DUMMY_VERIFIER)
         self.writer.write(codec.authentication_sasl())
@@ -454,22 +705,52 @@ class ClientSession:
         except (ScramError, UnicodeDecodeError):
             final = ""
         if not final or found is None or found[1] is None or not found[0].active:
-            raise _Refusal("28P01", f"password authentication failed for user {service!r}")
+            raise _Refusal(
+                "28P01", f"password authentication failed for user {service!r}", "unauthenticated"
+            )
         self.writer.write(codec.authentication_sasl_final(final.encode()))
         return found[0].principal()
+
+    async def _authenticate_token(self, tls: bool) -> Principal:
+        """A service's access token as the password (cleartext password auth), only over TLS:
+        without it the port refuses before the client sends the token."""
+        if not tls:
+            raise _Refusal(
+                "28000",
+                f"user {TOKEN_USER!r} logs in with an access token as the password, accepted"
+                " only over TLS: connect with sslmode=require (SCRAM-SHA-256 with the service's"
+                " secret works without)",
+                "unauthenticated",
+            )
+        self.writer.write(codec.message(b"R", struct.pack("!I", 3)))
+        await self.writer.drain()
+        kind, payload = await self._read()
+        if kind != b"p":
+            raise _Refusal("08P01", "expected a PasswordMessage")
+        token, _ = codec.read_cstring(payload)
+        try:
+            return await self.port.app.authenticator.authenticate(f"Bearer {token}")
+        except DatabaseServiceError as exc:
+            raise _Refusal("28P01", f"token refused: {exc.message}", "unauthenticated") from None
 
     async def _admit(self, principal: Principal, tenant_id: str) -> TenantRecord:
         if not (ALL_TENANTS in principal.tenants or tenant_id in principal.tenants):
             raise _Refusal(
-                "42501", f"service {principal.service!r} may not act for tenant {tenant_id!r}"
+                "42501",
+                f"service {principal.service!r} may not act for tenant {tenant_id!r}",
+                "permission_denied",
             )
         if not principal.has_scope(Scope.READ):
-            raise _Refusal("42501", f"service {principal.service!r} lacks the 'read' scope")
+            raise _Refusal(
+                "42501",
+                f"service {principal.service!r} lacks the 'read' scope",
+                "permission_denied",
+            )
         try:
             return await self.port.app.registry.get_active(tenant_id)
         except DatabaseServiceError as exc:
             sqlstate = "3D000" if exc.http_status == 404 else "57P03"
-            raise _Refusal(sqlstate, exc.message) from None
+            raise _Refusal(sqlstate, exc.message, exc.error_code) from None
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -478,7 +759,7 @@ class ClientSession:
             return b"E"
         return self.server.status if self.server is not None else b"I"
 
-    async def _decide(self, sql: str) -> tuple[str | None, tuple[str, str] | None]:
+    async def _decide(self, sql: str) -> tuple[str | None, _Refused | None]:
         """(transaction control or None, refusal or None) for a statement of this client."""
         assert self.principal is not None and self.tenant is not None
         if not sql.strip():
@@ -488,11 +769,61 @@ class ClientSession:
             return None, (
                 "25P02",
                 "current transaction is aborted, commands ignored until end of transaction block",
+                "invalid_transaction_state",
             )
-        if decision.refused is not None:
-            self.port.figures.refused.labels(decision.refused[0]).inc()
+        refused = decision.refused
+        if refused is None and decision.kind is StatementKind.DDL and self.user_id is not None:
+            # As the other front ends: objects belong to the company, not to one user's login.
+            refused = (
+                "42501",
+                f"DDL runs without a user id: RESET {USER_ID_SETTING} first",
+                "sql_rejected",
+            )
+        if refused is not None:
+            self.port.figures.refused.labels(refused[0]).inc()
         self._deallocating = decision.name
-        return decision.control, decision.refused
+        self._verdict = decision.verdict
+        return decision.control, refused
+
+    def _virtual(self, control: str | None) -> bool:
+        """Statements the port answers itself: SET/RESET dbsvc.user_id always, and BEGIN when
+        a user id is set (the port opens that transaction, see ``_server``)."""
+        return control == "user_id" or (control == "begin" and self.user_id is not None)
+
+    async def _run_virtual(self, control: str, value: str | None) -> bytes:
+        """Do what the port answers itself; its CommandComplete (or raise _Refusal)."""
+        if control == "user_id":
+            if self.server is not None:
+                raise _Refusal(
+                    "25001",
+                    f"{USER_ID_SETTING} can be changed only outside a transaction block: it"
+                    " applies to whole transactions",
+                    "invalid_transaction_state",
+                )
+            self.user_id = value
+            return codec.message(b"C", codec.cstring("SET" if value is not None else "RESET"))
+        if self.block:
+            return codec.notice_response(
+                "25001", "there is already a transaction in progress"
+            ) + codec.message(b"C", codec.cstring("BEGIN"))
+        if self.server is None:
+            await self._server(begin=value)
+        if not self.wrapped:
+            # A BEGIN prepared while a user id was set, run after RESET dbsvc.user_id: the
+            # port opened no transaction, so this BEGIN goes to the server itself (only with
+            # nothing else in flight there, which it would have to read past).
+            assert self.server is not None and value is not None
+            if self.expect:
+                raise _Refusal(
+                    "0A000",
+                    "this BEGIN was prepared while dbsvc.user_id was set: send it again",
+                    "invalid_request",
+                )
+            error = await self.server.simple(value)
+            if error is not None:
+                raise _Refusal(error.get("C", "XX000"), error.get("M", "BEGIN failed"))
+        self.block = True
+        return codec.message(b"C", codec.cstring("BEGIN"))
 
     def _deallocate(self) -> bytes:
         """DEALLOCATE done by the port: the client's names go, the server connections keep
@@ -500,24 +831,43 @@ class ClientSession:
         name = self._deallocating
         if name is None:
             self.statements.clear()
+            self.verdicts.clear()
+            self.begins.clear()
             return codec.message(b"C", codec.cstring("DEALLOCATE ALL"))
+        self.verdicts.pop(name, None)
         if self.statements.pop(name, None) is None:
-            return self._refused(("26000", f'prepared statement "{name}" does not exist'))
+            return self._refused(
+                ("26000", f'prepared statement "{name}" does not exist', "invalid_parameters")
+            )
         return codec.message(b"C", codec.cstring("DEALLOCATE"))
 
-    def _refused(self, refusal: tuple[str, str]) -> bytes:
+    def _refused(self, refusal: _Refused) -> bytes:
         if self._status() in (b"T", b"E"):
             self.aborted = True  # as PostgreSQL would: the transaction fails
-        return codec.error_response(*refusal)
+        self._event("denied", refusal[2], None, refusal[1])
+        return _error(*refusal)
 
-    async def _server(self) -> ServerConnection:
+    def _pool_now(self) -> ServerPool:
+        """The company-wide login's pool, or with a user id the user-scoped login's."""
+        assert self.pool is not None and self.tenant is not None
+        if self.user_id is None:
+            return self.pool
+        if self.user_pool is None:
+            login = self.port.app.logins.login(self.tenant, user_scoped=True)
+            self.user_pool = self.port.pools.pool(login, self.pool.settings)
+        return self.user_pool
+
+    async def _server(self, begin: str | None = None) -> ServerConnection:
         """The server connection of this client's transaction: lent now if not held, with
-        the client's settings (read-only for a read-only service) set on it first."""
+        the client's settings (read-only for a read-only service) set on it first. With a
+        user id the port opens the transaction itself (``begin``: the client's own BEGIN, if
+        that is what needs it) with control.enter_user, as the query core does: the user id
+        is signed for that backend and transaction with a key the tenant never sees."""
         if self.server is not None:
             return self.server
-        assert self.pool is not None
+        pool = self._pool_now()
         try:
-            server = await self.pool.acquire(_ACQUIRE_SECONDS)
+            server = await pool.acquire(_ACQUIRE_SECONDS)
         except (BackendError, OSError) as exc:
             fields = getattr(exc, "fields", {"C": "08006", "M": str(exc)})
             raise _Refusal(fields.get("C", "08006"), fields.get("M", str(exc))) from None
@@ -533,18 +883,32 @@ class ClientSession:
                 error = {"C": "08006", "M": "server connection lost"}
             if error is not None:
                 server.broken = True
-                self.pool.release(server)
+                pool.release(server)
                 raise _Refusal(error.get("C", "XX000"), error.get("M", "cannot apply settings"))
             for name, value in self.wanted.items():
                 server.applied[name] = value
-        self.server = server
+        if self.user_id is not None:
+            key = b"\\x" + self.port.app.user_context_key.hex().encode()
+            try:
+                error = await server.begin_with(
+                    begin or "BEGIN", self.port.enter_user, (self.user_id.encode(), key)
+                )
+            except (BackendError, OSError):
+                server.broken = True
+                error = {"C": "08006", "M": "server connection lost"}
+            if error is not None:
+                pool.release(server)  # rolled back there if the BEGIN took
+                raise _Refusal(error.get("C", "XX000"), error.get("M", "cannot begin"))
+            self.wrapped = True
+        self.server, self.server_pool = server, pool
         self.port.figures.servers.inc()
         return server
 
     def _release(self) -> None:
-        if self.server is not None and self.pool is not None:
-            self.pool.release(self.server)
-            self.server = None
+        if self.server is not None and self.server_pool is not None:
+            self.server_pool.release(self.server)
+            self.server = self.server_pool = None
+            self.wrapped = self.block = False
             self.port.figures.servers.dec()
             self.port.figures.transactions.inc()
 
@@ -553,25 +917,46 @@ class ClientSession:
             await self._query(payload)
         elif kind in b"PBDECHS" and len(kind) == 1:
             await self._extended(kind, payload)
+        elif kind in (b"d", b"c", b"f"):
+            # Outside copy-in mode, as PostgreSQL does: ignored (a COPY that failed before
+            # its data began; the client still sends the data, then CopyDone or CopyFail).
+            return
         elif kind == b"F":
             await self._flush(
-                codec.error_response("0A000", "the function call protocol is not supported")
+                _error("0A000", "the function call protocol is not supported")
                 + codec.ready_for_query(self._status())
             )
         else:
             raise codec.ProtocolViolation(f"unexpected message type {kind!r}")
 
     async def _query(self, payload: bytes) -> None:
-        sql = codec.query_text(payload)
+        try:
+            sql = codec.query_text(payload)
+        except codec.ProtocolViolation:
+            if not codec.nul_in_text(b"Q", payload):
+                raise
+            refused = self._refused(_NUL_IN_TEXT)
+            await self._flush(refused + codec.ready_for_query(self._status()))
+            return
         control, refusal = await self._decide(sql)
         if control == "deallocate" and refusal is None:
             await self._flush(self._deallocate() + codec.ready_for_query(self._status()))
             return
+        if refusal is None and control is not None and self._virtual(control):
+            try:
+                answer = await self._run_virtual(
+                    control, self._deallocating if control == "user_id" else sql
+                )
+            except _Refusal as exc:
+                refusal = (exc.sqlstate, exc.text, exc.code)
+            else:
+                await self._flush(answer + codec.ready_for_query(self._status()))
+                return
         if refusal is None:
             try:
                 server = await self._server()
             except _Refusal as exc:
-                refusal = (exc.sqlstate, exc.text)
+                refusal = (exc.sqlstate, exc.text, exc.code)
         if refusal is not None:
             await self._flush(self._refused(refusal) + codec.ready_for_query(self._status()))
             return
@@ -579,7 +964,13 @@ class ClientSession:
             payload = codec.cstring("ROLLBACK")  # PostgreSQL answers COMMIT so in a failed one
         self.server_skipping = False
         server.send(codec.message(b"Q", payload))
-        self.expect.append(_Expect(terminals=b"Z"))
+        if self.server_pool is not None:
+            self.server_pool.queries += 1
+        verdict = self._verdict
+        record = None
+        if verdict is not None and control in (None, "copy"):
+            record = (verdict, sql, time.perf_counter())
+        self.expect.append(_Expect(terminals=b"Z", record=record))
         await self._relay()
 
     async def _extended(self, kind: bytes, payload: bytes) -> None:
@@ -604,7 +995,7 @@ class ClientSession:
             elif kind == b"D":
                 await self._describe(payload)
             elif kind == b"E":
-                self._forward(kind, payload, b"CIs")
+                await self._execute(payload)
             elif kind == b"C":
                 await self._close(payload)
             elif kind == b"H":
@@ -615,7 +1006,7 @@ class ClientSession:
                     await self._flush(b"")
         except _Refusal as exc:
             self.port.figures.refused.labels(exc.sqlstate).inc()
-            self._emit(self._refused((exc.sqlstate, exc.text)))
+            self._emit(self._refused((exc.sqlstate, exc.text, exc.code)))
             self.skip_until_sync = True
 
     def _emit(self, data: bytes) -> None:
@@ -628,30 +1019,54 @@ class ClientSession:
         else:
             self.writer.write(data)
 
-    def _forward(self, kind: bytes, payload: bytes, terminals: bytes) -> None:
+    def _forward(
+        self,
+        kind: bytes,
+        payload: bytes,
+        terminals: bytes,
+        record: tuple[Classification, str, float] | None = None,
+    ) -> None:
         if self.server is None:
             raise _Refusal("08P01", "a portal message outside of any Bind: nothing to run")
         self.server.send(codec.message(kind, payload))
         if not self.server_skipping:
-            self.expect.append(_Expect(terminals=terminals))
+            self.expect.append(_Expect(terminals=terminals, record=record))
 
     async def _parse(self, payload: bytes) -> None:
-        name, query, types = codec.parse_parse(payload)
+        try:
+            name, query, types = codec.parse_parse(payload)
+        except codec.ProtocolViolation:
+            if not codec.nul_in_text(b"P", payload):
+                raise
+            raise _Refusal(*_NUL_IN_TEXT) from None
         control, refusal = await self._decide(query)
         if refusal is not None:
             raise _Refusal(*refusal)
         if control == "deallocate":
             raise _Refusal("0A000", "send DEALLOCATE as a simple query through this port")
+        if name and (name in self.statements or name in self.virtual):
+            raise _Refusal("42P05", f'prepared statement "{name}" already exists')
+        if control is not None and self._virtual(control):
+            self.virtual[name] = (control, self._deallocating if control == "user_id" else query)
+            self._emit(_PARSE_COMPLETE)
+            return
         server = await self._server()
+        if self._verdict is not None:
+            self.verdicts[name] = (self._verdict, query)
+        else:
+            self.verdicts.pop(name, None)
+        if control == "begin":
+            self.begins[name] = query
+        else:
+            self.begins.pop(name, None)
         if not name:
+            self.virtual.pop("", None)
             self.unnamed = payload
             server.unnamed = (self.ident, payload)
             server.send(codec.message(b"P", payload))
             if not self.server_skipping:
                 self.expect.append(_Expect(terminals=b"1"))
             return
-        if name in self.statements:
-            raise _Refusal("42P05", f'prepared statement "{name}" already exists')
         digest = hashlib.sha256(query.encode() + b"\x00" + types).hexdigest()[:32]
         server_name = f"dbsvc_{digest}"
         self.statements[name] = (server_name, codec.replace_parse_name(server_name, query, types))
@@ -686,7 +1101,22 @@ class ClientSession:
         return server_name
 
     async def _bind(self, payload: bytes) -> None:
+        portal = codec.read_cstring(payload)[0]
         name, _ = codec.bind_statement(payload)
+        virtual = self.virtual.get(name)
+        if virtual is None and self.user_id is not None and name in self.begins:
+            # A BEGIN prepared before the user id was set: the port opens that transaction.
+            virtual = ("begin", self.begins[name])
+        if virtual is not None:
+            self.virtual_portals[portal] = virtual
+            self._emit(_BIND_COMPLETE)
+            return
+        self.virtual_portals.pop(portal, None)
+        kept = self.verdicts.get(name)
+        if kept is not None:
+            self.portal_verdicts[portal] = kept
+        else:
+            self.portal_verdicts.pop(portal, None)
         server_name = await self._statement(name)
         assert self.server is not None
         self.server.send(codec.replace_bind_statement(payload, server_name) if name else
@@ -697,11 +1127,29 @@ class ClientSession:
     async def _describe(self, payload: bytes) -> None:
         target, name = payload[:1], codec.read_cstring(payload, 1)[0]
         if target == b"S":
+            if name in self.virtual:
+                self._emit(_NO_PARAMETERS + _NO_DATA)
+                return
             server_name = await self._statement(name)
             payload = b"S" + codec.cstring(server_name)
         else:
+            if name in self.virtual_portals:
+                self._emit(_NO_DATA)
+                return
             await self._server()
         self._forward(b"D", payload, b"Tn")
+
+    async def _execute(self, payload: bytes) -> None:
+        portal = codec.read_cstring(payload)[0]
+        virtual = self.virtual_portals.get(portal)
+        if virtual is None:
+            kept = self.portal_verdicts.get(portal)
+            record = None if kept is None else (*kept, time.perf_counter())
+            self._forward(b"E", payload, b"CIs", record)
+            if self.server_pool is not None:
+                self.server_pool.queries += 1
+            return
+        self._emit(await self._run_virtual(*virtual))
 
     async def _close(self, payload: bytes) -> None:
         target, name = payload[:1], codec.read_cstring(payload, 1)[0]
@@ -709,6 +1157,12 @@ class ClientSession:
             # Kept on the server connection (another client may run the same text); only this
             # client's name goes.
             self.statements.pop(name, None)
+            self.virtual.pop(name, None)
+            self.verdicts.pop(name, None)
+            self.begins.pop(name, None)
+            self._emit(_CLOSE_COMPLETE)
+            return
+        if self.virtual_portals.pop(name, None) is not None:
             self._emit(_CLOSE_COMPLETE)
             return
         await self._server()
@@ -721,9 +1175,81 @@ class ClientSession:
         ReadyForQuery after a Sync or Query), then give the connection back if it is idle."""
         server = self.server
         assert server is not None
+        # The tenant's statement limit, kept from outside the session as the query core does
+        # (postgres/deadlines.py): SQL may lift its own statement_timeout or trap the cancel.
+        # A little later than PostgreSQL's own timeout, which normally answers first.
+        self.expired = False
+        assert self.tenant is not None
+        timer = asyncio.get_running_loop().call_later(
+            self.tenant.limits.statement_timeout_ms / 1000 + _LIMIT_MARGIN, self._expire, server
+        )
+        try:
+            await self._relay_until_done(server)
+        finally:
+            timer.cancel()
+
+    async def _copy_in(self, server: ServerConnection, *, extended: bool) -> None:
+        """Copy-in mode: CopyData from the client to the server until CopyDone or CopyFail
+        (Flush and Sync pass, PostgreSQL ignores them there). After a COPY run by Execute the
+        server wants one more Sync (libpq sends it after CopyDone); that one answers the Sync
+        the client sent before the data. A client gone mid-COPY: the server gets CopyFail, so
+        the COPY and its transaction roll back and the connection goes back to the pool."""
+        while True:
+            try:
+                kind, payload = await self._read()
+            except (ConnectionError, asyncio.IncompleteReadError, codec.ProtocolViolation):
+                server.send(codec.message(b"f", codec.cstring("the client disconnected")))
+                await self._drain_after_failed_copy(server, extended)
+                raise _ClientGone from None
+            if kind not in b"dcfHS" or len(kind) != 1:
+                server.send(codec.message(b"f", codec.cstring(f"unexpected message {kind!r}")))
+                await self._drain_after_failed_copy(server, extended)
+                await self._fatal("08P01", f"unexpected message type {kind!r} during COPY")
+                raise _ClientGone
+            server.send(codec.message(kind, payload))
+            if kind in b"cf":
+                break
+            await server.writer.drain()  # the server's pace: a fast client waits here
+        if extended:
+            kind, payload = await self._read()
+            if kind != b"S":
+                raise codec.ProtocolViolation(f"expected Sync after COPY, got {kind!r}")
+            server.send(codec.message(b"S"))
+        await server.writer.drain()
+
+    async def _drain_after_failed_copy(self, server: ServerConnection, extended: bool) -> None:
+        """After the port's CopyFail: read the server to its ReadyForQuery (after an Execute
+        it skips to a Sync: one is sent), then give the connection back (rolled back there if
+        still in a transaction), or close it."""
+        if extended:
+            server.send(codec.message(b"S"))
+        try:
+            await server.writer.drain()
+            async with asyncio.timeout(10):
+                while True:
+                    kind, payload = await server.read_message()
+                    if kind == b"Z":
+                        server.status = payload[:1]
+                        break
+        except (BackendError, OSError, TimeoutError):
+            server.broken = True
+        self.expect.clear()
+        self.pending.clear()
+        self._release()
+
+    def _expire(self, server: ServerConnection) -> None:
+        if self.server is server and self.server_pool is not None:
+            self.expired = True
+            # Never lent again: Deadlines terminates the backend after the grace period if it
+            # is not idle by then, which must not hit another client's transaction.
+            server.broken = True
+            self.port.app.deadlines.expired(server.pid, self.server_pool.login.role, "statement")
+
+    async def _relay_until_done(self, server: ServerConnection) -> None:
         expect = self.expect
         out = bytearray()
         ready = False  # a ReadyForQuery came: the batch is over
+        finish = False  # ... and it ends a transaction the port opened for a user id
         await server.writer.drain()
         while True:
             while expect and expect[0].synthetic is not None:
@@ -736,18 +1262,42 @@ class ClientSession:
             try:
                 messages = await server.read_messages()
             except (BackendError, OSError):
+                in_block = self.block or (server.status != b"I" and not self.wrapped)
                 server.broken = True
                 expect.clear()
                 self.pending.clear()
                 self._release()
-                await self._fatal("08006", "the server connection was lost")
+                if self.expired and not in_block:
+                    # Terminated past its limit outside any block of the client's: that
+                    # statement fails, the client goes on (on another server connection).
+                    self.aborted = False
+                    limit = self.tenant.limits.statement_timeout_ms if self.tenant else 0
+                    out += _error(
+                        "57014",
+                        f"the statement exceeded the tenant's limit of {limit} ms and was canceled",
+                    )
+                    await self._flush(out + codec.ready_for_query(b"I"))
+                    return
+                if self.expired:
+                    await self._flush(out)
+                    await self._fatal(
+                        "57014",
+                        "the statement exceeded the tenant's limit: the transaction is lost",
+                    )
+                else:
+                    await self._fatal("08006", "the server connection was lost")
                 raise _ClientGone from None
             for kind, raw in messages:
                 head = expect[0] if expect else None
+                if kind == b"E" and self.expired and b"SFATAL\x00" in raw:
+                    continue  # the backend's own "terminating connection": answered above
                 if kind == b"E":
                     out += raw
-                    self._on_error()
+                    self._on_error(raw)
                     continue
+                if kind == b"C" and head is not None and head.record is not None:
+                    self._done(head.record, raw)
+                    head.record = None
                 if kind in b"NA":
                     out += raw
                     continue
@@ -755,36 +1305,101 @@ class ClientSession:
                     self._track_setting(server, raw)
                     out += raw
                     continue
-                if kind == b"G":  # COPY FROM STDIN: not served by this port yet
-                    server.send(codec.message(b"f", codec.cstring(_NO_COPY)))
-                    await server.writer.drain()
+                if kind == b"G":  # COPY FROM STDIN: the client's data goes to the server
+                    out += raw
+                    await self._flush(out)
+                    out = bytearray()
+                    await self._copy_in(
+                        server, extended=head is not None and head.terminals != b"Z"
+                    )
                     continue
                 if head is None or kind not in head.terminals:
                     out += raw
                     continue
                 expect.popleft()
-                if not head.swallow:
-                    out += raw
-                if head.prepares is not None:
-                    server.prepared.add(head.prepares)
-                    self.pending.discard(head.prepares)
                 if kind == b"Z":
                     ready = True
                     server.status = raw[5:6]
                     if server.status == b"I":
-                        self.aborted = False
+                        self.aborted = self.block = self.wrapped = False
+                    if self.wrapped and not self.block:
+                        finish = True  # answered once the port's transaction has ended
                     elif self.aborted:
-                        out[-1:] = b"E"
+                        out += raw[:5] + b"E"
+                    else:
+                        out += raw
+                elif not head.swallow:
+                    out += raw
+                if head.prepares is not None:
+                    server.prepared.add(head.prepares)
+                    self.pending.discard(head.prepares)
                 while expect and expect[0].synthetic is not None:
                     out += expect.popleft().synthetic  # type: ignore[arg-type]
-        if ready and server.status == b"I" and not expect:
+        if finish:
+            out += await self._end_wrapped(server)
+        if ready and server.broken and server.status != b"I" and not expect:
+            # Past its limit inside the client's own transaction: the backend is cancelled and
+            # then terminated, so that transaction is lost; the session ends, as PostgreSQL
+            # ends a terminated one, rather than going on outside the client's transaction.
+            self.pending.clear()
+            self._release()
+            await self._flush(out)
+            await self._fatal(
+                "57014", "the statement exceeded the tenant's limit: the transaction is lost"
+            )
+            raise _ClientGone
+        if ready and (server.status == b"I" or server.broken) and not expect:
             self.pending.clear()
             self._release()
         await self._flush(out)
 
-    def _on_error(self) -> None:
+    async def _end_wrapped(self, server: ServerConnection) -> bytes:
+        """Commit (or after an error roll back) the transaction the port opened for a user id
+        around statements the client sent outside a block, as PostgreSQL ends an implicit one:
+        its answer (an error, if COMMIT failed) and ReadyForQuery 'I'."""
+        end = "COMMIT" if server.status == b"T" and not self.aborted else "ROLLBACK"
+        try:
+            error = await server.simple(end)
+        except (BackendError, OSError):
+            server.broken = True
+            error = {"C": "08006", "M": "the server connection was lost"}
+        self.aborted = self.wrapped = False
+        out = b""
+        if error is not None:
+            detail = {k: v for k, v in error.items() if k in "DHP"}
+            out = codec.error_response(error.get("C", "XX000"), error.get("M", end), **detail)
+        if server.status != b"I":
+            server.broken = True
+        return out + codec.ready_for_query(b"I")
+
+    def _done(self, record: tuple[Classification, str, float], raw: bytes) -> None:
+        """A statement of the client's completed (CommandComplete): its figures and audit."""
+        verdict, sql, started = record
+        tag = raw[5:-1].decode(errors="replace")
+        if self.recorder is not None and self.tenant is not None:
+            last = tag.rsplit(" ", 1)[-1]
+            rows = int(last) if last.isdigit() else 0
+            took_ms = (time.perf_counter() - started) * 1000
+            self.recorder.done(self.tenant, verdict, sql, (), took_ms, rows)
+        self._event("ok", tag.split(" ", 1)[0] or None, verdict.kind, "")
+
+    def _failed(self, record: tuple[Classification, str, float], fields: dict[str, str]) -> None:
+        verdict = record[0]
+        if self.recorder is not None and self.tenant is not None:
+            self.recorder.failed(self.tenant.tenant_id, verdict)
+        self._event("error", _code_for(fields.get("C", "XX000")), verdict.kind, fields.get("M", ""))
+
+    def _on_error(self, raw: bytes) -> None:
         """The server refused a message: it skips everything up to the Sync (or the Query's
         end), so do the answers the client expected before then."""
+        fields: dict[str, str] | None = None
+        for head in self.expect:
+            if head.record is not None:
+                fields = fields or codec.parse_error_fields(raw[5:])
+                self._failed(head.record, fields)
+                head.record = None
+            if head.terminals == b"Z":
+                break
         while self.expect and self.expect[0].terminals != b"Z":
             self.expect.popleft()
         self.pending.clear()
@@ -796,6 +1411,53 @@ class ClientSession:
         server.applied[name] = value
         if name in self.wanted:
             self.wanted[name] = value
+
+
+def _user_id(value: str) -> str:
+    if not valid_user_id(value):
+        raise _Refusal(
+            "22023",
+            f"{USER_ID_SETTING} must be 1-50 characters of letters, digits and _ . @ : + -",
+            "invalid_parameters",
+        )
+    return value
+
+
+def _options(value: str) -> list[tuple[str, str]]:
+    """``options`` as libpq sends it (``-c name=value`` or ``--name=value``, backslash
+    escapes a space): (lower-case name, value) pairs."""
+    words: list[str] = []
+    word, escaped, started = "", False, False
+    for char in value:
+        if escaped:
+            word, escaped, started = word + char, False, True
+        elif char == "\\":
+            escaped = True
+        elif char.isspace():
+            if started:
+                words.append(word)
+            word, started = "", False
+        else:
+            word, started = word + char, True
+    if started:
+        words.append(word)
+    pairs: list[tuple[str, str]] = []
+    index = 0
+    while index < len(words):
+        item = words[index]
+        if item == "-c" and index + 1 < len(words):
+            index += 1
+            item = words[index]
+        elif item.startswith(("-c", "--")):
+            item = item[2:]
+        else:
+            raise _Refusal("42704", f"options: {item!r} is not -c name=value")
+        name, sep, setting = item.partition("=")
+        if not sep:
+            raise _Refusal("42704", f"options: {item!r} is not -c name=value")
+        pairs.append((name.strip().lower().replace("-", "_"), setting))
+        index += 1
+    return pairs
 
 
 def _literal(value: str) -> str:

@@ -44,6 +44,15 @@ async def performance(
     return document
 
 
+@router.get("/api/v1/admin/pgwire", tags=["admin"])
+async def pgwire_view(
+    core: Core, principal: Authenticated, tenant_id: str | None = None
+) -> dict[str, Any]:
+    """The PostgreSQL wire port's pools, clients, servers and stats (PgBouncer's SHOW), of this
+    worker: of one tenant (admin over it), or of every tenant (the platform administrator)."""
+    return await core.observability.pgwire(principal, tenant_id)
+
+
 @router.get("/api/v1/admin/audit", tags=["admin"])
 async def audit_log(
     core: Core,

@@ -1,0 +1,125 @@
+"""The port's admin view, like PgBouncer's ``SHOW POOLS / CLIENTS / SERVERS / STATS``.
+
+Served on the port itself: a client logging in to the database ``dbsvc-admin`` (a name no
+tenant can have: tenant ids have no hyphen) with a service that holds the ``admin`` scope
+gets a session that answers only those four statements (simple protocol), as text rows. A
+platform admin (tenants ``*``) sees every tenant, a tenant admin only its own tenants'
+rows. Nothing here reaches PostgreSQL: the figures are the port's own.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from database_service.pgwire import codec
+
+if TYPE_CHECKING:
+    from database_service.pgwire.server import PgWireServer
+
+__all__ = ["ADMIN_DATABASE", "SHOW_KINDS", "answer", "show"]
+
+ADMIN_DATABASE = "dbsvc-admin"
+SHOW_KINDS = ("pools", "clients", "servers", "stats")
+_SHOW = re.compile(r"^\s*show\s+(\w+)\s*;?\s*$", re.IGNORECASE)
+_TEXT_OID = 25
+
+Table = tuple[list[str], list[list[object]]]
+
+
+def show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Table:
+    """(columns, rows) of one view; ``visible(tenant_id)`` filters the rows by tenant."""
+    if kind == "pools":
+        clients: dict[int, int] = {}
+        for session in port.sessions.values():
+            if session.server_pool is not None:
+                clients[id(session.server_pool)] = clients.get(id(session.server_pool), 0) + 1
+        pools = [
+            [p.login.tenant_id, p.login.role, clients.get(id(p), 0), len(p.waiters),
+             p.open - len(p.idle), len(p.idle), p.max_size, "transaction"]
+            for p in port.pools.all()
+        ]  # fmt: skip
+        columns = ["database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle",
+                   "pool_size", "pool_mode"]  # fmt: skip
+        return columns, [row for row in pools if visible(str(row[0]))]
+    if kind == "clients":
+        columns = ["type", "user", "database", "user_id", "state", "tls", "connect_time",
+                   "pid", "server_pid"]  # fmt: skip
+        rows: list[list[object]] = []
+        for s in port.sessions.values():
+            if s.tenant is None or not visible(s.tenant.tenant_id):
+                continue
+            rows.append(
+                ["C", s.principal.service if s.principal else None, s.tenant.tenant_id,
+                 s.user_id, "active" if s.server else "idle", s.tls,
+                 s.connected_at, s.pid, s.server.pid if s.server else None]
+            )  # fmt: skip
+        return columns, rows
+    if kind == "servers":
+        columns = ["type", "user", "database", "state", "pid", "prepared", "client"]
+        rows = []
+        for session in port.sessions.values():
+            server, pool = session.server, session.server_pool
+            if server is None or pool is None or not visible(pool.login.tenant_id):
+                continue
+            client = session.principal.service if session.principal else None
+            rows.append(["S", pool.login.role, pool.login.tenant_id, "active", server.pid,
+                         len(server.prepared), client])  # fmt: skip
+        for pool in port.pools.all():
+            if not visible(pool.login.tenant_id):
+                continue
+            for server in pool.idle:
+                rows.append(["S", pool.login.role, pool.login.tenant_id, "idle", server.pid,
+                             len(server.prepared), None])  # fmt: skip
+        return columns, rows
+    if kind == "stats":
+        columns = ["database", "user", "total_xact_count", "total_query_count",
+                   "total_wait_time_us", "total_wait_count"]  # fmt: skip
+        rows = [
+            [p.login.tenant_id, p.login.role, p.transactions, p.queries,
+             int(p.wait_seconds * 1_000_000), p.waits]
+            for p in port.pools.all()
+            if visible(p.login.tenant_id)
+        ]  # fmt: skip
+        return columns, rows
+    raise KeyError(kind)
+
+
+def answer(port: PgWireServer, sql: str, visible: Callable[[str], bool]) -> bytes:
+    """The admin session's answer to one Query: the view's rows, or an error (no
+    ReadyForQuery)."""
+    match = _SHOW.match(sql)
+    kind = match.group(1).lower() if match else ""
+    if kind not in SHOW_KINDS:
+        return codec.error_response(
+            "0A000",
+            "the admin database answers only SHOW POOLS, SHOW CLIENTS, SHOW SERVERS and SHOW STATS",
+            R="dbsvc:invalid_request",
+        )
+    columns, rows = show(port, kind, visible)
+    out = bytearray(row_description(columns))
+    for row in rows:
+        out += data_row(row)
+    out += codec.message(b"C", codec.cstring("SHOW"))
+    return bytes(out)
+
+
+def row_description(columns: Sequence[str]) -> bytes:
+    body = struct.pack("!H", len(columns))
+    for name in columns:
+        body += codec.cstring(name) + struct.pack("!IhIhih", 0, 0, _TEXT_OID, -1, -1, 0)
+    return codec.message(b"T", body)
+
+
+def data_row(values: Sequence[object]) -> bytes:
+    body = struct.pack("!H", len(values))
+    for value in values:
+        if value is None:
+            body += struct.pack("!i", -1)
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        encoded = text.encode()
+        body += struct.pack("!i", len(encoded)) + encoded
+    return codec.message(b"D", body)
