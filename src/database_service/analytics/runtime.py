@@ -55,6 +55,8 @@ def limits_of(settings: Settings) -> AnalyticsLimits:
         max_rows_to_read=settings.clickhouse_max_rows_to_read,
         max_result_bytes=settings.clickhouse_max_result_bytes,
         max_result_rows=settings.max_result_rows,
+        tenant_max_tables=settings.clickhouse_tenant_max_tables,
+        tenant_max_bytes=settings.clickhouse_tenant_max_bytes,
     )
 
 
@@ -150,6 +152,16 @@ class AnalyticsRuntime:
                 "dbsvc_analytics_refused",
                 "Tenant SQL refused by the guard or checks.",
                 self.analytics.refused,
+            ),
+            (
+                "dbsvc_analytics_tenant_inserts",
+                "Rows inserted into tenants' own ClickHouse tables (Analytics.insert).",
+                self.analytics.inserts,
+            ),
+            (
+                "dbsvc_analytics_tenant_inserts_refused",
+                "Inserts into tenants' own ClickHouse tables refused before they ran.",
+                self.analytics.inserts_refused,
             ),
         ):
             counter = CounterMetricFamily(name, doc)
