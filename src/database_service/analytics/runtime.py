@@ -19,7 +19,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from database_service.analytics.replicator import (
     Replicator,
-    queue_tenant_deletion,
     set_capture,
 )
 from database_service.analytics.service import Analytics, AnalyticsLimits
@@ -78,9 +77,9 @@ class AnalyticsRuntime:
             await set_capture(conn, self.control_schema, True)
 
     async def tenant_deleted(self, tenant_id: str) -> None:
-        """Queue the purge: the replicator runs it in its place in the change order."""
-        async with self.owner_pool.acquire() as conn:
-            await queue_tenant_deletion(conn, self.control_schema, tenant_id)
+        """Forget the tenant's provisioned database. Its purge was queued in the delete's own
+        transaction (``TenantManager.on_deleting``); the replicator runs it in its place in the
+        change order."""
         self.analytics.forget(tenant_id)
 
     async def read_queue(self) -> None:
