@@ -669,6 +669,7 @@ class Application:
                 if s.clickhouse_url is not None and s.master_key is not None
                 else None
             ),
+            retention_days=s.ts_retention_days,  # ticks and predictions, as in PostgreSQL
         )
         self.analytics = await start_analytics(
             s, store, analytics, dsn=dsn, owner_pool=self.owner_pool

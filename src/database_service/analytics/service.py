@@ -22,7 +22,9 @@ from database_service.analytics.replicator import purge_tenant
 from database_service.analytics.reports import REPORTS, ReportParams, report_sql
 from database_service.analytics.schema import (
     REPLICATED,
+    RETAINED,
     SHARED_DATABASE,
+    retention_ttl,
     shared_ddl,
     tenant_database,
     tenant_view_ddl,
@@ -168,8 +170,10 @@ class Analytics:
         audit: AuditLog,
         limits: AnalyticsLimits | None = None,
         tenant_key: bytes | None = None,
+        retention_days: float | None = None,
     ) -> None:
         self.store = store
+        self._retention_days = retention_days
         # On a ClickHouse server: the key tenants' ClickHouse passwords derive from (from the
         # master key); tenant SQL then runs as the tenant's own user (``runner``).
         self._tenant_key = tenant_key
@@ -207,6 +211,31 @@ class Analytics:
             # the session's default database: an empty one. The guard refuses USE, so it stays.
             await self.store.command(f"USE {EMPTY_DATABASE}")
         self._guard = AnalyticsGuard(self.store, await FunctionCatalog.load(self.store))
+        if self._retention_days is not None:
+            await self.apply_retention(self._retention_days)
+
+    async def apply_retention(self, days: float) -> list[str]:
+        """Give ticks and predictions PostgreSQL's retention as a TTL (rows past it are removed
+        by ClickHouse's merges); the statements run, none when the TTL is already in place (a
+        changed TTL is applied to existing parts by a background mutation, once)."""
+        ran = []
+        for table in RETAINED:
+            ttl = retention_ttl(table, days)
+            current = await self.store.query(
+                f"SELECT engine_full FROM system.tables WHERE database = '{SHARED_DATABASE}'"
+                f" AND name = '{table}'"
+            )
+            engine = str(current.rows[0][0]) if current.rows else ""
+            has_ttl = " TTL " in engine
+            if ttl is None and has_ttl:
+                statement = f"ALTER TABLE {SHARED_DATABASE}.{table} REMOVE TTL"
+            elif ttl is not None and f"TTL {ttl}" not in engine:
+                statement = f"ALTER TABLE {SHARED_DATABASE}.{table} MODIFY TTL {ttl}"
+            else:
+                continue
+            await self.store.command(statement)
+            ran.append(statement)
+        return ran
 
     @property
     def guard(self) -> AnalyticsGuard:
