@@ -270,9 +270,9 @@ async def test_bad_parameters_are_refused_and_run_nothing(
 
 
 async def test_the_seeds_multi_db_call_reads_clickhouse(setup: Any) -> None:
-    """``execute_multi_db_operation``'s ``clickhouse`` part: a read on the tenant's tables; the
-    seed's ``INSERT INTO signal_analytics`` is refused (no writable ClickHouse tables yet),
-    before any store ran."""
+    """``execute_multi_db_operation``'s ``clickhouse`` part: a read on the tenant's tables; an
+    ``INSERT`` sent as its query is refused before any store ran (the query path reads; inserts
+    into a tenant's own tables go through ``Analytics.insert``, with a deduplication token)."""
     _, _, _, _, client = setup
     result = await client.execute_multi_db_operation(
         {"clickhouse": {"query": "SELECT count() FROM trading_signals"}}
