@@ -442,6 +442,7 @@ class Analytics:
         params: Sequence[Any] | Mapping[str, Any],
         *,
         dedup_token: str,
+        caller: str = "analytics.insert",
     ) -> int:
         """Insert one row into one of the tenant's own ClickHouse tables; the rows inserted (1).
 
@@ -454,6 +455,8 @@ class Analytics:
 
         The caller has authorized the write (a ``write`` scope for the tenant, as checked when
         the request was accepted, e.g. by the multi-store outbox); the tenant must be active.
+        Every call is audited (action ``analytics``, class ``write``) under ``caller``: the
+        service the write was accepted from, when the caller knows it.
         """
         try:
             if not dedup_token or len(dedup_token) > 200:
@@ -489,17 +492,36 @@ class Analytics:
             if unknown:
                 raise SqlRejected(f"unknown column(s) of {checked.table}: {', '.join(unknown)}")
             line = row_json(row)
-        except DatabaseServiceError:
+        except DatabaseServiceError as exc:
             self.inserts_refused += 1
+            await self._audit_insert(caller, tenant_id, "denied", exc.error_code, sql)
             raise
         try:
             await self.runner(tenant_id).insert_json(
                 f"{database}.`{checked.table}`", [line], dedup_token
             )
         except ClickHouseError as exc:
-            raise _mapped(exc) from None
+            error = _mapped(exc)
+            await self._audit_insert(caller, tenant_id, "error", error.error_code, sql)
+            raise error from None
         self.inserts += 1
+        await self._audit_insert(caller, tenant_id, "ok", None, f"INSERT INTO {checked.table}")
         return 1
+
+    async def _audit_insert(
+        self, caller: str, tenant_id: str, outcome: str, code: str | None, what: str
+    ) -> None:
+        await self._audit.record(
+            AuditEvent(
+                service=caller,
+                tenant_id=tenant_id,
+                action="analytics",
+                statement_class="write",
+                outcome=outcome,
+                code=code,
+                detail=f"store=clickhouse {what[:200]}",
+            )
+        )
 
     def _result(self, result: Any, started: float) -> QueryResult:
         columns = [
