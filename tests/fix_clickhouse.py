@@ -29,6 +29,9 @@ async def ch_core(
         tmp_path_factory.mktemp("ch-data"),
         clickhouse_enabled=True,
         clickhouse_replicate=False,
+        # No TTL on ClickHouse's ticks: tests replicate ticks from weeks ago (the reports' are
+        # from 2026-11-02) and compare them with PostgreSQL, where no retention runs here.
+        ts_retention_days=36_500,
     )
     # No partition maintenance: the session's own service does it; a second one's retention
     # would drop other tests' old ticks under them (the 2024 candles).
@@ -47,7 +50,11 @@ async def _stop_capture(app: Application) -> None:
 
 @contextlib.asynccontextmanager
 async def capturing(app: Application) -> AsyncIterator[Application]:
-    """Changes queued for ClickHouse while inside (as a service with analytics has them)."""
+    """Changes queued for ClickHouse while inside (as a service with analytics has them).
+
+    Starts from an empty queue: other tests' tenant deletions queue purges whether capture is
+    on or not (in the delete's transaction), and those tenants never reached ClickHouse."""
+    await _stop_capture(app)
     async with app.owner_pool.acquire() as conn:
         await set_capture(conn, app.settings.control_schema, True)
     try:

@@ -122,6 +122,20 @@ async def _fill(app: Application, tenant_id: str, salt: int) -> None:
             T0,
             salt,
         )
+        # The drawdown's edges: a closed trade without a profit first in its day (left out, as
+        # PostgreSQL's sum and max leave it), a day and symbol with no profit at all (no
+        # drawdown: NULL), and trades closed at the same instant (ordered by trade_id).
+        await conn.execute(
+            f"INSERT INTO {schema}.trading_history (symbol, side, volume, open_price,"
+            " close_price, profit, opened_at, closed_at) VALUES"
+            " ('EURUSD', 'buy', 1, 1.1, 1.1, NULL, $1, $1),"
+            " ('USDJPY', 'buy', 1, 1.1, 1.1, NULL, $1, $1 + interval '1 minute'),"
+            " ('USDJPY', 'buy', 1, 1.1, 1.1, NULL, $1, $1 + interval '2 minutes'),"
+            " ('GBPUSD', 'buy', 1, 1.1, 1.1, 90, $1, $1 + interval '1 day 1 second'),"
+            " ('GBPUSD', 'buy', 1, 1.1, 1.1, -300, $1, $1 + interval '1 day 1 second'),"
+            " ('GBPUSD', 'buy', 1, 1.1, 1.1, 120, $1, $1 + interval '1 day 1 second')",
+            T0,
+        )
         # Signals and predictions every 97 s across the ticks' two hours, and a few after them
         # (no tick at or after: not evaluated).
         await conn.execute(
@@ -256,9 +270,9 @@ async def test_bad_parameters_are_refused_and_run_nothing(
 
 
 async def test_the_seeds_multi_db_call_reads_clickhouse(setup: Any) -> None:
-    """``execute_multi_db_operation``'s ``clickhouse`` part: a read on the tenant's tables; the
-    seed's ``INSERT INTO signal_analytics`` is refused (no writable ClickHouse tables yet),
-    before any store ran."""
+    """``execute_multi_db_operation``'s ``clickhouse`` part: a read on the tenant's tables; an
+    ``INSERT`` sent as its query is refused before any store ran (the query path reads; inserts
+    into a tenant's own tables go through ``Analytics.insert``, with a deduplication token)."""
     _, _, _, _, client = setup
     result = await client.execute_multi_db_operation(
         {"clickhouse": {"query": "SELECT count() FROM trading_signals"}}

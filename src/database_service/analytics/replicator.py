@@ -35,6 +35,7 @@ import asyncpg
 
 from database_service.analytics.schema import REPLICATED, SHARED_DATABASE, tenant_database
 from database_service.stores.clickhouse import ClickHouseStore
+from database_service.stores.clickhouse.server import tenant_drop_ddl
 from database_service.tenancy.ids import quote_ident
 
 __all__ = ["ReplicationStatus", "Replicator", "queue_tenant_deletion", "set_capture"]
@@ -54,6 +55,9 @@ async def set_capture(conn: Any, control_schema: str, enabled: bool) -> None:
 
 
 async def queue_tenant_deletion(conn: Any, control_schema: str, tenant_id: str) -> None:
+    """Queue the purge of ``tenant_id``'s ClickHouse data, on the connection (and in the
+    transaction) that deletes the tenant. Queued whether capture is on or not: ClickHouse may
+    hold the tenant's rows from a time it was, and one row per deleted tenant costs nothing."""
     await conn.execute(
         f"INSERT INTO {quote_ident(control_schema)}.analytics_changes"
         " (source, company_id, op, row) VALUES ('', $1, 'X', '{}')",
@@ -217,3 +221,8 @@ async def purge_tenant(store: ClickHouseStore, tenant_id: str) -> None:
             " SETTINGS mutations_sync = 2"
         )
     await store.command(f"DROP DATABASE IF EXISTS {database}")
+    if store.kind == "server":  # its user, settings profile and row policies
+        for statement in tenant_drop_ddl(
+            tenant_id, shared_tables=list(REPLICATED), shared_database=SHARED_DATABASE
+        ):
+            await store.command(statement)
