@@ -20,6 +20,7 @@ __all__ = [
     "Authenticated",
     "Core",
     "OptionalPrincipal",
+    "TenantHeader",
     "acting_for",
     "aware",
     "get_core",
@@ -43,6 +44,9 @@ async def get_core(request: Request) -> Application:
 
 
 Core = Annotated[Application, Depends(get_core)]
+
+# The tenant a request acts for, when its body does not say (``tenant_context``).
+TenantHeader = Annotated[str | None, Header(alias="x-tenant-id")]
 
 
 async def authenticated(

@@ -13,12 +13,12 @@ header). Reads need ``read``, writes ``write``. Properties are JSON objects; fil
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from database_service.api.http.deps import Authenticated, Core, tenant_context
+from database_service.api.http.deps import Authenticated, Core, TenantHeader, tenant_context
 from database_service.application.graphs import GraphOperation as Op
 from database_service.errors import EdgeNotFound, VertexNotFound
 from database_service.stores.graph.model import (
@@ -34,8 +34,6 @@ from database_service.stores.graph.model import (
 )
 
 router = APIRouter(tags=["graph"])
-
-TenantHeader = Annotated[str | None, Header(alias="x-tenant-id")]
 
 
 class _Body(BaseModel):

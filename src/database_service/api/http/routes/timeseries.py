@@ -3,20 +3,18 @@
 import datetime as dt
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from database_service.api.http.deps import Authenticated, Core, aware, tenant_context
+from database_service.api.http.deps import Authenticated, Core, TenantHeader, aware, tenant_context
 from database_service.query import Header as ResultHeader
 from database_service.query import Summary, encode_value
 from database_service.results import PackedRows, unpacked
 from database_service.timeseries.candles import DEFAULT_ORIGIN, CandleQuery, parse_interval
 
 router = APIRouter(tags=["timeseries"])
-
-TenantHeader = Annotated[str | None, Header(alias="x-tenant-id")]
 
 
 async def ndjson(events: AsyncGenerator[Any, None]) -> StreamingResponse:

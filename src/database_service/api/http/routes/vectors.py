@@ -8,12 +8,12 @@ are given). Property values are JSON: dates as ISO 8601 text, UUIDs as text. Fil
 (``where``) are described in ``stores.vector.filters``.
 """
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from database_service.api.http.deps import Authenticated, Core, tenant_context
+from database_service.api.http.deps import Authenticated, Core, TenantHeader, tenant_context
 from database_service.stores.vector import (
     CollectionInfo,
     Hit,
@@ -25,7 +25,6 @@ from database_service.stores.vector.model import json_value
 
 router = APIRouter(tags=["vector"])
 
-TenantHeader = Annotated[str | None, Header(alias="x-tenant-id")]
 _BASE = "/api/v1/vector/collections"
 
 
