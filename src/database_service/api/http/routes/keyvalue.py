@@ -10,12 +10,12 @@ which. TTLs are milliseconds (``ttl_ms``).
 
 import base64
 import binascii
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from database_service.api.http.deps import Authenticated, Core, tenant_context
+from database_service.api.http.deps import Authenticated, Core, TenantHeader, tenant_context
 from database_service.application.keyvalue import KeyValueCommand, operation_of
 from database_service.errors import InvalidParameters, InvalidRequest, InvalidText
 
@@ -80,7 +80,7 @@ async def key_value(
     request: Request,
     core: Core,
     principal: Authenticated,
-    x_tenant_id: Annotated[str | None, Header(alias="x-tenant-id")] = None,
+    x_tenant_id: TenantHeader = None,
 ) -> dict[str, Any]:
     """One key-value operation for the caller's tenant (``tenant_id``, ``company_id`` or the
     X-Tenant-Id header; when more than one is given they must agree). The tenant's keys are
