@@ -22,7 +22,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -828,8 +828,14 @@ class QueryExecutor:
         *,
         isolation: Isolation = "read_committed",
         read_only: bool = False,
+        before_commit: Callable[[Connection], Awaitable[None]] | None = None,
     ) -> TransactionResult:
-        """Several statements, all or nothing; every one is checked before BEGIN."""
+        """Several statements, all or nothing; every one is checked before BEGIN.
+
+        ``before_commit`` runs the service's own SQL on the transaction's connection after the
+        last statement, under the statement limit (the multi-store outbox records its entries
+        there: they commit with the statements or not at all); it may run twice when the
+        transaction is retried whole."""
         started = time.perf_counter()
         async with self._audited(principal, ctx, "transaction") as outcome:
             if not statements:
@@ -871,6 +877,10 @@ class QueryExecutor:
                                 self._statements.done(
                                     tenant, verdict, sql, params, took_ms, result.row_count
                                 )
+                        if before_commit is not None:
+                            with postgres_errors(ctx.tenant_id):
+                                async with session.watch.statement():
+                                    await before_commit(session.conn)
                     break
                 except StatementOutdated:
                     # Rolled back whole; every statement runs again, prepared afresh.
