@@ -67,9 +67,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# A TEST HOOK, not a product feature: seconds the applier waits after a request's commit before
-# applying its entries, so an end-to-end test can kill the process between commit and apply
-# (tests/e2e/test_multidb_crash.py). Unset in production.
+# A TEST HOOK, not a product feature: seconds the applier waits before applying any entry (the
+# request's own, right after its commit, and the background loop's), so an end-to-end test can
+# kill the process between commit and apply (tests/e2e/test_multidb_crash.py). Unset in
+# production; read once when the service starts.
 APPLY_DELAY_ENV = "DBSVC_TEST_MULTIDB_APPLY_DELAY_SECONDS"
 # The identity entries are applied under: the entry's tenant only, read and write.
 APPLIER_SERVICE = "multidb-outbox"
@@ -304,6 +305,8 @@ class Outbox:
 
     async def apply(self, entry_id: int) -> EntryOutcome:
         """Apply one entry if it is pending and nobody else holds it; what became of it."""
+        if self.apply_delay:
+            await asyncio.sleep(self.apply_delay)  # the test hook (APPLY_DELAY_ENV)
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"SELECT id, tenant_id, store, op, attempts, created_at FROM {self._table}"
@@ -385,8 +388,6 @@ class Outbox:
 
     async def apply_now(self, entry_ids: Sequence[int]) -> list[EntryOutcome]:
         """A request's own entries, right after its commit, in order."""
-        if self.apply_delay:
-            await asyncio.sleep(self.apply_delay)  # the test hook (APPLY_DELAY_ENV)
         return [await self.apply(entry_id) for entry_id in entry_ids]
 
     async def apply_due(self) -> int:
