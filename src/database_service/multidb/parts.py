@@ -245,6 +245,9 @@ class VectorPart(_Part):
         return self.operation in {"upsert", "delete"}
 
     def check(self) -> None:
+        from database_service.stores.vector.model import collection_name  # noqa: PLC0415
+
+        collection_name(self.class_)  # refused now, not when the entry is applied
         given = {k for k, v in self.__dict__.items() if v is not None} - {
             "operation", "class_", "company_id", "tenant_id",
         }  # fmt: skip
