@@ -116,7 +116,9 @@ async def test_the_seeds_example_runs_across_every_store(
     assert {n: o.status for n, o in result.outcomes.items()} == dict.fromkeys(
         ("postgresql", "dragonflydb", "vector", "graph"), "applied"
     )
-    assert result.outcomes["postgresql"].atomic
+    # PostgreSQL, the vector collection and the graph committed together; the key-value write
+    # went through the outbox.
+    assert [n for n, o in result.outcomes.items() if o.atomic] == ["postgresql", "vector", "graph"]
     assert isinstance(result["postgresql"], QueryResult)
     assert result["postgresql"].command == "INSERT 0 1"
     assert result["dragonflydb"] is True
@@ -137,12 +139,10 @@ async def test_the_seeds_example_runs_across_every_store(
         admin_of(tid), TenantContext(tid), "about/" + (await _edge_key(core, tid))
     )
     assert edge is not None and edge.to_id == "symbols/EURUSD"
-    # The outbox rows of the call are applied, once each.
+    # The outbox row of the call is applied, once.
     rows = await outbox_rows(core, tid)
     assert [(r["store"], r["status"], r["attempts"]) for r in rows] == [
-        ("dragonflydb", "applied", 1),
-        ("vector", "applied", 1),
-        ("graph", "applied", 1),
+        ("dragonflydb", "applied", 1)
     ]
 
 
@@ -176,7 +176,7 @@ async def test_reads_run_directly_after_the_commit(
     assert result["vector"]["count"] == 1
     assert [h["vertex"]["_id"] for h in result["graph"]["hits"]] == ["symbols/EURUSD"]
     # Reads record nothing.
-    assert len(await outbox_rows(core, tid)) == 3
+    assert len(await outbox_rows(core, tid)) == 1
 
 
 async def test_dict_params_bind_by_name_never_as_keys(
@@ -309,37 +309,63 @@ async def test_a_failed_entry_is_kept_listed_and_retried_by_an_admin(
     core: Application, client: MultiDatabaseClient, tenant: TenantRecord, http: httpx.AsyncClient
 ) -> None:
     tid = tenant.tenant_id
+    await client.kv_set("counter", "not a number")
     result = await client.execute_multi_db_operation(
         {
-            "vector": {
-                "operation": "upsert",
-                "class": "Later",
-                "objects": [{"vector": [1.0, 0.0, 0.0], "properties": {}}],
-            }
+            "postgresql": {"query": "INSERT INTO users VALUES ('f1', 'f1@x', 'pro')"},
+            "dragonflydb": {"operation": "incr", "key": "counter"},
         }
     )
-    outcome = result.outcomes["vector"]
-    assert outcome.status == "failed" and outcome.reason and "Later" in outcome.reason
-    assert result["vector"] is None
+    outcome = result.outcomes["dragonflydb"]
+    assert result.outcomes["postgresql"].status == "applied"
+    # The store refused it (not an integer): failed at once, not retried.
+    assert (outcome.status, outcome.code) == ("failed", "failed_precondition")
+    assert outcome.reason and "integer" in outcome.reason
+    assert result["dragonflydb"] is None
     token = await _token(core, tid, [Scope.READ, Scope.WRITE, Scope.ADMIN])
     headers = {"Authorization": f"Bearer {token}", "X-Tenant-Id": tid}
     listed = await http.get("/api/v1/multi-db/outbox", params={"status": "failed"}, headers=headers)
     assert listed.status_code == 200, listed.text
     entries = listed.json()["entries"]
-    assert [e["id"] for e in entries] == [outcome.entry_id]
-    object_id = entries[0]["operation"]["objects"][0]["id"]  # given when recorded
-    await core.vectors.create_collection(admin_of(tid), TenantContext(tid), "Later", 3)
+    assert [(e["id"], e["attempts"]) for e in entries] == [(outcome.entry_id, 1)]
+    assert "integer" in entries[0]["last_error"]
+    await client.kv_set("counter", "41")
     retried = await http.post("/api/v1/multi-db/outbox/retry", json={}, headers=headers)
     assert retried.status_code == 200, retried.text
-    assert [r["status"] for r in retried.json()["retried"]] == ["applied"]
-    got = await core.vectors.get_objects(admin_of(tid), TenantContext(tid), "Later", [object_id])
-    assert len(got) == 1
+    assert [(r["status"], r["result"]) for r in retried.json()["retried"]] == [("applied", 42)]
+    assert await client.kv_get("counter") == b"42"
     # A writer without admin may not list or retry.
-    plain = {
-        "Authorization": f"Bearer {await _token(core, tid, [Scope.READ, Scope.WRITE])}",
-        "X-Tenant-Id": tid,
-    }
+    plain_token = await _token(core, tid, [Scope.READ, Scope.WRITE])
+    plain = {"Authorization": f"Bearer {plain_token}", "X-Tenant-Id": tid}
     assert (await http.get("/api/v1/multi-db/outbox", headers=plain)).status_code == 403
+    assert (
+        await http.post("/api/v1/multi-db/outbox/retry", json={}, headers=plain)
+    ).status_code == 403
+
+
+async def test_a_joined_write_that_fails_rolls_the_postgresql_part_back(
+    core: Application, client: MultiDatabaseClient, tenant: TenantRecord
+) -> None:
+    """The vector collection lives in the tenant's schema: its write is in the transaction, so
+    its failure is the operation's and nothing is kept."""
+    from database_service_client import NotFound
+
+    with pytest.raises(NotFound):
+        await client.execute_multi_db_operation(
+            {
+                "postgresql": {"query": "INSERT INTO users VALUES ('j1', 'j1@x', 'pro')"},
+                "dragonflydb": {"operation": "set", "key": "j", "value": "1"},
+                "vector": {
+                    "operation": "upsert",
+                    "class": "NoSuchCollection",
+                    "objects": [{"vector": [1.0, 0.0, 0.0]}],
+                },
+            }
+        )
+    count = await core.owner_pool.fetchval(f"SELECT count(*) FROM {tenant.schema_name}.users")
+    assert count == 0
+    assert await client.kv_get("j") is None
+    assert await outbox_rows(core, tenant.tenant_id) == []
 
 
 async def test_an_entry_applied_twice_has_the_effect_of_once(

@@ -251,14 +251,13 @@ async def test_outbox_administration_is_scoped_to_the_callers_tenants(
     core: Application, http: httpx.AsyncClient, tenants: Tenants, a_token: str
 ) -> None:
     a, b = tenants.a.tenant_id, tenants.b.tenant_id
-    # B has a failed entry (a vector upsert into a collection it does not have).
+    # B has a failed entry (an increment of a value that is not a number).
+    await core.key_values.set(b, "x", b"Missing")
     answer = await core.multidb.execute(
-        admin_of(b),
-        TenantContext(b),
-        {"vector": {"operation": "upsert", "class": "Missing", "objects": [{"vector": [1.0]}]}},
+        admin_of(b), TenantContext(b), {"dragonflydb": {"operation": "incr", "key": "x"}}
     )
-    b_entry = answer["stores"]["vector"]["entry_id"]
-    assert answer["stores"]["vector"]["status"] == "failed"
+    b_entry = answer["stores"]["dragonflydb"]["entry_id"]
+    assert answer["stores"]["dragonflydb"]["status"] == "failed"
     before = await victim_state(core, tenants)
     a_headers = {"Authorization": f"Bearer {a_token}"}
     listed = await http.get("/api/v1/multi-db/outbox", params={"tenant_id": b}, headers=a_headers)

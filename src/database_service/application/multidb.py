@@ -7,22 +7,23 @@ Semantics:
    this deployment has not configured, a ``company_id`` other than the caller's tenant, a scope
    the caller lacks — refused before anything runs, audited as ``multidb`` ``denied``.
 2. The ``postgresql`` part runs in ONE transaction on the tenant's own login (the query core's
-   ``transaction``: guard, scopes, limits, audit), and in that same transaction one outbox row is
-   recorded per write of another store (key-value set/delete/incr/expire, vector upsert/delete,
-   graph upsert/delete). Without a ``postgresql`` part the rows are recorded in a transaction of
-   their own on the same login. If the PostgreSQL part fails, nothing is recorded and nothing
-   else runs: the error is the call's.
-3. After the commit, the request applies its own entries (``Outbox.apply_now``); what it could
-   not apply stays ``pending`` and the background applier retries it. Reads of other stores
-   (key-value get/mget, vector search, graph traverse, ClickHouse SELECT) run directly.
+   ``transaction``: guard, scopes, limits, audit). In that same transaction the writes of the
+   stores that live in this PostgreSQL (pgvector collections, the PostgreSQL graph: the tenant's
+   schema) run through their use cases, joined to it by ``JOINED_SESSION`` — truly atomic,
+   ``"atomic": true`` in the answer — and one outbox row is recorded per write of a store
+   outside it (key-value set/delete/incr/expire; Weaviate or ArangoDB when configured by URL).
+   Without a ``postgresql`` part the same happens in a transaction of its own on the same login.
+   If the transaction fails (the PostgreSQL part, or a joined write), its error is the call's:
+   nothing is recorded and nothing else runs.
+3. After the commit, the request applies its own outbox entries (``Outbox.apply_now``); what it
+   could not apply stays ``pending`` and the background applier retries it. Reads of other
+   stores (key-value get/mget, vector search, graph traverse, ClickHouse SELECT) run directly.
 4. The answer says per part ``applied`` / ``pending`` / ``failed`` (with ``reason`` and
-   ``code``), with each store's result; the PostgreSQL part's ``atomic`` is true (its
-   statements and the outbox rows committed together).
+   ``code``), with each store's result.
 
-The vector and graph stores of this build live in the same PostgreSQL, but their writes still go
-through the outbox (applied after the commit, as the tenant, by their use cases), so a Weaviate
-or ArangoDB store configured by URL is handled the same way; running them inside the transaction
-is left for later (README).
+A request carrying a user id runs its transaction on the tenant's user-scoped login; its vector
+and graph writes then go through the outbox (applied as the company, as those stores always
+write).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from database_service.application.keyvalue import KeyValueOps, Operation
 from database_service.application.vectors import VectorOps
 from database_service.auth import Principal, Scope
 from database_service.errors import DatabaseServiceError, InvalidRequest, PermissionDenied
-from database_service.multidb.outbox import EntryOutcome, Outbox
+from database_service.multidb.outbox import EntryOutcome, Outbox, json_result
 from database_service.multidb.parts import (
     CheckedPart,
     ClickHousePart,
@@ -54,8 +55,8 @@ from database_service.multidb.parts import (
     parse_request,
     part_document,
 )
-from database_service.postgres import Connection
 from database_service.query import QueryExecutor, TenantContext
+from database_service.query.executor import JOINED_SESSION, OwnSession
 from database_service.query.values import encode_value
 from database_service.results import QueryResult, StatementKind
 from database_service.tenancy import TenantRegistry
@@ -106,21 +107,36 @@ class MultiDatabase:
         except DatabaseServiceError as exc:
             await self._access.deny(principal, tenant_id, _ACTION, exc)
         operation_id = uuid.uuid4()
-        entries = [(p.store, p.name, part_document(p.part)) for p in request.writes]
+        # Writes of stores in this PostgreSQL join the transaction; the others go to the outbox.
+        joined = [p for p in request.writes if self._joins(p, ctx)]
+        outboxed = [p for p in request.writes if p not in joined]
+        entries = [(p.store, p.name, part_document(p.part)) for p in outboxed]
         ids: list[int] = []
+        written: dict[str, Any] = {}
         answer: dict[str, Any] = {"operation_id": str(operation_id), "stores": {}}
         stores: dict[str, Any] = answer["stores"]
 
-        async def record(conn: Connection) -> None:
+        async def in_transaction(session: OwnSession) -> None:
             # Run again from scratch if the transaction is retried whole.
-            ids[:] = await self.outbox.record(conn, operation_id, entries)
+            token = JOINED_SESSION.set(session)
+            try:
+                for part in joined:
+                    written[part.name] = await self.outbox.appliers.apply(
+                        None, tenant_id, part.part, principal
+                    )
+            finally:
+                JOINED_SESSION.reset(token)
+            ids[:] = await self.outbox.record(session, operation_id, entries)
 
         postgres = request.postgres
         if postgres is not None:
             assert isinstance(postgres.part, PostgresPart)
             statements = postgres.part.statement_list()
             done = await self._executor.transaction(
-                principal, ctx, statements, before_commit=record if entries else None
+                principal,
+                ctx,
+                statements,
+                before_commit=in_transaction if request.writes else None,
             )
             stores[postgres.name] = {
                 "status": "applied",
@@ -131,23 +147,40 @@ class MultiDatabase:
                     else {"statements": [_result_document(r) for r in done.results]}
                 ),
             }
-        elif entries:
+        elif request.writes:
             async with self._executor.own_session(
-                principal, ctx, action="multidb.outbox", kind=StatementKind.WRITE
+                principal, ctx, action=_ACTION, kind=StatementKind.WRITE
             ) as session:
-                await record(session.conn)
-                session.command = f"OUTBOX {len(ids)}"
-                session.stateless = True
-        self.outbox.recorded(p.store for p in request.writes)
+                await in_transaction(session)
+                session.command = f"{len(joined)} joined, {len(ids)} recorded"
+        for part in joined:
+            stores[part.name] = {
+                "status": "applied",
+                "atomic": True,
+                "result": json_result(written[part.name]),
+            }
+        self.outbox.recorded(p.store for p in outboxed)
         # Committed: from here on nothing raises for a part; each says what became of it.
         outcomes = await self.outbox.apply_now(ids)
-        for part, outcome in zip(request.writes, outcomes, strict=True):
+        for part, outcome in zip(outboxed, outcomes, strict=True):
             stores[part.name] = _outcome_document(part, outcome)
         for part in request.reads:
             stores[part.name] = await self._read(principal, ctx, part)
         # In the caller's order.
         answer["stores"] = {p.name: stores[p.name] for p in request.parts}
         return answer
+
+    def _joins(self, part: CheckedPart, ctx: TenantContext) -> bool:
+        """Whether a write runs inside the operation's transaction: a store in this PostgreSQL
+        (pgvector, the PostgreSQL graph), written as the company (a user id runs the
+        transaction on the user's login: those writes then go through the outbox)."""
+        if ctx.user_id is not None:
+            return False
+        if part.store == "vector":
+            return getattr(self._vectors.store, "kind", "") == "pgvector"
+        if part.store == "graph":
+            return getattr(self._graphs.store, "name", "") == "postgresql"
+        return False
 
     def _check_configured(self, request: MultiDbRequest) -> None:
         for part in request.parts:

@@ -55,6 +55,7 @@ from database_service.multidb.parts import (
 from database_service.observability.metrics import Metrics
 from database_service.postgres import Connection
 from database_service.query import TenantContext
+from database_service.query.executor import OwnSession
 from database_service.tenancy.ids import quote_ident
 
 __all__ = [
@@ -167,12 +168,22 @@ class StoreAppliers:
         self.vectors = vectors  # application.vectors.VectorOps
         self.graphs = graphs  # application.graphs.Graphs
 
-    async def apply(self, entry_id: int, tenant_id: str, part: Part) -> Any:
-        principal = Principal(
-            service=APPLIER_SERVICE,
-            tenants=frozenset({tenant_id}),
-            scopes=frozenset({Scope.READ, Scope.WRITE}),
-        )
+    async def apply(
+        self,
+        entry_id: int | None,
+        tenant_id: str,
+        part: Part,
+        principal: Principal | None = None,
+    ) -> Any:
+        """Write ``part`` for ``tenant_id``: an outbox entry (``entry_id``; under the applier's
+        identity for that tenant alone), or, with ``entry_id`` None, a part written inside the
+        operation's own transaction (the caller's ``principal``)."""
+        if principal is None:
+            principal = Principal(
+                service=APPLIER_SERVICE,
+                tenants=frozenset({tenant_id}),
+                scopes=frozenset({Scope.READ, Scope.WRITE}),
+            )
         ctx = TenantContext(tenant_id)
         if isinstance(part, KeyValuePart):
             return await self._key_value(entry_id, tenant_id, part)
@@ -209,7 +220,7 @@ class StoreAppliers:
             return {"deleted": await self.graphs.delete_edge(principal, ctx, part.edge_id)}
         raise DatabaseServiceError(f"no applier for {type(part).__name__}")
 
-    async def _key_value(self, entry_id: int, tenant_id: str, part: KeyValuePart) -> Any:
+    async def _key_value(self, entry_id: int | None, tenant_id: str, part: KeyValuePart) -> Any:
         command = part.command()
         store = self.key_values
         assert command.key is not None
@@ -223,6 +234,7 @@ class StoreAppliers:
             assert command.ttl_ms is not None
             return await store.expire(tenant_id, command.key, command.ttl_ms)
         # incr: exactly once, whatever happens between the store and the mark.
+        assert entry_id is not None  # key-value writes always go through the outbox
         number, _ = await store.incr_once(
             tenant_id, command.key, 1 if command.by is None else command.by, f"outbox:{entry_id}"
         )
@@ -256,7 +268,7 @@ class Outbox:
         self._table = f"{control}.multidb_outbox"
         self._record_sql = f"SELECT {control}.multidb_record($1::uuid, $2, $3, $4::jsonb)"
         self._pool = pool
-        self._appliers = appliers
+        self.appliers = appliers
         self.metrics = metrics
         self.max_attempts = max_attempts
         self._backoff_base = backoff_base_seconds
@@ -277,20 +289,19 @@ class Outbox:
 
     async def record(
         self,
-        conn: Connection,
+        session: OwnSession,
         operation_id: uuid.UUID,
         entries: Sequence[tuple[str, str, Mapping[str, Any]]],
     ) -> list[int]:
-        """One row per (store, part name, operation document); their ids, in order."""
+        """One row per (store, part name, operation document), on the tenant's connection in
+        its transaction; their ids, in order."""
         ids = []
         for store, part, op in entries:
-            ids.append(
-                int(
-                    await conn.fetchval(
-                        self._record_sql, operation_id, store, part, orjson.dumps(op).decode()
-                    )
+            async with session.watch.statement():
+                entry = await session.conn.fetchval(
+                    self._record_sql, operation_id, store, part, orjson.dumps(op).decode()
                 )
-            )
+            ids.append(int(entry))
         return ids
 
     def recorded(self, stores: Iterable[str]) -> None:
@@ -336,7 +347,7 @@ class Outbox:
             op = orjson.loads(row["op"]) if isinstance(row["op"], str) else row["op"]
             part = outbox_operation(store, op)
             async with asyncio.timeout(self._timeout):
-                result = await self._appliers.apply(entry_id, tenant_id, part)
+                result = await self.appliers.apply(entry_id, tenant_id, part)
         except (DatabaseServiceError, TimeoutError) as exc:
             if not _transient(exc):
                 assert isinstance(exc, DatabaseServiceError)
@@ -358,7 +369,7 @@ class Outbox:
             )
             self.metrics.retried.labels(store, code).inc()
             return EntryOutcome(entry_id, store, "pending", reason, code)
-        document = _json_result(result)
+        document = json_result(result)
         applied_at = await conn.fetchval(
             f"UPDATE {self._table} SET status = 'applied', attempts = $2, last_error = NULL,"
             " result = $3::jsonb, applied_at = clock_timestamp() WHERE id = $1"
@@ -512,14 +523,14 @@ class Outbox:
         return [int(r["id"]) for r in rows]
 
 
-def _json_result(value: Any) -> Any:
+def json_result(value: Any) -> Any:
     """A store's answer as JSON (the outbox keeps it; the caller gets it)."""
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, dict):
-        return {str(k): _json_result(v) for k, v in value.items()}
+        return {str(k): json_result(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_result(v) for v in value]
+        return [json_result(v) for v in value]
     with contextlib.suppress(TypeError):
         orjson.dumps(value)
         return value

@@ -30,6 +30,7 @@ from database_service.errors import (
 from database_service.postgres.deadlines import Deadlines, SessionWatch
 from database_service.postgres.pools import Connection, TenantConnection, TenantPools, Workload
 from database_service.query.boundary import postgres_errors
+from database_service.query.executor import JOINED_SESSION
 from database_service.stores.graph.model import (
     Edge,
     GraphLimits,
@@ -166,6 +167,17 @@ class PostgresGraphStore:
     async def _writing(
         self, tenant: TenantRecord
     ) -> AsyncIterator[tuple[Connection, SessionWatch, GraphSql]]:
+        joined = JOINED_SESSION.get()
+        if joined is not None and joined.tenant.tenant_id == tenant.tenant_id:
+            # Inside a multi-store operation's transaction: the tables made if need be and the
+            # write done there, committed or rolled back with it (never marked ready here: a
+            # rollback takes the CREATE with it).
+            sql = self._statements(tenant)
+            if tenant.tenant_id not in self._ready:
+                async with joined.watch.statement():
+                    await joined.conn.execute(sql.create)
+            yield joined.conn, joined.watch, sql
+            return
         await self._ensure(tenant)
         try:
             async with self._session(tenant, readonly=False, workload="oltp") as (c, w):
