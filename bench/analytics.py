@@ -31,6 +31,8 @@ import asyncpg
 import httpx
 from harness import p99, reporting, running_service  # bench/ is on sys.path as a script
 
+from database_service.analytics.reports import MAX_DRAWDOWN
+
 RUNS = 7
 DAY = dt.datetime(2026, 11, 2, tzinfo=dt.UTC)
 SYMBOLS = 10
@@ -39,20 +41,13 @@ SYMBOLS = 10
 REPORTS: list[tuple[str, str, str]] = [
     (
         "trading_performance",
-        """
+        # The report's SQL (analytics/reports.py): the drawdown in one pass over each group's
+        # trades in closing order, where PostgreSQL needs two window functions.
+        f"""
         SELECT toDate(closed_at) AS day, symbol, sum(profit) AS pnl, count() AS trades,
-               round(countIf(profit > 0) / count(), 6) AS win_rate, max(drawdown) AS max_drawdown
-        FROM (
-            SELECT closed_at, symbol, profit,
-                   max(cum) OVER w - cum AS drawdown
-            FROM (
-                SELECT closed_at, symbol, profit, trade_id,
-                       sum(profit) OVER (PARTITION BY toDate(closed_at), symbol
-                                         ORDER BY closed_at, trade_id) AS cum
-                FROM trading_history WHERE closed_at IS NOT NULL
-            )
-            WINDOW w AS (PARTITION BY toDate(closed_at), symbol ORDER BY closed_at, trade_id)
-        )
+               round(countIf(profit > 0) / count(), 6) AS win_rate,
+               {MAX_DRAWDOWN} AS max_drawdown
+        FROM trading_history WHERE closed_at IS NOT NULL
         GROUP BY day, symbol ORDER BY day, symbol
         """,
         """

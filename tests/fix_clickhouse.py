@@ -47,7 +47,11 @@ async def _stop_capture(app: Application) -> None:
 
 @contextlib.asynccontextmanager
 async def capturing(app: Application) -> AsyncIterator[Application]:
-    """Changes queued for ClickHouse while inside (as a service with analytics has them)."""
+    """Changes queued for ClickHouse while inside (as a service with analytics has them).
+
+    Starts from an empty queue: other tests' tenant deletions queue purges whether capture is
+    on or not (in the delete's transaction), and those tenants never reached ClickHouse."""
+    await _stop_capture(app)
     async with app.owner_pool.acquire() as conn:
         await set_capture(conn, app.settings.control_schema, True)
     try:

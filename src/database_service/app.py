@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from database_service import __version__
 from database_service.analytics.backfill import BackfillReport, backfill
+from database_service.analytics.replicator import queue_tenant_deletion
 from database_service.analytics.runtime import (
     AnalyticsRuntime,
     limits_of,
@@ -390,6 +391,13 @@ class Application:
         )
         self.tenants.on_change(self.pools.close_tenant)
         self.tenants.on_deleted(self._forget_deleted_tenant)
+        # The purge of the tenant's ClickHouse data is queued in the delete's own transaction
+        # (whether or not this instance runs analytics: another one may, or a later start), so
+        # a crash right after the commit cannot leave its data there.
+        control = s.control_schema
+        self.tenants.on_deleting(
+            lambda conn, tenant_id: queue_tenant_deletion(conn, control, tenant_id)
+        )
         self.metrics.register(_PoolCollector(self.pools))
         await self.tenants.upgrade()
         user_context_key = derive_key(master_key, "user-context")

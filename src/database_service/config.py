@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     clickhouse_max_memory_bytes: int = Field(default=1 << 30, ge=1 << 20)
     clickhouse_max_rows_to_read: int = Field(default=500_000_000, ge=1)
     clickhouse_max_result_bytes: int = Field(default=64 << 20, ge=1024)
+    # A tenant's own ClickHouse tables (CREATE TABLE through the analytics query API).
+    clickhouse_tenant_max_tables: int = Field(default=50, ge=0, le=10_000)
+    clickhouse_tenant_max_bytes: int = Field(default=1 << 30, ge=0)
     clickhouse_replication_batch: int = Field(default=20_000, ge=1, le=1_000_000)
     # Whether this instance takes part in electing the replicator (one per cluster replicates).
     clickhouse_replicate: bool = True

@@ -300,6 +300,79 @@ async def test_deleting_a_tenant_removes_its_clickhouse_data(ch: Application) ->
     await assert_same(ch, kept)
 
 
+_DELETE_THEN_DIE = """
+import asyncio, os, signal, sys
+
+from database_service.app import Application
+from database_service.config import Settings
+
+
+async def main() -> None:
+    async with Application(Settings(), start_nats=False, maintain_partitions=False) as app:
+        drop = app.tenants._drop
+
+        async def drop_then_die(record):
+            await drop(record)  # committed
+            os.kill(os.getpid(), signal.SIGKILL)  # before anything after the commit runs
+
+        app.tenants._drop = drop_then_die
+        await app.tenants.delete(sys.argv[1], confirm=True)
+
+
+asyncio.run(main())
+"""
+
+
+async def test_a_crash_right_after_a_tenant_delete_commits_still_purges_clickhouse(
+    ch: Application,
+) -> None:
+    """The purge is queued in the delete's own transaction: an instance killed (SIGKILL) the
+    moment the delete committed — one without analytics, even — leaves the purge queued, and the
+    replicator (here: the next one to run) removes the tenant's rows and its own tables."""
+    assert ch.analytics is not None
+    analytics = ch.analytics.analytics
+    doomed, kept = await new_tenant(ch, "crash"), await new_tenant(ch, "keep")
+    await ingest_ticks(ch, doomed, 50)
+    await ingest_ticks(ch, kept, 50)
+    await drain(ch)
+    admin = Principal("analytics-test", frozenset({doomed}), frozenset(Scope))
+    await analytics.query(
+        admin, TenantContext(doomed), "CREATE TABLE own (a Int32) ENGINE = MergeTree ORDER BY a"
+    )
+    await analytics.insert(doomed, "INSERT INTO own (a) VALUES ($1)", [1], dedup_token="one")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DELETE_THEN_DIE,
+        doomed,
+        env=cli_env(ch.settings, DBSVC_CLICKHOUSE_ENABLED="false"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == -9, err.decode()[-2000:]
+    async with ch.owner_pool.acquire() as conn:
+        gone = await conn.fetchval(
+            f"SELECT count(*) = 0 FROM {ch.settings.control_schema}.tenants WHERE tenant_id = $1",
+            doomed,
+        )
+    assert gone  # the delete committed; nothing after it ran
+    (before,) = await ch_rows(
+        ch, f"SELECT count() FROM {SHARED_DATABASE}.trading_ticks WHERE company_id = '{doomed}'"
+    )
+    assert before == [50]  # still there: the purge is queued, not done
+    await drain(ch)
+    (left,) = await ch_rows(
+        ch, f"SELECT count() FROM {SHARED_DATABASE}.trading_ticks WHERE company_id = '{doomed}'"
+    )
+    assert left == [0]
+    (databases,) = await ch_rows(
+        ch, f"SELECT count() FROM system.databases WHERE name = '{tenant_database(doomed)}'"
+    )
+    assert databases == [0]  # its own tables went with its database
+    await assert_same(ch, kept)
+
+
 async def test_replication_lag_shows_in_health_and_metrics(ch: Application) -> None:
     await drain(ch)
     tenant_id = await new_tenant(ch)

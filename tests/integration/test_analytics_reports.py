@@ -122,6 +122,20 @@ async def _fill(app: Application, tenant_id: str, salt: int) -> None:
             T0,
             salt,
         )
+        # The drawdown's edges: a closed trade without a profit first in its day (left out, as
+        # PostgreSQL's sum and max leave it), a day and symbol with no profit at all (no
+        # drawdown: NULL), and trades closed at the same instant (ordered by trade_id).
+        await conn.execute(
+            f"INSERT INTO {schema}.trading_history (symbol, side, volume, open_price,"
+            " close_price, profit, opened_at, closed_at) VALUES"
+            " ('EURUSD', 'buy', 1, 1.1, 1.1, NULL, $1, $1),"
+            " ('USDJPY', 'buy', 1, 1.1, 1.1, NULL, $1, $1 + interval '1 minute'),"
+            " ('USDJPY', 'buy', 1, 1.1, 1.1, NULL, $1, $1 + interval '2 minutes'),"
+            " ('GBPUSD', 'buy', 1, 1.1, 1.1, 90, $1, $1 + interval '1 day 1 second'),"
+            " ('GBPUSD', 'buy', 1, 1.1, 1.1, -300, $1, $1 + interval '1 day 1 second'),"
+            " ('GBPUSD', 'buy', 1, 1.1, 1.1, 120, $1, $1 + interval '1 day 1 second')",
+            T0,
+        )
         # Signals and predictions every 97 s across the ticks' two hours, and a few after them
         # (no tick at or after: not evaluated).
         await conn.execute(

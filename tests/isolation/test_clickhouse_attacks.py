@@ -62,7 +62,9 @@ class World:
 
 async def _token(app: Application, tenant_id: str) -> str:
     name = f"ch-{secrets.token_hex(4)}"
-    scopes = (Scope.READ, Scope.WRITE)
+    # Every scope: table statements (CREATE/DROP) need admin, and the attacks must meet the
+    # guard, not a missing scope.
+    scopes = (Scope.READ, Scope.WRITE, Scope.ADMIN)
     await app.services.register(name, tenants=[tenant_id], scopes=scopes, with_secret=False)
     return app.tokens.issue(name, tenants=[tenant_id], scopes=scopes, ttl_seconds=3600)
 

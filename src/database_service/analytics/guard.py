@@ -39,7 +39,7 @@ from typing import Any
 from database_service.errors import SqlRejected, SqlSyntaxError
 from database_service.stores.clickhouse import ClickHouseError, ClickHouseStore
 
-__all__ = ["AnalyticsGuard", "FunctionCatalog", "GuardedQuery"]
+__all__ = ["AnalyticsGuard", "ExpressionWalk", "FunctionCatalog", "GuardedQuery"]
 
 _NODE_TYPES = frozenset(
     {
@@ -381,13 +381,16 @@ class AnalyticsGuard:
     ) -> None:
         self._store = store
         self._catalog = catalog
-        self._cache: OrderedDict[tuple[str, str], GuardedQuery | SqlRejected] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, frozenset[str], str], GuardedQuery | SqlRejected] = (
+            OrderedDict()
+        )
         self._cache_size = cache_size
 
     async def check(self, sql: str, *, database: str, tables: Iterable[str]) -> GuardedQuery:
         """The query to run for ``sql`` in ``database`` (whose tables are ``tables``), or
         ``SqlRejected`` saying what is not allowed."""
-        key = (database, sql)
+        allowed = frozenset(tables)
+        key = (database, allowed, sql)  # the tenant's own tables come and go
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
@@ -395,7 +398,7 @@ class AnalyticsGuard:
                 raise cached
             return cached
         try:
-            verdict: GuardedQuery | SqlRejected = await self._check(sql, database, set(tables))
+            verdict: GuardedQuery | SqlRejected = await self._check(sql, database, set(allowed))
         except SqlRejected as exc:
             verdict = exc
         self._cache[key] = verdict
@@ -405,7 +408,18 @@ class AnalyticsGuard:
             raise verdict
         return verdict
 
-    async def _parse(self, sql: str) -> dict[str, Any]:
+    @property
+    def catalog(self) -> FunctionCatalog:
+        return self._catalog
+
+    async def format_tree(self, tree: dict[str, Any]) -> str:
+        """ClickHouse's printing of ``tree``."""
+        formatted = await self._store.query(
+            f"SELECT formatQueryFromJSON({_literal(json.dumps(tree))})"
+        )
+        return str(formatted.rows[0][0])
+
+    async def parse(self, sql: str) -> dict[str, Any]:
         try:
             result = await self._store.query(f"SELECT parseQueryToJSON({_literal(sql)})")
         except ClickHouseError as exc:
@@ -429,23 +443,23 @@ class AnalyticsGuard:
     async def _check(self, sql: str, database: str, tables: set[str]) -> GuardedQuery:
         if not sql.strip():
             raise SqlRejected("empty query")
-        tree = await self._parse(sql)
+        tree = await self.parse(sql)
         if tree.get("type") != "SelectWithUnionQuery":
             raise SqlRejected(f"only SELECT is allowed, not {tree.get('type', 'this statement')}")
         read: set[str] = set()
         _Walk(self._catalog, database, tables, read, qualify=True).node(tree)
-        formatted = await self._store.query(
-            f"SELECT formatQueryFromJSON({_literal(json.dumps(tree))})"
-        )
-        text = str(formatted.rows[0][0])
+        text = await self.format_tree(tree)
         # What runs is what was checked: the printed text parses to a tree that passes with
         # nothing left to qualify.
-        again = await self._parse(text)
+        again = await self.parse(text)
         _Walk(self._catalog, database, tables, set(), qualify=False).node(again)
         return GuardedQuery(text, tuple(sorted(read)))
 
 
 class _Walk:
+    """Checks a (sub)tree: node types and keys on the allow-lists, functions in the catalog,
+    tables only the tenant's."""
+
     def __init__(
         self,
         catalog: FunctionCatalog,
@@ -549,3 +563,8 @@ class _Walk:
         node["name"] = f"{self.database}.{name}"
         node["name_parts"] = [self.database, name]
         self.read.add(name)
+
+
+def ExpressionWalk(catalog: FunctionCatalog, database: str) -> _Walk:
+    """A walker for an expression that may name no table (a column default, a table key)."""
+    return _Walk(catalog, database, set(), set(), qualify=False)

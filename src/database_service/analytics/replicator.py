@@ -54,6 +54,9 @@ async def set_capture(conn: Any, control_schema: str, enabled: bool) -> None:
 
 
 async def queue_tenant_deletion(conn: Any, control_schema: str, tenant_id: str) -> None:
+    """Queue the purge of ``tenant_id``'s ClickHouse data, on the connection (and in the
+    transaction) that deletes the tenant. Queued whether capture is on or not: ClickHouse may
+    hold the tenant's rows from a time it was, and one row per deleted tenant costs nothing."""
     await conn.execute(
         f"INSERT INTO {quote_ident(control_schema)}.analytics_changes"
         " (source, company_id, op, row) VALUES ('', $1, 'X', '{}')",

@@ -19,7 +19,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from database_service.analytics.replicator import (
     Replicator,
-    queue_tenant_deletion,
     set_capture,
 )
 from database_service.analytics.service import Analytics, AnalyticsLimits
@@ -55,6 +54,8 @@ def limits_of(settings: Settings) -> AnalyticsLimits:
         max_rows_to_read=settings.clickhouse_max_rows_to_read,
         max_result_bytes=settings.clickhouse_max_result_bytes,
         max_result_rows=settings.max_result_rows,
+        tenant_max_tables=settings.clickhouse_tenant_max_tables,
+        tenant_max_bytes=settings.clickhouse_tenant_max_bytes,
     )
 
 
@@ -76,9 +77,9 @@ class AnalyticsRuntime:
             await set_capture(conn, self.control_schema, True)
 
     async def tenant_deleted(self, tenant_id: str) -> None:
-        """Queue the purge: the replicator runs it in its place in the change order."""
-        async with self.owner_pool.acquire() as conn:
-            await queue_tenant_deletion(conn, self.control_schema, tenant_id)
+        """Forget the tenant's provisioned database. Its purge was queued in the delete's own
+        transaction (``TenantManager.on_deleting``); the replicator runs it in its place in the
+        change order."""
         self.analytics.forget(tenant_id)
 
     async def read_queue(self) -> None:
@@ -150,6 +151,16 @@ class AnalyticsRuntime:
                 "dbsvc_analytics_refused",
                 "Tenant SQL refused by the guard or checks.",
                 self.analytics.refused,
+            ),
+            (
+                "dbsvc_analytics_tenant_inserts",
+                "Rows inserted into tenants' own ClickHouse tables (Analytics.insert).",
+                self.analytics.inserts,
+            ),
+            (
+                "dbsvc_analytics_tenant_inserts_refused",
+                "Inserts into tenants' own ClickHouse tables refused before they ran.",
+                self.analytics.inserts_refused,
             ),
         ):
             counter = CounterMetricFamily(name, doc)

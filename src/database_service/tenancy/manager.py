@@ -49,6 +49,8 @@ __all__ = ["TenantManager"]
 log = logging.getLogger(__name__)
 
 TenantListener = Callable[[str], Awaitable[None]]
+# Runs inside the transaction that deletes a tenant: what it writes commits with the delete.
+DeletionHook = Callable[[Connection, str], Awaitable[None]]
 
 
 def _literal(value: str) -> str:
@@ -110,6 +112,13 @@ class TenantManager:
         self._delete_lock_timeout_ms = delete_lock_timeout_ms
         self._listeners: list[TenantListener] = []
         self._deleted_listeners: list[TenantListener] = []
+        self._deletion_hooks: list[DeletionHook] = []
+
+    def on_deleting(self, hook: DeletionHook) -> None:
+        """Call ``hook(conn, tenant_id)`` inside the transaction that deletes a tenant, so what
+        it queues (the purge of the tenant's ClickHouse data) commits, or not, with the delete:
+        a crash right after the commit cannot lose it."""
+        self._deletion_hooks.append(hook)
 
     def on_deleted(self, listener: TenantListener) -> None:
         """Call ``listener(tenant_id)`` once a tenant is deleted (what lives outside
@@ -419,6 +428,8 @@ class TenantManager:
             await conn.execute(
                 f"DELETE FROM {self._control}.tenants WHERE tenant_id = $1", record.tenant_id
             )
+            for hook in self._deletion_hooks:
+                await hook(conn, record.tenant_id)
             for role in reversed(record.roles):  # the user role is a member of the other
                 await conn.execute(f"DROP ROLE {quote_ident(role)}")
 
