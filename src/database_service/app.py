@@ -969,7 +969,10 @@ class Application:
             self.owner_pool,
             control_schema=s.control_schema,
             appliers=StoreAppliers(
-                key_values=self.key_values, vectors=self.vectors, graphs=self.graphs
+                key_values=self.key_values,
+                vectors=self.vectors,
+                graphs=self.graphs,
+                analytics=None if self.analytics is None else self.analytics.analytics,
             ),
             metrics=OutboxMetrics(self.metrics),
             max_attempts=s.multidb_outbox_max_attempts,

@@ -1054,8 +1054,8 @@ def _store_result(name: str, part: Mapping[str, Any], outcome: StoreOutcome) -> 
     raw = outcome.raw
     if outcome.status != "applied":
         return None
-    if name in ("postgresql", "clickhouse"):
-        if isinstance(raw, Mapping) and "statements" in raw:
+    if name in ("postgresql", "clickhouse") and isinstance(raw, Mapping):  # a read's rows
+        if "statements" in raw:
             return [
                 StatementResult(r.columns, r.rows, r.row_count, r.command)
                 for r in map(_query_result, raw["statements"])

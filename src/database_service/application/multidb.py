@@ -41,7 +41,12 @@ from database_service.application.graphs import Graphs
 from database_service.application.keyvalue import KeyValueOps, Operation
 from database_service.application.vectors import VectorOps
 from database_service.auth import Principal, Scope
-from database_service.errors import DatabaseServiceError, InvalidRequest, PermissionDenied
+from database_service.errors import (
+    DatabaseServiceError,
+    InvalidRequest,
+    PermissionDenied,
+    SqlRejected,
+)
 from database_service.multidb.outbox import EntryOutcome, Outbox, json_result
 from database_service.multidb.parts import (
     CheckedPart,
@@ -98,8 +103,11 @@ class MultiDatabase:
         tenant_id = ctx.tenant_id
         await self._access.require(principal, Scope.READ, _ACTION, tenant_id)
         try:
-            request = parse_request(tenant_id, operation)
+            request = parse_request(tenant_id, operation, clickhouse_writes=True)
             self._check_configured(request)
+            for part in request.writes:
+                if isinstance(part.part, ClickHousePart):
+                    await self._check_insert(tenant_id, part.name, part.part)
             if request.writes and not principal.has_scope(Scope.WRITE):
                 names = ", ".join(p.name for p in request.writes)
                 raise PermissionDenied(f"the {names} part(s) write, which needs the write scope")
@@ -188,6 +196,27 @@ class MultiDatabase:
                 raise StoreNotConfigured(
                     f"the {part.name} part: store 'clickhouse' is not configured in this deployment"
                 )
+
+    async def _check_insert(self, tenant_id: str, name: str, part: ClickHousePart) -> None:
+        """A ClickHouse INSERT checked as ``Analytics.insert`` will check it — its shape, its
+        parameters, a table of the tenant's own — before anything runs."""
+        from database_service.analytics.schema import tenant_database  # noqa: PLC0415
+        from database_service.analytics.tables import TableGuard  # noqa: PLC0415
+
+        try:
+            checked = await TableGuard(self._analytics.guard).check_insert(
+                part.query, database=tenant_database(tenant_id)
+            )
+            checked.row([] if part.params is None else part.params)
+            own = await self._analytics.own_tables(tenant_id)
+            if checked.table not in own:
+                raise SqlRejected(
+                    f"{checked.table} is not one of this tenant's own ClickHouse tables"
+                    f" ({', '.join(sorted(own)) or 'none: CREATE TABLE first'})"
+                )
+        except DatabaseServiceError as exc:
+            exc.message = f"the {name} part: {exc.message}"
+            raise
 
     async def _read(
         self, principal: Principal, ctx: TenantContext, checked: CheckedPart

@@ -46,9 +46,11 @@ from prometheus_client.registry import Collector
 from database_service.auth import Principal, Scope
 from database_service.errors import DatabaseServiceError, QueryError, Unavailable
 from database_service.multidb.parts import (
+    ClickHousePart,
     GraphPart,
     KeyValuePart,
     Part,
+    StoreNotConfigured,
     VectorPart,
     outbox_operation,
 )
@@ -163,10 +165,13 @@ class StoreAppliers:
     through their use cases, so whichever store backs them (pgvector or Weaviate, PostgreSQL or
     ArangoDB) plugs in there."""
 
-    def __init__(self, *, key_values: Any, vectors: Any, graphs: Any) -> None:
+    def __init__(
+        self, *, key_values: Any, vectors: Any, graphs: Any, analytics: Any = None
+    ) -> None:
         self.key_values = key_values  # cache.KeyValueStore
         self.vectors = vectors  # application.vectors.VectorOps
         self.graphs = graphs  # application.graphs.Graphs
+        self.analytics = analytics  # analytics.service.Analytics, when ClickHouse is configured
 
     async def apply(
         self,
@@ -187,6 +192,15 @@ class StoreAppliers:
         ctx = TenantContext(tenant_id)
         if isinstance(part, KeyValuePart):
             return await self._key_value(entry_id, tenant_id, part)
+        if isinstance(part, ClickHousePart):
+            if self.analytics is None:
+                raise StoreNotConfigured("ClickHouse is not configured in this deployment")
+            assert entry_id is not None  # ClickHouse writes always go through the outbox
+            # The entry id is the insert's deduplication token: applied again, stored once.
+            params = [] if part.params is None else part.params
+            return await self.analytics.insert(
+                tenant_id, part.query, params, dedup_token=f"outbox:{entry_id}"
+            )
         if isinstance(part, VectorPart):
             if part.operation == "upsert":
                 objects = [o.model_dump(exclude_none=True) for o in part.objects or ()]

@@ -12,8 +12,10 @@ Stores and the names a part may be given:
   ``$name`` placeholders by name) or ``{"statements": [...]}``; one transaction.
 - ``dragonflydb`` (also ``redis``): ``{"operation": get|set|delete|incr|expire|mget, "key",
   "value" | "value_base64", "ttl" (seconds) | "ttl_ms", "by", "keys"}``.
-- ``clickhouse``: ``{"query"}``: a read on the tenant's replicated tables. Writes are refused
-  (``not_supported``): tenants have no writable ClickHouse tables in this build.
+- ``clickhouse``: ``{"query"}``: a read on the tenant's tables; or ``{"query": "INSERT INTO t
+  (col, …) VALUES ($1 | :name, …)", "params"}``: one row into one of the tenant's own tables,
+  through the outbox (``Analytics.insert``, the entry id its deduplication token). Other writes
+  are refused (``not_supported``), and so is any write where ClickHouse takes none.
 - ``vector`` (also ``weaviate``, ``pgvector``): ``{"operation": "upsert", "class", "objects":
   [{"id", "vector", "properties"}]}``, ``{"operation": "delete", "class", "ids" | "where"}``,
   ``{"operation": "similarity_search", "class", "vector", "limit", "certainty", "distance",
@@ -204,19 +206,34 @@ _WRITE_START = re.compile(
 )
 
 
+_INSERT_START = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*insert\b", re.I | re.DOTALL)
+
+
 class ClickHousePart(_Part):
     query: StrictStr
     params: JsonParams = None
 
-    def check(self) -> None:
-        if self.params:
-            raise InvalidRequest("ClickHouse SQL takes no parameters: write literals")
-        if _WRITE_START.match(self.query):
+    @property
+    def is_write(self) -> bool:
+        return _WRITE_START.match(self.query) is not None
+
+    def check(self, *, writes: bool = True) -> None:
+        if not self.is_write:
+            if self.params:
+                raise InvalidRequest("a ClickHouse read takes no parameters: write literals")
+            return
+        if not writes:
             raise NotSupported(
-                "ClickHouse writes are not supported in this build: tenants have no writable"
-                " ClickHouse tables yet (the analytics tables are replicated from PostgreSQL;"
-                " write to PostgreSQL and they follow). Reads run."
+                "ClickHouse writes are not supported by this deployment: analytics on ClickHouse"
+                " has no tenant-writable tables here. Reads run."
             )
+        if not _INSERT_START.match(self.query):
+            raise NotSupported(
+                "of ClickHouse writes, a multi-store operation takes INSERT into the tenant's own"
+                " tables (create them through the analytics query API)"
+            )
+        if self.params is None:
+            raise InvalidRequest("an INSERT takes 'params' (a list for $n, an object for :name)")
 
 
 class VectorObjectIn(BaseModel):
@@ -412,7 +429,7 @@ def _pydantic_reason(exc: ValidationError) -> str:
     return f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg"))
 
 
-def check_part(name: str, store: str, raw: Any) -> Part:
+def check_part(name: str, store: str, raw: Any, *, clickhouse_writes: bool = True) -> Part:
     """One part, validated; errors name the part."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"the {name} part is a JSON object")
@@ -422,7 +439,9 @@ def check_part(name: str, store: str, raw: Any) -> Part:
             part.statement_list()
         elif isinstance(part, KeyValuePart):
             part.command()
-        elif isinstance(part, ClickHousePart | VectorPart | GraphPart):
+        elif isinstance(part, ClickHousePart):
+            part.check(writes=clickhouse_writes)
+        elif isinstance(part, VectorPart | GraphPart):
             part.check()
     except ValidationError as exc:
         raise InvalidRequest(f"the {name} part: {_pydantic_reason(exc)}") from None
@@ -434,8 +453,11 @@ def check_part(name: str, store: str, raw: Any) -> Part:
     return part  # type: ignore[return-value]
 
 
-def parse_request(tenant_id: str, operation: Any) -> MultiDbRequest:
-    """Every part checked, in the caller's order; nothing has run yet."""
+def parse_request(
+    tenant_id: str, operation: Any, *, clickhouse_writes: bool = False
+) -> MultiDbRequest:
+    """Every part checked, in the caller's order; nothing has run yet. ``clickhouse_writes``:
+    the deployment's ClickHouse takes inserts into tenants' own tables."""
     if not isinstance(operation, Mapping) or not operation:
         raise InvalidRequest("an operation is a JSON object of store name → part (none given)")
     if len(operation) > MAX_PARTS:
@@ -460,11 +482,13 @@ def parse_request(tenant_id: str, operation: Any) -> MultiDbRequest:
                         f"the {name} part names company {str(company)[:60]!r}, but this call acts"
                         f" for {tenant_id!r}"
                     )
-        part = check_part(name, store, raw)
+        part = check_part(name, store, raw, clickhouse_writes=clickhouse_writes)
         phase = Phase.READ
         if store == "postgresql":
             phase = Phase.TRANSACTION
-        elif isinstance(part, KeyValuePart | VectorPart | GraphPart) and part.is_write:
+        elif isinstance(part, KeyValuePart | VectorPart | GraphPart | ClickHousePart) and (
+            part.is_write
+        ):
             phase = Phase.OUTBOX
         parts.append(CheckedPart(name, store, part, phase))
     return MultiDbRequest(parts)
@@ -473,9 +497,12 @@ def parse_request(tenant_id: str, operation: Any) -> MultiDbRequest:
 def outbox_operation(store: str, op: Any) -> Part:
     """An outbox entry's operation read back, checked as a request's part is (a row a tenant
     forged would meet the same rules)."""
-    if store not in _MODEL or store in {"postgresql", "clickhouse"}:
+    if store not in _MODEL or store == "postgresql":
         raise InvalidRequest(f"an outbox entry for store {store!r} cannot be applied")
-    return check_part(store, store, op)
+    part = check_part(store, store, op)
+    if not getattr(part, "is_write", False):
+        raise InvalidRequest("an outbox entry is a write")
+    return part
 
 
 def part_document(part: Part) -> dict[str, Any]:
