@@ -114,6 +114,7 @@ async def test_the_seeds_example_writes_clickhouse_exactly_once(
         ("INSERT INTO signal_analytics (signal_id) VALUES ($1)", None, "invalid_request"),
         ("INSERT INTO trading_signals (signal_id) VALUES ($1)", ["x"], "sql_rejected"),
         ("INSERT INTO nowhere (signal_id) VALUES ($1)", ["x"], "sql_rejected"),
+        ("INSERT INTO other_db.signal_analytics (signal_id) VALUES ($1)", ["x"], "sql_rejected"),
         (
             "INSERT INTO signal_analytics (signal_id) VALUES (:id)",
             {"other": 1},

@@ -176,6 +176,9 @@ class MultiDatabase:
             stores[part.name] = await self._read(principal, ctx, part)
         # In the caller's order.
         answer["stores"] = {p.name: stores[p.name] for p in request.parts}
+        # What the audit keeps: each part's outcome (never keys, values or SQL).
+        detail = " ".join(f"{name}={doc['status']}" for name, doc in answer["stores"].items())
+        await self._access.done(principal, _ACTION, tenant_id, detail[:200])
         return answer
 
     def _joins(self, part: CheckedPart, ctx: TenantContext) -> bool:

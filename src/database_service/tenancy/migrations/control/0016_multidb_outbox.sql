@@ -49,8 +49,11 @@ BEGIN
     IF octet_length(p_op::text) > 4194304 THEN
         RAISE EXCEPTION 'an outbox entry may hold at most 4 MiB' USING ERRCODE = '54000';
     END IF;
-    INSERT INTO {{control}}.multidb_outbox (tenant_id, operation_id, store, part, op)
-    VALUES (company, p_operation, p_store, p_part, p_op)
+    -- The request that records an entry applies it right after its commit; the background
+    -- applier leaves it to that request for a few seconds (then it is a leftover: a crash).
+    INSERT INTO {{control}}.multidb_outbox
+        (tenant_id, operation_id, store, part, op, next_attempt_at)
+    VALUES (company, p_operation, p_store, p_part, p_op, clock_timestamp() + interval '5 seconds')
     RETURNING id INTO entry;
     RETURN entry;
 END
