@@ -472,3 +472,35 @@ async def test_with_redis_down_writes_are_pending_then_applied_by_the_loop(
         assert await redis.exists(f"dbsvc:{{{tid}}}:applied:outbox:{entry}".encode())
     finally:
         await redis.aclose()
+
+
+async def test_with_a_user_id_vector_and_graph_writes_go_through_the_outbox(
+    core: Application, tenant: TenantRecord
+) -> None:
+    """A request with a user id runs its transaction on the tenant's user-scoped login; the
+    vector and graph stores write as the company, so their writes are outbox entries there."""
+    tid = tenant.tenant_id
+    await signals_collection(core, tid)
+    object_id = str(uuid.uuid4())
+    answer = await core.multidb.execute(
+        admin_of(tid),
+        TenantContext(tid, "trader-1"),
+        {
+            "postgresql": {"query": "INSERT INTO users VALUES ('trader-1', 't@x', 'pro')"},
+            "vector": {
+                "operation": "upsert",
+                "class": "Signals",
+                "objects": [{"id": object_id, "vector": [0.1, 0.2, 0.3]}],
+            },
+            "graph": {"operation": "upsert", "vertices": [{"collection": "users", "key": "t1"}]},
+        },
+    )
+    stores = answer["stores"]
+    assert stores["postgresql"]["status"] == "applied"
+    for name in ("vector", "graph"):
+        assert stores[name]["status"] == "applied" and "entry_id" in stores[name]
+        assert not stores[name].get("atomic")
+    got = await core.vectors.get_objects(admin_of(tid), TenantContext(tid), "Signals", [object_id])
+    assert len(got) == 1
+    assert await core.graphs.get_vertex(admin_of(tid), TenantContext(tid), "users/t1") is not None
+    assert [r["store"] for r in await outbox_rows(core, tid)] == ["vector", "graph"]
