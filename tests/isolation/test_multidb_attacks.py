@@ -273,6 +273,16 @@ async def test_outbox_administration_is_scoped_to_the_callers_tenants(
     )
     assert retried.status_code == 200, retried.text
     assert retried.json() == {"retried": []}
+    # Ids that are no ids: a clear refusal, never a server error.
+    for ids in ([2**63], [-1], [0]):
+        bad = await http.post(
+            "/api/v1/multi-db/outbox/retry", json={"tenant_id": a, "ids": ids}, headers=a_headers
+        )
+        assert bad.status_code == 400, bad.text
+    bad = await http.get(
+        "/api/v1/multi-db/outbox", params={"tenant_id": a, "status": "x"}, headers=a_headers
+    )
+    assert bad.status_code == 400, bad.text
     own = await http.get("/api/v1/multi-db/outbox", params={"tenant_id": a}, headers=a_headers)
     assert own.status_code == 200
     assert b_entry not in [e["id"] for e in own.json()["entries"]]
@@ -286,3 +296,20 @@ async def test_outbox_administration_is_scoped_to_the_callers_tenants(
     )
     assert listed.status_code == 200, listed.text
     assert b_entry in [e["id"] for e in listed.json()["entries"]]
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"", b"[]", b"\xff\xfe", b'{"postgresql": 1}'])
+async def test_bad_operation_json_is_a_clear_refusal(
+    grpc_target: str, tenants: Tenants, a_token: str, payload: bytes
+) -> None:
+    async with grpc.aio.insecure_channel(grpc_target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await MultiDatabaseStub(channel).Execute(
+                mpb.MultiDbRequest(operation_json=payload),
+                metadata=(
+                    ("authorization", f"Bearer {a_token}"),
+                    ("x-tenant-id", tenants.a.tenant_id),
+                ),
+            )
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(info.value.trailing_metadata() or ())["dbsvc-error-code"] == "invalid_request"

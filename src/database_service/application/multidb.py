@@ -320,7 +320,10 @@ class MultiDatabase:
         try:
             if entry_ids is not None and (
                 len(entry_ids) > 1000
-                or any(isinstance(i, bool) or not isinstance(i, int) for i in entry_ids)
+                or any(
+                    isinstance(i, bool) or not isinstance(i, int) or not 0 < i < 2**63
+                    for i in entry_ids
+                )
             ):
                 raise InvalidRequest("ids is a list of at most 1000 entry ids")
             await self._registry.get_active(tenant_id)
