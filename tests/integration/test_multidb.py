@@ -504,3 +504,23 @@ async def test_with_a_user_id_vector_and_graph_writes_go_through_the_outbox(
     assert len(got) == 1
     assert await core.graphs.get_vertex(admin_of(tid), TenantContext(tid), "users/t1") is not None
     assert [r["store"] for r in await outbox_rows(core, tid)] == ["vector", "graph"]
+
+
+async def test_a_joined_graph_write_fails_as_the_graph_api_says(
+    client: MultiDatabaseClient, core: Application, tenant: TenantRecord
+) -> None:
+    from database_service_client import NotFound
+
+    with pytest.raises(NotFound) as info:
+        await client.execute_multi_db_operation(
+            {
+                "postgresql": {"query": "INSERT INTO users VALUES ('g1', 'g1@x', 'pro')"},
+                "graph": {
+                    "operation": "upsert",
+                    "edges": [{"collection": "follows", "from": "users/a", "to": "users/b"}],
+                },
+            }
+        )
+    assert info.value.code == "vertex_not_found"
+    count = await core.owner_pool.fetchval(f"SELECT count(*) FROM {tenant.schema_name}.users")
+    assert count == 0

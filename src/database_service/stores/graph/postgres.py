@@ -173,10 +173,17 @@ class PostgresGraphStore:
             # write done there, committed or rolled back with it (never marked ready here: a
             # rollback takes the CREATE with it).
             sql = self._statements(tenant)
-            if tenant.tenant_id not in self._ready:
-                async with joined.watch.statement():
-                    await joined.conn.execute(sql.create)
-            yield joined.conn, joined.watch, sql
+            # Errors as the store's own sessions give them (its callers map 23503 and 42P01).
+            with postgres_errors(tenant.tenant_id):
+                if tenant.tenant_id not in self._ready:
+                    async with joined.watch.statement():
+                        await joined.conn.execute(sql.create)
+                try:
+                    yield joined.conn, joined.watch, sql
+                except QueryError as exc:
+                    if exc.sqlstate == _UNDEFINED_TABLE:
+                        self._ready.discard(tenant.tenant_id)
+                    raise
             return
         await self._ensure(tenant)
         try:
