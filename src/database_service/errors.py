@@ -284,6 +284,10 @@ UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.CannotConnectNowError,
+    # "cannot switch to state N; another operation (M) is in progress": a pooled connection
+    # whose protocol was left mid-operation when PostgreSQL went away (seen after an embedded
+    # PostgreSQL was killed and restarted); the connection is unusable, not the request wrong.
+    asyncpg.exceptions._base.InternalClientError,
 )
 # InterfaceErrors about a value or the client's setup rather than the connection (asyncpg's
 # client-side DataError and ClientConfigurationError are also ValueErrors).

@@ -122,7 +122,9 @@ async def test_corrupt_values_are_misses(redis_db_url: str) -> None:
         await remote.aclose()
 
 
-async def make_cache(url: str, channel: str, lags: list[float] | None = None) -> ResultCache:
+async def make_cache(
+    url: str, channel: str, lags: list[float] | None = None, *, stale_keep_s: float = 0.0
+) -> ResultCache:
     generations = Generations(
         url, channel=channel, timeout_s=0.5, on_lag=lags.append if lags is not None else None
     )
@@ -130,7 +132,9 @@ async def make_cache(url: str, channel: str, lags: list[float] | None = None) ->
     assert await generations.wait_attached(5)
     return ResultCache(
         local=LocalCache(1 << 20),
-        remote=RemoteCache(url, tenant_quota_bytes=1 << 20, timeout_s=0.5),
+        remote=RemoteCache(
+            url, tenant_quota_bytes=1 << 20, timeout_s=0.5, stale_keep_s=stale_keep_s
+        ),
         generations=generations,
     )
 
@@ -200,6 +204,34 @@ async def test_a_write_in_one_instance_invalidates_the_other(two_caches) -> None
     assert await b.snapshot("other", rels) == snap
 
 
+async def test_the_stale_fallback_finds_what_another_instance_cached(redis_db_url: str) -> None:
+    """An instance that never ran the statement still has a last answer to give while
+    PostgreSQL is down: the one another instance left in L2, kept past its TTL (and past
+    invalidation) for the stale window — but never served as fresh once its TTL passed."""
+    channel = f"dbsvc:invalidate:test:{time.monotonic_ns()}"
+    a = await make_cache(redis_db_url, channel, stale_keep_s=60)
+    b = await make_cache(redis_db_url, channel, stale_keep_s=60)
+    try:
+        rels = {"t_x.positions"}
+        key = result_key("acme", None, "select * from t_x.positions", [])
+        snap = await a.snapshot("acme", rels)
+        assert snap is not None and await a.fill("acme", key, snap, b"rows-v1", 0.2)
+        await asyncio.sleep(0.3)  # past its TTL
+        assert await b.lookup("acme", key, rels) is None  # not fresh
+        await a.invalidate("acme", rels)
+        kept = await b.stale("acme", key)
+        assert kept is not None and kept.payload == b"rows-v1" and kept.age_s() >= 0.3
+        assert b.remote is not None and b.remote.stale_hits == 1
+        # Within the caller's stale window only; never another tenant's key.
+        assert await b.stale("acme", key, max_age_s=0.1) is None
+        assert await b.stale("acme2", key) is None
+        other_user = result_key("acme", "u1", "select * from t_x.positions", [])
+        assert await b.stale("acme", other_user) is None
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_fill_is_skipped_when_a_write_raced_the_query(two_caches) -> None:
     a, b, _ = two_caches
     rels = {"t_x.a"}
@@ -240,7 +272,7 @@ async def test_redis_down_fails_fast_and_recovers(private_redis: RedisServer) ->
             await asyncio.sleep(0.05)
         assert cache.generations.state.status == "down"
         assert await cache.lookup("acme", key, rels) is None
-        assert cache.stale("acme", key) is not None  # the fallback still has it
+        assert await cache.stale("acme", key) is not None  # the fallback still has it
         # A committed write while Redis is down is kept and replayed when it is back.
         await cache.invalidate("acme", rels)
         assert cache.generations.state.pending_bumps == 1
@@ -272,7 +304,7 @@ async def test_local_mode_without_redis() -> None:
     assert (await cache.lookup("acme", "k", rels)).payload == b"rows"  # type: ignore[union-attr]
     await cache.invalidate("acme", rels)
     assert await cache.lookup("acme", "k", rels) is None
-    assert cache.stale("acme", "k").payload == b"rows"  # type: ignore[union-attr]
+    assert (await cache.stale("acme", "k")).payload == b"rows"  # type: ignore[union-attr]
     assert generations.state.mode == "local" and generations.state.status == "off"
     with pytest.raises(ValueError, match="Redis-backed"):
         ResultCache(

@@ -69,15 +69,21 @@ def f(field: str, op: str, value: object) -> Filter:
     return Filter.parse({"field": field, "op": op, "value": value})
 
 
-@pytest.fixture(scope="module")
-async def graph(core: Application) -> Graph:
-    tenant = await core.tenants.create(f"graph_{secrets.token_hex(4)}")
+async def new_graph(core: Application, prefix: str) -> Graph:
+    """A new tenant, and a principal that reads and writes it."""
+    tenant = await core.tenants.create(f"{prefix}_{secrets.token_hex(4)}")
     principal = Principal(
         service="graph-test",
         tenants=frozenset({tenant.tenant_id}),
         scopes=frozenset({Scope.READ, Scope.WRITE}),
     )
-    ctx = TenantContext(tenant.tenant_id)
+    return Graph(tenant, principal, TenantContext(tenant.tenant_id))
+
+
+@pytest.fixture(scope="module")
+async def graph(core: Application) -> Graph:
+    made = await new_graph(core, "graph")
+    principal, ctx = made.principal, made.ctx
     g = core.graphs
     written = await g.upsert_vertices(
         principal,
@@ -90,7 +96,7 @@ async def graph(core: Application) -> Graph:
         for c, a, b, r in EDGES
     ]
     assert await g.upsert_edges(principal, ctx, edges) == len(EDGES)
-    return Graph(tenant, principal, ctx)
+    return made
 
 
 def ids(result: object) -> list[str]:
@@ -372,4 +378,162 @@ async def test_a_walk_past_the_visit_bound_is_refused(core: Application, graph: 
     with pytest.raises(ResultTooLarge):  # erin's first level is two edges, neither to carol
         await tiny.shortest_path(
             graph.tenant, ShortestPath("users/erin", "users/carol", Direction.ANY, 10)
+        )
+
+
+# --- weighted shortest paths --------------------------------------------------------------
+
+
+def _least(
+    edges: list[tuple[str, str, str, float]], start: str, end: str, direction: Direction, hops: int
+) -> tuple[float, int] | None:
+    """The least (weight, steps) from start to end in at most ``hops`` edges, by dynamic
+    programming over the edge list (the definition, without the store's pruning)."""
+    steps: list[tuple[str, str, float]] = []
+    for _, a, b, w in edges:
+        if direction in (Direction.OUTBOUND, Direction.ANY):
+            steps.append((a, b, w))
+        if direction in (Direction.INBOUND, Direction.ANY):
+            steps.append((b, a, w))
+    best: dict[str, tuple[float, int]] = {start: (0.0, 0)}
+    for _ in range(hops):
+        nxt = dict(best)
+        for a, b, w in steps:
+            if a in best and b != start:
+                candidate = (best[a][0] + w, best[a][1] + 1)
+                if b not in nxt or candidate < nxt[b]:
+                    nxt[b] = candidate
+        best = nxt
+    return best.get(end)
+
+
+@pytest.fixture(scope="module")
+async def weighted(core: Application) -> tuple[Graph, list[tuple[str, str, str, float]]]:
+    """A random network of 40 traders and 160 edges: most with a ``cost`` (halves and whole
+    numbers, exact in binary), some without (they weigh the default)."""
+    import random
+
+    rng = random.Random(20261203)
+    made = await new_graph(core, "wgraph")
+    principal, ctx = made.principal, made.ctx
+    await core.graphs.upsert_vertices(
+        principal, ctx, [Vertex.of("users", f"u{i}") for i in range(40)]
+    )
+    edges: list[tuple[str, str, str, float]] = []
+    pairs: set[tuple[int, int]] = set()
+    while len(pairs) < 160:
+        a, b = rng.randrange(40), rng.randrange(40)
+        if a != b:
+            pairs.add((a, b))
+    documents = []
+    for a, b in sorted(pairs):
+        cost = rng.randrange(0, 20) / 2 if rng.random() < 0.85 else None
+        props = {} if cost is None else {"link": {"cost": cost}}
+        edge = Edge.of("copies", f"users/u{a}", f"users/u{b}", properties=props)
+        documents.append(edge)
+        edges.append((edge.id, edge.from_id, edge.to_id, 3.0 if cost is None else cost))
+    assert await core.graphs.upsert_edges(principal, ctx, documents) == 160
+    return made, edges
+
+
+async def test_weighted_shortest_paths_match_the_definition(
+    core: Application, weighted: tuple[Graph, list[tuple[str, str, str, float]]]
+) -> None:
+    graph, edges = weighted
+    g, p, c = core.graphs, graph.principal, graph.ctx
+    by_id = {e[0]: e for e in edges}
+    checked = found = 0
+    for direction in Direction:
+        for hops in (1, 3, 6):
+            for start, end in [(0, 1), (5, 17), (12, 3), (39, 20), (7, 7), (25, 30)]:
+                q = ShortestPath(
+                    f"users/u{start}",
+                    f"users/u{end}",
+                    direction,
+                    max_depth=hops,
+                    weight_attribute="link.cost",
+                    default_weight=3.0,
+                )
+                path = await g.shortest_path(p, c, q)
+                expected = _least(edges, q.start, q.end, direction, hops)
+                checked += 1
+                assert (path.found, path.weight is not None) == (expected is not None,) * 2
+                if expected is None:
+                    continue
+                found += 1
+                assert (path.weight, path.length) == expected, (direction, hops, start, end)
+                assert path.vertices[0] == q.start and path.vertices[-1] == q.end
+                total = 0.0
+                for i, edge_id in enumerate(path.edges):  # each step is an edge, its weight summed
+                    _, a, b, w = by_id[edge_id]
+                    allowed = {
+                        Direction.OUTBOUND: {(a, b)},
+                        Direction.INBOUND: {(b, a)},
+                        Direction.ANY: {(a, b), (b, a)},
+                    }[direction]
+                    assert (path.vertices[i], path.vertices[i + 1]) in allowed
+                    total += w
+                assert total == path.weight
+    assert checked == 54 and found > 20
+
+
+async def test_weighted_path_prefers_light_long_paths_within_the_depth_bound(
+    core: Application, graph: Graph
+) -> None:
+    """On the small graph, weighted by ``ratio``: carol → bob directly by ``follows`` (it has
+    no ratio, so it weighs the default), or by copies through alice, erin and dave
+    (1.0 + 0.25 + 1 + 2 = 4.25)."""
+    g, p, c = core.graphs, graph.principal, graph.ctx
+
+    def q(max_depth: int, default: float) -> ShortestPath:
+        return ShortestPath(
+            "users/carol",
+            "users/bob",
+            Direction.OUTBOUND,
+            max_depth,
+            weight_attribute="ratio",
+            default_weight=default,
+        )
+
+    # copies carol→alice 1.0, alice→erin 0.25, erin→dave 1, dave→bob 2: 4.25 in four steps.
+    heavy = await g.shortest_path(p, c, q(5, 10.0))
+    assert heavy.weight == 4.25 and heavy.length == 4
+    light = await g.shortest_path(p, c, q(5, 1.0))
+    assert light.weight == 1.0 and light.vertices == ["users/carol", "users/bob"]
+    # Four steps are past a depth of three: the heavy direct edge it is.
+    bounded = await g.shortest_path(p, c, q(3, 10.0))
+    assert bounded.weight == 10.0 and bounded.length == 1
+    # A tie (4.25 both ways) goes to the fewer steps.
+    tie = await g.shortest_path(p, c, q(5, 4.25))
+    assert tie.weight == 4.25 and tie.length == 1
+    same = await g.shortest_path(p, c, ShortestPath("users/bob", "users/bob", weight_attribute="x"))
+    assert same.found and same.weight == 0.0
+
+
+async def test_weighted_path_refuses_bad_weights(core: Application, graph: Graph) -> None:
+    g, p, c = core.graphs, graph.principal, graph.ctx
+    for default in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidParameters):
+            await g.shortest_path(
+                p,
+                c,
+                ShortestPath(
+                    "users/carol", "users/bob", weight_attribute="ratio", default_weight=default
+                ),
+            )
+    for attribute in ("", "_from", "a..b", "x;drop", "a.b.c.d.e"):
+        with pytest.raises(InvalidFilter):
+            await g.shortest_path(
+                p, c, ShortestPath("users/carol", "users/bob", weight_attribute=attribute)
+            )
+    # A negative weight in the data is refused when the search meets it, as ArangoDB does.
+    negative = await new_graph(core, "neg")
+    principal, ctx = negative.principal, negative.ctx
+    await g.upsert_vertices(principal, ctx, [Vertex.of("users", k) for k in ("a", "b")])
+    await g.upsert_edges(
+        principal, ctx, [Edge.of("copies", "users/a", "users/b", properties={"w": -2})]
+    )
+    with pytest.raises(InvalidParameters, match="weights >= 0"):
+        await g.shortest_path(
+            principal, ctx, ShortestPath("users/a", "users/b", weight_attribute="w")
         )

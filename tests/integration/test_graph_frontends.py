@@ -69,6 +69,14 @@ async def test_the_client_runs_every_operation(client: MultiDatabaseClient) -> N
         "vertices": ["users/c2", "users/c1", "users/t1"],
         "edges": [edge["_id"], walk["hits"][0]["edges"][0]],
     }
+    weighted = await client.graph_shortest_path(
+        "users/c2", "users/t1", weight_attribute="cost", default_weight=2.5
+    )
+    assert weighted == {**path, "weight": 5.0}  # two edges without a cost: 2.5 each
+    with pytest.raises(InvalidArgument):
+        await client.graph_shortest_path(
+            "users/c2", "users/t1", weight_attribute="cost", default_weight=-1
+        )
     exposure = await client.graph_neighborhood(
         "users/t1",
         depth=2,
@@ -110,6 +118,18 @@ async def test_rest_runs_every_operation(
     assert [h["vertex"]["_id"] for h in walk["hits"]] == ["users/b", "users/a"]
     path = await post("shortest-path", {"start": "users/a", "end": "users/c", "direction": "any"})
     assert path["vertices"] == ["users/a", "users/b", "users/c"]
+    assert "weight" not in path
+    weighted = await post(
+        "shortest-path",
+        {"start": "users/a", "end": "users/c", "direction": "any", "weight_attribute": "w"},
+    )
+    assert (weighted["vertices"], weighted["weight"]) == (["users/a", "users/b", "users/c"], 2.0)
+    bad = await http.post(
+        "/api/v1/graph/shortest-path",
+        json={"start": "users/a", "end": "users/c", "weight_attribute": "w", "default_weight": "x"},
+        headers=headers,
+    )
+    assert bad.status_code == 400, bad.text
     groups = await post(
         "neighborhood",
         {"start": "users/c", "depth": 2, "group_by": "tier", "aggregate": "count"},

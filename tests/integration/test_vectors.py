@@ -1,8 +1,10 @@
-"""Vector collections on the embedded PostgreSQL's pgvector, through every front end: gRPC
-``VectorService`` (the client's ``vector_*`` and ``weaviate_query``) and REST
-``/api/v1/vector/...``. Every operation once on real pgvector, typed properties and every
-filter operator against what Python computes from the same objects, certainty and distance per
-metric, HNSW recall against exact search on the same data, health and metrics."""
+"""Vector collections through every front end, on both stores: the embedded PostgreSQL's
+pgvector and a real Weaviate server (``[pgvector]``/``[weaviate]``): gRPC ``VectorService`` (the
+client's ``vector_*`` and ``weaviate_query``) and REST ``/api/v1/vector/...``. Every operation
+once, typed properties and every filter operator against what Python computes from the same
+objects, certainty and distance per metric, HNSW recall against exact search on the same data,
+health and metrics. What only one store has (pgvector's tables, catalog and index; Weaviate's
+classes, restart) is tested on that store."""
 
 from __future__ import annotations
 
@@ -32,9 +34,15 @@ from database_service.stores.vector.pgvector import (
 from database_service.tenancy import TenantRecord, quote_ident
 from database_service_client import DatabaseServiceError, MultiDatabaseClient
 from tests.fix_pg import PgCluster, with_database
+from tests.fix_weaviate import Stack, store_stack
 from tests.isolation.fix_frontends import service_token
 
-pytestmark = [pytest.mark.integration, pytest.mark.pgvector]
+pytestmark = [pytest.mark.integration]
+STORES = [
+    pytest.param("pgvector", marks=pytest.mark.pgvector),
+    pytest.param("weaviate", marks=pytest.mark.weaviate),
+]
+PGVECTOR = pytest.mark.parametrize("stack", [STORES[0]], indirect=True)
 
 PROPERTIES = {
     "symbol": "text",
@@ -50,8 +58,11 @@ BASE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 @dataclass
 class Setup:
+    store: str
+    core: Application
     tenant: TenantRecord
     client: MultiDatabaseClient
+    http: httpx.AsyncClient
     headers: dict[str, str]
     objects: list[dict[str, Any]]
 
@@ -87,16 +98,23 @@ def _objects(n: int, dim: int) -> list[dict[str, Any]]:
     return objects
 
 
+@pytest.fixture(scope="module", params=STORES)
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The service on each store in turn (pgvector: the session's own service)."""
+    return store_stack(request)
+
+
 @pytest.fixture(scope="module")
-async def setup(core: Application, grpc_target: str) -> AsyncIterator[Setup]:
+async def setup(stack: Stack) -> AsyncIterator[Setup]:
+    core = stack.core
     tenant = await core.tenants.create(f"vec_{secrets.token_hex(4)}")
     token = await service_token(core, [tenant.tenant_id], (Scope.READ, Scope.WRITE, Scope.ADMIN))
-    client = MultiDatabaseClient(grpc_target, tenant.tenant_id, token, retries=0)
+    client = MultiDatabaseClient(stack.grpc_target, tenant.tenant_id, token, retries=0)
     await client.vector_create_collection("Patterns", 8, properties=PROPERTIES)
     objects = _objects(60, 8)
     assert await client.vector_upsert("Patterns", objects) == 60
     headers = {"Authorization": f"Bearer {token}", "X-Tenant-Id": tenant.tenant_id}
-    yield Setup(tenant, client, headers, objects)
+    yield Setup(stack.store, core, tenant, client, stack.http, headers, objects)
     await client.close()
 
 
@@ -144,6 +162,7 @@ async def test_the_collection_schema_is_read_back_from_the_catalog(setup: Setup)
     }
 
 
+@PGVECTOR
 async def test_the_collection_is_a_table_of_the_tenants_own_role(
     core: Application, setup: Setup
 ) -> None:
@@ -160,6 +179,7 @@ async def test_the_collection_is_a_table_of_the_tenants_own_role(
     assert (row["owner"], row["am"]) == (setup.tenant.role_name, "hnsw")
 
 
+@PGVECTOR
 async def test_a_collection_without_its_comment_is_known_by_its_table_and_index(
     core: Application, setup: Setup
 ) -> None:
@@ -176,6 +196,7 @@ async def test_a_collection_without_its_comment_is_known_by_its_table_and_index(
         await client.vector_drop_collection("Bare")
 
 
+@PGVECTOR
 async def test_a_tenant_export_restored_keeps_its_collections(
     core: Application, setup: Setup, tmp_path: Path
 ) -> None:
@@ -307,8 +328,20 @@ async def test_certainty_and_distance_thresholds_keep_the_near_ones(setup: Setup
     assert all(h["distance"] <= 0.5 for h in close)
 
 
+async def test_thresholds_at_their_edges_keep_only_what_is_that_near(setup: Setup) -> None:
+    """Certainty 1 (distance 0) keeps at most the identical vector (Weaviate reads a distance of
+    0 as none given: the store asks for a hair more and keeps only what is within); a negative
+    cosine distance keeps nothing."""
+    query = setup.objects[5]["vector"]
+    exact = await setup.client.vector_search("Patterns", query, limit=60, certainty=1.0)
+    assert {h["id"] for h in exact} <= {setup.objects[5]["id"]}
+    assert await setup.client.vector_search("Patterns", query, limit=5, distance=-0.1) == []
+
+
 @pytest.mark.parametrize("metric", ["l2", "dot"])
-async def test_l2_and_dot_distances_are_pgvectors(setup: Setup, metric: str) -> None:
+async def test_l2_and_dot_distances_are_euclidean_and_negative_inner_product(
+    setup: Setup, metric: str
+) -> None:
     name = f"M_{metric}"
     await setup.client.vector_create_collection(name, 3, metric=metric)
     try:
@@ -453,6 +486,7 @@ async def test_the_seeds_weaviate_query_runs_as_written(setup: Setup) -> None:
     assert all(h["certainty"] >= 0.8 for h in result["results"])
 
 
+@PGVECTOR
 async def test_hnsw_search_recalls_what_exact_search_finds(core: Application, setup: Setup) -> None:
     """5,000 random 64-dimensional vectors: the service's search (HNSW) against an exact scan
     of the same table (index scans off), recall@10 over 40 queries."""
@@ -497,11 +531,13 @@ async def test_hnsw_search_recalls_what_exact_search_finds(core: Application, se
         await client.vector_drop_collection("Recall")
 
 
+@pytest.mark.pgvector
 async def test_search_settings_are_the_databases_defaults(core: Application) -> None:
     """Control migration 0013 set them: a search is one round trip, with no SET."""
     assert core.vector_store.defaults_set
 
 
+@PGVECTOR
 async def test_a_search_uses_the_hnsw_index(core: Application, setup: Setup) -> None:
     from database_service.stores.vector import CollectionInfo, Metric, PropertyType, SearchQuery
 
@@ -523,7 +559,8 @@ async def test_a_search_uses_the_hnsw_index(core: Application, setup: Setup) -> 
 # -- REST ---------------------------------------------------------------------------------------
 
 
-async def test_every_rest_route_works(http: httpx.AsyncClient, setup: Setup) -> None:
+async def test_every_rest_route_works(setup: Setup) -> None:
+    http = setup.http
     h = setup.headers
     base = "/api/v1/vector/collections"
     made = await http.post(base, headers=h, json={"name": "Rest", "dimension": 2,
@@ -570,6 +607,7 @@ async def test_every_rest_route_works(http: httpx.AsyncClient, setup: Setup) -> 
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_vector"
 
 
+@pytest.mark.pgvector
 async def test_without_pgvector_vectors_are_not_configured(
     core: Application, pg_cluster: PgCluster
 ) -> None:
@@ -600,6 +638,7 @@ async def test_without_pgvector_vectors_are_not_configured(
 # -- health and metrics -------------------------------------------------------------------------
 
 
+@PGVECTOR
 async def test_health_reports_embedded_pgvector(core: Application, setup: Setup) -> None:
     core.health.invalidate()
     document = await core.health.document(detailed=True)
@@ -610,14 +649,13 @@ async def test_health_reports_embedded_pgvector(core: Application, setup: Setup)
     assert weaviate["collections"] >= 1 and weaviate["tenants_with_collections"] >= 1
 
 
-async def test_searches_and_writes_are_counted(
-    http: httpx.AsyncClient, setup: Setup, admin_headers: dict[str, str]
-) -> None:
+async def test_searches_and_writes_are_counted(setup: Setup, admin_headers: dict[str, str]) -> None:
     await setup.client.vector_search("Patterns", [0.1] * 8)
     with pytest.raises(DatabaseServiceError):
         await setup.client.vector_search("Patterns", [0.1] * 3)
-    text = (await http.get("/metrics", headers=admin_headers)).text
-    assert 'dbsvc_vector_searches_total{code="ok",store="pgvector"}' in text
-    assert 'dbsvc_vector_searches_total{code="invalid_vector",store="pgvector"}' in text
-    assert 'dbsvc_vector_search_duration_seconds_bucket{le="0.05",store="pgvector"}' in text
-    assert 'dbsvc_vector_objects_total{operation="upsert",store="pgvector"}' in text
+    text = (await setup.http.get("/metrics", headers=admin_headers)).text
+    store = setup.store
+    assert f'dbsvc_vector_searches_total{{code="ok",store="{store}"}}' in text
+    assert f'dbsvc_vector_searches_total{{code="invalid_vector",store="{store}"}}' in text
+    assert f'dbsvc_vector_search_duration_seconds_bucket{{le="0.05",store="{store}"}}' in text
+    assert f'dbsvc_vector_objects_total{{operation="upsert",store="{store}"}}' in text

@@ -821,20 +821,12 @@ async def test_a_read_only_caller_gets_cached_answers_and_cannot_write(
     ],
 )
 async def test_a_write_asked_to_be_cached_runs_uncached(
-    cache_door: tuple[CacheDoor, CacheDoor], http: httpx.AsyncClient, probe: Probe, statement: str
+    cache_door: tuple[CacheDoor, CacheDoor], probe: Probe, statement: str
 ) -> None:
     """A statement that writes or takes row locks is never answered from the cache, whatever
     the request asked: a read-write caller runs it (uncached), a read-only caller is refused
     (it is not a read it may run), and neither is a server error."""
     a, _ = cache_door
-    if a.name == "rest":
-        body = {"sql": statement, "tenant_id": probe.a, "cache_ttl_ms": TTL_MS}
-        headers = {"Authorization": f"Bearer {probe.a_token}"}
-        if (await http.post("/api/v1/query", json=body, headers=headers)).status_code == 500:
-            pytest.xfail(
-                "FINDING: POST /api/v1/query with cache_ttl_ms and a statement that is not a"
-                " read answers 500 internal (routes/queries.py asserts result.cache is not None)"
-            )
     for _ in range(2):
         writer = await a.run(probe.a, probe.a_token, statement)
         assert writer.ok and writer.cache in ("", "bypass"), writer
@@ -889,12 +881,6 @@ async def test_a_tenant_cannot_evict_another_tenants_keys(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING: L1 (cache/local.py LocalCache) is one LRU bounded by bytes across tenants;"
-    " without Redis (the embedded default) a tenant caching enough evicts another tenant's"
-    " entries (a miss, never a wrong answer; with Redis, L2's per-tenant quota keeps them)",
-)
 async def test_a_tenant_cannot_evict_another_tenants_entries(
     pg_cluster: PgCluster, tmp_path: Path, tenants: Tenants, probe: Probe
 ) -> None:

@@ -178,6 +178,7 @@ class GraphDoor:
                         direction=direction,  # type: ignore[arg-type]
                         max_depth=body.get("max_depth", 6),
                         edge_collections=body.get("edge_collections", []),
+                        weight_attribute=body.get("weight_attribute", ""),
                     ),
                     metadata=metadata,
                 )
@@ -284,6 +285,11 @@ async def test_traversal_never_reaches_another_tenants_vertices(door: GraphDoor)
             ("neighborhood", {"start": start, "direction": "any", "depth": 3}),
             ("shortest_path", {"start": "users/a1", "end": start, "direction": "any"}),
             ("shortest_path", {"start": start, "end": "users/a1"}),
+            ("shortest_path", {"start": start, "end": "users/a1", "weight_attribute": "ratio"}),
+            (
+                "shortest_path",
+                {"start": "users/a1", "end": start, "direction": "any", "weight_attribute": "w"},
+            ),
         ]:
             outcome = await door.call(op, body)
             assert (outcome.ok, outcome.code) == (False, "vertex_not_found"), (op, body)

@@ -1,5 +1,6 @@
 """Tenant A against tenant B's vector collections, through gRPC ``VectorService`` and REST
-``/api/v1/vector/...``.
+``/api/v1/vector/...``, on both stores (``[pgvector]``: tables in the tenants' schemas;
+``[weaviate]``: a class per tenant collection on a real Weaviate server, one Weaviate tenant each).
 
 B holds a collection ``Secrets`` whose objects carry the secret in their properties. A (read,
 write and admin over itself) names B's collection every way it can — plainly, qualified with
@@ -7,7 +8,9 @@ B's schema, with quotes, dots and comment markers, as B's table name — sends f
 SQL, asks for B's objects by their ids, names B in ``tenant_filter`` and in the tenant header,
 and writes as a read-only service. A never sees B's secret, never changes B's objects, and is
 refused with a stable code (never a server error); a direct login as A's own role cannot read
-B's table either (PostgreSQL's privileges, not the service's checks, are the boundary).
+B's table either (PostgreSQL's privileges, not the service's checks, are the boundary). On
+Weaviate, B's objects are read back from B's class and shard directly after every attack, and
+A naming B's Weaviate class as a collection reaches only a class of A's own.
 """
 
 from __future__ import annotations
@@ -28,13 +31,19 @@ from database_service.app import Application
 from database_service.auth import Principal, Scope
 from database_service.query import TenantContext
 from database_service.stores.vector.pgvector import table_name
+from database_service.stores.vector.weaviate import class_name
 from database_service.tenancy import quote_ident
 from database_service_client._proto import vector_pb2 as vpb
 from database_service_client._proto.vector_pb2_grpc import VectorServiceStub
+from tests.fix_weaviate import Stack, WeaviateTarget, store_stack
 from tests.isolation.fix_attack import SECRET, Tenants
 from tests.isolation.fix_frontends import service_token
 
-pytestmark = [pytest.mark.pgvector, pytest.mark.usefixtures("unchanged_victim")]
+pytestmark = [pytest.mark.usefixtures("unchanged_victim")]
+STORES = [
+    pytest.param("pgvector", marks=pytest.mark.pgvector),
+    pytest.param("weaviate", marks=pytest.mark.weaviate),
+]
 
 FRONT_ENDS = ("grpc", "rest")
 _SERVER_ERRORS = {"INTERNAL", "UNKNOWN", "DATA_LOSS", "500"}
@@ -60,7 +69,10 @@ class Victim:
     principal: Principal
     ctx: TenantContext
     ids: list[str]
-    table: str
+    table: str  # pgvector: B's table; weaviate: B's class
+    store: str
+    core: Application
+    weaviate: WeaviateTarget | None = None
 
 
 class VectorDoor:
@@ -224,9 +236,15 @@ def _victim_objects() -> list[dict[str, Any]]:
     ]
 
 
+@pytest.fixture(scope="module", params=STORES)
+def vstack(request: pytest.FixtureRequest) -> Stack:
+    return store_stack(request)
+
+
 @pytest.fixture(scope="module")
-async def victim(core: Application, tenants: Tenants) -> Victim:
+async def victim(request: pytest.FixtureRequest, vstack: Stack, tenants: Tenants) -> Victim:
     """B's collection Secrets, its objects carrying the secret."""
+    core = vstack.core
     b = tenants.b.tenant_id
     principal = Principal(service="victim-vec", tenants=frozenset({b}), scopes=frozenset(Scope))
     ctx = TenantContext(b)
@@ -235,36 +253,57 @@ async def victim(core: Application, tenants: Tenants) -> Victim:
     )
     objects = _victim_objects()
     await core.vectors.upsert(principal, ctx, "Secrets", objects)
+    ids = [o["id"] for o in objects]
+    if vstack.store == "weaviate":
+        target = request.getfixturevalue("weaviate_target")
+        return Victim(principal, ctx, ids, class_name(b, "Secrets"), "weaviate", core, target)
     table = f"{quote_ident(tenants.b.schema_name)}.{quote_ident(table_name('Secrets'))}"
-    return Victim(principal, ctx, [o["id"] for o in objects], table)
+    return Victim(principal, ctx, ids, table, "pgvector", core)
 
 
-async def _victim_rows(core: Application, victim: Victim) -> list[tuple[Any, ...]]:
-    rows = await core.owner_pool.fetch(f"SELECT id, vector::text, note, level FROM {victim.table}"
-                                       " ORDER BY id")  # fmt: skip
-    return [tuple(r) for r in rows]
+async def _victim_rows(victim: Victim) -> list[tuple[Any, ...]]:
+    """B's objects as its store holds them, read around the service."""
+    if victim.weaviate is None:
+        rows = await victim.core.owner_pool.fetch(
+            f"SELECT id, vector::text, note, level FROM {victim.table} ORDER BY id"
+        )
+        return [tuple(r) for r in rows]
+    target = victim.weaviate
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    query = (
+        f'{{ Get {{ {victim.table}(tenant: "{victim.ctx.tenant_id}", limit: 100)'
+        " { note level _additional { id vector } } } }"
+    )
+    async with httpx.AsyncClient(base_url=target.url, headers=headers, trust_env=False) as raw:
+        answer = (await raw.post("/v1/graphql", json={"query": query})).json()
+        schema = (await raw.get(f"/v1/schema/{victim.table}/tenants")).json()
+    assert "errors" not in answer, answer
+    # B's class has exactly one Weaviate tenant, B: no attack added another.
+    assert [t["name"] for t in schema] == [victim.ctx.tenant_id], schema
+    items = answer["data"]["Get"][victim.table]
+    return sorted(
+        (i["_additional"]["id"], str(i["_additional"]["vector"]), i["note"], i["level"])
+        for i in items
+    )
 
 
 @pytest.fixture
-async def unchanged_vectors(core: Application, victim: Victim) -> AsyncIterator[Victim]:
-    before = await _victim_rows(core, victim)
+async def unchanged_vectors(victim: Victim) -> AsyncIterator[Victim]:
+    before = await _victim_rows(victim)
     assert len(before) == 5 and all(SECRET in r[2] for r in before)
     yield victim
-    assert await _victim_rows(core, victim) == before, "the victim's vector objects changed"
+    assert await _victim_rows(victim) == before, "the victim's vector objects changed"
+    core = victim.core
     names = [c.name for c in await core.vectors.list_collections(victim.principal, victim.ctx)]
     assert names == ["Secrets"], "the victim's collections changed"
 
 
 @pytest.fixture(params=FRONT_ENDS)
 async def door(
-    request: pytest.FixtureRequest,
-    core: Application,
-    http: httpx.AsyncClient,
-    grpc_target: str,
-    tenants: Tenants,
-    victim: Victim,
+    request: pytest.FixtureRequest, vstack: Stack, tenants: Tenants, victim: Victim
 ) -> AsyncIterator[VectorDoor]:
     """Tenant A (read, write and admin over itself only), with no collections of its own."""
+    core, http, grpc_target = vstack.core, vstack.http, vstack.grpc_target
     a = tenants.a.tenant_id
     token = await service_token(core, [a], (Scope.READ, Scope.WRITE, Scope.ADMIN))
     principal = Principal(service="attacker-vec", tenants=frozenset({a}), scopes=frozenset(Scope))
@@ -347,9 +386,20 @@ async def test_crafted_collection_names_are_refused(
 
 
 async def test_bs_table_name_names_only_as_own(door: VectorDoor, unchanged_vectors: Victim) -> None:
-    """``vec_secrets`` is a valid collection name: A's own ``vec_vec_secrets``, which A lacks."""
-    refused = await door.call("search", "vec_secrets", vector=[0.1] * DIM)
-    assert refused.code == "collection_not_found"
+    """``vec_secrets`` is a valid collection name: A's own ``vec_vec_secrets``, which A lacks;
+    so is B's Weaviate class name (``Dbsvc_<B's key>_secrets``): a class of A's own, which A
+    lacks, and which A may make without touching B's."""
+    for name in ("vec_secrets", class_name(unchanged_vectors.ctx.tenant_id, "Secrets")):
+        refused = await door.call("search", name, vector=[0.1] * DIM)
+        assert refused.code == "collection_not_found", (name, refused)
+        refused = await door.call("get", name, ids=unchanged_vectors.ids)
+        assert refused.code == "collection_not_found", (name, refused)
+    own = class_name(unchanged_vectors.ctx.tenant_id, "Secrets")
+    assert (await door.call("create", own, properties={"note": "text"})).ok
+    found = await door.call("search", own, vector=[1.0, 0.0, 0.5, -1.0], limit=100)
+    assert found.ok and found.data["results"] == []
+    assert (await door.call("delete", own, ids=unchanged_vectors.ids)).data["deleted"] == 0
+    assert (await door.call("drop", own)).data["dropped"] is True
 
 
 SQL_FILTERS: list[dict[str, Any]] = [
@@ -464,6 +514,7 @@ async def test_a_read_only_service_cannot_write(
     assert (await door.call("count", "Mine")).data["count"] == 1
 
 
+@pytest.mark.parametrize("vstack", [STORES[0]], indirect=True)
 async def test_a_direct_login_cannot_read_another_tenants_collection(
     attacker_conn: asyncpg.Connection, unchanged_vectors: Victim
 ) -> None:

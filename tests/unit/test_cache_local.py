@@ -41,6 +41,41 @@ def test_lru_bounded_by_bytes() -> None:
     assert not cache.put("huge", entry(b"x" * 10_000, clock))
 
 
+def test_a_tenant_filling_the_cache_evicts_only_itself() -> None:
+    """B holds one entry, far within its fair share; A fills the cache many times over: A's
+    own oldest entries go, B's stays."""
+    clock = Clock()
+    size = 100 + ENTRY_OVERHEAD
+    cache = LocalCache(10 * size, clock=clock)
+    assert cache.put(("b", "balance"), entry(b"x" * 100, clock))
+    for i in range(50):
+        assert cache.put(("a", f"fill-{i}"), entry(b"x" * 100, clock))
+    assert cache.get(("b", "balance")) is not None
+    assert cache.bytes <= cache.max_bytes
+    assert cache.owner_bytes("b") == size and cache.owner_bytes("a") == 9 * size
+    # A's most recent entries are the ones kept.
+    assert cache.get(("a", "fill-49")) is not None and cache.get(("a", "fill-40")) is None
+
+
+def test_room_comes_from_the_owner_holding_the_most() -> None:
+    """A fill by an owner within its share takes room from the biggest owner, oldest first:
+    A held the whole cache; B and C fill their shares from A's entries."""
+    clock = Clock()
+    size = 100 + ENTRY_OVERHEAD
+    cache = LocalCache(9 * size, clock=clock)
+    for i in range(9):
+        cache.put(("a", i), entry(b"x" * 100, clock))
+    for owner in ("b", "c"):
+        for i in range(3):
+            cache.put((owner, i), entry(b"x" * 100, clock))
+    assert [cache.owner_bytes(o) // size for o in "abc"] == [3, 3, 3]
+    assert [i for i in range(9) if cache.get(("a", i)) is not None] == [6, 7, 8]
+    # Now C, at its fair share, fills more: it evicts its own oldest, not A's or B's.
+    cache.put(("c", 3), entry(b"x" * 100, clock))
+    assert cache.get(("c", 0)) is None and cache.owner_bytes("a") == 3 * size
+    assert cache.counters()["owners"] == 3
+
+
 def test_explicit_size_is_counted() -> None:
     clock = Clock()
     cache = LocalCache(1000 + ENTRY_OVERHEAD, clock=clock)

@@ -232,7 +232,8 @@ def test_aql_shortest_path_uses_shortest_path_unless_edges_are_filtered() -> Non
         ShortestPath("users/a", "users/b", Direction.ANY), ["copies", "follows"]
     )
     assert plain.query == (
-        "FOR v, e IN ANY SHORTEST_PATH @v0 TO @v1 @@c0, @@c1 RETURN {v: v._id, e: e._id}"
+        "FOR v, e IN ANY SHORTEST_PATH @v0 TO @v1 @@c0, @@c1"
+        " RETURN {v: v._id, e: e._id, w: e == null ? 0 : 1}"
     )
     assert plain.bind_vars == {
         "@c0": "copies",
@@ -247,6 +248,38 @@ def test_aql_shortest_path_uses_shortest_path_unless_edges_are_filtered() -> Non
     assert filtered.query.startswith("FOR v, e, p IN 1..4 OUTBOUND @v0 @@c0")
     assert "PRUNE v._id == @v1 OR (e != null AND NOT" in filtered.query
     assert "LIMIT 1" in filtered.query
+
+
+def test_aql_weighted_shortest_path_binds_the_weight_attribute() -> None:
+    top = aql.shortest_path(
+        ShortestPath("users/a", "users/b", weight_attribute="cost", default_weight=2.5),
+        ["copies"],
+    )
+    assert top.query == (
+        "FOR v, e IN OUTBOUND SHORTEST_PATH @v2 TO @v3 @@c0"
+        " OPTIONS {weightAttribute: @v1, defaultWeight: @v0}"
+        " RETURN {v: v._id, e: e._id, w: e == null ? 0 :"
+        " (IS_NUMBER(e[@a0]) ? e[@a0] : @v0)}"
+    )
+    assert top.bind_vars["v1"] == "cost" and top.bind_vars["v0"] == 2.5
+    assert top.bind_vars["a0"] == "cost"
+    # A nested weight, or edge filters: every path within the depth, the lightest first.
+    for query in (
+        ShortestPath("users/a", "users/b", max_depth=3, weight_attribute="link.cost"),
+        ShortestPath(
+            "users/a",
+            "users/b",
+            max_depth=3,
+            weight_attribute="cost",
+            edge_filters=(f("ratio", "gt", 0),),
+        ),
+    ):
+        walk = aql.shortest_path(query, ["copies"])
+        assert walk.query.startswith("FOR v, e, p IN 1..3 OUTBOUND")
+        assert 'OPTIONS {uniqueVertices: "path"}' in walk.query
+        assert "SORT total, LENGTH(p.edges) LIMIT 1" in walk.query
+        assert "x[@a0]" in walk.query and "cost" in walk.bind_vars.values()
+        assert "link" not in walk.query and "cost" not in walk.query.replace("total", "")
 
 
 def test_aql_writes_bind_their_collections() -> None:

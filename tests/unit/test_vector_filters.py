@@ -24,7 +24,12 @@ from database_service.stores.vector import (
     parse_properties,
     property_name,
 )
-from database_service.stores.vector.filters import MAX_CONDITIONS, compile_filter, like_pattern
+from database_service.stores.vector.filters import (
+    MAX_CONDITIONS,
+    compile_filter,
+    like_pattern,
+    weaviate_filter,
+)
 from database_service.stores.vector.pgvector import PgVectorStore
 
 PROPS = {
@@ -146,6 +151,8 @@ def test_like_takes_weaviates_wildcards_and_escapes_likes_own() -> None:
 def test_bad_filters_are_refused(where: Any) -> None:
     with pytest.raises(InvalidFilter):
         compile_filter(where, PROPS, [])
+    with pytest.raises(InvalidFilter):  # the same checks, for Weaviate
+        weaviate_filter(where, PROPS)
 
 
 def test_filters_are_bounded_in_depth_and_size() -> None:
@@ -158,6 +165,9 @@ def test_filters_are_bounded_in_depth_and_size() -> None:
                                            for i in range(MAX_CONDITIONS + 1)]}  # fmt: skip
     with pytest.raises(InvalidFilter, match="at most"):
         compile_filter(wide, PROPS, [])
+    for where, match in ((deep, "nest"), (wide, "at most")):
+        with pytest.raises(InvalidFilter, match=match):
+            weaviate_filter(where, PROPS)
 
 
 @pytest.mark.parametrize(

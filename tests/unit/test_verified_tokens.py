@@ -11,7 +11,7 @@ import pytest
 
 from database_service.auth import Scope, TokenCodec
 from database_service.auth.identities import Authenticator, ServiceIdentity
-from database_service.errors import Unauthenticated
+from database_service.errors import Unauthenticated, Unavailable
 
 KEY = b"k" * 32
 
@@ -42,9 +42,11 @@ class CountingCodec(TokenCodec):
         return super().verify(token)
 
 
-def authenticator(**options: Any) -> tuple[Authenticator, CountingCodec, Directory]:
+def authenticator(
+    directory: Directory | None = None, **options: Any
+) -> tuple[Authenticator, CountingCodec, Directory]:
     codec = CountingCodec(KEY, issuer="test", audience="urn:test")
-    directory = Directory()
+    directory = directory or Directory()
     auth = Authenticator(
         codec,
         directory,  # type: ignore[arg-type]
@@ -127,3 +129,57 @@ def test_a_forged_token_is_never_kept() -> None:
 
     asyncio.run(run())
     assert not auth._verified_tokens
+
+
+class DownDirectory(Directory):
+    """The directory with PostgreSQL going away and coming back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    async def find(self, name: str) -> ServiceIdentity | None:
+        if self.down:
+            raise Unavailable("service directory: PostgreSQL connection failed")
+        return await super().find(name)
+
+    async def revoked(self) -> frozenset[tuple[str, str]]:
+        if self.down:
+            raise Unavailable("service directory: PostgreSQL connection failed")
+        return await super().revoked()
+
+
+def test_what_was_read_answers_while_postgres_is_unreachable() -> None:
+    """Nothing can be disabled or revoked while PostgreSQL is down (both are writes to it), so
+    the last identity and revocation list read keep answering, for ``stale_if_unavailable``;
+    a revoked token stays refused; past the window, or with nothing read yet, Unavailable."""
+    directory = DownDirectory()
+    auth, codec, _ = authenticator(directory, stale_if_unavailable=0.3)
+    good = codec.issue("svc", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600)
+    bad = codec.issue("svc", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600)
+    directory.revoked_ids.add(("svc", codec.verify(bad).token_id or ""))
+    other = codec.issue("other", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600)
+
+    async def run() -> None:
+        assert (await auth.authenticate(f"Bearer {good}")).service == "svc"
+        directory.down = True
+        assert (await auth.authenticate(f"Bearer {good}")).service == "svc"
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await auth.authenticate(f"Bearer {bad}")
+        with pytest.raises(Unavailable):  # never read: no identity to stand in
+            await auth.authenticate(f"Bearer {other}")
+        await asyncio.sleep(0.35)
+        with pytest.raises(Unavailable):  # past the window
+            await auth.authenticate(f"Bearer {good}")
+        directory.down = False
+        assert (await auth.authenticate(f"Bearer {good}")).service == "svc"
+
+    asyncio.run(run())
+
+
+def test_a_revocation_list_never_read_is_not_an_empty_one() -> None:
+    directory = DownDirectory()
+    directory.down = True
+    auth, _, _ = authenticator(directory)
+    with pytest.raises(Unavailable):
+        asyncio.run(auth.is_revoked("svc", "t1"))

@@ -7,7 +7,7 @@ every tenant — migrating all of them — needs the platform administrator.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
@@ -40,8 +40,12 @@ class TenantAdmin:
         migrator: Migrator,
         owner_pool: asyncpg.Pool,
         cache_rules: CacheRules | None = None,
+        tenant_data_elsewhere: Sequence[Callable[[str], Awaitable[object]]] = (),
     ) -> None:
         self._cache_rules = cache_rules
+        # What holds tenant data outside PostgreSQL (vector collections on Weaviate): each is
+        # called with the tenant id to drop it all before the tenant itself goes.
+        self._elsewhere = tuple(tenant_data_elsewhere)
         self._access = access
         self._manager = manager
         self._registry = registry
@@ -126,6 +130,12 @@ class TenantAdmin:
         """Drop the tenant's schema, roles and shared-table rows (``confirm`` required)."""
         tenant_id = validate_tenant_id(tenant_id)
         await self._access.require(principal, Scope.ADMIN, "tenant.delete", tenant_id)
+        if confirm:
+            # Before the tenant goes: should a store be unreachable, the deletion fails (and can
+            # be repeated) rather than leave data a tenant re-created with the id would find.
+            await self._registry.get(tenant_id)
+            for drop in self._elsewhere:
+                await drop(tenant_id)
         await self._manager.delete(tenant_id, confirm=confirm)
         await self._access.done(principal, "tenant.delete", tenant_id)
 

@@ -5,7 +5,10 @@ issuer, audience and expiry, that the token was not revoked (by its ``jti``), th
 service still exists and is active, and narrows the token's tenants and scopes to what the
 identity holds now. Identities and the revocation list are cached for ``cache_ttl`` seconds, so
 disabling or narrowing a service, or revoking one token, takes effect on every instance within
-that bound.
+that bound. While PostgreSQL is unreachable, what was read within ``stale_if_unavailable``
+seconds keeps answering (retried every second): nothing can be disabled or revoked meanwhile,
+since both are writes to that PostgreSQL, and the requests that can still be served (the result
+cache's stale fallback, key-value operations on Redis) would otherwise fail here.
 
 The bootstrap admin token (``DBSVC_BOOTSTRAP_ADMIN_TOKEN``, else generated once into
 ``<data dir>/admin.token``) is meant for bootstrapping: it creates tenants and services and
@@ -48,6 +51,7 @@ from database_service.errors import (
     InvalidRequest,
     NotFound,
     Unauthenticated,
+    Unavailable,
     postgres_unavailable,
 )
 from database_service.tenancy.ids import quote_ident, validate_tenant_id
@@ -317,20 +321,29 @@ class Authenticator:
         bootstrap_admin_token: str,
         cache_ttl: float = 5.0,
         verified_tokens: int = 10_000,
+        stale_if_unavailable: float = 300.0,
     ) -> None:
         self.codec = codec
         self.directory = directory
         self._admin_token = bootstrap_admin_token.encode()
         self._ttl = cache_ttl
-        self._cache: dict[str, tuple[float, ServiceIdentity | None]] = {}
+        self._stale_if_unavailable = stale_if_unavailable
+        # name -> (fresh until, identity, read at)
+        self._cache: dict[str, tuple[float, ServiceIdentity | None, float]] = {}
         self._verified_tokens: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
         self._verified_max = verified_tokens
         self._revoked: frozenset[tuple[str, str]] = frozenset()
         self._revoked_until = 0.0
+        self._revoked_read_at: float | None = None
         self._revoked_lock = asyncio.Lock()
         self._certificate_names: dict[str, str] = {}
         self._revoked_fingerprints: frozenset[str] = frozenset()
         self._certificates_until = 0.0
+        self._certificates_read_at: float | None = None
+
+    def _may_stand_in(self, read_at: float | None, now: float) -> bool:
+        """Whether what was read at ``read_at`` may answer while PostgreSQL is unreachable."""
+        return read_at is not None and now - read_at <= self._stale_if_unavailable
 
     async def authenticate(
         self, authorization: str | None, peer: PeerCertificate | None = None
@@ -358,11 +371,19 @@ class Authenticator:
         seconds ago, like revocations), or Unauthenticated."""
         if self._certificates_until <= time.monotonic():
             async with self._revoked_lock:
-                if self._certificates_until <= time.monotonic():
-                    names = await self.directory.certificate_names()
-                    revoked = await self.directory.revoked_certificates()
-                    self._certificate_names, self._revoked_fingerprints = names, revoked
-                    self._certificates_until = time.monotonic() + self._ttl
+                now = time.monotonic()
+                if self._certificates_until <= now:
+                    try:
+                        names = await self.directory.certificate_names()
+                        revoked = await self.directory.revoked_certificates()
+                    except Unavailable:
+                        if not self._may_stand_in(self._certificates_read_at, now):
+                            raise
+                        self._certificates_until = now + min(self._ttl, 1.0)
+                    else:
+                        self._certificate_names, self._revoked_fingerprints = names, revoked
+                        self._certificates_until = now + self._ttl
+                        self._certificates_read_at = now
         if peer.fingerprint in self._revoked_fingerprints:
             raise Unauthenticated(
                 f"client certificate {peer.fingerprint[:16]}… ({peer.subject}) has been revoked"
@@ -429,8 +450,14 @@ class Authenticator:
         cached = self._cache.get(name)
         if cached is not None and cached[0] > now:
             return cached[1]
-        identity = await self.directory.find(name)
-        self._cache[name] = (now + self._ttl, identity)
+        try:
+            identity = await self.directory.find(name)
+        except Unavailable:
+            if cached is None or not self._may_stand_in(cached[2], now):
+                raise
+            self._cache[name] = (now + min(self._ttl, 1.0), cached[1], cached[2])
+            return cached[1]
+        self._cache[name] = (now + self._ttl, identity, now)
         return identity
 
     def forget(self, name: str) -> None:
@@ -438,14 +465,23 @@ class Authenticator:
 
     async def is_revoked(self, service: str, token_id: str) -> bool:
         """Whether the token was revoked, as of at most ``cache_ttl`` seconds ago (one read of
-        the whole list per period, shared by every request; an unreachable PostgreSQL is
-        ``Unavailable``, never "not revoked")."""
+        the whole list per period, shared by every request). An unreachable PostgreSQL is
+        ``Unavailable``, never "not revoked", unless a list read within
+        ``stale_if_unavailable`` can answer: nothing can be revoked while it is unreachable."""
         if self._revoked_until <= time.monotonic():
             async with self._revoked_lock:
-                if self._revoked_until <= time.monotonic():
-                    revoked = await self.directory.revoked()
-                    self._revoked = revoked
-                    self._revoked_until = time.monotonic() + self._ttl
+                now = time.monotonic()
+                if self._revoked_until <= now:
+                    try:
+                        revoked = await self.directory.revoked()
+                    except Unavailable:
+                        if not self._may_stand_in(self._revoked_read_at, now):
+                            raise  # never "not revoked" on a list never read
+                        self._revoked_until = now + min(self._ttl, 1.0)
+                    else:
+                        self._revoked = revoked
+                        self._revoked_until = now + self._ttl
+                        self._revoked_read_at = now
         return (service, token_id) in self._revoked
 
     def revoked_here(self, service: str, token_id: str) -> None:

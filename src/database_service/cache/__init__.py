@@ -219,12 +219,17 @@ class ResultCache:
             self.invalidations += 1
             await self.generations.bump(tenant, rels)
 
-    def stale(
+    async def stale(
         self, tenant: str, key: str, *, max_age_s: float | None = None
     ) -> CachedResult | None:
-        """The last result of ``key`` in this process, fresh or not (the fallback while
-        PostgreSQL is unreachable; show its ``age_s()``)."""
-        return self.local.stale((tenant, key), max_age_s=max_age_s)
+        """The last result of ``key``, fresh or not (the fallback while PostgreSQL is
+        unreachable; show its ``age_s()``): this process's (L1 and its stale store), else the
+        one any instance left in L2, which keeps entries past their TTL for the purpose."""
+        kept = self.local.stale((tenant, key), max_age_s=max_age_s)
+        if kept is not None or self.remote is None:
+            return kept
+        limit = self.local.stale_max_age_s if max_age_s is None else max_age_s
+        return await self.remote.stale(tenant, key, max_age_s=limit)
 
     def stats(self) -> dict[str, object]:
         l1 = self.local.counters()

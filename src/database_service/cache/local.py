@@ -7,6 +7,13 @@ compares them with the current ones), when it was stored and its TTL. The LRU is
 sum of entry sizes (the encoded length the caller gives, plus the key), so a few large results
 cannot hide behind an entry count.
 
+Tenants share the bound but cannot evict one another: every entry has an owner (the tenant,
+the first element of the ``(tenant, key)`` keys the facade uses), and when a fill needs room the
+filler's own oldest entries go first while it holds more than its fair share (the bound divided
+by the owners holding entries); otherwise the oldest entries of the owner holding the most. So
+an owner within its fair share loses entries only to expiry, invalidation and its own fills,
+whatever another tenant caches (a tenant filling L1 with large results evicts itself).
+
 The stale store is separate and smaller: an entry that leaves the LRU because it expired, was
 found invalidated, or was evicted for room goes there (a later fill of the same key replaces
 it), and stays up to ``stale_max_age_s`` after it was stored, within ``stale_max_bytes``. A
@@ -80,6 +87,22 @@ class LocalStats:
 class _Slot:
     result: CachedResult
     size: int
+    owner: Hashable
+
+
+def _owner_of(key: Hashable) -> Hashable:
+    """The tenant of a ``(tenant, key)`` key; other keys share one anonymous owner."""
+    return key[0] if type(key) is tuple and key else None
+
+
+class _Owned:
+    """One owner's entries in LRU order, and their bytes."""
+
+    __slots__ = ("bytes", "lru")
+
+    def __init__(self) -> None:
+        self.lru: OrderedDict[Hashable, None] = OrderedDict()
+        self.bytes = 0
 
 
 class LocalCache:
@@ -99,7 +122,8 @@ class LocalCache:
         self.stale_max_bytes = max_bytes // 4 if stale_max_bytes is None else stale_max_bytes
         self.stale_max_age_s = stale_max_age_s
         self._clock = clock
-        self._entries: OrderedDict[Hashable, _Slot] = OrderedDict()
+        self._entries: dict[Hashable, _Slot] = {}
+        self._owners: dict[Hashable, _Owned] = {}
         self._bytes = 0
         self._stale: OrderedDict[Hashable, _Slot] = OrderedDict()
         self._stale_bytes = 0
@@ -119,7 +143,7 @@ class LocalCache:
             self.stats.expirations += 1
             self.stats.misses += 1
             return None
-        self._entries.move_to_end(key)
+        self._owners[slot.owner].lru.move_to_end(key)
         self.stats.hits += 1
         return slot.result
 
@@ -132,13 +156,30 @@ class LocalCache:
         if key in self._entries:
             self._remove(key, to_stale=False)
         self._drop_stale(key)
-        self._entries[key] = _Slot(result, total)
+        owner = _owner_of(key)
+        owned = self._owners.get(owner)
+        if owned is None:
+            owned = self._owners[owner] = _Owned()
+        self._entries[key] = _Slot(result, total, owner)
+        owned.lru[key] = None
+        owned.bytes += total
         self._bytes += total
         while self._bytes > self.max_bytes:
-            oldest = next(iter(self._entries))
-            self._remove(oldest, to_stale=True)
+            victim = self._victim(owned)
+            self._remove(next(iter(victim.lru)), to_stale=True)
             self.stats.evictions += 1
         return True
+
+    def _victim(self, filler: _Owned) -> _Owned:
+        """Whose oldest entry makes room: the filler's while it holds more than its fair
+        share, else the owner holding the most (over its share, since the cache is full)."""
+        if filler.bytes * len(self._owners) > self.max_bytes:
+            return filler
+        return max(self._owners.values(), key=lambda owned: owned.bytes)
+
+    def owner_bytes(self, owner: Hashable) -> int:
+        owned = self._owners.get(owner)
+        return 0 if owned is None else owned.bytes
 
     def discard(self, key: Hashable, *, invalidated: bool = True) -> None:
         """Drop an entry (kept for the stale fallback)."""
@@ -165,6 +206,11 @@ class LocalCache:
     def _remove(self, key: Hashable, *, to_stale: bool) -> None:
         slot = self._entries.pop(key)
         self._bytes -= slot.size
+        owned = self._owners[slot.owner]
+        del owned.lru[key]
+        owned.bytes -= slot.size
+        if not owned.lru:
+            del self._owners[slot.owner]
         if to_stale:
             self._keep_stale(key, slot)
 
@@ -227,6 +273,7 @@ class LocalCache:
             **self.stats.to_dict(),
             "entries": len(self._entries),
             "bytes": self._bytes,
+            "owners": len(self._owners),
             "max_bytes": self.max_bytes,
             "stale_entries": len(self._stale),
             "stale_bytes": self._stale_bytes,

@@ -251,6 +251,7 @@ class RemoteCache:
         tenant_quota_bytes: int,
         timeout_s: float = 0.05,
         client: aioredis.Redis | None = None,
+        stale_keep_s: float = 0.0,
     ) -> None:
         if client is None:
             if url is None:
@@ -262,6 +263,10 @@ class RemoteCache:
         self.redis = client
         self.tenant_quota_bytes = tenant_quota_bytes
         self.timeout_s = timeout_s
+        # Entries outlive their TTL in Redis by this much, for the stale fallback of any
+        # instance while PostgreSQL is down (``get`` still treats them as expired at their TTL).
+        self.stale_keep_s = stale_keep_s
+        self.stale_hits = 0
         self._breaker = _Breaker("cache L2")
         self._put = client.register_script(_PUT)
         self._get = client.register_script(_GET)
@@ -307,6 +312,21 @@ class RemoteCache:
         self.hits += 1
         return result
 
+    async def stale(self, tenant: str, key: str, *, max_age_s: float) -> CachedResult | None:
+        """The tenant's last entry for ``key``, expired or invalidated or not, if stored within
+        ``max_age_s``: the fallback when PostgreSQL cannot answer (None when Redis cannot
+        either)."""
+        keys = self._keys(tenant, key)
+        now_ms = int(time.time() * 1000)
+        data = await self._breaker.call(
+            self.timeout_s, lambda: self._get(keys=keys[:2], args=[now_ms, key])
+        )
+        result = None if data is None else decode_entry(data)
+        if result is None or result.age_s() > max_age_s:
+            return None
+        self.stale_hits += 1
+        return result
+
     async def put(
         self, tenant: str, key: str, result: CachedResult, ttl_s: float | None = None
     ) -> bool:
@@ -315,6 +335,7 @@ class RemoteCache:
         ttl_ms = int((result.ttl_s if ttl_s is None else ttl_s) * 1000)
         if ttl_ms <= 0:
             return False
+        ttl_ms += int(self.stale_keep_s * 1000)
         data = encode_entry(result)
         keys = self._keys(tenant, key)
         size = len(data) + len(keys[0])
@@ -351,6 +372,7 @@ class RemoteCache:
             "evictions": self.evictions,
             "rejected": self.rejected,
             "corrupt": self.corrupt,
+            "stale_hits": self.stale_hits,
             "failures": self._breaker.failures,
             "state": self.state.to_dict(),
         }

@@ -278,7 +278,7 @@ class ResultCaching:
         try:
             payload = await self.cache.local.single_flight((tenant_id, key), fill)
         except Unavailable:
-            stale = self._stale(tenant, key, options)
+            stale = await self._stale(tenant, key, options)
             if stale is None:
                 raise
             return stale
@@ -420,19 +420,19 @@ class ResultCaching:
         try:
             result = await load()
         except Unavailable:
-            stale = self._stale(tenant, key, options)
+            stale = await self._stale(tenant, key, options)
             if stale is None:
                 raise
             return stale
         result.cache = info
         return result
 
-    def _stale(
+    async def _stale(
         self, tenant: TenantRecord, key: str | None, options: CacheOptions
     ) -> QueryResult | None:
         if not options.allow_stale or key is None:
             return None
-        kept = self.cache.stale(tenant.tenant_id, key, max_age_s=self._stale_max_age_s)
+        kept = await self.cache.stale(tenant.tenant_id, key, max_age_s=self._stale_max_age_s)
         if kept is None:
             return None
         self._metrics.cache_requests.labels("stale").inc()

@@ -34,6 +34,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import Counter
 
+from database_service.errors import postgres_unreachable
 from database_service.observability.metrics import Metrics
 from database_service.postgres import TenantPools
 from database_service.postgres.deadlines import Deadlines
@@ -357,5 +358,8 @@ class SlowQueryLog:
             await asyncio.sleep(self._refresh_s)
             try:
                 await self.load()
-            except (OSError, asyncpg.PostgresError) as exc:  # PostgreSQL away: keep what is held
+            except Exception as exc:
+                # PostgreSQL away (a lost or broken connection, a restart): keep what is held.
+                if not (postgres_unreachable(exc) or isinstance(exc, asyncpg.PostgresError)):
+                    raise
                 log.debug("slow-query settings not reloaded: %s", exc)

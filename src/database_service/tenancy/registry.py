@@ -14,7 +14,12 @@ from typing import Any
 
 import asyncpg
 
-from database_service.errors import TenantNotFound, TenantSuspended, postgres_unavailable
+from database_service.errors import (
+    TenantNotFound,
+    TenantSuspended,
+    Unavailable,
+    postgres_unavailable,
+)
 from database_service.tenancy.ids import quote_ident, validate_tenant_id
 
 __all__ = ["TenantLimits", "TenantRecord", "TenantRegistry"]
@@ -65,10 +70,22 @@ class TenantRegistry:
     Every request passes through here before it reaches a tenant pool, so PostgreSQL being down
     surfaces here first: as ``Unavailable``, like the same failure on a tenant connection."""
 
-    def __init__(self, pool: asyncpg.Pool, *, control_schema: str, cache_ttl: float = 2.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        control_schema: str,
+        cache_ttl: float = 2.0,
+        stale_if_unavailable: float = 300.0,
+    ) -> None:
         self._pool = pool
         self._table = f"{quote_ident(control_schema)}.tenants"
         self._ttl = cache_ttl
+        # While PostgreSQL is unreachable, a record read this recently still answers: the
+        # requests that can be served then (stale cached results, key-value operations on
+        # Redis) would otherwise fail here, 2 s into an outage. Nothing about a tenant can
+        # change meanwhile: suspending or deleting one is a write to that PostgreSQL.
+        self._stale_if_unavailable = stale_if_unavailable
         self._cache: dict[str, tuple[float, TenantRecord | None]] = {}
 
     def _record(self, row: asyncpg.Record) -> TenantRecord:
@@ -104,8 +121,14 @@ class TenantRegistry:
         if cached is not None and cached[0] > now:
             record = cached[1]
         else:
-            record = await self.find(tenant_id)
-            self._cache[tenant_id] = (now + self._ttl, record)
+            try:
+                record = await self.find(tenant_id)
+            except Unavailable:
+                if cached is None or now - (cached[0] - self._ttl) > self._stale_if_unavailable:
+                    raise
+                record = cached[1]  # the last known record; refreshed once PostgreSQL is back
+            else:
+                self._cache[tenant_id] = (now + self._ttl, record)
         if record is None:
             raise TenantNotFound(f"tenant {tenant_id!r} does not exist")
         if not record.active:

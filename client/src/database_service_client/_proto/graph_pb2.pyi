@@ -410,11 +410,19 @@ class ShortestPathRequest(_message.Message):
     MAX_DEPTH_FIELD_NUMBER: _builtins.int
     EDGE_COLLECTIONS_FIELD_NUMBER: _builtins.int
     EDGE_FILTERS_FIELD_NUMBER: _builtins.int
+    WEIGHT_ATTRIBUTE_FIELD_NUMBER: _builtins.int
+    DEFAULT_WEIGHT_FIELD_NUMBER: _builtins.int
     start: _builtins.str
     end: _builtins.str
     direction: Global___GraphDirection.ValueType
     max_depth: _builtins.int
     """0: 6"""
+    weight_attribute: _builtins.str
+    """Weighted (ArangoDB's weightAttribute): the least sum of this edge property (a dotted path);
+    empty: the fewest steps.
+    """
+    default_weight: _builtins.float
+    """An edge without a number at weight_attribute weighs this (unset: 1)."""
     @_builtins.property
     def edge_collections(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -428,12 +436,16 @@ class ShortestPathRequest(_message.Message):
         max_depth: _builtins.int = ...,
         edge_collections: _abc.Iterable[_builtins.str] | None = ...,
         edge_filters: _abc.Iterable[Global___GraphFilter] | None = ...,
+        weight_attribute: _builtins.str = ...,
+        default_weight: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_weight", b"_default_weight", "default_weight", b"default_weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "edge_collections", b"edge_collections", "edge_filters", b"edge_filters", "end", b"end", "max_depth", b"max_depth", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_weight", b"_default_weight", "default_weight", b"default_weight", "direction", b"direction", "edge_collections", b"edge_collections", "edge_filters", b"edge_filters", "end", b"end", "max_depth", b"max_depth", "start", b"start", "weight_attribute", b"weight_attribute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__default_weight: _TypeAlias = _typing.Literal["default_weight"]  # noqa: Y015
+    _WhichOneofArgType__default_weight: _TypeAlias = _typing.Literal["_default_weight", b"_default_weight"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__default_weight) -> _WhichOneofReturnType__default_weight | None: ...
 
 Global___ShortestPathRequest: _TypeAlias = ShortestPathRequest  # noqa: Y015
 
@@ -444,7 +456,10 @@ class ShortestPathResponse(_message.Message):
     FOUND_FIELD_NUMBER: _builtins.int
     VERTICES_FIELD_NUMBER: _builtins.int
     EDGES_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
+    weight: _builtins.float
+    """the path's total weight, for a weighted search"""
     @_builtins.property
     def vertices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -455,12 +470,15 @@ class ShortestPathResponse(_message.Message):
         found: _builtins.bool = ...,
         vertices: _abc.Iterable[_builtins.str] | None = ...,
         edges: _abc.Iterable[_builtins.str] | None = ...,
+        weight: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edges", b"edges", "found", b"found", "vertices", b"vertices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "edges", b"edges", "found", b"found", "vertices", b"vertices", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
+    _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
 
 Global___ShortestPathResponse: _TypeAlias = ShortestPathResponse  # noqa: Y015
 

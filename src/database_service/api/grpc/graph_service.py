@@ -200,9 +200,13 @@ class GraphService:
                 request.max_depth or 6,
                 tuple(request.edge_collections),
                 _filters(request.edge_filters),
+                request.weight_attribute or None,
+                request.default_weight if request.HasField("default_weight") else 1.0,
             )
         path = await self.core.graphs.shortest_path(principal, ctx, query)
-        return pb.ShortestPathResponse(found=path.found, vertices=path.vertices, edges=path.edges)
+        return pb.ShortestPathResponse(
+            found=path.found, vertices=path.vertices, edges=path.edges, weight=path.weight
+        )
 
     @rpc
     async def Neighborhood(

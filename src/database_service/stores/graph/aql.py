@@ -178,28 +178,62 @@ def neighborhood(
 
 
 def shortest_path(q: ShortestPath, edge_collections: Sequence[str]) -> Aql:
-    """Rows ``{v, e}`` from start to end (none: no path). Without edge filters, ArangoDB's
-    ``SHORTEST_PATH``; with them, a breadth-first walk whose first arrival is the shortest."""
+    """Rows ``{v, e, w}`` from start to end (none: no path), ``w`` the weight of the edge that
+    led to ``v`` (0 for the start; 1 per edge when unweighted). Without edge filters, ArangoDB's
+    ``SHORTEST_PATH`` (with ``weightAttribute``/``defaultWeight`` when weighted, for a
+    top-level weight attribute); with them, or with a nested weight path, a walk: breadth first
+    with the first arrival kept when unweighted, every arrival within ``max_depth`` sorted by
+    weight then length when weighted."""
     aql = Aql("")
     colls = ", ".join(aql.collection(c) for c in edge_collections)
     direction = q.direction.value.upper()
-    if not q.edge_filters:
+    weight_path = q.weight_path
+    default = aql.value(float(q.default_weight)) if weight_path is not None else "1"
+    # The weight of an edge document ``d``: ``d[@a0]…`` bound once, written for ``e`` and ``x``.
+    access = aql.attribute("", weight_path) if weight_path is not None else ""
+
+    def weight_of(d: str) -> str:
+        if weight_path is None:
+            return "1"
+        return f"(IS_NUMBER({d}{access}) ? {d}{access} : {default})"
+
+    weight = weight_of("e")
+    if not q.edge_filters and (weight_path is None or len(weight_path) == 1):
+        options = ""
+        if weight_path is not None:
+            options = (
+                f" OPTIONS {{weightAttribute: {aql.value(weight_path[0])},"
+                f" defaultWeight: {default}}}"
+            )
         aql.query = (
             f"FOR v, e IN {direction} SHORTEST_PATH {aql.value(q.start)} TO {aql.value(q.end)}"
-            f" {colls} RETURN {{v: v._id, e: e._id}}"
+            f" {colls}{options} RETURN {{v: v._id, e: e._id, w: e == null ? 0 : {weight}}}"
         )
         return aql
     start = aql.value(q.start)
     end = aql.value(q.end)
-    condition = _all("e", q.edge_filters, aql)
+    prune = f"v._id == {end}"
+    accept = f"v._id == {end}"
+    if q.edge_filters:
+        condition = _all("e", q.edge_filters, aql)
+        prune += f" OR (e != null AND NOT ({condition}))"
+        accept += f" AND ({condition})"
+    each = weight_of("x")  # the same weight, of each edge ``x`` of the path
+    if weight_path is None:
+        order = ' OPTIONS {uniqueVertices: "path", order: "bfs"}'
+        pick = " LIMIT 1"
+    else:
+        order = ' OPTIONS {uniqueVertices: "path"}'
+        pick = (
+            f" LET total = SUM(FOR x IN p.edges RETURN {each}) SORT total, LENGTH(p.edges) LIMIT 1"
+        )
     aql.query = (
-        f"FOR v, e, p IN 1..{int(q.max_depth)} {direction} {start} {colls}"
-        ' OPTIONS {uniqueVertices: "path", order: "bfs"}'
-        f" PRUNE v._id == {end} OR (e != null AND NOT ({condition}))"
-        f" FILTER v._id == {end} AND ({condition})"
-        " LIMIT 1"
+        f"FOR v, e, p IN 1..{int(q.max_depth)} {direction} {start} {colls}{order}"
+        f" PRUNE {prune} FILTER {accept}{pick}"
         " FOR i IN 0..LENGTH(p.edges)"
-        " RETURN {v: p.vertices[i]._id, e: i == 0 ? null : p.edges[i - 1]._id}"
+        " LET x = i == 0 ? null : p.edges[i - 1]"
+        f" RETURN {{v: p.vertices[i]._id, e: x == null ? null : x._id,"
+        f" w: x == null ? 0 : {each}}}"
     )
     return aql
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from database_service.errors import (
     DatabaseServiceError,
     GraphCollectionKind,
     GraphCollectionNotFound,
+    InvalidParameters,
     ResultTooLarge,
     Unavailable,
     VertexNotFound,
@@ -294,12 +296,24 @@ class ArangoGraphStore:
             if db is None:
                 raise VertexNotFound(f"no vertex {query.start!r}")
             edges = self._check_names(db, [query.start, query.end], query.edge_collections, ())
+            weighted = query.weight_path is not None
             if query.start == query.end:
-                return PathResult(True, [query.start], [])
+                return PathResult(True, [query.start], [], 0.0 if weighted else None)
             rows = self._run(db, aql.shortest_path(query, edges))
             if not rows or len(rows) - 1 > query.max_depth:
                 return PathResult(False, [], [])
-            return PathResult(True, [r["v"] for r in rows], [r["e"] for r in rows[1:]])
+            weights = [float(r["w"]) for r in rows[1:]]
+            if any(w < 0 or not math.isfinite(w) for w in weights):
+                raise InvalidParameters(
+                    f"an edge on the path has a negative or non-finite weight at"
+                    f" {query.weight_attribute!r}"
+                )
+            return PathResult(
+                True,
+                [r["v"] for r in rows],
+                [r["e"] for r in rows[1:]],
+                sum(weights) if weighted else None,
+            )
 
         return await self._call(work)
 

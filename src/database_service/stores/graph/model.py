@@ -307,8 +307,14 @@ class Traverse:
 
 @dataclass(frozen=True, slots=True)
 class ShortestPath:
-    """The fewest steps from ``start`` to ``end`` (unweighted), along edges of
-    ``edge_collections`` (all when empty) satisfying ``edge_filters``, at most ``max_depth``."""
+    """The shortest path from ``start`` to ``end`` along edges of ``edge_collections`` (all
+    when empty) satisfying ``edge_filters``, of at most ``max_depth`` edges.
+
+    Unweighted (``weight_attribute`` None): the fewest steps. Weighted, as ArangoDB's
+    ``weightAttribute``/``defaultWeight``: the least sum of each edge's ``weight_attribute``
+    (a property path), ``default_weight`` where an edge has no number there; ties go to fewer
+    steps. Weights must not be negative (an edge with a negative weight is refused, as
+    ArangoDB refuses it), so a path's weight only grows along it."""
 
     start: str
     end: str
@@ -316,6 +322,14 @@ class ShortestPath:
     max_depth: int = 6
     edge_collections: tuple[str, ...] = ()
     edge_filters: tuple[Filter, ...] = ()
+    weight_attribute: str | None = None
+    default_weight: float = 1.0
+
+    @property
+    def weight_path(self) -> tuple[str, ...] | None:
+        if self.weight_attribute is None:
+            return None
+        return property_path(self.weight_attribute, what="weight attribute")
 
     def check(self, limits: GraphLimits) -> None:
         split_id(self.start)
@@ -323,6 +337,12 @@ class ShortestPath:
         check_depth(1, self.max_depth, limits)
         for name in self.edge_collections:
             check_collection(name)
+        self.weight_path  # noqa: B018 -- parses it: a bad path is a 400 before any store
+        weight = self.default_weight
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise InvalidParameters("default_weight must be a number")
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidParameters("default_weight must be a finite number >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +375,7 @@ class PathResult:
     found: bool
     vertices: list[str]
     edges: list[str]
+    weight: float | None = None  # the path's total weight, for a weighted search
 
     @property
     def length(self) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ import asyncpg
 from database_service.errors import (
     GraphCollectionKind,
     GraphCollectionNotFound,
+    InvalidParameters,
     QueryError,
     ResultTooLarge,
     VertexNotFound,
@@ -369,7 +371,19 @@ class PostgresGraphStore:
                     conn, watch, sql, [query.start, query.end], query.edge_collections, ()
                 )
                 if query.start == query.end:
-                    return PathResult(True, [query.start], [])
+                    return PathResult(
+                        True, [query.start], [], None if query.weight_path is None else 0.0
+                    )
+                weight_path = query.weight_path
+                if weight_path is not None:
+                    statement = sql.relax(
+                        query.direction,
+                        query.edge_collections,
+                        query.edge_filters,
+                        weight_path,
+                        float(query.default_weight),
+                    )
+                    return await _weighted(conn, watch, query, statement, self.limits)
                 statements = [
                     sql.expand(
                         forward,
@@ -471,6 +485,76 @@ async def _bidirectional(
             fresh.append(there)
         frontiers[side] = fresh
     return PathResult(False, [], [])
+
+
+async def _weighted(
+    conn: Connection,
+    watch: SessionWatch,
+    query: ShortestPath,
+    statement: tuple[str, list[Any]],
+    limits: GraphLimits,
+) -> PathResult:
+    """Least total weight from start to end in at most ``max_depth`` edges: Bellman-Ford by
+    rounds, one query per round (``GraphSql.relax``) for the vertices whose best weight changed
+    in the round before. Each round relaxes from the previous round's values only, so a value
+    found in round k is reached in at most k edges. Weights are not negative, so a vertex no
+    lighter than the best arrival at ``end`` so far is never expanded. Ties: fewer edges."""
+    text, args = statement
+    # best[v] = (weight, edges); history[v] = the rounds v improved in, with its parent then.
+    best: dict[str, tuple[float, int]] = {query.start: (0.0, 0)}
+    history: dict[str, list[tuple[int, str | None, str | None]]] = {query.start: [(0, None, None)]}
+    frontier = [query.start]
+    fetched = 0
+    for round_no in range(1, query.max_depth + 1):
+        if not frontier:
+            break
+        async with watch.statement():
+            rows = await conn.fetch(text, frontier, *args[1:])
+        fetched += len(rows)
+        if fetched > limits.max_visits:
+            raise ResultTooLarge(
+                f"the search read more than {limits.max_visits} edges; narrow it"
+                " (max_depth, edge collections, edge filters)"
+            )
+        target = best.get(query.end)
+        improved: dict[str, tuple[float, int, str, str]] = {}
+        for edge_id, here, there, weight in sorted(rows, key=lambda r: (r[1], r[0])):
+            if weight < 0 or not math.isfinite(weight):
+                raise InvalidParameters(
+                    f"edge {edge_id!r} has weight {weight!r} at {query.weight_attribute!r};"
+                    " a weighted shortest path needs finite weights >= 0"
+                )
+            if there == query.start:
+                continue
+            base_weight, base_edges = best[here]
+            candidate = (base_weight + weight, base_edges + 1)
+            if target is not None and candidate >= target:
+                continue
+            current = improved.get(there)
+            known = current[:2] if current is not None else best.get(there)
+            if known is None or candidate < known:
+                improved[there] = (*candidate, here, edge_id)
+        for vertex, (weight, steps, here, edge_id) in improved.items():
+            best[vertex] = (weight, steps)
+            history.setdefault(vertex, []).append((round_no, here, edge_id))
+        # Nothing leaves the end vertex towards a lighter arrival at it.
+        frontier = [v for v in improved if v != query.end]
+    if query.end not in best:
+        return PathResult(False, [], [])
+    vertices = [query.end]
+    edges: list[str] = []
+    vertex, bound = query.end, query.max_depth
+    while True:
+        # The value ``vertex`` had when the round after it read it: its last improvement by then.
+        round_no, here, edge_id = next(h for h in reversed(history[vertex]) if h[0] <= bound)
+        if here is None or edge_id is None:
+            break
+        vertices.append(here)
+        edges.append(edge_id)
+        vertex, bound = here, round_no - 1
+    vertices.reverse()
+    edges.reverse()
+    return PathResult(True, vertices, edges, best[query.end][0])
 
 
 def _joined(parents: list[dict[str, tuple[str, str] | None]], meet: str) -> PathResult:

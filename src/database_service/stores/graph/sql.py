@@ -319,3 +319,40 @@ class GraphSql:
         if direction is Direction.ANY:
             return f"{out} UNION ALL {inb}", params.values
         return (out if along else inb), params.values
+
+    # --- weighted shortest path: one query per round ------------------------------------
+
+    def relax(
+        self,
+        direction: Direction,
+        edge_collections: Sequence[str],
+        edge_filters: Sequence[Filter],
+        weight_path: Sequence[str],
+        default_weight: float,
+    ) -> tuple[str, list[Any]]:
+        """The edges leaving a frontier ($1: vertex ids) along ``direction``, as
+        (id, here, there, weight): the edge's number at ``weight_path``, ``default_weight``
+        where it has none (as ArangoDB's ``defaultWeight``)."""
+        params = Params()
+        params.add(None, "text[]")  # $1: the frontier, set per call
+        path = params.add(list(weight_path), "text[]")
+        default = params.add(default_weight, "float8")
+        weight = (
+            f"CASE WHEN jsonb_typeof(e.props #> {path}) = 'number'"
+            f" THEN (e.props #>> {path})::float8 ELSE {default} END"
+        )
+        colls = ""
+        if edge_collections:
+            colls = f" AND e.collection = ANY({params.add(list(edge_collections), 'text[]')})"
+        conds = "".join(f" AND {c}" for c in _conditions("e", edge_filters, params))
+        out = (
+            f"SELECT e.id, e._from AS here, e._to AS there, {weight} AS weight"
+            f" FROM {self.edges} e WHERE e._from = ANY($1::text[]){colls}{conds}"
+        )
+        inb = (
+            f"SELECT e.id, e._to AS here, e._from AS there, {weight} AS weight"
+            f" FROM {self.edges} e WHERE e._to = ANY($1::text[]){colls}{conds}"
+        )
+        if direction is Direction.ANY:
+            return f"{out} UNION ALL {inb}", params.values
+        return (out if direction is Direction.OUTBOUND else inb), params.values

@@ -1,6 +1,7 @@
 """Vector similarity stores (health name ``weaviate``, the seed's): one ``VectorStore``
-interface (``base``), the shared model and checks (``model``), filters compiled to SQL
-(``filters``), and the embedded implementation on pgvector (``pgvector``)."""
+interface (``base``), the shared model and checks (``model``), filters compiled to SQL or to
+Weaviate's filter (``filters``), the embedded implementation on pgvector (``pgvector``), and
+Weaviate by URL (``weaviate``, imported by the composition root where it is configured)."""
 
 from database_service.stores.vector.base import VectorStore
 from database_service.stores.vector.model import (

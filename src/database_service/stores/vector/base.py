@@ -1,10 +1,11 @@
 """The one interface every vector store implements (embedded: pgvector in the service's
-PostgreSQL; production: Weaviate by URL, not built yet).
+PostgreSQL; production: Weaviate by URL).
 
 Every method acts for one tenant, the caller's (``ctx.tenant_id``), and for a principal the
 application layer has already authorized; an implementation runs as that tenant's own identity
-in its back end (pgvector: the tenant's login role, in its own schema), so that what isolates
-tenants is the back end, not this code. Inputs reach a store checked (``model``): names,
+in its back end (pgvector: the tenant's login role, in its own schema; Weaviate: the tenant's
+own classes and its own Weaviate tenant in them), so that what isolates tenants is the back end,
+not this code. Inputs reach a store checked (``model``): names,
 vectors, property values; filters are the store's to compile, against its own schema.
 """
 

@@ -44,6 +44,7 @@ __all__ = [
     "json_value",
     "metric_of",
     "object_id",
+    "object_row",
     "parse_properties",
     "property_name",
     "property_value",
@@ -288,3 +289,39 @@ def json_value(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
+
+
+def object_row(
+    info: CollectionInfo, names: list[str], obj: Mapping[str, Any], number: int
+) -> list[Any]:
+    """An object to write (``{"id", "vector", "properties"}``) checked against the collection:
+    ``[id, vector, *values of names]`` (a missing id gets a new one; properties left out are
+    None). ``number`` (from 1) names the object in errors."""
+    if not isinstance(obj, Mapping):
+        raise InvalidRequest(f"object {number}: an object is a mapping")
+    extra = set(obj) - {"id", "vector", "properties"}
+    if extra:
+        raise InvalidRequest(f"object {number}: unknown fields {', '.join(sorted(extra))[:80]}")
+    raw_id = obj.get("id")
+    oid = uuid.uuid4() if raw_id is None else object_id(raw_id)
+    try:
+        vector = check_vector(obj.get("vector"), info.dimension)
+    except InvalidVector as exc:
+        exc.message = f"object {number}: {exc.message}"
+        raise
+    properties = obj.get("properties") or {}
+    if not isinstance(properties, Mapping):
+        raise InvalidRequest(f"object {number}: properties is a mapping")
+    unknown = [p for p in properties if p not in info.properties]
+    if unknown:
+        raise InvalidRequest(
+            f"object {number}: the collection has no property {str(unknown[0])[:60]!r}"
+        )
+    return [
+        oid,
+        vector,
+        *(
+            property_value(info.properties[p], properties.get(p), f"object {number}, {p!r}")
+            for p in names
+        ),
+    ]

@@ -56,7 +56,7 @@ from database_service.stores.vector.model import (
     check_vector,
     collection_name,
     object_id,
-    property_value,
+    object_row,
 )
 from database_service.tenancy import quote_ident
 from database_service.tenancy.ids import quote_literal
@@ -326,7 +326,7 @@ class PgVectorStore:
         async with self._session(principal, ctx, "upsert", StatementKind.WRITE) as s:
             info = await self._info(s, name)
             names = list(info.properties)
-            rows = [_row(info, names, o, n) for n, o in enumerate(objects, start=1)]
+            rows = [object_row(info, names, o, n) for n, o in enumerate(objects, start=1)]
             if len({r[0] for r in rows}) != len(rows):
                 raise InvalidRequest("an object id appears twice in the batch")
             columns = ["id", "vector", *(quote_ident(p) for p in names)]
@@ -555,37 +555,6 @@ def _max_distance(metric: Metric, query: SearchQuery) -> float | None:
     if query.distance is not None:
         bounds.append(query.distance)
     return min(bounds) if bounds else None
-
-
-def _row(info: CollectionInfo, names: list[str], obj: Mapping[str, Any], number: int) -> list[Any]:
-    if not isinstance(obj, Mapping):
-        raise InvalidRequest(f"object {number}: an object is a mapping")
-    extra = set(obj) - {"id", "vector", "properties"}
-    if extra:
-        raise InvalidRequest(f"object {number}: unknown fields {', '.join(sorted(extra))[:80]}")
-    raw_id = obj.get("id")
-    oid = uuid.uuid4() if raw_id is None else object_id(raw_id)
-    try:
-        vector = check_vector(obj.get("vector"), info.dimension)
-    except InvalidVector as exc:
-        exc.message = f"object {number}: {exc.message}"
-        raise
-    properties = obj.get("properties") or {}
-    if not isinstance(properties, Mapping):
-        raise InvalidRequest(f"object {number}: properties is a mapping")
-    unknown = [p for p in properties if p not in info.properties]
-    if unknown:
-        raise InvalidRequest(
-            f"object {number}: the collection has no property {str(unknown[0])[:60]!r}"
-        )
-    return [
-        oid,
-        vector,
-        *(
-            property_value(info.properties[p], properties.get(p), f"object {number}, {p!r}")
-            for p in names
-        ),
-    ]
 
 
 def _info_of(

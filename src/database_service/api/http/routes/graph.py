@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from database_service.api.http.deps import Authenticated, Core, tenant_context
 from database_service.application.graphs import GraphOperation as Op
@@ -92,6 +92,14 @@ class TraverseRequest(_Walk):
 class ShortestPathRequest(_Walk):
     end: StrictStr
     max_depth: StrictInt = 6
+    weight_attribute: StrictStr | None = Field(
+        None,
+        description="Weighted: the least sum of this edge property (a dotted path), as"
+        " ArangoDB's weightAttribute; absent: the fewest steps",
+    )
+    default_weight: StrictFloat | StrictInt = Field(
+        1.0, description="The weight of an edge without a number at weight_attribute"
+    )
 
 
 class NeighborhoodRequest(_Walk):
@@ -231,8 +239,8 @@ async def shortest_path(
     principal: Authenticated,
     x_tenant_id: TenantHeader = None,
 ) -> dict[str, Any]:
-    """The fewest steps from ``start`` to ``end`` (``found`` false when none within
-    ``max_depth``)."""
+    """The fewest steps from ``start`` to ``end``, or with ``weight_attribute`` the least total
+    weight (``weight`` in the answer); ``found`` false when none within ``max_depth`` edges."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
     async with core.graphs.reading_request(principal, ctx, Op.SHORTEST_PATH):
         query = ShortestPath(
@@ -242,9 +250,14 @@ async def shortest_path(
             body.max_depth,
             tuple(body.edge_collections),
             parse_filters(body.edge_filters),
+            body.weight_attribute,
+            body.default_weight,
         )
     path = await core.graphs.shortest_path(principal, ctx, query)
-    return {"found": path.found, "vertices": path.vertices, "edges": path.edges}
+    answer: dict[str, Any] = {"found": path.found, "vertices": path.vertices, "edges": path.edges}
+    if query.weight_attribute is not None:
+        answer["weight"] = path.weight
+    return answer
 
 
 @router.post("/api/v1/graph/neighborhood")
