@@ -412,8 +412,25 @@ class Outbox:
         return EntryOutcome(entry_id, store, "failed", reason, code)
 
     async def apply_now(self, entry_ids: Sequence[int]) -> list[EntryOutcome]:
-        """A request's own entries, right after its commit, in order."""
-        return [await self.apply(entry_id) for entry_id in entry_ids]
+        """A request's own entries, right after its commit, in order. The operation has
+        committed: PostgreSQL lost now leaves its entries pending (the background applier takes
+        them once it is back), never an error for the call."""
+        outcomes = []
+        for entry_id in entry_ids:
+            try:
+                outcomes.append(await self.apply(entry_id))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("outbox entry %d left for the background applier: %s", entry_id, exc)
+                outcomes.append(
+                    EntryOutcome(
+                        entry_id,
+                        "",
+                        "pending",
+                        "PostgreSQL was unreachable after the commit; applied later",
+                        "unavailable",
+                    )
+                )
+        return outcomes
 
     async def apply_due(self) -> int:
         """Apply entries whose time has come (leftovers of a crash, retries); how many."""
