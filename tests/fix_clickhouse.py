@@ -29,6 +29,9 @@ async def ch_core(
         tmp_path_factory.mktemp("ch-data"),
         clickhouse_enabled=True,
         clickhouse_replicate=False,
+        # No TTL on ClickHouse's ticks: tests replicate ticks from weeks ago (the reports' are
+        # from 2026-11-02) and compare them with PostgreSQL, where no retention runs here.
+        ts_retention_days=36_500,
     )
     # No partition maintenance: the session's own service does it; a second one's retention
     # would drop other tests' old ticks under them (the 2024 candles).

@@ -681,6 +681,14 @@ class Application:
             registry=self.registry,
             audit=self.audit,
             limits=limits_of(s),
+            # A server: tenants' ClickHouse users log in with passwords derived from the master
+            # key (the same on every instance, nothing stored; the server keeps a SHA-256).
+            tenant_key=(
+                derive_key(s.master_key.get_secret_value(), "clickhouse-tenant")
+                if s.clickhouse_url is not None and s.master_key is not None
+                else None
+            ),
+            retention_days=s.ts_retention_days,  # ticks and predictions, as in PostgreSQL
         )
         self.analytics = await start_analytics(
             s, store, analytics, dsn=dsn, owner_pool=self.owner_pool

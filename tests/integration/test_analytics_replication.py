@@ -373,6 +373,43 @@ async def test_a_crash_right_after_a_tenant_delete_commits_still_purges_clickhou
     await assert_same(ch, kept)
 
 
+async def test_ticks_and_predictions_follow_postgresqls_retention(ch: Application) -> None:
+    """A TTL from DBSVC_TS_RETENTION_DAYS on ticks and predictions: rows past it are removed by
+    ClickHouse's merges, newer ones stay; applying the same retention again changes nothing."""
+    assert ch.analytics is not None
+    analytics = ch.analytics.analytics
+    tenant = await new_tenant(ch, "ttl")
+    old, new = dt.datetime(2012, 1, 2, tzinfo=dt.UTC), dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
+    async with ch.owner_pool.acquire() as conn:
+        for when in (old, new):
+            await conn.execute(
+                f"INSERT INTO {ch.settings.shared_schema}.trading_ticks (time, company_id,"
+                " symbol, bid, ask, volume) VALUES ($1, $2, 'TTL', 1.1, 1.2, 1)",
+                when,
+                tenant,
+            )
+    await drain(ch)
+    try:
+        ran = await analytics.apply_retention(3650)  # ten years: only the 2012 tick is past it
+        assert [s.split(" MODIFY TTL ")[0] for s in ran] == [
+            f"ALTER TABLE {SHARED_DATABASE}.trading_ticks",
+            f"ALTER TABLE {SHARED_DATABASE}.ai_predictions",
+        ]
+        assert await analytics.apply_retention(3650) == []  # in place: nothing to do
+        await analytics.store.command(
+            f"OPTIMIZE TABLE {SHARED_DATABASE}.trading_ticks FINAL SETTINGS mutations_sync = 2"
+        )
+        rows = await ch_rows(
+            ch,
+            f"SELECT toYear(time) FROM {SHARED_DATABASE}.trading_ticks"
+            f" WHERE company_id = '{tenant}' ORDER BY time",
+        )
+        assert rows == [[2026]]
+    finally:
+        assert len(await analytics.apply_retention(36_500)) == 2  # the fixture's: no TTL
+    assert await analytics.apply_retention(36_500) == []
+
+
 async def test_replication_lag_shows_in_health_and_metrics(ch: Application) -> None:
     await drain(ch)
     tenant_id = await new_tenant(ch)

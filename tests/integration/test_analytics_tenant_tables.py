@@ -146,6 +146,34 @@ async def ch_core_rows(app: Application, tenant_id: str, where: str) -> list[lis
     return (await analytics_of(app).store.query(sql)).rows
 
 
+async def test_every_insert_is_audited(ch_core: Application) -> None:
+    tenant = await new_tenant(ch_core)
+    analytics = analytics_of(ch_core)
+    await run(ch_core, tenant, SIGNALS)
+    await analytics.insert(tenant, INSERT, signal(1), dedup_token="a-1", caller="signals-svc")
+    with pytest.raises(SqlRejected):
+        await analytics.insert(
+            tenant, "INSERT INTO trading_ticks (symbol) VALUES ($1)", ["x"], dedup_token="a-2"
+        )
+    await ch_core.audit.flush()
+    rows = await ch_core.owner_pool.fetch(
+        f"SELECT service, statement_class, outcome, code, detail FROM"
+        f" {ch_core.settings.control_schema}.audit_log WHERE tenant_id = $1"
+        " AND statement_class = 'write' ORDER BY id",
+        tenant,
+    )
+    assert [tuple(r) for r in rows] == [
+        ("signals-svc", "write", "ok", None, "store=clickhouse INSERT INTO signal_analytics"),
+        (
+            "analytics.insert",
+            "write",
+            "denied",
+            "sql_rejected",
+            "store=clickhouse INSERT INTO trading_ticks (symbol) VALUES ($1)",
+        ),
+    ]
+
+
 async def test_a_retried_insert_is_stored_once(ch_core: Application) -> None:
     tenant = await new_tenant(ch_core)
     analytics = analytics_of(ch_core)

@@ -35,6 +35,7 @@ import asyncpg
 
 from database_service.analytics.schema import REPLICATED, SHARED_DATABASE, tenant_database
 from database_service.stores.clickhouse import ClickHouseStore
+from database_service.stores.clickhouse.server import tenant_drop_ddl
 from database_service.tenancy.ids import quote_ident
 
 __all__ = ["ReplicationStatus", "Replicator", "queue_tenant_deletion", "set_capture"]
@@ -220,3 +221,8 @@ async def purge_tenant(store: ClickHouseStore, tenant_id: str) -> None:
             " SETTINGS mutations_sync = 2"
         )
     await store.command(f"DROP DATABASE IF EXISTS {database}")
+    if store.kind == "server":  # its user, settings profile and row policies
+        for statement in tenant_drop_ddl(
+            tenant_id, shared_tables=list(REPLICATED), shared_database=SHARED_DATABASE
+        ):
+            await store.command(statement)

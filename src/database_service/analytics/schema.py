@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "REPLICATED",
+    "RETAINED",
     "SHARED_DATABASE",
     "Replicated",
     "shared_ddl",
@@ -213,3 +214,18 @@ def tenant_view_ddl(tenant_id: str, *, definer: bool = False) -> list[str]:
         # (provisioning runs once per tenant and process).
         statements.append(f"CREATE OR REPLACE VIEW {db}.{r.name}{security} AS {body}")
     return statements
+
+
+# The append-only tables PostgreSQL keeps for DBSVC_TS_RETENTION_DAYS (it drops their old
+# partitions); ClickHouse follows with a TTL on the same column.
+RETAINED = {"trading_ticks": "time", "ai_predictions": "time"}
+# A TTL is a DateTime (up to 2106): a retention longer than this means "keep everything".
+MAX_TTL_DAYS = 20_000
+
+
+def retention_ttl(table: str, days: float) -> str | None:
+    """The TTL clause for ``table`` under a retention of ``days`` (None: no TTL)."""
+    if days >= MAX_TTL_DAYS:
+        return None
+    seconds = max(1, int(days * 86_400))
+    return f"toDateTime({RETAINED[table]}) + toIntervalSecond({seconds})"

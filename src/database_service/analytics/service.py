@@ -22,12 +22,19 @@ from database_service.analytics.replicator import purge_tenant
 from database_service.analytics.reports import REPORTS, ReportParams, report_sql
 from database_service.analytics.schema import (
     REPLICATED,
+    RETAINED,
     SHARED_DATABASE,
+    retention_ttl,
     shared_ddl,
     tenant_database,
     tenant_view_ddl,
 )
-from database_service.analytics.tables import TableGuard, is_table_ddl, row_json
+from database_service.analytics.tables import (
+    MERGE_TREE_ENGINES,
+    TableGuard,
+    is_table_ddl,
+    row_json,
+)
 from database_service.application.access import Access
 from database_service.auth import Principal, Scope
 from database_service.errors import (
@@ -53,6 +60,13 @@ from database_service.results import (
     ValueKind,
 )
 from database_service.stores.clickhouse import ClickHouseError, ClickHouseStore
+from database_service.stores.clickhouse.server import (
+    password_sha256_hex,
+    service_policy_ddl,
+    tenant_access_ddl,
+    tenant_password,
+    tenant_user,
+)
 from database_service.tenancy import TenantRegistry
 
 __all__ = ["ENGINES", "Analytics", "AnalyticsLimits", "AnalyticsQueryError", "choose_engine"]
@@ -85,7 +99,9 @@ class AnalyticsLimits:
     tenant_max_tables: int = 50  # a tenant's own (writable) tables
     tenant_max_bytes: int = 1 << 30  # on disk, over its own tables
 
-    def settings(self) -> dict[str, Any]:
+    def limit_settings(self) -> dict[str, Any]:
+        """The limits: appended to every statement on chDB; on a server, pinned (``CONST``) in
+        the tenant user's settings profile instead, where the tenant cannot change them."""
         return {
             "max_execution_time": self.max_execution_seconds,
             "max_memory_usage": self.max_memory_bytes,
@@ -94,12 +110,14 @@ class AnalyticsLimits:
             "max_result_rows": self.max_result_rows,
             "result_overflow_mode": "throw",
             "read_overflow_mode": "throw",
-            "session_timezone": "UTC",
-            # GROUP BY on a prefix of the sorting key (tenant, symbol, time, e.g. candles or
-            # VWAP per interval of one symbol) aggregates as rows stream in key order, with no
-            # hash table (measured 17.5 -> 14.5 ms on 200,000 ticks).
-            "optimize_aggregation_in_order": 1,
         }
+
+    def query_settings(self) -> dict[str, Any]:
+        """How the service runs a statement (not limits)."""
+        return {"session_timezone": "UTC"}
+
+    def settings(self) -> dict[str, Any]:
+        return {**self.limit_settings(), **self.query_settings()}
 
 
 def _unwrap(type_name: str) -> str:
@@ -151,8 +169,15 @@ class Analytics:
         registry: TenantRegistry,
         audit: AuditLog,
         limits: AnalyticsLimits | None = None,
+        tenant_key: bytes | None = None,
+        retention_days: float | None = None,
     ) -> None:
         self.store = store
+        self._retention_days = retention_days
+        # On a ClickHouse server: the key tenants' ClickHouse passwords derive from (from the
+        # master key); tenant SQL then runs as the tenant's own user (``runner``).
+        self._tenant_key = tenant_key
+        self._runners: dict[str, ClickHouseStore] = {}
         self._access = access
         self._registry = registry
         self._audit = audit
@@ -173,11 +198,44 @@ class Analytics:
         for statement in shared_ddl():
             await self.store.command(statement)
         await self.store.command(f"CREATE DATABASE IF NOT EXISTS {EMPTY_DATABASE}")
+        if self.store.kind == "server":
+            # Tenants' row policies on the shared tables would hide their rows from a user no
+            # policy names: the service's own user (which replicates and defines the views).
+            service_user = str(getattr(self.store, "username", "default"))
+            for statement in service_policy_ddl(
+                service_user, shared_database=SHARED_DATABASE, shared_tables=list(REPLICATED)
+            ):
+                await self.store.command(statement)
         if self.store.kind == "chdb":
             # One-part table names the guard leaves alone (a CTE's, out of its scope) resolve in
             # the session's default database: an empty one. The guard refuses USE, so it stays.
             await self.store.command(f"USE {EMPTY_DATABASE}")
         self._guard = AnalyticsGuard(self.store, await FunctionCatalog.load(self.store))
+        if self._retention_days is not None:
+            await self.apply_retention(self._retention_days)
+
+    async def apply_retention(self, days: float) -> list[str]:
+        """Give ticks and predictions PostgreSQL's retention as a TTL (rows past it are removed
+        by ClickHouse's merges); the statements run, none when the TTL is already in place (a
+        changed TTL is applied to existing parts by a background mutation, once)."""
+        ran = []
+        for table in RETAINED:
+            ttl = retention_ttl(table, days)
+            current = await self.store.query(
+                f"SELECT engine_full FROM system.tables WHERE database = '{SHARED_DATABASE}'"
+                f" AND name = '{table}'"
+            )
+            engine = str(current.rows[0][0]) if current.rows else ""
+            has_ttl = " TTL " in engine
+            if ttl is None and has_ttl:
+                statement = f"ALTER TABLE {SHARED_DATABASE}.{table} REMOVE TTL"
+            elif ttl is not None and f"TTL {ttl}" not in engine:
+                statement = f"ALTER TABLE {SHARED_DATABASE}.{table} MODIFY TTL {ttl}"
+            else:
+                continue
+            await self.store.command(statement)
+            ran.append(statement)
+        return ran
 
     @property
     def guard(self) -> AnalyticsGuard:
@@ -190,13 +248,58 @@ class Analytics:
         if tenant_id in self._provisioned:
             return
         async with self._provision_lock:
-            for statement in tenant_view_ddl(tenant_id, definer=self.store.kind == "server"):
+            server = self.store.kind == "server"
+            statements = tenant_view_ddl(tenant_id, definer=server)
+            if server:
+                statements = statements[:1] + self.access_ddl(tenant_id) + statements[1:]
+            for statement in statements:
                 await self.store.command(statement)
             self._provisioned.add(tenant_id)
+
+    def access_ddl(self, tenant_id: str) -> list[str]:
+        """On a server: the tenant's own user, its grants, limits and row policies."""
+        return tenant_access_ddl(
+            tenant_id,
+            database=tenant_database(tenant_id),
+            shared_database=SHARED_DATABASE,
+            shared_tables=list(REPLICATED),
+            password_sha256_hex=password_sha256_hex(self._password(tenant_id)),
+            limits=self.limits.limit_settings(),
+            engines=sorted(MERGE_TREE_ENGINES),
+        )
+
+    def _password(self, tenant_id: str) -> str:
+        if self._tenant_key is None:
+            raise Unavailable("ClickHouse server: no key for tenants' passwords")
+        return tenant_password(self._tenant_key, tenant_id)
+
+    def runner(self, tenant_id: str) -> ClickHouseStore:
+        """The connection tenant SQL runs on: on a server, the tenant's own user (the server
+        enforces its grants, row policies and pinned limits; the guard is a first layer); on
+        chDB, which has no users, the one store (the guard is the wall)."""
+        if self.store.kind != "server":
+            return self.store
+        runner = self._runners.get(tenant_id)
+        if runner is None:
+            as_user = getattr(self.store, "as_user", None)
+            if as_user is None:
+                raise Unavailable("this ClickHouse store cannot log in as a tenant")
+            runner = as_user(tenant_user(tenant_id), self._password(tenant_id))
+            self._runners[tenant_id] = runner
+        return runner
+
+    def run_settings(self, **extra: Any) -> dict[str, Any]:
+        """What a tenant statement is sent with: on a server its user's profile holds the
+        limits (pinned: sending them again would be refused), on chDB they go with it."""
+        base = (
+            self.limits.query_settings() if self.store.kind == "server" else self.limits.settings()
+        )
+        return {**base, **extra}
 
     def forget(self, tenant_id: str) -> None:
         self._provisioned.discard(tenant_id)
         self._own_names.pop(tenant_id, None)
+        self._runners.pop(tenant_id, None)
 
     async def _table_names(self, tenant_id: str, *, fresh: bool = False) -> frozenset[str]:
         """The tables tenant SQL may name: the replicated ones and the tenant's own."""
@@ -256,13 +359,13 @@ class Analytics:
         try:
             await self.provision(tenant_id)
             try:
-                result = await self.store.query(checked.sql, self.limits.settings())
+                result = await self.runner(tenant_id).query(checked.sql, self.run_settings())
             except ClickHouseError as exc:
                 if exc.code != _UNKNOWN_DATABASE:
                     raise
                 self.forget(tenant_id)  # dropped by a purge, or by another process
                 await self.provision(tenant_id)
-                result = await self.store.query(checked.sql, self.limits.settings())
+                result = await self.runner(tenant_id).query(checked.sql, self.run_settings())
         except ClickHouseError as exc:
             error = _mapped(exc)
             await self._record(principal, tenant_id, "error", error.error_code)
@@ -314,7 +417,7 @@ class Analytics:
             self.refused += 1
             await self._access.deny(principal, tenant_id, action, exc)
         try:
-            await self.store.command(statement)
+            await self.runner(tenant_id).command(statement)
         except ClickHouseError as exc:
             error = _mapped(exc)
             await self._record(principal, tenant_id, "error", error.error_code, cls="ddl")
@@ -339,6 +442,7 @@ class Analytics:
         params: Sequence[Any] | Mapping[str, Any],
         *,
         dedup_token: str,
+        caller: str = "analytics.insert",
     ) -> int:
         """Insert one row into one of the tenant's own ClickHouse tables; the rows inserted (1).
 
@@ -351,6 +455,8 @@ class Analytics:
 
         The caller has authorized the write (a ``write`` scope for the tenant, as checked when
         the request was accepted, e.g. by the multi-store outbox); the tenant must be active.
+        Every call is audited (action ``analytics``, class ``write``) under ``caller``: the
+        service the write was accepted from, when the caller knows it.
         """
         try:
             if not dedup_token or len(dedup_token) > 200:
@@ -386,15 +492,36 @@ class Analytics:
             if unknown:
                 raise SqlRejected(f"unknown column(s) of {checked.table}: {', '.join(unknown)}")
             line = row_json(row)
-        except DatabaseServiceError:
+        except DatabaseServiceError as exc:
             self.inserts_refused += 1
+            await self._audit_insert(caller, tenant_id, "denied", exc.error_code, sql)
             raise
         try:
-            await self.store.insert_json(f"{database}.`{checked.table}`", [line], dedup_token)
+            await self.runner(tenant_id).insert_json(
+                f"{database}.`{checked.table}`", [line], dedup_token
+            )
         except ClickHouseError as exc:
-            raise _mapped(exc) from None
+            error = _mapped(exc)
+            await self._audit_insert(caller, tenant_id, "error", error.error_code, sql)
+            raise error from None
         self.inserts += 1
+        await self._audit_insert(caller, tenant_id, "ok", None, f"INSERT INTO {checked.table}")
         return 1
+
+    async def _audit_insert(
+        self, caller: str, tenant_id: str, outcome: str, code: str | None, what: str
+    ) -> None:
+        await self._audit.record(
+            AuditEvent(
+                service=caller,
+                tenant_id=tenant_id,
+                action="analytics",
+                statement_class="write",
+                outcome=outcome,
+                code=code,
+                detail=f"store=clickhouse {what[:200]}",
+            )
+        )
 
     def _result(self, result: Any, started: float) -> QueryResult:
         columns = [
@@ -434,8 +561,7 @@ class Analytics:
         try:
             await self.provision(tenant_id)
             # join_use_nulls: an outcome without a tick is NULL, not zero (reports.py).
-            settings = {**self.limits.settings(), "join_use_nulls": 1}
-            result = await self.store.query(sql, settings)
+            result = await self.runner(tenant_id).query(sql, self.run_settings(join_use_nulls=1))
         except ClickHouseError as exc:
             if exc.code == _UNKNOWN_DATABASE:
                 self.forget(tenant_id)  # dropped by a purge: provisioned again next time

@@ -199,7 +199,11 @@ class StoreAppliers:
             # The entry id is the insert's deduplication token: applied again, stored once.
             params = [] if part.params is None else part.params
             return await self.analytics.insert(
-                tenant_id, part.query, params, dedup_token=f"outbox:{entry_id}"
+                tenant_id,
+                part.query,
+                params,
+                dedup_token=f"outbox:{entry_id}",
+                caller=APPLIER_SERVICE,  # audited as the outbox's insert
             )
         if isinstance(part, VectorPart):
             if part.operation == "upsert":

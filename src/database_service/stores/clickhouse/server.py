@@ -11,6 +11,9 @@ is a 2018 build): the DDL below is unit-tested as SQL text only.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,9 +23,12 @@ from database_service.stores.clickhouse import ClickHouseError, QueryResult
 
 __all__ = [
     "ClickHouseServerStore",
+    "password_sha256_hex",
     "service_policy_ddl",
     "tenant_access_ddl",
     "tenant_drop_ddl",
+    "tenant_password",
+    "tenant_user",
 ]
 
 _IDENT = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -40,6 +46,24 @@ def _literal(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def tenant_user(tenant_id: str) -> str:
+    """The ClickHouse user of a tenant (a validated id: letters, digits, '_')."""
+    return f"tenant_{tenant_id}"
+
+
+def tenant_password(key: bytes, tenant_id: str) -> str:
+    """The tenant's ClickHouse password: derived from the service's master key (``key`` is
+    ``derive_key(master_key, "clickhouse-tenant")``), so every instance computes the same one and
+    nothing is stored; the server keeps only its SHA-256 (``tenant_access_ddl``). Another
+    tenant's password cannot be derived without the master key."""
+    digest = hmac.new(key, tenant_id.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def password_sha256_hex(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
 def tenant_access_ddl(
     tenant_id: str,
     *,
@@ -47,33 +71,40 @@ def tenant_access_ddl(
     shared_database: str,
     shared_tables: Sequence[str],
     password_sha256_hex: str,
-    limits: Mapping[str, int],
+    limits: Mapping[str, int | float | str],
+    engines: Sequence[str] = (),
 ) -> list[str]:
-    """The statements that give ``tenant_id`` its own read-only ClickHouse user.
+    """The statements that give ``tenant_id`` its own ClickHouse user.
 
     - a settings profile pinning the per-query limits (``CONST``: the user cannot change them)
-      and ``readonly = 1`` (no writes, no SET);
-    - the user, with that profile, its database of views as default, and no grant but
-      ``SELECT`` on that database (the views are ``SQL SECURITY DEFINER``: reading one needs no
-      grant on the shared tables behind it);
+      and introspection off;
+    - the user, with that profile and its database as default; on that database only:
+      ``SELECT`` (its views, which are ``SQL SECURITY DEFINER``: reading one needs no grant on
+      the shared tables behind it, and its own tables), ``INSERT``, ``CREATE TABLE`` and ``DROP
+      TABLE`` (its own tables; ``DROP VIEW`` is another privilege, so its views stay), and the
+      ``TABLE ENGINE`` grants of ``engines`` (the MergeTree family: a server that requires
+      engine grants refuses File, URL, S3, … to it as the guard does); nothing on any other
+      database;
     - a permissive row policy per shared table that shows the user its ``company_id`` only: a
       grant on a shared table given by mistake still shows it nothing else. Once a table has row
       policies, a user none names sees no row of it, so the service's own user has one too
       (``service_policy_ddl``).
     """
-    user = _ident(f"tenant_{tenant_id}")
+    user = _ident(tenant_user(tenant_id))
     profile = _ident(f"tenant_{tenant_id}_limits")
     db = _ident(database)
     shared = _ident(shared_database)
-    constraints = ", ".join(f"{_ident(k)} = {int(v)} CONST" for k, v in sorted(limits.items()))
+    constraints = [f"{_ident(k)} = {_setting(v)} CONST" for k, v in sorted(limits.items())] + [
+        "allow_introspection_functions = 0 CONST"
+    ]
     statements = [
-        f"CREATE SETTINGS PROFILE OR REPLACE {profile} SETTINGS readonly = 1 CONST"
-        + (f", {constraints}" if constraints else ""),
+        f"CREATE SETTINGS PROFILE OR REPLACE {profile} SETTINGS {', '.join(constraints)}",
         f"CREATE USER OR REPLACE {user} IDENTIFIED WITH sha256_hash BY "
         f"{_literal(password_sha256_hex)} DEFAULT DATABASE {db} SETTINGS PROFILE {profile}",
         f"REVOKE ALL ON *.* FROM {user}",
-        f"GRANT SELECT ON {db}.* TO {user}",
+        f"GRANT SELECT, INSERT, CREATE TABLE, DROP TABLE ON {db}.* TO {user}",
     ]
+    statements += [f"GRANT TABLE ENGINE ON {_engine(e)} TO {user}" for e in engines]
     for table in shared_tables:
         statements.append(
             f"CREATE ROW POLICY OR REPLACE {_ident(f'tenant_{tenant_id}_rows')} ON "
@@ -81,6 +112,22 @@ def tenant_access_ddl(
             f" TO {user}"
         )
     return statements
+
+
+def _setting(value: int | float | str) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int | float):
+        return repr(value)
+    return _literal(value)
+
+
+def _engine(name: str) -> str:
+    if not re.fullmatch(
+        r"(Replacing|Summing|Aggregating|Collapsing|VersionedCollapsing)?MergeTree", name
+    ):
+        raise ValueError(f"not a MergeTree family engine: {name!r}")
+    return name
 
 
 def service_policy_ddl(
@@ -114,18 +161,35 @@ def tenant_drop_ddl(
 class ClickHouseServerStore:
     kind = "server"
 
-    def __init__(self, url: str) -> None:
-        import clickhouse_connect  # noqa: PLC0415 (only when a server is configured)
-
+    def __init__(self, url: str, *, username: str | None = None, password: str | None = None):
         parts = urlsplit(url)
-        self._client = clickhouse_connect.get_client(
-            host=parts.hostname or "localhost",
-            port=parts.port or (8443 if parts.scheme == "https" else 8123),
-            username=parts.username or "default",
-            password=parts.password or "",
-            secure=parts.scheme == "https",
-            database=(parts.path or "/").strip("/") or "default",
-        )
+        self._url = url
+        self.username = username or parts.username or "default"
+        self._password = (password or "") if username else (parts.password or "")
+        self._args: dict[str, Any] = {
+            "host": parts.hostname or "localhost",
+            "port": parts.port or (8443 if parts.scheme == "https" else 8123),
+            "secure": parts.scheme == "https",
+            "database": (parts.path or "/").strip("/") or "default",
+        }
+        self._connected: Any = None  # clickhouse-connect's client, made on first use
+
+    def as_user(self, username: str, password: str) -> ClickHouseServerStore:
+        """The same server, logged in as ``username`` (a tenant's own user): what it runs,
+        the server checks against that user's grants, row policies and settings profile."""
+        return ClickHouseServerStore(self._url, username=username, password=password)
+
+    @property
+    def _client(self) -> Any:
+        # Connected on first use (on a worker thread, as every call here): clickhouse-connect
+        # asks the server for its version when the client is made.
+        if self._connected is None:
+            import clickhouse_connect  # noqa: PLC0415 (only when a server is configured)
+
+            self._connected = clickhouse_connect.get_client(
+                **self._args, username=self.username, password=self._password
+            )
+        return self._connected
 
     async def query(self, sql: str, settings: Mapping[str, Any] | None = None) -> QueryResult:
         def _run() -> QueryResult:
@@ -179,4 +243,6 @@ class ClickHouseServerStore:
         return str(r.rows[0][0])
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._client.close)
+        if self._connected is not None:
+            await asyncio.to_thread(self._connected.close)
+            self._connected = None
