@@ -44,6 +44,7 @@ from database_service.application import (
 from database_service.application.backups import ClusterBackupAdmin
 from database_service.application.graphs import GraphMetrics, Graphs
 from database_service.application.hub import HubAdmin
+from database_service.application.multidb import MultiDatabase
 from database_service.application.tenant_backups import TenantBackupAdmin
 from database_service.application.vectors import VectorMetrics, VectorOps
 from database_service.auth import Authenticator, ExchangeLimits, ServiceDirectory, TokenCodec
@@ -67,6 +68,7 @@ from database_service.config import Settings
 from database_service.hub import HubAgent
 from database_service.ingest import DeadLetterStore, IngestPipeline, IngestWriter
 from database_service.loops import BackgroundLoops
+from database_service.multidb.outbox import Outbox, OutboxMetrics, StoreAppliers
 from database_service.observability import (
     AuditLog,
     HealthReporter,
@@ -945,6 +947,7 @@ class Application:
         # The PostgreSQL wire ports of this process register their admin view here when they
         # start (pgwire/server.py), for the REST admin view.
         self.pgwire_views: list[Callable[[Callable[[str], bool]], dict[str, object]]] = []
+        self._multidb()
         self.observability = Observability(
             self.access,
             pgwire_views=self.pgwire_views,
@@ -996,6 +999,45 @@ class Application:
             owner_pool=self.owner_pool,
             advisor=self.index_advisor,
         )
+
+    def _multidb(self) -> None:
+        """``execute_multi_db_operation`` and its outbox: the applier loop runs in every
+        serving process (entries are locked FOR UPDATE SKIP LOCKED, so each is applied by one)."""
+        s = self.settings
+        self.multidb_outbox = Outbox(
+            self.owner_pool,
+            control_schema=s.control_schema,
+            appliers=StoreAppliers(
+                key_values=self.key_values,
+                vectors=self.vectors,
+                graphs=self.graphs,
+                analytics=None if self.analytics is None else self.analytics.analytics,
+            ),
+            metrics=OutboxMetrics(self.metrics),
+            max_attempts=s.multidb_outbox_max_attempts,
+            backoff_base_seconds=s.multidb_outbox_backoff_seconds,
+            backoff_max_seconds=s.multidb_outbox_backoff_max_seconds,
+            apply_timeout_seconds=s.multidb_outbox_apply_timeout_seconds,
+        )
+        self.multidb = MultiDatabase(
+            self.access,
+            self.executor,
+            self.registry,
+            self.multidb_outbox,
+            key_value=self.key_value,
+            vectors=self.vectors,
+            graphs=self.graphs,
+            analytics=None if self.analytics is None else self.analytics.analytics,
+        )
+        self.metrics.register(self.multidb_outbox.collector())
+        self.health.sections["multidb_outbox"] = self.multidb_outbox.status
+        outbox = self.multidb_outbox
+        keep_seconds = s.multidb_outbox_keep_applied_hours * 3600
+
+        async def applier() -> None:
+            await outbox.run_forever(s.multidb_outbox_interval_seconds, keep_seconds)
+
+        self._stack.push_async_callback(_cancel, self.loops.start("multidb-outbox", applier))
 
     async def _start_consumers(
         self, nats_url: str | None, nats_tls: ssl.SSLContext | None, probes: list[DependencyProbe]

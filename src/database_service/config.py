@@ -145,6 +145,16 @@ class Settings(BaseSettings):
     graph_max_results: int = Field(default=10_000, ge=1, le=1_000_000)
     graph_max_visits: int = Field(default=1_000_000, ge=1_000)
     graph_statement_timeout_ms: int = Field(default=5_000, ge=10)
+    # The outbox of execute_multi_db_operation (multidb/outbox.py): an entry a store could not
+    # take is retried with exponential backoff (base, doubling, capped) up to max_attempts, then
+    # failed (kept; an administrator retries it). Every worker runs the applier loop (entries
+    # are locked FOR UPDATE SKIP LOCKED); applied entries are deleted after the retention.
+    multidb_outbox_max_attempts: int = Field(default=10, ge=1, le=1000)
+    multidb_outbox_backoff_seconds: float = Field(default=1.0, gt=0, le=3600)
+    multidb_outbox_backoff_max_seconds: float = Field(default=300.0, gt=0, le=86400)
+    multidb_outbox_interval_seconds: float = Field(default=1.0, gt=0, le=3600)
+    multidb_outbox_apply_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    multidb_outbox_keep_applied_hours: float = Field(default=24.0, ge=0)
     # Vector collections (stores/vector): pgvector in the service's PostgreSQL by default; a
     # Weaviate server when a URL is given (REST and GraphQL on it; its API key held here, never
     # by tenants). A class per tenant collection with Weaviate's native multi-tenancy.

@@ -271,8 +271,10 @@ async def test_bad_parameters_are_refused_and_run_nothing(
 
 async def test_the_seeds_multi_db_call_reads_clickhouse(setup: Any) -> None:
     """``execute_multi_db_operation``'s ``clickhouse`` part: a read on the tenant's tables; an
-    ``INSERT`` sent as its query is refused before any store ran (the query path reads; inserts
-    into a tenant's own tables go through ``Analytics.insert``, with a deduplication token)."""
+    INSERT the service would refuse (here: a literal value, no params) is refused by its
+    validation before any store ran (it was the ClickHouse guard's ``sql_rejected`` when the
+    client ran the part itself; inserts into the tenant's own tables:
+    tests/integration/test_multidb_clickhouse.py)."""
     _, _, _, _, client = setup
     result = await client.execute_multi_db_operation(
         {"clickhouse": {"query": "SELECT count() FROM trading_signals"}}
@@ -282,4 +284,5 @@ async def test_the_seeds_multi_db_call_reads_clickhouse(setup: Any) -> None:
         await client.execute_multi_db_operation(
             {"clickhouse": {"query": "INSERT INTO signal_analytics (a) VALUES (1)"}}
         )
-    assert info.value.code in {"sql_rejected", "sql_syntax_error"}
+    assert info.value.code == "invalid_request"
+    assert "clickhouse part" in info.value.message

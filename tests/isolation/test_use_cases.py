@@ -39,7 +39,7 @@ FRONT_END_MAY_USE = {
     "executor", "timeseries", "tenant_admin", "service_admin", "partition_admin",
     "observability", "dead_letter_admin", "access", "authenticator", "metrics", "window",
     "audit", "settings", "tracing", "key_value", "statement_admin", "backup_admin",
-    "tenant_backups", "analytics", "graphs", "vectors", "hub_admin",
+    "tenant_backups", "analytics", "graphs", "vectors", "hub_admin", "multidb",
     # the status page's sign-in links (as the authenticator, no use case: a signature check)
     "status_links",
 }  # fmt: skip

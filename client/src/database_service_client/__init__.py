@@ -4,10 +4,12 @@ publish market data for ingestion (the ``publish`` extra)."""
 from database_service_client.client import (
     Column,
     MultiDatabaseClient,
+    MultiDbResult,
     PulledStream,
     QueryResult,
     QueryStream,
     StatementResult,
+    StoreOutcome,
 )
 from database_service_client.errors import (
     Aborted,
@@ -48,6 +50,7 @@ __all__ = [
     "InvalidArgument",
     "MarketDataPublisher",
     "MultiDatabaseClient",
+    "MultiDbResult",
     "NotConfigured",
     "NotFound",
     "PermissionDenied",
@@ -58,6 +61,7 @@ __all__ = [
     "QueryStream",
     "ResourceExhausted",
     "StatementResult",
+    "StoreOutcome",
     "TlsOptions",
     "Unauthenticated",
     "Unavailable",

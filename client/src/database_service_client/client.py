@@ -9,6 +9,7 @@ before its first message; nothing else is retried.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -16,7 +17,6 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
-    Awaitable,
     Callable,
     Iterable,
     Mapping,
@@ -29,8 +29,10 @@ import grpc
 
 from database_service_client._proto import analytics_pb2 as apb
 from database_service_client._proto import database_service_pb2 as pb
+from database_service_client._proto import multidb_pb2 as mpb
 from database_service_client._proto.analytics_pb2_grpc import AnalyticsReportsStub
 from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
+from database_service_client._proto.multidb_pb2_grpc import MultiDatabaseStub
 from database_service_client.errors import (
     DatabaseServiceError,
     FailedPrecondition,
@@ -54,11 +56,6 @@ _ISOLATION = {
     "repeatable_read": pb.ISOLATION_LEVEL_REPEATABLE_READ,
     "serializable": pb.ISOLATION_LEVEL_SERIALIZABLE,
 }
-# Stores of the seed this client knows; a deployment reports which it has configured.
-# Stores whose operations this client runs itself; for any other, it asks the service.
-# "dragonflydb" (key-value operations) runs on the service's embedded store when the deployment
-# has no Redis/DragonflyDB (health then says not_configured), so it is never asked about.
-_RUNS_HERE = ("postgresql", "dragonflydb")
 Key = str | bytes
 _KV_FIELDS = {
     "get": ({"key"}, set()),
@@ -310,6 +307,7 @@ class MultiDatabaseClient(GraphMethods, VectorMethods):
         self._stubs: list[DatabaseServiceStub] = []
         self._next = 0
         self._stores: dict[str, str] | None = None
+        self._multidb_stub: MultiDatabaseStub | None = None
 
     async def __aenter__(self) -> MultiDatabaseClient:
         return self
@@ -839,11 +837,12 @@ class MultiDatabaseClient(GraphMethods, VectorMethods):
         response = await self._kv(request, retry=True, timeout=timeout)
         return [item.value if item.found else None for item in response.items]
 
-    def _seed_kv(self, operation: Mapping[str, Any]) -> Callable[[], Awaitable[Any]]:
-        """The seed's ``{"operation": "set", "key", "value", "ttl"}`` as a call, checked now
-        (before anything of a multi-store operation runs). ``ttl`` is in seconds (or a
-        timedelta), ``ttl_ms`` in milliseconds; a ``value`` that is neither str nor bytes is
-        stored as its JSON text (``1`` as ``"1"``, so ``incr`` counts on from it)."""
+    def _seed_kv(self, operation: Mapping[str, Any]) -> dict[str, Any]:
+        """The seed's ``{"operation": "set", "key", "value", "ttl"}`` as the service's part,
+        checked now (before anything of a multi-store operation is sent). ``ttl`` is in seconds
+        (or a timedelta), ``ttl_ms`` in milliseconds; a ``value`` that is neither str nor bytes
+        is stored as its JSON text (``1`` as ``"1"``, so ``incr`` counts on from it). Keys and
+        values travel in base64: any bytes are a key or a value."""
         name = operation.get("operation")
         if name not in _KV_FIELDS:
             raise ValueError(
@@ -862,37 +861,27 @@ class MultiDatabaseClient(GraphMethods, VectorMethods):
             ttl = seconds if isinstance(seconds, dt.timedelta) else dt.timedelta(seconds=seconds)
         elif "ttl_ms" in given and operation["ttl_ms"] is not None:
             ttl = dt.timedelta(milliseconds=operation["ttl_ms"])
+        part: dict[str, Any] = {"operation": name}
         if ttl is not None:
-            _ttl_ms(ttl)  # refused now, not after another store ran
+            part["ttl_ms"] = _ttl_ms(ttl)  # refused now, not by the service
         if name == "mget":
             if isinstance(operation["keys"], str | bytes):
                 raise ValueError("the dragonflydb mget operation's 'keys' is a list of keys")
             keys = [_key(k) for k in operation["keys"]]
-            return lambda: self.kv_mget(keys)
-        key = _key(operation["key"])
-        if name == "get":
-            return lambda: self.kv_get(key)
-        if name == "delete":
-            return lambda: self.kv_delete(key)
+            return {**part, "keys_base64": [base64.b64encode(k).decode() for k in keys]}
+        part["key_base64"] = base64.b64encode(_key(operation["key"])).decode()
         if name == "incr":
             by = operation.get("by", 1)
             if isinstance(by, bool) or not isinstance(by, int):
                 raise ValueError("the dragonflydb incr operation's 'by' must be an integer")
-            return lambda: self.kv_incr(key, by)
-        if name == "expire":
-            if ttl is None:
-                raise ValueError("the dragonflydb expire operation needs a ttl")
-            expiry = ttl
-            return lambda: self.kv_expire(key, expiry)
-        value = operation["value"]
-        raw = value if isinstance(value, str | bytes | bytearray) else json.dumps(value)
-        data = _kv_value(raw)
-
-        async def store() -> bool:
-            await self.kv_set(key, data, ttl=ttl)
-            return True
-
-        return store
+            part["by"] = by
+        elif name == "expire" and ttl is None:
+            raise ValueError("the dragonflydb expire operation needs a ttl")
+        elif name == "set":
+            value = operation["value"]
+            raw = value if isinstance(value, str | bytes | bytearray) else json.dumps(value)
+            part["value_base64"] = base64.b64encode(_kv_value(raw)).decode()
+        return part
 
     # --- the seed's shape ----------------------------------------------------------------------
 
@@ -908,74 +897,178 @@ class MultiDatabaseClient(GraphMethods, VectorMethods):
         return self._stores
 
     async def execute_multi_db_operation(
-        self, operations: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, Any]:
-        """The seed's ``{"postgresql": {...}, "dragonflydb": {...}, ...}`` call.
+        self, operations: Mapping[str, Mapping[str, Any]], *, timeout: float | None = None
+    ) -> MultiDbResult:
+        """The seed's ``{"postgresql": {...}, "dragonflydb": {...}, ...}`` call: one call to the
+        service (``MultiDatabase.Execute``), which runs it as follows.
 
-        ``postgresql`` takes ``{"query": sql, "params": [...] or {...}}`` or
-        ``{"statements": [...]}`` (run as one transaction); a mapping of params binds to
-        ``:name`` placeholders (the seed passes the signal's dict).
+        Every part is checked before anything runs: an unknown store or one this deployment has
+        not configured raises NotConfigured, a malformed part ValueError (checked here) or
+        InvalidArgument (checked by the service, naming the part), a part naming another
+        ``company_id``/``tenant_id`` than this client's tenant PermissionDenied.
 
-        ``clickhouse`` takes ``{"query": sql}``: a read on the tenant's replicated tables
-        (ClickHouse SQL; the service refuses writes).
+        The ``postgresql`` part (``{"query": sql, "params": [...] or {...}}`` — a mapping binds
+        ``:name``/``$name`` placeholders by name — or ``{"statements": [...]}``) runs in one
+        transaction, and the writes of the other stores are recorded in a transactional outbox
+        in that same transaction: if the PostgreSQL part fails its error is raised and nothing
+        else happens. After the commit the service applies the outbox entries (retried in the
+        background with backoff when a store is down, exactly once), and runs reads directly.
 
-        ``dragonflydb`` takes ``{"operation": "set", "key": k, "value": v, "ttl": seconds}``
-        (``ttl`` optional; ``value`` bytes, str, or anything else as its JSON text), ``get``,
-        ``delete``, ``incr`` (``by``, default 1), ``expire`` (``ttl``) with ``key``, and ``mget``
-        with ``keys``; its result is the value (bytes or None), True for set, whether the key
-        existed (delete, expire), the new number (incr) or the list of values (mget). It runs on
-        the tenant's key-value store: Redis/DragonflyDB where the deployment has one, the
-        service's embedded store otherwise (health ``not_configured``).
+        Parts: ``dragonflydb`` ``{"operation": "set", "key", "value", "ttl"}`` (``ttl``
+        seconds, ``ttl_ms`` milliseconds; a value neither bytes nor str is stored as its JSON
+        text), ``get``, ``delete``, ``incr`` (``by``), ``expire`` (``ttl``), ``mget``
+        (``keys``); ``clickhouse`` ``{"query": sql}`` (a read; writes are refused as
+        ``not_supported`` in this build); ``vector`` (or ``weaviate``) ``{"operation":
+        "upsert", "class", "objects"}``, ``delete`` (``ids`` or ``where``),
+        ``similarity_search`` (``vector``, ``limit``, ``certainty``...); ``graph`` (or
+        ``arangodb``) ``{"operation": "upsert", "vertices", "edges"}``, ``delete``
+        (``vertex_id`` or ``edge_id``), ``traverse`` (``start``, ``max_depth``...).
 
-        Stores this deployment has not configured raise NotConfigured, a malformed operation
-        ValueError, and an operation naming another ``company_id`` than this client's tenant
-        raises PermissionDenied, all before anything runs. The stores then run in the order
-        given; one failing leaves what the ones before it did (PostgreSQL has committed)."""
+        The answer maps each part to its result — a QueryResult for ``postgresql`` (a list of
+        StatementResult for ``statements``) and ``clickhouse``; for ``dragonflydb`` the value
+        (bytes or None), True for set, whether the key existed (delete, expire), the new number
+        (incr), the list of values (mget); the store's answer for the others — or None when the
+        part is not applied: ``result.outcomes[name]`` says ``applied``, ``pending`` (the
+        service applies it later) or ``failed`` (``reason``)."""
+        parts: dict[str, dict[str, Any]] = {}
         for name, operation in operations.items():
-            company = operation.get("company_id", operation.get("tenant_id"))
-            if company is not None and company != self.tenant_id:
-                raise PermissionDenied(
-                    f"the {name} operation names company {company!r}, but this client acts for"
-                    f" {self.tenant_id!r}",
-                    code="permission_denied",
-                )
-        others = [name for name in operations if name not in _RUNS_HERE]
-        if others:
-            known = await self.stores()
-            for name in others:
-                if name == "clickhouse" and known.get(name, "not_configured") != "not_configured":
-                    continue  # reads, on the tenant's replicated tables
-                if name not in known:
-                    reason = "unknown to this service"
-                elif known[name] == "not_configured":
-                    reason = "not configured in this deployment"
-                else:
-                    reason = "configured, but this client cannot run operations on it yet"
-                raise NotConfigured(f"store {name!r} is {reason}", code="not_configured")
-        calls: dict[str, Callable[[], Awaitable[Any]]] = {}
-        for name, operation in operations.items():
-            if name == "dragonflydb":
-                calls[name] = self._seed_kv(operation)
-            elif name == "clickhouse":
-                calls[name] = self._seed_clickhouse(operation)
-            else:
-                calls[name] = self._seed_sql(operation)
-        return {name: await call() for name, call in calls.items()}
+            for field_name in ("company_id", "tenant_id"):
+                company = operation.get(field_name)
+                if company is not None and company != self.tenant_id:
+                    raise PermissionDenied(
+                        f"the {name} operation names company {company!r}, but this client acts"
+                        f" for {self.tenant_id!r}",
+                        code="permission_denied",
+                    )
+            part = {k: v for k, v in operation.items() if k not in ("company_id", "tenant_id")}
+            if name in ("dragonflydb", "redis"):
+                part = self._seed_kv(operation)
+            elif name == "postgresql":
+                _check_sql_part(part)
+            parts[name] = part
+        if not self._stubs:
+            self._open()
+        stub = self._multidb_stub
+        if stub is None:
+            stub = self._multidb_stub = MultiDatabaseStub(self._channels[0])
+        request = mpb.MultiDbRequest(
+            operation_json=json.dumps(parts, default=_json_default).encode()
+        )
+        response = await self._unary(stub.Execute, request, retry=False, timeout=timeout)
+        answer = json.loads(response.result_json)
+        result = MultiDbResult(operation_id=answer.get("operation_id", ""))
+        for name, document in answer.get("stores", {}).items():
+            outcome = StoreOutcome(
+                status=document.get("status", ""),
+                reason=document.get("reason"),
+                code=document.get("code"),
+                atomic=bool(document.get("atomic", False)),
+                entry_id=document.get("entry_id"),
+                raw=document.get("result"),
+            )
+            result.outcomes[name] = outcome
+            result[name] = _store_result(name, parts.get(name, {}), outcome)
+        return result
 
-    def _seed_clickhouse(self, operation: Mapping[str, Any]) -> Callable[[], Awaitable[Any]]:
-        """``{"query": sql}``: one read-only ClickHouse query on the tenant's replicated tables
-        (writes, such as the seed's ``INSERT INTO signal_analytics``, are refused by the
-        service: tenants have no writable ClickHouse tables yet)."""
-        if "query" not in operation or operation.get("params"):
-            raise ValueError("the clickhouse operation needs 'query' (ClickHouse SQL, no params)")
-        return lambda: self.analytics_query(operation["query"], engine="clickhouse").fetch_all()
 
-    def _seed_sql(self, postgres: Mapping[str, Any]) -> Callable[[], Awaitable[Any]]:
-        if "statements" in postgres:
-            return lambda: self.transaction(postgres["statements"])
-        if "query" in postgres:
-            return lambda: self.fetch_all(postgres["query"], postgres.get("params", ()))
+class StoreOutcome:
+    """What became of one part of a multi-store operation: ``status`` is ``applied``,
+    ``pending`` (recorded; the service applies it later) or ``failed`` (``reason``, ``code``);
+    ``atomic``: committed with the PostgreSQL part; ``entry_id``: its outbox entry; ``raw``:
+    the store's answer as the service sent it."""
+
+    __slots__ = ("atomic", "code", "entry_id", "raw", "reason", "status")
+
+    def __init__(
+        self,
+        *,
+        status: str,
+        reason: str | None = None,
+        code: str | None = None,
+        atomic: bool = False,
+        entry_id: int | None = None,
+        raw: Any = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.code = code
+        self.atomic = atomic
+        self.entry_id = entry_id
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"StoreOutcome(status={self.status!r}, reason={self.reason!r})"
+
+
+class MultiDbResult(dict[str, Any]):
+    """Part name → its result (None unless applied); ``outcomes`` says per part whether it was
+    applied, is pending or failed; ``operation_id`` names the call in the outbox."""
+
+    def __init__(self, *, operation_id: str) -> None:
+        super().__init__()
+        self.operation_id = operation_id
+        self.outcomes: dict[str, StoreOutcome] = {}
+
+    @property
+    def pending(self) -> list[str]:
+        return [n for n, o in self.outcomes.items() if o.status == "pending"]
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, o in self.outcomes.items() if o.status == "failed"]
+
+
+def _check_sql_part(part: Mapping[str, Any]) -> None:
+    """A ``postgresql`` part's params checked here as ``fetch_all`` checks them (a mapping must
+    bind by name, never by its keys); the service binds them again itself."""
+    if "query" in part:
+        bind(part["query"], part.get("params"))
+    elif "statements" not in part:
         raise ValueError("the postgresql operation needs 'query' or 'statements'")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    return str(value)  # Decimal, UUID: their text, which PostgreSQL reads exactly
+
+
+def _query_result(document: Mapping[str, Any]) -> QueryResult:
+    columns = document.get("columns", [])
+    rows = unpack_rows(json.dumps(document.get("rows", [])).encode(), [c["kind"] for c in columns])
+    return QueryResult(
+        columns=[Column(c["name"], c["type"]) for c in columns],
+        rows=rows,
+        row_count=int(document.get("row_count", len(rows))),
+        command=str(document.get("command", "")),
+        duration_ms=0.0,
+    )
+
+
+def _store_result(name: str, part: Mapping[str, Any], outcome: StoreOutcome) -> Any:
+    """A part's result as the old client-side calls returned it."""
+    raw = outcome.raw
+    if outcome.status != "applied":
+        return None
+    if name in ("postgresql", "clickhouse") and isinstance(raw, Mapping):  # a read's rows
+        if "statements" in raw:
+            return [
+                StatementResult(r.columns, r.rows, r.row_count, r.command)
+                for r in map(_query_result, raw["statements"])
+            ]
+        return _query_result(raw)
+    if name in ("dragonflydb", "redis"):
+        operation = part.get("operation")
+        if operation == "get":
+            return None if raw is None else base64.b64decode(raw)
+        if operation == "mget":
+            return [None if v is None else base64.b64decode(v) for v in raw]
+        return raw
+    return raw
 
 
 def _key(key: Key) -> bytes:

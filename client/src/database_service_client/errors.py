@@ -131,6 +131,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> DatabaseServiceError:
     trailing = {k: v for k, v in (error.trailing_metadata() or ()) if isinstance(v, str)}
     status = error.code()
     cls = _BY_STATUS.get(status, InternalError)
+    if trailing.get("dbsvc-error-code") == "not_configured":
+        cls = NotConfigured  # a store this deployment lacks (execute_multi_db_operation)
     position = trailing.get("dbsvc-position")
     default_code = (
         "deadline_exceeded"

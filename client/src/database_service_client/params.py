@@ -1,11 +1,11 @@
 """Parameters by position or by name, as one list for the wire.
 
 PostgreSQL numbers its parameters (``$1``, ``$2``). A sequence binds in that order. A mapping
-binds by name: the statement writes ``:name`` where a value goes, and each name becomes the
-``$n`` of its first appearance (a name used twice is one parameter). Anything else — a set, a
-string, a mapping with a statement that names no parameter, a name the mapping lacks or a key
-the statement never uses — is refused with a clear error before anything is sent, so a dict can
-never be bound by its keys.
+binds by name: the statement writes ``:name`` (or ``$name``) where a value goes, and each name
+becomes the ``$n`` of its first appearance (a name used twice is one parameter). Anything else —
+a set, a string, a mapping with a statement that names no parameter, a name the mapping lacks or
+a key the statement never uses — is refused with a clear error before anything is sent, so a
+dict can never be bound by its keys.
 
 The scan knows PostgreSQL's lexical rules: nothing inside string constants (``'...'``,
 ``E'...'``, dollar-quoted bodies), quoted identifiers or comments is a parameter, and a cast
@@ -90,6 +90,19 @@ def _by_name(sql: str, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
                 break
             out.append(sql[i:end])
             i = end
+        elif (
+            c == "$"
+            and (name := _NAME.match(sql, i + 1))
+            and not sql.startswith("$", name.end())
+            and not _in_word(sql, i)
+        ):
+            # $name (not $tag$, which opens a dollar-quoted body): bound by name as :name is.
+            key = name.group(0)
+            if key not in params:
+                raise KeyError(f"the statement names ${key}, which params does not hold")
+            number = order.setdefault(key, len(order) + 1)
+            out.append(f"${number}")
+            i = name.end()
         elif c == "$" and (tag := _DOLLAR_TAG.match(sql, i)) and not _in_word(sql, i):
             close = sql.find(tag.group(0), tag.end())
             end = n if close < 0 else close + len(tag.group(0))

@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 MAX_VALUE_BYTES = 1024 * 1024
+# How long an exactly-once increment remembers its token: far beyond the outbox's retries (an
+# entry is retried for minutes, then failed; an administrator's retry comes within days).
+APPLIED_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_MGET_KEYS = 1000
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -65,6 +68,12 @@ class KeyValueStore(Protocol):
     async def delete(self, tenant: str, key: Key) -> bool: ...
 
     async def incr(self, tenant: str, key: Key, by: int = 1) -> int: ...
+
+    async def incr_once(self, tenant: str, key: Key, by: int, token: str) -> tuple[int, bool]:
+        """``incr`` at most once per ``token`` (an outbox entry's id): the number after it and
+        whether this call incremented (False: an earlier call with the token already had, and
+        its number is returned). The record of the token is kept ``APPLIED_TTL_MS``."""
+        ...
 
     async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool: ...
 
@@ -105,6 +114,22 @@ def _keys(tenant: str, keys: Sequence[Key]) -> list[bytes]:
         raise InvalidParameters(f"mget takes at most {MAX_MGET_KEYS} keys")
     return [kv_key(tenant, key) for key in keys]
 
+
+def _applied_key(tenant: str, token: str) -> bytes:
+    """Where an exactly-once increment records its token: the tenant's namespace, beside (not
+    inside) its ``kv:`` keys, so no key a caller names can be it."""
+    return tenant_prefix(tenant) + b"applied:" + token.encode("ascii")
+
+
+# INCRBY and the token's record in one step (a script runs atomically), so a crash can never
+# leave one without the other; both keys share the tenant's hash tag (one cluster slot).
+_INCR_ONCE = """
+local done = redis.call('GET', KEYS[2])
+if done then return {done, 0} end
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], n, 'PX', ARGV[2])
+return {tostring(n), 1}
+"""
 
 _NOT_INTEGER = "the key's value is not an integer (or incrementing it would overflow 64 bits)"
 
@@ -158,6 +183,13 @@ class RedisKeyValueStore:
     async def incr(self, tenant: str, key: Key, by: int = 1) -> int:
         name, step = kv_key(tenant, key), _by(by)
         return int(await self._call(lambda: self.redis.incrby(name, step)))
+
+    async def incr_once(self, tenant: str, key: Key, by: int, token: str) -> tuple[int, bool]:
+        name, step, marker = kv_key(tenant, key), _by(by), _applied_key(tenant, token)
+        number, fresh = await self._call(
+            lambda: self.redis.eval(_INCR_ONCE, 2, name, marker, step, APPLIED_TTL_MS)
+        )
+        return int(number), bool(fresh)
 
     async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool:
         name, ttl = kv_key(tenant, key), _ttl(ttl_ms)
@@ -253,6 +285,15 @@ class InMemoryKeyValueStore:
         self._store(name, str(result).encode(), expires)
         return result
 
+    async def incr_once(self, tenant: str, key: Key, by: int, token: str) -> tuple[int, bool]:
+        marker = _applied_key(tenant, token)
+        done = self._live(marker)
+        if done is not None:
+            return int(done), False
+        number = await self.incr(tenant, key, by)  # no await inside: atomic in this loop
+        self._store(marker, str(number).encode(), self._clock() + APPLIED_TTL_MS / 1000)
+        return number, True
+
     async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool:
         name, ttl = kv_key(tenant, key), _ttl(ttl_ms)
         assert ttl is not None
@@ -340,10 +381,34 @@ class PostgresKeyValueStore:
         return bool(deleted)
 
     async def incr(self, tenant: str, key: Key, by: int = 1) -> int:
-        raw_key, step = _raw_key(tenant, key), _by(by)
+        number, _ = await self._incr(tenant, key, by, None)
+        return number
 
-        async def run() -> int:
+    async def incr_once(self, tenant: str, key: Key, by: int, token: str) -> tuple[int, bool]:
+        return await self._incr(tenant, key, by, token)
+
+    async def _incr(self, tenant: str, key: Key, by: int, token: str | None) -> tuple[int, bool]:
+        raw_key, step = _raw_key(tenant, key), _by(by)
+        # The token's record is a row of the tenant's beside its keys (a NUL-led name the
+        # record shares with nothing the service writes), in the increment's transaction.
+        marker = None if token is None else b"\x00dbsvc-applied:" + token.encode("ascii")
+
+        async def run() -> tuple[int, bool]:
             async with self._pool.acquire() as conn, conn.transaction():
+                if marker is not None:
+                    # Serialises two appliers of one token: the second waits, then sees it.
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                        f"{tenant}:{token}",
+                    )
+                    done = await conn.fetchval(
+                        f"SELECT value FROM {self._table} WHERE tenant_id = $1 AND key = $2"
+                        f" AND {self._live}",
+                        tenant,
+                        marker,
+                    )
+                    if done is not None:
+                        return int(done), False
                 row = await conn.fetchrow(
                     f"SELECT value, {self._live} AS live, expires_at FROM {self._table}"
                     " WHERE tenant_id = $1 AND key = $2 FOR UPDATE",
@@ -362,19 +427,23 @@ class PostgresKeyValueStore:
                 result = number + step
                 if not _INT64[0] <= result <= _INT64[1]:
                     raise FailedPrecondition(_NOT_INTEGER)
-                await conn.execute(
+                upsert = (
                     f"INSERT INTO {self._table} (tenant_id, key, value, expires_at)"
                     " VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, key) DO UPDATE"
-                    " SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at",
-                    tenant,
-                    raw_key,
-                    str(result).encode(),
-                    expires,
+                    " SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at"
                 )
-                return result
+                await conn.execute(upsert, tenant, raw_key, str(result).encode(), expires)
+                if marker is not None:
+                    await conn.execute(
+                        upsert.replace("$4", f"clock_timestamp() + interval '{APPLIED_TTL_MS} ms'"),
+                        tenant,
+                        marker,
+                        str(result).encode(),
+                    )
+                return result, True
 
-        number: int = await self._call(run)
-        return number
+        done: tuple[int, bool] = await self._call(run)
+        return done
 
     async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool:
         ttl = _ttl(ttl_ms)

@@ -23,7 +23,12 @@ __all__ = ["Metrics", "multiprocess_dir"]
 
 # Live readings that only one worker holds (the primary maintains partitions) or that must not
 # be added up; every other live reading is summed over the live workers.
-_LIVE_MAX = ("dbsvc_partitions", "dbsvc_rollup_lag_seconds")
+_LIVE_MAX = (
+    "dbsvc_partitions",
+    "dbsvc_rollup_lag_seconds",
+    "dbsvc_multidb_outbox_pending",
+    "dbsvc_multidb_outbox_oldest_pending_seconds",
+)
 
 
 def multiprocess_dir() -> str | None:

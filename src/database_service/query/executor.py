@@ -22,7 +22,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -89,6 +90,7 @@ if TYPE_CHECKING:  # the statements package builds on this one's modules
     from database_service.statements.recorder import StatementRecorder
 
 __all__ = [
+    "JOINED_SESSION",
     "Column",
     "Header",
     "OwnSession",
@@ -196,6 +198,12 @@ class OwnSession:
     command: str | None = None
     written: list[str] = field(default_factory=list)
     stateless: bool = False
+
+
+# A transaction of the query core that stores living in this PostgreSQL join instead of opening
+# their own session (set by the multi-store operation around its writes, in its own task only):
+# the vector and graph writes then commit or roll back with the operation's PostgreSQL part.
+JOINED_SESSION: ContextVar[OwnSession | None] = ContextVar("dbsvc_joined_session", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -828,8 +836,15 @@ class QueryExecutor:
         *,
         isolation: Isolation = "read_committed",
         read_only: bool = False,
+        before_commit: Callable[[OwnSession], Awaitable[None]] | None = None,
     ) -> TransactionResult:
-        """Several statements, all or nothing; every one is checked before BEGIN."""
+        """Several statements, all or nothing; every one is checked before BEGIN.
+
+        ``before_commit`` runs the service's own SQL in the transaction after the last statement
+        (the multi-store operation records its outbox entries there and, through
+        ``JOINED_SESSION``, writes the stores that live in this PostgreSQL: they commit with the
+        statements or not at all); it arms the statement limit around each of its round trips,
+        and may run twice when the transaction is retried whole."""
         started = time.perf_counter()
         async with self._audited(principal, ctx, "transaction") as outcome:
             if not statements:
@@ -847,6 +862,7 @@ class QueryExecutor:
             assert tenant is not None
             outcome.kind = max((v.kind for v in verdicts), key=_KIND_ORDER.index)
             readonly = read_only or not principal.has_scope(Scope.WRITE)
+            joined: OwnSession | None = None
             for last in (False, True):
                 results: list[QueryResult] = []
                 try:
@@ -871,12 +887,19 @@ class QueryExecutor:
                                 self._statements.done(
                                     tenant, verdict, sql, params, took_ms, result.row_count
                                 )
+                        if before_commit is not None:
+                            joined = OwnSession(tenant, session.conn, session.watch)
+                            with postgres_errors(ctx.tenant_id):
+                                await before_commit(joined)
                     break
                 except StatementOutdated:
                     # Rolled back whole; every statement runs again, prepared afresh.
                     if last:
                         raise
             if self._caching is not None:
+                if joined is not None:
+                    for relation in joined.written:
+                        await self._caching.written_table(tenant, relation)
                 generation = self._schema_generations.get(tenant.tenant_id, 0)
                 for (sql, params), verdict in zip(statements, verdicts, strict=True):
                     if verdict.kind is not StatementKind.READ:

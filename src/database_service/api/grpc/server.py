@@ -25,12 +25,13 @@ from database_service.api.grpc.analytics import (
 from database_service.api.grpc.calls import tolerant
 from database_service.api.grpc.database_service import DatabaseService
 from database_service.api.grpc.graph_service import GraphService
+from database_service.api.grpc.multidb import MULTIDB_SERVICE, MultiDatabaseService
 from database_service.api.grpc.vectors import VECTOR_SERVICE, VectorServicer
 from database_service.app import Application
 from database_service.supervisor import PortInUse
 from database_service.supervisor.shield import run_to_completion
 from database_service.tls import CertificateFiles, grpc_server_credentials
-from database_service_client._proto import database_service_pb2, graph_pb2, vector_pb2
+from database_service_client._proto import database_service_pb2, graph_pb2, multidb_pb2, vector_pb2
 
 __all__ = ["GrpcServer", "add_servicer"]
 
@@ -112,6 +113,7 @@ class GrpcServer:
         add_servicer(DatabaseService(self.core, default_chunk_bytes=s.grpc_chunk_bytes), server)
         add_servicer(GraphService(self.core), server, graph_pb2, "GraphService")
         add_servicer(VectorServicer(self.core), server, vector_pb2, "VectorService")
+        add_servicer(MultiDatabaseService(self.core), server, multidb_pb2, "MultiDatabase")
         add_analytics_servicer(AnalyticsReportsService(self.core), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -119,6 +121,7 @@ class GrpcServer:
                 SERVICE_NAME,
                 GRAPH_SERVICE_NAME,
                 VECTOR_SERVICE,
+                MULTIDB_SERVICE,
                 ANALYTICS_SERVICE_NAME,
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,

@@ -32,6 +32,7 @@ from database_service.errors import (
 from database_service.postgres.deadlines import Deadlines, SessionWatch
 from database_service.postgres.pools import Connection, TenantConnection, TenantPools, Workload
 from database_service.query.boundary import postgres_errors
+from database_service.query.executor import JOINED_SESSION
 from database_service.stores.graph.model import (
     Edge,
     GraphLimits,
@@ -168,6 +169,24 @@ class PostgresGraphStore:
     async def _writing(
         self, tenant: TenantRecord
     ) -> AsyncIterator[tuple[Connection, SessionWatch, GraphSql]]:
+        joined = JOINED_SESSION.get()
+        if joined is not None and joined.tenant.tenant_id == tenant.tenant_id:
+            # Inside a multi-store operation's transaction: the tables made if need be and the
+            # write done there, committed or rolled back with it (never marked ready here: a
+            # rollback takes the CREATE with it).
+            sql = self._statements(tenant)
+            # Errors as the store's own sessions give them (its callers map 23503 and 42P01).
+            with postgres_errors(tenant.tenant_id):
+                if tenant.tenant_id not in self._ready:
+                    async with joined.watch.statement():
+                        await joined.conn.execute(sql.create)
+                try:
+                    yield joined.conn, joined.watch, sql
+                except QueryError as exc:
+                    if exc.sqlstate == _UNDEFINED_TABLE:
+                        self._ready.discard(tenant.tenant_id)
+                    raise
+            return
         await self._ensure(tenant)
         try:
             async with self._session(tenant, readonly=False, workload="oltp") as (c, w):

@@ -39,7 +39,7 @@ import asyncpg
 from database_service.auth import Principal
 from database_service.errors import FailedPrecondition, InvalidRequest
 from database_service.query import QueryExecutor, TenantContext
-from database_service.query.executor import OwnSession
+from database_service.query.executor import JOINED_SESSION, OwnSession
 from database_service.results import StatementKind
 from database_service.stores.vector.filters import compile_filter
 from database_service.stores.vector.model import (
@@ -164,9 +164,14 @@ class PgVectorStore:
         self, principal: Principal, ctx: TenantContext, action: str, kind: StatementKind
     ) -> AsyncIterator[OwnSession]:
         self._ext()
-        async with self._executor.own_session(
-            principal, ctx, action=f"vector.{action}", kind=kind
-        ) as session:
+        joined = JOINED_SESSION.get()
+        if joined is not None and joined.tenant.tenant_id == ctx.tenant_id and ctx.user_id is None:
+            # Inside a multi-store operation's transaction (its scopes already checked): the
+            # write commits or rolls back with it.
+            own: contextlib.AbstractAsyncContextManager[OwnSession] = contextlib.nullcontext(joined)
+        else:
+            own = self._executor.own_session(principal, ctx, action=f"vector.{action}", kind=kind)
+        async with own as session:
             try:
                 yield session
             except asyncpg.UndefinedTableError:
