@@ -452,7 +452,14 @@ async def test_backfill_brings_older_rows_once_with_a_progress_bar(ch: Applicati
     result = await asyncio.to_thread(
         subprocess.run,
         [str(BIN), "analytics", "backfill", "--tenant", tenant_id],
-        env=cli_env(ch.settings, DBSVC_CLICKHOUSE_ENABLED="true"),
+        # The fixture's retention too: the command's own start applies DBSVC_TS_RETENTION_DAYS
+        # to ClickHouse's ticks as a TTL, and the default would drop the later tests' ticks of
+        # last month (the reports compare them with PostgreSQL).
+        env=cli_env(
+            ch.settings,
+            DBSVC_CLICKHOUSE_ENABLED="true",
+            DBSVC_TS_RETENTION_DAYS=str(ch.settings.ts_retention_days),
+        ),
         capture_output=True,
         text=True,
         timeout=120,
