@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
+from pydantic import SecretStr
 
 from database_service import __version__
 from database_service.analytics.backfill import BackfillReport, backfill
@@ -68,7 +69,7 @@ from database_service.config import Settings
 from database_service.hub import HubAgent
 from database_service.ingest import DeadLetterStore, IngestPipeline, IngestWriter
 from database_service.loops import BackgroundLoops
-from database_service.multidb.outbox import Outbox, OutboxMetrics, StoreAppliers
+from database_service.multidb.outbox import Outbox, OutboxMetrics, StoreAppliers, store_targets
 from database_service.observability import (
     AuditLog,
     HealthReporter,
@@ -120,6 +121,10 @@ log = logging.getLogger(__name__)
 class Endpoints:
     postgres_dsn: str
     nats_url: str | None
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -1012,6 +1017,14 @@ class Application:
                 vectors=self.vectors,
                 graphs=self.graphs,
                 analytics=None if self.analytics is None else self.analytics.analytics,
+                targets=store_targets(
+                    redis_url=_secret(s.redis_url),
+                    # Embedded chDB: this instance's own data; a server: its URL.
+                    clickhouse=_secret(s.clickhouse_url)
+                    or str((s.clickhouse_path or s.data_dir / "clickhouse").resolve()),
+                    weaviate_url=s.weaviate_url,
+                    arangodb_url=_secret(s.arangodb_url),
+                ),
             ),
             metrics=OutboxMetrics(self.metrics),
             max_attempts=s.multidb_outbox_max_attempts,

@@ -221,9 +221,11 @@ async def test_a_tenant_cannot_forge_outbox_entries_for_another_tenant(
             await attacker_conn.execute(sql)
     # The recording function is callable (it is how A's transactions record), but it takes the
     # tenant from the login: the row is A's, whatever the operation says.
+    appliers = core.multidb_outbox.appliers
     entry = await attacker_conn.fetchval(
-        f"SELECT {control}.multidb_record(gen_random_uuid(), 'dragonflydb', 'dragonflydb', $1)",
+        f"SELECT {control}.multidb_record(gen_random_uuid(), 'dragonflydb', 'dragonflydb', $1, $2)",
         op,
+        appliers.target("dragonflydb"),
     )
     owner = await core.owner_pool.fetchval(
         f"SELECT tenant_id FROM {control}.multidb_outbox WHERE id = $1", entry
@@ -235,12 +237,24 @@ async def test_a_tenant_cannot_forge_outbox_entries_for_another_tenant(
     # A forged entry for a store the applier does not write (or garbage) fails; it runs nothing.
     for store, body in (("clickhouse", '{"query": "SELECT 1"}'), ("vector", '{"x": 1}')):
         forged = await attacker_conn.fetchval(
-            f"SELECT {control}.multidb_record(gen_random_uuid(), $1, $1, $2)", store, body
+            f"SELECT {control}.multidb_record(gen_random_uuid(), $1, $1, $2, $3)",
+            store,
+            body,
+            appliers.target(store),
         )
         assert (await core.multidb_outbox.apply(forged)).status == "failed"
+    # An entry marked for another instance of a store (another Redis) is not this applier's to
+    # apply: it stays pending, for an instance configured alike.
+    elsewhere = await attacker_conn.fetchval(
+        f"SELECT {control}.multidb_record(gen_random_uuid(), 'dragonflydb', 'dragonflydb', $1,"
+        " 'redis:0000000000000000')",
+        op,
+    )
+    assert (await core.multidb_outbox.apply(elsewhere)).status == "pending"
     # Through the service, the guard keeps the function out of tenant SQL altogether.
     response = await tenants.attack(
-        http, f"SELECT {control}.multidb_record(gen_random_uuid(), 'dragonflydb', 'x', '{{}}')"
+        http,
+        f"SELECT {control}.multidb_record(gen_random_uuid(), 'dragonflydb', 'x', '{{}}', '')",
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "sql_rejected"

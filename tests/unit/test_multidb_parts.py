@@ -117,3 +117,39 @@ def test_an_outbox_entry_for_a_store_the_applier_does_not_write_is_refused() -> 
     for store in ("postgresql", "clickhouse", "mongodb"):
         with pytest.raises(InvalidRequest):
             outbox_operation(store, {"query": "SELECT 1"})
+
+
+def test_store_targets_name_where_each_store_is_without_its_secrets() -> None:
+    from database_service.multidb.outbox import store_targets
+
+    one = store_targets(
+        redis_url="redis://:s3cret@cache.internal:6379/0",
+        clickhouse="/srv/dbsvc/clickhouse",
+        weaviate_url=None,
+        arangodb_url=None,
+    )
+    assert one["vector"] == "pgvector" and one["graph"] == "postgresql"
+    assert one["dragonflydb"].startswith("redis:") and "s3cret" not in repr(one)
+    # Another password for the same Redis is the same Redis; another host is another.
+    same = store_targets(
+        redis_url="redis://:other@cache.internal:6379/0",
+        clickhouse="/srv/dbsvc/clickhouse",
+        weaviate_url=None,
+        arangodb_url=None,
+    )
+    assert same == one
+    other = store_targets(
+        redis_url="redis://cache2.internal:6379/0",
+        clickhouse="/elsewhere/clickhouse",
+        weaviate_url="http://weaviate:8080",
+        arangodb_url=None,
+    )
+    assert other["dragonflydb"] != one["dragonflydb"]
+    assert other["clickhouse"] != one["clickhouse"]
+    assert other["vector"].startswith("weaviate:")
+    assert (
+        store_targets(redis_url=None, clickhouse=None, weaviate_url=None, arangodb_url=None)[
+            "dragonflydb"
+        ]
+        == "embedded"
+    )

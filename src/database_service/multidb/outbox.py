@@ -29,6 +29,7 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -159,6 +161,39 @@ class _Gauges:
         yield oldest
 
 
+# The stores an entry can be for (control migration 0016's CHECK).
+OUTBOX_STORES = ("dragonflydb", "clickhouse", "vector", "graph")
+
+
+def store_targets(
+    *,
+    redis_url: str | None,
+    clickhouse: str | None,
+    weaviate_url: str | None,
+    arangodb_url: str | None,
+) -> dict[str, str]:
+    """Which instance of each store a process writes to, as a short digest of where it is (no
+    secret goes in: a URL's user and password are left out). Processes of one deployment are
+    configured alike and share every value; one configured otherwise (another Redis, its own
+    embedded chDB) gets other values and never applies an entry to the wrong store."""
+
+    def digest(kind: str, where: str | None) -> str:
+        if where is None:
+            return kind
+        parts = urlsplit(where)
+        place = (
+            f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}" if parts.scheme else where
+        )
+        return f"{kind}:{hashlib.sha256(place.encode()).hexdigest()[:16]}"
+
+    return {
+        "dragonflydb": digest("redis", redis_url) if redis_url else "embedded",
+        "clickhouse": digest("clickhouse", clickhouse),
+        "vector": digest("weaviate", weaviate_url) if weaviate_url else "pgvector",
+        "graph": digest("arangodb", arangodb_url) if arangodb_url else "postgresql",
+    }
+
+
 class StoreAppliers:
     """How an entry reaches its store, by store name; each call runs in the entry's tenant's
     namespace under the applier's identity for that tenant. The vector and graph entries go
@@ -166,12 +201,28 @@ class StoreAppliers:
     ArangoDB) plugs in there."""
 
     def __init__(
-        self, *, key_values: Any, vectors: Any, graphs: Any, analytics: Any = None
+        self,
+        *,
+        key_values: Any,
+        vectors: Any,
+        graphs: Any,
+        analytics: Any = None,
+        targets: Mapping[str, str] | None = None,
     ) -> None:
         self.key_values = key_values  # cache.KeyValueStore
         self.vectors = vectors  # application.vectors.VectorOps
         self.graphs = graphs  # application.graphs.Graphs
         self.analytics = analytics  # analytics.service.Analytics, when ClickHouse is configured
+        # Per store, which instance of it this process writes to (``store_targets``): entries
+        # are recorded with it and applied only by processes with the same.
+        self.targets: dict[str, str] = dict(targets or {})
+
+    def target(self, store: str) -> str:
+        return self.targets.get(store, "")
+
+    def accepted(self) -> list[str]:
+        """``store:target`` of every store, as entries this process may apply are marked."""
+        return [f"{store}:{self.target(store)}" for store in OUTBOX_STORES]
 
     async def apply(
         self,
@@ -284,7 +335,7 @@ class Outbox:
     ) -> None:
         control = quote_ident(control_schema)
         self._table = f"{control}.multidb_outbox"
-        self._record_sql = f"SELECT {control}.multidb_record($1::uuid, $2, $3, $4::jsonb)"
+        self._record_sql = f"SELECT {control}.multidb_record($1::uuid, $2, $3, $4::jsonb, $5)"
         self._pool = pool
         self.appliers = appliers
         self.metrics = metrics
@@ -317,7 +368,12 @@ class Outbox:
         for store, part, op in entries:
             async with session.watch.statement():
                 entry = await session.conn.fetchval(
-                    self._record_sql, operation_id, store, part, orjson.dumps(op).decode()
+                    self._record_sql,
+                    operation_id,
+                    store,
+                    part,
+                    orjson.dumps(op).decode(),
+                    self.appliers.target(store),
                 )
             ids.append(int(entry))
         return ids
@@ -339,8 +395,10 @@ class Outbox:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"SELECT id, tenant_id, store, op, attempts, created_at FROM {self._table}"
-                " WHERE id = $1 AND status = 'pending' FOR UPDATE SKIP LOCKED",
+                " WHERE id = $1 AND status = 'pending' AND store || ':' || target = ANY($2)"
+                " FOR UPDATE SKIP LOCKED",
                 entry_id,
+                self.appliers.accepted(),
             )
             if row is None:
                 return await self._current(conn, entry_id)
@@ -442,8 +500,10 @@ class Outbox:
             int(r["id"])
             for r in await self._pool.fetch(
                 f"SELECT id FROM {self._table} WHERE status = 'pending'"
-                " AND next_attempt_at <= clock_timestamp() ORDER BY id LIMIT $1",
+                " AND next_attempt_at <= clock_timestamp()"
+                " AND store || ':' || target = ANY($2) ORDER BY id LIMIT $1",
                 self._batch,
+                self.appliers.accepted(),
             )
         ]
         done = 0

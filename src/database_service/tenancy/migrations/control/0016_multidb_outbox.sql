@@ -18,6 +18,10 @@ CREATE TABLE {{control}}.multidb_outbox (
     operation_id    uuid NOT NULL,       -- the execute_multi_db_operation call it belongs to
     store           text NOT NULL CHECK (store IN ('dragonflydb', 'clickhouse', 'vector', 'graph')),
     part            text NOT NULL,       -- the part's name in the call (dragonflydb, weaviate...)
+    -- Which store instance the recording instance writes that store to (a digest of its
+    -- configuration: the Redis, ClickHouse or Weaviate it has): only an instance configured
+    -- alike applies the entry, so one with another configuration can never apply it elsewhere.
+    target          text NOT NULL DEFAULT '',
     op              jsonb NOT NULL,      -- the operation, re-validated by the applier
     status          text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'applied', 'failed')),
     attempts        integer NOT NULL DEFAULT 0,
@@ -34,7 +38,8 @@ CREATE INDEX multidb_outbox_operation ON {{control}}.multidb_outbox (operation_i
 REVOKE ALL ON {{control}}.multidb_outbox FROM PUBLIC;
 REVOKE ALL ON SEQUENCE {{control}}.multidb_outbox_id_seq FROM PUBLIC;
 
-CREATE FUNCTION {{control}}.multidb_record(p_operation uuid, p_store text, p_part text, p_op jsonb)
+CREATE FUNCTION {{control}}.multidb_record(
+    p_operation uuid, p_store text, p_part text, p_op jsonb, p_target text)
     RETURNS bigint
     LANGUAGE plpgsql VOLATILE SECURITY DEFINER PARALLEL UNSAFE
     SET search_path = pg_catalog
@@ -52,11 +57,12 @@ BEGIN
     -- The request that records an entry applies it right after its commit; the background
     -- applier leaves it to that request for a few seconds (then it is a leftover: a crash).
     INSERT INTO {{control}}.multidb_outbox
-        (tenant_id, operation_id, store, part, op, next_attempt_at)
-    VALUES (company, p_operation, p_store, p_part, p_op, clock_timestamp() + interval '5 seconds')
+        (tenant_id, operation_id, store, part, op, target, next_attempt_at)
+    VALUES (company, p_operation, p_store, p_part, p_op, coalesce(p_target, ''),
+            clock_timestamp() + interval '5 seconds')
     RETURNING id INTO entry;
     RETURN entry;
 END
 $$;
-REVOKE ALL ON FUNCTION {{control}}.multidb_record(uuid, text, text, jsonb) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION {{control}}.multidb_record(uuid, text, text, jsonb) TO {{group}};
+REVOKE ALL ON FUNCTION {{control}}.multidb_record(uuid, text, text, jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION {{control}}.multidb_record(uuid, text, text, jsonb, text) TO {{group}};
