@@ -206,6 +206,12 @@ class PortFigures:
             "dbsvc_pgwire_logins", "Login attempts on the port, by outcome.", ["outcome"],
             registry=registry,  # type: ignore[arg-type]
         )  # fmt: skip
+        self.idle_ended = Counter(
+            "dbsvc_pgwire_idle_in_transaction_ended",
+            "Clients the port ended for holding a transaction open without a message for"
+            " longer than the tenants' transaction limit.",
+            registry=registry,  # type: ignore[arg-type]
+        )  # fmt: skip
         self.cancels = Counter(
             "dbsvc_pgwire_cancel_requests",
             "CancelRequests: served here (local), passed to the worker that holds the client"
@@ -262,6 +268,7 @@ class PgWireServer:
         max_per_tenant: int | None = None,
         worker: int = 0,
         cancel_dir: Path | None = None,
+        idle_transaction_seconds: float | None = None,
     ) -> None:
         if not 0 <= worker < _MAX_WORKERS:
             raise ValueError(f"worker index {worker} out of 0..{_MAX_WORKERS - 1}")
@@ -281,6 +288,12 @@ class PgWireServer:
         # global cap, this worker's share of it), as the other front ends' connections do;
         # each login's pool is as large as a tenant's OLTP pool.
         self.acquire_timeout = s.pool_acquire_timeout_seconds
+        # A client silent inside a transaction holds a server connection others could use:
+        # past the tenants' transaction limit the port ends it (25P03), as PostgreSQL's
+        # idle_in_transaction_session_timeout would (the role's own is twice as long).
+        self.idle_transaction_seconds = (
+            idle_transaction_seconds or s.tenant_transaction_timeout_ms / 1000
+        )
         self.pools = ServerPools(
             self.address,
             max_per_tenant=max_per_tenant or s.pool_max_per_tenant,
@@ -511,7 +524,10 @@ class ClientSession:
                 await self._admin_session()
                 return
             while True:
-                kind, payload = await self._read()
+                if self.server is None:
+                    kind, payload = await self._read()
+                else:
+                    kind, payload = await self._read_in_transaction()
                 if kind == b"X":
                     return
                 await self._message(kind, payload)
@@ -523,6 +539,27 @@ class ClientSession:
             await self._fatal(exc.sqlstate, str(exc))
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+
+    async def _read_in_transaction(self) -> tuple[bytes, bytes]:
+        """The next message while this client holds a server connection: silence past the
+        port's idle-in-transaction limit ends the session (25P03); ``cleanup`` then hands the
+        connection back, rolled back by its pool."""
+        limit = self.port.idle_transaction_seconds
+        try:
+            async with asyncio.timeout(limit):
+                return await self._read()
+        except TimeoutError:
+            pass
+        self.port.figures.idle_ended.inc()
+        self._event("error", "idle_in_transaction_timeout", None, f"idle for {limit:g} s")
+        await self._audit()
+        await self._fatal(
+            "25P03",
+            f"terminating connection due to idle-in-transaction timeout ({limit:g} s): the"
+            " transaction was rolled back",
+            "idle_in_transaction_timeout",
+        )
+        raise _ClientGone
 
     async def _admin_session(self) -> None:
         """The admin database: SHOW POOLS / CLIENTS / SERVERS / STATS, rows filtered to the
