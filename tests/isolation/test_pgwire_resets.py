@@ -262,3 +262,34 @@ async def test_reset_statements_work_through_the_extended_protocol(login: PortLo
     import asyncio
 
     assert await asyncio.to_thread(run) == ["DISCARD ALL", [("",)], ("",)]
+
+
+async def test_discard_all_in_a_psycopg_transaction_fails_as_in_postgresql(
+    login: PortLogin,
+) -> None:
+    """psycopg's default (not autocommit) opens a transaction first: DISCARD ALL then fails
+    with 25001 through the extended protocol, and the transaction with it."""
+    import asyncio
+
+    import psycopg
+
+    def run() -> tuple[str | None, str | None]:
+        first: str | None = None
+        with psycopg.connect(login.dsn) as conn:
+            conn.execute("INSERT INTO reset_probe VALUES (4)")
+            try:
+                conn.execute("DISCARD ALL")
+            except psycopg.Error as exc:
+                first = exc.sqlstate
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                return first, exc.sqlstate
+            return first, None
+
+    assert await asyncio.to_thread(run) == ("25001", "25P02")
+    conn = await asyncpg.connect(login.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM reset_probe") == 1
+    finally:
+        await conn.close()

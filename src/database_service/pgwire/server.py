@@ -945,10 +945,10 @@ class ClientSession:
                 out += await self._roll_back_now()
                 continue
             if self.aborted:
-                return bytes(out + self._refused(_ABORTED))
+                return self._reset_failed(out, _ABORTED, extended)
             in_block = self.server is not None
             if in_block and self.expect and kind == "close_all":
-                return bytes(out + self._refused(_MID_BATCH))
+                return self._reset_failed(out, _MID_BATCH, extended)
             if kind == "unlock_all":
                 # The port refuses every advisory lock: this session holds none to release.
                 out += (
@@ -963,14 +963,21 @@ class ClientSession:
                     return bytes(out + error)
             elif kind in ("reset_all", "DISCARD ALL"):
                 if in_block and kind == "DISCARD ALL":
-                    return bytes(out + self._refused(_DISCARD_IN_BLOCK))
+                    return self._reset_failed(out, _DISCARD_IN_BLOCK, extended)
                 if in_block:
-                    return bytes(out + self._refused(_RESET_IN_BLOCK))
+                    return self._reset_failed(out, _RESET_IN_BLOCK, extended)
                 out += self._reset_settings()
                 if kind == "DISCARD ALL":
                     self._forget_statements()
             out += codec.message(b"C", codec.cstring(_RESET_TAGS.get(kind, kind)))
         return bytes(out)
+
+    def _reset_failed(self, out: bytearray, refusal: _Refused, extended: bool) -> bytes:
+        """The batch's answers so far and its error; run by Execute, the error is raised so
+        that the messages up to the Sync are skipped, as after any error there."""
+        if extended:
+            raise _Refusal(*refusal)
+        return bytes(out + self._refused(refusal))
 
     async def _roll_back_now(self) -> bytes:
         """The ROLLBACK asyncpg puts before its reset when it releases a connection inside a
