@@ -952,10 +952,14 @@ class Application:
         # The PostgreSQL wire ports of this process register their admin view here when they
         # start (pgwire/server.py), for the REST admin view.
         self.pgwire_views: list[Callable[[Callable[[str], bool]], dict[str, object]]] = []
+        # With several workers: the other workers' views, from their snapshots (each a
+        # document as ``pgwire_views`` return them, unfiltered; workers/runtime.py).
+        self.pgwire_peers: list[Callable[[], list[dict[str, Any]]]] = []
         self._multidb()
         self.observability = Observability(
             self.access,
             pgwire_views=self.pgwire_views,
+            pgwire_peers=self.pgwire_peers,
             health=self.health,
             window=self.window,
             pools=self.pools,

@@ -24,7 +24,9 @@ import pytest
 from database_service.app import Application
 from database_service.auth import Scope
 from database_service.config import Settings
+from database_service.pgwire.admin import ADMIN_DATABASE
 from database_service.supervisor import free_port
+from tests.fix_pgwire import PortLogin, RawClient
 from tests.fix_service import ADMIN_TOKEN, cli_env
 
 BIN = Path(sys.executable).parent / "database-service"
@@ -118,3 +120,67 @@ async def test_every_cancel_reaches_its_backend_whichever_worker_receives_it(
             await conn.close()
     assert cancels(served, "forwarded") >= 1
     assert cancels(served, "local") >= CANCELS
+
+
+@pytest.fixture(scope="module")
+async def wire_admin(core: Application, wire_login: tuple[str, str, str]) -> tuple[str, str]:
+    """A service with the admin scope over the same tenant, for the admin database."""
+    service = f"pgw-admin-{secrets.token_hex(3)}"
+    _, secret = await core.services.register(
+        service, tenants=[wire_login[0]], scopes=[Scope.READ, Scope.ADMIN]
+    )
+    assert secret is not None
+    return service, secret
+
+
+async def test_the_admin_view_shows_every_workers_clients(
+    served: Served, wire_login: tuple[str, str, str], wire_admin: tuple[str, str]
+) -> None:
+    """Eight clients, spread over both workers by the kernel (all on one: 1 in 128): the REST
+    view and SHOW CLIENTS on ``dbsvc-admin``, whichever worker answers, list all eight, each
+    row naming its worker; pools are listed per worker too."""
+    tenant, service, _ = wire_login
+    clients = [await asyncpg.connect(served.dsn) for _ in range(8)]
+    try:
+        for conn in clients:
+            assert await conn.fetchval("SELECT 1") == 1
+        await asyncio.sleep(2.5)  # each worker's snapshot is rewritten every second
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with httpx.AsyncClient(base_url=served.base, headers=headers, timeout=10) as http:
+            for _ in range(4):  # several requests: either worker may answer each
+                response = await http.get("/api/v1/admin/pgwire")
+                assert response.status_code == 200, response.text
+                document = response.json()
+                mine = [row for row in document["clients"] if row["user"] == service]
+                assert len(mine) == 8, document["clients"]
+                assert {row["worker"] for row in mine} == {0, 1}
+                pools = [row for row in document["pools"] if row["database"] == tenant]
+                assert {row["worker"] for row in pools} == {0, 1}
+        admin_name, admin_secret = wire_admin
+        port = int(served.dsn.rsplit(":", 1)[1].split("/", 1)[0])
+        for _ in range(3):  # new connections: either worker may answer each
+            raw = RawClient(*await asyncio.open_connection("127.0.0.1", port))
+            try:
+                login = PortLogin("127.0.0.1", port, admin_name, admin_secret, ADMIN_DATABASE)
+                assert (await raw.login(login))[-1][:1] == b"Z"
+                answer = await raw.query("SHOW CLIENTS")
+            finally:
+                raw.close()
+            assert answer[0][0] == b"T" and b"worker\x00" in answer[0][1]
+            rows = [values(payload) for kind, payload in answer if kind == b"D"]
+            mine = [row for row in rows if row[1] == service.encode()]
+            assert len(mine) == 8 and {row[-1] for row in mine} == {b"0", b"1"}, rows
+    finally:
+        for conn in clients:
+            await conn.close()
+
+
+def values(payload: bytes) -> list[bytes]:
+    """A DataRow's values (NULL as b"")."""
+    count, offset, out = int.from_bytes(payload[:2]), 2, []
+    for _ in range(count):
+        length = int.from_bytes(payload[offset : offset + 4], signed=True)
+        offset += 4
+        out.append(b"" if length < 0 else payload[offset : offset + length])
+        offset += max(length, 0)
+    return out

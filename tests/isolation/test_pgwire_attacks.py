@@ -83,7 +83,6 @@ async def test_a_service_without_a_scram_verifier_is_refused_clearly(
     "sql",
     [
         "SET ROLE postgres",
-        "RESET ALL",
         "SET default_transaction_read_only = off",
         "SELECT * FROM pg_catalog.pg_authid",
         "SELECT query FROM pg_stat_activity",

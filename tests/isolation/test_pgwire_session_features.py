@@ -1,7 +1,8 @@
 """Session-only features through the PostgreSQL wire port, which pools transactions: each
 is refused with SQLSTATE 0A000 (feature_not_supported) and the stable code sql_rejected, and
 the connection goes on; advisory locks stay refused by the SQL guard (42501) as on every front
-end. The README's table lists the same."""
+end. The README's table lists the same. A pooled driver's reset statements (RESET ALL, DISCARD,
+UNLISTEN, CLOSE ALL, pg_advisory_unlock_all()) are answered by the port: test_pgwire_resets.py."""
 
 from __future__ import annotations
 
@@ -15,16 +16,12 @@ pytestmark = pytest.mark.usefixtures("unchanged_victim")
 
 SESSION_ONLY = {
     "listen": "LISTEN dbsvc_events",
-    "unlisten": "UNLISTEN *",
     "with hold cursor": "DECLARE held CURSOR WITH HOLD FOR SELECT 1",
     "temporary table": "CREATE TEMP TABLE scratch (x int)",
     "temporary table as": "CREATE TEMPORARY TABLE scratch AS SELECT 1 AS x",
     "temporary view": "CREATE TEMP VIEW scratch AS SELECT 1 AS x",
     "temporary sequence": "CREATE TEMP SEQUENCE scratch",
     "select into temp": "SELECT 1 AS x INTO TEMP scratch",
-    "discard all": "DISCARD ALL",
-    "discard temp": "DISCARD TEMP",
-    "reset all": "RESET ALL",
     "prepare": "PREPARE p AS SELECT 1",
     "execute": "EXECUTE p",
 }
@@ -62,7 +59,6 @@ async def test_session_only_features_are_refused_clearly(
         "SELECT pg_advisory_lock(1)",
         "SELECT pg_try_advisory_lock(1)",
         "SELECT pg_advisory_lock_shared(1)",
-        "SELECT pg_advisory_unlock_all()",
         "SELECT pg_advisory_xact_lock(1)",
         "NOTIFY dbsvc_events",
         "SELECT pg_notify('dbsvc_events', 'x')",

@@ -145,8 +145,6 @@ async def test_the_user_id_cannot_change_inside_a_transaction(login: PortLogin) 
         "SELECT 1; SET dbsvc.user_id = 'u2'",
         "SET dbsvc.user_id = 'u2'; SELECT 1",
         "SET application_name = 'x'; SET dbsvc.user_id = 'u2'",
-        "RESET ALL",
-        "DISCARD ALL",
         "SELECT dbsvc_control.enter_user('u2', '\\x00'::bytea)",
     ],
 )
@@ -157,6 +155,25 @@ async def test_every_other_spelling_is_refused(login: PortLogin, sql: str) -> No
             await conn.execute(sql)
         assert info.value.sqlstate in ("42501", "42601", "0A000"), info.value
         assert await symbols(conn) == U1  # the user id is still the port's
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("sql", ["RESET ALL", "DISCARD ALL", "RESET ALL; DISCARD ALL"])
+async def test_reset_all_returns_to_the_startup_user_id_never_to_none(
+    login: PortLogin, sql: str
+) -> None:
+    """RESET ALL / DISCARD ALL undo a ``SET dbsvc.user_id`` and keep the startup packet's, as
+    PostgreSQL's RESET ALL returns to the session defaults: never to the company's rows.
+    (No statement cache: DISCARD ALL forgets named statements, as PostgreSQL's does.)"""
+    conn = await asyncpg.connect(
+        login.dsn, server_settings={"dbsvc.user_id": "u1"}, statement_cache_size=0
+    )
+    try:
+        await conn.execute("SET dbsvc.user_id = 'u2'")
+        assert await symbols(conn) == U2
+        await conn.execute(sql)
+        assert await symbols(conn) == U1
     finally:
         await conn.close()
 

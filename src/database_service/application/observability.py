@@ -43,9 +43,11 @@ class Observability:
         control_schema: str,
         registry: TenantRegistry,
         pgwire_views: list[Callable[[Callable[[str], bool]], dict[str, object]]] | None = None,
+        pgwire_peers: list[Callable[[], list[dict[str, Any]]]] | None = None,
     ) -> None:
         self._access = access
         self._pgwire_views = pgwire_views if pgwire_views is not None else []
+        self._pgwire_peers = pgwire_peers if pgwire_peers is not None else []
         self._health = health
         self._window = window
         self._pools = pools
@@ -111,7 +113,8 @@ class Observability:
     async def pgwire(self, principal: Principal, tenant_id: str | None) -> dict[str, Any]:
         """The PostgreSQL wire port's admin view (pools, clients, servers, stats), like
         PgBouncer's SHOW: of one tenant (admin over it), or of every tenant (the platform
-        administrator). This process's ports only (each worker has its own)."""
+        administrator). With several workers, every worker's rows (the others' from their last
+        snapshots, about a second old), each naming its ``worker``."""
         if tenant_id is None:
             await self._access.require_platform(principal, "pgwire.show")
             only: str | None = None
@@ -126,6 +129,13 @@ class Observability:
         for view in self._pgwire_views:
             for kind, rows in view(visible).items():
                 document.setdefault(kind, []).extend(rows if isinstance(rows, list) else [])
+        for peer in (view for source in self._pgwire_peers for view in source()):
+            document["enabled"] = True
+            for kind, rows in peer.items():
+                if isinstance(rows, list):
+                    document.setdefault(kind, []).extend(
+                        r for r in rows if isinstance(r, dict) and visible(_tenant_of(r))
+                    )
         return document
 
     async def audit_events(
@@ -146,3 +156,9 @@ class Observability:
             limit,
         )
         return [{k: encode_value(v) for k, v in r.items()} for r in rows]
+
+
+def _tenant_of(row: dict[str, Any]) -> str:
+    """The tenant a row of the wire port's admin view is about (pool figures name it
+    ``tenant_id``, the SHOW rows ``database``)."""
+    return str(row.get("database") or row.get("tenant_id") or "")

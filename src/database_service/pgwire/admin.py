@@ -5,21 +5,23 @@ tenant can have: tenant ids have no hyphen) with a service that holds the ``admi
 gets a session that answers only those four statements (simple protocol), as text rows. A
 platform admin (tenants ``*``) sees every tenant, a tenant admin only its own tenants'
 rows. Nothing here reaches PostgreSQL: the figures are the port's own.
+With several workers each answers with every worker's rows: its own, and the others' from
+their last snapshots (``peers``, about a second old); the last column names the worker.
 """
 
 from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from database_service.pgwire import codec
 
 if TYPE_CHECKING:
     from database_service.pgwire.server import PgWireServer
 
-__all__ = ["ADMIN_DATABASE", "SHOW_KINDS", "answer", "show"]
+__all__ = ["ADMIN_DATABASE", "SHOW_KINDS", "answer", "peer_rows", "show", "tenant_of"]
 
 ADMIN_DATABASE = "dbsvc-admin"
 SHOW_KINDS = ("pools", "clients", "servers", "stats")
@@ -29,8 +31,31 @@ _TEXT_OID = 25
 Table = tuple[list[str], list[list[object]]]
 
 
+def tenant_of(row: Mapping[str, Any]) -> str:
+    """The tenant a row of the view (as a document) is about."""
+    return str(row.get("database") or row.get("tenant_id") or "")
+
+
+def peer_rows(
+    peers: Iterable[Mapping[str, Any]], kind: str, visible: Callable[[str], bool]
+) -> list[dict[str, Any]]:
+    """The other workers' rows of one view (their snapshots' documents), filtered by tenant."""
+    rows: list[dict[str, Any]] = []
+    for document in peers:
+        found = document.get(kind)
+        if isinstance(found, list):
+            rows.extend(r for r in found if isinstance(r, dict) and visible(tenant_of(r)))
+    return rows
+
+
 def show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Table:
-    """(columns, rows) of one view; ``visible(tenant_id)`` filters the rows by tenant."""
+    """(columns, rows) of one view of this worker; ``visible(tenant_id)`` filters the rows by
+    tenant. The last column is the worker's index."""
+    columns, rows = _show(port, kind, visible)
+    return [*columns, "worker"], [[*row, port.worker] for row in rows]
+
+
+def _show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Table:
     if kind == "pools":
         clients: dict[int, int] = {}
         for session in port.sessions.values():
@@ -87,9 +112,14 @@ def show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Table
     raise KeyError(kind)
 
 
-def answer(port: PgWireServer, sql: str, visible: Callable[[str], bool]) -> bytes:
-    """The admin session's answer to one Query: the view's rows, or an error (no
-    ReadyForQuery)."""
+def answer(
+    port: PgWireServer,
+    sql: str,
+    visible: Callable[[str], bool],
+    peers: Iterable[Mapping[str, Any]] = (),
+) -> bytes:
+    """The admin session's answer to one Query: the view's rows (this worker's, then the
+    other workers' from ``peers``), or an error (no ReadyForQuery)."""
     match = _SHOW.match(sql)
     kind = match.group(1).lower() if match else ""
     if kind not in SHOW_KINDS:
@@ -102,6 +132,8 @@ def answer(port: PgWireServer, sql: str, visible: Callable[[str], bool]) -> byte
     out = bytearray(row_description(columns))
     for row in rows:
         out += data_row(row)
+    for document in peer_rows(peers, kind, visible):
+        out += data_row([document.get(column) for column in columns])
     out += codec.message(b"C", codec.cstring("SHOW"))
     return bytes(out)
 

@@ -26,7 +26,14 @@ from database_service.errors import DatabaseServiceError
 from database_service.results import StatementKind
 from database_service.sqlguard import Classification, SqlGuard
 
-__all__ = ["TRACKED_SETTINGS", "USER_ID_SETTING", "Decision", "StatementPolicy", "valid_user_id"]
+__all__ = [
+    "TRACKED_SETTINGS",
+    "USER_ID_SETTING",
+    "Decision",
+    "StatementPolicy",
+    "reset_batch",
+    "valid_user_id",
+]
 
 # The user id behind user-level row security, as a client names it (SET, startup option).
 USER_ID_SETTING = "dbsvc.user_id"
@@ -79,6 +86,7 @@ class Decision:
     refused: tuple[str, str, str] | None = None
     name: str | None = None  # DEALLOCATE's statement (None: ALL); the user id for "user_id"
     verdict: Classification | None = None  # the guard's, for the statement figures
+    resets: tuple[str, ...] = ()  # control "reset": the batch's statements (see reset_batch)
 
 
 @functools.lru_cache(maxsize=2048)
@@ -108,6 +116,48 @@ def _session_statement(sql: str) -> tuple[str, Any] | None:
 
 
 _CURSOR_OPT_HOLD = 0x20  # PostgreSQL's CURSOR_OPT_HOLD
+# What a pooled driver sends when a connection goes back to *its* pool (asyncpg's reset query,
+# PgBouncer's server_reset_query, SQLAlchemy/psycopg pools' DISCARD ALL / RESET ALL). The port
+# answers these itself (server.py ``_reset``): none is ever sent to a server connection other
+# clients share. The advisory-unlock call is recognised only in exactly this form (its text as
+# pglast prints it back): any other target, clause or alias makes it an ordinary statement.
+_UNLOCK_ALL = frozenset(
+    {"SELECT pg_advisory_unlock_all()", "SELECT pg_catalog.pg_advisory_unlock_all()"}
+)
+_DISCARD_TAGS = {0: "DISCARD ALL", 1: "DISCARD PLANS", 2: "DISCARD SEQUENCES", 3: "DISCARD TEMP"}
+
+
+def _reset_kind(stmt: Any) -> str | None:
+    """One statement of a driver's reset: its kind, or None for any other statement."""
+    name = type(stmt).__name__
+    if name == "VariableSetStmt" and stmt.kind == VariableSetKind.VAR_RESET_ALL:
+        return "reset_all"
+    if name == "DiscardStmt":
+        return _DISCARD_TAGS.get(int(stmt.target))
+    if name == "UnlistenStmt":
+        return "unlisten"  # the port never lets a client LISTEN: nothing to stop
+    if name == "ClosePortalStmt" and stmt.portalname is None:
+        return "close_all"
+    if name == "SelectStmt" and RawStream()(stmt) in _UNLOCK_ALL:
+        return "unlock_all"
+    if name == "TransactionStmt" and stmt.kind == TransactionStmtKind.TRANS_STMT_ROLLBACK:
+        return "rollback"  # asyncpg puts one first when it releases a connection mid-transaction
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def reset_batch(sql: str) -> tuple[str, ...] | None:
+    """The kinds of a Query made only of reset statements (one or several: asyncpg sends its
+    four as one Query; a ROLLBACK may only come first), or None: then the text is an ordinary
+    statement, and several statements in one Query stay refused by the guard as a whole."""
+    try:
+        tree = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return None
+    kinds = tuple(_reset_kind(raw.stmt) for raw in tree)
+    if not kinds or None in kinds or "rollback" in kinds[1:] or kinds == ("rollback",):
+        return None
+    return kinds  # type: ignore[return-value]
 
 
 def _session_only(name: str, stmt: Any) -> str | None:
@@ -154,6 +204,11 @@ class StatementPolicy:
                 sql, own_schema=own_schema, shared_schemas=self._shared
             )
         except DatabaseServiceError as exc:
+            # Only what the guard refused can be a driver's reset: an accepted statement never
+            # pays for the check.
+            resets = reset_batch(sql) if exc.sqlstate == "42501" else None
+            if resets is not None:
+                return Decision(control="reset", resets=resets)
             special = _session_statement(sql) if exc.sqlstate == "42501" else None
             if special is None:
                 return Decision(refused=(exc.sqlstate or "42501", exc.message, exc.error_code))

@@ -14,13 +14,36 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from database_service.errors import ResourceExhausted
 from database_service.pgwire.backend import BackendError, PgAddress, ServerConnection
 from database_service.postgres import TenantLogin
 
-__all__ = ["PoolFigures", "ServerPool", "ServerPools"]
+__all__ = ["ConnectionBudget", "PoolFigures", "ServerPool", "ServerPools"]
 
 log = logging.getLogger(__name__)
+
+
+class ConnectionBudget(Protocol):
+    """The service's cap on PostgreSQL connections (``TenantPools``): every server connection
+    the port opens takes a slot first and gives it back when it closes, so the port and the
+    other front ends together never exceed ``DBSVC_POOL_GLOBAL_MAX`` (this worker's share)."""
+
+    async def take_slot(self, tenant_id: str, timeout: float | None = None) -> None: ...
+
+    def give_slot(self) -> None: ...
+
+
+class _Unbounded:
+    async def take_slot(self, tenant_id: str, timeout: float | None = None) -> None:
+        return None
+
+    def give_slot(self) -> None:
+        return None
+
+
+_EXHAUSTED = "53300"
 
 
 @dataclass(slots=True)
@@ -42,6 +65,8 @@ class ServerPool:
     login: TenantLogin
     max_size: int
     settings: dict[str, str]
+    budget: ConnectionBudget = field(default_factory=_Unbounded)
+    acquire_timeout: float = 10.0  # for a waiter that opens a connection itself
     idle: deque[ServerConnection] = field(default_factory=deque)
     open: int = 0
     waiters: deque[asyncio.Future[ServerConnection]] = field(default_factory=deque)
@@ -64,9 +89,7 @@ class ServerPool:
         if self.open < self.max_size:
             self.open += 1
             try:
-                conn = await ServerConnection.connect(
-                    self.address, self.login.role, self.login.password, self.settings
-                )
+                conn = await self._connect(timeout)
             except BaseException:
                 self.open -= 1
                 self._wake()
@@ -83,7 +106,11 @@ class ServerPool:
         except TimeoutError:
             raise BackendError(
                 f"tenant {self.login.tenant_id!r}: no server connection free within {timeout:g} s",
-                {"C": "53300", "M": "no server connection free; retry later"},
+                {
+                    "C": _EXHAUSTED,
+                    "M": f"no server connection free within {timeout:g} s (pool of"
+                    f" {self.max_size}); retry later",
+                },
             ) from None
         finally:
             self.wait_seconds += time.monotonic() - started
@@ -120,10 +147,33 @@ class ServerPool:
                 return
         self.idle.append(conn)
 
+    async def _connect(self, timeout: float) -> ServerConnection:
+        """A new server connection, once the service's budget has room for it (53300 when it
+        has none within ``timeout``)."""
+        try:
+            await self.budget.take_slot(self.login.tenant_id, timeout)
+        except ResourceExhausted as exc:
+            raise BackendError(exc.message, {"C": _EXHAUSTED, "M": exc.message}) from None
+        try:
+            return await ServerConnection.connect(
+                self.address, self.login.role, self.login.password, self.settings
+            )
+        except BaseException:
+            self.budget.give_slot()
+            raise
+
     def _discard(self, conn: ServerConnection) -> None:
         conn.close()
         self.open -= 1
+        self.budget.give_slot()
         self._wake()
+
+    def close_one_idle(self) -> bool:
+        """Close the least recently used idle connection (room for another under the cap)."""
+        if not self.idle:
+            return False
+        self._discard(self.idle.popleft())
+        return True
 
     def _wake(self) -> None:
         """A slot freed: the first waiter opens a connection of its own."""
@@ -140,9 +190,7 @@ class ServerPool:
             return
         self.open += 1
         try:
-            conn = await ServerConnection.connect(
-                self.address, self.login.role, self.login.password, self.settings
-            )
+            conn = await self._connect(self.acquire_timeout)
         except Exception as exc:
             self.open -= 1
             if not waiter.done():
@@ -172,9 +220,18 @@ class ServerPool:
 class ServerPools:
     """Every tenant's pool of this port, by login role."""
 
-    def __init__(self, address: PgAddress, *, max_per_tenant: int) -> None:
+    def __init__(
+        self,
+        address: PgAddress,
+        *,
+        max_per_tenant: int,
+        budget: ConnectionBudget | None = None,
+        acquire_timeout: float = 10.0,
+    ) -> None:
         self.address = address
         self.max_per_tenant = max_per_tenant
+        self.budget = budget or _Unbounded()
+        self.acquire_timeout = acquire_timeout
         self._pools: dict[str, ServerPool] = {}
 
     def pool(self, login: TenantLogin, settings: dict[str, str]) -> ServerPool:
@@ -182,12 +239,21 @@ class ServerPools:
         if pool is None or pool.login.password != login.password or pool.settings != settings:
             if pool is not None:
                 pool.close()  # a rotated secret or new limits: new connections from now on
-            pool = ServerPool(self.address, login, self.max_per_tenant, settings)
+            pool = ServerPool(
+                self.address, login, self.max_per_tenant, settings, self.budget,
+                self.acquire_timeout,
+            )  # fmt: skip
             self._pools[login.role] = pool
         return pool
 
     def figures(self) -> list[PoolFigures]:
         return [p.figures() for p in self._pools.values()]
+
+    def close_one_idle(self) -> bool:
+        """An idle connection of the pool used least recently closed (``TenantPools`` asks
+        when the service's budget is full), or False when none is idle."""
+        pools = sorted((p for p in self._pools.values() if p.idle), key=lambda p: p.last_used)
+        return bool(pools) and pools[0].close_one_idle()
 
     def all(self) -> list[ServerPool]:
         return list(self._pools.values())

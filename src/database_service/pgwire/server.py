@@ -44,6 +44,7 @@ from database_service.pgwire.policy import (
     TRACKED_SETTINGS,
     USER_ID_SETTING,
     StatementPolicy,
+    reset_batch,
     valid_user_id,
 )
 from database_service.pgwire.pooling import ServerPool, ServerPools
@@ -61,7 +62,6 @@ __all__ = ["PgWireServer", "listening"]
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1_048_576  # a Query or Bind larger than this is refused (08P01)
-_ACQUIRE_SECONDS = 10.0
 _WORKER_BITS = 6  # a client's cancel key names its worker in the pid's low bits
 _MAX_WORKERS = 1 << _WORKER_BITS
 _LIMIT_MARGIN = 0.25  # seconds past the tenant's statement limit before the port steps in
@@ -77,6 +77,20 @@ _BIND_COMPLETE = codec.message(b"2")
 _CLOSE_COMPLETE = codec.message(b"3")
 _NO_DATA = codec.message(b"n")
 _NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
+# SELECT pg_advisory_unlock_all() as PostgreSQL answers it: one column of type void (oid 2278,
+# length 4), one row whose value is the empty text.
+_UNLOCK_ALL_COLUMNS = codec.message(
+    b"T",
+    b"\x00\x01"
+    + codec.cstring("pg_advisory_unlock_all")
+    + struct.pack("!IhIhih", 0, 0, 2278, 4, -1, 0),
+)
+_UNLOCK_ALL_ROWS = (
+    _UNLOCK_ALL_COLUMNS
+    + codec.message(b"D", b"\x00\x01\x00\x00\x00\x00")
+    + codec.message(b"C", codec.cstring("SELECT 1"))
+)
+_RESET_TAGS = {"reset_all": "RESET", "unlisten": "UNLISTEN", "close_all": "CLOSE CURSOR ALL"}
 # The user name that asks for token authentication: the password is a service's access token,
 # accepted only over TLS (cleartext password auth); the token names the service.
 TOKEN_USER = "token"
@@ -98,6 +112,27 @@ def _error(sqlstate: str, text: str, code: str | None = None, *, severity: str =
 
 
 _Refused = tuple[str, str, str]  # SQLSTATE, message, the service's stable code
+_ABORTED: _Refused = (
+    "25P02",
+    "current transaction is aborted, commands ignored until end of transaction block",
+    "invalid_transaction_state",
+)
+_DISCARD_IN_BLOCK: _Refused = (
+    "25001",
+    "DISCARD ALL cannot run inside a transaction block",
+    "invalid_transaction_state",
+)
+_RESET_IN_BLOCK: _Refused = (
+    "0A000",
+    "through this port RESET ALL runs outside a transaction block only (the settings it returns"
+    " to are tracked per client between transactions)",
+    "sql_rejected",
+)
+_MID_BATCH: _Refused = (
+    "0A000",
+    "send this after a Sync: the extended-protocol messages before it are still unanswered",
+    "invalid_request",
+)
 _NUL_IN_TEXT: _Refused = (
     "22021",
     "the SQL text contains a NUL character, which PostgreSQL cannot carry",
@@ -171,6 +206,12 @@ class PortFigures:
             "dbsvc_pgwire_logins", "Login attempts on the port, by outcome.", ["outcome"],
             registry=registry,  # type: ignore[arg-type]
         )  # fmt: skip
+        self.idle_ended = Counter(
+            "dbsvc_pgwire_idle_in_transaction_ended",
+            "Clients the port ended for holding a transaction open without a message for"
+            " longer than the tenants' transaction limit.",
+            registry=registry,  # type: ignore[arg-type]
+        )  # fmt: skip
         self.cancels = Counter(
             "dbsvc_pgwire_cancel_requests",
             "CancelRequests: served here (local), passed to the worker that holds the client"
@@ -227,6 +268,7 @@ class PgWireServer:
         max_per_tenant: int | None = None,
         worker: int = 0,
         cancel_dir: Path | None = None,
+        idle_transaction_seconds: float | None = None,
     ) -> None:
         if not 0 <= worker < _MAX_WORKERS:
             raise ValueError(f"worker index {worker} out of 0..{_MAX_WORKERS - 1}")
@@ -242,8 +284,21 @@ class PgWireServer:
         self.ssl_context = ssl_context
         s = app.settings
         self.address = PgAddress.from_dsn(app.postgres_dsn)
+        # Server connections count against the service's PostgreSQL budget (the tenant pools'
+        # global cap, this worker's share of it), as the other front ends' connections do;
+        # each login's pool is as large as a tenant's OLTP pool.
+        self.acquire_timeout = s.pool_acquire_timeout_seconds
+        # A client silent inside a transaction holds a server connection others could use:
+        # past the tenants' transaction limit the port ends it (25P03), as PostgreSQL's
+        # idle_in_transaction_session_timeout would (the role's own is twice as long).
+        self.idle_transaction_seconds = (
+            idle_transaction_seconds or s.tenant_transaction_timeout_ms / 1000
+        )
         self.pools = ServerPools(
-            self.address, max_per_tenant=max_per_tenant or s.pool_max_per_tenant
+            self.address,
+            max_per_tenant=max_per_tenant or s.pool_max_per_tenant,
+            budget=app.pools,
+            acquire_timeout=self.acquire_timeout,
         )
         self.policy = StatementPolicy(app.guard, (s.shared_schema,))
         # As the query core opens a user-scoped transaction (query/executor.py): the key is a
@@ -262,6 +317,7 @@ class PgWireServer:
             path = self._cancel_socket(self.worker)
             path.unlink(missing_ok=True)
             self._cancel_server = await asyncio.start_unix_server(self._forwarded, str(path))
+        self.app.pools.add_idle_closer(self.pools.close_one_idle)
         self.app.health.sections.setdefault("pgwire", self.health)
         self.app.pgwire_views.append(self.show)
         log.info("PostgreSQL wire port listening on %s:%d", self.host, self.port)
@@ -271,6 +327,7 @@ class PgWireServer:
             del self.app.health.sections["pgwire"]
         if self.show in self.app.pgwire_views:
             self.app.pgwire_views.remove(self.show)
+        self.app.pools.remove_idle_closer(self.pools.close_one_idle)
         if self._cancel_server is not None:
             self._cancel_server.close()
             self._cancel_socket(self.worker).unlink(missing_ok=True)
@@ -297,8 +354,16 @@ class PgWireServer:
         for kind in admin.SHOW_KINDS:
             columns, rows = admin.show(self, kind, visible)
             out[kind] = [dict(zip(columns, row, strict=True)) for row in rows]
-        out["pool_figures"] = [asdict(f) for f in self.pools.figures() if visible(f.tenant_id)]
+        out["pool_figures"] = [
+            {**asdict(f), "worker": self.worker}
+            for f in self.pools.figures()
+            if visible(f.tenant_id)
+        ]
         return out
+
+    def peer_views(self) -> list[dict[str, object]]:
+        """The other workers' views, from their last snapshots (workers/runtime.py)."""
+        return [view for peers in self.app.pgwire_peers for view in peers()]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = ClientSession(self, reader, writer)
@@ -388,6 +453,10 @@ class ClientSession:
         # transaction then runs on the user-scoped login, opened by the port with
         # control.enter_user (``wrapped``); ``block``: the client itself began it.
         self.user_id: str | None = None
+        # What RESET ALL / DISCARD ALL return to: the settings and user id of the startup
+        # packet (PostgreSQL's session defaults), set once the login succeeds.
+        self.startup_user_id: str | None = None
+        self.startup_wanted: dict[str, str] = {}
         self.wrapped = False
         self.block = False
         # Statements (by name) and portals the port answers itself, never sent to a server:
@@ -406,6 +475,7 @@ class ClientSession:
         self.pending: set[str] = set()  # server names parsed in this batch, not yet confirmed
         self.ident = id(self)
         self._deallocating: str | None = None  # DEALLOCATE's name, from the last decision
+        self._resets: tuple[str, ...] = ()  # a driver's reset batch, from the last decision
         self._verdict: Classification | None = None  # the last decision's
         # The guard's verdict and text of each prepared statement and bound portal, so that a
         # statement run through the port counts in the statement figures like any other.
@@ -454,7 +524,10 @@ class ClientSession:
                 await self._admin_session()
                 return
             while True:
-                kind, payload = await self._read()
+                if self.server is None:
+                    kind, payload = await self._read()
+                else:
+                    kind, payload = await self._read_in_transaction()
                 if kind == b"X":
                     return
                 await self._message(kind, payload)
@@ -467,6 +540,27 @@ class ClientSession:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
 
+    async def _read_in_transaction(self) -> tuple[bytes, bytes]:
+        """The next message while this client holds a server connection: silence past the
+        port's idle-in-transaction limit ends the session (25P03); ``cleanup`` then hands the
+        connection back, rolled back by its pool."""
+        limit = self.port.idle_transaction_seconds
+        try:
+            async with asyncio.timeout(limit):
+                return await self._read()
+        except TimeoutError:
+            pass
+        self.port.figures.idle_ended.inc()
+        self._event("error", "idle_in_transaction_timeout", None, f"idle for {limit:g} s")
+        await self._audit()
+        await self._fatal(
+            "25P03",
+            f"terminating connection due to idle-in-transaction timeout ({limit:g} s): the"
+            " transaction was rolled back",
+            "idle_in_transaction_timeout",
+        )
+        raise _ClientGone
+
     async def _admin_session(self) -> None:
         """The admin database: SHOW POOLS / CLIENTS / SERVERS / STATS, rows filtered to the
         tenants the service may act for."""
@@ -477,7 +571,12 @@ class ClientSession:
             if kind == b"X":
                 return
             if kind == b"Q":
-                answer = admin.answer(self.port, codec.query_text(payload), principal.can_act_for)
+                answer = admin.answer(
+                    self.port,
+                    codec.query_text(payload),
+                    principal.can_act_for,
+                    self.port.peer_views(),
+                )
             elif kind == b"S":
                 answer = b""
             elif kind in b"PBDECHdcf" and len(kind) == 1:
@@ -583,7 +682,7 @@ class ClientSession:
         self.pool = self.port.pools.pool(login, settings)
         try:
             if not self.pool.parameters:  # the server's parameters, known from one login
-                server = await self.pool.acquire(_ACQUIRE_SECONDS)
+                server = await self.pool.acquire(self.port.acquire_timeout)
                 self.pool.release(server)
         except (BackendError, OSError) as exc:
             fields = getattr(exc, "fields", {"C": "08006", "M": str(exc)})
@@ -594,6 +693,8 @@ class ClientSession:
         defaults["application_name"] = ""
         self.wanted = {**defaults, **wanted}
         self.wanted["default_transaction_read_only"] = "on" if self.readonly else "off"
+        self.startup_wanted = dict(self.wanted)
+        self.startup_user_id = self.user_id
         self.pid, self.key = self.port.new_key(self)
         self.port.figures.clients.inc()
         out = bytearray(codec.authentication_ok())
@@ -765,7 +866,8 @@ class ClientSession:
         if not sql.strip():
             return None, None  # an empty query: PostgreSQL answers EmptyQueryResponse
         decision = await self.port.policy.decide(sql, self.principal, self.tenant.schema_name)
-        if self.aborted and decision.control not in ("commit", "rollback"):
+        ends = decision.control in ("commit", "rollback") or decision.resets[:1] == ("rollback",)
+        if self.aborted and not ends:
             return None, (
                 "25P02",
                 "current transaction is aborted, commands ignored until end of transaction block",
@@ -782,16 +884,23 @@ class ClientSession:
         if refused is not None:
             self.port.figures.refused.labels(refused[0]).inc()
         self._deallocating = decision.name
+        self._resets = decision.resets
         self._verdict = decision.verdict
         return decision.control, refused
 
     def _virtual(self, control: str | None) -> bool:
-        """Statements the port answers itself: SET/RESET dbsvc.user_id always, and BEGIN when
-        a user id is set (the port opens that transaction, see ``_server``)."""
-        return control == "user_id" or (control == "begin" and self.user_id is not None)
+        """Statements the port answers itself: SET/RESET dbsvc.user_id and a driver's reset
+        statements always, and BEGIN when a user id is set (the port opens that transaction,
+        see ``_server``)."""
+        return control in ("user_id", "reset") or (control == "begin" and self.user_id is not None)
 
-    async def _run_virtual(self, control: str, value: str | None) -> bytes:
-        """Do what the port answers itself; its CommandComplete (or raise _Refusal)."""
+    async def _run_virtual(
+        self, control: str, value: str | None, *, extended: bool = False
+    ) -> bytes:
+        """Do what the port answers itself; its CommandComplete (or raise _Refusal).
+        ``extended``: run by Execute, whose rows come without a RowDescription."""
+        if control == "reset":
+            return await self._reset(reset_batch(value or "") or (), extended=extended)
         if control == "user_id":
             if self.server is not None:
                 raise _Refusal(
@@ -824,6 +933,105 @@ class ClientSession:
                 raise _Refusal(error.get("C", "XX000"), error.get("M", "BEGIN failed"))
         self.block = True
         return codec.message(b"C", codec.cstring("BEGIN"))
+
+    async def _reset(self, kinds: tuple[str, ...], *, extended: bool = False) -> bytes:
+        """A pooled driver's reset (``policy.reset_batch``), answered by the port statement by
+        statement as PostgreSQL would, touching only this client's own state: nothing is sent
+        to a server connection except a leading ROLLBACK and, inside a transaction, CLOSE ALL.
+        An error ends the batch, as it ends a multi-statement Query in PostgreSQL."""
+        out = bytearray()
+        for kind in kinds:
+            if kind == "rollback":
+                out += await self._roll_back_now()
+                continue
+            if self.aborted:
+                return self._reset_failed(out, _ABORTED, extended)
+            in_block = self.server is not None
+            if in_block and self.expect and kind == "close_all":
+                return self._reset_failed(out, _MID_BATCH, extended)
+            if kind == "unlock_all":
+                # The port refuses every advisory lock: this session holds none to release.
+                out += (
+                    _UNLOCK_ALL_ROWS[len(_UNLOCK_ALL_COLUMNS) :] if extended else _UNLOCK_ALL_ROWS
+                )
+                continue
+            if kind == "close_all" and in_block:
+                # Cursors of this transaction live on its server connection (none outside one).
+                assert self.server is not None
+                error = await self._on_server("CLOSE ALL")
+                if error is not None:
+                    return bytes(out + error)
+            elif kind in ("reset_all", "DISCARD ALL"):
+                if in_block and kind == "DISCARD ALL":
+                    return self._reset_failed(out, _DISCARD_IN_BLOCK, extended)
+                if in_block:
+                    return self._reset_failed(out, _RESET_IN_BLOCK, extended)
+                out += self._reset_settings()
+                if kind == "DISCARD ALL":
+                    self._forget_statements()
+            out += codec.message(b"C", codec.cstring(_RESET_TAGS.get(kind, kind)))
+        return bytes(out)
+
+    def _reset_failed(self, out: bytearray, refusal: _Refused, extended: bool) -> bytes:
+        """The batch's answers so far and its error; run by Execute, the error is raised so
+        that the messages up to the Sync are skipped, as after any error there."""
+        if extended:
+            raise _Refusal(*refusal)
+        return bytes(out + self._refused(refusal))
+
+    async def _roll_back_now(self) -> bytes:
+        """The ROLLBACK asyncpg puts before its reset when it releases a connection inside a
+        transaction: the transaction held (if any) ends and its server connection goes back."""
+        if self.server is None:
+            self.aborted = False
+            return codec.notice_response(
+                "25P01", "there is no transaction in progress", S="WARNING", V="WARNING"
+            ) + codec.message(b"C", codec.cstring("ROLLBACK"))
+        if self.expect:
+            return self._refused(_MID_BATCH)
+        error = await self._on_server("ROLLBACK")
+        self.aborted = self.block = self.wrapped = False
+        assert self.server is not None
+        if self.server.status != b"I":
+            self.server.broken = True
+        self._release()
+        return error or codec.message(b"C", codec.cstring("ROLLBACK"))
+
+    async def _on_server(self, sql: str) -> bytes | None:
+        """The port's own statement on the held server connection: its ErrorResponse or None."""
+        assert self.server is not None
+        try:
+            error = await self.server.simple(sql)
+        except (BackendError, OSError):
+            self.server.broken = True
+            error = {"C": "08006", "M": "the server connection was lost"}
+        if error is None:
+            return None
+        if self.server.status == b"E":
+            self.aborted = True
+        detail = {k: v for k, v in error.items() if k in "DHP"}
+        return codec.error_response(error.get("C", "XX000"), error.get("M", sql), **detail)
+
+    def _reset_settings(self) -> bytes:
+        """RESET ALL: the tracked settings and the user id back to the startup packet's (a
+        ``SET dbsvc.user_id`` is undone, a startup user id stays, as PostgreSQL's RESET ALL
+        returns to the session defaults); a ParameterStatus for each reported one that changed."""
+        before, self.wanted = self.wanted, dict(self.startup_wanted)
+        self.user_id = self.startup_user_id
+        reported = TRACKED_SETTINGS.values()
+        return b"".join(
+            codec.parameter_status(name, value)
+            for name, value in self.wanted.items()
+            if name in reported and before.get(name) != value
+        )
+
+    def _forget_statements(self) -> None:
+        """DISCARD ALL: the client's prepared statements and portals are forgotten (the server
+        connections keep what they prepared: other clients may run the same text)."""
+        for kept in (self.statements, self.verdicts, self.begins, self.virtual,
+                     self.virtual_portals, self.portal_verdicts):  # fmt: skip
+            kept.clear()
+        self.unnamed = None
 
     def _deallocate(self) -> bytes:
         """DEALLOCATE done by the port: the client's names go, the server connections keep
@@ -867,7 +1075,7 @@ class ClientSession:
             return self.server
         pool = self._pool_now()
         try:
-            server = await pool.acquire(_ACQUIRE_SECONDS)
+            server = await pool.acquire(self.port.acquire_timeout)
         except (BackendError, OSError) as exc:
             fields = getattr(exc, "fields", {"C": "08006", "M": str(exc)})
             raise _Refusal(fields.get("C", "08006"), fields.get("M", str(exc))) from None
@@ -1044,6 +1252,8 @@ class ClientSession:
             raise _Refusal(*refusal)
         if control == "deallocate":
             raise _Refusal("0A000", "send DEALLOCATE as a simple query through this port")
+        if control == "reset" and len(self._resets) > 1:
+            raise _Refusal("42601", "cannot insert multiple commands into a prepared statement")
         if name and (name in self.statements or name in self.virtual):
             raise _Refusal("42P05", f'prepared statement "{name}" already exists')
         if control is not None and self._virtual(control):
@@ -1128,16 +1338,24 @@ class ClientSession:
         target, name = payload[:1], codec.read_cstring(payload, 1)[0]
         if target == b"S":
             if name in self.virtual:
-                self._emit(_NO_PARAMETERS + _NO_DATA)
+                self._emit(_NO_PARAMETERS + self._virtual_columns(self.virtual[name]))
                 return
             server_name = await self._statement(name)
             payload = b"S" + codec.cstring(server_name)
         else:
             if name in self.virtual_portals:
-                self._emit(_NO_DATA)
+                self._emit(self._virtual_columns(self.virtual_portals[name]))
                 return
             await self._server()
         self._forward(b"D", payload, b"Tn")
+
+    @staticmethod
+    def _virtual_columns(virtual: tuple[str, str | None]) -> bytes:
+        """Describe's answer for a statement the port runs itself: only the advisory-unlock
+        call of a driver's reset returns a row."""
+        if virtual[0] == "reset" and reset_batch(virtual[1] or "") == ("unlock_all",):
+            return _UNLOCK_ALL_COLUMNS
+        return _NO_DATA
 
     async def _execute(self, payload: bytes) -> None:
         portal = codec.read_cstring(payload)[0]
@@ -1149,7 +1367,7 @@ class ClientSession:
             if self.server_pool is not None:
                 self.server_pool.queries += 1
             return
-        self._emit(await self._run_virtual(*virtual))
+        self._emit(await self._run_virtual(*virtual, extended=True))
 
     async def _close(self, payload: bytes) -> None:
         target, name = payload[:1], codec.read_cstring(payload, 1)[0]

@@ -247,6 +247,9 @@ class TenantPools:
         self._reaper: asyncio.Task[None] | None = None
         self._releasing: set[asyncio.Task[None]] = set()
         self._on_event = on_event or (lambda tenant, event: None)
+        # Connections opened outside these pools under the same budget (the PostgreSQL wire
+        # port's): each closer shuts one of its idle connections, if it has one, to make room.
+        self._idle_closers: list[Callable[[], bool]] = []
 
     async def __aenter__(self) -> TenantPools:
         self._reaper = self._start_loop("tenant-pool-reaper", self._reap_forever)
@@ -275,6 +278,32 @@ class TenantPools:
     @property
     def global_max(self) -> int:
         return self._budget.limit
+
+    async def take_slot(self, tenant_id: str, timeout: float | None = None) -> None:
+        """Room under the global cap for one connection opened elsewhere (the wire port's
+        server connections), made as for these pools' own (idle pools closed) and given back
+        with ``give_slot`` when that connection closes; ResourceExhausted when none is free
+        within ``timeout`` (the acquisition timeout by default)."""
+        try:
+            async with asyncio.timeout(self._acquire_timeout if timeout is None else timeout):
+                await self._take_budget(tenant_id)
+        except TimeoutError:
+            raise ResourceExhausted(
+                f"tenant {tenant_id!r}: the service's {self._budget.limit} PostgreSQL "
+                "connections are all in use; retry later"
+            ) from None
+
+    def give_slot(self) -> None:
+        self._budget.give_back()
+
+    def add_idle_closer(self, closer: Callable[[], bool]) -> None:
+        """``closer()`` closes one idle connection counted by ``take_slot`` (True) or finds
+        none (False); called before a request waits for room under the cap."""
+        self._idle_closers.append(closer)
+
+    def remove_idle_closer(self, closer: Callable[[], bool]) -> None:
+        with contextlib.suppress(ValueError):
+            self._idle_closers.remove(closer)
 
     def stats(self) -> dict[str, PoolStats]:
         """Per tenant, its pools added up."""
@@ -429,6 +458,12 @@ class TenantPools:
             await self._budget.wait()  # bounded by the caller's acquisition deadline
 
     async def _evict_idle(self, exclude: str) -> None:
+        # The port's idle server connections first: one connection each, no pool to reopen.
+        for closer in self._idle_closers:
+            while self._budget.open >= self._budget.limit and closer():
+                pass
+        if self._budget.open < self._budget.limit:
+            return
         idle = sorted(
             (e.last_used, key)
             for key, e in self._entries.items()

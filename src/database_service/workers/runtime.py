@@ -173,6 +173,10 @@ class WorkerPeers:
     def system(self) -> list[dict[str, Any]]:
         return [s["system"] for s in self._snapshots() if isinstance(s.get("system"), dict)]
 
+    def pgwire(self) -> list[dict[str, Any]]:
+        """Their PostgreSQL wire ports' admin views (every tenant's rows)."""
+        return [s["pgwire"] for s in self._snapshots() if isinstance(s.get("pgwire"), dict)]
+
     def workers(self) -> dict[str, Any]:
         state = self._run.supervisor()
         requests = {int(s["index"]): s.get("requests_last_60s", 0) for s in self._snapshots()}
@@ -204,6 +208,7 @@ class WorkerSnapshots:
         self._index = context.index
         self._peers = WorkerPeers(run, context)
         core.window.set_peers(self._peers)
+        core.pgwire_peers.append(self._peers.pgwire)
         self._process = psutil.Process()
         self.ready = False  # serving on both ports
 
@@ -221,6 +226,7 @@ class WorkerSnapshots:
             "requests_last_60s": sum(bucket[1] for bucket in window["all"]),
             "window": window,
             "pools": pools_snapshot(core.pools),
+            "pgwire": self._pgwire(),
             "system": {
                 "cpu_usage_percent": self._process.cpu_percent(None),
                 "memory_usage_mb": round(self._process.memory_info().rss / 1_048_576, 1),
@@ -228,6 +234,14 @@ class WorkerSnapshots:
         }
         self._peers.own = data
         self._run.write(self._run.worker_file(self._index), data)
+
+    def _pgwire(self) -> dict[str, Any] | None:
+        """This worker's wire port's admin view, every tenant's rows (None: no port)."""
+        document: dict[str, Any] = {}
+        for view in self._core.pgwire_views:
+            for kind, rows in view(lambda _: True).items():
+                document.setdefault(kind, []).extend(rows if isinstance(rows, list) else [])
+        return document or None
 
     def start(self) -> asyncio.Task[None]:
         """Write every second from now on (a supervised loop of the core's)."""
