@@ -73,7 +73,7 @@ class Served:
             time.sleep(0.01)
         raise AssertionError(f"no {text!r} within {timeout}s:\n{self.output()}")
 
-    def wait_healthy(self, timeout: float = 30.0) -> dict[str, object]:
+    def wait_healthy(self, timeout: float = 60.0) -> dict[str, object]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
@@ -159,7 +159,7 @@ def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_serve_is_healthy_stops_cleanly_and_keeps_its_data(served: Served) -> None:
     started = time.monotonic()
-    doc = served.wait_healthy(timeout=30)
+    doc = served.wait_healthy(timeout=60)
     assert time.monotonic() - started < 30
     dependencies = doc["dependencies"]
     assert isinstance(dependencies, dict)
@@ -184,7 +184,7 @@ def test_serve_is_healthy_stops_cleanly_and_keeps_its_data(served: Served) -> No
 
     again = Served(served.data_dir)
     try:
-        again.wait_healthy(timeout=30)
+        again.wait_healthy(timeout=60)
         tenants = httpx.get(f"{again.base}/api/v1/admin/tenants", headers=again.admin()).json()
         assert [t["tenant_id"] for t in tenants["tenants"]] == ["acme"]
         code, output = again.stop(signal.SIGTERM)
@@ -206,7 +206,7 @@ def test_a_wrong_setting_stops_start_up_with_its_name(tmp_path: Path) -> None:
 def test_verbose_serve_shows_the_embedded_servers_lines(data_dir: Path) -> None:
     served = Served(data_dir, args=("-v",))
     try:
-        served.wait_healthy(timeout=30)
+        served.wait_healthy(timeout=60)
         code, output = served.stop()
     finally:
         served.kill()
@@ -217,7 +217,7 @@ def test_verbose_serve_shows_the_embedded_servers_lines(data_dir: Path) -> None:
 def test_a_second_serve_on_the_same_data_directory_names_the_first_and_leaves_it_alone(
     served: Served,
 ) -> None:
-    served.wait_healthy(timeout=30)
+    served.wait_healthy(timeout=60)
     nats_pids = [
         line.split()[0] for line in children_left(served.data_dir) if "nats-server" in line
     ]
@@ -299,7 +299,7 @@ def test_a_port_in_use_is_a_start_up_error(data_dir: Path, listener: str, settin
 
 
 def test_serve_restarts_an_embedded_postgres_that_died(served: Served) -> None:
-    served.wait_healthy(timeout=30)
+    served.wait_healthy(timeout=60)
     pid = int((served.data_dir / "pg" / "postmaster.pid").read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
     down = 0
@@ -339,7 +339,7 @@ def test_a_serve_killed_outright_does_not_keep_the_next_one_from_starting(
     """SIGKILL (the OOM killer, ``kill -9``) gives serve no chance to stop its children. The next
     serve on the same data directory and ports starts anyway, with the same tenants, and a clean
     stop then leaves nothing running."""
-    served.wait_healthy(timeout=30)
+    served.wait_healthy(timeout=60)
     created = httpx.post(
         f"{served.base}/api/v1/admin/schema/create",
         json={"tenant_id": "survivor"},
