@@ -8,6 +8,9 @@ process drives ``--requests`` calls of each kind at each concurrency, in alterna
 reading the server process's user+system CPU (psutil) before and after; medians of the rounds.
 ``--profile pk|hit`` also records the service with py-spy (``--profile-seconds``) while it
 serves that kind at concurrency 32 and prints the frames with the most samples.
+``--baseline SRC`` also runs a second service from another source tree (``git archive <commit>
+src | tar -x -C DIR`` and pass ``DIR/src``), measured in the same rounds: the ratio of the two,
+round by round, is what a change saved, whatever the machine's load did meanwhile.
 
 The last line is one JSON object of the figures (``{"bench": "query_cpu", ...}``).
 
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,19 +158,33 @@ async def profile(
         print(f"  {anywhere:5.1f} {on_top:5.1f}  {frame}")
 
 
-async def main(
-    requests: int, rounds: int, only_profile: str | None, seconds: float, figures: dict[str, Any]
-) -> None:
-    async with running_service(DBSVC_WORKERS="1", DBSVC_POOL_MAX_PER_TENANT="8") as service:
+@dataclass
+class Served:
+    """One service under measurement: its process and its client's calls."""
+
+    process: psutil.Process
+    client: MultiDatabaseClient
+    pk: Callable[[int], Awaitable[Any]]
+    hit: Callable[[int], Awaitable[Any]]
+
+
+def key(i: int) -> str:
+    return f"u{i % 100000 + 1:06d}"
+
+
+@contextlib.asynccontextmanager
+async def served(baseline: str | None = None) -> AsyncIterator[tuple[Served, bytes, bytes]]:
+    """The service (``baseline``: from that source tree instead, put first on PYTHONPATH),
+    its tenant and rows, and the bytes the echo answers."""
+    env: dict[str, Any] = {"DBSVC_WORKERS": "1", "DBSVC_POOL_MAX_PER_TENANT": "8"}
+    if baseline is not None:
+        env["PYTHONPATH"] = baseline
+    async with running_service(**env) as service:
         schema, token = await service.tenant("bench", ["read", "write"])
         await grpc_query.users(service.dsn, schema)
-        server = psutil.Process(service.pid)
         client = MultiDatabaseClient(service.grpc, "bench", token)
         small = await grpc_query.recorded(service.grpc, token, PK, ["u000001"])
         large = await grpc_query.recorded(service.grpc, token, grpc_query.RANGE, [])
-
-        def key(i: int) -> str:
-            return f"u{i % 100000 + 1:06d}"
 
         async def pk(i: int) -> Any:
             return await client.fetch_all(PK, [key(i)])
@@ -178,42 +196,60 @@ async def main(
         for i in range(100):
             assert (await hit(i)).cache in ("miss", "hit")
         assert (await hit(0)).cache == "hit"
+        try:
+            yield Served(psutil.Process(service.pid), client, pk, hit), small, large
+        finally:
+            await client.close()
 
+
+async def main(
+    requests: int,
+    rounds: int,
+    only_profile: str | None,
+    seconds: float,
+    baseline: str | None,
+    figures: dict[str, Any],
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        ours, small, large = await stack.enter_async_context(served())
         if only_profile is not None:
             out = Path(tempfile.mkdtemp()) / f"{only_profile}.txt"
-            await profile(service.pid, pk if only_profile == "pk" else hit, seconds, out)
+            call = ours.pk if only_profile == "pk" else ours.hit
+            await profile(ours.process.pid, call, seconds, out)
             print(f"  collapsed stacks: {out}")
-            await client.close()
             return
+        kinds: dict[str, tuple[psutil.Process, Callable[[int], Awaitable[Any]]]] = {}
+        echo_target, echo_pid = await stack.enter_async_context(echo_process(small, large))
+        echo_client = MultiDatabaseClient(echo_target, "bench", "-")
+        stack.push_async_callback(echo_client.close)
 
-        async with echo_process(small, large) as (echo_target, echo_pid):
-            echo_client = MultiDatabaseClient(echo_target, "bench", token)
+        async def echo(i: int) -> Any:
+            return await echo_client.fetch_all(PK, [key(i)])
 
-            async def echo(i: int) -> Any:
-                return await echo_client.fetch_all(PK, [key(i)])
-
-            kinds: dict[str, tuple[psutil.Process, Callable[[int], Awaitable[Any]]]] = {
-                "echo": (psutil.Process(echo_pid), echo),
-                "pk": (server, pk),
-                "hit": (server, hit),
-            }
-            samples: dict[str, list[float]] = collections.defaultdict(list)
-            for _ in range(rounds):
-                for concurrency in CONCURRENCIES:
-                    for name, (process, call) in kinds.items():
-                        samples[f"{name}_c{concurrency}"].append(
-                            await cpu_per_request(process, call, requests, concurrency)
-                        )
-            await echo_client.close()
-        await client.close()
+        kinds["echo"] = (psutil.Process(echo_pid), echo)
+        kinds["pk"] = (ours.process, ours.pk)
+        kinds["hit"] = (ours.process, ours.hit)
+        if baseline is not None:
+            base, _, _ = await stack.enter_async_context(served(baseline))
+            kinds["base_pk"] = (base.process, base.pk)
+            kinds["base_hit"] = (base.process, base.hit)
+        # Alternating rounds: a change in the machine's load lands on every kind alike.
+        samples: dict[str, list[float]] = collections.defaultdict(list)
+        for _ in range(rounds):
+            for concurrency in CONCURRENCIES:
+                for name, (process, call) in kinds.items():
+                    samples[f"{name}_c{concurrency}"].append(
+                        await cpu_per_request(process, call, requests, concurrency)
+                    )
     print(f"server CPU ms per request, median of {rounds} rounds of {requests} requests")
     for concurrency in CONCURRENCIES:
         echo_ms = statistics.median(samples[f"echo_c{concurrency}"])
         for name in kinds:
-            ms = statistics.median(samples[f"{name}_c{concurrency}"])
-            spread = ", ".join(f"{s:.3f}" for s in samples[f"{name}_c{concurrency}"])
+            runs = samples[f"{name}_c{concurrency}"]
+            ms = statistics.median(runs)
+            spread = ", ".join(f"{s:.3f}" for s in runs)
             print(
-                f"  c={concurrency:<3} {name:<5} {ms:6.3f} ms   {ms / echo_ms:4.2f}x echo"
+                f"  c={concurrency:<3} {name:<8} {ms:6.3f} ms   {ms / echo_ms:4.2f}x echo"
                 f"   ({spread})"
             )
             figures[f"{name}_c{concurrency}_cpu_ms"] = ms
@@ -221,6 +257,21 @@ async def main(
             figures[f"{name}_c{concurrency}_above_echo_cpu_ms"] = (
                 statistics.median(samples[f"{name}_c{concurrency}"]) - echo_ms
             )
+            if baseline is not None:
+                # Paired by round: ours / the baseline's, measured back to back.
+                ratios = [
+                    o / b
+                    for o, b in zip(
+                        samples[f"{name}_c{concurrency}"],
+                        samples[f"base_{name}_c{concurrency}"],
+                        strict=True,
+                    )
+                ]
+                figures[f"{name}_c{concurrency}_vs_baseline"] = statistics.median(ratios)
+                print(
+                    f"  c={concurrency:<3} {name:<8} vs baseline {statistics.median(ratios):5.3f}"
+                    f" (median of per-round ratios)"
+                )
     figures |= {"requests": requests, "rounds": rounds}
 
 
@@ -230,8 +281,21 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", choices=["pk", "hit"], help="py-spy the service instead")
     parser.add_argument("--profile-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--baseline",
+        metavar="SRC",
+        help="also measure a service run from this source tree (e.g. `git archive` of an older"
+        " commit's src/), in the same rounds",
+    )
     args = parser.parse_args()
     with reporting("query_cpu") as figures:
         uvloop.run(
-            main(args.requests, args.rounds, args.profile, args.profile_seconds, figures)
+            main(
+                args.requests,
+                args.rounds,
+                args.profile,
+                args.profile_seconds,
+                args.baseline,
+                figures,
+            )
         )

@@ -169,13 +169,13 @@ class _Session:
     async def begin(self) -> None:
         if not self.began:
             self._tx = self.conn.transaction(readonly=self._readonly, isolation=self._isolation)
-            async with self.watch.statement():
+            with self.watch.statement():
                 await self._tx.start()
             self.began = True
 
     async def commit(self) -> None:
         if self.began and self._tx is not None:
-            async with self.watch.statement():
+            with self.watch.statement():
                 await self._tx.commit()
 
     async def rollback(self) -> None:
@@ -324,7 +324,7 @@ class QueryExecutor:
         kept = cached_statement(session.conn, sql, generation)
         if kept is not None:
             return kept  # no round trip, so no statement limit to arm
-        async with session.watch.statement():
+        with session.watch.statement():
             prepared = await prepare_cached(session.conn, sql, generation)
         return prepared
 
@@ -500,7 +500,7 @@ class QueryExecutor:
                                 continue
                         try:
                             if login.user_scoped:
-                                async with watch.statement():
+                                with watch.statement():
                                     await conn.execute(
                                         self._enter_user, ctx.user_id, self._user_key
                                     )
@@ -551,7 +551,7 @@ class QueryExecutor:
         """A repeatable read in one round trip: its rows and command tag when they fit in the
         first ``_FIRST_ROWS``, else None (to be read again, whole, by cursor)."""
         try:
-            async with session.watch.statement():
+            with session.watch.statement():
                 rows, status, complete = await fetch_first(stmt, args, _FIRST_ROWS)
         except Exception as exc:
             if not _dead_connection(exc):
@@ -774,12 +774,12 @@ class QueryExecutor:
                             # reader's time between fetches counts against the session's
                             # limit only.
                             count = 0
-                            async with watch.statement():
+                            with watch.statement():
                                 cursor = await stmt.cursor(*args)
                             sent = True
                             yield Header(columns, verdict.kind)
                             while True:
-                                async with watch.statement():
+                                with watch.statement():
                                     batch = await cursor.fetch(batch_rows)
                                 if batch:
                                     count += len(batch)
@@ -789,7 +789,7 @@ class QueryExecutor:
                             command = f"SELECT {count}"
                             row_count = count
                         else:
-                            async with watch.statement():
+                            with watch.statement():
                                 rows = cast(Rows, await stmt.fetch(*args))
                             if verdict.kind is StatementKind.DDL:
                                 self._schema_changed(tenant.tenant_id)
@@ -948,7 +948,7 @@ class QueryExecutor:
                 tenant, ctx, readonly=False, transaction=True, workload="bulk"
             ) as session:
                 conn, watch = session.conn, session.watch
-                async with watch.statement():
+                with watch.statement():
                     target = await self._target(conn, tenant, table, columns)
                 if self._statements is not None:
                     outcome.verdict = self._statements.bulk("BULK INSERT", target.name, columns)
@@ -961,7 +961,7 @@ class QueryExecutor:
                 else:
                     stage = await self._stage(conn, tenant, target, columns, records)
                     cols = ", ".join(quote_ident(c) for c in columns)
-                    async with watch.statement():
+                    with watch.statement():
                         status = await conn.execute(
                             f"INSERT INTO {target.qualified} ({cols}) SELECT {cols} FROM {stage}"
                         )
@@ -1003,7 +1003,7 @@ class QueryExecutor:
                 tenant, ctx, readonly=False, transaction=True, workload="bulk"
             ) as session:
                 conn, watch = session.conn, session.watch
-                async with watch.statement():
+                with watch.statement():
                     target = await self._target(conn, tenant, table, all_columns)
                 if self._statements is not None:
                     outcome.verdict = self._statements.bulk("BULK UPDATE", target.name, columns)
@@ -1011,7 +1011,7 @@ class QueryExecutor:
                 stage = await self._stage(conn, tenant, target, all_columns, records)
                 sets = ", ".join(f"{quote_ident(c)} = s.{quote_ident(c)}" for c in columns)
                 keys = " AND ".join(f"t.{quote_ident(c)} = s.{quote_ident(c)}" for c in key_columns)
-                async with watch.statement():
+                with watch.statement():
                     status = await conn.execute(
                         f"UPDATE {target.qualified} AS t SET {sets} FROM {stage} AS s WHERE {keys}"
                     )
@@ -1171,7 +1171,7 @@ class QueryExecutor:
         else:
             if columns:
                 await session.begin()
-            async with watch.statement():
+            with watch.statement():
                 rows = cast(Rows, await stmt.fetch(*args))
             status = stmt.get_statusmsg() or ""
             if columns:
@@ -1195,13 +1195,13 @@ class QueryExecutor:
         columns: Sequence[Column],
     ) -> Rows:
         watch = session.watch
-        async with watch.statement():
+        with watch.statement():
             cursor = await stmt.cursor(*args)
         rows: list[Any] = []
         size = 0
         wanted = _FIRST_ROWS
         while True:
-            async with watch.statement():
+            with watch.statement():
                 batch = await cursor.fetch(wanted)
             rows.extend(batch)
             batch_bytes = approximate_bytes(cast(Rows, batch), columns)
