@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import asyncpg
@@ -266,6 +267,73 @@ def _replica_may_fail(exc: Exception) -> bool:
     )
 
 
+class _Audited:
+    """``QueryExecutor._audited``'s context manager: a class, not a generator-based one, as it
+    wraps every request."""
+
+    __slots__ = ("_action", "_ctx", "_executor", "_outcome", "_principal")
+
+    def __init__(
+        self, executor: QueryExecutor, principal: Principal, ctx: TenantContext, action: str
+    ) -> None:
+        self._executor = executor
+        self._principal = principal
+        self._ctx = ctx
+        self._action = action
+        self._outcome = _Outcome()
+
+    async def __aenter__(self) -> _Outcome:
+        return self._outcome
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        executor, principal, ctx, action = self._executor, self._principal, self._ctx, self._action
+        outcome = self._outcome
+        metrics, statements = executor._metrics, executor._statements
+        if exc is None:
+            if outcome.kind is not None:
+                counter = executor._statement_counters.get(outcome.kind)
+                if counter is None:  # labels() locks and builds a key: its child is kept
+                    counter = metrics.statements.labels(STORE, outcome.kind.value)
+                    executor._statement_counters[outcome.kind] = counter
+                counter.inc()
+            await executor._record(principal, ctx, action, outcome, "ok", outcome.command, "")
+        elif isinstance(exc, DatabaseServiceError):
+            state = "error" if outcome.kind is not None else "denied"
+            if state == "denied":
+                metrics.denials.labels(exc.error_code).inc()
+            elif outcome.verdict is not None and statements is not None:
+                statements.failed(ctx.tenant_id, outcome.verdict)
+            await executor._record(
+                principal, ctx, action, outcome, state, exc.error_code, exc.message
+            )
+            log.info(
+                "tenant %s: %s by %s %s: %s", ctx.tenant_id, action, principal.service, state,
+                exc.error_code,
+            )  # fmt: skip
+        elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            await asyncio.shield(
+                executor._record(principal, ctx, action, outcome, "cancelled", "cancelled", "")
+            )
+        elif isinstance(exc, Exception):
+            # Not one of ours: a bug, or a driver error no boundary translated. Still audited
+            # and counted; the front end reports it as an internal error.
+            metrics.errors.labels("internal").inc()
+            if outcome.verdict is not None and statements is not None:
+                statements.failed(ctx.tenant_id, outcome.verdict)
+            await executor._record(
+                principal, ctx, action, outcome, "error", "internal", type(exc).__name__
+            )
+            log.error(
+                "tenant %s: %s by %s failed", ctx.tenant_id, action, principal.service,
+                exc_info=exc,
+            )  # fmt: skip
+
+
 class QueryExecutor:
     def __init__(
         self,
@@ -318,6 +386,7 @@ class QueryExecutor:
         # Per tenant, moved on whenever its tables may have changed shape: after DDL it ran
         # through us, or when PostgreSQL refused a kept statement (DDL elsewhere).
         self._schema_generations: dict[str, int] = {}
+        self._statement_counters: dict[StatementKind, Any] = {}
 
     async def _prepare(self, session: _Session, sql: str) -> PreparedStatement:
         generation = self._schema_generations.get(session.tenant_id, 0)
@@ -374,45 +443,9 @@ class QueryExecutor:
             raise SqlRejected("DDL runs without a user id: send it without one", sqlstate="42501")
         return tenant, verdict
 
-    @contextlib.asynccontextmanager
-    async def _audited(
-        self, principal: Principal, ctx: TenantContext, action: str
-    ) -> AsyncIterator[_Outcome]:
+    def _audited(self, principal: Principal, ctx: TenantContext, action: str) -> _Audited:
         """Audit and count one operation, however it ends (ok, denied, error or cancelled)."""
-        outcome = _Outcome()
-        try:
-            yield outcome
-        except DatabaseServiceError as exc:
-            state = "error" if outcome.kind is not None else "denied"
-            if state == "denied":
-                self._metrics.denials.labels(exc.error_code).inc()
-            elif outcome.verdict is not None and self._statements is not None:
-                self._statements.failed(ctx.tenant_id, outcome.verdict)
-            await self._record(principal, ctx, action, outcome, state, exc.error_code, exc.message)
-            log.info(
-                "tenant %s: %s by %s %s: %s", ctx.tenant_id, action, principal.service, state,
-                exc.error_code,
-            )  # fmt: skip
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            await asyncio.shield(
-                self._record(principal, ctx, action, outcome, "cancelled", "cancelled", "")
-            )
-            raise
-        except Exception as exc:
-            # Not one of ours: a bug, or a driver error no boundary translated. Still audited
-            # and counted; the front end reports it as an internal error.
-            self._metrics.errors.labels("internal").inc()
-            if outcome.verdict is not None and self._statements is not None:
-                self._statements.failed(ctx.tenant_id, outcome.verdict)
-            await self._record(
-                principal, ctx, action, outcome, "error", "internal", type(exc).__name__
-            )
-            log.exception("tenant %s: %s by %s failed", ctx.tenant_id, action, principal.service)
-            raise
-        if outcome.kind is not None:
-            self._metrics.statements.labels(STORE, outcome.kind.value).inc()
-        await self._record(principal, ctx, action, outcome, "ok", outcome.command, "")
+        return _Audited(self, principal, ctx, action)
 
     async def _record(
         self,
