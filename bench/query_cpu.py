@@ -208,6 +208,7 @@ async def main(
     only_profile: str | None,
     seconds: float,
     baseline: str | None,
+    concurrencies: list[int],
     figures: dict[str, Any],
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
@@ -226,23 +227,27 @@ async def main(
         async def echo(i: int) -> Any:
             return await echo_client.fetch_all(PK, [key(i)])
 
-        kinds["echo"] = (psutil.Process(echo_pid), echo)
-        kinds["pk"] = (ours.process, ours.pk)
-        kinds["hit"] = (ours.process, ours.hit)
+        base = None
         if baseline is not None:
             base, _, _ = await stack.enter_async_context(served(baseline))
+        # Each of ours next to the baseline's same kind: the pair sees the same load.
+        kinds["echo"] = (psutil.Process(echo_pid), echo)
+        kinds["pk"] = (ours.process, ours.pk)
+        if base is not None:
             kinds["base_pk"] = (base.process, base.pk)
+        kinds["hit"] = (ours.process, ours.hit)
+        if base is not None:
             kinds["base_hit"] = (base.process, base.hit)
         # Alternating rounds: a change in the machine's load lands on every kind alike.
         samples: dict[str, list[float]] = collections.defaultdict(list)
         for _ in range(rounds):
-            for concurrency in CONCURRENCIES:
+            for concurrency in concurrencies:
                 for name, (process, call) in kinds.items():
                     samples[f"{name}_c{concurrency}"].append(
                         await cpu_per_request(process, call, requests, concurrency)
                     )
     print(f"server CPU ms per request, median of {rounds} rounds of {requests} requests")
-    for concurrency in CONCURRENCIES:
+    for concurrency in concurrencies:
         echo_ms = statistics.median(samples[f"echo_c{concurrency}"])
         for name in kinds:
             runs = samples[f"{name}_c{concurrency}"]
@@ -287,6 +292,9 @@ if __name__ == "__main__":
         help="also measure a service run from this source tree (e.g. `git archive` of an older"
         " commit's src/), in the same rounds",
     )
+    parser.add_argument(
+        "--concurrency", type=int, action="append", help="repeatable; default: 1 and 32"
+    )
     args = parser.parse_args()
     with reporting("query_cpu") as figures:
         uvloop.run(
@@ -296,6 +304,7 @@ if __name__ == "__main__":
                 args.profile,
                 args.profile_seconds,
                 args.baseline,
+                args.concurrency or list(CONCURRENCIES),
                 figures,
             )
         )
