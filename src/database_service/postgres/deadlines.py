@@ -224,10 +224,7 @@ class Deadlines:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def now(self) -> float:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        return loop.time()
+        return asyncio.get_running_loop().time()
 
     def watched(self, watch: SessionWatch, at: float) -> None:
         self._sessions[watch] = None
@@ -238,11 +235,13 @@ class Deadlines:
 
     def due(self, at: float) -> None:
         """A deadline to check at ``at`` (loop time): the timer moves earlier if need be."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a timer of another (closed) loop never fires here
+            self._loop, self._timer, self._timer_at = loop, None, _NEVER
         if at < self._timer_at - _SLACK:
             if self._timer is not None:
                 self._timer.cancel()
-            assert self._loop is not None
-            self._timer = self._loop.call_at(at, self._check)
+            self._timer = loop.call_at(at, self._check)
             self._timer_at = at
 
     def _check(self) -> None:
