@@ -108,3 +108,80 @@ async def test_a_cancel_for_another_backend_of_the_same_pid_is_not_sent(
         assert await other.fetchval("SELECT 1") == 1
     finally:
         await other.close()
+
+
+async def test_a_short_limit_is_kept_while_longer_ones_are_armed(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    # One timer serves every session (the earliest deadline known): a session with a short
+    # limit, started after sessions with long ones armed it later, still ends on time, and
+    # the long ones run on untouched.
+    tenant = await new_tenant("dl_mixed")
+    login = _login(core, tenant)
+
+    async def long_one() -> int:
+        async with core.pools.acquire(login) as conn:
+            watch = core.deadlines.watch(
+                conn, tenant.role_name, statement_seconds=30, total_seconds=60
+            )
+            try:
+                with watch.statement():
+                    value: int = await conn.fetchval("SELECT 7 FROM pg_sleep(1.2)")
+                return value
+            finally:
+                watch.close()
+
+    longs = [asyncio.create_task(long_one()) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    async with core.pools.acquire(login) as conn:
+        watch = core.deadlines.watch(
+            conn, tenant.role_name, statement_seconds=0.3, total_seconds=60
+        )
+        started = time.perf_counter()
+        with pytest.raises(QueryError) as info:
+            with watch.statement():
+                await conn.execute("SELECT pg_sleep(5)")
+        elapsed = time.perf_counter() - started
+        watch.close()
+    assert info.value.sqlstate == "57014" and watch.expired == "statement"
+    assert elapsed < 1
+    assert await asyncio.gather(*longs) == [7, 7]
+
+
+async def test_nested_statement_limits_each_keep_their_own(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    tenant = await new_tenant("dl_nested")
+    async with core.pools.acquire(_login(core, tenant)) as conn:
+        watch = core.deadlines.watch(
+            conn, tenant.role_name, statement_seconds=0.4, total_seconds=30
+        )
+        with pytest.raises(QueryError) as info:
+            async with watch.statement():
+                with watch.statement():  # ends in time: the outer limit still runs
+                    assert await conn.fetchval("SELECT 1") == 1
+                await conn.execute("SELECT pg_sleep(5)")
+        watch.close()
+    assert info.value.sqlstate == "57014" and "limit of 400 ms" in info.value.message
+
+
+async def test_a_caller_cancel_during_a_statement_stays_a_cancel(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    # Not the limit's doing: the task's own cancellation (a client gone) propagates as such
+    # and the session is not marked expired.
+    tenant = await new_tenant("dl_cancel")
+    async with core.pools.acquire(_login(core, tenant)) as conn:
+        watch = core.deadlines.watch(conn, tenant.role_name, statement_seconds=30, total_seconds=30)
+
+        async def run() -> None:
+            with watch.statement():
+                await conn.execute("SELECT pg_sleep(5)")
+
+        task = asyncio.create_task(run())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert watch.expired is None
+        watch.close()

@@ -167,3 +167,34 @@ async def test_eviction_never_closes_a_pool_that_became_busy_while_another_close
         )
         async with pools.acquire(c) as conn:
             assert await conn.fetchval("SELECT session_user") == c.role
+
+
+async def test_a_busy_pool_still_bounds_the_wait_for_a_connection(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    # An idle connected connection is handed over with no deadline armed (nothing waits); a
+    # pool whose connections are all in use still refuses after the acquisition limit.
+    from database_service.postgres.pools import _idle_connected
+
+    (login,) = await logins(core, new_tenant, 1)
+    async with pools_for(core, max_per_tenant=1, global_max=10, acquire_timeout=0.5) as pools:
+        async with pools.acquire(login) as conn:
+            first = conn.get_server_pid()
+        await pools.drain()  # its reset (a round trip) runs after the block
+        entry = pools._entries[(login.role, "oltp")]
+        assert _idle_connected(entry.pool)
+        async with pools.acquire(login) as conn:
+            assert conn.get_server_pid() == first
+            assert not _idle_connected(entry.pool)
+            with pytest.raises(ResourceExhausted, match="no connection free within"):
+                async with pools.acquire(login):
+                    pass
+        await pools.drain()
+        assert entry.in_use == 0
+        # A pooled connection that was closed is not taken for an idle one: it reconnects.
+        async with pools.acquire(login) as conn:
+            conn.terminate()
+        await pools.drain()
+        assert not _idle_connected(entry.pool)
+        async with pools.acquire(login) as conn:
+            assert await conn.fetchval("SELECT 1") == 1

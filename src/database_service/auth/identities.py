@@ -407,9 +407,22 @@ class Authenticator:
         if hmac.compare_digest(token.encode(), self._admin_token):
             return bootstrap_admin()
         claimed = self._verified(token)
-        if claimed.token_id is None or await self.is_revoked(claimed.service, claimed.token_id):
+        if claimed.token_id is None:
             raise Unauthenticated("token has been revoked")
-        identity = await self._identity(claimed.service)
+        # Within cache_ttl of the last reads, answered here without awaiting (the same checks
+        # as is_revoked and _identity: their coroutines only when a read is due).
+        now = time.monotonic()
+        if self._revoked_until > now:
+            revoked = (claimed.service, claimed.token_id) in self._revoked
+        else:
+            revoked = await self.is_revoked(claimed.service, claimed.token_id)
+        if revoked:
+            raise Unauthenticated("token has been revoked")
+        cached = self._cache.get(claimed.service)
+        if cached is not None and cached[0] > now:
+            identity: ServiceIdentity | None = cached[1]
+        else:
+            identity = await self._identity(claimed.service)
         if identity is None or not identity.active:
             raise Unauthenticated(f"service {claimed.service!r} is unknown or disabled")
         if ALL_TENANTS in identity.tenants:

@@ -193,7 +193,13 @@ class AuditLog:
         )
 
     async def record(self, event: AuditEvent) -> None:
-        await self._queue.put(event)
+        """Queue ``event`` for the batched writer; wait only while the queue is full (the
+        writer behind: back-pressure, nothing dropped)."""
+        queue = self._queue
+        if queue.full():
+            await queue.put(event)
+        else:
+            queue.put_nowait(event)  # the common case: no coroutine of Queue.put's
 
     async def flush(self) -> None:
         """Write everything recorded so far, including a batch the writer is holding."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -37,9 +38,28 @@ __all__ = ["Deadlines", "SessionWatch"]
 
 log = logging.getLogger(__name__)
 
+_NEVER = math.inf
+# How late a deadline may be seen: one within this of the timer's waits for it, rather than the
+# timer being moved (each session's first statement would move it otherwise).
+_SLACK = 0.005
+
 
 class SessionWatch:
-    """The limits of one tenant session on one connection."""
+    """The limits of one tenant session on one connection. Its deadlines are kept by its
+    ``Deadlines`` (one timer for every session), not by timers of its own."""
+
+    __slots__ = (
+        "_closed",
+        "_conn",
+        "_limits",
+        "_owner",
+        "_pid",
+        "_role",
+        "_total_at",
+        "expired",
+        "statement_seconds",
+        "total_seconds",
+    )
 
     def __init__(
         self,
@@ -58,13 +78,14 @@ class SessionWatch:
         self.total_seconds = total_seconds
         self.expired: str | None = None  # why: "statement" or "transaction"
         self._closed = False
-        loop = asyncio.get_running_loop()
-        self._total = loop.call_later(total_seconds, self._expire, "transaction")
+        self._limits: list[_StatementLimit] = []  # the round trips under way (usually one)
+        self._total_at = owner.now() + total_seconds
+        owner.watched(self, self._total_at)
 
     def statement(self) -> _StatementLimit:
-        """One round trip under the statement limit (and the session's, if that expired).
-        A class rather than a generator-based context manager: it runs several times per
-        request."""
+        """One round trip under the statement limit (and the session's, if that expired), as
+        ``async with`` or, cheaper, ``with`` (neither enter nor exit awaits anything). A class
+        rather than a generator-based context manager: it runs several times per request."""
         return _StatementLimit(self)
 
     def check(self) -> None:
@@ -81,6 +102,22 @@ class SessionWatch:
             sqlstate="57014",
         )
 
+    def _due(self, now: float) -> float:
+        """The owner's check: act on the deadlines that passed; return the next one (inf: none
+        left to watch)."""
+        if self._closed or self.expired is not None:
+            return _NEVER
+        if now >= self._total_at:
+            self._expire("transaction")
+            return _NEVER
+        due = self._total_at
+        for limit in self._limits:
+            if now >= limit.at:
+                limit.fire()
+            else:
+                due = min(due, limit.at)
+        return due
+
     def _expire(self, why: str) -> None:
         if self.expired is not None or self._closed:
             return
@@ -90,41 +127,76 @@ class SessionWatch:
     def close(self) -> None:
         """End of the session: a connection whose limit passed is closed, never reused."""
         self._closed = True
-        self._total.cancel()
+        self._owner.unwatched(self)
         if self.expired is not None:
             with contextlib.suppress(Exception):
                 self._conn.terminate()
 
 
 class _StatementLimit:
-    __slots__ = ("_timeout", "_watch")
+    """One round trip's limit, as ``asyncio.timeout`` would keep it — the awaiting task is
+    cancelled when it passes (asyncpg then asks PostgreSQL to cancel the statement) and the
+    cancellation becomes the limit's error — but with no timer of its own: a deadline the
+    owner's one timer checks."""
+
+    __slots__ = ("_cancelling", "_fired", "_task", "_watch", "at")
 
     def __init__(self, watch: SessionWatch) -> None:
         self._watch = watch
-        self._timeout = asyncio.timeout(watch.statement_seconds)
+        self._fired = False
+        self.at = _NEVER
+
+    def fire(self) -> None:
+        if not self._fired:
+            self._fired = True
+            self.at = _NEVER
+            self._task.cancel()
+
+    def __enter__(self) -> None:
+        watch = self._watch
+        watch.check()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a statement limit is entered in a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.at = at = watch._owner.now() + watch.statement_seconds
+        watch._limits.append(self)
+        watch._owner.due(at)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        watch = self._watch
+        watch._limits.remove(self)
+        self.at = _NEVER
+        # Ours unless someone else cancelled the task too (then theirs goes on).
+        if (
+            self._fired
+            and self._task.uncancel() <= self._cancelling
+            and kind is asyncio.CancelledError
+        ):
+            watch._expire("statement")
+            raise watch.error() from None
+        if exc is None or watch.expired is None:
+            return  # canceled by someone else (PostgreSQL's statement_timeout, a user)
+        if isinstance(exc, asyncpg.QueryCanceledError | asyncpg.InterfaceError | OSError):
+            # Canceled, or its backend terminated, after the session's limit passed.
+            raise watch.error() from exc
 
     async def __aenter__(self) -> None:
-        self._watch.check()
-        await self._timeout.__aenter__()
+        self.__enter__()
 
     async def __aexit__(
         self,
         kind: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
-        watch = self._watch
-        try:
-            await self._timeout.__aexit__(kind, exc, tb)  # CancelledError → TimeoutError
-        except TimeoutError:
-            watch._expire("statement")
-            raise watch.error() from None
-        if exc is None or watch.expired is None:
-            return False  # canceled by someone else (PostgreSQL's statement_timeout, a user)
-        if isinstance(exc, asyncpg.QueryCanceledError | asyncpg.InterfaceError | OSError):
-            # Canceled, or its backend terminated, after the session's limit passed.
-            raise watch.error() from exc
-        return False
+    ) -> None:
+        self.__exit__(kind, exc, tb)
 
 
 class Deadlines:
@@ -142,6 +214,50 @@ class Deadlines:
         self._on_expired = on_expired or (lambda why: None)
         self._tasks: set[asyncio.Task[None]] = set()
         self.terminated = 0
+        # One timer for every session's deadlines, set for the earliest one known (a later
+        # deadline is seen when it fires and looks at them all). Entering a statement costs an
+        # attribute and a comparison, not a TimerHandle per round trip; a deadline is seen at
+        # most ``_SLACK`` late when it comes within that of the timer's.
+        self._sessions: dict[SessionWatch, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _NEVER
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def watched(self, watch: SessionWatch, at: float) -> None:
+        self._sessions[watch] = None
+        self.due(at)
+
+    def unwatched(self, watch: SessionWatch) -> None:
+        self._sessions.pop(watch, None)
+
+    def due(self, at: float) -> None:
+        """A deadline to check at ``at`` (loop time): the timer moves earlier if need be."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a timer of another (closed) loop never fires here
+            self._loop, self._timer, self._timer_at = loop, None, _NEVER
+        if at < self._timer_at - _SLACK:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(at, self._check)
+            self._timer_at = at
+
+    def _check(self) -> None:
+        self._timer = None
+        self._timer_at = _NEVER
+        assert self._loop is not None
+        now = self._loop.time()
+        earliest = _NEVER
+        for watch in list(self._sessions):
+            at = watch._due(now)
+            if at == _NEVER:
+                self._sessions.pop(watch, None)  # expired (or closed): nothing left to watch
+            elif at < earliest:
+                earliest = at
+        if earliest != _NEVER:
+            self.due(earliest)
 
     def watch(
         self,
@@ -189,6 +305,9 @@ class Deadlines:
         )
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, _NEVER
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

@@ -19,8 +19,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import asyncpg
@@ -210,6 +211,54 @@ class TenantLogin:
     user_scoped: bool = False
 
 
+def _idle_connected(pool: asyncpg.Pool) -> bool:
+    """Whether ``pool.acquire()`` returns at once: the holder it takes next (asyncpg's queue is
+    LIFO) has an open connection of the pool's generation, and the pool has no setup hook. On
+    an asyncpg whose internals differ, False: the acquisition is then bounded as ever."""
+    holders = getattr(getattr(pool, "_queue", None), "_queue", None)
+    if not holders or getattr(pool, "_setup", True) is not None:
+        return False
+    holder = holders[-1]
+    con = getattr(holder, "_con", None)
+    return (
+        con is not None
+        and not con.is_closed()
+        and getattr(holder, "_generation", None) == getattr(pool, "_generation", 0)
+    )
+
+
+class _Acquired:
+    """``TenantPools.acquire``'s context manager."""
+
+    __slots__ = ("_conn", "_entry", "_login", "_pools", "_workload")
+
+    def __init__(self, pools: TenantPools, login: TenantLogin, workload: Workload) -> None:
+        self._pools = pools
+        self._login = login
+        self._workload = workload
+
+    async def __aenter__(self) -> Connection:
+        pools = self._pools
+        if pools._spans is None:
+            self._entry, self._conn = await pools._take(self._login, self._workload)
+        else:
+            with pools._spans.pool_acquire(self._login.tenant_id):
+                self._entry, self._conn = await pools._take(self._login, self._workload)
+        return self._conn
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        pools, entry, conn = self._pools, self._entry, self._conn
+        if exc is not None or _reset_needed(conn):
+            pools._release_later(entry, conn)
+        else:
+            await pools._release(entry, conn)  # no round trip: cheaper than a task
+
+
 class TenantPools:
     def __init__(
         self,
@@ -320,29 +369,14 @@ class TenantPools:
             tenant[entry.workload] = _added(tenant.get(entry.workload), entry)
         return result
 
-    @contextlib.asynccontextmanager
-    async def acquire(
-        self, login: TenantLogin, workload: Workload = "oltp"
-    ) -> AsyncIterator[Connection]:
-        """A connection of the login's pool for ``workload``. Its release, when asyncpg resets
-        the session (a round trip), runs after the caller is done, not before its answer goes
-        out; the connection counts as in use, and returns to the pool, when the reset is over.
-        A connection that needs no reset (``TenantConnection.skip_next_reset``) is released at
-        once."""
-        if self._spans is None:
-            entry, conn = await self._take(login, workload)
-        else:
-            with self._spans.pool_acquire(login.tenant_id):
-                entry, conn = await self._take(login, workload)
-        try:
-            yield conn
-        except BaseException:
-            self._release_later(entry, conn)
-            raise
-        if _reset_needed(conn):
-            self._release_later(entry, conn)
-        else:
-            await self._release(entry, conn)  # no round trip: cheaper than a task
+    def acquire(self, login: TenantLogin, workload: Workload = "oltp") -> _Acquired:
+        """A connection of the login's pool for ``workload`` (``async with``). Its release, when
+        asyncpg resets the session (a round trip), runs after the caller is done, not before its
+        answer goes out; the connection counts as in use, and returns to the pool, when the
+        reset is over. A connection that needs no reset (``TenantConnection.skip_next_reset``)
+        is released at once. A class, not a generator-based context manager: it runs on every
+        request."""
+        return _Acquired(self, login, workload)
 
     def _release_later(self, entry: _Entry, conn: Connection) -> None:
         task = asyncio.get_running_loop().create_task(self._release(entry, conn))
@@ -352,14 +386,24 @@ class TenantPools:
     async def _take(self, login: TenantLogin, workload: Workload) -> tuple[_Entry, Connection]:
         """A connection of the login's pool and its entry, counted in use (``_release`` or
         ``_done_with`` counts it back)."""
-        entry = await self._entry(login, workload)
+        entry = self._entries.get((login.role, workload)) or await self._entry(login, workload)
+        # Counted in use: last_used matters only to idle entries (eviction, the reaper), and
+        # _done_with stamps it when this use ends.
         entry.in_use += 1
-        entry.last_used = time.monotonic()
+        pool = entry.pool
+        if _idle_connected(pool):
+            # A connected idle connection is handed over without waiting (nothing in asyncpg's
+            # acquire awaits then): no deadline to arm.
+            try:
+                return entry, await pool.acquire()
+            except BaseException:
+                self._done_with(entry)
+                raise
         try:
             # One deadline for the whole acquisition: the pool's wait for a free connection
             # and, inside it, the wait for room under the global cap.
             async with asyncio.timeout(self._acquire_timeout):
-                conn = await entry.pool.acquire()
+                conn = await pool.acquire()
         except TimeoutError:
             self._done_with(entry)
             if self._budget.open >= self._budget.limit:

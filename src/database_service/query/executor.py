@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import asyncpg
@@ -171,13 +172,13 @@ class _Session:
     async def begin(self) -> None:
         if not self.began:
             self._tx = self.conn.transaction(readonly=self._readonly, isolation=self._isolation)
-            async with self.watch.statement():
+            with self.watch.statement():
                 await self._tx.start()
             self.began = True
 
     async def commit(self) -> None:
         if self.began and self._tx is not None:
-            async with self.watch.statement():
+            with self.watch.statement():
                 await self._tx.commit()
 
     async def rollback(self) -> None:
@@ -274,6 +275,73 @@ def _replica_may_fail(exc: Exception) -> bool:
     )
 
 
+class _Audited:
+    """``QueryExecutor._audited``'s context manager: a class, not a generator-based one, as it
+    wraps every request."""
+
+    __slots__ = ("_action", "_ctx", "_executor", "_outcome", "_principal")
+
+    def __init__(
+        self, executor: QueryExecutor, principal: Principal, ctx: TenantContext, action: str
+    ) -> None:
+        self._executor = executor
+        self._principal = principal
+        self._ctx = ctx
+        self._action = action
+        self._outcome = _Outcome()
+
+    async def __aenter__(self) -> _Outcome:
+        return self._outcome
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        executor, principal, ctx, action = self._executor, self._principal, self._ctx, self._action
+        outcome = self._outcome
+        metrics, statements = executor._metrics, executor._statements
+        if exc is None:
+            if outcome.kind is not None:
+                counter = executor._statement_counters.get(outcome.kind)
+                if counter is None:  # labels() locks and builds a key: its child is kept
+                    counter = metrics.statements.labels(STORE, outcome.kind.value)
+                    executor._statement_counters[outcome.kind] = counter
+                counter.inc()
+            await executor._record(principal, ctx, action, outcome, "ok", outcome.command, "")
+        elif isinstance(exc, DatabaseServiceError):
+            state = "error" if outcome.kind is not None else "denied"
+            if state == "denied":
+                metrics.denials.labels(exc.error_code).inc()
+            elif outcome.verdict is not None and statements is not None:
+                statements.failed(ctx.tenant_id, outcome.verdict)
+            await executor._record(
+                principal, ctx, action, outcome, state, exc.error_code, exc.message
+            )
+            log.info(
+                "tenant %s: %s by %s %s: %s", ctx.tenant_id, action, principal.service, state,
+                exc.error_code,
+            )  # fmt: skip
+        elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            await asyncio.shield(
+                executor._record(principal, ctx, action, outcome, "cancelled", "cancelled", "")
+            )
+        elif isinstance(exc, Exception):
+            # Not one of ours: a bug, or a driver error no boundary translated. Still audited
+            # and counted; the front end reports it as an internal error.
+            metrics.errors.labels("internal").inc()
+            if outcome.verdict is not None and statements is not None:
+                statements.failed(ctx.tenant_id, outcome.verdict)
+            await executor._record(
+                principal, ctx, action, outcome, "error", "internal", type(exc).__name__
+            )
+            log.error(
+                "tenant %s: %s by %s failed", ctx.tenant_id, action, principal.service,
+                exc_info=exc,
+            )  # fmt: skip
+
+
 class QueryExecutor:
     def __init__(
         self,
@@ -326,13 +394,14 @@ class QueryExecutor:
         # Per tenant, moved on whenever its tables may have changed shape: after DDL it ran
         # through us, or when PostgreSQL refused a kept statement (DDL elsewhere).
         self._schema_generations: dict[str, int] = {}
+        self._statement_counters: dict[StatementKind, Any] = {}
 
     async def _prepare(self, session: _Session, sql: str) -> PreparedStatement:
         generation = self._schema_generations.get(session.tenant_id, 0)
         kept = cached_statement(session.conn, sql, generation)
         if kept is not None:
             return kept  # no round trip, so no statement limit to arm
-        async with session.watch.statement():
+        with session.watch.statement():
             prepared = await prepare_cached(session.conn, sql, generation)
         return prepared
 
@@ -382,45 +451,9 @@ class QueryExecutor:
             raise SqlRejected("DDL runs without a user id: send it without one", sqlstate="42501")
         return tenant, verdict
 
-    @contextlib.asynccontextmanager
-    async def _audited(
-        self, principal: Principal, ctx: TenantContext, action: str
-    ) -> AsyncIterator[_Outcome]:
+    def _audited(self, principal: Principal, ctx: TenantContext, action: str) -> _Audited:
         """Audit and count one operation, however it ends (ok, denied, error or cancelled)."""
-        outcome = _Outcome()
-        try:
-            yield outcome
-        except DatabaseServiceError as exc:
-            state = "error" if outcome.kind is not None else "denied"
-            if state == "denied":
-                self._metrics.denials.labels(exc.error_code).inc()
-            elif outcome.verdict is not None and self._statements is not None:
-                self._statements.failed(ctx.tenant_id, outcome.verdict)
-            await self._record(principal, ctx, action, outcome, state, exc.error_code, exc.message)
-            log.info(
-                "tenant %s: %s by %s %s: %s", ctx.tenant_id, action, principal.service, state,
-                exc.error_code,
-            )  # fmt: skip
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            await asyncio.shield(
-                self._record(principal, ctx, action, outcome, "cancelled", "cancelled", "")
-            )
-            raise
-        except Exception as exc:
-            # Not one of ours: a bug, or a driver error no boundary translated. Still audited
-            # and counted; the front end reports it as an internal error.
-            self._metrics.errors.labels("internal").inc()
-            if outcome.verdict is not None and self._statements is not None:
-                self._statements.failed(ctx.tenant_id, outcome.verdict)
-            await self._record(
-                principal, ctx, action, outcome, "error", "internal", type(exc).__name__
-            )
-            log.exception("tenant %s: %s by %s failed", ctx.tenant_id, action, principal.service)
-            raise
-        if outcome.kind is not None:
-            self._metrics.statements.labels(STORE, outcome.kind.value).inc()
-        await self._record(principal, ctx, action, outcome, "ok", outcome.command, "")
+        return _Audited(self, principal, ctx, action)
 
     async def _record(
         self,
@@ -508,7 +541,7 @@ class QueryExecutor:
                                 continue
                         try:
                             if login.user_scoped:
-                                async with watch.statement():
+                                with watch.statement():
                                     await conn.execute(
                                         self._enter_user, ctx.user_id, self._user_key
                                     )
@@ -559,7 +592,7 @@ class QueryExecutor:
         """A repeatable read in one round trip: its rows and command tag when they fit in the
         first ``_FIRST_ROWS``, else None (to be read again, whole, by cursor)."""
         try:
-            async with session.watch.statement():
+            with session.watch.statement():
                 rows, status, complete = await fetch_first(stmt, args, _FIRST_ROWS)
         except Exception as exc:
             if not _dead_connection(exc):
@@ -782,12 +815,12 @@ class QueryExecutor:
                             # reader's time between fetches counts against the session's
                             # limit only.
                             count = 0
-                            async with watch.statement():
+                            with watch.statement():
                                 cursor = await stmt.cursor(*args)
                             sent = True
                             yield Header(columns, verdict.kind)
                             while True:
-                                async with watch.statement():
+                                with watch.statement():
                                     batch = await cursor.fetch(batch_rows)
                                 if batch:
                                     count += len(batch)
@@ -797,7 +830,7 @@ class QueryExecutor:
                             command = f"SELECT {count}"
                             row_count = count
                         else:
-                            async with watch.statement():
+                            with watch.statement():
                                 rows = cast(Rows, await stmt.fetch(*args))
                             if verdict.kind is StatementKind.DDL:
                                 self._schema_changed(tenant.tenant_id)
@@ -971,7 +1004,7 @@ class QueryExecutor:
                 tenant, ctx, readonly=False, transaction=True, workload="bulk"
             ) as session:
                 conn, watch = session.conn, session.watch
-                async with watch.statement():
+                with watch.statement():
                     target = await self._target(conn, tenant, table, columns)
                 if self._statements is not None:
                     outcome.verdict = self._statements.bulk("BULK INSERT", target.name, columns)
@@ -984,7 +1017,7 @@ class QueryExecutor:
                 else:
                     stage = await self._stage(conn, tenant, target, columns, records)
                     cols = ", ".join(quote_ident(c) for c in columns)
-                    async with watch.statement():
+                    with watch.statement():
                         status = await conn.execute(
                             f"INSERT INTO {target.qualified} ({cols}) SELECT {cols} FROM {stage}"
                         )
@@ -1026,7 +1059,7 @@ class QueryExecutor:
                 tenant, ctx, readonly=False, transaction=True, workload="bulk"
             ) as session:
                 conn, watch = session.conn, session.watch
-                async with watch.statement():
+                with watch.statement():
                     target = await self._target(conn, tenant, table, all_columns)
                 if self._statements is not None:
                     outcome.verdict = self._statements.bulk("BULK UPDATE", target.name, columns)
@@ -1034,7 +1067,7 @@ class QueryExecutor:
                 stage = await self._stage(conn, tenant, target, all_columns, records)
                 sets = ", ".join(f"{quote_ident(c)} = s.{quote_ident(c)}" for c in columns)
                 keys = " AND ".join(f"t.{quote_ident(c)} = s.{quote_ident(c)}" for c in key_columns)
-                async with watch.statement():
+                with watch.statement():
                     status = await conn.execute(
                         f"UPDATE {target.qualified} AS t SET {sets} FROM {stage} AS s WHERE {keys}"
                     )
@@ -1194,7 +1227,7 @@ class QueryExecutor:
         else:
             if columns:
                 await session.begin()
-            async with watch.statement():
+            with watch.statement():
                 rows = cast(Rows, await stmt.fetch(*args))
             status = stmt.get_statusmsg() or ""
             if columns:
@@ -1218,13 +1251,13 @@ class QueryExecutor:
         columns: Sequence[Column],
     ) -> Rows:
         watch = session.watch
-        async with watch.statement():
+        with watch.statement():
             cursor = await stmt.cursor(*args)
         rows: list[Any] = []
         size = 0
         wanted = _FIRST_ROWS
         while True:
-            async with watch.statement():
+            with watch.statement():
                 batch = await cursor.fetch(wanted)
             rows.extend(batch)
             batch_bytes = approximate_bytes(cast(Rows, batch), columns)

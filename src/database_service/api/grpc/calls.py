@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from database_service.api.grpc.status import abort_with
 from database_service.auth import Principal
@@ -156,15 +156,18 @@ class Caller:
     async def tenant(self, context: grpc.aio.ServicerContext) -> tuple[Principal, TenantContext]:
         """The caller and the tenant (and user) it names."""
         principal = await self.principal(context)
-        tenant_id = self.tenant_header(context)
-        if tenant_id is None:
+        metadata = _metadata(context)
+        tenant_id = metadata.get("x-tenant-id")
+        if not isinstance(tenant_id, str) or not tenant_id:
             raise InvalidRequest("the x-tenant-id metadata is required")
-        user_id = _metadata(context).get("x-user-id")
+        user_id = metadata.get("x-user-id")
         ctx = TenantContext(
             validate_tenant_id(tenant_id), user_id if isinstance(user_id, str) else None
         )
-        _call().tenant = ctx.tenant_id
-        self.acting_for(principal, ctx.tenant_id)
+        call = _call()
+        call.tenant = ctx.tenant_id
+        if principal.can_act_for(ctx.tenant_id):  # count the call in the tenant's figures
+            call.tenant_id = ctx.tenant_id
         return principal, ctx
 
 
@@ -270,7 +273,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             cast("grpc.aio.ServicerContext", _RequestIdOnAbort(context, call.request_id)), error
         )
 
-    async def begin(servicer: _Servicer, call: _Call, request: Any, context: Any) -> Any:
+    def start(call: _Call, context: Any) -> None:
         # Each RPC runs in its own task, so in its own context: nothing to reset afterwards.
         _CALL.set(call)
         call.request_id = request_id_from(_metadata(context).get(REQUEST_ID_HEADER))
@@ -278,6 +281,9 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         # Trailing, not initial: setting it is free, sending initial metadata first is one more
         # write per call (an error's trailing metadata gets it in fail()).
         context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
+
+    async def begin(servicer: _Servicer, call: _Call, request: Any, context: Any) -> Any:
+        start(call, context)
         if isinstance(request, Undecodable):
             raise await undecodable(servicer, request)
         if hasattr(request, "__aiter__"):  # client streaming: check each message as it comes
@@ -307,7 +313,11 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
         started = time.perf_counter()
         call = _Call(action=action)
         try:
-            request = await begin(self, call, request, context)
+            # begin() without its coroutine for the usual request: decoded, not a stream.
+            if isinstance(request, Message):
+                start(call, context)
+            else:
+                request = await begin(self, call, request, context)
             result = await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
