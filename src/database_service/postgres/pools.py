@@ -335,7 +335,9 @@ class TenantPools:
         within ``timeout`` (the acquisition timeout by default)."""
         try:
             async with asyncio.timeout(self._acquire_timeout if timeout is None else timeout):
-                await self._take_budget(tenant_id)
+                # Every tenant's idle pools may make room, this one's too: the connection is
+                # for the port, not for one of these pools.
+                await self._take_budget(tenant_id, evict_own=True)
         except TimeoutError:
             raise ResourceExhausted(
                 f"tenant {tenant_id!r}: the service's {self._budget.limit} PostgreSQL "
@@ -494,14 +496,14 @@ class TenantPools:
         log.info("tenant %s: %s pool opened (max %d)", login.tenant_id, workload, size)
         return entry
 
-    async def _take_budget(self, tenant_id: str) -> None:
+    async def _take_budget(self, tenant_id: str, *, evict_own: bool = False) -> None:
         if self._budget.try_take():
             return
-        await self._evict_idle(exclude=tenant_id)
+        await self._evict_idle(exclude=None if evict_own else tenant_id)
         if not self._budget.try_take():
             await self._budget.wait()  # bounded by the caller's acquisition deadline
 
-    async def _evict_idle(self, exclude: str) -> None:
+    async def _evict_idle(self, exclude: str | None) -> None:
         # The port's idle server connections first: one connection each, no pool to reopen.
         for closer in self._idle_closers:
             while self._budget.open >= self._budget.limit and closer():
