@@ -47,6 +47,28 @@ async def test_a_round_trip_past_its_limit_is_cancelled_with_sqlstate_57014() ->
     await deadlines.aclose()
 
 
+@pytest.mark.parametrize("statement_seconds", [0.05, 30])
+async def test_the_sessions_limit_ends_the_round_trip_under_way(statement_seconds: float) -> None:
+    """When the whole session's limit passes first — or with the statement's, as the ingest
+    writer sets them — the awaiting task is cancelled at once, not left waiting for a backend
+    that traps the cancel (found by test_a_tenants_endless_trigger_does_not_stall_ingestion)."""
+    deadlines = _deadlines()
+    watch = deadlines.watch(
+        _Connection(),  # type: ignore[arg-type]
+        "r",
+        statement_seconds=statement_seconds,
+        total_seconds=0.05,
+    )
+    started = time.perf_counter()
+    with pytest.raises(QueryError) as info:
+        async with watch.statement():
+            await asyncio.sleep(5)
+    assert time.perf_counter() - started < 1
+    assert info.value.sqlstate == "57014" and watch.expired == "transaction"
+    watch.close()
+    await deadlines.aclose()
+
+
 async def test_a_short_limit_after_long_ones_moves_the_timer_earlier() -> None:
     deadlines = _deadlines()
     longs = [

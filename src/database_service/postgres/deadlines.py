@@ -109,6 +109,11 @@ class SessionWatch:
             return _NEVER
         if now >= self._total_at:
             self._expire("transaction")
+            # A round trip under way ends now too, as its own limit would end it: the awaiting
+            # task is cancelled (asyncpg asks PostgreSQL to cancel), rather than left waiting
+            # for a backend that traps the cancel until it is terminated after the grace.
+            for limit in list(self._limits):
+                limit.fire()
             return _NEVER
         due = self._total_at
         for limit in self._limits:
