@@ -105,6 +105,7 @@ def seed_operation(tenant_id: str, signal: dict[str, Any], object_id: str) -> di
     }
 
 
+@pytest.mark.pgvector  # a vector part on pgvector: the embedded 18 has it, Debian's 15 not
 async def test_the_seeds_example_runs_across_every_store(
     core: Application, client: MultiDatabaseClient, tenant: TenantRecord
 ) -> None:
@@ -152,6 +153,7 @@ async def _edge_key(core: Application, tenant_id: str) -> str:
     return edge_key("signals/sig-1", "symbols/EURUSD")
 
 
+@pytest.mark.pgvector  # a vector part on pgvector: the embedded 18 has it, Debian's 15 not
 async def test_reads_run_directly_after_the_commit(
     core: Application, client: MultiDatabaseClient, tenant: TenantRecord
 ) -> None:
@@ -343,6 +345,7 @@ async def test_a_failed_entry_is_kept_listed_and_retried_by_an_admin(
     ).status_code == 403
 
 
+@pytest.mark.pgvector  # a vector part on pgvector: the embedded 18 has it, Debian's 15 not
 async def test_a_joined_write_that_fails_rolls_the_postgresql_part_back(
     core: Application, client: MultiDatabaseClient, tenant: TenantRecord
 ) -> None:
@@ -474,6 +477,7 @@ async def test_with_redis_down_writes_are_pending_then_applied_by_the_loop(
         await redis.aclose()
 
 
+@pytest.mark.pgvector  # a vector part on pgvector: the embedded 18 has it, Debian's 15 not
 async def test_with_a_user_id_vector_and_graph_writes_go_through_the_outbox(
     core: Application, tenant: TenantRecord
 ) -> None:
