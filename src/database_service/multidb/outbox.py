@@ -216,13 +216,15 @@ class StoreAppliers:
         # Per store, which instance of it this process writes to (``store_targets``): entries
         # are recorded with it and applied only by processes with the same.
         self.targets: dict[str, str] = dict(targets or {})
+        # ``store:target`` of every store, as entries this process may apply are marked: fixed
+        # by the configuration, so built once rather than per entry applied.
+        self._accepted = [f"{store}:{self.target(store)}" for store in OUTBOX_STORES]
 
     def target(self, store: str) -> str:
         return self.targets.get(store, "")
 
     def accepted(self) -> list[str]:
-        """``store:target`` of every store, as entries this process may apply are marked."""
-        return [f"{store}:{self.target(store)}" for store in OUTBOX_STORES]
+        return self._accepted
 
     async def apply(
         self,
