@@ -987,6 +987,10 @@ class Application:
                 directory=(s.backup_dir or s.data_dir / "backups") / "tenants",
                 control_schema=s.control_schema,
                 shared_schema=s.shared_schema,
+                # On pgvector, collections are tables of the tenant's schema and go with them.
+                vectors=self.vector_store
+                if isinstance(self.vector_store, WeaviateVectorStore)
+                else None,
             ),
         )
         self._stack.push_async_callback(self.tenant_backups.aclose)

@@ -43,7 +43,11 @@ __all__ = [
 ]
 
 FORMAT = "dbsvc-tenant-backup"
-FORMAT_VERSION = 1
+# 2: vector collections of an external store (``collections``, JSON-lines members). A version 1
+# file is read as one without them; a service that reads only 1 refuses a 2 rather than
+# restoring it without its collections.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
@@ -155,9 +159,14 @@ class ArchiveReader:
     def tables(self) -> list[dict[str, Any]]:
         return list(self.manifest["tables"])
 
+    def collections(self) -> list[dict[str, Any]]:
+        """Vector collections of an external store (Weaviate), JSON lines each (version 2)."""
+        return list(self.manifest.get("collections") or [])
+
     def verify(self) -> None:
         """Every member's size and SHA-256 against the manifest; nothing else in the file."""
-        expected = {t["member"] for t in self.tables()} | {MANIFEST}
+        members = [*self.tables(), *self.collections()]
+        expected = {t["member"] for t in members} | {MANIFEST}
         present = set(self._zip.namelist())
         if present != expected:
             extra = sorted(present - expected)[:3]
@@ -166,8 +175,8 @@ class ArchiveReader:
                 f"{self.path.name}: members do not match the manifest"
                 f" (unexpected {extra}, missing {missing})"
             )
-        for table in self.tables():
-            for _ in self.chunks(table):
+        for member in members:
+            for _ in self.chunks(member):
                 pass
 
     def chunks(self, table: dict[str, Any]) -> Iterator[bytes]:
@@ -185,7 +194,7 @@ class ArchiveReader:
             raise BackupCorrupt(f"{self.path.name}: {table['member']} is damaged ({exc})") from None
         if size != table["bytes"] or not hmac.compare_digest(digest.hexdigest(), table["sha256"]):
             raise BackupCorrupt(
-                f"{self.path.name}: the checksum of table {table['name']!r} does not match the"
+                f"{self.path.name}: the checksum of {table['name']!r} does not match the"
                 " manifest; the file is damaged or was changed"
             )
 
@@ -204,9 +213,10 @@ def read_manifest(archive: zipfile.ZipFile, key: bytes) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BackupCorrupt("not a tenant backup (the manifest names another format)")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise BackupUnsupported(
-            f"backup format version {version!r}: this service reads version {FORMAT_VERSION}"
+            f"backup format version {version!r}: this service reads versions"
+            f" {', '.join(map(str, READABLE_VERSIONS))}"
         )
     signature = manifest.get("signature")
     if not isinstance(signature, str) or not hmac.compare_digest(signature, sign(manifest, key)):

@@ -27,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import graphlib
+import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -51,12 +52,19 @@ from database_service.errors import (
     TenantSuspended,
 )
 from database_service.postgres import Connection, TenantPools
+from database_service.stores.vector.model import CollectionInfo, Metric, PropertyType
 from database_service.tenancy import TenantLimits, TenantManager, TenantRecord, TenantRegistry
 from database_service.tenancy.ids import quote_ident, quote_literal, validate_tenant_id
 from database_service.tenancy.migrations import Migrator
 from database_service.tenancy.secrets import TenantLogins
 
-__all__ = ["BackupProgress", "ProgressCallback", "RestoreReport", "TenantBackups"]
+__all__ = [
+    "BackupProgress",
+    "ExternalCollections",
+    "ProgressCallback",
+    "RestoreReport",
+    "TenantBackups",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,27 @@ class BackupProgress:
 
 
 ProgressCallback = Callable[[BackupProgress], None]
+
+
+class ExternalCollections(Protocol):
+    """Vector collections kept outside PostgreSQL (Weaviate: ``WeaviateVectorStore``). On
+    pgvector they are tables of the tenant's schema, exported as any table is."""
+
+    kind: str
+
+    async def tenant_collections(self, tenant_id: str) -> list[CollectionInfo]: ...
+
+    def export_objects(
+        self, tenant_id: str, info: CollectionInfo
+    ) -> AsyncIterator[list[dict[str, Any]]]: ...
+
+    async def restore_collection(self, tenant_id: str, info: CollectionInfo) -> None: ...
+
+    async def restore_objects(
+        self, tenant_id: str, info: CollectionInfo, objects: list[dict[str, Any]]
+    ) -> int: ...
+
+    async def drop_tenant(self, tenant_id: str) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +128,24 @@ class RestoreReport:
         }
 
 
+_OBJECTS_PER_BATCH = 500  # vector objects per write to the store on restore
+
+
 def _member(index: int) -> str:
     return f"data/{index:04d}.copy"
+
+
+def _collection_member(index: int) -> str:
+    return f"vectors/{index:04d}.jsonl"
+
+
+def _collection_info(entry: dict[str, Any]) -> CollectionInfo:
+    return CollectionInfo(
+        entry["name"],
+        int(entry["dimension"]),
+        Metric(entry["metric"]),
+        {p: PropertyType(k) for p, k in entry["properties"].items()},
+    )
 
 
 def _qualified(schema: str, name: str) -> str:
@@ -227,8 +272,10 @@ class TenantBackups:
         directory: Path,
         control_schema: str,
         shared_schema: str,
+        vectors: ExternalCollections | None = None,
     ) -> None:
         self._pools = pools
+        self._vectors = vectors
         self._logins = logins
         self._registry = registry
         self._manager = manager
@@ -256,10 +303,48 @@ class TenantBackups:
             async with self._pools.acquire(self._logins.login(record), "bulk") as conn:
                 manifest = await self._export_on(conn, record, writer, progress)
             manifest["migrations"] = [r["version"] for r in versions]
+            if self._vectors is not None:
+                manifest["collections"] = await self._export_collections(
+                    record.tenant_id, self._vectors, writer, progress
+                )
             return writer.finish(manifest, self._key)
         except BaseException:
             writer.abort()
             raise
+
+    async def _export_collections(
+        self,
+        tenant_id: str,
+        vectors: ExternalCollections,
+        writer: ArchiveWriter,
+        progress: ProgressCallback | None,
+    ) -> list[dict[str, Any]]:
+        """The tenant's collections on the external store, one JSON-lines member each (an
+        object per line, as ``upsert`` takes it), read a page at a time after the PostgreSQL
+        snapshot: the store has no snapshot of its own (see ``export_objects``)."""
+        entries = []
+        for index, info in enumerate(await vectors.tenant_collections(tenant_id)):
+            objects = 0
+            with writer.member(_collection_member(index)) as sink:
+                async for page in vectors.export_objects(tenant_id, info):
+                    lines = b"".join(
+                        json.dumps(o, separators=(",", ":")).encode() + b"\n" for o in page
+                    )
+                    await sink(lines)
+                    objects += len(page)
+                    if progress is not None:
+                        progress(BackupProgress("export", f"vector:{info.name}", objects, objects))
+            entries.append(
+                {
+                    **info.to_dict(),
+                    "store": vectors.kind,
+                    "member": _collection_member(index),
+                    "objects": objects,
+                    "bytes": sink.bytes,
+                    "sha256": sink.sha256,
+                }
+            )
+        return entries
 
     async def _export_on(
         self,
@@ -483,7 +568,25 @@ class TenantBackups:
                 progress(BackupProgress("verify", "", 0, manifest["totals"]["rows"]))
             # Hashing the whole file: in a thread, not on the event loop.
             await asyncio.to_thread(archive.verify)
+            collections = archive.collections()
+            vectors = self._vectors
+            if collections and vectors is None:
+                raise BackupUnsupported(
+                    f"the backup holds {len(collections)} vector collections kept on"
+                    f" {collections[0].get('store', 'an external store')}, and this service has"
+                    " none configured (DBSVC_WEAVIATE_URL)"
+                )
             record = await self._registry.find(target)
+            if record is not None and vectors is not None:
+                have = await vectors.tenant_collections(target)
+                if have:
+                    # Not even with replace: the store has no transaction, so collections
+                    # dropped here could not come back if the restore then failed.
+                    raise BackupTargetNotEmpty(
+                        f"tenant {target!r} has vector collections on {vectors.kind}"
+                        f" ({', '.join(i.name for i in have[:5])}): drop them first (a restore"
+                        " cannot replace them and still leave everything as it was if it fails)"
+                    )
             created = record is None
             if record is None:
                 limits = manifest.get("limits") or {}
@@ -506,6 +609,17 @@ class TenantBackups:
                         conn, record, archive, replace=replace and not created, progress=progress
                     )
             except BaseException:
+                if collections and vectors is not None:
+                    # The target had no collections on the store (checked above): whatever
+                    # the restore made there goes with the rolled-back PostgreSQL part.
+                    try:
+                        await vectors.drop_tenant(target)
+                    except Exception:
+                        log.exception(
+                            "tenant %s: the vector collections of a restore that failed could"
+                            " not be dropped: drop them",
+                            target,
+                        )
                 if created:
                     # Nothing of the restore may remain: the tenant it created goes again.
                     try:
@@ -625,7 +739,54 @@ class TenantBackups:
                 )
             for trigger in objects["triggers"]:
                 await conn.execute(rename(trigger["definition"]))
+            # Last, in the open transaction: a collection that fails to load rolls back the
+            # PostgreSQL part too (and ``restore`` drops what was made on the store).
+            if self._vectors is not None:
+                for entry in archive.collections():
+                    await self._load_collection(
+                        self._vectors, record.tenant_id, archive, entry, progress
+                    )
         return done_rows
+
+    async def _load_collection(
+        self,
+        vectors: ExternalCollections,
+        tenant_id: str,
+        archive: ArchiveReader,
+        entry: dict[str, Any],
+        progress: ProgressCallback | None,
+    ) -> None:
+        info = _collection_info(entry)
+        await vectors.restore_collection(tenant_id, info)
+        total = int(entry["objects"])
+        done = 0
+        batch: list[dict[str, Any]] = []
+
+        async def flush() -> None:
+            nonlocal done, batch
+            if batch:
+                done += await vectors.restore_objects(tenant_id, info, batch)
+                batch = []
+                if progress is not None:
+                    progress(BackupProgress("restore", f"vector:{info.name}", done, total))
+
+        rest = b""
+        # The checksum is checked again as the bytes are read (see ``_load``).
+        for chunk in archive.chunks(entry):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                if line:
+                    batch.append(json.loads(line))
+                    if len(batch) >= _OBJECTS_PER_BATCH:
+                        await flush()
+        if rest:
+            batch.append(json.loads(rest))
+        await flush()
+        if done != total:
+            raise BackupCorrupt(
+                f"vector collection {info.name!r}: {done} objects loaded, the manifest says {total}"
+            )
 
     async def _load(
         self,

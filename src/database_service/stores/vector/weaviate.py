@@ -73,6 +73,7 @@ from database_service.stores.vector.model import (
     VectorObject,
     check_vector,
     collection_name,
+    json_value,
     object_id,
     object_row,
 )
@@ -363,65 +364,75 @@ class WeaviateVectorStore:
     ) -> CollectionInfo:
         name = collection_name(name)
         async with self._op(principal, ctx, "create_collection", "ddl") as detail:
-            cls = class_name(ctx.tenant_id, name)
             detail[0] = name
-            if await self._request("GET", f"/v1/schema/{cls}", missing_ok=True):
-                raise CollectionExists(f"collection {name!r} exists")
-            description = json.dumps(
-                {
-                    "marker": _MARKER,
-                    "name": name,
-                    "tenant": ctx.tenant_id,
-                    "dimension": int(dimension),
-                    "metric": metric.value,
-                }
-            )
-            body = {
-                "class": cls,
-                "description": description,
-                "vectorizer": "none",
-                "vectorIndexType": "hnsw",
-                "vectorIndexConfig": {"distance": _DISTANCE[metric], **_HNSW},
-                # IsNull filters, and NotEqual meaning SQL's (nulls excluded), need null state.
-                "invertedIndexConfig": {"indexNullState": True},
-                "multiTenancyConfig": {
-                    "enabled": True,
-                    "autoTenantCreation": False,
-                    "autoTenantActivation": True,
-                },
-                "properties": [
-                    {
-                        "name": p,
-                        "dataType": [_DATA_TYPE[k]],
-                        # The whole value is the token: Equal and Like compare whole strings,
-                        # case-sensitively, as SQL does (Weaviate's default splits words).
-                        **(
-                            {"tokenization": "field", "indexSearchable": False}
-                            if k in (PropertyType.TEXT, PropertyType.TEXT_ARRAY)
-                            else {}
-                        ),
-                        "indexFilterable": True,
-                    }
-                    for p, k in properties.items()
-                ],
-            }
-            try:
-                await self._request("POST", "/v1/schema", body=body)
-            except WeaviateError as exc:
-                if "already exists" in exc.message:
-                    raise CollectionExists(f"collection {name!r} exists") from None
-                raise
-            try:
-                await self._request(
-                    "POST", f"/v1/schema/{cls}/tenants", body=[{"name": ctx.tenant_id}]
-                )
-            except DatabaseServiceError:
-                # A class without its tenant is of no use: do not leave it behind.
-                with contextlib.suppress(DatabaseServiceError):
-                    await self._request("DELETE", f"/v1/schema/{cls}")
-                raise
-        self._infos.pop(cls, None)
+            await self._create_class(ctx.tenant_id, name, dimension, metric, properties)
         return CollectionInfo(name, dimension, metric, dict(properties), 0)
+
+    async def _create_class(
+        self,
+        tenant_id: str,
+        name: str,
+        dimension: int,
+        metric: Metric,
+        properties: Mapping[str, PropertyType],
+    ) -> None:
+        """The tenant's collection as a Weaviate class with the tenant as its only Weaviate
+        tenant; CollectionExists when it is there."""
+        cls = class_name(tenant_id, name)
+        if await self._request("GET", f"/v1/schema/{cls}", missing_ok=True):
+            raise CollectionExists(f"collection {name!r} exists")
+        description = json.dumps(
+            {
+                "marker": _MARKER,
+                "name": name,
+                "tenant": tenant_id,
+                "dimension": int(dimension),
+                "metric": metric.value,
+            }
+        )
+        body = {
+            "class": cls,
+            "description": description,
+            "vectorizer": "none",
+            "vectorIndexType": "hnsw",
+            "vectorIndexConfig": {"distance": _DISTANCE[metric], **_HNSW},
+            # IsNull filters, and NotEqual meaning SQL's (nulls excluded), need null state.
+            "invertedIndexConfig": {"indexNullState": True},
+            "multiTenancyConfig": {
+                "enabled": True,
+                "autoTenantCreation": False,
+                "autoTenantActivation": True,
+            },
+            "properties": [
+                {
+                    "name": p,
+                    "dataType": [_DATA_TYPE[k]],
+                    # The whole value is the token: Equal and Like compare whole strings,
+                    # case-sensitively, as SQL does (Weaviate's default splits words).
+                    **(
+                        {"tokenization": "field", "indexSearchable": False}
+                        if k in (PropertyType.TEXT, PropertyType.TEXT_ARRAY)
+                        else {}
+                    ),
+                    "indexFilterable": True,
+                }
+                for p, k in properties.items()
+            ],
+        }
+        try:
+            await self._request("POST", "/v1/schema", body=body)
+        except WeaviateError as exc:
+            if "already exists" in exc.message:
+                raise CollectionExists(f"collection {name!r} exists") from None
+            raise
+        try:
+            await self._request("POST", f"/v1/schema/{cls}/tenants", body=[{"name": tenant_id}])
+        except DatabaseServiceError:
+            # A class without its tenant is of no use: do not leave it behind.
+            with contextlib.suppress(DatabaseServiceError):
+                await self._request("DELETE", f"/v1/schema/{cls}")
+            raise
+        self._infos.pop(cls, None)
 
     async def list_collections(
         self, principal: Principal, ctx: TenantContext
@@ -474,6 +485,65 @@ class WeaviateVectorStore:
                 dropped += 1
         return dropped
 
+    # --- tenant backups ----------------------------------------------------------------------
+    # No caller here: the backup use case (``application.tenant_backups``) has authorized the
+    # export or restore of the whole tenant and audits it as one operation.
+
+    async def tenant_collections(self, tenant_id: str) -> list[CollectionInfo]:
+        """Every collection of the tenant, by name."""
+        prefix = f"{_PREFIX}{tenant_key(tenant_id)}_"
+        schema = await self._request("GET", "/v1/schema")
+        infos = [
+            info
+            for c in (schema or {}).get("classes") or []
+            if str(c.get("class", "")).startswith(prefix)
+            and (info := _info_of(c, tenant_id)) is not None
+        ]
+        return sorted(infos, key=lambda i: i.name.lower())
+
+    async def export_objects(
+        self, tenant_id: str, info: CollectionInfo, *, page: int = 500
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The collection's objects, ``page`` at a time, as ``upsert`` takes them (id, vector,
+        properties as JSON carries them), in id order by Weaviate's cursor (``after``): each
+        page is a request of its own, so a collection of any size is read in bounded memory.
+        Weaviate has no snapshots: objects written meanwhile may or may not be included."""
+        cls = class_name(tenant_id, info.name)
+        after: str | None = None
+        while True:
+            params = {"class": cls, "tenant": tenant_id, "limit": str(page), "include": "vector"}
+            if after is not None:
+                params["after"] = after
+            answer = await self._request("GET", "/v1/objects", params=params)
+            items = (answer or {}).get("objects") or []
+            if not items:
+                return
+            yield [
+                {
+                    "id": str(item["id"]),
+                    "vector": [float(v) for v in item.get("vector") or []],
+                    "properties": {
+                        p: json_value(_from_weaviate(k, value))
+                        for p, k in info.properties.items()
+                        if (value := (item.get("properties") or {}).get(p)) is not None
+                    },
+                }
+                for item in items
+            ]
+            after = str(items[-1]["id"])
+
+    async def restore_collection(self, tenant_id: str, info: CollectionInfo) -> None:
+        """The collection as the backup describes it (CollectionExists when it is there)."""
+        await self._create_class(
+            tenant_id, collection_name(info.name), info.dimension, info.metric, info.properties
+        )
+
+    async def restore_objects(
+        self, tenant_id: str, info: CollectionInfo, objects: Sequence[Mapping[str, Any]]
+    ) -> int:
+        """Objects of a backup, checked against the collection as any write is."""
+        return await self._write(tenant_id, collection_name(info.name), info, objects)
+
     # --- objects ----------------------------------------------------------------------------
 
     async def upsert(
@@ -491,49 +561,59 @@ class WeaviateVectorStore:
         async with self._op(principal, ctx, "upsert", "write") as detail:
             detail[0] = f"{name}: {len(objects)} objects"
             info = await self._info(ctx.tenant_id, name)
-            names = list(info.properties)
-            rows = [object_row(info, names, o, n) for n, o in enumerate(objects, start=1)]
-            if len({r[0] for r in rows}) != len(rows):
-                raise InvalidRequest("an object id appears twice in the batch")
-            cls = class_name(ctx.tenant_id, name)
-            written = 0
-            for start in range(0, len(rows), _CHUNK):
-                chunk = rows[start : start + _CHUNK]
-                body = {
-                    "objects": [
-                        {
-                            "class": cls,
-                            "tenant": ctx.tenant_id,
-                            "id": str(r[0]),
-                            "vector": r[1],
-                            "properties": {
-                                p: _to_weaviate(v)
-                                for p, v in zip(names, r[2:], strict=True)
-                                if v is not None
-                            },
-                        }
-                        for r in chunk
-                    ]
-                }
-                try:
-                    answer = await self._request(
-                        "POST", "/v1/batch/objects", body=body, params={"consistency_level": "ALL"}
-                    )
-                except DatabaseServiceError as exc:
-                    if written:
-                        exc.message += f" ({written} of {len(rows)} objects were written)"
-                    raise
-                failed = [o for o in answer or [] if ((o.get("result") or {}).get("errors") or {})]
-                if failed:
-                    error = (failed[0]["result"]["errors"].get("error") or [{}])[0]
-                    done = written + len(chunk) - len(failed)
-                    if not done:
-                        await self._gone(cls, ctx.tenant_id, name)  # raises if it is
-                    raise WeaviateError(
-                        f"Weaviate refused {len(failed)} objects ({done} of {len(rows)}"
-                        f" written): {str(error.get('message', error))[:200]}"
-                    )
-                written += len(chunk)
+            return await self._write(ctx.tenant_id, name, info, objects)
+
+    async def _write(
+        self,
+        tenant_id: str,
+        name: str,
+        info: CollectionInfo,
+        objects: Sequence[Mapping[str, Any]],
+    ) -> int:
+        """``objects`` checked against the collection and written in batches."""
+        names = list(info.properties)
+        rows = [object_row(info, names, o, n) for n, o in enumerate(objects, start=1)]
+        if len({r[0] for r in rows}) != len(rows):
+            raise InvalidRequest("an object id appears twice in the batch")
+        cls = class_name(tenant_id, name)
+        written = 0
+        for start in range(0, len(rows), _CHUNK):
+            chunk = rows[start : start + _CHUNK]
+            body = {
+                "objects": [
+                    {
+                        "class": cls,
+                        "tenant": tenant_id,
+                        "id": str(r[0]),
+                        "vector": r[1],
+                        "properties": {
+                            p: _to_weaviate(v)
+                            for p, v in zip(names, r[2:], strict=True)
+                            if v is not None
+                        },
+                    }
+                    for r in chunk
+                ]
+            }
+            try:
+                answer = await self._request(
+                    "POST", "/v1/batch/objects", body=body, params={"consistency_level": "ALL"}
+                )
+            except DatabaseServiceError as exc:
+                if written:
+                    exc.message += f" ({written} of {len(rows)} objects were written)"
+                raise
+            failed = [o for o in answer or [] if ((o.get("result") or {}).get("errors") or {})]
+            if failed:
+                error = (failed[0]["result"]["errors"].get("error") or [{}])[0]
+                done = written + len(chunk) - len(failed)
+                if not done:
+                    await self._gone(cls, tenant_id, name)  # raises if it is
+                raise WeaviateError(
+                    f"Weaviate refused {len(failed)} objects ({done} of {len(rows)}"
+                    f" written): {str(error.get('message', error))[:200]}"
+                )
+            written += len(chunk)
         return written
 
     async def _gone(self, cls: str, tenant_id: str, name: str) -> None:
