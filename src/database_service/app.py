@@ -124,6 +124,7 @@ class Endpoints:
 
 
 def _secret(value: SecretStr | None) -> str | None:
+    """An optional secret setting's value (the required ones are unwrapped where used)."""
     return None if value is None else value.get_secret_value()
 
 
@@ -499,7 +500,7 @@ class Application:
         if s.weaviate_url is not None:
             weaviate = WeaviateVectorStore(
                 s.weaviate_url,
-                api_key=s.weaviate_api_key.get_secret_value() if s.weaviate_api_key else None,
+                api_key=_secret(s.weaviate_api_key),
                 registry=self.registry,
                 audit=self.audit,
                 timeout_seconds=s.weaviate_timeout_seconds,
@@ -622,7 +623,7 @@ class Application:
         scheme = "https" if s.tls_cert_file is not None else "http"
         agent = HubAgent(
             s.central_hub_url,
-            token=s.central_hub_token.get_secret_value() if s.central_hub_token else None,
+            token=_secret(s.central_hub_token),
             instance_id=s.instance_id or f"{socket.gethostname()}:{s.http_port}",
             version=__version__,
             endpoints={
@@ -727,7 +728,7 @@ class Application:
         in Redis (DragonflyDB in production). Every process listens to PostgreSQL's
         notifications of writes (whoever made them: control migration 0009's triggers)."""
         s, stack, metrics = self.settings, self._stack, self.metrics
-        url = s.redis_url.get_secret_value() if s.redis_url is not None else None
+        url = _secret(s.redis_url)
         timeout_s = s.cache_redis_timeout_ms / 1000
         generations = Generations(
             url,
@@ -875,7 +876,7 @@ class Application:
         if s.arangodb_url is not None:
             from database_service.stores.graph.arango import ArangoGraphStore  # noqa: PLC0415 - optional
 
-            password = s.arangodb_password.get_secret_value() if s.arangodb_password else ""
+            password = _secret(s.arangodb_password) or ""
             return ArangoGraphStore(
                 s.arangodb_url.get_secret_value(),
                 username=s.arangodb_username,
