@@ -122,12 +122,6 @@ _DISCARD_IN_BLOCK: _Refused = (
     "DISCARD ALL cannot run inside a transaction block",
     "invalid_transaction_state",
 )
-_RESET_IN_BLOCK: _Refused = (
-    "0A000",
-    "through this port RESET ALL runs outside a transaction block only (the settings it returns"
-    " to are tracked per client between transactions)",
-    "sql_rejected",
-)
 _MID_BATCH: _Refused = (
     "0A000",
     "send this after a Sync: the extended-protocol messages before it are still unanswered",
@@ -459,6 +453,9 @@ class ClientSession:
         self.startup_wanted: dict[str, str] = {}
         self.wrapped = False
         self.block = False
+        # RESET ALL ran inside this transaction with a user id given by SET: the startup user
+        # id comes back when the transaction commits (not if it rolls back).
+        self.reset_at_commit = False
         # Statements (by name) and portals the port answers itself, never sent to a server:
         # SET dbsvc.user_id and, for a user id, BEGIN. Value: (control, user id or SQL).
         self.virtual: dict[str, tuple[str, str | None]] = {}
@@ -474,7 +471,9 @@ class ClientSession:
         self.unnamed: bytes | None = None  # the client's last Parse of the unnamed statement
         self.pending: set[str] = set()  # server names parsed in this batch, not yet confirmed
         self.ident = id(self)
-        self._deallocating: str | None = None  # DEALLOCATE's name, from the last decision
+        # DEALLOCATE's name, the user id of a SET, or the text a lookup is rewritten to: from
+        # the last decision.
+        self._deallocating: str | None = None
         self._resets: tuple[str, ...] = ()  # a driver's reset batch, from the last decision
         self._verdict: Classification | None = None  # the last decision's
         # The guard's verdict and text of each prepared statement and bound portal, so that a
@@ -965,7 +964,14 @@ class ClientSession:
                 if in_block and kind == "DISCARD ALL":
                     return self._reset_failed(out, _DISCARD_IN_BLOCK, extended)
                 if in_block:
-                    return self._reset_failed(out, _RESET_IN_BLOCK, extended)
+                    if self.expect:
+                        return self._reset_failed(out, _MID_BATCH, extended)
+                    changed = await self._reset_in_block()
+                    if isinstance(changed, bytearray):
+                        return bytes(out + changed)
+                    out += changed
+                    out += codec.message(b"C", codec.cstring("RESET"))
+                    continue
                 out += self._reset_settings()
                 if kind == "DISCARD ALL":
                     self._forget_statements()
@@ -1011,6 +1017,32 @@ class ClientSession:
             self.aborted = True
         detail = {k: v for k, v in error.items() if k in "DHP"}
         return codec.error_response(error.get("C", "XX000"), error.get("M", sql), **detail)
+
+    async def _reset_in_block(self) -> bytes | bytearray:
+        """RESET ALL inside a transaction block, as PostgreSQL runs it: transactional. The
+        tracked settings are SET back to the session's defaults on the transaction's server
+        connection (a ROLLBACK there restores them and reports it, which ``_track_setting``
+        follows); a user id given by SET goes back to the startup one only if the transaction
+        commits (the transaction's own user id is fixed when it begins). Nothing else reaches
+        the server: never a literal RESET ALL, which would reset the port's statement limit
+        and read-only mode there. The ParameterStatus messages of what changed, or the error
+        (a bytearray)."""
+        assert self.server is not None
+        reported = TRACKED_SETTINGS.values()
+        changes = {
+            name: value
+            for name, value in self.startup_wanted.items()
+            if name in reported and self.server.applied.get(name) != value
+        }
+        if changes:
+            error = await self._on_server(
+                ";".join(f"SET {name} TO {_literal(value)}" for name, value in changes.items())
+            )
+            if error is not None:
+                return bytearray(error)
+        self.wanted.update(changes)
+        self.reset_at_commit = self.user_id != self.startup_user_id
+        return b"".join(codec.parameter_status(name, value) for name, value in changes.items())
 
     def _reset_settings(self) -> bytes:
         """RESET ALL: the tracked settings and the user id back to the startup packet's (a
@@ -1116,7 +1148,7 @@ class ClientSession:
         if self.server is not None and self.server_pool is not None:
             self.server_pool.release(self.server)
             self.server = self.server_pool = None
-            self.wrapped = self.block = False
+            self.wrapped = self.block = self.reset_at_commit = False
             self.port.figures.servers.dec()
             self.port.figures.transactions.inc()
 
@@ -1170,6 +1202,8 @@ class ClientSession:
             return
         if self.aborted and control == "commit":
             payload = codec.cstring("ROLLBACK")  # PostgreSQL answers COMMIT so in a failed one
+        elif control == "rewrite" and self._deallocating is not None:
+            payload = codec.cstring(self._deallocating)  # a driver's catalog lookup, limited
         self.server_skipping = False
         server.send(codec.message(b"Q", payload))
         if self.server_pool is not None:
@@ -1252,6 +1286,10 @@ class ClientSession:
             raise _Refusal(*refusal)
         if control == "deallocate":
             raise _Refusal("0A000", "send DEALLOCATE as a simple query through this port")
+        if control == "rewrite" and self._deallocating is not None:
+            # A driver's catalog lookup: the tenant-limited query runs under the client's name.
+            query = self._deallocating
+            payload = codec.cstring(name) + codec.cstring(query) + types
         if control == "reset" and len(self._resets) > 1:
             raise _Refusal("42601", "cannot insert multiple commands into a prepared statement")
         if name and (name in self.statements or name in self.virtual):
@@ -1516,6 +1554,8 @@ class ClientSession:
                 if kind == b"C" and head is not None and head.record is not None:
                     self._done(head.record, raw)
                     head.record = None
+                if kind == b"C" and self.reset_at_commit and raw[5:-1] == b"COMMIT":
+                    self.user_id, self.reset_at_commit = self.startup_user_id, False
                 if kind in b"NA":
                     out += raw
                     continue
