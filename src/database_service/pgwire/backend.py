@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -71,6 +72,10 @@ class ServerConnection:
     unnamed: tuple[int, bytes] | None = None
     status: bytes = b"I"
     broken: bool = False
+    # When it was opened and last went idle in its pool (time.monotonic), for the pool's
+    # idle and age limits and the admin view.
+    opened: float = field(default_factory=time.monotonic)
+    idle_since: float = field(default_factory=time.monotonic)
     _buffer: bytearray = field(default_factory=bytearray)
 
     @classmethod

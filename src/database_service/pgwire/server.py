@@ -206,6 +206,14 @@ class PortFigures:
             " longer than the tenants' transaction limit.",
             registry=registry,  # type: ignore[arg-type]
         )  # fmt: skip
+        self.servers_closed = Counter(
+            "dbsvc_pgwire_servers_closed",
+            "Server connections the port closed, by reason: idle (past"
+            " DBSVC_PGWIRE_SERVER_IDLE_SECONDS), lifetime (past"
+            " DBSVC_PGWIRE_SERVER_LIFETIME_SECONDS), budget (room for another under the"
+            " service's cap), broken, closed (pool replaced or port stopped).",
+            ["reason"], registry=registry,  # type: ignore[arg-type]
+        )  # fmt: skip
         self.cancels = Counter(
             "dbsvc_pgwire_cancel_requests",
             "CancelRequests: served here (local), passed to the worker that holds the client"
@@ -263,6 +271,8 @@ class PgWireServer:
         worker: int = 0,
         cancel_dir: Path | None = None,
         idle_transaction_seconds: float | None = None,
+        server_idle_seconds: float | None = None,
+        server_lifetime_seconds: float | None = None,
     ) -> None:
         if not 0 <= worker < _MAX_WORKERS:
             raise ValueError(f"worker index {worker} out of 0..{_MAX_WORKERS - 1}")
@@ -288,17 +298,30 @@ class PgWireServer:
         self.idle_transaction_seconds = (
             idle_transaction_seconds or s.tenant_transaction_timeout_ms / 1000
         )
+        # Idle server connections close after a while, as PgBouncer's server_idle_timeout,
+        # and old ones are replaced, as its server_lifetime (see ``_reap``).
+        self.server_idle_seconds = server_idle_seconds or s.pgwire_server_idle_seconds
+        self.server_lifetime_seconds = (
+            s.pgwire_server_lifetime_seconds
+            if server_lifetime_seconds is None
+            else server_lifetime_seconds
+        )
+        self.figures = PortFigures.of(app.metrics.registry)
+        self.servers_closed: dict[str, int] = {}
         self.pools = ServerPools(
             self.address,
             max_per_tenant=max_per_tenant or s.pool_max_per_tenant,
             budget=app.pools,
             acquire_timeout=self.acquire_timeout,
+            idle_seconds=self.server_idle_seconds,
+            lifetime_seconds=self.server_lifetime_seconds,
+            closed=self._server_closed,
         )
+        self._reaper: asyncio.Task[None] | None = None
         self.policy = StatementPolicy(app.guard, (s.shared_schema,))
         # As the query core opens a user-scoped transaction (query/executor.py): the key is a
         # parameter, never in a statement's text.
         self.enter_user = f"SELECT {quote_ident(s.control_schema)}.enter_user($1, $2)"
-        self.figures = PortFigures.of(app.metrics.registry)
         self.sessions: dict[int, ClientSession] = {}
         self._server: asyncio.Server | None = None
 
@@ -312,6 +335,7 @@ class PgWireServer:
             path.unlink(missing_ok=True)
             self._cancel_server = await asyncio.start_unix_server(self._forwarded, str(path))
         self.app.pools.add_idle_closer(self.pools.close_one_idle)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
         self.app.health.sections.setdefault("pgwire", self.health)
         self.app.pgwire_views.append(self.show)
         log.info("PostgreSQL wire port listening on %s:%d", self.host, self.port)
@@ -322,6 +346,10 @@ class PgWireServer:
         if self.show in self.app.pgwire_views:
             self.app.pgwire_views.remove(self.show)
         self.app.pools.remove_idle_closer(self.pools.close_one_idle)
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         if self._cancel_server is not None:
             self._cancel_server.close()
             self._cancel_socket(self.worker).unlink(missing_ok=True)
@@ -333,12 +361,31 @@ class PgWireServer:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         self.pools.close()
 
+    def _server_closed(self, reason: str) -> None:
+        self.servers_closed[reason] = self.servers_closed.get(reason, 0) + 1
+        self.figures.servers_closed.labels(reason).inc()
+
+    async def _reap(self) -> None:
+        """Close idle server connections past the idle limit or the age limit, checked a few
+        times per limit (at most every 5 s): their budget slots go back to every front end."""
+        limits = [self.server_idle_seconds, self.server_lifetime_seconds or float("inf")]
+        period = min(5.0, max(0.05, min(limits) / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.pools.close_expired()
+            except Exception:  # a bug here must not stop the reaping
+                log.exception("PostgreSQL wire port: closing idle server connections failed")
+
     def health(self) -> dict[str, object]:
         return {
             "status": "ok" if self._server is not None and self._server.is_serving() else "down",
             "port": self.port,
             "clients": len(self.sessions),
             "servers": self.pools.servers,
+            "server_idle_seconds": self.server_idle_seconds,
+            "server_lifetime_seconds": self.server_lifetime_seconds or None,
+            "servers_closed": dict(self.servers_closed),
         }
 
     def show(self, visible: Callable[[str], bool] = lambda _: True) -> dict[str, object]:
