@@ -238,7 +238,9 @@ class StatementPolicy:
 
     async def decide(self, sql: str, principal: Principal, own_schema: str) -> Decision:
         try:
-            verdict = await self._guard.classify_async(
+            # By shape: a driver that inlines its values (psql, pgbench -M simple, psycopg's
+            # client-side binding) sends new text for each statement.
+            verdict = await self._guard.classify_shape_async(
                 sql, own_schema=own_schema, shared_schemas=self._shared
             )
         except DatabaseServiceError as exc:

@@ -1512,13 +1512,13 @@ class ClientSession:
             server.send(codec.message(kind, payload))
             if kind in b"cf":
                 break
-            await server.writer.drain()  # the server's pace: a fast client waits here
+            await server.drain()  # the server's pace: a fast client waits here
         if extended:
             kind, payload = await self._read()
             if kind != b"S":
                 raise codec.ProtocolViolation(f"expected Sync after COPY, got {kind!r}")
             server.send(codec.message(b"S"))
-        await server.writer.drain()
+        await server.drain()
 
     async def _drain_after_failed_copy(self, server: ServerConnection, extended: bool) -> None:
         """After the port's CopyFail: read the server to its ReadyForQuery (after an Execute
@@ -1527,7 +1527,7 @@ class ClientSession:
         if extended:
             server.send(codec.message(b"S"))
         try:
-            await server.writer.drain()
+            await server.drain()
             async with asyncio.timeout(10):
                 while True:
                     kind, payload = await server.read_message()
@@ -1553,7 +1553,7 @@ class ClientSession:
         out = bytearray()
         ready = False  # a ReadyForQuery came: the batch is over
         finish = False  # ... and it ends a transaction the port opened for a user id
-        await server.writer.drain()
+        await server.drain()
         while True:
             while expect and expect[0].synthetic is not None:
                 out += expect.popleft().synthetic  # type: ignore[arg-type]
