@@ -62,6 +62,7 @@ __all__ = ["PgWireServer", "listening"]
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1_048_576  # a Query or Bind larger than this is refused (08P01)
+_READ_CHUNK = 65536
 _WORKER_BITS = 6  # a client's cancel key names its worker in the pid's low bits
 _MAX_WORKERS = 1 << _WORKER_BITS
 _LIMIT_MARGIN = 0.25  # seconds past the tenant's statement limit before the port steps in
@@ -482,6 +483,7 @@ class ClientSession:
         self.port = port
         self.reader = reader
         self.writer = writer
+        self._in = bytearray()  # received from the client, not yet taken as messages
         self.pid = 0
         self.key = 0
         self.principal: Principal | None = None
@@ -590,6 +592,9 @@ class ClientSession:
         """The next message while this client holds a server connection: silence past the
         port's idle-in-transaction limit ends the session (25P03); ``cleanup`` then hands the
         connection back, rolled back by its pool."""
+        found = self._buffered()
+        if found is not None:
+            return found
         limit = self.port.idle_transaction_seconds
         try:
             async with asyncio.timeout(limit):
@@ -658,11 +663,30 @@ class ClientSession:
             self.writer.write(_error(sqlstate, text, code, severity="FATAL"))
             await self.writer.drain()
 
-    async def _read(self) -> tuple[bytes, bytes]:
-        header = await self.reader.readexactly(5)
-        kind, length = codec.split_header(header, MAX_MESSAGE_BYTES)
-        payload = await self.reader.readexactly(length) if length else b""
+    def _buffered(self) -> tuple[bytes, bytes] | None:
+        """The next whole message already received, taken from the buffer, or None. A client
+        pipelines (Bind, Execute, Sync arrive in one segment): those are taken from one read,
+        with no wait and no timer each."""
+        buffer = self._in
+        if len(buffer) < 5:
+            return None
+        kind, length = codec.split_header(bytes(buffer[:5]), MAX_MESSAGE_BYTES)
+        end = 5 + length
+        if len(buffer) < end:
+            return None
+        payload = bytes(buffer[5:end])
+        del buffer[:end]
         return kind, payload
+
+    async def _read(self) -> tuple[bytes, bytes]:
+        while True:
+            found = self._buffered()
+            if found is not None:
+                return found
+            data = await self.reader.read(_READ_CHUNK)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(self._in), None)
+            self._in += data
 
     async def _flush(self, data: bytes | bytearray) -> None:
         if data:
