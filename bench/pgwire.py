@@ -17,6 +17,7 @@ last line is one JSON object: ``{"bench": "pgwire", "simple_c32_vs_pgbouncer",
 Goal (issue #16): >= 0.8x PgBouncer's tps and p99 <= 1.3x PgBouncer's.
 
     .venv/bin/python bench/pgwire.py [--seconds 8] [--targets port] [--profile DIR]
+                                     [--event-loop uvloop]
 
 ``--profile DIR`` samples the service (py-spy, non-blocking) during each of the port's cases,
 keeps the raw stacks in DIR and prints the functions where most samples were (self time) and
@@ -189,13 +190,19 @@ async def main() -> None:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--targets", default="direct,pgbouncer,port")
     parser.add_argument("--profile", type=Path, default=None)
+    # The service's event loop (DBSVC_EVENT_LOOP): asyncio by default, as serve runs.
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
     names = [n for n in ("direct", "pgbouncer", "port") if n in args.targets.split(",")]
     wire_port = free_port()
     with reporting("pgwire") as figures:
         async with running_service(
-            DBSVC_PGWIRE_PORT=str(wire_port), DBSVC_POOL_MAX_PER_TENANT="8", DBSVC_WORKERS="1"
+            DBSVC_PGWIRE_PORT=str(wire_port),
+            DBSVC_POOL_MAX_PER_TENANT="8",
+            DBSVC_WORKERS="1",
+            DBSVC_EVENT_LOOP=args.event_loop,
         ) as service:
+            figures["event_loop"] = args.event_loop
             admin = {"Authorization": f"Bearer {service.admin_token}"}
             async with httpx.AsyncClient(base_url=service.http, timeout=60) as http:
                 created = await http.post(
