@@ -83,16 +83,25 @@ def pgbench(
         if done.returncode != 0:
             raise RuntimeError(f"pgbench failed: {done.stderr[-2000:]}")
         tps = float(re.search(r"tps = ([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
+        processed = re.search(r"number of transactions actually processed: (\d+)", done.stdout)
         latencies = []
         for log in Path(tmp).glob("log*"):
             for line in log.read_text().splitlines():
                 fields = line.split()
                 latencies.append(int(fields[2]) / 1000)  # microseconds -> ms
     return {
+        "transactions": float(processed.group(1)) if processed else tps * seconds,
         "tps": tps,
         "avg_ms": sum(latencies) / max(1, len(latencies)),
         "p99_ms": p99(latencies) if latencies else 0.0,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far: what the port costs per
+    transaction, which other load on a shared machine changes far less than tps."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def py_spy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
@@ -254,6 +263,7 @@ async def main() -> None:
                                 args.profile.mkdir(parents=True, exist_ok=True)
                                 stacks = args.profile / f"port_{mode}_c{clients}.txt"
                                 sampler = py_spy(service.pid, stacks, max(1, args.seconds - 1))
+                            cpu_before = cpu_seconds(service.pid)
                             try:
                                 result = pgbench(
                                     target, env, clients=clients, mode=mode, seconds=args.seconds
@@ -265,11 +275,21 @@ async def main() -> None:
                                 print(f"{name:10} -M {mode:8} -c {clients:2}: failed", flush=True)
                                 continue
                             key = f"{name}_{mode}_c{clients}"
+                            cpu = ""
+                            if name == "port":
+                                # The service's CPU per transaction (it serves only the port
+                                # here), in microseconds.
+                                used = cpu_seconds(service.pid) - cpu_before
+                                result["cpu_us_per_txn"] = (
+                                    1e6 * used / max(1.0, result["transactions"])
+                                )
+                                cpu = f", {result['cpu_us_per_txn']:.0f} us CPU/txn"
                             for k, v in result.items():
                                 figures[f"{key}_{k}"] = v
                             print(
                                 f"{name:10} -M {mode:8} -c {clients:2}: {result['tps']:9.0f} tps,"
-                                f" avg {result['avg_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms",
+                                f" avg {result['avg_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms"
+                                + cpu,
                                 flush=True,
                             )
                             if sampler is not None:
