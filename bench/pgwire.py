@@ -16,7 +16,12 @@ last line is one JSON object: ``{"bench": "pgwire", "simple_c32_vs_pgbouncer",
 "prepared_c32_vs_pgbouncer", "p99_c32_vs_pgbouncer", "simple_c1_vs_pgbouncer", ...}``.
 Goal (issue #16): >= 0.8x PgBouncer's tps and p99 <= 1.3x PgBouncer's.
 
-    .venv/bin/python bench/pgwire.py [--seconds 8]
+    .venv/bin/python bench/pgwire.py [--seconds 8] [--targets port] [--profile DIR]
+                                     [--event-loop uvloop]
+
+``--profile DIR`` samples the service (py-spy, non-blocking) during each of the port's cases,
+keeps the raw stacks in DIR and prints the functions where most samples were (self time) and
+the port's own functions by total time.
 
 pgbench, PgBouncer, the service and PostgreSQL share the machine's cores: compare within a run.
 """
@@ -31,6 +36,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -77,16 +83,63 @@ def pgbench(
         if done.returncode != 0:
             raise RuntimeError(f"pgbench failed: {done.stderr[-2000:]}")
         tps = float(re.search(r"tps = ([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
+        processed = re.search(r"number of transactions actually processed: (\d+)", done.stdout)
         latencies = []
         for log in Path(tmp).glob("log*"):
             for line in log.read_text().splitlines():
                 fields = line.split()
                 latencies.append(int(fields[2]) / 1000)  # microseconds -> ms
     return {
+        "transactions": float(processed.group(1)) if processed else tps * seconds,
         "tps": tps,
         "avg_ms": sum(latencies) / max(1, len(latencies)),
         "p99_ms": p99(latencies) if latencies else 0.0,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far: what the port costs per
+    transaction, which other load on a shared machine changes far less than tps."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def py_spy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
+    """py-spy sampling ``pid`` for ``seconds`` into ``out`` (collapsed stacks)."""
+    command = [
+        str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+        "--format", "raw", "--output", str(out), "--duration", str(seconds),
+        "--rate", "250", "--nonblocking",
+    ]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_top(path: Path, count: int = 12) -> list[str]:
+    """The frames with most samples on top of the stack (self), then the port's own functions
+    by samples anywhere in the stack (total), as percentages of all samples."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not stack or not number.isdigit():
+            continue
+        n = int(number)
+        samples += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            if "pgwire" in frame or "sqlguard" in frame:
+                total[frame] = total.get(frame, 0) + n
+    if not samples:
+        return ["(no samples)"]
+    lines = [f"  self  {100 * n / samples:5.1f}%  {f}" for f, n in _largest(own, count)]
+    lines += [f"  total {100 * n / samples:5.1f}%  {f}" for f, n in _largest(total, count)]
+    return lines
+
+
+def _largest(counts: dict[str, int], count: int) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda item: -item[1])[:count]
 
 
 def initialise(database: str, env: dict[str, str]) -> None:
@@ -144,12 +197,21 @@ def pgbouncer(host: str, port: int, database: str) -> Iterator[int]:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--targets", default="direct,pgbouncer,port")
+    parser.add_argument("--profile", type=Path, default=None)
+    # The service's event loop (DBSVC_EVENT_LOOP): asyncio by default, as serve runs.
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
+    names = [n for n in ("direct", "pgbouncer", "port") if n in args.targets.split(",")]
     wire_port = free_port()
     with reporting("pgwire") as figures:
         async with running_service(
-            DBSVC_PGWIRE_PORT=str(wire_port), DBSVC_POOL_MAX_PER_TENANT="8", DBSVC_WORKERS="1"
+            DBSVC_PGWIRE_PORT=str(wire_port),
+            DBSVC_POOL_MAX_PER_TENANT="8",
+            DBSVC_WORKERS="1",
+            DBSVC_EVENT_LOOP=args.event_loop,
         ) as service:
+            figures["event_loop"] = args.event_loop
             admin = {"Authorization": f"Bearer {service.admin_token}"}
             async with httpx.AsyncClient(base_url=service.http, timeout=60) as http:
                 created = await http.post(
@@ -194,8 +256,14 @@ async def main() -> None:
                 )
                 for mode in ("simple", "prepared"):
                     for clients in (1, 32):
-                        for name in ("direct", "pgbouncer", "port"):
+                        for name in names:
                             target, env = targets[name]
+                            sampler = None
+                            if args.profile is not None and name == "port":
+                                args.profile.mkdir(parents=True, exist_ok=True)
+                                stacks = args.profile / f"port_{mode}_c{clients}.txt"
+                                sampler = py_spy(service.pid, stacks, max(1, args.seconds - 1))
+                            cpu_before = cpu_seconds(service.pid)
                             try:
                                 result = pgbench(
                                     target, env, clients=clients, mode=mode, seconds=args.seconds
@@ -207,13 +275,26 @@ async def main() -> None:
                                 print(f"{name:10} -M {mode:8} -c {clients:2}: failed", flush=True)
                                 continue
                             key = f"{name}_{mode}_c{clients}"
+                            cpu = ""
+                            if name == "port":
+                                # The service's CPU per transaction (it serves only the port
+                                # here), in microseconds.
+                                used = cpu_seconds(service.pid) - cpu_before
+                                result["cpu_us_per_txn"] = (
+                                    1e6 * used / max(1.0, result["transactions"])
+                                )
+                                cpu = f", {result['cpu_us_per_txn']:.0f} us CPU/txn"
                             for k, v in result.items():
                                 figures[f"{key}_{k}"] = v
                             print(
                                 f"{name:10} -M {mode:8} -c {clients:2}: {result['tps']:9.0f} tps,"
-                                f" avg {result['avg_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms",
+                                f" avg {result['avg_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms"
+                                + cpu,
                                 flush=True,
                             )
+                            if sampler is not None:
+                                sampler.wait(60)
+                                print("\n".join(profile_top(stacks)), flush=True)
                         # Against PgBouncer's own -M prepared when it ran, else its -M simple
                         # (the best it does in transaction mode before 1.21).
                         baseline = f"pgbouncer_{mode}_c{clients}_tps"

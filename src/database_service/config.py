@@ -236,6 +236,11 @@ class Settings(BaseSettings):
     # for a tenant (database) with SCRAM-SHA-256. Off unless a port is set (0: any free port).
     pgwire_host: str = "127.0.0.1"
     pgwire_port: int | None = Field(default=None, ge=0, le=65535)
+    # The port's server connections, as PgBouncer's server_idle_timeout and server_lifetime:
+    # one idle this long is closed (its budget slot freed for the other front ends), and one
+    # this old is closed when it comes back idle rather than lent again (0: no age limit).
+    pgwire_server_idle_seconds: float = Field(default=600.0, gt=0)
+    pgwire_server_lifetime_seconds: float = Field(default=3600.0, ge=0)
 
     # TLS on every listener (gRPC, HTTP): a certificate chain and its key, by path, read again
     # when the files change (rotation without a restart). Without them the listeners speak

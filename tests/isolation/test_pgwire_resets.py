@@ -293,3 +293,72 @@ async def test_discard_all_in_a_psycopg_transaction_fails_as_in_postgresql(
         assert await conn.fetchval("SELECT count(*) FROM reset_probe") == 1
     finally:
         await conn.close()
+
+
+async def test_reset_all_inside_a_transaction_takes_effect_at_commit(login: PortLogin) -> None:
+    conn = await asyncpg.connect(login.dsn, server_settings={"application_name": "start"})
+    try:
+        default = await conn.fetchval("SHOW TimeZone")
+        await conn.execute("SET TimeZone = 'Asia/Tokyo'")
+        await conn.execute("SET application_name = 'changed'")
+        async with conn.transaction():
+            await conn.execute("RESET ALL")
+            assert await conn.fetchval("SHOW TimeZone") == default
+            assert await conn.fetchval("SHOW application_name") == "start"
+        assert await conn.fetchval("SHOW TimeZone") == default
+        assert await conn.fetchval("SHOW application_name") == "start"
+        assert conn.get_settings().application_name == "start"
+    finally:
+        await conn.close()
+
+
+async def test_reset_all_inside_a_transaction_is_undone_by_rollback(
+    pgwire: PgWireServer, login: PortLogin
+) -> None:
+    conn = await asyncpg.connect(login.dsn, server_settings={"application_name": "start"})
+    other = await asyncpg.connect(login.dsn)  # keeps other server connections in use
+    try:
+        await conn.execute("SET TimeZone = 'Asia/Tokyo'")
+        await conn.execute("SET application_name = 'changed'")
+        await conn.execute("BEGIN")
+        await conn.execute("RESET ALL")
+        assert await conn.fetchval("SHOW application_name") == "start"
+        await conn.execute("ROLLBACK")
+        assert conn.get_settings().application_name == "changed"
+        for _ in range(3):  # whichever server connection runs the next transactions
+            assert await other.fetchval("SELECT 1") == 1
+            assert await conn.fetchval("SHOW TimeZone") == "Asia/Tokyo"
+            assert await conn.fetchval("SHOW application_name") == "changed"
+    finally:
+        await other.close()
+        await conn.close()
+
+
+async def test_reset_all_in_a_failed_transaction_is_refused_as_postgresql_does(
+    pgwire: PgWireServer, login: PortLogin
+) -> None:
+    client = await raw(pgwire, login)
+    try:
+        await client.query("SET TimeZone = 'Asia/Tokyo'")
+        await client.query("BEGIN")
+        assert sqlstates(await client.query("SELECT 1/0")) == ["22012"]
+        answer = await client.query("RESET ALL")
+        assert sqlstates(answer) == ["25P02"] and answer[-1] == (b"Z", b"E")
+        await client.query("ROLLBACK")
+        shown = await client.query("SHOW TimeZone")
+        assert next(p for k, p in shown if k == b"D").endswith(b"Asia/Tokyo")
+    finally:
+        client.close()
+
+
+async def test_discard_all_inside_a_transaction_is_still_refused(
+    pgwire: PgWireServer, login: PortLogin
+) -> None:
+    client = await raw(pgwire, login)
+    try:
+        await client.query("BEGIN")
+        answer = await client.query("DISCARD ALL")
+        assert sqlstates(answer) == ["25001"]
+        await client.query("ROLLBACK")
+    finally:
+        client.close()

@@ -316,3 +316,46 @@ async def test_a_begin_prepared_with_a_user_id_runs_as_a_real_begin_after_reset(
     assert next(p for k, p in who if k == b"D").endswith(tenants.a.role_name.encode())
     assert who[-1][1] == b"T"  # still inside the client's transaction
     assert (await raw_login.query("ROLLBACK"))[-1] == (b"Z", b"I")
+
+
+@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK"])
+async def test_reset_all_inside_a_transaction_resets_the_user_id_only_at_commit(
+    login: PortLogin, tenants: Tenants, end: str
+) -> None:
+    """RESET ALL in a transaction block, as PostgreSQL's: transactional. The transaction's own
+    user stays (signed when it began, never reset by the tenant's SQL); a SET user id goes back
+    to the startup one when the transaction commits, and stays when it rolls back."""
+    conn = await asyncpg.connect(login.dsn, server_settings={"dbsvc.user_id": "u1"})
+    try:
+        await conn.execute("SET dbsvc.user_id = 'u2'")
+        await conn.execute("BEGIN")
+        await conn.execute("RESET ALL")
+        assert await symbols(conn) == U2
+        assert await conn.fetchval("SELECT current_setting('dbsvc.user_id', true)") == "u2"
+        assert await conn.fetchval("SELECT session_user") == tenants.a.user_role_name
+        await conn.execute(end)
+        assert await symbols(conn) == (U1 if end == "COMMIT" else U2)
+    finally:
+        await conn.close()
+
+
+async def test_tenant_cannot_reset_its_role_or_user_id_with_reset_all_in_a_transaction(
+    login: PortLogin, tenants: Tenants
+) -> None:
+    """A transaction of a startup user: RESET ALL there leaves the user-scoped role, the signed
+    user id and the port's statement limit as they were, during the transaction and after it
+    (a startup user id is the session default: never the company's rows)."""
+    conn = await asyncpg.connect(login.dsn, server_settings={"dbsvc.user_id": "u1"})
+    try:
+        limit = await conn.fetchval("SHOW statement_timeout")
+        async with conn.transaction():
+            await conn.execute("RESET ALL")
+            assert await symbols(conn) == U1
+            assert await conn.fetchval("SELECT current_setting('dbsvc.user_id', true)") == "u1"
+            assert await conn.fetchval("SELECT session_user") == tenants.a.user_role_name
+            assert await conn.fetchval("SELECT current_user") == tenants.a.user_role_name
+            assert await conn.fetchval("SHOW statement_timeout") == limit
+        assert await symbols(conn) == U1
+        assert await conn.fetchval("SELECT session_user") == tenants.a.user_role_name
+    finally:
+        await conn.close()

@@ -9,7 +9,7 @@ import pglast
 import pytest
 
 from database_service.pgwire import admin, codec
-from database_service.pgwire.policy import _session_only, _user_id
+from database_service.pgwire.policy import _session_only, _user_id, driver_catalog_query
 from database_service.pgwire.server import _options, _Refusal
 
 
@@ -102,3 +102,44 @@ def test_admin_rows_are_text_with_nulls() -> None:
     assert b"\xff\xff\xff\xff" in body and b"true" in body
     description = admin.row_description(["database", "user"])
     assert description[:1] == b"T" and b"database\x00" in description
+
+
+PSYCOPG_TYPEINFO = """\
+SELECT
+    typname AS name, oid, typarray AS array_oid,
+    oid::regtype::text AS regtype, typdelim AS delimiter
+FROM pg_type t
+WHERE t.oid = to_regtype($1)
+ORDER BY t.oid
+"""
+
+
+def test_psycopgs_typeinfo_lookup_is_limited_to_the_catalog_and_the_tenants_schema() -> None:
+    limited = driver_catalog_query(PSYCOPG_TYPEINFO, "t_abc")
+    assert limited is not None
+    assert "IN ('pg_catalog'::regnamespace, '\"t_abc\"'::regnamespace)" in limited
+    assert "to_regtype" not in limited and "$1::text" in limited
+    assert len(pglast.parse_sql(limited)) == 1
+    # The same text with whitespace changed (psycopg's "%s::regtype" form for old servers too).
+    assert driver_catalog_query(" ".join(PSYCOPG_TYPEINFO.split()), "t_abc") == limited
+    older = PSYCOPG_TYPEINFO.replace("to_regtype($1)", "$1::regtype")
+    assert driver_catalog_query(older, "t_abc") == limited
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        PSYCOPG_TYPEINFO.replace("$1", "'hstore'"),
+        PSYCOPG_TYPEINFO.replace("ORDER BY", "OR true ORDER BY"),
+        PSYCOPG_TYPEINFO.replace("typname AS name", "typname AS name, typowner"),
+        "SELECT * FROM pg_type",
+    ],
+)
+def test_any_other_catalog_query_is_not_rewritten(sql: str) -> None:
+    assert driver_catalog_query(sql, "t_abc") is None
+
+
+def test_a_schema_name_cannot_break_out_of_its_literal() -> None:
+    limited = driver_catalog_query(PSYCOPG_TYPEINFO, "x'); DROP TABLE y; --")
+    assert limited is not None
+    assert len(pglast.parse_sql(limited)) == 1

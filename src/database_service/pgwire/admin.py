@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -83,21 +84,27 @@ def _show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Tabl
             )  # fmt: skip
         return columns, rows
     if kind == "servers":
-        columns = ["type", "user", "database", "state", "pid", "prepared", "client"]
+        # age_seconds: since it was opened; idle_seconds: since it last went idle (an idle one
+        # closes past DBSVC_PGWIRE_SERVER_IDLE_SECONDS, any past _LIFETIME_SECONDS of age).
+        columns = ["type", "user", "database", "state", "pid", "prepared", "client",
+                   "age_seconds", "idle_seconds"]  # fmt: skip
         rows = []
+        now = time.monotonic()
         for session in port.sessions.values():
             server, pool = session.server, session.server_pool
             if server is None or pool is None or not visible(pool.login.tenant_id):
                 continue
             client = session.principal.service if session.principal else None
             rows.append(["S", pool.login.role, pool.login.tenant_id, "active", server.pid,
-                         len(server.prepared), client])  # fmt: skip
+                         len(server.prepared), client, round(now - server.opened, 1),
+                         0.0])  # fmt: skip
         for pool in port.pools.all():
             if not visible(pool.login.tenant_id):
                 continue
             for server in pool.idle:
                 rows.append(["S", pool.login.role, pool.login.tenant_id, "idle", server.pid,
-                             len(server.prepared), None])  # fmt: skip
+                             len(server.prepared), None, round(now - server.opened, 1),
+                             round(now - server.idle_since, 1)])  # fmt: skip
         return columns, rows
     if kind == "stats":
         columns = ["database", "user", "total_xact_count", "total_query_count",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -71,7 +72,15 @@ class ServerConnection:
     unnamed: tuple[int, bytes] | None = None
     status: bytes = b"I"
     broken: bool = False
+    # When it was opened and last went idle in its pool (time.monotonic), for the pool's
+    # idle and age limits and the admin view.
+    opened: float = field(default_factory=time.monotonic)
+    idle_since: float = field(default_factory=time.monotonic)
     _buffer: bytearray = field(default_factory=bytearray)
+    # Messages for the server not written yet: a client's Bind, Execute and Sync go out in one
+    # write (one system call, one wake-up of the backend) when the port next waits for the
+    # server, instead of one each.
+    _out: bytearray = field(default_factory=bytearray)
 
     @classmethod
     async def connect(
@@ -92,7 +101,7 @@ class ServerConnection:
         params = {"user": role, "database": database, **settings}
         body = struct.pack("!I", codec.PROTOCOL_3_0)
         body += b"".join(codec.cstring(k) + codec.cstring(v) for k, v in params.items()) + b"\x00"
-        self.writer.write(struct.pack("!I", len(body) + 4) + body)
+        self.send(struct.pack("!I", len(body) + 4) + body)
         scram: ScramClient | None = None
         while True:
             kind, payload = await self.read_message()
@@ -120,7 +129,7 @@ class ServerConnection:
                     self.send(codec.message(b"p", codec.cstring(password)))
                 else:
                     raise BackendError(f"unsupported authentication request {code}")
-                await self.writer.drain()
+                await self.drain()
             elif kind == b"S":
                 name, offset = codec.read_cstring(payload)
                 value, _ = codec.read_cstring(payload, offset)
@@ -136,10 +145,22 @@ class ServerConnection:
                 return
 
     def send(self, data: bytes) -> None:
-        self.writer.write(data)
+        """Queue ``data`` for the server: written by ``flush``, at the latest before the port
+        reads the server's answers (``read_message``, ``read_messages``, ``drain``)."""
+        self._out += data
+
+    def flush(self) -> None:
+        if self._out:
+            self.writer.write(bytes(self._out))
+            self._out.clear()
+
+    async def drain(self) -> None:
+        self.flush()
+        await self.writer.drain()
 
     async def read_message(self) -> tuple[bytes, bytes]:
         """One whole message (type byte, payload), for the login and the port's own queries."""
+        self.flush()
         while True:
             if len(self._buffer) >= 5:
                 kind, length = codec.split_header(bytes(self._buffer[:5]), 1 << 30)
@@ -156,6 +177,7 @@ class ServerConnection:
     async def read_messages(self) -> list[tuple[bytes, bytes]]:
         """Every whole message the server has sent so far (at least one), each as its type
         byte and its raw bytes (header included), to forward untouched."""
+        self.flush()
         out: list[tuple[bytes, bytes]] = []
         while not out:
             buffer = self._buffer
@@ -228,6 +250,7 @@ class ServerConnection:
 
     def close(self) -> None:
         self.broken = True
+        self._out.clear()
         with contextlib.suppress(Exception):
             self.writer.write(codec.message(b"X"))
         with contextlib.suppress(Exception):

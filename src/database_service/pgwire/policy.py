@@ -31,6 +31,7 @@ __all__ = [
     "USER_ID_SETTING",
     "Decision",
     "StatementPolicy",
+    "driver_catalog_query",
     "reset_batch",
     "valid_user_id",
 ]
@@ -78,7 +79,8 @@ def valid_user_id(value: str) -> bool:
 class Decision:
     """``refused``: (SQLSTATE, message, stable code); else ``control`` names transaction control
     (begin/commit/rollback/savepoint), "set" a tracked setting, "user_id" (``name``: the new
-    user id, None to clear it), "deallocate", or None for a statement the guard accepted
+    user id, None to clear it), "deallocate", "rewrite" (``name``: the query to run instead of
+    a driver's catalog lookup), or None for a statement the guard accepted
     (``kind``)."""
 
     kind: StatementKind | None = None
@@ -160,6 +162,42 @@ def reset_batch(sql: str) -> tuple[str, ...] | None:
     return kinds  # type: ignore[return-value]
 
 
+# What drivers ask the catalog at connect time that the guard refuses (pg_type lists every
+# tenant's types, tables' row types included), by its text with whitespace collapsed: the port
+# runs instead a query of the same parameters and columns over the types of pg_catalog and the
+# tenant's own schema only. The bound name is matched as text against those types' names
+# (plain, qualified by their schema, or as ``regtype`` prints them), never resolved by
+# ``to_regtype``, which would look into other schemas (and tell by an error which exist).
+_TYPE_INFO = (
+    "SELECT typname AS name, oid, typarray AS array_oid, oid::regtype::text AS regtype,"
+    " typdelim AS delimiter FROM pg_type t WHERE t.oid = {regtype} ORDER BY t.oid"
+)
+_TYPE_INFO_LIMITED = (
+    "SELECT typname AS name, oid, typarray AS array_oid, oid::regtype::text AS regtype,"
+    " typdelim AS delimiter FROM pg_catalog.pg_type t"
+    " WHERE t.typnamespace IN ('pg_catalog'::regnamespace, {schema}::regnamespace)"
+    " AND $1::text IN (t.typname, t.oid::regtype::text, 'pg_catalog.' || t.typname,"
+    " {prefix} || t.typname) ORDER BY t.oid"
+)
+_DRIVER_CATALOG_QUERIES = {
+    # psycopg 3's TypeInfo.fetch (SQLAlchemy's psycopg dialect looks up hstore with it).
+    _TYPE_INFO.format(regtype=regtype): _TYPE_INFO_LIMITED
+    for regtype in ("to_regtype($1)", "$1::regtype")
+}
+
+
+def driver_catalog_query(sql: str, own_schema: str) -> str | None:
+    """The tenant-limited query to run instead of a driver's known catalog lookup, or None."""
+    template = _DRIVER_CATALOG_QUERIES.get(" ".join(sql.split()))
+    if template is None:
+        return None
+    quoted = '"' + own_schema.replace('"', '""') + '"'
+    return template.format(
+        schema="'" + quoted.replace("'", "''") + "'",
+        prefix="'" + own_schema.replace("'", "''") + ".'",
+    )
+
+
 def _session_only(name: str, stmt: Any) -> str | None:
     """What a statement needs a session for (LISTEN, a WITH HOLD cursor, temporary objects,
     DISCARD / RESET ALL, PREPARE), or None."""
@@ -200,7 +238,9 @@ class StatementPolicy:
 
     async def decide(self, sql: str, principal: Principal, own_schema: str) -> Decision:
         try:
-            verdict = await self._guard.classify_async(
+            # By shape: a driver that inlines its values (psql, pgbench -M simple, psycopg's
+            # client-side binding) sends new text for each statement.
+            verdict = await self._guard.classify_shape_async(
                 sql, own_schema=own_schema, shared_schemas=self._shared
             )
         except DatabaseServiceError as exc:
@@ -209,6 +249,9 @@ class StatementPolicy:
             resets = reset_batch(sql) if exc.sqlstate == "42501" else None
             if resets is not None:
                 return Decision(control="reset", resets=resets)
+            rewritten = driver_catalog_query(sql, own_schema) if exc.sqlstate == "42501" else None
+            if rewritten is not None:
+                return Decision(kind=StatementKind.READ, control="rewrite", name=rewritten)
             special = _session_statement(sql) if exc.sqlstate == "42501" else None
             if special is None:
                 return Decision(refused=(exc.sqlstate or "42501", exc.message, exc.error_code))

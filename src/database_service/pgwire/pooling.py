@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,14 +79,25 @@ class ServerPool:
     # ParameterStatus messages the port sends its clients.
     parameters: dict[str, str] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
+    # PgBouncer's server_idle_timeout and server_lifetime (None: no limit); ``closed`` is told
+    # why each connection closes: idle, lifetime, budget, broken.
+    idle_seconds: float | None = None
+    lifetime_seconds: float | None = None
+    closed: Callable[[str], None] = field(default=lambda _: None)
+
+    def _too_old(self, conn: ServerConnection, now: float) -> bool:
+        return self.lifetime_seconds is not None and now - conn.opened >= self.lifetime_seconds
 
     async def acquire(self, timeout: float) -> ServerConnection:
-        self.last_used = time.monotonic()
+        self.last_used = now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
-            if not conn.broken and not conn.reader.at_eof():
+            if conn.broken or conn.reader.at_eof():
+                self._discard(conn)
+            elif self._too_old(conn, now):
+                self._discard(conn, "lifetime")
+            else:
                 return conn
-            self._discard(conn)
         if self.open < self.max_size:
             self.open += 1
             try:
@@ -123,6 +135,8 @@ class ServerPool:
         self.transactions += 1
         if conn.broken:
             self._discard(conn)
+        elif conn.status == b"I" and self._too_old(conn, time.monotonic()):
+            self._discard(conn, "lifetime")  # a fresh one for the next, if any wants it
         elif conn.status == b"I":
             self._give(conn)
         else:
@@ -145,6 +159,7 @@ class ServerPool:
             if not waiter.done():
                 waiter.set_result(conn)
                 return
+        conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
     async def _connect(self, timeout: float) -> ServerConnection:
@@ -162,18 +177,33 @@ class ServerPool:
             self.budget.give_slot()
             raise
 
-    def _discard(self, conn: ServerConnection) -> None:
+    def _discard(self, conn: ServerConnection, reason: str = "broken") -> None:
         conn.close()
         self.open -= 1
         self.budget.give_slot()
+        self.closed(reason)
         self._wake()
 
     def close_one_idle(self) -> bool:
         """Close the least recently used idle connection (room for another under the cap)."""
         if not self.idle:
             return False
-        self._discard(self.idle.popleft())
+        self._discard(self.idle.popleft(), "budget")
         return True
+
+    def close_expired(self, now: float) -> int:
+        """Close the idle connections past the idle limit or the age limit: how many."""
+        expired = [
+            conn
+            for conn in self.idle
+            if (self.idle_seconds is not None and now - conn.idle_since >= self.idle_seconds)
+            or self._too_old(conn, now)
+        ]
+        for conn in expired:
+            self.idle.remove(conn)
+            idle = self.idle_seconds is not None and now - conn.idle_since >= self.idle_seconds
+            self._discard(conn, "idle" if idle else "lifetime")
+        return len(expired)
 
     def _wake(self) -> None:
         """A slot freed: the first waiter opens a connection of its own."""
@@ -214,7 +244,7 @@ class ServerPool:
 
     def close(self) -> None:
         while self.idle:
-            self._discard(self.idle.pop())
+            self._discard(self.idle.pop(), "closed")
 
 
 class ServerPools:
@@ -227,11 +257,17 @@ class ServerPools:
         max_per_tenant: int,
         budget: ConnectionBudget | None = None,
         acquire_timeout: float = 10.0,
+        idle_seconds: float | None = None,
+        lifetime_seconds: float | None = None,
+        closed: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.address = address
         self.max_per_tenant = max_per_tenant
         self.budget = budget or _Unbounded()
         self.acquire_timeout = acquire_timeout
+        self.idle_seconds = idle_seconds
+        self.lifetime_seconds = lifetime_seconds or None  # 0: no age limit
+        self.closed = closed
         self._pools: dict[str, ServerPool] = {}
 
     def pool(self, login: TenantLogin, settings: dict[str, str]) -> ServerPool:
@@ -241,7 +277,8 @@ class ServerPools:
                 pool.close()  # a rotated secret or new limits: new connections from now on
             pool = ServerPool(
                 self.address, login, self.max_per_tenant, settings, self.budget,
-                self.acquire_timeout,
+                self.acquire_timeout, idle_seconds=self.idle_seconds,
+                lifetime_seconds=self.lifetime_seconds, closed=self.closed,
             )  # fmt: skip
             self._pools[login.role] = pool
         return pool
@@ -254,6 +291,11 @@ class ServerPools:
         when the service's budget is full), or False when none is idle."""
         pools = sorted((p for p in self._pools.values() if p.idle), key=lambda p: p.last_used)
         return bool(pools) and pools[0].close_one_idle()
+
+    def close_expired(self) -> int:
+        """Every pool's idle connections past the idle or age limit closed: how many."""
+        now = time.monotonic()
+        return sum(pool.close_expired(now) for pool in self._pools.values())
 
     def all(self) -> list[ServerPool]:
         return list(self._pools.values())

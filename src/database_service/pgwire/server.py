@@ -62,6 +62,7 @@ __all__ = ["PgWireServer", "listening"]
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1_048_576  # a Query or Bind larger than this is refused (08P01)
+_READ_CHUNK = 65536
 _WORKER_BITS = 6  # a client's cancel key names its worker in the pid's low bits
 _MAX_WORKERS = 1 << _WORKER_BITS
 _LIMIT_MARGIN = 0.25  # seconds past the tenant's statement limit before the port steps in
@@ -121,12 +122,6 @@ _DISCARD_IN_BLOCK: _Refused = (
     "25001",
     "DISCARD ALL cannot run inside a transaction block",
     "invalid_transaction_state",
-)
-_RESET_IN_BLOCK: _Refused = (
-    "0A000",
-    "through this port RESET ALL runs outside a transaction block only (the settings it returns"
-    " to are tracked per client between transactions)",
-    "sql_rejected",
 )
 _MID_BATCH: _Refused = (
     "0A000",
@@ -212,6 +207,14 @@ class PortFigures:
             " longer than the tenants' transaction limit.",
             registry=registry,  # type: ignore[arg-type]
         )  # fmt: skip
+        self.servers_closed = Counter(
+            "dbsvc_pgwire_servers_closed",
+            "Server connections the port closed, by reason: idle (past"
+            " DBSVC_PGWIRE_SERVER_IDLE_SECONDS), lifetime (past"
+            " DBSVC_PGWIRE_SERVER_LIFETIME_SECONDS), budget (room for another under the"
+            " service's cap), broken, closed (pool replaced or port stopped).",
+            ["reason"], registry=registry,  # type: ignore[arg-type]
+        )  # fmt: skip
         self.cancels = Counter(
             "dbsvc_pgwire_cancel_requests",
             "CancelRequests: served here (local), passed to the worker that holds the client"
@@ -269,6 +272,8 @@ class PgWireServer:
         worker: int = 0,
         cancel_dir: Path | None = None,
         idle_transaction_seconds: float | None = None,
+        server_idle_seconds: float | None = None,
+        server_lifetime_seconds: float | None = None,
     ) -> None:
         if not 0 <= worker < _MAX_WORKERS:
             raise ValueError(f"worker index {worker} out of 0..{_MAX_WORKERS - 1}")
@@ -294,17 +299,30 @@ class PgWireServer:
         self.idle_transaction_seconds = (
             idle_transaction_seconds or s.tenant_transaction_timeout_ms / 1000
         )
+        # Idle server connections close after a while, as PgBouncer's server_idle_timeout,
+        # and old ones are replaced, as its server_lifetime (see ``_reap``).
+        self.server_idle_seconds = server_idle_seconds or s.pgwire_server_idle_seconds
+        self.server_lifetime_seconds = (
+            s.pgwire_server_lifetime_seconds
+            if server_lifetime_seconds is None
+            else server_lifetime_seconds
+        )
+        self.figures = PortFigures.of(app.metrics.registry)
+        self.servers_closed: dict[str, int] = {}
         self.pools = ServerPools(
             self.address,
             max_per_tenant=max_per_tenant or s.pool_max_per_tenant,
             budget=app.pools,
             acquire_timeout=self.acquire_timeout,
+            idle_seconds=self.server_idle_seconds,
+            lifetime_seconds=self.server_lifetime_seconds,
+            closed=self._server_closed,
         )
+        self._reaper: asyncio.Task[None] | None = None
         self.policy = StatementPolicy(app.guard, (s.shared_schema,))
         # As the query core opens a user-scoped transaction (query/executor.py): the key is a
         # parameter, never in a statement's text.
         self.enter_user = f"SELECT {quote_ident(s.control_schema)}.enter_user($1, $2)"
-        self.figures = PortFigures.of(app.metrics.registry)
         self.sessions: dict[int, ClientSession] = {}
         self._server: asyncio.Server | None = None
 
@@ -318,6 +336,7 @@ class PgWireServer:
             path.unlink(missing_ok=True)
             self._cancel_server = await asyncio.start_unix_server(self._forwarded, str(path))
         self.app.pools.add_idle_closer(self.pools.close_one_idle)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
         self.app.health.sections.setdefault("pgwire", self.health)
         self.app.pgwire_views.append(self.show)
         log.info("PostgreSQL wire port listening on %s:%d", self.host, self.port)
@@ -328,6 +347,10 @@ class PgWireServer:
         if self.show in self.app.pgwire_views:
             self.app.pgwire_views.remove(self.show)
         self.app.pools.remove_idle_closer(self.pools.close_one_idle)
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         if self._cancel_server is not None:
             self._cancel_server.close()
             self._cancel_socket(self.worker).unlink(missing_ok=True)
@@ -339,12 +362,31 @@ class PgWireServer:
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         self.pools.close()
 
+    def _server_closed(self, reason: str) -> None:
+        self.servers_closed[reason] = self.servers_closed.get(reason, 0) + 1
+        self.figures.servers_closed.labels(reason).inc()
+
+    async def _reap(self) -> None:
+        """Close idle server connections past the idle limit or the age limit, checked a few
+        times per limit (at most every 5 s): their budget slots go back to every front end."""
+        limits = [self.server_idle_seconds, self.server_lifetime_seconds or float("inf")]
+        period = min(5.0, max(0.05, min(limits) / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.pools.close_expired()
+            except Exception:  # a bug here must not stop the reaping
+                log.exception("PostgreSQL wire port: closing idle server connections failed")
+
     def health(self) -> dict[str, object]:
         return {
             "status": "ok" if self._server is not None and self._server.is_serving() else "down",
             "port": self.port,
             "clients": len(self.sessions),
             "servers": self.pools.servers,
+            "server_idle_seconds": self.server_idle_seconds,
+            "server_lifetime_seconds": self.server_lifetime_seconds or None,
+            "servers_closed": dict(self.servers_closed),
         }
 
     def show(self, visible: Callable[[str], bool] = lambda _: True) -> dict[str, object]:
@@ -441,6 +483,7 @@ class ClientSession:
         self.port = port
         self.reader = reader
         self.writer = writer
+        self._in = bytearray()  # received from the client, not yet taken as messages
         self.pid = 0
         self.key = 0
         self.principal: Principal | None = None
@@ -459,6 +502,9 @@ class ClientSession:
         self.startup_wanted: dict[str, str] = {}
         self.wrapped = False
         self.block = False
+        # RESET ALL ran inside this transaction with a user id given by SET: the startup user
+        # id comes back when the transaction commits (not if it rolls back).
+        self.reset_at_commit = False
         # Statements (by name) and portals the port answers itself, never sent to a server:
         # SET dbsvc.user_id and, for a user id, BEGIN. Value: (control, user id or SQL).
         self.virtual: dict[str, tuple[str, str | None]] = {}
@@ -474,7 +520,9 @@ class ClientSession:
         self.unnamed: bytes | None = None  # the client's last Parse of the unnamed statement
         self.pending: set[str] = set()  # server names parsed in this batch, not yet confirmed
         self.ident = id(self)
-        self._deallocating: str | None = None  # DEALLOCATE's name, from the last decision
+        # DEALLOCATE's name, the user id of a SET, or the text a lookup is rewritten to: from
+        # the last decision.
+        self._deallocating: str | None = None
         self._resets: tuple[str, ...] = ()  # a driver's reset batch, from the last decision
         self._verdict: Classification | None = None  # the last decision's
         # The guard's verdict and text of each prepared statement and bound portal, so that a
@@ -544,6 +592,9 @@ class ClientSession:
         """The next message while this client holds a server connection: silence past the
         port's idle-in-transaction limit ends the session (25P03); ``cleanup`` then hands the
         connection back, rolled back by its pool."""
+        found = self._buffered()
+        if found is not None:
+            return found
         limit = self.port.idle_transaction_seconds
         try:
             async with asyncio.timeout(limit):
@@ -612,11 +663,30 @@ class ClientSession:
             self.writer.write(_error(sqlstate, text, code, severity="FATAL"))
             await self.writer.drain()
 
-    async def _read(self) -> tuple[bytes, bytes]:
-        header = await self.reader.readexactly(5)
-        kind, length = codec.split_header(header, MAX_MESSAGE_BYTES)
-        payload = await self.reader.readexactly(length) if length else b""
+    def _buffered(self) -> tuple[bytes, bytes] | None:
+        """The next whole message already received, taken from the buffer, or None. A client
+        pipelines (Bind, Execute, Sync arrive in one segment): those are taken from one read,
+        with no wait and no timer each."""
+        buffer = self._in
+        if len(buffer) < 5:
+            return None
+        kind, length = codec.split_header(bytes(buffer[:5]), MAX_MESSAGE_BYTES)
+        end = 5 + length
+        if len(buffer) < end:
+            return None
+        payload = bytes(buffer[5:end])
+        del buffer[:end]
         return kind, payload
+
+    async def _read(self) -> tuple[bytes, bytes]:
+        while True:
+            found = self._buffered()
+            if found is not None:
+                return found
+            data = await self.reader.read(_READ_CHUNK)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(self._in), None)
+            self._in += data
 
     async def _flush(self, data: bytes | bytearray) -> None:
         if data:
@@ -965,7 +1035,14 @@ class ClientSession:
                 if in_block and kind == "DISCARD ALL":
                     return self._reset_failed(out, _DISCARD_IN_BLOCK, extended)
                 if in_block:
-                    return self._reset_failed(out, _RESET_IN_BLOCK, extended)
+                    if self.expect:
+                        return self._reset_failed(out, _MID_BATCH, extended)
+                    changed = await self._reset_in_block()
+                    if isinstance(changed, bytearray):
+                        return bytes(out + changed)
+                    out += changed
+                    out += codec.message(b"C", codec.cstring("RESET"))
+                    continue
                 out += self._reset_settings()
                 if kind == "DISCARD ALL":
                     self._forget_statements()
@@ -1011,6 +1088,32 @@ class ClientSession:
             self.aborted = True
         detail = {k: v for k, v in error.items() if k in "DHP"}
         return codec.error_response(error.get("C", "XX000"), error.get("M", sql), **detail)
+
+    async def _reset_in_block(self) -> bytes | bytearray:
+        """RESET ALL inside a transaction block, as PostgreSQL runs it: transactional. The
+        tracked settings are SET back to the session's defaults on the transaction's server
+        connection (a ROLLBACK there restores them and reports it, which ``_track_setting``
+        follows); a user id given by SET goes back to the startup one only if the transaction
+        commits (the transaction's own user id is fixed when it begins). Nothing else reaches
+        the server: never a literal RESET ALL, which would reset the port's statement limit
+        and read-only mode there. The ParameterStatus messages of what changed, or the error
+        (a bytearray)."""
+        assert self.server is not None
+        reported = TRACKED_SETTINGS.values()
+        changes = {
+            name: value
+            for name, value in self.startup_wanted.items()
+            if name in reported and self.server.applied.get(name) != value
+        }
+        if changes:
+            error = await self._on_server(
+                ";".join(f"SET {name} TO {_literal(value)}" for name, value in changes.items())
+            )
+            if error is not None:
+                return bytearray(error)
+        self.wanted.update(changes)
+        self.reset_at_commit = self.user_id != self.startup_user_id
+        return b"".join(codec.parameter_status(name, value) for name, value in changes.items())
 
     def _reset_settings(self) -> bytes:
         """RESET ALL: the tracked settings and the user id back to the startup packet's (a
@@ -1116,7 +1219,7 @@ class ClientSession:
         if self.server is not None and self.server_pool is not None:
             self.server_pool.release(self.server)
             self.server = self.server_pool = None
-            self.wrapped = self.block = False
+            self.wrapped = self.block = self.reset_at_commit = False
             self.port.figures.servers.dec()
             self.port.figures.transactions.inc()
 
@@ -1170,6 +1273,8 @@ class ClientSession:
             return
         if self.aborted and control == "commit":
             payload = codec.cstring("ROLLBACK")  # PostgreSQL answers COMMIT so in a failed one
+        elif control == "rewrite" and self._deallocating is not None:
+            payload = codec.cstring(self._deallocating)  # a driver's catalog lookup, limited
         self.server_skipping = False
         server.send(codec.message(b"Q", payload))
         if self.server_pool is not None:
@@ -1252,6 +1357,10 @@ class ClientSession:
             raise _Refusal(*refusal)
         if control == "deallocate":
             raise _Refusal("0A000", "send DEALLOCATE as a simple query through this port")
+        if control == "rewrite" and self._deallocating is not None:
+            # A driver's catalog lookup: the tenant-limited query runs under the client's name.
+            query = self._deallocating
+            payload = codec.cstring(name) + codec.cstring(query) + types
         if control == "reset" and len(self._resets) > 1:
             raise _Refusal("42601", "cannot insert multiple commands into a prepared statement")
         if name and (name in self.statements or name in self.virtual):
@@ -1427,13 +1536,13 @@ class ClientSession:
             server.send(codec.message(kind, payload))
             if kind in b"cf":
                 break
-            await server.writer.drain()  # the server's pace: a fast client waits here
+            await server.drain()  # the server's pace: a fast client waits here
         if extended:
             kind, payload = await self._read()
             if kind != b"S":
                 raise codec.ProtocolViolation(f"expected Sync after COPY, got {kind!r}")
             server.send(codec.message(b"S"))
-        await server.writer.drain()
+        await server.drain()
 
     async def _drain_after_failed_copy(self, server: ServerConnection, extended: bool) -> None:
         """After the port's CopyFail: read the server to its ReadyForQuery (after an Execute
@@ -1442,7 +1551,7 @@ class ClientSession:
         if extended:
             server.send(codec.message(b"S"))
         try:
-            await server.writer.drain()
+            await server.drain()
             async with asyncio.timeout(10):
                 while True:
                     kind, payload = await server.read_message()
@@ -1468,7 +1577,7 @@ class ClientSession:
         out = bytearray()
         ready = False  # a ReadyForQuery came: the batch is over
         finish = False  # ... and it ends a transaction the port opened for a user id
-        await server.writer.drain()
+        await server.drain()
         while True:
             while expect and expect[0].synthetic is not None:
                 out += expect.popleft().synthetic  # type: ignore[arg-type]
@@ -1516,6 +1625,8 @@ class ClientSession:
                 if kind == b"C" and head is not None and head.record is not None:
                     self._done(head.record, raw)
                     head.record = None
+                if kind == b"C" and self.reset_at_commit and raw[5:-1] == b"COMMIT":
+                    self.user_id, self.reset_at_commit = self.startup_user_id, False
                 if kind in b"NA":
                     out += raw
                     continue

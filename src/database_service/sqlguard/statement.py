@@ -27,6 +27,8 @@ by PostgreSQL's own parser (pglast), never matched with regexes, then:
    parser), and PL/pgSQL may not EXECUTE a string computed at run time.
 
 Verdicts are cached per (statement text, tenant schema): a verdict never crosses tenants.
+``classify_shape`` also shares one verdict among texts that differ only in their constants
+(see there): every ``-M simple`` statement of a driver that inlines its values has new text.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import pglast
 from pglast import ast
@@ -476,12 +478,18 @@ class SqlGuard:
         )
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
+        # classify_shape: pg_query's normalised text (constants as $n) and scope -> the verdict
+        # every text of that shape gets, or False when its texts are classified one by one.
+        self._shapes: OrderedDict[
+            tuple[str, str, tuple[str, ...]], Classification | Literal[False]
+        ] = OrderedDict()
 
     def add_catalog_functions(self, names: Iterable[str]) -> None:
         """Add the live catalog's function names (an extension may have added some)."""
         self._catalog = self._catalog | frozenset(names)
         with self._lock:
             self._cache.clear()
+            self._shapes.clear()
 
     @property
     def catalog_functions(self) -> frozenset[str]:
@@ -535,6 +543,73 @@ class SqlGuard:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return self.classify(sql, own_schema=own_schema, shared_schemas=shared)
+
+    async def classify_shape_async(
+        self, sql: str, *, own_schema: str, shared_schemas: Collection[str] = ("shared",)
+    ) -> Classification:
+        """``classify_shape``; a large statement as ``classify_async`` (its exact text, off the
+        event loop)."""
+        if len(sql) > _INLINE_BYTES:
+            return await self.classify_async(
+                sql, own_schema=own_schema, shared_schemas=shared_schemas
+            )
+        return self.classify_shape(sql, own_schema=own_schema, shared_schemas=shared_schemas)
+
+    def classify_shape(
+        self, sql: str, *, own_schema: str, shared_schemas: Collection[str] = ("shared",)
+    ) -> Classification:
+        """``classify``, with one verdict for every text of the same shape: texts whose
+        pg_query normalisation (each constant replaced by a parameter ``$n``, in PostgreSQL's
+        own parser, a few microseconds) is the same, when that verdict cannot depend on the
+        constants' values.
+
+        Why it cannot: the shape's verdict is the guard's verdict on the normalised text
+        itself, whose tree is the text's tree with a ParamRef where each constant was. Every
+        rule that reads a constant's value (a name argument of ``nextval``..., a cast of a
+        string to an OID alias type such as ``regclass``) accepts only a string *constant* and
+        refuses a parameter, so a shape that holds such a position is refused and its texts
+        are classified one by one, exactly as ``classify`` does. A shape that is accepted
+        therefore has no rule looking at any constant: every text of it gets the same verdict
+        from ``classify`` (the same statement, functions, relations and schemas). Only READ
+        and WRITE shapes are shared; DDL (function bodies are string constants checked by
+        their content) and everything refused always go by exact text. A text that does not
+        normalise, or has no constant, goes by exact text too."""
+        shared = tuple(shared_schemas)
+        self._check_text(sql)
+        try:
+            normalized = pglast.parser.normalize(sql)
+        except ParseError:
+            normalized = sql
+        if normalized == sql:
+            return self.classify(sql, own_schema=own_schema, shared_schemas=shared)
+        key = (normalized, own_schema, shared)
+        with self._lock:
+            shape = self._shapes.get(key)
+            if shape is not None:
+                self._shapes.move_to_end(key)
+        if shape is None:
+            shape = self._shape(sql, normalized, own_schema, shared)
+            with self._lock:
+                self._shapes[key] = shape
+                if len(self._shapes) > self._cache_size:
+                    self._shapes.popitem(last=False)
+        if shape is False:
+            return self.classify(sql, own_schema=own_schema, shared_schemas=shared)
+        return shape
+
+    def _shape(
+        self, sql: str, normalized: str, own_schema: str, shared: tuple[str, ...]
+    ) -> Classification | Literal[False]:
+        """The verdict every text of ``normalized``'s shape gets, or False: by exact text."""
+        try:
+            verdict = self.classify(normalized, own_schema=own_schema, shared_schemas=shared)
+        except (SqlRejected, SqlSyntaxError, PayloadTooLarge, InvalidText):
+            return False
+        if verdict.kind not in (StatementKind.READ, StatementKind.WRITE):
+            return False
+        # The statistics' identity of the texts (the same for every text of the shape).
+        fingerprint, text = _identity(sql)
+        return dataclasses.replace(verdict, fingerprint=fingerprint, normalized=text)
 
     def _worker(self) -> ProcessPoolExecutor:
         with self._lock:
