@@ -121,6 +121,15 @@ REPORTS: list[tuple[str, str, str]] = [
 ]
 
 
+VWAP_FROM_CANDLES = """
+    SELECT date_bin('5 minutes', bucket, TIMESTAMPTZ 'epoch') AS bucket,
+           round(sum(price_volume) / sum(volume), 6) AS vwap, sum(volume) AS total_volume,
+           sum(ticks) AS ticks
+    FROM shared.candles_1m WHERE symbol = 'SYM03'
+    GROUP BY 1 ORDER BY 1
+"""
+
+
 async def load(dsn: str, tenants: list[tuple[str, str]], ticks: int, trades: int) -> float:
     """Ticks and trades into PostgreSQL as the owner; returns seconds."""
     started = time.perf_counter()
@@ -202,6 +211,36 @@ async def merges_done(path: Path) -> float:
         await store.close()
 
 
+def memory_mb(clickhouse: Path, service_pid: int) -> dict[str, float]:
+    """Resident and peak resident memory (MB) of the chDB host process and of the serving
+    processes (``serve`` and its workers), from /proc."""
+    host = serving = host_peak = serving_peak = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = dict(
+                line.split(":", 1) for line in (entry / "status").read_text().splitlines()
+            )
+        except (OSError, ValueError):
+            continue
+        rss = int(status.get("VmRSS", "0 kB").split()[0]) / 1024
+        peak = int(status.get("VmHWM", "0 kB").split()[0]) / 1024
+        if "database_service.stores.clickhouse.host" in cmdline and str(clickhouse) in cmdline:
+            host, host_peak = host + rss, host_peak + peak
+        elif "database-service" in cmdline and (
+            entry.name == str(service_pid) or status.get("PPid", "").strip() == str(service_pid)
+        ):
+            serving, serving_peak = serving + rss, serving_peak + peak
+    return {
+        "chdb_host_rss_mb": round(host, 1),
+        "chdb_host_peak_rss_mb": round(host_peak, 1),
+        "serving_rss_mb": round(serving, 1),
+        "serving_peak_rss_mb": round(serving_peak, 1),
+    }
+
+
 async def main(args: argparse.Namespace, figures: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as clickhouse_path:
         await _main(args, figures, Path(clickhouse_path))
@@ -239,6 +278,7 @@ async def _main(args: argparse.Namespace, figures: dict[str, Any], clickhouse: P
         tenant = tenants[0][0]
         headers = {"Authorization": f"Bearer {tokens[tenant]}", "x-tenant-id": tenant}
         ratios, ch_p50s = [], []
+        vwap_rows: list[list[Any]] = []
         async with httpx.AsyncClient(base_url=service.http, timeout=600) as http:
 
             async def run(sql: str, engine: str) -> tuple[float, list[list[Any]]]:
@@ -287,10 +327,51 @@ async def _main(args: argparse.Namespace, figures: dict[str, Any], clickhouse: P
                 figures[f"{name}_clickhouse_p50_ms"] = ch_ms
                 figures[f"{name}_postgresql_p50_ms"] = pg_ms
                 figures[f"{name}_same"] = same
+                if name == "market_trends_vwap":
+                    vwap_rows = ch_rows
                 ratios.append(ratio)
                 ch_p50s.append(ch_ms)
             figures["min_ratio"] = min(ratios)
             figures["max_clickhouse_p50_ms"] = max(ch_p50s)
+
+            # For comparison only (not in min_ratio): the VWAP from PostgreSQL's own 1-minute
+            # candle rollup (sum(mid * volume), volume, ticks per minute), its pre-aggregate.
+            pg_ms, pg_rows = await run(VWAP_FROM_CANDLES, "postgresql")
+            figures["vwap_postgresql_from_candles_p50_ms"] = pg_ms
+            figures["vwap_postgresql_from_candles_same"] = _same(vwap_rows, pg_rows)
+            print(
+                f"VWAP on PostgreSQL's 1-minute candles: p50 {pg_ms:.1f} ms, same="
+                f"{figures['vwap_postgresql_from_candles_same']}"
+            )
+
+            # Does ClickHouse work hurt the serving path? A PostgreSQL SELECT 1 through the same
+            # service while ClickHouse reports run back to back (chDB is in its host process:
+            # no GIL shared with the serving processes, only the 2 cores).
+            busy = asyncio.Event()
+
+            async def clickhouse_load() -> None:
+                while not busy.is_set():
+                    await http.post(
+                        "/api/v1/analytics/query",
+                        json={"sql": REPORTS[0][1], "engine": "clickhouse"},
+                        headers=headers,
+                    )
+
+            loader = asyncio.create_task(clickhouse_load())
+            await asyncio.sleep(0.5)
+            figures["select1_postgresql_while_clickhouse_busy_p50_ms"], _ = await run(
+                "SELECT 1", "postgresql"
+            )
+            busy.set()
+            await loader
+            figures.update(memory_mb(clickhouse, service.pid))
+            print(
+                "PostgreSQL SELECT 1 while ClickHouse reports run: p50"
+                f" {figures['select1_postgresql_while_clickhouse_busy_p50_ms']:.1f} ms;"
+                f" chDB host RSS {figures['chdb_host_rss_mb']} MB (peak"
+                f" {figures['chdb_host_peak_rss_mb']}), serving processes"
+                f" {figures['serving_rss_mb']} MB (peak {figures['serving_peak_rss_mb']})"
+            )
 
             # Replication lag while ticks arrive at --rate per second.
             lags: list[float] = []

@@ -19,6 +19,10 @@ Exactly once, and exact reads:
   none when it is a delete), so they are exact whether or not merges have run; the append-only
   ticks and predictions are read as they are (no duplicate gets in).
 
+The ticks carry two aggregate projections (``PER_MINUTE``, ``PER_PRICE``): per-minute and
+per-quote pre-aggregates that the market reports read instead of every tick, as deduplicated as
+the rows they summarise (see ``PER_MINUTE``'s comment).
+
 A tenant's database (``tenant_database``) holds only views filtered to its ``company_id``: tenant
 SQL names nothing else (the guard's rule on the embedded chDB; grants and row policies on a
 server).
