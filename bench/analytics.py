@@ -228,7 +228,7 @@ def memory_mb(clickhouse: Path, service_pid: int) -> dict[str, float]:
         peak = int(status.get("VmHWM", "0 kB").split()[0]) / 1024
         if "database_service.stores.clickhouse.host" in cmdline and str(clickhouse) in cmdline:
             host, host_peak = host + rss, host_peak + peak
-        elif "database-service" in cmdline and (
+        elif ("database-service" in cmdline or "database_service.cli" in cmdline) and (
             entry.name == str(service_pid) or status.get("PPid", "").strip() == str(service_pid)
         ):
             serving, serving_peak = serving + rss, serving_peak + peak
