@@ -206,6 +206,35 @@ async def assert_same(app: Application, tenant_id: str) -> None:
         assert dupes == [0], table
 
 
+async def assert_pre_aggregates_same(app: Application, tenant_id: str) -> None:
+    """The ticks' pre-aggregates (the per-minute and per-quote projections), read alone
+    (``force_optimize_projection``: ClickHouse refuses the query rather than read the rows),
+    hold PostgreSQL's sums: nothing doubled."""
+    assert app.analytics is not None
+    store = app.analytics.analytics.store
+    shared = f"{SHARED_DATABASE}.trading_ticks WHERE company_id = '{tenant_id}'"
+    checks = (
+        (
+            "SELECT symbol, extract(epoch FROM date_trunc('minute', time))::bigint, sum(volume),"
+            " count(*), sum((bid + ask) * volume) FROM {shared}.trading_ticks"
+            " WHERE company_id = $1 GROUP BY 1, 2 ORDER BY 1, 2",
+            "SELECT symbol, toUnixTimestamp(toStartOfMinute(time)) AS m, sum(volume), count(),"
+            f" sum((bid + ask) * volume) FROM {shared} GROUP BY symbol, m ORDER BY symbol, m",
+        ),
+        (
+            "SELECT symbol, bid, ask, sum(volume), count(*) FROM {shared}.trading_ticks"
+            " WHERE company_id = $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            f"SELECT symbol, bid, ask, sum(volume), count() FROM {shared}"
+            " GROUP BY symbol, bid, ask ORDER BY symbol, bid, ask",
+        ),
+    )
+    for pg_sql, ch_sql in checks:
+        expected = [[_norm(v) for v in r] for r in await pg_rows(app, tenant_id, pg_sql)]
+        got = await store.query(ch_sql, {"force_optimize_projection": 1})
+        assert [[_norm(v) for v in r] for r in got.rows] == expected
+        assert len(expected) > 1
+
+
 def _norm(value: Any) -> Any:
     if value is None:
         return 0
@@ -221,6 +250,7 @@ async def test_rows_written_every_way_arrive_once(ch: Application) -> None:
     await assert_same(ch, tenant_id)
     assert await drain(ch) == 0  # nothing left, nothing sent again
     await assert_same(ch, tenant_id)
+    await assert_pre_aggregates_same(ch, tenant_id)
 
 
 class _CrashAfter:
@@ -277,6 +307,7 @@ async def test_a_replicator_killed_mid_batch_loses_and_doubles_nothing(
     finally:
         await conn.close()
     await assert_same(ch, tenant_id)
+    await assert_pre_aggregates_same(ch, tenant_id)
 
 
 async def test_deleting_a_tenant_removes_its_clickhouse_data(ch: Application) -> None:
@@ -470,3 +501,54 @@ async def test_backfill_brings_older_rows_once_with_a_progress_bar(ch: Applicati
     assert report["tenants"] == [tenant_id] and report["rows"]["trading_ticks"] == 1170
     await drain(ch)  # whatever the command's own replicator left (nothing, normally)
     await assert_same(ch, tenant_id)
+
+
+async def test_a_replayed_insert_does_not_double_the_tick_pre_aggregates(
+    ch: Application,
+) -> None:
+    """The same block sent again with its deduplication token (a replay after a crash) adds
+    nothing to the per-minute and per-quote pre-aggregates; a new token (new rows) does — the
+    check can see a doubling."""
+    assert ch.analytics is not None
+    store = ch.analytics.analytics.store
+    tenant_id = await new_tenant(ch, "pre")
+
+    def block(first_seq: int) -> list[str]:
+        return [
+            json.dumps(
+                {
+                    "company_id": tenant_id,
+                    "time": f"2026-11-25 12:{i // 20:02d}:{i % 20:02d}",
+                    "symbol": "EURUSD",
+                    "bid": "1.10010",
+                    "ask": f"1.1003{i % 3}",
+                    "volume": 1 + i % 4,
+                    "_seq": first_seq + i,
+                }
+            )
+            for i in range(100)
+        ]
+
+    table = f"{SHARED_DATABASE}.trading_ticks"
+    per_minute = (
+        f"SELECT toStartOfMinute(time) AS m, sum(volume), count(), sum((bid + ask) * volume)"
+        f" FROM {table} WHERE company_id = '{tenant_id}' AND symbol = 'EURUSD'"
+        " GROUP BY m ORDER BY m"
+    )
+    per_quote = (
+        f"SELECT bid, ask, sum(volume), count() FROM {table}"
+        f" WHERE company_id = '{tenant_id}' AND symbol = 'EURUSD' GROUP BY bid, ask ORDER BY ask"
+    )
+    only_projections = {"force_optimize_projection": 1}
+
+    async def sums() -> list[list[list[Any]]]:
+        return [(await store.query(q, only_projections)).rows for q in (per_minute, per_quote)]
+
+    await store.insert_json(table, block(10_000_000), f"pre-{tenant_id}-1")
+    once = await sums()
+    assert [int(r[2]) for r in once[0]] == [20] * 5
+    await store.insert_json(table, block(10_000_000), f"pre-{tenant_id}-1")  # the replay
+    assert await sums() == once
+    # New rows (other seqs: a merge keeps them) with the same values: doubled.
+    await store.insert_json(table, block(20_000_000), f"pre-{tenant_id}-2")
+    assert [int(r[2]) for r in (await sums())[0]] == [40] * 5

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from database_service.analytics.reports import ReportParams, report_sql
 from database_service.api.grpc import GrpcServer
 from database_service.api.http.app import create_http_app
 from database_service.app import Application
@@ -286,3 +287,56 @@ async def test_the_seeds_multi_db_call_reads_clickhouse(setup: Any) -> None:
         )
     assert info.value.code == "invalid_request"
     assert "clickhouse part" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("market_trends", ReportParams(symbol="EURUSD", interval_minutes=15)),
+        (
+            "market_trends",
+            ReportParams(
+                symbol="EURUSD",
+                start=T0 + dt.timedelta(minutes=30),
+                end=T0 + dt.timedelta(minutes=90),
+                interval_minutes=7,
+            ),
+        ),
+        ("volume_profile", ReportParams(symbol="EURUSD", price_decimals=4)),
+    ],
+)
+async def test_market_reports_are_answered_from_the_tick_pre_aggregates(
+    setup: Any, name: str, params: ReportParams
+) -> None:
+    """The report's SQL is one the ticks' projections answer (``force_optimize_projection``:
+    ClickHouse refuses it rather than read the ticks), and the answer is the ticks' own (the
+    same query with projections off)."""
+    app, tenant, *_ = setup
+    analytics = app.analytics.analytics
+    sql = report_sql(name, tenant, params)
+    pre = await analytics.store.query(sql, analytics.run_settings(force_optimize_projection=1))
+    raw = await analytics.store.query(sql, analytics.run_settings(optimize_use_projections=0))
+    assert pre.rows == raw.rows
+    assert len(raw.rows) >= 2
+
+
+async def test_a_bound_inside_a_minute_reads_the_ticks_and_counts_only_those_after_it(
+    setup: Any,
+) -> None:
+    """A start that is not a whole minute cannot be answered per minute: the report reads the
+    ticks, and counts none before the start (PostgreSQL agrees)."""
+    app, tenant, *_ = setup
+    start, end = T0 + dt.timedelta(minutes=30, seconds=20), T0 + dt.timedelta(minutes=45)
+    result = await app.analytics.analytics.store.query(
+        report_sql("market_trends", tenant, ReportParams("EURUSD", start, end, 60)),
+        app.analytics.analytics.run_settings(),
+    )
+    async with app.owner_pool.acquire() as conn:
+        expected = await conn.fetchval(
+            f"SELECT count(*) FROM {app.settings.shared_schema}.trading_ticks WHERE"
+            " company_id = $1 AND symbol = 'EURUSD' AND time >= $2 AND time < $3",
+            tenant,
+            start,
+            end,
+        )
+    assert [int(r[3]) for r in result.rows] == [expected]

@@ -176,6 +176,9 @@ TABLE_FUNCTIONS = [
     "SELECT * FROM values('a String', 'x')",
     "SELECT * FROM loop({B}.trading_ticks)",
     "SELECT * FROM mergeTreeIndex('dbsvc_analytics', 'trading_ticks')",
+    # The ticks' pre-aggregates (projections) hold every tenant's sums.
+    "SELECT * FROM mergeTreeProjection('dbsvc_analytics', 'trading_ticks', 'per_minute')",
+    "SELECT * FROM mergeTreeProjection('dbsvc_analytics', 'trading_ticks', 'per_price')",
     "SELECT * FROM trading_ticks WHERE symbol IN (SELECT * FROM file('/etc/hostname', 'LineAsString'))",
     "SELECT * FROM trading_ticks JOIN url('http://127.0.0.1:1/', 'CSV', 'symbol String') USING symbol",
 ]
@@ -298,6 +301,15 @@ async def test_a_reads_its_own_rows_and_only_them(world: World, run: Any) -> Non
         ".trading_ticks GROUP BY symbol"
     )
     assert outcome.ok and [list(r) for r in outcome.rows] == [["OWNSYM", 50], ["OWNSYM", 50]]
+    # Answered from the ticks' pre-aggregates (projections over every tenant's ticks): A's only.
+    for sql in (
+        "SELECT symbol, sum(n) FROM (SELECT symbol, toStartOfMinute(time) AS m, count() AS n"
+        " FROM trading_ticks GROUP BY symbol, m) GROUP BY symbol",
+        "SELECT symbol, sum(n) FROM (SELECT symbol, bid, ask, count() AS n FROM trading_ticks"
+        " GROUP BY symbol, bid, ask) GROUP BY symbol",
+    ):
+        outcome = await run(sql)
+        assert outcome.ok and [list(r) for r in outcome.rows] == [["OWNSYM", 50]], outcome
     # Comments, quoting and harmless text that looks like an attack are only text.
     outcome = await run(
         "SELECT count() /* ; SELECT * FROM system.tables */ FROM `trading_ticks`"

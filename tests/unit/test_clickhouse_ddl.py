@@ -18,6 +18,7 @@ import pytest
 from database_service.analytics.schema import (
     REPLICATED,
     SHARED_DATABASE,
+    projection_upgrade_ddl,
     shared_ddl,
     tenant_database,
     tenant_view_ddl,
@@ -175,6 +176,7 @@ def test_every_statement_parses_in_clickhouses_own_parser(parser: Any) -> None:
         *service_policy_ddl("dbsvc", shared_database=SHARED_DATABASE, shared_tables=["t"]),
         *tenant_drop_ddl("acme", shared_tables=list(REPLICATED), shared_database=SHARED_DATABASE),
         *shared_ddl(),
+        *projection_upgrade_ddl("trading_ticks", "CREATE TABLE t (a Int8) ENGINE = MergeTree"),
         *tenant_view_ddl("acme"),
         *tenant_view_ddl("acme", definer=True),
     ]
@@ -193,3 +195,15 @@ def test_tenant_views_filter_by_tenant_and_read_the_newest_version() -> None:
     assert "trading_history FINAL WHERE company_id = 'acme' AND _deleted = 0" in history
     assert all(v.startswith("CREATE OR REPLACE VIEW") for v in views[1:])
     assert "SQL SECURITY DEFINER" in tenant_view_ddl("acme", definer=True)[1]
+
+
+def test_ticks_carry_their_pre_aggregates_and_older_tables_get_them_once() -> None:
+    ticks = next(sql for sql in shared_ddl() if ".trading_ticks " in sql)
+    assert "PROJECTION per_minute (SELECT" in ticks
+    assert "PROJECTION per_price (SELECT" in ticks
+    assert "deduplicate_merge_projection_mode = 'rebuild'" in ticks
+    older = f"CREATE TABLE {SHARED_DATABASE}.trading_ticks (`time` DateTime64(6)) ENGINE = x"
+    upgrade = projection_upgrade_ddl("trading_ticks", older)
+    assert upgrade[0].endswith("MODIFY SETTING deduplicate_merge_projection_mode = 'rebuild'")
+    assert [s.split()[-1] for s in upgrade[1:] if "MATERIALIZE" in s] == ["per_minute", "per_price"]
+    assert projection_upgrade_ddl("trading_ticks", ticks) == []

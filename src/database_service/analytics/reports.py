@@ -16,6 +16,11 @@ guard; it runs with the same per-query limits as tenant SQL.
 - ``prediction_accuracy``: the same outcome for ``buy``/``sell`` AI predictions, per model
   version and day: predictions, evaluated, correct, accuracy, mean confidence.
 
+``market_trends`` and ``volume_profile`` are written so that the ticks' aggregate projections
+(``schema.PER_MINUTE``, ``schema.PER_PRICE``) answer them: ClickHouse then reads one row per
+minute (or per quote) instead of every tick. ``volume_profile`` with a time range, and
+``market_trends`` with a bound that is not a whole minute, read the ticks: same answer, slower.
+
 ``tests/integration/test_analytics_reports.py`` checks each against the same computation in
 PostgreSQL on the same rows.
 """
@@ -46,17 +51,24 @@ _SYMBOL = re.compile(r"^[A-Za-z0-9._/-]{1,20}$")
 # over the tenant's trades (3x faster on 200,000 trades here). NULL profits are left out as
 # PostgreSQL's sum and max leave them out (a group with none has no drawdown: NULL). The sort
 # key packs closed_at (microseconds) and trade_id into one UInt128, cheaper to sort than a
-# tuple (measured: 43 vs 51 ms).
+# tuple (measured: 43 vs 51 ms). The profits go through the arrays as Int64 cents (profit is
+# Decimal(15, 2): exact, and sums up to 9.2e16 in the currency fit), cheaper to collect, sort and
+# add than Decimals (measured on 200,000 trades: 33 vs 52 ms); the result is a Decimal(38, 2)
+# again.
 _SIGN = 1 << 63  # Int64 to UInt64 in the same order: two's complement, sign bit flipped
 _ORDER_KEY = (
     f"bitOr(bitShiftLeft(toUInt128(bitXor(toUInt64(toUnixTimestamp64Micro(closed_at)), {_SIGN})),"
     f" 64), toUInt128(bitXor(toUInt64(trade_id), {_SIGN})))"
 )
 MAX_DRAWDOWN = (
-    "if(count(profit) = 0, NULL, arrayMax(arrayCumSumNonNegative(arrayMap(p -> -p,"
-    " arrayPopFront(arraySort((p, k) -> k, groupArray(profit),"
-    f" groupArrayIf({_ORDER_KEY}, profit IS NOT NULL)))))))"
+    "if(count(profit) = 0, NULL, toDecimal128(arrayMax(arrayCumSumNonNegative(arrayMap(p -> -p,"
+    " arrayPopFront(arraySort((p, k) -> k, groupArray(toInt64(profit * 100)),"
+    f" groupArrayIf({_ORDER_KEY}, profit IS NOT NULL)))))), 0) * toDecimal32('0.01', 2))"
 )
+# Time buckets of whole minutes, written so that the ticks' per-minute projection
+# (``schema.PER_MINUTE``) answers them: the bucket of a tick's minute is the bucket of the tick
+# (intervals of whole minutes start on whole minutes).
+MINUTE = "toStartOfMinute(time)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +105,17 @@ def _time(value: dt.datetime) -> str:
     return f"toDateTime64('{utc}', 6, 'UTC')"  # isoformat of a datetime: digits, '-', ':', '.'
 
 
-def _range(column: str, params: ReportParams) -> str:
+def _range(column: str, params: ReportParams, minute: str | None = None) -> str:
+    """The filter for [start, end) on ``column``; with ``minute`` (the column's minute), a bound
+    of a whole minute filters the minute instead: the same rows (t >= m iff its minute >= m, and
+    t < m iff its minute < m, for a whole minute m), in a form the per-minute projection takes."""
     parts = []
-    if params.start is not None:
-        parts.append(f"{column} >= {_time(params.start)}")
-    if params.end is not None:
-        parts.append(f"{column} < {_time(params.end)}")
+    for value, op in ((params.start, ">="), (params.end, "<")):
+        if value is None:
+            continue
+        utc = value.astimezone(dt.UTC)
+        whole = utc.second == 0 and utc.microsecond == 0
+        parts.append(f"{minute if minute and whole else column} {op} {_time(value)}")
     return " AND ".join(parts) or "1"
 
 
@@ -118,12 +135,13 @@ def report_sql(name: str, tenant_id: str, params: ReportParams) -> str:
             GROUP BY day, symbol ORDER BY day, symbol"""
     if name == "market_trends":
         return f"""
-            SELECT toStartOfInterval(time, toIntervalMinute({params.interval_minutes})) AS bucket,
+            SELECT toStartOfInterval({MINUTE}, toIntervalMinute({params.interval_minutes}))
+                       AS bucket,
                    round(toFloat64(sum((bid + ask) * volume)) / (2 * sum(volume)), 6) AS vwap,
                    sum(volume) AS total_volume, count() AS ticks,
                    round(stddevPop(toFloat64(bid)), 6) AS volatility
             FROM {db}.trading_ticks
-            WHERE symbol = {symbol} AND {_range("time", params)}
+            WHERE symbol = {symbol} AND {_range("time", params, MINUTE)}
             GROUP BY bucket ORDER BY bucket"""
     if name in ("signal_performance", "prediction_accuracy"):
         return _outcomes(name, db, symbol, params)

@@ -19,6 +19,10 @@ Exactly once, and exact reads:
   none when it is a delete), so they are exact whether or not merges have run; the append-only
   ticks and predictions are read as they are (no duplicate gets in).
 
+The ticks carry two aggregate projections (``PER_MINUTE``, ``PER_PRICE``): per-minute and
+per-quote pre-aggregates that the market reports read instead of every tick, as deduplicated as
+the rows they summarise (see ``PER_MINUTE``'s comment).
+
 A tenant's database (``tenant_database``) holds only views filtered to its ``company_id``: tenant
 SQL names nothing else (the guard's rule on the embedded chDB; grants and row policies on a
 server).
@@ -34,6 +38,7 @@ __all__ = [
     "RETAINED",
     "SHARED_DATABASE",
     "Replicated",
+    "projection_upgrade_ddl",
     "shared_ddl",
     "tenant_database",
     "tenant_view_ddl",
@@ -42,6 +47,9 @@ __all__ = [
 SHARED_DATABASE = "dbsvc_analytics"
 _TENANT_ID = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
 _DEDUP = "non_replicated_deduplication_window = 10000"
+# ReplacingMergeTree with projections: ClickHouse refuses them unless told what a merge that
+# drops a row does to them; 'rebuild' recomputes them from the merged rows.
+_PROJECTION_MERGES = "deduplicate_merge_projection_mode = 'rebuild'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +60,38 @@ class Replicated:
     order_by: tuple[str, ...]
     partition_by: str
     versioned: bool  # changes in place: versions and deletes, read as the newest version
+    # Aggregate projections (name, SELECT … GROUP BY …): pre-aggregates ClickHouse keeps inside
+    # each part and uses by itself for a query its keys and aggregates answer.
+    projections: tuple[tuple[str, str], ...] = ()
 
 
 _TS = "DateTime64(6, 'UTC')"
+
+# The ticks' pre-aggregates, as aggregate projections of the ticks table (not materialized views
+# into tables of their own): a projection is built in the same part as the rows it summarises,
+# when the part is written, so
+# - it is exactly as deduplicated as the rows: a replayed batch whose insert deduplication token
+#   ClickHouse has seen stores no part, hence no projection either (a materialized view would be
+#   skipped too, but only while the token is in the window; here there is nothing to keep apart);
+# - merges rebuild it from the merged rows (``deduplicate_merge_projection_mode = 'rebuild'``),
+#   so ReplacingMergeTree's second net, the TTL of the retention and a tenant's purge (a
+#   mutation) apply to it as to the rows;
+# - a query reads it only when its keys and aggregates are computable from the projection's
+#   (``toStartOfMinute(time)`` for time, ``bid``/``ask`` for prices), else the rows: the answer is
+#   the same either way, and a part without the projection (written before it existed) is read
+#   as rows. The reports (``analytics/reports.py``) are written in that form: buckets of whole
+#   minutes as ``toStartOfInterval(toStartOfMinute(time), …)``.
+# Per tenant, symbol and minute: VWAP, volume, tick count, bid volatility and range.
+PER_MINUTE = (
+    "SELECT company_id, symbol, toStartOfMinute(time), sum((bid + ask) * volume), sum(volume),"
+    " count(), stddevPop(toFloat64(bid)), min(bid), max(bid)"
+    " GROUP BY company_id, symbol, toStartOfMinute(time)"
+)
+# Per tenant, symbol and quote (bid, ask): the volume profile at any rounding of the mid price.
+PER_PRICE = (
+    "SELECT company_id, symbol, bid, ask, sum(volume), count()"
+    " GROUP BY company_id, symbol, bid, ask"
+)
 
 REPLICATED: dict[str, Replicated] = {
     r.name: r
@@ -75,6 +112,10 @@ REPLICATED: dict[str, Replicated] = {
             order_by=("company_id", "symbol", "time", "_seq"),
             partition_by="toYYYYMM(time)",
             versioned=False,
+            projections=(
+                ("per_minute", PER_MINUTE),
+                ("per_price", PER_PRICE),
+            ),
         ),
         Replicated(
             "ai_predictions",
@@ -177,11 +218,30 @@ def shared_ddl() -> list[str]:
         else:
             cols += ["_seq UInt64"]
             engine = "ReplacingMergeTree"
+        cols += [f"PROJECTION {name} ({select})" for name, select in r.projections]
+        settings = _DEDUP + (f", {_PROJECTION_MERGES}" if r.projections else "")
         statements.append(
             f"CREATE TABLE IF NOT EXISTS {SHARED_DATABASE}.{r.name} ({', '.join(cols)}) "
             f"ENGINE = {engine} PARTITION BY {r.partition_by} "
-            f"ORDER BY ({', '.join(r.order_by)}) SETTINGS {_DEDUP}"
+            f"ORDER BY ({', '.join(r.order_by)}) SETTINGS {settings}"
         )
+    return statements
+
+
+def projection_upgrade_ddl(table: str, existing: str) -> list[str]:
+    """For a table created before its projections (``existing``: its ``CREATE TABLE`` text): the
+    statements that add the missing ones and build them for the parts already stored
+    (``MATERIALIZE PROJECTION``, a background mutation: reads stay exact meanwhile, as parts
+    without the projection are read as rows)."""
+    r = REPLICATED[table]
+    missing = [(n, q) for n, q in r.projections if f"PROJECTION {n} " not in existing]
+    if not missing:
+        return []
+    target = f"{SHARED_DATABASE}.{table}"
+    statements = [f"ALTER TABLE {target} MODIFY SETTING {_PROJECTION_MERGES}"]
+    for name, select in missing:
+        statements.append(f"ALTER TABLE {target} ADD PROJECTION IF NOT EXISTS {name} ({select})")
+        statements.append(f"ALTER TABLE {target} MATERIALIZE PROJECTION {name}")
     return statements
 
 

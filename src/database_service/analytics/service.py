@@ -24,6 +24,7 @@ from database_service.analytics.schema import (
     REPLICATED,
     RETAINED,
     SHARED_DATABASE,
+    projection_upgrade_ddl,
     retention_ttl,
     shared_ddl,
     tenant_database,
@@ -197,6 +198,15 @@ class Analytics:
         """The shared tables, the empty default database, and the guard's function list."""
         for statement in shared_ddl():
             await self.store.command(statement)
+        for table in (name for name, r in REPLICATED.items() if r.projections):
+            # Tables created by a version without the projections get them (CREATE TABLE IF
+            # NOT EXISTS left them as they were).
+            existing = await self.store.query(
+                "SELECT create_table_query FROM system.tables"
+                f" WHERE database = '{SHARED_DATABASE}' AND name = '{table}'"
+            )
+            for statement in projection_upgrade_ddl(table, str(existing.rows[0][0])):
+                await self.store.command(statement)
         await self.store.command(f"CREATE DATABASE IF NOT EXISTS {EMPTY_DATABASE}")
         if self.store.kind == "server":
             # Tenants' row policies on the shared tables would hide their rows from a user no
