@@ -9,10 +9,11 @@ given). Semantics and part shapes: ``application.multidb`` and ``multidb.parts``
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from database_service.api.http.deps import Authenticated, Core, tenant_context
+from database_service.jsonvalues import dumps
 
 router = APIRouter(tags=["multi-db"])
 
@@ -43,12 +44,14 @@ async def execute(
     core: Core,
     principal: Authenticated,
     x_tenant_id: TenantHeader = None,
-) -> dict[str, Any]:
+) -> Response:
     """The PostgreSQL part in one transaction with the outbox entries of the other stores'
     writes; those applied after the commit; reads directly. Per part: ``applied``, ``pending``
     or ``failed`` (with ``reason``)."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
-    return await core.multidb.execute(principal, ctx, body.operation)
+    answer = await core.multidb.execute(principal, ctx, body.operation)
+    # Written here, not by FastAPI's serializer, which refuses a tenant's deeply nested jsonb.
+    return Response(dumps(answer), media_type="application/json")
 
 
 @router.get("/api/v1/multi-db/outbox")
