@@ -435,7 +435,10 @@ class AnalyticsGuard:
                 f"syntax error: {message.split('DB::Exception: ', 1)[-1][:300]}",
                 position=int(m.group(1)) + 1 if m else None,
             ) from None
-        tree = json.loads(str(result.rows[0][0]))
+        try:
+            tree = json.loads(str(result.rows[0][0]))
+        except RecursionError:
+            raise SqlRejected("the query is nested too deeply to check") from None
         if not isinstance(tree, dict):
             raise SqlRejected("not a query")
         return tree

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from database_service.api.http.answers import json_answer
 from database_service.api.http.deps import Authenticated, Core, tenant_context
-from database_service.jsonvalues import dumps
 
 router = APIRouter(tags=["multi-db"])
 
@@ -50,8 +50,7 @@ async def execute(
     or ``failed`` (with ``reason``)."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
     answer = await core.multidb.execute(principal, ctx, body.operation)
-    # Written here, not by FastAPI's serializer, which refuses a tenant's deeply nested jsonb.
-    return Response(dumps(answer), media_type="application/json")
+    return json_answer(answer)
 
 
 @router.get("/api/v1/multi-db/outbox")
