@@ -27,7 +27,8 @@ __all__ = ["MAX_JSON_DEPTH", "check_json", "dumps", "json_problem"]
 # Deep enough for any document a store keeps; shallow enough that every JSON writer on the
 # way (orjson: 254 levels, with the envelope an outbox entry or an answer adds) takes it.
 MAX_JSON_DEPTH = 128
-_INT64 = (-(2**63), 2**63 - 1)
+# What orjson writes: signed 64-bit down, unsigned 64-bit up (a ClickHouse UInt64 fits).
+_INT64 = (-(2**63), 2**64 - 1)
 
 
 def json_problem(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, bool] | None:
@@ -40,7 +41,7 @@ def json_problem(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> tuple[str, b
             continue
         if isinstance(item, int):
             if not _INT64[0] <= item <= _INT64[1]:
-                return "an integer beyond 64 bits (send it as a string)", False
+                return "an integer past 64 bits (send it as a string)", False
         elif isinstance(item, float):
             if not math.isfinite(item):
                 return "a number that is not finite (NaN or infinity is not JSON)", False
