@@ -179,8 +179,22 @@ class PostgresGraphStore:
             # Errors as the store's own sessions give them (its callers map 23503 and 42P01).
             with postgres_errors(tenant.tenant_id):
                 if tenant.tenant_id not in self._ready:
+                    # Made already (committed by an earlier write): the script is not run
+                    # again, since its CREATE INDEX IF NOT EXISTS takes a SHARE lock on the
+                    # tables inside this transaction, and two operations writing the graph at
+                    # once then deadlocked on each other's row locks.
                     async with joined.watch.statement():
-                        await joined.conn.execute(sql.create)
+                        made = await joined.conn.fetchval(
+                            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL"
+                            " AND to_regclass($3) IS NOT NULL",
+                            sql.collections,
+                            sql.vertices,
+                            sql.edges,
+                        )
+                        if made:
+                            self._ready.add(tenant.tenant_id)
+                        else:
+                            await joined.conn.execute(sql.create)
                 try:
                     yield joined.conn, joined.watch, sql
                 except QueryError as exc:
