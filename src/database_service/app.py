@@ -1042,6 +1042,7 @@ class Application:
             backoff_base_seconds=s.multidb_outbox_backoff_seconds,
             backoff_max_seconds=s.multidb_outbox_backoff_max_seconds,
             apply_timeout_seconds=s.multidb_outbox_apply_timeout_seconds,
+            concurrency=s.multidb_outbox_pool_size,
         )
         self.multidb = MultiDatabase(
             self.access,

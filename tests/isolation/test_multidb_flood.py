@@ -10,11 +10,15 @@ import statistics
 import time
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from database_service.app import Application
-from database_service.auth import Scope
+from database_service.auth import Principal, Scope
+from database_service.query import TenantContext
+from database_service.stores.graph.model import Vertex
+from database_service.tenancy import quote_ident
 from tests.isolation.fix_attack import Tenants
 from tests.isolation.fix_frontends import service_token
 from tests.isolation.test_multidb_attacks import execute
@@ -101,3 +105,71 @@ async def test_a_flood_of_multi_store_writes_does_not_stall_another_tenant(
             break
         await asyncio.sleep(0.5)
     assert left == 0
+
+
+async def test_a_tenants_slow_outbox_entries_do_not_hold_up_another_tenants(
+    core: Application,
+    tenants: Tenants,
+    attacker_conn: asyncpg.Connection,
+    new_tenant: Any,
+) -> None:
+    """A keeps its own graph table locked (a direct login, in a transaction) and has ten graph
+    entries pending ahead of a bystander's key-value entry: each of A's waits for the lock until
+    the apply timeout, and the bystander's entry must not wait behind them."""
+    bystander = await new_tenant("bystander")
+    outbox = core.multidb_outbox
+    control = quote_ident(core.settings.control_schema)
+    a = tenants.a.tenant_id
+    principal = Principal("slow", frozenset({a}), frozenset({Scope.READ, Scope.WRITE}))
+    await core.graphs.upsert_vertices(principal, TenantContext(a), [Vertex.of("slow", "k0")])
+    target = outbox.appliers.target("graph")
+    slow = [
+        await attacker_conn.fetchval(
+            f"SELECT {control}.multidb_record(gen_random_uuid(), 'graph', 'graph',"
+            " $1::text::jsonb, $2)",
+            f'{{"operation": "upsert", "vertices": [{{"collection": "slow", "_key": "k{i}"}}]}}',
+            target,
+        )
+        for i in range(1, 11)
+    ]
+    await core.owner_pool.execute(
+        f"INSERT INTO {control}.multidb_outbox (tenant_id, operation_id, store, part, op, target)"
+        " VALUES ($1, gen_random_uuid(), 'dragonflydb', 'dragonflydb', $2::text::jsonb, $3)",
+        bystander.tenant_id,
+        '{"operation": "set", "key": "behind", "value": "applied"}',
+        outbox.appliers.target("dragonflydb"),
+    )
+    await core.owner_pool.execute(
+        f"UPDATE {control}.multidb_outbox SET next_attempt_at = clock_timestamp()"
+        " WHERE id = ANY($1::bigint[])",
+        slow,
+    )
+    kept_timeout = outbox._timeout
+    outbox._timeout = 1.0  # each of A's entries waits this long for the lock
+    locker = attacker_conn.transaction()
+    await locker.start()
+    await attacker_conn.execute(
+        f"LOCK TABLE {quote_ident(tenants.a.schema_name)}._graph_vertices IN ACCESS EXCLUSIVE MODE"
+    )
+    started = time.monotonic()
+    waited: float | None = None
+    try:
+        applying = asyncio.create_task(outbox.apply_due())
+        while time.monotonic() - started < 20 and waited is None:
+            if await core.key_values.get(bystander.tenant_id, "behind") == b"applied":
+                waited = time.monotonic() - started
+            await asyncio.sleep(0.05)
+        await applying
+    finally:
+        await locker.rollback()
+        outbox._timeout = kept_timeout
+    print(f"\nthe bystander's entry was applied {waited} s after the applier started")
+    assert waited is not None and waited < 3, waited
+    # A's entries are still A's to apply: pending again after their timeouts, not lost.
+    statuses = {
+        r["status"]
+        for r in await core.owner_pool.fetch(
+            f"SELECT status FROM {control}.multidb_outbox WHERE id = ANY($1::bigint[])", slow
+        )
+    }
+    assert statuses <= {"pending", "applied"}, statuses
