@@ -5,8 +5,10 @@ the value), never a server error or a closed connection."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
+from tests.isolation.fix_attack import Tenants
 from tests.isolation.fix_frontends import FrontEnd
 
 pytestmark = pytest.mark.usefixtures("unchanged_victim")
@@ -40,3 +42,22 @@ async def test_deep_or_huge_json_values_read_back_or_are_refused_clearly(
     # The session that read it is still good (a failed decode leaves no half-read result).
     after = await front_end.run("SELECT 41 + 1")
     assert after.ok and after.rows == [[42]], after
+
+
+@pytest.mark.parametrize("statement", sorted(STATEMENTS))
+async def test_deep_or_huge_json_through_the_rest_analytics_route(
+    http: httpx.AsyncClient, tenants: Tenants, statement: str
+) -> None:
+    """The same through ``POST /api/v1/analytics/query`` on PostgreSQL (its own encoder)."""
+    response = await http.post(
+        "/api/v1/analytics/query",
+        json={
+            "sql": STATEMENTS[statement],
+            "engine": "postgresql",
+            "tenant_id": tenants.a.tenant_id,
+        },
+        headers=tenants.a_headers,
+    )
+    assert response.status_code < 500, response.text[:300]
+    if response.status_code != 200:
+        assert response.json()["error"]["code"] not in {None, "internal"}, response.text[:300]
