@@ -324,9 +324,9 @@ class Application:
         else:
             dsn = s.postgres_url.get_secret_value()
         self.postgres_dsn = dsn  # the owner's (cluster backups run PostgreSQL's tools with it)
-        # The owner's connections, in three pools that cannot starve each other: the request
-        # path's (tenant and service lookups, health, time limits), the audit writer's, and the
-        # long holders' (migrations, tenant lifecycle, partition maintenance).
+        # The owner's connections, in pools that cannot starve each other: the request path's
+        # (tenant and service lookups, health, time limits), the audit writer's, the long
+        # holders' (migrations, tenant lifecycle, partition maintenance), and the outbox's.
         self.owner_pool = await create_owner_pool(dsn, max_size=s.admin_pool_size)
         stack.push_async_callback(self.owner_pool.close)
         self.audit_pool = await create_owner_pool(dsn, max_size=s.audit_pool_size, purpose="audit")
@@ -335,6 +335,13 @@ class Application:
             dsn, max_size=s.maintenance_pool_size, purpose="maintenance"
         )
         stack.push_async_callback(self.maintenance_pool.close)
+        # The outbox applier's: it holds an entry's row lock while a store applies the entry,
+        # and the embedded key-value store writes through owner_pool (one pool for both held
+        # every connection and waited for one more).
+        self.outbox_pool = await create_owner_pool(
+            dsn, max_size=s.multidb_outbox_pool_size, purpose="outbox"
+        )
+        stack.push_async_callback(self.outbox_pool.close)
 
         self.migrator = self._migrator_override or Migrator(
             control_schema=s.control_schema,
@@ -1019,7 +1026,7 @@ class Application:
         serving process (entries are locked FOR UPDATE SKIP LOCKED, so each is applied by one)."""
         s = self.settings
         self.multidb_outbox = Outbox(
-            self.owner_pool,
+            self.outbox_pool,
             control_schema=s.control_schema,
             appliers=StoreAppliers(
                 key_values=self.key_values,
@@ -1040,6 +1047,7 @@ class Application:
             backoff_base_seconds=s.multidb_outbox_backoff_seconds,
             backoff_max_seconds=s.multidb_outbox_backoff_max_seconds,
             apply_timeout_seconds=s.multidb_outbox_apply_timeout_seconds,
+            concurrency=s.multidb_outbox_pool_size,
         )
         self.multidb = MultiDatabase(
             self.access,

@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     # take is retried with exponential backoff (base, doubling, capped) up to max_attempts, then
     # failed (kept; an administrator retries it). Every worker runs the applier loop (entries
     # are locked FOR UPDATE SKIP LOCKED); applied entries are deleted after the retention.
+    # The outbox applier's own owner connections: it holds one (the entry's row lock) while the
+    # store applies, and the embedded key-value store writes through the owner's request pool;
+    # on that same pool, four entries at once held every connection and waited for a fifth.
+    multidb_outbox_pool_size: int = Field(default=2, ge=1, le=100)
     multidb_outbox_max_attempts: int = Field(default=10, ge=1, le=1000)
     multidb_outbox_backoff_seconds: float = Field(default=1.0, gt=0, le=3600)
     multidb_outbox_backoff_max_seconds: float = Field(default=300.0, gt=0, le=86400)

@@ -92,6 +92,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "VertexNotFound",
+    "caller_text_error",
     "escaped_driver_error",
     "postgres_unavailable",
     "postgres_unreachable",
@@ -321,6 +322,21 @@ def postgres_unavailable(what: str) -> Iterator[None]:
         if not postgres_unreachable(exc):
             raise
         raise unavailable(what, exc) from exc
+
+
+def caller_text_error(exc: BaseException) -> InvalidText | None:
+    """For the front ends' last resort: text PostgreSQL cannot hold (NUL, a lone surrogate) that
+    a caller sent and a statement met on a path that did not check it first. The service makes
+    no such text itself, so it is the caller's input: ``invalid_text``, not an internal error."""
+    if isinstance(
+        exc,
+        asyncpg.exceptions.CharacterNotInRepertoireError
+        | asyncpg.exceptions.UntranslatableCharacterError,
+    ) or (
+        isinstance(exc, asyncpg.exceptions.DataError) and isinstance(exc.__cause__, UnicodeError)
+    ):
+        return InvalidText("text holds a NUL or is not valid Unicode (a lone surrogate)")
+    return None
 
 
 def escaped_driver_error(exc: BaseException) -> bool:

@@ -245,7 +245,9 @@ async def test_the_owners_connections_are_split_so_long_holders_cannot_starve_re
             " WHERE application_name LIKE 'dbsvc-owner%'"
         )
     }
-    assert {"dbsvc-owner", "dbsvc-owner-audit", "dbsvc-owner-maintenance"} <= names
+    assert {
+        "dbsvc-owner", "dbsvc-owner-audit", "dbsvc-owner-maintenance", "dbsvc-owner-outbox"
+    } <= names  # fmt: skip
     # A migration holding every maintenance connection leaves lookups and audit free.
     async with core.maintenance_pool.acquire(), core.maintenance_pool.acquire():
         assert await core.owner_pool.fetchval("SELECT 1") == 1

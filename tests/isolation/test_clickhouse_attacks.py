@@ -351,3 +351,28 @@ async def test_clickhouse_off_or_unknown_engine_is_a_clear_error(
         assert [list(r) for r in result.rows] == [[42]]
     finally:
         await client.close()
+
+
+# Costly but allowed-looking reads: each stopped by the service's limits or the parser, with a
+# clear code, never a server error, and the next query still answers.
+EXPENSIVE = [
+    "SELECT " + "(" * 5000 + "1" + ")" * 5000,
+    "SELECT 1 WHERE 1 IN (" + ",".join(str(i) for i in range(20000)) + ")",
+    "SELECT length(repeat('x', 2000000000))",
+    "SELECT count() FROM trading_ticks AS a, trading_ticks AS b, trading_ticks AS c,"
+    " trading_ticks AS d, trading_ticks AS e",
+    "SELECT arrayMap(x -> x, range(200000000))",
+    "SELECT sum(number) FROM (SELECT arrayJoin(range(100000000)) AS number)",
+    "SELECT '" + "\\u0000" + "'",
+    "SELECT toDecimal256('1e500', 0)",
+]
+
+
+@pytest.mark.parametrize("sql", EXPENSIVE, ids=[f"expensive{i}" for i in range(len(EXPENSIVE))])
+async def test_expensive_reads_end_with_a_clear_code(world: World, run: Any, sql: str) -> None:
+    outcome = await run(sql)
+    assert not outcome.server_error, outcome
+    if not outcome.ok:
+        assert outcome.code not in {None, "internal"}, outcome
+    after = await run("SELECT count() FROM trading_ticks")
+    assert after.ok and after.rows == [[50]], after

@@ -13,6 +13,7 @@ only the table it made, and no table with an outside engine exists anywhere."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -303,3 +304,31 @@ async def nothing_changed(world: World) -> AsyncIterator[None]:
         f"SELECT count() FROM {SHARED_DATABASE}.trading_ticks WHERE company_id = '{world.b}'"
     )
     assert ticks.rows == [[0]]
+
+
+# Values a caller may send for a row (REST and gRPC read JSON leniently: NaN, infinities,
+# integers past 64 bits, lone surrogates); each is stored as the column's type takes it, or
+# refused with a stable code, never a server error.
+VALUES = {
+    "nan": float("nan"),
+    "infinity": float("inf"),
+    "big_int": 10**30,
+    "huge_int": 10**4000,  # (past 4,300 digits no JSON reader makes an int)
+    "nested": {"a": [1, {"b": None}]},
+    "deep": functools.reduce(lambda inner, _: [inner], range(300), 1),
+    "lone_surrogate": "\ud800",
+    "nul": "a\x00b",
+    "bool": True,
+    "null": None,
+    "large_text": "x" * 2_000_000,
+}
+
+
+@pytest.mark.parametrize("value", sorted(VALUES))
+async def test_every_insert_value_is_stored_or_refused_cleanly(world: World, value: str) -> None:
+    try:
+        await world.analytics.insert(
+            world.a, "INSERT INTO own (a) VALUES ($1)", [VALUES[value]], dedup_token=value
+        )
+    except ServiceError as exc:
+        assert exc.error_code != "internal" and exc.http_status < 500, (value, exc)

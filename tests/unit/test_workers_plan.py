@@ -70,6 +70,7 @@ def test_caps_below_the_worker_count_are_named() -> None:
         "DBSVC_POOL_BULK_MAX_PER_TENANT=2",
         "DBSVC_AUDIT_POOL_SIZE=2",
         "DBSVC_MAINTENANCE_POOL_SIZE=2",
+        "DBSVC_MULTIDB_OUTBOX_POOL_SIZE=2",
     ]
 
 

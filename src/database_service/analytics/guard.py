@@ -414,9 +414,19 @@ class AnalyticsGuard:
 
     async def format_tree(self, tree: dict[str, Any]) -> str:
         """ClickHouse's printing of ``tree``."""
-        formatted = await self._store.query(
-            f"SELECT formatQueryFromJSON({_literal(json.dumps(tree))})"
-        )
+        try:
+            formatted = await self._store.query(
+                f"SELECT formatQueryFromJSON({_literal(json.dumps(tree))})"
+            )
+        except ClickHouseError as exc:
+            # The tree is several times the text (a 20,000-value IN list): past ClickHouse's
+            # max_query_size its printing fails; the caller's query is too large to check.
+            if "Max query size exceeded" in str(exc):
+                raise SqlRejected(
+                    "the query is too large to check (its parse tree passes ClickHouse's"
+                    " max_query_size): make it smaller, e.g. fewer IN values"
+                ) from None
+            raise
         return str(formatted.rows[0][0])
 
     async def parse(self, sql: str) -> dict[str, Any]:
@@ -435,7 +445,10 @@ class AnalyticsGuard:
                 f"syntax error: {message.split('DB::Exception: ', 1)[-1][:300]}",
                 position=int(m.group(1)) + 1 if m else None,
             ) from None
-        tree = json.loads(str(result.rows[0][0]))
+        try:
+            tree = json.loads(str(result.rows[0][0]))
+        except RecursionError:
+            raise SqlRejected("the query is nested too deeply to check") from None
         if not isinstance(tree, dict):
             raise SqlRejected("not a query")
         return tree

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
-
-import orjson
 
 from database_service.application.access import Access
 from database_service.application.graphs import Graphs
@@ -47,6 +46,7 @@ from database_service.errors import (
     PermissionDenied,
     SqlRejected,
 )
+from database_service.jsonvalues import dumps
 from database_service.multidb.outbox import EntryOutcome, Outbox, json_result
 from database_service.multidb.parts import (
     CheckedPart,
@@ -272,10 +272,11 @@ class MultiDatabase:
                     1000 if part.limit is None else part.limit,
                 )
                 walked = await self._graphs.traverse(principal, ctx, query)
-                result = orjson.loads(
-                    orjson.dumps(
-                        {"hits": [h.to_dict() for h in walked.hits], "truncated": walked.truncated},
-                        default=str,
+                # Through JSON text and back (dates and ids as text); the standard library's
+                # reader, since a tenant's property may be an integer past 64 bits.
+                result = json.loads(
+                    dumps(
+                        {"hits": [h.to_dict() for h in walked.hits], "truncated": walked.truncated}
                     )
                 )
             else:

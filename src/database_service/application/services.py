@@ -33,6 +33,7 @@ from database_service.auth import (
     TokenCodec,
     parse_scopes,
 )
+from database_service.auth.identities import validate_service_name
 from database_service.errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
 from database_service.tenancy import validate_tenant_id
 
@@ -192,7 +193,12 @@ class ServiceAdmin:
     async def _administered(self, principal: Principal, name: str, action: str) -> ServiceIdentity:
         """The service, if the caller administers every tenant it holds; else 'no such service'."""
         await self._access.require(principal, Scope.ADMIN, action)
-        identity = await self._directory.find(name)
+        try:
+            # A name no service can have (NUL, a lone surrogate: text PostgreSQL cannot take)
+            # is looked up nowhere; it answers as a service that does not exist.
+            identity = await self._directory.find(validate_service_name(name))
+        except InvalidRequest:
+            identity = None
         if identity is None or not principal.covers(identity.tenants):
             await self._access.deny(
                 principal, None, action, NotFound(f"service {name!r} does not exist")

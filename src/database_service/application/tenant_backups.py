@@ -45,6 +45,7 @@ from database_service.errors import (
     InvalidParameters,
     NotFound,
     PayloadTooLarge,
+    ResourceExhausted,
 )
 from database_service.tenancy import validate_tenant_id
 
@@ -54,6 +55,11 @@ log = logging.getLogger(__name__)
 
 _JOB_ID = re.compile(r"[0-9a-f]{16}")
 SUFFIX = ".dbsvc-backup"
+# Each export file is a copy of the tenant's whole data on the service's disk, shared by every
+# tenant (and, embedded, by PostgreSQL): a tenant keeps at most this many, and runs one export
+# and one restore at a time per process, so its administrator cannot fill the disk or the
+# tenant's connections with jobs.
+MAX_KEPT_EXPORTS = 5
 
 
 class TenantBackupAdmin:
@@ -62,6 +68,7 @@ class TenantBackupAdmin:
         self._backups = backups
         self._dir = backups.directory
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: set[tuple[str, str]] = set()  # (kind, tenant) of this process's jobs
 
     # ------------------------------------------------------------ authorization
 
@@ -133,6 +140,30 @@ class TenantBackupAdmin:
             return None
         return job
 
+    def _claim(self, kind: str, tenant_id: str) -> None:
+        """One job of a kind at a time per tenant (in this process), released when it ends."""
+        if (kind, tenant_id) in self._running:
+            raise ResourceExhausted(
+                f"a {kind} of tenant {tenant_id!r} is already running: wait for it to finish"
+            )
+        self._running.add((kind, tenant_id))
+
+    def _kept_exports(self, tenant_id: str) -> list[str]:
+        """The tenant's finished exports whose files are still kept (a small scan of job files,
+        run in a thread)."""
+        kept = []
+        for path in (self._dir / "jobs").glob("*.json"):
+            job = self._read_job(path.stem)
+            if (
+                job is not None
+                and job["tenant_id"] == tenant_id
+                and job["kind"] == "export"
+                and job["state"] == "done"
+                and (self._dir / "exports" / f"{job['id']}{SUFFIX}").exists()
+            ):
+                kept.append(job["id"])
+        return kept
+
     def _run(self, job: dict[str, Any], work: Any) -> None:
         """Run ``work(progress)`` in the background, keeping the job file up to date."""
         last = 0.0
@@ -161,6 +192,7 @@ class TenantBackupAdmin:
                 log.exception("tenant backup job %s failed", job["id"])
                 job.update(state="failed", error={"code": "internal", "message": str(exc)})
             finally:
+                self._running.discard((job["kind"], job["tenant_id"]))
                 job["finished_at"] = time.time()
                 self._write_job(job)
                 upload = job.get("upload")
@@ -191,6 +223,13 @@ class TenantBackupAdmin:
     async def start_export(self, principal: Principal, tenant_id: str) -> dict[str, Any]:
         tenant_id = validate_tenant_id(tenant_id)
         await self._may_export(principal, tenant_id)
+        kept = await asyncio.to_thread(self._kept_exports, tenant_id)
+        if len(kept) >= MAX_KEPT_EXPORTS:
+            raise ResourceExhausted(
+                f"tenant {tenant_id!r} keeps {len(kept)} exports, the most it may: delete one"
+                " (DELETE …/exports/{job_id}) before exporting again"
+            )
+        self._claim("export", tenant_id)
         job = self._new_job("export", principal, tenant_id)
         path = self._dir / "exports" / f"{job['id']}{SUFFIX}"
         job["file"] = str(path)
@@ -261,6 +300,7 @@ class TenantBackupAdmin:
         # Refused before a byte is stored when the caller could not restore into the target.
         await self._access.require(principal, Scope.ADMIN, "tenant.restore", tenant_id)
         await self._access.require(principal, Scope.WRITE, "tenant.restore", tenant_id)
+        self._claim("restore", tenant_id)  # before a byte of the upload is stored
         job = self._new_job("restore", principal, tenant_id)
         upload = self._dir / "uploads" / f"{job['id']}{SUFFIX}"
         size = 0
@@ -285,6 +325,7 @@ class TenantBackupAdmin:
                 )
             await self._may_restore(principal, source, tenant_id)
         except BaseException:
+            self._running.discard(("restore", tenant_id))
             with contextlib.suppress(FileNotFoundError):
                 upload.unlink()
             raise

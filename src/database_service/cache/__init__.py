@@ -54,6 +54,7 @@ from database_service.cache.keys import (
     tenant_prefix,
 )
 from database_service.cache.kv import (
+    MAX_MGET_BYTES,
     MAX_MGET_KEYS,
     MAX_VALUE_BYTES,
     InMemoryKeyValueStore,
@@ -84,6 +85,7 @@ __all__ = [
     "EPOCH",
     "IMMUTABLE_FUNCTIONS_SQL",
     "MAX_KV_KEY_BYTES",
+    "MAX_MGET_BYTES",
     "MAX_MGET_KEYS",
     "MAX_VALUE_BYTES",
     "PG_CHANNEL",

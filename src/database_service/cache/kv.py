@@ -34,11 +34,13 @@ from database_service.errors import (
     FailedPrecondition,
     InvalidParameters,
     PayloadTooLarge,
+    ResultTooLarge,
     Unavailable,
 )
 from database_service.tenancy.ids import quote_ident
 
 __all__ = [
+    "MAX_MGET_BYTES",
     "MAX_MGET_KEYS",
     "MAX_VALUE_BYTES",
     "InMemoryKeyValueStore",
@@ -52,6 +54,9 @@ MAX_VALUE_BYTES = 1024 * 1024
 # entry is retried for minutes, then failed; an administrator's retry comes within days).
 APPLIED_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_MGET_KEYS = 1000
+# What one mget may answer, in value bytes: 1,000 keys of 1 MiB each would be a gigabyte held
+# (and encoded) at once by one request, for any tenant to ask.
+MAX_MGET_BYTES = 16 * 1024 * 1024
 _INT64 = (-(2**63), 2**63 - 1)
 
 Key = bytes | str
@@ -115,6 +120,13 @@ def _keys(tenant: str, keys: Sequence[Key]) -> list[bytes]:
     return [kv_key(tenant, key) for key in keys]
 
 
+def _too_large(total: int) -> ResultTooLarge:
+    return ResultTooLarge(
+        f"these keys hold {total} bytes; one mget answers at most {MAX_MGET_BYTES}: ask for"
+        " fewer keys at a time"
+    )
+
+
 def _applied_key(tenant: str, token: str) -> bytes:
     """Where an exactly-once increment records its token: the tenant's namespace, beside (not
     inside) its ``kv:`` keys, so no key a caller names can be it."""
@@ -129,6 +141,15 @@ if done then return {done, 0} end
 local n = redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], n, 'PX', ARGV[2])
 return {tostring(n), 1}
+"""
+
+# MGET only when the values' lengths add up to at most ARGV[1] (else their total, a number):
+# checked and read in one step, so nothing written between is missed.
+_MGET_BOUNDED = """
+local total = 0
+for i = 1, #KEYS do total = total + redis.call('STRLEN', KEYS[i]) end
+if total > tonumber(ARGV[1]) then return total end
+return redis.call('MGET', unpack(KEYS))
 """
 
 _NOT_INTEGER = "the key's value is not an integer (or incrementing it would overflow 64 bits)"
@@ -200,7 +221,11 @@ class RedisKeyValueStore:
         names = _keys(tenant, keys)
         if not names:
             return []
-        values = await self._call(lambda: self.redis.mget(names))
+        values = await self._call(
+            lambda: self.redis.eval(_MGET_BOUNDED, len(names), *names, MAX_MGET_BYTES)
+        )
+        if isinstance(values, int):
+            raise _too_large(values)
         return [None if v is None else bytes(v) for v in values]
 
     async def purge(self, tenant: str) -> int:
@@ -304,7 +329,11 @@ class InMemoryKeyValueStore:
         return True
 
     async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]:
-        return [self._live(name) for name in _keys(tenant, keys)]
+        values = [self._live(name) for name in _keys(tenant, keys)]
+        total = sum(len(v) for v in values if v is not None)
+        if total > MAX_MGET_BYTES:
+            raise _too_large(total)
+        return values
 
     async def purge(self, tenant: str) -> int:
         prefix = tenant_prefix(tenant) + b"kv:"
@@ -462,14 +491,21 @@ class PostgresKeyValueStore:
     async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]:
         _keys(tenant, keys)  # the count limit
         raw_keys = [_raw_key(tenant, k) for k in keys]
+        # The values only when their sizes (read without reading the values) add up to at
+        # most MAX_MGET_BYTES.
         rows = await self._call(
             lambda: self._pool.fetch(
-                f"SELECT key, value FROM {self._table} WHERE tenant_id = $1"
-                f" AND key = ANY($2::bytea[]) AND {self._live}",
+                "SELECT key, total, CASE WHEN total <= $3 THEN value END AS value FROM"
+                " (SELECT key, value, sum(octet_length(value)) OVER () AS total"
+                f" FROM {self._table} WHERE tenant_id = $1"
+                f" AND key = ANY($2::bytea[]) AND {self._live}) AS asked",
                 tenant,
                 raw_keys,
+                MAX_MGET_BYTES,
             )
         )
+        if rows and rows[0]["total"] > MAX_MGET_BYTES:
+            raise _too_large(int(rows[0]["total"]))
         found = {bytes(r["key"]): bytes(r["value"]) for r in rows}
         return [found.get(k) for k in raw_keys]
 

@@ -180,6 +180,8 @@ def _json(text: str, what: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise ValueError(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply") from None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -47,6 +47,7 @@ from prometheus_client.registry import Collector
 
 from database_service.auth import Principal, Scope
 from database_service.errors import DatabaseServiceError, QueryError, Unavailable
+from database_service.jsonvalues import dumps
 from database_service.multidb.parts import (
     ClickHousePart,
     GraphPart,
@@ -312,10 +313,16 @@ class StoreAppliers:
         return number
 
 
+class _Unexpected(DatabaseServiceError):
+    """An applier's error that is not one of ours (a bug): retried with backoff, then failed."""
+
+    code = "internal"
+
+
 def _transient(exc: BaseException) -> bool:
     """A failure the store may get over (the entry stays pending and is tried again): the store
     unreachable, a timeout, PostgreSQL's serialization failures, cancels and lack of resources."""
-    if isinstance(exc, Unavailable | TimeoutError):
+    if isinstance(exc, Unavailable | TimeoutError | _Unexpected):
         return True
     sqlstate = exc.sqlstate if isinstance(exc, QueryError) else None
     return sqlstate is not None and (sqlstate[:2] in {"40", "53"} or sqlstate == "57014")
@@ -334,10 +341,11 @@ class Outbox:
         backoff_max_seconds: float = 300.0,
         apply_timeout_seconds: float = 10.0,
         batch: int = 100,
+        concurrency: int = 2,
     ) -> None:
         control = quote_ident(control_schema)
         self._table = f"{control}.multidb_outbox"
-        self._record_sql = f"SELECT {control}.multidb_record($1::uuid, $2, $3, $4::jsonb, $5)"
+        self._record_sql = f"SELECT {control}.multidb_record($1::uuid, $2, $3, $4::text::jsonb, $5)"
         self._pool = pool
         self.appliers = appliers
         self.metrics = metrics
@@ -346,6 +354,7 @@ class Outbox:
         self._backoff_max = backoff_max_seconds
         self._timeout = apply_timeout_seconds
         self._batch = batch
+        self._concurrency = max(1, concurrency)  # entries applied at once (the pool's size)
         self.pending = 0
         self.oldest_pending_seconds: float | None = None
         self.failed_entries = 0
@@ -374,7 +383,7 @@ class Outbox:
                     operation_id,
                     store,
                     part,
-                    orjson.dumps(op).decode(),
+                    dumps(op).decode(),  # as text: the document, not a string holding it
                     self.appliers.target(store),
                 )
             ids.append(int(entry))
@@ -396,7 +405,10 @@ class Outbox:
             await asyncio.sleep(self.apply_delay)  # the test hook (APPLY_DELAY_ENV)
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                f"SELECT id, tenant_id, store, op, attempts, created_at FROM {self._table}"
+                # As text: parsed here, where JSON too deep for any reader fails this entry
+                # alone (the pool's jsonb codec would fail the fetch, and the applier with it).
+                f"SELECT id, tenant_id, store, op::text AS op, attempts, created_at"
+                f" FROM {self._table}"
                 " WHERE id = $1 AND status = 'pending' AND store || ':' || target = ANY($2)"
                 " FOR UPDATE SKIP LOCKED",
                 entry_id,
@@ -408,25 +420,43 @@ class Outbox:
 
     async def _current(self, conn: Connection, entry_id: int) -> EntryOutcome:
         row = await conn.fetchrow(
-            f"SELECT id, store, status, last_error, result FROM {self._table} WHERE id = $1",
+            f"SELECT id, store, status, last_error, result::text AS result FROM {self._table}"
+            " WHERE id = $1",
             entry_id,
         )
         if row is None:
             return EntryOutcome(entry_id, "", "failed", "the entry no longer exists")
         if row["status"] == "pending":
             return EntryOutcome(entry_id, row["store"], "pending", "being applied elsewhere")
-        result = orjson.loads(row["result"]) if row["result"] is not None else None
+        result = _document(row["result"])
         return EntryOutcome(entry_id, row["store"], row["status"], row["last_error"], None, result)
 
     async def _apply_locked(self, conn: Connection, row: asyncpg.Record) -> EntryOutcome:
         entry_id, store, tenant_id = int(row["id"]), str(row["store"]), str(row["tenant_id"])
         attempts = int(row["attempts"]) + 1
         try:
-            op = orjson.loads(row["op"]) if isinstance(row["op"], str) else row["op"]
-            part = outbox_operation(store, op)
+            part = outbox_operation(store, _document(row["op"], strict=True))
+        except DatabaseServiceError as exc:
+            return await self._fail(conn, entry_id, store, attempts, exc.error_code, exc.message)
+        except (ValueError, TypeError, RecursionError) as exc:
+            # A row no request could have recorded (a tenant's direct login may call
+            # multidb_record with any JSON): it can never apply, and must not stop the applier
+            # on its way to every other tenant's entries.
+            reason = f"the entry's operation is not a valid part ({type(exc).__name__})"
+            return await self._fail(conn, entry_id, store, attempts, "invalid_request", reason)
+        try:
             async with asyncio.timeout(self._timeout):
                 result = await self.appliers.apply(entry_id, tenant_id, part)
-        except (DatabaseServiceError, TimeoutError) as exc:
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError):
+                exc = Unavailable(f"a store was unreachable ({type(exc).__name__})")
+            elif not isinstance(exc, DatabaseServiceError | TimeoutError):
+                # A store's error nothing translated (a bug): logged with its traceback, and
+                # tried again later like a transient failure, so it holds up nobody meanwhile.
+                log.exception("outbox entry %d (%s): unexpected error", entry_id, store)
+                exc = _Unexpected(f"unexpected error applying the entry ({type(exc).__name__})")
             if not _transient(exc):
                 assert isinstance(exc, DatabaseServiceError)
                 # The store refused the operation itself: trying again would not change that.
@@ -442,7 +472,7 @@ class Outbox:
                 " next_attempt_at = clock_timestamp() + $4 * interval '1 second' WHERE id = $1",
                 entry_id,
                 attempts,
-                f"{code}: {reason}"[:1000],
+                _error_text(f"{code}: {reason}"),
                 self._backoff(attempts),
             )
             self.metrics.retried.labels(store, code).inc()
@@ -450,11 +480,11 @@ class Outbox:
         document = json_result(result)
         applied_at = await conn.fetchval(
             f"UPDATE {self._table} SET status = 'applied', attempts = $2, last_error = NULL,"
-            " result = $3::jsonb, applied_at = clock_timestamp() WHERE id = $1"
+            " result = $3::text::jsonb, applied_at = clock_timestamp() WHERE id = $1"
             " RETURNING applied_at - created_at",
             entry_id,
             attempts,
-            orjson.dumps(document).decode(),
+            dumps(document).decode(),
         )
         self.metrics.applied.labels(store).inc()
         if isinstance(applied_at, dt.timedelta):
@@ -469,7 +499,7 @@ class Outbox:
             " WHERE id = $1",
             entry_id,
             attempts,
-            f"{code}: {reason}"[:1000],
+            _error_text(f"{code}: {reason}"),
         )
         self.metrics.failed.labels(store, code).inc()
         log.warning("outbox entry %d (%s) failed: %s: %s", entry_id, store, code, reason)
@@ -497,21 +527,46 @@ class Outbox:
         return outcomes
 
     async def apply_due(self) -> int:
-        """Apply entries whose time has come (leftovers of a crash, retries); how many."""
-        ids = [
-            int(r["id"])
-            for r in await self._pool.fetch(
-                f"SELECT id FROM {self._table} WHERE status = 'pending'"
-                " AND next_attempt_at <= clock_timestamp()"
-                " AND store || ':' || target = ANY($2) ORDER BY id LIMIT $1",
-                self._batch,
-                self.appliers.accepted(),
-            )
-        ]
+        """Apply entries whose time has come (leftovers of a crash, retries); how many.
+
+        Taken in turns across tenants (every tenant's oldest, then every tenant's second…) and
+        applied one at a time per tenant, several tenants at once (``concurrency``): one
+        tenant's slow entries (a store timing out on its writes, a table it keeps locked) or
+        thousands of them hold up no other tenant's, as they did when the batch was one queue
+        in id order."""
+        rows = await self._pool.fetch(
+            "SELECT id, tenant_id FROM (SELECT id, tenant_id,"
+            " row_number() OVER (PARTITION BY tenant_id ORDER BY id) AS turn"
+            f" FROM {self._table} WHERE status = 'pending'"
+            " AND next_attempt_at <= clock_timestamp()"
+            " AND store || ':' || target = ANY($2)) AS due ORDER BY turn, id LIMIT $1",
+            self._batch,
+            self.appliers.accepted(),
+        )
+        queues: dict[str, list[int]] = {}
+        for row in rows:
+            queues.setdefault(str(row["tenant_id"]), []).append(int(row["id"]))
+        gate = asyncio.Semaphore(self._concurrency)
         done = 0
-        for entry_id in ids:
-            outcome = await self.apply(entry_id)
-            done += outcome.status == "applied"
+
+        async def tenant_queue(ids: list[int]) -> None:
+            nonlocal done
+            for entry_id in ids:
+                async with gate:
+                    try:
+                        outcome = await self.apply(entry_id)
+                    except asyncpg.PostgresError:
+                        # This entry's statement failed, not PostgreSQL: the others still go.
+                        log.exception("outbox entry %d could not be applied or marked", entry_id)
+                        continue
+                done += outcome.status == "applied"
+
+        results = await asyncio.gather(
+            *(tenant_queue(ids) for ids in queues.values()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # PostgreSQL unreachable: the loop's to report
         return done
 
     async def refresh_figures(self) -> None:
@@ -575,7 +630,7 @@ class Outbox:
         self, tenant_id: str, *, status: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
         rows = await self._pool.fetch(
-            f"SELECT id, operation_id, store, part, op, status, attempts, last_error,"
+            f"SELECT id, operation_id, store, part, op::text AS op, status, attempts, last_error,"
             " next_attempt_at, created_at, applied_at"
             f" FROM {self._table} WHERE tenant_id = $1 AND ($2::text IS NULL OR status = $2)"
             " ORDER BY id DESC LIMIT $3",
@@ -589,7 +644,7 @@ class Outbox:
                 "operation_id": str(r["operation_id"]),
                 "store": r["store"],
                 "part": r["part"],
-                "operation": orjson.loads(r["op"]) if isinstance(r["op"], str) else r["op"],
+                "operation": _document(r["op"]),
                 "status": r["status"],
                 "attempts": r["attempts"],
                 "last_error": r["last_error"],
@@ -618,6 +673,32 @@ class Outbox:
             f"SELECT id FROM {self._table} WHERE operation_id = $1 ORDER BY id", operation_id
         )
         return [int(r["id"]) for r in rows]
+
+
+def _document(text: str | None, *, strict: bool = False) -> Any:
+    """A jsonb column read as text, parsed. Rows written by earlier versions hold a JSON string
+    with the document's text in it: unwrapped. One no reader takes (a forged entry's operation
+    nested thousands deep) raises ``ValueError`` when ``strict`` (the applier fails that
+    entry), else is shown as what it is rather than failing the listing."""
+    if text is None:
+        return None
+    try:
+        value = orjson.loads(text)
+        if isinstance(value, str) and value[:1] in ("{", "["):
+            value = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        if strict:
+            raise
+        return {"unreadable": "not JSON this service reads (nested too deeply)"}
+    return value
+
+
+def _error_text(text: str) -> str:
+    """A reason as PostgreSQL text can hold it: a store's message may echo a caller's bytes
+    (NUL, a lone surrogate), and an UPDATE that fails on them would leave the entry to be
+    picked first again and again."""
+    clean = text.replace("\x00", "\\0")[:1000]
+    return clean.encode("utf-8", "replace").decode("utf-8")
 
 
 def json_result(value: Any) -> Any:

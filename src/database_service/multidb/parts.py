@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -52,13 +53,14 @@ from pydantic import (
     ValidationError,
 )
 
-from database_service.application.keyvalue import KeyValueCommand, Operation
+from database_service.application.keyvalue import MAX_TTL_MS, KeyValueCommand, Operation
 from database_service.errors import (
     DatabaseServiceError,
     FailedPrecondition,
     InvalidRequest,
     PermissionDenied,
 )
+from database_service.jsonvalues import check_json
 
 __all__ = [
     "STORE_OF",
@@ -184,9 +186,10 @@ class KeyValuePart(_Part):
             value = orjson.dumps(self.value)  # the seed passes the signal's dict: its JSON text
         ttl_ms = self.ttl_ms
         if self.ttl is not None:
-            if self.ttl <= 0:
-                raise InvalidRequest("ttl must be positive (seconds)")
-            ttl_ms = max(1, int(-(-self.ttl * 1000 // 1)))  # rounded up: never 0
+            # Bounded before it is multiplied: 1e308 seconds is finite, its milliseconds not.
+            if not 0 < self.ttl <= MAX_TTL_MS / 1000:
+                raise InvalidRequest(f"ttl must be more than 0 and at most {MAX_TTL_MS // 1000} s")
+            ttl_ms = max(1, math.ceil(self.ttl * 1000))  # rounded up: never 0
         command = KeyValueCommand(
             Operation(self.operation),
             key=key,
@@ -433,6 +436,12 @@ def check_part(name: str, store: str, raw: Any, *, clickhouse_writes: bool = Tru
     """One part, validated; errors name the part."""
     if not isinstance(raw, Mapping):
         raise InvalidRequest(f"the {name} part is a JSON object")
+    if store != "postgresql":
+        # The service writes these parts as JSON itself (the outbox, a key-value value, a
+        # store's request): what a lenient reader let through (NaN, infinities, integers past
+        # 64 bits, lone surrogates, nesting no writer takes) is refused here, before anything
+        # runs, not half way or changed silently. PostgreSQL parameters bind as they are.
+        check_json(dict(raw), f"the {name} part")
     try:
         part = _MODEL[store].model_validate(dict(raw))
         if isinstance(part, PostgresPart):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from database_service.errors import ResourceExhausted
+from database_service.errors import ResourceExhausted, ResultTooLarge
 from database_service.loops import LoopStarter, plain_start
 
 if TYPE_CHECKING:  # observability imports this module
@@ -109,7 +109,24 @@ def _jsonb_out(value: Any) -> bytes:
 def _jsonb_in(data: bytes) -> Any:
     if data[:1] != _JSONB_VERSION:
         raise ValueError(f"unknown jsonb binary format version {data[:1]!r}")
-    return json.loads(data[1:])
+    return _json_in(data[1:])
+
+
+def _json_in(data: bytes) -> Any:
+    """A json/jsonb value PostgreSQL sent (always valid JSON). A tenant's statement can make one
+    Python's reader refuses: nested past the interpreter's recursion limit (PostgreSQL nests as
+    deep as its stack allows), or with an integer of thousands of digits (past Python's limit
+    for converting text to int). Either is a clear ``result_too_large``, not a server error."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        reason = "nested too deeply (about 900 levels at most)"
+    except ValueError:
+        reason = "holding a number too long (4,300 digits at most)"
+    raise ResultTooLarge(
+        f"a json value in the result is {reason} for the service to read: select less of it,"
+        " or cast it to text"
+    )
 
 
 _JSONB_VERSION = b"\x01"  # the binary jsonb format: a version byte, then the JSON text
@@ -119,7 +136,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     """json/jsonb as Python values in both directions, in the binary format: binary COPY (bulk
     loads) has no text-format fallback, and a text codec left it without an encoder."""
     await conn.set_type_codec(
-        "json", encoder=_json_out, decoder=json.loads, schema="pg_catalog", format="binary"
+        "json", encoder=_json_out, decoder=_json_in, schema="pg_catalog", format="binary"
     )
     await conn.set_type_codec(
         "jsonb", encoder=_jsonb_out, decoder=_jsonb_in, schema="pg_catalog", format="binary"

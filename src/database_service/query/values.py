@@ -284,6 +284,10 @@ def encode_value(value: Any) -> Any:
         return value.total_seconds()
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, list | dict) and _plain_json(value):
+        # What asyncpg decoded from json/jsonb: JSON already, and possibly nested deeper than
+        # a recursive copy could go (a tenant's jsonb, hundreds of levels).
+        return value
     if isinstance(value, list | tuple):
         return [encode_value(v) for v in value]
     if isinstance(value, dict):
@@ -299,3 +303,24 @@ def encode_value(value: Any) -> Any:
             "empty": value.isempty,
         }
     return str(value)  # uuid, inet, bit strings, geometric types: their text form
+
+
+def _plain_json(value: list[Any] | dict[Any, Any]) -> bool:
+    """Whether ``value`` holds only what JSON writes as it is (text keys, finite numbers),
+    checked without recursion."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, member in item.items():
+                if not isinstance(key, str):
+                    return False
+                stack.append(member)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif not (item is None or isinstance(item, bool | int | str)):
+            return False
+    return True

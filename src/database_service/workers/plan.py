@@ -20,7 +20,7 @@ from database_service.config import Settings
 __all__ = ["DIVIDED", "WorkerPlan", "divide", "resolve_count", "worker_overrides"]
 
 # The caps PostgreSQL sees per process, divided between the workers: tenant connections across
-# all pools, each tenant's pool, and the owner's three pools.
+# all pools, each tenant's pool, and the owner's four pools.
 DIVIDED = (
     "pool_global_max",
     "pool_max_per_tenant",
@@ -29,6 +29,7 @@ DIVIDED = (
     "admin_pool_size",
     "audit_pool_size",
     "maintenance_pool_size",
+    "multidb_outbox_pool_size",
 )
 
 

@@ -38,6 +38,7 @@ from database_service.errors import (
     InvalidRequest,
     Unauthenticated,
     Unavailable,
+    caller_text_error,
     escaped_driver_error,
     unavailable,
 )
@@ -243,6 +244,8 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     ) -> NoReturn:
         if isinstance(exc, DatabaseServiceError):
             error = exc
+        elif (text := caller_text_error(exc)) is not None:
+            error = text
         elif escaped_driver_error(exc):
             # Last resort: PostgreSQL unreachable on a path without its own translation is
             # still UNAVAILABLE, which clients retry, not UNKNOWN.

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from database_service.errors import InvalidParameters
+from database_service.errors import InvalidParameters, ResultTooLarge
 from database_service.results import Column as ResultColumn
 from database_service.results import (
     Event,
@@ -97,7 +97,13 @@ def _decimal(add: Add, value: Any) -> object:
 
 
 def _json(add: Add, value: Any) -> object:
-    return add(null_value=True) if value is None else add(json_value=json.dumps(value))
+    if value is None:
+        return add(null_value=True)
+    try:
+        return add(json_value=json.dumps(value))
+    except RecursionError:
+        # A tenant's jsonb nested nearly as deep as the reader takes: a clear error.
+        raise ResultTooLarge("a json value in the result is nested too deeply to write") from None
 
 
 def _generic(add: Add, value: Any) -> object:

@@ -44,8 +44,8 @@ def _json(text: str, what: str, *, empty: Any = None) -> Any:
         return empty
     try:
         return json.loads(text)
-    except ValueError:
-        raise InvalidParameters(f"{what} is not valid JSON") from None
+    except (ValueError, RecursionError):  # nested past the reader's recursion limit too
+        raise InvalidParameters(f"{what} is not valid JSON (or nested too deeply)") from None
 
 
 def _direction(value: int) -> Direction:
@@ -60,8 +60,10 @@ def _filters(filters: Sequence[pb.GraphFilter]) -> tuple[Filter, ...]:
     for flt in filters:
         try:
             value = json.loads(flt.value_json) if flt.value_json else None
-        except ValueError:
-            raise InvalidFilter("a filter's value_json is not valid JSON") from None
+        except (ValueError, RecursionError):
+            raise InvalidFilter(
+                "a filter's value_json is not valid JSON (or nested too deeply)"
+            ) from None
         parsed.append(Filter.parse({"field": flt.field, "op": flt.op or "eq", "value": value}))
     if len(parsed) > MAX_FILTERS:
         raise InvalidFilter(f"at most {MAX_FILTERS} filters")

@@ -13,6 +13,7 @@ import orjson
 from database_service.api.grpc.calls import Caller, rpc
 from database_service.app import Application
 from database_service.errors import InvalidRequest
+from database_service.jsonvalues import dumps
 from database_service_client._proto import multidb_pb2 as pb
 from database_service_client._proto.multidb_pb2_grpc import MultiDatabaseServicer
 
@@ -38,4 +39,5 @@ class MultiDatabaseService(MultiDatabaseServicer):
         except orjson.JSONDecodeError:
             raise InvalidRequest("operation_json is not valid JSON (UTF-8)") from None
         answer = await self.core.multidb.execute(principal, ctx, operation)
-        return pb.MultiDbResponse(result_json=orjson.dumps(answer))
+        # A tenant's values may be past what orjson writes (jsonb nesting, big integers).
+        return pb.MultiDbResponse(result_json=dumps(answer))

@@ -38,8 +38,8 @@ def _json_object(text: str, what: str, error: type[InvalidRequest] = InvalidRequ
         return None
     try:
         value = json.loads(text)
-    except ValueError:
-        raise error(f"{what} is not valid JSON") from None
+    except (ValueError, RecursionError):  # nested past the reader's recursion limit too
+        raise error(f"{what} is not valid JSON (or nested too deeply)") from None
     if not isinstance(value, dict):
         raise error(f"{what} is a JSON object")
     return value

@@ -4,6 +4,7 @@ and anything unexpected, all in the documented shape ``{"error": {"code", "messa
 import logging
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -16,6 +17,7 @@ from database_service.errors import (
     DatabaseServiceError,
     InvalidRequest,
     Unauthenticated,
+    caller_text_error,
     escaped_driver_error,
     http_status_of,
     unavailable,
@@ -106,6 +108,15 @@ def install_error_handlers(api: FastAPI, core: Application) -> ErrorResponses:
 
     async def driver_error(request: Request, exc: Exception) -> JSONResponse:
         return responses.driver(request, exc)
+
+    @api.exception_handler(asyncpg.exceptions.DataError)
+    async def data_error(request: Request, exc: asyncpg.exceptions.DataError) -> JSONResponse:
+        """Text PostgreSQL cannot hold, met on a path that did not check it: the caller's
+        (``invalid_text``). Any other data error that escaped stays the internal error it is."""
+        text = caller_text_error(exc)
+        if text is None:
+            raise exc
+        return responses.service(request, text)
 
     for kind in UNREACHABLE_ERRORS:
         api.add_exception_handler(kind, driver_error)

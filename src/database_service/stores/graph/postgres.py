@@ -13,6 +13,7 @@ not an order's connection), writes on OLTP.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -178,8 +179,22 @@ class PostgresGraphStore:
             # Errors as the store's own sessions give them (its callers map 23503 and 42P01).
             with postgres_errors(tenant.tenant_id):
                 if tenant.tenant_id not in self._ready:
+                    # Made already (committed by an earlier write): the script is not run
+                    # again, since its CREATE INDEX IF NOT EXISTS takes a SHARE lock on the
+                    # tables inside this transaction, and two operations writing the graph at
+                    # once then deadlocked on each other's row locks.
                     async with joined.watch.statement():
-                        await joined.conn.execute(sql.create)
+                        made = await joined.conn.fetchval(
+                            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL"
+                            " AND to_regclass($3) IS NOT NULL",
+                            sql.collections,
+                            sql.vertices,
+                            sql.edges,
+                        )
+                        if made:
+                            self._ready.add(tenant.tenant_id)
+                        else:
+                            await joined.conn.execute(sql.create)
                 try:
                     yield joined.conn, joined.watch, sql
                 except QueryError as exc:
@@ -331,7 +346,9 @@ class PostgresGraphStore:
         rows = [r for r in rows if r["id"] is not None]
         hits = [
             TraversalHit(
-                Vertex(r["collection"], r["id"].split("/", 1)[1], r["props"]),
+                # The tenant owns these tables: an id it wrote without "collection/" still
+                # reads back (as its own key), never an IndexError.
+                Vertex(r["collection"], r["id"].partition("/")[2] or r["id"], r["props"]),
                 r["depth"],
                 list(r["path"]),
                 list(r["edges"]),
@@ -434,6 +451,41 @@ def _number(value: Any) -> int | float | None:
     return int(value) if integral and abs(value) < 2**53 else float(value)
 
 
+# Rows of one level read per round trip: the event loop gets a turn between batches, and no
+# level is held whole (a hub vertex may have a million edges).
+_LEVEL_BATCH = 2_000
+
+
+async def _level(
+    conn: Connection, watch: SessionWatch, text: str, args: Sequence[Any], room: int
+) -> AsyncIterator[list[Any]]:
+    """The rows of one level's statement ((id, here, there, ...), ordered by here then id, the
+    order the searches take them in) in batches, at most ``room`` + 1 of them: one more than the
+    search may still read, so it knows it went past its bound without reading the level
+    whole. Needs the search's transaction (a cursor)."""
+    # In code-point order, as Python compares the ids (ties between equal paths go the same way
+    # whatever the database's collation).
+    limited = (
+        f'SELECT * FROM ({text}) AS level ORDER BY here COLLATE "C", id COLLATE "C"'
+        f" LIMIT ${len(args) + 1}"
+    )
+    async with watch.statement():
+        cursor = await conn.cursor(limited, *args, max(0, room) + 1)
+        while True:
+            batch = await cursor.fetch(_LEVEL_BATCH)
+            if batch:
+                yield batch
+            if len(batch) < _LEVEL_BATCH:
+                return
+
+
+def _past_visits(limits: GraphLimits) -> ResultTooLarge:
+    return ResultTooLarge(
+        f"the search read more than {limits.max_visits} edges; narrow it"
+        " (max_depth, edge collections, edge filters)"
+    )
+
+
 async def _bidirectional(
     conn: Connection,
     watch: SessionWatch,
@@ -454,35 +506,35 @@ async def _bidirectional(
         other = 1 - side
         # First: does this level reach the other search? Then the level need not be read.
         text, args = statements[2 + side]
-        async with watch.statement():
-            meets = await conn.fetch(text, frontiers[side], list(dists[other]), *args[2:])
         best: tuple[int, str, str, str] | None = None
-        for edge_id, here, there in meets:
-            total = depths[side] + 1 + dists[other][there]
-            candidate = (total, there, here, edge_id)
-            if best is None or candidate < best:
-                best = candidate
+        meeting = (frontiers[side], list(dists[other]), *args[2:])
+        async for batch in _level(conn, watch, text, meeting, limits.max_visits - fetched):
+            fetched += len(batch)
+            if fetched > limits.max_visits:
+                raise _past_visits(limits)
+            for edge_id, here, there in batch:
+                total = depths[side] + 1 + dists[other][there]
+                candidate = (total, there, here, edge_id)
+                if best is None or candidate < best:
+                    best = candidate
         if best is not None:
             _, there, here, edge_id = best
             parents[side][there] = (here, edge_id)
             return _joined(parents, there)
         text, args = statements[side]
-        async with watch.statement():
-            rows = await conn.fetch(text, frontiers[side], *args[1:])
-        fetched += len(rows)
-        if fetched > limits.max_visits:
-            raise ResultTooLarge(
-                f"the search read more than {limits.max_visits} edges; narrow it"
-                " (max_depth, edge collections, edge filters)"
-            )
         depths[side] += 1
         fresh: list[str] = []
-        for edge_id, here, there in sorted(rows, key=lambda r: (r[1], r[0])):
-            if there in parents[side]:
-                continue
-            parents[side][there] = (here, edge_id)
-            dists[side][there] = depths[side]
-            fresh.append(there)
+        level = (frontiers[side], *args[1:])
+        async for batch in _level(conn, watch, text, level, limits.max_visits - fetched):
+            fetched += len(batch)
+            if fetched > limits.max_visits:
+                raise _past_visits(limits)
+            for edge_id, here, there in batch:
+                if there in parents[side]:
+                    continue
+                parents[side][there] = (here, edge_id)
+                dists[side][there] = depths[side]
+                fresh.append(there)
         frontiers[side] = fresh
     return PathResult(False, [], [])
 
@@ -508,35 +560,34 @@ async def _weighted(
     for round_no in range(1, query.max_depth + 1):
         if not frontier:
             break
-        async with watch.statement():
-            rows = await conn.fetch(text, frontier, *args[1:])
-        fetched += len(rows)
-        if fetched > limits.max_visits:
-            raise ResultTooLarge(
-                f"the search read more than {limits.max_visits} edges; narrow it"
-                " (max_depth, edge collections, edge filters)"
-            )
         target = best.get(query.end)
         improved: dict[str, tuple[float, int, str, str]] = {}
-        for edge_id, here, there, weight in sorted(rows, key=lambda r: (r[1], r[0])):
-            if weight < 0 or not math.isfinite(weight):
-                raise InvalidParameters(
-                    f"edge {edge_id!r} has weight {weight!r} at {query.weight_attribute!r};"
-                    " a weighted shortest path needs finite weights >= 0"
-                )
-            if there == query.start:
-                continue
-            base_weight, base_edges = best[here]
-            candidate = (base_weight + weight, base_edges + 1)
-            if target is not None and candidate >= target:
-                continue
-            current = improved.get(there)
-            known = current[:2] if current is not None else best.get(there)
-            if known is None or candidate < known:
-                improved[there] = (*candidate, here, edge_id)
-        for vertex, (weight, steps, here, edge_id) in improved.items():
+        level = (frontier, *args[1:])
+        async for batch in _level(conn, watch, text, level, limits.max_visits - fetched):
+            fetched += len(batch)
+            if fetched > limits.max_visits:
+                raise _past_visits(limits)
+            for edge_id, here, there, weight in batch:
+                if weight < 0 or not math.isfinite(weight):
+                    raise InvalidParameters(
+                        f"edge {edge_id!r} has weight {weight!r} at {query.weight_attribute!r};"
+                        " a weighted shortest path needs finite weights >= 0"
+                    )
+                if there == query.start:
+                    continue
+                base_weight, base_edges = best[here]
+                candidate = (base_weight + weight, base_edges + 1)
+                if target is not None and candidate >= target:
+                    continue
+                current = improved.get(there)
+                known = current[:2] if current is not None else best.get(there)
+                if known is None or candidate < known:
+                    improved[there] = (*candidate, here, edge_id)
+        for number, (vertex, (weight, steps, here, edge_id)) in enumerate(improved.items()):
             best[vertex] = (weight, steps)
             history.setdefault(vertex, []).append((round_no, here, edge_id))
+            if number % _LEVEL_BATCH == _LEVEL_BATCH - 1:
+                await asyncio.sleep(0)  # a level may be a million vertices: others get turns
         # Nothing leaves the end vertex towards a lighter arrival at it.
         frontier = [v for v in improved if v != query.end]
     if query.end not in best:

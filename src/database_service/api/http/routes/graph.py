@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from database_service.api.http.answers import json_answer
 from database_service.api.http.deps import Authenticated, Core, TenantHeader, tenant_context
 from database_service.application.graphs import GraphOperation as Op
 from database_service.errors import EdgeNotFound, VertexNotFound
@@ -150,12 +151,12 @@ async def get_vertex(
     core: Core,
     principal: Authenticated,
     x_tenant_id: TenantHeader = None,
-) -> dict[str, Any]:
+) -> Response:
     ctx = tenant_context(request, principal, None, header=x_tenant_id)
     vertex = await core.graphs.get_vertex(principal, ctx, f"{collection}/{key}")
     if vertex is None:
         raise VertexNotFound(f"no vertex {collection}/{key}")
-    return vertex.to_dict()
+    return json_answer(vertex.to_dict())
 
 
 @router.get("/api/v1/graph/edges/{collection}/{key}")
@@ -166,12 +167,12 @@ async def get_edge(
     core: Core,
     principal: Authenticated,
     x_tenant_id: TenantHeader = None,
-) -> dict[str, Any]:
+) -> Response:
     ctx = tenant_context(request, principal, None, header=x_tenant_id)
     edge = await core.graphs.get_edge(principal, ctx, f"{collection}/{key}")
     if edge is None:
         raise EdgeNotFound(f"no edge {collection}/{key}")
-    return edge.to_dict()
+    return json_answer(edge.to_dict())
 
 
 @router.delete("/api/v1/graph/vertices/{collection}/{key}")
@@ -210,7 +211,7 @@ async def traverse(
     core: Core,
     principal: Authenticated,
     x_tenant_id: TenantHeader = None,
-) -> dict[str, Any]:
+) -> Response:
     """Vertices reached from ``start`` at min..max steps, each once at its fewest steps."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
     async with core.graphs.reading_request(principal, ctx, Op.TRAVERSE):
@@ -226,7 +227,7 @@ async def traverse(
             body.limit,
         )
     result = await core.graphs.traverse(principal, ctx, query)
-    return {"hits": [h.to_dict() for h in result.hits], "truncated": result.truncated}
+    return json_answer({"hits": [h.to_dict() for h in result.hits], "truncated": result.truncated})
 
 
 @router.post("/api/v1/graph/shortest-path")
@@ -265,7 +266,7 @@ async def neighborhood(
     core: Core,
     principal: Authenticated,
     x_tenant_id: TenantHeader = None,
-) -> dict[str, Any]:
+) -> Response:
     """An aggregate over the vertices within 1..depth steps, per group."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
     async with core.graphs.reading_request(principal, ctx, Op.NEIGHBORHOOD):
@@ -283,4 +284,4 @@ async def neighborhood(
             None if body.group_by is None else property_path(body.group_by, what="group_by"),
         )
     groups = await core.graphs.neighborhood(principal, ctx, query)
-    return {"groups": [g.to_dict() for g in groups]}
+    return json_answer({"groups": [g.to_dict() for g in groups]})

@@ -17,8 +17,8 @@ async def tenant_config(request: Request, core: Core, principal: Authenticated) 
     one update): each applied atomically, once per version; a platform administrator only."""
     try:
         payload = await request.json()
-    except ValueError:
-        raise InvalidRequest("the body must be JSON") from None
+    except (ValueError, RecursionError):  # nested past the reader's recursion limit too
+        raise InvalidRequest("the body must be JSON (nested at most a few hundred deep)") from None
     return await core.hub_admin.receive(principal, payload)
 
 

@@ -9,9 +9,10 @@ given). Semantics and part shapes: ``application.multidb`` and ``multidb.parts``
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from database_service.api.http.answers import json_answer
 from database_service.api.http.deps import Authenticated, Core, tenant_context
 
 router = APIRouter(tags=["multi-db"])
@@ -43,12 +44,13 @@ async def execute(
     core: Core,
     principal: Authenticated,
     x_tenant_id: TenantHeader = None,
-) -> dict[str, Any]:
+) -> Response:
     """The PostgreSQL part in one transaction with the outbox entries of the other stores'
     writes; those applied after the commit; reads directly. Per part: ``applied``, ``pending``
     or ``failed`` (with ``reason``)."""
     ctx = tenant_context(request, principal, body.tenant_id, header=x_tenant_id)
-    return await core.multidb.execute(principal, ctx, body.operation)
+    answer = await core.multidb.execute(principal, ctx, body.operation)
+    return json_answer(answer)
 
 
 @router.get("/api/v1/multi-db/outbox")

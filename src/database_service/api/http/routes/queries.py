@@ -61,7 +61,12 @@ def _dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:
+        pass
+    try:
         return _stdlib_dumps(value).encode()
+    except RecursionError:
+        # A tenant's jsonb nested nearly as deep as the reader takes: a clear error.
+        raise ResultTooLarge("a json value in the result is nested too deeply to write") from None
 
 
 def _row_encoder(columns: Sequence[Column]) -> Callable[[Sequence[Any]], list[Any]]:

@@ -1,0 +1,216 @@
+"""Tenant A using its own key-value namespace to hold up the service or other tenants: one
+``mget`` of many large values (a gigabyte answered, and encoded, by one request), and a flood
+of large writes while B's key-value calls and SQL must still be answered.
+
+Through REST ``POST /api/v1/kv/{operation}`` and gRPC ``KeyValue``, on the default (embedded
+PostgreSQL) store; the bound itself on every store (PostgreSQL, Redis, in memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import statistics
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from database_service.app import Application
+from database_service.auth import Scope
+from database_service.cache import (
+    MAX_MGET_BYTES,
+    MAX_VALUE_BYTES,
+    InMemoryKeyValueStore,
+    KeyValueStore,
+    PostgresKeyValueStore,
+    RedisKeyValueStore,
+)
+from database_service.errors import ResultTooLarge
+from database_service_client._proto import database_service_pb2 as pb
+from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
+from tests.isolation.fix_attack import Tenants
+from tests.isolation.fix_frontends import service_token
+
+pytestmark = pytest.mark.usefixtures("unchanged_victim")
+
+FRONT_ENDS = ("grpc", "rest")
+# Enough 1 MiB values to pass the bound by one.
+_BIG_KEYS = [f"big-{i}".encode() for i in range(MAX_MGET_BYTES // MAX_VALUE_BYTES + 1)]
+
+
+async def kv(
+    front_end: str,
+    http: httpx.AsyncClient,
+    grpc_target: str,
+    tenant_id: str,
+    token: str,
+    operation: str,
+    **fields: Any,
+) -> tuple[str, str | None, Any]:
+    """(status, error code, answer) of one key-value call; keys and values as bytes."""
+    if front_end == "rest":
+        body: dict[str, Any] = {"encoding": "base64"}
+        for name, item in fields.items():
+            if name in ("key", "value"):
+                body[name] = base64.b64encode(item).decode()
+            elif name == "keys":
+                body[name] = [base64.b64encode(k).decode() for k in item]
+            else:
+                body[name] = item
+        response = await http.post(
+            f"/api/v1/kv/{operation}",
+            json=body,
+            headers={"Authorization": f"Bearer {token}", "X-Tenant-Id": tenant_id},
+        )
+        document = response.json()
+        code = document.get("error", {}).get("code") if response.status_code != 200 else None
+        return str(response.status_code), code, document
+    async with grpc.aio.insecure_channel(
+        grpc_target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    ) as channel:
+        request = pb.KeyValueRequest(
+            operation=getattr(pb, f"KEY_VALUE_OPERATION_{operation.upper()}"), **fields
+        )
+        try:
+            reply = await DatabaseServiceStub(channel).KeyValue(
+                request,
+                metadata=(("authorization", f"Bearer {token}"), ("x-tenant-id", tenant_id)),
+                timeout=60,
+            )
+        except grpc.aio.AioRpcError as exc:
+            trailing = dict(exc.trailing_metadata() or ())
+            return exc.code().name, trailing.get("dbsvc-error-code"), None  # type: ignore[return-value]
+        return "200", None, reply
+
+
+@pytest.fixture
+async def a_token(core: Application, tenants: Tenants) -> str:
+    return await service_token(core, [tenants.a.tenant_id], (Scope.READ, Scope.WRITE))
+
+
+@pytest.fixture
+async def a_big_values(core: Application, tenants: Tenants) -> AsyncIterator[None]:
+    a = tenants.a.tenant_id
+    for key in _BIG_KEYS:
+        await core.key_values.set(a, key, b"v" * MAX_VALUE_BYTES)
+    yield
+    for key in _BIG_KEYS:
+        await core.key_values.delete(a, key)
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+async def test_an_mget_of_more_bytes_than_one_answer_holds_is_refused(
+    front_end: str,
+    core: Application,
+    http: httpx.AsyncClient,
+    grpc_target: str,
+    tenants: Tenants,
+    a_token: str,
+    a_big_values: None,
+) -> None:
+    a = tenants.a.tenant_id
+    status, code, _ = await kv(front_end, http, grpc_target, a, a_token, "mget", keys=_BIG_KEYS)
+    assert (status, code) in {
+        ("422", "result_too_large"),
+        ("RESOURCE_EXHAUSTED", "result_too_large"),
+    }
+    # Within the bound, the same keys answer.
+    status, code, answer = await kv(
+        front_end, http, grpc_target, a, a_token, "mget", keys=_BIG_KEYS[:2]
+    )
+    assert status == "200", code
+    values = answer["values"] if front_end == "rest" else [i.value for i in answer.items]
+    assert len(values) == 2 and all(v for v in values)
+
+
+async def _bounds_mget(store: KeyValueStore, tenant_id: str) -> None:
+    for key in _BIG_KEYS:
+        await store.set(tenant_id, key, b"v" * MAX_VALUE_BYTES)
+    try:
+        with pytest.raises(ResultTooLarge):
+            await store.mget(tenant_id, _BIG_KEYS)
+        one = await store.mget(tenant_id, [_BIG_KEYS[0], b"absent"])
+        assert one == [b"v" * MAX_VALUE_BYTES, None]
+        assert await store.mget(tenant_id, []) == []
+    finally:
+        for key in _BIG_KEYS:
+            await store.delete(tenant_id, key)
+
+
+@pytest.mark.parametrize("kind", ["postgres", "memory"])
+async def test_every_store_bounds_what_one_mget_answers(
+    kind: str, core: Application, tenants: Tenants
+) -> None:
+    store: KeyValueStore = (
+        PostgresKeyValueStore(core.owner_pool, control_schema=core.settings.control_schema)
+        if kind == "postgres"
+        else InMemoryKeyValueStore(max_bytes=64 * 1024 * 1024)
+    )
+    await _bounds_mget(store, tenants.a.tenant_id)
+
+
+async def test_redis_bounds_what_one_mget_answers(redis_db_url: str, tenants: Tenants) -> None:
+    store = RedisKeyValueStore(redis_db_url, timeout_s=10)
+    try:
+        await _bounds_mget(store, tenants.a.tenant_id)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+async def test_a_flood_of_large_writes_does_not_stall_another_tenants_calls(
+    front_end: str,
+    core: Application,
+    http: httpx.AsyncClient,
+    grpc_target: str,
+    tenants: Tenants,
+    a_token: str,
+) -> None:
+    a, b = tenants.a.tenant_id, tenants.b.tenant_id
+    b_token = await service_token(core, [b], (Scope.READ, Scope.WRITE))
+    stop = asyncio.Event()
+    latencies: list[float] = []
+    written = 0
+
+    async def flood(worker: int) -> None:
+        nonlocal written
+        i = 0
+        while not stop.is_set():
+            key = f"flood-{worker}-{i % 4}".encode()
+            # 128 KiB: in base64, within the test service's request bound (256 KiB).
+            status, code, _ = await kv(
+                front_end, http, grpc_target, a, a_token, "set", key=key, value=b"x" * 131_072
+            )
+            assert status == "200", code  # (a refusal would spin without ever waiting)
+            written += 1
+            i += 1
+
+    async def victim() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            status, code, _ = await kv(front_end, http, grpc_target, b, b_token, "get", key=b"k")
+            assert status == "200", code
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.02)
+
+    workers = [asyncio.create_task(flood(i)) for i in range(32)]
+    watcher = asyncio.create_task(victim())
+    try:
+        await asyncio.sleep(4)
+    finally:
+        stop.set()
+        done = await asyncio.gather(*workers, watcher, return_exceptions=True)
+    assert not [e for e in done if isinstance(e, BaseException)], done
+    print(
+        f"\n{front_end}: {written} writes of 128 KiB by A; B's gets: {len(latencies)},"
+        f" median {statistics.median(latencies) * 1000:.1f} ms,"
+        f" max {max(latencies) * 1000:.1f} ms"
+    )
+    assert max(latencies) < 3, "B's key-value calls stalled behind A's writes"
+    for worker in range(32):
+        for i in range(4):
+            await core.key_values.delete(a, f"flood-{worker}-{i}".encode())
