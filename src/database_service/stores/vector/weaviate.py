@@ -438,16 +438,9 @@ class WeaviateVectorStore:
         self, principal: Principal, ctx: TenantContext
     ) -> list[CollectionInfo]:
         async with self._op(principal, ctx, "list_collections", "read") as detail:
-            prefix = f"{_PREFIX}{tenant_key(ctx.tenant_id)}_"
-            schema = await self._request("GET", "/v1/schema")
-            infos = [
-                info
-                for c in (schema or {}).get("classes") or []
-                if str(c.get("class", "")).startswith(prefix)
-                and (info := _info_of(c, ctx.tenant_id)) is not None
-            ]
+            infos = await self.tenant_collections(ctx.tenant_id)
             detail[0] = f"{len(infos)} collections"
-        return sorted(infos, key=lambda i: i.name.lower())
+        return infos
 
     async def get_collection(
         self, principal: Principal, ctx: TenantContext, name: str
