@@ -191,5 +191,7 @@ if __name__ == "__main__":
     parser.add_argument("--gb", type=float, default=5.0, help="the cluster's size to reach")
     parser.add_argument("--dir", help="where the cluster, the backups and the restore go")
     arguments = parser.parse_args()
+    # Its last line, printed by harness.reporting on exit (and on interruption):
+    # {"bench": "backup", ...the figures below}
     with reporting("backup") as out:
         uvloop.run(main(arguments, out))

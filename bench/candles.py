@@ -129,5 +129,7 @@ async def main(ticks: int, figures: dict[str, Any]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=5_000_000)
+    # Its last line, printed by harness.reporting on exit (and on interruption):
+    # {"bench": "candles", ...the figures below}
     with reporting("candles") as figures:
         asyncio.run(main(parser.parse_args().ticks, figures))

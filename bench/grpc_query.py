@@ -364,5 +364,7 @@ if __name__ == "__main__":
         port, small, large = args.echo_server
         asyncio.run(serve_echo(int(port), Path(small).read_bytes(), Path(large).read_bytes()))
     else:
+        # Its last line, printed by harness.reporting on exit (and on interruption):
+        # {"bench": "grpc_query", ...the figures below}
         with reporting("grpc_query") as figures:
             uvloop.run(main(args.seconds, args.rows, args.stream_rows, args.only, figures))

@@ -203,5 +203,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args()
+    # Its last line, printed by harness.reporting on exit (and on interruption):
+    # {"bench": "ingest", ...the figures below}
     with reporting("ingest") as figures:
         asyncio.run(main(args.ticks, args.rounds, args.batch, figures))

@@ -308,6 +308,8 @@ if __name__ == "__main__":
     bootstrap = acquire_broker()
     try:
         url = bootstrap or kafka_sh("url").stdout.strip()
+        # Its last line, printed by harness.reporting on exit (and on interruption):
+        # {"bench": "kafka_clients", ...the figures below}
         with reporting("kafka_clients") as figures:
             uvloop.run(main(url, args.messages, args.batch, args.repeat, figures))
     finally:

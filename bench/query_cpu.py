@@ -296,6 +296,8 @@ if __name__ == "__main__":
         "--concurrency", type=int, action="append", help="repeatable; default: 1 and 32"
     )
     args = parser.parse_args()
+    # Its last line, printed by harness.reporting on exit (and on interruption):
+    # {"bench": "query_cpu", ...the figures below}
     with reporting("query_cpu") as figures:
         uvloop.run(
             main(

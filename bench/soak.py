@@ -396,5 +396,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the service (repeatable)"
     )
+    # Its last line, printed by harness.reporting on exit (and on interruption):
+    # {"bench": "soak", ...the figures below}
     with reporting("soak") as figures:
         asyncio.run(main(parser.parse_args(), figures))
