@@ -46,7 +46,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from database_service.auth import Principal, Scope
-from database_service.errors import DatabaseServiceError, QueryError, Unavailable
+from database_service.errors import (
+    DatabaseServiceError,
+    QueryError,
+    Unavailable,
+    postgres_unreachable,
+)
 from database_service.jsonvalues import dumps
 from database_service.multidb.parts import (
     ClickHousePart,
@@ -450,8 +455,13 @@ class Outbox:
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
-            if isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError):
+            # PostgreSQL's errors through the shared mapping: unreachable is Unavailable, any
+            # other keeps its SQLSTATE, which ``_transient`` reads (a deadlock is tried again, a
+            # constraint violation is the entry's own failure).
+            if postgres_unreachable(exc) or isinstance(exc, OSError):
                 exc = Unavailable(f"a store was unreachable ({type(exc).__name__})")
+            elif isinstance(exc, asyncpg.PostgresError):
+                exc = QueryError(str(exc), sqlstate=exc.sqlstate)
             elif not isinstance(exc, DatabaseServiceError | TimeoutError):
                 # A store's error nothing translated (a bug): logged with its traceback, and
                 # tried again later like a transient failure, so it holds up nobody meanwhile.
