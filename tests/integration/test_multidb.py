@@ -528,3 +528,31 @@ async def test_a_joined_graph_write_fails_as_the_graph_api_says(
     assert info.value.code == "vertex_not_found"
     count = await core.owner_pool.fetchval(f"SELECT count(*) FROM {tenant.schema_name}.users")
     assert count == 0
+
+
+async def test_a_tenants_first_graph_writes_at_once_all_succeed(
+    client: MultiDatabaseClient, core: Application, tenant: TenantRecord
+) -> None:
+    """The graph's tables are made by the tenant's first graph write, inside the operation's
+    transaction. Several first writes at once: one CREATE wins, the others meet its catalog rows
+    once it commits, and must go on with the tables it made instead of failing."""
+    results = await asyncio.gather(
+        *(
+            client.execute_multi_db_operation(
+                {
+                    "postgresql": {"query": "SELECT 1"},
+                    "graph": {
+                        "operation": "upsert",
+                        "vertices": [{"collection": "first", "_key": f"v{i}"}],
+                    },
+                }
+            )
+            for i in range(6)
+        ),
+        return_exceptions=True,
+    )
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    count = await core.owner_pool.fetchval(
+        f"SELECT count(*) FROM {tenant.schema_name}._graph_vertices"
+    )
+    assert count == 6

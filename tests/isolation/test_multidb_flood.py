@@ -39,7 +39,7 @@ async def test_a_flood_of_multi_store_writes_does_not_stall_another_tenant(
     a, b = tenants.a.tenant_id, tenants.b.tenant_id
     a_token = await service_token(core, [a], (Scope.READ, Scope.WRITE))
     b_token = await service_token(core, [b], (Scope.READ, Scope.WRITE))
-    # A's graph made first: two first writes at once race on CREATE (one is refused).
+    # A's graph made first: the flood times steady-state writes, not the tables' creation.
     status, answer = await execute(
         front_end, core, http, grpc_target, a, a_token,
         {"graph": {"operation": "upsert", "vertices": [{"collection": "fl", "_key": "first"}]}},

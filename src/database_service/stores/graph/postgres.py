@@ -166,6 +166,19 @@ class PostgresGraphStore:
                     raise
         self._ready.add(tenant.tenant_id)
 
+    @staticmethod
+    async def _create_joined(conn: Connection, sql: GraphSql) -> None:
+        """The graph's tables, made inside a caller's transaction. Two first writes at once:
+        both run the script, and the loser's catalog insert waits for the winner's transaction
+        and fails (``unique_violation`` on ``pg_type``) once it has committed, so the tables
+        exist by then. The script runs in a savepoint so that failure is undone alone and the
+        caller's transaction goes on with the winner's tables, instead of failing whole."""
+        try:
+            async with conn.transaction():  # a savepoint: the caller's transaction is open
+                await conn.execute(sql.create)
+        except _CREATE_RACES:
+            pass
+
     @contextlib.asynccontextmanager
     async def _writing(
         self, tenant: TenantRecord
@@ -194,7 +207,7 @@ class PostgresGraphStore:
                         if made:
                             self._ready.add(tenant.tenant_id)
                         else:
-                            await joined.conn.execute(sql.create)
+                            await self._create_joined(joined.conn, sql)
                 try:
                     yield joined.conn, joined.watch, sql
                 except QueryError as exc:
