@@ -773,9 +773,13 @@ class Application:
         await listener.start()
         stack.push_async_callback(listener.aclose)
         kv: KeyValueStore = (
-            RedisKeyValueStore(url)
+            RedisKeyValueStore(url, tenant_max_bytes=s.kv_tenant_max_bytes)
             if url is not None
-            else PostgresKeyValueStore(self.owner_pool, control_schema=s.control_schema)
+            else PostgresKeyValueStore(
+                self.owner_pool,
+                control_schema=s.control_schema,
+                tenant_max_bytes=s.kv_tenant_max_bytes,
+            )
         )
         stack.push_async_callback(kv.aclose)
         return cache, kv, CacheProbe(cache, listener, configured=url is not None)

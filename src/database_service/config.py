@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     cache_l1_bytes: int = Field(default=64 * 1_048_576, ge=0)
     cache_max_ttl_ms: int = Field(default=300_000, ge=0)
     cache_tenant_quota_bytes: int = Field(default=64 * 1_048_576, ge=1024)
+    # What one tenant's key-value keys may take (keys, values and 64 bytes per key), on every
+    # store: a write past it is refused (resource_exhausted), never another tenant's evicted.
+    kv_tenant_max_bytes: int = Field(default=256 * 1_048_576, ge=1024)
     # How old a cached answer the stale fallback may serve while PostgreSQL is unreachable.
     cache_stale_max_age_seconds: float = Field(default=300.0, ge=0)
     cache_redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)

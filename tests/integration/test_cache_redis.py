@@ -419,7 +419,11 @@ async def test_kv_namespacing_attacks(kv: KeyValueStore, redis_db_url: str) -> N
         client = aioredis.Redis.from_url(redis_db_url)
         try:
             victim_keys = [k async for k in client.scan_iter(match=b"dbsvc:{victim}:*")]
-            assert victim_keys and all(k.startswith(b"dbsvc:{victim}:kv:") for k in victim_keys)
+            # Its keys, and the bookkeeping of its quota beside them (never a key's name).
+            books = {b"dbsvc:{victim}:kvq:" + n for n in (b"sizes", b"expiries", b"total")}
+            assert victim_keys and all(
+                k.startswith(b"dbsvc:{victim}:kv:") or k in books for k in victim_keys
+            )
             assert not [
                 k async for k in client.scan_iter(match=b"dbsvc:{victim}*") if b"forged" in k
             ]

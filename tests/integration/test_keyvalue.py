@@ -611,3 +611,28 @@ async def test_with_redis_a_deleted_tenants_keys_are_purged(with_redis: RedisSer
     assert [k async for k in svc.redis.scan_iter(match=prefix)] == []
     assert await svc.core.key_values.get(other, "kept") == b"1"
     await svc.core.tenants.delete(other, confirm=True)
+
+
+async def test_a_deleted_tenant_takes_its_keys_and_their_quota_usage_with_it(
+    core: Application,
+) -> None:
+    """On the embedded store the keys go by cascade with the tenant's row, and so does the
+    tenant's quota accounting (control migration 0017): a tenant created again under the id
+    starts empty, with its whole quota."""
+    tenant_id = f"kvd_{secrets.token_hex(4)}"
+    await core.tenants.create(tenant_id)
+    for n in range(50):
+        await core.key_values.set(tenant_id, f"k{n}", b"v" * 100)
+    assert await core.key_values.usage(tenant_id) == 50 * (len("k10") + 100 + 64) - 10
+    await core.tenants.delete(tenant_id, confirm=True)
+    control = core.settings.control_schema
+    left = await core.owner_pool.fetchval(
+        f"SELECT count(*) FROM {control}.kv_usage WHERE tenant_id = $1", tenant_id
+    )
+    assert left == 0
+    await core.tenants.create(tenant_id)
+    try:
+        assert await core.key_values.usage(tenant_id) == 0
+        assert await core.key_values.get(tenant_id, "k0") is None
+    finally:
+        await core.tenants.delete(tenant_id, confirm=True)

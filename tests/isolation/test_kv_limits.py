@@ -1,6 +1,8 @@
 """Tenant A using its own key-value namespace to hold up the service or other tenants: one
-``mget`` of many large values (a gigabyte answered, and encoded, by one request), and a flood
-of large writes while B's key-value calls and SQL must still be answered.
+``mget`` of many large values (a gigabyte answered, and encoded, by one request), a flood of
+large writes while B's key-value calls and SQL must still be answered, and keys without end
+(the per-tenant quota, ``DBSVC_KV_TENANT_MAX_BYTES``, on every store: A is refused, B's keys
+and writes are untouched).
 
 Through REST ``POST /api/v1/kv/{operation}`` and gRPC ``KeyValue``, on the default (embedded
 PostgreSQL) store; the bound itself on every store (PostgreSQL, Redis, in memory).
@@ -22,6 +24,7 @@ import pytest
 from database_service.app import Application
 from database_service.auth import Scope
 from database_service.cache import (
+    KEY_OVERHEAD_BYTES,
     MAX_MGET_BYTES,
     MAX_VALUE_BYTES,
     InMemoryKeyValueStore,
@@ -29,7 +32,7 @@ from database_service.cache import (
     PostgresKeyValueStore,
     RedisKeyValueStore,
 )
-from database_service.errors import ResultTooLarge
+from database_service.errors import ResourceExhausted, ResultTooLarge
 from database_service_client._proto import database_service_pb2 as pb
 from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
 from tests.isolation.fix_attack import Tenants
@@ -214,3 +217,127 @@ async def test_a_flood_of_large_writes_does_not_stall_another_tenants_calls(
     for worker in range(32):
         for i in range(4):
             await core.key_values.delete(a, f"flood-{worker}-{i}".encode())
+
+
+# -- the per-tenant quota ----------------------------------------------------------------------
+
+_QUOTA = 40_000  # bytes: about 36 keys of 1,000-byte values
+
+
+@pytest.fixture(params=["postgres", "memory", "redis"])
+async def quota_store(
+    request: pytest.FixtureRequest, core: Application, tenants: Tenants, redis_db_url: str
+) -> AsyncIterator[KeyValueStore]:
+    store: Any
+    if request.param == "postgres":
+        store = PostgresKeyValueStore(
+            core.owner_pool, control_schema=core.settings.control_schema, tenant_max_bytes=_QUOTA
+        )
+    elif request.param == "memory":
+        store = InMemoryKeyValueStore(tenant_max_bytes=_QUOTA)
+    else:
+        store = RedisKeyValueStore(redis_db_url, timeout_s=10, tenant_max_bytes=_QUOTA)
+    try:
+        yield store
+    finally:
+        for tenant in (tenants.a.tenant_id, tenants.b.tenant_id):
+            await store.purge(tenant)
+        if request.param != "memory":
+            await store.aclose()
+
+
+async def _fill(store: KeyValueStore, tenant_id: str, prefix: str, **ttl: int) -> int:
+    """Keys of 1,000-byte values until the quota refuses one; how many were stored."""
+    for i in range(1000):
+        try:
+            await store.set(tenant_id, f"{prefix}{i}", b"v" * 1000, **ttl)
+        except ResourceExhausted as exc:
+            assert "DBSVC_KV_TENANT_MAX_BYTES" in str(exc)
+            return i
+    raise AssertionError("the quota never refused a key")
+
+
+async def test_a_tenant_at_its_key_value_quota_is_refused_and_another_is_not(
+    quota_store: KeyValueStore, tenants: Tenants
+) -> None:
+    a, b = tenants.a.tenant_id, tenants.b.tenant_id
+    await quota_store.set(b, "mine", b"kept")
+    stored = await _fill(quota_store, a, "k")
+    per_key = len("k10") + 1000 + KEY_OVERHEAD_BYTES
+    assert _QUOTA // per_key - 1 <= stored <= _QUOTA // per_key
+    used = await quota_store.usage(a)
+    assert used <= _QUOTA
+    # The refused write changed nothing; what A had is still there.
+    assert await quota_store.get(a, f"k{stored}") is None
+    assert await quota_store.get(a, "k0") == b"v" * 1000
+    assert await quota_store.usage(a) == used
+    # A's quota is A's alone: B writes as much as its own allows, and its key is untouched.
+    assert await _fill(quota_store, b, "b") == stored
+    assert await quota_store.get(b, "mine") == b"kept"
+    # Rewriting a key with a value no larger, or deleting one, works at the quota.
+    await quota_store.set(a, "k0", b"w" * 1000)
+    assert await quota_store.delete(a, "k1")
+    await quota_store.set(a, "k1", b"v" * 900)
+    with pytest.raises(ResourceExhausted):
+        await quota_store.set(a, "k1", b"v" * 10_000)
+    assert await quota_store.get(a, "k1") == b"v" * 900
+
+
+async def test_keys_made_by_increments_count_against_the_quota(
+    quota_store: KeyValueStore, tenants: Tenants
+) -> None:
+    a = tenants.a.tenant_id
+    with pytest.raises(ResourceExhausted):
+        for i in range(10_000):
+            await quota_store.incr(a, f"counter-{i}")
+    assert await quota_store.usage(a) <= _QUOTA
+    # Existing counters still count up.
+    assert await quota_store.incr(a, "counter-0") == 2
+
+
+async def test_expired_keys_make_room_again(quota_store: KeyValueStore, tenants: Tenants) -> None:
+    a = tenants.a.tenant_id
+    stored = await _fill(quota_store, a, "t", ttl_ms=300)
+    assert stored > 0
+    await asyncio.sleep(0.5)
+    # The expired keys still counted until now: the next write finds them and takes their room.
+    assert await _fill(quota_store, a, "u") >= stored - 1
+
+
+async def test_a_tenants_deletion_forgets_its_usage(
+    quota_store: KeyValueStore, tenants: Tenants
+) -> None:
+    a = tenants.a.tenant_id
+    await _fill(quota_store, a, "p")
+    await quota_store.purge(a)
+    assert await quota_store.usage(a) == 0
+    assert await _fill(quota_store, a, "q") > 0
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+async def test_the_quota_refusal_is_resource_exhausted_on_every_front_end(
+    front_end: str,
+    core: Application,
+    http: httpx.AsyncClient,
+    grpc_target: str,
+    tenants: Tenants,
+    a_token: str,
+) -> None:
+    a = tenants.a.tenant_id
+    store: Any = core.key_values
+    configured = store.tenant_max_bytes
+    store.tenant_max_bytes = 5_000
+    try:
+        codes = set()
+        for i in range(10):
+            status, code, _ = await kv(
+                front_end, http, grpc_target, a, a_token, "set", key=f"f{i}".encode(),
+                value=b"x" * 1000,
+            )  # fmt: skip
+            codes.add((status, code))
+        assert codes == {("200", None), (
+            "429" if front_end == "rest" else "RESOURCE_EXHAUSTED", "resource_exhausted"
+        )}, codes  # fmt: skip
+    finally:
+        store.tenant_max_bytes = configured
+        await core.key_values.purge(a)

@@ -54,6 +54,8 @@ from database_service.cache.keys import (
     tenant_prefix,
 )
 from database_service.cache.kv import (
+    DEFAULT_TENANT_MAX_BYTES,
+    KEY_OVERHEAD_BYTES,
     MAX_MGET_BYTES,
     MAX_MGET_KEYS,
     MAX_VALUE_BYTES,
@@ -82,8 +84,10 @@ from database_service.cache.remote import (
 
 __all__ = [
     "CHANNEL",
+    "DEFAULT_TENANT_MAX_BYTES",
     "EPOCH",
     "IMMUTABLE_FUNCTIONS_SQL",
+    "KEY_OVERHEAD_BYTES",
     "MAX_KV_KEY_BYTES",
     "MAX_MGET_BYTES",
     "MAX_MGET_KEYS",

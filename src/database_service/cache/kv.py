@@ -34,12 +34,15 @@ from database_service.errors import (
     FailedPrecondition,
     InvalidParameters,
     PayloadTooLarge,
+    ResourceExhausted,
     ResultTooLarge,
     Unavailable,
 )
 from database_service.tenancy.ids import quote_ident
 
 __all__ = [
+    "DEFAULT_TENANT_MAX_BYTES",
+    "KEY_OVERHEAD_BYTES",
     "MAX_MGET_BYTES",
     "MAX_MGET_KEYS",
     "MAX_VALUE_BYTES",
@@ -58,6 +61,11 @@ MAX_MGET_KEYS = 1000
 # (and encoded) at once by one request, for any tenant to ask.
 MAX_MGET_BYTES = 16 * 1024 * 1024
 _INT64 = (-(2**63), 2**63 - 1)
+# What a key costs against its tenant's quota besides its key and value bytes: the store's own
+# bookkeeping, so a flood of empty values cannot go on for ever (control migration 0017 uses
+# the same figure).
+KEY_OVERHEAD_BYTES = 64
+DEFAULT_TENANT_MAX_BYTES = 256 * 1024 * 1024
 
 Key = bytes | str
 Value = bytes | str
@@ -86,6 +94,11 @@ class KeyValueStore(Protocol):
 
     async def purge(self, tenant: str) -> int:
         """Delete every key of a tenant (it was deleted); how many there were."""
+        ...
+
+    async def usage(self, tenant: str) -> int:
+        """The bytes the tenant's keys count against its quota (``tenant_max_bytes``): keys and
+        values, and ``KEY_OVERHEAD_BYTES`` per key."""
         ...
 
     async def aclose(self) -> None: ...
@@ -127,21 +140,19 @@ def _too_large(total: int) -> ResultTooLarge:
     )
 
 
+def _over_quota(limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"this tenant's key-value store is full: its keys and values may take {limit} bytes"
+        f" ({KEY_OVERHEAD_BYTES} more per key; DBSVC_KV_TENANT_MAX_BYTES): delete keys or give"
+        " them a TTL"
+    )
+
+
 def _applied_key(tenant: str, token: str) -> bytes:
     """Where an exactly-once increment records its token: the tenant's namespace, beside (not
     inside) its ``kv:`` keys, so no key a caller names can be it."""
     return tenant_prefix(tenant) + b"applied:" + token.encode("ascii")
 
-
-# INCRBY and the token's record in one step (a script runs atomically), so a crash can never
-# leave one without the other; both keys share the tenant's hash tag (one cluster slot).
-_INCR_ONCE = """
-local done = redis.call('GET', KEYS[2])
-if done then return {done, 0} end
-local n = redis.call('INCRBY', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], n, 'PX', ARGV[2])
-return {tostring(n), 1}
-"""
 
 # MGET only when the values' lengths add up to at most ARGV[1] (else their total, a number):
 # checked and read in one step, so nothing written between is missed.
@@ -154,6 +165,142 @@ return redis.call('MGET', unpack(KEYS))
 
 _NOT_INTEGER = "the key's value is not an integer (or incrementing it would overflow 64 bits)"
 
+# The tenant's quota on Redis: its keys' sizes (key + value + KEY_OVERHEAD_BYTES) in a hash,
+# their sum in a counter, and the expiry times of keys with a TTL in a sorted set, all under the
+# tenant's hash tag beside its ``kv:`` keys (``_books``), kept by the scripts below in the step
+# that writes the key. A key that expired is forgotten when it is written again, or when its
+# tenant reaches the quota (``_RECLAIM``: up to 256 of its keys due by the server's clock, each
+# checked with EXISTS first). Keys written before the quota existed count from their next
+# write. Only the tenant's own keys are named, so no tenant's write touches another's.
+_BOOKS = """--!df flags=allow-undeclared-keys
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- KEYS[1] the key, [2] sizes, [3] expiries, [4] total; member = the key after the prefix.
+local function forget_if_gone(member)
+    if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+    local stale = tonumber(redis.call('HGET', KEYS[2], member) or '0')
+    if stale > 0 then
+        redis.call('HDEL', KEYS[2], member)
+        redis.call('DECRBY', KEYS[4], stale)
+    end
+    redis.call('ZREM', KEYS[3], member)
+    return true
+end
+local function reclaim(prefix)
+    local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms(), 'LIMIT', 0, 256)
+    for _, m in ipairs(due) do
+        local pttl = redis.call('PTTL', prefix .. m)
+        if pttl > 0 then
+            redis.call('ZADD', KEYS[3], now_ms() + pttl, m)
+        else
+            if pttl == -1 then redis.call('ZREM', KEYS[3], m) else
+                local stale = tonumber(redis.call('HGET', KEYS[2], m) or '0')
+                redis.call('HDEL', KEYS[2], m)
+                redis.call('ZREM', KEYS[3], m)
+                if stale > 0 then redis.call('DECRBY', KEYS[4], stale) end
+            end
+        end
+    end
+end
+local function total()
+    return tonumber(redis.call('GET', KEYS[4]) or '0')
+end
+"""
+
+# ARGV: value, ttl_ms ('' for none), quota, member. Returns -1 past the quota, else 1.
+_SET = (
+    _BOOKS
+    + """
+local member, quota = ARGV[4], tonumber(ARGV[3])
+local size = string.len(member) + string.len(ARGV[1]) + __OVERHEAD__
+local old = 0
+if not forget_if_gone(member) then
+    old = tonumber(redis.call('HGET', KEYS[2], member) or '0')
+end
+if size > old and total() - old + size > quota then
+    reclaim(string.sub(KEYS[1], 1, string.len(KEYS[1]) - string.len(member)))
+    if total() - old + size > quota then return -1 end
+end
+if ARGV[2] == '' then
+    redis.call('SET', KEYS[1], ARGV[1])
+    redis.call('ZREM', KEYS[3], member)
+else
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[2]), member)
+end
+redis.call('HSET', KEYS[2], member, size)
+redis.call('INCRBY', KEYS[4], size - old)
+return 1
+"""
+)
+
+# The increment and the exactly-once token's record in one step (a script runs atomically), so
+# a crash never leaves one without the other. ARGV: by, quota, member; with KEYS[5] and ARGV[4]:
+# the token's record and its TTL. Returns {number, 1} (or {recorded number, 0} for a token seen
+# before), or -1 past the quota (checked for a new key: an increment of an existing one adds at
+# most a few digits).
+_INCR = (
+    _BOOKS
+    + """
+local member, quota = ARGV[3], tonumber(ARGV[2])
+if KEYS[5] then
+    local done = redis.call('GET', KEYS[5])
+    if done then return {done, 0} end
+end
+local old = 0
+if forget_if_gone(member) then
+    local size = string.len(member) + 20 + __OVERHEAD__
+    if total() + size > quota then
+        reclaim(string.sub(KEYS[1], 1, string.len(KEYS[1]) - string.len(member)))
+        if total() + size > quota then return -1 end
+    end
+else
+    old = tonumber(redis.call('HGET', KEYS[2], member) or '0')
+end
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+local size = string.len(member) + string.len(tostring(n)) + __OVERHEAD__
+redis.call('HSET', KEYS[2], member, size)
+redis.call('INCRBY', KEYS[4], size - old)
+if KEYS[5] then redis.call('SET', KEYS[5], n, 'PX', ARGV[4]) end
+return {tostring(n), 1}
+"""
+)
+
+# ARGV: member. Returns how many keys were deleted (0 or 1).
+_DELETE = (
+    _BOOKS
+    + """
+local deleted = redis.call('DEL', KEYS[1])
+local old = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if old > 0 then
+    redis.call('HDEL', KEYS[2], ARGV[1])
+    redis.call('DECRBY', KEYS[4], old)
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+return deleted
+"""
+)
+
+# ARGV: ttl_ms, member. Returns 1 when the key exists (and now expires then), else 0.
+_EXPIRE = (
+    _BOOKS
+    + """
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[1]), ARGV[2])
+return 1
+"""
+)
+_SET, _INCR = (script.replace("__OVERHEAD__", str(KEY_OVERHEAD_BYTES)) for script in (_SET, _INCR))
+
+
+def _books(tenant: str) -> list[bytes]:
+    """The tenant's quota bookkeeping keys: sizes, expiries, total (beside, never inside, its
+    ``kv:`` keys, so no key a caller names can be one)."""
+    prefix = tenant_prefix(tenant)
+    return [prefix + b"kvq:sizes", prefix + b"kvq:expiries", prefix + b"kvq:total"]
+
 
 class RedisKeyValueStore:
     """Key-value operations over Redis; owns its client unless one is passed."""
@@ -164,7 +311,9 @@ class RedisKeyValueStore:
         *,
         timeout_s: float = 0.5,
         client: aioredis.Redis | None = None,
+        tenant_max_bytes: int = DEFAULT_TENANT_MAX_BYTES,
     ) -> None:
+        self.tenant_max_bytes = tenant_max_bytes
         if client is None:
             if url is None:
                 raise ValueError("a Redis URL or client is required")
@@ -195,27 +344,60 @@ class RedisKeyValueStore:
 
     async def set(self, tenant: str, key: Key, value: Value, *, ttl_ms: int | None = None) -> None:
         name, raw, ttl = kv_key(tenant, key), _value(value), _ttl(ttl_ms)
-        await self._call(lambda: self.redis.set(name, raw, px=ttl))
+        member = _raw_key(tenant, key)
+        done = await self._call(
+            lambda: self.redis.eval(
+                _SET,
+                4,
+                name,
+                *_books(tenant),
+                raw,
+                "" if ttl is None else ttl,
+                self.tenant_max_bytes,
+                member,
+            )
+        )
+        if done == -1:
+            raise _over_quota(self.tenant_max_bytes)
 
     async def delete(self, tenant: str, key: Key) -> bool:
-        name = kv_key(tenant, key)
-        return bool(await self._call(lambda: self.redis.delete(name)))
+        name, member = kv_key(tenant, key), _raw_key(tenant, key)
+        return bool(
+            await self._call(lambda: self.redis.eval(_DELETE, 4, name, *_books(tenant), member))
+        )
 
     async def incr(self, tenant: str, key: Key, by: int = 1) -> int:
-        name, step = kv_key(tenant, key), _by(by)
-        return int(await self._call(lambda: self.redis.incrby(name, step)))
+        number, _ = await self._incr(tenant, key, by, None)
+        return number
 
     async def incr_once(self, tenant: str, key: Key, by: int, token: str) -> tuple[int, bool]:
-        name, step, marker = kv_key(tenant, key), _by(by), _applied_key(tenant, token)
-        number, fresh = await self._call(
-            lambda: self.redis.eval(_INCR_ONCE, 2, name, marker, step, APPLIED_TTL_MS)
-        )
+        return await self._incr(tenant, key, by, _applied_key(tenant, token))
+
+    async def _incr(self, tenant: str, key: Key, by: int, marker: bytes | None) -> tuple[int, bool]:
+        name, step, member = kv_key(tenant, key), _by(by), _raw_key(tenant, key)
+        keys = [name, *_books(tenant), *([marker] if marker is not None else [])]
+        args: list[Any] = [step, self.tenant_max_bytes, member]
+        if marker is not None:
+            args.append(APPLIED_TTL_MS)
+        done = await self._call(lambda: self.redis.eval(_INCR, len(keys), *keys, *args))
+        if done == -1:
+            raise _over_quota(self.tenant_max_bytes)
+        number, fresh = done
         return int(number), bool(fresh)
 
     async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool:
-        name, ttl = kv_key(tenant, key), _ttl(ttl_ms)
+        name, ttl, member = kv_key(tenant, key), _ttl(ttl_ms), _raw_key(tenant, key)
         assert ttl is not None
-        return bool(await self._call(lambda: self.redis.pexpire(name, ttl)))
+        return bool(
+            await self._call(
+                lambda: self.redis.eval(_EXPIRE, 4, name, *_books(tenant), ttl, member)
+            )
+        )
+
+    async def usage(self, tenant: str) -> int:
+        """The bytes the tenant's keys count against its quota."""
+        used = await self._call(lambda: self.redis.get(_books(tenant)[2]))
+        return int(used or 0)
 
     async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]:
         names = _keys(tenant, keys)
@@ -234,6 +416,7 @@ class RedisKeyValueStore:
         try:
             async for batch in _batches(self.redis.scan_iter(match=pattern, count=1000), 500):
                 deleted += int(await self.redis.unlink(*batch))
+            await self.redis.unlink(*_books(tenant))
         except (aioredis.RedisError, OSError) as exc:
             raise Unavailable(f"the key-value store is unreachable: {exc}") from exc
         return deleted
@@ -245,22 +428,35 @@ class RedisKeyValueStore:
 
 
 class InMemoryKeyValueStore:
-    """The embedded key-value store: one process, TTLs, bounded by bytes (LRU eviction)."""
+    """The embedded key-value store of one process (tests, tools): TTLs, a per-tenant quota like
+    the other stores', and a bound on the whole by bytes (LRU eviction across tenants: the one
+    store whose keys one tenant's writes can evict, which is why no serving path uses it)."""
 
     def __init__(
-        self, max_bytes: int = 64 * 1024 * 1024, *, clock: Callable[[], float] = time.monotonic
+        self,
+        max_bytes: int = 64 * 1024 * 1024,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        tenant_max_bytes: int = DEFAULT_TENANT_MAX_BYTES,
     ) -> None:
         self.max_bytes = max_bytes
+        self.tenant_max_bytes = tenant_max_bytes
         self._clock = clock
-        self._data: OrderedDict[bytes, tuple[bytes, float | None]] = OrderedDict()
+        # name -> (value, expiry, the tenant it counts against: "" for bookkeeping)
+        self._data: OrderedDict[bytes, tuple[bytes, float | None, str]] = OrderedDict()
         self._bytes = 0
+        self._usage: dict[str, int] = {}
         self.evictions = 0
+
+    @staticmethod
+    def _size(name: bytes, value: bytes, tenant: str) -> int:
+        return len(name) - len(tenant_prefix(tenant)) - 3 + len(value) + KEY_OVERHEAD_BYTES
 
     def _live(self, name: bytes) -> bytes | None:
         item = self._data.get(name)
         if item is None:
             return None
-        value, expires = item
+        value, expires, _ = item
         if expires is not None and expires <= self._clock():
             self._drop(name)
             return None
@@ -271,13 +467,38 @@ class InMemoryKeyValueStore:
         item = self._data.pop(name, None)
         if item is None:
             return False
-        self._bytes -= len(name) + len(item[0])
+        value, _, tenant = item
+        self._bytes -= len(name) + len(value)
+        if tenant:
+            self._usage[tenant] -= self._size(name, value, tenant)
         return True
 
-    def _store(self, name: bytes, value: bytes, expires: float | None) -> None:
+    def _reclaim(self, tenant: str) -> None:
+        now = self._clock()
+        for name, (_, expires, owner) in list(self._data.items()):
+            if owner == tenant and expires is not None and expires <= now:
+                self._drop(name)
+
+    def _store(self, name: bytes, value: bytes, expires: float | None, tenant: str = "") -> None:
+        if tenant:
+            old = self._data.get(name)
+            grows = self._size(name, value, tenant) - (
+                self._size(name, old[0], tenant) if old is not None else 0
+            )
+            used = self._usage.get(tenant, 0)
+            if grows > 0 and used + grows > self.tenant_max_bytes:
+                self._reclaim(tenant)
+                old = self._data.get(name)
+                grows = self._size(name, value, tenant) - (
+                    self._size(name, old[0], tenant) if old is not None else 0
+                )
+                if self._usage.get(tenant, 0) + grows > self.tenant_max_bytes:
+                    raise _over_quota(self.tenant_max_bytes)
         self._drop(name)
-        self._data[name] = (value, expires)
+        self._data[name] = (value, expires, tenant)
         self._bytes += len(name) + len(value)
+        if tenant:
+            self._usage[tenant] = self._usage.get(tenant, 0) + self._size(name, value, tenant)
         while self._bytes > self.max_bytes and len(self._data) > 1:
             oldest = next(iter(self._data))
             self._drop(oldest)
@@ -288,7 +509,7 @@ class InMemoryKeyValueStore:
 
     async def set(self, tenant: str, key: Key, value: Value, *, ttl_ms: int | None = None) -> None:
         name, raw, ttl = kv_key(tenant, key), _value(value), _ttl(ttl_ms)
-        self._store(name, raw, None if ttl is None else self._clock() + ttl / 1000)
+        self._store(name, raw, None if ttl is None else self._clock() + ttl / 1000, tenant)
 
     async def delete(self, tenant: str, key: Key) -> bool:
         name = kv_key(tenant, key)
@@ -307,7 +528,7 @@ class InMemoryKeyValueStore:
         result = number + step
         if not _INT64[0] <= number <= _INT64[1] or not _INT64[0] <= result <= _INT64[1]:
             raise FailedPrecondition(_NOT_INTEGER)
-        self._store(name, str(result).encode(), expires)
+        self._store(name, str(result).encode(), expires, tenant)
         return result
 
     async def incr_once(self, tenant: str, key: Key, by: int, token: str) -> tuple[int, bool]:
@@ -325,7 +546,7 @@ class InMemoryKeyValueStore:
         value = self._live(name)
         if value is None:
             return False
-        self._data[name] = (value, self._clock() + ttl / 1000)
+        self._data[name] = (value, self._clock() + ttl / 1000, tenant)
         return True
 
     async def mget(self, tenant: str, keys: Sequence[Key]) -> list[bytes | None]:
@@ -335,16 +556,23 @@ class InMemoryKeyValueStore:
             raise _too_large(total)
         return values
 
+    async def usage(self, tenant: str) -> int:
+        """The bytes the tenant's keys count against its quota."""
+        self._reclaim(tenant)
+        return self._usage.get(tenant, 0)
+
     async def purge(self, tenant: str) -> int:
         prefix = tenant_prefix(tenant) + b"kv:"
         names = [name for name in self._data if name.startswith(prefix)]
         for name in names:
             self._drop(name)
+        self._usage.pop(tenant, None)
         return len(names)
 
     async def aclose(self) -> None:
         self._data.clear()
         self._bytes = 0
+        self._usage.clear()
 
 
 def _raw_key(tenant: str, key: Key) -> bytes:
@@ -357,11 +585,21 @@ class PostgresKeyValueStore:
     0010), through the owner's pool: the embedded default, shared by workers and instances.
     Expired keys are invisible at once and deleted now and then."""
 
-    def __init__(self, pool: asyncpg.Pool, *, control_schema: str) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        control_schema: str,
+        tenant_max_bytes: int = DEFAULT_TENANT_MAX_BYTES,
+    ) -> None:
         self._pool = pool
         self._table = f"{quote_ident(control_schema)}.kv"
         self._live = "(expires_at IS NULL OR expires_at > clock_timestamp())"
         self._writes = 0
+        self.tenant_max_bytes = tenant_max_bytes
+        # The quota travels with each write, for the trigger of control migration 0017 (set
+        # for the write's own transaction only: the pool's connections keep no state).
+        self._quota = "SELECT set_config('dbsvc.kv_tenant_max_bytes', $1, true)"
 
     async def _call(self, operation: Callable[[], Awaitable[Any]]) -> Any:
         try:
@@ -370,6 +608,34 @@ class PostgresKeyValueStore:
             raise Unavailable(f"the key-value store is unreachable: {exc}") from exc
         except asyncpg.ForeignKeyViolationError:
             raise InvalidParameters("unknown tenant") from None
+        except asyncpg.ConfigurationLimitExceededError:  # 53400, from the quota's trigger
+            raise _over_quota(self.tenant_max_bytes) from None
+
+    async def _write(self, tenant: str, operation: Callable[[], Awaitable[Any]]) -> Any:
+        """A write that may grow the tenant's keys: refused at the quota, after one more try
+        once the tenant's expired keys (which count until deleted) are gone."""
+        try:
+            return await self._call(operation)
+        except ResourceExhausted:
+            deleted = await self._call(
+                lambda: self._pool.execute(
+                    f"DELETE FROM {self._table} WHERE tenant_id = $1"
+                    " AND expires_at <= clock_timestamp()",
+                    tenant,
+                )
+            )
+            if deleted == "DELETE 0":
+                raise
+            return await self._call(operation)
+
+    async def usage(self, tenant: str) -> int:
+        """The bytes the tenant's keys count against its quota."""
+        used = await self._call(
+            lambda: self._pool.fetchval(
+                f"SELECT bytes FROM {self._table}_usage WHERE tenant_id = $1", tenant
+            )
+        )
+        return int(used or 0)
 
     async def get(self, tenant: str, key: Key) -> bytes | None:
         value: bytes | None = await self._call(
@@ -384,17 +650,20 @@ class PostgresKeyValueStore:
 
     async def set(self, tenant: str, key: Key, value: Value, *, ttl_ms: int | None = None) -> None:
         raw_key, raw, ttl = _raw_key(tenant, key), _value(value), _ttl(ttl_ms)
-        await self._call(
+        await self._write(
+            tenant,
             lambda: self._pool.execute(
-                f"INSERT INTO {self._table} (tenant_id, key, value, expires_at)"
-                " VALUES ($1, $2, $3, clock_timestamp() + $4 * interval '1 millisecond')"
-                " ON CONFLICT (tenant_id, key) DO UPDATE"
+                f"WITH quota AS ({self._quota.replace('$1', '$5')})"
+                f" INSERT INTO {self._table} (tenant_id, key, value, expires_at)"
+                " SELECT $1, $2, $3, clock_timestamp() + $4 * interval '1 millisecond'"
+                " FROM quota ON CONFLICT (tenant_id, key) DO UPDATE"
                 " SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at",
                 tenant,
                 raw_key,
                 raw,
                 ttl,
-            )
+                str(self.tenant_max_bytes),
+            ),
         )
         await self._sweep()
 
@@ -424,6 +693,7 @@ class PostgresKeyValueStore:
 
         async def run() -> tuple[int, bool]:
             async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(self._quota, str(self.tenant_max_bytes))
                 if marker is not None:
                     # Serialises two appliers of one token: the second waits, then sees it.
                     await conn.execute(
@@ -471,7 +741,7 @@ class PostgresKeyValueStore:
                     )
                 return result, True
 
-        done: tuple[int, bool] = await self._call(run)
+        done: tuple[int, bool] = await self._write(tenant, run)
         return done
 
     async def expire(self, tenant: str, key: Key, ttl_ms: int) -> bool:
