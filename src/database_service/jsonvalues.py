@@ -14,8 +14,10 @@ library when orjson cannot.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -76,22 +78,25 @@ def _utf8(text: str) -> bool:
     return True
 
 
-_stdlib = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"), default=str
-).encode
+@functools.lru_cache(maxsize=8)
+def _stdlib(default: Callable[[Any], Any]) -> Callable[[Any], str]:
+    return json.JSONEncoder(
+        ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"), default=default
+    ).encode
 
 
-def dumps(value: Any) -> bytes:
+def dumps(value: Any, *, default: Callable[[Any], Any] = str) -> bytes:
     """``value`` as JSON: orjson, or the standard library for what orjson refuses (an integer
     beyond 64 bits, nesting past 254 levels), non-finite numbers as ``null`` as orjson writes
-    them. Only an answer nested past the interpreter's recursion limit cannot be written:
-    ``result_too_large``, a clear error rather than a server error."""
+    them; ``default`` turns what neither writes natively into what they do. Only an answer
+    nested past the interpreter's recursion limit cannot be written: ``result_too_large``, a
+    clear error rather than a server error."""
     try:
-        return orjson.dumps(value, default=str)
+        return orjson.dumps(value, default=default)
     except orjson.JSONEncodeError:
         pass
     try:
-        return _stdlib(_finite(value)).encode("utf-8", "surrogatepass")
+        return _stdlib(default)(_finite(value)).encode("utf-8", "surrogatepass")
     except RecursionError:
         raise ResultTooLarge(
             "the answer is nested too deeply to write as JSON: ask for less of it"

@@ -8,7 +8,6 @@ the documented shape), and bounded by ``max_result_bytes``.
 """
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Annotated, Any
 
@@ -26,6 +25,7 @@ from database_service.api.http.schemas import QueryRequest, QueryResponse
 from database_service.app import Application
 from database_service.auth import Principal
 from database_service.errors import UNREACHABLE_ERRORS, DatabaseServiceError, ResultTooLarge
+from database_service.jsonvalues import dumps
 from database_service.query import QueryResult, encode_value
 from database_service.query.caching import CacheOptions
 from database_service.results import Column, ValueKind
@@ -39,12 +39,6 @@ _NATIVE = frozenset({ValueKind.INTEGER, ValueKind.TEXT, ValueKind.BOOLEAN, Value
 # one batch past it, and a large result is never held twice as one string.
 _BATCH_ROWS = 256
 _ONE_PART_BYTES = 65_536  # a smaller body goes out in one piece
-# The stdlib's encoder as Starlette's JSONResponse configures it, for what orjson refuses (an
-# integer beyond 64 bits in a JSON value); timestamps left to orjson are encoded by ``default``.
-_stdlib_dumps = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"), default=encode_value
-).encode
-
 _HEADERS: list[dict[str, Any]] = [
     {"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
     for name in ("authorization", "x-tenant-id", "x-user-id")
@@ -58,15 +52,10 @@ async def caller(request: Request) -> Principal:
 
 
 def _dumps(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        pass
-    try:
-        return _stdlib_dumps(value).encode()
-    except RecursionError:
-        # A tenant's jsonb nested nearly as deep as the reader takes: a clear error.
-        raise ResultTooLarge("a json value in the result is nested too deeply to write") from None
+    # jsonvalues.dumps: the stdlib where orjson refuses (an integer beyond 64 bits in a JSON
+    # value; a tenant's jsonb nested deeper than orjson writes: result_too_large past the
+    # stdlib's limit too); timestamps left to orjson in a row are encoded by ``encode_value``.
+    return dumps(value, default=encode_value)
 
 
 def _row_encoder(columns: Sequence[Column]) -> Callable[[Sequence[Any]], list[Any]]:
