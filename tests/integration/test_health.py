@@ -248,7 +248,8 @@ async def test_the_owners_connections_are_split_so_long_holders_cannot_starve_re
     assert {
         "dbsvc-owner", "dbsvc-owner-audit", "dbsvc-owner-maintenance", "dbsvc-owner-outbox"
     } <= names  # fmt: skip
-    # A migration holding every maintenance connection leaves lookups and audit free.
+    # A migration holding every maintenance connection leaves lookups and audit free (and a
+    # partition round running meanwhile waits for one, never holding one while it waits).
     async with core.maintenance_pool.acquire(), core.maintenance_pool.acquire():
         assert await core.owner_pool.fetchval("SELECT 1") == 1
         assert await core.audit_pool.fetchval("SELECT 1") == 1

@@ -360,7 +360,9 @@ class PartitionManager:
         parent = self._qualified(spec.table)
         expired = [
             info.name
-            for info in await self.list(spec.table)
+            # On the round's own connection: a second one from the pool while this one is held
+            # deadlocked with anyone else holding the other and waiting for one more.
+            for info in await self.list(spec.table, conn=conn)
             # still holds rows inside the retention period (or is the default): kept
             if (start := _range_start(info.bound)) is not None and start + spec.interval <= cutoff
         ]
@@ -398,10 +400,15 @@ class PartitionManager:
                 self._busy(report, exc, [f"{target} (expired rows)"])
 
     async def list(
-        self, table: str | None = None, schemas: Sequence[str] | None = None
+        self,
+        table: str | None = None,
+        schemas: Sequence[str] | None = None,
+        *,
+        conn: Connection | None = None,
     ) -> list[PartitionInfo]:
-        """Partitions (first level) of partitioned tables, with sizes and row estimates."""
-        rows = await self._pool.fetch(
+        """Partitions (first level) of partitioned tables, with sizes and row estimates (on
+        ``conn`` when given, else on a connection of the pool)."""
+        rows = await (conn or self._pool).fetch(
             "SELECT pn.nspname || '.' || p.relname AS parent, c.relname AS name,"
             " coalesce(pg_get_expr(c.relpartbound, c.oid), '') AS bound,"
             " greatest(c.reltuples, 0)::bigint AS rows_estimate,"
