@@ -441,3 +441,23 @@ async def test_in_memory_kv_is_bounded() -> None:
     assert store.evictions > 0
     assert await store.get("acme", "k99") == b"x" * 500
     assert await store.get("acme", "k0") is None
+
+
+async def test_the_generation_mirror_keeps_the_names_read_most_recently(
+    redis_db_url: str,
+) -> None:
+    """Cluster mode keeps a bounded mirror of Redis's numbers: what it drops is the least
+    recently *read* name, so a hot row's number is not fetched from Redis again every time
+    ``mirror_max`` other names pass through."""
+    generations = Generations(redis_db_url, channel="mirror-test", mirror_max=4)
+    await generations.start()
+    try:
+        assert await generations.wait_attached()
+        for name in ("a", "b", "c"):  # with "#epoch": four names held
+            assert await generations.snapshot("mirror_t", [name]) is not None
+        assert await generations.snapshot("mirror_t", ["a"]) is not None  # read again: kept
+        assert await generations.snapshot("mirror_t", ["d"]) is not None
+        held = {relation for _, relation in generations._mirror}
+        assert "a" in held and "b" not in held, held
+    finally:
+        await generations.aclose()

@@ -271,13 +271,19 @@ class Generations:
             return tuple((r, self._local(t, r)) for t, r in keys)
         if not self._attached:
             return None
-        missing = [k for k in keys if k not in self._mirror]
+        mirror = self._mirror
+        missing = [k for k in keys if k not in mirror]
         if missing and not await self._fetch(tenant, missing):
             return None
         try:
-            return tuple((r, self._mirror[(t, r)]) for t, r in keys)
+            numbers = tuple((r, mirror[(t, r)]) for t, r in keys)
         except KeyError:  # reset while fetching
             return None
+        # Read names move to the back: the mirror drops its least recently *used* names, so a
+        # hot row's number stays instead of being read from Redis again every 50,000 names.
+        for key in keys:
+            mirror.move_to_end(key)
+        return numbers
 
     async def _fetch(self, tenant: str, missing: list[tuple[str, str]]) -> bool:
         assert self.redis is not None
