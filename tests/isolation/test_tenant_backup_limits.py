@@ -89,3 +89,33 @@ async def test_a_tenant_runs_one_restore_at_a_time(
     again = await http.post(f"{base}/restore?replace=true", content=file, headers=own)
     assert again.status_code == 202, again.text
     assert (await _finished(http, f"{base}/restores/{again.json()['id']}", own))["state"] == "done"
+
+
+async def test_one_export_at_a_time_holds_across_serving_processes(
+    core: Application,
+    pg_cluster: PgCluster,
+    http: httpx.AsyncClient,
+    new_tenant: TenantFactory,
+    service_headers: TokenFactory,
+) -> None:
+    """Workers share the backup directory: a second process's export of the tenant is refused
+    while the first process's runs (the claim is a lock file, not this process's memory), and
+    taken once it ends."""
+    from database_service.application.tenant_backups import TenantBackupAdmin
+
+    a = await new_tenant("bkw")
+    await fill(core, pg_cluster, a, scale=8)
+    own = await service_headers([a.tenant_id], RWA)
+    base = f"/api/v1/admin/tenants/{a.tenant_id}"
+    # Another serving process: its own TenantBackupAdmin on the same directory.
+    other = TenantBackupAdmin(core.access, core.tenant_backups._backups)
+    other._claim("export", a.tenant_id)
+    try:
+        refused = await http.post(f"{base}/export", headers=own)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "resource_exhausted"
+    finally:
+        other._release("export", a.tenant_id)
+    started = await http.post(f"{base}/export", headers=own)
+    assert started.status_code == 202, started.text
+    await _finished(http, f"{base}/exports/{started.json()['id']}", own)

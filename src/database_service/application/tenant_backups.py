@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -57,8 +58,9 @@ _JOB_ID = re.compile(r"[0-9a-f]{16}")
 SUFFIX = ".dbsvc-backup"
 # Each export file is a copy of the tenant's whole data on the service's disk, shared by every
 # tenant (and, embedded, by PostgreSQL): a tenant keeps at most this many, and runs one export
-# and one restore at a time per process, so its administrator cannot fill the disk or the
-# tenant's connections with jobs.
+# and one restore at a time in every process sharing the backup directory (a lock file per
+# tenant and kind), so its administrator cannot fill the disk or the tenant's connections with
+# jobs.
 MAX_KEPT_EXPORTS = 5
 
 
@@ -68,7 +70,9 @@ class TenantBackupAdmin:
         self._backups = backups
         self._dir = backups.directory
         self._tasks: set[asyncio.Task[None]] = set()
-        self._running: set[tuple[str, str]] = set()  # (kind, tenant) of this process's jobs
+        # (kind, tenant) of this process's jobs -> the open lock file that claims it for every
+        # process sharing the directory (the kernel releases it if the process dies)
+        self._running: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------ authorization
 
@@ -141,12 +145,28 @@ class TenantBackupAdmin:
         return job
 
     def _claim(self, kind: str, tenant_id: str) -> None:
-        """One job of a kind at a time per tenant (in this process), released when it ends."""
+        """One job of a kind at a time per tenant, in every serving process (workers share the
+        backup directory): an exclusive lock on ``locks/<kind>-<tenant>.lock``, held while the
+        job runs, released when it ends (``_release``) or its process dies."""
+        busy = ResourceExhausted(
+            f"a {kind} of tenant {tenant_id!r} is already running: wait for it to finish"
+        )
         if (kind, tenant_id) in self._running:
-            raise ResourceExhausted(
-                f"a {kind} of tenant {tenant_id!r} is already running: wait for it to finish"
-            )
-        self._running.add((kind, tenant_id))
+            raise busy
+        locks = self._dir / "locks"
+        locks.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(locks / f"{kind}-{tenant_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise busy from None
+        self._running[(kind, tenant_id)] = fd
+
+    def _release(self, kind: str, tenant_id: str) -> None:
+        fd = self._running.pop((kind, tenant_id), None)
+        if fd is not None:
+            os.close(fd)  # the lock goes with it
 
     def _kept_exports(self, tenant_id: str) -> list[str]:
         """The tenant's finished exports whose files are still kept (a small scan of job files,
@@ -192,7 +212,7 @@ class TenantBackupAdmin:
                 log.exception("tenant backup job %s failed", job["id"])
                 job.update(state="failed", error={"code": "internal", "message": str(exc)})
             finally:
-                self._running.discard((job["kind"], job["tenant_id"]))
+                self._release(job["kind"], job["tenant_id"])
                 job["finished_at"] = time.time()
                 self._write_job(job)
                 upload = job.get("upload")
@@ -325,7 +345,7 @@ class TenantBackupAdmin:
                 )
             await self._may_restore(principal, source, tenant_id)
         except BaseException:
-            self._running.discard(("restore", tenant_id))
+            self._release("restore", tenant_id)
             with contextlib.suppress(FileNotFoundError):
                 upload.unlink()
             raise
