@@ -708,6 +708,16 @@ class PostgresKeyValueStore:
                     )
                     if done is not None:
                         return int(done), False
+                # A row to lock before reading: FOR UPDATE locks nothing when the key does not
+                # exist yet, so two first increments both counted from 0 and one was lost
+                # (acknowledged). The placeholder is the value a missing key counts from; the
+                # second waits on it, then reads the first's number.
+                await conn.execute(
+                    f"INSERT INTO {self._table} (tenant_id, key, value) VALUES ($1, $2, '0')"
+                    " ON CONFLICT (tenant_id, key) DO NOTHING",
+                    tenant,
+                    raw_key,
+                )
                 row = await conn.fetchrow(
                     f"SELECT value, {self._live} AS live, expires_at FROM {self._table}"
                     " WHERE tenant_id = $1 AND key = $2 FOR UPDATE",
