@@ -203,8 +203,9 @@ class ServerConnection:
 
     async def simple(self, sql: str) -> dict[str, str] | None:
         """Run the port's own SQL (simple protocol) and read to ReadyForQuery: the first error's
-        fields, or None."""
+        fields, or None. A simple Query drops the server's unnamed statement."""
         self.send(codec.message(b"Q", codec.cstring(sql)))
+        self.unnamed = None
         error: dict[str, str] | None = None
         while True:
             kind, payload = await self.read_message()

@@ -1241,6 +1241,9 @@ class ClientSession:
             raise codec.ProtocolViolation(f"unexpected message type {kind!r}")
 
     async def _query(self, payload: bytes) -> None:
+        # A simple Query drops the unnamed statement in PostgreSQL: a Bind of "" after it is
+        # refused as there, not re-parsed from the port's copy.
+        self.unnamed = None
         try:
             sql = codec.query_text(payload)
         except codec.ProtocolViolation:
@@ -1400,17 +1403,25 @@ class ClientSession:
     async def _statement(self, name: str) -> str:
         """The server's name of the client's statement ``name``, prepared on the server
         connection first if it is not yet (its ParseComplete hidden from the client)."""
-        server = await self._server()
         if not name:
-            if self.unnamed is not None and server.unnamed != (self.ident, self.unnamed):
-                server.send(codec.message(b"P", self.unnamed))
-                server.unnamed = (self.ident, self.unnamed)
+            unnamed = self.unnamed
+            if unnamed is None:
+                # The server connection's unnamed statement, if it has one, is whichever
+                # client's parsed it last: never this client's to bind or describe (it never
+                # sent that SQL, so the guard never saw it from this client). PostgreSQL's own
+                # answer for a client without one.
+                raise _Refusal("26000", "unnamed prepared statement does not exist")
+            server = await self._server()
+            if server.unnamed != (self.ident, unnamed):
+                server.send(codec.message(b"P", unnamed))
+                server.unnamed = (self.ident, unnamed)
                 if not self.server_skipping:
                     self.expect.append(_Expect(terminals=b"1", swallow=True))
             return ""
         kept = self.statements.get(name)
         if kept is None:
             raise _Refusal("26000", f'prepared statement "{name}" does not exist')
+        server = await self._server()
         server_name, parse = kept
         if server_name not in server.prepared and server_name not in self.pending:
             server.send(parse)
