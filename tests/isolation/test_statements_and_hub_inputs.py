@@ -16,7 +16,18 @@ from tests.isolation.fix_attack import SECRET, Tenants
 
 pytestmark = pytest.mark.usefixtures("unchanged_victim")
 
-_ODD_TENANTS = ["", "\x00", "../x", "a/b", "x" * 10_000, "%", "*", "' OR 1=1 --", "ÄÖ", "pg_catalog"]
+_ODD_TENANTS = [
+    "",
+    "\x00",
+    "../x",
+    "a/b",
+    "x" * 10_000,
+    "%",
+    "*",
+    "' OR 1=1 --",
+    "ÄÖ",
+    "pg_catalog",
+]
 
 
 def _clear(response: httpx.Response, *allowed: int) -> dict[str, Any]:
