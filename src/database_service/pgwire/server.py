@@ -532,6 +532,7 @@ class ClientSession:
         self.recorder = port.app.statement_recorder
         self.events: list[AuditEvent] = []  # audit events to write after the current message
         self.expired = False  # the statement being relayed outlived the tenant's limit
+        self.writing = False  # waiting for the client to take what was written to it
         self.tls = False
         self.connected_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.admin = False  # a session of the admin database (admin.py)
@@ -691,7 +692,11 @@ class ClientSession:
     async def _flush(self, data: bytes | bytearray) -> None:
         if data:
             self.writer.write(data)
-        await self.writer.drain()
+        self.writing = True
+        try:
+            await self.writer.drain()
+        finally:
+            self.writing = False
 
     # -- startup and authentication --------------------------------------------------------
 
@@ -1582,6 +1587,13 @@ class ClientSession:
             # is not idle by then, which must not hit another client's transaction.
             server.broken = True
             self.port.app.deadlines.expired(server.pid, self.server_pool.login.role, "statement")
+            if self.writing:
+                # The client stopped taking its rows: the relay would wait on it for ever,
+                # holding the server connection and its slot of the service's PostgreSQL
+                # budget (shared by every tenant) for as long as the socket stays open. Past
+                # the limit the session ends, as PostgreSQL cancels a statement blocked on
+                # sending; the drain then fails and ``cleanup`` gives the connection back.
+                self.writer.transport.abort()
 
     async def _relay_until_done(self, server: ServerConnection) -> None:
         expect = self.expect
