@@ -99,3 +99,62 @@ async def test_a_tenants_chosen_sqlstate_neither_stalls_nor_drops_another_tenant
         "a poisoned record was dropped, not dead-lettered"
     )
     assert not await core.owner_pool.fetchval(f"SELECT count(*) FROM {poison.schema_name}.users")
+
+
+_BAD_TICKS = {
+    "time_beyond_postgresql": {"time_unix_us": 2**63 - 1},
+    "time_before_postgresql": {"time_unix_us": -(2**63)},
+    "nan_prices": {"bid": float("nan"), "ask": float("nan")},
+    "infinite_prices": {"bid": float("inf"), "ask": float("-inf")},
+    "huge_volume": {"volume": 2**63 - 1},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_BAD_TICKS))
+async def test_a_batch_of_out_of_range_ticks_is_settled_quickly_and_others_are_stored(
+    core: Application, tenants: Tenants, kind: str
+) -> None:
+    """2,000 ticks of one tenant that PostgreSQL may refuse one by one (each failing row is
+    isolated by halving), in the same round as another tenant's good tick: the round ends in
+    seconds, the good tick is stored, every bad tick is stored or dead-lettered (none lost)."""
+    poison = await core.tenants.create(f"badticks_{secrets.token_hex(3)}")
+    symbol = f"B{kind[:10]}"
+    bad = []
+    for n in range(2000):
+        fields = {"bid": 1.0, "ask": 1.1, "volume": 1, **_BAD_TICKS[kind]}
+        time_us = fields.pop("time_unix_us", T0 + n)
+        bad.append(tick(poison.tenant_id, "BAD", time_us, **fields))  # type: ignore[arg-type]
+    fine = tick(tenants.a.tenant_id, symbol, T0, bid=1.0, ask=1.1, volume=1)
+    messages = [
+        Inbound(
+            ingest_pb2.IngestBatch(ticks=bad).SerializeToString(),
+            "x",
+            await _token(core, poison.tenant_id),
+        ),
+        Inbound(
+            ingest_pb2.IngestBatch(ticks=[fine]).SerializeToString(),
+            "x",
+            await _token(core, tenants.a.tenant_id),
+        ),
+    ]
+    started = time.perf_counter()
+    await core.ingest.process("nats", messages)
+    elapsed = time.perf_counter() - started
+    print(f"\n{kind}: {elapsed * 1000:.0f} ms")
+    assert elapsed < 3, f"the round took {elapsed:.1f} s"
+    assert (
+        await core.owner_pool.fetchval(
+            f"SELECT count(*) FROM {tenants.shared}.trading_ticks WHERE company_id = $1"
+            " AND symbol = $2",
+            tenants.a.tenant_id,
+            symbol,
+        )
+        == 1
+    )
+    stored = await core.owner_pool.fetchval(
+        f"SELECT count(*) FROM {tenants.shared}.trading_ticks WHERE company_id = $1",
+        poison.tenant_id,
+    )
+    ids = {t.event_id for t in bad}
+    lettered = {d.event_id for d in await core.dead_letters.list(limit=100_000)} & ids
+    assert stored + len(lettered) == len(ids), (stored, len(lettered))
