@@ -70,6 +70,9 @@ class ServerConnection:
     # Who last parsed the unnamed statement here, and what: a client's Bind of "" after its
     # connection changed re-parses it.
     unnamed: tuple[int, bytes] | None = None
+    # Cancel requests for this backend on their way to PostgreSQL: a connection given back
+    # meanwhile is closed, not lent (the cancel would reach the next client's statement).
+    cancelling: int = 0
     status: bytes = b"I"
     broken: bool = False
     # When it was opened and last went idle in its pool (time.monotonic), for the pool's

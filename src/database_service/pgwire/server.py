@@ -212,7 +212,8 @@ class PortFigures:
             "Server connections the port closed, by reason: idle (past"
             " DBSVC_PGWIRE_SERVER_IDLE_SECONDS), lifetime (past"
             " DBSVC_PGWIRE_SERVER_LIFETIME_SECONDS), budget (room for another under the"
-            " service's cap), broken, closed (pool replaced or port stopped).",
+            " service's cap), broken, cancelled (given back while a cancel of its client's"
+            " statement was on its way), closed (pool replaced or port stopped).",
             ["reason"], registry=registry,  # type: ignore[arg-type]
         )  # fmt: skip
         self.cancels = Counter(
@@ -473,7 +474,13 @@ class PgWireServer:
         self.figures.cancels.labels("local").inc()
         server = session.server
         if server is not None and server.pid:
-            await send_cancel(self.address, server.pid, server.key)
+            # Counted from here (no await before): if the client's statement ends and the
+            # connection goes back before PostgreSQL has the cancel, the pool closes it.
+            server.cancelling += 1
+            try:
+                await send_cancel(self.address, server.pid, server.key)
+            finally:
+                server.cancelling -= 1
 
 
 class ClientSession:
