@@ -39,7 +39,13 @@ from database_service.auth.principal import ALL_TENANTS
 from database_service.errors import DatabaseServiceError, QueryError
 from database_service.observability.audit import AuditEvent
 from database_service.pgwire import admin, codec
-from database_service.pgwire.backend import BackendError, PgAddress, ServerConnection, send_cancel
+from database_service.pgwire.backend import (
+    MAX_PREPARED_BYTES,
+    BackendError,
+    PgAddress,
+    ServerConnection,
+    send_cancel,
+)
 from database_service.pgwire.policy import (
     TRACKED_SETTINGS,
     USER_ID_SETTING,
@@ -213,7 +219,9 @@ class PortFigures:
             " DBSVC_PGWIRE_SERVER_IDLE_SECONDS), lifetime (past"
             " DBSVC_PGWIRE_SERVER_LIFETIME_SECONDS), budget (room for another under the"
             " service's cap), broken, cancelled (given back while a cancel of its client's"
-            " statement was on its way), closed (pool replaced or port stopped).",
+            " statement was on its way), prepared (holding more than half of"
+            " MAX_PREPARED_BYTES of prepared statements), closed (pool replaced or port"
+            " stopped).",
             ["reason"], registry=registry,  # type: ignore[arg-type]
         )  # fmt: skip
         self.cancels = Counter(
@@ -1403,14 +1411,37 @@ class ClientSession:
             return
         digest = hashlib.sha256(query.encode() + b"\x00" + types).hexdigest()[:32]
         server_name = f"dbsvc_{digest}"
-        self.statements[name] = (server_name, codec.replace_parse_name(server_name, query, types))
+        parse = codec.replace_parse_name(server_name, query, types)
+        kept = sum(len(p) for _, p in self.statements.values())
+        if kept + len(parse) > MAX_PREPARED_BYTES:
+            raise _Refusal(
+                "54000",
+                f"this client keeps {kept} bytes of prepared statements; at most"
+                f" {MAX_PREPARED_BYTES}: close statements it no longer uses",
+            )
         if server_name in server.prepared or server_name in self.pending:
+            self.statements[name] = (server_name, parse)
             self._emit(_PARSE_COMPLETE)
             return
-        server.send(self.statements[name][1])
+        self._prepare_on(server, len(parse))
+        self.statements[name] = (server_name, parse)
+        server.send(parse)
         self.pending.add(server_name)
         if not self.server_skipping:
             self.expect.append(_Expect(terminals=b"1", prepares=server_name))
+
+    @staticmethod
+    def _prepare_on(server: ServerConnection, size: int) -> None:
+        """Count a named statement about to be prepared on ``server``; refused (54000) when
+        the connection already holds ``MAX_PREPARED_BYTES`` of them."""
+        if server.prepared_bytes + size > MAX_PREPARED_BYTES:
+            raise _Refusal(
+                "54000",
+                f"this server connection holds {server.prepared_bytes} bytes of prepared"
+                f" statements; at most {MAX_PREPARED_BYTES}: close statements no longer used,"
+                " or reconnect",
+            )
+        server.prepared_bytes += size
 
     async def _statement(self, name: str) -> str:
         """The server's name of the client's statement ``name``, prepared on the server
@@ -1436,6 +1467,7 @@ class ClientSession:
         server = await self._server()
         server_name, parse = kept
         if server_name not in server.prepared and server_name not in self.pending:
+            self._prepare_on(server, len(parse))
             server.send(parse)
             self.pending.add(server_name)
             if not self.server_skipping:
