@@ -16,7 +16,7 @@ import pytest
 
 from database_service.pgwire import codec
 from database_service.pgwire.backend import MAX_PREPARED_BYTES
-from database_service.pgwire.server import PgWireServer
+from database_service.pgwire.server import MAX_NAME_BYTES, MAX_STATEMENTS, PgWireServer
 from tests.fix_pgwire import PortLogin, PortLoginFactory, RawClient, sqlstates
 from tests.isolation.fix_attack import Tenants
 
@@ -73,3 +73,48 @@ async def test_a_client_cannot_prepare_statements_without_end(
         for pool in pgwire.pools._pools.values()
         for s in pool.idle
     )
+
+
+@pytest.mark.parametrize("where", ["statement", "portal"])
+async def test_a_name_longer_than_the_port_keeps_is_refused(
+    tenants: Tenants, port_login: PortLoginFactory, raw: RawClient, where: str
+) -> None:
+    await raw.login(await port_login(tenants.a.tenant_id))
+    long = "n" * (MAX_NAME_BYTES + 1)
+    if where == "statement":
+        raw.send(b"P", codec.cstring(long) + codec.cstring("SELECT 1") + b"\x00\x00")
+    else:
+        raw.send(b"P", b"\x00" + codec.cstring("SELECT 1") + b"\x00\x00")
+        raw.send(b"B", codec.cstring(long) + b"\x00" + b"\x00\x00\x00\x00\x00\x00")
+    raw.send(b"S")
+    assert sqlstates(await raw.until_ready()) == ["42622"]
+    assert sqlstates(await raw.query("SELECT 1")) == []
+
+
+async def test_portals_are_forgotten_with_their_transaction(
+    tenants: Tenants, port_login: PortLoginFactory, raw: RawClient, pgwire: PgWireServer
+) -> None:
+    await raw.login(await port_login(tenants.a.tenant_id))
+    session = pgwire.sessions[raw.backend_key[0]]
+    raw.send(b"P", codec.cstring("s") + codec.cstring("SELECT 1") + b"\x00\x00")
+    raw.send(b"S")
+    await raw.until_ready()
+    for n in range(300):
+        raw.send(b"B", codec.cstring(f"p{n}") + codec.cstring("s") + b"\x00" * 6)
+        raw.send(b"E", codec.cstring(f"p{n}") + b"\x00\x00\x00\x00")
+        raw.send(b"S")
+        assert sqlstates(await raw.until_ready()) == []
+    assert len(session.portal_verdicts) + len(session.virtual_portals) <= 1
+
+
+async def test_a_client_keeps_a_bounded_number_of_statements(
+    tenants: Tenants, port_login: PortLoginFactory, raw: RawClient, pgwire: PgWireServer
+) -> None:
+    await raw.login(await port_login(tenants.a.tenant_id))
+    session = pgwire.sessions[raw.backend_key[0]]
+    for n in range(MAX_STATEMENTS + 5):
+        raw.send(b"P", codec.cstring(f"s{n}") + codec.cstring("SELECT 1") + b"\x00\x00")
+    raw.send(b"S")
+    assert sqlstates(await raw.until_ready()) == ["54000"]
+    assert len(session.statements) + len(session.virtual) == MAX_STATEMENTS
+    assert sqlstates(await raw.query("SELECT 1")) == []

@@ -68,6 +68,10 @@ __all__ = ["PgWireServer", "listening"]
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1_048_576  # a Query or Bind larger than this is refused (08P01)
+# What one client may keep of named statements and portals (see MAX_PREPARED_BYTES too): far
+# beyond drivers' statement caches (asyncpg 100, psycopg 100, JDBC 256) and their names.
+MAX_STATEMENTS = 10_000
+MAX_NAME_BYTES = 1024
 _READ_CHUNK = 65536
 _WORKER_BITS = 6  # a client's cancel key names its worker in the pid's low bits
 _MAX_WORKERS = 1 << _WORKER_BITS
@@ -1239,9 +1243,16 @@ class ClientSession:
         if self.server is not None and self.server_pool is not None:
             self.server_pool.release(self.server)
             self.server = self.server_pool = None
+            self._forget_portals()
             self.wrapped = self.block = self.reset_at_commit = False
             self.port.figures.servers.dec()
             self.port.figures.transactions.inc()
+
+    def _forget_portals(self) -> None:
+        """Portals end with their transaction, as in PostgreSQL: the port's records of the
+        client's go too (kept past it, distinct portal names grew them without end)."""
+        self.portal_verdicts.clear()
+        self.virtual_portals.clear()
 
     async def _message(self, kind: bytes, payload: bytes) -> None:
         if kind == b"Q":
@@ -1313,6 +1324,7 @@ class ClientSession:
         if kind == b"S":
             self.skip_until_sync = False
             if self.server is None:
+                self._forget_portals()  # the implicit transaction, if any, ends here
                 self._emit(codec.ready_for_query(self._status()))
                 await self._flush(b"")
                 return
@@ -1375,6 +1387,13 @@ class ClientSession:
             if not codec.nul_in_text(b"P", payload):
                 raise
             raise _Refusal(*_NUL_IN_TEXT) from None
+        _check_name(name, "prepared statement")
+        if name and len(self.statements) + len(self.virtual) >= MAX_STATEMENTS:
+            raise _Refusal(
+                "54000",
+                f"this client keeps {MAX_STATEMENTS} prepared statements: close statements it"
+                " no longer uses",
+            )
         control, refusal = await self._decide(query)
         if refusal is not None:
             raise _Refusal(*refusal)
@@ -1477,6 +1496,7 @@ class ClientSession:
     async def _bind(self, payload: bytes) -> None:
         portal = codec.read_cstring(payload)[0]
         name, _ = codec.bind_statement(payload)
+        _check_name(portal, "portal")
         virtual = self.virtual.get(name)
         if virtual is None and self.user_id is not None and name in self.begins:
             # A BEGIN prepared before the user id was set: the port opens that transaction.
@@ -1802,6 +1822,13 @@ class ClientSession:
         server.applied[name] = value
         if name in self.wanted:
             self.wanted[name] = value
+
+
+def _check_name(name: str, what: str) -> None:
+    """A statement or portal name the port keeps is at most ``MAX_NAME_BYTES``: names are the
+    keys of per-client maps, and a 16 MiB message could carry a 16 MiB one."""
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise _Refusal("42622", f"{what} name longer than {MAX_NAME_BYTES} bytes")
 
 
 def _user_id(value: str) -> str:
