@@ -113,7 +113,8 @@ class TenantBackupAdmin:
         replace: bool = False,
         progress: ProgressCallback | None = None,
     ) -> RestoreReport:
-        with self._backups.open(path) as archive:  # the signed tenant id, before any check
+        # Opened in a thread: the zip's directory and manifest are the caller's bytes.
+        with await asyncio.to_thread(self._backups.open, path) as archive:  # signed tenant id
             source = archive.manifest["tenant_id"]
         target = validate_tenant_id(into) if into is not None else source
         await self._may_restore(principal, source, target)
@@ -333,8 +334,11 @@ class TenantBackupAdmin:
                             f"the upload is over {max_bytes} bytes (DBSVC_TENANT_RESTORE_MAX_BYTES)"
                         )
                     handle.write(chunk)
-            with self._backups.open(upload) as archive:
-                # A damaged file is refused now, not in the job (hashed in a thread).
+            # Opened (directory, manifest) and hashed in a thread: an uploaded file is any
+            # bytes a tenant administrator chose, and parsing a zip of many entries took the
+            # event loop for every tenant.
+            with await asyncio.to_thread(self._backups.open, upload) as archive:
+                # A damaged file is refused now, not in the job.
                 await asyncio.to_thread(archive.verify)
                 source = archive.manifest["tenant_id"]
             if source not in (tenant_id, from_tenant):

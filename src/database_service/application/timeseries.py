@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from database_service.auth import Principal
 from database_service.errors import InvalidParameters
+from database_service.moments import utc_moment
 from database_service.query import QueryExecutor, TenantContext
 from database_service.results import (
     Column,
@@ -111,6 +112,7 @@ class TimeSeries:
             raise InvalidParameters(f"table must be one of {', '.join(SERIES_COLUMNS)}")
         if limit < 0:
             raise InvalidParameters("limit must be 0 (no limit) or more")
+        start, end = utc_moment(start, "start"), utc_moment(end, "end")
         sql = (
             f"SELECT {SERIES_COLUMNS[table]} FROM {quote_ident(self._shared)}.{table}"
             " WHERE symbol = $1 AND time >= $2 AND time < $3 ORDER BY time"
@@ -153,5 +155,6 @@ class TimeSeries:
     ) -> Events:
         """The latest tick of every symbol since ``since`` (default: a day ago)."""
         since = since or dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+        since = utc_moment(since, "since")
         sql, params = last_tick_sql(self._shared, since)
         return self._stream(principal, ctx, sql, params)

@@ -49,6 +49,8 @@ FORMAT = "dbsvc-tenant-backup"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+# Far above any export's manifest (a few hundred bytes per table and collection).
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 _CHUNK = 1 << 20
 
 
@@ -139,7 +141,7 @@ class ArchiveReader:
             archive = zipfile.ZipFile(path, "r")
         except FileNotFoundError:
             raise BackupCorrupt(f"no backup file at {path}") from None
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
             raise BackupCorrupt(f"{path.name}: not a tenant backup (unreadable: {exc})") from None
         try:
             return cls(path, read_manifest(archive, key), archive)
@@ -190,7 +192,8 @@ class ArchiveReader:
                     digest.update(chunk)
                     size += len(chunk)
                     yield chunk
-        except (zipfile.BadZipFile, KeyError, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, KeyError, OSError, EOFError, ValueError,
+                NotImplementedError, RuntimeError) as exc:  # fmt: skip
             raise BackupCorrupt(f"{self.path.name}: {table['member']} is damaged ({exc})") from None
         if size != table["bytes"] or not hmac.compare_digest(digest.hexdigest(), table["sha256"]):
             raise BackupCorrupt(
@@ -200,15 +203,28 @@ class ArchiveReader:
 
 
 def read_manifest(archive: zipfile.ZipFile, key: bytes) -> dict[str, Any]:
+    # A tenant administrator may upload any bytes as its own export, and this is read before
+    # the signature can be checked: the manifest's declared size bounds what is inflated (a
+    # few hundred KiB of deflate can declare gigabytes), and nesting deeper than the JSON
+    # parser's stack is refused like any other damage (it was a RecursionError, a 500).
     try:
-        raw = archive.read(MANIFEST)
+        info = archive.getinfo(MANIFEST)
     except KeyError:
         raise BackupCorrupt("not a tenant backup: it has no manifest.json") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    if info.file_size > MAX_MANIFEST_BYTES:
+        raise BackupCorrupt(
+            f"the manifest declares {info.file_size} bytes; a tenant backup's has at most"
+            f" {MAX_MANIFEST_BYTES}: the file is damaged or not an export"
+        )
+    try:
+        raw = archive.read(info)
+    # NotImplementedError: a compression method zipfile lacks; RuntimeError: encrypted.
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError,
+            RuntimeError) as exc:  # fmt: skip
         raise BackupCorrupt(f"the manifest is damaged ({exc})") from None
     try:
         manifest = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BackupCorrupt("the manifest is not valid JSON: the file is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BackupCorrupt("not a tenant backup (the manifest names another format)")

@@ -553,7 +553,7 @@ class TenantBackups:
         Refused before anything changes when the file does not verify, names a newer tenant
         schema, or the target holds data and ``replace`` is not given."""
         started = time.monotonic()
-        with self.open(path) as archive:
+        with await asyncio.to_thread(self.open, path) as archive:
             manifest = archive.manifest
             source = manifest["tenant_id"]
             target = validate_tenant_id(into or source)

@@ -66,6 +66,9 @@ _INT64 = (-(2**63), 2**63 - 1)
 # the same figure).
 KEY_OVERHEAD_BYTES = 64
 DEFAULT_TENANT_MAX_BYTES = 256 * 1024 * 1024
+# PostgreSQL store: expired keys one reclaim deletes, and reclaims one write tries (``_write``).
+_RECLAIM_ROWS = 5000
+_RECLAIM_ROUNDS = 4
 
 Key = bytes | str
 Value = bytes | str
@@ -597,7 +600,7 @@ class PostgresKeyValueStore:
         self._live = "(expires_at IS NULL OR expires_at > clock_timestamp())"
         self._writes = 0
         self.tenant_max_bytes = tenant_max_bytes
-        # The quota travels with each write, for the trigger of control migration 0017 (set
+        # The quota travels with each write, for the triggers of control migration 0017 (set
         # for the write's own transaction only: the pool's connections keep no state).
         self._quota = "SELECT set_config('dbsvc.kv_tenant_max_bytes', $1, true)"
 
@@ -612,21 +615,31 @@ class PostgresKeyValueStore:
             raise _over_quota(self.tenant_max_bytes) from None
 
     async def _write(self, tenant: str, operation: Callable[[], Awaitable[Any]]) -> Any:
-        """A write that may grow the tenant's keys: refused at the quota, after one more try
-        once the tenant's expired keys (which count until deleted) are gone."""
-        try:
-            return await self._call(operation)
-        except ResourceExhausted:
-            deleted = await self._call(
-                lambda: self._pool.execute(
-                    f"DELETE FROM {self._table} WHERE tenant_id = $1"
-                    " AND expires_at <= clock_timestamp()",
-                    tenant,
+        """A write that may grow the tenant's keys: refused at the quota, after more tries
+        once some of the tenant's expired keys (which count until deleted) are gone.
+
+        Each reclaim deletes at most ``_RECLAIM_ROWS`` keys, skipping those another caller is
+        deleting (SKIP LOCKED), and a write tries at most ``_RECLAIM_ROUNDS`` of them: a tenant
+        with a great many expired keys and many writers at its quota cannot keep connections
+        of the owner's pool (which every tenant's calls share) busy, or waiting on each
+        other's deletes, for long. A write still refused with expired keys left gets room on a
+        later try."""
+        for _ in range(_RECLAIM_ROUNDS):
+            try:
+                return await self._call(operation)
+            except ResourceExhausted:
+                deleted = await self._call(
+                    lambda: self._pool.execute(
+                        f"DELETE FROM {self._table} WHERE ctid = ANY(ARRAY("
+                        f"SELECT ctid FROM {self._table} WHERE tenant_id = $1"
+                        " AND expires_at <= clock_timestamp()"
+                        f" LIMIT {_RECLAIM_ROWS} FOR UPDATE SKIP LOCKED))",
+                        tenant,
+                    )
                 )
-            )
-            if deleted == "DELETE 0":
-                raise
-            return await self._call(operation)
+                if deleted == "DELETE 0":
+                    raise
+        return await self._call(operation)
 
     async def usage(self, tenant: str) -> int:
         """The bytes the tenant's keys count against its quota."""
@@ -708,6 +721,16 @@ class PostgresKeyValueStore:
                     )
                     if done is not None:
                         return int(done), False
+                # A row to lock before reading: FOR UPDATE locks nothing when the key does not
+                # exist yet, so two first increments both counted from 0 and one was lost
+                # (acknowledged). The placeholder is the value a missing key counts from; the
+                # second waits on it, then reads the first's number.
+                await conn.execute(
+                    f"INSERT INTO {self._table} (tenant_id, key, value) VALUES ($1, $2, '0')"
+                    " ON CONFLICT (tenant_id, key) DO NOTHING",
+                    tenant,
+                    raw_key,
+                )
                 row = await conn.fetchrow(
                     f"SELECT value, {self._live} AS live, expires_at FROM {self._table}"
                     " WHERE tenant_id = $1 AND key = $2 FOR UPDATE",

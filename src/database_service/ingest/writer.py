@@ -56,6 +56,10 @@ _NOT_TRANSIENT = frozenset({"57014"})
 # Errors about the statement, not a row: every record of the unit would fail the same way (and
 # halving a unit that runs into the time limit would only run into it again and again).
 _STATEMENT_ERRORS = frozenset({"42P01", "42703", "3F000", "42883", "42804", "57014"})
+# Transactions one part may spend isolating bad records by halving (a few bad records among
+# thousands take 2·k·log2(n); a batch of only bad ones would take 2·n): past it, a failing unit
+# is rejected whole.
+_ISOLATION_TRANSACTIONS = 128
 
 
 def is_transient(exc: DatabaseServiceError) -> bool:
@@ -189,19 +193,30 @@ class IngestWriter:
             for unit, count in zip(units, written, strict=True):
                 result.add(len(unit.keys), count)
             return result
+        budget = [_ISOLATION_TRANSACTIONS]
         for unit in units:
-            await self._isolate(login, schema, unit, result, limit)
+            await self._isolate(login, schema, unit, result, limit, budget)
         return result
 
     async def _isolate(
-        self, login: TenantLogin, schema: str, unit: _Unit, result: StoreResult, limit: float
+        self,
+        login: TenantLogin,
+        schema: str,
+        unit: _Unit,
+        result: StoreResult,
+        limit: float,
+        budget: list[int],
     ) -> None:
+        budget[0] -= 1
         try:
             (written,) = await self._transaction(login, schema, [unit], limit)
         except DatabaseServiceError as exc:
             if is_transient(exc):
                 raise
-            if len(unit.keys) == 1 or (exc.sqlstate in _STATEMENT_ERRORS):
+            if len(unit.keys) == 1 or (exc.sqlstate in _STATEMENT_ERRORS) or budget[0] <= 0:
+                # Past the budget the failing unit is rejected whole (dead-lettered, so it can
+                # be replayed): narrowing a batch of nothing but bad records costs two
+                # transactions per record, and the round every tenant's records are in waits.
                 result.rejected.extend((key, exc) for key in unit.keys)
                 return
             half = len(unit.keys) // 2
@@ -210,8 +225,9 @@ class IngestWriter:
                 (unit.keys[half:], unit.values[half:]),
             ):
                 await self._isolate(
-                    login, schema, _Unit(unit.kind, unit.table, keys, values), result, limit
-                )
+                    login, schema, _Unit(unit.kind, unit.table, keys, values), result, limit,
+                    budget,
+                )  # fmt: skip
             return
         result.add(len(unit.keys), written)
 

@@ -18,7 +18,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from database_service.pgwire import codec
 from database_service.pgwire.scram import ScramClient, ScramError
 
-__all__ = ["BackendError", "PgAddress", "ServerConnection", "send_cancel"]
+__all__ = ["MAX_PREPARED_BYTES", "BackendError", "PgAddress", "ServerConnection", "send_cancel"]
+
+# Named statements' text a client may keep, and a server connection may hold prepared (54000
+# past either): each is kept by the port (the client's Parse, to prepare it again on another
+# server connection) and by PostgreSQL for the connection's life, and a client preparing
+# distinct statements without end grew both without bound — the port worker's memory and a
+# backend's, which every tenant shares. A server connection past half of it is closed when
+# given back, not lent again.
+MAX_PREPARED_BYTES = 32 * 1_048_576
 
 _READ_CHUNK = 65536
 
@@ -70,6 +78,12 @@ class ServerConnection:
     # Who last parsed the unnamed statement here, and what: a client's Bind of "" after its
     # connection changed re-parses it.
     unnamed: tuple[int, bytes] | None = None
+    # Cancel requests for this backend on their way to PostgreSQL: a connection given back
+    # meanwhile is closed, not lent (the cancel would reach the next client's statement).
+    cancelling: int = 0
+    # The text of the named statements prepared here (each stays for the connection's life,
+    # in the backend's memory): bounded by the port (``MAX_PREPARED_BYTES``).
+    prepared_bytes: int = 0
     status: bytes = b"I"
     broken: bool = False
     # When it was opened and last went idle in its pool (time.monotonic), for the pool's
@@ -203,8 +217,9 @@ class ServerConnection:
 
     async def simple(self, sql: str) -> dict[str, str] | None:
         """Run the port's own SQL (simple protocol) and read to ReadyForQuery: the first error's
-        fields, or None."""
+        fields, or None. A simple Query drops the server's unnamed statement."""
         self.send(codec.message(b"Q", codec.cstring(sql)))
+        self.unnamed = None
         error: dict[str, str] | None = None
         while True:
             kind, payload = await self.read_message()

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from database_service.errors import ResourceExhausted
-from database_service.pgwire.backend import BackendError, PgAddress, ServerConnection
+from database_service.pgwire.backend import (
+    MAX_PREPARED_BYTES,
+    BackendError,
+    PgAddress,
+    ServerConnection,
+)
 from database_service.postgres import TenantLogin
 
 __all__ = ["ConnectionBudget", "PoolFigures", "ServerPool", "ServerPools"]
@@ -80,7 +85,7 @@ class ServerPool:
     parameters: dict[str, str] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
     # PgBouncer's server_idle_timeout and server_lifetime (None: no limit); ``closed`` is told
-    # why each connection closes: idle, lifetime, budget, broken.
+    # why each connection closes: idle, lifetime, budget, broken, cancelled, prepared.
     idle_seconds: float | None = None
     lifetime_seconds: float | None = None
     closed: Callable[[str], None] = field(default=lambda _: None)
@@ -135,6 +140,14 @@ class ServerPool:
         self.transactions += 1
         if conn.broken:
             self._discard(conn)
+        elif conn.prepared_bytes > MAX_PREPARED_BYTES // 2:
+            # Its prepared statements stay in the backend's memory for its life: a fresh one
+            # for the next client instead.
+            self._discard(conn, "prepared")
+        elif conn.cancelling:
+            # A cancel of the returning client's statement has not reached PostgreSQL yet:
+            # lent now, the connection could have the next client's statement cancelled.
+            self._discard(conn, "cancelled")
         elif conn.status == b"I" and self._too_old(conn, time.monotonic()):
             self._discard(conn, "lifetime")  # a fresh one for the next, if any wants it
         elif conn.status == b"I":

@@ -39,7 +39,13 @@ from database_service.auth.principal import ALL_TENANTS
 from database_service.errors import DatabaseServiceError, QueryError
 from database_service.observability.audit import AuditEvent
 from database_service.pgwire import admin, codec
-from database_service.pgwire.backend import BackendError, PgAddress, ServerConnection, send_cancel
+from database_service.pgwire.backend import (
+    MAX_PREPARED_BYTES,
+    BackendError,
+    PgAddress,
+    ServerConnection,
+    send_cancel,
+)
 from database_service.pgwire.policy import (
     TRACKED_SETTINGS,
     USER_ID_SETTING,
@@ -62,6 +68,10 @@ __all__ = ["PgWireServer", "listening"]
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1_048_576  # a Query or Bind larger than this is refused (08P01)
+# What one client may keep of named statements and portals (see MAX_PREPARED_BYTES too): far
+# beyond drivers' statement caches (asyncpg 100, psycopg 100, JDBC 256) and their names.
+MAX_STATEMENTS = 10_000
+MAX_NAME_BYTES = 1024
 _READ_CHUNK = 65536
 _WORKER_BITS = 6  # a client's cancel key names its worker in the pid's low bits
 _MAX_WORKERS = 1 << _WORKER_BITS
@@ -212,7 +222,10 @@ class PortFigures:
             "Server connections the port closed, by reason: idle (past"
             " DBSVC_PGWIRE_SERVER_IDLE_SECONDS), lifetime (past"
             " DBSVC_PGWIRE_SERVER_LIFETIME_SECONDS), budget (room for another under the"
-            " service's cap), broken, closed (pool replaced or port stopped).",
+            " service's cap), broken, cancelled (given back while a cancel of its client's"
+            " statement was on its way), prepared (holding more than half of"
+            " MAX_PREPARED_BYTES of prepared statements), closed (pool replaced or port"
+            " stopped).",
             ["reason"], registry=registry,  # type: ignore[arg-type]
         )  # fmt: skip
         self.cancels = Counter(
@@ -473,7 +486,13 @@ class PgWireServer:
         self.figures.cancels.labels("local").inc()
         server = session.server
         if server is not None and server.pid:
-            await send_cancel(self.address, server.pid, server.key)
+            # Counted from here (no await before): if the client's statement ends and the
+            # connection goes back before PostgreSQL has the cancel, the pool closes it.
+            server.cancelling += 1
+            try:
+                await send_cancel(self.address, server.pid, server.key)
+            finally:
+                server.cancelling -= 1
 
 
 class ClientSession:
@@ -532,6 +551,7 @@ class ClientSession:
         self.recorder = port.app.statement_recorder
         self.events: list[AuditEvent] = []  # audit events to write after the current message
         self.expired = False  # the statement being relayed outlived the tenant's limit
+        self.writing = False  # waiting for the client to take what was written to it
         self.tls = False
         self.connected_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.admin = False  # a session of the admin database (admin.py)
@@ -691,7 +711,11 @@ class ClientSession:
     async def _flush(self, data: bytes | bytearray) -> None:
         if data:
             self.writer.write(data)
-        await self.writer.drain()
+        self.writing = True
+        try:
+            await self.writer.drain()
+        finally:
+            self.writing = False
 
     # -- startup and authentication --------------------------------------------------------
 
@@ -1219,9 +1243,16 @@ class ClientSession:
         if self.server is not None and self.server_pool is not None:
             self.server_pool.release(self.server)
             self.server = self.server_pool = None
+            self._forget_portals()
             self.wrapped = self.block = self.reset_at_commit = False
             self.port.figures.servers.dec()
             self.port.figures.transactions.inc()
+
+    def _forget_portals(self) -> None:
+        """Portals end with their transaction, as in PostgreSQL: the port's records of the
+        client's go too (kept past it, distinct portal names grew them without end)."""
+        self.portal_verdicts.clear()
+        self.virtual_portals.clear()
 
     async def _message(self, kind: bytes, payload: bytes) -> None:
         if kind == b"Q":
@@ -1241,6 +1272,9 @@ class ClientSession:
             raise codec.ProtocolViolation(f"unexpected message type {kind!r}")
 
     async def _query(self, payload: bytes) -> None:
+        # A simple Query drops the unnamed statement in PostgreSQL: a Bind of "" after it is
+        # refused as there, not re-parsed from the port's copy.
+        self.unnamed = None
         try:
             sql = codec.query_text(payload)
         except codec.ProtocolViolation:
@@ -1290,6 +1324,7 @@ class ClientSession:
         if kind == b"S":
             self.skip_until_sync = False
             if self.server is None:
+                self._forget_portals()  # the implicit transaction, if any, ends here
                 self._emit(codec.ready_for_query(self._status()))
                 await self._flush(b"")
                 return
@@ -1352,6 +1387,13 @@ class ClientSession:
             if not codec.nul_in_text(b"P", payload):
                 raise
             raise _Refusal(*_NUL_IN_TEXT) from None
+        _check_name(name, "prepared statement")
+        if name and len(self.statements) + len(self.virtual) >= MAX_STATEMENTS:
+            raise _Refusal(
+                "54000",
+                f"this client keeps {MAX_STATEMENTS} prepared statements: close statements it"
+                " no longer uses",
+            )
         control, refusal = await self._decide(query)
         if refusal is not None:
             raise _Refusal(*refusal)
@@ -1388,31 +1430,63 @@ class ClientSession:
             return
         digest = hashlib.sha256(query.encode() + b"\x00" + types).hexdigest()[:32]
         server_name = f"dbsvc_{digest}"
-        self.statements[name] = (server_name, codec.replace_parse_name(server_name, query, types))
+        parse = codec.replace_parse_name(server_name, query, types)
+        kept = sum(len(p) for _, p in self.statements.values())
+        if kept + len(parse) > MAX_PREPARED_BYTES:
+            raise _Refusal(
+                "54000",
+                f"this client keeps {kept} bytes of prepared statements; at most"
+                f" {MAX_PREPARED_BYTES}: close statements it no longer uses",
+            )
         if server_name in server.prepared or server_name in self.pending:
+            self.statements[name] = (server_name, parse)
             self._emit(_PARSE_COMPLETE)
             return
-        server.send(self.statements[name][1])
+        self._prepare_on(server, len(parse))
+        self.statements[name] = (server_name, parse)
+        server.send(parse)
         self.pending.add(server_name)
         if not self.server_skipping:
             self.expect.append(_Expect(terminals=b"1", prepares=server_name))
 
+    @staticmethod
+    def _prepare_on(server: ServerConnection, size: int) -> None:
+        """Count a named statement about to be prepared on ``server``; refused (54000) when
+        the connection already holds ``MAX_PREPARED_BYTES`` of them."""
+        if server.prepared_bytes + size > MAX_PREPARED_BYTES:
+            raise _Refusal(
+                "54000",
+                f"this server connection holds {server.prepared_bytes} bytes of prepared"
+                f" statements; at most {MAX_PREPARED_BYTES}: close statements no longer used,"
+                " or reconnect",
+            )
+        server.prepared_bytes += size
+
     async def _statement(self, name: str) -> str:
         """The server's name of the client's statement ``name``, prepared on the server
         connection first if it is not yet (its ParseComplete hidden from the client)."""
-        server = await self._server()
         if not name:
-            if self.unnamed is not None and server.unnamed != (self.ident, self.unnamed):
-                server.send(codec.message(b"P", self.unnamed))
-                server.unnamed = (self.ident, self.unnamed)
+            unnamed = self.unnamed
+            if unnamed is None:
+                # The server connection's unnamed statement, if it has one, is whichever
+                # client's parsed it last: never this client's to bind or describe (it never
+                # sent that SQL, so the guard never saw it from this client). PostgreSQL's own
+                # answer for a client without one.
+                raise _Refusal("26000", "unnamed prepared statement does not exist")
+            server = await self._server()
+            if server.unnamed != (self.ident, unnamed):
+                server.send(codec.message(b"P", unnamed))
+                server.unnamed = (self.ident, unnamed)
                 if not self.server_skipping:
                     self.expect.append(_Expect(terminals=b"1", swallow=True))
             return ""
         kept = self.statements.get(name)
         if kept is None:
             raise _Refusal("26000", f'prepared statement "{name}" does not exist')
+        server = await self._server()
         server_name, parse = kept
         if server_name not in server.prepared and server_name not in self.pending:
+            self._prepare_on(server, len(parse))
             server.send(parse)
             self.pending.add(server_name)
             if not self.server_skipping:
@@ -1422,6 +1496,7 @@ class ClientSession:
     async def _bind(self, payload: bytes) -> None:
         portal = codec.read_cstring(payload)[0]
         name, _ = codec.bind_statement(payload)
+        _check_name(portal, "portal")
         virtual = self.virtual.get(name)
         if virtual is None and self.user_id is not None and name in self.begins:
             # A BEGIN prepared before the user id was set: the port opens that transaction.
@@ -1571,6 +1646,13 @@ class ClientSession:
             # is not idle by then, which must not hit another client's transaction.
             server.broken = True
             self.port.app.deadlines.expired(server.pid, self.server_pool.login.role, "statement")
+            if self.writing:
+                # The client stopped taking its rows: the relay would wait on it for ever,
+                # holding the server connection and its slot of the service's PostgreSQL
+                # budget (shared by every tenant) for as long as the socket stays open. Past
+                # the limit the session ends, as PostgreSQL cancels a statement blocked on
+                # sending; the drain then fails and ``cleanup`` gives the connection back.
+                self.writer.transport.abort()
 
     async def _relay_until_done(self, server: ServerConnection) -> None:
         expect = self.expect
@@ -1740,6 +1822,13 @@ class ClientSession:
         server.applied[name] = value
         if name in self.wanted:
             self.wanted[name] = value
+
+
+def _check_name(name: str, what: str) -> None:
+    """A statement or portal name the port keeps is at most ``MAX_NAME_BYTES``: names are the
+    keys of per-client maps, and a 16 MiB message could carry a 16 MiB one."""
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise _Refusal("42622", f"{what} name longer than {MAX_NAME_BYTES} bytes")
 
 
 def _user_id(value: str) -> str:

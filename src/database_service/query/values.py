@@ -81,14 +81,23 @@ def _datetime(value: Any) -> dt.datetime:
     return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(_text(value))
 
 
+def _in_utc(parsed: dt.datetime) -> dt.datetime:
+    """asyncpg sends every aware time in UTC: year 1 at +05:00 (year 0) or 9999-12-31 at -05:00
+    (year 10000) cannot be, and its OverflowError was a 500 from inside the driver."""
+    try:
+        return parsed.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("out of range in UTC (years 1 to 9999)") from None
+
+
 def _timestamptz(value: Any) -> dt.datetime:
     parsed = _datetime(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    return _in_utc(parsed) if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _timestamp(value: Any) -> dt.datetime:
     parsed = _datetime(value)
-    return parsed.astimezone(dt.UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
+    return _in_utc(parsed).replace(tzinfo=None) if parsed.tzinfo else parsed
 
 
 def _interval(value: Any) -> dt.timedelta:
@@ -173,7 +182,7 @@ def coerce_row(
             continue
         try:
             out.append(_coercer(pg_type.name, pg_type.kind)(value))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidParameters(
                 f"row {row_number}, column {name} ({pg_type.name}): {exc}; got {value!r:.60}"
             ) from None
@@ -222,7 +231,7 @@ def coerce_rows(
                 if value is not None:
                     values[index] = coercer(value)
             out.append(values)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         # The row-wise path names the first bad row and column.
         return [coerce_row(r, types, names, first + i) for i, r in enumerate(rows)]
     return out
@@ -241,7 +250,7 @@ def coerce_params(values: Sequence[Any], types: Sequence[asyncpg.types.Type]) ->
             continue
         try:
             out.append(_coercer(pg_type.name, pg_type.kind)(value))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             shown = repr(value)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise InvalidParameters(

@@ -25,6 +25,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from database_service.errors import InvalidParameters
+from database_service.moments import utc_moment
 from database_service.results import Column, ValueKind
 from database_service.tenancy.ids import quote_ident
 
@@ -45,6 +46,9 @@ MAX_INTERVAL = dt.timedelta(days=1)
 MINUTE = dt.timedelta(minutes=1)
 
 
+# Longer than any interval a person writes (``1w2d3h4m5s``, ``P1DT2H``): the parser's work is
+# bounded by this, not by what a caller sends.
+_MAX_INTERVAL_TEXT = 64
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _COMPACT = re.compile(r"(?:(\d+)\s*([smhdw]))", re.IGNORECASE)
 _ISO = re.compile(
@@ -56,27 +60,36 @@ _ISO = re.compile(
 def parse_interval(text: str | int) -> dt.timedelta:
     """A candle interval as people write it: seconds (``60``), units (``30s``, ``1m``, ``15m``,
     ``1h``, ``4h``, ``1d``, ``1h30m``) or ISO 8601 (``PT1M``, ``PT1H``, ``P1D``)."""
-    if isinstance(text, int):
-        return dt.timedelta(seconds=text)
-    value = text.strip()
-    if value.isdigit():
-        return dt.timedelta(seconds=int(value))
-    iso = _ISO.fullmatch(value)
-    if iso and value.upper() not in {"P", "PT"}:
-        parts = {k: int(v) for k, v in iso.groupdict().items() if v}
-        return dt.timedelta(
-            weeks=parts.get("w", 0),
-            days=parts.get("d", 0),
-            hours=parts.get("h", 0),
-            minutes=parts.get("m", 0),
-            seconds=parts.get("s", 0),
-        )
-    if value and _COMPACT.sub("", value).strip() == "":
-        seconds = sum(int(n) * _UNITS[u.lower()] for n, u in _COMPACT.findall(value))
-        return dt.timedelta(seconds=seconds)
+    # Whatever the text, what comes out is checked against MIN/MAX_INTERVAL by ``validate``;
+    # here only that it converts: ``str.isdigit`` accepts digits ``int`` refuses (``²``),
+    # ``int`` refuses more than 4,300 digits, and ``timedelta`` overflows past 999,999,999
+    # days. Each was a 500.
+    try:
+        if isinstance(text, int):
+            return dt.timedelta(seconds=text)
+        value = text.strip()
+        if len(value) > _MAX_INTERVAL_TEXT:
+            raise ValueError("too long")
+        if value.isascii() and value.isdigit():
+            return dt.timedelta(seconds=int(value))
+        iso = _ISO.fullmatch(value)
+        if iso and value.upper() not in {"P", "PT"}:
+            parts = {k: int(v) for k, v in iso.groupdict().items() if v}
+            return dt.timedelta(
+                weeks=parts.get("w", 0),
+                days=parts.get("d", 0),
+                hours=parts.get("h", 0),
+                minutes=parts.get("m", 0),
+                seconds=parts.get("s", 0),
+            )
+        if value and _COMPACT.sub("", value).strip() == "":
+            seconds = sum(int(n) * _UNITS[u.lower()] for n, u in _COMPACT.findall(value))
+            return dt.timedelta(seconds=seconds)
+    except (ValueError, OverflowError):
+        pass
     raise InvalidParameters(
-        f"interval {text!r} is not understood: use seconds (60), units (30s, 1m, 1h, 1d) or"
-        " ISO 8601 (PT1M, PT1H, P1D)"
+        f"interval {str(text)[:_MAX_INTERVAL_TEXT]!r} is not understood: use seconds (60),"
+        " units (30s, 1m, 1h, 1d) or ISO 8601 (PT1M, PT1H, P1D)"
     )
 
 
@@ -100,14 +113,17 @@ class CandleQuery:
             raise InvalidParameters("interval must be a whole number of seconds")
         if self.start.tzinfo is None or self.end.tzinfo is None or self.origin.tzinfo is None:
             raise InvalidParameters("start, end and origin need a time zone offset")
+        for name in ("start", "end", "origin"):
+            utc_moment(getattr(self, name), name)
         if self.end <= self.start:
             raise InvalidParameters("end must be after start")
         if (self.end - self.start) / self.interval > 100_000:
             raise InvalidParameters("at most 100,000 buckets per request; widen the interval")
         try:
+            # OSError: a name longer than a file name may be (ZoneInfo reads a file by it).
             ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise InvalidParameters(f"unknown time zone {self.timezone!r}") from None
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise InvalidParameters(f"unknown time zone {self.timezone[:64]!r}") from None
         if self.source not in {"auto", "rollup", "raw"}:
             raise InvalidParameters("source must be auto, rollup or raw")
         if self.source == "rollup" and not _rollup_aligned(self):

@@ -14,6 +14,7 @@ from database_service.api.grpc.calls import Caller, rpc, tolerant
 from database_service.api.grpc.encoding import result_message
 from database_service.app import Application
 from database_service.errors import FailedPrecondition
+from database_service.moments import timestamp_field
 from database_service.observability.notices import Notices
 from database_service_client._proto import analytics_pb2 as apb
 from database_service_client._proto import database_service_pb2 as pb
@@ -26,9 +27,7 @@ SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AnalyticsReports"].full_name
 
 
 def _time(message: Any, field: str) -> dt.datetime | None:
-    if not message.HasField(field):
-        return None
-    return getattr(message, field).ToDatetime(tzinfo=dt.UTC)  # type: ignore[no-any-return]
+    return timestamp_field(message, field)
 
 
 class AnalyticsReportsService(AnalyticsReportsServicer):
