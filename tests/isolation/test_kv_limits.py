@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import grpc
 import httpx
 import pytest
@@ -33,6 +34,7 @@ from database_service.cache import (
     RedisKeyValueStore,
 )
 from database_service.errors import ResourceExhausted, ResultTooLarge
+from database_service.tenancy import quote_ident
 from database_service_client._proto import database_service_pb2 as pb
 from database_service_client._proto.database_service_pb2_grpc import DatabaseServiceStub
 from tests.isolation.fix_attack import Tenants
@@ -341,3 +343,23 @@ async def test_the_quota_refusal_is_resource_exhausted_on_every_front_end(
     finally:
         store.tenant_max_bytes = configured
         await core.key_values.purge(a)
+
+
+async def test_a_tenants_own_login_cannot_touch_the_quota_books(
+    core: Application, tenants: Tenants, attacker_conn: asyncpg.Connection
+) -> None:
+    """The books live in the control schema, where tenants' roles have USAGE (for the outbox's
+    recording function): neither the usage table nor the function the triggers call is theirs
+    to use, so A can neither push B over its quota nor give itself room."""
+    control = quote_ident(core.settings.control_schema)
+    b = tenants.b.tenant_id
+    attempts = [
+        (f"SELECT {control}.kv_account_apply(ARRAY[$1::text], ARRAY[1000000000]::bigint[])", b),
+        (f"SELECT {control}.kv_account_apply(ARRAY[$1::text], ARRAY[-1000000000]::bigint[])",
+         tenants.a.tenant_id),
+        (f"UPDATE {control}.kv_usage SET bytes = 0 WHERE tenant_id = $1", tenants.a.tenant_id),
+        (f"SELECT bytes FROM {control}.kv_usage WHERE tenant_id = $1", b),
+    ]  # fmt: skip
+    for sql, arg in attempts:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await attacker_conn.execute(sql, arg)

@@ -25,33 +25,25 @@ INSERT INTO {{control}}.kv_usage (tenant_id, bytes)
 SELECT tenant_id, sum(octet_length(key) + octet_length(value) + 64)
 FROM {{control}}.kv GROUP BY tenant_id;
 
-CREATE FUNCTION {{control}}.kv_account_statement() RETURNS trigger
+-- Applies each tenant's change of one statement, in tenant order (one lock order for every
+-- statement). Not executable by tenants (their group has USAGE on this schema): it is called
+-- only by the triggers below, which run as the writer of kv.
+CREATE FUNCTION {{control}}.kv_account_apply(p_tenants text[], p_bytes bigint[]) RETURNS void
     LANGUAGE plpgsql SET search_path = pg_catalog
 AS $$
 DECLARE
-    change record;
-    total  bigint;
-    cap    bigint := nullif(current_setting('dbsvc.kv_tenant_max_bytes', true), '')::bigint;
+    total bigint;
+    cap   bigint := nullif(current_setting('dbsvc.kv_tenant_max_bytes', true), '')::bigint;
 BEGIN
-    FOR change IN
-        WITH delta AS (
-            SELECT tenant_id, octet_length(key) + octet_length(value) + 64 AS bytes
-            FROM added
-            UNION ALL
-            SELECT tenant_id, -(octet_length(key) + octet_length(value) + 64)
-            FROM removed
-        )
-        SELECT tenant_id, sum(bytes)::bigint AS bytes FROM delta GROUP BY tenant_id
-        HAVING sum(bytes) <> 0 ORDER BY tenant_id  -- one lock order for every statement
-    LOOP
-        IF change.bytes < 0 THEN
+    FOR i IN 1 .. coalesce(array_length(p_tenants, 1), 0) LOOP
+        IF p_bytes[i] < 0 THEN
             -- Never inserts: a tenant being deleted (kv rows go by cascade) gets no new row.
-            UPDATE {{control}}.kv_usage SET bytes = bytes + change.bytes
-            WHERE tenant_id = change.tenant_id;
+            UPDATE {{control}}.kv_usage SET bytes = bytes + p_bytes[i]
+            WHERE tenant_id = p_tenants[i];
             CONTINUE;
         END IF;
         INSERT INTO {{control}}.kv_usage AS u (tenant_id, bytes)
-        VALUES (change.tenant_id, change.bytes)
+        VALUES (p_tenants[i], p_bytes[i])
         ON CONFLICT (tenant_id) DO UPDATE SET bytes = u.bytes + EXCLUDED.bytes
         RETURNING u.bytes INTO total;
         IF cap IS NOT NULL AND total > cap THEN
@@ -59,33 +51,37 @@ BEGIN
                 USING ERRCODE = '53400', DETAIL = format('%s of %s bytes', total, cap);
         END IF;
     END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION {{control}}.kv_account_apply(text[], bigint[]) FROM PUBLIC;
+
+-- A trigger with transition tables takes one event, and its function may name only the
+-- tables that event has: one function per event, each summing its rows per tenant.
+CREATE FUNCTION {{control}}.kv_account_insert() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog
+AS $$
+BEGIN
+    PERFORM {{control}}.kv_account_apply(
+        array_agg(tenant_id ORDER BY tenant_id), array_agg(bytes ORDER BY tenant_id))
+    FROM (SELECT tenant_id, sum(octet_length(key) + octet_length(value) + 64)::bigint AS bytes
+          FROM added GROUP BY tenant_id) AS change;
     RETURN NULL;
 END
 $$;
 
--- A trigger with transition tables takes one event: the same function reads "added" and
--- "removed", with an empty stand-in for the side an event does not have.
-CREATE FUNCTION {{control}}.kv_account_insert() RETURNS trigger
+CREATE FUNCTION {{control}}.kv_account_update() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog
 AS $$
-DECLARE
-    change record;
-    total  bigint;
-    cap    bigint := nullif(current_setting('dbsvc.kv_tenant_max_bytes', true), '')::bigint;
 BEGIN
-    FOR change IN
-        SELECT tenant_id, sum(octet_length(key) + octet_length(value) + 64)::bigint AS bytes
-        FROM added GROUP BY tenant_id ORDER BY tenant_id
-    LOOP
-        INSERT INTO {{control}}.kv_usage AS u (tenant_id, bytes)
-        VALUES (change.tenant_id, change.bytes)
-        ON CONFLICT (tenant_id) DO UPDATE SET bytes = u.bytes + EXCLUDED.bytes
-        RETURNING u.bytes INTO total;
-        IF cap IS NOT NULL AND total > cap THEN
-            RAISE EXCEPTION 'key-value quota exceeded'
-                USING ERRCODE = '53400', DETAIL = format('%s of %s bytes', total, cap);
-        END IF;
-    END LOOP;
+    PERFORM {{control}}.kv_account_apply(
+        array_agg(tenant_id ORDER BY tenant_id), array_agg(bytes ORDER BY tenant_id))
+    FROM (SELECT tenant_id, sum(bytes)::bigint AS bytes
+          FROM (SELECT tenant_id, octet_length(key) + octet_length(value) + 64 AS bytes
+                FROM added
+                UNION ALL
+                SELECT tenant_id, -(octet_length(key) + octet_length(value) + 64)
+                FROM removed) AS delta
+          GROUP BY tenant_id HAVING sum(bytes) <> 0) AS change;
     RETURN NULL;
 END
 $$;
@@ -93,17 +89,11 @@ $$;
 CREATE FUNCTION {{control}}.kv_account_delete() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog
 AS $$
-DECLARE
-    change record;
 BEGIN
-    FOR change IN
-        SELECT tenant_id, sum(octet_length(key) + octet_length(value) + 64)::bigint AS bytes
-        FROM removed GROUP BY tenant_id ORDER BY tenant_id
-    LOOP
-        -- Never inserts: a tenant being deleted (kv rows go by cascade) gets no new row.
-        UPDATE {{control}}.kv_usage SET bytes = bytes - change.bytes
-        WHERE tenant_id = change.tenant_id;
-    END LOOP;
+    PERFORM {{control}}.kv_account_apply(
+        array_agg(tenant_id ORDER BY tenant_id), array_agg(-bytes ORDER BY tenant_id))
+    FROM (SELECT tenant_id, sum(octet_length(key) + octet_length(value) + 64)::bigint AS bytes
+          FROM removed GROUP BY tenant_id) AS change;
     RETURN NULL;
 END
 $$;
@@ -113,7 +103,7 @@ CREATE TRIGGER kv_account_insert AFTER INSERT ON {{control}}.kv
     FOR EACH STATEMENT EXECUTE FUNCTION {{control}}.kv_account_insert();
 CREATE TRIGGER kv_account_update AFTER UPDATE ON {{control}}.kv
     REFERENCING OLD TABLE AS removed NEW TABLE AS added
-    FOR EACH STATEMENT EXECUTE FUNCTION {{control}}.kv_account_statement();
+    FOR EACH STATEMENT EXECUTE FUNCTION {{control}}.kv_account_update();
 CREATE TRIGGER kv_account_delete AFTER DELETE ON {{control}}.kv
     REFERENCING OLD TABLE AS removed
     FOR EACH STATEMENT EXECUTE FUNCTION {{control}}.kv_account_delete();
