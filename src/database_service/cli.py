@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import getpass
 import json
 import logging
@@ -497,9 +498,20 @@ async def _serve_http(
         )
         return 1
     signals.on_signal(lambda: setattr(server, "should_exit", True))
+    _settle_heap()
     started(server.servers[0].sockets[0].getsockname()[1])
     await serve_task
     return 0
+
+
+def _settle_heap() -> None:
+    """Every front end is up: what start-up made (modules, the guard's catalogs, pools, the
+    app) lives as long as the process. Moved out of the collector's reach (``gc.freeze``), so
+    a full collection walks only what serving made since. Measured with ``bench/pgwire.py``
+    before this: full collections of 30-144 ms in the serving process, each a stall of every
+    call in flight (the wire port's p99 at 32 clients went from ~13 to 60-100 ms)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _banner(
