@@ -45,7 +45,7 @@ def live() -> Iterator[Served]:
     with tempfile.TemporaryDirectory(prefix="dbsvc-examples-") as tmp:
         served = Served(Path(tmp) / "data")
         try:
-            served.wait_healthy(timeout=60)
+            served.wait_healthy(timeout=180)  # two workers starting beside another suite
             yield served
             code, output = served.stop()
             assert code == 0, output
