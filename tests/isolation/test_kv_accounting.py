@@ -13,20 +13,18 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
 from database_service.app import Application
 from database_service.cache import (
     KEY_OVERHEAD_BYTES,
-    InMemoryKeyValueStore,
     KeyValueStore,
     PostgresKeyValueStore,
-    RedisKeyValueStore,
 )
 from database_service.errors import FailedPrecondition, ResourceExhausted
 from tests.isolation.fix_attack import Tenants
+from tests.isolation.test_kv_limits import store_with_quota
 
 pytestmark = pytest.mark.usefixtures("unchanged_victim")
 
@@ -40,15 +38,7 @@ _LONG_TTL_MS = 600_000
 async def store(
     request: pytest.FixtureRequest, core: Application, tenants: Tenants, redis_db_url: str
 ) -> AsyncIterator[KeyValueStore]:
-    kv: Any
-    if request.param == "postgres":
-        kv = PostgresKeyValueStore(
-            core.owner_pool, control_schema=core.settings.control_schema, tenant_max_bytes=_QUOTA
-        )
-    elif request.param == "memory":
-        kv = InMemoryKeyValueStore(tenant_max_bytes=_QUOTA)
-    else:
-        kv = RedisKeyValueStore(redis_db_url, timeout_s=10, tenant_max_bytes=_QUOTA)
+    kv = store_with_quota(request.param, core, redis_db_url, _QUOTA)
     for tenant in (tenants.a.tenant_id, tenants.b.tenant_id):
         await kv.purge(tenant)
     try:

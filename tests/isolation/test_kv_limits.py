@@ -226,19 +226,22 @@ async def test_a_flood_of_large_writes_does_not_stall_another_tenants_calls(
 _QUOTA = 40_000  # bytes: about 36 keys of 1,000-byte values
 
 
+def store_with_quota(kind: str, core: Application, redis_url: str, quota: int) -> Any:
+    """A key-value store of ``kind`` (postgres, memory, redis) whose tenants get ``quota``."""
+    if kind == "postgres":
+        return PostgresKeyValueStore(
+            core.owner_pool, control_schema=core.settings.control_schema, tenant_max_bytes=quota
+        )
+    if kind == "memory":
+        return InMemoryKeyValueStore(tenant_max_bytes=quota)
+    return RedisKeyValueStore(redis_url, timeout_s=10, tenant_max_bytes=quota)
+
+
 @pytest.fixture(params=["postgres", "memory", "redis"])
 async def quota_store(
     request: pytest.FixtureRequest, core: Application, tenants: Tenants, redis_db_url: str
 ) -> AsyncIterator[KeyValueStore]:
-    store: Any
-    if request.param == "postgres":
-        store = PostgresKeyValueStore(
-            core.owner_pool, control_schema=core.settings.control_schema, tenant_max_bytes=_QUOTA
-        )
-    elif request.param == "memory":
-        store = InMemoryKeyValueStore(tenant_max_bytes=_QUOTA)
-    else:
-        store = RedisKeyValueStore(redis_db_url, timeout_s=10, tenant_max_bytes=_QUOTA)
+    store = store_with_quota(request.param, core, redis_db_url, _QUOTA)
     try:
         yield store
     finally:

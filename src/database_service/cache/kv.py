@@ -476,6 +476,14 @@ class InMemoryKeyValueStore:
             self._usage[tenant] -= self._size(name, value, tenant)
         return True
 
+    def _over(self, name: bytes, value: bytes, tenant: str) -> bool:
+        """Whether storing ``value`` under ``name`` grows the tenant past its quota."""
+        old = self._data.get(name)
+        grows = self._size(name, value, tenant) - (
+            self._size(name, old[0], tenant) if old is not None else 0
+        )
+        return grows > 0 and self._usage.get(tenant, 0) + grows > self.tenant_max_bytes
+
     def _reclaim(self, tenant: str) -> None:
         now = self._clock()
         for name, (_, expires, owner) in list(self._data.items()):
@@ -483,20 +491,10 @@ class InMemoryKeyValueStore:
                 self._drop(name)
 
     def _store(self, name: bytes, value: bytes, expires: float | None, tenant: str = "") -> None:
-        if tenant:
-            old = self._data.get(name)
-            grows = self._size(name, value, tenant) - (
-                self._size(name, old[0], tenant) if old is not None else 0
-            )
-            used = self._usage.get(tenant, 0)
-            if grows > 0 and used + grows > self.tenant_max_bytes:
-                self._reclaim(tenant)
-                old = self._data.get(name)
-                grows = self._size(name, value, tenant) - (
-                    self._size(name, old[0], tenant) if old is not None else 0
-                )
-                if self._usage.get(tenant, 0) + grows > self.tenant_max_bytes:
-                    raise _over_quota(self.tenant_max_bytes)
+        if tenant and self._over(name, value, tenant):
+            self._reclaim(tenant)  # expired keys count until now: forgotten, then checked again
+            if self._over(name, value, tenant):
+                raise _over_quota(self.tenant_max_bytes)
         self._drop(name)
         self._data[name] = (value, expires, tenant)
         self._bytes += len(name) + len(value)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from database_service.errors import InvalidParameters
+from database_service.moments import in_utc
 from database_service.results import Column, ValueKind
 
 __all__ = ["PgType", "coerce_params", "coerce_row", "coerce_rows", "encode_value"]
@@ -81,23 +82,14 @@ def _datetime(value: Any) -> dt.datetime:
     return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(_text(value))
 
 
-def _in_utc(parsed: dt.datetime) -> dt.datetime:
-    """asyncpg sends every aware time in UTC: year 1 at +05:00 (year 0) or 9999-12-31 at -05:00
-    (year 10000) cannot be, and its OverflowError was a 500 from inside the driver."""
-    try:
-        return parsed.astimezone(dt.UTC)
-    except OverflowError:
-        raise ValueError("out of range in UTC (years 1 to 9999)") from None
-
-
 def _timestamptz(value: Any) -> dt.datetime:
     parsed = _datetime(value)
-    return _in_utc(parsed) if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    return in_utc(parsed) if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def _timestamp(value: Any) -> dt.datetime:
     parsed = _datetime(value)
-    return _in_utc(parsed).replace(tzinfo=None) if parsed.tzinfo else parsed
+    return in_utc(parsed).replace(tzinfo=None) if parsed.tzinfo else parsed
 
 
 def _interval(value: Any) -> dt.timedelta:

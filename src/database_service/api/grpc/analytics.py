@@ -3,9 +3,7 @@ registered beside ``DatabaseService`` on the same server."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-from typing import Any
 
 import grpc
 
@@ -14,7 +12,7 @@ from database_service.api.grpc.calls import Caller, rpc, tolerant
 from database_service.api.grpc.encoding import result_message
 from database_service.app import Application
 from database_service.errors import FailedPrecondition
-from database_service.moments import timestamp_field
+from database_service.moments import timestamp_field as _time
 from database_service.observability.notices import Notices
 from database_service_client._proto import analytics_pb2 as apb
 from database_service_client._proto import database_service_pb2 as pb
@@ -24,10 +22,6 @@ __all__ = ["SERVICE_NAME", "AnalyticsReportsService", "add_analytics_servicer"]
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AnalyticsReports"].full_name
-
-
-def _time(message: Any, field: str) -> dt.datetime | None:
-    return timestamp_field(message, field)
 
 
 class AnalyticsReportsService(AnalyticsReportsServicer):

@@ -33,7 +33,7 @@ from database_service.api.grpc.encoding import (
 from database_service.app import Application
 from database_service.application.keyvalue import KeyValueCommand, Operation
 from database_service.errors import InvalidParameters
-from database_service.moments import timestamp_field
+from database_service.moments import timestamp_field as _time
 from database_service.observability.notices import Notices
 from database_service.query.caching import CacheOptions
 from database_service.query.executor import Isolation
@@ -78,10 +78,6 @@ def _timestamp(value: dt.datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(value)
     return stamp
-
-
-def _time(request: Any, field: str) -> dt.datetime | None:
-    return timestamp_field(request, field)
 
 
 class _Flow:
