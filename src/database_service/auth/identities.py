@@ -310,6 +310,12 @@ class ServiceDirectory:
         return str(value)
 
 
+# (principal, the directory entry it was checked against, the revocation list, reusable until
+# (monotonic), the token's expiry (epoch seconds)).
+_Entry = tuple[float, "ServiceIdentity | None", float]
+_Resolved = tuple[Principal, _Entry, frozenset[tuple[str, str]], float, float]
+
+
 class Authenticator:
     """Turns a bearer token into a Principal, or raises Unauthenticated."""
 
@@ -332,6 +338,13 @@ class Authenticator:
         self._cache: dict[str, tuple[float, ServiceIdentity | None, float]] = {}
         self._verified_tokens: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
         self._verified_max = verified_tokens
+        # The Principal each recent Authorization value resolved to, with what it was derived
+        # from: the service's directory entry and the revocation list (the very objects) and
+        # when either is due to be read again. Reused only while all of them still stand, so it
+        # answers exactly what the checks below would (a change replaces those objects), without
+        # hashing the token and building a Principal on every call. Bounded like the verified
+        # tokens; never holds the bootstrap administrator (compared first, in constant time).
+        self._principals: dict[str, _Resolved] = {}
         self._revoked: frozenset[tuple[str, str]] = frozenset()
         self._revoked_until = 0.0
         self._revoked_read_at: float | None = None
@@ -406,6 +419,18 @@ class Authenticator:
         token = _bearer(authorization)
         if hmac.compare_digest(token.encode(), self._admin_token):
             return bootstrap_admin()
+        assert authorization is not None  # _bearer refused None
+        resolved = self._principals.get(authorization)
+        if resolved is not None:
+            known, checked_entry, checked_list, until, expires = resolved
+            if (
+                time.monotonic() < until
+                and self._revoked is checked_list
+                and self._cache.get(known.service) is checked_entry
+                and expires > time.time()
+            ):
+                return known
+            del self._principals[authorization]
         claimed = self._verified(token)
         if claimed.token_id is None:
             raise Unauthenticated("token has been revoked")
@@ -418,6 +443,7 @@ class Authenticator:
             revoked = await self.is_revoked(claimed.service, claimed.token_id)
         if revoked:
             raise Unauthenticated("token has been revoked")
+        revocations = self._revoked  # the list just checked (nothing awaited since)
         cached = self._cache.get(claimed.service)
         if cached is not None and cached[0] > now:
             identity: ServiceIdentity | None = cached[1]
@@ -431,13 +457,25 @@ class Authenticator:
             tenants = identity.tenants
         else:
             tenants = claimed.tenants & identity.tenants
-        return Principal(
+        principal = Principal(
             service=claimed.service,
             tenants=tenants,
             scopes=claimed.scopes & identity.scopes,
             token_id=claimed.token_id,
             expires_at=claimed.expires_at,
         )
+        entry = self._cache.get(claimed.service)  # the entry just checked
+        if entry is not None and claimed.expires_at is not None:
+            if len(self._principals) >= self._verified_max:
+                del self._principals[next(iter(self._principals))]  # the oldest
+            self._principals[authorization] = (
+                principal,
+                entry,
+                revocations,
+                min(entry[0], self._revoked_until),
+                claimed.expires_at.timestamp(),
+            )
+        return principal
 
     def _verified(self, token: str) -> Principal:
         """The token's claims, its signature checked once: kept by the token's digest until

@@ -165,6 +165,10 @@ class ResultCache:
         the numbers cannot be trusted now, run uncached."""
         return await self.generations.snapshot(tenant, relations)
 
+    async def snapshot_of(self, tenant: str, names: tuple[tuple[str, str], ...]) -> Snapshot | None:
+        """``snapshot`` of what ``Generations.names`` made (kept by a reader that repeats)."""
+        return await self.generations.snapshot_of(tenant, names)
+
     async def lookup(
         self,
         tenant: str,

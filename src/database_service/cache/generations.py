@@ -262,27 +262,39 @@ class Generations:
 
     # -- reading ---------------------------------------------------------------------------
 
+    @staticmethod
+    def names(tenant: str, relations: Iterable[str]) -> tuple[tuple[str, str], ...]:
+        """What ``snapshot_of`` reads for ``relations``: ``#epoch`` first, then the tenant's
+        names sorted (a reader that asks again and again keeps it)."""
+        return ((_GLOBAL, EPOCH), *((tenant, r) for r in sorted(set(relations))))
+
     async def snapshot(self, tenant: str, relations: Iterable[str]) -> Snapshot | None:
         """The current generations of ``relations`` (sorted, ``#epoch`` first), or None when
         they cannot be trusted now (cluster mode, not subscribed): run uncached."""
-        wanted = sorted(set(relations))
-        keys = [(_GLOBAL, EPOCH)] + [(tenant, r) for r in wanted]
+        return await self.snapshot_of(tenant, self.names(tenant, relations))
+
+    async def snapshot_of(self, tenant: str, keys: tuple[tuple[str, str], ...]) -> Snapshot | None:
+        """``snapshot`` of the names ``names(tenant, relations)`` made."""
         if self.mode == "local" or (not self._attached and self.serve_when_detached):
             return tuple((r, self._local(t, r)) for t, r in keys)
         if not self._attached:
             return None
         mirror = self._mirror
-        missing = [k for k in keys if k not in mirror]
-        if missing and not await self._fetch(tenant, missing):
-            return None
-        try:
-            numbers = tuple((r, mirror[(t, r)]) for t, r in keys)
-        except KeyError:  # reset while fetching
-            return None
+        try:  # the usual case: every number is here
+            numbers = tuple([(key[1], mirror[key]) for key in keys])
+        except KeyError:
+            missing = [k for k in keys if k not in mirror]
+            if not await self._fetch(tenant, missing):
+                return None
+            try:
+                numbers = tuple([(key[1], mirror[key]) for key in keys])
+            except KeyError:  # reset while fetching
+                return None
         # Read names move to the back: the mirror drops its least recently *used* names, so a
         # hot row's number stays instead of being read from Redis again every 50,000 names.
+        used = mirror.move_to_end
         for key in keys:
-            mirror.move_to_end(key)
+            used(key)
         return numbers
 
     async def _fetch(self, tenant: str, missing: list[tuple[str, str]]) -> bool:

@@ -156,6 +156,7 @@ class AuditLog:
         self._failing_since: float | None = None
         self._retry_at = 0.0
         self._dropped = 0
+        self._waiting: set[asyncio.Task[None]] = set()  # record_nowait's, while the queue is full
 
     async def __aenter__(self) -> AuditLog:
         self._task = self._start_loop("audit-writer", self._run)
@@ -192,6 +193,22 @@ class AuditLog:
             )
         )
 
+    @property
+    def backlogged(self) -> bool:
+        """The queue is full: ``record`` would wait (callers that record after answering
+        await it instead, so back-pressure still reaches the request)."""
+        return self._queue.full()
+
+    def record_nowait(self, event: AuditEvent) -> None:
+        """Queue ``event`` without waiting (for callers that checked ``backlogged``): if the
+        queue filled up meanwhile, a task waits for room, so nothing is dropped."""
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            task = asyncio.get_running_loop().create_task(self._queue.put(event))
+            self._waiting.add(task)
+            task.add_done_callback(self._waiting.discard)
+
     async def record(self, event: AuditEvent) -> None:
         """Queue ``event`` for the batched writer; wait only while the queue is full (the
         writer behind: back-pressure, nothing dropped)."""
@@ -203,6 +220,7 @@ class AuditLog:
 
     async def flush(self) -> None:
         """Write everything recorded so far, including a batch the writer is holding."""
+        await asyncio.sleep(0)  # events of operations just answered are queued a turn later
         await self._flush_all()
         await self._queue.join()
 
@@ -222,8 +240,13 @@ class AuditLog:
         return batch
 
     async def _flush_all(self) -> None:
-        while not self._queue.empty():
-            await self._write(self._drain())
+        while True:
+            if not self._queue.empty():
+                await self._write(self._drain())
+            elif self._waiting:  # record_nowait's events, waiting for the room just made
+                await asyncio.wait(set(self._waiting))
+            else:
+                return
 
     async def _write(self, batch: list[AuditEvent]) -> None:
         if not batch:

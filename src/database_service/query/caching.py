@@ -40,6 +40,7 @@ from pglast.visitors import Visitor
 
 from database_service.cache import (
     CachePolicy,
+    Generations,
     ResultCache,
     UncacheableParameter,
     parameters_cacheable,
@@ -66,6 +67,13 @@ _DDL = frozenset({"#ddl"})  # the tenant's DDL through the service: every entry 
 _Key = tuple[tuple[str, str], ...]  # a primary key's (column, format_type) in order
 _KEYS_TTL_S = 30.0
 _KEYS_MAX = 4096
+# Read plans (``_ReadPlan``): how many, for how long, for statements up to what length, and
+# for parameters of which exact types (values of other types can be equal across types —
+# 1 == 1.0 == True — and must never share a plan: each has a key of its own).
+_PLANS_MAX = 4096
+_PLAN_TTL_S = 5.0
+_PLAN_MAX_SQL = 2048
+_PLAN_TYPES = frozenset({str, int, type(None)})
 # A table's primary key columns and types, and whether rows of other tables are read with it
 # (an inheritance parent: a point read of it is not one table's key). Empty: no such table, a
 # view, or no primary key.
@@ -79,6 +87,21 @@ JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
 WHERE c.oid = to_regclass($1)
 ORDER BY k.ord
 """
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadPlan:
+    """What ``ResultCaching.read`` derives from a request before it looks in the cache: its
+    key, the generation names it depends on and its TTL. The same request (tenant, schema,
+    user, statement, form, TTL, schema generation and parameters, typed) derives the same again
+    until the inputs it read from outside the request may have changed (the table's primary
+    key, ``_KEYS_TTL_S``; the policy's catalogue), so it is kept for ``_PLAN_TTL_S``."""
+
+    key: str
+    relations: frozenset[str]
+    names: tuple[tuple[str, str], ...]  # Generations.names of the relations
+    ttl_ms: int
+    until: float  # time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +241,15 @@ class ResultCaching:
         self._shared = shared_schema
         self._max_ttl_ms = max_ttl_ms
         self._stale_max_age_s = stale_max_age_s
+        self._request_counters: dict[str, Any] = {}
+        self._plans: OrderedDict[tuple[Any, ...], _ReadPlan] = OrderedDict()
+
+    def _counted(self, status: str) -> None:
+        """One cache request of ``status`` (the labelled child kept: ``labels()`` locks)."""
+        counter = self._request_counters.get(status)
+        if counter is None:
+            counter = self._request_counters[status] = self._metrics.cache_requests.labels(status)
+        counter.inc()
 
     async def read(
         self,
@@ -230,6 +262,23 @@ class ResultCaching:
         load: Callable[[], Awaitable[QueryResult]],
     ) -> QueryResult:
         """The answer from the cache, or ``load``'s (stored when it may be)."""
+        plan_key = None
+        if (
+            options.ttl_ms > 0
+            and options.encode is not None
+            and len(sql) <= _PLAN_MAX_SQL
+            and all(type(p) in _PLAN_TYPES for p in params)
+        ):
+            plan_key = (
+                tenant.tenant_id, tenant.schema_name, user_id, sql, options.form, options.ttl_ms,
+                schema_generation, tuple(params),
+            )  # fmt: skip
+            plan = self._plans.get(plan_key)
+            if plan is not None:
+                if plan.until > time.monotonic():
+                    self._plans.move_to_end(plan_key)
+                    return await self._cached(tenant, plan, options, load)
+                del self._plans[plan_key]
         key = self._key(tenant, user_id, sql, params, options, schema_generation)
         verdict = self.policy.analyse(sql, tenant.schema_name)
         ttl_ms = options.ttl_ms
@@ -247,13 +296,29 @@ class ResultCaching:
             return await self._loaded(
                 tenant, key, options, load, CacheInfo("bypass", "parameters", reason)
             )
-        tenant_id = tenant.tenant_id
         relations = verdict.relations
         point = await self._point_names(tenant, sql, params, schema_generation)
         if point is not None:
             relations = point  # this key's rows: other rows' writes leave it alone
         relations = relations | _DDL
-        snapshot = await self.cache.snapshot(tenant_id, relations)
+        names = Generations.names(tenant.tenant_id, relations)
+        plan = _ReadPlan(key, relations, names, ttl_ms, time.monotonic() + _PLAN_TTL_S)
+        if plan_key is not None:
+            self._plans[plan_key] = plan
+            if len(self._plans) > _PLANS_MAX:
+                self._plans.popitem(last=False)
+        return await self._cached(tenant, plan, options, load)
+
+    async def _cached(
+        self,
+        tenant: TenantRecord,
+        plan: _ReadPlan,
+        options: CacheOptions,
+        load: Callable[[], Awaitable[QueryResult]],
+    ) -> QueryResult:
+        """A cacheable read, planned: from the cache, else loaded and stored."""
+        tenant_id, key, relations, ttl_ms = tenant.tenant_id, plan.key, plan.relations, plan.ttl_ms
+        snapshot = await self.cache.snapshot_of(tenant_id, plan.names)
         if snapshot is None:
             reason = (
                 "the relations' generation numbers cannot be trusted now (Redis slow, down or"
@@ -264,7 +329,7 @@ class ResultCaching:
             )
         hit = await self.cache.lookup(tenant_id, key, relations, snapshot=snapshot)
         if hit is not None:
-            self._metrics.cache_requests.labels("hit").inc()
+            self._counted("hit")
             return _answer(hit.payload, CacheInfo("hit", age_ms=hit.age_s() * 1000))
 
         async def fill() -> bytes:
@@ -282,7 +347,7 @@ class ResultCaching:
             if stale is None:
                 raise
             return stale
-        self._metrics.cache_requests.labels("miss").inc()
+        self._counted("miss")
         return _answer(payload, CacheInfo("miss"))
 
     async def written(
@@ -416,7 +481,7 @@ class ResultCaching:
         info: CacheInfo,
     ) -> QueryResult:
         """Uncached; the stale fallback still answers when PostgreSQL is unreachable."""
-        self._metrics.cache_requests.labels(info.status).inc()
+        self._counted(info.status)
         try:
             result = await load()
         except Unavailable:
@@ -435,7 +500,7 @@ class ResultCaching:
         kept = await self.cache.stale(tenant.tenant_id, key, max_age_s=self._stale_max_age_s)
         if kept is None:
             return None
-        self._metrics.cache_requests.labels("stale").inc()
+        self._counted("stale")
         log.info("tenant %s: PostgreSQL unreachable, a stale answer served", tenant.tenant_id)
         return _answer(kept.payload, CacheInfo("stale", age_ms=kept.age_s() * 1000, stale=True))
 

@@ -303,13 +303,17 @@ class _Audited:
         outcome = self._outcome
         metrics, statements = executor._metrics, executor._statements
         if exc is None:
-            if outcome.kind is not None:
-                counter = executor._statement_counters.get(outcome.kind)
-                if counter is None:  # labels() locks and builds a key: its child is kept
-                    counter = metrics.statements.labels(STORE, outcome.kind.value)
-                    executor._statement_counters[outcome.kind] = counter
-                counter.inc()
-            await executor._record(principal, ctx, action, outcome, "ok", outcome.command, "")
+            if executor._audit.backlogged:  # the writer is behind: wait here (back-pressure)
+                executor._succeeded(principal, ctx, action, outcome)
+                event = executor._event(principal, ctx, action, outcome, code=outcome.command)
+                await executor._audit.record(event)
+                return
+            # The usual case: counted and audited once the answer is on its way (the next turn
+            # of the loop), not before it. Nothing is lost: the callback runs before the loop
+            # takes any other request, and before shutdown.
+            asyncio.get_running_loop().call_soon(
+                executor._succeeded, principal, ctx, action, outcome, True
+            )
         elif isinstance(exc, DatabaseServiceError):
             state = "error" if outcome.kind is not None else "denied"
             if state == "denied":
@@ -451,6 +455,46 @@ class QueryExecutor:
             raise SqlRejected("DDL runs without a user id: send it without one", sqlstate="42501")
         return tenant, verdict
 
+    def _succeeded(
+        self,
+        principal: Principal,
+        ctx: TenantContext,
+        action: str,
+        outcome: _Outcome,
+        audit: bool = False,
+    ) -> None:
+        """Count an operation that succeeded (``audit``: and queue its audit event)."""
+        if outcome.kind is not None:
+            counter = self._statement_counters.get(outcome.kind)
+            if counter is None:  # labels() locks and builds a key: its child is kept
+                counter = self._metrics.statements.labels(STORE, outcome.kind.value)
+                self._statement_counters[outcome.kind] = counter
+            counter.inc()
+        if audit:
+            self._audit.record_nowait(
+                self._event(principal, ctx, action, outcome, code=outcome.command)
+            )
+
+    @staticmethod
+    def _event(
+        principal: Principal,
+        ctx: TenantContext,
+        action: str,
+        outcome: _Outcome,
+        state: str = "ok",
+        code: str | None = None,
+        detail: str = "",
+    ) -> AuditEvent:
+        return AuditEvent(
+            service=principal.service,
+            tenant_id=ctx.tenant_id,
+            action=action,
+            statement_class=outcome.kind.value if outcome.kind else None,
+            outcome=state,
+            code=code,
+            detail=detail[:500] or None,
+        )
+
     def _audited(self, principal: Principal, ctx: TenantContext, action: str) -> _Audited:
         """Audit and count one operation, however it ends (ok, denied, error or cancelled)."""
         return _Audited(self, principal, ctx, action)
@@ -465,17 +509,7 @@ class QueryExecutor:
         code: str | None,
         detail: str,
     ) -> None:
-        await self._audit.record(
-            AuditEvent(
-                service=principal.service,
-                tenant_id=ctx.tenant_id,
-                action=action,
-                statement_class=outcome.kind.value if outcome.kind else None,
-                outcome=state,
-                code=code,
-                detail=detail[:500] or None,
-            )
-        )
+        await self._audit.record(self._event(principal, ctx, action, outcome, state, code, detail))
 
     def _check_params(self, params: Sequence[Any]) -> None:
         if len(params) > self._max_params:
@@ -662,9 +696,10 @@ class QueryExecutor:
             result.duration_ms = (time.perf_counter() - started) * 1000
             if self._statements is not None:
                 hit = result.cache is not None and result.cache.status == "hit"
-                self._statements.done(
-                    tenant, verdict, sql, params, result.duration_ms, result.row_count,
-                    cache_hit=hit,
+                # Recorded once the answer is on its way, like the audit event (_Audited).
+                asyncio.get_running_loop().call_soon(
+                    self._statements.done, tenant, verdict, sql, params, result.duration_ms,
+                    result.row_count, hit,
                 )  # fmt: skip
             outcome.command = result.command or "SELECT (from the cache)"
             return result

@@ -507,7 +507,13 @@ class SqlGuard:
         costs its sender time, never the event loop (nor the GIL) every other request needs.
         Parsing builds a Python object per node, so a thread would still hold the GIL for most
         of it (about 0.2 s for 18,000 tokens)."""
-        cached = self._cached(sql, own_schema, shared_schemas)
+        key = (sql, own_schema, tuple(shared_schemas))
+        with self._lock:  # the usual case, one lookup: a verdict kept for this text and schema
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+        if isinstance(cached, Classification):
+            return cached
         if cached is not None or len(sql) <= _INLINE_BYTES:
             return self.classify(sql, own_schema=own_schema, shared_schemas=shared_schemas)
         if len(sql) > self._max_bytes:

@@ -34,7 +34,6 @@ class StatementRecorder:
         params: Sequence[Any],
         duration_ms: float,
         rows: int,
-        *,
         cache_hit: bool = False,
     ) -> None:
         self._record(tenant.tenant_id, verdict, duration_ms, rows, cache_hit=cache_hit)

@@ -9,6 +9,7 @@ still quoted with ``quote_ident`` where it is written into a statement.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -23,13 +24,26 @@ LEGACY_SCHEMA_PREFIX = "tenant_"  # before names were opaque: tenant_<id>, <role
 USER_ROLE_SUFFIX = "_u"
 
 
+@functools.lru_cache(maxsize=4096)
+def _well_formed(tenant_id: str) -> bool:
+    # Memoised: every request checks its tenant id, some twice.
+    return _TENANT_ID.fullmatch(tenant_id) is not None
+
+
 def validate_tenant_id(tenant_id: object) -> str:
-    if not isinstance(tenant_id, str) or not _TENANT_ID.fullmatch(tenant_id):
+    if type(tenant_id) is str and len(tenant_id) <= 41:
+        # Exactly str (a subclass's __hash__/__eq__ could be anything), and no longer than an
+        # id may be: the memo holds nothing big.
+        valid = _well_formed(tenant_id)
+    else:
+        valid = isinstance(tenant_id, str) and _TENANT_ID.fullmatch(tenant_id) is not None
+    if not valid:
         shown = repr(tenant_id)[:60]
         raise InvalidTenantId(
             f"invalid tenant id {shown}: use 2-41 characters, a lower-case letter first, "
             "then lower-case letters, digits or '_'"
         )
+    assert isinstance(tenant_id, str)
     return tenant_id
 
 

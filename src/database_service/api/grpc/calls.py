@@ -19,6 +19,7 @@ Metadata: ``authorization: Bearer <token>``, ``x-tenant-id``, optional ``x-user-
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -218,8 +219,10 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     action = f"grpc.{name}"
 
     def record(servicer: _Servicer, started: float, code: str, call: _Call) -> None:
+        recorded(servicer, time.perf_counter() - started, code, call)
+
+    def recorded(servicer: _Servicer, elapsed: float, code: str, call: _Call) -> None:
         metrics = servicer.core.metrics
-        elapsed = time.perf_counter() - started
         metrics.request_done("grpc", name, code, elapsed)
         if code != "ok":
             metrics.errors.labels(code).inc()
@@ -326,7 +329,9 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as exc:
             await fail(self, context, started, call, exc)
-        record(self, started, "ok", call)
+        # Counted once the answer is on its way (the loop's next turn), not before it.
+        elapsed = time.perf_counter() - started
+        asyncio.get_running_loop().call_soon(recorded, self, elapsed, "ok", call)
         return result
 
     return unary
