@@ -59,6 +59,7 @@ from typing import Any, ClassVar
 import asyncpg
 
 __all__ = [
+    "DRIVER_ERRORS",
     "UNREACHABLE_ERRORS",
     "BackupCorrupt",
     "BackupInvalid",
@@ -290,6 +291,8 @@ UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (
     # PostgreSQL was killed and restarted); the connection is unusable, not the request wrong.
     asyncpg.exceptions._base.InternalClientError,
 )
+# A statement refused or a connection lost: what a background loop that retries shrugs off.
+DRIVER_ERRORS: tuple[type[Exception], ...] = (asyncpg.PostgresError, *UNREACHABLE_ERRORS)
 # InterfaceErrors about a value or the client's setup rather than the connection (asyncpg's
 # client-side DataError and ClientConfigurationError are also ValueErrors).
 _NOT_UNREACHABLE: tuple[type[Exception], ...] = (

@@ -1,6 +1,7 @@
 import asyncpg
 import pytest
 from asyncpg.exceptions._base import DataError as ClientDataError
+from asyncpg.exceptions._base import InternalClientError
 
 from database_service.errors import (
     InvalidParameters,
@@ -97,6 +98,8 @@ def test_service_errors_have_http_and_grpc_statuses() -> None:
         asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
         asyncpg.CannotConnectNowError("the database system is starting up"),
         asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        # A pooled connection left mid-operation when PostgreSQL went away.
+        InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
     ],
     ids=type,
 )

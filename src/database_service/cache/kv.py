@@ -31,12 +31,14 @@ import redis.asyncio as aioredis
 from database_service.cache.keys import kv_key, tenant_prefix
 from database_service.cache.remote import connect_redis
 from database_service.errors import (
+    UNREACHABLE_ERRORS,
     FailedPrecondition,
     InvalidParameters,
     PayloadTooLarge,
     ResourceExhausted,
     ResultTooLarge,
     Unavailable,
+    postgres_unreachable,
 )
 from database_service.tenancy.ids import quote_ident
 
@@ -605,7 +607,9 @@ class PostgresKeyValueStore:
     async def _call(self, operation: Callable[[], Awaitable[Any]]) -> Any:
         try:
             return await operation()
-        except (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as exc:
+        except UNREACHABLE_ERRORS as exc:
+            if not postgres_unreachable(exc):
+                raise  # a value asyncpg refused to encode: the caller's, not an outage
             raise Unavailable(f"the key-value store is unreachable: {exc}") from exc
         except asyncpg.ForeignKeyViolationError:
             raise InvalidParameters("unknown tenant") from None

@@ -47,6 +47,7 @@ from prometheus_client.registry import Collector
 
 from database_service.auth import Principal, Scope
 from database_service.errors import (
+    DRIVER_ERRORS,
     DatabaseServiceError,
     QueryError,
     Unavailable,
@@ -523,7 +524,7 @@ class Outbox:
         for entry_id in entry_ids:
             try:
                 outcomes.append(await self.apply(entry_id))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DRIVER_ERRORS as exc:
                 log.warning("outbox entry %d left for the background applier: %s", entry_id, exc)
                 outcomes.append(
                     EntryOutcome(
@@ -607,7 +608,7 @@ class Outbox:
                 if time.monotonic() - purged_at > 600:
                     await self.purge_applied(keep_applied_seconds)
                     purged_at = time.monotonic()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DRIVER_ERRORS as exc:
                 log.warning("outbox applier: PostgreSQL unreachable: %s", exc)
             await asyncio.sleep(interval_seconds)
 

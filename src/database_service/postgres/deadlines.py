@@ -32,7 +32,7 @@ from types import TracebackType
 
 import asyncpg
 
-from database_service.errors import QueryError
+from database_service.errors import QueryError, postgres_unreachable
 
 __all__ = ["Deadlines", "SessionWatch"]
 
@@ -188,7 +188,7 @@ class _StatementLimit:
             raise watch.error() from None
         if exc is None or watch.expired is None:
             return  # canceled by someone else (PostgreSQL's statement_timeout, a user)
-        if isinstance(exc, asyncpg.QueryCanceledError | asyncpg.InterfaceError | OSError):
+        if isinstance(exc, asyncpg.QueryCanceledError) or postgres_unreachable(exc):
             # Canceled, or its backend terminated, after the session's limit passed.
             raise watch.error() from exc
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import asyncpg
 
+from database_service.errors import DRIVER_ERRORS
 from database_service.postgres.deadlines import Deadlines
 from database_service.postgres.pools import TenantPools
 
@@ -132,7 +133,7 @@ class ReplicaSet:
                         await self._primary.fetchval("SELECT pg_current_wal_lsn()::text")
                     )
                     break
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                except DRIVER_ERRORS:
                     await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
             else:
                 return  # still pending: the primary answers this tenant until it is back
@@ -159,7 +160,7 @@ class ReplicaSet:
 
     async def check(self) -> None:
         now = time.monotonic()
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        with contextlib.suppress(*DRIVER_ERRORS):
             position = lsn_value(await self._primary.fetchval("SELECT pg_current_wal_lsn()::text"))
             self._history.append((now, position))
         while self._history and self._history[0][0] < now - 60 and len(self._history) > 1:
@@ -175,7 +176,7 @@ class ReplicaSet:
                 " pg_is_wal_replay_paused() AS paused",
                 timeout=max(1.0, self._interval * 4),
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DRIVER_ERRORS as exc:
             if replica.up:
                 log.warning("replica %s is down: %s", replica.name, exc)
             replica.up, replica.lag_ms = False, float("inf")

@@ -1319,8 +1319,8 @@ class QueryExecutor:
 
 
 def _dead_connection(exc: BaseException) -> bool:
-    # asyncpg raises InternalClientError when the server's FATAL arrived but its EOF not yet.
-    return postgres_unreachable(exc) or isinstance(exc, asyncpg.exceptions.InternalClientError)
+    # Includes asyncpg's InternalClientError: the server's FATAL arrived but its EOF not yet.
+    return postgres_unreachable(exc)
 
 
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
