@@ -28,6 +28,7 @@ from database_service.api.grpc.encoding import (
     encoders_for,
     result_message,
     result_messages,
+    summary_tail,
     unpack_bulk,
 )
 from database_service.app import Application
@@ -153,9 +154,11 @@ class DatabaseService(DatabaseServiceServicer):
     @rpc
     async def Query(
         self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
-    ) -> pb.QueryResult:
+    ) -> pb.QueryResult | bytes:
         """ExecuteQuery's result in one message: the fast path for small results (bounded by
-        the result limits: past them, ``result_too_large`` and nothing changed)."""
+        the result limits: past them, ``result_too_large`` and nothing changed). An answer from
+        the result cache goes as the encoded message it was stored as (``server.add_servicer``
+        sends bytes as they are)."""
         principal, ctx = await self.caller.tenant(context)
         params = [from_value(v) for v in request.params]
         packed = request.row_encoding == pb.ROW_ENCODING_PACKED
@@ -174,18 +177,19 @@ class DatabaseService(DatabaseServiceServicer):
         result = await self.core.executor.execute(
             principal, ctx, request.sql, params, cache=options
         )
-        if result.payload is None:
-            message = result_message(result, pb.QueryResult, packed=packed)
-        else:
-            message = pb.QueryResult.FromString(result.payload)
-        if result.cache is not None:
+        info = result.cache
+        if result.payload is not None:  # from the cache: its stored bytes, sent as they are
+            assert info is not None
+            return result.payload + summary_tail(
+                result.duration_ms, info.status, info.age_ms or 0.0, info.stale, info.reason or ""
+            )
+        message = result_message(result, pb.QueryResult, packed=packed)
+        if info is not None:
             summary = message.summary
-            summary.cache = result.cache.status
-            summary.stale = result.cache.stale
-            summary.cache_age_ms = result.cache.age_ms or 0.0
-            summary.cache_reason = result.cache.reason or ""
-            if result.payload is not None:
-                summary.duration_ms = result.duration_ms
+            summary.cache = info.status
+            summary.stale = info.stale
+            summary.cache_age_ms = info.age_ms or 0.0
+            summary.cache_reason = info.reason or ""
         return message
 
     @rpc

@@ -14,6 +14,7 @@ import base64
 import datetime as dt
 import json
 import math
+import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from operator import itemgetter
@@ -51,6 +52,7 @@ __all__ = [
     "packed_chunks",
     "result_message",
     "result_messages",
+    "summary_tail",
     "unpack_bulk",
 ]
 
@@ -213,6 +215,43 @@ def result_message(result: QueryResult, message: Callable[..., T], *, packed: bo
             statement_class=result.kind.value,
         ),
     )
+
+
+_DOUBLE = struct.Struct("<d")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _text(tag: bytes, text: str) -> bytes:
+    data = text.encode()
+    return tag + _varint(len(data)) + data
+
+
+def summary_tail(
+    duration_ms: float, cache: str, cache_age_ms: float, stale: bool, cache_reason: str
+) -> bytes:
+    """Bytes to append to an encoded ``QueryResult`` (a cached answer, stored as sent) that set
+    its summary's duration and cache fields: a message field that occurs twice is merged, and a
+    scalar's last occurrence wins (the protobuf encoding's rules), so the stored rows are sent
+    as they are instead of parsed and encoded again per hit. Every field is written, defaults
+    too: a default left out would not replace the stored value."""
+    summary = b"".join(
+        (
+            b"\x19" + _DOUBLE.pack(duration_ms),  # 3: duration_ms, fixed64
+            _text(b"\x2a", cache),  # 5: cache
+            b"\x31" + _DOUBLE.pack(cache_age_ms),  # 6: cache_age_ms
+            b"\x38\x01" if stale else b"\x38\x00",  # 7: stale, varint
+            _text(b"\x42", cache_reason),  # 8: cache_reason
+        )
+    )
+    return b"\x1a" + _varint(len(summary)) + summary  # QueryResult.summary = 3
 
 
 def chunk_rows(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -64,11 +65,21 @@ def add_servicer(
         handlers[method.name] = kind(
             getattr(servicer, method.name),
             request_deserializer=tolerant(request.FromString, method.input_type.full_name),
-            response_serializer=response.SerializeToString,
+            response_serializer=_encoded(response.SerializeToString),
         )
     full_name = service.full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, handlers),))
     server.add_registered_method_handlers(full_name, handlers)
+
+
+def _encoded(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A response serializer that also takes a response already encoded (``bytes``): a cached
+    answer is sent as stored rather than parsed to be serialized again."""
+
+    def encoded(response: Any) -> bytes:
+        return response if response.__class__ is bytes else serialize(response)
+
+    return encoded
 
 
 class GrpcServer:
