@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
@@ -20,8 +21,16 @@ from database_service.errors import (
     unavailable,
 )
 from database_service.postgres import Connection, TenantConnection
+from database_service.query.values import postgres_column
+from database_service.results import Column
 
-__all__ = ["cached_statement", "fetch_first", "postgres_errors", "prepare_cached"]
+__all__ = [
+    "StatementShapes",
+    "cached_statement",
+    "fetch_first",
+    "postgres_errors",
+    "prepare_cached",
+]
 
 
 @contextlib.contextmanager
@@ -86,6 +95,39 @@ async def prepare_cached(conn: Connection, sql: str, schema_generation: int) -> 
     cast(TenantConnection, conn).follow_schema(schema_generation)
     stmt: PreparedStatement = await conn._prepare(sql, use_cache=True)  # type: ignore[union-attr]
     return stmt
+
+
+_Shape = tuple[Sequence[asyncpg.types.Type], tuple[Column, ...]]  # parameter types, columns
+
+
+class StatementShapes:
+    """What a kept statement takes and returns, worked out once per statement rather than per
+    execution: asyncpg's ``get_parameters()`` and ``get_attributes()`` build new tuples from
+    the statement's descriptions on every call, and the result columns are made from them.
+
+    Keyed by the statement's state (asyncpg's private ``PreparedStatement._state``, the object
+    a connection keeps per statement text until it drops it): a statement prepared again after
+    DDL has a new state, so a new shape. Bounded (LRU); the entries hold their states, so a key
+    is never a dropped state's reused identity."""
+
+    def __init__(self, max_entries: int = 2048) -> None:
+        self._max = max_entries
+        self._shapes: OrderedDict[object, _Shape] = OrderedDict()
+
+    def of(self, stmt: PreparedStatement) -> _Shape:
+        """The statement's parameter types and its result columns."""
+        state = stmt._state  # type: ignore[attr-defined]
+        shapes = self._shapes
+        known = shapes.get(state)
+        if known is not None:
+            shapes.move_to_end(state)
+            return known
+        columns = tuple(postgres_column(a.name, a.type) for a in stmt.get_attributes())
+        known = (stmt.get_parameters(), columns)
+        shapes[state] = known
+        if len(shapes) > self._max:
+            shapes.popitem(last=False)
+        return known
 
 
 def cached_statement(

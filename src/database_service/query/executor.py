@@ -65,13 +65,14 @@ from database_service.postgres.deadlines import Deadlines, SessionWatch
 from database_service.postgres.pools import Workload
 from database_service.postgres.replicas import Replica, ReplicaSet
 from database_service.query.boundary import (
+    StatementShapes,
     cached_statement,
     fetch_first,
     postgres_errors,
     prepare_cached,
 )
 from database_service.query.caching import CacheOptions, ResultCaching
-from database_service.query.values import PgType, coerce_params, coerce_rows, postgres_column
+from database_service.query.values import PgType, coerce_params, coerce_rows
 from database_service.results import (
     Column,
     Event,
@@ -398,6 +399,7 @@ class QueryExecutor:
         # Per tenant, moved on whenever its tables may have changed shape: after DDL it ran
         # through us, or when PostgreSQL refused a kept statement (DDL elsewhere).
         self._schema_generations: dict[str, int] = {}
+        self._shapes = StatementShapes()  # kept statements' parameter types and columns
         self._statement_counters: dict[StatementKind, Any] = {}
 
     async def _prepare(self, session: _Session, sql: str) -> PreparedStatement:
@@ -609,8 +611,9 @@ class QueryExecutor:
         returning rows, and — for a repeatable read whose result is small — its rows and tag,
         in one round trip (a larger result is read again, whole, by cursor)."""
         stmt = await self._prepare(session, sql)
-        args = coerce_params(params, stmt.get_parameters())
-        columns = [postgres_column(a.name, a.type) for a in stmt.get_attributes()]
+        types, shape = self._shapes.of(stmt)
+        args = coerce_params(params, types)
+        columns = list(shape)
         reading = verdict.kind is StatementKind.READ and bool(columns)
         first = None
         if reading and verdict.repeatable:
