@@ -1,10 +1,16 @@
-"""A cached gRPC answer is sent as the bytes it was stored as, with a tail that sets the
-summary's duration and cache fields: what a client parses must be exactly the stored message
-with those fields replaced, whatever the stored summary held."""
+"""gRPC answers written as bytes rather than built as messages: what a client parses must be
+exactly the message the service would otherwise have built.
+
+A cached answer is sent as the bytes it was stored as, with a tail that sets the summary's
+duration and cache fields (whatever the stored summary held); a packed answer is written
+directly (``encoded_result``)."""
+
+from decimal import Decimal
 
 import pytest
 
-from database_service.api.grpc.encoding import summary_tail
+from database_service.api.grpc.encoding import encoded_result, result_message, summary_tail
+from database_service.results import Column, QueryResult, StatementKind, ValueKind
 from database_service_client._proto import database_service_pb2 as pb
 
 
@@ -50,3 +56,51 @@ def test_tail_replaces_defaults_over_stored_values() -> None:
     assert (summary.duration_ms, summary.cache, summary.cache_age_ms) == (0.0, "", 0.0)
     assert (summary.stale, summary.cache_reason) == (False, "")
     assert (summary.row_count, summary.command) == (1, "SELECT 1")
+
+
+# --- a whole packed answer written directly (encoding.encoded_result) ------------------------
+
+INT = Column("id", "int4", ValueKind.INTEGER)
+TEXT = Column("näme", "text", ValueKind.TEXT)
+FLOAT = Column("px", "float8", ValueKind.FLOAT)
+BIG = Column("n", "numeric", ValueKind.DECIMAL)
+MANY = [(i, f"r{i}", i / 3, Decimal("1.5")) for i in range(500)]
+
+
+@pytest.mark.parametrize(
+    ("columns", "rows", "command", "kind", "duration_ms"),
+    [
+        ([INT, TEXT], [(1, "ä" * 300)], "SELECT 1", StatementKind.READ, 0.42),
+        ([INT, TEXT, FLOAT, BIG], MANY, "SELECT 500", StatementKind.READ, 12.0),
+        ([INT], [], "SELECT 0", StatementKind.READ, 0.0),  # no rows: an empty chunk, present
+        ([], [], "UPDATE 7", StatementKind.WRITE, 1.25),  # a write: no columns, a count
+        ([], [], "", StatementKind.DDL, 0.0),
+    ],
+)
+def test_a_directly_encoded_answer_parses_as_the_message(
+    columns: list[Column],
+    rows: list[tuple[object, ...]],
+    command: str,
+    kind: StatementKind,
+    duration_ms: float,
+) -> None:
+    result = QueryResult(
+        columns=columns,
+        rows=rows,
+        command=command,
+        row_count=int(command.rsplit(maxsplit=1)[-1]) if command else 0,
+        kind=kind,
+        duration_ms=duration_ms,
+    )
+    data = encoded_result(result)
+    assert data is not None
+    expected = result_message(result, pb.QueryResult, packed=True)
+    assert pb.QueryResult.FromString(data) == expected
+    assert pb.QueryResult.FromString(data).HasField("rows") == expected.HasField("rows")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 2**70])
+def test_rows_that_cannot_go_packed_are_left_to_the_message(value: object) -> None:
+    column = FLOAT if isinstance(value, float) else INT
+    result = QueryResult([column], [(value,)], "SELECT 1", 1, StatementKind.READ, 0.1)
+    assert encoded_result(result) is None

@@ -25,6 +25,7 @@ from database_service.api.grpc.calls import Caller, rpc
 from database_service.api.grpc.encoding import (
     add_rows,
     columns_message,
+    encoded_result,
     encoders_for,
     result_message,
     result_messages,
@@ -38,7 +39,7 @@ from database_service.moments import timestamp_field as _time
 from database_service.observability.notices import Notices
 from database_service.query.caching import CacheOptions
 from database_service.query.executor import Isolation
-from database_service.results import Event
+from database_service.results import Event, QueryResult
 from database_service.tenancy import validate_tenant_id
 from database_service.timeseries.candles import DEFAULT_ORIGIN, CandleQuery
 from database_service_client._proto import database_service_pb2 as pb
@@ -121,6 +122,25 @@ class _Flow:
         self.credit -= 1
 
 
+def _encoded(result: QueryResult, packed: bool) -> pb.QueryResult | bytes:
+    """``Query``'s answer: bytes written directly when packed (``encoded_result``), else the
+    message."""
+    if packed:
+        data = encoded_result(result)
+        if data is not None:
+            return data
+    return result_message(result, pb.QueryResult, packed=packed)
+
+
+def _packed_bytes(result: QueryResult) -> bytes:
+    data = encoded_result(result)
+    return data if data is not None else _values_bytes(result)
+
+
+def _values_bytes(result: QueryResult) -> bytes:
+    return result_message(result, pb.QueryResult).SerializeToString()
+
+
 class DatabaseService(DatabaseServiceServicer):
     def __init__(self, core: Application, *, default_chunk_bytes: int) -> None:
         self.core = core
@@ -167,30 +187,28 @@ class DatabaseService(DatabaseServiceServicer):
             request.cache_ttl_ms or request.allow_stale or executor.caches_by_rule(ctx.tenant_id)
         ):
             result = await executor.execute(principal, ctx, request.sql, params)
-            return result_message(result, pb.QueryResult, packed=packed)
+            return _encoded(result, packed)
         options = CacheOptions(
             ttl_ms=request.cache_ttl_ms,
             allow_stale=request.allow_stale,
             form="grpc-packed" if packed else "grpc-values",
-            encode=lambda r: result_message(r, pb.QueryResult, packed=packed).SerializeToString(),
+            encode=_packed_bytes if packed else _values_bytes,
         )
         result = await self.core.executor.execute(
             principal, ctx, request.sql, params, cache=options
         )
         info = result.cache
-        if result.payload is not None:  # from the cache: its stored bytes, sent as they are
-            assert info is not None
-            return result.payload + summary_tail(
-                result.duration_ms, info.status, info.age_ms or 0.0, info.stale, info.reason or ""
-            )
-        message = result_message(result, pb.QueryResult, packed=packed)
-        if info is not None:
-            summary = message.summary
-            summary.cache = info.status
-            summary.stale = info.stale
-            summary.cache_age_ms = info.age_ms or 0.0
-            summary.cache_reason = info.reason or ""
-        return message
+        data = result.payload  # from the cache: its stored bytes, sent as they are
+        if data is None:
+            encoded = _encoded(result, packed)
+            if info is None:
+                return encoded
+            data = encoded if isinstance(encoded, bytes) else encoded.SerializeToString()
+        elif info is None:
+            return data
+        return data + summary_tail(
+            result.duration_ms, info.status, info.age_ms or 0.0, info.stale, info.reason or ""
+        )
 
     @rpc
     async def StreamQuery(
