@@ -176,9 +176,10 @@ class DatabaseService(DatabaseServiceServicer):
         self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
     ) -> pb.QueryResult | bytes:
         """ExecuteQuery's result in one message: the fast path for small results (bounded by
-        the result limits: past them, ``result_too_large`` and nothing changed). An answer from
-        the result cache goes as the encoded message it was stored as (``server.add_servicer``
-        sends bytes as they are)."""
+        the result limits: past them, ``result_too_large`` and nothing changed). A packed answer
+        is written as bytes (``encoded_result``) and one from the result cache goes as the bytes
+        it was stored as, with its summary's tail (``server.add_servicer`` sends bytes as they
+        are)."""
         principal, ctx = await self.caller.tenant(context)
         params = [from_value(v) for v in request.params]
         packed = request.row_encoding == pb.ROW_ENCODING_PACKED
