@@ -31,7 +31,6 @@ import redis.asyncio as aioredis
 from database_service.cache.keys import kv_key, tenant_prefix
 from database_service.cache.remote import connect_redis
 from database_service.errors import (
-    UNREACHABLE_ERRORS,
     FailedPrecondition,
     InvalidParameters,
     PayloadTooLarge,
@@ -39,6 +38,7 @@ from database_service.errors import (
     ResultTooLarge,
     Unavailable,
     postgres_unreachable,
+    unavailable,
 )
 from database_service.tenancy.ids import quote_ident
 
@@ -607,14 +607,14 @@ class PostgresKeyValueStore:
     async def _call(self, operation: Callable[[], Awaitable[Any]]) -> Any:
         try:
             return await operation()
-        except UNREACHABLE_ERRORS as exc:
-            if not postgres_unreachable(exc):
-                raise  # a value asyncpg refused to encode: the caller's, not an outage
-            raise Unavailable(f"the key-value store is unreachable: {exc}") from exc
         except asyncpg.ForeignKeyViolationError:
             raise InvalidParameters("unknown tenant") from None
         except asyncpg.ConfigurationLimitExceededError:  # 53400, from the quota's trigger
             raise _over_quota(self.tenant_max_bytes) from None
+        except Exception as exc:
+            if postgres_unreachable(exc):  # else a value asyncpg refused: the caller's
+                raise unavailable("the key-value store", exc) from exc
+            raise
 
     async def _write(self, tenant: str, operation: Callable[[], Awaitable[Any]]) -> Any:
         """A write that may grow the tenant's keys: refused at the quota, after more tries

@@ -57,13 +57,6 @@ Workload = Literal["oltp", "analytics", "bulk"]
 WORKLOADS: tuple[Workload, ...] = ("oltp", "analytics", "bulk")
 
 
-def _reset_needed(conn: Connection) -> bool:
-    """Whether releasing ``conn`` costs a round trip (a proxy whose connection was terminated
-    has none left: asyncpg has already taken it back)."""
-    raw = getattr(conn, "_con", None) if isinstance(conn, PoolConnectionProxy) else conn
-    return not isinstance(raw, TenantConnection) or raw.reset_needed
-
-
 class TenantConnection(asyncpg.Connection):
     """A tenant's connection. Resets session state on release without pg_advisory_unlock_all,
     which tenants may not run, and keeps its statement cache in step with its tenant's schema
@@ -77,10 +70,6 @@ class TenantConnection(asyncpg.Connection):
     def get_reset_query(self) -> str:
         needed, self._reset_needed = self._reset_needed, True
         return _RESET_QUERY if needed else ""
-
-    @property
-    def reset_needed(self) -> bool:
-        return self._reset_needed
 
     def skip_next_reset(self) -> None:
         """The session ran nothing that can change session state (the query core's one

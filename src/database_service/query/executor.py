@@ -569,7 +569,7 @@ class QueryExecutor:
                             try:
                                 await session.begin()
                             except Exception as exc:
-                                if not (retry and _dead_connection(exc)):
+                                if not (retry and postgres_unreachable(exc)):
                                     raise
                                 # Released as closed rather than reset over a dead socket.
                                 with contextlib.suppress(asyncpg.InterfaceError):
@@ -632,7 +632,7 @@ class QueryExecutor:
             with session.watch.statement():
                 rows, status, complete = await fetch_first(stmt, args, _FIRST_ROWS)
         except Exception as exc:
-            if not _dead_connection(exc):
+            if not postgres_unreachable(exc):
                 raise
             # A pooled connection PostgreSQL ended while it sat idle: nothing ran.
             with contextlib.suppress(asyncpg.InterfaceError):
@@ -1319,11 +1319,6 @@ class QueryExecutor:
                 f"the result is larger than {self._max_bytes} bytes; add a LIMIT, select fewer"
                 " columns or use the streaming gRPC API"
             )
-
-
-def _dead_connection(exc: BaseException) -> bool:
-    # Includes asyncpg's InternalClientError: the server's FATAL arrived but its EOF not yet.
-    return postgres_unreachable(exc)
 
 
 _COPY_LINE = re.compile(r"COPY \S+, line (\d+)")
