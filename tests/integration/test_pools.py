@@ -203,9 +203,9 @@ async def test_a_busy_pool_still_bounds_the_wait_for_a_connection(
 async def test_a_connection_released_after_the_answer_serves_the_next_request_at_once(
     core: Application, new_tenant: TenantFactory
 ) -> None:
-    # Every release runs after the block (a task), so back-to-back requests on a pool of one
-    # each find the connection back: the next acquire waits for the pending release, not for
-    # the acquisition limit, and the pool never opens a second connection.
+    # Back-to-back requests on a pool of one each find the connection back (a release with a
+    # reset runs after the block, in a task): the next acquire waits for a pending release,
+    # not for the acquisition limit, and the pool never opens a second connection.
     (login,) = await logins(core, new_tenant, 1)
     async with pools_for(core, max_per_tenant=1, global_max=10, acquire_timeout=0.5) as pools:
         pids = set()

@@ -6,8 +6,8 @@ tenants or users, through every front end.
   so to one tenant's login: the same text over two tenants' tables of different shapes answers
   each with its own columns, interleaved, and a table changed by one tenant changes nothing
   for the other.
-- Connections go back to the pool after the answer: a user id entered for one request is not
-  seen by the next request, which may get that connection before its release has finished.
+- A connection whose session needs a reset goes back to the pool after the answer: a user id
+  entered for one request is not seen by the next request, sent at once.
 """
 
 from __future__ import annotations

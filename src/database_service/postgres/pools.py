@@ -57,6 +57,13 @@ Workload = Literal["oltp", "analytics", "bulk"]
 WORKLOADS: tuple[Workload, ...] = ("oltp", "analytics", "bulk")
 
 
+def _reset_needed(conn: Connection) -> bool:
+    """Whether releasing ``conn`` costs a round trip (a proxy whose connection was terminated
+    has none left: asyncpg has already taken it back)."""
+    raw = getattr(conn, "_con", None) if isinstance(conn, PoolConnectionProxy) else conn
+    return not isinstance(raw, TenantConnection) or raw.reset_needed
+
+
 class TenantConnection(asyncpg.Connection):
     """A tenant's connection. Resets session state on release without pg_advisory_unlock_all,
     which tenants may not run, and keeps its statement cache in step with its tenant's schema
@@ -70,6 +77,10 @@ class TenantConnection(asyncpg.Connection):
     def get_reset_query(self) -> str:
         needed, self._reset_needed = self._reset_needed, True
         return _RESET_QUERY if needed else ""
+
+    @property
+    def reset_needed(self) -> bool:
+        return self._reset_needed
 
     def skip_next_reset(self) -> None:
         """The session ran nothing that can change session state (the query core's one
@@ -258,7 +269,15 @@ class _Acquired:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._pools._release_later(self._entry, self._conn)
+        pools, entry, conn = self._pools, self._entry, self._conn
+        if exc is not None or _reset_needed(conn):
+            pools._release_later(entry, conn)
+        else:
+            # Awaited, not left to a task: a request that followed at once would find no idle
+            # connection and open another (measured: sequential callers of one tenant kept two
+            # connections open instead of one, and a long test session ran out of PostgreSQL's
+            # connection slots). It costs a turn of the loop (asyncpg shields a task).
+            await pools._release(entry, conn)
 
 
 class TenantPools:
@@ -374,14 +393,12 @@ class TenantPools:
         return result
 
     def acquire(self, login: TenantLogin, workload: Workload = "oltp") -> _Acquired:
-        """A connection of the login's pool for ``workload`` (``async with``). Its release runs
-        after the caller is done, not before its answer goes out: the connection counts as in
-        use, and returns to the pool, when the release is over. That is a round trip when
-        asyncpg resets the session, and a turn of the loop even when it does not
-        (``TenantConnection.skip_next_reset``): asyncpg's ``release`` shields a task of its
-        own, which cost a PK lookup about 60 us when awaited in the request. Whatever the
-        session had to commit was committed before the block ended. A class, not a
-        generator-based context manager: it runs on every request."""
+        """A connection of the login's pool for ``workload`` (``async with``). Its release, when
+        asyncpg resets the session (a round trip), runs after the caller is done, not before its
+        answer goes out; the connection counts as in use, and returns to the pool, when the
+        reset is over. A connection that needs no reset (``TenantConnection.skip_next_reset``)
+        is released at once. A class, not a generator-based context manager: it runs on every
+        request."""
         return _Acquired(self, login, workload)
 
     def _release_later(self, entry: _Entry, conn: Connection) -> None:
