@@ -230,3 +230,118 @@ async def test_closing_the_pools_finishes_the_releases_under_way(
         entry = pools._entries[(login.role, "oltp")]
         assert pools._releasing and entry.in_use == 1  # the last release: not run yet
     assert not pools._releasing and entry.in_use == 0  # close() waited for it
+
+
+async def _kept(pools: TenantPools, login: TenantLogin) -> int:
+    """One request that needs no reset (as the query core's stateless reads): its connection
+    is kept for the next one. Its server pid."""
+    async with pools.acquire(login) as conn:
+        pid: int = conn.get_server_pid()
+        await conn.fetchval("SELECT 1")
+        conn.skip_next_reset()  # type: ignore[union-attr]
+    return pid
+
+
+async def test_a_connection_that_needs_no_reset_is_kept_for_the_next_request(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    (login,) = await logins(core, new_tenant, 1)
+    async with pools_for(core, max_per_tenant=2, global_max=10) as pools:
+        pid = await _kept(pools, login)
+        entry = pools._entries[(login.role, "oltp")]
+        assert len(entry.ready) == 1 and entry.in_use == 0
+        assert pools.stats()[login.tenant_id].idle == 1  # counted idle, though asyncpg lent it
+        async with pools.acquire(login) as conn:
+            assert conn.get_server_pid() == pid and not entry.ready
+            # Its next user must say again that it needs no reset: this one changed the session.
+            assert conn._con.reset_needed  # type: ignore[union-attr]
+            await conn.execute("SET application_name = 'left behind'")
+        await pools.drain()
+        assert not entry.ready  # reset and given back to asyncpg, not kept
+        async with pools.acquire(login) as conn:
+            assert conn.get_server_pid() == pid
+            assert await conn.fetchval("SHOW application_name") == "dbsvc-tenant-oltp"
+
+
+async def test_a_request_waiting_for_a_connection_gets_the_one_released_not_the_kept_stack(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    # A pool of one, busy: the waiter in asyncpg's queue gets the connection when it is
+    # released, even though it needs no reset (kept, it would wait until the acquisition limit).
+    (login,) = await logins(core, new_tenant, 1)
+    async with pools_for(core, max_per_tenant=1, global_max=10, acquire_timeout=2) as pools:
+        holding = asyncio.Event()
+        go = asyncio.Event()
+
+        async def first() -> None:
+            async with pools.acquire(login) as conn:
+                holding.set()
+                await go.wait()
+                conn.skip_next_reset()  # type: ignore[union-attr]
+
+        task = asyncio.create_task(first())
+        await holding.wait()
+
+        async def second() -> int:
+            async with pools.acquire(login) as conn:
+                return int(await conn.fetchval("SELECT 1"))
+
+        waiter = asyncio.create_task(second())
+        await asyncio.sleep(0.05)  # queued in asyncpg's acquire
+        go.set()
+        await task
+        async with asyncio.timeout(1):
+            assert await waiter == 1
+        await pools.drain()  # the waiter's own release (with a reset) runs after it
+        entry = pools._entries[(login.role, "oltp")]
+        assert not entry.ready and entry.in_use == 0
+
+
+async def test_closing_a_pool_gives_its_kept_connections_back_first(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    # asyncpg's close waits for every connection it lent: kept ones must not hold it up.
+    (login,) = await logins(core, new_tenant, 1)
+    async with pools_for(core, max_per_tenant=2, global_max=10) as pools:
+        await _kept(pools, login)
+        entry = pools._entries[(login.role, "oltp")]
+        async with asyncio.timeout(2):
+            await pools.close_tenant(login.tenant_id)
+        assert not entry.ready and entry.pool.is_closing()
+        assert pools.open_connections == 0
+
+
+async def test_kept_connections_unused_for_a_pass_go_back_to_asyncpg(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    # Back in asyncpg's pool, its inactivity timer closes the ones a quieter load no longer
+    # needs (kept, they would stay open while the login is in use at all).
+    (login,) = await logins(core, new_tenant, 1)
+    async with pools_for(core, max_per_tenant=2, global_max=10, idle_seconds=2) as pools:
+        await _kept(pools, login)
+        entry = pools._entries[(login.role, "oltp")]
+        async with asyncio.timeout(5):
+            while entry.ready:  # noqa: ASYNC110 - the reaper gives them back on its own
+                await asyncio.sleep(0.05)
+        assert entry.in_use == 0 and entry.pool.get_idle_size() == 1
+
+
+async def test_a_kept_connection_postgres_ended_is_not_handed_out(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    (login,) = await logins(core, new_tenant, 1)
+    async with pools_for(core, max_per_tenant=2, global_max=10) as pools:
+        pid = await _kept(pools, login)
+        async with core.owner_pool.acquire() as owner:
+            assert await owner.fetchval("SELECT pg_terminate_backend($1)", pid)
+        entry = pools._entries[(login.role, "oltp")]
+        conn, _ = entry.ready[-1]
+        async with asyncio.timeout(5):
+            # Closed, and its holder given back by asyncpg (the proxy then lends nothing).
+            while getattr(conn, "_con", None) is not None and not conn.is_closed():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        async with pools.acquire(login) as fresh:
+            assert fresh.get_server_pid() != pid
+            assert await fresh.fetchval("SELECT 1") == 1
+        await pools.drain()
+        assert entry.in_use == 0

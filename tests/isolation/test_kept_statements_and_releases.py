@@ -8,6 +8,9 @@ tenants or users, through every front end.
   for the other.
 - A connection whose session needs a reset goes back to the pool after the answer: a user id
   entered for one request is not seen by the next request, sent at once.
+- A connection whose session needs no reset (a read that changed nothing) is kept for its
+  login's next request, so for its own tenant only: two tenants' reads at once each see their
+  own role, every time.
 """
 
 from __future__ import annotations
@@ -93,3 +96,20 @@ async def test_a_user_id_is_gone_before_the_next_request_gets_the_connection(
         # At once: the connection's release (and its reset) may still be under way.
         company = await front_end.run(shown)
         assert company.ok and company.rows == [[""]], company
+
+
+async def test_a_kept_connection_serves_only_its_own_tenant(
+    doors: tuple[FrontEnd, FrontEnd],
+) -> None:
+    a, c = doors
+    who = "SELECT current_user"
+    mine: set[str] = set()
+    theirs: set[str] = set()
+    for _ in range(6):  # reads that change nothing: their connections are kept, both at once
+        first, second = await asyncio.gather(a.run(who), c.run(who))
+        assert first.ok and second.ok, (first, second)
+        mine.add(first.rows[0][0])
+        theirs.add(second.rows[0][0])
+        row = await a.run(SELECT)  # at once, on the connection just kept
+        assert row.ok and row.rows == [[1, "a"]], row
+    assert len(mine) == 1 and len(theirs) == 1 and not mine & theirs

@@ -90,6 +90,11 @@ class TenantConnection(asyncpg.Connection):
         left open and forgets listeners. The next release resets again unless told otherwise."""
         self._reset_needed = False
 
+    def expect_reset(self) -> None:
+        """Undo ``skip_next_reset`` without a release (a connection kept for the next request,
+        ``TenantPools``' ready connections): its next user must say again that it needs none."""
+        self._reset_needed = True
+
     def follow_schema(self, generation: int) -> None:
         """Drop the statements kept from before ``generation`` (this connection's only: the
         others of the pool may be in the middle of using theirs)."""
@@ -176,13 +181,16 @@ class _Entry:
     workload: Workload = "oltp"
     in_use: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    # Connections a request finished with that needed no reset, kept out of asyncpg's pool for
+    # the next request (``TenantPools._keep``), newest last, with when each was kept.
+    ready: list[tuple[Connection, float]] = field(default_factory=list)
 
 
 def _added(seen: PoolStats | None, entry: _Entry) -> PoolStats:
     seen = seen or PoolStats(0, 0, 0, 0)
     return PoolStats(
         seen.size + entry.pool.get_size(),
-        seen.idle + entry.pool.get_idle_size(),
+        seen.idle + entry.pool.get_idle_size() + len(entry.ready),
         seen.in_use + entry.in_use,
         seen.max_size + entry.max_size,
     )
@@ -272,12 +280,12 @@ class _Acquired:
         pools, entry, conn = self._pools, self._entry, self._conn
         if exc is not None or _reset_needed(conn):
             pools._release_later(entry, conn)
-        else:
-            # Awaited, not left to a task: a request that followed at once would find no idle
-            # connection and open another (measured: sequential callers of one tenant kept two
-            # connections open instead of one, and a long test session ran out of PostgreSQL's
-            # connection slots). It costs a turn of the loop (asyncpg shields a task).
-            await pools._release(entry, conn)
+        elif not pools._keep(entry, conn):
+            # Before the answer, not left to a task: a request that followed at once would find
+            # no idle connection and open another (measured: sequential callers of one tenant
+            # kept two connections open instead of one, and a long test session ran out of
+            # PostgreSQL's connection slots).
+            await pools._release_inline(entry, conn)
 
 
 class TenantPools:
@@ -413,6 +421,16 @@ class TenantPools:
         # Counted in use: last_used matters only to idle entries (eviction, the reaper), and
         # _done_with stamps it when this use ends.
         entry.in_use += 1
+        ready = entry.ready
+        while ready:
+            conn, _ = ready.pop()
+            raw = getattr(conn, "_con", None)
+            if raw is not None and not raw.is_closed():
+                return entry, conn
+            if raw is not None:  # closed while kept, its holder not yet given back: asyncpg's
+                entry.in_use += 1  # release does that (and counts it back)
+                self._release_later(entry, conn)
+            # else: asyncpg took the holder back when the connection closed
         pool = entry.pool
         if _idle_connected(pool):
             # A connected idle connection is handed over without waiting (nothing in asyncpg's
@@ -448,6 +466,79 @@ class TenantPools:
             await entry.pool.release(cast(PoolConnectionProxy, conn))
         except Exception as exc:  # asyncpg terminates a connection it could not reset
             log.debug("tenant %s: connection not reset on release: %s", entry.tenant_id, exc)
+        finally:
+            self._done_with(entry)
+
+    def _keep(self, entry: _Entry, conn: Connection) -> bool:
+        """Keep a connection that needs no reset for the login's next request instead of giving
+        it back to asyncpg's pool, whose acquire and release (a queue, a future, a proxy, a
+        timeout scope and an inactivity timer each way) were a third of a PK lookup's Python.
+
+        Only when nothing waits in asyncpg's queue (a waiter gets it from asyncpg, as ever),
+        the connection is open, outside a transaction, of the pool's current generation and
+        under asyncpg's query limit. It stays checked out as far as asyncpg knows: ``_take``
+        hands it over first, the reaper gives back the ones kept longer than a pass
+        (``_give_back_kept``), and closing a pool gives them all back first. Same login, so
+        the same tenant and role; no session state either (that is what needing no reset
+        means), and ``expect_reset`` makes the next user say so again."""
+        pool = entry.pool
+        raw = getattr(conn, "_con", None)
+        holder = getattr(conn, "_holder", None)
+        waiting = getattr(getattr(pool, "_queue", None), "_getters", None)
+        if (
+            waiting is None
+            or waiting
+            or not isinstance(raw, TenantConnection)
+            or raw.is_closed()
+            or raw.is_in_transaction()
+            or pool.is_closing()
+            or getattr(holder, "_generation", None) != getattr(pool, "_generation", 0)
+            or raw._protocol.queries_count >= getattr(holder, "_max_queries", 0)  # type: ignore[attr-defined]
+        ):
+            return False
+        raw.expect_reset()
+        entry.ready.append((conn, time.monotonic()))
+        self._done_with(entry)
+        return True
+
+    async def _give_back_kept(self, entry: _Entry, older_than: float | None = None) -> None:
+        """Kept connections back to asyncpg's pool (all of them, or those kept before
+        ``older_than``): there its inactivity timer closes the ones a quieter load no longer
+        needs, and closing the pool waits for them."""
+        ready = entry.ready
+        while ready and (older_than is None or ready[0][1] < older_than):
+            conn, _ = ready.pop(0)
+            raw = getattr(conn, "_con", None)
+            if raw is None:
+                continue  # closed: asyncpg already has its holder back
+            entry.in_use += 1  # counted back by the release
+            if isinstance(raw, TenantConnection) and not raw.is_closed():
+                raw.skip_next_reset()  # nothing ran on it since it was kept
+                await self._release_inline(entry, conn)
+            else:
+                await self._release(entry, conn)
+
+    async def _release_inline(self, entry: _Entry, conn: Connection) -> None:
+        """A release with no reset to run, done in the caller's task. ``Pool.release`` runs the
+        holder's release in a task of its own (shielded from cancellation), which costs a turn
+        of the event loop: about 60 µs of a PK lookup's latency here. With no reset query and
+        no transaction open (``skip_next_reset`` is only given outside one) nothing in the
+        holder's release awaits, so there is nothing for a cancellation to interrupt. The same
+        steps as ``Pool.release``; on an asyncpg whose internals differ, ``Pool.release``."""
+        holder: Any = getattr(conn, "_holder", None)
+        raw: Any = getattr(conn, "_con", None)
+        if (
+            getattr(holder, "_pool", None) is not entry.pool
+            or not hasattr(raw, "_on_release")
+            or not hasattr(holder, "release")
+        ):
+            await self._release(entry, conn)
+            return
+        try:
+            raw._on_release()  # asyncpg's housekeeping: the proxy no longer lends it
+            await holder.release(getattr(holder, "_timeout", None))
+        except Exception as exc:  # asyncpg terminates a connection it could not release
+            log.debug("tenant %s: connection not released cleanly: %s", entry.tenant_id, exc)
         finally:
             self._done_with(entry)
 
@@ -552,6 +643,7 @@ class TenantPools:
         if entry is None or (only_idle and entry.in_use):
             return
         del self._entries[key]
+        await self._give_back_kept(entry)
         try:
             await asyncio.wait_for(entry.pool.close(), timeout=10)
         except Exception:  # a server that already ended the sessions: nothing left to close
@@ -563,7 +655,11 @@ class TenantPools:
         interval = max(0.5, self._idle_seconds / 2)
         while True:
             await asyncio.sleep(interval)
-            deadline = time.monotonic() - self._idle_seconds
+            now = time.monotonic()
+            deadline = now - self._idle_seconds
             for key, entry in list(self._entries.items()):
                 if entry.in_use == 0 and entry.last_used < deadline:
                     await self._close(key, only_idle=True)
+                elif entry.ready:
+                    # Kept a whole pass unused: back to asyncpg, whose idle timers then apply.
+                    await self._give_back_kept(entry, older_than=now - interval)
