@@ -53,6 +53,11 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 
 _RESET_QUERY = "CLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
 
+# How long a connection stays kept for its login's next request (``TenantPools._keep``) before
+# it goes back to asyncpg's pool, whose inactivity timer then closes it if the load no longer
+# needs it: connections stay open about as long as they did when every release went to asyncpg.
+_KEPT_SECONDS = 1.0
+
 Workload = Literal["oltp", "analytics", "bulk"]
 WORKLOADS: tuple[Workload, ...] = ("oltp", "analytics", "bulk")
 
@@ -184,6 +189,8 @@ class _Entry:
     # Connections a request finished with that needed no reset, kept out of asyncpg's pool for
     # the next request (``TenantPools._keep``), newest last, with when each was kept.
     ready: list[tuple[Connection, float]] = field(default_factory=list)
+    # While some are kept: the timer that gives back those kept longer than _KEPT_SECONDS.
+    expiry: asyncio.TimerHandle | None = None
 
 
 def _added(seen: PoolStats | None, entry: _Entry) -> PoolStats:
@@ -477,8 +484,8 @@ class TenantPools:
         Only when nothing waits in asyncpg's queue (a waiter gets it from asyncpg, as ever),
         the connection is open, outside a transaction, of the pool's current generation and
         under asyncpg's query limit. It stays checked out as far as asyncpg knows: ``_take``
-        hands it over first, the reaper gives back the ones kept longer than a pass
-        (``_give_back_kept``), and closing a pool gives them all back first. Same login, so
+        hands it over first, a timer gives back the ones kept longer than ``_KEPT_SECONDS``
+        (``_expire_kept``), and closing a pool gives them all back first. Same login, so
         the same tenant and role; no session state either (that is what needing no reset
         means), and ``expect_reset`` makes the next user say so again."""
         pool = entry.pool
@@ -498,8 +505,26 @@ class TenantPools:
             return False
         raw.expect_reset()
         entry.ready.append((conn, time.monotonic()))
+        if entry.expiry is None:
+            entry.expiry = asyncio.get_running_loop().call_later(
+                _KEPT_SECONDS, self._expire_kept, entry
+            )
         self._done_with(entry)
         return True
+
+    def _expire_kept(self, entry: _Entry) -> None:
+        """Give back the connections kept longer than ``_KEPT_SECONDS``; again later while
+        some are kept."""
+        entry.expiry = None
+        if not entry.ready:
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(
+            self._give_back_kept(entry, older_than=time.monotonic() - _KEPT_SECONDS)
+        )
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        entry.expiry = loop.call_later(_KEPT_SECONDS, self._expire_kept, entry)
 
     async def _give_back_kept(self, entry: _Entry, older_than: float | None = None) -> None:
         """Kept connections back to asyncpg's pool (all of them, or those kept before
@@ -643,6 +668,9 @@ class TenantPools:
         if entry is None or (only_idle and entry.in_use):
             return
         del self._entries[key]
+        if entry.expiry is not None:
+            entry.expiry.cancel()
+            entry.expiry = None
         await self._give_back_kept(entry)
         try:
             await asyncio.wait_for(entry.pool.close(), timeout=10)
@@ -655,11 +683,7 @@ class TenantPools:
         interval = max(0.5, self._idle_seconds / 2)
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
-            deadline = now - self._idle_seconds
+            deadline = time.monotonic() - self._idle_seconds
             for key, entry in list(self._entries.items()):
                 if entry.in_use == 0 and entry.last_used < deadline:
                     await self._close(key, only_idle=True)
-                elif entry.ready:
-                    # Kept a whole pass unused: back to asyncpg, whose idle timers then apply.
-                    await self._give_back_kept(entry, older_than=now - interval)
