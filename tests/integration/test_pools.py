@@ -232,23 +232,32 @@ async def test_closing_the_pools_finishes_the_releases_under_way(
     assert not pools._releasing and entry.in_use == 0  # close() waited for it
 
 
-async def _kept(pools: TenantPools, login: TenantLogin) -> int:
+@pytest.fixture
+async def login(core: Application, new_tenant: TenantFactory) -> TenantLogin:
+    (one,) = await logins(core, new_tenant, 1)
+    return one
+
+
+def _entry(pools: TenantPools, login: TenantLogin) -> Any:
+    """The login's OLTP pool entry."""
+    return pools._entries[(login.role, "oltp")]
+
+
+async def _kept(pools: TenantPools, login: TenantLogin) -> tuple[int, Any]:
     """One request that needs no reset (as the query core's stateless reads): its connection
-    is kept for the next one. Its server pid."""
+    is kept for the next one. Its server pid, and the login's pool entry."""
     async with pools.acquire(login) as conn:
         pid: int = conn.get_server_pid()
         await conn.fetchval("SELECT 1")
         conn.skip_next_reset()  # type: ignore[union-attr]
-    return pid
+    return pid, _entry(pools, login)
 
 
 async def test_a_connection_that_needs_no_reset_is_kept_for_the_next_request(
-    core: Application, new_tenant: TenantFactory
+    core: Application, login: TenantLogin
 ) -> None:
-    (login,) = await logins(core, new_tenant, 1)
     async with pools_for(core, max_per_tenant=2, global_max=10) as pools:
-        pid = await _kept(pools, login)
-        entry = pools._entries[(login.role, "oltp")]
+        pid, entry = await _kept(pools, login)
         assert len(entry.ready) == 1 and entry.in_use == 0
         assert pools.stats()[login.tenant_id].idle == 1  # counted idle, though asyncpg lent it
         async with pools.acquire(login) as conn:
@@ -264,11 +273,10 @@ async def test_a_connection_that_needs_no_reset_is_kept_for_the_next_request(
 
 
 async def test_a_request_waiting_for_a_connection_gets_the_one_released_not_the_kept_stack(
-    core: Application, new_tenant: TenantFactory
+    core: Application, login: TenantLogin
 ) -> None:
     # A pool of one, busy: the waiter in asyncpg's queue gets the connection when it is
     # released, even though it needs no reset (kept, it would wait until the acquisition limit).
-    (login,) = await logins(core, new_tenant, 1)
     async with pools_for(core, max_per_tenant=1, global_max=10, acquire_timeout=2) as pools:
         holding = asyncio.Event()
         go = asyncio.Event()
@@ -293,18 +301,16 @@ async def test_a_request_waiting_for_a_connection_gets_the_one_released_not_the_
         async with asyncio.timeout(1):
             assert await waiter == 1
         await pools.drain()  # the waiter's own release (with a reset) runs after it
-        entry = pools._entries[(login.role, "oltp")]
+        entry = _entry(pools, login)
         assert not entry.ready and entry.in_use == 0
 
 
 async def test_closing_a_pool_gives_its_kept_connections_back_first(
-    core: Application, new_tenant: TenantFactory
+    core: Application, login: TenantLogin
 ) -> None:
     # asyncpg's close waits for every connection it lent: kept ones must not hold it up.
-    (login,) = await logins(core, new_tenant, 1)
     async with pools_for(core, max_per_tenant=2, global_max=10) as pools:
-        await _kept(pools, login)
-        entry = pools._entries[(login.role, "oltp")]
+        _, entry = await _kept(pools, login)
         async with asyncio.timeout(2):
             await pools.close_tenant(login.tenant_id)
         assert not entry.ready and entry.pool.is_closing()
@@ -312,14 +318,12 @@ async def test_closing_a_pool_gives_its_kept_connections_back_first(
 
 
 async def test_kept_connections_unused_for_a_second_go_back_to_asyncpg(
-    core: Application, new_tenant: TenantFactory
+    core: Application, login: TenantLogin
 ) -> None:
     # Back in asyncpg's pool, its inactivity timer closes the ones a quieter load no longer
     # needs (kept, they would stay open while the login is in use at all).
-    (login,) = await logins(core, new_tenant, 1)
     async with pools_for(core, max_per_tenant=2, global_max=10) as pools:
-        await _kept(pools, login)
-        entry = pools._entries[(login.role, "oltp")]
+        _, entry = await _kept(pools, login)
         assert entry.ready and entry.expiry is not None
         await asyncio.sleep(2.2)  # the timer's first run finds it just short of a second
         await pools.drain()
@@ -328,14 +332,12 @@ async def test_kept_connections_unused_for_a_second_go_back_to_asyncpg(
 
 
 async def test_a_kept_connection_postgres_ended_is_not_handed_out(
-    core: Application, new_tenant: TenantFactory
+    core: Application, login: TenantLogin
 ) -> None:
-    (login,) = await logins(core, new_tenant, 1)
     async with pools_for(core, max_per_tenant=2, global_max=10) as pools:
-        pid = await _kept(pools, login)
+        pid, entry = await _kept(pools, login)
         async with core.owner_pool.acquire() as owner:
             assert await owner.fetchval("SELECT pg_terminate_backend($1)", pid)
-        entry = pools._entries[(login.role, "oltp")]
         conn, _ = entry.ready[-1]
         async with asyncio.timeout(5):
             # Closed, and its holder given back by asyncpg (the proxy then lends nothing).
