@@ -482,7 +482,8 @@ class TenantPools:
         timeout scope and an inactivity timer each way) were a third of a PK lookup's Python.
 
         Only when nothing waits in asyncpg's queue (a waiter gets it from asyncpg, as ever),
-        the connection is open, outside a transaction, of the pool's current generation and
+        the connection is open, outside a transaction, not waiting for a cancel request to be
+        answered (asyncpg's release waits for that), of the pool's current generation and
         under asyncpg's query limit. It stays checked out as far as asyncpg knows: ``_take``
         hands it over first, a timer gives back the ones kept longer than ``_KEPT_SECONDS``
         (``_expire_kept``), and closing a pool gives them all back first. Same login, so
@@ -498,6 +499,7 @@ class TenantPools:
             or not isinstance(raw, TenantConnection)
             or raw.is_closed()
             or raw.is_in_transaction()
+            or raw._protocol._is_cancelling()  # type: ignore[attr-defined]  # asyncpg waits for it
             or pool.is_closing()
             or getattr(holder, "_generation", None) != getattr(pool, "_generation", 0)
             or raw._protocol.queries_count >= getattr(holder, "_max_queries", 0)  # type: ignore[attr-defined]
