@@ -200,38 +200,6 @@ async def test_a_busy_pool_still_bounds_the_wait_for_a_connection(
             assert await conn.fetchval("SELECT 1") == 1
 
 
-async def test_a_connection_released_after_the_answer_serves_the_next_request_at_once(
-    core: Application, new_tenant: TenantFactory
-) -> None:
-    # Back-to-back requests on a pool of one each find the connection back (a release with a
-    # reset runs after the block, in a task): the next acquire waits for a pending release,
-    # not for the acquisition limit, and the pool never opens a second connection.
-    (login,) = await logins(core, new_tenant, 1)
-    async with pools_for(core, max_per_tenant=1, global_max=10, acquire_timeout=0.5) as pools:
-        pids = set()
-        for _ in range(50):
-            async with pools.acquire(login) as conn:
-                pids.add(conn.get_server_pid())
-                assert await conn.fetchval("SELECT 1") == 1
-        assert len(pids) == 1
-        entry = pools._entries[(login.role, "oltp")]
-        await pools.drain()
-        assert entry.in_use == 0
-
-
-async def test_closing_the_pools_finishes_the_releases_under_way(
-    core: Application, new_tenant: TenantFactory
-) -> None:
-    (login,) = await logins(core, new_tenant, 1)
-    async with pools_for(core, max_per_tenant=2, global_max=10) as pools:
-        for _ in range(2):
-            async with pools.acquire(login) as conn:
-                await conn.execute("SET application_name = 'left behind'")  # needs a reset
-        entry = pools._entries[(login.role, "oltp")]
-        assert pools._releasing and entry.in_use == 1  # the last release: not run yet
-    assert not pools._releasing and entry.in_use == 0  # close() waited for it
-
-
 @pytest.fixture
 async def login(core: Application, new_tenant: TenantFactory) -> TenantLogin:
     (one,) = await logins(core, new_tenant, 1)
@@ -241,6 +209,36 @@ async def login(core: Application, new_tenant: TenantFactory) -> TenantLogin:
 def _entry(pools: TenantPools, login: TenantLogin) -> Any:
     """The login's OLTP pool entry."""
     return pools._entries[(login.role, "oltp")]
+
+
+async def test_a_connection_released_after_the_answer_serves_the_next_request_at_once(
+    core: Application, login: TenantLogin
+) -> None:
+    # Back-to-back requests on a pool of one each find the connection back (a release with a
+    # reset runs after the block, in a task): the next acquire waits for a pending release,
+    # not for the acquisition limit, and the pool never opens a second connection.
+    async with pools_for(core, max_per_tenant=1, global_max=10, acquire_timeout=0.5) as pools:
+        pids = set()
+        for _ in range(50):
+            async with pools.acquire(login) as conn:
+                pids.add(conn.get_server_pid())
+                assert await conn.fetchval("SELECT 1") == 1
+        assert len(pids) == 1
+        entry = _entry(pools, login)
+        await pools.drain()
+        assert entry.in_use == 0
+
+
+async def test_closing_the_pools_finishes_the_releases_under_way(
+    core: Application, login: TenantLogin
+) -> None:
+    async with pools_for(core, max_per_tenant=2, global_max=10) as pools:
+        for _ in range(2):
+            async with pools.acquire(login) as conn:
+                await conn.execute("SET application_name = 'left behind'")  # needs a reset
+        entry = _entry(pools, login)
+        assert pools._releasing and entry.in_use == 1  # the last release: not run yet
+    assert not pools._releasing and entry.in_use == 0  # close() waited for it
 
 
 async def _kept(pools: TenantPools, login: TenantLogin) -> tuple[int, Any]:

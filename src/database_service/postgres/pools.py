@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -252,11 +252,13 @@ def _idle_connected(pool: asyncpg.Pool) -> bool:
         return False
     holder = holders[-1]
     con = getattr(holder, "_con", None)
-    return (
-        con is not None
-        and not con.is_closed()
-        and getattr(holder, "_generation", None) == getattr(pool, "_generation", 0)
-    )
+    return con is not None and not con.is_closed() and _current(holder, pool)
+
+
+def _current(holder: Any, pool: asyncpg.Pool) -> bool:
+    """Whether asyncpg's holder is of the pool's generation (``expire_connections`` moves it
+    on; asyncpg replaces a connection of an older one when it is next acquired or released)."""
+    return getattr(holder, "_generation", None) == getattr(pool, "_generation", 0)
 
 
 class _Acquired:
@@ -417,9 +419,20 @@ class TenantPools:
         return _Acquired(self, login, workload)
 
     def _release_later(self, entry: _Entry, conn: Connection) -> None:
-        task = asyncio.get_running_loop().create_task(self._release(entry, conn))
+        self._in_background(self._release(entry, conn))
+
+    def _in_background(self, releasing: Coroutine[Any, Any, None]) -> None:
+        """Run a release as a task of its own, which ``drain`` (tests, shutdown) waits for."""
+        task = asyncio.get_running_loop().create_task(releasing)
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
+
+    def _drop_kept(self, entry: _Entry, conn: Connection) -> None:
+        """A kept connection that closed: asyncpg takes its holder back when the connection's
+        cleanup has run (then the proxy lends nothing), else its release does that."""
+        if getattr(conn, "_con", None) is not None:
+            entry.in_use += 1  # counted back by the release
+            self._release_later(entry, conn)
 
     async def _take(self, login: TenantLogin, workload: Workload) -> tuple[_Entry, Connection]:
         """A connection of the login's pool and its entry, counted in use (``_release`` or
@@ -434,10 +447,7 @@ class TenantPools:
             raw = getattr(conn, "_con", None)
             if raw is not None and not raw.is_closed():
                 return entry, conn
-            if raw is not None:  # closed while kept, its holder not yet given back: asyncpg's
-                entry.in_use += 1  # release does that (and counts it back)
-                self._release_later(entry, conn)
-            # else: asyncpg took the holder back when the connection closed
+            self._drop_kept(entry, conn)
         pool = entry.pool
         if _idle_connected(pool):
             # A connected idle connection is handed over without waiting (nothing in asyncpg's
@@ -501,7 +511,7 @@ class TenantPools:
             or raw.is_in_transaction()
             or raw._protocol._is_cancelling()  # type: ignore[attr-defined]  # asyncpg waits for it
             or pool.is_closing()
-            or getattr(holder, "_generation", None) != getattr(pool, "_generation", 0)
+            or not _current(holder, pool)
             or raw._protocol.queries_count >= getattr(holder, "_max_queries", 0)  # type: ignore[attr-defined]
         ):
             return False
@@ -520,13 +530,12 @@ class TenantPools:
         entry.expiry = None
         if not entry.ready:
             return
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(
+        self._in_background(
             self._give_back_kept(entry, older_than=time.monotonic() - _KEPT_SECONDS)
         )
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
-        entry.expiry = loop.call_later(_KEPT_SECONDS, self._expire_kept, entry)
+        entry.expiry = asyncio.get_running_loop().call_later(
+            _KEPT_SECONDS, self._expire_kept, entry
+        )
 
     async def _give_back_kept(self, entry: _Entry, older_than: float | None = None) -> None:
         """Kept connections back to asyncpg's pool (all of them, or those kept before
@@ -536,14 +545,12 @@ class TenantPools:
         while ready and (older_than is None or ready[0][1] < older_than):
             conn, _ = ready.pop(0)
             raw = getattr(conn, "_con", None)
-            if raw is None:
-                continue  # closed: asyncpg already has its holder back
-            entry.in_use += 1  # counted back by the release
             if isinstance(raw, TenantConnection) and not raw.is_closed():
                 raw.skip_next_reset()  # nothing ran on it since it was kept
+                entry.in_use += 1  # counted back by the release
                 await self._release_inline(entry, conn)
             else:
-                await self._release(entry, conn)
+                self._drop_kept(entry, conn)
 
     async def _release_inline(self, entry: _Entry, conn: Connection) -> None:
         """A release with no reset to run, done in the caller's task. ``Pool.release`` runs the
