@@ -666,12 +666,16 @@ class PostgresInvalidationListener:
         while True:
             get = asyncio.ensure_future(self._queue.get())
             lost = asyncio.ensure_future(self._lost.wait())
-            done, _ = await asyncio.wait(
-                {get, lost}, timeout=5.0, return_when=asyncio.FIRST_COMPLETED
-            )
-            if get not in done:
+            try:
+                done, _ = await asyncio.wait(
+                    {get, lost}, timeout=5.0, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                # Also when the listener itself is cancelled (shutdown): a task left waiting
+                # on the queue is destroyed pending once the loop is gone, logged as an ERROR.
+                # A get cancelled after it was woken leaves its notification in the queue.
                 get.cancel()
-            lost.cancel()
+                lost.cancel()
             if get in done:
                 await self._apply(conn, get.result())
             elif lost in done or conn.is_closed():
