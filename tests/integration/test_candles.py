@@ -316,6 +316,16 @@ SHAPES = {
         "timezone": "Europe/London",
     },
     "empty": {"interval": dt.timedelta(minutes=1), "symbol": "NOPE"},
+    "1-minute rollup in parts": {
+        "interval": dt.timedelta(minutes=1),
+        "start": BASE + dt.timedelta(minutes=7),
+        "end": BASE + dt.timedelta(hours=8, minutes=1),
+    },
+    "1-minute rollup in parts, empty": {
+        "interval": dt.timedelta(minutes=1),
+        "symbol": "NOPE",
+        "end": BASE + dt.timedelta(hours=12),
+    },
 }
 
 
@@ -416,3 +426,24 @@ async def test_short_ranges_come_packed_by_postgres(
     from_service = await packed()
     assert by_postgres == 1  # encoded by the service
     assert orjson.loads(from_postgres) == orjson.loads(from_service)
+
+
+async def test_a_long_range_of_minute_candles_arrives_part_by_part(
+    client: MultiDatabaseClient,
+) -> None:
+    request = pb.TimeSeriesRequest(
+        kind=pb.TIME_SERIES_KIND_CANDLES,
+        symbol="EURUSD",
+        interval_seconds=60,
+        row_encoding=pb.ROW_ENCODING_PACKED,
+    )
+    request.start.FromDatetime(BASE)
+    request.end.FromDatetime(BASE + dt.timedelta(hours=8))
+    call = client.stub.GetTimeSeriesData(request, metadata=client._metadata())
+    parts = [orjson.loads(m.rows.packed) async for m in call if m.rows.packed]
+    assert len(parts) == 2  # [0 h, 6 h) and [6 h, 8 h)
+    buckets = [dt.datetime.fromisoformat(row[0]) for part in parts for row in part]
+    assert buckets == sorted(set(buckets))
+    assert buckets[0] < BASE + dt.timedelta(hours=6) <= buckets[-1]
+    whole = await client.candles("EURUSD", BASE, BASE + dt.timedelta(hours=8), source="raw")
+    assert [r[0] for r in whole.rows] == buckets

@@ -31,6 +31,7 @@ from database_service.timeseries.candles import (
     CandleQuery,
     candle_sql,
     last_tick_sql,
+    packed_parts_sql,
     packed_sql,
 )
 
@@ -124,6 +125,9 @@ class TimeSeries:
         return self._stream(principal, ctx, sql, params)
 
     def candles(self, principal: Principal, ctx: TenantContext, query: CandleQuery) -> Events:
+        parts = packed_parts_sql(self._shared, query)
+        if parts is not None and query.buckets() <= PACKED_CANDLES_MAX:
+            return self._packed(principal, ctx, *parts, by_part=True)
         sql, params = candle_sql(self._shared, query)
         if query.buckets() <= PACKED_CANDLES_MAX:
             return self._packed(principal, ctx, packed_sql(sql), params)
@@ -131,24 +135,51 @@ class TimeSeries:
         return numeric_as_text(events, NUMERIC_COLUMNS)
 
     async def _packed(
-        self, principal: Principal, ctx: TenantContext, sql: str, params: list[Any]
+        self,
+        principal: Principal,
+        ctx: TenantContext,
+        sql: str,
+        params: list[Any],
+        *,
+        by_part: bool = False,
     ) -> Events:
-        """Candles as PostgreSQL writes them in JSON (``packed_sql``): one row of (count, JSON
-        array), sent on as ``PackedRows`` under the candles' own header. A day of 1-minute
+        """Candles as PostgreSQL writes them in JSON (``packed_sql``): rows of (count, JSON
+        array), each sent on as ``PackedRows`` under the candles' own header. A day of 1-minute
         candles cost more in per-value Python (asyncpg's decoding here, the encoding for the
-        wire) than PostgreSQL took to find them."""
-        events = self._stream(principal, ctx, sql, params)
-        count = 0
+        wire) than PostgreSQL took to find them.
+
+        ``by_part``: the rows are parts of the range (``packed_parts_sql``), fetched a row at a
+        time so each goes on while PostgreSQL makes the next."""
+        if by_part:
+            events = self._executor.stream(
+                principal,
+                ctx,
+                sql,
+                params,
+                batch_rows=1,
+                read_only=True,
+                own_sql=True,
+                first_rows=False,
+                action="timeseries",
+            )
+        else:
+            events = self._stream(principal, ctx, sql, params)
+        total = 0
+        header = False
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, Header):
                     continue
                 if isinstance(event, Summary):
-                    yield Summary(count, f"SELECT {count}", event.duration_ms, event.kind)
+                    yield Summary(total, f"SELECT {total}", event.duration_ms, event.kind)
                     continue
-                ((count, text),) = cast(Sequence[Sequence[Any]], event)
-                yield Header(CANDLE_COLUMNS, StatementKind.READ)
-                yield PackedRows(text.encode(), count)
+                for count, text in cast(Sequence[Sequence[Any]], event):
+                    if not header:
+                        header = True
+                        yield Header(CANDLE_COLUMNS, StatementKind.READ)
+                    if count:
+                        total += count
+                        yield PackedRows(text.encode(), count)
 
     def last(
         self, principal: Principal, ctx: TenantContext, since: dt.datetime | None = None

@@ -605,18 +605,26 @@ class QueryExecutor:
         return [False] * self._pools.max_per_tenant + [True]
 
     async def _begin_statement(
-        self, session: _Session, verdict: Classification, sql: str, params: Sequence[Any]
+        self,
+        session: _Session,
+        verdict: Classification,
+        sql: str,
+        params: Sequence[Any],
+        *,
+        first_rows: bool = True,
     ) -> tuple[PreparedStatement, Sequence[Any], list[Column], bool, tuple[Rows, str] | None]:
         """The statement prepared, its parameters bound, its columns, whether it is a read
         returning rows, and — for a repeatable read whose result is small — its rows and tag,
-        in one round trip (a larger result is read again, whole, by cursor)."""
+        in one round trip (a larger result is read again, whole, by cursor). ``first_rows``
+        False: a read always goes by cursor (its rows reach the caller as PostgreSQL makes
+        them)."""
         stmt = await self._prepare(session, sql)
         types, shape = self._shapes.of(stmt)
         args = coerce_params(params, types)
         columns = list(shape)
         reading = verdict.kind is StatementKind.READ and bool(columns)
         first = None
-        if reading and verdict.repeatable:
+        if reading and verdict.repeatable and first_rows:
             first = await self._first_rows(session, stmt, args)
         # Only a session's first statement counts: one that ran another keeps its reset.
         session.stateless = first is not None and not session.began and not session.ran
@@ -794,6 +802,7 @@ class QueryExecutor:
         batch_rows: int = 500,
         read_only: bool = False,
         own_sql: bool = False,
+        first_rows: bool = True,
         action: str = "query.stream",
     ) -> AsyncGenerator[Event, None]:
         """One statement, streamed: a Header, batches of rows, a Summary.
@@ -804,7 +813,11 @@ class QueryExecutor:
 
         ``own_sql``: the text is the service's own (time-series reads), a read the guard still
         checks, so a read-only caller needs no READ ONLY transaction around it: that
-        transaction guards a caller's SQL (functions that write), and costs two round trips."""
+        transaction guards a caller's SQL (functions that write), and costs two round trips.
+
+        ``first_rows`` False: a read goes by cursor even when its result is small, each batch
+        forwarded as PostgreSQL makes it — for a result of few rows that each take PostgreSQL
+        long to make (candles packed by part), so the caller reads one while the next is made."""
         started = time.perf_counter()
         async with self._audited(principal, ctx, action) as outcome:
             self._check_params(params)
@@ -838,7 +851,7 @@ class QueryExecutor:
                     ):
                         watch = session.watch
                         stmt, args, columns, reading, first = await self._begin_statement(
-                            session, verdict, sql, params
+                            session, verdict, sql, params, first_rows=first_rows
                         )
                         if first is not None:
                             rows, command = first

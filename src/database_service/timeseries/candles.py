@@ -35,6 +35,7 @@ __all__ = [
     "CandleQuery",
     "candle_sql",
     "last_tick_sql",
+    "packed_parts_sql",
     "packed_sql",
     "parse_interval",
     "uses_rollup",
@@ -188,15 +189,7 @@ def candle_sql(shared: str, q: CandleQuery) -> tuple[str, list[Any]]:
     )
     if uses_rollup(q) and q.interval == MINUTE:
         # The rollup's own buckets: no re-aggregation (any time zone's offset is whole minutes).
-        inner = f"""
-            SELECT bucket, open, high, low, close, volume, ticks::bigint AS ticks,
-                   price_volume / nullif(volume, 0) AS vwap,
-                   spread_sum / nullif(spread_n, 0) AS spread_avg, spread_min, spread_max
-            FROM {schema}.candles_1m
-            WHERE symbol = $1 AND bucket >= $2 AND bucket < $3
-              -- unused here, but every parameter must have a type
-              AND $4::interval IS NOT NULL AND $5::text IS NOT NULL
-              AND $6::timestamptz IS NOT NULL"""
+        inner = _minute_rollup(schema, "$2", "$3")
     elif uses_rollup(q):
         inner = f"""
             SELECT {bucket.format(col="bucket")} AS bucket,
@@ -252,6 +245,19 @@ def candle_sql(shared: str, q: CandleQuery) -> tuple[str, list[Any]]:
     return sql, params
 
 
+def _minute_rollup(schema: str, lower: str, upper: str) -> str:
+    """The rollup's own 1-minute candles of symbol $1 in [lower, upper)."""
+    return f"""
+            SELECT bucket, open, high, low, close, volume, ticks::bigint AS ticks,
+                   price_volume / nullif(volume, 0) AS vwap,
+                   spread_sum / nullif(spread_n, 0) AS spread_avg, spread_min, spread_max
+            FROM {schema}.candles_1m
+            WHERE symbol = $1 AND bucket >= {lower} AND bucket < {upper}
+              -- unused here, but every parameter must have a type
+              AND $4::interval IS NOT NULL AND $5::text IS NOT NULL
+              AND $6::timestamptz IS NOT NULL"""
+
+
 def _packed_value(name: str) -> str:
     """One column of a candle as JSON text: the bucket as ``to_json`` writes a timestamp (ISO
     8601 with its offset), integers as numbers, the numeric columns (already text, see
@@ -277,6 +283,47 @@ def packed_sql(candles: str) -> str:
         f"SELECT count(*), coalesce('[' || string_agg('[' || {_PACKED_ROW} || ']', ','"
         f" ORDER BY bucket) || ']', '[]') FROM ({candles}) p"
     )
+
+
+# 1-minute candles from the rollup come in parts of this many minutes when there are more.
+PART_MINUTES = 360
+
+
+def packed_parts_sql(shared: str, q: CandleQuery) -> tuple[str, list[Any]] | None:
+    """1-minute candles from the rollup in parts of ``PART_MINUTES``, a row per part (its
+    candle count and its candles packed as ``packed_sql`` writes them), oldest part first; None
+    for any other query, or for a range of one part.
+
+    PostgreSQL makes each part only when the one before it has been fetched (a nested loop over
+    the parts, read by cursor a row at a time): the caller decodes one part while the next is
+    made, instead of everything waiting for the whole range."""
+    q.validate()
+    if not (uses_rollup(q) and q.interval == MINUTE and not q.gap_fill):
+        return None
+    step = dt.timedelta(minutes=PART_MINUTES)
+    if q.end - q.start <= step:
+        return None
+    lows = []
+    low = q.start
+    while low < q.end:
+        lows.append(low)
+        low += step
+    highs = [*lows[1:], q.end]
+    schema = quote_ident(shared)
+    inner = _minute_rollup(
+        schema, "greatest($2::timestamptz, part.lo)", "least($3::timestamptz, part.hi)"
+    )
+    sql = f"""
+        SELECT c.n, c.packed
+        FROM unnest($7::timestamptz[], $8::timestamptz[]) AS part(lo, hi)
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS n,
+                   coalesce('[' || string_agg('[' || {_PACKED_ROW} || ']', ',' ORDER BY bucket)
+                            || ']', '[]') AS packed
+            FROM (SELECT {_OUTPUT} FROM ({inner}) r) p
+        ) c"""
+    params: list[Any] = [q.symbol, q.start, q.end, q.interval, q.timezone, q.origin, lows, highs]
+    return sql, params
 
 
 def last_tick_sql(shared: str, since: dt.datetime) -> tuple[str, list[Any]]:
