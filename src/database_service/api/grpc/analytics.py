@@ -61,5 +61,5 @@ def add_analytics_servicer(servicer: AnalyticsReportsService, server: grpc.aio.S
         response_serializer=pb.AnalyticsResult.SerializeToString,
     )
     handlers = {"GetReport": handler}
+    # Generic only, as every service of ours: see ``server.GenericOnly``.
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
