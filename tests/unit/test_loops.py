@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from database_service.loops import BackgroundLoops
+import pytest
+
+from database_service.loops import BackgroundLoops, RunningLoop
 from database_service.observability import Metrics
 
 
@@ -55,3 +57,20 @@ async def test_a_loop_that_returns_is_finished_not_restarted() -> None:
 
     await loops.start("once", done)
     assert loops.document()["once"]["state"] == "finished"
+
+
+def test_the_running_loop_is_remembered_and_found_again_when_it_changes() -> None:
+    running = RunningLoop()
+
+    async def seen() -> tuple[asyncio.AbstractEventLoop, asyncio.AbstractEventLoop]:
+        return running(), running()
+
+    first, again = asyncio.run(seen())
+    assert first is again
+    second, _ = asyncio.run(seen())  # a new loop: the first one ended
+    assert second is not first and not first.is_running()
+
+
+def test_the_running_loop_outside_a_loop_is_an_error() -> None:
+    with pytest.raises(RuntimeError):
+        RunningLoop()()

@@ -33,6 +33,7 @@ from types import TracebackType
 import asyncpg
 
 from database_service.errors import QueryError, postgres_unreachable
+from database_service.loops import RunningLoop
 
 __all__ = ["Deadlines", "SessionWatch"]
 
@@ -160,7 +161,7 @@ class _StatementLimit:
     def __enter__(self) -> None:
         watch = self._watch
         watch.check()
-        task = asyncio.current_task()
+        task = asyncio.current_task(watch._owner.loop())
         if task is None:
             raise RuntimeError("a statement limit is entered in a task")
         self._task = task
@@ -227,9 +228,10 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _NEVER
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop = RunningLoop()
 
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self.loop().time()
 
     def watched(self, watch: SessionWatch, at: float) -> None:
         self._sessions[watch] = None
@@ -240,7 +242,7 @@ class Deadlines:
 
     def due(self, at: float) -> None:
         """A deadline to check at ``at`` (loop time): the timer moves earlier if need be."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop()
         if loop is not self._loop:  # a timer of another (closed) loop never fires here
             self._loop, self._timer, self._timer_at = loop, None, _NEVER
         if at < self._timer_at - _SLACK:

@@ -45,6 +45,7 @@ from database_service.errors import (
     Unavailable,
     postgres_unreachable,
 )
+from database_service.loops import RunningLoop
 from database_service.observability.audit import AuditEvent, AuditLog
 from database_service.observability.metrics import Metrics
 from database_service.observability.tracing import (
@@ -312,7 +313,7 @@ class _Audited:
             # The usual case: counted and audited once the answer is on its way (the next turn
             # of the loop), not before it. Nothing is lost: the callback runs before the loop
             # takes any other request, and before shutdown.
-            asyncio.get_running_loop().call_soon(
+            executor._running_loop().call_soon(
                 executor._succeeded, principal, ctx, action, outcome, True
             )
         elif isinstance(exc, DatabaseServiceError):
@@ -372,6 +373,7 @@ class QueryExecutor:
         replicas: ReplicaSet | None = None,
     ) -> None:
         self._pools = pools
+        self._running_loop = RunningLoop()  # call_soon on every request, without getpid()
         # Read replicas (None: none configured): pure reads may go there (postgres/replicas.py).
         self._replicas = replicas
         # The statement limits of analytics and bulk sessions (their pools' connections start
@@ -708,7 +710,7 @@ class QueryExecutor:
             if self._statements is not None:
                 hit = result.cache is not None and result.cache.status == "hit"
                 # Recorded once the answer is on its way, like the audit event (_Audited).
-                asyncio.get_running_loop().call_soon(
+                self._running_loop().call_soon(
                     self._statements.done, tenant, verdict, sql, params, result.duration_ms,
                     result.row_count, hit,
                 )  # fmt: skip

@@ -19,7 +19,6 @@ Metadata: ``authorization: Bearer <token>``, ``x-tenant-id``, optional ``x-user-
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import logging
@@ -43,6 +42,7 @@ from database_service.errors import (
     escaped_driver_error,
     unavailable,
 )
+from database_service.loops import RunningLoop
 from database_service.observability import AuditEvent
 from database_service.observability.logs import REQUEST_ID_HEADER, bind, request_id_from
 from database_service.observability.notices import Notices
@@ -217,6 +217,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Count, time and translate errors for one RPC, unary or streaming."""
     name = handler.__name__
     action = f"grpc.{name}"
+    running_loop = RunningLoop()
 
     def record(servicer: _Servicer, started: float, code: str, call: _Call) -> None:
         recorded(servicer, time.perf_counter() - started, code, call)
@@ -331,7 +332,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             await fail(self, context, started, call, exc)
         # Counted once the answer is on its way (the loop's next turn), not before it.
         elapsed = time.perf_counter() - started
-        asyncio.get_running_loop().call_soon(recorded, self, elapsed, "ok", call)
+        running_loop().call_soon(recorded, self, elapsed, "ok", call)
         return result
 
     return unary
