@@ -62,6 +62,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.gc_pauses = Histogram(
+            "dbsvc_gc_pause_seconds",
+            "Pauses of Python's cyclic garbage collector in this process (every call in flight"
+            " waits for one), by generation (2: a full collection).",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.registry,
+        )
         self.errors = Counter(
             "dbsvc_errors", "Errors returned to callers, by stable code.", ["code"],
             registry=self.registry,
