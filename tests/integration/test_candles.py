@@ -395,9 +395,8 @@ async def test_candles_packed_by_postgres_equal_the_streamed_ones(
         assert packed[2] == [] and packed[5][0] == 0
 
 
-async def test_short_ranges_come_packed_by_postgres(
-    client: MultiDatabaseClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def minute_candles_request(span: dt.timedelta) -> pb.TimeSeriesRequest:
+    """1-minute EURUSD candles over [BASE, BASE + span), packed."""
     request = pb.TimeSeriesRequest(
         kind=pb.TIME_SERIES_KIND_CANDLES,
         symbol="EURUSD",
@@ -405,7 +404,14 @@ async def test_short_ranges_come_packed_by_postgres(
         row_encoding=pb.ROW_ENCODING_PACKED,
     )
     request.start.FromDatetime(BASE)
-    request.end.FromDatetime(BASE + dt.timedelta(hours=6))
+    request.end.FromDatetime(BASE + span)
+    return request
+
+
+async def test_short_ranges_come_packed_by_postgres(
+    client: MultiDatabaseClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request = minute_candles_request(dt.timedelta(hours=6))
 
     async def packed() -> bytes:
         call = client.stub.GetTimeSeriesData(request, metadata=client._metadata())
@@ -431,14 +437,7 @@ async def test_short_ranges_come_packed_by_postgres(
 async def test_a_long_range_of_minute_candles_arrives_part_by_part(
     client: MultiDatabaseClient,
 ) -> None:
-    request = pb.TimeSeriesRequest(
-        kind=pb.TIME_SERIES_KIND_CANDLES,
-        symbol="EURUSD",
-        interval_seconds=60,
-        row_encoding=pb.ROW_ENCODING_PACKED,
-    )
-    request.start.FromDatetime(BASE)
-    request.end.FromDatetime(BASE + dt.timedelta(hours=8))
+    request = minute_candles_request(dt.timedelta(hours=8))
     call = client.stub.GetTimeSeriesData(request, metadata=client._metadata())
     parts = [orjson.loads(m.rows.packed) async for m in call if m.rows.packed]
     assert len(parts) == 2  # [0 h, 6 h) and [6 h, 8 h)
