@@ -78,7 +78,6 @@ from database_service.observability import (
     PostgresProbe,
     RequestWindow,
 )
-from database_service.observability.gcpauses import GcPauses
 from database_service.observability.health import DependencyProbe
 from database_service.observability.tracing import Tracing
 from database_service.postgres import TenantPools, create_owner_pool
@@ -358,9 +357,8 @@ class Application:
             log.error("tenant %s: migration failed at start: %s", failed.tenant_id, failed.error)
 
         self.metrics = Metrics()
-        gc_pauses = GcPauses(self.metrics.gc_pauses)
-        gc_pauses.install()
-        stack.callback(gc_pauses.remove)
+        self.metrics.gc.install()
+        stack.callback(self.metrics.gc.remove)
         self.loops = BackgroundLoops(self.metrics.loop_restarts)
         self.window = RequestWindow()
         self.secret_box = SecretBox(master_key)

@@ -3,9 +3,14 @@
 A collection stops the whole process: every call in flight waits for it. Measured on
 2026-12-04 (``bench/cache.py``, a ``gc.callbacks`` probe): a serving process whose L1 result
 cache held ~100,000 entries ran a full collection every ~7 s, each 40-160 ms and longer as the
-cache grew — the stalls behind the p99s of that bench and of the wire port's. Start-up's
-objects are frozen out of the collector (``cli._settle_heap``); what serving keeps (cache
-entries, plans, statements) is not, so this histogram shows what is left.
+cache grew: the stalls behind the p99s of that bench and of the wire port's. Start-up's objects
+are frozen out of the collector (``cli._settle_heap``) and the cache's entries are not tracked
+by it; this histogram shows what is left.
+
+The callback only appends to a list: a collection can start inside any allocation, including
+one made while prometheus-client holds a value's lock (in multiprocess mode one lock for every
+value of the process), so observing there could wait on that lock forever. ``flush`` moves
+the pauses into the histogram; the metrics do that before each scrape and each refresh.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import time
 from typing import Any, Protocol
 
 __all__ = ["GcPauses"]
+
+# Pauses kept between two flushes at most (a process nobody scrapes keeps no more).
+_MAX_PENDING = 10_000
 
 
 class _Observer(Protocol):
@@ -26,12 +34,15 @@ class _Labelled(Protocol):
 
 
 class GcPauses:
-    """``install()`` puts a callback in ``gc.callbacks`` that times each collection into the
-    histogram, by generation; ``remove()`` takes it out (the callbacks are the process's)."""
+    """``install()`` puts a callback in ``gc.callbacks`` that times each collection;
+    ``flush()`` observes the pauses timed since, by generation, in the histogram;
+    ``remove()`` takes the callback out (the callbacks are the process's)."""
 
     def __init__(self, histogram: _Labelled) -> None:
         self._children = [histogram.labels(str(generation)) for generation in range(3)]
         self._started = 0.0
+        self._pending: list[tuple[int, float]] = []
+        self.dropped = 0  # pauses not kept: more than _MAX_PENDING between two flushes
         self.installed = False
 
     def install(self) -> None:
@@ -44,9 +55,19 @@ class GcPauses:
             gc.callbacks.remove(self._callback)
             self.installed = False
 
+    def flush(self) -> None:
+        """Observe the pauses timed since the last flush (not from a collection's callback)."""
+        pending, self._pending = self._pending, []
+        for generation, seconds in pending:
+            self._children[generation].observe(seconds)
+
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        # No lock, no metric here: see the module's docstring.
         if phase == "start":
             self._started = time.perf_counter()
         elif phase == "stop":
-            generation = int(info.get("generation", 0))
-            self._children[min(max(generation, 0), 2)].observe(time.perf_counter() - self._started)
+            if len(self._pending) >= _MAX_PENDING:
+                self.dropped += 1
+                return
+            generation = min(max(int(info.get("generation", 0)), 0), 2)
+            self._pending.append((generation, time.perf_counter() - self._started))

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.registry import Collector
 
+from database_service.observability.gcpauses import GcPauses
+
 __all__ = ["Metrics", "multiprocess_dir"]
 
 # Live readings that only one worker holds (the primary maintains partitions) or that must not
@@ -70,6 +72,9 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry,
         )
+        # Installed by the application (``gc.callbacks`` are the process's); flushed into
+        # ``gc_pauses`` before each scrape and refresh, never from the collector's callback.
+        self.gc = GcPauses(self.gc_pauses)
         self.errors = Counter(
             "dbsvc_errors", "Errors returned to callers, by stable code.", ["code"],
             registry=self.registry,
@@ -218,6 +223,7 @@ class Metrics:
 
         A label set a collector no longer reports (a pool that closed) is set to 0: gauges of
         this mode cannot drop a label set."""
+        self.gc.flush()
         for collector in self._live:
             for family in collector.collect():
                 seen: set[tuple[str, ...]] = set()
@@ -252,6 +258,7 @@ class Metrics:
 
     def render(self) -> bytes:
         if not self.multiprocess:
+            self.gc.flush()
             return generate_latest(self.registry)
         from prometheus_client import multiprocess  # noqa: PLC0415
 
