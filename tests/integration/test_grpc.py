@@ -390,6 +390,19 @@ async def test_metrics_count_grpc_requests(
     assert 'dbsvc_requests_total{code="ok",front_end="grpc",operation="ExecuteQuery"}' in text
 
 
+async def test_metrics_show_the_garbage_collectors_pauses(
+    http: object, admin_headers: dict[str, str]
+) -> None:
+    import gc
+
+    import httpx
+
+    assert isinstance(http, httpx.AsyncClient)
+    gc.collect()  # the application's probe notes it; the scrape observes it
+    text = (await http.get("/metrics", headers=admin_headers)).text
+    assert 'dbsvc_gc_pause_seconds_count{generation="2"}' in text
+
+
 async def test_bad_token_is_unauthenticated(grpc_target: str, tenant: TenantRecord) -> None:
     async with Client(grpc_target, tenant.tenant_id, "not-a-token") as bad:
         with pytest.raises(Unauthenticated):
