@@ -387,7 +387,7 @@ async def test_metrics_count_grpc_requests(
 
     assert isinstance(http, httpx.AsyncClient)
     text = (await http.get("/metrics", headers=admin_headers)).text
-    assert 'dbsvc_requests_total{code="ok",front_end="grpc",operation="ExecuteQuery"}' in text
+    assert 'dbsvc_requests_total{code="ok",front_end="grpc",operation="Query"}' in text
 
 
 async def test_metrics_show_the_garbage_collectors_pauses(
