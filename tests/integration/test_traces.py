@@ -347,7 +347,10 @@ async def test_an_ingestion_batch_continues_its_publishers_trace(
         )
     finally:
         await nc.close()
-    spans = await otlp_receiver.wait_for_trace(nats_trace, has(tracing.INGEST_WRITE))
+    # The batch span ends (and is exported) after its write span: wait for both.
+    spans = await otlp_receiver.wait_for_trace(
+        nats_trace, has(tracing.INGEST_WRITE, tracing.INGEST_BATCH)
+    )
     assert_batch(spans, nats_caller, "nats", tenant.tenant_id, 3)
 
     kafka_header, kafka_trace, kafka_caller = traceparent()
@@ -364,6 +367,8 @@ async def test_an_ingestion_batch_continues_its_publishers_trace(
         )
     finally:
         await producer.stop()
-    spans = await otlp_receiver.wait_for_trace(kafka_trace, has(tracing.INGEST_WRITE), timeout=60)
+    spans = await otlp_receiver.wait_for_trace(
+        kafka_trace, has(tracing.INGEST_WRITE, tracing.INGEST_BATCH), timeout=60
+    )
     assert_batch(spans, kafka_caller, "kafka", tenant.tenant_id, 2)
     assert await ingest_env.wait_ticks(tenant.tenant_id, 5) == 5
