@@ -48,7 +48,11 @@ async def test_topic_produce_consume_and_commit(
         await admin.create_topics(
             [NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)]
         )
-        assert topic in await admin.list_topics()
+        # Created is not yet listed: the broker answering may not have the new metadata yet.
+        deadline = time.monotonic() + 30
+        while topic not in await admin.list_topics():
+            assert time.monotonic() < deadline, f"{topic} not listed within 30 s"
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
 
