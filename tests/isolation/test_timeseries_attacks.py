@@ -131,3 +131,26 @@ async def test_candle_sql_cannot_be_injected_through_the_time_zone(
         await as_a.candles(
             "EURUSD", start, end, dt.timedelta(hours=1), timezone="UTC'; DELETE FROM users; --"
         )
+
+
+@pytest.mark.parametrize("front_end", ["grpc", "rest"])
+async def test_minute_candles_in_parts_never_include_b(
+    as_a: MultiDatabaseClient, http: httpx.AsyncClient, tenants: Tenants, front_end: str
+) -> None:
+    """Two days of 1-minute candles come in parts (packed_parts_sql); B's minute is in one."""
+    start, end = window()
+    if front_end == "grpc":
+        result = await as_a.candles("EURUSD", start, end, dt.timedelta(minutes=1))
+        assert result.rows == [] and result.row_count == 0
+        return
+    response = await http.get(
+        "/api/v1/timeseries/candles",
+        params={
+            "symbol": "EURUSD",
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+            "interval": 60,
+        },
+        headers={**tenants.a_headers, "X-Tenant-Id": tenants.a.tenant_id},
+    )
+    assert response.status_code == 200 and response.text == ""

@@ -83,6 +83,7 @@ class TimeSeries:
         params: list[Any],
         *,
         batch_rows: int = 500,
+        first_rows: bool = True,
     ) -> Events:
         return self._executor.stream(
             principal,
@@ -92,6 +93,7 @@ class TimeSeries:
             batch_rows=batch_rows,
             read_only=True,
             own_sql=True,
+            first_rows=first_rows,
             action="timeseries",
         )
 
@@ -151,17 +153,7 @@ class TimeSeries:
         ``by_part``: the rows are parts of the range (``packed_parts_sql``), fetched a row at a
         time so each goes on while PostgreSQL makes the next."""
         if by_part:
-            events = self._executor.stream(
-                principal,
-                ctx,
-                sql,
-                params,
-                batch_rows=1,
-                read_only=True,
-                own_sql=True,
-                first_rows=False,
-                action="timeseries",
-            )
+            events = self._stream(principal, ctx, sql, params, batch_rows=1, first_rows=False)
         else:
             events = self._stream(principal, ctx, sql, params)
         total = 0
