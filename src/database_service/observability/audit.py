@@ -102,7 +102,9 @@ def _closing(text: str, start: int) -> int:
     return last
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every operation, and a frozen dataclass's __init__ sets each field
+# through object.__setattr__ (twice the cost). Nothing changes an event once made.
+@dataclass(slots=True)
 class AuditEvent:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
     service: str | None = None
@@ -123,7 +125,7 @@ class AuditEvent:
     def __post_init__(self) -> None:
         if self.detail:
             detail = redact(self.detail, (self.service, self.tenant_id))
-            object.__setattr__(self, "detail", detail)
+            self.detail = detail
 
 
 _COLUMNS = ["at", "service", "tenant_id", "action", "statement_class", "outcome", "code", "detail"]

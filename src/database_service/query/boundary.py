@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from types import TracebackType
 from typing import Any, cast
 
 import asyncpg
@@ -33,44 +33,68 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def postgres_errors(tenant_id: str) -> Iterator[None]:
+def postgres_errors(tenant_id: str) -> _PostgresErrors:
     """Translate driver errors into the service's error tree (``raise Ours(...) from exc``)."""
-    try:
-        yield
-    except DatabaseServiceError:
-        raise
-    except Exception as exc:
-        # Unreachable first: a dropped connection is also a PostgresError (class 08, 57P01).
-        if postgres_unreachable(exc):
-            raise unavailable(f"tenant {tenant_id!r}", exc) from exc
-        # A kept statement whose tables changed ("cached plan must not change result type"),
-        # refused at Bind, before anything ran: the query core retries it once.
-        if isinstance(exc, asyncpg.InvalidCachedStatementError):
-            raise StatementOutdated(
-                "the tables this statement uses changed since it was prepared; retry",
-                sqlstate=exc.sqlstate,
-            ) from exc
-        # A composite type changed under a result being decoded (asyncpg has reloaded its
-        # types by now). The statement ran: not retried here, the caller decides.
-        if isinstance(exc, asyncpg.OutdatedSchemaCacheError):
-            raise Unavailable(
-                "a type in this result changed while it was read; retry", sqlstate="0A000"
-            ) from exc
-        if isinstance(exc, asyncpg.PostgresError):
-            position = getattr(exc, "position", None)
-            raise QueryError(
-                exc.args[0] if exc.args else str(exc),
-                sqlstate=exc.sqlstate,
-                position=int(position) if position else None,
-                detail=getattr(exc, "detail", None),
-                hint=getattr(exc, "hint", None),
-            ) from exc
-        if isinstance(exc, ClientDataError):
-            # Client side: a parameter did not encode (``asyncpg.DataError`` is another class,
-            # SQLSTATE 22, handled above).
-            raise InvalidParameters(str(exc)) from exc
-        raise
+    return _PostgresErrors(tenant_id)
+
+
+class _PostgresErrors:
+    """``postgres_errors``' context manager: a class, not a generator-based one, as it wraps
+    every request."""
+
+    __slots__ = ("_tenant_id",)
+
+    def __init__(self, tenant_id: str) -> None:
+        self._tenant_id = tenant_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, DatabaseServiceError):
+            return
+        translated = translated_postgres_error(self._tenant_id, exc)
+        if translated is not None:
+            raise translated from exc
+
+
+def translated_postgres_error(tenant_id: str, exc: Exception) -> DatabaseServiceError | None:
+    """The service's error for a driver error (None: not one to translate)."""
+    # Unreachable first: a dropped connection is also a PostgresError (class 08, 57P01).
+    if postgres_unreachable(exc):
+        return unavailable(f"tenant {tenant_id!r}", exc)
+    # A kept statement whose tables changed ("cached plan must not change result type"),
+    # refused at Bind, before anything ran: the query core retries it once.
+    if isinstance(exc, asyncpg.InvalidCachedStatementError):
+        return StatementOutdated(
+            "the tables this statement uses changed since it was prepared; retry",
+            sqlstate=exc.sqlstate,
+        )
+    # A composite type changed under a result being decoded (asyncpg has reloaded its
+    # types by now). The statement ran: not retried here, the caller decides.
+    if isinstance(exc, asyncpg.OutdatedSchemaCacheError):
+        return Unavailable(
+            "a type in this result changed while it was read; retry", sqlstate="0A000"
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        position = getattr(exc, "position", None)
+        return QueryError(
+            exc.args[0] if exc.args else str(exc),
+            sqlstate=exc.sqlstate,
+            position=int(position) if position else None,
+            detail=getattr(exc, "detail", None),
+            hint=getattr(exc, "hint", None),
+        )
+    if isinstance(exc, ClientDataError):
+        # Client side: a parameter did not encode (``asyncpg.DataError`` is another class,
+        # SQLSTATE 22, handled above).
+        return InvalidParameters(str(exc))
+    return None
 
 
 async def prepare_cached(conn: Connection, sql: str, schema_generation: int) -> PreparedStatement:

@@ -131,6 +131,9 @@ class _Outcome:
     # The one statement of the operation, once classified: an error from then on is counted
     # in its statement figures.
     verdict: Classification | None = None
+    # A statement that succeeded: ``StatementRecorder.done``'s arguments, recorded with the
+    # rest of the operation's bookkeeping once the answer is on its way (one callback).
+    statistics: tuple[Any, ...] | None = None
 
 
 class _Session:
@@ -467,7 +470,10 @@ class QueryExecutor:
         outcome: _Outcome,
         audit: bool = False,
     ) -> None:
-        """Count an operation that succeeded (``audit``: and queue its audit event)."""
+        """Count an operation that succeeded (``audit``: and queue its audit event), and add
+        its statement to the statistics."""
+        if outcome.statistics is not None and self._statements is not None:
+            self._statements.done(*outcome.statistics)
         if outcome.kind is not None:
             counter = self._statement_counters.get(outcome.kind)
             if counter is None:  # labels() locks and builds a key: its child is kept
@@ -709,10 +715,9 @@ class QueryExecutor:
             result.duration_ms = (time.perf_counter() - started) * 1000
             if self._statements is not None:
                 hit = result.cache is not None and result.cache.status == "hit"
-                # Recorded once the answer is on its way, like the audit event (_Audited).
-                self._running_loop().call_soon(
-                    self._statements.done, tenant, verdict, sql, params, result.duration_ms,
-                    result.row_count, hit,
+                # Recorded once the answer is on its way, with the audit event (_Audited).
+                outcome.statistics = (
+                    tenant, verdict, sql, params, result.duration_ms, result.row_count, hit
                 )  # fmt: skip
             outcome.command = result.command or "SELECT (from the cache)"
             return result
