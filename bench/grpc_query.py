@@ -7,8 +7,12 @@ tenant's pool in the service. The echo (``--echo-server``, this script) is the f
 stack: a trivial DatabaseService in its own process, same channel options, answering with the
 service's own response bytes for the same request, driven by the same client the same way. For each
 workload and concurrency: throughput, p50, p99 and the ratios to direct asyncpg and to the echo.
-Then a 1,000,000-row stream (``execute_query``) against an asyncpg cursor, with the service's
-memory before and after, and BulkInsert against ``copy_records_to_table``.
+Next to the echo, the floor of any Python gateway: the same echo running each statement on one
+of 8 asyncpg connections first (``--pg``; no authentication, tenancy, guard, limits, encoding or
+bookkeeping), and the service's ratio to it. Then a 1,000,000-row stream (``execute_query``)
+against an asyncpg cursor, with the service's memory before and after, BulkInsert against ``copy_records_to_table``, PK lookups over TLS
+against plaintext, and PK lookups at c=32 with the calls spread over 1, 2 and 4 connections
+(echo and service alike; the workers' CPU shows how the kernel spread the connections).
 
 The last line is one JSON object of the figures (``{"bench": "grpc_query", ...}``).
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import statistics
 import subprocess
@@ -32,6 +37,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+import psutil
 import uvloop
 from harness import (  # bench/ is on sys.path as a script
     closed_loop,
@@ -77,15 +83,46 @@ def line(name: str, f: Figures, direct: Figures | None = None, echo: Figures | N
     print(f"  {name:<30} {f.rps:8.0f} req/s  p50 {f.p50:7.3f} ms  p99 {f.p99:7.3f} ms{ratios}")
 
 
-async def serve_echo(port: int, small: bytes, large: bytes) -> None:
+async def serve_echo(
+    port: int, small: bytes, large: bytes, dsn: str | None = None, schema: str | None = None
+) -> None:
     """The echo's process: a DatabaseService answering every ``Query`` and ``ExecuteQuery``
     with the service's own bytes for the same request (``LIMIT 1000`` in the SQL: the large
-    answer), with the service's channel options (``api/grpc/server.py``), on grpc.aio."""
+    answer), with the service's channel options (``api/grpc/server.py``), on grpc.aio.
+
+    With ``dsn`` it is the floor of any Python gateway instead: each ``Query`` is decoded and
+    its statement run on one of ``POOL`` asyncpg connections (on the tenant's schema), whose
+    rows are thrown away for the recorded answer. No authentication, tenancy, SQL guard,
+    limits, encoding or bookkeeping: what gRPC and one asyncpg round trip cost together."""
 
     def pick(request: bytes) -> bytes:
         return large if b"LIMIT 1000" in request else small
 
+    # A list of connections, not asyncpg's pool (whose acquire and release cost more than the
+    # service's own hand-over): the leanest way to share 8 connections among callers.
+    idle: list[asyncpg.Connection] = []
+    waiting: collections.deque[asyncio.Future[asyncpg.Connection]] = collections.deque()
+    if dsn is not None:
+        idle = [
+            await asyncpg.connect(dsn, server_settings={"search_path": schema or ""})
+            for _ in range(POOL)
+        ]
+
     async def query(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if dsn is not None:
+            decoded = pb.QueryRequest.FromString(request)
+            if idle:
+                conn = idle.pop()
+            else:
+                waiting.append(asyncio.get_running_loop().create_future())
+                conn = await waiting[-1]
+            try:
+                await conn.fetch(decoded.sql, *[p.string_value for p in decoded.params])
+            finally:
+                if waiting:
+                    waiting.popleft().set_result(conn)
+                else:
+                    idle.append(conn)
         return pick(request)
 
     async def execute_query(
@@ -119,15 +156,22 @@ async def serve_echo(port: int, small: bytes, large: bytes) -> None:
 
 
 @contextlib.asynccontextmanager
-async def echo_server(small: bytes, large: bytes) -> AsyncIterator[str]:
-    """The echo in a process of its own (this script, ``--echo-server``)."""
+async def echo_server(
+    small: bytes, large: bytes, *, dsn: str | None = None, schema: str | None = None
+) -> AsyncIterator[str]:
+    """The echo in a process of its own (this script, ``--echo-server``); with ``dsn``, the
+    echo that runs each statement on asyncpg first (``--pg``, see ``serve_echo``)."""
     with tempfile.TemporaryDirectory() as tmp:
         await asyncio.to_thread(Path(tmp, "small").write_bytes, small)
         await asyncio.to_thread(Path(tmp, "large").write_bytes, large)
         port = free_port()
+        command = [
+            sys.executable, __file__, "--echo-server", str(port), f"{tmp}/small", f"{tmp}/large"
+        ]  # fmt: skip
+        if dsn is not None:
+            command += ["--pg", dsn, schema or ""]
         process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; readiness is read below
-            [sys.executable, __file__, "--echo-server", str(port), f"{tmp}/small", f"{tmp}/large"],
-            stdout=subprocess.PIPE,
+            command, stdout=subprocess.PIPE
         )
         try:
             assert process.stdout is not None
@@ -168,6 +212,8 @@ async def main(
             figures |= await bench_bulk(service.dsn, service.grpc, schema, token, bulk_rows)
         if only in (None, "tls"):
             figures |= await bench_tls(service.dsn, service.grpc, schema, token, seconds)
+        if only in (None, "spread"):
+            figures |= await bench_spread(service.grpc, service.pid, token, seconds)
 
 
 async def bench(
@@ -196,8 +242,12 @@ async def bench(
 
     out: dict[str, float] = {}
     print(f"{seconds:g} s per measurement, pools of {POOL}, PostgreSQL {version}")
-    async with echo_server(small, large) as echo_target:
+    async with (
+        echo_server(small, large) as echo_target,
+        echo_server(small, large, dsn=dsn, schema=schema) as floor_target,
+    ):
         echo = MultiDatabaseClient(echo_target, "bench", token)
+        pg_echo = MultiDatabaseClient(floor_target, "bench", token)
         for name, sql, args in (("pk", PK, True), ("range", RANGE, False)):
             for concurrency in (1, 32):
 
@@ -215,10 +265,15 @@ async def bench(
                 line("direct asyncpg", base)
                 floor = await run_load(by(echo), concurrency, seconds)
                 line("bare gRPC echo (same client)", floor, base)
+                gateway = await run_load(by(pg_echo), concurrency, seconds)
+                line("echo + asyncpg (Python floor)", gateway, base, floor)
                 ours = await run_load(by(client), concurrency, seconds)
                 line("MultiDatabaseClient → service", ours, base, floor)
+                print(f"  {'':<30} service / (echo + asyncpg): {ours.rps / gateway.rps:5.2f}x")
                 prefix = f"{name}_c{concurrency}"
                 out |= {
+                    f"{prefix}_vs_echo_asyncpg": ours.rps / gateway.rps,
+                    f"echo_asyncpg_{prefix}_vs_echo": gateway.rps / floor.rps,
                     f"{prefix}_p50_ms": ours.p50,
                     f"{prefix}_p99_ms": ours.p99,
                     f"{prefix}_rps": ours.rps,
@@ -231,6 +286,7 @@ async def bench(
                     out[f"echo_c{concurrency}_p50_ms"] = floor.p50
                     out[f"direct_c{concurrency}_p50_ms"] = base.p50
         await echo.close()
+        await pg_echo.close()
     print(f"  service RSS {rss_bytes(pid) / 1e6:.0f} MB")
     await client.close()
     await direct.close()
@@ -352,17 +408,65 @@ async def bench_tls(
     }
 
 
+async def bench_spread(target: str, pid: int, token: str, seconds: float) -> dict[str, float]:
+    """PK lookups at c=32 with the client's calls spread over 1, 2 and 4 HTTP/2 connections,
+    the echo and the service driven alike (alternating, two rounds each). One connection
+    reaches one worker; the kernel hands each new connection to a worker (SO_REUSEPORT, by a
+    hash of its addresses), so the workers' CPU is printed: how evenly they shared the load."""
+    workers = psutil.Process(pid).children()
+    small = await recorded(target, token, PK, ["u000001"])
+    out: dict[str, float] = {}
+    print(f"PK lookup, c=32, calls spread over connections ({len(workers)} workers)")
+    async with echo_server(small, small) as echo_target:
+        for connections in (1, 2, 4):
+            rounds: dict[str, list[float]] = {"echo": [], "service": []}
+            shares: list[str] = []
+            for _ in range(2):
+                for kind, where in (("echo", echo_target), ("service", target)):
+                    client = MultiDatabaseClient(where, "bench", token, connections=connections)
+
+                    async def call(i: int, client: MultiDatabaseClient = client) -> Any:
+                        return await client.fetch_all(PK, [f"u{i % 100000 + 1:06d}"])
+
+                    before = [cpu_seconds(w) for w in workers]
+                    rounds[kind].append((await run_load(call, 32, seconds)).rps)
+                    if kind == "service":
+                        used = [cpu_seconds(w) - b for w, b in zip(workers, before, strict=True)]
+                        shares.append("/".join(f"{u:.1f}" for u in used))
+                    await client.close()
+            echo_rps = statistics.median(rounds["echo"])
+            ours = statistics.median(rounds["service"])
+            print(
+                f"  {connections} connection(s): echo {echo_rps:6.0f}/s  service {ours:6.0f}/s"
+                f"  {ours / echo_rps:5.2f}x echo   workers' CPU s per round: {', '.join(shares)}"
+            )
+            out[f"pk_c32_connections{connections}_vs_echo"] = ours / echo_rps
+            out[f"pk_c32_connections{connections}_rps"] = ours
+    return out
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--stream-rows", type=int, default=1_000_000)
-    parser.add_argument("--only", choices=["query", "stream", "bulk", "tls"], help="one part alone")
+    parser.add_argument(
+        "--only", choices=["query", "stream", "bulk", "tls", "spread"], help="one part alone"
+    )
     parser.add_argument("--echo-server", nargs=3, metavar=("PORT", "SMALL", "LARGE"))
+    parser.add_argument("--pg", nargs=2, metavar=("DSN", "SCHEMA"), help="(with --echo-server)")
     args = parser.parse_args()
     if args.echo_server:  # the echo's own process (see echo_server)
         port, small, large = args.echo_server
-        asyncio.run(serve_echo(int(port), Path(small).read_bytes(), Path(large).read_bytes()))
+        dsn, schema = args.pg or (None, None)
+        asyncio.run(
+            serve_echo(int(port), Path(small).read_bytes(), Path(large).read_bytes(), dsn, schema)
+        )
     else:
         # Its last line, printed by harness.reporting on exit (and on interruption):
         # {"bench": "grpc_query", ...the figures below}
