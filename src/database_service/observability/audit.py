@@ -230,14 +230,21 @@ class AuditLog:
         while True:
             first = await self._queue.get()
             try:
-                await asyncio.sleep(self._interval)  # let a batch gather
+                # Let a batch gather, unless a whole one is already waiting. A writer that
+                # slept before every batch wrote at most ``batch_size`` events per interval:
+                # past that rate (5,000/s) the queue filled and every request waited for room
+                # (the wire port at 6,000 transactions/s stalled 120 ms every 0.2 s).
+                if self._queue.qsize() + 1 < self._batch_size:
+                    await asyncio.sleep(self._interval)
             finally:
                 # Also when cancelled at shutdown: the events taken from the queue are written.
-                await self._write([first, *self._drain()])
+                await self._write([first, *self._drain(self._batch_size - 1)])
 
-    def _drain(self) -> list[AuditEvent]:
+    def _drain(self, limit: int | None = None) -> list[AuditEvent]:
+        """Up to ``limit`` (a batch) queued events."""
+        limit = self._batch_size if limit is None else limit
         batch: list[AuditEvent] = []
-        while len(batch) < self._batch_size and not self._queue.empty():
+        while len(batch) < limit and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         return batch
 
