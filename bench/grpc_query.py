@@ -10,8 +10,8 @@ workload and concurrency: throughput, p50, p99 and the ratios to direct asyncpg 
 Next to the echo, the floor of any Python gateway: the same echo running each statement on one
 of 8 asyncpg connections first (``--pg``; no authentication, tenancy, guard, limits, encoding or
 bookkeeping), and the service's ratio to it. Then a 1,000,000-row stream (``execute_query``)
-against an asyncpg cursor, with the service's memory before and after, BulkInsert against ``copy_records_to_table``, PK lookups over TLS
-against plaintext, and PK lookups at c=32 with the calls spread over 1, 2 and 4 connections
+against an asyncpg cursor, with the service's memory before and after, BulkInsert against
+``copy_records_to_table``, PK lookups over TLS against plaintext, and PK lookups at c=32 with the calls spread over 1, 2 and 4 connections
 (echo and service alike; the workers' CPU shows how the kernel spread the connections).
 
 The last line is one JSON object of the figures (``{"bench": "grpc_query", ...}``).
@@ -41,6 +41,7 @@ import psutil
 import uvloop
 from harness import (  # bench/ is on sys.path as a script
     closed_loop,
+    cpu_seconds,
     p99,
     reporting,
     rss_bytes,
@@ -58,6 +59,11 @@ RANGE = (
     "SELECT user_id, email, subscription_tier, created_at FROM users ORDER BY user_id LIMIT 1000"
 )
 STREAM = "SELECT g, md5(g::text) AS h FROM generate_series(1, $1::int) AS g"
+
+
+def key(i: int) -> str:
+    """The ``i``-th PK lookup's key, over the 100,000 users ``bench`` loads."""
+    return f"u{i % 100000 + 1:06d}"
 
 
 @dataclass
@@ -237,9 +243,6 @@ async def bench(
     small = await recorded(target, token, PK, ["u000001"])
     large = await recorded(target, token, RANGE, [])
 
-    def key(i: int) -> str:
-        return f"u{i % 100000 + 1:06d}"
-
     out: dict[str, float] = {}
     print(f"{seconds:g} s per measurement, pools of {POOL}, PostgreSQL {version}")
     async with (
@@ -387,7 +390,7 @@ async def bench_tls(
 
         def by(client: MultiDatabaseClient) -> Callable[[int], Awaitable[Any]]:
             async def call(i: int) -> Any:
-                return await client.fetch_all(PK, [f"u{i % 100000 + 1:06d}"])
+                return await client.fetch_all(PK, [key(i)])
 
             return call
 
@@ -426,12 +429,14 @@ async def bench_spread(target: str, pid: int, token: str, seconds: float) -> dic
                     client = MultiDatabaseClient(where, "bench", token, connections=connections)
 
                     async def call(i: int, client: MultiDatabaseClient = client) -> Any:
-                        return await client.fetch_all(PK, [f"u{i % 100000 + 1:06d}"])
+                        return await client.fetch_all(PK, [key(i)])
 
-                    before = [cpu_seconds(w) for w in workers]
+                    before = [cpu_seconds(w.pid) for w in workers]
                     rounds[kind].append((await run_load(call, 32, seconds)).rps)
                     if kind == "service":
-                        used = [cpu_seconds(w) - b for w, b in zip(workers, before, strict=True)]
+                        used = [
+                            cpu_seconds(w.pid) - b for w, b in zip(workers, before, strict=True)
+                        ]
                         shares.append("/".join(f"{u:.1f}" for u in used))
                     await client.close()
             echo_rps = statistics.median(rounds["echo"])
@@ -443,11 +448,6 @@ async def bench_spread(target: str, pid: int, token: str, seconds: float) -> dic
             out[f"pk_c32_connections{connections}_vs_echo"] = ours / echo_rps
             out[f"pk_c32_connections{connections}_rps"] = ours
     return out
-
-
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import httpx
-from harness import p99, reporting, running_service  # bench/ is on sys.path as a script
+from harness import (  # bench/ is on sys.path as a script
+    cpu_seconds,
+    p99,
+    reporting,
+    running_service,
+)
 
 from database_service.supervisor import free_port
 
@@ -95,13 +100,6 @@ def pgbench(
         "avg_ms": sum(latencies) / max(1, len(latencies)),
         "p99_ms": p99(latencies) if latencies else 0.0,
     }
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) the process has used so far: what the port costs per
-    transaction, which other load on a shared machine changes far less than tps."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def py_spy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:

@@ -5,7 +5,8 @@ serving process, not wall time, so that it means something on a shared machine.
 The service runs as its own process (``database-service serve``, one worker) on a private
 PostgreSQL; the echo in another process answering the service's own bytes. The client in this
 process drives ``--requests`` calls of each kind at each concurrency, in alternating rounds,
-reading the server process's user+system CPU (psutil) before and after; medians of the rounds.
+reading the server process's user+system CPU (``harness.cpu_seconds``) before and after;
+medians of the rounds.
 ``--profile pk|hit`` also records the service with py-spy (``--profile-seconds``) while it
 serves that kind at concurrency 32 and prints the frames with the most samples.
 ``--baseline SRC`` also runs a second service from another source tree (``git archive <commit>
@@ -37,7 +38,7 @@ from typing import Any
 import grpc_query  # bench/ is on sys.path as a script
 import psutil
 import uvloop
-from harness import reporting, running_service
+from harness import cpu_seconds, reporting, running_service
 
 from database_service.supervisor import free_port
 from database_service_client import MultiDatabaseClient
@@ -45,11 +46,6 @@ from database_service_client import MultiDatabaseClient
 PK = grpc_query.PK
 CACHED = dt.timedelta(seconds=300)
 CONCURRENCIES = (1, 32)
-
-
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 async def drive(call: Callable[[int], Awaitable[Any]], requests: int, concurrency: int) -> None:
@@ -72,9 +68,9 @@ async def cpu_per_request(
 ) -> float:
     """The server's CPU milliseconds per request over ``requests`` calls."""
     await drive(call, min(200, requests), concurrency)  # warm: channels, pools, caches
-    before = cpu_seconds(process)
+    before = cpu_seconds(process.pid)
     await drive(call, requests, concurrency)
-    return (cpu_seconds(process) - before) * 1000 / requests
+    return (cpu_seconds(process.pid) - before) * 1000 / requests
 
 
 @contextlib.asynccontextmanager

@@ -20,25 +20,35 @@ async def _rows(core: Application, action: str) -> int:
     return count
 
 
-async def test_a_backlog_of_whole_batches_is_written_without_waiting_for_the_interval(
-    core: Application,
-) -> None:
-    action = f"writer.backlog.{secrets.token_hex(4)}"
-    writer = AuditLog(
+def _writer(core: Application, flush_interval: float) -> AuditLog:
+    """A writer of its own on the service's audit pool, in batches of 100."""
+    return AuditLog(
         core.audit_pool,
         control_schema=core.settings.control_schema,
         metrics=core.metrics,
         batch_size=100,
-        flush_interval=60.0,  # a batch that waited for it would not be written in this test
+        flush_interval=flush_interval,
     )
+
+
+async def _until_written(writer: AuditLog, events: int) -> None:
+    async with asyncio.timeout(20):
+        while writer.written < events:  # noqa: ASYNC110 - the writer's own progress
+            await asyncio.sleep(0.01)
+
+
+async def test_a_backlog_of_whole_batches_is_written_without_waiting_for_the_interval(
+    core: Application,
+) -> None:
+    action = f"writer.backlog.{secrets.token_hex(4)}"
+    # A batch that waited for the interval would not be written in this test.
+    writer = _writer(core, flush_interval=60.0)
     async with writer:
         for n in range(250):
             await writer.record(
                 AuditEvent(service="svc", tenant_id="t", action=action, code=str(n))
             )
-        async with asyncio.timeout(20):
-            while writer.written < 200:  # noqa: ASYNC110 - the writer's own progress
-                await asyncio.sleep(0.01)
+        await _until_written(writer, 200)
         # The two whole batches; the last 50 wait for the interval (or the close).
         assert writer.written == 200
         assert await _rows(core, action) == 200
@@ -48,17 +58,9 @@ async def test_a_backlog_of_whole_batches_is_written_without_waiting_for_the_int
 
 async def test_a_small_batch_waits_for_the_interval_then_is_written(core: Application) -> None:
     action = f"writer.small.{secrets.token_hex(4)}"
-    writer = AuditLog(
-        core.audit_pool,
-        control_schema=core.settings.control_schema,
-        metrics=core.metrics,
-        batch_size=100,
-        flush_interval=0.2,
-    )
+    writer = _writer(core, flush_interval=0.2)
     async with writer:
         for _ in range(3):
             await writer.record(AuditEvent(action=action))
-        async with asyncio.timeout(20):
-            while writer.written < 3:  # noqa: ASYNC110 - the writer's own progress
-                await asyncio.sleep(0.01)
+        await _until_written(writer, 3)
     assert await _rows(core, action) == 3

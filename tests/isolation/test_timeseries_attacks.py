@@ -98,20 +98,27 @@ async def test_time_series_for_b_by_header_is_refused(
         assert response.status_code == 403
 
 
-async def test_rest_candles_of_a_show_nothing_of_b(
-    http: httpx.AsyncClient, tenants: Tenants
-) -> None:
+async def a_candles_over_rest(
+    http: httpx.AsyncClient, tenants: Tenants, *, interval_s: int
+) -> httpx.Response:
+    """A's EURUSD candles over the test window, asked over REST as A."""
     start, end = window()
-    response = await http.get(
+    return await http.get(
         "/api/v1/timeseries/candles",
         params={
             "symbol": "EURUSD",
             "start": start.isoformat(),
             "end": end.isoformat(),
-            "interval": 3600,
+            "interval": interval_s,
         },
         headers={**tenants.a_headers, "X-Tenant-Id": tenants.a.tenant_id},
     )
+
+
+async def test_rest_candles_of_a_show_nothing_of_b(
+    http: httpx.AsyncClient, tenants: Tenants
+) -> None:
+    response = await a_candles_over_rest(http, tenants, interval_s=3600)
     assert response.status_code == 200 and response.text == ""
 
 
@@ -143,14 +150,5 @@ async def test_minute_candles_in_parts_never_include_b(
         result = await as_a.candles("EURUSD", start, end, dt.timedelta(minutes=1))
         assert result.rows == [] and result.row_count == 0
         return
-    response = await http.get(
-        "/api/v1/timeseries/candles",
-        params={
-            "symbol": "EURUSD",
-            "start": start.isoformat(),
-            "end": end.isoformat(),
-            "interval": 60,
-        },
-        headers={**tenants.a_headers, "X-Tenant-Id": tenants.a.tenant_id},
-    )
+    response = await a_candles_over_rest(http, tenants, interval_s=60)
     assert response.status_code == 200 and response.text == ""
