@@ -345,7 +345,13 @@ async def cache_state(name: str, service: Service) -> None:
         text = (await http.get("/metrics")).text
     counters = []
     for metric in text.splitlines():
-        if metric.startswith(("dbsvc_cache_requests_total", "dbsvc_cache_invalidations_total")):
+        if metric.startswith(
+            (
+                "dbsvc_cache_requests_total",
+                "dbsvc_cache_invalidations_total",
+                "dbsvc_cache_replays_total",
+            )
+        ):
             label, value = metric.rsplit(" ", 1)
             counters.append(f"{label.removeprefix('dbsvc_cache_')}={float(value):g}")
     print(f"  instance {name}: {', '.join(counters)}")

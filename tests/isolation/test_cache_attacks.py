@@ -909,3 +909,118 @@ async def test_a_tenant_cannot_evict_another_tenants_entries(
             got = await door_b.run(probe.b, probe.b_token, POINT, [1])
             assert got.rows == B_ROWS[POINT]
             assert got.cache == "hit", "tenant A's reads evicted tenant B's cached entry"
+
+
+# -- answers replayed: a cached read asked again and again ------------------------------------
+# gRPC answers a cached read it answered before from L1 without its checks' coroutines once
+# everything they found still holds (``query.replays``). From the third read of a kind on, the
+# reads below are such replays; REST runs the same tests (its reads go the whole way).
+
+REPEATS = 5
+
+
+async def _repeated(
+    door: CacheDoor, tenant: str, token: str, sql: str, params: Sequence[Any], **kw: Any
+) -> list[CacheOutcome]:
+    return [await door.run(tenant, token, sql, params, **kw) for _ in range(REPEATS)]
+
+
+def _replays(core: Application) -> float:
+    core.executor.book_replays()
+    value = core.metrics.registry.get_sample_value("dbsvc_cache_replays_total")
+    return value or 0.0
+
+
+async def test_replayed_answers_keep_to_their_tenant_and_user(
+    cache_door: tuple[CacheDoor, CacheDoor], core: Application, probe: Probe
+) -> None:
+    a, b = cache_door
+    replays = _replays(core)
+    for got in await _repeated(a, probe.a, probe.a_token, POINT, [1]):
+        assert got.rows == A_ROWS[POINT], got
+    # B, after A's read is replayed: its own rows, its own entry (a miss first).
+    got_b = await _repeated(b, probe.b, probe.b_token, POINT, [1])
+    assert [g.cache for g in got_b] == ["miss"] + ["hit"] * (REPEATS - 1)
+    assert all(g.rows == B_ROWS[POINT] for g in got_b), got_b
+    # Users of A, each replayed in turn, then again interleaved: never another user's rows.
+    expected = {"u1": [["CALLSYM"], ["CU1SYM"]], "u2": [["CALLSYM"], ["CU2SYM"]]}
+    for user, rows in expected.items():
+        for got in await _repeated(a, probe.a, probe.a_token, USERS, [], user_id=user):
+            assert got.rows == rows, (user, got)
+    for _ in range(REPEATS):
+        for user, rows in expected.items():
+            got = await a.run(probe.a, probe.a_token, USERS, user_id=user)
+            assert (got.cache, got.rows) == ("hit", rows), (user, got)
+    # A's token naming B, and B's token naming A, once each read is replayed: refused as ever.
+    for tenant, token in ((probe.b, probe.a_token), (probe.a, probe.b_token)):
+        refused = await a.run(tenant, token, POINT, [1])
+        assert (refused.ok, refused.code) == (False, "permission_denied"), refused
+    if a.name == "grpc":  # the premise: these were replays
+        assert _replays(core) - replays >= 4 * (REPEATS - 2), "no read was replayed"
+
+
+async def test_a_revoked_token_gets_no_replayed_answer(
+    cache_door: tuple[CacheDoor, CacheDoor],
+    core: Application,
+    http: httpx.AsyncClient,
+    tenants: Tenants,
+    probe: Probe,
+) -> None:
+    a, _ = cache_door
+    token = await service_token(core, [probe.a], (Scope.READ,))
+    assert all(g.ok for g in await _repeated(a, probe.a, token, POINT, [1]))
+    revoked = await http.post(
+        "/api/v1/admin/tokens/revoke", json={"token": token}, headers=tenants.a_headers
+    )
+    assert revoked.status_code == 200, revoked.text
+    refused = await a.run(probe.a, token, POINT, [1])
+    assert (refused.ok, refused.code) == (False, "unauthenticated"), refused
+
+
+async def test_a_disabled_service_gets_no_replayed_answer(
+    cache_door: tuple[CacheDoor, CacheDoor], core: Application, probe: Probe
+) -> None:
+    a, _ = cache_door
+    name = f"rp-{secrets.token_hex(4)}"
+    await core.services.register(name, tenants=[probe.a], scopes=[Scope.READ], with_secret=False)
+    token = core.tokens.issue(name, tenants=[probe.a], scopes=[Scope.READ], ttl_seconds=600)
+    assert all(g.ok for g in await _repeated(a, probe.a, token, POINT, [1]))
+    admin = Principal(service="rp-admin", tenants=frozenset({probe.a}), scopes=frozenset(Scope))
+    await core.service_admin.set_active(admin, name, False)
+    refused = await a.run(probe.a, token, POINT, [1])
+    assert (refused.ok, refused.code) == (False, "unauthenticated"), refused
+
+
+async def test_a_suspended_tenant_gets_no_replayed_answer(
+    cache_door: tuple[CacheDoor, CacheDoor], core: Application, probe: Probe
+) -> None:
+    a, _ = cache_door
+    assert all(g.ok for g in await _repeated(a, probe.a, probe.a_token, POINT, [1]))
+    await core.tenants.suspend(probe.a)
+    try:
+        refused = await a.run(probe.a, probe.a_token, POINT, [1])
+        assert (refused.ok, refused.code) == (False, "tenant_suspended"), refused
+    finally:
+        await core.tenants.resume(probe.a)
+    again = await a.run(probe.a, probe.a_token, POINT, [1])
+    assert again.ok and again.rows == A_ROWS[POINT], again
+
+
+async def test_a_write_is_seen_by_the_next_read_after_replays(
+    cache_door: tuple[CacheDoor, CacheDoor], probe: Probe
+) -> None:
+    """The contract: never a result older than the instance's own acknowledged write — here
+    after the read was replayed, and B's replayed entry is left alone."""
+    a, b = cache_door
+    await _repeated(a, probe.a, probe.a_token, POINT, [1])
+    await _repeated(b, probe.b, probe.b_token, POINT, [1])
+    update = "UPDATE cache_probe SET owner = $1 WHERE id = 1"
+    try:
+        assert (await a.run(probe.a, probe.a_token, update, ["A-NEW"], cache=False)).ok
+        got = await a.run(probe.a, probe.a_token, POINT, [1])
+        assert (got.cache, got.rows) == ("miss", [[1, "A-NEW"]]), got
+        assert (await a.run(probe.a, probe.a_token, POINT, [1])).rows == [[1, "A-NEW"]]
+    finally:
+        assert (await a.run(probe.a, probe.a_token, update, ["A-ROW"], cache=False)).ok
+    got_b = await b.run(probe.b, probe.b_token, POINT, [1])
+    assert (got_b.cache, got_b.rows) == ("hit", B_ROWS[POINT]), got_b

@@ -9,7 +9,12 @@ from decimal import Decimal
 
 import pytest
 
-from database_service.api.grpc.encoding import encoded_result, result_message, summary_tail
+from database_service.api.grpc.encoding import (
+    encoded_result,
+    hit_tail,
+    result_message,
+    summary_tail,
+)
 from database_service.results import Column, QueryResult, StatementKind, ValueKind
 from database_service_client._proto import database_service_pb2 as pb
 
@@ -56,6 +61,13 @@ def test_tail_replaces_defaults_over_stored_values() -> None:
     assert (summary.duration_ms, summary.cache, summary.cache_age_ms) == (0.0, "", 0.0)
     assert (summary.stale, summary.cache_reason) == (False, "")
     assert (summary.row_count, summary.command) == (1, "SELECT 1")
+
+
+@pytest.mark.parametrize(
+    ("duration_ms", "age_ms"), [(0.0, 0.0), (0.173, 12.5), (1e-9, 86_400_000.0), (-0.0, 1e300)]
+)
+def test_a_hits_tail_is_the_tail_of_a_hit(duration_ms: float, age_ms: float) -> None:
+    assert hit_tail(duration_ms, age_ms) == summary_tail(duration_ms, "hit", age_ms, False, "")
 
 
 # --- a whole packed answer written directly (encoding.encoded_result) ------------------------

@@ -415,22 +415,35 @@ class Authenticator:
         """A binding or a revocation made by this instance takes effect here at once."""
         self._certificates_until = 0.0
 
+    def known(self, authorization: str) -> Principal | None:
+        """The caller a bearer ``authorization`` was verified as, while that verification still
+        holds — the checks ``authenticate`` makes of a token it verified before (its service's
+        entry and the revocation list it was checked against are still the current ones, read
+        within ``cache_ttl``; the token has not expired) — without awaiting anything. None:
+        not verified here, or due to be checked again (``authenticate`` does it). Never the
+        bootstrap admin token, which is not kept."""
+        resolved = self._principals.get(authorization)
+        if resolved is None:
+            return None
+        known, checked_entry, checked_list, until, expires = resolved
+        if (
+            time.monotonic() < until
+            and self._revoked is checked_list
+            and self._cache.get(known.service) is checked_entry
+            and expires > time.time()
+        ):
+            return known
+        return None
+
     async def _by_token(self, authorization: str | None) -> Principal:
         token = _bearer(authorization)
         if hmac.compare_digest(token.encode(), self._admin_token):
             return bootstrap_admin()
         assert authorization is not None  # _bearer refused None
-        resolved = self._principals.get(authorization)
-        if resolved is not None:
-            known, checked_entry, checked_list, until, expires = resolved
-            if (
-                time.monotonic() < until
-                and self._revoked is checked_list
-                and self._cache.get(known.service) is checked_entry
-                and expires > time.time()
-            ):
-                return known
-            del self._principals[authorization]
+        known = self.known(authorization)
+        if known is not None:
+            return known
+        previous = self._principals.pop(authorization, None)
         claimed = self._verified(token)
         if claimed.token_id is None:
             raise Unauthenticated("token has been revoked")
@@ -464,6 +477,10 @@ class Authenticator:
             token_id=claimed.token_id,
             expires_at=claimed.expires_at,
         )
+        if previous is not None and previous[0] == principal:
+            # Verified again, unchanged: the same object, which is how QueryExecutor.replay
+            # knows it.
+            principal = previous[0]
         entry = self._cache.get(claimed.service)  # the entry just checked
         if entry is not None and claimed.expires_at is not None:
             if len(self._principals) >= self._verified_max:

@@ -179,16 +179,12 @@ class ResultCache:
     ) -> CachedResult | None:
         """A fresh entry for ``key`` (L1, then L2), or None."""
         current = snapshot if snapshot is not None else await self.snapshot(tenant, relations)
-        self.lookups += 1
         if current is None:
+            self.lookups += 1
             return None
-        local_key = (tenant, key)
-        hit = self.local.get(local_key)
+        hit = self.local_hit(tenant, key, current)
         if hit is not None:
-            if hit.generations == current:
-                self.l1_hits += 1
-                return hit
-            self.local.discard(local_key)  # invalidated: kept for the stale fallback
+            return hit
         if self.remote is None:
             return None
         remote = await self.remote.get(tenant, key)
@@ -196,8 +192,21 @@ class ResultCache:
             self.l2_misses += 1
             return None
         self.l2_hits += 1
-        self.local.put(local_key, remote, len(remote.payload))
+        self.local.put((tenant, key), remote, len(remote.payload))
         return remote
+
+    def local_hit(self, tenant: str, key: str, current: Snapshot) -> CachedResult | None:
+        """``lookup`` in L1 alone, with the generations ``current`` (a ``snapshot`` of now):
+        a fresh entry, or None (counted as a lookup either way; L2 is ``lookup``'s)."""
+        self.lookups += 1
+        local_key = (tenant, key)
+        hit = self.local.get(local_key)
+        if hit is not None:
+            if hit.generations == current:
+                self.l1_hits += 1
+                return hit
+            self.local.discard(local_key)  # invalidated: kept for the stale fallback
+        return None
 
     async def fill(
         self,

@@ -275,21 +275,26 @@ class Generations:
 
     async def snapshot_of(self, tenant: str, keys: tuple[tuple[str, str], ...]) -> Snapshot | None:
         """``snapshot`` of the names ``names(tenant, relations)`` made."""
+        numbers = self.snapshot_now(keys)
+        if numbers is not None or self.mode == "local" or not self._attached:
+            return numbers
+        missing = [k for k in keys if k not in self._mirror]
+        if not await self._fetch(tenant, missing):
+            return None
+        return self.snapshot_now(keys)  # None: reset while fetching
+
+    def snapshot_now(self, keys: tuple[tuple[str, str], ...]) -> Snapshot | None:
+        """``snapshot_of`` when every number is at hand (the usual case), without awaiting.
+        None: a number must be read from Redis first, or none can be trusted now."""
         if self.mode == "local" or (not self._attached and self.serve_when_detached):
             return tuple((r, self._local(t, r)) for t, r in keys)
         if not self._attached:
             return None
         mirror = self._mirror
-        try:  # the usual case: every number is here
+        try:
             numbers = tuple([(key[1], mirror[key]) for key in keys])
         except KeyError:
-            missing = [k for k in keys if k not in mirror]
-            if not await self._fetch(tenant, missing):
-                return None
-            try:
-                numbers = tuple([(key[1], mirror[key]) for key in keys])
-            except KeyError:  # reset while fetching
-                return None
+            return None
         # Read names move to the back: the mirror drops its least recently *used* names, so a
         # hot row's number stays instead of being read from Redis again every 50,000 names.
         used = mirror.move_to_end

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -159,12 +160,14 @@ class AuditLog:
         self._retry_at = 0.0
         self._dropped = 0
         self._waiting: set[asyncio.Task[None]] = set()  # record_nowait's, while the queue is full
+        self._holders: list[Callable[[], None]] = []  # before_flush's
 
     async def __aenter__(self) -> AuditLog:
         self._task = self._start_loop("audit-writer", self._run)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._hand_over()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -220,9 +223,19 @@ class AuditLog:
         else:
             queue.put_nowait(event)  # the common case: no coroutine of Queue.put's
 
+    def before_flush(self, hand_over: Callable[[], None]) -> None:
+        """``hand_over`` records the events its caller holds back to record them together
+        (``QueryExecutor.book_replays``): called when the log flushes or closes."""
+        self._holders.append(hand_over)
+
+    def _hand_over(self) -> None:
+        for hand_over in self._holders:
+            hand_over()
+
     async def flush(self) -> None:
         """Write everything recorded so far, including a batch the writer is holding."""
         await asyncio.sleep(0)  # events of operations just answered are queued a turn later
+        self._hand_over()
         await self._flush_all()
         await self._queue.join()
 

@@ -175,6 +175,13 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.cache_replays = Counter(
+            "dbsvc_cache_replays",
+            "Cache hits answered again from L1 once every check of the read that cached them"
+            " still held, without running those checks' coroutines (query.replays); counted"
+            " among the hits as well.",
+            registry=self.registry,
+        )
         self.cache_invalidations = Counter(
             "dbsvc_cache_invalidations",
             "Invalidations applied, by source (write: through this process; notification:"

@@ -39,6 +39,7 @@ from pglast import ast
 from pglast.visitors import Visitor
 
 from database_service.cache import (
+    CachedResult,
     CachePolicy,
     Generations,
     ResultCache,
@@ -59,7 +60,7 @@ from database_service.query.pointkeys import (
 from database_service.results import CacheInfo, QueryResult, StatementKind
 from database_service.tenancy import TenantRecord, quote_ident
 
-__all__ = ["CacheOptions", "CacheRules", "ResultCaching", "written_relations"]
+__all__ = ["CacheOptions", "CacheRules", "ReadPlan", "ResultCaching", "written_relations"]
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,14 @@ _DDL = frozenset({"#ddl"})  # the tenant's DDL through the service: every entry 
 _Key = tuple[tuple[str, str], ...]  # a primary key's (column, format_type) in order
 _KEYS_TTL_S = 30.0
 _KEYS_MAX = 4096
-# Read plans (``_ReadPlan``): how many, for how long, for statements up to what length, and
+# Read plans (``ReadPlan``): how many, for how long, for statements up to what length, and
 # for parameters of which exact types (values of other types can be equal across types —
-# 1 == 1.0 == True — and must never share a plan: each has a key of its own).
-_PLANS_MAX = 4096
-_PLAN_TTL_S = 5.0
+# 1 == 1.0 == True — and must never share a plan: each has a key of its own). A plan lasts as
+# long as the table key it was derived from (``_KEYS_TTL_S``): a point read keeps being named
+# as the writes name its row. (5 s until 2026-12-05: a hot key's plan was made again every
+# 5 s, and a read that repeats less often than that was never answered by a replay.)
+_PLANS_MAX = 16_384
+_PLAN_TTL_S = _KEYS_TTL_S
 _PLAN_MAX_SQL = 2048
 _PLAN_TYPES = frozenset({str, int, type(None)})
 # A table's primary key columns and types, and whether rows of other tables are read with it
@@ -90,7 +94,7 @@ ORDER BY k.ord
 
 
 @dataclass(frozen=True, slots=True)
-class _ReadPlan:
+class ReadPlan:
     """What ``ResultCaching.read`` derives from a request before it looks in the cache: its
     key, the generation names it depends on and its TTL. The same request (tenant, schema,
     user, statement, form, TTL, schema generation and parameters, typed) derives the same again
@@ -242,7 +246,7 @@ class ResultCaching:
         self._max_ttl_ms = max_ttl_ms
         self._stale_max_age_s = stale_max_age_s
         self._request_counters: dict[str, Any] = {}
-        self._plans: OrderedDict[tuple[Any, ...], _ReadPlan] = OrderedDict()
+        self._plans: OrderedDict[tuple[Any, ...], ReadPlan] = OrderedDict()
 
     def _counted(self, status: str) -> None:
         """One cache request of ``status`` (the labelled child kept: ``labels()`` locks)."""
@@ -260,8 +264,10 @@ class ResultCaching:
         options: CacheOptions,
         schema_generation: int,
         load: Callable[[], Awaitable[QueryResult]],
+        planned: Callable[[ReadPlan], None] | None = None,
     ) -> QueryResult:
-        """The answer from the cache, or ``load``'s (stored when it may be)."""
+        """The answer from the cache, or ``load``'s (stored when it may be). ``planned``: told
+        the read's plan when the answer is a hit or was stored (what ``replayed`` takes)."""
         plan_key = None
         if (
             options.ttl_ms > 0
@@ -277,7 +283,7 @@ class ResultCaching:
             if plan is not None:
                 if plan.until > time.monotonic():
                     self._plans.move_to_end(plan_key)
-                    return await self._cached(tenant, plan, options, load)
+                    return await self._cached(tenant, plan, options, load, planned)
                 del self._plans[plan_key]
         key = self._key(tenant, user_id, sql, params, options, schema_generation)
         verdict = self.policy.analyse(sql, tenant.schema_name)
@@ -297,24 +303,45 @@ class ResultCaching:
                 tenant, key, options, load, CacheInfo("bypass", "parameters", reason)
             )
         relations = verdict.relations
+        until = time.monotonic() + _PLAN_TTL_S
         point = await self._point_names(tenant, sql, params, schema_generation)
         if point is not None:
-            relations = point  # this key's rows: other rows' writes leave it alone
+            # This key's rows: other rows' writes leave it alone. Named after the table's key
+            # as it is kept now: not past that (a write reads the key again then).
+            relations, key_until = point
+            until = min(until, key_until)
         relations = relations | _DDL
         names = Generations.names(tenant.tenant_id, relations)
-        plan = _ReadPlan(key, relations, names, ttl_ms, time.monotonic() + _PLAN_TTL_S)
+        plan = ReadPlan(key, relations, names, ttl_ms, until)
         if plan_key is not None:
             self._plans[plan_key] = plan
             if len(self._plans) > _PLANS_MAX:
                 self._plans.popitem(last=False)
-        return await self._cached(tenant, plan, options, load)
+        else:
+            planned = None  # a plan that is not kept is not replayed either
+        return await self._cached(tenant, plan, options, load, planned)
+
+    def replayed(self, tenant_id: str, plan: ReadPlan) -> CachedResult | None:
+        """The hit ``read`` would answer for ``plan`` (from a read it told ``planned``), when it
+        is in this process's L1 and fresh, without awaiting anything; else None (``read``
+        decides, L2 and PostgreSQL included). Counted as a hit like ``read``'s."""
+        if plan.until <= time.monotonic():
+            return None
+        snapshot = self.cache.generations.snapshot_now(plan.names)
+        if snapshot is None:
+            return None
+        hit = self.cache.local_hit(tenant_id, plan.key, snapshot)
+        if hit is not None:
+            self._counted("hit")
+        return hit
 
     async def _cached(
         self,
         tenant: TenantRecord,
-        plan: _ReadPlan,
+        plan: ReadPlan,
         options: CacheOptions,
         load: Callable[[], Awaitable[QueryResult]],
+        planned: Callable[[ReadPlan], None] | None = None,
     ) -> QueryResult:
         """A cacheable read, planned: from the cache, else loaded and stored."""
         tenant_id, key, relations, ttl_ms = tenant.tenant_id, plan.key, plan.relations, plan.ttl_ms
@@ -330,6 +357,8 @@ class ResultCaching:
         hit = await self.cache.lookup(tenant_id, key, relations, snapshot=snapshot)
         if hit is not None:
             self._counted("hit")
+            if planned is not None:
+                planned(plan)
             return _answer(hit.payload, CacheInfo("hit", age_ms=hit.age_s() * 1000))
 
         async def fill() -> bytes:
@@ -348,6 +377,8 @@ class ResultCaching:
                 raise
             return stale
         self._counted("miss")
+        if planned is not None:
+            planned(plan)
         return _answer(payload, CacheInfo("miss"))
 
     async def written(
@@ -385,19 +416,20 @@ class ResultCaching:
 
     async def _point_names(
         self, tenant: TenantRecord, sql: str, params: Sequence[Any], generation: int
-    ) -> frozenset[str] | None:
-        """The generation names a point read depends on, or None (not a point read)."""
+    ) -> tuple[frozenset[str], float] | None:
+        """The generation names a point read depends on, and until when they may be used (the
+        table's key is read again then); None: not a point read."""
         read = point_read(sql)
         if read is None:
             return None
         resolved = await self._table_key(tenant, read.schema, read.table, generation)
         if resolved is None:
             return None
-        relation, key = resolved
+        relation, key, until = resolved
         text = key_text(key, read.equal, params)
         if text is None:
             return None
-        return frozenset({f"{relation}{KEYED}", row_name(relation, text)})
+        return frozenset({f"{relation}{KEYED}", row_name(relation, text)}), until
 
     async def _written_rows(
         self, tenant: TenantRecord, sql: str, params: Sequence[Any], generation: int
@@ -409,7 +441,7 @@ class ResultCaching:
         resolved = await self._table_key(tenant, write.schema, write.table, generation)
         if resolved is None:
             return None
-        relation, key = resolved
+        relation, key, _ = resolved
         columns = frozenset(c for c, _ in key)
         if write.set_columns & columns:
             return None  # a key changed: its new value is in the data
@@ -425,9 +457,9 @@ class ResultCaching:
 
     async def _table_key(
         self, tenant: TenantRecord, schema: str | None, table: str, generation: int
-    ) -> tuple[str, _Key] | None:
-        """The tenant's own table ``table`` (as the tenant's search path finds it) and its
-        primary key, when its point reads can be keyed."""
+    ) -> tuple[str, _Key, float] | None:
+        """The tenant's own table ``table`` (as the tenant's search path finds it), its
+        primary key when its point reads can be keyed, and until when that key is kept."""
         own = tenant.schema_name
         if schema not in (None, own):
             return None  # shared tables (and anything else): per table
@@ -436,13 +468,14 @@ class ResultCaching:
         kept = self._keys.get(cache_key)
         if kept is None or kept[0] < now:
             key = await self._load_key(own, table)
-            self._keys[cache_key] = (now + _KEYS_TTL_S, key)
+            until = now + _KEYS_TTL_S
+            self._keys[cache_key] = (until, key)
             while len(self._keys) > _KEYS_MAX:
                 self._keys.popitem(last=False)
         else:
-            key = kept[1]
+            until, key = kept
             self._keys.move_to_end(cache_key)
-        return None if key is None else (f"{own}.{table}", key)
+        return None if key is None else (f"{own}.{table}", key, until)
 
     async def _load_key(self, schema: str, table: str) -> _Key | None:
         rows = await self._catalog.fetch(

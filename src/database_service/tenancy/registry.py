@@ -113,6 +113,15 @@ class TenantRegistry:
             raise TenantNotFound(f"tenant {tenant_id!r} does not exist")
         return record
 
+    def known_active(self, tenant_id: str) -> TenantRecord | None:
+        """The tenant's record as ``get_active`` would answer it now without reading anything:
+        cached, not due for a reread, active. None otherwise (``get_active`` decides)."""
+        cached = self._cache.get(tenant_id)
+        if cached is None or cached[0] <= time.monotonic():
+            return None
+        record = cached[1]
+        return record if record is not None and record.active else None
+
     async def get_active(self, tenant_id: str) -> TenantRecord:
         """The tenant for a request: cached briefly; unknown → 404, suspended → 409."""
         validate_tenant_id(tenant_id)
@@ -128,6 +137,9 @@ class TenantRegistry:
                     raise
                 record = cached[1]  # the last known record; refreshed once PostgreSQL is back
             else:
+                if cached is not None and record == cached[1]:
+                    # Unchanged: the same object, which is how QueryExecutor.replay knows it.
+                    record = cached[1]
                 self._cache[tenant_id] = (now + self._ttl, record)
         if record is None:
             raise TenantNotFound(f"tenant {tenant_id!r} does not exist")

@@ -47,6 +47,7 @@ from database_service.observability import AuditEvent
 from database_service.observability.logs import REQUEST_ID_HEADER, bind, request_id_from
 from database_service.observability.notices import Notices
 from database_service.query import TenantContext
+from database_service.query.replays import ReplayKey
 from database_service.tenancy import validate_tenant_id
 from database_service.tls.peer import PeerCertificate, peer_from_pem
 
@@ -147,6 +148,38 @@ class Caller:
     def tenant_header(context: grpc.aio.ServicerContext) -> str | None:
         tenant_id = _metadata(context).get("x-tenant-id")
         return tenant_id if isinstance(tenant_id, str) and tenant_id else None
+
+    def known(
+        self, context: grpc.aio.ServicerContext, request: Message
+    ) -> tuple[Principal, ReplayKey] | None:
+        """The caller, when its bearer token was verified before and that still holds
+        (``Authenticator.known``), with what it sent that an answer depends on (for
+        ``QueryExecutor.replay``); None: ``tenant`` decides. Never with mutual TLS (the client
+        certificate is checked too)."""
+        if self._mutual_tls:
+            return None
+        metadata = _metadata(context)
+        authorization = metadata.get("authorization")
+        tenant_id = metadata.get("x-tenant-id")
+        user_id = metadata.get("x-user-id")
+        if (
+            authorization.__class__ is not str
+            or tenant_id.__class__ is not str
+            or (user_id is not None and user_id.__class__ is not str)
+        ):
+            return None
+        principal = self.core.authenticator.known(authorization)
+        if principal is None:
+            return None
+        return principal, (authorization, tenant_id, user_id, request.SerializeToString())
+
+    @staticmethod
+    def replayed(principal: Principal, tenant_id: str) -> None:
+        """What ``tenant`` notes of a call, for a call ``QueryExecutor.replay`` answered (its
+        caller acted for the tenant before: ``execute`` checked it)."""
+        call = _call()
+        call.service = principal.service
+        call.tenant = call.tenant_id = tenant_id
 
     @staticmethod
     def acting_for(principal: Principal, tenant_id: str) -> None:

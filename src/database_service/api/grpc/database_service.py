@@ -27,6 +27,7 @@ from database_service.api.grpc.encoding import (
     columns_message,
     encoded_result,
     encoders_for,
+    hit_tail,
     result_message,
     result_messages,
     summary_tail,
@@ -132,6 +133,18 @@ def _encoded(result: QueryResult, packed: bool) -> pb.QueryResult | bytes:
     return result_message(result, pb.QueryResult, packed=packed)
 
 
+def _from_cache(result: QueryResult) -> bytes:
+    """An answer from the result cache: its stored bytes and its summary's tail."""
+    data = result.payload
+    assert data is not None
+    info = result.cache
+    if info is None:
+        return data
+    return data + summary_tail(
+        result.duration_ms, info.status, info.age_ms or 0.0, info.stale, info.reason or ""
+    )
+
+
 def _packed_bytes(result: QueryResult) -> bytes:
     data = encoded_result(result)
     return data if data is not None else _values_bytes(result)
@@ -180,10 +193,19 @@ class DatabaseService(DatabaseServiceServicer):
         is written as bytes (``encoded_result``) and one from the result cache goes as the bytes
         it was stored as, with its summary's tail (``server.add_servicer`` sends bytes as they
         are)."""
+        executor = self.core.executor
+        replay_key = None
+        if request.cache_ttl_ms:  # asked of the cache: answered again without the coroutines?
+            known = self.caller.known(context, request)
+            if known is not None:
+                principal, replay_key = known
+                replayed = executor.replay(principal, replay_key)
+                if replayed is not None:
+                    self.caller.replayed(principal, replay_key[1])
+                    return replayed.payload + hit_tail(replayed.duration_ms, replayed.age_ms)
         principal, ctx = await self.caller.tenant(context)
         params = [from_value(v) for v in request.params]
         packed = request.row_encoding == pb.ROW_ENCODING_PACKED
-        executor = self.core.executor
         if not (
             request.cache_ttl_ms or request.allow_stale or executor.caches_by_rule(ctx.tenant_id)
         ):
@@ -195,18 +217,16 @@ class DatabaseService(DatabaseServiceServicer):
             form="grpc-packed" if packed else "grpc-values",
             encode=_packed_bytes if packed else _values_bytes,
         )
-        result = await self.core.executor.execute(
-            principal, ctx, request.sql, params, cache=options
+        result = await executor.execute(
+            principal, ctx, request.sql, params, cache=options, replay_key=replay_key
         )
+        if result.payload is not None:  # from the cache: its stored bytes, sent as they are
+            return _from_cache(result)
+        encoded = _encoded(result, packed)
         info = result.cache
-        data = result.payload  # from the cache: its stored bytes, sent as they are
-        if data is None:
-            encoded = _encoded(result, packed)
-            if info is None:
-                return encoded
-            data = encoded if isinstance(encoded, bytes) else encoded.SerializeToString()
-        elif info is None:
-            return data
+        if info is None:
+            return encoded
+        data = encoded if isinstance(encoded, bytes) else encoded.SerializeToString()
         return data + summary_tail(
             result.duration_ms, info.status, info.age_ms or 0.0, info.stale, info.reason or ""
         )

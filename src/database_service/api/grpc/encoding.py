@@ -50,6 +50,7 @@ __all__ = [
     "columns_message",
     "encoded_result",
     "encoders_for",
+    "hit_tail",
     "pack_rows",
     "packed_chunks",
     "result_message",
@@ -254,6 +255,19 @@ def summary_tail(
         )
     )
     return b"\x1a" + _varint(len(summary)) + summary  # QueryResult.summary = 3
+
+
+# summary_tail(duration_ms, "hit", age_ms, False, ""), in one pack: a hit's tail is always
+# laid out alike (the field tags and lengths between the two doubles are constants).
+_HIT_TAIL = struct.Struct("<3sd6sd4s")
+_HIT_HEAD = b"\x1a\x1b\x19"  # summary, 27 bytes; duration_ms
+_HIT_MIDDLE = b"\x2a\x03hit\x31"  # cache = "hit"; cache_age_ms
+_HIT_END = b"\x38\x00\x42\x00"  # stale = false; cache_reason = ""
+
+
+def hit_tail(duration_ms: float, cache_age_ms: float) -> bytes:
+    """``summary_tail`` of a fresh hit (the result cache's usual answer), cheaper."""
+    return _HIT_TAIL.pack(_HIT_HEAD, duration_ms, _HIT_MIDDLE, cache_age_ms, _HIT_END)
 
 
 @functools.lru_cache(maxsize=1024)
