@@ -276,7 +276,7 @@ class Generations:
     async def snapshot_of(self, tenant: str, keys: tuple[tuple[str, str], ...]) -> Snapshot | None:
         """``snapshot`` of the names ``names(tenant, relations)`` made."""
         numbers = self.snapshot_now(keys)
-        if numbers is not None or self.mode == "local" or not self._attached:
+        if numbers is not None or not self._attached:  # local mode always has its numbers
             return numbers
         missing = [k for k in keys if k not in self._mirror]
         if not await self._fetch(tenant, missing):

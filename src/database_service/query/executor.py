@@ -482,9 +482,10 @@ class QueryExecutor:
         action: str,
         outcome: _Outcome,
         audit: bool = False,
+        at: float | None = None,
     ) -> None:
-        """Count an operation that succeeded (``audit``: and queue its audit event), and add
-        its statement to the statistics."""
+        """Count an operation that succeeded (``audit``: and queue its audit event, made
+        ``at`` that time when given), and add its statement to the statistics."""
         if outcome.statistics is not None and self._statements is not None:
             self._statements.done(*outcome.statistics)
         if outcome.kind is not None:
@@ -494,9 +495,10 @@ class QueryExecutor:
                 self._statement_counters[outcome.kind] = counter
             counter.inc()
         if audit:
-            self._audit.record_nowait(
-                self._event(principal, ctx, action, outcome, code=outcome.command)
-            )
+            event = self._event(principal, ctx, action, outcome, code=outcome.command)
+            if at is not None:
+                event.at = datetime.fromtimestamp(at, UTC)
+            self._audit.record_nowait(event)
 
     @staticmethod
     def _event(
@@ -778,29 +780,11 @@ class QueryExecutor:
         if not books:
             return
         self._metrics.cache_replays.inc(len(books))
-        statements = self._statements
-        audit = self._audit
-        counter = self._statement_counters.get(StatementKind.READ)
-        if counter is None:
-            counter = self._metrics.statements.labels(STORE, StatementKind.READ.value)
-            self._statement_counters[StatementKind.READ] = counter
         for principal, entry, duration_ms, at in books:
             verdict = entry.verdict
-            if statements is not None:
-                statements.done(
-                    entry.tenant, verdict, entry.sql, entry.params, duration_ms, 0, True
-                )
-            counter.inc()
-            audit.record_nowait(
-                AuditEvent(
-                    at=datetime.fromtimestamp(at, UTC),
-                    service=principal.service,
-                    tenant_id=entry.ctx.tenant_id,
-                    action="query",
-                    statement_class=verdict.kind.value,
-                    code=_FROM_CACHE,
-                )
-            )
+            statistics = (entry.tenant, verdict, entry.sql, entry.params, duration_ms, 0, True)
+            outcome = _Outcome(verdict.kind, _FROM_CACHE, verdict, statistics)
+            self._succeeded(principal, entry.ctx, "query", outcome, True, at)
 
     def caches_by_rule(self, tenant_id: str) -> bool:
         """The tenant has result cache rules: its reads go through the cache even when the

@@ -133,10 +133,9 @@ def _encoded(result: QueryResult, packed: bool) -> pb.QueryResult | bytes:
     return result_message(result, pb.QueryResult, packed=packed)
 
 
-def _from_cache(result: QueryResult) -> bytes:
-    """An answer from the result cache: its stored bytes and its summary's tail."""
-    data = result.payload
-    assert data is not None
+def _with_summary(data: bytes, result: QueryResult) -> bytes:
+    """An encoded answer with its summary's duration and cache fields set (when the result
+    cache was asked): the stored bytes of a cached one are sent as they are."""
     info = result.cache
     if info is None:
         return data
@@ -221,15 +220,12 @@ class DatabaseService(DatabaseServiceServicer):
             principal, ctx, request.sql, params, cache=options, replay_key=replay_key
         )
         if result.payload is not None:  # from the cache: its stored bytes, sent as they are
-            return _from_cache(result)
+            return _with_summary(result.payload, result)
         encoded = _encoded(result, packed)
-        info = result.cache
-        if info is None:
+        if result.cache is None:
             return encoded
         data = encoded if isinstance(encoded, bytes) else encoded.SerializeToString()
-        return data + summary_tail(
-            result.duration_ms, info.status, info.age_ms or 0.0, info.stale, info.reason or ""
-        )
+        return _with_summary(data, result)
 
     @rpc
     async def StreamQuery(
