@@ -7,6 +7,10 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+# rustup installs cargo here; maturin (the relay's build backend) looks for it on PATH.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+# The wire port's compiled relay (Rust: cargo and rustc needed; crates from crates.io).
+NATIVE := $(wildcard native/wire/Cargo.toml native/wire/Cargo.lock native/wire/pyproject.toml native/wire/src/*.rs)
 
 .PHONY: run test install lint typecheck proto services services-stop bench clean
 
@@ -15,11 +19,11 @@ $(UV):
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 # The lock file is the single source of versions; --frozen refuses to drift from it.
-$(BIN)/database-service: $(UV) pyproject.toml uv.lock client/pyproject.toml
+$(BIN)/database-service: $(UV) pyproject.toml uv.lock client/pyproject.toml $(NATIVE)
 	$(UV) sync --frozen --no-dev --quiet
 	@touch $@
 
-$(VENV)/.dev-installed: $(UV) pyproject.toml uv.lock client/pyproject.toml
+$(VENV)/.dev-installed: $(UV) pyproject.toml uv.lock client/pyproject.toml $(NATIVE)
 	$(UV) sync --frozen --quiet
 	@touch $@ $(BIN)/database-service
 

@@ -248,6 +248,9 @@ class Settings(BaseSettings):
     # this old is closed when it comes back idle rather than lent again (0: no age limit).
     pgwire_server_idle_seconds: float = Field(default=600.0, gt=0)
     pgwire_server_lifetime_seconds: float = Field(default=3600.0, ge=0)
+    # Idle clients' plain statements run by the compiled relay (native/wire, pgwire/relay.py)
+    # instead of Python, when it is installed; false: every message in Python.
+    pgwire_relay: bool = True
 
     # TLS on every listener (gRPC, HTTP): a certificate chain and its key, by path, read again
     # when the files change (rotation without a restart). Without them the listeners speak

@@ -236,6 +236,10 @@ class StatementPolicy:
         self._guard = guard
         self._shared = shared_schemas
 
+    @property
+    def shared_schemas(self) -> tuple[str, ...]:
+        return self._shared
+
     async def decide(self, sql: str, principal: Principal, own_schema: str) -> Decision:
         try:
             # By shape: a driver that inlines its values (psql, pgbench -M simple, psycopg's

@@ -89,11 +89,14 @@ class ServerPool:
     idle_seconds: float | None = None
     lifetime_seconds: float | None = None
     closed: Callable[[str], None] = field(default=lambda _: None)
+    # The compiled relay (relay.py) holds some of this pool's connections while it uses
+    # them: a waiter here asks it for one back.
+    reclaim: Callable[[], None] | None = None
 
     def _too_old(self, conn: ServerConnection, now: float) -> bool:
         return self.lifetime_seconds is not None and now - conn.opened >= self.lifetime_seconds
 
-    async def acquire(self, timeout: float) -> ServerConnection:
+    async def acquire(self, timeout: float, *, reclaim: bool = True) -> ServerConnection:
         self.last_used = now = time.monotonic()
         while self.idle:
             conn = self.idle.pop()
@@ -117,6 +120,8 @@ class ServerPool:
         waiter: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         self.waits += 1
+        if reclaim and self.reclaim is not None:
+            self.reclaim()
         started = time.monotonic()
         try:
             return await asyncio.wait_for(waiter, timeout)

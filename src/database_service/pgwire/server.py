@@ -54,6 +54,8 @@ from database_service.pgwire.policy import (
     valid_user_id,
 )
 from database_service.pgwire.pooling import ServerPool, ServerPools
+from database_service.pgwire.relay import Handback, Relay
+from database_service.pgwire.relay import available as relay_available
 from database_service.pgwire.scram import ScramError, ScramServer, parse_verifier
 from database_service.results import StatementKind
 from database_service.sqlguard import Classification
@@ -75,6 +77,7 @@ MAX_NAME_BYTES = 1024
 _READ_CHUNK = 65536
 _WORKER_BITS = 6  # a client's cancel key names its worker in the pid's low bits
 _MAX_WORKERS = 1 << _WORKER_BITS
+_LINGER_SECONDS = 0.2  # a session ending on an error waits this long for its client's close
 _LIMIT_MARGIN = 0.25  # seconds past the tenant's statement limit before the port steps in
 # Server parameters passed to clients as PostgreSQL reports them; the rest are the port's.
 _HIDDEN_PARAMETERS = {"session_authorization", "is_superuser", "application_name"}
@@ -287,6 +290,7 @@ class PgWireServer:
         idle_transaction_seconds: float | None = None,
         server_idle_seconds: float | None = None,
         server_lifetime_seconds: float | None = None,
+        relay: bool | None = None,
     ) -> None:
         if not 0 <= worker < _MAX_WORKERS:
             raise ValueError(f"worker index {worker} out of 0..{_MAX_WORKERS - 1}")
@@ -338,8 +342,15 @@ class PgWireServer:
         self.enter_user = f"SELECT {quote_ident(s.control_schema)}.enter_user($1, $2)"
         self.sessions: dict[int, ClientSession] = {}
         self._server: asyncio.Server | None = None
+        # The compiled byte path for idle clients' plain statements (relay.py), when built.
+        self._use_relay = s.pgwire_relay if relay is None else relay
+        self.relay: Relay | None = None
 
     async def start(self) -> None:
+        if self._use_relay and relay_available():
+            self.relay = Relay(self)
+        elif self._use_relay:
+            log.warning("PostgreSQL wire port: dbsvc_wire is not installed, no relay")
         self._server = await asyncio.start_server(
             self._accept, self.host, self.port, reuse_port=True, limit=1 << 20
         )
@@ -373,6 +384,9 @@ class PgWireServer:
                 session.abort()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
+        if self.relay is not None:
+            await self.relay.close()
+            self.relay = None
         self.pools.close()
 
     def _server_closed(self, reason: str) -> None:
@@ -400,6 +414,8 @@ class PgWireServer:
             "server_idle_seconds": self.server_idle_seconds,
             "server_lifetime_seconds": self.server_lifetime_seconds or None,
             "servers_closed": dict(self.servers_closed),
+            "relay": self.relay is not None,
+            "relayed_statements": self.relay.relayed if self.relay is not None else 0,
         }
 
     def show(self, visible: Callable[[str], bool] = lambda _: True) -> dict[str, object]:
@@ -485,6 +501,8 @@ class PgWireServer:
             return
         self.figures.cancels.labels("local").inc()
         server = session.server
+        if server is None and session.relayed and self.relay is not None:
+            server = self.relay.serving(session)
         if server is not None and server.pid:
             # Counted from here (no await before): if the client's statement ends and the
             # connection goes back before PostgreSQL has the cancel, the pool closes it.
@@ -553,6 +571,13 @@ class ClientSession:
         self.expired = False  # the statement being relayed outlived the tenant's limit
         self.writing = False  # waiting for the client to take what was written to it
         self.tls = False
+        # The compiled relay (relay.py) watches the client's socket now; after it handed the
+        # session back without running anything, the next ``_relay_skip`` messages are read
+        # here first (a client of the extended protocol is not handed over for each one).
+        self.relayed = False
+        self._relay_skip = 0
+        self._relay_misses = 0
+        self._handback: Handback | None = None  # the last hand-back, for a shape to allow
         self.connected_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.admin = False  # a session of the admin database (admin.py)
 
@@ -568,10 +593,14 @@ class ClientSession:
         }
 
     def abort(self) -> None:
+        if self.relayed and self.port.relay is not None:
+            self.port.relay.recall(self)
         with contextlib.suppress(Exception):
             self.writer.close()
 
     def cleanup(self) -> None:
+        if self.relayed and self.port.relay is not None:
+            self.port.relay.recall(self)
         if self.pid:
             self.port.sessions.pop(self.pid, None)
             self.port.figures.clients.dec()
@@ -593,6 +622,10 @@ class ClientSession:
                 return
             while True:
                 if self.server is None:
+                    if self._relay_skip:
+                        self._relay_skip -= 1
+                    elif self._delegable():
+                        await self._delegate()
                     kind, payload = await self._read()
                 else:
                     kind, payload = await self._read_in_transaction()
@@ -631,6 +664,104 @@ class ClientSession:
             "idle_in_transaction_timeout",
         )
         raise _ClientGone
+
+    # -- the compiled relay ------------------------------------------------------------------
+
+    def _delegable(self) -> bool:
+        """Idle with nothing of a transaction, a batch or a user id of its own: the relay may
+        watch this client (TLS sessions stay here: the relay speaks plain TCP)."""
+        return (
+            self.port.relay is not None
+            and not self.tls
+            and not self.admin
+            and self.pool is not None
+            and self.tenant is not None
+            and self.server is None
+            and self.user_id is None
+            and not self.aborted
+            and not self.skip_until_sync
+            and not self.server_skipping
+            and not self.expect
+            and not self.pending
+            and not self.events
+            and not self.block
+            and not self.wrapped
+            and not self.reset_at_commit
+        )
+
+    async def _delegate(self) -> None:
+        """Hand the client's socket to the relay until it gives the session back (the first
+        message it does not run), then go on from what it read."""
+        relay = self.port.relay
+        assert relay is not None and self.pool is not None and self.tenant is not None
+        transport = self.writer.transport
+        sock = self.writer.get_extra_info("socket")
+        if sock is None or transport.get_write_buffer_size() or self.reader.at_eof():
+            return
+        transport.pause_reading()  # type: ignore[attr-defined]
+        unread = getattr(self.reader, "_buffer", None)  # what the stream read, not taken yet
+        if unread:
+            self._in += unread
+            unread.clear()
+        wanted = [(n, v, f"SET {n} TO {_literal(v)}") for n, v in self.wanted.items()]
+        future = relay.delegate(
+            self,
+            sock.fileno(),
+            self.pool,
+            bytes(self._in),
+            wanted,
+            self.tenant.limits.statement_timeout_ms,
+            int(_LIMIT_MARGIN * 1000),
+        )
+        self._in.clear()
+        self.relayed = True
+        try:
+            back = await future
+        finally:
+            self.relayed = False
+        self._in += back.leftover
+        self.wanted = dict(back.wanted)
+        if back.ran:
+            self.unnamed = None  # a Query drops the unnamed statement
+            self._relay_misses = 0
+        else:
+            self._relay_misses = min(self._relay_misses + 1, 6)
+            self._relay_skip = (1 << self._relay_misses) - 1
+        taken = relay.taken(back)
+        if taken is not None:
+            self.server_pool, self.server = taken
+            self.port.figures.servers.inc()
+        if back.pending:
+            self.writer.write(back.pending)
+        transport.resume_reading()  # type: ignore[attr-defined]
+        if back.close:
+            with contextlib.suppress(Exception):
+                await self.writer.drain()
+            raise _ClientGone
+        self._handback = back if back.key is not None else None
+
+    def _allow_in_relay(self, back: Handback | None, sql: str) -> None:
+        """The relay handed back a statement of a shape it did not know, and Python ran it as
+        a plain statement: the relay may run that shape from now on (relay.allow checks)."""
+        verdict = self._verdict
+        if back is None or self.port.relay is None or verdict is None:
+            return
+        if verdict.kind not in (StatementKind.READ, StatementKind.WRITE):
+            return
+        if self.port.relay.allow(self, back, sql, verdict):
+            self._relay_misses = self._relay_skip = 0
+
+    def relayed_done(self, verdict: Classification, micros: int, tag: bytes, sql: bytes) -> None:
+        """A statement the relay ran completed: its figures and audit, as ``_done``."""
+        if self.recorder is not None and self.tenant is not None:
+            last = tag.rsplit(b" ", 1)[-1]
+            rows = int(last) if last.isdigit() else 0
+            text = sql.decode(errors="replace")
+            self.recorder.done(self.tenant, verdict, text, (), micros / 1000, rows)
+        self._event("ok", tag.split(b" ", 1)[0].decode(errors="replace") or None, verdict.kind, "")
+
+    def relayed_failed(self, verdict: Classification, sqlstate: str, message: str) -> None:
+        self._failed((verdict, "", 0.0), {"C": sqlstate, "M": message})
 
     async def _admin_session(self) -> None:
         """The admin database: SHOW POOLS / CLIENTS / SERVERS / STATS, rows filtered to the
@@ -682,6 +813,14 @@ class ClientSession:
         with contextlib.suppress(Exception):
             self.writer.write(_error(sqlstate, text, code, severity="FATAL"))
             await self.writer.drain()
+            # What the client sent after the message that ends the session is read and dropped
+            # before the close (briefly): a socket closed with input unread sends a reset, and
+            # the client's kernel may drop the error with it before the client reads it.
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            async with asyncio.timeout(_LINGER_SECONDS):
+                while await self.reader.read(_READ_CHUNK):
+                    pass
 
     def _buffered(self) -> tuple[bytes, bytes] | None:
         """The next whole message already received, taken from the buffer, or None. A client
@@ -1275,6 +1414,7 @@ class ClientSession:
         # A simple Query drops the unnamed statement in PostgreSQL: a Bind of "" after it is
         # refused as there, not re-parsed from the port's copy.
         self.unnamed = None
+        handback, self._handback = self._handback, None  # this Query's, if the relay's
         try:
             sql = codec.query_text(payload)
         except codec.ProtocolViolation:
@@ -1309,6 +1449,8 @@ class ClientSession:
             payload = codec.cstring("ROLLBACK")  # PostgreSQL answers COMMIT so in a failed one
         elif control == "rewrite" and self._deallocating is not None:
             payload = codec.cstring(self._deallocating)  # a driver's catalog lookup, limited
+        if control is None:
+            self._allow_in_relay(handback, sql)
         self.server_skipping = False
         server.send(codec.message(b"Q", payload))
         if self.server_pool is not None:

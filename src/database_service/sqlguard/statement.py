@@ -603,6 +603,16 @@ class SqlGuard:
             return self.classify(sql, own_schema=own_schema, shared_schemas=shared)
         return shape
 
+    def shape_known(
+        self, normalized: str, own_schema: str, shared_schemas: Collection[str]
+    ) -> bool:
+        """Whether ``classify_shape`` holds one verdict for every text of this normalised
+        shape now (not "by exact text"): the wire port's relay (pgwire/relay.py) runs such
+        texts without asking again."""
+        with self._lock:
+            shape = self._shapes.get((normalized, own_schema, tuple(shared_schemas)))
+        return isinstance(shape, Classification)
+
     def _shape(
         self, sql: str, normalized: str, own_schema: str, shared: tuple[str, ...]
     ) -> Classification | Literal[False]:

@@ -1,0 +1,1160 @@
+//! The wire port's byte path: pooled transactions relayed on a thread of their own.
+//!
+//! Python keeps the control plane (startup, authentication, the SQL guard, settings, every
+//! statement it has not seen the shape of, transactions the client opens, COPY, the extended
+//! protocol). When a client's session is idle, Python may *delegate* it here: the relay then
+//! reads the client's messages itself and runs each simple `Query` whose shape Python has
+//! allowed for that session's class (tenant schema and service) on a server connection
+//! Python lent it, forwarding the answers untouched, with no Python on the way. The first
+//! message it does not handle, it hands back (with what it has read) and Python goes on.
+//!
+//! Nothing here decides what a tenant may run: a shape is allowed only by Python, after the
+//! guard's verdict for it; server connections are Python's (logged in as the tenant's own
+//! role), lent while idle and given back. The relay never closes a socket: Python owns them.
+//!
+//! Threads: Python calls only lock the state and queue a command, then wake the relay's
+//! thread (mio's Waker). The relay's thread never takes the GIL; it tells Python by writing a
+//! byte to a pipe Python watches, for events Python must act on soon (a session handed back,
+//! a server wanted or given back); figures (statements done) wait for Python's next drain.
+
+mod shape;
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+
+const WAKER: Token = Token(0);
+const READ_CHUNK: usize = 65536;
+// A client that does not take its rows: past this much queued for it, the relay stops
+// reading the server (the server then waits, as it would for a slow client of its own).
+const CLIENT_BACKLOG: usize = 1 << 20;
+// A client pipelining more than this while its statement runs is not read further until
+// the statement is done.
+const CLIENT_AHEAD: usize = 1 << 20;
+// Messages larger than this go to Python (which checks them against the port's limits).
+const MAX_FAST_MESSAGE: usize = 1 << 20;
+// Server connections idle here this long go back to Python's pool, and so does one lent
+// for longer than LENT_MAX once idle: the pool's idle and lifetime limits stay Python's.
+const IDLE_RETURN: Duration = Duration::from_secs(1);
+const LENT_MAX: Duration = Duration::from_secs(5);
+const SHAPES_MAX: usize = 65536;
+
+fn token_of_session(id: u64) -> Token {
+    Token((id as usize) * 2 + 2)
+}
+fn token_of_server(id: u64) -> Token {
+    Token((id as usize) * 2 + 3)
+}
+
+enum Event {
+    Returned {
+        session: u64,
+        leftover: Vec<u8>,
+        pending: Vec<u8>,
+        key: Option<Vec<u8>>,
+        normalized: Option<Vec<u8>>,
+        ran: bool,
+        server: Option<u64>,
+        status: u8,
+        close: bool,
+        wanted: Vec<(String, String)>,
+        applied: Vec<(String, String)>,
+    },
+    Done { session: u64, verdict: u32, micros: u64, tag: Vec<u8>, sql: Vec<u8> },
+    Failed { session: u64, verdict: u32, sqlstate: String, message: String },
+    Setting { server: u64, name: String, value: String },
+    Need { pool: u64 },
+    Back { server: u64, broken: bool, applied: Vec<(String, String)> },
+    Expired { session: u64, server: u64 },
+    Count { pool: u64, transactions: u64, queries: u64 },
+}
+
+impl Event {
+    fn urgent(&self) -> bool {
+        matches!(self, Event::Returned { .. } | Event::Need { .. } | Event::Back { .. } | Event::Expired { .. })
+    }
+}
+
+#[derive(PartialEq)]
+enum Phase {
+    Idle,
+    Waiting,
+    Settings,
+    Active,
+}
+
+struct Session {
+    fd: RawFd,
+    pool: u64,
+    class: u64,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    wanted: Vec<(String, String, String)>, // name, value, its SET statement
+    limit: Duration,
+    phase: Phase,
+    server: Option<u64>,
+    message: Vec<u8>, // the Query being run (or waiting for a server)
+    verdict: u32,
+    started: Instant,
+    deadline: Option<Instant>,
+    expired: bool,
+    ran: bool,
+    writable: bool, // registered for writability
+    eof: bool,
+    status: u8, // the transaction status of its last ReadyForQuery
+    limit_ms: u64,
+    pool_max: usize,
+}
+
+struct Server {
+    fd: RawFd,
+    pool: u64,
+    applied: HashMap<String, String>,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    session: Option<u64>,
+    broken: bool,
+    hold: bool, // a cancel is on its way: never lent again here
+    idle_since: Instant,
+    lent_at: Instant,
+    paused: bool, // not read while its client's backlog is full
+    setting_error: bool,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<u64>,
+    waiters: VecDeque<u64>,
+    requested: usize,
+    reclaims: usize,
+    transactions: u64,
+    queries: u64,
+}
+
+enum Command {
+    Pump(u64),
+    Serve(u64),
+}
+
+struct State {
+    sessions: HashMap<u64, Session>,
+    servers: HashMap<u64, Server>,
+    pools: HashMap<u64, PoolState>,
+    shapes: HashMap<(u64, Vec<u8>), u32>,
+    events: Vec<Event>,
+    commands: Vec<Command>,
+    signaled: bool,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    registry: Registry,
+    waker: Waker,
+    notify: RawFd,
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    shared.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn read_all(fd: RawFd, buf: &mut Vec<u8>, limit: usize) -> (bool, bool) {
+    // (eof or error, would block); reads until EAGAIN or ``limit`` bytes buffered.
+    loop {
+        if buf.len() >= limit {
+            return (false, false);
+        }
+        let start = buf.len();
+        buf.reserve(READ_CHUNK);
+        let spare = buf.capacity() - start;
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().add(start) as *mut libc::c_void, spare) };
+        if n > 0 {
+            unsafe { buf.set_len(start + n as usize) };
+            continue;
+        }
+        if n == 0 {
+            return (true, false);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.kind() {
+            std::io::ErrorKind::WouldBlock => return (false, true),
+            std::io::ErrorKind::Interrupted => continue,
+            _ => return (true, false),
+        }
+    }
+}
+
+/// Writes what it can of ``buf`` (drained from the front): Err on a broken socket.
+fn write_some(fd: RawFd, buf: &mut Vec<u8>) -> Result<(), ()> {
+    let mut written = 0;
+    while written < buf.len() {
+        let rest = &buf[written..];
+        let n = unsafe {
+            libc::send(fd, rest.as_ptr() as *const libc::c_void, rest.len(), libc::MSG_NOSIGNAL)
+        };
+        if n >= 0 {
+            written += n as usize;
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        match err.kind() {
+            std::io::ErrorKind::WouldBlock => break,
+            std::io::ErrorKind::Interrupted => continue,
+            _ => return Err(()),
+        }
+    }
+    buf.drain(..written);
+    Ok(())
+}
+
+fn message_at(buf: &[u8], at: usize) -> Option<(u8, usize)> {
+    // (kind, total length incl. kind byte) of a whole message at ``at``, or None.
+    if buf.len() < at + 5 {
+        return None;
+    }
+    let len = u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
+    if len < 4 {
+        return Some((buf[at], 0)); // invalid: handled by whoever owns the stream
+    }
+    if buf.len() < at + 1 + len {
+        return None;
+    }
+    Some((buf[at], 1 + len))
+}
+
+fn error_fields(body: &[u8]) -> (String, String) {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let field = body[i];
+        let end = body[i + 1..].iter().position(|&b| b == 0).map(|p| i + 1 + p).unwrap_or(body.len());
+        let value = String::from_utf8_lossy(&body[i + 1..end]).into_owned();
+        if field == b'C' {
+            code = value;
+        } else if field == b'M' {
+            message = value;
+        }
+        i = end + 1;
+    }
+    (code, message)
+}
+
+fn cstring_pair(body: &[u8]) -> (String, String) {
+    let mut parts = body.split(|&b| b == 0);
+    let name = String::from_utf8_lossy(parts.next().unwrap_or(b"")).into_owned();
+    let value = String::from_utf8_lossy(parts.next().unwrap_or(b"")).into_owned();
+    (name, value)
+}
+
+fn error_message(severity: &str, code: &str, text: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, value) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', text)] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+const READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
+
+impl State {
+    fn emit(&mut self, shared: &Shared, event: Event) {
+        let urgent = event.urgent();
+        self.events.push(event);
+        if urgent && !self.signaled {
+            self.signaled = true;
+            let byte = [1u8];
+            unsafe { libc::write(shared.notify, byte.as_ptr() as *const libc::c_void, 1) };
+        }
+    }
+
+    /// Hand a session back to Python: it stops being watched here first.
+    fn hand_back(&mut self, shared: &Shared, id: u64, key: Option<(Vec<u8>, Vec<u8>)>, close: bool) {
+        let Some(mut session) = self.sessions.remove(&id) else { return };
+        let _ = shared.registry.deregister(&mut SourceFd(&session.fd));
+        if let Some(pool) = self.pools.get_mut(&session.pool) {
+            pool.waiters.retain(|&w| w != id);
+        }
+        if session.phase == Phase::Waiting || session.phase == Phase::Settings {
+            // The message it waited with goes back in front of what it sent after it.
+            let mut leftover = std::mem::take(&mut session.message);
+            leftover.extend_from_slice(&session.inbuf);
+            session.inbuf = leftover;
+        }
+        let mut server = None;
+        let mut status = b'I';
+        let mut applied = Vec::new();
+        if let Some(sid) = session.server.take() {
+            if session.phase == Phase::Settings {
+                // Its settings failed: the server goes back broken (below, by the caller).
+            } else if let Some(srv) = self.servers.remove(&sid) {
+                let _ = shared.registry.deregister(&mut SourceFd(&srv.fd));
+                status = session.status;
+                server = Some(sid);
+                applied = srv.applied.into_iter().collect();
+            }
+        }
+        let (key, normalized) = match key {
+            Some((k, n)) => (Some(k), Some(n)),
+            None => (None, None),
+        };
+        self.emit(
+            shared,
+            Event::Returned {
+                session: id,
+                leftover: session.inbuf,
+                pending: session.out,
+                key,
+                normalized,
+                ran: session.ran,
+                server,
+                status,
+                close,
+                wanted: session.wanted.into_iter().map(|(n, v, _)| (n, v)).collect(),
+                applied,
+            },
+        );
+    }
+
+    /// Give a server back to Python's pool (broken: Python closes it).
+    fn give_back(&mut self, shared: &Shared, id: u64, broken: bool) {
+        let Some(server) = self.servers.remove(&id) else { return };
+        let _ = shared.registry.deregister(&mut SourceFd(&server.fd));
+        if let Some(pool) = self.pools.get_mut(&server.pool) {
+            pool.idle.retain(|&s| s != id);
+        }
+        let applied = server.applied.into_iter().collect();
+        self.emit(shared, Event::Back { server: id, broken: broken || server.broken, applied });
+    }
+
+    /// Run whatever whole messages a session has buffered while it is idle.
+    fn pump(&mut self, shared: &Shared, id: u64) {
+        {
+            let Some(session) = self.sessions.get_mut(&id) else { return };
+            if session.phase != Phase::Idle {
+                return;
+            }
+            let Some((kind, total)) = message_at(&session.inbuf, 0) else {
+                if session.eof {
+                    self.hand_back(shared, id, None, false);
+                } else if session.inbuf.len() >= 5 {
+                    // A message longer than the relay takes: Python reads the rest.
+                    let len = u32::from_be_bytes([session.inbuf[1], session.inbuf[2], session.inbuf[3], session.inbuf[4]]) as usize;
+                    if len > MAX_FAST_MESSAGE {
+                        self.hand_back(shared, id, None, false);
+                    }
+                }
+                return;
+            };
+            if kind != b'Q' || !(6..=MAX_FAST_MESSAGE).contains(&total) || session.inbuf[total - 1] != 0 {
+                self.hand_back(shared, id, None, false);
+                return;
+            }
+            let text = &session.inbuf[5..total - 1];
+            if text.contains(&0) {
+                self.hand_back(shared, id, None, false);
+                return;
+            }
+            let Some((normalized, kinds)) = shape::shape(text) else {
+                self.hand_back(shared, id, None, false);
+                return;
+            };
+            let mut key = normalized.clone();
+            key.push(0);
+            key.extend_from_slice(&kinds);
+            let Some(&verdict) = self.shapes.get(&(session.class, key.clone())) else {
+                self.hand_back(shared, id, Some((key, normalized)), false);
+                return;
+            };
+            session.message = session.inbuf.drain(..total).collect();
+            session.verdict = verdict;
+            session.started = Instant::now();
+            let pool_id = session.pool;
+            let pool_max = session.pool_max;
+            let held = self.servers.values().filter(|s| s.pool == pool_id).count();
+            let pool = self.pools.entry(pool_id).or_default();
+            if let Some(sid) = pool.idle.pop() {
+                self.start(shared, id, sid);
+            } else {
+                session.phase = Phase::Waiting;
+                pool.waiters.push_back(id);
+                // One more server from Python's pool per waiter, up to the pool's size: the
+                // rest wait for the ones held here to finish.
+                if pool.waiters.len() > pool.requested && held + pool.requested < pool_max {
+                    pool.requested += 1;
+                    self.emit(shared, Event::Need { pool: pool_id });
+                }
+            }
+        }
+    }
+
+    /// Lend server ``sid`` to session ``id`` for its statement (its settings first).
+    fn start(&mut self, shared: &Shared, id: u64, sid: u64) {
+        let (Some(session), Some(server)) = (self.sessions.get_mut(&id), self.servers.get_mut(&sid)) else {
+            return;
+        };
+        server.session = Some(id);
+        session.server = Some(sid);
+        let changes: Vec<&str> = session
+            .wanted
+            .iter()
+            .filter(|(name, value, _)| server.applied.get(name) != Some(value))
+            .map(|(_, _, sql)| sql.as_str())
+            .collect();
+        if changes.is_empty() {
+            session.phase = Phase::Active;
+            server.out.extend_from_slice(&session.message);
+            session.ran = true;
+            session.deadline = Some(Instant::now() + session.limit);
+            if let Some(pool) = self.pools.get_mut(&session.pool) {
+                pool.queries += 1;
+            }
+        } else {
+            let sql = changes.join(";");
+            session.phase = Phase::Settings;
+            server.setting_error = false;
+            server.out.push(b'Q');
+            server.out.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+            server.out.extend_from_slice(sql.as_bytes());
+            server.out.push(0);
+        }
+        let fd = server.fd;
+        if write_some(fd, &mut server.out).is_err() {
+            self.server_lost(shared, sid);
+            return;
+        }
+        self.server_input(shared, sid); // anything it sent while idle (a notice)
+    }
+
+    fn server_lost(&mut self, shared: &Shared, sid: u64) {
+        let session = self.servers.get(&sid).and_then(|s| s.session);
+        self.give_back(shared, sid, true);
+        let Some(id) = session else { return };
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        s.server = None;
+        match s.phase {
+            Phase::Settings => {
+                s.phase = Phase::Idle;
+                let mut leftover = std::mem::take(&mut s.message);
+                leftover.extend_from_slice(&s.inbuf);
+                s.inbuf = leftover;
+                self.hand_back(shared, id, None, false);
+            }
+            Phase::Active if s.expired => {
+                // Terminated past the tenant's limit, outside any block of the client's: that
+                // statement fails and the client goes on, as on the Python path.
+                let text = format!(
+                    "the statement exceeded the tenant's limit of {} ms and was canceled",
+                    s.limit_ms
+                );
+                s.out.extend_from_slice(&error_message("ERROR", "57014", &text));
+                s.out.extend_from_slice(&READY_IDLE);
+                s.phase = Phase::Idle;
+                s.expired = false;
+                s.deadline = None;
+                self.flush_client(shared, id);
+                self.pump(shared, id);
+            }
+            _ => {
+                s.out.extend_from_slice(&error_message("FATAL", "08006", "the server connection was lost"));
+                s.phase = Phase::Idle;
+                self.flush_client(shared, id);
+                self.hand_back(shared, id, None, true);
+            }
+        }
+    }
+
+    fn server_input(&mut self, shared: &Shared, sid: u64) {
+        let Some(server) = self.servers.get_mut(&sid) else { return };
+        if server.paused {
+            return;
+        }
+        let (gone, _) = read_all(server.fd, &mut server.inbuf, 4 * READ_CHUNK);
+        let Some(id) = server.session else {
+            // Idle here: PostgreSQL said something on its own (it is closing, most likely).
+            if gone || !server.inbuf.is_empty() {
+                self.give_back(shared, sid, true);
+            }
+            return;
+        };
+        self.relay(shared, id, sid);
+        if gone && self.servers.contains_key(&sid) {
+            self.server_lost(shared, sid);
+        }
+    }
+
+    /// Forward the server's whole messages to its client; at ReadyForQuery the transaction
+    /// is over and the server goes back to the idle list.
+    fn relay(&mut self, shared: &Shared, id: u64, sid: u64) {
+        let mut events: Vec<Event> = Vec::new();
+        let mut finished: Option<u8> = None;
+        let mut retry_later = false;
+        {
+            let (Some(session), Some(server)) = (self.sessions.get_mut(&id), self.servers.get_mut(&sid)) else {
+                return;
+            };
+            let mut at = 0;
+            let buf = std::mem::take(&mut server.inbuf);
+            while let Some((kind, total)) = message_at(&buf, at) {
+                if total == 0 {
+                    server.broken = true;
+                    break;
+                }
+                let raw = &buf[at..at + total];
+                at += total;
+                if session.phase == Phase::Settings {
+                    match kind {
+                        b'E' => server.setting_error = true,
+                        b'S' => {
+                            let (name, value) = cstring_pair(&raw[5..]);
+                            server.applied.insert(name, value);
+                        }
+                        b'Z' => {
+                            if server.setting_error {
+                                server.broken = true;
+                                retry_later = true;
+                            } else {
+                                for (name, value, _) in &session.wanted {
+                                    server.applied.insert(name.clone(), value.clone());
+                                }
+                                session.phase = Phase::Active;
+                                session.ran = true;
+                                session.deadline = Some(Instant::now() + session.limit);
+                                server.out.extend_from_slice(&session.message);
+                                let _ = write_some(server.fd, &mut server.out);
+                                events.push(Event::Count { pool: session.pool, transactions: 0, queries: 1 });
+                            }
+                        }
+                        _ => {}
+                    }
+                    if retry_later {
+                        break;
+                    }
+                    continue;
+                }
+                match kind {
+                    b'C' => {
+                        events.push(Event::Done {
+                            session: id,
+                            verdict: session.verdict,
+                            micros: session.started.elapsed().as_micros() as u64,
+                            tag: raw[5..total - 1].to_vec(),
+                            sql: session.message[5..session.message.len() - 1].to_vec(),
+                        });
+                        session.out.extend_from_slice(raw);
+                    }
+                    b'E' => {
+                        if session.expired && raw.windows(7).any(|w| w == b"SFATAL\0") {
+                            continue; // the backend's own "terminating connection"
+                        }
+                        let (sqlstate, message) = error_fields(&raw[5..]);
+                        events.push(Event::Failed { session: id, verdict: session.verdict, sqlstate, message });
+                        session.out.extend_from_slice(raw);
+                    }
+                    b'S' => {
+                        let (name, value) = cstring_pair(&raw[5..]);
+                        for wanted in session.wanted.iter_mut() {
+                            if wanted.0 == name {
+                                wanted.1 = value.clone();
+                            }
+                        }
+                        server.applied.insert(name.clone(), value.clone());
+                        events.push(Event::Setting { server: sid, name, value });
+                        session.out.extend_from_slice(raw);
+                    }
+                    b'Z' => {
+                        session.out.extend_from_slice(raw);
+                        finished = Some(raw[5]);
+                        break;
+                    }
+                    b'G' | b'H' | b'W' => {
+                        // COPY from a statement the guard let through as a plain one: the relay
+                        // cannot do it; the server is lost to this client (never happens for
+                        // the shapes Python allows).
+                        server.broken = true;
+                        session.eof = true;
+                        break;
+                    }
+                    _ => session.out.extend_from_slice(raw),
+                }
+            }
+            let mut rest = buf;
+            rest.drain(..at.min(rest.len()));
+            server.inbuf = rest;
+        }
+        for event in events {
+            if let Event::Count { pool, queries, .. } = event {
+                if let Some(p) = self.pools.get_mut(&pool) {
+                    p.queries += queries;
+                }
+            } else {
+                self.emit(shared, event);
+            }
+        }
+        if retry_later {
+            // The settings failed: the server goes back broken, the statement to Python.
+            let s = self.sessions.get_mut(&id).unwrap();
+            s.server = None;
+            s.phase = Phase::Idle;
+            let mut leftover = std::mem::take(&mut s.message);
+            leftover.extend_from_slice(&s.inbuf);
+            s.inbuf = leftover;
+            self.give_back(shared, sid, true);
+            self.hand_back(shared, id, None, false);
+            return;
+        }
+        let eof = self.sessions.get(&id).map(|s| s.eof).unwrap_or(true);
+        if eof {
+            // The client is gone (or the statement turned into COPY): the server's answers
+            // are still in flight, so it is closed, and Python cleans the session up.
+            self.give_back(shared, sid, true);
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.server = None;
+                s.phase = Phase::Idle;
+            }
+            self.hand_back(shared, id, None, true);
+            return;
+        }
+        if let Some(status) = finished {
+            let server = self.servers.get_mut(&sid).unwrap();
+            let session = self.sessions.get_mut(&id).unwrap();
+            session.deadline = None;
+            session.status = status;
+            if status != b'I' {
+                // The client's statement opened a transaction: Python runs the rest of it on
+                // this server connection.
+                session.phase = Phase::Idle;
+                self.flush_client(shared, id);
+                self.hand_back(shared, id, None, false);
+                return;
+            }
+            server.session = None;
+            session.server = None;
+            session.phase = Phase::Idle;
+            let pool_id = server.pool;
+            let broken = server.broken || session.expired;
+            session.expired = false;
+            let hold = server.hold;
+            let old = server.lent_at.elapsed() >= LENT_MAX;
+            server.idle_since = Instant::now();
+            if let Some(pool) = self.pools.get_mut(&pool_id) {
+                pool.transactions += 1;
+            }
+            self.flush_client(shared, id);
+            if broken || hold || old {
+                self.give_back(shared, sid, broken);
+            } else {
+                self.release(shared, pool_id, sid);
+            }
+            self.client_input(shared, id); // what it sent meanwhile, and what is still unread
+        } else {
+            self.flush_client(shared, id);
+        }
+    }
+
+    fn release(&mut self, shared: &Shared, pool_id: u64, sid: u64) {
+        let pool = self.pools.entry(pool_id).or_default();
+        if pool.reclaims > 0 {
+            pool.reclaims -= 1;
+            self.give_back(shared, sid, false);
+            return;
+        }
+        if let Some(waiter) = pool.waiters.pop_front() {
+            if let Some(s) = self.sessions.get_mut(&waiter) {
+                s.phase = Phase::Active; // set properly by start
+                self.start(shared, waiter, sid);
+                return;
+            }
+        }
+        pool.idle.push(sid);
+    }
+
+    fn flush_client(&mut self, shared: &Shared, id: u64) {
+        let Some(session) = self.sessions.get_mut(&id) else { return };
+        if session.out.is_empty() {
+            return;
+        }
+        if write_some(session.fd, &mut session.out).is_err() {
+            session.out.clear();
+            session.eof = true;
+            return;
+        }
+        let want_write = !session.out.is_empty();
+        if want_write != session.writable {
+            session.writable = want_write;
+            let interest = if want_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            let _ = shared.registry.reregister(&mut SourceFd(&session.fd), token_of_session(id), interest);
+        }
+        // Its server was not read while the backlog was full.
+        if session.out.len() < CLIENT_BACKLOG / 2 {
+            if let Some(sid) = session.server {
+                if let Some(server) = self.servers.get_mut(&sid) {
+                    if server.paused {
+                        server.paused = false;
+                        self.server_input(shared, sid);
+                    }
+                }
+            }
+        } else if let Some(sid) = session.server {
+            if let Some(server) = self.servers.get_mut(&sid) {
+                server.paused = true;
+            }
+        }
+    }
+
+    fn client_input(&mut self, shared: &Shared, id: u64) {
+        let Some(session) = self.sessions.get_mut(&id) else { return };
+        let limit = if session.phase == Phase::Idle { MAX_FAST_MESSAGE + 5 } else { CLIENT_AHEAD };
+        let (gone, _) = read_all(session.fd, &mut session.inbuf, limit);
+        if gone {
+            session.eof = true;
+            if session.phase == Phase::Active || session.phase == Phase::Settings {
+                if let Some(sid) = session.server.take() {
+                    session.phase = Phase::Idle;
+                    self.give_back(shared, sid, true);
+                }
+            }
+        }
+        self.pump(shared, id);
+    }
+
+    fn client_writable(&mut self, shared: &Shared, id: u64) {
+        self.flush_client(shared, id);
+        let gone = self.sessions.get(&id).map(|s| s.eof).unwrap_or(false);
+        if gone {
+            let sid = self.sessions.get_mut(&id).and_then(|s| s.server.take());
+            if let Some(sid) = sid {
+                self.give_back(shared, sid, true);
+            }
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.phase = Phase::Idle;
+            }
+            self.hand_back(shared, id, None, true);
+        }
+    }
+
+    fn timers(&mut self, shared: &Shared) -> Option<Duration> {
+        let now = Instant::now();
+        let mut next: Option<Duration> = None;
+        let mut expired = Vec::new();
+        for (&id, s) in &self.sessions {
+            if let Some(deadline) = s.deadline {
+                if deadline <= now {
+                    expired.push(id);
+                } else {
+                    let left = deadline - now;
+                    next = Some(next.map_or(left, |n: Duration| n.min(left)));
+                }
+            }
+        }
+        for id in expired {
+            let Some(s) = self.sessions.get_mut(&id) else { continue };
+            s.deadline = None;
+            s.expired = true;
+            let Some(sid) = s.server else { continue };
+            let stalled = !s.out.is_empty();
+            if let Some(server) = self.servers.get_mut(&sid) {
+                server.broken = true; // never lent again; Python has it terminated
+            }
+            self.emit(shared, Event::Expired { session: id, server: sid });
+            if stalled {
+                // The client stopped taking its rows: the session ends, as on the Python path.
+                let fd = self.sessions[&id].fd;
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        }
+        let mut old = Vec::new();
+        for (&sid, server) in &self.servers {
+            if server.session.is_none() && server.idle_since.elapsed() >= IDLE_RETURN {
+                old.push(sid);
+            }
+        }
+        for sid in old {
+            self.give_back(shared, sid, false);
+        }
+        if !self.servers.is_empty() {
+            next = Some(next.map_or(IDLE_RETURN, |n| n.min(IDLE_RETURN)));
+        }
+        next
+    }
+}
+
+fn run(shared: Arc<Shared>, mut poll: Poll) {
+    let mut events = Events::with_capacity(1024);
+    let mut timeout: Option<Duration> = None;
+    loop {
+        if poll.poll(&mut events, timeout).is_err() {
+            continue;
+        }
+        let mut state = lock(&shared);
+        if state.stop {
+            return;
+        }
+        let commands = std::mem::take(&mut state.commands);
+        for command in commands {
+            match command {
+                Command::Pump(id) => {
+                    state.client_input(&shared, id);
+                }
+                Command::Serve(pool_id) => {
+                    // A server Python lent (or a reclaim): serve a waiter, else keep it idle.
+                    loop {
+                        let pool = state.pools.entry(pool_id).or_default();
+                        if pool.reclaims == 0 || pool.idle.is_empty() {
+                            break;
+                        }
+                        pool.reclaims -= 1;
+                        let sid = pool.idle.pop().unwrap();
+                        state.give_back(&shared, sid, false);
+                    }
+                    loop {
+                        let pool = state.pools.entry(pool_id).or_default();
+                        if pool.waiters.is_empty() || pool.idle.is_empty() {
+                            break;
+                        }
+                        let waiter = pool.waiters.pop_front().unwrap();
+                        let sid = pool.idle.pop().unwrap();
+                        if state.sessions.contains_key(&waiter) {
+                            state.start(&shared, waiter, sid);
+                        } else {
+                            state.pools.get_mut(&pool_id).unwrap().idle.push(sid);
+                        }
+                    }
+                }
+            }
+        }
+        for event in events.iter() {
+            let token = event.token();
+            if token == WAKER {
+                continue;
+            }
+            let n = token.0 as u64;
+            if n.is_multiple_of(2) {
+                let id = (n - 2) / 2;
+                if event.is_writable() {
+                    state.client_writable(&shared, id);
+                }
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    state.client_input(&shared, id);
+                }
+            } else {
+                let sid = (n - 3) / 2;
+                state.server_input(&shared, sid);
+            }
+        }
+        timeout = state.timers(&shared);
+    }
+}
+
+/// The relay: one thread, started by ``Plane(notify_fd)``.
+#[pyclass]
+struct Plane {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn bytes<'py>(py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
+    PyBytes::new(py, data)
+}
+
+#[pymethods]
+impl Plane {
+    #[new]
+    fn new(notify_fd: i32) -> PyResult<Self> {
+        let poll = Poll::new().map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let registry = poll.registry().try_clone().map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                sessions: HashMap::new(),
+                servers: HashMap::new(),
+                pools: HashMap::new(),
+                shapes: HashMap::new(),
+                events: Vec::new(),
+                commands: Vec::new(),
+                signaled: false,
+                stop: false,
+            }),
+            registry,
+            waker,
+            notify: notify_fd,
+        });
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("pgwire-relay".into())
+            .spawn(move || run(for_thread, poll))
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        Ok(Plane { shared, thread: Some(thread) })
+    }
+
+    /// Take a client's socket while its session is idle; ``buffered``: what Python read and
+    /// has not handled yet. ``wanted``: (name, value, SET statement) of its settings.
+    #[allow(clippy::too_many_arguments)]
+    fn delegate(
+        &self,
+        py: Python<'_>,
+        session: u64,
+        fd: i32,
+        pool: u64,
+        class: u64,
+        buffered: Vec<u8>,
+        wanted: Vec<(String, String, String)>,
+        limit_ms: u64,
+        margin_ms: u64,
+        pool_max: usize,
+    ) -> PyResult<()> {
+        py.detach(|| {
+            let mut state = lock(&self.shared);
+            let entry = Session {
+                fd,
+                pool,
+                class,
+                inbuf: buffered,
+                out: Vec::new(),
+                wanted,
+                limit: Duration::from_millis(limit_ms + margin_ms),
+                phase: Phase::Idle,
+                server: None,
+                message: Vec::new(),
+                verdict: 0,
+                started: Instant::now(),
+                deadline: None,
+                expired: false,
+                ran: false,
+                writable: false,
+                eof: false,
+                status: b'I',
+                limit_ms,
+                pool_max,
+            };
+            self.shared
+                .registry
+                .register(&mut SourceFd(&fd), token_of_session(session), Interest::READABLE)
+                .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+            state.sessions.insert(session, entry);
+            state.commands.push(Command::Pump(session));
+            drop(state);
+            self.shared.waker.wake().map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        })
+    }
+
+    /// Take a session back now (Python closes it, or it is cancelled): its server, if it had
+    /// one, comes back broken (events). True if the relay still had it.
+    fn recall(&self, py: Python<'_>, session: u64) -> bool {
+        py.detach(|| {
+            let mut state = lock(&self.shared);
+            let Some(mut s) = state.sessions.remove(&session) else { return false };
+            let _ = self.shared.registry.deregister(&mut SourceFd(&s.fd));
+            if let Some(pool) = state.pools.get_mut(&s.pool) {
+                pool.waiters.retain(|&w| w != session);
+            }
+            if let Some(sid) = s.server.take() {
+                if let Some(server) = state.servers.get_mut(&sid) {
+                    server.session = None;
+                }
+                state.give_back(&self.shared, sid, true);
+            }
+            true
+        })
+    }
+
+    /// Lend an idle server connection of pool ``pool``; ``applied``: its settings.
+    fn lend(&self, py: Python<'_>, pool: u64, server: u64, fd: i32, applied: Vec<(String, String)>) -> PyResult<()> {
+        py.detach(|| {
+            let mut state = lock(&self.shared);
+            self.shared
+                .registry
+                .register(&mut SourceFd(&fd), token_of_server(server), Interest::READABLE)
+                .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+            let now = Instant::now();
+            state.servers.insert(
+                server,
+                Server {
+                    fd,
+                    pool,
+                    applied: applied.into_iter().collect(),
+                    inbuf: Vec::new(),
+                    out: Vec::new(),
+                    session: None,
+                    broken: false,
+                    hold: false,
+                    idle_since: now,
+                    lent_at: now,
+                    paused: false,
+                    setting_error: false,
+                },
+            );
+            let p = state.pools.entry(pool).or_default();
+            p.requested = p.requested.saturating_sub(1);
+            p.idle.push(server);
+            state.commands.push(Command::Serve(pool));
+            drop(state);
+            self.shared.waker.wake().map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        })
+    }
+
+    /// Python could not lend a server for pool ``pool``: its first waiter goes back to Python
+    /// (which answers it as its own path does: waits, or refuses with the pool's error).
+    fn unavailable(&self, py: Python<'_>, pool: u64) {
+        py.detach(|| {
+            let mut state = lock(&self.shared);
+            let p = state.pools.entry(pool).or_default();
+            p.requested = p.requested.saturating_sub(1);
+            if let Some(waiter) = p.waiters.pop_front() {
+                if let Some(s) = state.sessions.get_mut(&waiter) {
+                    s.phase = Phase::Waiting;
+                }
+                state.hand_back(&self.shared, waiter, None, false);
+            }
+        })
+    }
+
+    /// Python's pool has a waiter: give back one server of ``pool`` (idle now, or the next
+    /// to finish its transaction).
+    fn reclaim(&self, py: Python<'_>, pool: u64) -> PyResult<()> {
+        py.detach(|| {
+            let mut state = lock(&self.shared);
+            if !state.servers.values().any(|s| s.pool == pool) {
+                return Ok(());
+            }
+            state.pools.entry(pool).or_default().reclaims += 1;
+            state.commands.push(Command::Serve(pool));
+            drop(state);
+            self.shared.waker.wake().map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        })
+    }
+
+    /// The server running session ``session``'s statement now, held (never lent again here:
+    /// a cancel is on its way to it), or None.
+    fn serving(&self, py: Python<'_>, session: u64) -> Option<u64> {
+        py.detach(|| {
+            let mut state = lock(&self.shared);
+            let sid = state.sessions.get(&session)?.server?;
+            state.servers.get_mut(&sid)?.hold = true;
+            Some(sid)
+        })
+    }
+
+    /// Let the relay run texts of this shape for sessions of ``class`` (``verdict``: Python's
+    /// index of the guard's verdict).
+    fn allow(&self, py: Python<'_>, class: u64, key: Vec<u8>, verdict: u32) {
+        py.detach(|| {
+            let mut state = lock(&self.shared);
+            if state.shapes.len() >= SHAPES_MAX {
+                state.shapes.clear();
+            }
+            state.shapes.insert((class, key), verdict);
+        })
+    }
+
+    /// Forget every shape allowed for ``class`` (None: for every class).
+    #[pyo3(signature = (class=None))]
+    fn forget(&self, py: Python<'_>, class: Option<u64>) {
+        py.detach(|| {
+            let mut state = lock(&self.shared);
+            match class {
+                Some(c) => state.shapes.retain(|(k, _), _| *k != c),
+                None => state.shapes.clear(),
+            }
+        })
+    }
+
+    fn counts(&self, py: Python<'_>) -> (usize, usize, usize) {
+        py.detach(|| {
+            let state = lock(&self.shared);
+            (state.sessions.len(), state.servers.len(), state.shapes.len())
+        })
+    }
+
+    /// Everything that happened since the last call, in order, as tuples (see pgwire/relay.py).
+    fn take(&self, py: Python<'_>) -> PyResult<Vec<Py<PyTuple>>> {
+        let (events, counts) = py.detach(|| {
+            let mut state = lock(&self.shared);
+            state.signaled = false;
+            let events = std::mem::take(&mut state.events);
+            let mut counts = Vec::new();
+            for (&id, pool) in state.pools.iter_mut() {
+                if pool.transactions > 0 || pool.queries > 0 {
+                    counts.push(Event::Count { pool: id, transactions: pool.transactions, queries: pool.queries });
+                    pool.transactions = 0;
+                    pool.queries = 0;
+                }
+            }
+            (events, counts)
+        });
+        let mut out = Vec::with_capacity(events.len() + counts.len());
+        for event in events.into_iter().chain(counts) {
+            let tuple = match event {
+                Event::Returned { session, leftover, pending, key, normalized, ran, server, status, close, wanted, applied } => (
+                    "returned",
+                    session,
+                    bytes(py, &leftover),
+                    bytes(py, &pending),
+                    key.map(|k| bytes(py, &k).unbind()),
+                    normalized.map(|n| bytes(py, &n).unbind()),
+                    ran,
+                    server,
+                    bytes(py, &[status]),
+                    close,
+                    wanted,
+                    applied,
+                )
+                    .into_pyobject(py)?,
+                Event::Done { session, verdict, micros, tag, sql } => {
+                    ("done", session, verdict, micros, bytes(py, &tag), bytes(py, &sql)).into_pyobject(py)?
+                }
+                Event::Failed { session, verdict, sqlstate, message } => {
+                    ("failed", session, verdict, sqlstate, message).into_pyobject(py)?
+                }
+                Event::Setting { server, name, value } => ("setting", server, name, value).into_pyobject(py)?,
+                Event::Need { pool } => ("need", pool).into_pyobject(py)?,
+                Event::Back { server, broken, applied } => ("back", server, broken, applied).into_pyobject(py)?,
+                Event::Expired { session, server } => ("expired", session, server).into_pyobject(py)?,
+                Event::Count { pool, transactions, queries } => ("count", pool, transactions, queries).into_pyobject(py)?,
+            };
+            out.push(tuple.unbind());
+        }
+        Ok(out)
+    }
+
+    /// Stop the relay's thread (Python then owns every socket again; it closes them).
+    fn close(&mut self, py: Python<'_>) {
+        {
+            let mut state = lock(&self.shared);
+            state.stop = true;
+        }
+        let _ = self.shared.waker.wake();
+        if let Some(thread) = self.thread.take() {
+            py.detach(|| {
+                let _ = thread.join();
+            });
+        }
+    }
+}
+
+/// A statement's shape (see shape.rs): (normalised text, kinds of its constants), or None.
+#[pyfunction]
+fn shape_of<'py>(py: Python<'py>, text: &[u8]) -> Option<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    shape::shape(text).map(|(n, k)| (bytes(py, &n), bytes(py, &k)))
+}
+
+#[pymodule]
+fn dbsvc_wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Plane>()?;
+    m.add_function(wrap_pyfunction!(shape_of, m)?)?;
+    Ok(())
+}
