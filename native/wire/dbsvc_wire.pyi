@@ -15,11 +15,20 @@ class Plane:
         limit_ms: int,
         margin_ms: int,
         pool_max: int,
+        statements: list[tuple[bytes, bytes, bytes, int, bytes]],
         /,
     ) -> None: ...
     def recall(self, session: int, /) -> bool: ...
     def lend(
-        self, pool: int, server: int, fd: int, applied: list[tuple[str, str]], /
+        self,
+        pool: int,
+        server: int,
+        fd: int,
+        applied: list[tuple[str, str]],
+        prepared: list[bytes],
+        prepared_bytes: int,
+        prepared_max: int,
+        /,
     ) -> None: ...
     def unavailable(self, pool: int, /) -> None: ...
     def reclaim(self, pool: int, /) -> None: ...

@@ -229,3 +229,32 @@ async def test_a_transaction_a_relayed_text_opens_is_kept_on_its_connection(
         assert [p for k, p in await raw.query("COMMIT") if k == b"Z"] == [b"I"]
     finally:
         raw.close()
+
+
+async def test_prepared_statements_run_by_the_relay_on_any_connection_see_own_rows(
+    core: Application, port: PgWireServer, tenants: Tenants
+) -> None:
+    """Bind/Execute/Sync of a statement prepared through Python: the relay prepares it on
+    whichever connection it lends (hiding that ParseComplete) and binds the server's name."""
+    login = await _login(core, port, tenants.a.tenant_id, (Scope.READ,))
+    first, second = await asyncpg.connect(login.dsn), await asyncpg.connect(login.dsn)
+    query = "SELECT symbol, company_id FROM market_data WHERE symbol = $1"
+    try:
+        await asyncio.sleep(0.05)
+        before = port.relay.relayed if port.relay is not None else 0
+        for i in range(_REPEAT):
+            for conn in (first, second):
+                symbol = ("USDJPY", "EURUSD")[i % 2]
+                rows = await conn.fetch(query, symbol)
+                assert [r["symbol"] for r in rows] == (["USDJPY"] if i % 2 == 0 else [])
+                assert all(r["company_id"] == tenants.a.tenant_id for r in rows)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await first.fetch("UPDATE market_data SET symbol = $1 WHERE symbol = $2", "x", "y")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await second.fetch(f"SELECT email FROM {tenants.b.schema_name}.users WHERE 1 = $1", 1)
+    finally:
+        await first.close()
+        await second.close()
+    if port.relay is not None:
+        await asyncio.sleep(0.1)  # the relay's events are drained every 20 ms
+        assert port.relay.relayed - before >= _REPEAT

@@ -67,12 +67,14 @@ enum Event {
         close: bool,
         wanted: Vec<(String, String)>,
         applied: Vec<(String, String)>,
+        prepared: Vec<Vec<u8>>,
+        prepared_bytes: usize,
     },
     Done { session: u64, verdict: u32, micros: u64, tag: Vec<u8>, sql: Vec<u8> },
     Failed { session: u64, verdict: u32, sqlstate: String, message: String },
     Setting { server: u64, name: String, value: String },
     Need { pool: u64 },
-    Back { server: u64, broken: bool, applied: Vec<(String, String)> },
+    Back { server: u64, broken: bool, applied: Vec<(String, String)>, prepared: Vec<Vec<u8>>, prepared_bytes: usize },
     Expired { session: u64, server: u64 },
     Count { pool: u64, transactions: u64, queries: u64 },
 }
@@ -81,6 +83,17 @@ impl Event {
     fn urgent(&self) -> bool {
         matches!(self, Event::Returned { .. } | Event::Need { .. } | Event::Back { .. } | Event::Expired { .. })
     }
+}
+
+/// (client's name, server's name, Parse under the server's name, verdict, text), from Python.
+type AllowedStatement = (Vec<u8>, Vec<u8>, Vec<u8>, u32, Vec<u8>);
+
+/// A client's named prepared statement Python allowed the relay to run.
+struct Statement {
+    server_name: Vec<u8>,
+    parse: Vec<u8>, // the Parse message under the server's name
+    verdict: u32,
+    sql: Vec<u8>,
 }
 
 #[derive(PartialEq)]
@@ -101,7 +114,10 @@ struct Session {
     limit: Duration,
     phase: Phase,
     server: Option<u64>,
-    message: Vec<u8>, // the Query being run (or waiting for a server)
+    message: Vec<u8>, // the Query or Bind..Sync batch being run (or waiting for a server)
+    statement: Option<Vec<u8>>, // the batch's prepared statement (client's name), if a batch
+    swallow_parse: bool, // the relay prepared the statement on this server: hide its '1'
+    statements: HashMap<Vec<u8>, Statement>,
     verdict: u32,
     started: Instant,
     deadline: Option<Instant>,
@@ -127,6 +143,9 @@ struct Server {
     lent_at: Instant,
     paused: bool, // not read while its client's backlog is full
     setting_error: bool,
+    prepared: std::collections::HashSet<Vec<u8>>,
+    prepared_bytes: usize,
+    prepared_max: usize,
 }
 
 #[derive(Default)]
@@ -271,6 +290,85 @@ fn error_message(severity: &str, code: &str, text: &str) -> Vec<u8> {
 
 const READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
 
+enum Batch {
+    More,
+    Other,
+    Run { total: usize, verdict: u32, name: Vec<u8> },
+}
+
+/// An extended-protocol batch the relay runs: Bind of a statement Python allowed, Describe of
+/// its portal (optional), Execute of it, Sync; anything else is Python's.
+fn batch(buf: &[u8], statements: &HashMap<Vec<u8>, Statement>) -> Batch {
+    let Some((kind, bind)) = message_at(buf, 0) else { return Batch::More };
+    if kind != b'B' || !(7..=MAX_FAST_MESSAGE).contains(&bind) {
+        return Batch::Other;
+    }
+    let payload = &buf[5..bind];
+    let Some(portal_end) = payload.iter().position(|&c| c == 0) else { return Batch::Other };
+    let portal = &payload[..portal_end];
+    let rest = &payload[portal_end + 1..];
+    let Some(name_end) = rest.iter().position(|&c| c == 0) else { return Batch::Other };
+    let name = &rest[..name_end];
+    let Some(statement) = (!name.is_empty()).then(|| statements.get(name)).flatten() else {
+        return Batch::Other;
+    };
+    let mut at = bind;
+    match message_at(buf, at) {
+        None => return Batch::More,
+        Some((b'D', total)) => {
+            if total != 7 + portal.len() || buf[at + 5] != b'P' || &buf[at + 6..at + total - 1] != portal || buf[at + total - 1] != 0 {
+                return Batch::Other;
+            }
+            at += total;
+        }
+        Some(_) => {}
+    }
+    match message_at(buf, at) {
+        None => return Batch::More,
+        Some((b'E', total)) if total == 10 + portal.len() && &buf[at + 5..at + 5 + portal.len()] == portal && buf[at + 5 + portal.len()] == 0 => {
+            at += total;
+        }
+        Some(_) => return Batch::Other,
+    }
+    match message_at(buf, at) {
+        None => Batch::More,
+        Some((b'S', 5)) => Batch::Run { total: at + 5, verdict: statement.verdict, name: name.to_vec() },
+        Some(_) => Batch::Other,
+    }
+}
+
+/// What the server gets for the session's statement: the Query as sent, or the batch with the
+/// statement under its server name (prepared there first if it is not yet). None: the
+/// connection has no room for another prepared statement.
+fn statement_bytes(session: &mut Session, server: &mut Server) -> Option<Vec<u8>> {
+    let Some(name) = session.statement.as_ref() else { return Some(session.message.clone()) };
+    let statement = session.statements.get(name)?;
+    let mut out = Vec::with_capacity(session.message.len() + statement.parse.len() + 64);
+    session.swallow_parse = false;
+    if !server.prepared.contains(&statement.server_name) {
+        if server.prepared_bytes + statement.parse.len() > server.prepared_max {
+            return None;
+        }
+        server.prepared_bytes += statement.parse.len();
+        out.extend_from_slice(&statement.parse);
+        session.swallow_parse = true;
+    }
+    let message = &session.message;
+    let (_, bind) = message_at(message, 0)?;
+    let payload = &message[5..bind];
+    let portal_end = payload.iter().position(|&c| c == 0)?;
+    let rest_at = portal_end + 1 + payload[portal_end + 1..].iter().position(|&c| c == 0)? + 1;
+    let length = 4 + portal_end + 1 + statement.server_name.len() + 1 + (payload.len() - rest_at);
+    out.push(b'B');
+    out.extend_from_slice(&(length as u32).to_be_bytes());
+    out.extend_from_slice(&payload[..=portal_end]);
+    out.extend_from_slice(&statement.server_name);
+    out.push(0);
+    out.extend_from_slice(&payload[rest_at..]);
+    out.extend_from_slice(&message[bind..]);
+    Some(out)
+}
+
 impl State {
     fn emit(&mut self, shared: &Shared, event: Event) {
         let urgent = event.urgent();
@@ -298,6 +396,8 @@ impl State {
         let mut server = None;
         let mut status = b'I';
         let mut applied = Vec::new();
+        let mut prepared = Vec::new();
+        let mut prepared_bytes = 0;
         if let Some(sid) = session.server.take() {
             if session.phase == Phase::Settings {
                 // Its settings failed: the server goes back broken (below, by the caller).
@@ -306,6 +406,8 @@ impl State {
                 status = session.status;
                 server = Some(sid);
                 applied = srv.applied.into_iter().collect();
+                prepared = srv.prepared.into_iter().collect();
+                prepared_bytes = srv.prepared_bytes;
             }
         }
         let (key, normalized) = match key {
@@ -326,6 +428,8 @@ impl State {
                 close,
                 wanted: session.wanted.into_iter().map(|(n, v, _)| (n, v)).collect(),
                 applied,
+                prepared,
+                prepared_bytes,
             },
         );
     }
@@ -338,7 +442,17 @@ impl State {
             pool.idle.retain(|&s| s != id);
         }
         let applied = server.applied.into_iter().collect();
-        self.emit(shared, Event::Back { server: id, broken: broken || server.broken, applied });
+        let prepared = server.prepared.into_iter().collect();
+        self.emit(
+            shared,
+            Event::Back {
+                server: id,
+                broken: broken || server.broken,
+                applied,
+                prepared,
+                prepared_bytes: server.prepared_bytes,
+            },
+        );
     }
 
     /// Run whatever whole messages a session has buffered while it is idle.
@@ -360,27 +474,45 @@ impl State {
                 }
                 return;
             };
-            if kind != b'Q' || !(6..=MAX_FAST_MESSAGE).contains(&total) || session.inbuf[total - 1] != 0 {
-                self.hand_back(shared, id, None, false);
-                return;
-            }
-            let text = &session.inbuf[5..total - 1];
-            if text.contains(&0) {
-                self.hand_back(shared, id, None, false);
-                return;
-            }
-            let Some((normalized, kinds)) = shape::shape(text) else {
-                self.hand_back(shared, id, None, false);
-                return;
-            };
-            let mut key = normalized.clone();
-            key.push(0);
-            key.extend_from_slice(&kinds);
-            let Some(&verdict) = self.shapes.get(&(session.class, key.clone())) else {
-                self.hand_back(shared, id, Some((key, normalized)), false);
-                return;
+            let (total, verdict, statement) = if kind == b'B' {
+                match batch(&session.inbuf, &session.statements) {
+                    Batch::More => {
+                        if session.eof || session.inbuf.len() > MAX_FAST_MESSAGE {
+                            self.hand_back(shared, id, None, false);
+                        }
+                        return;
+                    }
+                    Batch::Other => {
+                        self.hand_back(shared, id, None, false);
+                        return;
+                    }
+                    Batch::Run { total, verdict, name } => (total, verdict, Some(name)),
+                }
+            } else {
+                if kind != b'Q' || !(6..=MAX_FAST_MESSAGE).contains(&total) || session.inbuf[total - 1] != 0 {
+                    self.hand_back(shared, id, None, false);
+                    return;
+                }
+                let text = &session.inbuf[5..total - 1];
+                if text.contains(&0) {
+                    self.hand_back(shared, id, None, false);
+                    return;
+                }
+                let Some((normalized, kinds)) = shape::shape(text) else {
+                    self.hand_back(shared, id, None, false);
+                    return;
+                };
+                let mut key = normalized.clone();
+                key.push(0);
+                key.extend_from_slice(&kinds);
+                let Some(&verdict) = self.shapes.get(&(session.class, key.clone())) else {
+                    self.hand_back(shared, id, Some((key, normalized)), false);
+                    return;
+                };
+                (total, verdict, None)
             };
             session.message = session.inbuf.drain(..total).collect();
+            session.statement = statement;
             session.verdict = verdict;
             session.started = Instant::now();
             let pool_id = session.pool;
@@ -416,8 +548,19 @@ impl State {
             .map(|(_, _, sql)| sql.as_str())
             .collect();
         if changes.is_empty() {
+            let Some(bytes) = statement_bytes(session, server) else {
+                // Past the connection's prepared-statement budget: Python refuses it (54000).
+                server.session = None;
+                session.server = None;
+                let pool_id = server.pool;
+                self.release(shared, pool_id, sid);
+                let s = self.sessions.get_mut(&id).unwrap();
+                s.phase = Phase::Waiting; // its message goes back in front
+                self.hand_back(shared, id, None, false);
+                return;
+            };
             session.phase = Phase::Active;
-            server.out.extend_from_slice(&session.message);
+            server.out.extend_from_slice(&bytes);
             session.ran = true;
             session.deadline = Some(Instant::now() + session.limit);
             if let Some(pool) = self.pools.get_mut(&session.pool) {
@@ -531,10 +674,14 @@ impl State {
                                 for (name, value, _) in &session.wanted {
                                     server.applied.insert(name.clone(), value.clone());
                                 }
+                                let Some(bytes) = statement_bytes(session, server) else {
+                                    retry_later = true;
+                                    break;
+                                };
                                 session.phase = Phase::Active;
                                 session.ran = true;
                                 session.deadline = Some(Instant::now() + session.limit);
-                                server.out.extend_from_slice(&session.message);
+                                server.out.extend_from_slice(&bytes);
                                 let _ = write_some(server.fd, &mut server.out);
                                 events.push(Event::Count { pool: session.pool, transactions: 0, queries: 1 });
                             }
@@ -547,17 +694,29 @@ impl State {
                     continue;
                 }
                 match kind {
+                    b'1' if session.swallow_parse => {
+                        // The relay's own Parse of the client's statement on this connection.
+                        session.swallow_parse = false;
+                        if let Some(stmt) = session.statement.as_ref().and_then(|n| session.statements.get(n)) {
+                            server.prepared.insert(stmt.server_name.clone());
+                        }
+                    }
                     b'C' => {
+                        let sql = match session.statement.as_ref().and_then(|n| session.statements.get(n)) {
+                            Some(stmt) => stmt.sql.clone(),
+                            None => session.message[5..session.message.len() - 1].to_vec(),
+                        };
                         events.push(Event::Done {
                             session: id,
                             verdict: session.verdict,
                             micros: session.started.elapsed().as_micros() as u64,
                             tag: raw[5..total - 1].to_vec(),
-                            sql: session.message[5..session.message.len() - 1].to_vec(),
+                            sql,
                         });
                         session.out.extend_from_slice(raw);
                     }
                     b'E' => {
+                        session.swallow_parse = false;
                         if session.expired && raw.windows(7).any(|w| w == b"SFATAL\0") {
                             continue; // the backend's own "terminating connection"
                         }
@@ -916,6 +1075,7 @@ impl Plane {
         limit_ms: u64,
         margin_ms: u64,
         pool_max: usize,
+        statements: Vec<AllowedStatement>,
     ) -> PyResult<()> {
         py.detach(|| {
             let mut state = lock(&self.shared);
@@ -930,6 +1090,12 @@ impl Plane {
                 phase: Phase::Idle,
                 server: None,
                 message: Vec::new(),
+                statement: None,
+                swallow_parse: false,
+                statements: statements
+                    .into_iter()
+                    .map(|(name, server_name, parse, verdict, sql)| (name, Statement { server_name, parse, verdict, sql }))
+                    .collect(),
                 verdict: 0,
                 started: Instant::now(),
                 deadline: None,
@@ -973,7 +1139,18 @@ impl Plane {
     }
 
     /// Lend an idle server connection of pool ``pool``; ``applied``: its settings.
-    fn lend(&self, py: Python<'_>, pool: u64, server: u64, fd: i32, applied: Vec<(String, String)>) -> PyResult<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn lend(
+        &self,
+        py: Python<'_>,
+        pool: u64,
+        server: u64,
+        fd: i32,
+        applied: Vec<(String, String)>,
+        prepared: Vec<Vec<u8>>,
+        prepared_bytes: usize,
+        prepared_max: usize,
+    ) -> PyResult<()> {
         py.detach(|| {
             let mut state = lock(&self.shared);
             self.shared
@@ -996,6 +1173,9 @@ impl Plane {
                     lent_at: now,
                     paused: false,
                     setting_error: false,
+                    prepared: prepared.into_iter().collect(),
+                    prepared_bytes,
+                    prepared_max,
                 },
             );
             let p = state.pools.entry(pool).or_default();
@@ -1099,7 +1279,21 @@ impl Plane {
         let mut out = Vec::with_capacity(events.len() + counts.len());
         for event in events.into_iter().chain(counts) {
             let tuple = match event {
-                Event::Returned { session, leftover, pending, key, normalized, ran, server, status, close, wanted, applied } => (
+                Event::Returned {
+                    session,
+                    leftover,
+                    pending,
+                    key,
+                    normalized,
+                    ran,
+                    server,
+                    status,
+                    close,
+                    wanted,
+                    applied,
+                    prepared,
+                    prepared_bytes,
+                } => (
                     "returned",
                     session,
                     bytes(py, &leftover),
@@ -1111,7 +1305,7 @@ impl Plane {
                     bytes(py, &[status]),
                     close,
                     wanted,
-                    applied,
+                    (applied, prepared.iter().map(|p| bytes(py, p)).collect::<Vec<_>>(), prepared_bytes),
                 )
                     .into_pyobject(py)?,
                 Event::Done { session, verdict, micros, tag, sql } => {
@@ -1122,7 +1316,10 @@ impl Plane {
                 }
                 Event::Setting { server, name, value } => ("setting", server, name, value).into_pyobject(py)?,
                 Event::Need { pool } => ("need", pool).into_pyobject(py)?,
-                Event::Back { server, broken, applied } => ("back", server, broken, applied).into_pyobject(py)?,
+                Event::Back { server, broken, applied, prepared, prepared_bytes } => {
+                    let prepared: Vec<Bound<'_, PyBytes>> = prepared.iter().map(|p| bytes(py, p)).collect();
+                    ("back", server, broken, applied, prepared, prepared_bytes).into_pyobject(py)?
+                }
                 Event::Expired { session, server } => ("expired", session, server).into_pyobject(py)?,
                 Event::Count { pool, transactions, queries } => ("count", pool, transactions, queries).into_pyobject(py)?,
             };

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import pglast
 
-from database_service.pgwire.backend import BackendError, ServerConnection
+from database_service.pgwire.backend import MAX_PREPARED_BYTES, BackendError, ServerConnection
 from database_service.pgwire.pooling import ServerPool
 from database_service.sqlguard import Classification
 
@@ -83,6 +83,8 @@ class Handback:
         "leftover",
         "normalized",
         "pending",
+        "prepared",
+        "prepared_bytes",
         "ran",
         "server",
         "status",
@@ -102,7 +104,7 @@ class Handback:
             self.status,
             self.close,
             self.wanted,
-            self.applied,
+            (self.applied, self.prepared, self.prepared_bytes),
         ) = event
 
 
@@ -166,7 +168,10 @@ class Relay:
         wanted: list[tuple[str, str, str]],
         limit_ms: int,
         margin_ms: int,
+        statements: list[tuple[bytes, bytes, bytes, Classification, bytes]],
     ) -> asyncio.Future[Handback]:
+        """``statements``: the client's named statements the relay may run (client's name,
+        server's name, the Parse under that name, verdict, text)."""
         future: asyncio.Future[Handback] = self._loop.create_future()
         self._waiting[session.pid] = future
         self._plane.delegate(
@@ -179,6 +184,7 @@ class Relay:
             limit_ms,
             margin_ms,
             pool.max_size,
+            [(n, s, p, self.verdict_index(v), t) for n, s, p, v, t in statements],
         )
         return future
 
@@ -220,17 +226,24 @@ class Relay:
                 self.port.policy.shared_schemas,
             ):
                 return False
+        self._plane.allow(self.class_of(session), back.key, self.verdict_index(verdict))
+        return True
+
+    def verdict_index(self, verdict: Classification) -> int:
+        """The relay names verdicts by index (its events carry it back)."""
         index = self._verdict_ids.get(id(verdict))
         if index is None:
             if len(self._verdicts) >= _VERDICTS_MAX:
+                # Shapes allowed so far name indexes about to be reused: forgotten with them.
+                # Sessions delegated now keep their statements' indexes: a few figures may be
+                # booked under a newer verdict of the same tenant, never run under one.
                 self._verdicts.clear()
                 self._verdict_ids.clear()
                 self._plane.forget()
             index = len(self._verdicts)
             self._verdicts.append(verdict)
             self._verdict_ids[id(verdict)] = index
-        self._plane.allow(self.class_of(session), back.key, index)
-        return True
+        return index
 
     def forget(self) -> None:
         """Every allowed shape forgotten (the guard's catalog or rules changed)."""
@@ -279,7 +292,7 @@ class Relay:
             elif kind == "need":
                 self._spawn(self._lend(event[1]))
             elif kind == "back":
-                self._back(event[1], event[2], event[3])
+                self._back(event[1], event[2], event[3], event[4], event[5])
             elif kind == "expired":
                 lent = self._lent.get(event[2])
                 if lent is not None:
@@ -307,17 +320,28 @@ class Relay:
             return None
         pool, server = lent
         server.applied = dict(back.applied)
+        server.prepared = {name.decode() for name in back.prepared}
+        server.prepared_bytes = back.prepared_bytes
         server.status = back.status
         server.unnamed = None
         server.writer.transport.resume_reading()  # type: ignore[attr-defined]
         return pool, server
 
-    def _back(self, sid: int, broken: bool, applied: list[tuple[str, str]]) -> None:
+    def _back(
+        self,
+        sid: int,
+        broken: bool,
+        applied: list[tuple[str, str]],
+        prepared: list[bytes],
+        prepared_bytes: int,
+    ) -> None:
         lent = self._lent.pop(sid, None)
         if lent is None:
             return
         pool, server = lent
         server.applied = dict(applied)
+        server.prepared = {name.decode() for name in prepared}
+        server.prepared_bytes = prepared_bytes
         server.unnamed = None  # a Query drops the unnamed statement
         server.status = b"I"
         if broken:
@@ -352,7 +376,15 @@ class Relay:
         sid = self._next
         self._lent[sid] = (pool, server)
         sock = server.writer.get_extra_info("socket")
-        self._plane.lend(pool_id, sid, sock.fileno(), list(server.applied.items()))
+        self._plane.lend(
+            pool_id,
+            sid,
+            sock.fileno(),
+            list(server.applied.items()),
+            [name.encode() for name in server.prepared],
+            server.prepared_bytes,
+            MAX_PREPARED_BYTES,
+        )
 
     async def close(self) -> None:
         """Stop the relay: every socket is Python's alone again, every lent server goes back

@@ -712,6 +712,7 @@ class ClientSession:
             wanted,
             self.tenant.limits.statement_timeout_ms,
             int(_LIMIT_MARGIN * 1000),
+            self._relayable_statements(),
         )
         self._in.clear()
         self.relayed = True
@@ -739,6 +740,19 @@ class ClientSession:
                 await self.writer.drain()
             raise _ClientGone
         self._handback = back if back.key is not None else None
+
+    def _relayable_statements(self) -> list[tuple[bytes, bytes, bytes, Classification, bytes]]:
+        """The client's named statements the relay may run as Bind/Execute/Sync: plain READ or
+        WRITE statements the guard and the scopes accepted at their Parse."""
+        out = []
+        for name, (server_name, parse) in self.statements.items():
+            kept = self.verdicts.get(name)
+            if not name or kept is None or name in self.virtual or name in self.begins:
+                continue
+            verdict, query = kept
+            if verdict.kind in (StatementKind.READ, StatementKind.WRITE):
+                out.append((name.encode(), server_name.encode(), parse, verdict, query.encode()))
+        return out
 
     def _allow_in_relay(self, back: Handback | None, sql: str) -> None:
         """The relay handed back a statement of a shape it did not know, and Python ran it as
