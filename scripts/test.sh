@@ -26,6 +26,15 @@ echo "== ruff"
 "$BIN/ruff" format --check src client/src tests bench scripts examples
 echo "== mypy"
 "$BIN/mypy"
+# The wire port's compiled relay: its own unit tests (shapes, batches) and clippy's lints.
+echo "== cargo test (native/wire)"
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo test --quiet --manifest-path native/wire/Cargo.toml --no-default-features --lib
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --quiet --manifest-path native/wire/Cargo.toml --no-default-features -- -D warnings
+else
+  echo "cargo clippy is not installed (rustup component add clippy): its lints not run"
+fi
 
 echo "== Kafka (scripts/kafka.sh)"
 bash scripts/kafka.sh acquire $$

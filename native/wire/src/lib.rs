@@ -710,7 +710,7 @@ impl State {
                             session: id,
                             verdict: session.verdict,
                             micros: session.started.elapsed().as_micros() as u64,
-                            tag: raw[5..total - 1].to_vec(),
+                            tag: raw.get(5..total.saturating_sub(1)).unwrap_or_default().to_vec(),
                             sql,
                         });
                         session.out.extend_from_slice(raw);
@@ -737,7 +737,7 @@ impl State {
                     }
                     b'Z' => {
                         session.out.extend_from_slice(raw);
-                        finished = Some(raw[5]);
+                        finished = Some(raw.get(5).copied().unwrap_or(b'I'));
                         break;
                     }
                     b'G' | b'H' | b'W' => {
@@ -963,11 +963,42 @@ fn run(shared: Arc<Shared>, mut poll: Poll) {
         if state.stop {
             return;
         }
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step(&shared, &mut state, &events)
+        }));
+        timeout = match step {
+            Ok(next) => next,
+            Err(_) => {
+                // A bug of the relay's must not leave clients waiting on a dead thread: every
+                // session goes back to Python (ended), every server back to its pool (closed).
+                eprintln!("pgwire relay: a step failed; its sessions and servers go back");
+                let sessions: Vec<u64> = state.sessions.keys().copied().collect();
+                for id in sessions {
+                    if let Some(s) = state.sessions.get_mut(&id) {
+                        s.phase = Phase::Idle;
+                        s.server = None;
+                    }
+                    state.hand_back(&shared, id, None, true);
+                }
+                let servers: Vec<u64> = state.servers.keys().copied().collect();
+                for sid in servers {
+                    state.give_back(&shared, sid, true);
+                }
+                None
+            }
+        };
+    }
+}
+
+/// One turn of the relay's loop: Python's commands, then the sockets that are ready; the
+/// time until the next timer.
+fn step(shared: &Shared, state: &mut State, events: &Events) -> Option<Duration> {
+    {
         let commands = std::mem::take(&mut state.commands);
         for command in commands {
             match command {
                 Command::Pump(id) => {
-                    state.client_input(&shared, id);
+                    state.client_input(shared, id);
                 }
                 Command::Serve(pool_id) => {
                     // A server Python lent (or a reclaim): serve a waiter, else keep it idle.
@@ -978,7 +1009,7 @@ fn run(shared: Arc<Shared>, mut poll: Poll) {
                         }
                         pool.reclaims -= 1;
                         let sid = pool.idle.pop().unwrap();
-                        state.give_back(&shared, sid, false);
+                        state.give_back(shared, sid, false);
                     }
                     loop {
                         let pool = state.pools.entry(pool_id).or_default();
@@ -988,7 +1019,7 @@ fn run(shared: Arc<Shared>, mut poll: Poll) {
                         let waiter = pool.waiters.pop_front().unwrap();
                         let sid = pool.idle.pop().unwrap();
                         if state.sessions.contains_key(&waiter) {
-                            state.start(&shared, waiter, sid);
+                            state.start(shared, waiter, sid);
                         } else {
                             state.pools.get_mut(&pool_id).unwrap().idle.push(sid);
                         }
@@ -1005,17 +1036,17 @@ fn run(shared: Arc<Shared>, mut poll: Poll) {
             if n.is_multiple_of(2) {
                 let id = (n - 2) / 2;
                 if event.is_writable() {
-                    state.client_writable(&shared, id);
+                    state.client_writable(shared, id);
                 }
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    state.client_input(&shared, id);
+                    state.client_input(shared, id);
                 }
             } else {
                 let sid = (n - 3) / 2;
-                state.server_input(&shared, sid);
+                state.server_input(shared, sid);
             }
         }
-        timeout = state.timers(&shared);
+        state.timers(shared)
     }
 }
 
@@ -1354,4 +1385,75 @@ fn dbsvc_wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Plane>()?;
     m.add_function(wrap_pyfunction!(shape_of, m)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![kind];
+        out.extend_from_slice(&((payload.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn statements() -> HashMap<Vec<u8>, Statement> {
+        let mut map = HashMap::new();
+        map.insert(
+            b"P_0".to_vec(),
+            Statement {
+                server_name: b"dbsvc_abc".to_vec(),
+                parse: message(b'P', b"dbsvc_abc\0SELECT $1\0\0\0"),
+                verdict: 7,
+                sql: b"SELECT $1".to_vec(),
+            },
+        );
+        map
+    }
+
+    fn bind(portal: &[u8], name: &[u8]) -> Vec<u8> {
+        let mut payload = portal.to_vec();
+        payload.push(0);
+        payload.extend_from_slice(name);
+        payload.push(0);
+        payload.extend_from_slice(b"\0\0\0\x01\0\0\0\x011\0\0");
+        message(b'B', &payload)
+    }
+
+    #[test]
+    fn a_bind_describe_execute_sync_batch_of_an_allowed_statement_runs() {
+        let mut buf = bind(b"", b"P_0");
+        buf.extend(message(b'D', b"P\0"));
+        buf.extend(message(b'E', b"\0\0\0\0\0"));
+        buf.extend(message(b'S', b""));
+        match batch(&buf, &statements()) {
+            Batch::Run { total, verdict, name } => {
+                assert_eq!(total, buf.len());
+                assert_eq!(verdict, 7);
+                assert_eq!(name, b"P_0".to_vec());
+            }
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn a_batch_waits_for_its_sync_and_leaves_anything_else_to_python() {
+        let mut buf = bind(b"", b"P_0");
+        buf.extend(message(b'E', b"\0\0\0\0\0"));
+        assert!(matches!(batch(&buf, &statements()), Batch::More));
+        let mut flush = buf.clone();
+        flush.extend(message(b'H', b""));
+        assert!(matches!(batch(&flush, &statements()), Batch::Other));
+        for name in [&b"unknown"[..], b""] {
+            let mut other = bind(b"", name);
+            other.extend(message(b'E', b"\0\0\0\0\0"));
+            other.extend(message(b'S', b""));
+            assert!(matches!(batch(&other, &statements()), Batch::Other));
+        }
+        let mut other_portal = bind(b"p1", b"P_0");
+        other_portal.extend(message(b'E', b"p2\0\0\0\0\0"));
+        other_portal.extend(message(b'S', b""));
+        assert!(matches!(batch(&other_portal, &statements()), Batch::Other));
+    }
 }
