@@ -102,3 +102,19 @@ def test_a_reset_reaches_the_other_processes(tmp_path: Path) -> None:
     assert there.top("acme", 10) == []
     assert there.top("globex", 10)[0].calls == 1
     assert here.top("globex", 10, peers=here_shared.peers("globex"))[0].calls == 2
+
+
+def test_statements_booked_as_a_group_count_as_if_booked_one_by_one() -> None:
+    verdict = SqlGuard().classify("SELECT * FROM users WHERE user_id = 'a'", own_schema=OWN)
+    micros = [150, 90, 2_400, 31_000, 700]
+    one_by_one, grouped = StatementStats(), StatementStats()
+    for us in micros:
+        one_by_one.record("t", verdict, us / 1000, 1)
+    grouped.record_many("t", verdict, micros, len(micros))
+
+    def figures(stats: StatementStats) -> dict[str, object]:
+        entry = stats.export_tenant("t")["tenants"]["t"][verdict.fingerprint]
+        entry.pop("updated", None)
+        return entry
+
+    assert figures(grouped) == figures(one_by_one)

@@ -44,7 +44,7 @@ const MAX_FAST_MESSAGE: usize = 1 << 20;
 // Server connections idle here this long go back to Python's pool, and so does one lent
 // for longer than LENT_MAX once idle: the pool's idle and lifetime limits stay Python's.
 const IDLE_RETURN: Duration = Duration::from_secs(1);
-const LENT_MAX: Duration = Duration::from_secs(5);
+const LENT_MAX: Duration = Duration::from_secs(60);
 const SHAPES_MAX: usize = 65536;
 
 fn token_of_session(id: u64) -> Token {
@@ -150,12 +150,20 @@ struct Server {
 
 #[derive(Default)]
 struct PoolState {
+    max: usize,
     idle: Vec<u64>,
     waiters: VecDeque<u64>,
     requested: usize,
     reclaims: usize,
     transactions: u64,
     queries: u64,
+}
+
+#[derive(Default)]
+struct Completed {
+    micros: Vec<u8>, // each statement's time, u32 little-endian
+    rows: u64,
+    sql: Vec<u8>, // the first statement's text (the group shares its shape)
 }
 
 enum Command {
@@ -169,6 +177,9 @@ struct State {
     pools: HashMap<u64, PoolState>,
     shapes: HashMap<(u64, Vec<u8>), u32>,
     events: Vec<Event>,
+    // Statements completed since the last take, by (session, verdict, command tag): Python
+    // books them together (one call per group, not per statement).
+    done: HashMap<(u64, u32, Vec<u8>), Completed>,
     commands: Vec<Command>,
     signaled: bool,
     stop: bool,
@@ -371,6 +382,17 @@ fn statement_bytes(session: &mut Session, server: &mut Server) -> Option<Vec<u8>
 
 impl State {
     fn emit(&mut self, shared: &Shared, event: Event) {
+        if let Event::Done { session, verdict, micros, tag, sql } = event {
+            let rows = tag.rsplit(|&b| b == b' ').next().and_then(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok());
+            let command = tag.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
+            let group = self.done.entry((session, verdict, command)).or_default();
+            if group.sql.is_empty() {
+                group.sql = sql;
+            }
+            group.micros.extend_from_slice(&(micros.min(u32::MAX as u64) as u32).to_le_bytes());
+            group.rows += rows.unwrap_or(0);
+            return;
+        }
         let urgent = event.urgent();
         self.events.push(event);
         if urgent && !self.signaled {
@@ -441,6 +463,7 @@ impl State {
         if let Some(pool) = self.pools.get_mut(&server.pool) {
             pool.idle.retain(|&s| s != id);
         }
+        self.request(shared, server.pool);
         let applied = server.applied.into_iter().collect();
         let prepared = server.prepared.into_iter().collect();
         self.emit(
@@ -517,20 +540,33 @@ impl State {
             session.started = Instant::now();
             let pool_id = session.pool;
             let pool_max = session.pool_max;
-            let held = self.servers.values().filter(|s| s.pool == pool_id).count();
             let pool = self.pools.entry(pool_id).or_default();
+            pool.max = pool_max;
             if let Some(sid) = pool.idle.pop() {
                 self.start(shared, id, sid);
             } else {
                 session.phase = Phase::Waiting;
                 pool.waiters.push_back(id);
-                // One more server from Python's pool per waiter, up to the pool's size: the
-                // rest wait for the ones held here to finish.
-                if pool.waiters.len() > pool.requested && held + pool.requested < pool_max {
-                    pool.requested += 1;
-                    self.emit(shared, Event::Need { pool: pool_id });
-                }
+                self.request(shared, pool_id);
             }
+        }
+    }
+
+    /// Ask Python for servers of pool ``pool_id``: one per waiter, up to the pool's size with
+    /// those held here (the rest wait for the held ones to finish). Called when a client
+    /// starts waiting and whenever a server leaves the relay, so waiters never wait on
+    /// servers that are gone.
+    fn request(&mut self, shared: &Shared, pool_id: u64) {
+        let held = self.servers.values().filter(|s| s.pool == pool_id).count();
+        let mut needs = 0;
+        if let Some(pool) = self.pools.get_mut(&pool_id) {
+            while pool.waiters.len() > pool.requested && held + pool.requested < pool.max {
+                pool.requested += 1;
+                needs += 1;
+            }
+        }
+        for _ in 0..needs {
+            self.emit(shared, Event::Need { pool: pool_id });
         }
     }
 
@@ -1075,6 +1111,7 @@ impl Plane {
                 pools: HashMap::new(),
                 shapes: HashMap::new(),
                 events: Vec::new(),
+                done: HashMap::new(),
                 commands: Vec::new(),
                 signaled: false,
                 stop: false,
@@ -1293,10 +1330,11 @@ impl Plane {
 
     /// Everything that happened since the last call, in order, as tuples (see pgwire/relay.py).
     fn take(&self, py: Python<'_>) -> PyResult<Vec<Py<PyTuple>>> {
-        let (events, counts) = py.detach(|| {
+        let (events, counts, done) = py.detach(|| {
             let mut state = lock(&self.shared);
             state.signaled = false;
             let events = std::mem::take(&mut state.events);
+            let done = std::mem::take(&mut state.done);
             let mut counts = Vec::new();
             for (&id, pool) in state.pools.iter_mut() {
                 if pool.transactions > 0 || pool.queries > 0 {
@@ -1305,9 +1343,22 @@ impl Plane {
                     pool.queries = 0;
                 }
             }
-            (events, counts)
+            (events, counts, done)
         });
-        let mut out = Vec::with_capacity(events.len() + counts.len());
+        let mut out = Vec::with_capacity(done.len() + events.len() + counts.len());
+        for ((session, verdict, command), group) in done {
+            let tuple = (
+                "done",
+                session,
+                verdict,
+                bytes(py, &command),
+                bytes(py, &group.micros),
+                group.rows,
+                bytes(py, &group.sql),
+            )
+                .into_pyobject(py)?;
+            out.push(tuple.unbind());
+        }
         for event in events.into_iter().chain(counts) {
             let tuple = match event {
                 Event::Returned {
@@ -1339,9 +1390,7 @@ impl Plane {
                     (applied, prepared.iter().map(|p| bytes(py, p)).collect::<Vec<_>>(), prepared_bytes),
                 )
                     .into_pyobject(py)?,
-                Event::Done { session, verdict, micros, tag, sql } => {
-                    ("done", session, verdict, micros, bytes(py, &tag), bytes(py, &sql)).into_pyobject(py)?
-                }
+                Event::Done { .. } => continue, // grouped above
                 Event::Failed { session, verdict, sqlstate, message } => {
                     ("failed", session, verdict, sqlstate, message).into_pyobject(py)?
                 }

@@ -273,8 +273,10 @@ class Relay:
             if kind == "done":
                 session = sessions.get(event[1])
                 if session is not None:
-                    self.relayed += 1
-                    session.relayed_done(self._verdicts[event[2]], event[3], event[4], event[5])
+                    verdict = self._verdicts[event[2]]
+                    self.relayed += session.relayed_done(
+                        verdict, event[3], event[4], event[5], event[6]
+                    )
                     touched.add(session)
             elif kind == "failed":
                 session = sessions.get(event[1])

@@ -43,6 +43,25 @@ class StatementRecorder:
                 SlowQuery(tenant, verdict, sql, params, duration_ms, rows, dt.datetime.now(dt.UTC))
             )
 
+    def done_many(
+        self,
+        tenant: TenantRecord,
+        verdict: Classification,
+        sql: str,
+        micros: Sequence[int],
+        rows: int,
+    ) -> None:
+        """``done`` for statements of one verdict completed together (times in microseconds,
+        rows summed): the wire port's relay books its statements so."""
+        self.stats.record_many(tenant.tenant_id, verdict, micros, rows)
+        slow = self._slow
+        if slow is None or not micros or not slow.is_slow(tenant.tenant_id, max(micros) / 1000):
+            return
+        now = dt.datetime.now(dt.UTC)
+        for us in micros:
+            if slow.is_slow(tenant.tenant_id, us / 1000):
+                slow.submit(SlowQuery(tenant, verdict, sql, (), us / 1000, 0, now))
+
     def failed(self, tenant_id: str, verdict: Classification) -> None:
         self._record(tenant_id, verdict, 0.0, 0, error=True)
 

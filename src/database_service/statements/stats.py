@@ -25,7 +25,7 @@ import math
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,19 +211,7 @@ class StatementStats:
         cache_hit: bool = False,
     ) -> None:
         """One statement's outcome (the hot path: O(1), no I/O)."""
-        table = self._tenants.get(tenant_id)
-        if table is None:
-            table = self._tenants[tenant_id] = OrderedDict()
-        self._changed.add(tenant_id)
-        key = verdict.fingerprint or OTHER
-        entry = table.get(key)
-        if entry is None:
-            entry = _Entry(verdict.kind.value, verdict.tag, verdict.normalized)
-            table[key] = entry
-            while len(table) > self._max:  # twice at most: the first makes ``other``
-                self._evict(table)
-        else:
-            table.move_to_end(key)
+        entry = self._entry(tenant_id, verdict)
         entry.calls += 1
         entry.updated = time.time()
         if error:
@@ -240,6 +228,43 @@ class StatementStats:
         if duration_ms > entry.max_ms:  # noqa: PLR1730
             entry.max_ms = duration_ms
         entry.bins[bisect.bisect_left(_BOUNDS, duration_ms)] += 1
+
+    def record_many(
+        self, tenant_id: str, verdict: Classification, micros: Sequence[int], rows: int
+    ) -> None:
+        """Statements of one verdict that all completed, with their times in microseconds and
+        their rows together (the wire port's relay books them a group at a time)."""
+        if not micros:
+            return
+        entry = self._entry(tenant_id, verdict)
+        entry.calls += len(micros)
+        entry.updated = time.time()
+        entry.rows += rows
+        bins = entry.bins
+        total = 0.0
+        for us in micros:
+            ms = us / 1000
+            total += ms
+            bins[bisect.bisect_left(_BOUNDS, ms)] += 1
+        entry.total_ms += total
+        entry.min_ms = min(entry.min_ms, min(micros) / 1000)
+        entry.max_ms = max(entry.max_ms, max(micros) / 1000)
+
+    def _entry(self, tenant_id: str, verdict: Classification) -> _Entry:
+        table = self._tenants.get(tenant_id)
+        if table is None:
+            table = self._tenants[tenant_id] = OrderedDict()
+        self._changed.add(tenant_id)
+        key = verdict.fingerprint or OTHER
+        entry = table.get(key)
+        if entry is None:
+            entry = _Entry(verdict.kind.value, verdict.tag, verdict.normalized)
+            table[key] = entry
+            while len(table) > self._max:  # twice at most: the first makes ``other``
+                self._evict(table)
+        else:
+            table.move_to_end(key)
+        return entry
 
     def _evict(self, table: OrderedDict[str, _Entry]) -> None:
         for key in table:
