@@ -261,3 +261,24 @@ async def test_prepared_statements_run_by_the_relay_on_any_connection_see_own_ro
     if port.relay is not None:
         await asyncio.sleep(0.1)  # the relay's events are drained every 20 ms
         assert port.relay.relayed - before >= _REPEAT
+
+
+async def test_a_large_result_comes_whole_and_the_session_goes_on(
+    core: Application, port: PgWireServer, tenants: Tenants
+) -> None:
+    """Several MB of rows: more than one read of the server's socket and more than the
+    client's socket takes at once, relayed in order."""
+    login = await _login(core, port, tenants.a.tenant_id, (Scope.READ,))
+    raw = await _raw(port, login)
+    try:
+        for i in range(4):
+            answer = await raw.query(
+                f"SELECT repeat('x', 1000) || g FROM generate_series(1, {6000 + i}) g"
+            )
+            rows = _rows(answer)
+            assert len(rows) == 6000 + i
+            assert rows[-1].endswith(str(6000 + i).encode())
+            assert [p for k, p in answer if k == b"Z"] == [b"I"]
+        assert _rows(await raw.query("SELECT 1 + 1"))
+    finally:
+        raw.close()

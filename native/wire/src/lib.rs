@@ -125,6 +125,7 @@ struct Session {
     ran: bool,
     writable: bool, // registered for writability
     eof: bool,
+    unread: bool, // its last read stopped at the buffer's limit: more may wait in the socket
     status: u8, // the transaction status of its last ReadyForQuery
     limit_ms: u64,
     pool_max: usize,
@@ -146,6 +147,7 @@ struct Server {
     prepared: std::collections::HashSet<Vec<u8>>,
     prepared_bytes: usize,
     prepared_max: usize,
+    writable: bool, // registered for writability
 }
 
 #[derive(Default)]
@@ -175,7 +177,8 @@ struct State {
     sessions: HashMap<u64, Session>,
     servers: HashMap<u64, Server>,
     pools: HashMap<u64, PoolState>,
-    shapes: HashMap<(u64, Vec<u8>), u32>,
+    shapes: HashMap<u64, HashMap<Vec<u8>, u32>>, // class -> shape key -> verdict
+    shape_count: usize,
     events: Vec<Event>,
     // Statements completed since the last take, by (session, verdict, command tag): Python
     // books them together (one call per group, not per statement).
@@ -197,7 +200,10 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 }
 
 fn read_all(fd: RawFd, buf: &mut Vec<u8>, limit: usize) -> (bool, bool) {
-    // (eof or error, would block); reads until EAGAIN or ``limit`` bytes buffered.
+    // (eof or error, drained); reads until a short read, EAGAIN or ``limit`` bytes buffered.
+    // A short read drained the socket: with edge-triggered polling, data that comes after it
+    // makes a new edge, so the read that would only say EAGAIN is saved (one system call per
+    // readable socket).
     loop {
         if buf.len() >= limit {
             return (false, false);
@@ -208,6 +214,9 @@ fn read_all(fd: RawFd, buf: &mut Vec<u8>, limit: usize) -> (bool, bool) {
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().add(start) as *mut libc::c_void, spare) };
         if n > 0 {
             unsafe { buf.set_len(start + n as usize) };
+            if (n as usize) < spare {
+                return (false, true);
+            }
             continue;
         }
         if n == 0 {
@@ -528,7 +537,7 @@ impl State {
                 let mut key = normalized.clone();
                 key.push(0);
                 key.extend_from_slice(&kinds);
-                let Some(&verdict) = self.shapes.get(&(session.class, key.clone())) else {
+                let Some(&verdict) = self.shapes.get(&session.class).and_then(|m| m.get(key.as_slice())) else {
                     self.hand_back(shared, id, Some((key, normalized)), false);
                     return;
                 };
@@ -611,12 +620,23 @@ impl State {
             server.out.extend_from_slice(sql.as_bytes());
             server.out.push(0);
         }
-        let fd = server.fd;
-        if write_some(fd, &mut server.out).is_err() {
+        self.flush_server(shared, sid);
+    }
+
+    /// Write what is queued for the server; what the socket does not take now waits for its
+    /// writability (a statement larger than the socket's buffer).
+    fn flush_server(&mut self, shared: &Shared, sid: u64) {
+        let Some(server) = self.servers.get_mut(&sid) else { return };
+        if write_some(server.fd, &mut server.out).is_err() {
             self.server_lost(shared, sid);
             return;
         }
-        self.server_input(shared, sid); // anything it sent while idle (a notice)
+        let want_write = !server.out.is_empty();
+        if want_write != server.writable {
+            server.writable = want_write;
+            let interest = if want_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            let _ = shared.registry.reregister(&mut SourceFd(&server.fd), token_of_server(sid), interest);
+        }
     }
 
     fn server_lost(&mut self, shared: &Shared, sid: u64) {
@@ -657,22 +677,34 @@ impl State {
         }
     }
 
-    fn server_input(&mut self, shared: &Shared, sid: u64) {
-        let Some(server) = self.servers.get_mut(&sid) else { return };
-        if server.paused {
-            return;
-        }
-        let (gone, _) = read_all(server.fd, &mut server.inbuf, 4 * READ_CHUNK);
-        let Some(id) = server.session else {
-            // Idle here: PostgreSQL said something on its own (it is closing, most likely).
-            if gone || !server.inbuf.is_empty() {
-                self.give_back(shared, sid, true);
+    /// The server's socket is readable (``closed``: PostgreSQL closed it, said by the event).
+    fn server_input(&mut self, shared: &Shared, sid: u64, closed: bool) {
+        loop {
+            let Some(server) = self.servers.get_mut(&sid) else { return };
+            if server.paused {
+                return; // read again once its client has taken its backlog
             }
-            return;
-        };
-        self.relay(shared, id, sid);
-        if gone && self.servers.contains_key(&sid) {
-            self.server_lost(shared, sid);
+            let (gone, drained) = read_all(server.fd, &mut server.inbuf, 4 * READ_CHUNK);
+            let gone = gone || (closed && drained);
+            let Some(id) = server.session else {
+                // Idle here: PostgreSQL said something on its own (it is closing, most likely).
+                if gone || !server.inbuf.is_empty() {
+                    self.give_back(shared, sid, true);
+                }
+                return;
+            };
+            self.relay(shared, id, sid);
+            if gone {
+                if self.servers.contains_key(&sid) {
+                    self.server_lost(shared, sid);
+                }
+                return;
+            }
+            if drained {
+                return;
+            }
+            // Stopped at the buffer's limit (a large result): more is waiting in the socket,
+            // and no new edge will say so.
         }
     }
 
@@ -682,6 +714,7 @@ impl State {
         let mut events: Vec<Event> = Vec::new();
         let mut finished: Option<u8> = None;
         let mut retry_later = false;
+        let mut flush_after = false; // the statement, queued after its settings took
         {
             let (Some(session), Some(server)) = (self.sessions.get_mut(&id), self.servers.get_mut(&sid)) else {
                 return;
@@ -718,7 +751,7 @@ impl State {
                                 session.ran = true;
                                 session.deadline = Some(Instant::now() + session.limit);
                                 server.out.extend_from_slice(&bytes);
-                                let _ = write_some(server.fd, &mut server.out);
+                                flush_after = true;
                                 events.push(Event::Count { pool: session.pool, transactions: 0, queries: 1 });
                             }
                         }
@@ -791,6 +824,9 @@ impl State {
             rest.drain(..at.min(rest.len()));
             server.inbuf = rest;
         }
+        if flush_after {
+            self.flush_server(shared, sid);
+        }
         for event in events {
             if let Event::Count { pool, queries, .. } = event {
                 if let Some(p) = self.pools.get_mut(&pool) {
@@ -855,7 +891,13 @@ impl State {
             } else {
                 self.release(shared, pool_id, sid);
             }
-            self.client_input(shared, id); // what it sent meanwhile, and what is still unread
+            // What it sent meanwhile is buffered (read on its events); the socket only if a
+            // read stopped at the limit.
+            if self.sessions.get(&id).is_some_and(|s| s.unread) {
+                self.client_input(shared, id, false);
+            } else {
+                self.pump(shared, id);
+            }
         } else {
             self.flush_client(shared, id);
         }
@@ -900,7 +942,7 @@ impl State {
                 if let Some(server) = self.servers.get_mut(&sid) {
                     if server.paused {
                         server.paused = false;
-                        self.server_input(shared, sid);
+                        self.server_input(shared, sid, false);
                     }
                 }
             }
@@ -911,11 +953,14 @@ impl State {
         }
     }
 
-    fn client_input(&mut self, shared: &Shared, id: u64) {
+    /// The client's socket is readable (``closed``: its peer shut it down, said by the event:
+    /// with the short-read rule no later read would tell).
+    fn client_input(&mut self, shared: &Shared, id: u64, closed: bool) {
         let Some(session) = self.sessions.get_mut(&id) else { return };
         let limit = if session.phase == Phase::Idle { MAX_FAST_MESSAGE + 5 } else { CLIENT_AHEAD };
-        let (gone, _) = read_all(session.fd, &mut session.inbuf, limit);
-        if gone {
+        let (gone, drained) = read_all(session.fd, &mut session.inbuf, limit);
+        session.unread = !gone && !drained;
+        if gone || closed {
             session.eof = true;
             if session.phase == Phase::Active || session.phase == Phase::Settings {
                 if let Some(sid) = session.server.take() {
@@ -1034,7 +1079,7 @@ fn step(shared: &Shared, state: &mut State, events: &Events) -> Option<Duration>
         for command in commands {
             match command {
                 Command::Pump(id) => {
-                    state.client_input(shared, id);
+                    state.client_input(shared, id, false);
                 }
                 Command::Serve(pool_id) => {
                     // A server Python lent (or a reclaim): serve a waiter, else keep it idle.
@@ -1075,11 +1120,14 @@ fn step(shared: &Shared, state: &mut State, events: &Events) -> Option<Duration>
                     state.client_writable(shared, id);
                 }
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    state.client_input(shared, id);
+                    state.client_input(shared, id, event.is_read_closed() || event.is_error());
                 }
             } else {
                 let sid = (n - 3) / 2;
-                state.server_input(shared, sid);
+                if event.is_writable() {
+                    state.flush_server(shared, sid);
+                }
+                state.server_input(shared, sid, event.is_read_closed() || event.is_error());
             }
         }
         state.timers(shared)
@@ -1110,6 +1158,7 @@ impl Plane {
                 servers: HashMap::new(),
                 pools: HashMap::new(),
                 shapes: HashMap::new(),
+                shape_count: 0,
                 events: Vec::new(),
                 done: HashMap::new(),
                 commands: Vec::new(),
@@ -1171,6 +1220,7 @@ impl Plane {
                 ran: false,
                 writable: false,
                 eof: false,
+                unread: false,
                 status: b'I',
                 limit_ms,
                 pool_max,
@@ -1244,6 +1294,7 @@ impl Plane {
                     prepared: prepared.into_iter().collect(),
                     prepared_bytes,
                     prepared_max,
+                    writable: false,
                 },
             );
             let p = state.pools.entry(pool).or_default();
@@ -1302,10 +1353,13 @@ impl Plane {
     fn allow(&self, py: Python<'_>, class: u64, key: Vec<u8>, verdict: u32) {
         py.detach(|| {
             let mut state = lock(&self.shared);
-            if state.shapes.len() >= SHAPES_MAX {
+            if state.shape_count >= SHAPES_MAX {
                 state.shapes.clear();
+                state.shape_count = 0;
             }
-            state.shapes.insert((class, key), verdict);
+            if state.shapes.entry(class).or_default().insert(key, verdict).is_none() {
+                state.shape_count += 1;
+            }
         })
     }
 
@@ -1315,8 +1369,14 @@ impl Plane {
         py.detach(|| {
             let mut state = lock(&self.shared);
             match class {
-                Some(c) => state.shapes.retain(|(k, _), _| *k != c),
-                None => state.shapes.clear(),
+                Some(c) => {
+                    let gone = state.shapes.remove(&c).map_or(0, |m| m.len());
+                    state.shape_count -= gone;
+                }
+                None => {
+                    state.shapes.clear();
+                    state.shape_count = 0;
+                }
             }
         })
     }
@@ -1324,7 +1384,7 @@ impl Plane {
     fn counts(&self, py: Python<'_>) -> (usize, usize, usize) {
         py.detach(|| {
             let state = lock(&self.shared);
-            (state.sessions.len(), state.servers.len(), state.shapes.len())
+            (state.sessions.len(), state.servers.len(), state.shape_count)
         })
     }
 
