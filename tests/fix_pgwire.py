@@ -106,6 +106,14 @@ class RawClient:
     async def open(cls, pgwire: PgWireServer) -> RawClient:
         return cls(*await asyncio.open_connection("127.0.0.1", pgwire.port))
 
+    @classmethod
+    async def logged_in(cls, pgwire: PgWireServer, login: PortLogin) -> RawClient:
+        """A client past its login (ReadyForQuery seen)."""
+        client = await cls.open(pgwire)
+        seen = await client.login(login)
+        assert seen[-1][:1] == b"Z", seen
+        return client
+
     async def startup(self, user: str, database: str) -> None:
         body = struct.pack("!I", codec.PROTOCOL_3_0)
         body += codec.cstring("user") + codec.cstring(user)

@@ -47,10 +47,16 @@ async def _login(
 
 
 async def _raw(port: PgWireServer, login: PortLogin) -> RawClient:
-    raw = await RawClient.open(port)
-    seen = await raw.login(login)
-    assert seen[-1][:1] == b"Z", seen
-    return raw
+    return await RawClient.logged_in(port, login)
+
+
+async def _writer_and_reader(
+    core: Application, port: PgWireServer, tenants: Tenants
+) -> tuple[RawClient, RawClient]:
+    """Two clients of tenant A: a service that may write and a read-only one."""
+    writer_login = await _login(core, port, tenants.a.tenant_id, (Scope.READ, Scope.WRITE))
+    reader_login = await _login(core, port, tenants.a.tenant_id, (Scope.READ,))
+    return await _raw(port, writer_login), await _raw(port, reader_login)
 
 
 def _rows(messages: list[tuple[bytes, bytes]]) -> list[bytes]:
@@ -91,10 +97,7 @@ async def test_relayed_reads_see_only_the_tenants_rows_and_never_the_victims(
 async def test_a_shape_a_writer_runs_is_decided_again_for_a_read_only_service(
     core: Application, port: PgWireServer, tenants: Tenants
 ) -> None:
-    writer = await _raw(
-        port, await _login(core, port, tenants.a.tenant_id, (Scope.READ, Scope.WRITE))
-    )
-    reader = await _raw(port, await _login(core, port, tenants.a.tenant_id, (Scope.READ,)))
+    writer, reader = await _writer_and_reader(core, port, tenants)
     update = "UPDATE market_data SET symbol = 'USDJPY' WHERE symbol = '{}'"
     try:
         for i in range(_REPEAT):
@@ -111,10 +114,7 @@ async def test_a_read_only_service_is_read_only_on_every_server_connection_it_is
 ) -> None:
     """The pool has two connections and a writer uses them in turn with the reader: each
     statement of the reader runs read-only, whatever the writer left on the connection."""
-    writer = await _raw(
-        port, await _login(core, port, tenants.a.tenant_id, (Scope.READ, Scope.WRITE))
-    )
-    reader = await _raw(port, await _login(core, port, tenants.a.tenant_id, (Scope.READ,)))
+    writer, reader = await _writer_and_reader(core, port, tenants)
     probe = "SELECT current_setting('transaction_read_only') WHERE 1 = {}"
     try:
         for i in range(_REPEAT):

@@ -33,10 +33,7 @@ async def login(tenants: Tenants, port_login: PortLoginFactory) -> PortLogin:
 
 
 async def raw(pgwire: PgWireServer, login: PortLogin) -> RawClient:
-    client = await RawClient.open(pgwire)
-    seen = await client.login(login)
-    assert seen[-1][:1] == b"Z", seen
-    return client
+    return await RawClient.logged_in(pgwire, login)
 
 
 def tags(messages: list[tuple[bytes, bytes]]) -> list[str]:

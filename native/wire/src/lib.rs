@@ -254,6 +254,15 @@ fn write_some(fd: RawFd, buf: &mut Vec<u8>) -> Result<(), ()> {
     Ok(())
 }
 
+/// Watch ``fd`` for writability while it has bytes queued (``watched``: whether it is now).
+fn watch_writes(shared: &Shared, fd: RawFd, token: Token, watched: &mut bool, queued: bool) {
+    if queued != *watched {
+        *watched = queued;
+        let interest = if queued { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        let _ = shared.registry.reregister(&mut SourceFd(&fd), token, interest);
+    }
+}
+
 fn message_at(buf: &[u8], at: usize) -> Option<(u8, usize)> {
     // (kind, total length incl. kind byte) of a whole message at ``at``, or None.
     if buf.len() < at + 5 {
@@ -631,12 +640,7 @@ impl State {
             self.server_lost(shared, sid);
             return;
         }
-        let want_write = !server.out.is_empty();
-        if want_write != server.writable {
-            server.writable = want_write;
-            let interest = if want_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            let _ = shared.registry.reregister(&mut SourceFd(&server.fd), token_of_server(sid), interest);
-        }
+        watch_writes(shared, server.fd, token_of_server(sid), &mut server.writable, !server.out.is_empty());
     }
 
     fn server_lost(&mut self, shared: &Shared, sid: u64) {
@@ -930,12 +934,7 @@ impl State {
             session.eof = true;
             return;
         }
-        let want_write = !session.out.is_empty();
-        if want_write != session.writable {
-            session.writable = want_write;
-            let interest = if want_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            let _ = shared.registry.reregister(&mut SourceFd(&session.fd), token_of_session(id), interest);
-        }
+        watch_writes(shared, session.fd, token_of_session(id), &mut session.writable, !session.out.is_empty());
         // Its server was not read while the backlog was full.
         if session.out.len() < CLIENT_BACKLOG / 2 {
             if let Some(sid) = session.server {
