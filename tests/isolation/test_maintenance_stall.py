@@ -105,9 +105,16 @@ async def test_maintenance_behind_a_long_transaction_never_stalls_other_tenants(
     # A still held its lock when the round gave up (busy), or the round outlived A (created).
     assert needed in first.busy or needed in first.created, first.to_dict()
     assert not first.busy or needed not in first.created
-    # With A gone, the next round creates what the first could not.
-    second = await core.partitions.maintain(future)
-    assert second is not None, "another instance held the maintenance lock"
+    # With A gone, the next round creates what the first could not. The service's own
+    # periodic round may hold the maintenance lock at that moment (a loaded machine makes its
+    # rounds long): then after it.
+    second = None
+    for _ in range(100):
+        second = await core.partitions.maintain(future)
+        if second is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert second is not None, "another instance held the maintenance lock for 10 s"
     assert not second.busy, second.to_dict()
     assert needed in first.created or needed in second.created
     names = {p.name for p in await core.partitions.list("trading_ticks")}
