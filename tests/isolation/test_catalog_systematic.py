@@ -118,6 +118,36 @@ class _Rollback(Exception):
     pass
 
 
+async def _confirmed(
+    core: Application, conn: asyncpg.Connection, function: Function, position: int, kind: str
+) -> bool:
+    """A candidate name oracle answers differently for the same text while an object of that
+    name exists and after it is dropped (the owner makes one with a fresh name): the rotated
+    names alone let a format string's letters pass for existence (``to_char(interval,
+    text)`` on PostgreSQL 15, for some random tenant names)."""
+    name = f"p_{secrets.token_hex(6)}"
+    text = {
+        "schema": name,
+        "table": f"{name}.users",
+        "role": name,
+        "query": f"SELECT * FROM {name}.users",
+    }[kind]
+    expression = function.expression(position, _literal(text))
+    if kind == "role":
+        await core.owner_pool.execute(f'CREATE ROLE "{name}"')
+    else:
+        await core.owner_pool.execute(f'CREATE SCHEMA "{name}"')
+        await core.owner_pool.execute(f'CREATE TABLE "{name}".users (id int)')
+    try:
+        present = await _outcome(conn, expression)
+    finally:
+        if kind == "role":
+            await core.owner_pool.execute(f'DROP ROLE "{name}"')
+        else:
+            await core.owner_pool.execute(f'DROP SCHEMA "{name}" CASCADE')
+    return present != await _outcome(conn, expression)
+
+
 @dataclass
 class Findings:
     runners: list[tuple[Function, int]]
@@ -191,7 +221,11 @@ async def findings(
                         await _outcome(conn, function.expression(position, _literal(name)))
                         for name in (exists, absent, other)
                     ]
-                    if answers[0] != answers[1] and answers[1] == answers[2]:
+                    if (
+                        answers[0] != answers[1]
+                        and answers[1] == answers[2]
+                        and await _confirmed(core, conn, function, position, kind)
+                    ):
                         oracles.append((function, position, kind))
         yield Findings(runners, oracles, probed)
     finally:
