@@ -70,7 +70,6 @@ enum Event {
         prepared: Vec<Vec<u8>>,
         prepared_bytes: usize,
     },
-    Done { session: u64, verdict: u32, micros: u64, tag: Vec<u8>, sql: Vec<u8> },
     Failed { session: u64, verdict: u32, sqlstate: String, message: String },
     Setting { server: u64, name: String, value: String },
     Need { pool: u64 },
@@ -163,7 +162,7 @@ struct PoolState {
 
 #[derive(Default)]
 struct Completed {
-    micros: Vec<u8>, // each statement's time, u32 little-endian
+    micros: Vec<u8>, // each statement's time, u32 in this machine's byte order
     rows: u64,
     sql: Vec<u8>, // the first statement's text (the group shares its shape)
 }
@@ -398,19 +397,25 @@ fn statement_bytes(session: &mut Session, server: &mut Server) -> Option<Vec<u8>
     Some(out)
 }
 
+/// Book a statement of ``session`` that completed (CommandComplete ``tag``) in its group: its
+/// time and rows; the group's text is copied once, from its first statement.
+fn completed(done: &mut HashMap<(u64, u32, Vec<u8>), Completed>, id: u64, session: &Session, tag: &[u8]) {
+    let command = tag.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
+    let group = done.entry((id, session.verdict, command)).or_default();
+    if group.micros.is_empty() {
+        group.sql = match session.statement.as_ref().and_then(|n| session.statements.get(n)) {
+            Some(statement) => statement.sql.clone(),
+            None => session.message.get(5..session.message.len().saturating_sub(1)).unwrap_or_default().to_vec(),
+        };
+    }
+    let micros = session.started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+    group.micros.extend_from_slice(&micros.to_ne_bytes());
+    let rows = tag.rsplit(|&b| b == b' ').next().and_then(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok());
+    group.rows += rows.unwrap_or(0);
+}
+
 impl State {
     fn emit(&mut self, shared: &Shared, event: Event) {
-        if let Event::Done { session, verdict, micros, tag, sql } = event {
-            let rows = tag.rsplit(|&b| b == b' ').next().and_then(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok());
-            let command = tag.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
-            let group = self.done.entry((session, verdict, command)).or_default();
-            if group.sql.is_empty() {
-                group.sql = sql;
-            }
-            group.micros.extend_from_slice(&(micros.min(u32::MAX as u64) as u32).to_le_bytes());
-            group.rows += rows.unwrap_or(0);
-            return;
-        }
         let urgent = event.urgent();
         self.events.push(event);
         if urgent && !self.signaled {
@@ -650,13 +655,7 @@ impl State {
         let Some(s) = self.sessions.get_mut(&id) else { return };
         s.server = None;
         match s.phase {
-            Phase::Settings => {
-                s.phase = Phase::Idle;
-                let mut leftover = std::mem::take(&mut s.message);
-                leftover.extend_from_slice(&s.inbuf);
-                s.inbuf = leftover;
-                self.hand_back(shared, id, None, false);
-            }
+            Phase::Settings => self.hand_back(shared, id, None, false), // its message with it
             Phase::Active if s.expired => {
                 // Terminated past the tenant's limit, outside any block of the client's: that
                 // statement fails and the client goes on, as on the Python path.
@@ -775,17 +774,8 @@ impl State {
                         }
                     }
                     b'C' => {
-                        let sql = match session.statement.as_ref().and_then(|n| session.statements.get(n)) {
-                            Some(stmt) => stmt.sql.clone(),
-                            None => session.message[5..session.message.len() - 1].to_vec(),
-                        };
-                        events.push(Event::Done {
-                            session: id,
-                            verdict: session.verdict,
-                            micros: session.started.elapsed().as_micros() as u64,
-                            tag: raw.get(5..total.saturating_sub(1)).unwrap_or_default().to_vec(),
-                            sql,
-                        });
+                        let tag = raw.get(5..total.saturating_sub(1)).unwrap_or_default();
+                        completed(&mut self.done, id, session, tag);
                         session.out.extend_from_slice(raw);
                     }
                     b'E' => {
@@ -842,12 +832,7 @@ impl State {
         }
         if retry_later {
             // The settings failed: the server goes back broken, the statement to Python.
-            let s = self.sessions.get_mut(&id).unwrap();
-            s.server = None;
-            s.phase = Phase::Idle;
-            let mut leftover = std::mem::take(&mut s.message);
-            leftover.extend_from_slice(&s.inbuf);
-            s.inbuf = leftover;
+            self.sessions.get_mut(&id).unwrap().server = None; // still in Settings: see hand_back
             self.give_back(shared, sid, true);
             self.hand_back(shared, id, None, false);
             return;
@@ -1313,10 +1298,7 @@ impl Plane {
             let p = state.pools.entry(pool).or_default();
             p.requested = p.requested.saturating_sub(1);
             if let Some(waiter) = p.waiters.pop_front() {
-                if let Some(s) = state.sessions.get_mut(&waiter) {
-                    s.phase = Phase::Waiting;
-                }
-                state.hand_back(&self.shared, waiter, None, false);
+                state.hand_back(&self.shared, waiter, None, false); // Waiting: its message with it
             }
         })
     }
@@ -1449,7 +1431,6 @@ impl Plane {
                     (applied, prepared.iter().map(|p| bytes(py, p)).collect::<Vec<_>>(), prepared_bytes),
                 )
                     .into_pyobject(py)?,
-                Event::Done { .. } => continue, // grouped above
                 Event::Failed { session, verdict, sqlstate, message } => {
                     ("failed", session, verdict, sqlstate, message).into_pyobject(py)?
                 }

@@ -321,12 +321,7 @@ class Relay:
         if lent is None:
             return None
         pool, server = lent
-        server.applied = dict(back.applied)
-        server.prepared = {name.decode() for name in back.prepared}
-        server.prepared_bytes = back.prepared_bytes
-        server.status = back.status
-        server.unnamed = None
-        server.writer.transport.resume_reading()  # type: ignore[attr-defined]
+        _returned(server, back.applied, back.prepared, back.prepared_bytes, back.status)
         return pool, server
 
     def _back(
@@ -341,15 +336,10 @@ class Relay:
         if lent is None:
             return
         pool, server = lent
-        server.applied = dict(applied)
-        server.prepared = {name.decode() for name in prepared}
-        server.prepared_bytes = prepared_bytes
-        server.unnamed = None  # a Query drops the unnamed statement
-        server.status = b"I"
         if broken:
             server.broken = True
         else:
-            server.writer.transport.resume_reading()  # type: ignore[attr-defined]
+            _returned(server, applied, prepared, prepared_bytes, b"I")
         pool.release(server)
 
     def _spawn(self, coroutine: Any) -> None:
@@ -409,6 +399,23 @@ class Relay:
         os.close(self._write_fd)
         for pool in self._pools.values():
             pool.reclaim = None
+
+
+def _returned(
+    server: ServerConnection,
+    applied: list[tuple[str, str]],
+    prepared: list[bytes],
+    prepared_bytes: int,
+    status: bytes,
+) -> None:
+    """A server connection back from the relay: what the relay knew of its session (settings,
+    prepared statements, transaction status) becomes Python's, and asyncio reads it again."""
+    server.applied = dict(applied)
+    server.prepared = {name.decode() for name in prepared}
+    server.prepared_bytes = prepared_bytes
+    server.status = status
+    server.unnamed = None  # a Query drops the unnamed statement
+    server.writer.transport.resume_reading()  # type: ignore[attr-defined]
 
 
 def _quiet(server: ServerConnection) -> bool:

@@ -24,14 +24,12 @@ import logging
 import secrets
 import ssl
 import struct
-import sys
 import time
 import weakref
 from array import array
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -706,7 +704,7 @@ class ClientSession:
         if unread:
             self._in += unread
             unread.clear()
-        wanted = [(n, v, f"SET {n} TO {_literal(v)}") for n, v in self.wanted.items()]
+        wanted = [(n, v, _set_statement(n, v)) for n, v in self.wanted.items()]
         future = relay.delegate(
             self,
             sock.fileno(),
@@ -772,31 +770,22 @@ class ClientSession:
         self, verdict: Classification, command: bytes, micros: bytes, rows: int, sql: bytes
     ) -> int:
         """Statements of one verdict and command the relay ran to completion since the last
-        drain (``micros``: each one's time, u32 little-endian; ``rows`` together): their
+        drain (``micros``: each one's time, u32 in native byte order; ``rows`` together): their
         figures, as ``_done``, and one audit event for them, its detail saying how many (at
         the relay's rates, tens of thousands a second, a row per statement made the audit
         writer PostgreSQL's largest load: 15% of the port's throughput, twice its p99). How
         many."""
-        times = array("I")
+        times = array("I")  # the relay writes them in this machine's byte order
         times.frombytes(micros)
-        if sys.byteorder == "big":
-            times.byteswap()
         if self.recorder is not None and self.tenant is not None:
             self.recorder.done_many(self.tenant, verdict, sql.decode(errors="replace"), times, rows)
-        at = datetime.now(UTC)
-        service = self.principal.service if self.principal else None
-        tenant_id = self.tenant.tenant_id if self.tenant else None
-        code = command.decode(errors="replace") or None
-        kind = verdict.kind.value
         count = len(times)
-        detail = f"{count} statements" if count > 1 else None
-        self.events.append(
-            AuditEvent(at, service, tenant_id, "pgwire.query", kind, "ok", code, detail)
-        )
+        code = command.decode(errors="replace") or None
+        self._event("ok", code, verdict.kind, f"{count} statements" if count > 1 else "")
         return count
 
     def relayed_failed(self, verdict: Classification, sqlstate: str, message: str) -> None:
-        self._failed((verdict, "", 0.0), {"C": sqlstate, "M": message})
+        self._failed(verdict, {"C": sqlstate, "M": message})
 
     async def _admin_session(self) -> None:
         """The admin database: SHOW POOLS / CLIENTS / SERVERS / STATS, rows filtered to the
@@ -1381,7 +1370,7 @@ class ClientSession:
             fields = getattr(exc, "fields", {"C": "08006", "M": str(exc)})
             raise _Refusal(fields.get("C", "08006"), fields.get("M", str(exc))) from None
         changes = [
-            f"SET {name} TO {_literal(value)}"
+            _set_statement(name, value)
             for name, value in self.wanted.items()
             if server.applied.get(name) != value
         ]
@@ -1971,8 +1960,7 @@ class ClientSession:
             self.recorder.done(self.tenant, verdict, sql, (), took_ms, rows)
         self._event("ok", tag.split(" ", 1)[0] or None, verdict.kind, "")
 
-    def _failed(self, record: tuple[Classification, str, float], fields: dict[str, str]) -> None:
-        verdict = record[0]
+    def _failed(self, verdict: Classification, fields: dict[str, str]) -> None:
         if self.recorder is not None and self.tenant is not None:
             self.recorder.failed(self.tenant.tenant_id, verdict)
         self._event("error", _code_for(fields.get("C", "XX000")), verdict.kind, fields.get("M", ""))
@@ -1984,7 +1972,7 @@ class ClientSession:
         for head in self.expect:
             if head.record is not None:
                 fields = fields or codec.parse_error_fields(raw[5:])
-                self._failed(head.record, fields)
+                self._failed(head.record[0], fields)
                 head.record = None
             if head.terminals == b"Z":
                 break
@@ -2053,6 +2041,12 @@ def _options(value: str) -> list[tuple[str, str]]:
         pairs.append((name.strip().lower().replace("-", "_"), setting))
         index += 1
     return pairs
+
+
+def _set_statement(name: str, value: str) -> str:
+    """The statement that gives a server connection a client's setting (Python's path and the
+    relay's)."""
+    return f"SET {name} TO {_literal(value)}"
 
 
 def _literal(value: str) -> str:
