@@ -171,3 +171,89 @@ async def test_a_client_without_room_gets_53300_within_the_acquire_timeout(
         for conn in holders:
             with contextlib.suppress(Exception):
                 await conn.close()
+
+
+async def _relay_holds(small: Small, count: int) -> None:
+    """Wait (2 s at most) until the relay holds ``count`` server connections."""
+    assert small.port.relay is not None
+    for _ in range(200):
+        if small.port.relay.lent >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the relay holds {small.port.relay.lent}, not {count}")
+
+
+async def test_server_connections_the_relay_holds_idle_make_room_for_a_waiter(
+    small: Small,
+) -> None:
+    """The relay keeps a server connection a while after its statement (for the next); with
+    the budget full, a client that needs room gets it from those at once, not a 53300 after
+    the acquisition timeout. Without a relay (not built) this is the plain pool's case."""
+    if small.port.relay is None:
+        pytest.fail("the relay is not built (dbsvc_wire): this test needs it")
+    clients = [await asyncpg.connect(small.dsns[i], statement_cache_size=0) for i in (0, 2)]
+    holders: list[asyncpg.Connection] = []
+    try:
+        for conn in clients:
+            for _ in range(3):  # the first of a shape runs in Python, the next in the relay
+                await conn.execute("SELECT 1")  # a simple Query (the relay runs those)
+        await _relay_holds(small, 2)
+        # Transactions of tenant 1 need two server connections: the budget (3) is full of
+        # the relay's idle ones and whatever the pools keep idle.
+        for _ in range(2):
+            conn = await asyncpg.connect(small.dsns[1], statement_cache_size=0)
+            holders.append(conn)
+            await conn.execute("BEGIN")
+            assert await conn.fetchval("SELECT 1") == 1
+        assert await tenant_connections(small) <= CAP
+        # The relay's clients still get served, once the transactions end.
+        for conn in holders:
+            await conn.execute("COMMIT")
+        for conn in clients:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        for conn in (*clients, *holders):
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+async def test_a_rest_pool_that_goes_idle_makes_room_for_a_port_client_waiting(
+    small: Small,
+) -> None:
+    """A port client that waits for room while a REST request holds the last connection gets
+    it when that request ends (its pool, idle then, is closed for the waiter), not a 53300
+    at the acquisition timeout."""
+    holders: list[asyncpg.Connection] = []
+    late: asyncpg.Connection | None = None
+    try:
+        for _ in range(2):  # two of the three: transactions of tenant 0 on the port
+            conn = await asyncpg.connect(small.dsns[0], statement_cache_size=0)
+            holders.append(conn)
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT 1")
+        rest = asyncio.create_task(
+            small.http.post(
+                "/api/v1/query",
+                json={
+                    "sql": "SELECT pg_sleep(0.4)",
+                    "params": [],
+                    "tenant_id": small.tenants[1].tenant_id,
+                },
+                headers=small.headers[1],
+            )
+        )
+        for _ in range(200):  # the REST request holds the third
+            if small.app.pools.stats().get(small.tenants[1].tenant_id, None) and (
+                small.app.pools.stats()[small.tenants[1].tenant_id].in_use
+            ):
+                break
+            await asyncio.sleep(0.01)
+        late = await asyncpg.connect(small.dsns[2], statement_cache_size=0)
+        await late.execute("BEGIN")  # waits for room: the REST request ends within the timeout
+        await late.execute("SELECT 1")
+        assert (await rest).status_code == 200
+        assert await tenant_connections(small) <= CAP
+    finally:
+        for conn in (*holders, *([late] if late is not None else [])):
+            with contextlib.suppress(Exception):
+                await conn.close()

@@ -152,7 +152,13 @@ async def test_eviction_never_closes_a_pool_that_became_busy_while_another_close
         async def c_works() -> int:
             await closing.wait()
             async with pools.acquire(c) as conn:
-                return int(await conn.fetchval("SELECT 1 FROM pg_sleep(1)"))
+                found = int(await conn.fetchval("SELECT 1 FROM pg_sleep(1)"))
+                # Checked while the request still holds it (once idle, with A waiting for
+                # room, it may be closed for A: test_an_idle_pool_is_closed_for_a_waiter).
+                assert (c.role, "oltp") in pools._entries, (
+                    "C's pool was closed while a request was using it"
+                )
+                return found
 
         async def a_wants_room() -> None:
             with pytest.raises(ResourceExhausted):
@@ -162,11 +168,35 @@ async def test_eviction_never_closes_a_pool_that_became_busy_while_another_close
         busy, _ = await asyncio.gather(c_works(), a_wants_room())
         assert busy == 1
         assert (b.role, "oltp") not in pools._entries
-        assert (c.role, "oltp") in pools._entries, (
-            "C's pool was closed while a request was using it"
-        )
+        pools._budget.limit = 2  # C's pool, closed for A once idle, opens again
         async with pools.acquire(c) as conn:
             assert await conn.fetchval("SELECT session_user") == c.role
+
+
+async def test_an_idle_pool_is_closed_for_a_waiter(
+    core: Application, new_tenant: TenantFactory
+) -> None:
+    """A request that waits for room under the cap gets it when another tenant's request
+    ends (that pool, idle now, is closed for it), not at the acquisition timeout: eviction
+    ran before it began to wait, while that pool was busy."""
+    a, b = await logins(core, new_tenant, 2)
+    async with pools_for(core, max_per_tenant=1, global_max=1, acquire_timeout=3) as pools:
+        started = asyncio.Event()
+
+        async def b_works() -> None:
+            async with pools.acquire(b) as conn:
+                started.set()
+                await conn.fetchval("SELECT pg_sleep(0.3)")
+
+        async def a_waits() -> int:
+            await started.wait()
+            async with pools.acquire(a) as conn:
+                return int(await conn.fetchval("SELECT 1"))
+
+        _, got = await asyncio.gather(b_works(), a_waits())
+        assert got == 1
+        assert (b.role, "oltp") not in pools._entries  # closed for A
+        assert pools._budget.waiting == 0
 
 
 async def test_a_busy_pool_still_bounds_the_wait_for_a_connection(

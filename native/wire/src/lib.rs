@@ -170,6 +170,7 @@ struct Completed {
 enum Command {
     Pump(u64),
     Serve(u64),
+    ReclaimIdle,
 }
 
 struct State {
@@ -1065,6 +1066,14 @@ fn step(shared: &Shared, state: &mut State, events: &Events) -> Option<Duration>
                 Command::Pump(id) => {
                     state.client_input(shared, id, false);
                 }
+                Command::ReclaimIdle => {
+                    // The service's connection budget is full and something waits for room:
+                    // every idle server goes back (Python closes it for the waiter).
+                    let idle: Vec<u64> = state.pools.values_mut().flat_map(|p| p.idle.drain(..)).collect();
+                    for sid in idle {
+                        state.give_back(shared, sid, false);
+                    }
+                }
                 Command::Serve(pool_id) => {
                     // A server Python lent (or a reclaim): serve a waiter, else keep it idle.
                     loop {
@@ -1326,6 +1335,20 @@ impl Plane {
             let sid = state.sessions.get(&session)?.server?;
             state.servers.get_mut(&sid)?.hold = true;
             Some(sid)
+        })
+    }
+
+    /// The service's connection budget has a waiter: give back every server idle here now
+    /// (those running a statement stay until it ends, as Python's own would).
+    fn reclaim_idle(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let mut state = lock(&self.shared);
+            if !state.pools.values().any(|p| !p.idle.is_empty()) {
+                return Ok(());
+            }
+            state.commands.push(Command::ReclaimIdle);
+            drop(state);
+            self.shared.waker.wake().map_err(|e| PyRuntimeError::new_err(e.to_string()))
         })
     }
 

@@ -40,6 +40,11 @@ class ConnectionBudget(Protocol):
 
     def give_slot(self) -> None: ...
 
+    def starved(self) -> bool:
+        """Whether something waits for room under the cap now: a connection about to idle
+        is closed instead, or the waiter would wait for a slot nobody gives back."""
+        ...
+
 
 class _Unbounded:
     async def take_slot(self, tenant_id: str, timeout: float | None = None) -> None:
@@ -47,6 +52,9 @@ class _Unbounded:
 
     def give_slot(self) -> None:
         return None
+
+    def starved(self) -> bool:
+        return False
 
 
 _EXHAUSTED = "53300"
@@ -177,6 +185,11 @@ class ServerPool:
             if not waiter.done():
                 waiter.set_result(conn)
                 return
+        if self.budget.starved():
+            # Another pool (or front end) waits for room under the service's cap, which an
+            # idle connection here would keep from it until the idle limit.
+            self._discard(conn, "budget")
+            return
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
@@ -287,6 +300,8 @@ class ServerPools:
         self.lifetime_seconds = lifetime_seconds or None  # 0: no age limit
         self.closed = closed
         self._pools: dict[str, ServerPool] = {}
+        # Set by the relay: give back the server connections it holds idle.
+        self.lent_idle: Callable[[], None] | None = None
 
     def pool(self, login: TenantLogin, settings: dict[str, str]) -> ServerPool:
         pool = self._pools.get(login.role)
@@ -306,9 +321,15 @@ class ServerPools:
 
     def close_one_idle(self) -> bool:
         """An idle connection of the pool used least recently closed (``TenantPools`` asks
-        when the service's budget is full), or False when none is idle."""
+        when the service's budget is full), or False when none is idle. With none idle here,
+        the relay is asked for those it holds idle: they come back, and are closed, soon
+        (``ServerPool._give``, while the budget is starved)."""
         pools = sorted((p for p in self._pools.values() if p.idle), key=lambda p: p.last_used)
-        return bool(pools) and pools[0].close_one_idle()
+        if pools:
+            return pools[0].close_one_idle()
+        if self.lent_idle is not None:
+            self.lent_idle()
+        return False
 
     def close_expired(self) -> int:
         """Every pool's idle connections past the idle or age limit closed: how many."""

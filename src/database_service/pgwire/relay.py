@@ -132,6 +132,7 @@ class Relay:
         self._drainer = self._loop.create_task(self._drain_often())
         self.relayed = 0  # statements the relay ran (the admin view and the tests)
         port.app.audit.before_flush(self.drain)
+        port.pools.lent_idle = self._plane.reclaim_idle
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -149,6 +150,11 @@ class Relay:
         if found is None:
             found = self._classes[key] = len(self._classes) + 1
         return found
+
+    @property
+    def lent(self) -> int:
+        """Server connections the relay holds now (running a statement or idle)."""
+        return len(self._lent)
 
     def pool_id(self, pool: ServerPool) -> int:
         found = self._pool_ids.get(pool)
@@ -399,6 +405,7 @@ class Relay:
         os.close(self._write_fd)
         for pool in self._pools.values():
             pool.reclaim = None
+        self.port.pools.lent_idle = None
 
 
 def _returned(

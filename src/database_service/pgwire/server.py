@@ -417,6 +417,7 @@ class PgWireServer:
             "servers_closed": dict(self.servers_closed),
             "relay": self.relay is not None,
             "relayed_statements": self.relay.relayed if self.relay is not None else 0,
+            "relay_server_connections": self.relay.lent if self.relay is not None else 0,
         }
 
     def show(self, visible: Callable[[str], bool] = lambda _: True) -> dict[str, object]:

@@ -209,6 +209,7 @@ class _Budget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
+        self.waiting = 0  # callers in wait(): an idle connection is closed for them
         self._freed = asyncio.Condition()
 
     def try_take(self) -> bool:
@@ -218,9 +219,13 @@ class _Budget:
         return False
 
     async def wait(self) -> None:
-        async with self._freed:
-            await self._freed.wait_for(lambda: self.open < self.limit)
-            self.open += 1
+        self.waiting += 1
+        try:
+            async with self._freed:
+                await self._freed.wait_for(lambda: self.open < self.limit)
+                self.open += 1
+        finally:
+            self.waiting -= 1
 
     def give_back(self) -> None:
         self.open -= 1
@@ -384,6 +389,11 @@ class TenantPools:
 
     def give_slot(self) -> None:
         self._budget.give_back()
+
+    def starved(self) -> bool:
+        """Whether a request waits for room under the cap (connections about to idle are
+        closed for it instead: ``ServerPool._give``, ``_done_with``)."""
+        return self._budget.waiting > 0
 
     def add_idle_closer(self, closer: Callable[[], bool]) -> None:
         """``closer()`` closes one idle connection counted by ``take_slot`` (True) or finds
@@ -576,10 +586,15 @@ class TenantPools:
         finally:
             self._done_with(entry)
 
-    @staticmethod
-    def _done_with(entry: _Entry) -> None:
+    def _done_with(self, entry: _Entry) -> None:
         entry.in_use -= 1
         entry.last_used = time.monotonic()
+        if entry.in_use == 0 and self._budget.waiting:
+            # A request waits for room under the cap: this pool, idle now, makes it (eviction
+            # ran before that request began to wait, and nothing else would run it again).
+            key = next((k for k, e in self._entries.items() if e is entry), None)
+            if key is not None:
+                self._in_background(self._close(key, only_idle=True))
 
     async def drain(self) -> None:
         """Wait for the releases under way (tests, shutdown)."""
