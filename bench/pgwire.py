@@ -19,6 +19,9 @@ Goal (issue #16): >= 0.8x PgBouncer's tps and p99 <= 1.3x PgBouncer's.
     .venv/bin/python bench/pgwire.py [--seconds 8] [--targets port] [--profile DIR]
                                      [--event-loop uvloop]
 
+``--idle-clients N`` keeps N more clients connected to PgBouncer and to the port during the
+whole run, each idle after two statements (a pooler's usual load: many clients, few busy).
+
 ``--profile DIR`` samples the service (py-spy, non-blocking) during each of the port's cases,
 keeps the raw stacks in DIR and prints the functions where most samples were (self time) and
 the port's own functions by total time.
@@ -140,6 +143,22 @@ def _largest(counts: dict[str, int], count: int) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda item: -item[1])[:count]
 
 
+async def idle_clients(dsn: str, count: int) -> list[asyncpg.Connection]:
+    """``count`` clients of ``dsn``, each idle after two simple statements (on the port, the
+    second runs in the relay, which then watches the idle client)."""
+    opened: list[asyncpg.Connection] = []
+
+    async def one() -> None:
+        conn = await asyncpg.connect(dsn, ssl=False, statement_cache_size=0)
+        opened.append(conn)
+        for _ in range(2):
+            await conn.execute("SELECT 1")
+
+    for start in range(0, count, 50):  # 50 logins at a time
+        await asyncio.gather(*(one() for _ in range(min(50, count - start))))
+    return opened
+
+
 def initialise(database: str, env: dict[str, str]) -> None:
     """pgbench's tables, scale 1, with their primary keys (the tenant's role owns them next)."""
     command = [pg_bin("pgbench"), "-i", "-I", "dtgvp", "-s", "1", database]
@@ -152,7 +171,7 @@ def pgbouncer_version() -> str:
 
 
 @contextlib.contextmanager
-def pgbouncer(host: str, port: int, database: str) -> Iterator[int]:
+def pgbouncer(host: str, port: int, database: str, idle_clients: int = 0) -> Iterator[int]:
     if shutil.which("pgbouncer") is None:
         subprocess.run(["apt-get", "install", "-y", "pgbouncer"], check=True, capture_output=True)
     listen = free_port()
@@ -174,7 +193,8 @@ def pgbouncer(host: str, port: int, database: str) -> Iterator[int]:
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {listen}\nunix_socket_dir =\n"
             f"auth_type = trust\nauth_file = {tmp}/users.txt\n"
-            "pool_mode = transaction\ndefault_pool_size = 8\nmax_client_conn = 200\n"
+            "pool_mode = transaction\ndefault_pool_size = 8\n"
+            f"max_client_conn = {200 + idle_clients}\n"
             f"logfile = {tmp}/pgbouncer.log\npidfile = {tmp}/pgbouncer.pid\n"
         )
         user = [] if os.geteuid() != 0 else ["-u", "nobody"]  # it refuses to run as root
@@ -197,6 +217,7 @@ async def main() -> None:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--targets", default="direct,pgbouncer,port")
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--idle-clients", type=int, default=0)
     # The service's event loop (DBSVC_EVENT_LOOP): asyncio by default, as serve runs.
     parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
@@ -246,12 +267,23 @@ async def main() -> None:
                     port_env,
                 ),
             }
-            with pgbouncer(host, port, database) as bouncer_port:
+            with pgbouncer(host, port, database, args.idle_clients) as bouncer_port:
                 bouncer_env = {**os.environ, "PGSSLMODE": "disable"}
                 targets["pgbouncer"] = (
                     ["-h", "127.0.0.1", "-p", str(bouncer_port), "-U", "postgres", "bench"],
                     bouncer_env,
                 )
+                figures["idle_clients"] = args.idle_clients
+                idle: list[asyncpg.Connection] = []
+                if args.idle_clients:
+                    dsns = {
+                        "pgbouncer": f"postgresql://postgres@127.0.0.1:{bouncer_port}/bench",
+                        "port": f"postgresql://pgbench:{secret}@127.0.0.1:{wire_port}/{TENANT}",
+                    }
+                    for name in names:
+                        if name in dsns:
+                            idle += await idle_clients(dsns[name], args.idle_clients)
+                    print(f"{len(idle)} idle clients connected", flush=True)
                 for mode in ("simple", "prepared"):
                     for clients in (1, 32):
                         for name in names:
@@ -304,6 +336,9 @@ async def main() -> None:
                             ratio = ours / figures[baseline]
                             figures[f"{mode}_c{clients}_vs_pgbouncer"] = ratio
                             print(f"  port / {baseline}: {ratio:.2f}x tps", flush=True)
+                for conn in idle:
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=5)
             figures["pgbouncer_version"] = pgbouncer_version()
             with contextlib.suppress(KeyError):
                 figures["p99_c32_vs_pgbouncer"] = (

@@ -10,11 +10,13 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 
 from database_service.app import Application
+from database_service.pgwire.server import ClientSession, PgWireServer
 from database_service.tenancy import TenantLimits, TenantRecord
 from tests.fix_pg import PgCluster
 from tests.fix_pgwire import PortLogin, PortLoginFactory
@@ -88,6 +90,92 @@ async def test_outside_a_block_the_statement_fails_and_the_client_goes_on(
         assert time.perf_counter() - started < 6
         assert await conn.fetchval("SELECT 1") == 1
     finally:
+        await conn.close()
+    await _settle(core, limited)
+
+
+async def test_a_relayed_statement_past_the_limit_fails_and_the_client_goes_on(
+    login: PortLogin,
+    core: Application,
+    limited: TenantRecord,
+    pgwire: PgWireServer,
+    pg_cluster: PgCluster,
+) -> None:
+    """A statement the relay runs (a shape Python ran once before) that traps its cancel is
+    ended by the relay's own timer: the client gets 57014 and goes on, the backend is
+    terminated and its server connection never lent again."""
+    if pgwire.relay is None:
+        pytest.fail("the relay is not built (dbsvc_wire): this test needs it")
+    conn = await asyncpg.connect(
+        pg_cluster.dsn, user=limited.role_name, password=core.secret_box.open(limited.role_secret)
+    )
+    try:  # trapped() for n rounds of 0.2 s: a shape with a constant
+        body = FUNCTIONS["trapped"].replace("1..40", "1..n")
+        await conn.execute(
+            "CREATE OR REPLACE FUNCTION trapped_for(n int) RETURNS int LANGUAGE plpgsql AS $$"
+            f" BEGIN {body} RETURN 1; END $$"
+        )
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(login.dsn, statement_cache_size=0)
+    failed = 0
+    original = ClientSession.relayed_failed
+
+    def counted(self: ClientSession, *args: Any) -> None:
+        nonlocal failed
+        failed += 1
+        original(self, *args)
+
+    try:
+        await conn.execute("SELECT trapped_for(1)")  # Python runs it; the relay may from now on
+        ClientSession.relayed_failed = counted  # type: ignore[method-assign]
+        started = time.perf_counter()
+        with pytest.raises(asyncpg.QueryCanceledError, match="limit"):
+            await conn.execute("SELECT trapped_for(40)")
+        assert time.perf_counter() - started < 6
+        await asyncio.sleep(0.1)  # the relay's events are drained every 20 ms
+        assert failed == 1  # the relay ran it, and told Python (audit, statistics)
+        await _settle(core, limited)
+        for _ in range(12):  # the client goes on, and every pooled connection works
+            await conn.execute("SELECT trapped_for(0)")
+    finally:
+        ClientSession.relayed_failed = original  # type: ignore[method-assign]
+        await conn.close()
+    await _settle(core, limited)
+
+
+async def test_a_relayed_statement_whose_backend_dies_is_failed_and_audited(
+    login: PortLogin, core: Application, limited: TenantRecord, pgwire: PgWireServer
+) -> None:
+    """A backend terminated under a statement the relay runs: the client is told (08006, its
+    session ends, as on the Python path) and the statement counts as failed, not lost."""
+    if pgwire.relay is None:
+        pytest.fail("the relay is not built (dbsvc_wire): this test needs it")
+    conn = await asyncpg.connect(login.dsn, statement_cache_size=0)
+    failed: list[str] = []
+    original = ClientSession.relayed_failed
+
+    def counted(self: ClientSession, verdict: Any, sqlstate: str, message: str) -> None:
+        failed.append(sqlstate)
+        original(self, verdict, sqlstate, message)
+
+    try:
+        await conn.execute("SELECT pg_sleep(0.01)")  # Python runs the shape first
+        ClientSession.relayed_failed = counted  # type: ignore[method-assign]
+        running = asyncio.ensure_future(conn.execute("SELECT pg_sleep(0.9)"))
+        await asyncio.sleep(0.3)
+        killed = await core.owner_pool.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE usename = ANY($1::text[]) AND query = 'SELECT pg_sleep(0.9)'",
+            list(limited.roles),
+        )
+        assert killed == 1
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+            await running
+        await asyncio.sleep(0.1)  # the relay's events are drained every 20 ms
+        assert failed == ["57P01"]  # what PostgreSQL said, once
+    finally:
+        ClientSession.relayed_failed = original  # type: ignore[method-assign]
         await conn.close()
     await _settle(core, limited)
 

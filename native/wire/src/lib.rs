@@ -19,7 +19,7 @@
 
 mod shape;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -121,6 +121,9 @@ struct Session {
     started: Instant,
     deadline: Option<Instant>,
     expired: bool,
+    // The running statement's failure was reported (an ErrorResponse): a lost server after
+    // it (a terminated backend says why first) is not a second failure.
+    reported: bool,
     ran: bool,
     writable: bool, // registered for writability
     eof: bool,
@@ -184,6 +187,10 @@ struct State {
     // books them together (one call per group, not per statement).
     done: HashMap<(u64, u32, Vec<u8>), Completed>,
     commands: Vec<Command>,
+    // Sessions whose statement has a deadline (a superset: entries whose deadline was
+    // cleared are dropped by the next ``timers``), so a turn's timers cost what is running,
+    // not every idle client the relay watches.
+    timed: HashSet<u64>,
     signaled: bool,
     stop: bool,
 }
@@ -623,6 +630,8 @@ impl State {
             server.out.extend_from_slice(&bytes);
             session.ran = true;
             session.deadline = Some(Instant::now() + session.limit);
+            session.reported = false;
+            self.timed.insert(id);
             if let Some(pool) = self.pools.get_mut(&session.pool) {
                 pool.queries += 1;
             }
@@ -669,12 +678,21 @@ impl State {
                 s.phase = Phase::Idle;
                 s.expired = false;
                 s.deadline = None;
+                // Audited and counted as a failed statement, as a server's error would be.
+                let failed = Event::Failed { session: id, verdict: s.verdict, sqlstate: "57014".into(), message: text };
+                self.emit(shared, failed);
                 self.flush_client(shared, id);
                 self.pump(shared, id);
             }
             _ => {
-                s.out.extend_from_slice(&error_message("FATAL", "08006", "the server connection was lost"));
+                let text = "the server connection was lost";
+                s.out.extend_from_slice(&error_message("FATAL", "08006", text));
+                let running = s.phase == Phase::Active && !s.reported;
                 s.phase = Phase::Idle;
+                if running {
+                    let failed = Event::Failed { session: id, verdict: s.verdict, sqlstate: "08006".into(), message: text.into() };
+                    self.emit(shared, failed);
+                }
                 self.flush_client(shared, id);
                 self.hand_back(shared, id, None, true);
             }
@@ -754,6 +772,8 @@ impl State {
                                 session.phase = Phase::Active;
                                 session.ran = true;
                                 session.deadline = Some(Instant::now() + session.limit);
+                                session.reported = false;
+                                self.timed.insert(id);
                                 server.out.extend_from_slice(&bytes);
                                 flush_after = true;
                                 events.push(Event::Count { pool: session.pool, transactions: 0, queries: 1 });
@@ -785,6 +805,7 @@ impl State {
                             continue; // the backend's own "terminating connection"
                         }
                         let (sqlstate, message) = error_fields(&raw[5..]);
+                        session.reported = true;
                         events.push(Event::Failed { session: id, verdict: session.verdict, sqlstate, message });
                         session.out.extend_from_slice(raw);
                     }
@@ -976,16 +997,19 @@ impl State {
         let now = Instant::now();
         let mut next: Option<Duration> = None;
         let mut expired = Vec::new();
-        for (&id, s) in &self.sessions {
-            if let Some(deadline) = s.deadline {
-                if deadline <= now {
-                    expired.push(id);
-                } else {
-                    let left = deadline - now;
-                    next = Some(next.map_or(left, |n: Duration| n.min(left)));
-                }
+        let sessions = &self.sessions;
+        self.timed.retain(|id| {
+            let Some(deadline) = sessions.get(id).and_then(|s| s.deadline) else {
+                return false;
+            };
+            if deadline <= now {
+                expired.push(*id);
+                return false;
             }
-        }
+            let left = deadline - now;
+            next = Some(next.map_or(left, |n: Duration| n.min(left)));
+            true
+        });
         for id in expired {
             let Some(s) = self.sessions.get_mut(&id) else { continue };
             s.deadline = None;
@@ -1155,6 +1179,7 @@ impl Plane {
                 events: Vec::new(),
                 done: HashMap::new(),
                 commands: Vec::new(),
+                timed: HashSet::new(),
                 signaled: false,
                 stop: false,
             }),
@@ -1210,6 +1235,7 @@ impl Plane {
                 started: Instant::now(),
                 deadline: None,
                 expired: false,
+                reported: false,
                 ran: false,
                 writable: false,
                 eof: false,
