@@ -52,6 +52,7 @@ from harness import (  # bench/ is on sys.path as a script
     cpu_seconds,
     p99,
     reporting,
+    rss_bytes,
     running_service,
 )
 
@@ -276,6 +277,7 @@ async def main() -> None:
                 figures["idle_clients"] = args.idle_clients
                 idle: list[asyncpg.Connection] = []
                 if args.idle_clients:
+                    rss_before = rss_bytes(service.pid)
                     dsns = {
                         "pgbouncer": f"postgresql://postgres@127.0.0.1:{bouncer_port}/bench",
                         "port": f"postgresql://pgbench:{secret}@127.0.0.1:{wire_port}/{TENANT}",
@@ -284,6 +286,15 @@ async def main() -> None:
                         if name in dsns:
                             idle += await idle_clients(dsns[name], args.idle_clients)
                     print(f"{len(idle)} idle clients connected", flush=True)
+                    if "port" in names:
+                        await asyncio.sleep(1)  # the relay's idle servers go back meanwhile
+                        added = rss_bytes(service.pid) - rss_before
+                        figures["port_rss_per_idle_client_bytes"] = added / args.idle_clients
+                        print(
+                            f"  the service's memory: +{added / 1e6:.1f} MB,"
+                            f" {added / args.idle_clients / 1e3:.1f} kB per idle client",
+                            flush=True,
+                        )
                 for mode in ("simple", "prepared"):
                     for clients in (1, 32):
                         for name in names:
