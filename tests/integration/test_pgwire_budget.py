@@ -86,6 +86,40 @@ async def tenant_connections(small: Small) -> int:
     return int(count)
 
 
+def _state(small: Small) -> dict[str, object]:
+    """What holds or waits for the budget now (for settling, and for a failure's message)."""
+    relay = small.port.relay
+    return {
+        "budget_open": small.app.pools.open_connections,
+        "budget_waiting": small.app.pools.starved(),
+        "rest_in_use": {t: s.in_use for t, s in small.app.pools.stats().items() if s.in_use},
+        "port_pools": [
+            (p.login.tenant_id, p.open, len(p.idle), len(p.waiters)) for p in small.port.pools.all()
+        ],
+        "relay_lent": relay.lent if relay is not None else 0,
+        "port_sessions": len(small.port.sessions),
+    }
+
+
+async def _settled(small: Small) -> None:
+    """Wait until nothing of an earlier test holds or waits for a connection: no port session
+    or relay holding one, nothing waiting for room, no REST request. What ends (a server the
+    relay keeps for a second, a lend still waiting for room, a REST pool closing) ends within
+    seconds; what does not is a leak, and fails here with what holds it."""
+    for _ in range(100):
+        relay = small.port.relay
+        if (
+            not small.app.pools.starved()
+            and not any(s.in_use for s in small.app.pools.stats().values())
+            and (relay is None or relay.lent == 0)
+            and not small.port.sessions
+            and all(p.open == len(p.idle) and not p.waiters for p in small.port.pools.all())
+        ):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"connections still held or awaited after 10 s: {_state(small)}")
+
+
 async def test_port_and_rest_together_never_exceed_the_cap(small: Small) -> None:
     peak = 0
     stop = asyncio.Event()
@@ -137,13 +171,17 @@ async def test_port_and_rest_together_never_exceed_the_cap(small: Small) -> None
 async def test_a_client_without_room_gets_53300_within_the_acquire_timeout(
     small: Small,
 ) -> None:
+    await _settled(small)
     holders: list[asyncpg.Connection] = []
     try:
         # Three transactions held open on the port (tenants 0, 0, 1): the whole budget.
         for index in (0, 0, 1):
             conn = await asyncpg.connect(small.dsns[index], statement_cache_size=0)
             holders.append(conn)
-            await conn.execute("BEGIN")
+            try:
+                await conn.execute("BEGIN")
+            except asyncpg.PostgresError as exc:
+                raise AssertionError(f"{exc}: {_state(small)}") from exc
             await conn.execute("SELECT 1")
         assert await tenant_connections(small) == CAP
         late = await asyncpg.connect(small.dsns[2], statement_cache_size=0)
@@ -180,7 +218,7 @@ async def _relay_holds(small: Small, count: int) -> None:
         if small.port.relay.lent >= count:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"the relay holds {small.port.relay.lent}, not {count}")
+    raise AssertionError(f"the relay holds {small.port.relay.lent}, not {count}: {_state(small)}")
 
 
 async def test_server_connections_the_relay_holds_idle_make_room_for_a_waiter(
@@ -189,6 +227,7 @@ async def test_server_connections_the_relay_holds_idle_make_room_for_a_waiter(
     """The relay keeps a server connection a while after its statement (for the next); with
     the budget full, a client that needs room gets it from those at once, not a 53300 after
     the acquisition timeout. Without a relay (not built) this is the plain pool's case."""
+    await _settled(small)
     if small.port.relay is None:
         pytest.fail("the relay is not built (dbsvc_wire): this test needs it")
     clients = [await asyncpg.connect(small.dsns[i], statement_cache_size=0) for i in (0, 2)]
@@ -223,6 +262,7 @@ async def test_a_rest_pool_that_goes_idle_makes_room_for_a_port_client_waiting(
     """A port client that waits for room while a REST request holds the last connection gets
     it when that request ends (its pool, idle then, is closed for the waiter), not a 53300
     at the acquisition timeout."""
+    await _settled(small)
     holders: list[asyncpg.Connection] = []
     late: asyncpg.Connection | None = None
     try:
