@@ -112,6 +112,32 @@ async def test_a_platform_admin_sees_every_tenant(
     assert b_stats and int(b_stats[0][3]) >= 1  # B's queries
 
 
+async def test_a_statement_the_relay_runs_shows_as_active_on_its_server(
+    tenants: Tenants, pgwire: PgWireServer, traffic: tuple[PortLogin, PortLogin]
+) -> None:
+    """SHOW CLIENTS, SERVERS and POOLS count a statement the relay runs (no Python session
+    holds its server connection) as Python's own: active, on that server connection."""
+    if pgwire.relay is None:
+        pytest.fail("the relay is not built (dbsvc_wire): this test needs it")
+    a = traffic[0]
+    conn = await asyncpg.connect(a.dsn, statement_cache_size=0)
+    try:
+        await conn.execute("SELECT pg_sleep(0.01)")  # Python runs the shape first
+        running = asyncio.ensure_future(conn.execute("SELECT pg_sleep(0.99)"))  # the relay's
+        await asyncio.sleep(0.3)
+        clients = await admin_rows(pgwire, a, "SHOW CLIENTS")
+        servers = await admin_rows(pgwire, a, "SHOW SERVERS")
+        pools = await admin_rows(pgwire, a, "SHOW POOLS")
+        await running
+    finally:
+        await conn.close()
+    mine = [row for row in clients if row[7] == str(conn.get_server_pid()).encode()]
+    assert len(mine) == 1 and mine[0][4] == b"active" and mine[0][8], mine
+    on = [row for row in servers if row[4] == mine[0][8]]
+    assert len(on) == 1 and on[0][3] == b"active" and on[0][6] == a.service.encode(), on
+    assert any(row[0] == tenants.a.tenant_id.encode() and int(row[2]) >= 1 for row in pools)
+
+
 async def test_a_service_without_the_admin_scope_is_refused(
     tenants: Tenants, pgwire: PgWireServer, traffic: tuple[PortLogin, PortLogin]
 ) -> None:

@@ -1364,6 +1364,22 @@ impl Plane {
         })
     }
 
+    /// The server connections the relay holds now: (server, the session whose statement runs
+    /// on it or None, seconds since it went idle or 0.0) — the admin view's rows.
+    fn held(&self, py: Python<'_>) -> Vec<(u64, Option<u64>, f64)> {
+        py.detach(|| {
+            let state = lock(&self.shared);
+            state
+                .servers
+                .iter()
+                .map(|(&sid, s)| {
+                    let idle = if s.session.is_some() { 0.0 } else { s.idle_since.elapsed().as_secs_f64() };
+                    (sid, s.session, idle)
+                })
+                .collect()
+        })
+    }
+
     /// The service's connection budget has a waiter: give back every server idle here now
     /// (those running a statement stay until it ends, as Python's own would).
     fn reclaim_idle(&self, py: Python<'_>) -> PyResult<()> {

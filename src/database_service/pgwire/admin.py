@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from database_service.pgwire import codec
 
 if TYPE_CHECKING:
+    from database_service.pgwire.backend import ServerConnection
+    from database_service.pgwire.pooling import ServerPool
     from database_service.pgwire.server import PgWireServer
 
 __all__ = ["ADMIN_DATABASE", "SHOW_KINDS", "answer", "peer_rows", "show", "tenant_of"]
@@ -56,12 +58,23 @@ def show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Table
     return [*columns, "worker"], [[*row, port.worker] for row in rows]
 
 
+def _relay_held(port: PgWireServer) -> list[tuple[ServerPool, ServerConnection, int | None, float]]:
+    """The server connections the relay holds (running a session's statement, or idle)."""
+    return port.relay.held() if port.relay is not None else []
+
+
 def _show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Table:
+    held = _relay_held(port) if kind in ("pools", "clients", "servers") else []
+    # A session whose statement the relay runs now: active, on that server connection.
+    running = {pid: server for _, server, pid, _ in held if pid is not None}
     if kind == "pools":
         clients: dict[int, int] = {}
         for session in port.sessions.values():
             if session.server_pool is not None:
                 clients[id(session.server_pool)] = clients.get(id(session.server_pool), 0) + 1
+        for lender, _, pid, _ in held:
+            if pid is not None:
+                clients[id(lender)] = clients.get(id(lender), 0) + 1
         pools = [
             [p.login.tenant_id, p.login.role, clients.get(id(p), 0), len(p.waiters),
              p.open - len(p.idle), len(p.idle), p.max_size, "transaction"]
@@ -77,10 +90,11 @@ def _show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Tabl
         for s in port.sessions.values():
             if s.tenant is None or not visible(s.tenant.tenant_id):
                 continue
+            on = s.server or running.get(s.pid)
             rows.append(
                 ["C", s.principal.service if s.principal else None, s.tenant.tenant_id,
-                 s.user_id, "active" if s.server else "idle", s.tls,
-                 s.connected_at, s.pid, s.server.pid if s.server else None]
+                 s.user_id, "active" if on else "idle", s.tls,
+                 s.connected_at, s.pid, on.pid if on else None]
             )  # fmt: skip
         return columns, rows
     if kind == "servers":
@@ -98,6 +112,15 @@ def _show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Tabl
             rows.append(["S", pool.login.role, pool.login.tenant_id, "active", server.pid,
                          len(server.prepared), client, round(now - server.opened, 1),
                          0.0])  # fmt: skip
+        for lender, lent, pid, idle in held:  # the relay's: a session's statement, or idle
+            if not visible(lender.login.tenant_id):
+                continue
+            owner = port.sessions.get(pid) if pid is not None else None
+            client = owner.principal.service if owner and owner.principal else None
+            rows.append(["S", lender.login.role, lender.login.tenant_id,
+                         "active" if pid is not None else "idle", lent.pid,
+                         len(lent.prepared), client, round(now - lent.opened, 1),
+                         round(idle, 1)])  # fmt: skip
         for pool in port.pools.all():
             if not visible(pool.login.tenant_id):
                 continue

@@ -156,6 +156,16 @@ class Relay:
         """Server connections the relay holds now (running a statement or idle)."""
         return len(self._lent)
 
+    def held(self) -> list[tuple[ServerPool, ServerConnection, int | None, float]]:
+        """The server connections the relay holds now: (pool, connection, the pid of the
+        session whose statement runs on it or None, seconds idle) — the admin view's rows."""
+        out = []
+        for sid, session, idle in self._plane.held():
+            lent = self._lent.get(sid)
+            if lent is not None:
+                out.append((lent[0], lent[1], session, idle))
+        return out
+
     def pool_id(self, pool: ServerPool) -> int:
         found = self._pool_ids.get(pool)
         if found is None:
