@@ -8,6 +8,8 @@ import json
 import math
 from decimal import Decimal
 
+import asyncpg
+import asyncpg.connect_utils
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -259,6 +261,28 @@ async def test_deadline_cancels_the_statement_in_postgres(
             break
         await asyncio.sleep(0.1)
     assert await role_activity(core, tenant) == []
+
+
+async def test_a_deadline_whose_cancel_is_lost_still_ends_the_statement(
+    client: Client, core: Application, tenant: TenantRecord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CancelRequest that reaches PostgreSQL before the backend has read the statement is
+    lost (on a loaded machine, a short deadline can do that): the statement given up is
+    cancelled again a moment later, not left to run its 30 s."""
+
+    async def lost(**_: object) -> None:
+        return None  # PostgreSQL never hears of it
+
+    monkeypatch.setattr(asyncpg.connect_utils, "_cancel", lost)
+    before = core.deadlines.recancelled
+    with pytest.raises(DeadlineExceeded):
+        await client.fetch_all("SELECT pg_sleep(30)", timeout=0.5)
+    for _ in range(80):
+        if not await role_activity(core, tenant):
+            break
+        await asyncio.sleep(0.1)
+    assert await role_activity(core, tenant) == []
+    assert core.deadlines.recancelled == before + 1
 
 
 async def test_cancelled_stream_frees_its_connection(

@@ -43,6 +43,9 @@ _NEVER = math.inf
 # How late a deadline may be seen: one within this of the timer's waits for it, rather than the
 # timer being moved (each session's first statement would move it otherwise).
 _SLACK = 0.005
+# A statement its caller gave up on and still running this long after: asyncpg's cancel of it
+# was lost (``Deadlines.abandoned``).
+_ABANDONED_SECONDS = 1.0
 
 
 class SessionWatch:
@@ -220,6 +223,7 @@ class Deadlines:
         self._on_expired = on_expired or (lambda why: None)
         self._tasks: set[asyncio.Task[None]] = set()
         self.terminated = 0
+        self.recancelled = 0  # abandoned statements whose first cancel was lost
         # One timer for every session's deadlines, set for the earliest one known (a later
         # deadline is seen when it fires and looks at them all). Entering a statement costs an
         # attribute and a comparison, not a TimerHandle per round trip; a deadline is seen at
@@ -284,6 +288,34 @@ class Deadlines:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def abandoned(self, pid: int, role: str) -> None:
+        """The statement running on backend ``pid`` was given up by its caller (its deadline,
+        a cancel): asyncpg asks PostgreSQL to cancel it, but a CancelRequest that arrives
+        before the backend has read the statement is lost (PostgreSQL cancels only what runs),
+        and the statement then runs to its end. One still running a moment later is cancelled
+        again, and terminated after the grace period if that does not end it either."""
+        task = asyncio.get_running_loop().create_task(self._abandoned(pid, role, time.time()))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _abandoned(self, pid: int, role: str, since: float) -> None:
+        try:
+            await asyncio.sleep(_ABANDONED_SECONDS)
+            # Only a statement that began before it was given up: the connection may be back
+            # in its pool by now, running another caller's.
+            if not await self._signal("pg_cancel_backend", pid, role, since, running=True):
+                return
+            self.recancelled += 1
+            log.warning("backend %d of a tenant: a statement given up still ran; cancelled", pid)
+            await asyncio.sleep(self._grace)
+            if await self._signal("pg_terminate_backend", pid, role, since, running=True):
+                self.terminated += 1
+                log.warning("backend %d of a tenant ended: a statement given up still ran", pid)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # PostgreSQL down: nothing left to stop
+            log.warning("could not stop backend %d running a statement given up: %s", pid, exc)
+
     async def _end(self, pid: int, role: str, since: float) -> None:
         """Cancel now (for a backend the awaiting task does not own any more, e.g. a stream
         whose reader stalls); terminate after the grace period if it is still busy."""
@@ -298,13 +330,21 @@ class Deadlines:
         except Exception as exc:  # PostgreSQL down: nothing left to stop
             log.warning("could not stop backend %d past its time limit: %s", pid, exc)
 
-    async def _signal(self, function: str, pid: int, role: str, since: float) -> bool:
+    async def _signal(
+        self, function: str, pid: int, role: str, since: float, *, running: bool = False
+    ) -> bool:
         # Only that backend, only while it still runs (or holds a transaction) for that role and
         # since before the limit passed: a pid reused by another session is left alone.
+        # ``running``: only while it runs a statement that began before ``since``.
+        condition = (
+            "state = 'active' AND query_start <= to_timestamp($3)"
+            if running
+            else "state <> 'idle' AND backend_start <= to_timestamp($3)"
+        )
         return bool(
             await self._pool.fetchval(
                 f"SELECT {function}(pid) FROM pg_stat_activity WHERE pid = $1 AND usename = $2"
-                " AND state <> 'idle' AND backend_start <= to_timestamp($3)",
+                f" AND {condition}",
                 pid,
                 role,
                 since,

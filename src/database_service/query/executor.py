@@ -606,6 +606,13 @@ class QueryExecutor:
                                     )
                             yield session
                         except BaseException as exc:
+                            if (
+                                exc.__class__ is asyncio.CancelledError
+                                and watch.expired is None
+                                and not conn.is_closed()
+                            ):
+                                # Given up by its caller: its cancel may be lost (Deadlines).
+                                deadlines.abandoned(conn.get_server_pid(), login.role)
                             if session.began and watch.expired is None and not conn.is_closed():
                                 with contextlib.suppress(Exception):
                                     await session.rollback()
