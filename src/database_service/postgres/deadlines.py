@@ -27,8 +27,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
+from typing import Any
 
 import asyncpg
 
@@ -284,9 +285,7 @@ class Deadlines:
 
     def expired(self, pid: int, role: str, why: str) -> None:
         self._on_expired(why)
-        task = asyncio.get_running_loop().create_task(self._end(pid, role, time.time()))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._start(self._end(pid, role, time.time()))
 
     def abandoned(self, pid: int, role: str) -> None:
         """The statement running on backend ``pid`` was given up by its caller (its deadline,
@@ -294,41 +293,37 @@ class Deadlines:
         before the backend has read the statement is lost (PostgreSQL cancels only what runs),
         and the statement then runs to its end. One still running a moment later is cancelled
         again, and terminated after the grace period if that does not end it either."""
-        task = asyncio.get_running_loop().create_task(self._abandoned(pid, role, time.time()))
+        self._start(self._end(pid, role, time.time(), abandoned=True))
+
+    def _start(self, ending: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(ending)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _abandoned(self, pid: int, role: str, since: float) -> None:
-        try:
-            await asyncio.sleep(_ABANDONED_SECONDS)
-            # Only a statement that began before it was given up: the connection may be back
-            # in its pool by now, running another caller's.
-            if not await self._signal("pg_cancel_backend", pid, role, since, running=True):
-                return
-            self.recancelled += 1
-            log.warning("backend %d of a tenant: a statement given up still ran; cancelled", pid)
-            await asyncio.sleep(self._grace)
-            if await self._signal("pg_terminate_backend", pid, role, since, running=True):
-                self.terminated += 1
-                log.warning("backend %d of a tenant ended: a statement given up still ran", pid)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # PostgreSQL down: nothing left to stop
-            log.warning("could not stop backend %d running a statement given up: %s", pid, exc)
-
-    async def _end(self, pid: int, role: str, since: float) -> None:
+    async def _end(self, pid: int, role: str, since: float, *, abandoned: bool = False) -> None:
         """Cancel now (for a backend the awaiting task does not own any more, e.g. a stream
-        whose reader stalls); terminate after the grace period if it is still busy."""
+        whose reader stalls) — or, for a statement given up, a moment later if it still runs;
+        terminate after the grace period if it is still busy."""
+        what = "a statement given up still ran" if abandoned else "it outlived its time limit"
         try:
-            await self._signal("pg_cancel_backend", pid, role, since)
+            if abandoned:
+                await asyncio.sleep(_ABANDONED_SECONDS)
+            # A statement given up: only one that began before, for the connection may be
+            # back in its pool by now, running another caller's.
+            cancelled = await self._signal("pg_cancel_backend", pid, role, since, running=abandoned)
+            if abandoned:
+                if not cancelled:
+                    return  # it ended (asyncpg's cancel came through)
+                self.recancelled += 1
+                log.warning("backend %d of a tenant: %s; cancelled again", pid, what)
             await asyncio.sleep(self._grace)
-            if await self._signal("pg_terminate_backend", pid, role, since):
+            if await self._signal("pg_terminate_backend", pid, role, since, running=abandoned):
                 self.terminated += 1
-                log.warning("backend %d of a tenant ended: it outlived its time limit", pid)
+                log.warning("backend %d of a tenant ended: %s", pid, what)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # PostgreSQL down: nothing left to stop
-            log.warning("could not stop backend %d past its time limit: %s", pid, exc)
+            log.warning("could not stop backend %d (%s): %s", pid, what, exc)
 
     async def _signal(
         self, function: str, pid: int, role: str, since: float, *, running: bool = False
