@@ -60,6 +60,20 @@ async def login(
     yield await port_login(limited.tenant_id)
 
 
+@pytest.fixture
+def relayed_failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SQLSTATEs of the failed statements the relay reports to Python, in order."""
+    failures: list[str] = []
+    original = ClientSession.relayed_failed
+
+    def counted(self: ClientSession, verdict: Any, sqlstate: str, message: str) -> None:
+        failures.append(sqlstate)
+        original(self, verdict, sqlstate, message)
+
+    monkeypatch.setattr(ClientSession, "relayed_failed", counted)
+    return failures
+
+
 async def _busy(core: Application, limited: TenantRecord) -> int:
     return int(
         await core.owner_pool.fetchval(
@@ -100,6 +114,7 @@ async def test_a_relayed_statement_past_the_limit_fails_and_the_client_goes_on(
     limited: TenantRecord,
     pgwire: PgWireServer,
     pg_cluster: PgCluster,
+    relayed_failures: list[str],
 ) -> None:
     """A statement the relay runs (a shape Python ran once before) that traps its cancel is
     ended by the relay's own timer: the client gets 57014 and goes on, the backend is
@@ -118,50 +133,36 @@ async def test_a_relayed_statement_past_the_limit_fails_and_the_client_goes_on(
     finally:
         await conn.close()
     conn = await asyncpg.connect(login.dsn, statement_cache_size=0)
-    failed = 0
-    original = ClientSession.relayed_failed
-
-    def counted(self: ClientSession, *args: Any) -> None:
-        nonlocal failed
-        failed += 1
-        original(self, *args)
-
     try:
         await conn.execute("SELECT trapped_for(1)")  # Python runs it; the relay may from now on
-        ClientSession.relayed_failed = counted  # type: ignore[method-assign]
         started = time.perf_counter()
         with pytest.raises(asyncpg.QueryCanceledError, match="limit"):
             await conn.execute("SELECT trapped_for(40)")
         assert time.perf_counter() - started < 6
         await asyncio.sleep(0.1)  # the relay's events are drained every 20 ms
-        assert failed == 1  # the relay ran it, and told Python (audit, statistics)
+        assert len(relayed_failures) == 1  # the relay ran it, and told Python (audit, statistics)
         await _settle(core, limited)
         for _ in range(12):  # the client goes on, and every pooled connection works
             await conn.execute("SELECT trapped_for(0)")
     finally:
-        ClientSession.relayed_failed = original  # type: ignore[method-assign]
         await conn.close()
     await _settle(core, limited)
 
 
 async def test_a_relayed_statement_whose_backend_dies_is_failed_and_audited(
-    login: PortLogin, core: Application, limited: TenantRecord, pgwire: PgWireServer
+    login: PortLogin,
+    core: Application,
+    limited: TenantRecord,
+    pgwire: PgWireServer,
+    relayed_failures: list[str],
 ) -> None:
     """A backend terminated under a statement the relay runs: the client is told (08006, its
     session ends, as on the Python path) and the statement counts as failed, not lost."""
     if pgwire.relay is None:
         pytest.fail("the relay is not built (dbsvc_wire): this test needs it")
     conn = await asyncpg.connect(login.dsn, statement_cache_size=0)
-    failed: list[str] = []
-    original = ClientSession.relayed_failed
-
-    def counted(self: ClientSession, verdict: Any, sqlstate: str, message: str) -> None:
-        failed.append(sqlstate)
-        original(self, verdict, sqlstate, message)
-
     try:
         await conn.execute("SELECT pg_sleep(0.01)")  # Python runs the shape first
-        ClientSession.relayed_failed = counted  # type: ignore[method-assign]
         running = asyncio.ensure_future(conn.execute("SELECT pg_sleep(0.9)"))
         await asyncio.sleep(0.3)
         killed = await core.owner_pool.fetchval(
@@ -173,9 +174,8 @@ async def test_a_relayed_statement_whose_backend_dies_is_failed_and_audited(
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
             await running
         await asyncio.sleep(0.1)  # the relay's events are drained every 20 ms
-        assert failed == ["57P01"]  # what PostgreSQL said, once
+        assert relayed_failures == ["57P01"]  # what PostgreSQL said, once
     finally:
-        ClientSession.relayed_failed = original  # type: ignore[method-assign]
         await conn.close()
     await _settle(core, limited)
 

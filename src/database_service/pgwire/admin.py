@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any
 from database_service.pgwire import codec
 
 if TYPE_CHECKING:
-    from database_service.pgwire.backend import ServerConnection
-    from database_service.pgwire.pooling import ServerPool
     from database_service.pgwire.server import PgWireServer
 
 __all__ = ["ADMIN_DATABASE", "SHOW_KINDS", "answer", "peer_rows", "show", "tenant_of"]
@@ -58,15 +56,9 @@ def show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Table
     return [*columns, "worker"], [[*row, port.worker] for row in rows]
 
 
-def _relay_held(port: PgWireServer) -> list[tuple[ServerPool, ServerConnection, int | None, float]]:
-    """The server connections the relay holds (running a session's statement, or idle)."""
-    return port.relay.held() if port.relay is not None else []
-
-
 def _show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Table:
-    held = _relay_held(port) if kind in ("pools", "clients", "servers") else []
-    # A session whose statement the relay runs now: active, on that server connection.
-    running = {pid: server for _, server, pid, _ in held if pid is not None}
+    # What the relay holds: (pool, connection, pid of the session running on it or None, idle s).
+    held = port.relay.held() if port.relay is not None and kind != "stats" else []
     if kind == "pools":
         clients: dict[int, int] = {}
         for session in port.sessions.values():
@@ -87,6 +79,8 @@ def _show(port: PgWireServer, kind: str, visible: Callable[[str], bool]) -> Tabl
         columns = ["type", "user", "database", "user_id", "state", "tls", "connect_time",
                    "pid", "server_pid"]  # fmt: skip
         rows: list[list[object]] = []
+        # A session whose statement the relay runs now: active, on that server connection.
+        running = {pid: server for _, server, pid, _ in held if pid is not None}
         for s in port.sessions.values():
             if s.tenant is None or not visible(s.tenant.tenant_id):
                 continue
