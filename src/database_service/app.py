@@ -361,6 +361,7 @@ class Application:
         stack.callback(self.metrics.gc.remove)
         self.loops = BackgroundLoops(self.metrics.loop_restarts)
         self.window = RequestWindow()
+        self.metrics.before_render(self.window.settle)
         self.secret_box = SecretBox(master_key)
         self.logins = TenantLogins(self.secret_box)  # one opened-secret cache for all paths
         self.registry = TenantRegistry(self.owner_pool, control_schema=s.control_schema)
@@ -494,6 +495,9 @@ class Application:
             },
             replicas=self.replicas,
         )
+        # What the executor books together (``QueryExecutor.book``) is booked before it is read.
+        self.metrics.before_render(self.executor.book)
+        self.statement_stats.before_read(self.executor.book)
 
         probes: list[DependencyProbe] = [
             PostgresProbe(

@@ -926,7 +926,7 @@ async def _repeated(
 
 
 def _replays(core: Application) -> float:
-    core.executor.book_replays()
+    core.executor.book()
     value = core.metrics.registry.get_sample_value("dbsvc_cache_replays_total")
     return value or 0.0
 
@@ -1018,3 +1018,104 @@ async def test_a_write_is_seen_by_the_next_read_after_replays(
         assert (await a.run(probe.a, probe.a_token, update, ["A-ROW"], cache=False)).ok
     got_b = await b.run(probe.b, probe.b_token, POINT, [1])
     assert (got_b.cache, got_b.rows) == ("hit", B_ROWS[POINT]), got_b
+
+
+# Statements checked before (``QueryExecutor.checked``): a caller's uncached read asked again
+# skips the checks' coroutines when its credential, tenant and schema are as they were; the same
+# expectations hold on REST, which always checks.
+
+
+def _checked(core: Application) -> int:
+    return len(core.executor._checked)
+
+
+async def test_statements_checked_before_keep_to_their_tenant_and_user(
+    cache_door: tuple[CacheDoor, CacheDoor], core: Application, probe: Probe
+) -> None:
+    a, b = cache_door
+    kept = _checked(core)
+    for got in await _repeated(a, probe.a, probe.a_token, POINT, [1], cache=False):
+        assert got.ok and got.rows == A_ROWS[POINT], got
+    # B, after A's checks were kept: the same text, its own rows.
+    for got in await _repeated(b, probe.b, probe.b_token, POINT, [1], cache=False):
+        assert got.ok and got.rows == B_ROWS[POINT], got
+    # The same text under another parameter is still the caller's own read.
+    got = await a.run(probe.a, probe.a_token, POINT, [2], cache=False)
+    assert got.rows == [[2, "A-ROW-2"]], got
+    expected = {"u1": [["CALLSYM"], ["CU1SYM"]], "u2": [["CALLSYM"], ["CU2SYM"]]}
+    for user, rows in expected.items():
+        for got in await _repeated(a, probe.a, probe.a_token, USERS, [], user_id=user, cache=False):
+            assert got.rows == rows, (user, got)
+    for _ in range(REPEATS):
+        for user, rows in expected.items():
+            got = await a.run(probe.a, probe.a_token, USERS, user_id=user, cache=False)
+            assert (got.ok, got.rows) == (True, rows), (user, got)
+    # A's token naming B, and B's naming A, after their own statements' checks were kept.
+    for tenant, token in ((probe.b, probe.a_token), (probe.a, probe.b_token)):
+        refused = await a.run(tenant, token, POINT, [1], cache=False)
+        assert (refused.ok, refused.code) == (False, "permission_denied"), refused
+    if a.name == "grpc":  # the premise: checks were kept for A, B and both users
+        assert _checked(core) - kept >= 4, "no statement's checks were kept"
+
+
+@pytest.mark.parametrize("taken", ["token revoked", "service disabled"])
+async def test_a_credential_taken_away_is_refused_after_checked_statements(
+    cache_door: tuple[CacheDoor, CacheDoor],
+    core: Application,
+    http: httpx.AsyncClient,
+    tenants: Tenants,
+    probe: Probe,
+    taken: str,
+) -> None:
+    a, _ = cache_door
+    name = f"cs-{secrets.token_hex(4)}"
+    await core.services.register(name, tenants=[probe.a], scopes=[Scope.READ], with_secret=False)
+    token = core.tokens.issue(name, tenants=[probe.a], scopes=[Scope.READ], ttl_seconds=600)
+    assert all(g.ok for g in await _repeated(a, probe.a, token, POINT, [1], cache=False))
+    if taken == "token revoked":
+        revoked = await http.post(
+            "/api/v1/admin/tokens/revoke", json={"token": token}, headers=tenants.a_headers
+        )
+        assert revoked.status_code == 200, revoked.text
+    else:
+        admin = Principal(service="cs-admin", tenants=frozenset({probe.a}), scopes=frozenset(Scope))
+        await core.service_admin.set_active(admin, name, False)
+    refused = await a.run(probe.a, token, POINT, [1], cache=False)
+    assert (refused.ok, refused.code) == (False, "unauthenticated"), refused
+
+
+async def test_a_suspended_tenant_is_refused_after_checked_statements(
+    cache_door: tuple[CacheDoor, CacheDoor], core: Application, probe: Probe
+) -> None:
+    a, _ = cache_door
+    assert all(g.ok for g in await _repeated(a, probe.a, probe.a_token, POINT, [1], cache=False))
+    await core.tenants.suspend(probe.a)
+    try:
+        refused = await a.run(probe.a, probe.a_token, POINT, [1], cache=False)
+        assert (refused.ok, refused.code) == (False, "tenant_suspended"), refused
+    finally:
+        await core.tenants.resume(probe.a)
+    again = await a.run(probe.a, probe.a_token, POINT, [1], cache=False)
+    assert again.ok and again.rows == A_ROWS[POINT], again
+
+
+async def test_a_checked_statement_follows_ddl_made_outside_the_service(
+    cache_door: tuple[CacheDoor, CacheDoor], core: Application, tenants: Tenants, probe: Probe
+) -> None:
+    """A table altered behind the service's back (an operator's psql): the statement kept on
+    the pooled connections is refused by PostgreSQL, and the read is answered in the table's
+    new shape, not failed."""
+    a, _ = cache_door
+    table = f"{quote_ident(tenants.a.schema_name)}.cs_probe"
+    await core.owner_pool.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    await core.owner_pool.execute(f"INSERT INTO {table} VALUES (1, 'one')")
+    await core.owner_pool.execute(f"GRANT SELECT ON {table} TO {quote_ident(tenants.a.role_name)}")
+    read = "SELECT * FROM cs_probe WHERE id = $1"
+    try:
+        for got in await _repeated(a, probe.a, probe.a_token, read, [1], cache=False):
+            assert (got.ok, got.rows) == (True, [[1, "one"]]), got
+        await core.owner_pool.execute(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 7")
+        for got in await _repeated(a, probe.a, probe.a_token, read, [1], cache=False):
+            assert (got.ok, got.rows) == (True, [[1, "one", 7]]), got
+    finally:
+        await core.owner_pool.execute(f"DROP TABLE {table}")

@@ -1,3 +1,4 @@
+import asyncio
 import json
 import sys
 import time
@@ -155,3 +156,16 @@ def test_windows_of_several_workers_merge_into_one_summary() -> None:
     assert mine.summary("t2").requests == 1
     clock.now += 61  # the peers' buckets age out like one's own
     assert mine.summary().requests == 0
+
+
+async def test_bookkeeping_held_back_is_done_before_any_figure_is_read() -> None:
+    window = RequestWindow()
+    window.later(window.record, 0.002, True, "t1")
+    window.later(window.record, 0.004, False, "t1")
+    assert window._all.counts == [0] * len(window._all.counts)  # held, not yet recorded
+    assert window.summary("t1").requests == 2  # a summary settles first
+    window.later(window.record, 0.001, True)
+    assert window.export()["all"][0][1] == 3  # so does an export
+    window.later(window.record, 0.001, True)
+    await asyncio.sleep(0.05)  # and the loop, within its few milliseconds
+    assert window.summary().requests == 4

@@ -225,7 +225,7 @@ class AuditLog:
 
     def before_flush(self, hand_over: Callable[[], None]) -> None:
         """``hand_over`` records the events its caller holds back to record them together
-        (``QueryExecutor.book_replays``): called when the log flushes or closes."""
+        (``QueryExecutor.book``): called when the log flushes or closes."""
         self._holders.append(hand_over)
 
     def _hand_over(self) -> None:

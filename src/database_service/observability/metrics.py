@@ -14,7 +14,7 @@ primary worker has, like partition counts).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.registry import Collector
@@ -48,6 +48,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess = multiprocess_dir() is not None
         self._live: list[Collector] = []
+        self._settles: list[Callable[[], None]] = []  # before_render's
         self._gauges: dict[str, tuple[Gauge, tuple[str, ...]]] = {}
         self._reported: dict[str, set[tuple[str, ...]]] = {}
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
@@ -263,7 +264,14 @@ class Metrics:
             entry = self._gauges[name] = (gauge, names)
         return entry[0] if entry[1] == names else None
 
+    def before_render(self, settle: Callable[[], None]) -> None:
+        """``settle`` records what its owner holds back (``RequestWindow.later``) before the
+        figures are rendered."""
+        self._settles.append(settle)
+
     def render(self) -> bytes:
+        for settle in self._settles:
+            settle()
         if not self.multiprocess:
             self.gc.flush()
             return generate_latest(self.registry)

@@ -74,7 +74,14 @@ from database_service.query.boundary import (
     prepare_cached,
 )
 from database_service.query.caching import CacheOptions, ReadPlan, ResultCaching
-from database_service.query.replays import Replay, Replayed, ReplayKey, Replays
+from database_service.query.replays import (
+    Checked,
+    CheckedKey,
+    Replay,
+    Replayed,
+    ReplayKey,
+    Replays,
+)
 from database_service.query.values import PgType, coerce_params, coerce_rows
 from database_service.results import (
     Column,
@@ -322,12 +329,10 @@ class _Audited:
                 event = executor._event(principal, ctx, action, outcome, code=outcome.command)
                 await executor._audit.record(event)
                 return
-            # The usual case: counted and audited once the answer is on its way (the next turn
-            # of the loop), not before it. Nothing is lost: the callback runs before the loop
-            # takes any other request, and before shutdown.
-            executor._running_loop().call_soon(
-                executor._succeeded, principal, ctx, action, outcome, True
-            )
+            # The usual case: counted and audited once the answer is on its way, with the
+            # others of the next few milliseconds (``book``; before the audit log flushes or
+            # closes, so nothing is lost).
+            executor._book(principal, ctx, action, outcome)
         elif isinstance(exc, DatabaseServiceError):
             state = "error" if outcome.kind is not None else "denied"
             if state == "denied":
@@ -415,10 +420,13 @@ class QueryExecutor:
         self._schema_generations: dict[str, int] = {}
         self._shapes = StatementShapes()  # kept statements' parameter types and columns
         self._statement_counters: dict[StatementKind, Any] = {}
-        self._replays = Replays()
-        # Replayed reads answered, not yet booked (book_replays): who, what, how long, when.
-        self._books: list[tuple[Principal, Replay, float, float]] = []
-        audit.before_flush(self.book_replays)
+        self._replays: Replays[ReplayKey, Replay] = Replays()
+        self._checked: Replays[CheckedKey, Checked] = Replays()
+        # Operations answered, not yet booked (``book``): who, for whom, what, how it went,
+        # when; and how many of them were replays.
+        self._books: list[tuple[Principal, TenantContext, str, _Outcome, float]] = []
+        self._replays_unbooked = 0
+        audit.before_flush(self.book)
 
     async def _prepare(self, session: _Session, sql: str) -> PreparedStatement:
         generation = self._schema_generations.get(session.tenant_id, 0)
@@ -688,15 +696,29 @@ class QueryExecutor:
         action: str = "query",
         cache: CacheOptions | None = None,
         replay_key: ReplayKey | None = None,
+        checked: Checked | None = None,
+        check_key: CheckedKey | None = None,
     ) -> QueryResult:
         """One statement, whole result (bounded by ``max_result_rows``). ``cache``: the result
         cache's options for a read (``query.caching``); an answer from the cache comes back
         already encoded (``QueryResult.payload``). ``replay_key``: what the caller sent, when
-        its front end asks ``replay`` first (a cached read is then kept for it)."""
+        its front end asks ``replay`` first (a cached read is then kept for it).
+        ``checked``: what ``checked`` gave back for this caller and text (the checks are not
+        made again); ``check_key``: what the caller sent, when its front end asks ``checked``
+        first (what the checks establish is then kept for it)."""
         started = time.perf_counter()
         async with self._audited(principal, ctx, action) as outcome:
             self._check_params(params)
-            tenant, verdict = await self.authorize(principal, ctx, sql)
+            if checked is not None:
+                tenant, verdict = checked.tenant, checked.verdict
+            else:
+                # Read first: DDL while the checks run leaves what they found unkept.
+                checked_at = self._schema_generations.get(ctx.tenant_id, 0)
+                tenant, verdict = await self.authorize(principal, ctx, sql)
+                if check_key is not None and self._spans is None:
+                    self._checked.keep(
+                        check_key, Checked(principal, tenant, ctx, verdict, checked_at)
+                    )
             outcome.kind = verdict.kind
             outcome.verdict = verdict
             readonly = not principal.has_scope(Scope.WRITE)
@@ -750,6 +772,24 @@ class QueryExecutor:
             outcome.command = result.command or _FROM_CACHE
             return result
 
+    def checked(self, principal: Principal, key: CheckedKey) -> Checked | None:
+        """What ``execute``'s checks established for ``key`` (its caller's credential, headers
+        and statement text) before, while it all still holds as ``authorize`` would find it
+        now: the credential verified to the same principal object, the tenant's cached record
+        the same and active, its schema generation unchanged. None: ``authorize`` decides."""
+        entry = self._checked.get(key)
+        if entry is None:
+            return None
+        tenant_id = entry.tenant.tenant_id
+        if (
+            entry.principal is not principal
+            or self._registry.known_active(tenant_id) is not entry.tenant
+            or self._schema_generations.get(tenant_id, 0) != entry.schema_generation
+        ):
+            self._checked.drop(key)
+            return None
+        return entry
+
     def replay(self, principal: Principal, key: ReplayKey) -> Replayed | None:
         """A cached read ``execute`` answered for ``key`` before, answered again from L1 when
         every check it passed still holds as ``execute`` would find it now (``query.replays``),
@@ -773,25 +813,34 @@ class QueryExecutor:
         if hit is None:
             return None
         duration_ms = (time.perf_counter() - started) * 1000
-        books = self._books
-        if not books:
-            self._running_loop().call_later(_BOOKS_S, self.book_replays)
-        books.append((principal, entry, duration_ms, time.time()))
+        verdict = entry.verdict
+        statistics = (tenant, verdict, entry.sql, entry.params, duration_ms, 0, True)
+        self._replays_unbooked += 1
+        self._book(
+            principal, entry.ctx, "query", _Outcome(verdict.kind, _FROM_CACHE, verdict, statistics)
+        )
         return Replayed(hit.payload, duration_ms, hit.age_s() * 1000)
 
-    def book_replays(self) -> None:
-        """Count, add to the statistics and audit the replayed reads not booked yet: what
-        ``execute`` does once its answer is on its way, for many at once (also when the audit
-        log flushes or closes, so none is left out)."""
-        books, self._books = self._books, []
+    def _book(
+        self, principal: Principal, ctx: TenantContext, action: str, outcome: _Outcome
+    ) -> None:
+        """An operation that succeeded, booked (``book``) with the others answered within
+        ``_BOOKS_S``."""
+        books = self._books
         if not books:
-            return
-        self._metrics.cache_replays.inc(len(books))
-        for principal, entry, duration_ms, at in books:
-            verdict = entry.verdict
-            statistics = (entry.tenant, verdict, entry.sql, entry.params, duration_ms, 0, True)
-            outcome = _Outcome(verdict.kind, _FROM_CACHE, verdict, statistics)
-            self._succeeded(principal, entry.ctx, "query", outcome, True, at)
+            self._running_loop().call_later(_BOOKS_S, self.book)
+        books.append((principal, ctx, action, outcome, time.time()))
+
+    def book(self) -> None:
+        """Count, add to the statistics and audit the operations answered and not booked yet:
+        together, once their answers are on their way (also when the audit log flushes or
+        closes, so none is left out)."""
+        books, self._books = self._books, []
+        if self._replays_unbooked:
+            self._metrics.cache_replays.inc(self._replays_unbooked)
+            self._replays_unbooked = 0
+        for principal, ctx, action, outcome, at in books:
+            self._succeeded(principal, ctx, action, outcome, True, at)
 
     def caches_by_rule(self, tenant_id: str) -> bool:
         """The tenant has result cache rules: its reads go through the cache even when the
@@ -811,6 +860,17 @@ class QueryExecutor:
         replica_ok: bool = True,
     ) -> QueryResult:
         replica = self._replica_for(tenant, ctx, verdict) if replica_ok else None
+        if (
+            replica is None
+            and workload == "oltp"
+            and not readonly
+            and ctx.user_id is None
+            and self._spans is None
+            and _pure_read(verdict)
+        ):
+            direct = await self._direct(tenant, sql, params)
+            if direct is not None:
+                return direct
         if replica is not None:
             assert self._replicas is not None
             try:
@@ -828,6 +888,75 @@ class QueryExecutor:
         if not _pure_read(verdict):
             self._wrote(tenant.tenant_id)
         return result
+
+    async def _direct(
+        self, tenant: TenantRecord, sql: str, params: Sequence[Any]
+    ) -> QueryResult | None:
+        """A pure read of a caller with neither user id nor read-only scope, on its own login:
+        what ``_attempted`` does for it, flat — the connection, its kept statement, one round
+        trip, the connection back — where the session's layers (attempts, a session context,
+        a transaction that such a read never opens) cost ~10% of a PK lookup's CPU
+        (2026-12-05, ``bench/query_cpu.py``, concurrency 32). None, having run nothing that
+        counts, when the whole way must answer instead: the statement is not kept on that
+        connection yet (the whole way prepares it), the connection was found dead or the
+        statement outdated (the whole way retries), or the result is more than the first rows
+        (the whole way reads it by cursor; a pure read runs again to the same effect)."""
+        tenant_id = tenant.tenant_id
+        login = self._logins.login(tenant, user_scoped=False)
+        statement_seconds = tenant.limits.statement_timeout_ms / 1000
+        total_seconds = max(statement_seconds, self._transaction_seconds)
+        deadlines = self._deadlines
+        with postgres_errors(tenant_id):
+            async with self._pools.acquire(login) as conn:
+                # Nothing but this pure read runs on the connection: no reset is due for it,
+                # whether it answers or hands over to the whole way (which takes a connection
+                # of its own).
+                tenant_conn = cast(TenantConnection, conn)
+                stmt = cached_statement(conn, sql, self._schema_generations.get(tenant_id, 0))
+                if stmt is None:
+                    tenant_conn.skip_next_reset()
+                    return None
+                types, columns = self._shapes.of(stmt)
+                args = coerce_params(params, types)
+                watch = deadlines.watch(
+                    conn,
+                    login.role,
+                    statement_seconds=statement_seconds,
+                    total_seconds=total_seconds,
+                )
+                try:
+                    with watch.statement():
+                        rows, status, complete = await fetch_first(stmt, args, _FIRST_ROWS)
+                except asyncio.CancelledError:
+                    if watch.expired is None and not conn.is_closed():
+                        # Given up by its caller: its cancel may be lost (Deadlines).
+                        deadlines.abandoned(conn.get_server_pid(), login.role)
+                    raise
+                except Exception as exc:
+                    if postgres_unreachable(exc):
+                        # Ended by PostgreSQL while it sat idle: nothing ran.
+                        with contextlib.suppress(asyncpg.InterfaceError):
+                            conn.terminate()
+                        return None
+                    if _outdated(exc):
+                        self._schema_changed(tenant_id)
+                        tenant_conn.skip_next_reset()
+                        return None
+                    raise
+                finally:
+                    watch.close()
+                tenant_conn.skip_next_reset()
+                if not complete:
+                    return None
+        self._check_size(len(rows), approximate_bytes(cast(Rows, rows), columns))
+        return QueryResult(
+            columns=list(columns),
+            rows=cast(Rows, rows),
+            command=status,
+            row_count=len(rows),
+            kind=StatementKind.READ,
+            duration_ms=0.0,
+        )
 
     async def _attempted(
         self,

@@ -25,7 +25,7 @@ import math
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +199,16 @@ class StatementStats:
         self._resets: dict[str, float] = {}
         # Tenants whose figures changed since ``changed()`` was last asked (what to share).
         self._changed: set[str] = set()
+        self._settles: list[Callable[[], None]] = []  # before_read's
+
+    def before_read(self, settle: Callable[[], None]) -> None:
+        """``settle`` records the statements its caller holds back to record them together
+        (``QueryExecutor.book``): called before the figures are read, shared or reset."""
+        self._settles.append(settle)
+
+    def _settle(self) -> None:
+        for settle in self._settles:
+            settle()
 
     def record(
         self,
@@ -281,6 +291,7 @@ class StatementStats:
 
     def reset(self, tenant_id: str | None = None) -> None:
         """Forget one tenant's figures, or everyone's."""
+        self._settle()
         now = time.time()
         if tenant_id is None:
             self._changed.update(self._tenants)
@@ -300,6 +311,7 @@ class StatementStats:
 
     def changed(self) -> set[str]:
         """The tenants whose figures changed since the last call."""
+        self._settle()
         changed, self._changed = self._changed, set()
         return changed
 
@@ -308,6 +320,7 @@ class StatementStats:
 
     def export(self) -> dict[str, Any]:
         """This process's figures as plain values (``merge_exports`` adds such documents)."""
+        self._settle()
         return {
             "since": self.since,
             "resets": dict(self._resets),
@@ -333,6 +346,7 @@ class StatementStats:
         return figures[:limit]
 
     def export_tenant(self, tenant_id: str) -> dict[str, Any]:
+        self._settle()
         table: dict[str, _Entry] = self._tenants.get(tenant_id) or {}
         return {
             "since": self.since,

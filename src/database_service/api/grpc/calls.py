@@ -42,12 +42,11 @@ from database_service.errors import (
     escaped_driver_error,
     unavailable,
 )
-from database_service.loops import RunningLoop
 from database_service.observability import AuditEvent
 from database_service.observability.logs import REQUEST_ID_HEADER, bind, request_id_from
 from database_service.observability.notices import Notices
 from database_service.query import TenantContext
-from database_service.query.replays import ReplayKey
+from database_service.query.replays import CheckedKey, ReplayKey
 from database_service.tenancy import validate_tenant_id
 from database_service.tls.peer import PeerCertificate, peer_from_pem
 
@@ -156,6 +155,26 @@ class Caller:
         (``Authenticator.known``), with what it sent that an answer depends on (for
         ``QueryExecutor.replay``); None: ``tenant`` decides. Never with mutual TLS (the client
         certificate is checked too)."""
+        known = self._known(context)
+        if known is None:
+            return None
+        principal, authorization, tenant_id, user_id = known
+        return principal, (authorization, tenant_id, user_id, request.SerializeToString())
+
+    def known_statement(
+        self, context: grpc.aio.ServicerContext, sql: str
+    ) -> tuple[Principal, CheckedKey] | None:
+        """``known``, with what the checks of statement ``sql`` depend on (for
+        ``QueryExecutor.checked``)."""
+        known = self._known(context)
+        if known is None:
+            return None
+        principal, authorization, tenant_id, user_id = known
+        return principal, (authorization, tenant_id, user_id, sql)
+
+    def _known(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[Principal, str, str, str | None] | None:
         if self._mutual_tls:
             return None
         metadata = _metadata(context)
@@ -171,7 +190,7 @@ class Caller:
         principal = self.core.authenticator.known(authorization)
         if principal is None:
             return None
-        return principal, (authorization, tenant_id, user_id, request.SerializeToString())
+        return principal, authorization, tenant_id, user_id
 
     @staticmethod
     def replayed(principal: Principal, tenant_id: str) -> None:
@@ -250,7 +269,6 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Count, time and translate errors for one RPC, unary or streaming."""
     name = handler.__name__
     action = f"grpc.{name}"
-    running_loop = RunningLoop()
 
     def record(servicer: _Servicer, started: float, code: str, call: _Call) -> None:
         recorded(servicer, time.perf_counter() - started, code, call)
@@ -363,9 +381,9 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as exc:
             await fail(self, context, started, call, exc)
-        # Counted once the answer is on its way (the loop's next turn), not before it.
-        elapsed = time.perf_counter() - started
-        running_loop().call_soon(recorded, self, elapsed, "ok", call)
+        # Counted once the answer is on its way, with the others of the next few
+        # milliseconds: one callback for them all rather than one each.
+        self.core.window.later(recorded, self, time.perf_counter() - started, "ok", call)
         return result
 
     return unary

@@ -193,7 +193,7 @@ class DatabaseService(DatabaseServiceServicer):
         it was stored as, with its summary's tail (``server.add_servicer`` sends bytes as they
         are)."""
         executor = self.core.executor
-        replay_key = None
+        replay_key = check_key = None
         if request.cache_ttl_ms:  # asked of the cache: answered again without the coroutines?
             known = self.caller.known(context, request)
             if known is not None:
@@ -202,13 +202,27 @@ class DatabaseService(DatabaseServiceServicer):
                 if replayed is not None:
                     self.caller.replayed(principal, replay_key[1])
                     return replayed.payload + hit_tail(replayed.duration_ms, replayed.age_ms)
+        elif not request.allow_stale:  # checked before? (the rules are asked below)
+            known_statement = self.caller.known_statement(context, request.sql)
+            if known_statement is not None:
+                principal, check_key = known_statement
+                checked = executor.checked(principal, check_key)
+                if checked is not None and not executor.caches_by_rule(checked.ctx.tenant_id):
+                    self.caller.replayed(principal, checked.ctx.tenant_id)
+                    params = [from_value(v) for v in request.params]
+                    result = await executor.execute(
+                        principal, checked.ctx, request.sql, params, checked=checked
+                    )
+                    return _encoded(result, request.row_encoding == pb.ROW_ENCODING_PACKED)
         principal, ctx = await self.caller.tenant(context)
         params = [from_value(v) for v in request.params]
         packed = request.row_encoding == pb.ROW_ENCODING_PACKED
         if not (
             request.cache_ttl_ms or request.allow_stale or executor.caches_by_rule(ctx.tenant_id)
         ):
-            result = await executor.execute(principal, ctx, request.sql, params)
+            result = await executor.execute(
+                principal, ctx, request.sql, params, check_key=check_key
+            )
             return _encoded(result, packed)
         options = CacheOptions(
             ttl_ms=request.cache_ttl_ms,
