@@ -57,6 +57,28 @@ def test_figures_and_quantiles() -> None:
     assert stats.top("other-tenant", 10) == []
 
 
+def test_statements_held_back_are_recorded_before_the_figures_are_read() -> None:
+    verdict = SqlGuard().classify("SELECT 1", own_schema=OWN)
+    stats = StatementStats()
+    held: list[str] = []  # tenants whose statement a caller holds back (QueryExecutor.book)
+
+    def settle() -> None:
+        for tenant in held:
+            stats.record(tenant, verdict, 1.0, 1)
+        held.clear()
+
+    stats.before_read(settle)
+    held.append("acme")
+    [figures] = stats.top("acme", 10)
+    assert figures.calls == 1
+    held.append("acme")
+    assert stats.changed() == {"acme"}  # what is shared, too
+    assert stats.export()["tenants"]["acme"]
+    held.append("acme")
+    stats.reset("acme")  # held before the reset: reset with the rest
+    assert stats.top("acme", 10) == []
+
+
 def test_a_tenant_keeps_a_bounded_table_and_totals_stay_whole() -> None:
     base = SqlGuard().classify("SELECT 1", own_schema=OWN)
     stats = StatementStats(max_fingerprints=10)

@@ -503,9 +503,7 @@ class QueryExecutor:
                 self._statement_counters[outcome.kind] = counter
             counter.inc()
         if audit:
-            event = self._event(principal, ctx, action, outcome, code=outcome.command)
-            if at is not None:
-                event.at = datetime.fromtimestamp(at, UTC)
+            event = self._event(principal, ctx, action, outcome, code=outcome.command, at=at)
             self._audit.record_nowait(event)
 
     @staticmethod
@@ -517,8 +515,11 @@ class QueryExecutor:
         state: str = "ok",
         code: str | None = None,
         detail: str = "",
+        at: float | None = None,
     ) -> AuditEvent:
+        """``at``: when it happened (``time.time()``), if not now."""
         return AuditEvent(
+            at=datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC),
             service=principal.service,
             tenant_id=ctx.tenant_id,
             action=action,
