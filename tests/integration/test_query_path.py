@@ -263,3 +263,32 @@ async def test_non_finite_floats_survive_both_paths(client: MultiDatabaseClient)
     ):
         values = [r[0] for r in rows]
         assert math.isnan(values[0]) and values[1:] == [math.inf, -math.inf, 0.0]
+
+
+async def test_statements_answered_are_audited_and_counted_as_one_at_a_time(
+    core: Application, client: MultiDatabaseClient, tenant: TenantRecord
+) -> None:
+    """Their bookkeeping is done together every few milliseconds (``QueryExecutor.book``):
+    each still gets its own audit row, with its class, its command and its time."""
+    control = core.settings.control_schema
+    before = core.metrics.registry.get_sample_value(
+        "dbsvc_statements_total", {"store": "postgresql", "kind": "read"}
+    )
+    started = dt.datetime.now(dt.UTC)
+    for _ in range(3):  # the second and third skip the checks: checked before
+        await client.fetch_all("SELECT g FROM generate_series(1, 2) AS g")
+    await client.fetch_all("SELECT g FROM generate_series(1, $1::int) AS g", [3])
+    await core.audit.flush()
+    rows = await core.owner_pool.fetch(
+        "SELECT at, service, action, statement_class, outcome, code, detail"
+        f" FROM \"{control}\".audit_log WHERE tenant_id = $1 AND action = 'query' ORDER BY id",
+        tenant.tenant_id,
+    )
+    assert [(r["statement_class"], r["outcome"], r["code"], r["detail"]) for r in rows] == [
+        ("read", "ok", "SELECT 2", None)
+    ] * 3 + [("read", "ok", "SELECT 3", None)]
+    assert all(r["service"] == rows[0]["service"] and r["at"] >= started for r in rows)
+    after = core.metrics.registry.get_sample_value(
+        "dbsvc_statements_total", {"store": "postgresql", "kind": "read"}
+    )
+    assert (after or 0) - (before or 0) == 4

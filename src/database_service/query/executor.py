@@ -497,14 +497,17 @@ class QueryExecutor:
         if outcome.statistics is not None and self._statements is not None:
             self._statements.done(*outcome.statistics)
         if outcome.kind is not None:
-            counter = self._statement_counters.get(outcome.kind)
-            if counter is None:  # labels() locks and builds a key: its child is kept
-                counter = self._metrics.statements.labels(STORE, outcome.kind.value)
-                self._statement_counters[outcome.kind] = counter
-            counter.inc()
+            self._statement_counter(outcome.kind).inc()
         if audit:
             event = self._event(principal, ctx, action, outcome, code=outcome.command, at=at)
             self._audit.record_nowait(event)
+
+    def _statement_counter(self, kind: StatementKind) -> Any:
+        counter = self._statement_counters.get(kind)
+        if counter is None:  # labels() locks and builds a key: its child is kept
+            counter = self._metrics.statements.labels(STORE, kind.value)
+            self._statement_counters[kind] = counter
+        return counter
 
     @staticmethod
     def _event(
@@ -840,8 +843,32 @@ class QueryExecutor:
         if self._replays_unbooked:
             self._metrics.cache_replays.inc(self._replays_unbooked)
             self._replays_unbooked = 0
+        # ``_succeeded(..., audit=True, at)`` for each, inline, with each counter added to once
+        # (this runs for every operation: ~8% of a PK lookup's CPU went to it one at a time).
+        statements, record = self._statements, self._audit.record_nowait
+        stamp, utc = datetime.fromtimestamp, UTC
+        kinds: dict[StatementKind, int] = {}
         for principal, ctx, action, outcome, at in books:
-            self._succeeded(principal, ctx, action, outcome, True, at)
+            if outcome.statistics is not None and statements is not None:
+                statements.done(*outcome.statistics)
+            kind = outcome.kind
+            if kind is not None:
+                kinds[kind] = kinds.get(kind, 0) + 1
+            # _event's, positionally: at, service, tenant, action, class, outcome, code, detail
+            record(
+                AuditEvent(
+                    stamp(at, utc),
+                    principal.service,
+                    ctx.tenant_id,
+                    action,
+                    None if kind is None else kind.value,
+                    "ok",
+                    outcome.command,
+                    None,
+                )
+            )
+        for kind, count in kinds.items():
+            self._statement_counter(kind).inc(count)
 
     def caches_by_rule(self, tenant_id: str) -> bool:
         """The tenant has result cache rules: its reads go through the cache even when the
