@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from database_service.query.replays import Replay, ReplayKey, Replays
+from database_service.query.replays import MAX_KEPT, Checked, CheckedKey, Replay, ReplayKey, Replays
 
 
 def entry(n: int) -> Replay:
@@ -54,3 +54,19 @@ def test_a_dropped_entry_is_gone() -> None:
     replays.drop(key(9))  # absent: nothing happens
     assert replays.get(key(1)) is None and replays.get(key(2)) == entry(2)
     assert len(replays) == 1
+
+
+def test_a_long_request_is_not_kept() -> None:
+    """The memo is bounded by entries; what a caller sends is not: a request or statement past
+    MAX_KEPT is answered the whole way every time rather than held."""
+    replays: Replays[ReplayKey, Replay] = Replays()
+    long_key = ("Bearer t", "a", None, b"x" * (MAX_KEPT + 1))
+    replays.keep(long_key, entry(1))
+    assert replays.get(long_key) is None and len(replays) == 0
+    limit_key = ("Bearer t", "a", None, b"x" * MAX_KEPT)
+    replays.keep(limit_key, entry(2))
+    assert replays.get(limit_key) == entry(2)
+    checked: Replays[CheckedKey, Checked] = Replays()
+    text = "SELECT 1 " + "-" * MAX_KEPT
+    checked.keep(("Bearer t", "a", None, text), cast("Checked", ("checked", 1)))
+    assert len(checked) == 0

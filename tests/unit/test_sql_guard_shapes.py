@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from database_service.errors import DatabaseServiceError
+from database_service.errors import DatabaseServiceError, SqlRejected
 from database_service.sqlguard import SqlGuard, StatementKind
 
 OWN = "tenant_a"
@@ -116,3 +116,21 @@ def test_statements_the_guard_refuses_keep_their_exact_verdicts() -> None:
     guard = SqlGuard()
     for sql in ("SELECT 1; SELECT 2", "SELECT pg_read_file('/etc/passwd')", "SELECT 'a' +"):
         assert outcome(guard, sql, shape=True) == outcome(SqlGuard(), sql, shape=False)
+
+
+def test_a_long_statements_verdict_is_not_kept() -> None:
+    """The guard's cache is bounded by entries, and texts may be up to max_sql_bytes each: a
+    long one is checked again whenever it is sent rather than held."""
+    guard = SqlGuard()
+    short = "SELECT 1"
+    long = "SELECT 1 /* " + "x" * 20_000 + " */"
+    assert (
+        guard.classify(short, own_schema="t_own").kind
+        is guard.classify(long, own_schema="t_own").kind
+    )
+    assert guard.cached == 1
+    with pytest.raises(SqlRejected):
+        guard.classify(
+            "SELECT pg_sleep(1) /* " + "x" * 20_000 + " */ FROM pg_authid", own_schema="t_own"
+        )
+    assert guard.cached == 1

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # the executor imports this module
     from database_service.sqlguard import Classification
     from database_service.tenancy import TenantRecord
 
-__all__ = ["Checked", "CheckedKey", "Replay", "ReplayKey", "Replayed", "Replays"]
+__all__ = ["MAX_KEPT", "Checked", "CheckedKey", "Replay", "ReplayKey", "Replayed", "Replays"]
 
 # The credential (the whole authorization value), the tenant and user headers as sent, and the
 # request message's bytes (statement, parameters, cache options, encoding).
@@ -62,6 +62,9 @@ class Replay:
     plan: ReadPlan
     schema_generation: int
 
+
+# The longest request (bytes) or statement text (characters) kept as a key.
+MAX_KEPT = 4096
 
 # The credential, the tenant and user headers as sent, and the statement's text.
 CheckedKey = tuple[str, str, str | None, str]
@@ -84,7 +87,7 @@ class Replayed(NamedTuple):
     age_ms: float
 
 
-K = TypeVar("K")
+K = TypeVar("K", bound=tuple[Any, ...])
 V = TypeVar("V")
 
 
@@ -106,6 +109,11 @@ class Replays(Generic[K, V]):
         return entry
 
     def keep(self, key: K, entry: V) -> None:
+        """Keep ``entry`` under ``key``, unless the key's last part (a request's bytes, a
+        statement's text) is longer than ``MAX_KEPT``: the memo is bounded by entries, and
+        what a caller sends may be megabytes (16,384 of those would not fit in memory)."""
+        if len(key[-1]) > MAX_KEPT:
+            return
         self._entries[key] = entry
         self._entries.move_to_end(key)
         if len(self._entries) > self._max:

@@ -253,6 +253,7 @@ _QUALIFIER = re.compile(r'("(?:[^"]|"")+"|[^\s".(),\[\]]+)\s*\.')
 # A cheap upper bound of the token count, checked before anything is parsed.
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _INLINE_BYTES = 2048  # statements up to this size are classified on the caller's thread
+_KEPT_CHARS = 16_384  # longer texts' verdicts are not cached (each is checked again when sent)
 _VERDICT_ERRORS: dict[str, type[SqlRejected | PayloadTooLarge | InvalidText]] = {
     cls.__name__: cls for cls in (SqlRejected, SqlSyntaxError, PayloadTooLarge, InvalidText)
 }
@@ -544,11 +545,8 @@ class SqlGuard:
             if not isinstance(error, SqlRejected):
                 raise error  # the text itself: not cached
             result = error
-        with self._lock:
-            self._cache[(sql, own_schema, shared)] = result
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return self.classify(sql, own_schema=own_schema, shared_schemas=shared)
+        self._keep((sql, own_schema, shared), result)
+        return self._answer(result)
 
     async def classify_shape_async(
         self, sql: str, *, own_schema: str, shared_schemas: Collection[str] = ("shared",)
@@ -673,14 +671,29 @@ class SqlGuard:
                 cached = exc
             except (PayloadTooLarge, InvalidText):
                 raise  # not cached: the text itself is refused before any work
-            with self._lock:
-                self._cache[key] = cached
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        if isinstance(cached, SqlRejected):
+            self._keep(key, cached)
+        return self._answer(cached)
+
+    def _keep(
+        self, key: tuple[str, str, tuple[str, ...]], verdict: Classification | SqlRejected
+    ) -> None:
+        """Keep a text's verdict, unless the text is long: the cache is bounded by entries, and
+        a caller's texts may be up to ``max_sql_bytes`` each (4,096 of 1 MiB would be 4 GiB)."""
+        if len(key[0]) > _KEPT_CHARS:
+            return
+        with self._lock:
+            self._cache[key] = verdict
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    @staticmethod
+    def _answer(verdict: Classification | SqlRejected) -> Classification:
+        if isinstance(verdict, SqlRejected):
             # A fresh exception each time: raising the cached one would grow its traceback.
-            raise type(cached)(cached.message, sqlstate=cached.sqlstate, position=cached.position)
-        return cached
+            raise type(verdict)(
+                verdict.message, sqlstate=verdict.sqlstate, position=verdict.position
+            )
+        return verdict
 
     @property
     def cached(self) -> int:
