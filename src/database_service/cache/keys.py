@@ -25,7 +25,6 @@ bookkeeping (they never follow ``:kv:``).
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import ipaddress
 import struct
@@ -37,6 +36,7 @@ from pglast.parser import ParseError, deparse_protobuf, parse_sql_protobuf
 
 from database_service.errors import InvalidParameters
 from database_service.tenancy.ids import validate_tenant_id
+from database_service.textmemo import short_text_cache
 
 __all__ = [
     "MAX_KV_KEY_BYTES",
@@ -58,7 +58,7 @@ class UncacheableParameter(TypeError):
     (an unknown type has no encoding we could prove unambiguous)."""
 
 
-@functools.lru_cache(maxsize=_CANONICAL_CACHE_SIZE)
+@short_text_cache(maxsize=_CANONICAL_CACHE_SIZE)
 def canonical_statement(sql: str) -> str:
     """The statement as PostgreSQL's parser sees it, deparsed: one text per parse tree.
 

@@ -51,6 +51,8 @@ from pglast.enums import SQLValueFunctionOp
 from pglast.parser import ParseError
 from pglast.visitors import Visitor
 
+from database_service.textmemo import KEPT_CHARS
+
 __all__ = [
     "IMMUTABLE_FUNCTIONS_SQL",
     "VIEW_DEPENDENCIES_SQL",
@@ -341,6 +343,8 @@ class CachePolicy:
             tenant_functions=tenant_functions,
             volatile_relations=volatile_relations,
         )
+        if len(sql) > KEPT_CHARS:
+            return verdict  # bounded by entries, not kept: a caller's text may be megabytes
         with self._lock:
             self._verdicts[key] = verdict
             while len(self._verdicts) > self.max_entries:

@@ -25,6 +25,7 @@ from database_service.auth import Principal, Scope
 from database_service.errors import DatabaseServiceError
 from database_service.results import StatementKind
 from database_service.sqlguard import Classification, SqlGuard
+from database_service.textmemo import short_text_cache
 
 __all__ = [
     "TRACKED_SETTINGS",
@@ -91,7 +92,7 @@ class Decision:
     resets: tuple[str, ...] = ()  # control "reset": the batch's statements (see reset_batch)
 
 
-@functools.lru_cache(maxsize=2048)
+@short_text_cache(maxsize=2048)
 def _session_statement(sql: str) -> tuple[str, Any] | None:
     """A lone statement the port treats itself (transaction control, SET, DEALLOCATE, COPY)
     or refuses in its own words (a session-only feature), or None (the guard's verdict)."""

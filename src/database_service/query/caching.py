@@ -274,6 +274,8 @@ class ResultCaching:
             and options.encode is not None
             and len(sql) <= _PLAN_MAX_SQL
             and all(type(p) in _PLAN_TYPES for p in params)
+            # The key holds them: kept plans are bounded by entries, not by what callers send.
+            and sum(len(p) for p in params if type(p) is str) <= _PLAN_MAX_SQL
         ):
             plan_key = (
                 tenant.tenant_id, tenant.schema_name, user_id, sql, options.form, options.ttl_ms,

@@ -22,7 +22,6 @@ reads and writes stay per table.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,8 @@ import pglast
 from pglast import ast
 from pglast.enums import BoolExprType
 from pglast.visitors import Visitor
+
+from database_service.textmemo import short_text_cache
 
 __all__ = [
     "KEYED",
@@ -144,7 +145,7 @@ def _names(rel: ast.RangeVar) -> frozenset[str]:
     return frozenset(n for n in (rel.relname, alias) if n)
 
 
-@functools.lru_cache(maxsize=4096)  # a statement is parsed once (a parse costs ~0.3 ms)
+@short_text_cache(maxsize=4096)  # a statement is parsed once (a parse costs ~0.3 ms)
 def point_read(sql: str) -> PointRead | None:
     """The table and the column equalities of a plain one-table SELECT, or None."""
     stmt = _single(sql)
@@ -177,7 +178,7 @@ def _has_subquery(stmt: Any) -> bool:
     return found
 
 
-@functools.lru_cache(maxsize=4096)
+@short_text_cache(maxsize=4096)
 def keyed_write(sql: str) -> KeyedWrite | None:
     """The target and the key columns of each row an INSERT, UPDATE or DELETE writes, when the
     statement says them; None for any other shape (its writes are not keyed)."""

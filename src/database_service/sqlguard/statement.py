@@ -63,6 +63,7 @@ from database_service.sqlguard.functions import (
     NAME_TYPES,
     TRANSACTION_ID_TYPES,
 )
+from database_service.textmemo import KEPT_CHARS
 
 __all__ = ["Classification", "SqlGuard", "StatementKind", "packaged_catalog_functions"]
 
@@ -253,7 +254,6 @@ _QUALIFIER = re.compile(r'("(?:[^"]|"")+"|[^\s".(),\[\]]+)\s*\.')
 # A cheap upper bound of the token count, checked before anything is parsed.
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _INLINE_BYTES = 2048  # statements up to this size are classified on the caller's thread
-_KEPT_CHARS = 16_384  # longer texts' verdicts are not cached (each is checked again when sent)
 _VERDICT_ERRORS: dict[str, type[SqlRejected | PayloadTooLarge | InvalidText]] = {
     cls.__name__: cls for cls in (SqlRejected, SqlSyntaxError, PayloadTooLarge, InvalidText)
 }
@@ -679,7 +679,7 @@ class SqlGuard:
     ) -> None:
         """Keep a text's verdict, unless the text is long: the cache is bounded by entries, and
         a caller's texts may be up to ``max_sql_bytes`` each (4,096 of 1 MiB would be 4 GiB)."""
-        if len(key[0]) > _KEPT_CHARS:
+        if len(key[0]) > KEPT_CHARS:
             return
         with self._lock:
             self._cache[key] = verdict
