@@ -959,47 +959,6 @@ async def test_replayed_answers_keep_to_their_tenant_and_user(
         assert _replays(core) - replays >= 4 * (REPEATS - 2), "no read was replayed"
 
 
-@pytest.mark.parametrize("taken", ["token revoked", "service disabled"])
-async def test_a_credential_taken_away_gets_no_replayed_answer(
-    cache_door: tuple[CacheDoor, CacheDoor],
-    core: Application,
-    http: httpx.AsyncClient,
-    tenants: Tenants,
-    probe: Probe,
-    taken: str,
-) -> None:
-    a, _ = cache_door
-    name = f"rp-{secrets.token_hex(4)}"
-    await core.services.register(name, tenants=[probe.a], scopes=[Scope.READ], with_secret=False)
-    token = core.tokens.issue(name, tenants=[probe.a], scopes=[Scope.READ], ttl_seconds=600)
-    assert all(g.ok for g in await _repeated(a, probe.a, token, POINT, [1]))
-    if taken == "token revoked":
-        revoked = await http.post(
-            "/api/v1/admin/tokens/revoke", json={"token": token}, headers=tenants.a_headers
-        )
-        assert revoked.status_code == 200, revoked.text
-    else:
-        admin = Principal(service="rp-admin", tenants=frozenset({probe.a}), scopes=frozenset(Scope))
-        await core.service_admin.set_active(admin, name, False)
-    refused = await a.run(probe.a, token, POINT, [1])
-    assert (refused.ok, refused.code) == (False, "unauthenticated"), refused
-
-
-async def test_a_suspended_tenant_gets_no_replayed_answer(
-    cache_door: tuple[CacheDoor, CacheDoor], core: Application, probe: Probe
-) -> None:
-    a, _ = cache_door
-    assert all(g.ok for g in await _repeated(a, probe.a, probe.a_token, POINT, [1]))
-    await core.tenants.suspend(probe.a)
-    try:
-        refused = await a.run(probe.a, probe.a_token, POINT, [1])
-        assert (refused.ok, refused.code) == (False, "tenant_suspended"), refused
-    finally:
-        await core.tenants.resume(probe.a)
-    again = await a.run(probe.a, probe.a_token, POINT, [1])
-    assert again.ok and again.rows == A_ROWS[POINT], again
-
-
 async def test_a_write_is_seen_by_the_next_read_after_replays(
     cache_door: tuple[CacheDoor, CacheDoor], probe: Probe
 ) -> None:
@@ -1058,44 +1017,54 @@ async def test_statements_checked_before_keep_to_their_tenant_and_user(
         assert _checked(core) - kept >= 4, "no statement's checks were kept"
 
 
+# What a gRPC caller's earlier requests left kept: a cached read's replay, or (uncached) its
+# statement's checks.
+KEPT = {"replayed": True, "checked": False}
+
+
+@pytest.mark.parametrize("kept", KEPT)
 @pytest.mark.parametrize("taken", ["token revoked", "service disabled"])
-async def test_a_credential_taken_away_is_refused_after_checked_statements(
+async def test_a_credential_taken_away_gets_nothing_from_what_was_kept(
     cache_door: tuple[CacheDoor, CacheDoor],
     core: Application,
     http: httpx.AsyncClient,
     tenants: Tenants,
     probe: Probe,
     taken: str,
+    kept: str,
 ) -> None:
     a, _ = cache_door
-    name = f"cs-{secrets.token_hex(4)}"
+    cache = KEPT[kept]
+    name = f"rp-{secrets.token_hex(4)}"
     await core.services.register(name, tenants=[probe.a], scopes=[Scope.READ], with_secret=False)
     token = core.tokens.issue(name, tenants=[probe.a], scopes=[Scope.READ], ttl_seconds=600)
-    assert all(g.ok for g in await _repeated(a, probe.a, token, POINT, [1], cache=False))
+    assert all(g.ok for g in await _repeated(a, probe.a, token, POINT, [1], cache=cache))
     if taken == "token revoked":
         revoked = await http.post(
             "/api/v1/admin/tokens/revoke", json={"token": token}, headers=tenants.a_headers
         )
         assert revoked.status_code == 200, revoked.text
     else:
-        admin = Principal(service="cs-admin", tenants=frozenset({probe.a}), scopes=frozenset(Scope))
+        admin = Principal(service="rp-admin", tenants=frozenset({probe.a}), scopes=frozenset(Scope))
         await core.service_admin.set_active(admin, name, False)
-    refused = await a.run(probe.a, token, POINT, [1], cache=False)
+    refused = await a.run(probe.a, token, POINT, [1], cache=cache)
     assert (refused.ok, refused.code) == (False, "unauthenticated"), refused
 
 
-async def test_a_suspended_tenant_is_refused_after_checked_statements(
-    cache_door: tuple[CacheDoor, CacheDoor], core: Application, probe: Probe
+@pytest.mark.parametrize("kept", KEPT)
+async def test_a_suspended_tenant_gets_nothing_from_what_was_kept(
+    cache_door: tuple[CacheDoor, CacheDoor], core: Application, probe: Probe, kept: str
 ) -> None:
     a, _ = cache_door
-    assert all(g.ok for g in await _repeated(a, probe.a, probe.a_token, POINT, [1], cache=False))
+    cache = KEPT[kept]
+    assert all(g.ok for g in await _repeated(a, probe.a, probe.a_token, POINT, [1], cache=cache))
     await core.tenants.suspend(probe.a)
     try:
-        refused = await a.run(probe.a, probe.a_token, POINT, [1], cache=False)
+        refused = await a.run(probe.a, probe.a_token, POINT, [1], cache=cache)
         assert (refused.ok, refused.code) == (False, "tenant_suspended"), refused
     finally:
         await core.tenants.resume(probe.a)
-    again = await a.run(probe.a, probe.a_token, POINT, [1], cache=False)
+    again = await a.run(probe.a, probe.a_token, POINT, [1], cache=cache)
     assert again.ok and again.rows == A_ROWS[POINT], again
 
 

@@ -575,11 +575,7 @@ class QueryExecutor:
         has no effect, the session is retried once on another connection instead of failing
         (the query core retries a repeatable read's first round trip the same way)."""
         login = self._login(tenant, ctx)
-        statement_ms = tenant.limits.statement_timeout_ms
-        if workload != "oltp":
-            statement_ms = self._workload_ms.get(workload, statement_ms)
-        statement_seconds = statement_ms / 1000
-        total_seconds = max(statement_seconds, self._transaction_seconds)
+        statement_seconds, total_seconds = self._limits(tenant, workload)
         pools, deadlines = self._pools, self._deadlines
         if replica is not None:
             assert replica.pools is not None and replica.deadlines is not None
@@ -639,6 +635,15 @@ class QueryExecutor:
                     finally:
                         watch.close()
                     return
+
+    def _limits(self, tenant: TenantRecord, workload: Workload) -> tuple[float, float]:
+        """A session's statement limit and its whole limit (the transaction's, if longer), in
+        seconds."""
+        statement_ms = tenant.limits.statement_timeout_ms
+        if workload != "oltp":
+            statement_ms = self._workload_ms.get(workload, statement_ms)
+        statement_seconds = statement_ms / 1000
+        return statement_seconds, max(statement_seconds, self._transaction_seconds)
 
     def _attempts(self) -> list[bool]:
         """Whether each attempt is the last: a statement refused as outdated, or a read that
@@ -751,7 +756,7 @@ class QueryExecutor:
                     def planned(plan: ReadPlan) -> None:
                         self._replays.keep(
                             replay_key,
-                            Replay(principal, tenant, ctx, verdict, sql, params, plan, generation),
+                            Replay(principal, tenant, ctx, verdict, generation, sql, params, plan),
                         )
 
                 result = await caching.read(
@@ -931,8 +936,7 @@ class QueryExecutor:
         (the whole way reads it by cursor; a pure read runs again to the same effect)."""
         tenant_id = tenant.tenant_id
         login = self._logins.login(tenant, user_scoped=False)
-        statement_seconds = tenant.limits.statement_timeout_ms / 1000
-        total_seconds = max(statement_seconds, self._transaction_seconds)
+        statement_seconds, total_seconds = self._limits(tenant, "oltp")
         deadlines = self._deadlines
         with postgres_errors(tenant_id):
             async with self._pools.acquire(login) as conn:

@@ -51,18 +51,6 @@ __all__ = ["MAX_KEPT", "Checked", "CheckedKey", "Replay", "ReplayKey", "Replayed
 ReplayKey = tuple[str, str, str | None, bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class Replay:
-    principal: Principal
-    tenant: TenantRecord
-    ctx: TenantContext
-    verdict: Classification
-    sql: str
-    params: Sequence[Any]
-    plan: ReadPlan
-    schema_generation: int
-
-
 # The longest request (bytes) or statement text (characters) kept as a key.
 MAX_KEPT = 4096
 
@@ -77,6 +65,15 @@ class Checked:
     ctx: TenantContext
     verdict: Classification
     schema_generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replay(Checked):
+    """What the checks established, and the cached read's statement and plan."""
+
+    sql: str
+    params: Sequence[Any]
+    plan: ReadPlan
 
 
 class Replayed(NamedTuple):
