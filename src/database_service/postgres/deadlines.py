@@ -93,6 +93,13 @@ class SessionWatch:
         rather than a generator-based context manager: it runs several times per request."""
         return _StatementLimit(self)
 
+    def given_up(self) -> None:
+        """Its caller gave up on the round trip under way (cancelled, not by a limit): the
+        cancel asyncpg sends may be lost, so the owner sees that the statement ends
+        (``Deadlines.abandoned``)."""
+        if self.expired is None and not self._closed and not self._conn.is_closed():
+            self._owner.abandoned(self._pid, self._role)
+
     def check(self) -> None:
         if self.expired is not None:
             raise self.error()

@@ -489,18 +489,13 @@ class QueryExecutor:
         ctx: TenantContext,
         action: str,
         outcome: _Outcome,
-        audit: bool = False,
-        at: float | None = None,
     ) -> None:
-        """Count an operation that succeeded (``audit``: and queue its audit event, made
-        ``at`` that time when given), and add its statement to the statistics."""
+        """Count an operation that succeeded and add its statement to the statistics (its
+        audit event is its caller's: awaited while the writer is behind, else ``book``)."""
         if outcome.statistics is not None and self._statements is not None:
             self._statements.done(*outcome.statistics)
         if outcome.kind is not None:
             self._statement_counter(outcome.kind).inc()
-        if audit:
-            event = self._event(principal, ctx, action, outcome, code=outcome.command, at=at)
-            self._audit.record_nowait(event)
 
     def _statement_counter(self, kind: StatementKind) -> Any:
         counter = self._statement_counters.get(kind)
@@ -575,7 +570,6 @@ class QueryExecutor:
         has no effect, the session is retried once on another connection instead of failing
         (the query core retries a repeatable read's first round trip the same way)."""
         login = self._login(tenant, ctx)
-        statement_seconds, total_seconds = self._limits(tenant, workload)
         pools, deadlines = self._pools, self._deadlines
         if replica is not None:
             assert replica.pools is not None and replica.deadlines is not None
@@ -586,12 +580,7 @@ class QueryExecutor:
             for attempt in range(attempts):
                 retry = attempt < attempts - 1
                 async with pools.acquire(login, workload) as conn:
-                    watch = deadlines.watch(
-                        conn,
-                        login.role,
-                        statement_seconds=statement_seconds,
-                        total_seconds=total_seconds,
-                    )
+                    watch = self._watch(deadlines, conn, login, tenant, workload)
                     try:
                         session = _Session(
                             conn, watch, ctx.tenant_id, readonly=readonly, isolation=isolation
@@ -614,13 +603,8 @@ class QueryExecutor:
                                     )
                             yield session
                         except BaseException as exc:
-                            if (
-                                exc.__class__ is asyncio.CancelledError
-                                and watch.expired is None
-                                and not conn.is_closed()
-                            ):
-                                # Given up by its caller: its cancel may be lost (Deadlines).
-                                deadlines.abandoned(conn.get_server_pid(), login.role)
+                            if exc.__class__ is asyncio.CancelledError:
+                                watch.given_up()
                             if session.began and watch.expired is None and not conn.is_closed():
                                 with contextlib.suppress(Exception):
                                     await session.rollback()
@@ -636,14 +620,26 @@ class QueryExecutor:
                         watch.close()
                     return
 
-    def _limits(self, tenant: TenantRecord, workload: Workload) -> tuple[float, float]:
-        """A session's statement limit and its whole limit (the transaction's, if longer), in
-        seconds."""
+    def _watch(
+        self,
+        deadlines: Deadlines,
+        conn: Connection,
+        login: TenantLogin,
+        tenant: TenantRecord,
+        workload: Workload,
+    ) -> SessionWatch:
+        """The time limits of a session on ``conn``: the tenant's (or the workload's) statement
+        limit, and the whole session's (the transaction's, if longer)."""
         statement_ms = tenant.limits.statement_timeout_ms
         if workload != "oltp":
             statement_ms = self._workload_ms.get(workload, statement_ms)
         statement_seconds = statement_ms / 1000
-        return statement_seconds, max(statement_seconds, self._transaction_seconds)
+        return deadlines.watch(
+            conn,
+            login.role,
+            statement_seconds=statement_seconds,
+            total_seconds=max(statement_seconds, self._transaction_seconds),
+        )
 
     def _attempts(self) -> list[bool]:
         """Whether each attempt is the last: a statement refused as outdated, or a read that
@@ -789,15 +785,21 @@ class QueryExecutor:
         entry = self._checked.get(key)
         if entry is None:
             return None
-        tenant_id = entry.tenant.tenant_id
-        if (
-            entry.principal is not principal
-            or self._registry.known_active(tenant_id) is not entry.tenant
-            or self._schema_generations.get(tenant_id, 0) != entry.schema_generation
-        ):
+        if not self._still_holds(entry, principal):
             self._checked.drop(key)
             return None
         return entry
+
+    def _still_holds(self, entry: Checked, principal: Principal) -> bool:
+        """What the checks established for ``entry`` is what ``authorize`` would find now for
+        ``principal``: the same principal object, the tenant's cached record the same and
+        active, its schema generation unchanged."""
+        tenant_id = entry.tenant.tenant_id
+        return (
+            entry.principal is principal
+            and self._registry.known_active(tenant_id) is entry.tenant
+            and self._schema_generations.get(tenant_id, 0) == entry.schema_generation
+        )
 
     def replay(self, principal: Principal, key: ReplayKey) -> Replayed | None:
         """A cached read ``execute`` answered for ``key`` before, answered again from L1 when
@@ -809,11 +811,7 @@ class QueryExecutor:
         started = time.perf_counter()
         tenant = entry.tenant
         tenant_id = tenant.tenant_id
-        if (
-            entry.principal is not principal
-            or self._registry.known_active(tenant_id) is not tenant
-            or self._schema_generations.get(tenant_id, 0) != entry.schema_generation
-        ):
+        if not self._still_holds(entry, principal):
             self._replays.drop(key)
             return None
         if self._audit.backlogged or self._caching is None:
@@ -848,30 +846,16 @@ class QueryExecutor:
         if self._replays_unbooked:
             self._metrics.cache_replays.inc(self._replays_unbooked)
             self._replays_unbooked = 0
-        # ``_succeeded(..., audit=True, at)`` for each, inline, with each counter added to once
-        # (this runs for every operation: ~8% of a PK lookup's CPU went to it one at a time).
-        statements, record = self._statements, self._audit.record_nowait
-        stamp, utc = datetime.fromtimestamp, UTC
+        # ``_succeeded`` and the audit event for each, with each counter added to once (this
+        # runs for every operation).
+        statements, record, event = self._statements, self._audit.record_nowait, self._event
         kinds: dict[StatementKind, int] = {}
         for principal, ctx, action, outcome, at in books:
             if outcome.statistics is not None and statements is not None:
                 statements.done(*outcome.statistics)
-            kind = outcome.kind
-            if kind is not None:
-                kinds[kind] = kinds.get(kind, 0) + 1
-            # _event's, positionally: at, service, tenant, action, class, outcome, code, detail
-            record(
-                AuditEvent(
-                    stamp(at, utc),
-                    principal.service,
-                    ctx.tenant_id,
-                    action,
-                    None if kind is None else kind.value,
-                    "ok",
-                    outcome.command,
-                    None,
-                )
-            )
+            if outcome.kind is not None:
+                kinds[outcome.kind] = kinds.get(outcome.kind, 0) + 1
+            record(event(principal, ctx, action, outcome, code=outcome.command, at=at))
         for kind, count in kinds.items():
             self._statement_counter(kind).inc(count)
 
@@ -936,8 +920,6 @@ class QueryExecutor:
         (the whole way reads it by cursor; a pure read runs again to the same effect)."""
         tenant_id = tenant.tenant_id
         login = self._logins.login(tenant, user_scoped=False)
-        statement_seconds, total_seconds = self._limits(tenant, "oltp")
-        deadlines = self._deadlines
         with postgres_errors(tenant_id):
             async with self._pools.acquire(login) as conn:
                 # Nothing but this pure read runs on the connection: no reset is due for it,
@@ -950,19 +932,12 @@ class QueryExecutor:
                     return None
                 types, columns = self._shapes.of(stmt)
                 args = coerce_params(params, types)
-                watch = deadlines.watch(
-                    conn,
-                    login.role,
-                    statement_seconds=statement_seconds,
-                    total_seconds=total_seconds,
-                )
+                watch = self._watch(self._deadlines, conn, login, tenant, "oltp")
                 try:
                     with watch.statement():
                         rows, status, complete = await fetch_first(stmt, args, _FIRST_ROWS)
                 except asyncio.CancelledError:
-                    if watch.expired is None and not conn.is_closed():
-                        # Given up by its caller: its cancel may be lost (Deadlines).
-                        deadlines.abandoned(conn.get_server_pid(), login.role)
+                    watch.given_up()
                     raise
                 except Exception as exc:
                     if postgres_unreachable(exc):
