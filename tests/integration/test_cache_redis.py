@@ -461,3 +461,102 @@ async def test_the_generation_mirror_keeps_the_names_read_most_recently(
         assert "a" in held and "b" not in held, held
     finally:
         await generations.aclose()
+
+
+async def _evict(generations: Generations, tenant: str, names: list[str]) -> None:
+    for name in names:
+        assert await generations.snapshot(tenant, [name]) is not None
+
+
+async def test_an_entry_outlives_its_names_in_the_mirror(redis_db_url: str) -> None:
+    """An L1 entry whose row name the mirror evicted (a cache holding more keys than the
+    mirror holds names) is still known current, without reading the name from Redis again:
+    no change to it can have been forgotten since the entry was known current."""
+    generations = Generations(redis_db_url, channel="outlive-test", mirror_max=4)
+    await generations.start()
+    try:
+        assert await generations.wait_attached()
+        names = Generations.names("outlive_t", ["row-a"])
+        snapshot = await generations.snapshot_of("outlive_t", names)
+        assert snapshot is not None
+        current_at = generations.clock
+        await _evict(generations, "outlive_t", ["b", "c", "d", "e"])
+        assert ("outlive_t", "row-a") not in generations._mirror
+        assert generations.unchanged(names, snapshot, current_at) is True
+        assert ("outlive_t", "row-a") not in generations._mirror  # not read from Redis again
+    finally:
+        await generations.aclose()
+
+
+async def test_a_change_to_an_evicted_name_is_never_missed(redis_db_url: str) -> None:
+    """Another instance's write to a name this mirror evicted invalidates the entry; once the
+    mirror has forgotten that change too, the entry is no longer known current either way
+    (None: read Redis), and never served as current."""
+    channel = "outlive-change-test"
+    here = Generations(redis_db_url, channel=channel, mirror_max=4)
+    there = Generations(redis_db_url, channel=channel)
+    await here.start()
+    await there.start()
+    try:
+        assert await here.wait_attached() and await there.wait_attached()
+        names = Generations.names("change_t", ["row-a"])
+        snapshot = await here.snapshot_of("change_t", names)
+        assert snapshot is not None
+        current_at = here.clock
+        await _evict(here, "change_t", ["b", "c", "d", "e"])
+        await there.bump("change_t", ["row-a"])
+        deadline = time.monotonic() + 5
+        while here.unchanged(names, snapshot, current_at) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert here.unchanged(names, snapshot, current_at) is False
+        await _evict(here, "change_t", ["f", "g", "h", "i"])  # the change forgotten in turn
+        assert ("change_t", "row-a") not in here._mirror
+        assert here.unchanged(names, snapshot, current_at) is None
+        # An entry known current after the change is trusted again.
+        fresh = await here.snapshot_of("change_t", names)
+        assert fresh is not None and fresh != snapshot
+        fresh_at = here.clock
+        await _evict(here, "change_t", ["j", "k", "l", "m"])
+        assert here.unchanged(names, fresh, fresh_at) is True
+        assert here.unchanged(names, snapshot, current_at) is None
+    finally:
+        await here.aclose()
+        await there.aclose()
+
+
+async def test_after_a_reset_no_absent_name_is_trusted(redis_db_url: str) -> None:
+    """The mirror cleared (the invalidation channel lost and back) forgets every change it
+    heard of: an entry known current before is not trusted for a name read again since."""
+    generations = Generations(redis_db_url, channel="outlive-reset-test", mirror_max=4)
+    await generations.start()
+    try:
+        assert await generations.wait_attached()
+        names = Generations.names("reset_t", ["row-a"])
+        snapshot = await generations.snapshot_of("reset_t", names)
+        assert snapshot is not None
+        current_at = generations.clock
+        generations.reset("test")
+        assert generations.unchanged(names, snapshot, current_at) is None
+        assert await generations.snapshot("reset_t", ["b"]) is not None  # the epoch read again
+        assert generations.unchanged(names, snapshot, current_at) is None
+    finally:
+        await generations.aclose()
+
+
+async def test_an_entry_is_not_current_for_other_names(redis_db_url: str) -> None:
+    """The names an entry was stored with are compared too: a plan naming other relations
+    (the same number, another name) never validates it."""
+    generations = Generations(redis_db_url, channel="outlive-names-test")
+    await generations.start()
+    try:
+        assert await generations.wait_attached()
+        names = Generations.names("names_t", ["a"])
+        snapshot = await generations.snapshot_of("names_t", names)
+        assert snapshot is not None
+        other = Generations.names("names_t", ["b"])
+        assert await generations.snapshot_of("names_t", other) is not None
+        assert generations.unchanged(other, snapshot, generations.clock) is False
+        assert generations.unchanged(other[:1], snapshot, generations.clock) is False
+        assert generations.unchanged(names, snapshot, generations.clock) is True
+    finally:
+        await generations.aclose()

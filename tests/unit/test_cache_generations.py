@@ -51,3 +51,16 @@ def test_only_a_notification_signed_with_the_key_is_taken() -> None:
     assert verified_notification(signed, "x" * 32) is None
     assert verified_notification(body, "k" * 32) is None
     assert verified_notification(body + "|" + "0" * 32, "k" * 32) is None
+
+
+async def test_locally_an_entry_is_current_until_a_name_it_read_is_bumped() -> None:
+    generations = Generations(None)
+    names = Generations.names("t", ["s.a", "s.b"])
+    snapshot = await generations.snapshot_of("t", names)
+    assert snapshot is not None
+    assert generations.unchanged(names, snapshot, generations.clock) is True
+    generations.bump_local("t", ["s.other"])
+    assert generations.unchanged(names, snapshot, -1) is True  # no clock needed locally
+    generations.bump_local("t", ["s.b"])
+    assert generations.unchanged(names, snapshot, generations.clock) is False
+    assert generations.unchanged(names[:2], snapshot, generations.clock) is False

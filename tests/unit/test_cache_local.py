@@ -240,3 +240,13 @@ def test_a_full_cache_adds_nothing_to_a_full_collections_walk() -> None:
     cache.discard(("tenant-a", "key-7"))
     stale = cache.stale(("tenant-a", "key-7"))
     assert stale == got
+
+
+def test_an_entry_keeps_when_its_generations_were_current() -> None:
+    cache = LocalCache(1_000_000)
+    cache.put(("t", "k"), CachedResult.new(b"x", (("#epoch", 1),), 60), current_at=42)
+    hit = cache.get(("t", "k"))
+    assert hit is not None and hit.current_at == 42
+    cache.put(("t", "l"), CachedResult.new(b"x", (("#epoch", 1),), 60))
+    unknown = cache.get(("t", "l"))
+    assert unknown is not None and unknown.current_at == -1

@@ -176,15 +176,19 @@ class ResultCache:
         relations: Iterable[str],
         *,
         snapshot: Snapshot | None = None,
+        local: bool = True,
     ) -> CachedResult | None:
-        """A fresh entry for ``key`` (L1, then L2), or None."""
+        """A fresh entry for ``key`` (L1 unless ``local`` is false, then L2), or None.
+        ``snapshot``: taken just before (no await between), so current now."""
         current = snapshot if snapshot is not None else await self.snapshot(tenant, relations)
+        current_at = self.generations.clock  # when ``current`` is current (before L2's await)
         if current is None:
             self.lookups += 1
             return None
-        hit = self.local_hit(tenant, key, current)
-        if hit is not None:
-            return hit
+        if local:
+            hit = self.local_hit(tenant, key, current)
+            if hit is not None:
+                return hit
         if self.remote is None:
             return None
         remote = await self.remote.get(tenant, key)
@@ -192,8 +196,27 @@ class ResultCache:
             self.l2_misses += 1
             return None
         self.l2_hits += 1
-        self.local.put((tenant, key), remote, len(remote.payload))
+        self.local.put((tenant, key), remote, len(remote.payload), current_at=current_at)
         return remote
+
+    def local_unchanged(
+        self, tenant: str, key: str, names: tuple[tuple[str, str], ...]
+    ) -> CachedResult | None:
+        """``lookup`` in L1 alone, without a snapshot: a fresh entry whose generations are
+        still current (``Generations.unchanged``, which knows that of names the mirror no
+        longer holds), or None (counted as a lookup either way; L2 is ``lookup``'s)."""
+        self.lookups += 1
+        local_key = (tenant, key)
+        hit = self.local.get(local_key)
+        if hit is None:
+            return None
+        current = self.generations.unchanged(names, hit.generations, hit.current_at)
+        if current:
+            self.l1_hits += 1
+            return hit
+        if current is False:
+            self.local.discard(local_key)  # invalidated: kept for the stale fallback
+        return None
 
     def local_hit(self, tenant: str, key: str, current: Snapshot) -> CachedResult | None:
         """``lookup`` in L1 alone, with the generations ``current`` (a ``snapshot`` of now):
@@ -224,7 +247,7 @@ class ResultCache:
             self.fills_skipped += 1
             return False
         result = CachedResult.new(payload, generations, ttl_s)
-        self.local.put((tenant, key), result, len(payload))
+        self.local.put((tenant, key), result, len(payload), current_at=self.generations.clock)
         if self.remote is not None and self.generations.attached:
             await self.remote.put(tenant, key, result, ttl_s)
         self.fills += 1

@@ -198,6 +198,13 @@ class Generations:
         # counter only invalidate each other's entries (a miss, never a stale answer).
         self._mirror: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._mirror_max = mirror_max
+        # What lets an entry outlive its names in the mirror (``unchanged``): a clock that
+        # counts the changes the mirror heard of (a message, an own bump, a number read that
+        # went up), the clock of each held name's last change, and the horizon: the latest
+        # change the mirror has forgotten (its name evicted), or the last reset.
+        self._clock = 0
+        self._changed: dict[tuple[str, str], int] = {}
+        self._horizon = 0
         self._counters = array("q", bytes(8 * counters)) if self.mode == "local" else None
         self._reset_epoch = 0  # bumped at each reset: HMGET replies from before are dropped
         self._attached = client is None
@@ -283,6 +290,51 @@ class Generations:
             return None
         return self.snapshot_now(keys)  # None: reset while fetching
 
+    @property
+    def clock(self) -> int:
+        """Now, on the clock ``unchanged`` compares with (an entry stored with a snapshot that
+        is current is stored with this)."""
+        return self._clock
+
+    def unchanged(
+        self, keys: tuple[tuple[str, str], ...], numbers: Snapshot, current_at: int
+    ) -> bool | None:
+        """Whether an entry stored with ``numbers`` (a snapshot of ``keys``, ``snapshot_of``'s
+        order), current at ``current_at`` (``clock`` then), is current now: True, False (a
+        number moved: invalid), None (not known without reading Redis, or not trustable now).
+
+        A name the mirror no longer holds is unchanged since ``current_at`` unless the mirror
+        forgot a change made after it (the horizon): a change puts its name back in the mirror
+        whatever was evicted before (``_raise``), so an absent name that changed since was
+        evicted after changing. An entry thus needs its names read from Redis only when the
+        mirror forgot changes that recent, not each time a cache larger than the mirror (50,000
+        names by default; an L1 holds more point reads than that) serves an entry whose row
+        name was evicted — a round trip to Redis per hit on the long tail of keys
+        (bench/cache.py, 2026-12-05: one hit in six over 100,000 keys)."""
+        if len(keys) != len(numbers):
+            return False
+        if self.mode == "local" or (not self._attached and self.serve_when_detached):
+            for (tenant, relation), (name, number) in zip(keys, numbers, strict=True):
+                if name != relation or self._local(tenant, relation) != number:
+                    return False
+            return True
+        if not self._attached:
+            return None
+        mirror = self._mirror
+        known = self._horizon <= current_at
+        for key, (name, number) in zip(keys, numbers, strict=True):
+            if name != key[1]:
+                return False
+            held = mirror.get(key)
+            if held is None:
+                if not known:
+                    return None
+            elif held != number:
+                return False
+            else:
+                mirror.move_to_end(key)  # used: see snapshot_now
+        return True
+
     def snapshot_now(self, keys: tuple[tuple[str, str], ...]) -> Snapshot | None:
         """``snapshot_of`` when every number is at hand (the usual case), without awaiting.
         None: a number must be read from Redis first, or none can be trusted now."""
@@ -321,15 +373,25 @@ class Generations:
         if reset_epoch != self._reset_epoch:
             return False
         if epoch_wanted:
-            self._raise((_GLOBAL, EPOCH), int(replies.pop(0) or 0))
+            self._raise((_GLOBAL, EPOCH), int(replies.pop(0) or 0), changed=False)
         if relations:
             for relation, value in zip(relations, replies[0], strict=True):
-                self._raise((tenant, relation), int(value or 0))
+                self._raise((tenant, relation), int(value or 0), changed=False)
         return True
 
-    def _raise(self, key: tuple[str, str], value: int) -> None:
-        if value > self._mirror.get(key, -1):
+    def _raise(self, key: tuple[str, str], value: int, *, changed: bool = True) -> None:
+        """Hold ``value`` for ``key`` if it is higher. ``changed``: it comes from a change (a
+        message, a bump), counted on the clock even when the number is already held (a
+        read from Redis may overtake the message). A number read that moves a held one up is
+        a change too; one read for a name not held is not (nothing here had another)."""
+        held = self._mirror.get(key, -1)
+        if changed or -1 < held < value:
+            self._clock += 1
+            self._changed[key] = self._clock
+        if value > held:
             self._hold(key, value)
+        elif changed:
+            self._mirror.move_to_end(key)  # held: its change is not forgotten first
 
     def _local(self, tenant: str, relation: str) -> int:
         if self._counters is not None:
@@ -344,7 +406,8 @@ class Generations:
         self._mirror[key] = value
         self._mirror.move_to_end(key)
         while len(self._mirror) > self._mirror_max:
-            self._mirror.popitem(last=False)
+            evicted, _ = self._mirror.popitem(last=False)
+            self._horizon = max(self._horizon, self._changed.pop(evicted, 0))
 
     def bump_local(self, tenant: str, relations: Iterable[str]) -> None:
         """Raise this process's numbers only (local mode, or Redis unreachable)."""
@@ -352,7 +415,7 @@ class Generations:
             if self._counters is not None:
                 self._counters[hash((tenant, relation)) % len(self._counters)] += 1
             else:
-                self._hold((tenant, relation), self._local(tenant, relation) + 1)
+                self._raise((tenant, relation), self._local(tenant, relation) + 1)
 
     async def bump(
         self, tenant: str, relations: Iterable[str], *, committed_at: float | None = None
@@ -441,6 +504,9 @@ class Generations:
         are kept; ``bump_epoch`` is the local way to invalidate everything."""
         if self.mode == "cluster":
             self._mirror.clear()
+            self._changed.clear()
+            self._clock += 1
+            self._horizon = self._clock  # nothing known before this is trusted for an absent name
             self._reset_epoch += 1
         for callback in list(self.on_reset):
             try:

@@ -50,6 +50,9 @@ class CachedResult:
     stored_at: float
     ttl_s: float
     stored_mono: float = field(default=0.0, compare=False)
+    # The generations' clock when ``generations`` were known to be current (``put``'s
+    # ``current_at``; -1: never known here). See ``Generations.unchanged``.
+    current_at: int = field(default=-1, compare=False)
 
     @classmethod
     def new(
@@ -84,26 +87,27 @@ class LocalStats:
 
 
 # An entry as the LRU holds it: an exact tuple of atomic values (payload, generations,
-# stored_at, ttl_s, stored_mono, size, owner). The collector stops tracking such a tuple once it
-# has looked at it, so a full cache adds nothing to a full collection's walk. Held as objects
-# (a slot and its CachedResult, two tracked objects per entry), ~100,000 entries made every full
-# collection of a serving process take 40-160 ms, every ~7 s (bench/cache.py, 2026-12-04).
-_Slot = tuple[bytes, tuple[tuple[str, int], ...], float, float, float, int, Hashable]
+# stored_at, ttl_s, stored_mono, current_at, size, owner). The collector stops tracking such a
+# tuple once it has looked at it, so a full cache adds nothing to a full collection's walk.
+# Held as objects (a slot and its CachedResult, two tracked objects per entry), ~100,000
+# entries made every full collection of a serving process take 40-160 ms, every ~7 s
+# (bench/cache.py, 2026-12-04).
+_Slot = tuple[bytes, tuple[tuple[str, int], ...], float, float, float, int, int, Hashable]
 _TTL: Final = 3
 _STORED_MONO: Final = 4
-_SIZE: Final = 5
-_OWNER: Final = 6
+_SIZE: Final = 6
+_OWNER: Final = 7
 
 
-def _slot(result: CachedResult, size: int, owner: Hashable) -> _Slot:
+def _slot(result: CachedResult, size: int, owner: Hashable, current_at: int) -> _Slot:
     return (
         result.payload, result.generations, result.stored_at, result.ttl_s, result.stored_mono,
-        size, owner,
+        current_at, size, owner,
     )  # fmt: skip
 
 
 def _result(slot: _Slot) -> CachedResult:
-    return CachedResult(slot[0], slot[1], slot[2], slot[3], slot[4])
+    return CachedResult(slot[0], slot[1], slot[2], slot[3], slot[4], slot[5])
 
 
 def _owner_of(key: Hashable) -> Hashable:
@@ -148,6 +152,10 @@ class LocalCache:
 
     # -- the LRU ---------------------------------------------------------------------------
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether an entry is held for ``key`` (expired or not), not counted as a lookup."""
+        return key in self._entries
+
     def get(self, key: Hashable) -> CachedResult | None:
         """The entry, or None when absent or expired (an expired one moves to the stale store)."""
         slot = self._entries.get(key)
@@ -163,8 +171,16 @@ class LocalCache:
         self.stats.hits += 1
         return _result(slot)
 
-    def put(self, key: Hashable, result: CachedResult, size: int | None = None) -> bool:
-        """Store ``result`` (``size``: its encoded length; the payload's by default). Returns
+    def put(
+        self,
+        key: Hashable,
+        result: CachedResult,
+        size: int | None = None,
+        *,
+        current_at: int = -1,
+    ) -> bool:
+        """Store ``result`` (``size``: its encoded length; the payload's by default;
+        ``current_at``: the generations' clock when its generations were current). Returns
         False when it alone is larger than the cache."""
         total = (len(result.payload) if size is None else size) + ENTRY_OVERHEAD
         if total > self.max_bytes or result.ttl_s <= 0:
@@ -176,7 +192,7 @@ class LocalCache:
         owned = self._owners.get(owner)
         if owned is None:
             owned = self._owners[owner] = _Owned()
-        self._entries[key] = _slot(result, total, owner)
+        self._entries[key] = _slot(result, total, owner, current_at)
         owned.lru[key] = None
         owned.bytes += total
         self._bytes += total

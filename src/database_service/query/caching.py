@@ -329,10 +329,7 @@ class ResultCaching:
         decides, L2 and PostgreSQL included). Counted as a hit like ``read``'s."""
         if plan.until <= time.monotonic():
             return None
-        snapshot = self.cache.generations.snapshot_now(plan.names)
-        if snapshot is None:
-            return None
-        hit = self.cache.local_hit(tenant_id, plan.key, snapshot)
+        hit = self.cache.local_unchanged(tenant_id, plan.key, plan.names)
         if hit is not None:
             self._counted("hit")
         return hit
@@ -347,6 +344,14 @@ class ResultCaching:
     ) -> QueryResult:
         """A cacheable read, planned: from the cache, else loaded and stored."""
         tenant_id, key, relations, ttl_ms = tenant.tenant_id, plan.key, plan.relations, plan.ttl_ms
+        # L1 first, without a snapshot: one whose names the mirror no longer holds is still
+        # served without reading them from Redis when they cannot have changed.
+        hit = self.cache.local_unchanged(tenant_id, key, plan.names)
+        if hit is not None:
+            self._counted("hit")
+            if planned is not None:
+                planned(plan)
+            return _answer(hit.payload, CacheInfo("hit", age_ms=hit.age_s() * 1000))
         snapshot = await self.cache.snapshot_of(tenant_id, plan.names)
         if snapshot is None:
             reason = (
@@ -356,7 +361,9 @@ class ResultCaching:
             return await self._loaded(
                 tenant, key, options, load, CacheInfo("bypass", "detached", reason)
             )
-        hit = await self.cache.lookup(tenant_id, key, relations, snapshot=snapshot)
+        hit = await self.cache.lookup(
+            tenant_id, key, relations, snapshot=snapshot, local=(tenant_id, key) in self.cache.local
+        )  # (L1 again only when it held an entry ``local_unchanged`` could not judge)
         if hit is not None:
             self._counted("hit")
             if planned is not None:
