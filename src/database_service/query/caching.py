@@ -248,12 +248,17 @@ class ResultCaching:
         self._request_counters: dict[str, Any] = {}
         self._plans: OrderedDict[tuple[Any, ...], ReadPlan] = OrderedDict()
 
-    def _counted(self, status: str) -> None:
-        """One cache request of ``status`` (the labelled child kept: ``labels()`` locks)."""
+    def _counted(self, status: str, count: int = 1) -> None:
+        """``count`` cache requests of ``status`` (the labelled child kept: ``labels()``
+        locks)."""
         counter = self._request_counters.get(status)
         if counter is None:
             counter = self._request_counters[status] = self._metrics.cache_requests.labels(status)
-        counter.inc()
+        counter.inc(count)
+
+    def replays_booked(self, count: int) -> None:
+        """``count`` hits ``replayed`` answered, counted together (``QueryExecutor.book``)."""
+        self._counted("hit", count)
 
     async def read(
         self,
@@ -326,13 +331,11 @@ class ResultCaching:
     def replayed(self, tenant_id: str, plan: ReadPlan) -> CachedResult | None:
         """The hit ``read`` would answer for ``plan`` (from a read it told ``planned``), when it
         is in this process's L1 and fresh, without awaiting anything; else None (``read``
-        decides, L2 and PostgreSQL included). Counted as a hit like ``read``'s."""
+        decides, L2 and PostgreSQL included). Counted as a hit like ``read``'s, by the caller
+        (``replays_booked``: with the others of the next few milliseconds)."""
         if plan.until <= time.monotonic():
             return None
-        hit = self.cache.local_unchanged(tenant_id, plan.key, plan.names)
-        if hit is not None:
-            self._counted("hit")
-        return hit
+        return self.cache.local_unchanged(tenant_id, plan.key, plan.names)
 
     async def _cached(
         self,

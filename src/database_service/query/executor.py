@@ -845,6 +845,8 @@ class QueryExecutor:
         books, self._books = self._books, []
         if self._replays_unbooked:
             self._metrics.cache_replays.inc(self._replays_unbooked)
+            if self._caching is not None:  # a replay is one (it exists only with a cache)
+                self._caching.replays_booked(self._replays_unbooked)
             self._replays_unbooked = 0
         # ``_succeeded`` and the audit event for each, with each counter added to once (this
         # runs for every operation).
