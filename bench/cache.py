@@ -364,7 +364,7 @@ async def cache_state(name: str, service: Service) -> None:
         f"    one worker: invalidation {invalidation.get('status')}, messages"
         f" {invalidation.get('messages')}, last error {invalidation.get('last_error')!r},"
         f" notifications {dragonfly.get('postgres_notifications')}, L1 {dragonfly.get('l1')},"
-        f" hit rate {dragonfly.get('hit_rate')}"
+        f" hit rate {dragonfly.get('hit_rate')}, generation mirror {invalidation.get('mirror')}"
     )
 
 

@@ -482,8 +482,11 @@ async def test_an_entry_outlives_its_names_in_the_mirror(redis_db_url: str) -> N
         current_at = generations.clock
         await _evict(generations, "outlive_t", ["b", "c", "d", "e"])
         assert ("outlive_t", "row-a") not in generations._mirror
+        reads = generations.state.mirror_reads
         assert generations.unchanged(names, snapshot, current_at) is True
-        assert ("outlive_t", "row-a") not in generations._mirror  # not read from Redis again
+        assert generations.state.mirror_reads == reads  # not read from Redis again
+        mirror = generations.state.to_dict()["mirror"]
+        assert mirror == {"names": 4, "max": 4, "reads_from_redis": reads}
     finally:
         await generations.aclose()
 

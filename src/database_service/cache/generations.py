@@ -136,7 +136,10 @@ return epoch
 
 @dataclass(frozen=True, slots=True)
 class InvalidationState:
-    """For health: ``mode`` local (no Redis) or cluster; ``status`` of the subscription."""
+    """For health: ``mode`` local (no Redis) or cluster; ``status`` of the subscription;
+    the mirror of Redis's numbers (cluster mode): names held, its bound, and how many reads
+    of missing names it made from Redis (a figure that grows with every hit means the mirror
+    is too small for the keys read: ``mirror_max``)."""
 
     mode: Literal["local", "cluster"]
     status: Literal["up", "down", "starting", "off"]
@@ -145,6 +148,9 @@ class InvalidationState:
     messages: int
     last_lag_s: float | None
     pending_bumps: int
+    mirror_names: int = 0
+    mirror_max: int = 0
+    mirror_reads: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -155,6 +161,11 @@ class InvalidationState:
             "messages": self.messages,
             "last_lag_ms": None if self.last_lag_s is None else round(self.last_lag_s * 1000, 3),
             "pending_bumps": self.pending_bumps,
+            "mirror": {
+                "names": self.mirror_names,
+                "max": self.mirror_max,
+                "reads_from_redis": self.mirror_reads,
+            },
         }
 
 
@@ -219,6 +230,7 @@ class Generations:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.messages = 0
+        self.mirror_reads = 0
         self.last_lag_s: float | None = None
         if client is not None:
             self._bump = client.register_script(_BUMP)
@@ -265,6 +277,9 @@ class Generations:
             self.messages,
             self.last_lag_s,
             len(self._pending),
+            len(self._mirror),
+            self._mirror_max if self.mode == "cluster" else 0,
+            self.mirror_reads,
         )
 
     # -- reading ---------------------------------------------------------------------------
@@ -359,6 +374,7 @@ class Generations:
         epoch_wanted = (_GLOBAL, EPOCH) in missing
         relations = [r for t, r in missing if t != _GLOBAL]
         reset_epoch = self._reset_epoch
+        self.mirror_reads += 1
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self.redis.pipeline(transaction=False) as pipe:
