@@ -160,12 +160,25 @@ def test_windows_of_several_workers_merge_into_one_summary() -> None:
 
 async def test_bookkeeping_held_back_is_done_before_any_figure_is_read() -> None:
     window = RequestWindow()
-    window.later(window.record, 0.002, True, "t1")
-    window.later(window.record, 0.004, False, "t1")
+    window.later(window.record_each, (0.002, True, "t1"))
+    window.later(window.record_each, (0.004, False, "t1"))
     assert window._all.counts == [0] * len(window._all.counts)  # held, not yet recorded
     assert window.summary("t1").requests == 2  # a summary settles first
-    window.later(window.record, 0.001, True)
+    window.later(window.record_each, (0.001, True, None))
     assert window.export()["all"][0][1] == 3  # so does an export
-    window.later(window.record, 0.001, True)
+    window.later(window.record_each, (0.001, True, None))
     await asyncio.sleep(0.05)  # and the loop, within its few milliseconds
     assert window.summary().requests == 4
+
+
+async def test_what_is_held_back_reaches_its_recorder_together() -> None:
+    window = RequestWindow()
+    batches: list[list[int]] = []
+    others: list[list[str]] = []
+    for n in range(3):
+        window.later(batches.append, n)
+    window.later(others.append, "x")
+    window.settle()
+    assert batches == [[0, 1, 2]] and others == [["x"]]
+    window.settle()  # nothing held: nothing recorded
+    assert batches == [[0, 1, 2]] and others == [["x"]]

@@ -26,12 +26,14 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from database_service.loops import RunningLoop
 
 # Requests' bookkeeping waits at most this long to be done together (RequestWindow.later).
 _LATER_S = 0.01
+
+T = TypeVar("T")
 
 __all__ = ["Peers", "RequestWindow", "WindowSummary"]
 
@@ -192,24 +194,36 @@ class RequestWindow:
         self._tenants: dict[str, _Series] = {}
         self._pruned = -1
         self.peers: Peers | None = None
-        self._later: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._later: dict[Callable[[list[Any]], None], list[Any]] = {}
         self._running_loop = RunningLoop()
 
-    def later(self, record: Callable[..., None], *args: Any) -> None:
-        """``record(*args)``, a request's bookkeeping once it is answered, run together with
-        the others of the next ``_LATER_S`` (one callback for them all, not one each; measured
+    def later(self, record: Callable[[list[T]], None], item: T) -> None:
+        """``item``, a request's bookkeeping once it is answered, given to ``record`` with the
+        others of the next ``_LATER_S``: one callback for them all, not one each (measured
         2026-12-05, ``bench/query_cpu.py``: with the audit's, ~3% of a PK lookup's CPU at
-        concurrency 32) and before any of the figures is read (``settle``)."""
-        if not self._later:
+        concurrency 32), and ``record`` can count them together (the metrics: one increment
+        per counter and bucket, not one per request). Done before any of the figures is read
+        (``settle``)."""
+        later = self._later
+        items = later.get(record)
+        if items is not None:
+            items.append(item)
+            return
+        if not later:
             self._running_loop().call_later(_LATER_S, self.settle)
-        self._later.append((record, args))
+        later[record] = [item]
 
     def settle(self) -> None:
         """Run the bookkeeping ``later`` holds (before figures are read: this window's, and
         the metrics', which call it before rendering)."""
-        later, self._later = self._later, []
-        for record, args in later:
-            record(*args)
+        later, self._later = self._later, {}
+        for record, items in later.items():
+            record(items)
+
+    def record_each(self, requests: list[tuple[float, bool, str | None]]) -> None:
+        """``record`` each of ``requests`` (duration, ok, tenant): for ``later``."""
+        for duration_s, ok, tenant_id in requests:
+            self.record(duration_s, ok, tenant_id)
 
     def set_peers(self, peers: Peers) -> None:
         """The other workers: their figures are merged into every summary from now on."""

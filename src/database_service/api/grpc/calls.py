@@ -265,6 +265,16 @@ class _Servicer:
     notices: Notices
 
 
+def _answered(calls: list[tuple[_Servicer, str, float, _Call]]) -> None:
+    """Unary calls answered ``ok`` in the last few milliseconds (``RequestWindow.later``, of
+    the window of one application: the servicers' core), counted and timed together."""
+    core = calls[0][0].core
+    core.metrics.requests_done([("grpc", name, "ok", elapsed) for _, name, elapsed, _ in calls])
+    record = core.window.record
+    for _, _, elapsed, call in calls:
+        record(elapsed, True, call.tenant_id)
+
+
 def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
     """Count, time and translate errors for one RPC, unary or streaming."""
     name = handler.__name__
@@ -383,7 +393,7 @@ def rpc(handler: Callable[..., Any]) -> Callable[..., Any]:
             await fail(self, context, started, call, exc)
         # Counted once the answer is on its way, with the others of the next few
         # milliseconds: one callback for them all rather than one each.
-        self.core.window.later(recorded, self, time.perf_counter() - started, "ok", call)
+        self.core.window.later(_answered, (self, name, time.perf_counter() - started, call))
         return result
 
     return unary
