@@ -5,6 +5,7 @@ key-value namespacing under attack."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -20,12 +21,15 @@ from database_service.cache import (
     RedisKeyValueStore,
     RemoteCache,
     ResultCache,
+    Snapshot,
     result_key,
 )
 from database_service.errors import FailedPrecondition, InvalidParameters, PayloadTooLarge
 from tests.fix_redis import RedisServer
 
 pytestmark = pytest.mark.integration
+
+Names = tuple[tuple[str, str], ...]
 
 
 def result(payload: bytes, ttl_s: float = 60.0) -> CachedResult:
@@ -468,17 +472,31 @@ async def _evict(generations: Generations, tenant: str, names: list[str]) -> Non
         assert await generations.snapshot(tenant, [name]) is not None
 
 
+@contextlib.asynccontextmanager
+async def _attached(url: str, channel: str, mirror_max: int = 50_000) -> AsyncIterator[Generations]:
+    generations = Generations(url, channel=channel, mirror_max=mirror_max)
+    await generations.start()
+    try:
+        assert await generations.wait_attached()
+        yield generations
+    finally:
+        await generations.aclose()
+
+
+async def _known(generations: Generations, tenant: str, relation: str) -> tuple[Names, Snapshot]:
+    """The names of ``relation`` and their snapshot now."""
+    names = Generations.names(tenant, [relation])
+    snapshot = await generations.snapshot_of(tenant, names)
+    assert snapshot is not None
+    return names, snapshot
+
+
 async def test_an_entry_outlives_its_names_in_the_mirror(redis_db_url: str) -> None:
     """An L1 entry whose row name the mirror evicted (a cache holding more keys than the
     mirror holds names) is still known current, without reading the name from Redis again:
     no change to it can have been forgotten since the entry was known current."""
-    generations = Generations(redis_db_url, channel="outlive-test", mirror_max=4)
-    await generations.start()
-    try:
-        assert await generations.wait_attached()
-        names = Generations.names("outlive_t", ["row-a"])
-        snapshot = await generations.snapshot_of("outlive_t", names)
-        assert snapshot is not None
+    async with _attached(redis_db_url, "outlive-test", mirror_max=4) as generations:
+        names, snapshot = await _known(generations, "outlive_t", "row-a")
         current_at = generations.clock
         await _evict(generations, "outlive_t", ["b", "c", "d", "e"])
         assert ("outlive_t", "row-a") not in generations._mirror
@@ -487,8 +505,6 @@ async def test_an_entry_outlives_its_names_in_the_mirror(redis_db_url: str) -> N
         assert generations.state.mirror_reads == reads  # not read from Redis again
         mirror = generations.state.to_dict()["mirror"]
         assert mirror == {"names": 4, "max": 4, "reads_from_redis": reads}
-    finally:
-        await generations.aclose()
 
 
 async def test_a_change_to_an_evicted_name_is_never_missed(redis_db_url: str) -> None:
@@ -496,15 +512,11 @@ async def test_a_change_to_an_evicted_name_is_never_missed(redis_db_url: str) ->
     mirror has forgotten that change too, the entry is no longer known current either way
     (None: read Redis), and never served as current."""
     channel = "outlive-change-test"
-    here = Generations(redis_db_url, channel=channel, mirror_max=4)
-    there = Generations(redis_db_url, channel=channel)
-    await here.start()
-    await there.start()
-    try:
-        assert await here.wait_attached() and await there.wait_attached()
-        names = Generations.names("change_t", ["row-a"])
-        snapshot = await here.snapshot_of("change_t", names)
-        assert snapshot is not None
+    async with (
+        _attached(redis_db_url, channel, mirror_max=4) as here,
+        _attached(redis_db_url, channel) as there,
+    ):
+        names, snapshot = await _known(here, "change_t", "row-a")
         current_at = here.clock
         await _evict(here, "change_t", ["b", "c", "d", "e"])
         await there.bump("change_t", ["row-a"])
@@ -517,50 +529,32 @@ async def test_a_change_to_an_evicted_name_is_never_missed(redis_db_url: str) ->
         assert ("change_t", "row-a") not in here._mirror
         assert here.unchanged(names, snapshot, current_at) is None
         # An entry known current after the change is trusted again.
-        fresh = await here.snapshot_of("change_t", names)
-        assert fresh is not None and fresh != snapshot
+        _, fresh = await _known(here, "change_t", "row-a")
+        assert fresh != snapshot
         fresh_at = here.clock
         await _evict(here, "change_t", ["j", "k", "l", "m"])
         assert here.unchanged(names, fresh, fresh_at) is True
         assert here.unchanged(names, snapshot, current_at) is None
-    finally:
-        await here.aclose()
-        await there.aclose()
 
 
 async def test_after_a_reset_no_absent_name_is_trusted(redis_db_url: str) -> None:
     """The mirror cleared (the invalidation channel lost and back) forgets every change it
     heard of: an entry known current before is not trusted for a name read again since."""
-    generations = Generations(redis_db_url, channel="outlive-reset-test", mirror_max=4)
-    await generations.start()
-    try:
-        assert await generations.wait_attached()
-        names = Generations.names("reset_t", ["row-a"])
-        snapshot = await generations.snapshot_of("reset_t", names)
-        assert snapshot is not None
+    async with _attached(redis_db_url, "outlive-reset-test", mirror_max=4) as generations:
+        names, snapshot = await _known(generations, "reset_t", "row-a")
         current_at = generations.clock
         generations.reset("test")
         assert generations.unchanged(names, snapshot, current_at) is None
         assert await generations.snapshot("reset_t", ["b"]) is not None  # the epoch read again
         assert generations.unchanged(names, snapshot, current_at) is None
-    finally:
-        await generations.aclose()
 
 
 async def test_an_entry_is_not_current_for_other_names(redis_db_url: str) -> None:
     """The names an entry was stored with are compared too: a plan naming other relations
     (the same number, another name) never validates it."""
-    generations = Generations(redis_db_url, channel="outlive-names-test")
-    await generations.start()
-    try:
-        assert await generations.wait_attached()
-        names = Generations.names("names_t", ["a"])
-        snapshot = await generations.snapshot_of("names_t", names)
-        assert snapshot is not None
-        other = Generations.names("names_t", ["b"])
-        assert await generations.snapshot_of("names_t", other) is not None
+    async with _attached(redis_db_url, "outlive-names-test") as generations:
+        names, snapshot = await _known(generations, "names_t", "a")
+        other, _ = await _known(generations, "names_t", "b")
         assert generations.unchanged(other, snapshot, generations.clock) is False
         assert generations.unchanged(other[:1], snapshot, generations.clock) is False
         assert generations.unchanged(names, snapshot, generations.clock) is True
-    finally:
-        await generations.aclose()
