@@ -16,6 +16,7 @@ import pytest
 
 from database_service.app import Application
 from database_service.auth import Scope
+from database_service.query.caching import TableKey
 from database_service.tenancy import TenantRecord
 from database_service_client import MultiDatabaseClient
 from tests.fix_service import ClientFactory, TenantFactory, TokenFactory
@@ -243,3 +244,57 @@ async def test_a_tenants_rules_cache_reads_of_ruled_tables_without_asking(
     cleared = await http.put(path, json={"rules": {}}, headers=admin_headers)
     assert cleared.json() == {"rules": {}}
     assert (await client.fetch_all(read)).cache in ("", "off")
+
+
+def _table_keys(core: Application, tenant: TenantRecord) -> dict[str, TableKey]:
+    """The holdings table's kept primary key(s), by schema generation."""
+    caching = core.executor._caching
+    assert caching is not None
+    return {
+        f"{generation}": kept
+        for (schema, table, generation), kept in caching._keys.items()
+        if schema == tenant.schema_name and table == "holdings"
+    }
+
+
+async def test_a_point_reads_plan_outlives_its_table_key_read_again_unchanged(
+    core: Application, client: MultiDatabaseClient, tenant: TenantRecord
+) -> None:
+    """When a table's primary key is read again and is the same (every ``_KEYS_TTL_S``), the
+    plans made from it stay valid: a hot key is not planned again because the table key's time
+    came, nor does a key read less often than that go the whole way every time."""
+    await warm(client)
+    replays = core.metrics.cache_replays._value.get()
+    [kept] = _table_keys(core, tenant).values()
+    kept.until = 0.0  # its time has come
+    assert (await qty(client))[1] == "hit"  # the whole way: the key read again, unchanged
+    [again] = _table_keys(core, tenant).values()
+    assert again is kept and kept.until > 0  # the same key, trusted again
+    assert await qty(client) == (10, "hit")
+    core.executor.book()
+    assert core.metrics.cache_replays._value.get() > replays  # replayed with the same plan
+
+
+async def test_a_primary_key_changed_outside_the_service_replaces_the_plans(
+    core: Application, client: MultiDatabaseClient, tenant: TenantRecord
+) -> None:
+    """DDL outside the service that changes a table's primary key is seen when the key is read
+    again: the plans made from the old key are no longer used, and a write by the new key's
+    rows invalidates the read (as a relation: ``id`` alone no longer names a row)."""
+    await warm(client)
+    [kept] = _table_keys(core, tenant).values()
+    owner = await asyncpg.connect(core.endpoints.postgres_dsn)
+    try:
+        table = f"{tenant.schema_name}.holdings"
+        await owner.execute(f"ALTER TABLE {table} DROP CONSTRAINT holdings_pkey")
+        await owner.execute(f"ALTER TABLE {table} ADD PRIMARY KEY (id, qty)")
+    finally:
+        await owner.close()
+    kept.until = 0.0
+    await qty(client)
+    [again] = _table_keys(core, tenant).values()
+    assert again is not kept and again.key != kept.key
+    assert kept.until == 0.0  # the old key's plans stay expired
+    await warm(client)
+    await client.fetch_all("UPDATE holdings SET qty = 12 WHERE id = 1 AND qty = 10")
+    assert await qty(client) == (12, "miss")

@@ -93,19 +93,37 @@ ORDER BY k.ord
 """
 
 
+@dataclass(slots=True)
+class TableKey:
+    """A table's primary key as read from the catalogue (None: its point reads are not keyed)
+    and until when it is trusted (``time.monotonic()``). Read again then: when it is unchanged
+    the same object is trusted for another ``_KEYS_TTL_S``, so the plans made from it stay
+    valid; when it changed, another object replaces it and theirs have expired."""
+
+    key: _Key | None
+    until: float
+
+
 @dataclass(frozen=True, slots=True)
 class ReadPlan:
     """What ``ResultCaching.read`` derives from a request before it looks in the cache: its
     key, the generation names it depends on and its TTL. The same request (tenant, schema,
     user, statement, form, TTL, schema generation and parameters, typed) derives the same again
-    until the inputs it read from outside the request may have changed (the table's primary
-    key, ``_KEYS_TTL_S``; the policy's catalogue), so it is kept for ``_PLAN_TTL_S``."""
+    until the inputs it read from outside the request may have changed: for a point read, the
+    table's primary key (``table``: as long as it is read again unchanged); for the others,
+    the policy's catalogue (views), so those are kept for ``_PLAN_TTL_S`` (``until``)."""
 
     key: str
     relations: frozenset[str]
     names: tuple[tuple[str, str], ...]  # Generations.names of the relations
     ttl_ms: int
     until: float  # time.monotonic()
+    table: TableKey | None = None
+
+    def valid(self, now: float) -> bool:
+        """Whether the plan may still be used at ``now`` (``time.monotonic()``)."""
+        table = self.table
+        return (self.until if table is None else table.until) > now
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,8 +255,9 @@ class ResultCaching:
         self.rules = rules
         # Per (schema, table, schema generation): its primary key's (column, type) when point
         # reads of it can be keyed (query/pointkeys.py), else None. Bounded; a table's key
-        # changed by DDL outside the service is picked up after ``_KEYS_TTL_S``.
-        self._keys: OrderedDict[tuple[str, str, int], tuple[float, _Key | None]] = OrderedDict()
+        # changed by DDL outside the service is picked up after ``_KEYS_TTL_S``, when the key is
+        # read again (``TableKey``).
+        self._keys: OrderedDict[tuple[str, str, int], TableKey] = OrderedDict()
         self.cache = cache
         self.policy = policy
         self._metrics = metrics
@@ -288,7 +307,7 @@ class ResultCaching:
             )  # fmt: skip
             plan = self._plans.get(plan_key)
             if plan is not None:
-                if plan.until > time.monotonic():
+                if plan.valid(time.monotonic()):
                     self._plans.move_to_end(plan_key)
                     return await self._cached(tenant, plan, options, load, planned)
                 del self._plans[plan_key]
@@ -311,15 +330,15 @@ class ResultCaching:
             )
         relations = verdict.relations
         until = time.monotonic() + _PLAN_TTL_S
+        table = None
         point = await self._point_names(tenant, sql, params, schema_generation)
         if point is not None:
             # This key's rows: other rows' writes leave it alone. Named after the table's key
-            # as it is kept now: not past that (a write reads the key again then).
-            relations, key_until = point
-            until = min(until, key_until)
+            # as it is kept now: valid while that is (a write reads the key again too).
+            relations, table = point
         relations = relations | _DDL
         names = Generations.names(tenant.tenant_id, relations)
-        plan = ReadPlan(key, relations, names, ttl_ms, until)
+        plan = ReadPlan(key, relations, names, ttl_ms, until, table)
         if plan_key is not None:
             self._plans[plan_key] = plan
             if len(self._plans) > _PLANS_MAX:
@@ -333,7 +352,7 @@ class ResultCaching:
         is in this process's L1 and fresh, without awaiting anything; else None (``read``
         decides, L2 and PostgreSQL included). Counted as a hit like ``read``'s, by the caller
         (``replays_booked``: with the others of the next few milliseconds)."""
-        if plan.until <= time.monotonic():
+        if not plan.valid(time.monotonic()):
             return None
         return self.cache.local_unchanged(tenant_id, plan.key, plan.names)
 
@@ -428,20 +447,20 @@ class ResultCaching:
 
     async def _point_names(
         self, tenant: TenantRecord, sql: str, params: Sequence[Any], generation: int
-    ) -> tuple[frozenset[str], float] | None:
-        """The generation names a point read depends on, and until when they may be used (the
-        table's key is read again then); None: not a point read."""
+    ) -> tuple[frozenset[str], TableKey] | None:
+        """The generation names a point read depends on, and the table key they were derived
+        from (they may be used while it is trusted); None: not a point read."""
         read = point_read(sql)
         if read is None:
             return None
         resolved = await self._table_key(tenant, read.schema, read.table, generation)
         if resolved is None:
             return None
-        relation, key, until = resolved
+        relation, key, table = resolved
         text = key_text(key, read.equal, params)
         if text is None:
             return None
-        return frozenset({f"{relation}{KEYED}", row_name(relation, text)}), until
+        return frozenset({f"{relation}{KEYED}", row_name(relation, text)}), table
 
     async def _written_rows(
         self, tenant: TenantRecord, sql: str, params: Sequence[Any], generation: int
@@ -469,25 +488,33 @@ class ResultCaching:
 
     async def _table_key(
         self, tenant: TenantRecord, schema: str | None, table: str, generation: int
-    ) -> tuple[str, _Key, float] | None:
+    ) -> tuple[str, _Key, TableKey] | None:
         """The tenant's own table ``table`` (as the tenant's search path finds it), its
-        primary key when its point reads can be keyed, and until when that key is kept."""
+        primary key when its point reads can be keyed, and the ``TableKey`` it is kept as."""
         own = tenant.schema_name
         if schema not in (None, own):
             return None  # shared tables (and anything else): per table
         cache_key = (own, table, generation)
         now = time.monotonic()
         kept = self._keys.get(cache_key)
-        if kept is None or kept[0] < now:
+        if kept is None or kept.until < now:
             key = await self._load_key(own, table)
-            until = now + _KEYS_TTL_S
-            self._keys[cache_key] = (until, key)
-            while len(self._keys) > _KEYS_MAX:
-                self._keys.popitem(last=False)
+            now = time.monotonic()
+            kept = self._keys.get(cache_key)  # as it is after the catalogue's answer
+            if kept is not None and kept.key == key:
+                # Unchanged: trusted again, with every plan made from it (before, each plan
+                # expired with the key it was made from, all of a table's at the same moment:
+                # every point read of a key read less often than every 30 s went the whole way).
+                kept.until = max(kept.until, now + _KEYS_TTL_S)
+                self._keys.move_to_end(cache_key)
+            else:
+                kept = self._keys[cache_key] = TableKey(key, now + _KEYS_TTL_S)
+                while len(self._keys) > _KEYS_MAX:
+                    self._keys.popitem(last=False)
         else:
-            until, key = kept
             self._keys.move_to_end(cache_key)
-        return None if key is None else (f"{own}.{table}", key, until)
+        key = kept.key
+        return None if key is None else (f"{own}.{table}", key, kept)
 
     async def _load_key(self, schema: str, table: str) -> _Key | None:
         rows = await self._catalog.fetch(
