@@ -160,13 +160,18 @@ def test_windows_of_several_workers_merge_into_one_summary() -> None:
 
 async def test_bookkeeping_held_back_is_done_before_any_figure_is_read() -> None:
     window = RequestWindow()
-    window.later(window.record_each, (0.002, True, "t1"))
-    window.later(window.record_each, (0.004, False, "t1"))
+
+    def record_each(requests: list[tuple[float, bool, str | None]]) -> None:
+        for duration_s, ok, tenant_id in requests:
+            window.record(duration_s, ok, tenant_id)
+
+    window.later(record_each, (0.002, True, "t1"))
+    window.later(record_each, (0.004, False, "t1"))
     assert window._all.counts == [0] * len(window._all.counts)  # held, not yet recorded
     assert window.summary("t1").requests == 2  # a summary settles first
-    window.later(window.record_each, (0.001, True, None))
+    window.later(record_each, (0.001, True, None))
     assert window.export()["all"][0][1] == 3  # so does an export
-    window.later(window.record_each, (0.001, True, None))
+    window.later(record_each, (0.001, True, None))
     await asyncio.sleep(0.05)  # and the loop, within its few milliseconds
     assert window.summary().requests == 4
 

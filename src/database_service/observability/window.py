@@ -220,11 +220,6 @@ class RequestWindow:
         for record, items in later.items():
             record(items)
 
-    def record_each(self, requests: list[tuple[float, bool, str | None]]) -> None:
-        """``record`` each of ``requests`` (duration, ok, tenant): for ``later``."""
-        for duration_s, ok, tenant_id in requests:
-            self.record(duration_s, ok, tenant_id)
-
     def set_peers(self, peers: Peers) -> None:
         """The other workers: their figures are merged into every summary from now on."""
         self.peers = peers

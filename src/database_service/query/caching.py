@@ -43,6 +43,7 @@ from database_service.cache import (
     CachePolicy,
     Generations,
     ResultCache,
+    Snapshot,
     UncacheableParameter,
     parameters_cacheable,
     result_key,
@@ -369,28 +370,26 @@ class ResultCaching:
         # L1 first, without a snapshot: one whose names the mirror no longer holds is still
         # served without reading them from Redis when they cannot have changed.
         hit = self.cache.local_unchanged(tenant_id, key, plan.names)
+        snapshot: Snapshot | None = None
+        if hit is None:
+            snapshot = await self.cache.snapshot_of(tenant_id, plan.names)
+            if snapshot is None:
+                reason = (
+                    "the relations' generation numbers cannot be trusted now (Redis slow, down"
+                    " or reconnecting): served from PostgreSQL"
+                )
+                return await self._loaded(
+                    tenant, key, options, load, CacheInfo("bypass", "detached", reason)
+                )
+            # L1 again only when it held an entry ``local_unchanged`` could not judge.
+            held = (tenant_id, key) in self.cache.local
+            hit = await self.cache.lookup(tenant_id, key, relations, snapshot=snapshot, local=held)
         if hit is not None:
             self._counted("hit")
             if planned is not None:
                 planned(plan)
             return _answer(hit.payload, CacheInfo("hit", age_ms=hit.age_s() * 1000))
-        snapshot = await self.cache.snapshot_of(tenant_id, plan.names)
-        if snapshot is None:
-            reason = (
-                "the relations' generation numbers cannot be trusted now (Redis slow, down or"
-                " reconnecting): served from PostgreSQL"
-            )
-            return await self._loaded(
-                tenant, key, options, load, CacheInfo("bypass", "detached", reason)
-            )
-        hit = await self.cache.lookup(
-            tenant_id, key, relations, snapshot=snapshot, local=(tenant_id, key) in self.cache.local
-        )  # (L1 again only when it held an entry ``local_unchanged`` could not judge)
-        if hit is not None:
-            self._counted("hit")
-            if planned is not None:
-                planned(plan)
-            return _answer(hit.payload, CacheInfo("hit", age_ms=hit.age_s() * 1000))
+        assert snapshot is not None  # taken above: a hit without one has been answered
 
         async def fill() -> bytes:
             result = await load()
