@@ -469,6 +469,7 @@ class Application:
             shared_schema=s.shared_schema,
             max_ttl_ms=s.cache_max_ttl_ms,
             stale_max_age_s=s.cache_stale_max_age_seconds,
+            kept_plans=s.cache_kept_reads,
         )
         await self._statements()
         self.executor = QueryExecutor(
@@ -494,6 +495,7 @@ class Application:
                 "bulk": s.bulk_statement_timeout_ms,
             },
             replicas=self.replicas,
+            kept_reads=s.cache_kept_reads,
         )
         # What the executor books together (``QueryExecutor.book``) is booked before it is read.
         self.metrics.before_render(self.executor.book)

@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     kv_tenant_max_bytes: int = Field(default=256 * 1_048_576, ge=1024)
     # How old a cached answer the stale fallback may serve while PostgreSQL is unreachable.
     cache_stale_max_age_seconds: float = Field(default=300.0, ge=0)
+    # Cached reads each process keeps the plan and checks of (the same request answered again
+    # from L1 without deriving them: query/replays.py), least recently asked dropped first.
+    # About 1.7 KB each beside L1's entry; a read that is not kept is still a hit, at some
+    # 120 us more. Size it like L1, to the distinct cached reads that repeat.
+    cache_kept_reads: int = Field(default=65_536, ge=0, le=4_194_304)
     cache_redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
 
     # The relationship graph (stores/graph): PostgreSQL tables in each tenant's schema by

@@ -70,3 +70,21 @@ def test_a_long_request_is_not_kept() -> None:
     text = "SELECT 1 " + "-" * MAX_KEPT
     checked.keep(("Bearer t", "a", None, text), cast("Checked", ("checked", 1)))
     assert len(checked) == 0
+
+
+def test_kept_keys_share_one_copy_of_each_text() -> None:
+    """Each request brings its credential and headers as strings of its own; kept keys hold
+    one copy of each text (a credential is hundreds of characters), found by equal texts."""
+    token = "Bearer " + "x" * 300
+    replays: Replays[ReplayKey, Replay] = Replays()
+    for n in range(3):
+        replays.keep(key(n, token="".join(token), tenant="".join(["ac", "me"])), entry(n))
+    kept = list(replays._entries)
+    assert all(k[0] is kept[0][0] and k[1] is kept[0][1] for k in kept)
+    assert replays.get(key(2, token="".join(token), tenant="acme")) == entry(2)
+
+
+def test_no_entry_is_kept_with_a_bound_of_zero() -> None:
+    replays: Replays[ReplayKey, Replay] = Replays(max_entries=0)
+    replays.keep(key(1), entry(1))
+    assert len(replays) == 0 and replays.get(key(1)) is None

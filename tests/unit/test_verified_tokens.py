@@ -183,3 +183,41 @@ def test_a_revocation_list_never_read_is_not_an_empty_one() -> None:
     auth, _, _ = authenticator(directory)
     with pytest.raises(Unavailable):
         asyncio.run(auth.is_revoked("svc", "t1"))
+
+
+class SlowDirectory(Directory):
+    """A directory whose reads take a moment: calls that find a token due at once overlap."""
+
+    async def find(self, name: str) -> ServiceIdentity | None:
+        await asyncio.sleep(0.001)
+        return await super().find(name)
+
+    async def revoked(self) -> frozenset[tuple[str, str]]:
+        await asyncio.sleep(0.001)
+        return await super().revoked()
+
+
+def test_a_token_verified_again_by_calls_at_once_stays_one_principal() -> None:
+    """Each check of a kept token that is due (here every call: cache_ttl 0) ends with the
+    principal object it resolved to before when nothing changed, however many calls check it
+    at once: the result cache's replays know their caller by that object (a new one each
+    time dropped every replay kept for the caller)."""
+    auth, codec, directory = authenticator(SlowDirectory())
+    token = codec.issue("svc", tenants=["acme"], scopes=[Scope.READ], ttl_seconds=600)
+    authorization = f"Bearer {token}"
+
+    async def run() -> None:
+        first = await auth.authenticate(authorization)
+        for _ in range(3):
+            again = await asyncio.gather(*(auth.authenticate(authorization) for _ in range(8)))
+            assert all(principal is first for principal in again)
+        directory.revoked_ids.add(("svc", codec.verify(token).token_id or ""))
+        refused = await asyncio.gather(
+            *(auth.authenticate(authorization) for _ in range(4)), return_exceptions=True
+        )
+        assert all(isinstance(outcome, Unauthenticated) for outcome in refused)
+        assert auth.known(authorization) is None
+        assert authorization not in auth._principals  # refused now: nothing kept for it
+
+    asyncio.run(run())
+    assert directory.finds >= 4

@@ -443,7 +443,36 @@ class Authenticator:
         known = self.known(authorization)
         if known is not None:
             return known
-        previous = self._principals.pop(authorization, None)
+        try:
+            principal, claimed, revocations = await self._verify(token)
+        except Unauthenticated:
+            self._principals.pop(authorization, None)  # refused now: nothing kept for it
+            raise
+        # Verified again, unchanged: the same object, which is how QueryExecutor.replay knows
+        # it. The one kept now, read after the checks awaited: calls that found the token due
+        # at once all end with one object (taken out before them, each made one of its own,
+        # and every replay kept for the caller was dropped when next asked: 2026-12-05).
+        current = self._principals.get(authorization)
+        if current is not None and current[0] == principal:
+            principal = current[0]
+        entry = self._cache.get(claimed.service)  # the entry just checked
+        if entry is not None and claimed.expires_at is not None:
+            fresh = self._principals.pop(authorization, None) is None
+            if fresh and len(self._principals) >= self._verified_max:
+                del self._principals[next(iter(self._principals))]  # the oldest
+            self._principals[authorization] = (
+                principal,
+                entry,
+                revocations,
+                min(entry[0], self._revoked_until),
+                claimed.expires_at.timestamp(),
+            )
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, Principal, frozenset[tuple[str, str]]]:
+        """The principal ``token`` stands for now (its signature checked once, revocation and
+        its service's entry within ``cache_ttl``), the token's claims, and the revocation list
+        it was checked against; Unauthenticated when refused."""
         claimed = self._verified(token)
         if claimed.token_id is None:
             raise Unauthenticated("token has been revoked")
@@ -477,22 +506,7 @@ class Authenticator:
             token_id=claimed.token_id,
             expires_at=claimed.expires_at,
         )
-        if previous is not None and previous[0] == principal:
-            # Verified again, unchanged: the same object, which is how QueryExecutor.replay
-            # knows it.
-            principal = previous[0]
-        entry = self._cache.get(claimed.service)  # the entry just checked
-        if entry is not None and claimed.expires_at is not None:
-            if len(self._principals) >= self._verified_max:
-                del self._principals[next(iter(self._principals))]  # the oldest
-            self._principals[authorization] = (
-                principal,
-                entry,
-                revocations,
-                min(entry[0], self._revoked_until),
-                claimed.expires_at.timestamp(),
-            )
-        return principal
+        return principal, claimed, revocations
 
     def _verified(self, token: str) -> Principal:
         """The token's claims, its signature checked once: kept by the token's digest until

@@ -58,6 +58,7 @@ from database_service.query.pointkeys import (
     point_read,
     row_name,
 )
+from database_service.query.replays import shared_texts
 from database_service.results import CacheInfo, QueryResult, StatementKind
 from database_service.tenancy import TenantRecord, quote_ident
 
@@ -69,13 +70,13 @@ _DDL = frozenset({"#ddl"})  # the tenant's DDL through the service: every entry 
 _Key = tuple[tuple[str, str], ...]  # a primary key's (column, format_type) in order
 _KEYS_TTL_S = 30.0
 _KEYS_MAX = 4096
-# Read plans (``ReadPlan``): how many, for how long, for statements up to what length, and
-# for parameters of which exact types (values of other types can be equal across types —
-# 1 == 1.0 == True — and must never share a plan: each has a key of its own). A plan lasts as
-# long as the table key it was derived from (``_KEYS_TTL_S``): a point read keeps being named
-# as the writes name its row. (5 s until 2026-12-05: a hot key's plan was made again every
-# 5 s, and a read that repeats less often than that was never answered by a replay.)
-_PLANS_MAX = 16_384
+# Read plans (``ReadPlan``; how many: ``kept_plans``, the setting cache_kept_reads): for how
+# long, for statements up to what length, and for parameters of which exact types (values of
+# other types can be equal across types — 1 == 1.0 == True — and must never share a plan: each
+# has a key of its own). A plan lasts as long as the table key it was derived from
+# (``_KEYS_TTL_S``): a point read keeps being named as the writes name its row. (5 s until
+# 2026-12-05: a hot key's plan was made again every 5 s, and a read that repeats less often
+# than that was never answered by a replay.)
 _PLAN_TTL_S = _KEYS_TTL_S
 _PLAN_MAX_SQL = 2048
 _PLAN_TYPES = frozenset({str, int, type(None)})
@@ -251,6 +252,7 @@ class ResultCaching:
         shared_schema: str,
         max_ttl_ms: int,
         stale_max_age_s: float,
+        kept_plans: int = 16_384,
     ) -> None:
         self._catalog = catalog
         self.rules = rules
@@ -267,6 +269,7 @@ class ResultCaching:
         self._stale_max_age_s = stale_max_age_s
         self._request_counters: dict[str, Any] = {}
         self._plans: OrderedDict[tuple[Any, ...], ReadPlan] = OrderedDict()
+        self._plans_max = kept_plans
 
     def _counted(self, status: str, count: int = 1) -> None:
         """``count`` cache requests of ``status`` (the labelled child kept: ``labels()``
@@ -341,8 +344,8 @@ class ResultCaching:
         names = Generations.names(tenant.tenant_id, relations)
         plan = ReadPlan(key, relations, names, ttl_ms, until, table)
         if plan_key is not None:
-            self._plans[plan_key] = plan
-            if len(self._plans) > _PLANS_MAX:
+            self._plans[shared_texts(plan_key)] = plan
+            if len(self._plans) > self._plans_max:
                 self._plans.popitem(last=False)
         else:
             planned = None  # a plan that is not kept is not replayed either

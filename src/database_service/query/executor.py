@@ -21,6 +21,7 @@ import contextlib
 import logging
 import re
 import secrets
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -388,6 +389,7 @@ class QueryExecutor:
         statements: StatementRecorder | None = None,
         workload_statement_ms: dict[Workload, int] | None = None,
         replicas: ReplicaSet | None = None,
+        kept_reads: int = 16_384,
     ) -> None:
         self._pools = pools
         self._running_loop = RunningLoop()  # call_soon on every request, without getpid()
@@ -420,7 +422,8 @@ class QueryExecutor:
         self._schema_generations: dict[str, int] = {}
         self._shapes = StatementShapes()  # kept statements' parameter types and columns
         self._statement_counters: dict[StatementKind, Any] = {}
-        self._replays: Replays[ReplayKey, Replay] = Replays()
+        # Cached reads answered again (``replay``): as many as the cache keeps plans of.
+        self._replays: Replays[ReplayKey, Replay] = Replays(kept_reads)
         self._checked: Replays[CheckedKey, Checked] = Replays()
         # Operations answered, not yet booked (``book``): who, for whom, what, how it went,
         # when; and how many of them were replays.
@@ -748,11 +751,12 @@ class QueryExecutor:
                 generation = self._schema_generations.get(tenant.tenant_id, 0)
                 planned = None
                 if replay_key is not None and action == "query" and self._spans is None:
+                    text = sys.intern(sql)  # as the kept plan's key holds it (shared_texts)
 
                     def planned(plan: ReadPlan) -> None:
                         self._replays.keep(
                             replay_key,
-                            Replay(principal, tenant, ctx, verdict, generation, sql, params, plan),
+                            Replay(principal, tenant, ctx, verdict, generation, text, params, plan),
                         )
 
                 result = await caching.read(

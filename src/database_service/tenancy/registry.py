@@ -137,9 +137,11 @@ class TenantRegistry:
                     raise
                 record = cached[1]  # the last known record; refreshed once PostgreSQL is back
             else:
-                if cached is not None and record == cached[1]:
-                    # Unchanged: the same object, which is how QueryExecutor.replay knows it.
-                    record = cached[1]
+                # Unchanged: the same object, which is how QueryExecutor.replay knows it; the
+                # one kept now, so that calls reading it at once all end with one object.
+                current = self._cache.get(tenant_id)
+                if current is not None and record == current[1]:
+                    record = current[1]
                 self._cache[tenant_id] = (now + self._ttl, record)
         if record is None:
             raise TenantNotFound(f"tenant {tenant_id!r} does not exist")
