@@ -137,7 +137,8 @@ class Settings(BaseSettings):
     # Cached reads each process keeps the plan and checks of (the same request answered again
     # from L1 without deriving them: query/replays.py), least recently asked dropped first.
     # About 1.7 KB each beside L1's entry; a read that is not kept is still a hit, at some
-    # 120 us more. Size it like L1, to the distinct cached reads that repeat.
+    # 120 us more. Size it like L1, to the distinct cached reads that repeat (the default is
+    # query.replays.KEPT_READS).
     cache_kept_reads: int = Field(default=65_536, ge=0, le=4_194_304)
     cache_redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
 

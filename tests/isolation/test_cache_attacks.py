@@ -1052,6 +1052,43 @@ async def test_a_credential_taken_away_gets_nothing_from_what_was_kept(
 
 
 @pytest.mark.parametrize("kept", KEPT)
+async def test_a_credential_taken_away_during_calls_at_once_gets_nothing_kept(
+    cache_door: tuple[CacheDoor, CacheDoor],
+    core: Application,
+    http: httpx.AsyncClient,
+    tenants: Tenants,
+    probe: Probe,
+    kept: str,
+) -> None:
+    """Calls that check one credential at once end with one principal object for it (what
+    replays are kept under) only while it is unchanged: revoked while they are in flight,
+    each is refused, as is every call after them, and nothing kept answers."""
+    a, _ = cache_door
+    cache = KEPT[kept]
+    name = f"rc-{secrets.token_hex(4)}"
+    await core.services.register(name, tenants=[probe.a], scopes=[Scope.READ], with_secret=False)
+    token = core.tokens.issue(name, tenants=[probe.a], scopes=[Scope.READ], ttl_seconds=600)
+    for _ in range(2):  # checked again by calls at once: still answered, from what was kept
+        answers = await asyncio.gather(
+            *(a.run(probe.a, token, POINT, [1], cache=cache) for _ in range(12))
+        )
+        assert all(g.ok and g.rows == A_ROWS[POINT] for g in answers), answers
+    in_flight = [
+        asyncio.ensure_future(a.run(probe.a, token, POINT, [1], cache=cache)) for _ in range(12)
+    ]
+    revoked = await http.post(
+        "/api/v1/admin/tokens/revoke", json={"token": token}, headers=tenants.a_headers
+    )
+    assert revoked.status_code == 200, revoked.text
+    for got in await asyncio.gather(*in_flight):  # before or after: A's own rows or refused
+        assert (got.ok and got.rows == A_ROWS[POINT]) or got.code == "unauthenticated", got
+    after = await asyncio.gather(
+        *(a.run(probe.a, token, POINT, [1], cache=cache) for _ in range(12))
+    )
+    assert all((g.ok, g.code) == (False, "unauthenticated") for g in after), after
+
+
+@pytest.mark.parametrize("kept", KEPT)
 async def test_a_suspended_tenant_gets_nothing_from_what_was_kept(
     cache_door: tuple[CacheDoor, CacheDoor], core: Application, probe: Probe, kept: str
 ) -> None:

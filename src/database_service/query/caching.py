@@ -58,7 +58,7 @@ from database_service.query.pointkeys import (
     point_read,
     row_name,
 )
-from database_service.query.replays import shared_texts
+from database_service.query.replays import KEPT_READS, shared_texts
 from database_service.results import CacheInfo, QueryResult, StatementKind
 from database_service.tenancy import TenantRecord, quote_ident
 
@@ -252,7 +252,7 @@ class ResultCaching:
         shared_schema: str,
         max_ttl_ms: int,
         stale_max_age_s: float,
-        kept_plans: int = 16_384,
+        kept_plans: int = KEPT_READS,
     ) -> None:
         self._catalog = catalog
         self.rules = rules

@@ -76,6 +76,7 @@ from database_service.query.boundary import (
 )
 from database_service.query.caching import CacheOptions, ReadPlan, ResultCaching
 from database_service.query.replays import (
+    KEPT_READS,
     Checked,
     CheckedKey,
     Replay,
@@ -389,7 +390,7 @@ class QueryExecutor:
         statements: StatementRecorder | None = None,
         workload_statement_ms: dict[Workload, int] | None = None,
         replicas: ReplicaSet | None = None,
-        kept_reads: int = 16_384,
+        kept_reads: int = KEPT_READS,
     ) -> None:
         self._pools = pools
         self._running_loop = RunningLoop()  # call_soon on every request, without getpid()
@@ -751,13 +752,13 @@ class QueryExecutor:
                 generation = self._schema_generations.get(tenant.tenant_id, 0)
                 planned = None
                 if replay_key is not None and action == "query" and self._spans is None:
-                    text = sys.intern(sql)  # as the kept plan's key holds it (shared_texts)
 
                     def planned(plan: ReadPlan) -> None:
-                        self._replays.keep(
-                            replay_key,
-                            Replay(principal, tenant, ctx, verdict, generation, text, params, plan),
+                        text = sys.intern(sql)  # as the kept plan's key holds it (shared_texts)
+                        kept = Replay(
+                            principal, tenant, ctx, verdict, generation, text, params, plan
                         )
+                        self._replays.keep(replay_key, kept)
 
                 result = await caching.read(
                     tenant, ctx.user_id, sql, params, cache, generation, load, planned

@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # the executor imports this module
     from database_service.tenancy import TenantRecord
 
 __all__ = [
+    "KEPT_READS",
     "MAX_KEPT",
     "Checked",
     "CheckedKey",
@@ -60,6 +61,9 @@ __all__ = [
 # request message's bytes (statement, parameters, cache options, encoding).
 ReplayKey = tuple[str, str, str | None, bytes]
 
+
+# Cached reads kept (plans and replays) unless told otherwise: the setting cache_kept_reads.
+KEPT_READS = 65_536
 
 # The longest request (bytes) or statement text (characters) kept as a key.
 MAX_KEPT = 4096
