@@ -89,7 +89,16 @@ def admin_headers() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 async def grpc_target(core: Application) -> AsyncIterator[str]:
+    """The gRPC port as ``serve`` has it: the compiled front, grpcio behind it."""
     async with GrpcServer(core) as server:
+        assert server.front is not None, "dbsvc_wire is not built (make install builds it)"
+        yield f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="session")
+async def grpcio_target(core: Application) -> AsyncIterator[str]:
+    """The gRPC port served by grpcio itself (as with TLS or tracing on)."""
+    async with GrpcServer(core, front=False) as server:
         yield f"127.0.0.1:{server.port}"
 
 

@@ -42,3 +42,36 @@ class Plane:
     def close(self) -> None: ...
 
 def shape_of(text: bytes, /) -> tuple[bytes, bytes] | None: ...
+
+class Front:
+    """The gRPC port's front (src/front.rs); see database_service/api/grpc/front.py."""
+
+    def __init__(
+        self,
+        fds: list[int],
+        notify_fd: int,
+        fast: list[str],
+        backend: str,
+        max_receive: int,
+        max_send: int,
+        max_streams: int,
+        keepalive_ms: int,
+        /,
+    ) -> None: ...
+    def take(
+        self,
+    ) -> tuple[
+        list[tuple[int, int, tuple[tuple[str, str | bytes], ...], bytes, str, float]], list[int]
+    ]: ...
+    def answer(
+        self,
+        id: int,
+        status: int,
+        message: str,
+        payload: bytes | None,
+        trailers: Any,
+        /,
+    ) -> None: ...
+    def stop(self) -> None: ...
+    def counts(self) -> tuple[int, int, int]: ...
+    def close(self) -> None: ...

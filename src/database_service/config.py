@@ -244,6 +244,10 @@ class Settings(BaseSettings):
     grpc_keepalive_seconds: int = Field(default=30, ge=1)
     grpc_shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     grpc_chunk_bytes: int = Field(default=256 * 1024, ge=1024)
+    # The compiled front (native/wire, api/grpc/front.py) owns the port when it is built and
+    # the port is plaintext without tracing: HTTP/2 in Rust, ``Query`` answered by the servicer
+    # without grpcio, every other method relayed to grpcio. False: grpcio serves the port.
+    grpc_front: bool = True
 
     # PostgreSQL wire front end (issue #16): any PostgreSQL driver, logged in as a service (user)
     # for a tenant (database) with SCRAM-SHA-256. Off unless a port is set (0: any free port).

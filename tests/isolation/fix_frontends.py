@@ -31,7 +31,10 @@ from database_service_client import DatabaseServiceError, MultiDatabaseClient
 from tests.fix_pgwire import PortLogin, PortLoginFactory, TlsPort
 from tests.isolation.fix_attack import SECRET, Tenants
 
-FRONT_ENDS = ("rest", "grpc_query", "grpc_stream", "grpc_transaction", "pgwire")
+# grpc_query goes through the compiled gRPC front (api/grpc/front.py), grpc_stream and
+# grpc_transaction through it to grpcio; grpcio_query is grpcio serving the port itself (as it
+# does with TLS or tracing on).
+FRONT_ENDS = ("rest", "grpc_query", "grpcio_query", "grpc_stream", "grpc_transaction", "pgwire")
 # What a caller sent wrong, in either transport's words; anything else failing is the server's.
 _SERVER_ERRORS = {"INTERNAL", "UNKNOWN", "DATA_LOSS"}
 
@@ -170,7 +173,7 @@ class FrontEnd:
     ) -> Outcome:
         client = self._client(tenant_id, user_id, token)
         try:
-            if self.name == "grpc_query":
+            if self.name in ("grpc_query", "grpcio_query"):
                 rows = [list(r) for r in (await client.fetch_all(sql, list(params))).rows]
             elif self.name == "grpc_stream":
                 rows = [list(r) async for r in client.execute_query(sql, list(params))]
@@ -282,6 +285,7 @@ async def front_end(
     core: Application,
     http: httpx.AsyncClient,
     grpc_target: str,
+    grpcio_target: str,
     tenants: Tenants,
     port_login: PortLoginFactory,
     pgwire_tls: TlsPort,
@@ -293,7 +297,7 @@ async def front_end(
     door = FrontEnd(
         request.param,
         http=http,
-        grpc_target=grpc_target,
+        grpc_target=grpcio_target if request.param == "grpcio_query" else grpc_target,
         tenant_id=tenants.a.tenant_id,
         token=token,
         port=port,

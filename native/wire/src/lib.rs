@@ -17,6 +17,7 @@
 //! byte to a pipe Python watches, for events Python must act on soon (a session handed back,
 //! a server wanted or given back); figures (statements done) wait for Python's next drain.
 
+mod front;
 mod shape;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -1537,6 +1538,7 @@ fn shape_of<'py>(py: Python<'py>, text: &[u8]) -> Option<(Bound<'py, PyBytes>, B
 #[pymodule]
 fn dbsvc_wire(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Plane>()?;
+    m.add_class::<front::Front>()?;
     m.add_function(wrap_pyfunction!(shape_of, m)?)?;
     Ok(())
 }

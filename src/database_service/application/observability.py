@@ -58,6 +58,15 @@ class Observability:
         self._slow_table = f"{quote_ident(control_schema)}.slow_queries"
         self._registry = registry
 
+    def report(self, name: str, section: Callable[[], dict[str, Any]]) -> None:
+        """A section of the detailed health document, kept by the part that owns it (a front
+        end's listener: the gRPC port's ``grpc``). The first to report a name keeps it."""
+        self._health.sections.setdefault(name, section)
+
+    def unreport(self, name: str, section: Callable[[], dict[str, Any]]) -> None:
+        if self._health.sections.get(name) == section:
+            del self._health.sections[name]
+
     async def health(self, principal: Principal | None) -> dict[str, Any]:
         """The small document for anyone, the full one for a platform principal."""
         return await self._health.document(detailed=sees_everything(principal))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from database_service.api.grpc.front import PEER_HEADER
 from database_service.api.grpc.status import abort_with
 from database_service.auth import Principal
 from database_service.errors import (
@@ -53,7 +54,7 @@ from database_service.tls.peer import PeerCertificate, peer_from_pem
 if TYPE_CHECKING:
     from database_service.app import Application
 
-__all__ = ["Caller", "Undecodable", "rpc", "tolerant"]
+__all__ = ["Caller", "Undecodable", "peer_address", "rpc", "tolerant"]
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,10 @@ class Caller:
         except Unauthenticated as exc:  # not Unavailable: PostgreSQL being down denies no one
             # The reason only: no message of Authenticator's holds the token it was given.
             log.info(
-                "authentication failed (%s from %s): %s", call.action, context.peer(), exc.message
+                "authentication failed (%s from %s): %s",
+                call.action,
+                peer_address(context),
+                exc.message,
             )
             await self.core.access.denied(None, None, call.action, exc)
             raise
@@ -223,6 +227,17 @@ class Caller:
         if principal.can_act_for(ctx.tenant_id):  # count the call in the tenant's figures
             call.tenant_id = ctx.tenant_id
         return principal, ctx
+
+
+def peer_address(context: grpc.aio.ServicerContext) -> str:
+    """The client's address (``ipv4:host:port``): for a call the compiled front relayed to
+    grpcio's Unix socket, the one it names (the front drops any a client sends)."""
+    peer: str = context.peer()
+    if peer.startswith("unix:"):
+        forwarded = _metadata(context).get(PEER_HEADER)
+        if isinstance(forwarded, str):
+            return forwarded
+    return peer
 
 
 def _peer(context: grpc.aio.ServicerContext) -> PeerCertificate | None:
