@@ -1,14 +1,15 @@
 """The isolation suite's attacks against ``database-service serve`` with two workers.
 
 A chosen subset of ``tests/isolation`` runs here unchanged: this module points the fixtures the
-attacks use (``http``, ``grpc_target``) at a ``serve`` of two workers on the session's
-PostgreSQL, so every attack goes through a worker process, over REST, gRPC queries and gRPC
-transactions, with the victim's data checked unchanged after each (``unchanged_victim``). New
+attacks use (``http``, ``grpc_target``, ``grpcio_target``) at a ``serve`` of two workers on the
+session's PostgreSQL (``grpcio_target``: another, with the compiled gRPC front off), so every
+attack goes through a worker process, over REST, gRPC queries and gRPC transactions, with the victim's data checked unchanged after each (``unchanged_victim``). New
 connections spread the attacks over both workers; the last test checks that both answered some.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -81,9 +82,9 @@ class ServeProcess:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def two_workers(
-    core: Application, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def _serve(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory, **extra: str
 ) -> Iterator[ServeProcess]:
     """``serve`` with two workers on the session's PostgreSQL (its control plane is migrated by
     ``core``), the same names and secrets; no NATS."""
@@ -98,6 +99,7 @@ def two_workers(
         DBSVC_PGWIRE_PORT=str(wire_port),
         DBSVC_TS_CREATE_AHEAD_HOURS="1",
         DBSVC_INGEST_ENABLED="false",
+        **extra,
     )
     log = tmp / "serve.log"
     with log.open("wb") as sink:
@@ -122,6 +124,25 @@ def two_workers(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    core: Application, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServeProcess]:
+    """The serve every attack goes through (the gRPC port: the compiled front)."""
+    with _serve(settings, tmp_path_factory) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def grpcio_target(
+    core: Application, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The ``grpcio_query`` front end's: a serve of two workers whose gRPC port grpcio serves
+    itself (as with TLS or tracing on)."""
+    with _serve(settings, tmp_path_factory, DBSVC_GRPC_FRONT="false") as served:
+        yield served.grpc_target
 
 
 @pytest.fixture(scope="module")
