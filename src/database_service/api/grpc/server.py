@@ -148,7 +148,7 @@ class GrpcServer:
         s = self.core.settings
         # Traces (a server span per call, the caller's traceparent continued); none when off.
         interceptors = self.core.tracing.grpc_interceptors()
-        use_front = self._use_front and front_available() and self._tls is None and not interceptors
+        self._front_absent = ""
         if not self._use_front:
             self._front_absent = "off (DBSVC_GRPC_FRONT=false)"
         elif not front_available():
@@ -157,6 +157,7 @@ class GrpcServer:
             self._front_absent = "TLS: grpcio terminates it"
         elif interceptors:
             self._front_absent = "tracing: grpcio's interceptors make the spans"
+        use_front = not self._front_absent
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -201,7 +202,6 @@ class GrpcServer:
             generic,
         )
         address = f"{s.grpc_host}:{s.grpc_port}"
-        self.core.observability.report("grpc", self.health)
         if use_front:
             await self._start_front(server, ours)
             return self
@@ -223,6 +223,7 @@ class GrpcServer:
         self._server = server  # from here on, exit stops it (also when start-up is cancelled)
         try:
             await server.start()
+            self.core.observability.report("grpc", self.health)
             for name in ("", SERVICE_NAME):
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
@@ -280,6 +281,7 @@ class GrpcServer:
                 keepalive_seconds=s.grpc_keepalive_seconds,
             )
             sockets = []
+            self.core.observability.report("grpc", self.health)
             for name in ("", SERVICE_NAME):
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
